@@ -1,0 +1,145 @@
+"""Every field llm_jax reads, with its default and meaning. Presets start from this and change a few.
+
+    python -m llm_jax.train --config=configs/base.py --workdir=runs/base
+
+Durations may be given in steps or in tokens (`train.steps` / `train.tokens`); they are converted in
+one place, `llm_jax.config.total_steps`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the full default config."""
+  c = ml_collections.ConfigDict()
+  c.run_tag = ""  # short label recorded in the run record (also --config.run_tag=...)
+  c.run_note = ""  # free text recorded in the run record
+  c.init_from = ""  # fine-tuning: a workdir or exported package whose weights start this run
+  c.reuse_source_tokenizer = False  # init_from: train on the source's tokenizer instead of a new one
+
+  # ---------------------------------------------------------------- data (llm_jax.data)
+  d = c.data = ml_collections.ConfigDict()
+  d.corpus = "stdlib"  # comma-separated globs (.txt, .md, .jsonl) or the word "stdlib"
+  d.val_corpus = ""  # a separate frozen validation source (same syntax); empty: use val_fraction
+  d.val_fraction = 0.02  # share of documents held out, chosen by a hash of normalized content
+  d.domain = ""  # force one domain name for every document of `corpus` (default: parent folder)
+  d.max_doc_chars = 50_000  # longer documents are cut into pieces at paragraph boundaries
+  d.min_doc_chars = 32  # quality filter: shorter documents are dropped
+  d.max_nontext_fraction = 0.3  # quality filter: drop documents with more non-text characters
+  d.scrub_pii = True  # emails, IP addresses and phone numbers become placeholders
+  d.dedup_exact = True  # drop documents whose normalized text hashes equal
+  d.near_dup_threshold = 0.8  # MinHash LSH Jaccard threshold; 0 disables near-dedup
+  d.minhash_num_perm = 64  # MinHash permutations
+  d.exclude = ""  # a file of document ids or content hashes (one a line) to drop everywhere
+  d.on_bad_record = "fail"  # fail | skip: a malformed JSONL line or undecodable file
+  d.cache_dir = ""  # where prepared data is cached; empty: ~/.cache/llm_jax/prepared
+  d.num_workers = 0  # tokenizer processes; 0: one per core
+  d.segment_windows = False  # True: windows never cross documents (segment ids); False: packed
+  d.mixture = ""  # optional domain weights "docs=0.3,code=0.7"; empty: natural proportions
+  d.seed = 0  # shuffling seed of the loader
+
+  t = d.tokenizer = ml_collections.ConfigDict()
+  t.type = "bpe"  # bpe | unigram | char
+  t.vocab_size = 4096  # pieces, including the special ids below
+  t.character_coverage = 0.9995
+  t.lowercase = False  # fold case before training and encoding
+  t.max_sentence_length = 16384  # SentencePiece's longest training sentence in bytes
+  t.input_sentence_size = 2_000_000  # training sentences sampled at most
+  # Special ids are fixed: pad=0, bos=1, eos=2, unk=3.
+
+  # ---------------------------------------------------------------- model (llm_jax.model)
+  m = c.model = ml_collections.ConfigDict()
+  m.vocab_size = 0  # 0: the tokenizer's size rounded up to vocab_multiple
+  m.vocab_multiple = 128  # embedding rows are padded to a multiple of this
+  m.num_layers = 4
+  m.d_model = 256
+  m.num_heads = 4
+  m.num_kv_heads = 0  # 0: same as num_heads; fewer: grouped-query attention
+  m.head_dim = 0  # 0: d_model // num_heads
+  m.mlp_dim = 0  # 0: 4 * d_model (gelu) or the LLaMA 8/3 rule rounded to 256 (swiglu)
+  m.max_seq_len = 256  # positions the model supports (learned table size, RoPE range)
+  m.positions = "learned"  # learned | rope
+  m.rope_theta = 10_000.0
+  m.norm = "layernorm"  # layernorm | rmsnorm
+  m.norm_eps = 1e-5
+  m.activation = "gelu"  # gelu | swiglu
+  m.tie_embeddings = True  # output head shares the token embedding
+  m.use_bias = True  # biases in dense layers and norms
+  m.dropout = 0.0
+  m.dtype = "auto"  # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | bfloat16 | float32
+  m.param_dtype = "float32"  # parameters and optimizer state
+  m.attention = "auto"  # auto | cudnn | xla (jax.nn.dot_product_attention implementation)
+  m.scan_layers = True  # one scanned block: fast compiles
+  m.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
+  m.init_std = 0.02  # GPT-2 init; residual projections scaled by 1/sqrt(2 * num_layers)
+  m.logits_via_embedding_dtype = "float32"  # loss and softmax precision
+
+  # ---------------------------------------------------------------- training (llm_jax.train)
+  tr = c.train = ml_collections.ConfigDict()
+  tr.seq_len = 256  # tokens per example (windows of seq_len + 1)
+  tr.global_batch_size = 32  # examples per optimizer step over all devices and processes
+  tr.microbatches = 1  # gradient accumulation: the global batch is split into this many passes
+  tr.steps = 1000  # budget in optimizer steps (used when tokens == 0)
+  tr.tokens = 0  # budget in tokens; > 0 overrides steps
+  tr.seed = 0  # parameter init seed
+  tr.dropout_seed = 0
+  tr.learning_rate = 1e-3  # peak
+  tr.warmup_steps = 100
+  tr.schedule = "cosine"  # cosine | linear | constant (after warm-up)
+  tr.min_lr_ratio = 0.1  # floor of the decay as a fraction of the peak
+  tr.decay_steps = 0  # 0: decay over the whole budget
+  tr.weight_decay = 0.1
+  tr.decay_norms_biases_embeddings = False  # AdamW decay on norms, biases and embeddings too
+  tr.b1 = 0.9
+  tr.b2 = 0.95
+  tr.eps = 1e-8
+  tr.grad_clip = 1.0  # global-norm clipping; 0 disables
+  tr.z_loss = 0.0  # weight of log(Z)^2; 0 disables
+  tr.nan_policy = "abort"  # abort | skip
+  tr.max_consecutive_skips = 5  # skip policy: abort after this many non-finite steps in a row
+  tr.log_every = 10  # metrics to TensorBoard / metrics.jsonl
+  tr.eval_every = 200  # held-out evaluation; 0 disables
+  tr.eval_batches = 8  # validation batches per evaluation (global batch each)
+  tr.checkpoint_every = 500
+  tr.keep_checkpoints = 3  # keep the last K ...
+  tr.keep_every = 0  # ... plus every M-th step (0: none)
+  tr.sample_every = 500  # sampled continuations to the log/TensorBoard; 0 disables
+  tr.sample_prompts = "def ,import ,The "  # comma-separated prompts for samples
+  tr.sample_tokens = 48
+  tr.preflight = True  # tokenizer round trip, one batch through the model, one update lowers loss
+  tr.profile_steps = ""  # "START,STOP": a JAX profiler trace into tb/
+  tr.throughput_alert = 0.5  # warn when tokens/s falls below this share of its running median
+  tr.plateau_evals = 5  # warn when val loss has not improved for this many evaluations
+  tr.restore_fallback = False  # a corrupt latest checkpoint: fall back to the one before
+
+  # ---------------------------------------------------------------- sharding (llm_jax.sharding)
+  s = c.sharding = ml_collections.ConfigDict()
+  s.data = -1  # mesh axis sizes; -1 takes the rest of the devices
+  s.fsdp = 1
+  s.tensor = 1
+  # Logical axis -> mesh axes. Parameters: embed, mlp, heads, kv, vocab, layers.
+  # Activations: batch, length, act_embed, act_mlp, act_heads, act_vocab.
+  s.rules = (
+      ("batch", ("data", "fsdp")),
+      ("length", None),
+      ("act_embed", None),
+      ("act_mlp", "tensor"),
+      ("act_heads", "tensor"),
+      ("act_kv_heads", "tensor"),
+      ("act_vocab", "tensor"),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("kv", None),
+      ("vocab", "tensor"),
+      ("layers", None),
+      ("norm", None),
+  )
+
+  # ---------------------------------------------------------------- distributed (llm_jax.distributed)
+  di = c.distributed = ml_collections.ConfigDict()
+  di.coordinator_address = ""  # explicit multi-process start; empty: detect SLURM / TPU or run alone
+  di.num_processes = 0
+  di.process_id = -1
+  di.heartbeat_timeout_s = 100  # a dead peer is noticed within about this long
+  return c

@@ -1,0 +1,194 @@
+"""Config loading, overrides, cross-field checks and the few derived values every module shares."""
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the key and what to do."""
+
+
+def load(path: str, overrides: Iterable[str] | Mapping[str, Any] = ()) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file and applies `a.b=v` overrides; unknown keys fail."""
+  if not os.path.exists(path):
+    raise ConfigError(f"config file {path!r} does not exist")
+  spec = importlib.util.spec_from_file_location(f"_llm_jax_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  items = overrides.items() if isinstance(overrides, Mapping) else (_split(o) for o in overrides)
+  for key, value in items:
+    set_key(config, key, value)
+  return config
+
+
+def _split(override: str) -> tuple[str, str]:
+  override = override.removeprefix("--config.").removeprefix("config.")
+  if "=" not in override:
+    raise ConfigError(f"override {override!r} must look like key.sub=value")
+  key, value = override.split("=", 1)
+  return key, value
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets a dotted key, parsing strings to the field's type; a missing key raises naming it."""
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if part not in node:
+      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {key!r})")
+    node = node[part]
+  if leaf not in node:
+    close = [k for k in node.keys() if k[:3] == leaf[:3]]
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown config key {key!r}{hint}")
+  old = node[leaf]
+  if isinstance(value, str) and not isinstance(old, str):
+    value = _parse(key, value, old)
+  with node.unlocked() if hasattr(node, "unlocked") else _null():
+    node[leaf] = value
+
+
+class _null:
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *a):
+    return False
+
+
+def _parse(key: str, text: str, old: Any) -> Any:
+  if isinstance(old, bool):
+    if text.lower() in ("true", "1", "yes"):
+      return True
+    if text.lower() in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"config key {key!r} wants true or false, got {text!r}")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f"config key {key!r}: cannot parse {text!r} as {type(old).__name__}") from e
+  if isinstance(old, float) and isinstance(value, int):
+    value = float(value)
+  if old is not None and not isinstance(value, type(old)):
+    raise ConfigError(f"config key {key!r} wants {type(old).__name__}, got {text!r}")
+  return value
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """A JSON-ready plain dict of the config."""
+  return json.loads(config.to_json_best_effort())
+
+
+def from_json(path: str) -> ml_collections.ConfigDict:
+  """Reads a resolved config written by `save_json` (the run directory's config.json)."""
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def save_json(config: ml_collections.ConfigDict, path: str) -> None:
+  """Writes the resolved config atomically."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(to_dict(config), f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ derived values
+
+
+def total_steps(config) -> int:
+  """The training budget in optimizer steps (from train.tokens when set, else train.steps)."""
+  tr = config.train
+  if tr.tokens and tr.tokens > 0:
+    return int(math.ceil(tr.tokens / (tr.global_batch_size * tr.seq_len)))
+  return int(tr.steps)
+
+
+def padded_vocab(tokenizer_size: int, multiple: int) -> int:
+  """Rounds the tokenizer's size up to a multiple (embedding rows)."""
+  multiple = max(1, int(multiple))
+  return int(math.ceil(tokenizer_size / multiple) * multiple)
+
+
+def compute_dtype(config, platform: str | None = None) -> str:
+  """The model's compute dtype name: 'auto' is bfloat16 on GPU/TPU and float32 on CPU."""
+  if config.model.dtype != "auto":
+    return config.model.dtype
+  if platform is None:
+    import jax
+    platform = jax.default_backend()
+  return "float32" if platform == "cpu" else "bfloat16"
+
+
+def validate(config, num_devices: int | None = None) -> None:
+  """Cross-field checks before anything compiles; each failure names the keys involved."""
+  m, tr, s = config.model, config.train, config.sharding
+  _choice("model.positions", m.positions, ("learned", "rope"))
+  _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
+  _choice("model.activation", m.activation, ("gelu", "swiglu"))
+  _choice("model.dtype", m.dtype, ("auto", "bfloat16", "float32"))
+  _choice("model.attention", m.attention, ("auto", "cudnn", "xla"))
+  _choice("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch"))
+  _choice("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
+  _choice("train.nan_policy", tr.nan_policy, ("abort", "skip"))
+  _choice("data.tokenizer.type", config.data.tokenizer.type, ("bpe", "unigram", "char"))
+  _choice("data.on_bad_record", config.data.on_bad_record, ("fail", "skip"))
+  if m.d_model % m.num_heads and not m.head_dim:
+    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+                      "set model.head_dim or change one of them")
+  kv = m.num_kv_heads or m.num_heads
+  if m.num_heads % kv:
+    raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv}")
+  if tr.seq_len > m.max_seq_len:
+    raise ConfigError(f"train.seq_len={tr.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  if tr.global_batch_size % max(1, tr.microbatches):
+    raise ConfigError(f"train.global_batch_size={tr.global_batch_size} is not divisible by "
+                      f"train.microbatches={tr.microbatches}")
+  if total_steps(config) <= 0:
+    raise ConfigError("train.steps (or train.tokens) must be positive")
+  if num_devices is not None:
+    data, fsdp, tensor = mesh_shape(config, num_devices)
+    if tensor > 1:
+      if m.num_heads % tensor or kv % tensor:
+        raise ConfigError(f"model.num_heads={m.num_heads} and model.num_kv_heads={kv} must be "
+                          f"divisible by sharding.tensor={tensor}")
+    micro = tr.global_batch_size // max(1, tr.microbatches)
+    if micro % (data * fsdp):
+      raise ConfigError(
+          f"train.global_batch_size={tr.global_batch_size} / train.microbatches={tr.microbatches} = "
+          f"{micro} is not divisible by the batch-parallel size sharding.data*sharding.fsdp = "
+          f"{data}*{fsdp} = {data * fsdp}")
+  del s
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) sizes; one of them may be -1 and takes the remaining devices."""
+  sizes = [int(config.sharding.data), int(config.sharding.fsdp), int(config.sharding.tensor)]
+  names = ["sharding.data", "sharding.fsdp", "sharding.tensor"]
+  if sizes.count(-1) > 1:
+    raise ConfigError(f"only one of {', '.join(names)} may be -1, got {sizes}")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f"mesh sizes {dict(zip(names, sizes))} must be positive or -1")
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"{num_devices} devices cannot be split by the fixed mesh sizes "
+                        f"{dict(zip(names, sizes))}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
+                      f"but {num_devices} are present")
+  return tuple(sizes)
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")

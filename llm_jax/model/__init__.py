@@ -1,0 +1,5 @@
+"""Flax decoder and its settings; knows logical axis names, nothing about meshes."""
+from llm_jax.model.config import ModelConfig
+from llm_jax.model.transformer import Decoder
+
+__all__ = ["Decoder", "ModelConfig"]

@@ -1,0 +1,84 @@
+"""The model's own frozen settings, resolved from `config.model` (hashable, so flax modules can hold it)."""
+from __future__ import annotations
+
+import dataclasses
+
+from llm_jax import config as config_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Every architectural choice of the decoder, with derived sizes filled in."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int
+  positions: str = "learned"
+  rope_theta: float = 10_000.0
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  activation: str = "gelu"
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  dropout: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: str = "xla"
+  scan_layers: bool = True
+  remat: str = "none"
+  init_std: float = 0.02
+
+  @classmethod
+  def from_config(cls, config, tokenizer_size: int | None = None, platform: str | None = None):
+    """Resolves `config.model` (vocab from the tokenizer when model.vocab_size == 0, 'auto' dtypes)."""
+    m = config.model
+    vocab = m.vocab_size or config_lib.padded_vocab(tokenizer_size or 0, m.vocab_multiple)
+    if vocab <= 0:
+      raise config_lib.ConfigError("model.vocab_size is 0 and no tokenizer size was given")
+    head_dim = m.head_dim or m.d_model // m.num_heads
+    if m.mlp_dim:
+      mlp = m.mlp_dim
+    elif m.activation == "swiglu":
+      mlp = 256 * ((int(8 * m.d_model / 3) + 255) // 256)
+    else:
+      mlp = 4 * m.d_model
+    if platform is None:
+      import jax
+      platform = jax.default_backend()
+    attention = m.attention
+    if attention == "auto":
+      attention = "cudnn" if platform == "gpu" else "xla"
+    return cls(
+        vocab_size=int(vocab), num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads or m.num_heads, head_dim=head_dim, mlp_dim=mlp,
+        max_seq_len=m.max_seq_len, positions=m.positions, rope_theta=float(m.rope_theta),
+        norm=m.norm, norm_eps=float(m.norm_eps), activation=m.activation,
+        tie_embeddings=m.tie_embeddings, use_bias=m.use_bias, dropout=float(m.dropout),
+        dtype=config_lib.compute_dtype(config, platform), param_dtype=m.param_dtype,
+        attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std))
+
+  def param_count(self, include_embedding: bool = True) -> int:
+    """Parameters of the decoder (counted from shapes, without building it)."""
+    d, h, k, q, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
+    b = 1 if self.use_bias else 0
+    attn = d * h * q + 2 * d * k * q + h * q * d + b * (h * q + 2 * k * q + d)
+    mlp = (3 * d * f if self.activation == "swiglu" else 2 * d * f) + b * (f + d)
+    norms = 2 * (d + b * d)
+    per_layer = attn + mlp + norms
+    emb = self.vocab_size * d
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    pos = self.max_seq_len * d if self.positions == "learned" else 0
+    final = d + b * d
+    total = self.num_layers * per_layer + final + head + (emb + pos if include_embedding else 0)
+    return int(total)
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (N without input embeddings) + 12 * layers * heads * head_dim * T."""
+    n = self.param_count(include_embedding=False)
+    if self.tie_embeddings:
+      n += self.vocab_size * self.d_model  # the tied head still does its matmul
+    return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.head_dim * seq_len

@@ -1,0 +1,229 @@
+"""A decoder-only transformer covering GPT-2 and LLaMA, with logical axis names on every parameter.
+
+Shapes in names: B batch, L length (queries), S cache length (keys), D d_model, N query heads,
+K kv heads, H head dim, F mlp dim, V vocab.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.model.config import ModelConfig
+
+Array = Any
+_lp = nn.with_logical_partitioning
+_constrain = nn.with_logical_constraint
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+def _normal(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm, computed in float32, returned in the compute dtype."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    c = self.cfg
+    kw = dict(epsilon=c.norm_eps, dtype=jnp.float32, param_dtype=_dtype(c.param_dtype),
+              scale_init=_lp(nn.initializers.ones, ("norm",)))
+    if c.norm == "rmsnorm":
+      y = nn.RMSNorm(**kw)(x_BLD.astype(jnp.float32))
+    else:
+      y = nn.LayerNorm(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)),
+                       **kw)(x_BLD.astype(jnp.float32))
+    return y.astype(_dtype(c.dtype))
+
+
+def rope(x_BLNH, positions_BL, theta: float):
+  """Rotary position embedding (rotate-half convention), in float32."""
+  h = x_BLNH.shape[-1]
+  freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angle_BLh = positions_BL[..., None].astype(jnp.float32) * freq
+  sin, cos = jnp.sin(angle_BLh)[:, :, None, :], jnp.cos(angle_BLh)[:, :, None, :]
+  x = x_BLNH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BLNH.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head / grouped-query causal self-attention with an optional KV cache for decoding."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, decode: bool = False):
+    c = self.cfg
+    dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+
+    def proj(name, heads, axes):
+      return nn.DenseGeneral((heads, c.head_dim), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
+                             kernel_init=_lp(_normal(c.init_std), ("embed",) + axes),
+                             bias_init=_lp(nn.initializers.zeros, axes), name=name)(x_BLD)
+
+    q_BLNH = proj("query", c.num_heads, ("heads", "kv"))
+    k_BLKH = proj("key", c.num_kv_heads, ("kv_heads", "kv"))
+    v_BLKH = proj("value", c.num_kv_heads, ("kv_heads", "kv"))
+    if c.positions == "rope":
+      q_BLNH = rope(q_BLNH, positions_BL, c.rope_theta)
+      k_BLKH = rope(k_BLKH, positions_BL, c.rope_theta)
+    q_BLNH = _constrain(q_BLNH, ("batch", "length", "act_heads", None))
+    k_BLKH = _constrain(k_BLKH, ("batch", "length", "act_kv_heads", None))
+    v_BLKH = _constrain(v_BLKH, ("batch", "length", "act_kv_heads", None))
+
+    if decode:
+      out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL)
+    elif segment_ids_BL is not None:
+      same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
+      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_B1LL,
+                                              is_causal=True, implementation="xla")
+    else:
+      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
+                                              implementation=c.attention)
+    out_BLNH = _constrain(out_BLNH, ("batch", "length", "act_heads", None))
+    return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
+                           kernel_init=_lp(_normal(out_std), ("heads", "kv", "embed")),
+                           bias_init=_lp(nn.initializers.zeros, ("embed",)), name="out")(out_BLNH)
+
+  def _cached_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL):
+    """Writes this call's keys/values at each row's positions, then attends to positions <= own."""
+    c = self.cfg
+    b = q_BLNH.shape[0]
+    is_init = not self.has_variable("cache", "cached_key")
+    shape = (b, c.max_seq_len, c.num_kv_heads, c.head_dim)
+    k_cache = self.variable("cache", "cached_key", jnp.zeros, shape, k_BLKH.dtype)
+    v_cache = self.variable("cache", "cached_value", jnp.zeros, shape, v_BLKH.dtype)
+    if is_init:  # init only allocates the cache
+      return jnp.zeros_like(q_BLNH)
+    start_B = positions_BL[:, 0]
+    write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice(cache, new, (s, 0, 0)))
+    k_BSKH = write(k_cache.value, k_BLKH.astype(k_cache.value.dtype), start_B)
+    v_BSKH = write(v_cache.value, v_BLKH.astype(v_cache.value.dtype), start_B)
+    k_cache.value, v_cache.value = k_BSKH, v_BSKH
+    key_pos_S = jnp.arange(c.max_seq_len)
+    mask_B1LS = (key_pos_S[None, None, None, :] <= positions_BL[:, None, :, None])
+    return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS,
+                                        implementation="xla")
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    c = self.cfg
+    dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
+    out_std = c.init_std / math.sqrt(2 * c.num_layers)
+
+    def dense(name, feat, axes, std):
+      return nn.Dense(feat, use_bias=c.use_bias, dtype=dt, param_dtype=pdt, name=name,
+                      kernel_init=_lp(_normal(std), axes),
+                      bias_init=_lp(nn.initializers.zeros, axes[1:]))
+
+    if c.activation == "swiglu":
+      h_BLF = nn.silu(dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD))
+      h_BLF = h_BLF * dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD)
+    else:
+      h_BLF = nn.gelu(dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD), approximate=True)
+    h_BLF = _constrain(h_BLF, ("batch", "length", "act_mlp"))
+    return dense("down", c.d_model, ("mlp", "embed"), out_std)(h_BLF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool):
+    c = self.cfg
+    drop = nn.Dropout(c.dropout)
+    h = Attention(c, name="attn")(Norm(c, name="norm_attn")(x_BLD), positions_BL, segment_ids_BL,
+                                  decode=self.decode)
+    x_BLD = x_BLD + drop(h, deterministic=deterministic)
+    h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
+    x_BLD = x_BLD + drop(h, deterministic=deterministic)
+    x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
+    if self.cfg.scan_layers:
+      return x_BLD, None
+    return x_BLD
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Decoder(nn.Module):
+  """Token ids [B, L] -> float32 logits [B, L, V]. `decode=True` uses and fills the KV cache."""
+  cfg: ModelConfig
+  decode: bool = False
+
+  def setup(self):
+    c = self.cfg
+    pdt = _dtype(c.param_dtype)
+    self.embedding = self.param("embedding", _lp(_normal(c.init_std), ("vocab", "embed")),
+                                (c.vocab_size, c.d_model), pdt)
+    if c.positions == "learned":
+      self.pos_embedding = self.param("pos_embedding", _lp(_normal(c.init_std / 2), (None, "embed")),
+                                      (c.max_seq_len, c.d_model), pdt)
+    block = Block
+    if c.remat != "none":
+      block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers,
+                       static_argnums=(4,))
+    if c.scan_layers:
+      self.blocks = nn.scan(
+          block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, decode=self.decode, name="blocks")
+    else:
+      self.blocks = [block(c, decode=self.decode, name=f"block_{i}") for i in range(c.num_layers)]
+    self.final_norm = Norm(c)
+    if not c.tie_embeddings:
+      self.head = self.param("head", _lp(_normal(c.init_std), ("embed", "vocab")),
+                             (c.d_model, c.vocab_size), pdt)
+    self.drop = nn.Dropout(c.dropout)
+
+  def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
+    """Token ids -> final normed hidden states [B, L, D] in the compute dtype."""
+    c = self.cfg
+    dt = _dtype(c.dtype)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    x_BLD = jnp.take(self.embedding, tokens_BL, axis=0).astype(dt)
+    if c.positions == "learned":
+      x_BLD = x_BLD + jnp.take(self.pos_embedding, positions_BL, axis=0).astype(dt)
+    x_BLD = self.drop(x_BLD, deterministic=deterministic)
+    x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
+    if c.scan_layers:
+      x_BLD, _ = self.blocks(x_BLD, positions_BL, segment_ids_BL, deterministic)
+    else:
+      for blk in self.blocks:
+        x_BLD = blk(x_BLD, positions_BL, segment_ids_BL, deterministic)
+    return self.final_norm(x_BLD)
+
+  def head_matrix(self):
+    """The output projection [D, V] (the embedding transposed when tied)."""
+    return self.embedding.T if self.cfg.tie_embeddings else self.head
+
+  def logits(self, h_BLD):
+    """Hidden states -> float32 logits (matmul in the compute dtype, float32 accumulation)."""
+    w_DV = self.head_matrix().astype(h_BLD.dtype)
+    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=jnp.float32)
+    return _constrain(logits_BLV, ("batch", "length", "act_vocab"))
+
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
+    return self.logits(self.hidden(tokens_BL, positions_BL, segment_ids_BL, deterministic))

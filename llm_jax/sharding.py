@@ -1,0 +1,102 @@
+"""Mesh from config, logical-axis rules, and the shardings of batches and state."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from llm_jax import config as config_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over all (or the given) devices, sized by config.sharding."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = config_lib.mesh_shape(config, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
+  except Exception:  # noqa: BLE001 - CPU or odd topologies: a plain reshape is fine
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def rules(config) -> tuple[tuple[str, Any], ...]:
+  """Logical axis -> mesh axes rules as flax expects them (tuples, lists made tuples)."""
+  out = []
+  for name, target in config.sharding.rules:
+    out.append((name, tuple(target) if isinstance(target, list) else target))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, config):
+  """Makes the mesh and the logical rules current (for activation constraints inside the model)."""
+  with mesh, nn.logical_axis_rules(rules(config)):
+    yield
+
+
+def logical_to_sharding(logical_tree, mesh: Mesh, config):
+  """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
+  specs = nn.logical_to_mesh(logical_tree, rules(config))
+  return jax.tree.map(lambda s: NamedSharding(mesh, _prune(s, mesh)), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def _prune(spec: P, mesh: Mesh) -> P:
+  """Drops mesh axes of size 1 so specs read simply (P() instead of P(None, 'tensor') on 1 device)."""
+  out = []
+  for entry in spec:
+    if entry is None:
+      out.append(None)
+      continue
+    axes = entry if isinstance(entry, tuple) else (entry,)
+    kept = tuple(a for a in axes if mesh.shape[a] > 1)
+    out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+  while out and out[-1] is None:
+    out.pop()
+  return P(*out)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch rows split over data and fsdp; the rest replicated."""
+  return NamedSharding(mesh, _prune(P(BATCH_AXES, *([None] * (ndim - 1))), mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of the global batch -> global jax.Arrays with the batch sharding."""
+  out = {}
+  for k, v in local.items():
+    sharding = batch_sharding(mesh, v.ndim)
+    if jax.process_count() == 1:
+      out[k] = jax.device_put(v, sharding)
+    else:
+      out[k] = jax.make_array_from_process_local_data(sharding, v)
+  return out
+
+
+def spec_table(abstract_state, shardings) -> str:
+  """A text table of every parameter: path, shape, PartitionSpec, bytes per device."""
+  rows = [("parameter", "shape", "spec", "bytes/device")]
+  flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
+  flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+  total = 0
+  for (path, leaf), sh in zip(flat, flat_s):
+    shard_shape = sh.shard_shape(leaf.shape)
+    nbytes = int(np.prod(shard_shape)) * leaf.dtype.itemsize
+    total += nbytes
+    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    rows.append((name, str(tuple(leaf.shape)), str(sh.spec), f"{nbytes:,}"))
+  rows.append(("total", "", "", f"{total:,}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(4)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
