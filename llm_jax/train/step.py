@@ -1,0 +1,88 @@
+"""The pure training and evaluation steps."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm_jax.model import Decoder
+from llm_jax.train import loss as loss_lib
+from llm_jax.train.state import TrainState
+
+
+def _split_microbatches(batch, n: int):
+  """[B, ...] -> [n, B/n, ...], microbatch m taking rows m, m+n, ... so every shard serves each pass."""
+  def split(x):
+    return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool):
+  logits_BLV = model.apply({"params": params}, batch["inputs"], None, batch.get("segment_ids"),
+                           deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+  weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
+  return loss_lib.weighted_sums(logits_BLV, batch["targets"], weights_BL, z_loss)
+
+
+def loss_and_grads(params, batch, rng, *, model: Decoder, config):
+  """Mean loss over the global batch and its gradients, accumulated over config.train.microbatches."""
+  tr = config.train
+  deterministic = model.cfg.dropout == 0.0
+  n = max(1, int(tr.microbatches))
+
+  def sums_fn(p, mb, r):
+    nll, z, w = _forward_sums(p, mb, r, model=model, z_loss=tr.z_loss, deterministic=deterministic)
+    return nll + z, (nll, w)
+
+  grad_fn = jax.grad(sums_fn, has_aux=True)
+  if n == 1:
+    g_sum, (nll_sum, w_sum) = grad_fn(params, batch, rng)
+  else:
+    def body(carry, xs):
+      g_acc, nll_acc, w_acc = carry
+      mb, i = xs
+      g, (nll, w) = grad_fn(params, mb, jax.random.fold_in(rng, i))
+      return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (g_sum, nll_sum, w_sum), _ = jax.lax.scan(body, init, (_split_microbatches(batch, n), jnp.arange(n)))
+  denom = jnp.maximum(w_sum, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, g_sum)
+  return nll_sum / denom, grads
+
+
+def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config):
+  """One optimizer update. Non-finite loss or gradients leave parameters and optimizer state unchanged."""
+  rng = jax.random.fold_in(jax.random.key(config.train.dropout_seed), state.step)
+  loss, grads = loss_and_grads(state.params, batch, rng, model=model, config=config)
+  grad_norm = optax.global_norm(grads)
+  updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+  new_state = state.replace(
+      step=state.step + 1,
+      params=jax.tree.map(keep, new_params, state.params),
+      opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+      skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+  metrics = {
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "param_norm": optax.global_norm(new_state.params),
+      "finite": finite,
+  }
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, model: Decoder, num_domains: int):
+  """Summed nll and token counts, overall and per domain, for one batch (no dropout)."""
+  logits_BLV = model.apply({"params": params}, batch["inputs"], None, batch.get("segment_ids"))
+  nll_BL, _ = loss_lib.token_nll(logits_BLV, batch["targets"])
+  w_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32)).astype(jnp.float32)
+  dom = batch.get("domain_ids", jnp.zeros(batch["targets"].shape, jnp.int32)).reshape(-1)
+  return {
+      "nll_sum": jnp.sum(nll_BL * w_BL),
+      "tokens": jnp.sum(w_BL),
+      "domain_nll_sum": jax.ops.segment_sum((nll_BL * w_BL).reshape(-1), dom, num_domains),
+      "domain_tokens": jax.ops.segment_sum(w_BL.reshape(-1), dom, num_domains),
+  }
