@@ -1,0 +1,140 @@
+"""Checkpoints on their own: cross-mesh restore, restore_params, retention, corruption, shape checks."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax import sharding as sharding_lib
+from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import checkpoint as ckpt_lib
+from llm_jax.train import optimizer as opt_lib
+from llm_jax.train import state as state_lib
+
+TINY = {"model.d_model": 32, "model.num_heads": 4, "model.num_layers": 1, "model.vocab_size": 128,
+        "model.max_seq_len": 16, "train.seq_len": 16, "train.global_batch_size": 8}
+
+
+def _config(**mesh):
+  over = dict(TINY)
+  over.update({f"sharding.{k}": v for k, v in mesh.items()})
+  return config_lib.load("configs/base.py", over)
+
+
+def _parts(config):
+  model = Decoder(ModelConfig.from_config(config))
+  return model, opt_lib.make_optimizer(config)
+
+
+def _target(config):
+  model, optimizer = _parts(config)
+  mesh = sharding_lib.make_mesh(config)
+  abstract, shardings = state_lib.state_shardings(model, optimizer, mesh, config)
+  return ckpt_lib.abstract_with_shardings(abstract, shardings), mesh
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, devices):
+  """A workdir with checkpoints at steps 2 and 4 of a state created on an fsdp=4 mesh."""
+  workdir = str(tmp_path_factory.mktemp("ckpt"))
+  config = _config(data=2, fsdp=4, tensor=1)
+  model, optimizer = _parts(config)
+  mesh = sharding_lib.make_mesh(config)
+  state, _ = state_lib.create_state(model, optimizer, mesh, config, seed=3)
+  assert state.params["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  config_lib.save_json(config, os.path.join(workdir, "config.json"))
+  ckpts = ckpt_lib.Checkpoints(workdir, keep=5)
+  ckpts.save(2, state, {"step": 2})
+  state4 = state.replace(step=state.step + 2)
+  ckpts.save(4, state4, {"step": 4})
+  ckpts.close()
+  host = jax.tree.map(np.asarray, state4)
+  return workdir, host
+
+
+@pytest.mark.parametrize("mesh", [dict(data=1, fsdp=1, tensor=1), dict(data=4, fsdp=1, tensor=2)])
+def test_restore_onto_another_mesh(saved, mesh):
+  workdir, host = saved
+  config = _config(**mesh)
+  if mesh["data"] == 1:  # one device: a 1x1x1 mesh over the first device only
+    m = sharding_lib.make_mesh(config, jax.devices()[:1])
+    model, optimizer = _parts(config)
+    abstract, shardings = state_lib.state_shardings(model, optimizer, m, config)
+    target = ckpt_lib.abstract_with_shardings(abstract, shardings)
+  else:
+    target, m = _target(config)
+  step, state, data = ckpt_lib.Checkpoints(workdir).restore(target)
+  assert step == 4 and data == {"step": 4}
+  assert int(state.step) == int(host.step)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(host)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  emb = state.params["embedding"]
+  assert emb.sharding.mesh.devices.size == m.devices.size
+  if mesh["tensor"] == 2:
+    assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor")
+
+
+def test_restore_params(saved):
+  workdir, host = saved
+  params, config, step = ckpt_lib.restore_params(workdir)
+  assert step == 4 and config.model.d_model == 32
+  assert set(params) == set(host.params)
+  np.testing.assert_array_equal(np.asarray(params["embedding"]), host.params["embedding"])
+  assert params["embedding"].sharding.device_set == {jax.local_devices()[0]}
+  mesh = sharding_lib.make_mesh(_config(data=4, fsdp=1, tensor=2))
+  params, _, step = ckpt_lib.restore_params(workdir, step=2, mesh=mesh)
+  assert step == 2
+  assert params["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor")
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 3"):
+    ckpt_lib.restore_params(workdir, step=3)
+  with pytest.raises(ckpt_lib.CheckpointError, match="config.json"):
+    ckpt_lib.restore_params(os.path.dirname(workdir))
+
+
+def test_changed_shape_lists_keys(saved):
+  workdir, _ = saved
+  config = _config(data=8, fsdp=1, tensor=1)
+  with config.unlocked():
+    config.model.d_model = 64
+  target, _ = _target(config)
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    ckpt_lib.Checkpoints(workdir).restore(target)
+  assert "params/embedding" in str(e.value) and "params/blocks/mlp/up/kernel" in str(e.value)
+  assert "(128, 32)" in str(e.value) and "(128, 64)" in str(e.value)
+
+
+def test_retention_keeps_last_and_every_mth(tmp_path):
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=2, keep_every=4, async_save=False)
+  x = {"w": np.zeros(3, np.float32)}
+  for s in range(1, 10):
+    ckpts.save(s, x, {"step": s})
+  ckpts.wait()
+  assert ckpts.steps() == [4, 8, 9]
+  assert not ckpts.save(9, x, {"step": 9})  # an existing step is never overwritten
+  ckpts.close()
+
+
+def _corrupt(step_dir):
+  for root, _, files in os.walk(os.path.join(step_dir, "state")):
+    for f in files:
+      if f not in ("commit_success.txt",):
+        with open(os.path.join(root, f), "wb") as fh:
+          fh.write(b"\x00garbage")
+
+
+def test_corrupt_latest_names_step_and_falls_back(tmp_path, devices):
+  config = _config(data=8, fsdp=1, tensor=1)
+  model, optimizer = _parts(config)
+  mesh = sharding_lib.make_mesh(config)
+  state, shardings = state_lib.create_state(model, optimizer, mesh, config, seed=0)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path))
+  ckpts.save(10, state, {"step": 10})
+  ckpts.save(20, state.replace(step=state.step + 20), {"step": 20})
+  ckpts.close()
+  _corrupt(os.path.join(str(tmp_path), "checkpoints", "20"))
+  target = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 20.*restore_fallback.*step 10"):
+    ckpt_lib.Checkpoints(str(tmp_path)).restore(target)
+  step, restored, data = ckpt_lib.Checkpoints(str(tmp_path)).restore(target, fallback=True)
+  assert step == 10 and data == {"step": 10} and int(restored.step) == 0
