@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -38,8 +39,15 @@ def rules(config) -> tuple[tuple[str, Any], ...]:
 @contextlib.contextmanager
 def activate(mesh: Mesh, config):
   """Makes the mesh and the logical rules current (for activation constraints inside the model)."""
-  with mesh, nn.logical_axis_rules(rules(config)):
-    yield
+  # `with mesh` (not jax.set_mesh): flax's scanned, logically partitioned init relies on it.
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*mesh.*context manager.*", category=DeprecationWarning)
+    mesh.__enter__()
+  try:
+    with nn.logical_axis_rules(rules(config)):
+      yield
+  finally:
+    mesh.__exit__(None, None, None)
 
 
 def logical_to_sharding(logical_tree, mesh: Mesh, config):

@@ -17,9 +17,16 @@ def _split_microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
+def _loss_logits(module: Decoder, tokens_BL, segment_ids_BL, deterministic: bool):
+  """Logits in the head's output dtype (model.logits_dtype): the loss upcasts them inside fusions."""
+  h_BLD = module.hidden(tokens_BL, None, segment_ids_BL, deterministic=deterministic)
+  return module.logits(h_BLD, keep_dtype=True)
+
+
 def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool):
-  logits_BLV = model.apply({"params": params}, batch["inputs"], None, batch.get("segment_ids"),
-                           deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
+  logits_BLV = model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"),
+                           deterministic, method=_loss_logits,
+                           rngs=None if deterministic else {"dropout": rng})
   weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
   return loss_lib.weighted_sums(logits_BLV, batch["targets"], weights_BL, z_loss)
 
@@ -55,7 +62,7 @@ def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config):
   """One optimizer update. Non-finite loss or gradients leave parameters and optimizer state unchanged."""
   rng = jax.random.fold_in(jax.random.key(config.train.dropout_seed), state.step)
   loss, grads = loss_and_grads(state.params, batch, rng, model=model, config=config)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -68,7 +75,7 @@ def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config):
   metrics = {
       "loss": loss,
       "grad_norm": grad_norm,
-      "param_norm": optax.global_norm(new_state.params),
+      "param_norm": optax.tree.norm(new_state.params),
       "finite": finite,
   }
   return new_state, metrics

@@ -1,0 +1,91 @@
+"""Decoder: shapes, causality, KV-cache decoding, parameter counting, config checks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import flax.linen as nn
+
+from llm_jax import config as config_lib
+from llm_jax.model import Decoder, ModelConfig
+
+TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
+        "train.seq_len=16", "train.global_batch_size=8"]
+LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.activation": "swiglu",
+         "model.tie_embeddings": False, "model.use_bias": False, "model.num_kv_heads": 2}
+
+
+def tiny_config(extra=()):
+  c = config_lib.load("configs/tiny.py", TINY)
+  for k, v in dict(extra).items():
+    config_lib.set_key(c, k, v)
+  return c
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def built(request):
+  c = tiny_config(LLAMA if request.param == "llama" else {})
+  cfg = ModelConfig.from_config(c, tokenizer_size=100, platform="cpu")
+  model = Decoder(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32)))["params"]
+  return cfg, model, params, jax.jit(lambda p, t: model.apply({"params": p}, t))
+
+
+def test_forward_shapes_and_param_count(built):
+  cfg, model, params, fwd = built
+  assert cfg.vocab_size == 128  # 100 padded to a multiple of 128
+  tokens = jnp.ones((3, 16), jnp.int32)
+  logits = fwd(params, tokens)
+  assert logits.shape == (3, 16, 128) and logits.dtype == jnp.float32
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.param_count()
+
+
+def test_causality(built):
+  _, _, params, fwd = built
+  rng = np.random.default_rng(1)
+  a = rng.integers(0, 100, (2, 16)).astype(np.int32)
+  for t in (0, 7, 14):
+    b = a.copy()
+    b[:, t + 1:] = rng.integers(0, 100, (2, 15 - t))
+    la, lb = fwd(params, a), fwd(params, b)
+    np.testing.assert_allclose(la[:, :t + 1], lb[:, :t + 1], atol=1e-5)
+    assert not np.allclose(la[:, t + 1:], lb[:, t + 1:], atol=1e-3)
+
+
+def test_kv_cache_matches_full_recompute(built):
+  cfg, _, params, fwd = built
+  dec = Decoder(cfg, decode=True)
+  tokens = np.random.default_rng(2).integers(0, 100, (2, 12)).astype(np.int32)
+  cache = dec.init(jax.random.key(0), jnp.zeros((2, 1), jnp.int32))["cache"]
+  pos = np.broadcast_to(np.arange(8), (2, 8))
+  out, mut = dec.apply({"params": params, "cache": cache}, tokens[:, :8], pos, mutable=["cache"])
+  outs = [out]
+  for i in range(8, 12):
+    out, mut = dec.apply({"params": params, "cache": mut["cache"]}, tokens[:, i:i + 1],
+                         np.full((2, 1), i), mutable=["cache"])
+    outs.append(out)
+  np.testing.assert_allclose(np.concatenate(outs, 1), fwd(params, tokens), atol=2e-5)
+
+
+def test_flops_per_token_formula():
+  c = config_lib.load("configs/gpt_small.py")
+  cfg = ModelConfig.from_config(c, tokenizer_size=50257, platform="gpu")
+  assert cfg.vocab_size == 50304 and cfg.attention == "cudnn" and cfg.dtype == "bfloat16"
+  n = cfg.param_count(include_embedding=False) + 50304 * 768
+  assert cfg.flops_per_token(1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
+  assert 123e6 < cfg.param_count() < 126e6
+
+
+def test_unknown_key_and_cross_field_checks_name_the_key():
+  with pytest.raises(config_lib.ConfigError, match="model.num_layer"):
+    config_lib.load("configs/tiny.py", ["model.num_layer=3"])
+  with pytest.raises(config_lib.ConfigError, match="train.seq_len"):
+    config_lib.validate(tiny_config({"train.seq_len": 32}))
+  with pytest.raises(config_lib.ConfigError, match="sharding.tensor"):
+    config_lib.validate(tiny_config({"model.num_heads": 2, "sharding.data": 1, "sharding.tensor": 8}), 8)
+  with pytest.raises(config_lib.ConfigError, match="train.global_batch_size"):
+    config_lib.validate(tiny_config({"train.global_batch_size": 4}), 8)
+  with pytest.raises(config_lib.ConfigError, match="model.num_kv_heads"):
+    config_lib.validate(tiny_config({"model.num_kv_heads": 3}))
+  with pytest.raises(config_lib.ConfigError, match="model.norm"):
+    config_lib.validate(tiny_config({"model.norm": "batchnorm"}))
+  assert config_lib.mesh_shape(tiny_config({"sharding.tensor": 2}), 8) == (4, 1, 2)
