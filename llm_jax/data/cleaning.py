@@ -1,0 +1,78 @@
+"""Text cleaning: Unicode repair (ftfy, NFC), whitespace normalization, control characters, quality
+filters and PII scrubbing, each counted."""
+from __future__ import annotations
+
+import collections
+import hashlib
+import re
+
+import ftfy
+
+_FTFY = ftfy.TextFixerConfig(
+    unescape_html=False,  # code and docs legitimately contain "&amp;"
+    uncurl_quotes=False,  # quotes inside code strings are data
+    fix_character_width=False,  # keep fullwidth CJK punctuation
+    fix_latin_ligatures=True,
+    normalization="NFC",
+    explain=False,
+)
+_ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufff9-\ufffb]")
+_TRAILING = re.compile(r"[ \t]+(?=\n)|[ \t]+\Z")
+_BLANK_RUN = re.compile(r"\n{4,}")  # at most two blank lines in a row
+# "Text" is letters, digits, whitespace and punctuation (ASCII, Latin-1, general, CJK, fullwidth);
+# everything else (symbols, private use, replacement characters, ...) counts towards max_nontext_fraction.
+_NONTEXT = re.compile(r"[^\w\s!-/:-@\[-`{-~\u00a1-\u00bf\u2010-\u2027\u2030-\u205e\u3000-\u303f"
+                      r"\uff01-\uff65\u0300-\u036f]")
+
+EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
+IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
+IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
+PHONE = re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
+                   r"(?![\w-])")
+PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>"}
+
+
+def normalize(text: str) -> str:
+  """Unicode repair + NFC, odd spaces to ' ', controls dropped, trailing spaces and blank runs trimmed."""
+  if text.isascii():  # nothing for ftfy to repair but line breaks; much faster
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+  else:
+    text = ftfy.fix_text(text, _FTFY)
+  text = _ODD_SPACES.sub(" ", text)
+  text = _CONTROL.sub("", text)
+  text = text.replace("\u2581", "_")  # SentencePiece's space mark cannot round-trip
+  text = _TRAILING.sub("", text)
+  text = _BLANK_RUN.sub("\n\n\n", text)
+  return text.lstrip("\n")
+
+
+def nontext_fraction(text: str) -> float:
+  """Share of characters that are neither letters, digits, whitespace nor punctuation."""
+  if not text:
+    return 0.0
+  return sum(len(m) for m in re.findall(_NONTEXT.pattern + "+", text)) / len(text)
+
+
+def scrub_pii(text: str, counts: collections.Counter) -> str:
+  """Replaces emails, IP addresses and phone numbers by placeholders, counting each kind."""
+  for kind, pattern in (("email", EMAIL), ("ip", IPV4), ("ip", IPV6), ("phone", PHONE)):
+    text, n = pattern.subn(PLACEHOLDERS[kind], text)
+    if n:
+      counts[f"pii_{kind}"] += n
+  return text
+
+
+def content_key(text: str) -> str:
+  """sha256 of case- and whitespace-folded text: the exact-dedup key, the split hash, an exclusion id."""
+  return hashlib.sha256(" ".join(text.lower().split()).encode("utf-8")).hexdigest()
+
+
+def quality_reason(text: str, min_chars: int, max_nontext: float) -> str | None:
+  """Why a cleaned document is dropped (None: keep)."""
+  if len(text.strip()) < max(1, min_chars):
+    return "too_short"
+  if max_nontext < 1.0 and nontext_fraction(text) > max_nontext:
+    return "nontext"
+  return None
