@@ -17,27 +17,33 @@ def _split_microbatches(batch, n: int):
   return jax.tree.map(split, batch)
 
 
-def _loss_logits(module: Decoder, tokens_BL, segment_ids_BL, deterministic: bool):
+def _loss_logits(module: Decoder, tokens_BL, segment_ids_BL, deterministic: bool, positions_BL=None):
   """Logits in the head's output dtype (model.logits_dtype): the loss upcasts them inside fusions."""
-  h_BLD = module.hidden(tokens_BL, None, segment_ids_BL, deterministic=deterministic)
+  h_BLD = module.hidden(tokens_BL, positions_BL, segment_ids_BL, deterministic=deterministic)
   return module.logits(h_BLD, keep_dtype=True)
 
 
 def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool):
   logits_BLV = model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"),
-                           deterministic, method=_loss_logits,
+                           deterministic, batch.get("positions"), method=_loss_logits,
                            rngs=None if deterministic else {"dropout": rng})
   weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
   return loss_lib.weighted_sums(logits_BLV, batch["targets"], weights_BL, z_loss)
 
 
-def loss_and_grads(params, batch, rng, *, model: Decoder, config):
-  """Mean loss over the global batch and its gradients, accumulated over config.train.microbatches."""
+def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None):
+  """Mean loss over the global batch and its gradients, accumulated over config.train.microbatches.
+
+  `params_fn(trainable, rng) -> model params` (fine-tuning, e.g. LoRA merging adapters into frozen
+  weights): gradients are then taken with respect to `params`, the trainable tree.
+  """
   tr = config.train
   deterministic = model.cfg.dropout == 0.0
   n = max(1, int(tr.microbatches))
 
   def sums_fn(p, mb, r):
+    if params_fn is not None:
+      p = params_fn(p, jax.random.fold_in(r, 1))
     nll, z, w = _forward_sums(p, mb, r, model=model, z_loss=tr.z_loss, deterministic=deterministic)
     return nll + z, (nll, w)
 
@@ -58,10 +64,11 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config):
   return nll_sum / denom, grads
 
 
-def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config):
+def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config, params_fn=None):
   """One optimizer update. Non-finite loss or gradients leave parameters and optimizer state unchanged."""
   rng = jax.random.fold_in(jax.random.key(config.train.dropout_seed), state.step)
-  loss, grads = loss_and_grads(state.params, batch, rng, model=model, config=config)
+  loss, grads = loss_and_grads(state.params, batch, rng, model=model, config=config,
+                               params_fn=params_fn)
   grad_norm = optax.tree.norm(grads)
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -83,7 +90,8 @@ def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config):
 
 def eval_step(params, batch, *, model: Decoder, num_domains: int):
   """Summed nll and token counts, overall and per domain, for one batch (no dropout)."""
-  logits_BLV = model.apply({"params": params}, batch["inputs"], None, batch.get("segment_ids"))
+  logits_BLV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
+                           batch.get("segment_ids"))
   nll_BL, _ = loss_lib.token_nll(logits_BLV, batch["targets"])
   w_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32)).astype(jnp.float32)
   dom = batch.get("domain_ids", jnp.zeros(batch["targets"].shape, jnp.int32)).reshape(-1)
