@@ -1,0 +1,542 @@
+"""KV-cache decoding: prefill, a jitted decode loop over a preallocated cache, and sampling.
+
+Greedy, temperature, top-k, top-p, repetition penalty, stop sequences, max new tokens, per-row seeds
+and log-probabilities of the chosen tokens. Prompts of different lengths share a batch: they are
+right-padded, and each row's decode continues at its own position.
+
+    python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8 --top_p=0.9]
+    python -m llm_jax.generate --workdir=runs/tiny --prompt "The "
+
+Conventions: the token sampled at step i of a row sits at position len(prompt) + i; a row stops at
+EOS (not emitted), after its max new tokens, or when its next position would pass max_seq_len.
+Log-probabilities are of the model's own distribution (before penalty, temperature and filters).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from llm_jax import quantize
+from llm_jax.model import Decoder, ModelConfig
+
+EOS_ID = 2
+PAD_ID = 0
+MIN_PREFILL = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How one sequence is sampled. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+  max_new_tokens: int = 64
+  stop: tuple[str, ...] = ()
+  seed: int = 0
+
+  def __post_init__(self):
+    if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+      raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if not self.repetition_penalty > 0:
+      raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if isinstance(self.stop, str):
+      object.__setattr__(self, "stop", (self.stop,))
+    if any(not s for s in self.stop):
+      raise ValueError("stop sequences must be non-empty strings")
+
+
+@struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries, one row per sequence (all on device)."""
+  cache: Any
+  logits_BV: jax.Array  # float32 logits of each row's next token
+  positions_B: jax.Array  # int32 position the next token takes
+  active_B: jax.Array  # bool
+  remaining_B: jax.Array  # int32 new tokens a row may still produce
+  seen_BV: jax.Array  # bool: token ids in the prompt or output (repetition penalty)
+  keys_B: jax.Array  # one PRNG key per row
+  temperature_B: jax.Array
+  top_k_B: jax.Array
+  top_p_B: jax.Array
+  penalty_B: jax.Array
+
+
+@dataclasses.dataclass
+class Generation:
+  """One finished sequence: new token ids, their log-probs, why it stopped, and text if decoded."""
+  tokens: list[int]
+  logprobs: list[float]
+  finish_reason: str  # "stop" (EOS or a stop sequence) | "length"
+  text: str | None = None
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def top_k_top_p_mask(logits_BV, top_k_B, top_p_B):
+  """Bool mask of the tokens kept by top-k (0 = off) and then top-p (1 = off), per row."""
+  v = logits_BV.shape[-1]
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
+  rank_V = jnp.arange(v)
+  in_k_BV = rank_V[None, :] < k_B[:, None]
+  probs_BV = jax.nn.softmax(jnp.where(in_k_BV, sorted_BV, -jnp.inf), axis=-1)
+  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+  keep_BV = in_k_BV & (mass_before_BV < top_p_B[:, None])
+  n_keep_B = jnp.maximum(keep_BV.sum(-1), 1)
+  threshold_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
+  return logits_BV >= threshold_B
+
+
+def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
+  """CTRL-style: logits of seen tokens are divided by the penalty when positive, multiplied if not."""
+  p = penalty_B[:, None]
+  penalized = jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p)
+  return jnp.where(seen_BV, penalized, logits_BV)
+
+
+def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_BV):
+  """Next token per row: argmax at temperature 0, else a draw from the filtered, tempered softmax."""
+  logits_BV = apply_repetition_penalty(logits_BV, seen_BV, penalty_B)
+  greedy_B = jnp.argmax(logits_BV, axis=-1)
+  scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+  needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
+  scaled_BV = jax.lax.cond(
+      needs_filter,
+      lambda x: jnp.where(top_k_top_p_mask(x, top_k_B, top_p_B), x, -jnp.inf),
+      lambda x: x, scaled_BV)
+  drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
+  return jnp.where(temperature_B > 0, drawn_B, greedy_B).astype(jnp.int32)
+
+
+# ------------------------------------------------------------------ jitted pieces
+
+
+def _model(cfg: ModelConfig) -> Decoder:
+  return Decoder(cfg, decode=True)
+
+
+def _float_params(params, cfg: ModelConfig):
+  return quantize.dequantize(params, jnp.dtype(cfg.dtype))
+
+
+def empty_cache(cfg: ModelConfig, batch: int):
+  """A zero KV cache for `batch` rows (collection 'cache' of the decode model)."""
+  model = _model(cfg)
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, tokens))["cache"]
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
+  """Writes the prompts into a fresh cache; returns (cache, float32 logits after each prompt)."""
+  model = _model(cfg)
+  b, l = tokens_BL.shape
+  positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  h_BLD, variables = model.apply({"params": params, "cache": empty_cache(cfg, b)}, tokens_BL,
+                                 positions_BL, method="hidden", mutable=["cache"])
+  last_B11 = (lengths_B - 1)[:, None, None]
+  h_B1D = jnp.take_along_axis(h_BLD, last_B11, axis=1)
+  logits_BV = model.apply({"params": params}, h_B1D, method="logits")[:, 0]
+  return variables["cache"], logits_BV
+
+
+def _forward_one(params, cache, tokens_B, positions_B, cfg: ModelConfig):
+  logits_B1V, variables = _model(cfg).apply(
+      {"params": params, "cache": cache}, tokens_B[:, None], positions_B[:, None], mutable=["cache"])
+  return variables["cache"], logits_B1V[:, 0]
+
+
+def _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B,
+           penalty_B, cfg: ModelConfig) -> DecodeState:
+  """Prefill plus the per-row decode state."""
+  params = _float_params(params, cfg)
+  cache, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg)
+  b, l = tokens_BL.shape
+  in_prompt_BL = jnp.arange(l)[None, :] < lengths_B[:, None]
+  seen_BV = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], tokens_BL].max(in_prompt_BL)
+  room_B = cfg.max_seq_len - lengths_B
+  return DecodeState(
+      cache=cache, logits_BV=logits_BV, positions_B=lengths_B.astype(jnp.int32),
+      active_B=(max_new_B > 0) & (room_B > 0), remaining_B=jnp.minimum(max_new_B, room_B),
+      seen_BV=seen_BV, keys_B=jax.vmap(jax.random.key)(seeds_B),
+      temperature_B=temperature_B.astype(jnp.float32), top_k_B=top_k_B.astype(jnp.int32),
+      top_p_B=top_p_B.astype(jnp.float32), penalty_B=penalty_B.astype(jnp.float32))
+
+
+def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
+          vocab_limit: int | None):
+  """Samples one token per row from the carried logits, then feeds it to get the next logits."""
+  if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
+    real_V = jnp.arange(cfg.vocab_size) < vocab_limit
+    state = state.replace(logits_BV=jnp.where(real_V[None, :], state.logits_BV, -jnp.inf))
+  keys_B2 = jax.vmap(lambda k: jax.random.split(k, 2))(state.keys_B)
+  tok_B = sample(state.logits_BV, keys_B2[:, 0], state.temperature_B, state.top_k_B, state.top_p_B,
+                 state.penalty_B, state.seen_BV)
+  logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
+  lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
+  if top_n:
+    top_lp_BT, top_ids_BT = jax.lax.top_k(logp_BV, top_n)
+  else:
+    top_lp_BT = jnp.zeros((tok_B.shape[0], 0), jnp.float32)
+    top_ids_BT = jnp.zeros((tok_B.shape[0], 0), jnp.int32)
+  active_B = state.active_B
+  emitted_B = active_B & (tok_B != eos_id)
+  finished_B = (tok_B == eos_id) | (state.remaining_B <= 1) | (state.positions_B + 1 >= cfg.max_seq_len)
+  cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg)
+  still_B = active_B & ~finished_B
+  b = tok_B.shape[0]
+  seen_BV = state.seen_BV.at[jnp.arange(b), tok_B].max(active_B)
+  state = state.replace(
+      cache=cache, logits_BV=logits_BV, active_B=still_B, keys_B=keys_B2[:, 1], seen_BV=seen_BV,
+      positions_B=jnp.where(still_B, state.positions_B + 1, state.positions_B),
+      remaining_B=state.remaining_B - active_B.astype(jnp.int32))
+  return state, dict(token=tok_B, logprob=lp_B, emitted=emitted_B, eos=active_B & (tok_B == eos_id),
+                     top_logprobs=top_lp_BT, top_ids=top_ids_BT)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B,
+          penalty_B, *, cfg: ModelConfig) -> DecodeState:
+  """Jitted prefill of a right-padded batch of prompts into a fresh DecodeState."""
+  return _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B,
+                penalty_B, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit"),
+                   donate_argnums=1)
+def decode_chunk(params, state: DecodeState, alive_B, *, cfg: ModelConfig, steps: int,
+                 eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None):
+  """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps]."""
+  params = _float_params(params, cfg)
+  state = state.replace(active_B=state.active_B & alive_B)
+  b = alive_B.shape[0]
+  outs = dict(token=jnp.zeros((b, steps), jnp.int32), logprob=jnp.zeros((b, steps), jnp.float32),
+              emitted=jnp.zeros((b, steps), bool), eos=jnp.zeros((b, steps), bool),
+              top_logprobs=jnp.zeros((b, steps, top_n), jnp.float32),
+              top_ids=jnp.zeros((b, steps, top_n), jnp.int32))
+
+  def body(i, carry):
+    st, acc = carry
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit)
+    acc = {k: acc[k].at[:, i].set(out[k]) for k in acc}
+    return st, acc
+
+  return jax.lax.fori_loop(0, steps, body, (state, outs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit"))
+def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, max_steps: int,
+                eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None):
+  """Decodes until every row is done or `max_steps` (lax.while_loop); outputs are [B, max_steps]."""
+  params = _float_params(params, cfg)
+  b = state.positions_B.shape[0]
+  outs = dict(token=jnp.zeros((b, max_steps), jnp.int32),
+              logprob=jnp.zeros((b, max_steps), jnp.float32),
+              emitted=jnp.zeros((b, max_steps), bool), eos=jnp.zeros((b, max_steps), bool),
+              top_logprobs=jnp.zeros((b, max_steps, top_n), jnp.float32),
+              top_ids=jnp.zeros((b, max_steps, top_n), jnp.int32))
+
+  def cond(carry):
+    i, st, _ = carry
+    return (i < max_steps) & jnp.any(st.active_B)
+
+  def body(carry):
+    i, st, acc = carry
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit)
+    return i + 1, st, {k: acc[k].at[:, i].set(out[k]) for k in acc}
+
+  _, state, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, outs))
+  return state, outs
+
+
+# ------------------------------------------------------------------ host-side helpers
+
+
+def shard_params(params, cfg: ModelConfig, mesh, rules):
+  """Places float parameters on a mesh by their logical axis names (e.g. tensor-parallel decoding).
+
+  Run the decode functions inside `mesh_context(mesh, rules)`: the model's activation constraints
+  then shard the KV cache like the key/value projections (kv heads over `tensor`).
+  """
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens))["params"]
+  shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  return jax.device_put(params, shardings)
+
+
+def mesh_context(mesh=None, rules=()):
+  """The mesh and logical-axis rules made current (a no-op context without a mesh)."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  stack = contextlib.ExitStack()
+  stack.enter_context(jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh)
+  stack.enter_context(nn.logical_axis_rules(rules))
+  return stack
+
+
+def bucket(n: int, cap: int, minimum: int = MIN_PREFILL) -> int:
+  """Next power of two >= n (at least `minimum`, at most `cap`): few shapes, few compiles."""
+  b = minimum
+  while b < n:
+    b *= 2
+  return max(n, min(b, cap))
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists to a bucketed length; errors name the prompt that does not fit."""
+  if not prompts:
+    raise ValueError("no prompts given")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  for i, n in enumerate(lengths):
+    if n == 0:
+      raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+    if n >= cfg.max_seq_len:
+      raise ValueError(f"prompt {i} has {n} tokens; the model holds {cfg.max_seq_len} positions, "
+                       "leave room for at least one new token")
+  tokens = np.full((len(prompts), bucket(int(lengths.max()), cfg.max_seq_len)), PAD_ID, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  return tokens, lengths
+
+
+def sampling_arrays(sampling: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
+  """Per-row arrays for `start` from a list of SamplingParams."""
+  return dict(
+      seeds_B=np.array([s.seed for s in sampling], np.uint32),
+      max_new_B=np.array([s.max_new_tokens for s in sampling], np.int32),
+      temperature_B=np.array([s.temperature for s in sampling], np.float32),
+      top_k_B=np.array([s.top_k for s in sampling], np.int32),
+      top_p_B=np.array([s.top_p for s in sampling], np.float32),
+      penalty_B=np.array([s.repetition_penalty for s in sampling], np.float32))
+
+
+def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
+             sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+             tokenizer=None, eos_id: int = EOS_ID, vocab_limit: int | None = None,
+             top_n: int = 0) -> list[Generation]:
+  """Decodes a batch of token prompts in one jitted loop; with a tokenizer, also text cut at stops.
+
+  Ids >= vocab_limit (default: the tokenizer's size) are never sampled (padded embedding rows).
+  """
+  if vocab_limit is None and tokenizer is not None:
+    vocab_limit = tokenizer.vocab_size
+  if isinstance(sampling, SamplingParams):
+    sampling = [sampling] * len(prompts)
+  if len(sampling) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
+  tokens_BL, lengths_B = pad_prompts(prompts, cfg)
+  state = start(params, tokens_BL, lengths_B, **sampling_arrays(sampling), cfg=cfg)
+  max_new = max(s.max_new_tokens for s in sampling)
+  steps = bucket(min(max_new, cfg.max_seq_len), cfg.max_seq_len, minimum=16)
+  _, outs = decode_loop(params, state, cfg=cfg, max_steps=steps, eos_id=eos_id,
+                        vocab_limit=vocab_limit, top_n=top_n)
+  outs = jax.device_get(outs)
+  results = []
+  for i, sp in enumerate(sampling):
+    n = int(outs["emitted"][i].sum())
+    toks = [int(t) for t in outs["token"][i, :n]]
+    lps = [float(x) for x in outs["logprob"][i, :n]]
+    reason = "stop" if outs["eos"][i].any() else "length"
+    gen = Generation(toks, lps, reason)
+    if tokenizer is not None:
+      stream = TextStream(tokenizer, sp.stop)
+      kept = 0
+      for t in toks:
+        stream.push(t)
+        if stream.finished:
+          break
+        kept += 1
+      stream.close()
+      if stream.finished:  # a stop sequence: drop the tokens from the one that completed it
+        gen = Generation(toks[:kept], lps[:kept], "stop")
+      gen.text = stream.text
+    results.append(gen)
+  return results
+
+
+def stream(params, cfg: ModelConfig, tokenizer, prompt_ids: Sequence[int], sampling: SamplingParams,
+           *, eos_id: int = EOS_ID, chunk: int = 1) -> Iterator[str]:
+  """Yields text pieces of one completion as they are decoded (for terminals); honours stops."""
+  tokens_BL, lengths_B = pad_prompts([prompt_ids], cfg)
+  state = start(params, tokens_BL, lengths_B, **sampling_arrays([sampling]), cfg=cfg)
+  text = TextStream(tokenizer, sampling.stop)
+  alive = np.ones((1,), bool)
+  while True:
+    state, outs = decode_chunk(params, state, alive, cfg=cfg, steps=chunk, eos_id=eos_id,
+                               vocab_limit=tokenizer.vocab_size)
+    outs = jax.device_get(outs)
+    for j in range(chunk):
+      if outs["emitted"][0, j]:
+        piece = text.push(int(outs["token"][0, j]))
+        if piece:
+          yield piece
+        if text.finished:
+          return
+    if not bool(jax.device_get(state.active_B)[0]):
+      break
+  rest = text.close()
+  if rest:
+    yield rest
+
+
+class TextStream:
+  """Incremental detokenization: push token ids, get the text that is safe to show so far.
+
+  Holds back an incomplete UTF-8 byte sequence, any tail that could still become a stop sequence,
+  and `hold_chars` more characters (so that an output filter can see text before a client does).
+  `check(text) -> index | None` cuts the text at the returned index (a blocked output).
+  """
+
+  def __init__(self, tokenizer, stop: Sequence[str] = (), hold_chars: int = 0,
+               check: Callable[[str], int | None] | None = None):
+    self.tokenizer = tokenizer
+    self.stop = tuple(s for s in stop if s)
+    self.hold_chars = hold_chars
+    self.check = check
+    self.ids: list[int] = []
+    self.text = ""  # decoded text (cut at a stop or a blocked match when finished)
+    self.emitted = 0  # characters of `text` already returned
+    self.finished = False
+    self.reason: str | None = None  # "stop" or "blocked" when finished here
+
+  def push(self, token_id: int) -> str:
+    """Adds one id; returns newly safe text ('' when nothing is safe yet or after finishing)."""
+    if self.finished:
+      return ""
+    self.ids.append(int(token_id))
+    self.text = self.tokenizer.decode(self.ids)
+    if self._cut():
+      return self._take(len(self.text))
+    safe = len(self.text) - _pending_replacement(self.text)
+    safe = min(safe, len(self.text) - _stop_prefix_len(self.text, self.stop)) - self.hold_chars
+    return self._take(safe)
+
+  def close(self) -> str:
+    """The end of the sequence: run the final checks and return the text still held back."""
+    if not self.finished:
+      self._cut()
+    return self._take(len(self.text))
+
+  def _cut(self) -> bool:
+    cut = None
+    start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+    for s in self.stop:
+      i = self.text.find(s, start)
+      if i >= 0 and (cut is None or i < cut):
+        cut, self.reason = i, "stop"
+    if self.check is not None:
+      j = self.check(self.text)
+      if j is not None and (cut is None or j <= cut):
+        cut, self.reason = j, "blocked"
+    if cut is None:
+      return False
+    self.text = self.text[:max(cut, self.emitted)]
+    self.finished = True
+    return True
+
+  def _take(self, upto: int) -> str:
+    if upto <= self.emitted:
+      return ""
+    piece = self.text[self.emitted:upto]
+    self.emitted = upto
+    return piece
+
+
+def _pending_replacement(text: str) -> int:
+  """Trailing U+FFFD characters: bytes of a character whose remaining bytes have not arrived."""
+  n = len(text) - len(text.rstrip("\ufffd"))
+  return min(n, 3)
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+  """Length of the longest tail of `text` that is a proper prefix of some stop sequence."""
+  best = 0
+  for s in stops:
+    for k in range(min(len(s) - 1, len(text)), best, -1):
+      if text.endswith(s[:k]):
+        best = k
+        break
+  return best
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
+  return tuple(v.encode("utf-8").decode("unicode_escape") for v in values if v)
+
+
+def main(argv=None) -> int:
+  """The CLI: load a package or a workdir, stream one completion per prompt to stdout."""
+  import argparse
+  import sys
+  import time
+
+  from llm_jax import package as package_lib
+
+  ap = argparse.ArgumentParser(prog="python -m llm_jax.generate", description=main.__doc__)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--package", help="an exported model package directory")
+  src.add_argument("--workdir", help="a training run directory (latest checkpoint unless --step)")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
+  ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+  ap.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
+  ap.add_argument("--temperature", type=float, default=0.0)
+  ap.add_argument("--top_k", "--top-k", type=int, default=0)
+  ap.add_argument("--top_p", "--top-p", type=float, default=1.0)
+  ap.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=1.0)
+  ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable; \\n ok)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--no_bos", "--no-bos", action="store_true", help="do not prepend BOS")
+  ap.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, else bf16)")
+  args = ap.parse_args(argv)
+
+  t0 = time.time()
+  if args.package:
+    loaded = package_lib.load_package(args.package, compute_dtype=args.dtype)
+  else:
+    from llm_jax import export
+    loaded = export.load_workdir(args.workdir, step=args.step, compute_dtype=args.dtype)
+  try:
+    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        repetition_penalty=args.repetition_penalty,
+                        max_new_tokens=args.max_new_tokens, stop=_parse_stop(args.stop),
+                        seed=args.seed)
+  except ValueError as e:
+    ap.error(str(e))
+  print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
+  for prompt in args.prompt:
+    ids = loaded.tokenizer.encode(prompt)
+    if not args.no_bos:
+      ids = [loaded.tokenizer.bos_id] + ids
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    t1, n = time.time(), 0
+    for piece in stream(loaded.params, loaded.model_config, loaded.tokenizer, ids, sp):
+      sys.stdout.write(piece)
+      sys.stdout.flush()
+      n += 1
+    sys.stdout.write("\n")
+    print(f"[{time.time() - t1:.2f}s]", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,375 @@
+"""Model packages: a self-contained directory a server or a script loads with nothing else.
+
+    PKG/model.json           format_version, architecture (ModelConfig), tensors (shape, dtype),
+                             parameter count, precision, provenance (step, git commit, tokenizer and
+                             data-manifest sha256), build id, weights sha256
+    PKG/weights.safetensors  parameters under flattened names ("blocks/attn/query/kernel"); an int8
+                             tensor NAME comes with its float32 scales NAME.scale
+    PKG/tokenizer.model      the SentencePiece model
+    PKG/README.md            model card
+
+The table of format versions and the llm_jax versions that read them is in docs/serving.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llm_jax import quantize as quantize_lib
+from llm_jax.model import ModelConfig
+
+FORMAT_VERSION = 1
+READS_FORMAT_VERSIONS = (1,)
+MODEL_JSON, WEIGHTS, TOKENIZER, README = ("model.json", "weights.safetensors", "tokenizer.model",
+                                          "README.md")
+
+
+class PackageError(ValueError):
+  """A package is missing, damaged, or from a format this version cannot read; names the file."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """Parameters, the model config to build `Decoder` with, the tokenizer, and model.json."""
+  params: Any
+  model_config: ModelConfig
+  tokenizer: Any
+  meta: dict
+  path: str = ""
+
+  @property
+  def build_id(self) -> str:
+    return self.meta.get("build_id", "")
+
+  @property
+  def tokenizer_sha256(self) -> str:
+    return self.meta.get("provenance", {}).get("tokenizer_sha256", "")
+
+  @property
+  def manifest_sha256(self) -> str:
+    return self.meta.get("provenance", {}).get("manifest_sha256", "")
+
+  @property
+  def add_bos(self) -> bool:
+    return bool(self.meta.get("add_bos", True))
+
+  @property
+  def name(self) -> str:
+    return self.meta.get("name") or os.path.basename(os.path.normpath(self.path)) or "model"
+
+  def describe(self) -> str:
+    c = self.model_config
+    return (f"{self.name}: {self.meta.get('parameter_count', 0):,} params, {c.num_layers} layers, "
+            f"d_model {c.d_model}, weights {self.meta.get('precision', {}).get('weights', '?')}, "
+            f"compute {c.dtype}, build {self.build_id}")
+
+
+def project_version() -> str:
+  """The installed llm_jax version (pyproject's), or 'source' when running from a checkout."""
+  from importlib import metadata
+  try:
+    return metadata.version("llm-jax")
+  except metadata.PackageNotFoundError:
+    return "source"
+
+
+def sha256_file(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def flatten(params) -> dict[str, Any]:
+  """Nested dict -> {"a/b/c": leaf}; QTensor leaves stay whole."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=quantize_lib.is_qtensor)[0]:
+    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  """{"a/b/c": leaf} -> nested dict."""
+  root: dict = {}
+  for name, leaf in flat.items():
+    node = root
+    *parents, last = name.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return root
+
+
+def _np(x) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: str, *,
+                  step: int | None = None, git_commit: str = "", manifest_sha256: str = "",
+                  tokenizer_sha256: str = "", quantize: str = "none", weights_dtype: str = "float32",
+                  name: str = "", source: str = "", add_bos: bool = True,
+                  overwrite: bool = False) -> dict:
+  """Writes a package directory atomically (built next to `out`, then renamed); returns model.json."""
+  if quantize not in ("none", "int8"):
+    raise PackageError(f"quantize={quantize!r} is not one of none, int8")
+  if weights_dtype not in ("float32", "bfloat16"):
+    raise PackageError(f"weights_dtype={weights_dtype!r} is not one of float32, bfloat16")
+  if os.path.exists(out) and os.listdir(out) and not overwrite:
+    raise PackageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+  params = jax.tree.map(_np, params)
+  if quantize == "int8":
+    params = quantize_lib.quantize_params(params)
+  wdt = np.dtype(jnp.bfloat16) if weights_dtype == "bfloat16" else np.dtype(np.float32)
+  tensors, table = {}, {}
+  for key, leaf in flatten(params).items():
+    if quantize_lib.is_qtensor(leaf):
+      tensors[key], tensors[key + quantize_lib.SCALE_SUFFIX] = leaf.q, leaf.scale
+    else:
+      tensors[key] = leaf.astype(wdt) if np.issubdtype(leaf.dtype, np.floating) else leaf
+  for key, arr in tensors.items():
+    table[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
+  tok_sha = sha256_file(tokenizer_path)
+  if tokenizer_sha256 and tokenizer_sha256 != tok_sha:
+    raise PackageError(f"tokenizer {tokenizer_path} has sha256 {tok_sha}, but the run recorded "
+                       f"{tokenizer_sha256}; the workdir's tokenizer was replaced")
+  parent = os.path.dirname(os.path.abspath(out)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
+  try:
+    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "llm_jax",
+                                                             "format_version": str(FORMAT_VERSION)})
+    weights_sha = sha256_file(os.path.join(tmp, WEIGHTS))
+    shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "name": name or os.path.basename(os.path.normpath(out)),
+        "build_id": f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:12]}",
+        "created": now.isoformat(timespec="seconds"),
+        "llm_jax_version": project_version(),
+        "architecture": dataclasses.asdict(model_config),
+        "parameter_count": int(sum(int(np.prod(_np_shape(x))) for x in
+                                   jax.tree.leaves(params, is_leaf=quantize_lib.is_qtensor))),
+        "precision": {"weights": "int8" if quantize == "int8" else weights_dtype,
+                      "float_tensors": weights_dtype,
+                      "quantization": ({"method": "int8 weight-only, symmetric, per output channel",
+                                        "scale_suffix": quantize_lib.SCALE_SUFFIX}
+                                       if quantize == "int8" else None),
+                      "trained_compute_dtype": model_config.dtype},
+        "add_bos": bool(add_bos),
+        "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3},
+        "provenance": {"training_step": step, "git_commit": git_commit or "unknown",
+                       "tokenizer_sha256": tok_sha, "manifest_sha256": manifest_sha256 or "unknown",
+                       "source": source},
+        "weights_sha256": weights_sha,
+        "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
+        "tensors": table,
+    }
+    _write_text(os.path.join(tmp, MODEL_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    _write_text(os.path.join(tmp, README), model_card(meta))
+    if os.path.exists(out):
+      old = out.rstrip("/") + f".old-{os.getpid()}"
+      os.replace(out, old)
+      os.replace(tmp, out)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("wrote package %s (%s, %d bytes of weights)", out, meta["build_id"],
+               meta["weights_bytes"])
+  return meta
+
+
+def _np_shape(x):
+  return x.q.shape if quantize_lib.is_qtensor(x) else np.shape(x)
+
+
+def _write_text(path: str, text: str) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def model_card(meta: dict) -> str:
+  """README.md of a package: what the model is, its shapes and precision, where it came from."""
+  a, p, prov = meta["architecture"], meta["precision"], meta["provenance"]
+  lines = [
+      f"# {meta['name']}", "",
+      f"A decoder-only language model exported by llm_jax {meta['llm_jax_version']} "
+      f"(package format {meta['format_version']}, build `{meta['build_id']}`).", "",
+      "## Architecture", "",
+      "| field | value |", "| --- | --- |",
+      *[f"| {k} | {v} |" for k, v in a.items()],
+      f"| parameters | {meta['parameter_count']:,} |", "",
+      "## Precision", "",
+      f"- weights: {p['weights']}" + (f" ({p['quantization']['method']})" if p["quantization"] else ""),
+      f"- other float tensors: {p['float_tensors']}",
+      f"- compute dtype during training: {p['trained_compute_dtype']}; serving picks float32 on CPU "
+      "and bfloat16 on accelerators unless told otherwise", "",
+      "## Provenance", "",
+      f"- training step: {prov['training_step']}",
+      f"- git commit: {prov['git_commit']}",
+      f"- tokenizer sha256: {prov['tokenizer_sha256']}",
+      f"- data manifest sha256: {prov['manifest_sha256']}",
+      f"- weights sha256: {meta['weights_sha256']}", "",
+      "## Tensors", "",
+      "| name | shape | dtype |", "| --- | --- | --- |",
+      *[f"| {k} | {tuple(v['shape'])} | {v['dtype']} |" for k, v in sorted(meta["tensors"].items())],
+      "",
+      "## Use", "",
+      "```",
+      "python -m llm_jax.generate --package=. --prompt 'def '",
+      "python -m llm_jax.serve --package=.   # then POST /v1/completions on 127.0.0.1:8000",
+      "```", "",
+      "## Limitations", "",
+      "A small model trained from scratch: it continues text in the style of its training data and "
+      "is not instruction-tuned, factual, or safe to show users without the server's filters and "
+      "review.", "",
+  ]
+  return "\n".join(lines)
+
+
+def read_model_json(path: str) -> dict:
+  """model.json of a package, checked for a format version this llm_jax reads."""
+  mj = os.path.join(path, MODEL_JSON)
+  if not os.path.isdir(path):
+    raise PackageError(f"package {path!r} is not a directory")
+  try:
+    with open(mj, encoding="utf-8") as f:
+      meta = json.load(f)
+  except FileNotFoundError as e:
+    raise PackageError(f"{mj} is missing: {path!r} is not an llm_jax package "
+                       "(make one with python -m llm_jax.export)") from e
+  except json.JSONDecodeError as e:
+    raise PackageError(f"{mj} is not valid JSON (line {e.lineno}): {e.msg}") from e
+  version = meta.get("format_version") if isinstance(meta, dict) else None
+  if not isinstance(version, int) or isinstance(version, bool):
+    raise PackageError(f"{mj}: format_version is missing or not an integer ({version!r})")
+  if version not in READS_FORMAT_VERSIONS:
+    newest = max(READS_FORMAT_VERSIONS)
+    hint = ("it was written by a newer llm_jax; upgrade llm_jax (see the format table in "
+            "docs/serving.md)" if version > newest else "this version is unknown")
+    raise PackageError(f"{mj}: package format_version {version} cannot be read by this llm_jax, "
+                       f"which reads versions {list(READS_FORMAT_VERSIONS)}; {hint}")
+  for key in ("architecture", "tensors", "provenance", "build_id"):
+    if key not in meta:
+      raise PackageError(f"{mj}: required key {key!r} is missing")
+  return meta
+
+
+def model_config_from(meta_arch: dict, where: str = MODEL_JSON) -> ModelConfig:
+  """ModelConfig from model.json's architecture; unknown fields fail naming them."""
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(meta_arch) - known)
+  if unknown:
+    raise PackageError(f"{where}: architecture fields {unknown} are unknown to this llm_jax; the "
+                       "package needs a newer version")
+  try:
+    return ModelConfig(**meta_arch)
+  except TypeError as e:
+    raise PackageError(f"{where}: architecture is incomplete: {e}") from e
+
+
+def inference_config(cfg: ModelConfig, compute_dtype: str | None = None,
+                     platform: str | None = None) -> ModelConfig:
+  """The package's ModelConfig adjusted for inference on this platform (dtype, attention, no remat)."""
+  platform = platform or jax.default_backend()
+  dtype = compute_dtype or ("float32" if platform == "cpu" else "bfloat16")
+  if dtype not in ("float32", "bfloat16"):
+    raise PackageError(f"compute dtype {dtype!r} is not one of float32, bfloat16")
+  attention = "cudnn" if (platform == "gpu" and dtype == "bfloat16") else "xla"
+  return dataclasses.replace(cfg, dtype=dtype, attention=attention, remat="none", dropout=0.0)
+
+
+def load_tokenizer(path: str):
+  """The project's Tokenizer for a .model file."""
+  from llm_jax.data.tokenizer import Tokenizer
+  return Tokenizer.load(path)
+
+
+def load_package(path: str, *, compute_dtype: str | None = None, int8_in_memory: bool = False,
+                 verify: bool = True) -> LoadedModel:
+  """Loads a package: params on the default device (float leaves in the compute dtype; int8 ones
+  dequantized unless `int8_in_memory`), the inference ModelConfig, the tokenizer and model.json."""
+  meta = read_model_json(path)
+  cfg = inference_config(model_config_from(meta["architecture"], os.path.join(path, MODEL_JSON)),
+                         compute_dtype)
+  wpath = os.path.join(path, WEIGHTS)
+  if not os.path.exists(wpath):
+    raise PackageError(f"{wpath} is missing")
+  if verify and meta.get("weights_sha256") and sha256_file(wpath) != meta["weights_sha256"]:
+    raise PackageError(f"{wpath} does not match weights_sha256 in model.json: the file is damaged "
+                       "or was replaced")
+  flat = {}
+  with safe_open(wpath, framework="np") as f:
+    have = set(f.keys())
+    want = set(meta["tensors"])
+    if have != want:
+      raise PackageError(f"{wpath}: tensors differ from model.json; missing {sorted(want - have)[:5]}, "
+                         f"unexpected {sorted(have - want)[:5]}")
+    for key in sorted(have):
+      arr = f.get_tensor(key)
+      spec = meta["tensors"][key]
+      if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
+        raise PackageError(f"{wpath}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, model.json says "
+                           f"{spec['dtype']}{spec['shape']}")
+      flat[key] = arr
+  dt = jnp.dtype(cfg.dtype)
+  leaves = {}
+  for key, arr in flat.items():
+    if key.endswith(quantize_lib.SCALE_SUFFIX):
+      continue
+    scale_key = key + quantize_lib.SCALE_SUFFIX
+    if scale_key in flat:
+      leaves[key] = quantize_lib.QTensor(q=jnp.asarray(arr), scale=jnp.asarray(flat[scale_key]))
+    elif np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
+      leaves[key] = jnp.asarray(arr).astype(dt)
+    else:
+      leaves[key] = jnp.asarray(arr)
+  params = unflatten(leaves)
+  if not int8_in_memory:
+    params = quantize_lib.dequantize(params, dt)
+  _check_shapes(params, cfg, path)
+  tok_path = os.path.join(path, TOKENIZER)
+  if not os.path.exists(tok_path):
+    raise PackageError(f"{tok_path} is missing")
+  tokenizer = load_tokenizer(tok_path)
+  want_sha = meta["provenance"].get("tokenizer_sha256")
+  if verify and want_sha and tokenizer.sha256 != want_sha:
+    raise PackageError(f"{tok_path} has sha256 {tokenizer.sha256}, model.json says {want_sha}")
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise PackageError(f"{tok_path} has {tokenizer.vocab_size} pieces but the model only "
+                       f"{cfg.vocab_size} embedding rows")
+  return LoadedModel(params=params, model_config=cfg, tokenizer=tokenizer, meta=meta, path=path)
+
+
+def _check_shapes(params, cfg: ModelConfig, path: str) -> None:
+  """The weights fit the architecture (same tree and shapes as Decoder.init would make)."""
+  from llm_jax.model import Decoder
+  import flax.linen as nn
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  want = flatten(nn.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)))["params"])
+  have = {k: _np_shape(v) for k, v in flatten(params).items()}
+  problems = [f"{k}: missing" for k in want if k not in have]
+  problems += [f"{k}: unexpected" for k in have if k not in want]
+  problems += [f"{k}: shape {tuple(have[k])} but the architecture needs {tuple(want[k].shape)}"
+               for k in want if k in have and tuple(have[k]) != tuple(want[k].shape)]
+  if problems:
+    raise PackageError(f"{os.path.join(path, WEIGHTS)} does not fit model.json's architecture: "
+                       + "; ".join(problems[:8]))

@@ -1,0 +1,208 @@
+"""KV-cache decoding: equality with full recomputation, sampling controls, stops, streaming, CLI."""
+import dataclasses
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import generate as G
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.model import Decoder, ModelConfig
+
+CFG = ModelConfig(vocab_size=384, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, max_seq_len=48, init_std=0.3)
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40], [1, 12, 13, 14]]
+
+
+def _params(cfg, seed=0):
+  from llm_jax.export import init_params
+  return init_params(cfg, seed)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+  rng = random.Random(0)
+  words = "the cat sat on a mat and def return import class self print data model".split()
+  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
+  return train_tokenizer(texts, str(tmp_path_factory.mktemp("tok") / "tok.model"), vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _params(CFG)
+
+
+def _greedy_recompute(params, cfg, prompt, n, vocab_limit):
+  """Greedy decoding without a cache: the whole sequence through the model for every token."""
+  model = Decoder(cfg)
+  fwd = jax.jit(lambda p, t: model.apply({"params": p}, t))
+  seq, out, lps = list(prompt), [], []
+  for _ in range(n):
+    padded = np.zeros((1, cfg.max_seq_len), np.int32)  # causal: padding after the end is unseen
+    padded[0, :len(seq)] = seq
+    logits = np.asarray(fwd(params, jnp.asarray(padded)))[0, len(seq) - 1, :vocab_limit]
+    t = int(np.argmax(logits))
+    logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
+    out.append(t)
+    lps.append(float(logp[t]))
+    seq.append(t)
+  return out, lps
+
+
+@pytest.mark.parametrize("variant", ["gpt_scan", "llama_loop"])
+def test_cached_greedy_equals_full_recompute(variant, params):
+  cfg = CFG
+  p = params
+  if variant == "llama_loop":
+    cfg = dataclasses.replace(CFG, positions="rope", norm="rmsnorm", activation="swiglu",
+                              use_bias=False, tie_embeddings=False, scan_layers=False)
+    p = _params(cfg, seed=1)
+  n = 12
+  gens = G.generate(p, cfg, PROMPTS, G.SamplingParams(max_new_tokens=n), eos_id=-1,
+                    vocab_limit=300)
+  for prompt, gen in zip(PROMPTS, gens):
+    want, want_lp = _greedy_recompute(p, cfg, prompt, n, 300)
+    assert gen.tokens == want
+    np.testing.assert_allclose(gen.logprobs, want_lp, atol=1e-4)
+    assert gen.finish_reason == "length"
+
+
+def test_seeded_sampling_reproducible(params):
+  sp = G.SamplingParams(temperature=1.0, max_new_tokens=16, seed=7)
+  a = G.generate(params, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)
+  b = G.generate(params, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)
+  assert [g.tokens for g in a] == [g.tokens for g in b]
+  # A row's draws depend on its own seed, not on the other rows of the batch.
+  other = G.generate(params, CFG, [PROMPTS[0], [1, 99, 98], [1, 3]], sp, eos_id=-1, vocab_limit=300)
+  assert other[0].tokens == a[0].tokens
+  c = G.generate(params, CFG, PROMPTS, dataclasses.replace(sp, seed=8), eos_id=-1, vocab_limit=300)
+  assert [g.tokens for g in c] != [g.tokens for g in a]
+  greedy = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=16), eos_id=-1,
+                      vocab_limit=300)
+  assert [g.tokens for g in a] != [g.tokens for g in greedy]
+
+
+def test_top_k_top_p_mask():
+  logits = jnp.log(jnp.array([[0.05, 0.1, 0.25, 0.6]] * 5))
+  top_k = jnp.array([0, 2, 0, 0, 3])
+  top_p = jnp.array([1.0, 1.0, 0.5, 0.7, 0.85])
+  mask = np.asarray(G.top_k_top_p_mask(logits, top_k, top_p))
+  np.testing.assert_array_equal(mask, [[1, 1, 1, 1],   # off
+                                       [0, 0, 1, 1],   # top-2
+                                       [0, 0, 0, 1],   # 0.6 already covers 0.5
+                                       [0, 0, 1, 1],   # 0.6 < 0.7 <= 0.85
+                                       [0, 0, 1, 1]])  # top-3 renormalized: 0.63 < 0.85 <= 0.89
+
+
+def test_top_k_one_is_greedy_and_vocab_limit_respected(params):
+  greedy = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=10), eos_id=-1,
+                      vocab_limit=300)
+  for seed in (0, 1):
+    k1 = G.generate(params, CFG, PROMPTS, G.SamplingParams(temperature=2.0, top_k=1, seed=seed,
+                                                           max_new_tokens=10),
+                    eos_id=-1, vocab_limit=300)
+    assert [g.tokens for g in k1] == [g.tokens for g in greedy]
+  hot = G.generate(params, CFG, PROMPTS, G.SamplingParams(temperature=5.0, max_new_tokens=30),
+                   eos_id=-1, vocab_limit=100)
+  assert max(max(g.tokens) for g in hot) < 100
+
+
+def test_repetition_penalty_and_limits(params):
+  plain = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=20), eos_id=-1,
+                     vocab_limit=300)
+  assert any(len(set(g.tokens)) < len(g.tokens) for g in plain)  # random models repeat themselves
+  pen = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=20,
+                                                          repetition_penalty=1e6),
+                   eos_id=-1, vocab_limit=300)
+  for prompt, g in zip(PROMPTS, pen):
+    assert len(set(g.tokens)) == len(g.tokens) and not set(g.tokens) & set(prompt)
+  # Lengths: max_new_tokens per row, and never past max_seq_len.
+  gens = G.generate(params, CFG, [[1] * 40, [1, 2]],
+                    [G.SamplingParams(max_new_tokens=30), G.SamplingParams(max_new_tokens=3)],
+                    eos_id=-1, vocab_limit=300)
+  assert len(gens[0].tokens) == CFG.max_seq_len - 40 and gens[0].finish_reason == "length"
+  assert len(gens[1].tokens) == 3
+  with pytest.raises(ValueError, match="prompt 0 has 48 tokens"):
+    G.pad_prompts([[1] * 48], CFG)
+  with pytest.raises(ValueError, match="top_p"):
+    G.SamplingParams(top_p=0.0)
+
+
+def test_eos_stops_without_emitting(params):
+  first = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=5), eos_id=-1,
+                     vocab_limit=300)
+  toks = first[0].tokens
+  i = next(i for i in range(1, 5) if toks[i] not in toks[:i])
+  gens = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=5), eos_id=toks[i],
+                    vocab_limit=300)
+  assert gens[0].tokens == toks[:i] and gens[0].finish_reason == "stop"
+
+
+class _CharTok:
+  """Each id is one character (id 300 is half of a two-byte character: decodes to U+FFFD)."""
+
+  def decode(self, ids):
+    out = "".join("\ufffd" if i == 300 else chr(i) for i in ids)
+    return out.replace("\ufffd" + chr(301), "é")
+
+
+def test_text_stream_stops_and_holdback():
+  s = G.TextStream(_CharTok(), stop=["END"])
+  pieces = [s.push(ord(c)) for c in "abcEN"]
+  assert "".join(pieces) == "abc"  # "EN" could still become "END"
+  assert s.push(ord("X")) == "ENX"
+  assert s.push(ord("E")) == "" and s.push(ord("N")) == "" and s.push(ord("D")) == ""
+  assert s.finished and s.reason == "stop" and s.text == "abcENX"
+  assert s.push(ord("z")) == ""
+  # A character whose bytes span two ids is not shown half-way.
+  u = G.TextStream(_CharTok())
+  assert u.push(ord("a")) == "a" and u.push(300) == "" and u.push(301) == "é"
+  # An output check cuts at its match and flags the reason.
+  c = G.TextStream(_CharTok(), hold_chars=4, check=lambda t: t.find("bad") if "bad" in t else None)
+  out = "".join(c.push(ord(ch)) for ch in "ok then bad stuff")
+  assert c.finished and c.reason == "blocked" and (out + c.close()) == "ok then "
+
+
+def test_stop_sequences_trimmed_in_generate_and_stream(params, tok):
+  prompt = [tok.bos_id] + tok.encode("the cat")
+  sp = G.SamplingParams(max_new_tokens=24)
+  full = G.generate(params, CFG, [prompt], sp, tokenizer=tok)[0]
+  text = full.text
+  assert len(text) >= 6
+  stop = text[3:6]
+  cut = G.generate(params, CFG, [prompt], dataclasses.replace(sp, stop=(stop, "\x00never")),
+                   tokenizer=tok)[0]
+  assert cut.text == text[:text.find(stop)] and cut.finish_reason == "stop"
+  assert len(cut.tokens) < len(full.tokens)
+  streamed = "".join(G.stream(params, CFG, tok, prompt, dataclasses.replace(sp, stop=(stop,))))
+  assert streamed == cut.text
+  assert "".join(G.stream(params, CFG, tok, prompt, sp)) == text
+
+
+def test_sharded_decoding_matches(params, devices):
+  from jax.sharding import Mesh
+  mesh = Mesh(np.asarray(devices[:2]).reshape(1, 1, 2), ("data", "fsdp", "tensor"))
+  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("kv_heads", "tensor"),
+           ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("mlp", "tensor"),
+           ("act_mlp", "tensor"))
+  sp = G.SamplingParams(max_new_tokens=8)
+  want = G.generate(params, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)
+  with G.mesh_context(mesh, rules):
+    sharded = G.shard_params(params, CFG, mesh, rules)
+    assert "tensor" in str(sharded["blocks"]["attn"]["key"]["kernel"].sharding.spec)
+    got = G.generate(sharded, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)
+  assert [g.tokens for g in got] == [g.tokens for g in want]
+
+
+def test_cli_streams_from_package(tmp_path, params, tok, capsys):
+  from llm_jax import package
+  package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
+  rc = G.main(["--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8"])
+  assert rc == 0
+  out = capsys.readouterr()
+  want = G.generate(params, CFG, [[1] + tok.encode("the cat")], G.SamplingParams(max_new_tokens=8),
+                    tokenizer=tok)[0].text
+  assert out.out == "the cat" + want + "\n"
+  assert "loaded" in out.err
