@@ -37,7 +37,9 @@ def near_duplicates(signatures: Sequence[np.ndarray], threshold: float, num_perm
   """{index: earlier index it nearly copies}; earlier items win (put validation documents first)."""
   if threshold <= 0 or not signatures:
     return {}
-  lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+  # Recall-heavy banding: candidates are confirmed by their estimated Jaccard below, so false positives
+  # cost only a comparison while false negatives would leave duplicates in.
+  lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
   found = {}
   for i, hv in enumerate(signatures):
     m = MinHash(num_perm=num_perm, seed=_SEED, scheme=_SCHEME, hashvalues=hv)

@@ -142,8 +142,8 @@ class TrainLoader:
     # Element k of `rows` is window ids [k*b, (k+1)*b); global batch s holds rows s*n .. s*n + n - 1,
     # so this process's batch s is element s*n + p.
     rows = windows.batch(self.local_batch_size, batch_fn=lambda ids: np.asarray(ids, np.int64))
-    local = rows[self.process_index::self.process_count]
-    return local.map(lambda ids: self.windows.gather(ids, self.segment_windows))
+    self.window_ids = rows[self.process_index::self.process_count]  # [b] window ids of each step
+    return self.window_ids.map(lambda ids: self.windows.gather(ids, self.segment_windows))
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch at `step`."""
@@ -193,7 +193,6 @@ def eval_batches(prepared_dir: str, split: str, seq_len: int, batch_size: int, m
   if max_batches is not None:
     n_batches = min(n_batches, int(max_batches))
   b = batch_size // process_count
-  ar = np.arange(L + 1, dtype=np.int64)
   for i in range(n_batches):
     lo = i * batch_size + process_index * b
     win = np.full((b, L + 1), PAD_ID, np.int32)
@@ -209,4 +208,3 @@ def eval_batches(prepared_dir: str, split: str, seq_len: int, batch_size: int, m
       dom[r] = np.where(valid[r, 1:], sh.domains[doc], 0)
     yield {"inputs": win[:, :L], "targets": win[:, 1:], "domain_ids": dom,
            "weights": valid[:, 1:].astype(np.float32)}
-  del ar

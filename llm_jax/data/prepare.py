@@ -29,6 +29,8 @@ from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 VERSION = 1  # bump when the pipeline's output changes for the same inputs and config
 # config.data fields that do not change the prepared data (loader-side knobs, resources).
 _NOT_IN_KEY = ("cache_dir", "num_workers", "segment_windows", "mixture", "seed")
+_DROP_REASONS = ("bad_record", "too_short", "nontext", "excluded", "exact_duplicate", "near_duplicate",
+                 "near_duplicate_of_val")
 _PARALLEL_MIN_CHARS = 2_000_000  # below this, worker processes cost more than they save
 
 
@@ -219,8 +221,9 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
     r.split = "val"
     recs.append(r)
 
-  dropped = collections.Counter({"bad_record": len(bad.messages)})
-  pii = collections.Counter()
+  dropped = collections.Counter({k: 0 for k in _DROP_REASONS})
+  dropped["bad_record"] = len(bad.messages)
+  pii = collections.Counter({f"pii_{k}": 0 for k in cleaning.PLACEHOLDERS})
   for r in recs:
     pii.update(r.pii)
     if r.reason:
@@ -387,8 +390,8 @@ def main(argv):
   del argv
   from absl import flags
   config = flags.FLAGS.config
-  cached = os.path.exists(os.path.join(cache_root(config), cache_key(config), manifest_lib.MANIFEST))
   try:
+    cached = os.path.exists(os.path.join(cache_root(config), cache_key(config), manifest_lib.MANIFEST))
     p = prepare(config)
   except DataError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,254 @@
+"""prepare(): cleaning, filters, PII, dedup, splits, exclusions, manifest, cache, bad inputs, CLI."""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import base
+from llm_jax.config import set_key
+from llm_jax.data import cleaning, dedup, manifest as manifest_lib
+from llm_jax.data.errors import DataError
+from llm_jax.data.prepare import Prepared, prepare
+from llm_jax.data.shards import open_split
+from llm_jax.data.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _words(rng, n):
+  vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+           for _ in range(400)]
+  return [rng.choice(vocab) for _ in range(n)]
+
+
+def _doc(rng, n=120):
+  w = _words(rng, n)
+  return " ".join(w[:n // 2]) + ".\n\n" + "    " + " ".join(w[n // 2:]) + "\n"
+
+
+def make_corpus(root, seed=0, n=40):
+  """Unique docs in books/*.txt and forum/posts.jsonl, plus planted duplicates, junk and PII."""
+  rng = random.Random(seed)
+  books, forum = root / "books", root / "forum"
+  books.mkdir(parents=True, exist_ok=True)
+  forum.mkdir(parents=True, exist_ok=True)
+  texts = [_doc(rng) for _ in range(n)]
+  for i, t in enumerate(texts[: n // 2]):
+    (books / f"b{i:03d}.txt").write_text(t, encoding="utf-8")
+  recs = [{"text": t, "id": f"post-{i}", "license": "CC-BY-4.0"} for i, t in enumerate(texts[n // 2:])]
+  (books / "exact_copy.txt").write_text("  " + texts[0].upper().replace(" ", "   ") + "\n\n", encoding="utf-8")
+  near = texts[1].split(" ")
+  near[5] = "CHANGED"
+  (books / "near_copy.txt").write_text(" ".join(near), encoding="utf-8")
+  (books / "short.txt").write_text("tiny\n", encoding="utf-8")
+  (books / "symbols.txt").write_text("★☆♠♣♥♦" * 30 + " word", encoding="utf-8")
+  (books / "pii.txt").write_text(_doc(rng) + "Mail bob.smith@example.com, host 10.0.0.1, call 555-123-4567.\n",
+                                 encoding="utf-8")
+  recs.append({"text": "café naïve 日本語 😀\r\n\ttabbed\x00 line  \n" + _doc(rng), "id": "unicode",
+               "domain": "intl"})
+  with open(forum / "posts.jsonl", "w", encoding="utf-8") as f:
+    for r in recs:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  return texts
+
+
+def data_config(corpus, cache, **overrides):
+  c = base.get_config()
+  d = c.data
+  d.corpus = str(corpus)
+  d.cache_dir = str(cache)
+  d.val_fraction = 0.2
+  d.min_doc_chars = 20
+  d.shard_tokens = 3000
+  d.num_workers = 1
+  d.tokenizer.vocab_size = 400
+  for k, v in overrides.items():
+    set_key(c, "data." + k, v)
+  return c
+
+
+def split_texts(p: Prepared, split: str) -> list[str]:
+  """Decoded documents of every shard of a split."""
+  tok = Tokenizer.load(p.tokenizer_path)
+  out = []
+  for sh in open_split(p.dir, split, p.manifest):
+    assert sh.tokens[0] == tok.eos_id
+    for a, b, nbytes in zip(sh.offsets[:-1], sh.offsets[1:], sh.bytes):
+      ids = np.asarray(sh.tokens[a:b])
+      assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
+      text = tok.decode(ids[:-1])
+      assert len(text.encode("utf-8")) == nbytes == tok.token_bytes()[ids].sum()
+      out.append(text)
+  return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = tmp_path_factory.mktemp("corpus")
+  texts = make_corpus(root)
+  return root, texts
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+  root, _ = corpus
+  cache = tmp_path_factory.mktemp("cache")
+  return prepare(data_config(f"{root}/books/*.txt,{root}/forum/*.jsonl", cache))
+
+
+def test_counts_pii_and_manifest(prepared):
+  m = prepared.manifest
+  dropped = m["filters"]["dropped"]
+  assert dropped["exact_duplicate"] == 1 and dropped["near_duplicate"] + dropped.get("near_duplicate_of_val", 0) == 1
+  assert dropped["too_short"] == 1 and dropped["nontext"] == 1
+  assert m["filters"]["pii"] == {"pii_email": 1, "pii_ip": 1, "pii_phone": 1}
+  assert prepared.domains == ["books", "forum", "intl"]
+  assert manifest_lib.verify(prepared.dir) == []
+  assert {s["license"] for s in m["sources"]} == {"unknown", "CC-BY-4.0,unknown"}
+  assert m["tokenizer"]["sha256"] == prepared.tokenizer_sha256 == Tokenizer.load(prepared.tokenizer_path).sha256
+  assert len(m["shards"]) > 2 and all(s["dtype"] == "uint16" for s in m["shards"])
+  assert m["config"]["corpus"].endswith("forum/*.jsonl")
+  assert os.path.exists(os.path.join(prepared.dir, "DATA_CARD.md"))
+  everything = "\n".join(split_texts(prepared, "train") + split_texts(prepared, "val"))
+  assert "bob.smith@example.com" not in everything and "<EMAIL>" in everything
+  assert "<IP>" in everything and "<PHONE>" in everything
+  assert "café naïve 日本語 😀\n\ttabbed line\n" in everything  # NFC, \r\n, control char, trailing space
+  kept = m["summary"]["documents_kept"]
+  assert sum(s["documents"] for s in m["shards"]) == kept == 40 + 1 + 1  # uniques + pii + intl
+
+
+def test_manifest_verify_catches_tampering(prepared, tmp_path):
+  import shutil
+  copy = tmp_path / "p"
+  shutil.copytree(prepared.dir, copy)
+  shard = copy / prepared.manifest["shards"][0]["path"]
+  arr = np.load(shard)
+  arr[5] ^= 1
+  np.save(shard, arr)
+  problems = manifest_lib.verify(str(copy))
+  assert len(problems) == 1 and "sha256" in problems[0]
+
+
+def test_train_val_disjoint_and_no_near_copies(prepared):
+  m = prepared.manifest
+  assert m["summary"]["documents_by_split"]["val"] > 0
+  lists = {}
+  for d in m["document_lists"]:
+    with open(os.path.join(prepared.dir, d["path"])) as f:
+      lists[d["split"]] = [json.loads(line) for line in f]
+  assert not {r["sha256"] for r in lists["train"]} & {r["sha256"] for r in lists["val"]}
+  train, val = split_texts(prepared, "train"), split_texts(prepared, "val")
+  assert not set(train) & set(val)
+  sig_t = [dedup.minhash(t, 64) for t in train]
+  for v in val:
+    sv = dedup.minhash(v, 64)
+    assert max(np.mean(sv == s) for s in sig_t) < 0.8
+
+
+def test_val_corpus_near_copy_never_stays_in_train(corpus, tmp_path):
+  root, texts = corpus
+  val = tmp_path / "val" / "held.txt"
+  val.parent.mkdir()
+  val.write_text(texts[3].replace(texts[3].split()[2], "EDITED", 1), encoding="utf-8")
+  p = prepare(data_config(f"{root}/books/*.txt,{root}/forum/*.jsonl", tmp_path / "cache",
+                          val_corpus=str(val)))
+  assert p.manifest["filters"]["dropped"]["near_duplicate_of_val"] == 1
+  assert p.manifest["summary"]["documents_by_split"]["val"] == 1
+  assert texts[3].strip() not in [t.strip() for t in split_texts(p, "train")]
+
+
+def test_exclusions_removed_from_every_shard(corpus, prepared, tmp_path):
+  root, texts = corpus
+  with open(os.path.join(prepared.dir, "train-documents.jsonl")) as f:
+    rec = [json.loads(line) for line in f if "post-" in line][0]
+  ex = tmp_path / "exclude.txt"
+  ex.write_text(f"# removal requests\n{root}/books/b004.txt\n{rec['sha256']}\nnot-a-doc\n")
+  p = prepare(data_config(f"{root}/books/*.txt,{root}/forum/*.jsonl", tmp_path / "cache", exclude=str(ex)))
+  e = p.manifest["exclusions"]
+  assert e["removed"] == 2 and e["unmatched"] == ["not-a-doc"] and e["entries"] == 3
+  everything = split_texts(p, "train") + split_texts(p, "val")
+  gone = [texts[4].strip(), next(t for t in texts if cleaning.content_key(t) == rec["sha256"]).strip()]
+  for g in gone:
+    assert g not in [t.strip() for t in everything]
+  assert len(everything) == prepared.manifest["summary"]["documents_kept"] - 2
+
+
+def test_cache_hit_and_changed_input_rebuilds(tmp_path):
+  make_corpus(tmp_path / "c", seed=1, n=30)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  p1 = prepare(cfg)
+  t0 = time.time()
+  p2 = prepare(cfg)
+  assert time.time() - t0 < 1.0 and p2.dir == p1.dir and p2.manifest["created"] == p1.manifest["created"]
+  assert not [n for n in os.listdir(tmp_path / "cache") if n.startswith(".tmp")]
+  with open(tmp_path / "c" / "books" / "b002.txt", "a") as f:
+    f.write("\nzebra quokka added words here\n")
+  p3 = prepare(cfg)
+  assert p3.dir != p1.dir
+  assert any("zebra quokka" in t for t in split_texts(p3, "train") + split_texts(p3, "val"))
+
+
+def test_long_documents_split_at_paragraphs(tmp_path):
+  rng = random.Random(5)
+  (tmp_path / "d").mkdir()
+  paras = [" ".join(_words(rng, 40)) for _ in range(60)]
+  (tmp_path / "d" / "long.txt").write_text("\n\n".join(paras), encoding="utf-8")
+  for i in range(10):
+    (tmp_path / "d" / f"s{i}.txt").write_text(_doc(rng), encoding="utf-8")
+  p = prepare(data_config(f"{tmp_path}/d/*.txt", tmp_path / "cache", max_doc_chars=2000, val_fraction=0.3))
+  texts = split_texts(p, "train") + split_texts(p, "val")
+  pieces = [t for t in texts if t.split("\n\n")[0] in paras]
+  assert len(pieces) > 5 and all(len(t) <= 2000 for t in pieces)
+  assert all(par in paras for t in pieces for par in t.split("\n\n"))
+
+
+def _err(tmp_path, **kw):
+  with pytest.raises(DataError) as e:
+    prepare(data_config(cache=tmp_path / "cache", **kw))
+  return str(e.value)
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+  assert "nothing/*.txt" in _err(tmp_path, corpus=f"{tmp_path}/nothing/*.txt")
+  make_corpus(tmp_path / "c", n=20)
+  empty = tmp_path / "c" / "books" / "empty.txt"
+  empty.write_text("")
+  assert "empty.txt" in _err(tmp_path, corpus=f"{tmp_path}/c/books/*.txt") and "empty" in _err(
+      tmp_path, corpus=f"{tmp_path}/c/books/*.txt")
+  empty.unlink()
+  bad = tmp_path / "c" / "books" / "latin1.txt"
+  bad.write_bytes(b"line one\nline two caf\xe9\n")
+  assert "latin1.txt:2" in _err(tmp_path, corpus=f"{tmp_path}/c/books/*.txt")
+  bad.unlink()
+  jl = tmp_path / "c" / "forum" / "posts.jsonl"
+  lines = jl.read_text().splitlines()
+  jl.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:] + ['{"txt": 1}']) + "\n")
+  msg = _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl")
+  assert "posts.jsonl:4" in msg and "on_bad_record" in msg
+  p = prepare(data_config(f"{tmp_path}/c/forum/*.jsonl", tmp_path / "cache", on_bad_record="skip"))
+  assert len(p.manifest["bad_records"]) == 2 and "posts.jsonl:4" in p.manifest["bad_records"][0]
+  assert p.manifest["filters"]["dropped"]["bad_record"] == 2
+  assert "data.tokenizer.vocab_size" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl",
+                                            on_bad_record="skip", **{"tokenizer.vocab_size": 20000})
+  assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
+
+
+def test_cli_writes_workdir_and_summary(corpus, tmp_path):
+  root, _ = corpus
+  cmd = [sys.executable, "-m", "llm_jax.data.prepare", "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
+         f"--config.data.corpus={root}/books/*.txt", f"--config.data.cache_dir={tmp_path}/cache",
+         "--config.data.tokenizer.vocab_size=400", "--config.data.val_fraction=0.2", "--config.data.num_workers=1"]
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "kept" in out.stdout and "bytes/token" in out.stdout and "exact_duplicate" in out.stdout
+  for name in ("manifest.json", "DATA_CARD.md", "tokenizer.model"):
+    assert os.path.exists(tmp_path / "run" / name)
+  bad = subprocess.run(cmd[:4] + [f"--config.data.corpus={tmp_path}/none/*.txt"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "none/*.txt" in bad.stderr
