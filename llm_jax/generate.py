@@ -286,7 +286,7 @@ def mesh_context(mesh=None, rules=()):
   if mesh is None:
     return contextlib.nullcontext()
   stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh)
+  stack.enter_context(mesh)  # the Mesh context flax's logical constraints read
   stack.enter_context(nn.logical_axis_rules(rules))
   return stack
 

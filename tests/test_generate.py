@@ -181,6 +181,7 @@ def test_stop_sequences_trimmed_in_generate_and_stream(params, tok):
   assert "".join(G.stream(params, CFG, tok, prompt, sp)) == text
 
 
+@pytest.mark.filterwarnings("ignore:.*context manager has been deprecated")
 def test_sharded_decoding_matches(params, devices):
   from jax.sharding import Mesh
   mesh = Mesh(np.asarray(devices[:2]).reshape(1, 1, 2), ("data", "fsdp", "tensor"))
