@@ -75,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
   m.init_std = 0.02  # GPT-2 init; residual projections scaled by 1/sqrt(2 * num_layers)
   m.logits_via_embedding_dtype = "float32"  # loss and softmax precision
+  # Output-head matmul result: auto (the compute dtype, as PyTorch autocast) | float32. The loss's
+  # softmax is float32 either way; bfloat16 logits halve the traffic of the largest tensor.
+  m.logits_dtype = "auto"
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()

@@ -136,6 +136,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice("model.activation", m.activation, ("gelu", "swiglu"))
   _choice("model.dtype", m.dtype, ("auto", "bfloat16", "float32"))
   _choice("model.attention", m.attention, ("auto", "cudnn", "xla"))
+  _choice("model.logits_dtype", m.get("logits_dtype", "auto"), ("auto", "float32"))
   _choice("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch"))
   _choice("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
   _choice("train.nan_policy", tr.nan_policy, ("abort", "skip"))

@@ -31,6 +31,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   init_std: float = 0.02
+  logits_dtype: str = "float32"  # the head matmul's output dtype (the loss upcasts inside fusions)
 
   @classmethod
   def from_config(cls, config, tokenizer_size: int | None = None, platform: str | None = None):
@@ -52,13 +53,15 @@ class ModelConfig:
     attention = m.attention
     if attention == "auto":
       attention = "cudnn" if platform == "gpu" else "xla"
+    dtype = config_lib.compute_dtype(config, platform)
+    logits_dtype = dtype if m.get("logits_dtype", "auto") == "auto" else m.logits_dtype
     return cls(
         vocab_size=int(vocab), num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads or m.num_heads, head_dim=head_dim, mlp_dim=mlp,
         max_seq_len=m.max_seq_len, positions=m.positions, rope_theta=float(m.rope_theta),
         norm=m.norm, norm_eps=float(m.norm_eps), activation=m.activation,
         tie_embeddings=m.tie_embeddings, use_bias=m.use_bias, dropout=float(m.dropout),
-        dtype=config_lib.compute_dtype(config, platform), param_dtype=m.param_dtype,
+        dtype=dtype, param_dtype=m.param_dtype, logits_dtype=logits_dtype,
         attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std))
 
   def param_count(self, include_embedding: bool = True) -> int:

@@ -219,11 +219,16 @@ class Decoder(nn.Module):
     """The output projection [D, V] (the embedding transposed when tied)."""
     return self.embedding.T if self.cfg.tie_embeddings else self.head
 
-  def logits(self, h_BLD):
-    """Hidden states -> float32 logits (matmul in the compute dtype, float32 accumulation)."""
+  def logits(self, h_BLD, keep_dtype: bool = False):
+    """Hidden states -> float32 logits (keep_dtype: in cfg.logits_dtype, as the loss takes them).
+
+    The matmul runs in the compute dtype with float32 accumulation and writes cfg.logits_dtype.
+    """
     w_DV = self.head_matrix().astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=jnp.float32)
-    return _constrain(logits_BLV, ("batch", "length", "act_vocab"))
+    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV,
+                            preferred_element_type=_dtype(self.cfg.logits_dtype))
+    logits_BLV = _constrain(logits_BLV, ("batch", "length", "act_vocab"))
+    return logits_BLV if keep_dtype else logits_BLV.astype(jnp.float32)
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
     return self.logits(self.hidden(tokens_BL, positions_BL, segment_ids_BL, deterministic))
