@@ -1,0 +1,1 @@
+"""Evaluation: held-out metrics, calibration, the frozen suite, reports and comparisons."""
