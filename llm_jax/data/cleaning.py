@@ -32,6 +32,14 @@ IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
 PHONE = re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
                    r"(?![\w-])")
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>"}
+# (kind, cheap literal-anchored pre-check, precise pattern): the precise patterns start with look-behinds
+# that make Python's regex engine try every position, so they only run on texts the pre-check admits.
+_PII = (
+    ("email", re.compile(r"@[A-Za-z0-9-]+\."), EMAIL),
+    ("ip", re.compile(r"\.\d{1,3}\.\d{1,3}\."), IPV4),
+    ("ip", re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:"), IPV6),
+    ("phone", re.compile(r"[ .)-]\d{3}[ .-]\d{4}"), PHONE),
+)
 
 
 def normalize(text: str) -> str:
@@ -57,7 +65,9 @@ def nontext_fraction(text: str) -> float:
 
 def scrub_pii(text: str, counts: collections.Counter) -> str:
   """Replaces emails, IP addresses and phone numbers by placeholders, counting each kind."""
-  for kind, pattern in (("email", EMAIL), ("ip", IPV4), ("ip", IPV6), ("phone", PHONE)):
+  for kind, check, pattern in _PII:
+    if not check.search(text):
+      continue
     text, n = pattern.subn(PLACEHOLDERS[kind], text)
     if n:
       counts[f"pii_{kind}"] += n

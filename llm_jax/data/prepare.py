@@ -26,7 +26,7 @@ from llm_jax.data import cleaning, dedup, manifest as manifest_lib, shards as sh
 from llm_jax.data.errors import DataError
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
-VERSION = 1  # bump when the pipeline's output changes for the same inputs and config
+VERSION = 2  # bump when the pipeline's output changes for the same inputs and config
 # config.data fields that do not change the prepared data (loader-side knobs, resources).
 _NOT_IN_KEY = ("cache_dir", "num_workers", "segment_windows", "mixture", "seed")
 _DROP_REASONS = ("bad_record", "too_short", "nontext", "excluded", "exact_duplicate", "near_duplicate",
@@ -201,6 +201,10 @@ def _clean_all(docs, args, workers, progress, desc):
 def _build(config, key: str, out_dir: str, progress: bool) -> None:
   d = config.data
   t0 = time.time()
+  stages: dict[str, float] = {}
+
+  def lap(name):
+    stages[name] = round(time.time() - t0 - sum(stages.values()), 3)
   workers = d.num_workers or os.cpu_count() or 1
   bad = sources.BadRecords(d.on_bad_record)
   docs, srcs = sources.read(d.corpus, domain=d.domain, license=d.license,
@@ -213,6 +217,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
     s.split = "val"
   read_bytes = sum(len(x.text.encode("utf-8")) for x in docs + val_docs)
   logging.info("read %d documents (%d validation), %.1f MB", len(docs), len(val_docs), read_bytes / 1e6)
+  lap("read")
   args = dict(max_doc_chars=d.max_doc_chars, scrub_pii=d.scrub_pii, min_doc_chars=d.min_doc_chars,
               max_nontext_fraction=d.max_nontext_fraction, num_perm=d.minhash_num_perm,
               near=d.near_dup_threshold > 0)
@@ -221,6 +226,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
     r.split = "val"
     recs.append(r)
 
+  lap("clean")
   dropped = collections.Counter({k: 0 for k in _DROP_REASONS})
   dropped["bad_record"] = len(bad.messages)
   pii = collections.Counter({f"pii_{k}": 0 for k in cleaning.PLACEHOLDERS})
@@ -269,6 +275,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
     raise DataError(f"the validation split is empty ({len(by_split['train'])} training documents); "
                     "raise data.val_fraction, add documents or set data.val_corpus")
 
+  lap("dedup")
   # Tokenizer: trained on the training split only.
   t = d.tokenizer
   tok_path = os.path.join(out_dir, manifest_lib.TOKENIZER)
@@ -279,6 +286,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
   domains = sorted({r.doc.domain for r in recs})
   dom_id = {name: i for i, name in enumerate(domains)}
 
+  lap("train_tokenizer")
   shard_records, doc_lists = [], []
   per_domain = {}
   for split, rs in by_split.items():
@@ -310,6 +318,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
                       "sha256": shards_lib.file_sha256(list_path)})
     per_domain[split] = dict(counts)
 
+  lap("tokenize_and_write")
   tokens_by_split = {s: sum(c["tokens"] for c in per_domain[s].values()) for s in per_domain}
   bytes_by_split = {s: sum(c["bytes"] for c in per_domain[s].values()) for s in per_domain}
   seconds = time.time() - t0
@@ -341,6 +350,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
           "input_megabytes": read_bytes / 1e6,
           "seconds": seconds,
           "megabytes_per_second": read_bytes / 1e6 / max(seconds, 1e-9),
+          "seconds_by_stage": stages,
       },
   }
   with open(os.path.join(out_dir, manifest_lib.DATA_CARD), "w", encoding="utf-8") as f:
@@ -372,7 +382,8 @@ def summary_text(p: Prepared, cached: bool) -> str:
   lines.append(f"  bytes/token train {bpt['train']:.3f} val {bpt['val']:.3f}; tokenizer "
                f"{m['tokenizer']['type']} {m['tokenizer']['vocab_size']} pieces sha256 "
                f"{m['tokenizer']['sha256'][:16]}")
-  lines.append(f"  built in {s['seconds']:.1f}s ({s['megabytes_per_second']:.2f} MB/s of input)")
+  stages = ", ".join(f"{k} {v:.1f}s" for k, v in s.get("seconds_by_stage", {}).items())
+  lines.append(f"  built in {s['seconds']:.1f}s ({s['megabytes_per_second']:.2f} MB/s of input; {stages})")
   return "\n".join(lines)
 
 

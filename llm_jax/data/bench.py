@@ -1,0 +1,77 @@
+"""Data pipeline benchmark (a command, not a test): preparation MB/s and loader tokens/s on one core.
+
+    python -m llm_jax.data.bench --config=configs/tiny.py
+    python -m llm_jax.data.bench --config=configs/tiny.py --skip_prepare --shapes=128x16,1024x32
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from llm_jax.data import loader as loader_lib
+from llm_jax.data.prepare import prepare
+
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py", lock_config=True)
+flags.DEFINE_bool("skip_prepare", False, "use the cached prepared data instead of timing a fresh build")
+flags.DEFINE_string("shapes", "", "comma-separated SEQxBATCH loader shapes; default: the config's and 1024x32")
+flags.DEFINE_float("seconds", 3.0, "time per loader measurement")
+flags.DEFINE_integer("core", 0, "CPU core the loader measurement is pinned to (-1: no pinning)")
+FLAGS = flags.FLAGS
+
+
+def _rate(fn, seconds: float) -> tuple[float, int]:
+  """Calls fn(i) for i = 0, 1, ... for about `seconds`; returns (calls per second, calls)."""
+  fn(0)
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    fn(n + 1)
+    n += 1
+  return n / (time.perf_counter() - t0), n
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  print(f"host: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}")
+  if FLAGS.skip_prepare:
+    p = prepare(config)
+    print(f"prepared (cached): {p.dir}")
+  else:
+    with tempfile.TemporaryDirectory() as cache:
+      with config.unlocked():
+        config.data.cache_dir = cache
+      t0 = time.perf_counter()
+      p = prepare(config, progress=False)
+      secs = time.perf_counter() - t0
+      s = p.manifest["summary"]
+      print(f"prepare: {s['input_megabytes']:.1f} MB of input in {secs:.1f}s = {s['input_megabytes'] / secs:.2f} "
+            f"MB/s with {config.data.num_workers or os.cpu_count()} workers; stages {s['seconds_by_stage']}")
+      with config.unlocked():
+        config.data.cache_dir = ""
+      p = prepare(config)  # the persistent cache, for the loader measurement below
+  if FLAGS.core >= 0 and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {FLAGS.core})
+    print(f"loader pinned to core {FLAGS.core}")
+  shapes = FLAGS.shapes or f"{config.train.seq_len}x{config.train.global_batch_size},1024x32"
+  for shape in shapes.split(","):
+    seq, batch = (int(v) for v in shape.split("x"))
+    ld = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0)
+    per_s, n = _rate(ld.batch_at, FLAGS.seconds)
+    print(f"TrainLoader seq_len={seq} batch={batch}: {per_s:,.0f} batches/s = {per_s * seq * batch / 1e6:.1f}M "
+          f"tokens/s ({n} batches)")
+    seg = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0, segment_windows=True)
+    per_s, n = _rate(seg.batch_at, FLAGS.seconds)
+    print(f"  with segment_windows: {per_s * seq * batch / 1e6:.1f}M tokens/s")
+    t0 = time.perf_counter()
+    toks = sum(b["weights"].sum() for b in loader_lib.eval_batches(p.dir, "val", seq, batch))
+    print(f"  eval_batches (val, in order): {toks / (time.perf_counter() - t0) / 1e6:.1f}M tokens/s")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
