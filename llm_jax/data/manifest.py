@@ -88,7 +88,8 @@ Corpus spec: `{cfg['corpus']}`; validation: `{cfg['val_corpus'] or f"{cfg['val_f
 
 ## Cleaning, filtering, deduplication
 
-Documents read: {s['documents_read']}; kept: {s['documents_kept']}
+Documents read: {s['documents_read']}; pieces after cutting long documents at data.max_doc_chars:
+{s['documents_after_split']}; kept: {s['documents_kept']}
 (train {s['documents_by_split'].get('train', 0)}, val {s['documents_by_split'].get('val', 0)}).
 
 {_table(drop_rows or [("(none)", 0)], ["dropped because", "documents"])}

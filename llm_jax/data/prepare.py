@@ -227,6 +227,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
     recs.append(r)
 
   lap("clean")
+  pieces = len(recs)
   dropped = collections.Counter({k: 0 for k in _DROP_REASONS})
   dropped["bad_record"] = len(bad.messages)
   pii = collections.Counter({f"pii_{k}": 0 for k in cleaning.PLACEHOLDERS})
@@ -342,6 +343,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
       "document_lists": doc_lists,
       "summary": {
           "documents_read": len(docs) + len(val_docs),
+          "documents_after_split": pieces,  # long documents become several pieces
           "documents_kept": len(recs),
           "documents_by_split": {s: len(rs) for s, rs in by_split.items()},
           "tokens_by_split": tokens_by_split,
@@ -367,7 +369,8 @@ def summary_text(p: Prepared, cached: bool) -> str:
   m = p.manifest
   s = m["summary"]
   lines = [f"prepared data: {p.dir}" + ("  (cached)" if cached else "")]
-  lines.append(f"  documents read {s['documents_read']}, kept {s['documents_kept']} "
+  lines.append(f"  documents read {s['documents_read']} ({s['documents_after_split']} after cutting long ones "
+               f"at data.max_doc_chars), kept {s['documents_kept']} "
                f"(train {s['documents_by_split']['train']}, val {s['documents_by_split']['val']})")
   for reason, n in m["filters"]["dropped"].items():
     if n:
