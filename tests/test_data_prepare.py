@@ -228,11 +228,16 @@ def test_bad_inputs_name_the_file(tmp_path):
   jl = tmp_path / "c" / "forum" / "posts.jsonl"
   lines = jl.read_text().splitlines()
   jl.write_text("\n".join(lines[:3] + ["{not json"] + lines[3:] + ['{"txt": 1}']) + "\n")
+  with open(jl, "ab") as f:
+    f.write(b'{"text": "caf\xe9 latin-1 line"}\n')
   msg = _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl")
   assert "posts.jsonl:4" in msg and "on_bad_record" in msg
   p = prepare(data_config(f"{tmp_path}/c/forum/*.jsonl", tmp_path / "cache", on_bad_record="skip"))
-  assert len(p.manifest["bad_records"]) == 2 and "posts.jsonl:4" in p.manifest["bad_records"][0]
-  assert p.manifest["filters"]["dropped"]["bad_record"] == 2
+  bad_lines = p.manifest["bad_records"]
+  assert len(bad_lines) == 3 and "posts.jsonl:4" in bad_lines[0]
+  assert f"posts.jsonl:{len(lines) + 3}: invalid UTF-8" in bad_lines[2]
+  assert p.manifest["filters"]["dropped"]["bad_record"] == 3
+  assert p.manifest["summary"]["documents_kept"] == len(lines)
   assert "data.tokenizer.vocab_size" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl",
                                             on_bad_record="skip", **{"tokenizer.vocab_size": 20000})
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")

@@ -126,15 +126,15 @@ def read(spec: str, *, domain: str = "", license: str = "unknown", stdlib_max_by
     if raw is None:
       continue
     src = Source(path=path, sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw), license=license)
-    text = _decode(path, raw, bad)
-    if text is None:
-      src.skipped_records += 1
-      sources.append(src)
-      continue
     default_domain = domain or os.path.basename(os.path.dirname(os.path.abspath(path))) or "default"
     if path.endswith(".jsonl"):
-      new = list(_jsonl_docs(path, text, default_domain, license, bad, src))
+      new = list(_jsonl_docs(path, raw, default_domain, license, bad, src))
     else:
+      text = _decode(path, raw, bad)
+      if text is None:
+        src.skipped_records += 1
+        sources.append(src)
+        continue
       new = [Document(text=text, domain=default_domain, source=path, license=license, id=path)]
     src.documents = len(new)
     src.domains = sorted({d.domain for d in new})
@@ -169,13 +169,19 @@ def _decode(path: str, raw: bytes, bad: BadRecords) -> str | None:
     return None
 
 
-def _jsonl_docs(path: str, text: str, domain: str, license: str, bad: BadRecords,
+def _jsonl_docs(path: str, raw: bytes, domain: str, license: str, bad: BadRecords,
                 src: Source) -> Iterator[Document]:
-  for lineno, line in enumerate(text.split("\n"), 1):
+  for lineno, line in enumerate(raw.split(b"\n"), 1):
     if not line.strip():
       continue
     try:
-      rec = json.loads(line)
+      line_text = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+      src.skipped_records += 1
+      bad.report(f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line ({e.reason})")
+      continue
+    try:
+      rec = json.loads(line_text)
     except json.JSONDecodeError as e:
       src.skipped_records += 1
       bad.report(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
