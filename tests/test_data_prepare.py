@@ -257,3 +257,12 @@ def test_cli_writes_workdir_and_summary(corpus, tmp_path):
   bad = subprocess.run(cmd[:4] + [f"--config.data.corpus={tmp_path}/none/*.txt"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "none/*.txt" in bad.stderr
+
+
+def test_no_validation_split_when_val_fraction_is_zero(tmp_path):
+  make_corpus(tmp_path / "c", seed=2, n=20)
+  p = prepare(data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache", val_fraction=0.0))
+  assert {s["split"] for s in p.manifest["shards"]} == {"train"}
+  assert p.manifest["summary"]["documents_by_split"]["val"] == 0
+  with pytest.raises(DataError, match="split 'val' has no shards"):
+    open_split(p.dir, "val", p.manifest)

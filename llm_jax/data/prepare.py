@@ -272,7 +272,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
     raise DataError(f"no training documents are left after cleaning and filtering (dropped: "
                     f"{dict(dropped)}); check data.corpus={d.corpus!r}, data.min_doc_chars and "
                     "data.max_nontext_fraction")
-  if not by_split["val"]:
+  if not by_split["val"] and (d.val_corpus or d.val_fraction > 0):
     raise DataError(f"the validation split is empty ({len(by_split['train'])} training documents); "
                     "raise data.val_fraction, add documents or set data.val_corpus")
 
@@ -291,6 +291,8 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
   shard_records, doc_lists = [], []
   per_domain = {}
   for split, rs in by_split.items():
+    if not rs:
+      continue  # data.val_fraction=0 without data.val_corpus: no validation split
     writer = shards_lib.ShardWriter(out_dir, split, tok.vocab_size, d.shard_tokens)
     counts = collections.defaultdict(lambda: {"documents": 0, "tokens": 0, "bytes": 0})
     list_path = os.path.join(out_dir, f"{split}-documents.jsonl")
@@ -382,7 +384,7 @@ def summary_text(p: Prepared, cached: bool) -> str:
       lines.append(f"  {split:5s} {name:12s} {c['documents']:7d} docs {c['tokens']:11d} tokens "
                    f"{c['bytes'] / max(1, c['tokens']):.2f} bytes/token")
   bpt = s["bytes_per_token"]
-  lines.append(f"  bytes/token train {bpt['train']:.3f} val {bpt['val']:.3f}; tokenizer "
+  lines.append(f"  bytes/token " + " ".join(f"{k} {v:.3f}" for k, v in bpt.items()) + "; tokenizer "
                f"{m['tokenizer']['type']} {m['tokenizer']['vocab_size']} pieces sha256 "
                f"{m['tokenizer']['sha256'][:16]}")
   stages = ", ".join(f"{k} {v:.1f}s" for k, v in s.get("seconds_by_stage", {}).items())

@@ -60,6 +60,7 @@ class BadRecords:
 def expand(spec: str) -> list[str]:
   """The files a comma-separated glob spec names (directories are searched recursively), sorted."""
   paths: list[str] = []
+  seen: set[str] = set()
   for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
@@ -71,7 +72,7 @@ def expand(spec: str) -> list[str]:
     if not found:
       raise DataError(f"corpus glob {pattern!r} matches no files (data.corpus / data.val_corpus; "
                       f"the working directory is {os.getcwd()})")
-    paths.extend(p for p in found if p not in paths)
+    paths.extend(p for p in found if not (p in seen or seen.add(p)))
   if not paths:
     raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
   return paths
