@@ -1,0 +1,365 @@
+"""The batching engine: a fixed set of batch slots fed from a queue, stepped together on one thread.
+
+Continuous batching: a request joins a free slot as soon as one opens (its prompt is prefilled into
+that row of the shared KV cache at its own positions) while the other slots keep decoding; all busy
+slots advance together through one jitted `decode_chunk` of a few steps. The engine thread does the
+host work too (detokenization, stop sequences, output filters) and hands events to each request's
+asyncio queue. A cancelled (disconnected) or timed-out request frees its slot at the next chunk.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import generate as G
+from llm_jax.model import ModelConfig
+
+log = logging.getLogger(__name__)
+TOP_LOGPROBS = 5
+
+
+class EngineBusy(RuntimeError):
+  """More requests in flight than the engine admits (the server answers 429)."""
+
+
+@dataclasses.dataclass
+class Choice:
+  """One sequence of a request (a request with n=3 has three)."""
+  index: int
+  prompt_ids: list[int]
+  sampling: G.SamplingParams
+  top_n: int = 0  # top log-probs per token wanted (0..5)
+  text: Any = None  # generate.TextStream
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  slot: int | None = None
+  blocked_by: Any = None  # the output filter rule that cut this choice
+
+
+class Handle:
+  """The caller's side of a request: events arrive on `queue` (an asyncio.Queue) of `loop`.
+
+  Events: ("delta", index, text, tokens, logprobs, top) and ("done", index, finish_reason); after
+  every choice is done, ("end",).
+  """
+
+  def __init__(self, request_id: str, choices: list[Choice], loop, queue, deadline: float):
+    self.id = request_id
+    self.choices = choices
+    self.loop = loop
+    self.queue = queue
+    self.deadline = deadline
+    self.submitted = time.monotonic()
+    self.first_token_at: float | None = None
+    self.cancelled = threading.Event()
+    self.pending = len(choices)
+
+  def cancel(self) -> None:
+    """The client went away: stop decoding this request and free its slots."""
+    self.cancelled.set()
+
+  def emit(self, event: tuple) -> None:
+    try:
+      self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+      self.cancelled.set()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=1)
+def _admit(params, state: G.DecodeState, slot, tokens_1L, lengths_1, seeds_1, max_new_1,
+           temperature_1, top_k_1, top_p_1, penalty_1, *, cfg: ModelConfig) -> G.DecodeState:
+  """Prefills one prompt and writes it into row `slot` of the batch state (cache row replaced)."""
+  row = G._start(params, tokens_1L, lengths_1, seeds_1, max_new_1, temperature_1, top_k_1, top_p_1,
+                 penalty_1, cfg)
+  cache = jax.tree.map(
+      lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot,
+                                                           axis=big.ndim - 4),
+      state.cache, row.cache)
+  fields = {f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
+            for f in dataclasses.fields(state) if f.name != "cache"}
+  return state.replace(cache=cache, **fields)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _prompt_logprobs(params, tokens_1L, *, cfg: ModelConfig):
+  """log p(token t | tokens < t) for every prompt position (t >= 1) by one full forward pass."""
+  from llm_jax.model import Decoder
+  params = G._float_params(params, cfg)
+  logits = Decoder(cfg).apply({"params": params}, tokens_1L)[0, :-1]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  return jnp.take_along_axis(logp, tokens_1L[0, 1:, None], axis=-1)[:, 0]
+
+
+class Engine:
+  """Slots, queue and the decode thread over one loaded model."""
+
+  def __init__(self, params, cfg: ModelConfig, tokenizer, *, slots: int = 8,
+               max_concurrent: int = 32, chunk: int = 4, hold_chars: int = 0,
+               output_check: Callable[[str], tuple[int, Any] | None] | None = None,
+               metrics=None):
+    self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+    self.slots, self.max_concurrent, self.chunk = int(slots), int(max_concurrent), int(chunk)
+    self.hold_chars, self.output_check, self.metrics = hold_chars, output_check, metrics
+    self.vocab_limit = min(tokenizer.vocab_size, cfg.vocab_size)
+    self._cond = threading.Condition()
+    self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
+    self._in_flight: set[str] = set()
+    self._slot: list[tuple[Handle, Choice] | None] = [None] * self.slots
+    self._paused = False
+    self._stop = False
+    self._thread: threading.Thread | None = None
+    self.ready = False
+    self.state = None
+    self.steps = 0
+    self._ids = itertools.count()
+
+  # ---------------------------------------------------------------- lifecycle
+
+  def _empty_state(self) -> G.DecodeState:
+    b = self.slots
+    zeros = np.zeros((b,), np.int32)
+    return G.start(self.params, np.zeros((b, G.MIN_PREFILL), np.int32), np.ones((b,), np.int32),
+                   seeds_B=zeros.astype(np.uint32), max_new_B=zeros,
+                   temperature_B=zeros.astype(np.float32), top_k_B=zeros,
+                   top_p_B=np.ones((b,), np.float32), penalty_B=np.ones((b,), np.float32),
+                   cfg=self.cfg)
+
+  def prefill_buckets(self) -> list[int]:
+    out, b = [], G.MIN_PREFILL
+    while True:
+      out.append(min(b, self.cfg.max_seq_len))
+      if b >= self.cfg.max_seq_len:
+        return out
+      b *= 2
+
+  def warmup(self) -> float:
+    """Compiles every prefill bucket and both decode variants; returns the seconds it took."""
+    t0 = time.monotonic()
+    self.state = self._empty_state()
+    for n in self.prefill_buckets():
+      self.state = self._admit_arrays(0, [1], G.SamplingParams(max_new_tokens=1), n)
+    alive = np.zeros((self.slots,), bool)
+    for top_n in (0, TOP_LOGPROBS):
+      self.state, outs = G.decode_chunk(self.params, self.state, alive, cfg=self.cfg,
+                                        steps=self.chunk, top_n=top_n, vocab_limit=self.vocab_limit)
+      jax.block_until_ready(outs)
+    self.state = self._empty_state()
+    jax.block_until_ready(self.state)
+    self.ready = True
+    return time.monotonic() - t0
+
+  def start(self) -> None:
+    """Starts the decode thread (after warmup)."""
+    self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    with self._cond:
+      self._stop = True
+      self._cond.notify_all()
+    if self._thread is not None:
+      self._thread.join(timeout=10)
+
+  def pause(self) -> None:
+    """Holds decoding and admission (queued and active requests wait; for drains and tests)."""
+    with self._cond:
+      self._paused = True
+
+  def resume(self) -> None:
+    with self._cond:
+      self._paused = False
+      self._cond.notify_all()
+
+  # ---------------------------------------------------------------- submission
+
+  @property
+  def in_flight(self) -> int:
+    return len(self._in_flight)
+
+  @property
+  def busy_slots(self) -> int:
+    return sum(s is not None for s in self._slot)
+
+  @property
+  def queue_depth(self) -> int:
+    return len(self._queue)
+
+  def submit(self, choices: list[Choice], loop, queue, timeout_s: float,
+             request_id: str | None = None) -> Handle:
+    """Queues a request's choices; raises EngineBusy when max_concurrent requests are in flight."""
+    handle = Handle(request_id or f"req-{next(self._ids)}", choices, loop, queue,
+                    time.monotonic() + timeout_s)
+    for c in choices:
+      c.text = G.TextStream(self.tokenizer, c.sampling.stop, hold_chars=self.hold_chars,
+                            check=self._checker(c))
+    with self._cond:
+      if len(self._in_flight) >= self.max_concurrent:
+        raise EngineBusy(f"{len(self._in_flight)} requests in flight (limit {self.max_concurrent})")
+      self._in_flight.add(handle.id)
+      self._queue.extend((handle, c) for c in choices)
+      self._gauges()
+      self._cond.notify_all()
+    return handle
+
+  def _checker(self, choice: Choice):
+    if self.output_check is None:
+      return None
+
+    def check(text: str):
+      hit = self.output_check(text)
+      if hit is None:
+        return None
+      choice.blocked_by = hit[1]
+      return hit[0]
+    return check
+
+  def _gauges(self) -> None:
+    if self.metrics is not None:
+      self.metrics.queue_depth.set(len(self._queue))
+      self.metrics.busy_slots.set(self.busy_slots)
+
+  # ---------------------------------------------------------------- the decode thread
+
+  def _run(self) -> None:
+    while True:
+      with self._cond:
+        while not self._stop and (self._paused or (not self._queue and self.busy_slots == 0)):
+          self._cond.wait(timeout=0.5)
+        if self._stop:
+          return
+      try:
+        self._admit_waiting()
+        self._reap()
+        if self.busy_slots:
+          self._decode()
+      except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+        log.exception("engine step failed")
+        self._fail_all(f"engine error: {type(e).__name__}")
+        self.state = self._empty_state()
+
+  def _admit_arrays(self, slot: int, prompt: list[int], sp: G.SamplingParams, width: int | None = None):
+    width = width or G.bucket(len(prompt), self.cfg.max_seq_len)
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(prompt)] = prompt
+    arrays = G.sampling_arrays([sp])
+    return _admit(self.params, self.state, np.int32(slot), tokens,
+                  np.array([len(prompt)], np.int32), cfg=self.cfg, **{k[:-2] + "_1": v
+                                                                       for k, v in arrays.items()})
+
+  def _admit_waiting(self) -> None:
+    while True:
+      with self._cond:
+        free = [i for i, s in enumerate(self._slot) if s is None]
+        if not free or not self._queue:
+          self._gauges()
+          return
+        handle, choice = self._queue.popleft()
+      if handle.cancelled.is_set() or time.monotonic() > handle.deadline:
+        self._finish(handle, choice, "cancelled" if handle.cancelled.is_set() else "timeout")
+        continue
+      slot = free[0]
+      self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
+      choice.slot = slot
+      with self._cond:
+        self._slot[slot] = (handle, choice)
+
+  def _reap(self) -> None:
+    """Frees the slots of cancelled and timed-out requests."""
+    now = time.monotonic()
+    for entry in list(self._slot):
+      if entry is None:
+        continue
+      handle, choice = entry
+      if handle.cancelled.is_set():
+        self._finish(handle, choice, "cancelled")
+      elif now > handle.deadline:
+        self._finish(handle, choice, "timeout")
+
+  def _decode(self) -> None:
+    alive = np.array([s is not None for s in self._slot])
+    top_n = TOP_LOGPROBS if any(s is not None and s[1].top_n for s in self._slot) else 0
+    self.state, outs = G.decode_chunk(self.params, self.state, alive, cfg=self.cfg, steps=self.chunk,
+                                      top_n=top_n, vocab_limit=self.vocab_limit)
+    outs, active = jax.device_get((outs, self.state.active_B))
+    self.steps += self.chunk
+    for slot, entry in enumerate(list(self._slot)):
+      if entry is None:
+        continue
+      handle, choice = entry
+      reason = None
+      new_text, new_tokens, new_lps, new_top = [], [], [], []
+      for j in range(self.chunk):
+        if outs["eos"][slot, j]:
+          reason = "stop"
+          break
+        if not outs["emitted"][slot, j]:
+          continue
+        tok = int(outs["token"][slot, j])
+        piece = choice.text.push(tok)
+        if choice.text.finished:
+          reason = "content_filter" if choice.text.reason == "blocked" else "stop"
+          if piece:
+            new_text.append(piece)
+          break
+        new_tokens.append(tok)
+        new_lps.append(float(outs["logprob"][slot, j]))
+        if choice.top_n:
+          new_top.append([(int(i), float(v)) for i, v in
+                          zip(outs["top_ids"][slot, j, :choice.top_n],
+                              outs["top_logprobs"][slot, j, :choice.top_n])])
+        if piece:
+          new_text.append(piece)
+      if reason is None and not active[slot]:
+        reason = "length"
+      if reason is not None and not choice.text.finished:
+        tail = choice.text.close()
+        if choice.text.reason == "blocked":
+          reason = "content_filter"
+        if tail:
+          new_text.append(tail)
+      if new_tokens or new_text:
+        choice.tokens += new_tokens
+        choice.logprobs += new_lps
+        choice.top += new_top
+        if handle.first_token_at is None:
+          handle.first_token_at = time.monotonic()
+        if self.metrics is not None:
+          self.metrics.generated_tokens.inc(len(new_tokens))
+        handle.emit(("delta", choice.index, "".join(new_text), new_tokens, new_lps, new_top))
+      if reason is not None:
+        self._finish(handle, choice, reason)
+
+  def _finish(self, handle: Handle, choice: Choice, reason: str) -> None:
+    choice.finish_reason = reason
+    with self._cond:
+      if choice.slot is not None and self._slot[choice.slot] is not None \
+          and self._slot[choice.slot][1] is choice:
+        self._slot[choice.slot] = None
+      handle.pending -= 1
+      last = handle.pending == 0
+      if last:
+        self._in_flight.discard(handle.id)
+      self._gauges()
+    handle.emit(("done", choice.index, reason))
+    if last:
+      handle.emit(("end",))
+
+  def _fail_all(self, message: str) -> None:
+    with self._cond:
+      entries = [e for e in self._slot if e is not None] + list(self._queue)
+      self._queue.clear()
+    for handle, choice in entries:
+      if choice.finish_reason is None:
+        self._finish(handle, choice, "error")

@@ -1,0 +1,105 @@
+"""The request body of POST /v1/completions (OpenAI-compatible) and the JSON error shape."""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+
+class CompletionRequest(BaseModel):
+  """Fields of the OpenAI completions API this server honours; unknown fields are rejected (422)."""
+  model_config = ConfigDict(extra="forbid")
+
+  model: Optional[str] = None
+  prompt: Union[str, list[int], list[str]]
+  max_tokens: int = Field(16, ge=1)
+  temperature: float = Field(1.0, ge=0.0, le=2.0)
+  top_p: float = Field(1.0, gt=0.0, le=1.0)
+  top_k: int = Field(0, ge=0)
+  repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+  stop: Optional[Union[str, list[str]]] = None
+  seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+  n: int = Field(1, ge=1)
+  logprobs: Optional[int] = Field(None, ge=0, le=5)
+  echo: StrictBool = False
+  stream: StrictBool = False
+  stream_options: Optional[dict[str, Any]] = None
+  user: Optional[str] = Field(None, max_length=256)
+  # Accepted for client compatibility; only their neutral values.
+  best_of: Optional[int] = None
+  presence_penalty: Optional[float] = None
+  frequency_penalty: Optional[float] = None
+  logit_bias: Optional[dict[str, float]] = None
+  suffix: Optional[str] = None
+
+  @field_validator("prompt")
+  @classmethod
+  def _one_prompt(cls, v):
+    if isinstance(v, list) and v and isinstance(v[0], str):
+      if len(v) != 1:
+        raise ValueError("one prompt per request (send a string, a list of token ids, or a list "
+                         "with one string)")
+      return v[0]
+    if isinstance(v, list) and not v:
+      raise ValueError("the prompt is an empty list")
+    return v
+
+  @field_validator("stop")
+  @classmethod
+  def _stops(cls, v):
+    if v is None:
+      return []
+    v = [v] if isinstance(v, str) else v
+    if len(v) > 4:
+      raise ValueError("at most 4 stop sequences")
+    if any(not s or len(s) > 64 for s in v):
+      raise ValueError("stop sequences must be 1 to 64 characters")
+    return v
+
+  @field_validator("best_of")
+  @classmethod
+  def _best_of(cls, v):
+    if v not in (None, 1):
+      raise ValueError("best_of is not supported (use n)")
+    return v
+
+  @field_validator("presence_penalty", "frequency_penalty")
+  @classmethod
+  def _penalties(cls, v):
+    if v not in (None, 0, 0.0):
+      raise ValueError("not supported; use repetition_penalty")
+    return v
+
+  @field_validator("logit_bias")
+  @classmethod
+  def _logit_bias(cls, v):
+    if v:
+      raise ValueError("logit_bias is not supported")
+    return v
+
+  @field_validator("suffix")
+  @classmethod
+  def _suffix(cls, v):
+    if v:
+      raise ValueError("suffix (insertion) is not supported")
+    return v
+
+
+def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+  """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+  return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+  """An HTTP error with an OpenAI-style JSON body."""
+
+  def __init__(self, status: int, message: str, *, param: str | None = None,
+               code: str | None = None, type_: str = "invalid_request_error",
+               headers: dict | None = None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+    self.headers = headers or {}
+
+  def body(self) -> dict:
+    return error_body(self.message, type_=self.type, param=self.param, code=self.code)
