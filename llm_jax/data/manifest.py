@@ -115,8 +115,11 @@ sha256 `{m['tokenizer']['sha256']}`. Special ids: pad=0, bos=1, eos=2, unk=3.
 
 ## Shards
 
-{len(m['shards'])} shards, dtype {m['shards'][0]['dtype'] if m['shards'] else '-'}, {s['tokens_by_split']}
-tokens by split; every shard starts with EOS and has EOS after each document.
+{_table([(r['path'], r['documents'], r['tokens'], r['bytes'], r['dtype'], r['sha256'][:16])
+          for r in m['shards']], ["shard", "documents", "tokens", "bytes", "dtype", "sha256 (prefix)"])}
+
+Every shard starts with EOS and has EOS after each document; `*.index.npz` beside each holds document
+offsets, domain ids and UTF-8 byte counts.
 
 ## Known limitations
 

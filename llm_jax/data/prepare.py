@@ -205,6 +205,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
 
   def lap(name):
     stages[name] = round(time.time() - t0 - sum(stages.values()), 3)
+
   workers = d.num_workers or os.cpu_count() or 1
   bad = sources.BadRecords(d.on_bad_record)
   docs, srcs = sources.read(d.corpus, domain=d.domain, license=d.license,
@@ -264,8 +265,8 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
   if d.near_dup_threshold > 0:
     near = dedup.near_duplicates([r.sig for r in recs], d.near_dup_threshold, d.minhash_num_perm)
     for i, j in near.items():
-      reason = "near_duplicate_of_val" if recs[i].split == "train" and recs[j].split == "val" else "near_duplicate"
-      dropped[reason] += 1
+      of_val = recs[i].split == "train" and recs[j].split == "val"
+      dropped["near_duplicate_of_val" if of_val else "near_duplicate"] += 1
     recs = [r for i, r in enumerate(recs) if i not in near]
   by_split = {"train": [r for r in recs if r.split == "train"], "val": [r for r in recs if r.split == "val"]}
   if not by_split["train"]:
