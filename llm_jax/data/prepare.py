@@ -378,8 +378,8 @@ def summary_text(p: Prepared, cached: bool) -> str:
   for reason, n in m["filters"]["dropped"].items():
     if n:
       lines.append(f"  dropped {reason}: {n}")
-  for kind, n in m["filters"]["pii"].items():
-    lines.append(f"  {kind} replaced: {n}")
+  lines.append("  PII replaced: " + ", ".join(f"{k.removeprefix('pii_')} {n}"
+                                             for k, n in m["filters"]["pii"].items()))
   for split, per in m["domains_by_split"].items():
     for name, c in sorted(per.items()):
       lines.append(f"  {split:5s} {name:12s} {c['documents']:7d} docs {c['tokens']:11d} tokens "
