@@ -142,6 +142,25 @@ def get_config() -> ml_collections.ConfigDict:
       ("norm", None),
   )
 
+  # ---------------------------------------------------------------- fine-tuning (llm_jax.finetune)
+  # Used with init_from (top level). docs/finetune.md has a worked example.
+  f = c.finetune = ml_collections.ConfigDict()
+  f.init_step = -1  # step of the init_from run's checkpoint to start from; -1: its latest
+  f.freeze_embeddings = False  # freeze the token (and learned position) embeddings; tied: the head too
+  f.freeze_blocks = 0  # freeze the first N transformer blocks (rows < N of the scanned arrays)
+  f.freeze_patterns = ""  # comma-separated regexes over parameter names, e.g. "final_norm,/bias$"
+  lo = f.lora = ml_collections.ConfigDict()
+  lo.rank = 0  # > 0: train low-rank adapters only (the base stays frozen); 0: off
+  lo.alpha = 16.0  # W_eff = W + (alpha / rank) * A @ B
+  lo.dropout = 0.0  # dropout on the adapter path's input features
+  # comma-separated regexes over kernel names (blocks/attn/query/kernel, blocks/mlp/up/kernel, ...)
+  lo.targets = r"attn/(query|key|value|out)/kernel,mlp/(gate|up|down)/kernel"
+  sf = f.sft = ml_collections.ConfigDict()
+  sf.train_file = ""  # JSONL of {"prompt","response"} or {"messages":[{"role","content"}]}; replaces data
+  sf.val_file = ""  # held-out JSONL in the same format; empty: no SFT evaluation
+  sf.prompt_template = "### Prompt:\n{prompt}\n\n### Response:\n"  # the response follows it
+  sf.turn_template = "<|{role}|>\n{content}\n"  # each message; loss on assistant content + its tail
+
   # ---------------------------------------------------------------- distributed (llm_jax.distributed)
   di = c.distributed = ml_collections.ConfigDict()
   di.coordinator_address = ""  # explicit multi-process start; empty: detect SLURM / TPU or run alone
