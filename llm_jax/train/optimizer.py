@@ -44,6 +44,8 @@ def make_optimizer(config) -> optax.GradientTransformation:
   adamw = optax.adamw(learning_rate_schedule(config), b1=tr.b1, b2=tr.b2, eps=tr.eps,
                       weight_decay=tr.weight_decay,
                       mask=lambda p: decay_mask(p, tr.decay_norms_biases_embeddings))
+  opt = adamw
   if tr.grad_clip and tr.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(tr.grad_clip), adamw)
-  return adamw
+    opt = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adamw)
+  from llm_jax.finetune import freeze  # noqa: PLC0415 - fine-tuning masks frozen groups (else a no-op)
+  return freeze.wrap(opt, config)
