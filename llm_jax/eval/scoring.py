@@ -47,7 +47,7 @@ class Scorer:
     tb = np.zeros(vocab, np.int32)
     tb[:min(vocab, len(token_bytes))] = np.asarray(token_bytes, np.int32)[:vocab]
     self.token_bytes = jax.device_put(tb, sharding_lib.replicated(mesh))
-    self._fn = jax.jit(functools.partial(token_outputs, model=model))
+    self._fn = _compiled(model)
     self.rows_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
 
   def _pad_rows(self, batch: dict) -> dict:
@@ -95,6 +95,28 @@ class Scorer:
       if max_windows is not None and next_window >= max_windows:
         break
     return acc
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model):
+  """One jitted token_outputs per model config, shared by every Scorer in the process."""
+  key = getattr(model, "cfg", None)
+  try:
+    hash(key)
+  except TypeError:
+    key = None
+  if key is None or not isinstance(model, _decoder_type()):
+    return jax.jit(functools.partial(token_outputs, model=model))
+  if key not in _COMPILED:
+    _COMPILED[key] = jax.jit(functools.partial(token_outputs, model=model))
+  return _COMPILED[key]
+
+
+def _decoder_type():
+  from llm_jax.model import Decoder
+  return Decoder
 
 
 def _to_host(out: dict) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 from typing import Sequence
@@ -133,14 +134,19 @@ def _requests(items: Sequence[Item], tokenizer) -> list[tuple[int, int, list, li
   return out
 
 
+def fits(cont: Sequence[int], max_len: int) -> bool:
+  """A continuation is scorable when it and at least one context token fit in the model's positions."""
+  return 0 < len(cont) <= max_len
+
+
 def request_batches(requests, prefix_ids: Sequence[int], max_len: int, batch_size: int):
   """Groups requests into padded batches; each row scores its continuation tokens only (weight 1)."""
   rows = []
   for req in requests:
     _, _, ctx, cont, _ = req
-    seq = list(prefix_ids) + list(ctx) + list(cont)
-    if len(cont) + 1 > max_len + 1:
+    if not fits(cont, max_len):
       raise SuiteError(f"a continuation of {len(cont)} tokens does not fit in {max_len} positions")
+    seq = list(prefix_ids) + list(ctx) + list(cont)
     seq = seq[-(max_len + 1):]  # keep the end: the continuation and as much context as fits
     rows.append((seq, len(cont)))
   for start in range(0, len(rows), batch_size):
@@ -160,8 +166,13 @@ def request_batches(requests, prefix_ids: Sequence[int], max_len: int, batch_siz
 def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
           batch_size: int = 8) -> dict:
   """Scores continuation and choice items: per-item rows and summary figures."""
-  reqs = _requests(items, tokenizer)
   max_len = scorer.model.cfg.max_seq_len
+  reqs = _requests(items, tokenizer)
+  too_long = {r[0] for r in reqs if not fits(r[3], max_len)}
+  if too_long:
+    logging.warning("skipped %d suite items whose answers do not fit in %d positions: %s",
+                    len(too_long), max_len, ", ".join(items[i].id for i in sorted(too_long)))
+  reqs = [r for r in reqs if r[0] not in too_long]
   logprob, greedy, ntok = [], [], []
   batches = list(request_batches(reqs, prefix_ids, max_len, batch_size))
   for (batch, n), out in zip(batches, scorer.outputs(b for b, _ in batches)):
@@ -175,7 +186,10 @@ def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
   for req, lp, g, nt in zip(reqs, logprob, greedy, ntok):
     by_item.setdefault(req[0], []).append((req[1], lp, g, nt, req[4]))
   for i, it in enumerate(items):
-    if it.type == "continuation":
+    if i in too_long:
+      rows.append({"id": it.id, "type": it.type, "tags": list(it.tags), "skipped":
+                   f"does not fit in the model's {max_len} positions"})
+    elif it.type == "continuation":
       (_, lp, g, nt, nb), = by_item[i]
       rows.append({"id": it.id, "type": it.type, "tags": list(it.tags), "logprob": lp, "tokens": nt,
                    "bits_per_byte": -lp / (math.log(2) * nb), "greedy_match": g})
@@ -193,9 +207,10 @@ def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
 
 def summarize(rows: Sequence[dict]) -> dict:
   """Greedy-match rate, mean continuation bits per byte and multiple-choice accuracy (with SEs)."""
-  cont = [r for r in rows if r["type"] == "continuation"]
-  mc = [r for r in rows if r["type"] == "choice"]
-  out: dict = {"continuation_items": len(cont), "choice_items": len(mc)}
+  cont = [r for r in rows if r["type"] == "continuation" and "skipped" not in r]
+  mc = [r for r in rows if r["type"] == "choice" and "skipped" not in r]
+  out: dict = {"continuation_items": len(cont), "choice_items": len(mc),
+               "skipped_items": sum("skipped" in r for r in rows)}
 
   def mean_se(vals):
     vals = np.asarray(vals, np.float64)
