@@ -1,0 +1,63 @@
+"""python -m llm_jax.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=2000 ...]
+
+Trains, or resumes the run in --workdir from its latest checkpoint. Exit codes: 0 done, 1 error (the
+message names the key, step or file), 75 stopped cleanly by SIGTERM/Ctrl-C (run again to resume).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard, metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _quiet_libraries() -> None:
+  """Orbax logs every save step by step through absl at INFO; keep the run's own log readable."""
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+
+
+def _compile_cache() -> None:
+  """Persistent XLA compilation cache (resuming a run skips most compile time); JAX_COMPILATION_CACHE_DIR wins."""
+  import jax  # noqa: PLC0415
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  root = os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
+  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_compile"))
+
+
+def main(argv) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _quiet_libraries()
+  _compile_cache()
+  from llm_jax.config import ConfigError  # noqa: PLC0415 - after flags: JAX starts on import
+  from llm_jax.data.errors import DataError  # noqa: PLC0415
+  from llm_jax.train import loop  # noqa: PLC0415
+  from llm_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
+  from llm_jax.train.preflight import PreflightError  # noqa: PLC0415
+  from llm_jax.train.run_dir import RunDirError  # noqa: PLC0415
+  try:
+    summary = loop.train(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, DataError, CheckpointError, RunDirError, PreflightError,
+          loop.TrainingError) as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
+    return 1
+  val = summary.get("val_loss")
+  print(f"{summary['status']}: step {summary['step']}/{summary['total_steps']}, loss "
+        f"{summary.get('loss', float('nan')):.4f}" + (f", val loss {val:.4f}" if val else "") +
+        f"; run directory {summary['workdir']}")
+  return loop.EXIT_INTERRUPTED if summary["status"].startswith("stopped") else 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,249 @@
+"""The training loop end to end on a tiny corpus: determinism, exact resume, budget raise, another mesh,
+NaN policies, shape and corruption errors, metrics files. Runs share one XLA compilation cache."""
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax.train import checkpoint as ckpt_lib
+from llm_jax.train import loop
+from llm_jax.train import metrics as metrics_lib
+from llm_jax.train import run_dir
+
+WORDS = ("alpha beta gamma delta value total count index item name data result list text line word "
+         "self other key path size").split()
+
+
+def write_corpus(root: str, n_docs: int = 80, seed: int = 0) -> None:
+  """Python-like and prose-like .txt documents under root/code and root/prose (two domains)."""
+  rng = random.Random(seed)
+  for dom in ("code", "prose"):
+    os.makedirs(os.path.join(root, dom), exist_ok=True)
+  for i in range(n_docs):
+    lines = []
+    for j in range(rng.randint(4, 9)):
+      a, b, c = rng.sample(WORDS, 3)
+      lines.append(f"def {a}_{b}_{i}_{j}({c}, n={j}):\n    return {c} + {rng.randint(0, 99)} * n\n")
+    with open(os.path.join(root, "code", f"f{i}.txt"), "w") as f:
+      f.write("\n".join(lines))
+    sent = " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 80)))
+    with open(os.path.join(root, "prose", f"p{i}.txt"), "w") as f:
+      f.write(f"The {sent}.\nA {rng.choice(WORDS)} of {i} words.\n")
+
+
+def overrides(corpus: str, cache: str) -> dict:
+  return {
+      "data.corpus": f"{corpus}/*/*.txt", "data.cache_dir": cache, "data.tokenizer.vocab_size": 384,
+      "data.val_fraction": 0.15, "data.near_dup_threshold": 0.0,
+      "model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1, "model.max_seq_len": 32,
+      "model.vocab_multiple": 64,
+      "train.seq_len": 32, "train.global_batch_size": 8, "train.steps": 16, "train.decay_steps": 16,
+      "train.warmup_steps": 2, "train.learning_rate": 3e-3, "train.eval_every": 8,
+      "train.eval_batches": 2, "train.checkpoint_every": 4, "train.keep_checkpoints": 10,
+      "train.sample_every": 0, "train.log_every": 1, "train.preflight": False,
+  }
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, devices):
+  """Corpus, data cache and a shared XLA compilation cache for every run of this module."""
+  root = tmp_path_factory.mktemp("loop")
+  write_corpus(str(root / "corpus"))
+  old = jax.config.jax_compilation_cache_dir
+  jax.config.update("jax_compilation_cache_dir", str(root / "xla_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield {"root": root, "over": overrides(str(root / "corpus"), str(root / "data_cache"))}
+  jax.config.update("jax_compilation_cache_dir", old)
+
+
+def cfg(env, **extra):
+  over = dict(env["over"])
+  over.update({k.replace("__", "."): v for k, v in extra.items()})
+  return config_lib.load("configs/base.py", over)
+
+
+class Hook:
+  """Adds loss weights to every batch (NaN at `poison` steps) and sends SIGTERM at `sigterm_at`."""
+
+  def __init__(self, poison=(), sigterm_at=None):
+    self.poison, self.sigterm_at = set(poison), sigterm_at
+
+  def __call__(self, step, batch):
+    w = np.ones(batch["targets"].shape, np.float32)
+    if step in self.poison:
+      w[0, 0] = np.nan
+    if step == self.sigterm_at:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return {**batch, "weights": w}
+
+
+def rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+  return {r["step"]: (r["loss"], r["grad_norm"]) for r in rows(workdir) if r["step"] > 0}
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+  """An uninterrupted 16-step run with preflight, sampling and a profile trace."""
+  workdir = str(env["root"] / "ref")
+  summary = loop.train(cfg(env, train__preflight=True, train__sample_every=8,
+                           train__sample_tokens=6, train__profile_steps="2,4"),
+                       workdir, batch_hook=Hook())
+  assert summary["status"] == "complete" and summary["step"] == 16
+  return workdir
+
+
+def test_fresh_runs_are_bitwise_equal_and_resume_is_exact(env, reference):
+  workdir = str(env["root"] / "interrupted")
+  first = loop.train(cfg(env), workdir, batch_hook=Hook(sigterm_at=5))
+  assert first["status"] == "stopped by SIGTERM" and first["step"] == 6
+  assert ckpt_lib.Checkpoints(workdir).steps() == [4, 6]  # the signal saved step 6
+  ref = losses(reference)
+  part = losses(workdir)
+  assert sorted(part) == list(range(1, 7))
+  assert all(part[s] == ref[s] for s in part), "two fresh runs with one seed differ"
+  second = loop.train(cfg(env), workdir, batch_hook=Hook())
+  assert second["status"] == "complete" and second["step"] == 16
+  assert losses(workdir) == ref  # bitwise, every step
+  record = json.load(open(os.path.join(workdir, "run.json")))
+  assert [s["start_step"] for s in record["sessions"]] == [0, 6]
+
+
+def test_budget_raise_continues_on_another_mesh(env, reference):
+  workdir = str(env["root"] / "budget")
+  assert loop.train(cfg(env, train__steps=10), workdir, batch_hook=Hook())["step"] == 10
+  again = loop.train(cfg(env, train__steps=10), workdir, batch_hook=Hook())
+  assert again["status"] == "complete" and again["step"] == 10  # nothing left to do
+  mesh = dict(sharding__data=2, sharding__fsdp=2, sharding__tensor=2)
+  out = loop.train(cfg(env, train__steps=16, **mesh), workdir, batch_hook=Hook())
+  assert out["step"] == 16
+  got, ref = losses(workdir), losses(reference)
+  assert sorted(got) == list(range(1, 17))
+  for s in range(1, 11):
+    assert got[s] == ref[s]
+  np.testing.assert_allclose([got[s][0] for s in range(11, 17)], [ref[s][0] for s in range(11, 17)],
+                             rtol=2e-5)
+
+
+def test_nan_abort_names_step_and_keeps_last_checkpoint(env):
+  workdir = str(env["root"] / "nan_abort")
+  with pytest.raises(loop.TrainingError, match=r"step 6 .*nan_policy=abort.*step 4"):
+    loop.train(cfg(env, train__nan_policy="abort"), workdir, batch_hook=Hook(poison={5}))
+  assert ckpt_lib.Checkpoints(workdir).steps() == [4]
+
+
+def test_nan_skip_counts_and_aborts_after_max_in_a_row(env):
+  workdir = str(env["root"] / "nan_skip")
+  out = loop.train(cfg(env, train__nan_policy="skip", train__steps=8), workdir,
+                   batch_hook=Hook(poison={4, 5}))
+  assert out["status"] == "complete" and out["skipped_steps"] == 2
+  r = {row["step"]: row for row in rows(workdir) if row["step"] > 0}
+  assert np.isnan(r[5]["loss"]) and np.isnan(r[6]["loss"])
+  assert r[5]["param_norm"] == r[4]["param_norm"] == r[6]["param_norm"]  # parameters unchanged
+  assert r[7]["param_norm"] != r[6]["param_norm"] and r[8]["skipped_steps"] == 2
+  with pytest.raises(loop.TrainingError, match=r"3 non-finite steps in a row"):
+    loop.train(cfg(env, train__nan_policy="skip", train__max_consecutive_skips=3, train__steps=8),
+               str(env["root"] / "nan_skip3"), batch_hook=Hook(poison={2, 3, 4}))
+
+
+def test_changed_model_shape_lists_keys(env, reference):
+  with pytest.raises(run_dir.RunDirError) as e:
+    loop.train(cfg(env, model__d_model=64, train__steps=20), reference)
+  assert "model.d_model" in str(e.value) and "model.mlp_dim" in str(e.value)
+  assert "model.num_layers" not in str(e.value)
+
+
+def test_corrupt_latest_checkpoint_names_step_and_falls_back(env, reference):
+  workdir = str(env["root"] / "corrupt")
+  shutil.copytree(reference, workdir)
+  for path in glob.glob(os.path.join(workdir, "checkpoints", "16", "state", "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"\x00broken")
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 16.*restore_fallback.*step 12"):
+    loop.train(cfg(env, train__steps=20, train__decay_steps=20), workdir, batch_hook=Hook())
+  out = loop.train(cfg(env, train__steps=20, train__decay_steps=20, train__restore_fallback=True),
+                   workdir, batch_hook=Hook())
+  assert out["step"] == 20
+  record = json.load(open(os.path.join(workdir, "run.json")))
+  assert record["sessions"][-1]["start_step"] == 16  # the latest listed; the restore fell back
+  assert [r["step"] for r in rows(workdir)][-8:] == list(range(13, 21))  # re-trained from 12
+
+
+def _tb_tags(tb_dir):
+  """{tag: number of events} from tensorboardX event files (TFRecord framing, Event protos)."""
+  from tensorboardX.proto import event_pb2
+  tags = {}
+  for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      pos += 12 + n + 4
+      for v in event.summary.value:
+        tags[v.tag] = tags.get(v.tag, 0) + 1
+  return tags
+
+
+def test_run_directory_and_metrics(env, reference):
+  files = set(os.listdir(reference))
+  assert {"config.json", "tokenizer.model", "manifest.json", "run.json", "metrics.jsonl", "tb",
+          "checkpoints"} <= files
+  config = config_lib.from_json(os.path.join(reference, "config.json"))
+  assert config.model.vocab_size == 384  # resolved from the tokenizer, padded to 64
+  record = json.load(open(os.path.join(reference, "run.json")))
+  assert record["tokenizer_sha256"] == run_dir.file_sha256(os.path.join(reference, "tokenizer.model"))
+  assert record["manifest_sha256"] == run_dir.file_sha256(os.path.join(reference, "manifest.json"))
+  for key in ("git", "packages", "command", "seeds", "start_time", "devices", "run_tag", "run_note"):
+    assert key in record, key
+  assert record["packages"]["jax"] == jax.__version__
+  table = rows(reference)
+  assert all("step" in r and "loss" in r for r in table)
+  assert [r["step"] for r in table] == list(range(0, 17))  # preflight row, then every step
+  assert table[0]["preflight_loss_after"] < table[0]["preflight_loss_before"]
+  last = table[-1]
+  domains = [k for k in last if k.startswith("val_loss/")]
+  assert "val_loss" in last and domains and "samples" in last and len(last["samples"]) == 3
+  assert last["samples"][0].startswith("def ")
+  tags = _tb_tags(os.path.join(reference, "tb"))
+  for tag in ("train/loss", "train/lr", "train/grad_norm", "train/param_norm", "train/skipped_steps",
+              "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_s", "val/loss", "val/perplexity",
+              "samples/text_summary", "preflight/loss_before", "preflight/loss_after"):
+    assert tags.get(tag), (tag, sorted(tags))
+  assert tags["train/loss"] == 17 and tags["val/loss"] == 2
+  assert any(t.startswith("val/loss/") for t in tags)
+  assert glob.glob(os.path.join(reference, "tb", "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_alerts_and_mfu():
+  class FakeWriter:
+    enabled = False
+    alerts = []
+
+    def alert(self, step, kind, message):
+      self.alerts.append((step, kind))
+  w = FakeWriter()
+  a = metrics_lib.Alerts(w, throughput_share=0.5, plateau_evals=2)
+  for s in range(12):
+    assert not a.throughput(s, 1000.0 + s)
+  assert a.throughput(12, 400.0) and w.alerts[-1] == (12, "throughput")
+  assert not a.val_loss(1, 3.0) and not a.val_loss(2, 3.1) and a.val_loss(3, 3.2)
+  assert w.alerts[-1] == (3, "plateau")
+  assert metrics_lib.peak_flops("NVIDIA H100 80GB HBM3", "gpu") == 989e12
+  assert metrics_lib.peak_flops("NVIDIA H200", "gpu") == 989e12
+  assert metrics_lib.peak_flops("cpu", "cpu") is None
+  assert metrics_lib.mfu(6e9, 1000.0, 2, 1e12) == pytest.approx(3.0)
