@@ -137,3 +137,19 @@ def test_bad_inputs_have_clear_messages(run, tmp_path, capsys):
   # --compare of a run never evaluated.
   assert evaluate.main(["--compare", wd, str(empty)]) == 2
   assert "has no evaluation results" in capsys.readouterr().err
+
+
+def test_exported_package_is_scorable(run, tmp_path, capsys):
+  from llm_jax import export
+  pkg = str(tmp_path / "pkg")
+  export.export(run["workdir"], pkg, step=4)
+  assert evaluate.main([f"--package={pkg}", "--suite=none"]) == 2
+  assert "pass --corpus" in capsys.readouterr().err
+  common = [f"--corpus={run['corpus']}", "--suite=none", "--seq_len=16", "--max_windows=6"]
+  assert evaluate.main([f"--package={pkg}", f"--out={tmp_path / 'p'}"] + common) == 0
+  assert "step 4" in capsys.readouterr().out
+  assert evaluate.main([f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}"] + common) == 0
+  p = json.load(open(tmp_path / "p" / "results.json"))
+  w = json.load(open(tmp_path / "w" / "results.json"))
+  assert p["meta"]["kind"] == "package" and w["meta"]["kind"] == "run"
+  assert p["heldout"]["overall"]["loss"] == pytest.approx(w["heldout"]["overall"]["loss"], rel=1e-5)
