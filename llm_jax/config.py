@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import json
 import math
@@ -46,7 +47,8 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
       raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {key!r})")
     node = node[part]
   if leaf not in node:
-    close = [k for k in node.keys() if k[:3] == leaf[:3]]
+    close = ([k for k in node.keys() if k[:3] == leaf[:3]] or
+             difflib.get_close_matches(leaf, list(node.keys())))
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"unknown config key {key!r}{hint}")
   old = node[leaf]
@@ -148,6 +150,8 @@ def validate(config, num_devices: int | None = None) -> None:
   kv = m.num_kv_heads or m.num_heads
   if m.num_heads % kv:
     raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv}")
+  if int(m.get("scan_unroll", 1)) < 1:
+    raise ConfigError(f"model.scan_unroll={m.scan_unroll} must be >= 1 (num_layers unrolls fully)")
   if tr.seq_len > m.max_seq_len:
     raise ConfigError(f"train.seq_len={tr.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if tr.global_batch_size % max(1, tr.microbatches):

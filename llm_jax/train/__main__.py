@@ -59,5 +59,37 @@ def main(argv) -> int:
   return loop.EXIT_INTERRUPTED if summary["status"].startswith("stopped") else 0
 
 
+def check_overrides(argv: list[str]) -> str | None:
+  """The error for a misspelled or mistyped --config.a.b=v (named, with a hint), before flag parsing."""
+  from llm_jax import config as config_lib  # noqa: PLC0415
+  path, overrides = None, []
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      path = argv[i + 1]
+      i += 1
+    elif arg.startswith("--config."):
+      if "=" in arg:
+        overrides.append(arg[2:])
+      elif i + 1 < len(argv):
+        overrides.append(f"{arg[2:]}={argv[i + 1]}")
+        i += 1
+    i += 1
+  if path is None:
+    return None
+  try:
+    config_lib.load(path, overrides)
+  except config_lib.ConfigError as e:
+    return str(e)
+  return None
+
+
 if __name__ == "__main__":
+  problem = check_overrides(sys.argv[1:])
+  if problem:
+    print(f"error (ConfigError): {problem}", file=sys.stderr)
+    sys.exit(1)
   app.run(main)
