@@ -266,3 +266,17 @@ def test_no_validation_split_when_val_fraction_is_zero(tmp_path):
   assert p.manifest["summary"]["documents_by_split"]["val"] == 0
   with pytest.raises(DataError, match="split 'val' has no shards"):
     open_split(p.dir, "val", p.manifest)
+
+
+def test_worker_processes_give_the_same_result(tmp_path, monkeypatch):
+  from llm_jax.data import prepare as prepare_mod
+  make_corpus(tmp_path / "c", seed=3, n=30)
+  spec = f"{tmp_path}/c/books/*.txt,{tmp_path}/c/forum/*.jsonl"
+  serial = prepare(data_config(spec, tmp_path / "cache1", **{"tokenizer.type": "unigram",
+                                                            "tokenizer.vocab_size": 300}))
+  monkeypatch.setattr(prepare_mod, "_PARALLEL_MIN_CHARS", 0)
+  pooled = prepare(data_config(spec, tmp_path / "cache2", num_workers=2, **{"tokenizer.type": "unigram",
+                                                                          "tokenizer.vocab_size": 300}))
+  assert pooled.tokenizer_sha256 == serial.tokenizer_sha256
+  assert [s["sha256"] for s in pooled.manifest["shards"]] == [s["sha256"] for s in serial.manifest["shards"]]
+  assert pooled.manifest["filters"] == serial.manifest["filters"]

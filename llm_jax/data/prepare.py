@@ -26,12 +26,12 @@ from llm_jax.data import cleaning, dedup, manifest as manifest_lib, shards as sh
 from llm_jax.data.errors import DataError
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
-VERSION = 2  # bump when the pipeline's output changes for the same inputs and config
+VERSION = 3  # bump when the pipeline's output changes for the same inputs and config
 # config.data fields that do not change the prepared data (loader-side knobs, resources).
 _NOT_IN_KEY = ("cache_dir", "num_workers", "segment_windows", "mixture", "seed")
 _DROP_REASONS = ("bad_record", "too_short", "nontext", "excluded", "exact_duplicate", "near_duplicate",
                  "near_duplicate_of_val")
-_PARALLEL_MIN_CHARS = 2_000_000  # below this, worker processes cost more than they save
+_PARALLEL_MIN_CHARS = 32_000_000  # below this, starting worker processes costs more than they save
 
 
 @dataclasses.dataclass
@@ -284,7 +284,7 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
   tok = train_tokenizer((r.doc.text for r in by_split["train"]), tok_path, vocab_size=t.vocab_size,
                         model_type=t.type, character_coverage=t.character_coverage,
                         lowercase=t.lowercase, max_sentence_length=t.max_sentence_length,
-                        input_sentence_size=t.input_sentence_size, num_threads=workers)
+                        input_sentence_size=t.input_sentence_size)
   domains = sorted({r.doc.domain for r in recs})
   dom_id = {name: i for i, name in enumerate(domains)}
 

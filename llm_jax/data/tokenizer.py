@@ -17,6 +17,9 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 # SentencePiece writes spaces as U+2581 inside pieces; a literal U+2581 in text cannot round-trip,
 # so the cleaner replaces it (see cleaning.py).
 SPACE_MARK = "\u2581"
+# SentencePiece's unigram trainer gives different models for different thread counts; prepare() trains
+# with this fixed count so the tokenizer does not depend on the machine's cores.
+TRAIN_THREADS = 4
 _TRAIN_CHUNK_CHARS = 4000  # training "sentences" are document chunks of at most this many characters
 
 
@@ -114,10 +117,19 @@ def _lowercase_rules() -> str:
   return "\n".join(lines) + "\n"
 
 
+def _canonical(proto: bytes) -> bytes:
+  """The model bytes without the trainer's thread count, so the sha256 does not depend on the machine."""
+  from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  m.trainer_spec.ClearField("num_threads")
+  return m.SerializeToString()
+
+
 def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe",
                     character_coverage: float = 0.9995, lowercase: bool = False,
                     max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
-                    num_threads: int = 1, seed: int = 0) -> Tokenizer:
+                    num_threads: int = TRAIN_THREADS, seed: int = 0) -> Tokenizer:
   """Trains SentencePiece on `texts` and writes `out_path` atomically; returns the loaded tokenizer."""
   if model_type not in ("bpe", "unigram", "char"):
     raise DataError(f"data.tokenizer.type={model_type!r} is not one of bpe, unigram, char")
@@ -166,7 +178,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, mod
   finally:
     if lowercase:
       os.unlink(kwargs["normalization_rule_tsv"])
-  proto = model.getvalue()
+  proto = _canonical(model.getvalue())
   tmp = f"{out_path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
     f.write(proto)
