@@ -136,6 +136,26 @@ def _float_params(params, cfg: ModelConfig):
   return quantize.dequantize(params, jnp.dtype(cfg.dtype))
 
 
+def empty_state(cfg: ModelConfig, batch: int) -> DecodeState:
+  """A DecodeState of `batch` idle rows, made without compiling the model (for serving slots)."""
+  ints = np.zeros((batch,), np.int32)
+  shapes = jax.eval_shape(functools.partial(_start, cfg=cfg), _abstract_params(cfg),
+                          np.zeros((batch, MIN_PREFILL), np.int32), np.ones((batch,), np.int32),
+                          ints.astype(np.uint32), ints, ints.astype(np.float32), ints,
+                          np.ones((batch,), np.float32), np.ones((batch,), np.float32))
+
+  def zeros(s):
+    if jnp.issubdtype(s.dtype, jax.dtypes.prng_key):
+      return jax.vmap(jax.random.key)(jnp.zeros(s.shape, jnp.uint32))
+    return jnp.zeros(s.shape, s.dtype)
+  return jax.tree.map(zeros, shapes)
+
+
+def _abstract_params(cfg: ModelConfig):
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return nn.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens))["params"])
+
+
 def empty_cache(cfg: ModelConfig, batch: int):
   """A zero KV cache for `batch` rows (collection 'cache' of the decode model)."""
   model = _model(cfg)
@@ -181,7 +201,7 @@ def _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_
 
 
 def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
-          vocab_limit: int | None):
+          vocab_limit: int | None, want_top=True):
   """Samples one token per row from the carried logits, then feeds it to get the next logits."""
   if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
     real_V = jnp.arange(cfg.vocab_size) < vocab_limit
@@ -192,7 +212,10 @@ def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
   logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
   lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
   if top_n:
-    top_lp_BT, top_ids_BT = jax.lax.top_k(logp_BV, top_n)
+    top_lp_BT, top_ids_BT = jax.lax.cond(
+        want_top, lambda x: tuple(jax.lax.top_k(x, top_n)),
+        lambda x: (jnp.zeros((x.shape[0], top_n), x.dtype), jnp.zeros((x.shape[0], top_n), jnp.int32)),
+        logp_BV)
   else:
     top_lp_BT = jnp.zeros((tok_B.shape[0], 0), jnp.float32)
     top_ids_BT = jnp.zeros((tok_B.shape[0], 0), jnp.int32)
@@ -221,9 +244,12 @@ def start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k
 
 @functools.partial(jax.jit, static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit"),
                    donate_argnums=1)
-def decode_chunk(params, state: DecodeState, alive_B, *, cfg: ModelConfig, steps: int,
-                 eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None):
-  """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps]."""
+def decode_chunk(params, state: DecodeState, alive_B, want_top=True, *, cfg: ModelConfig,
+                 steps: int, eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None):
+  """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps].
+
+  With top_n > 0, the top_n log-probs per step are computed only while `want_top` (traced) is true.
+  """
   params = _float_params(params, cfg)
   state = state.replace(active_B=state.active_B & alive_B)
   b = alive_B.shape[0]
@@ -234,7 +260,7 @@ def decode_chunk(params, state: DecodeState, alive_B, *, cfg: ModelConfig, steps
 
   def body(i, carry):
     st, acc = carry
-    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit)
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, want_top)
     acc = {k: acc[k].at[:, i].set(out[k]) for k in acc}
     return st, acc
 

@@ -60,7 +60,7 @@ def rows_of(res: dict) -> dict[str, tuple[float | None, float | None]]:
     out[f"all/{key}"] = (h["overall"].get(key), h["overall"].get(key + "_se"))
   for key in ("accuracy", "ece", "mean_rank", "median_rank", "top1", "top5", "top10"):
     out[f"all/{key}"] = (h["overall"].get(key), None)
-  if h.get("macro"):
+  if h.get("macro") and len(h.get("domains", {})) > 1:
     for key in ("loss", "bits_per_byte"):
       out[f"macro/{key}"] = (h["macro"].get(key), h["macro"].get(key + "_se"))
   for name, row in h.get("domains", {}).items():

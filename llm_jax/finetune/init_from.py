@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax import config as config_lib
 from llm_jax.model import ModelConfig
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -26,7 +27,7 @@ SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_head
 BEHAVIOUR_FIELDS = ("rope_theta", "norm_eps")
 
 
-class InitFromError(ValueError):
+class InitFromError(config_lib.ConfigError):
   """The init_from source is missing, has no weights, or does not fit this run; names key and path."""
 
 

@@ -181,26 +181,37 @@ def train_step(state: TrainState, batch, base_params, *, model, optimizer, confi
                              params_fn=params_fn)
 
 
-def create_state(base_params, optimizer, mesh, config, seed: int | None = None):
-  """A TrainState whose params are fresh adapters (replicated: they are small); (state, shardings)."""
+def init_state(base_params, optimizer, config, seed: int | None = None) -> TrainState:
+  """Fresh adapters and their optimizer state (pure: base_params may be abstract, only shapes are read)."""
   spec = spec_from_config(config)
   if spec is None:
-    raise config_lib.ConfigError("lora.create_state needs finetune.lora.rank > 0")
+    raise config_lib.ConfigError("LoRA needs finetune.lora.rank > 0")
   seed = int(config.train.seed if seed is None else seed)
-  abstract_base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), base_params)
-  find_targets(abstract_base, spec)  # fail early, naming the key
+  adapters = init_adapters(base_params, spec, seed)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=optimizer.init(adapters),
+                    skipped=jnp.zeros((), jnp.int32))
 
-  def init():
-    adapters = init_adapters(abstract_base, spec, seed)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=adapters,
-                      opt_state=optimizer.init(adapters), skipped=jnp.zeros((), jnp.int32))
 
-  abstract = jax.eval_shape(init)
-  shardings = jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
-  state = jax.jit(init, out_shardings=shardings)()
+def state_shardings(base_params, optimizer, mesh, config):
+  """(abstract adapter state, its shardings): replicated, adapters are small."""
+  abstract = jax.eval_shape(lambda: init_state(_abstract(base_params), optimizer, config))
+  return abstract, jax.tree.map(lambda _: sharding_lib.replicated(mesh), abstract)
+
+
+def create_state(base_params, optimizer, mesh, config, seed: int | None = None):
+  """A TrainState whose params are fresh adapters; returns (state, shardings)."""
+  spec = spec_from_config(config)
+  base = _abstract(base_params)
+  find_targets(base, spec)  # fail early, naming the key
+  _, shardings = state_shardings(base, optimizer, mesh, config)
+  state = jax.jit(lambda: init_state(base, optimizer, config, seed), out_shardings=shardings)()
   logging.info("LoRA: %d adapter parameters on %d kernels (rank %d, alpha %g)", count(state.params),
                len(adapter_names(state.params)), spec.rank, spec.alpha)
   return state, shardings
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def merged_params(workdir: str, step: int | None = None, mesh=None):

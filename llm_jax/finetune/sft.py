@@ -19,11 +19,13 @@ from typing import Iterator
 import grain
 import numpy as np
 
+from llm_jax.data.errors import DataError
+
 ROLES = ("system", "user", "assistant")
 _STATE_KEYS = ("seq_len", "global_batch_size", "seed", "data_sha256")
 
 
-class SFTError(ValueError):
+class SFTError(DataError):
   """A bad SFT file, line or template; the message names the file and line or the config key."""
 
 

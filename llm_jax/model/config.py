@@ -31,6 +31,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   init_std: float = 0.02
+  scan_unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, same parameters)
   logits_dtype: str = "float32"  # the head matmul's output dtype (the loss upcasts inside fusions)
 
   @classmethod
@@ -62,6 +63,7 @@ class ModelConfig:
         norm=m.norm, norm_eps=float(m.norm_eps), activation=m.activation,
         tie_embeddings=m.tie_embeddings, use_bias=m.use_bias, dropout=float(m.dropout),
         dtype=dtype, param_dtype=m.param_dtype, logits_dtype=logits_dtype,
+        scan_unroll=max(1, min(int(m.get("scan_unroll", 1)), m.num_layers)),
         attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std))
 
   def param_count(self, include_embedding: bool = True) -> int:

@@ -188,6 +188,7 @@ class Decoder(nn.Module):
       self.blocks = nn.scan(
           block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+          unroll=c.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})(c, decode=self.decode, name="blocks")
     else:
       self.blocks = [block(c, decode=self.decode, name=f"block_{i}") for i in range(c.num_layers)]

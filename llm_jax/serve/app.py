@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import secrets
 import socket
 import threading
@@ -248,6 +249,8 @@ def create_app(settings: ServerSettings, *, load: bool = True, on_load_failure=N
     errors = e.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+      loc = []  # the location is a character offset, not a field
     param = loc[0] if loc else "body"
     message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
     request.state.audit["error"] = message
@@ -372,6 +375,20 @@ async def _completions(st: ServerState, req: CompletionRequest, request: Request
   return await ctx.collect(request)
 
 
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def token_str(tok, i: int) -> str:
+  """A token as text for log-prob listings: its text, 'bytes:\\xNN' for a byte piece, or the piece
+  name of a special id (so that distinct ids get distinct strings)."""
+  piece = tok.id_to_piece(i)
+  m = _BYTE_PIECE.match(piece)
+  if m:
+    return f"bytes:\\x{m.group(1).lower()}"
+  text = tok.decode([i])
+  return text if text else piece
+
+
 def _prompt_logprobs(st: ServerState, ids: list[int]) -> list[float | None]:
   import numpy as np
   from llm_jax.serve.engine import _prompt_logprobs as fn
@@ -404,7 +421,6 @@ class _Response:
       self.texts[event[1]] += event[2]
     elif event[0] == "done":
       self.reasons[event[1]] = event[2]
-      self.st.metrics.finished.labels(event[2]).inc()
 
   def _finalize_record(self) -> None:
     choices = self.handle.choices
@@ -420,7 +436,7 @@ class _Response:
     tok = self.st.loaded.tokenizer
     ids = (self.ids if echo else []) + c.tokens
     lps = ((self.prompt_lps or [None] * len(self.ids)) if echo else []) + c.logprobs
-    strs = [tok.decode([t]) for t in ids]
+    strs = [token_str(tok, t) for t in ids]
     offsets, pos = [], 0
     for s in strs:
       offsets.append(pos)
@@ -428,7 +444,7 @@ class _Response:
     top = None
     if self.req.logprobs:
       top = ([None] * len(self.ids) if echo else []) + [
-          {tok.decode([i]): v for i, v in row} for row in c.top]
+          {token_str(tok, i): v for i, v in row} for row in c.top]
     return {"tokens": strs, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
 
   def _choice(self, c: Choice) -> dict:
@@ -505,8 +521,8 @@ class _Response:
           _, index, text, tokens, lps, top = event
           logprobs = None
           if self.req.logprobs is not None:
-            logprobs = {"tokens": [tok.decode([t]) for t in tokens], "token_logprobs": lps,
-                        "top_logprobs": ([{tok.decode([i]): v for i, v in row} for row in top]
+            logprobs = {"tokens": [token_str(tok, t) for t in tokens], "token_logprobs": lps,
+                        "top_logprobs": ([{token_str(tok, i): v for i, v in row} for row in top]
                                          if self.req.logprobs else None)}
           yield self._chunk(index, text, logprobs=logprobs)
         elif event[0] == "done":
@@ -562,10 +578,14 @@ class ServerThread:
     self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                    daemon=True)
 
-  def start(self, wait_ready_s: float = 120.0) -> "ServerThread":
+  def start(self, wait_ready_s: float = 120.0, wait_model: bool = True) -> "ServerThread":
     """Starts serving and waits until /health would say 200 (model loaded and compiled)."""
     self.thread.start()
     st = self.app.state.llm
+    if not wait_model:
+      while not self.server.started:
+        time.sleep(0.02)
+      return self
     deadline = time.monotonic() + wait_ready_s
     while time.monotonic() < deadline:
       if st.error:

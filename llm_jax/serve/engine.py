@@ -113,6 +113,7 @@ class Engine:
     self.slots, self.max_concurrent, self.chunk = int(slots), int(max_concurrent), int(chunk)
     self.hold_chars, self.output_check, self.metrics = hold_chars, output_check, metrics
     self.vocab_limit = min(tokenizer.vocab_size, cfg.vocab_size)
+    self.min_prefill = min(16, cfg.max_seq_len)  # prompts are padded to 16, 32, 64, ... tokens
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
     self._in_flight: set[str] = set()
@@ -128,16 +129,10 @@ class Engine:
   # ---------------------------------------------------------------- lifecycle
 
   def _empty_state(self) -> G.DecodeState:
-    b = self.slots
-    zeros = np.zeros((b,), np.int32)
-    return G.start(self.params, np.zeros((b, G.MIN_PREFILL), np.int32), np.ones((b,), np.int32),
-                   seeds_B=zeros.astype(np.uint32), max_new_B=zeros,
-                   temperature_B=zeros.astype(np.float32), top_k_B=zeros,
-                   top_p_B=np.ones((b,), np.float32), penalty_B=np.ones((b,), np.float32),
-                   cfg=self.cfg)
+    return G.empty_state(self.cfg, self.slots)
 
   def prefill_buckets(self) -> list[int]:
-    out, b = [], G.MIN_PREFILL
+    out, b = [], self.min_prefill
     while True:
       out.append(min(b, self.cfg.max_seq_len))
       if b >= self.cfg.max_seq_len:
@@ -151,10 +146,10 @@ class Engine:
     for n in self.prefill_buckets():
       self.state = self._admit_arrays(0, [1], G.SamplingParams(max_new_tokens=1), n)
     alive = np.zeros((self.slots,), bool)
-    for top_n in (0, TOP_LOGPROBS):
-      self.state, outs = G.decode_chunk(self.params, self.state, alive, cfg=self.cfg,
-                                        steps=self.chunk, top_n=top_n, vocab_limit=self.vocab_limit)
-      jax.block_until_ready(outs)
+    self.state, outs = G.decode_chunk(self.params, self.state, alive, np.bool_(False), cfg=self.cfg,
+                                      steps=self.chunk, top_n=TOP_LOGPROBS,
+                                      vocab_limit=self.vocab_limit)
+    jax.block_until_ready(outs)
     self.state = self._empty_state()
     jax.block_until_ready(self.state)
     self.ready = True
@@ -173,7 +168,8 @@ class Engine:
       self._thread.join(timeout=10)
 
   def pause(self) -> None:
-    """Holds decoding and admission (queued and active requests wait; for drains and tests)."""
+    """Holds decoding: requests still join free slots (prefill) and cancelled ones still leave, but
+    no tokens are produced until `resume` (for maintenance and for tests)."""
     with self._cond:
       self._paused = True
 
@@ -235,14 +231,21 @@ class Engine:
   def _run(self) -> None:
     while True:
       with self._cond:
-        while not self._stop and (self._paused or (not self._queue and self.busy_slots == 0)):
+        while not self._stop:
+          free = self.busy_slots < self.slots
+          if (self._queue and free) or (self.busy_slots and not self._paused):
+            break
+          if self.busy_slots:  # paused with requests in slots: wake up to free cancelled ones
+            self._cond.wait(timeout=0.05)
+            break
           self._cond.wait(timeout=0.5)
         if self._stop:
           return
+        paused = self._paused
       try:
         self._admit_waiting()
         self._reap()
-        if self.busy_slots:
+        if self.busy_slots and not paused:
           self._decode()
       except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
         log.exception("engine step failed")
@@ -250,7 +253,7 @@ class Engine:
         self.state = self._empty_state()
 
   def _admit_arrays(self, slot: int, prompt: list[int], sp: G.SamplingParams, width: int | None = None):
-    width = width or G.bucket(len(prompt), self.cfg.max_seq_len)
+    width = width or G.bucket(len(prompt), self.cfg.max_seq_len, self.min_prefill)
     tokens = np.zeros((1, width), np.int32)
     tokens[0, :len(prompt)] = prompt
     arrays = G.sampling_arrays([sp])
@@ -289,9 +292,10 @@ class Engine:
 
   def _decode(self) -> None:
     alive = np.array([s is not None for s in self._slot])
-    top_n = TOP_LOGPROBS if any(s is not None and s[1].top_n for s in self._slot) else 0
-    self.state, outs = G.decode_chunk(self.params, self.state, alive, cfg=self.cfg, steps=self.chunk,
-                                      top_n=top_n, vocab_limit=self.vocab_limit)
+    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot))
+    self.state, outs = G.decode_chunk(self.params, self.state, alive, want_top, cfg=self.cfg,
+                                      steps=self.chunk, top_n=TOP_LOGPROBS,
+                                      vocab_limit=self.vocab_limit)
     outs, active = jax.device_get((outs, self.state.active_B))
     self.steps += self.chunk
     for slot, entry in enumerate(list(self._slot)):
@@ -343,6 +347,8 @@ class Engine:
 
   def _finish(self, handle: Handle, choice: Choice, reason: str) -> None:
     choice.finish_reason = reason
+    if self.metrics is not None:
+      self.metrics.finished.labels(reason).inc()
     with self._cond:
       if choice.slot is not None and self._slot[choice.slot] is not None \
           and self._slot[choice.slot][1] is choice:

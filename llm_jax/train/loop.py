@@ -138,16 +138,21 @@ class Setup:
   mesh: Any
   state_shardings: Any
   abstract_state: Any
+  finetune: Any = None  # llm_jax.finetune.hooks.Finetune when init_from or SFT data is set
 
 
 def _prepare_data(config):
   from llm_jax.data import prepare as prepare_lib  # noqa: PLC0415
+  prepare = prepare_lib.prepare
+  if config.get("reuse_source_tokenizer") and config.get("init_from"):
+    from llm_jax.finetune import hooks as finetune_hooks  # noqa: PLC0415
+    prepare = finetune_hooks.prepare_data  # the source's tokenizer.model instead of a new one
   if jax.process_count() == 1:
-    return prepare_lib.prepare(config)
+    return prepare(config)
   from jax.experimental import multihost_utils  # noqa: PLC0415
-  prepared = prepare_lib.prepare(config) if jax.process_index() == 0 else None
+  prepared = prepare(config) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("llm_jax prepared data")
-  return prepared or prepare_lib.prepare(config)
+  return prepared or prepare(config)
 
 
 def build(config) -> Setup:
@@ -166,12 +171,19 @@ def build(config) -> Setup:
   optimizer = optimizer_lib.make_optimizer(config)
   mesh = sharding_lib.make_mesh(config)
   abstract, shardings = state_lib.state_shardings(model, optimizer, mesh, config)
-  return Setup(config, prepared, tokenizer, model_cfg, model, optimizer, mesh, shardings, abstract)
+  from llm_jax.finetune import hooks as finetune_hooks  # noqa: PLC0415
+  finetune = finetune_hooks.Finetune.create(config, model, mesh, tokenizer, prepared.tokenizer_sha256)
+  if finetune is not None and finetune.lora is not None:  # the state is the adapters
+    abstract, shardings = finetune.state_shardings(optimizer)
+  return Setup(config, prepared, tokenizer, model_cfg, model, optimizer, mesh, shardings, abstract,
+               finetune)
 
 
 def _make_loader(setup: Setup):
   from llm_jax.data import loader as loader_lib  # noqa: PLC0415
   c = setup.config
+  if setup.finetune is not None and setup.finetune.sft_file:
+    return setup.finetune.make_loader(jax.process_index(), jax.process_count())
   return loader_lib.TrainLoader(
       setup.prepared.dir, "train", c.train.seq_len, c.train.global_batch_size, c.data.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -342,7 +354,10 @@ def train(config, workdir: str, *, batch_hook: Callable | None = None,
     log.info("resumed from the checkpoint at step %d in %s", start, ckpts.directory)
   else:
     start = 0
-    state, _ = state_lib.create_state(setup.model, setup.optimizer, setup.mesh, c, tr.seed)
+    create = functools.partial(state_lib.create_state, setup.model, setup.optimizer, setup.mesh, c,
+                               tr.seed)
+    state = (setup.finetune.init_state(setup.optimizer, tr.seed, create) if setup.finetune is not None
+             else create()[0])
   skipped = int(jax.device_get(state.skipped))
   if start >= total:
     log.info("the run is already at step %d of %d: nothing to do (raise train.steps or train.tokens "
@@ -387,10 +402,17 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
       functools.partial(step_lib.train_step, model=setup.model, optimizer=setup.optimizer, config=c),
       in_shardings=(setup.state_shardings, batch_shardings),
       out_shardings=(setup.state_shardings, replicated), donate_argnums=0)
+  ft = setup.finetune
+  model_params = ft.model_params if ft is not None else (lambda p: p)  # LoRA: base + adapters
+  if ft is not None and ft.lora is not None:
+    step_fn = ft.step_fn(setup.model, setup.optimizer, setup.state_shardings, batch_shardings,
+                         replicated)
   num_domains = max(1, len(setup.prepared.domains))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=setup.model, num_domains=num_domains),
                     out_shardings=replicated)
   eval_batches = _eval_batches(setup) if tr.eval_every > 0 else []
+  sft_eval = (ft.sft_eval_batches(jax.process_index(), jax.process_count())
+              if ft is not None and tr.eval_every > 0 else [])
   if tr.eval_every > 0 and not eval_batches:
     log.warning("the val split is empty: no evaluation")
   sampler = None
@@ -399,7 +421,7 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
                                   tr.sample_tokens, tr.seq_len, seed=tr.seed)
 
   batch = sharding_lib.global_batch(batch_np, mesh)
-  if tr.preflight and start == 0:
+  if tr.preflight and start == 0 and (ft is None or ft.lora is None):  # LoRA: the state is adapters
     figures = preflight_lib.run(state, batch, model=setup.model, config=c, tokenizer=setup.tokenizer,
                                 eval_fn=eval_fn, state_shardings=setup.state_shardings, batch_shardings=batch_shardings)
     run.writer.write(0, {"loss": figures["preflight_loss_before"], **figures})
@@ -439,13 +461,17 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
       row = run.finish(*pending) or {}
       pending = None
       if do_eval:
-        row.update(_evaluate(state.params, eval_fn, eval_batches, mesh, setup.prepared.domains))
+        row.update(_evaluate(model_params(state.params), eval_fn, eval_batches, mesh,
+                             setup.prepared.domains))
+        if sft_eval:
+          row["val_loss/sft"] = _evaluate(model_params(state.params), eval_fn, sft_eval, mesh,
+                                          ["sft"]).get("val_loss")
         if "val_loss" in row:
           run.last_val = row["val_loss"]
           run.alerts.val_loss(step, row["val_loss"])
           log.info("step %d: loss %.4f, val loss %.4f", step, run.last_loss, row["val_loss"])
       if do_sample:
-        texts = sampler(state.params, step)
+        texts = sampler(model_params(state.params), step)
         for prompt, text in zip(sampler.prompts, texts):
           log.info("sample at step %d: %r", step, text)
         run.writer.text(step, "samples", "\n\n".join(f"```\n{t}\n```" for t in texts))

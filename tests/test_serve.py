@@ -1,0 +1,401 @@
+"""The HTTP server on real uvicorn sockets over a real package of a tiny random model.
+
+Two servers share one process (and so the compiled decode functions): `plain` (no key, no filters)
+and `guarded` (API key, input/output filters, prompts in the audit log).
+"""
+import asyncio
+import json
+import random
+import re
+import time
+
+import httpx
+import pytest
+
+from llm_jax import package
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.model import ModelConfig
+from llm_jax.serve import app as app_lib
+from llm_jax.serve.filters import FilterConfigError, load_filters
+
+CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, max_seq_len=32, init_std=0.3)
+KEY = "k" * 24
+PROMPT = "the cat"
+
+
+@pytest.fixture(scope="module")
+def pkg(tmp_path_factory):
+  from llm_jax.export import init_params
+  d = tmp_path_factory.mktemp("serve")
+  rng = random.Random(0)
+  words = "the cat sat on a mat and def return import class self print data model".split()
+  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
+  tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=300)
+  package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1)
+  return d
+
+
+def _settings(pkg, **kw):
+  base = dict(package=str(pkg / "pkg"), slots=2, max_concurrent=4, decode_chunk=2,
+              max_body_bytes=4096, request_timeout_s=30.0, max_n=3)
+  base.update(kw)
+  return app_lib.ServerSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def plain(pkg):
+  srv = app_lib.ServerThread(app_lib.create_app(_settings(pkg, audit_log=str(pkg / "plain.jsonl"))))
+  srv.start()
+  yield srv
+  srv.stop()
+
+
+def _post(url, body, **kw):
+  return httpx.post(f"{url}/v1/completions", json=body, timeout=60, **kw)
+
+
+def _greedy(url, prompt=PROMPT, max_tokens=16, headers=None, **kw):
+  r = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw},
+            headers=headers)
+  assert r.status_code == 200, r.text
+  return r.json()
+
+
+@pytest.fixture(scope="module")
+def greedy_text(plain):
+  text = _greedy(plain.url)["choices"][0]["text"]
+  assert len(text) >= 8, text
+  return text
+
+
+@pytest.fixture(scope="module")
+def guarded(pkg, greedy_text):
+  blocked = greedy_text[4:7]
+  rules = {"input": [{"name": "no-secrets", "pattern": "(?i)forbidden", "reason": "no secrets"}],
+           "output": [{"name": "snippet", "pattern": re.escape(blocked), "reason": "test rule"}],
+           "hold_chars": 8}
+  (pkg / "filters.json").write_text(json.dumps(rules))
+  s = _settings(pkg, api_key=KEY, filters=load_filters(str(pkg / "filters.json")), log_prompts=True,
+                audit_log=str(pkg / "guarded.jsonl"))
+  srv = app_lib.ServerThread(app_lib.create_app(s))
+  srv.start()
+  yield srv, blocked
+  srv.stop()
+
+
+def _metric(url, name, headers=None):
+  text = httpx.get(f"{url}/metrics", headers=headers).text
+  m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.M)
+  return float(m.group(1)) if m else 0.0
+
+
+def _audit(pkg, name, settle_s=0.3):
+  time.sleep(settle_s)  # the line is written just after the response's last byte
+  return [json.loads(line) for line in (pkg / name).read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------ endpoints
+
+
+def test_health_models_metrics(plain):
+  h = httpx.get(f"{plain.url}/health")
+  assert h.status_code == 200 and h.json()["status"] == "ok"
+  models = httpx.get(f"{plain.url}/v1/models").json()
+  assert models["data"][0]["id"] == "pkg" and models["data"][0]["max_seq_len"] == 32
+  m = httpx.get(f"{plain.url}/metrics")
+  assert m.status_code == 200 and "llm_batch_slots 2.0" in m.text
+  assert httpx.get(f"{plain.url}/docs").status_code == 404  # no UI that loads code from elsewhere
+  assert httpx.get(f"{plain.url}/openapi.json").status_code == 404
+
+
+def test_health_is_503_until_loaded(pkg):
+  srv = app_lib.ServerThread(app_lib.create_app(_settings(pkg), load=False)).start(wait_model=False)
+  try:
+    h = httpx.get(f"{srv.url}/health")
+    assert h.status_code == 503 and h.json()["status"] == "loading"
+    r = _post(srv.url, {"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+  finally:
+    srv.stop()
+
+
+def test_completion_shapes_and_determinism(plain, pkg, greedy_text):
+  a = _greedy(plain.url)
+  assert a["object"] == "text_completion" and a["model"] == "pkg"
+  c = a["choices"][0]
+  assert c["text"] == greedy_text and c["finish_reason"] == "length"
+  assert a["usage"] == {"prompt_tokens": a["usage"]["prompt_tokens"], "completion_tokens": 16,
+                        "total_tokens": a["usage"]["prompt_tokens"] + 16}
+  # The same prompt as token ids ([BOS] + encode) gives the same completion.
+  tok = package.load_tokenizer(str(pkg / "pkg" / "tokenizer.model"))
+  ids = [tok.bos_id] + tok.encode(PROMPT)
+  assert _greedy(plain.url, prompt=ids)["choices"][0]["text"] == greedy_text
+  # Seeded sampling is reproducible; n choices use consecutive seeds.
+  body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 2}
+  r1, r2 = _post(plain.url, body).json(), _post(plain.url, body).json()
+  assert [c["text"] for c in r1["choices"]] == [c["text"] for c in r2["choices"]]
+  assert [c["index"] for c in r1["choices"]] == [0, 1]
+  assert r1["choices"][0]["text"] != r1["choices"][1]["text"]
+  assert r1["usage"]["completion_tokens"] == 24
+
+
+def test_concurrent_requests_share_steps_and_match_sequential(plain):
+  prompts = ["the cat", "def return import class", "a"]
+  alone = [_greedy(plain.url, p, max_tokens=10)["choices"][0]["text"] for p in prompts]
+  engine = plain.app.state.llm.engine
+  steps0 = engine.steps
+
+  async def together():
+    async with httpx.AsyncClient(timeout=60) as c:
+      tasks = [asyncio.create_task(c.post(f"{plain.url}/v1/completions", json={
+          "prompt": p, "max_tokens": 10, "temperature": 0})) for p in prompts]
+      deadline = time.time() + 20
+      while engine.in_flight < 3 and time.time() < deadline:
+        await asyncio.sleep(0.01)
+      engine.resume()
+      return await asyncio.gather(*tasks)
+
+  engine.pause()  # all three arrive before decoding starts: two share slots, one waits and joins
+  try:
+    rs = asyncio.run(together())
+  finally:
+    engine.resume()
+  assert [r.json()["choices"][0]["text"] for r in rs] == alone
+  # 3 requests x 10 tokens on 2 slots: 20 decode steps instead of 30 one at a time.
+  assert engine.steps - steps0 == 20
+
+
+def test_stop_sequences_trimmed(plain, greedy_text):
+  stop = greedy_text[5:7]
+  r = _greedy(plain.url, stop=[stop, "zzzz"])
+  c = r["choices"][0]
+  assert c["text"] == greedy_text[:greedy_text.find(stop)] and c["finish_reason"] == "stop"
+
+
+def test_logprobs_and_echo(plain):
+  r = _greedy(plain.url, max_tokens=5, logprobs=2, echo=True)
+  c, n_prompt = r["choices"][0], r["usage"]["prompt_tokens"]
+  assert c["text"].startswith(PROMPT)
+  lp = c["logprobs"]
+  assert len(lp["tokens"]) == len(lp["token_logprobs"]) == n_prompt + 5
+  assert lp["token_logprobs"][0] is None and all(x <= 0 for x in lp["token_logprobs"][1:])
+  top = lp["top_logprobs"][n_prompt:]
+  assert all(len(t) <= 2 for t in top)
+  # Greedy: the chosen token's log-prob is the best of the top ones.
+  assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(top, lp["token_logprobs"][n_prompt:]))
+
+
+def _sse(url, body, headers=None):
+  events, done = [], False
+  with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60,
+                    headers=headers) as r:
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    for line in r.iter_lines():
+      if not line:
+        continue
+      assert line.startswith("data: ")
+      if line == "data: [DONE]":
+        done = True
+        continue
+      assert not done, "data after [DONE]"
+      events.append(json.loads(line[6:]))
+  assert done
+  return events
+
+
+def test_sse_stream_parsed_to_the_end(plain, greedy_text):
+  events = _sse(plain.url, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0,
+                            "stream_options": {"include_usage": True}})
+  text = "".join(c["text"] for e in events for c in e["choices"])
+  assert text == greedy_text
+  finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+  assert finishes == ["length"]
+  assert events[-1]["usage"]["completion_tokens"] == 16
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "temperature": 5}, "temperature"),
+    ({"prompt": "x", "top_p": 0}, "top_p"),
+    ({"prompt": "x", "top_k": -1}, "top_k"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ({"prompt": "x", "n": 9}, "n"),
+    ({"prompt": "x", "logprobs": 9}, "logprobs"),
+    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "stream": 1}, "stream"),
+    ({"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
+    ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"max_tokens": 3}, "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": [1, 99999]}, "prompt"),
+    ({"prompt": "the " * 40}, "prompt"),
+    ({"prompt": "x", "max_tokens": 31}, "max_tokens"),
+])
+def test_422_names_the_field(plain, body, param):
+  r = _post(plain.url, body)
+  assert r.status_code == 422, r.text
+  err = r.json()["error"]
+  assert err["param"] == param and err["message"]
+
+
+def test_bad_json_body_and_size_limits(plain):
+  r = httpx.post(f"{plain.url}/v1/completions", content=b"{nope",
+                 headers={"content-type": "application/json"})
+  assert r.status_code == 422 and r.json()["error"]["param"] == "body"
+  r = _post(plain.url, {"prompt": "a" * 5000})
+  assert r.status_code == 413
+  r = _post(plain.url, {"prompt": "x", "model": "other"})
+  assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_flood_gets_429_and_no_crash(plain):
+  engine = plain.app.state.llm.engine
+  engine.pause()
+
+  async def flood():
+    async with httpx.AsyncClient(timeout=60) as c:
+      tasks = [asyncio.create_task(c.post(f"{plain.url}/v1/completions", json={
+          "prompt": "the", "max_tokens": 4, "temperature": 0})) for _ in range(12)]
+      pending, deadline = set(tasks), time.time() + 20
+      while len(pending) > 4 and time.time() < deadline:
+        _, pending = await asyncio.wait(pending, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+      early = [t.result().status_code for t in tasks if t not in pending]
+      engine.resume()
+      late = [r.status_code for r in await asyncio.gather(*pending)]
+      return early, late
+
+  try:
+    early, late = asyncio.run(flood())
+  finally:
+    engine.resume()
+  assert sorted(early) == [429] * 8 and late == [200] * 4
+  r = _greedy(plain.url, max_tokens=4)
+  assert r["choices"][0]["finish_reason"] == "length"
+  assert httpx.get(f"{plain.url}/health").status_code == 200
+
+
+def test_disconnect_frees_the_slot(plain, pkg):
+  engine = plain.app.state.llm.engine
+  cancelled0 = _metric(plain.url, 'llm_sequences_finished_total{reason="cancelled"}')
+  engine.pause()  # requests still take slots, but no tokens come until resume
+  try:
+    with httpx.stream("POST", f"{plain.url}/v1/completions", timeout=30, json={
+        "prompt": PROMPT, "max_tokens": 20, "stream": True, "echo": True}) as r:
+      first = next(r.iter_lines())
+      assert first.startswith("data: ") and PROMPT in first
+      deadline = time.time() + 10
+      while engine.busy_slots == 0 and time.time() < deadline:
+        time.sleep(0.01)
+      assert engine.busy_slots == 1
+    deadline = time.time() + 10  # the client closed the connection: the slot must free up
+    while engine.busy_slots and time.time() < deadline:
+      time.sleep(0.02)
+    assert engine.busy_slots == 0 and engine.in_flight == 0
+  finally:
+    engine.resume()
+  assert _metric(plain.url, 'llm_sequences_finished_total{reason="cancelled"}') == cancelled0 + 1
+  last = [a for a in _audit(pkg, "plain.jsonl") if a.get("stream")][-1]
+  assert last["disconnected"] is True and last["completion_tokens"] == 0
+
+
+def test_request_timeout(plain):
+  st = plain.app.state.llm
+  st.settings.request_timeout_s = 0.3
+  st.engine.pause()
+  try:
+    r = _post(plain.url, {"prompt": "x", "max_tokens": 3})
+  finally:
+    st.engine.resume()
+    st.settings.request_timeout_s = 30.0
+  assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+
+
+def test_metrics_counters_move(plain):
+  name = 'llm_requests_total{route="/v1/completions",status="200"}'
+  before = {k: _metric(plain.url, k) for k in (name, "llm_generated_tokens_total",
+                                                "llm_time_to_first_token_seconds_count",
+                                                "llm_request_latency_seconds_count")}
+  _greedy(plain.url, max_tokens=7)
+  after = {k: _metric(plain.url, k) for k in before}
+  assert after[name] == before[name] + 1
+  assert after["llm_generated_tokens_total"] == before["llm_generated_tokens_total"] + 7
+  assert after["llm_time_to_first_token_seconds_count"] == \
+      before["llm_time_to_first_token_seconds_count"] + 1
+  assert after["llm_request_latency_seconds_count"] > before["llm_request_latency_seconds_count"]
+  assert _metric(plain.url, "llm_busy_slots") == 0 and _metric(plain.url, "llm_queue_depth") == 0
+  assert _metric(plain.url, 'llm_requests_total{route="/v1/completions",status="422"}') >= 1
+
+
+def test_audit_lines(plain, pkg):
+  _greedy(plain.url, max_tokens=3)
+  lines = _audit(pkg, "plain.jsonl")
+  last = [a for a in lines if a["path"] == "/v1/completions" and a["status"] == 200][-1]
+  meta = package.read_model_json(str(pkg / "pkg"))
+  assert last["build_id"] == meta["build_id"]
+  assert last["tokenizer_sha256"] == meta["provenance"]["tokenizer_sha256"]
+  assert last["manifest_sha256"] == "unknown"
+  for key in ("id", "start", "end", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens"):
+    assert key in last, key
+  assert last["completion_tokens"] == 3
+  assert all("prompt" not in a and "completion" not in a for a in lines)  # no --log-prompts
+  assert any(a["status"] == 422 and "error" in a for a in lines)
+
+
+def test_openai_client(plain, greedy_text):
+  openai = pytest.importorskip("openai")
+  client = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="unused", max_retries=0)
+  r = client.completions.create(model="pkg", prompt=PROMPT, max_tokens=16, temperature=0)
+  assert r.choices[0].text == greedy_text and r.usage.completion_tokens == 16
+  parts = [c.choices[0].text for c in client.completions.create(
+      model="pkg", prompt=PROMPT, max_tokens=16, temperature=0, stream=True) if c.choices]
+  assert "".join(parts) == greedy_text
+  assert [m.id for m in client.models.list()] == ["pkg"]
+
+
+# ------------------------------------------------------------------ key, filters, prompt logging
+
+
+def test_api_key_required_except_health(guarded):
+  srv, _ = guarded
+  auth = {"Authorization": f"Bearer {KEY}"}
+  assert httpx.get(f"{srv.url}/health").status_code == 200
+  for path in ("/v1/models", "/metrics"):
+    assert httpx.get(f"{srv.url}{path}").status_code == 401
+    assert httpx.get(f"{srv.url}{path}", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{srv.url}{path}", headers=auth).status_code == 200
+  r = _post(srv.url, {"prompt": "x", "max_tokens": 2})
+  assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+  assert _post(srv.url, {"prompt": "x", "max_tokens": 2}, headers=auth).status_code == 200
+
+
+def test_filters_block_input_and_cut_output(guarded, greedy_text, pkg):
+  srv, blocked = guarded
+  auth = {"Authorization": f"Bearer {KEY}"}
+  r = _post(srv.url, {"prompt": "tell me the FORBIDDEN thing"}, headers=auth)
+  assert r.status_code == 400
+  assert r.json()["error"]["code"] == "input_blocked" and "no secrets" in r.json()["error"]["message"]
+  want = greedy_text[:greedy_text.find(blocked)]
+  c = _greedy(srv.url, headers=auth)["choices"][0]
+  assert c["text"] == want and c["finish_reason"] == "content_filter"
+  assert c["content_filter"]["name"] == "snippet"
+  events = _sse(srv.url, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}, headers=auth)
+  assert "".join(c["text"] for e in events for c in e["choices"]) == want
+  assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == \
+      ["content_filter"]
+  lines = _audit(pkg, "guarded.jsonl")
+  assert any(a.get("blocked_by") == "no-secrets" and a["status"] == 400 for a in lines)
+  logged = [a for a in lines if a.get("output_blocked_by") == ["snippet"]]
+  assert logged and logged[-1]["prompt"] == PROMPT and logged[-1]["completion"] == [want]
+
+
+def test_filter_file_errors(tmp_path):
+  bad = tmp_path / "f.json"
+  bad.write_text('{"input": [{"pattern": "("}]}')
+  with pytest.raises(FilterConfigError, match=r"input\[0\]\.pattern"):
+    load_filters(str(bad))
+  bad.write_text('{"inputs": []}')
+  with pytest.raises(FilterConfigError, match="unknown keys"):
+    load_filters(str(bad))
