@@ -104,6 +104,11 @@ class Accumulator:
       sel = domain == d
       self.calib[int(d)].add(conf[sel], rank[sel])
 
+  @property
+  def windows(self) -> int:
+    """Windows (blocks) that contributed at least one token."""
+    return len(self._blocks)
+
   def result(self) -> dict:
     """{'overall': {...}, 'domains': {name: {...}}, 'macro': {...}} with calibration in each row."""
     ids = sorted(self._blocks)

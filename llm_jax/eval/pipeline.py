@@ -79,7 +79,7 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
   batches, domains, documents = heldout_batches(sm, corpus, split, seq_len, batch_size, max_windows)
   acc = scorer.accumulate(batches, domains, max_windows)
   heldout = acc.result()
-  windows = len(acc._blocks)  # noqa: SLF001 - the count of scored windows
+  windows = acc.windows
   results = {
       "meta": {
           "source": sm.path, "kind": sm.kind, "step": sm.step,
