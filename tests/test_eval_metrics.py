@@ -169,3 +169,27 @@ def test_batch_size_independent_on_mesh(tiny_model):
         assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
   assert results[0]["overall"]["tokens"] == 13 * 16
   assert results[0]["overall"]["blocks"] == 13
+
+
+def test_compare_flags_differences_beyond_standard_errors(tmp_path):
+  import json
+  from llm_jax.eval import compare
+
+  def write(name, loss, se, bpb, bpb_se, tok="t1"):
+    row = {"loss": loss, "loss_se": se, "perplexity": math.exp(loss), "perplexity_se": None,
+           "bits_per_byte": bpb, "bits_per_byte_se": bpb_se, "accuracy": 0.3, "ece": 0.02}
+    res = {"meta": {"source": name, "step": 1, "corpus": "c", "tokenizer_sha256": tok},
+           "heldout": {"overall": row, "macro": {}, "domains": {"a": row}}}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(res))
+    return str(path)
+
+  a = write("a", 3.0, 0.01, 1.00, 0.01)
+  b = write("b", 2.95, 0.01, 0.99, 0.01, tok="t2")  # loss: 0.05 > 2 * 0.0141; bpb: 0.01 < 0.0141
+  cmp = compare.compare([a, b])
+  flags = {r["name"]: r["flags"][1] for r in cmp["rows"]}
+  assert flags["all/loss"] == "**" and flags["all/bits_per_byte"] == "" and flags["all/ece"] == ""
+  text = compare.text(cmp)
+  assert "all/loss: B-A = -0.0500 **" in text and "different tokenizers" in text
+  with pytest.raises(compare.CompareError, match="at least two"):
+    compare.compare([a])

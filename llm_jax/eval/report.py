@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from llm_jax.eval import plots
 
@@ -181,7 +182,9 @@ def markdown(results: dict) -> str:
     out += ["", "## Samples", "", f"Seed {gens['seed']}, temperature {gens['temperature']}, "
             f"top-k {gens['top_k']}.", ""]
     for g in gens["samples"]:
-      out += [f"**{g['id']}**", "", "```", g["prompt"] + g["text"], "```", ""]
+      text = g["prompt"] + g["text"]
+      fence = "`" * max(3, 1 + max((len(m) for m in re.findall("`+", text)), default=0))
+      out += [f"**{g['id']}**", "", fence, text, fence, ""]
   return "\n".join(out).rstrip() + "\n"
 
 
