@@ -44,7 +44,11 @@ def run_provenance(workdir: str) -> dict:
   mpath = os.path.join(workdir, MANIFEST_JSON)
   if not manifest_sha and os.path.exists(mpath):
     manifest_sha = package_lib.sha256_file(mpath)
-  return {"git_commit": _find(record, "git_commit", "commit"),
+  commit = _find(record, "git_commit", "commit")
+  git = record.get("git")
+  if isinstance(git, dict) and git.get("commit"):
+    commit = str(git["commit"]) + ("+dirty" if git.get("dirty") else "")
+  return {"git_commit": commit,
           "tokenizer_sha256": _find(record, "tokenizer_sha256"),
           "manifest_sha256": manifest_sha}
 

@@ -1,0 +1,176 @@
+"""Packages: export from a real workdir, load with nothing else, same logits; int8 bound; bad packages."""
+import json
+import os
+import random
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax import config as config_lib
+from llm_jax import export, package, quantize
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.model import Decoder, ModelConfig
+
+OVERRIDES = {"model.d_model": 32, "model.num_heads": 4, "model.num_layers": 2,
+             "model.vocab_size": 384, "model.max_seq_len": 32, "model.init_std": 0.3,
+             "model.dtype": "float32", "train.seq_len": 32, "train.global_batch_size": 8}
+
+
+def _text(seed, n):
+  rng = random.Random(seed)
+  words = "the cat sat on a mat and def return import class self print data model".split()
+  return " ".join(rng.choice(words) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, devices):
+  """A run directory as training leaves it: config, tokenizer, manifest, run.json, a checkpoint."""
+  from llm_jax import sharding as sharding_lib
+  from llm_jax.train import checkpoint as ckpt_lib
+  from llm_jax.train import optimizer as opt_lib
+  from llm_jax.train import state as state_lib
+  d = tmp_path_factory.mktemp("run")
+  tok = train_tokenizer([_text(i, 150) + "\n" for i in range(40)], str(d / "tokenizer.model"),
+                        vocab_size=300)
+  config = config_lib.load("configs/base.py", OVERRIDES)
+  model = Decoder(ModelConfig.from_config(config, tok.vocab_size))
+  mesh = sharding_lib.make_mesh(config)
+  state, _ = state_lib.create_state(model, opt_lib.make_optimizer(config), mesh, config, seed=4)
+  config_lib.save_json(config, str(d / "config.json"))
+  ckpts = ckpt_lib.Checkpoints(str(d), keep=3)
+  ckpts.save(7, state, {"step": 7})
+  ckpts.close()
+  (d / "manifest.json").write_text('{"documents": 40}')
+  (d / "run.json").write_text(json.dumps({"git": {"commit": "abc123", "dirty": True},
+                                          "tokenizer_sha256": tok.sha256,
+                                          "manifest_sha256": "m" * 64}))
+  params = jax.tree.map(np.asarray, state.params)
+  return d, params, model.cfg, tok
+
+
+def _logits(params, cfg, tokens):
+  return np.asarray(Decoder(cfg).apply({"params": params}, tokens))
+
+
+TOKENS = np.array([[1, 20, 30, 40, 50, 60, 70, 80], [1, 99, 98, 97, 7, 8, 9, 10]], np.int32)
+
+
+def test_export_load_same_logits(workdir, tmp_path):
+  d, params, cfg, tok = workdir
+  assert export.main(["--workdir", str(d), "--out", str(tmp_path / "pkg")]) == 0
+  loaded = package.load_package(str(tmp_path / "pkg"))
+  meta = loaded.meta
+  assert meta["format_version"] == package.FORMAT_VERSION
+  assert meta["provenance"] == {"training_step": 7, "git_commit": "abc123+dirty",
+                                "tokenizer_sha256": tok.sha256, "manifest_sha256": "m" * 64,
+                                "source": str(d)}
+  assert meta["architecture"]["d_model"] == 32 and meta["parameter_count"] == cfg.param_count()
+  assert meta["tensors"]["blocks/attn/query/kernel"] == {"shape": [2, 32, 4, 8], "dtype": "float32"}
+  assert set(os.listdir(tmp_path / "pkg")) == {"model.json", "weights.safetensors",
+                                               "tokenizer.model", "README.md"}
+  card = (tmp_path / "pkg" / "README.md").read_text()
+  assert "blocks/attn/query/kernel | (2, 32, 4, 8) | float32" in card and "abc123" in card
+  np.testing.assert_allclose(_logits(loaded.params, loaded.model_config, TOKENS),
+                             _logits(params, cfg, TOKENS), atol=1e-6)
+  assert loaded.tokenizer.encode("the cat") == tok.encode("the cat")
+  with pytest.raises(package.PackageError, match="exists and is not empty"):
+    export.export(str(d), str(tmp_path / "pkg"))
+
+
+def test_int8_within_bound_of_float(workdir, tmp_path):
+  d, params, cfg, tok = workdir
+  meta = export.export(str(d), str(tmp_path / "q"), quantize="int8")
+  f32_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
+  assert meta["precision"]["weights"] == "int8"
+  assert meta["weights_bytes"] < 0.4 * f32_bytes
+  q = package.load_package(str(tmp_path / "q"))
+  qmem = package.load_package(str(tmp_path / "q"), int8_in_memory=True)
+  assert quantize.has_qtensors(qmem.params) and not quantize.has_qtensors(q.params)
+  want = _logits(params, cfg, TOKENS)
+  got = _logits(q.params, q.model_config, TOKENS)
+  # Stated bounds: the mean logit error is under 3% of the float logits' spread, the largest 20%.
+  err = np.abs(got - want)
+  print("int8 logit error mean/max vs std:", err.mean(), err.max(), want.std())
+  assert err.mean() < 0.03 * want.std() and err.max() < 0.2 * want.std()
+  # ... and perplexity on held-out text within 1% of float32.
+  wins = quantize.windows(tok.encode(_text(99, 2000)), cfg.max_seq_len, 8)
+  ppl32 = quantize.perplexity(params, cfg, wins)
+  ppl8 = quantize.perplexity(qmem.params, qmem.model_config, wins)
+  print("perplexity float32 / int8:", ppl32, ppl8)
+  assert abs(ppl8 / ppl32 - 1) < 0.01, (ppl8, ppl32)
+  assert abs(quantize.perplexity(q.params, q.model_config, wins) - ppl8) < 1e-3 * ppl8
+
+
+def test_quantize_per_channel_roundtrip():
+  w = np.random.default_rng(0).normal(size=(2, 16, 4, 8)).astype(np.float32)
+  w[:, :, 1, :] *= 100  # one head much larger: per-channel scales keep the others precise
+  tree = {"blocks": {"attn": {"query": {"kernel": w}, "out": {"kernel": w.transpose(0, 2, 3, 1)}}},
+          "embedding": w[0, :, 0, :], "pos_embedding": w[0, :, 0, :]}
+  q = quantize.quantize_params(tree)
+  qk = q["blocks"]["attn"]["query"]["kernel"]
+  assert qk.q.dtype == np.int8 and qk.scale.shape == (2, 1, 4, 8)
+  assert q["blocks"]["attn"]["out"]["kernel"].scale.shape == (2, 1, 1, 16)
+  assert q["embedding"].scale.shape == (16, 1) and not quantize.is_qtensor(q["pos_embedding"])
+  back = quantize.dequantize(q)
+  err = np.abs(np.asarray(back["blocks"]["attn"]["query"]["kernel"]) - w)
+  assert (err <= np.abs(w).max(axis=1, keepdims=True) / 127 / 2 + 1e-6).all()
+  assert err[:, :, 0].max() < 0.05  # the small head is not swamped by the large one
+
+
+def test_bad_packages_fail_clearly(workdir, tmp_path):
+  d, params, cfg, tok = workdir
+  src = tmp_path / "good"
+  package.write_package(str(src), params, cfg, str(d / "tokenizer.model"), step=7,
+                        weights_dtype="bfloat16")
+  assert package.load_package(str(src)).meta["tensors"]["embedding"]["dtype"] == "bfloat16"
+
+  def variant(name, edit):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    edit(dst)
+    return str(dst)
+
+  def set_json(key, value):
+    def edit(p):
+      meta = json.loads((p / "model.json").read_text())
+      meta[key] = value
+      (p / "model.json").write_text(json.dumps(meta))
+    return edit
+
+  with pytest.raises(package.PackageError, match="format_version 99 .* newer llm_jax"):
+    package.load_package(variant("newer", set_json("format_version", 99)))
+  with pytest.raises(package.PackageError, match="format_version is missing"):
+    package.load_package(variant("none", set_json("format_version", None)))
+  arch = dict(json.loads((src / "model.json").read_text())["architecture"], moe_experts=8)
+  with pytest.raises(package.PackageError, match="moe_experts"):
+    package.load_package(variant("arch", set_json("architecture", arch)))
+  with pytest.raises(package.PackageError, match="model.json is missing"):
+    package.load_package(variant("nometa", lambda p: os.remove(p / "model.json")))
+
+  def damage(p):
+    raw = bytearray((p / "weights.safetensors").read_bytes())
+    raw[-1] ^= 0xFF
+    (p / "weights.safetensors").write_bytes(bytes(raw))
+  with pytest.raises(package.PackageError, match="does not match weights_sha256"):
+    package.load_package(variant("damaged", damage))
+  with pytest.raises(package.PackageError, match="does not fit model.json's architecture"):
+    package.load_package(variant("shape", set_json("architecture", {**arch_wo(arch), "d_model": 64})))
+
+
+def arch_wo(arch):
+  return {k: v for k, v in arch.items() if k != "moe_experts"}
+
+
+def test_random_init_export_cli(workdir, tmp_path):
+  d, _, _, tok = workdir
+  rc = export.main(["--random_init", "configs/base.py", "--tokenizer", str(d / "tokenizer.model"),
+                    "--out", str(tmp_path / "rnd"), "--quantize", "int8",
+                    *sum((["--config_override", f"{k}={v}"] for k, v in OVERRIDES.items()), [])])
+  assert rc == 0
+  loaded = package.load_package(str(tmp_path / "rnd"))
+  assert loaded.meta["provenance"]["training_step"] == 0
+  assert loaded.meta["precision"]["weights"] == "int8"
+  with pytest.raises(ValueError, match="already int8"):  # the report compares from a float package
+    quantize.report(str(tmp_path / "rnd"), _text(5, 800))
