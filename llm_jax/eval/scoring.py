@@ -61,13 +61,19 @@ class Scorer:
       out[k] = np.concatenate([v, pad], axis=0)
     return out
 
-  def outputs(self, batches: Iterable[dict]) -> Iterator[dict]:
-    """Per-token outputs (numpy, global rows) for each batch; dispatches one batch ahead."""
+  def outputs(self, batches: Iterable[dict], global_rows: bool = False) -> Iterator[dict]:
+    """Per-token outputs (numpy, global rows) for each batch; dispatches one batch ahead.
+
+    Batches hold this process's rows, or with `global_rows` every row (each process then takes its
+    contiguous share, as eval_batches would have given it).
+    """
     keys = ("inputs", "targets", "domain_ids", "weights", "segment_ids")
     pending = None
     with sharding_lib.activate(self.mesh, self.config):
       for batch in batches:
         local = self._pad_rows({k: np.asarray(v) for k, v in batch.items() if k in keys})
+        if global_rows and jax.process_count() > 1:
+          local = _process_share(local)
         if "weights" not in local:
           local["weights"] = np.ones(local["targets"].shape, np.float32)
         out = self._fn(self.params, sharding_lib.global_batch(local, self.mesh), self.token_bytes)
@@ -95,6 +101,18 @@ class Scorer:
       if max_windows is not None and next_window >= max_windows:
         break
     return acc
+
+
+def _process_share(batch: dict) -> dict:
+  """This process's contiguous rows of a batch every process holds in full (rows padded to fit)."""
+  pc, pi = jax.process_count(), jax.process_index()
+  b = next(iter(batch.values())).shape[0]
+  per = -(-b // pc)
+  out = {}
+  for k, v in batch.items():
+    v = np.concatenate([v, np.zeros((per * pc - b,) + v.shape[1:], v.dtype)]) if per * pc > b else v
+    out[k] = v[pi * per:(pi + 1) * per]
+  return out
 
 
 _COMPILED: dict = {}
