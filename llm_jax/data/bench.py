@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import tempfile
 import time
 
@@ -24,14 +25,23 @@ flags.DEFINE_integer("core", 0, "CPU core the loader measurement is pinned to (-
 FLAGS = flags.FLAGS
 
 
-def _rate(fn, seconds: float) -> tuple[float, int]:
-  """Calls fn(i) for i = 0, 1, ... for about `seconds`; returns (calls per second, calls)."""
+def _rate(fn, seconds: float) -> tuple[float, float, int]:
+  """Calls fn(i) for i = 0, 1, ... for about `seconds`: (calls per wall second, per CPU second, calls).
+
+  The CPU-time rate is what one core delivers when it is not shared; on a busy machine the wall-clock
+  rate is lower by the share of the core this process got.
+  """
   fn(0)
-  n, t0 = 0, time.perf_counter()
+  n, t0, c0 = 0, time.perf_counter(), time.process_time()
   while time.perf_counter() - t0 < seconds:
     fn(n + 1)
     n += 1
-  return n / (time.perf_counter() - t0), n
+  return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9), n
+
+
+def _cpu_seconds() -> float:
+  own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def main(argv):
@@ -45,12 +55,14 @@ def main(argv):
     with tempfile.TemporaryDirectory() as cache:
       with config.unlocked():
         config.data.cache_dir = cache
-      t0 = time.perf_counter()
+      t0, c0 = time.perf_counter(), _cpu_seconds()
       p = prepare(config, progress=False)
-      secs = time.perf_counter() - t0
+      secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
       s = p.manifest["summary"]
-      print(f"prepare: {s['input_megabytes']:.1f} MB of input in {secs:.1f}s = {s['input_megabytes'] / secs:.2f} "
-            f"MB/s with {config.data.num_workers or os.cpu_count()} workers; stages {s['seconds_by_stage']}")
+      mb = s["input_megabytes"]
+      print(f"prepare: {mb:.1f} MB of input in {secs:.1f}s wall = {mb / secs:.2f} MB/s; {cpu:.1f} CPU-seconds "
+            f"= {mb / cpu:.2f} MB per CPU-second; load average {os.getloadavg()[0]:.1f}; "
+            f"stages (wall s) {s['seconds_by_stage']}")
       with config.unlocked():
         config.data.cache_dir = ""
       p = prepare(config)  # the persistent cache, for the loader measurement below
@@ -61,15 +73,17 @@ def main(argv):
   for shape in shapes.split(","):
     seq, batch = (int(v) for v in shape.split("x"))
     ld = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0)
-    per_s, n = _rate(ld.batch_at, FLAGS.seconds)
-    print(f"TrainLoader seq_len={seq} batch={batch}: {per_s:,.0f} batches/s = {per_s * seq * batch / 1e6:.1f}M "
-          f"tokens/s ({n} batches)")
+    tok = seq * batch / 1e6
+    wall, cpu, n = _rate(ld.batch_at, FLAGS.seconds)
+    print(f"TrainLoader seq_len={seq} batch={batch}: {cpu * tok:.1f}M tokens per CPU-second "
+          f"({wall * tok:.1f}M per wall second, {n} batches, load average {os.getloadavg()[0]:.1f})")
     seg = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0, segment_windows=True)
-    per_s, n = _rate(seg.batch_at, FLAGS.seconds)
-    print(f"  with segment_windows: {per_s * seq * batch / 1e6:.1f}M tokens/s")
-    t0 = time.perf_counter()
+    wall, cpu, n = _rate(seg.batch_at, FLAGS.seconds)
+    print(f"  with segment_windows: {cpu * tok:.1f}M tokens per CPU-second ({wall * tok:.1f}M wall)")
+    t0, c0 = time.perf_counter(), time.process_time()
     toks = sum(b["weights"].sum() for b in loader_lib.eval_batches(p.dir, "val", seq, batch))
-    print(f"  eval_batches (val, in order): {toks / (time.perf_counter() - t0) / 1e6:.1f}M tokens/s")
+    print(f"  eval_batches (val, in order): {toks / (time.process_time() - c0) / 1e6:.1f}M tokens per "
+          f"CPU-second ({toks / (time.perf_counter() - t0) / 1e6:.1f}M wall)")
 
 
 if __name__ == "__main__":

@@ -57,21 +57,27 @@ class Windows:
     ids = np.asarray(ids, np.int64)
     shard_idx, starts = self.locate(ids)
     L = self.seq_len
-    win = np.empty((len(ids), L + 1), np.int32)
-    start_doc = np.empty(len(ids), np.int64)
-    domains_of = []
-    for k in np.unique(shard_idx):
-      rows = np.nonzero(shard_idx == k)[0]
-      sh = self.shards[k]
-      win[rows] = sh.tokens[starts[rows, None] + self._arange]
-      start_doc[rows] = np.searchsorted(sh.offsets, starts[rows], side="right") - 1
-      domains_of.append((rows, sh.domains))
-    is_eos = win[:, :L] == EOS_ID
-    eos_seen = np.cumsum(is_eos, axis=1, dtype=np.int32)  # EOS tokens among inputs [0..j]
-    doc = start_doc[:, None] + eos_seen  # document of target j (token j + 1)
-    domain_ids = np.empty((len(ids), L), np.int32)
-    for rows, doms in domains_of:
-      domain_ids[rows] = doms[doc[rows]]
+    if len(self.shards) == 1:  # the common case: one fancy-indexing gather, no grouping
+      sh = self.shards[0]
+      win = sh.tokens[starts[:, None] + self._arange].astype(np.int32)
+      start_doc = np.searchsorted(sh.offsets, starts, side="right") - 1
+      eos_seen = np.cumsum(win[:, :L] == EOS_ID, axis=1, dtype=np.int32)  # EOS among inputs [0..j]
+      domain_ids = sh.domains[start_doc[:, None] + eos_seen]  # domain of target j (token j + 1)
+    else:
+      win = np.empty((len(ids), L + 1), np.int32)
+      start_doc = np.empty(len(ids), np.int64)
+      groups = []
+      for k in np.unique(shard_idx):
+        rows = np.nonzero(shard_idx == k)[0]
+        sh = self.shards[k]
+        win[rows] = sh.tokens[starts[rows, None] + self._arange]
+        start_doc[rows] = np.searchsorted(sh.offsets, starts[rows], side="right") - 1
+        groups.append((rows, sh.domains))
+      eos_seen = np.cumsum(win[:, :L] == EOS_ID, axis=1, dtype=np.int32)
+      doc = start_doc[:, None] + eos_seen
+      domain_ids = np.empty((len(ids), L), np.int32)
+      for rows, doms in groups:
+        domain_ids[rows] = doms[doc[rows]]
     out = {"inputs": win[:, :L], "targets": win[:, 1:], "domain_ids": domain_ids}
     if segment_windows:
       # EOS opens the next segment (it acts as BOS), so no position attends across a document boundary.

@@ -112,5 +112,6 @@ def open_split(prepared_dir: str, split: str, manifest: dict) -> list[Shard]:
       raise DataError(f"cannot open shard {path!r}: {e}; prepare the data again") from e
     if len(tokens) != r["tokens"]:
       raise DataError(f"shard {path!r} has {len(tokens)} tokens, the manifest says {r['tokens']}")
-    out.append(Shard(path, tokens, offsets, domains, nbytes))
+    # A plain ndarray view of the memmap: still memory-mapped, without np.memmap's per-index overhead.
+    out.append(Shard(path, tokens.view(np.ndarray), offsets, domains, nbytes))
   return out
