@@ -174,3 +174,13 @@ def test_random_init_export_cli(workdir, tmp_path):
   assert loaded.meta["precision"]["weights"] == "int8"
   with pytest.raises(ValueError, match="already int8"):  # the report compares from a float package
     quantize.report(str(tmp_path / "rnd"), _text(5, 800))
+
+
+def test_generate_cli_from_workdir(workdir, capsys):
+  from llm_jax import generate
+  d, params, cfg, tok = workdir
+  assert generate.main(["--workdir", str(d), "--prompt", "the cat", "--max_new_tokens", "6"]) == 0
+  out = capsys.readouterr().out
+  want = generate.generate(params, cfg, [[1] + tok.encode("the cat")],
+                           generate.SamplingParams(max_new_tokens=6), tokenizer=tok)[0].text
+  assert out == "the cat" + want + "\n"

@@ -1,0 +1,109 @@
+"""`python -m llm_jax.serve` as users start it (a subprocess), and the load test against it."""
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from llm_jax import package
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.model import ModelConfig
+from llm_jax.serve import loadtest
+
+CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64, max_seq_len=32, init_std=0.3)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  from llm_jax.export import init_params
+  d = tmp_path_factory.mktemp("cli")
+  rng = random.Random(0)
+  words = "the cat sat on a mat and def return import class self print data model".split()
+  tok = train_tokenizer([" ".join(rng.choice(words) for _ in range(150)) for _ in range(40)],
+                        str(d / "tok.model"), vocab_size=300)
+  package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1)
+  (d / "key").write_text("s" * 32 + "\n")
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  log = open(d / "server.log", "w")
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "llm_jax.serve", "--package", str(d / "pkg"), "--port", str(port),
+       "--slots", "4", "--max-concurrent", "16", "--decode-chunk", "2", "--api-key-file",
+       str(d / "key"), "--audit-log", str(d / "audit.jsonl")],
+      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+  url = f"http://127.0.0.1:{port}"
+  saw_503 = False
+  deadline = time.time() + 180
+  try:
+    while time.time() < deadline:
+      assert proc.poll() is None, (d / "server.log").read_text()
+      try:
+        code = httpx.get(f"{url}/health", timeout=2).status_code
+      except httpx.TransportError:
+        code = None
+      saw_503 |= code == 503
+      if code == 200:
+        break
+      time.sleep(0.1)
+    else:
+      pytest.fail("server not healthy in 180 s:\n" + (d / "server.log").read_text())
+    yield url, d, saw_503
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+    log.close()
+
+
+def test_cli_starts_warm_and_answers(server):
+  url, d, saw_503 = server
+  text = (d / "server.log").read_text()
+  assert "ready:" in text and "compiled in" in text and "start-up" in text
+  auth = {"Authorization": "Bearer " + "s" * 32}
+  assert httpx.post(f"{url}/v1/completions", json={"prompt": "the"}).status_code == 401
+  r = httpx.post(f"{url}/v1/completions", headers=auth, timeout=30,
+                 json={"prompt": "the cat", "max_tokens": 5, "temperature": 0})
+  assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+  del saw_503  # usually seen, but a fast machine may compile before the first poll
+
+
+def test_loadtest_against_cli_server(server):
+  url, d, _ = server
+  (d / "loadkey").write_text("s" * 32)
+  out = subprocess.run([sys.executable, "-m", "llm_jax.serve.loadtest", "--url", url,
+                        "--concurrency", "8", "--requests", "24", "--max-tokens", "8", "--json",
+                        "--api-key-file", str(d / "loadkey")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  assert out.returncode == 0, out.stderr
+  summary = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+  assert summary["ok"] == 24 and summary["errors"] == {}
+  assert summary["output_tokens"] == 24 * 8
+  assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p99"] >= summary["tpot_s"]["p50"]
+  lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]
+  assert sum(a["path"] == "/v1/completions" and a["status"] == 200 for a in lines) >= 24
+
+
+def test_loadtest_refuses_other_hosts():
+  for url in ("http://10.0.0.5:8000", "http://example.com", "ftp://127.0.0.1:1"):
+    with pytest.raises(loadtest.LoadTestError):
+      loadtest.check_loopback(url)
+  assert loadtest.check_loopback("http://localhost:8000/") == "http://localhost:8000"
+  assert loadtest.check_loopback("http://[::1]:8000") == "http://[::1]:8000"
+  assert loadtest.main(["--url", "http://192.168.1.1:80", "--requests", "1"]) == 2
+  assert loadtest.percentiles([3.0, 1.0, 2.0, 4.0]) == {"p50": 2.0, "p90": 4.0, "p99": 4.0}
