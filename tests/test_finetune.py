@@ -32,7 +32,7 @@ def make_mesh(c):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-  """A trained tiny run directory: config.json, tokenizer.model, a checkpoint at step 3."""
+  """A tiny run directory: config.json, tokenizer.model, a checkpoint at step 3."""
   root = tmp_path_factory.mktemp("ft")
   workdir = str(root / "source")
   os.makedirs(workdir)
@@ -47,15 +47,18 @@ def source(tmp_path_factory):
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
   mesh = make_mesh(c)
   model = Decoder(model_cfg)
-  state, shardings = state_lib.create_state(model, optimizer_lib.make_optimizer(c), mesh, c, seed=0)
-  state = run_steps(state, shardings, batch, c, model, 3)
+  fresh = state_lib.create_state(model, optimizer_lib.make_optimizer(c), mesh, c, seed=7)
+  # The source's weights: the fresh ones moved at random (training itself is tested elsewhere).
+  state = fresh[0].replace(step=fresh[0].step + 3, params=jax.tree.map(
+      lambda x: jax.device_put(np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(np.float32),
+                               x.sharding), fresh[0].params))
   ckpts = checkpoint.Checkpoints(workdir, async_save=False)
   ckpts.save(3, state, {"step": 3})
   ckpts.close()
   eval_tokens = rng.integers(4, tok.vocab_size, (8, 17)).astype(np.int32)
   eval_batch = {"inputs": eval_tokens[:, :-1], "targets": eval_tokens[:, 1:]}
   return dict(root=root, workdir=workdir, config=c, model=model, mesh=mesh, batch=batch,
-              eval_batch=eval_batch, params=jax.device_get(state.params), tok=tok,
+              eval_batch=eval_batch, params=jax.device_get(state.params), tok=tok, fresh=fresh,
               loss=eval_loss(state.params, eval_batch, model))
 
 
@@ -89,9 +92,8 @@ def test_init_from_workdir_reproduces_eval_loss(source):
   src = init_from.load_source(c.init_from)
   init_from.check_tokenizer(c, src, source["tok"].sha256)
   init_from.check_model(c, src, source["tok"].vocab_size)
-  model = Decoder(ModelConfig.from_config(c, tokenizer_size=source["tok"].vocab_size, platform="cpu"))
-  opt = optimizer_lib.make_optimizer(c)
-  fresh, shardings = state_lib.create_state(model, opt, source["mesh"], c, seed=7)
+  model = source["model"]
+  fresh, shardings = source["fresh"]
   assert eval_loss(fresh.params, source["eval_batch"], model) != source["loss"]
   state = init_from.into_state(fresh, shardings, src)
   assert src.step == 3 and int(state.step) == 0  # weights from step 3, a fresh step counter
@@ -107,8 +109,7 @@ def test_init_from_package_reproduces_eval_loss(source):
   src = init_from.load_source(pkg)
   assert src.kind == "package"
   init_from.check_model(source["config"], src, source["tok"].vocab_size)
-  fresh, shardings = state_lib.create_state(source["model"], optimizer_lib.make_optimizer(source["config"]),
-                                            source["mesh"], source["config"], seed=5)
+  fresh, shardings = source["fresh"]
   state = init_from.into_state(fresh, shardings, src)
   assert eval_loss(state.params, source["eval_batch"], source["model"]) == source["loss"]
 
@@ -147,8 +148,11 @@ def test_frozen_parameters_are_bit_identical(source):
                   "train.decay_norms_biases_embeddings=True")
   model = source["model"]
   opt = optimizer_lib.make_optimizer(c)
-  state, shardings = state_lib.create_state(model, opt, source["mesh"], c, seed=0)
-  state = state.replace(params=init_from.place(source["params"], shardings.params))
+  _, shardings = source["fresh"]
+  params = init_from.place(source["params"], shardings.params)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                               skipped=jnp.zeros((), jnp.int32))
+  shardings = jax.tree.map(lambda x: x.sharding, state)
   before = jax.device_get(state.params)
   after = jax.device_get(run_steps(state, shardings, source["batch"], c, model, 3, optimizer=opt).params)
   same = lambda a, b: np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))  # noqa: E731
