@@ -48,6 +48,7 @@ mkdir -p "$logdir"
 : > "$logdir/pids"
 
 pids=()
+for ((i = 0; i < n; i++)); do : > "$logdir/process_$i.log"; done
 for ((i = 0; i < n; i++)); do
   (
     export JAX_COORDINATOR_ADDRESS="127.0.0.1:$port" JAX_NUM_PROCESSES="$n" JAX_PROCESS_ID="$i"

@@ -81,15 +81,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): this process's devices hold row block `index` of `count` equal blocks of a batch.
+
+  (0, 1) on one process. Processes that share batch rows (tensor parallelism across processes, or
+  data * fsdp smaller than the process count) get the same block: each must load those rows.
+  """
+  if jax.process_count() == 1:
+    return 0, 1
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  held = batch_sharding(mesh, 1).addressable_devices_indices_map((shards,)).values()
+  rows = sorted({idx[0].start or 0 for idx in held})
+  k = len(rows)
+  if rows != list(range(rows[0], rows[0] + k)) or rows[0] % k or shards % k:
+    raise ValueError(f"process {jax.process_index()} holds batch shards {rows} of {shards}: not one "
+                     "contiguous block; order the mesh so each process's devices are adjacent")
+  return rows[0] // k, shards // k
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """This process's rows of the global batch -> global jax.Arrays with the batch sharding."""
+  """This process's rows of the global batch (block `process_batch_slice`) -> global jax.Arrays."""
   out = {}
+  count = process_batch_slice(mesh)[1]
   for k, v in local.items():
     sharding = batch_sharding(mesh, v.ndim)
     if jax.process_count() == 1:
       out[k] = jax.device_put(v, sharding)
     else:
-      out[k] = jax.make_array_from_process_local_data(sharding, v)
+      shape = (v.shape[0] * count,) + v.shape[1:]
+      out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
   return out
 
 

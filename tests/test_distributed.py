@@ -112,6 +112,11 @@ def test_single_process_initialize_logs_devices(caplog, devices):
   assert distributed.is_main_process()
 
 
+def test_one_process_holds_the_whole_batch(devices):
+  mesh = sharding.make_mesh(cfg("sharding.data=2", "sharding.tensor=4"))
+  assert sharding.process_batch_slice(mesh) == (0, 1)
+
+
 # ------------------------------------------------------------------ dry run
 
 

@@ -16,6 +16,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard, metrics.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the mesh, per-device batch and a per-device memory "
+                             "estimate (llm_jax.dry_run), then exit without compiling or training.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,16 +41,22 @@ def main(argv) -> int:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _quiet_libraries()
   _compile_cache()
-  from llm_jax.config import ConfigError  # noqa: PLC0415 - after flags: JAX starts on import
+  from llm_jax import distributed  # noqa: PLC0415 - after flags: JAX starts on import
+  from llm_jax.config import ConfigError  # noqa: PLC0415
   from llm_jax.data.errors import DataError  # noqa: PLC0415
   from llm_jax.train import loop  # noqa: PLC0415
   from llm_jax.train.checkpoint import CheckpointError  # noqa: PLC0415
   from llm_jax.train.preflight import PreflightError  # noqa: PLC0415
   from llm_jax.train.run_dir import RunDirError  # noqa: PLC0415
   try:
+    distributed.initialize(_CONFIG.value)  # a no-op for a single process
+    if _DRY_RUN.value:
+      from llm_jax import dry_run  # noqa: PLC0415
+      dry_run.run(_CONFIG.value)
+      return 0
     summary = loop.train(_CONFIG.value, _WORKDIR.value)
   except (ConfigError, DataError, CheckpointError, RunDirError, PreflightError,
-          loop.TrainingError) as e:
+          distributed.DistributedError, loop.TrainingError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
     return 1

@@ -182,21 +182,23 @@ def build(config) -> Setup:
 def _make_loader(setup: Setup):
   from llm_jax.data import loader as loader_lib  # noqa: PLC0415
   c = setup.config
+  # The block of batch rows this process's devices hold (processes holding the same rows load them all).
+  index, count = sharding_lib.process_batch_slice(setup.mesh)
   if setup.finetune is not None and setup.finetune.sft_file:
-    return setup.finetune.make_loader(jax.process_index(), jax.process_count())
+    return setup.finetune.make_loader(index, count)
   return loader_lib.TrainLoader(
       setup.prepared.dir, "train", c.train.seq_len, c.train.global_batch_size, c.data.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
+      process_index=index, process_count=count,
       segment_windows=c.data.segment_windows, mixture=c.data.mixture)
 
 
 def _eval_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
   from llm_jax.data import loader as loader_lib  # noqa: PLC0415
   c = setup.config
+  index, count = sharding_lib.process_batch_slice(setup.mesh)
   return list(loader_lib.eval_batches(
       setup.prepared.dir, "val", c.train.seq_len, c.train.global_batch_size,
-      max_batches=c.train.eval_batches or None, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+      max_batches=c.train.eval_batches or None, process_index=index, process_count=count))
 
 
 def _parse_profile(spec: str) -> tuple[int, int] | None:
@@ -411,7 +413,7 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=setup.model, num_domains=num_domains),
                     out_shardings=replicated)
   eval_batches = _eval_batches(setup) if tr.eval_every > 0 else []
-  sft_eval = (ft.sft_eval_batches(jax.process_index(), jax.process_count())
+  sft_eval = (ft.sft_eval_batches(*sharding_lib.process_batch_slice(setup.mesh))
               if ft is not None and tr.eval_every > 0 else [])
   if tr.eval_every > 0 and not eval_batches:
     log.warning("the val split is empty: no evaluation")
