@@ -76,7 +76,7 @@ def load_workdir(workdir: str, step: int | None = None,
   params = jax.tree.map(lambda x: jnp.asarray(x).astype(cfg.dtype), params)
   meta = {"name": os.path.basename(os.path.normpath(workdir)), "build_id": f"workdir-step{step}",
           "provenance": prov, "parameter_count": cfg.param_count(),
-          "precision": {"weights": "float32"}, "add_bos": True}
+          "precision": {"weights": "float32"}, "prompt_prefix": [tokenizer.eos_id]}
   return package_lib.LoadedModel(params=params, model_config=cfg, tokenizer=tokenizer, meta=meta,
                                  path=workdir)
 

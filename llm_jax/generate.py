@@ -530,7 +530,8 @@ def main(argv=None) -> int:
   ap.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=1.0)
   ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable; \\n ok)")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--no_bos", "--no-bos", action="store_true", help="do not prepend BOS")
+  ap.add_argument("--no_prefix", "--no-prefix", action="store_true",
+                  help="do not put the document separator (EOS, as in training) before the prompt")
   ap.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, else bf16)")
   args = ap.parse_args(argv)
 
@@ -550,8 +551,8 @@ def main(argv=None) -> int:
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
   for prompt in args.prompt:
     ids = loaded.tokenizer.encode(prompt)
-    if not args.no_bos:
-      ids = [loaded.tokenizer.bos_id] + ids
+    if not args.no_prefix:
+      ids = loaded.prompt_prefix + ids
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t1, n = time.time(), 0

@@ -63,8 +63,9 @@ class LoadedModel:
     return self.meta.get("provenance", {}).get("manifest_sha256", "")
 
   @property
-  def add_bos(self) -> bool:
-    return bool(self.meta.get("add_bos", True))
+  def prompt_prefix(self) -> list[int]:
+    """Ids put before a text prompt: the document separator (EOS) training put before documents."""
+    return [int(i) for i in self.meta.get("prompt_prefix", [2])]
 
   @property
   def name(self) -> str:
@@ -121,7 +122,7 @@ def _np(x) -> np.ndarray:
 def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: str, *,
                   step: int | None = None, git_commit: str = "", manifest_sha256: str = "",
                   tokenizer_sha256: str = "", quantize: str = "none", weights_dtype: str = "float32",
-                  name: str = "", source: str = "", add_bos: bool = True,
+                  name: str = "", source: str = "", prompt_prefix=(2,),
                   overwrite: bool = False) -> dict:
   """Writes a package directory atomically (built next to `out`, then renamed); returns model.json."""
   if quantize not in ("none", "int8"):
@@ -170,7 +171,7 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
                                         "scale_suffix": quantize_lib.SCALE_SUFFIX}
                                        if quantize == "int8" else None),
                       "trained_compute_dtype": model_config.dtype},
-        "add_bos": bool(add_bos),
+        "prompt_prefix": [int(i) for i in prompt_prefix],
         "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3},
         "provenance": {"training_step": step, "git_commit": git_commit or "unknown",
                        "tokenizer_sha256": tok_sha, "manifest_sha256": manifest_sha256 or "unknown",

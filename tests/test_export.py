@@ -181,6 +181,6 @@ def test_generate_cli_from_workdir(workdir, capsys):
   d, params, cfg, tok = workdir
   assert generate.main(["--workdir", str(d), "--prompt", "the cat", "--max_new_tokens", "6"]) == 0
   out = capsys.readouterr().out
-  want = generate.generate(params, cfg, [[1] + tok.encode("the cat")],
+  want = generate.generate(params, cfg, [[tok.eos_id] + tok.encode("the cat")],
                            generate.SamplingParams(max_new_tokens=6), tokenizer=tok)[0].text
   assert out == "the cat" + want + "\n"

@@ -166,7 +166,7 @@ def test_text_stream_stops_and_holdback():
 
 
 def test_stop_sequences_trimmed_in_generate_and_stream(params, tok):
-  prompt = [tok.bos_id] + tok.encode("the cat")
+  prompt = [tok.eos_id] + tok.encode("the cat")
   sp = G.SamplingParams(max_new_tokens=24)
   full = G.generate(params, CFG, [prompt], sp, tokenizer=tok)[0]
   text = full.text
@@ -203,7 +203,7 @@ def test_cli_streams_from_package(tmp_path, params, tok, capsys):
   rc = G.main(["--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8"])
   assert rc == 0
   out = capsys.readouterr()
-  want = G.generate(params, CFG, [[1] + tok.encode("the cat")], G.SamplingParams(max_new_tokens=8),
+  want = G.generate(params, CFG, [[tok.eos_id] + tok.encode("the cat")], G.SamplingParams(max_new_tokens=8),
                     tokenizer=tok)[0].text
   assert out.out == "the cat" + want + "\n"
   assert "loaded" in out.err

@@ -127,9 +127,9 @@ def test_completion_shapes_and_determinism(plain, pkg, greedy_text):
   assert c["text"] == greedy_text and c["finish_reason"] == "length"
   assert a["usage"] == {"prompt_tokens": a["usage"]["prompt_tokens"], "completion_tokens": 16,
                         "total_tokens": a["usage"]["prompt_tokens"] + 16}
-  # The same prompt as token ids ([BOS] + encode) gives the same completion.
+  # The same prompt as token ids ([EOS, the document separator] + encode) gives the same completion.
   tok = package.load_tokenizer(str(pkg / "pkg" / "tokenizer.model"))
-  ids = [tok.bos_id] + tok.encode(PROMPT)
+  ids = [tok.eos_id] + tok.encode(PROMPT)
   assert _greedy(plain.url, prompt=ids)["choices"][0]["text"] == greedy_text
   # Seeded sampling is reproducible; n choices use consecutive seeds.
   body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.0, "seed": 5, "n": 2}

@@ -305,9 +305,7 @@ def _prepare(st: ServerState, req: CompletionRequest, record: dict) -> tuple[lis
   tok = st.loaded.tokenizer
   if isinstance(req.prompt, str):
     text = req.prompt
-    ids = tok.encode(text)
-    if st.loaded.add_bos:
-      ids = [tok.bos_id] + ids
+    ids = st.loaded.prompt_prefix + tok.encode(text)
   else:
     bad = [i for i in req.prompt if not 0 <= i < tok.vocab_size]
     if bad:
