@@ -301,6 +301,21 @@ def test_disconnect_frees_the_slot(plain, pkg):
   assert last["disconnected"] is True and last["completion_tokens"] == 0
 
 
+def test_non_streaming_disconnect_frees_the_slot(plain):
+  engine = plain.app.state.llm.engine
+  engine.pause()
+  try:
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+      httpx.post(f"{plain.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 20},
+                 timeout=httpx.Timeout(30, read=1.0))
+    deadline = time.time() + 10
+    while (engine.busy_slots or engine.in_flight) and time.time() < deadline:
+      time.sleep(0.02)
+    assert engine.busy_slots == 0 and engine.in_flight == 0
+  finally:
+    engine.resume()
+
+
 def test_request_timeout(plain):
   st = plain.app.state.llm
   st.settings.request_timeout_s = 0.3
