@@ -59,7 +59,7 @@ def main(argv) -> int:
           distributed.DistributedError, loop.TrainingError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error ({type(e).__name__}): {e}", file=sys.stderr)
-    return 1
+    return distributed.fail_fast(1, f"{type(e).__name__}: {e}")  # many processes: exit now
   val = summary.get("val_loss")
   print(f"{summary['status']}: step {summary['step']}/{summary['total_steps']}, loss "
         f"{summary.get('loss', float('nan')):.4f}" + (f", val loss {val:.4f}" if val else "") +

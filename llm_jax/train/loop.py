@@ -418,9 +418,9 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
   if tr.eval_every > 0 and not eval_batches:
     log.warning("the val split is empty: no evaluation")
   sampler = None
-  if tr.sample_every > 0 and jax.process_count() == 1:
+  if tr.sample_every > 0:
     sampler = metrics_lib.Sampler(setup.model, setup.tokenizer, tr.sample_prompts.split(","),
-                                  tr.sample_tokens, tr.seq_len, seed=tr.seed)
+                                  tr.sample_tokens, tr.seq_len, seed=tr.seed, mesh=mesh)
 
   batch = sharding_lib.global_batch(batch_np, mesh)
   if tr.preflight and start == 0 and (ft is None or ft.lora is None):  # LoRA: the state is adapters

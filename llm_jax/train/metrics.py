@@ -223,7 +223,7 @@ class Sampler:
   """Sampled continuations of a few prompts by full recompute (no KV cache): cheap enough every N steps."""
 
   def __init__(self, model, tokenizer, prompts: Sequence[str], num_tokens: int, seq_len: int,
-               temperature: float = 0.8, seed: int = 0):
+               temperature: float = 0.8, seed: int = 0, mesh=None):
     self.tokenizer = tokenizer
     self.prompts = [p for p in prompts if p]
     ids = [tokenizer.encode(p)[-(seq_len // 2):] or [tokenizer.bos_id] for p in self.prompts]
@@ -249,7 +249,9 @@ class Sampler:
       toks, _ = jax.lax.fori_loop(0, self.num_tokens, body, (tokens_PL, rng))
       return toks
 
-    self._generate = jax.jit(generate)
+    # Replicated output: every process can read it (all processes run the sampler together).
+    out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._generate = jax.jit(generate, out_shardings=out)
 
   def __call__(self, params, step: int) -> list[str]:
     """One continuation per prompt (prompt included), deterministic in (seed, step)."""
