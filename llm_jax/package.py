@@ -79,12 +79,18 @@ class LoadedModel:
 
 
 def project_version() -> str:
-  """The installed llm_jax version (pyproject's), or 'source' when running from a checkout."""
+  """The llm_jax version (installed metadata, else the checkout's pyproject.toml)."""
   from importlib import metadata
   try:
     return metadata.version("llm-jax")
-  except metadata.PackageNotFoundError:
-    return "source"
+  except metadata.PackageNotFoundError:  # a source checkout: read pyproject.toml
+    import tomllib
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+      with open(path, "rb") as f:
+        return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, ValueError):
+      return "source"
 
 
 def sha256_file(path: str) -> str:
