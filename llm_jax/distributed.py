@@ -13,17 +13,20 @@ How a process finds its peers, in this order:
 Failure: every process sends heartbeats to the coordination service (hosted by process 0). A process
 that stops (killed, crashed, host lost) is declared dead after `distributed.heartbeat_timeout_s`; the
 service then stops every other process with "The following tasks are unhealthy (stopped sending
-heartbeats): <process ids>". An uncaught Python exception in one process makes it exit at once
-(without the graceful shutdown barrier, which would otherwise hold its peers for the shutdown timeout),
-so its peers see it as dead within the same bound.
+heartbeats): <process ids>". A process that fails with an error (an uncaught exception, or the train
+CLI's error exit through `fail_fast`) records the reason with the coordinator and exits at once, without
+the shutdown barrier that would hold its peers for the shutdown timeout; a peer whose collective then
+breaks prints "another process failed first: process <i>: <reason>" and exits too.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import re
 import socket
 import sys
+import time
 from typing import Mapping
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,7 @@ def _init_kwargs(launch: Launch, config, environ: Mapping[str, str]) -> dict:
 
 def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
   """Joins the job (call before any other JAX call); logs one line per process with its devices."""
+  global _heartbeat_s
   import jax
   environ = os.environ if environ is None else environ
   launch = detect(config, environ)
@@ -160,6 +164,7 @@ def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
     kwargs = _init_kwargs(launch, config, environ)
     log.info("joining a %s job: %s", launch.method,
              {k: v for k, v in kwargs.items() if k != "cluster_detection_method"})
+    _heartbeat_s = kwargs["heartbeat_timeout_seconds"]
     try:
       jax.distributed.initialize(**kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with the settings that failed
@@ -173,7 +178,7 @@ def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
 
 
 def describe_process() -> str:
-  """'process 0/2 on host h (pid 123): 4 local devices [cpu:0 ...] of 8; coordinator ...'."""
+  """'process 0/2 on host h (pid 123): 4 local cpu devices [cpu:0 ...] of 8 in the job'."""
   import jax
   local = jax.local_devices()
   names = " ".join(f"{d.platform}:{d.id}" for d in local)
@@ -189,24 +194,85 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+_FAILED_KEY = "llm_jax/failed/"
+_PEER_TROUBLE = re.compile(r"gloo|nccl|connection reset|socket closed|unavailable|deadline.exceeded|"
+                           r"coordination service|heartbeat", re.IGNORECASE)
+_heartbeat_s = 100  # set by initialize
+
+
+def _client():
+  """JAX's coordination-service client of this process, or None."""
+  try:
+    from jax._src import distributed as jax_distributed
+  except ImportError:  # pragma: no cover - layout of a future jax
+    return None
+  return getattr(jax_distributed.global_state, "client", None)
+
+
+def _announce_failure(process: int, reason: str) -> None:
+  """Records this process's failure with the coordinator, where peers that fail next can read it."""
+  client = _client()
+  try:
+    client.key_value_set(f"{_FAILED_KEY}{process}", reason[:500] or "failed", True)
+  except Exception:  # noqa: BLE001 - the coordinator (process 0) may be the one that is gone
+    pass
+
+
+def _failures_of_others(process: int) -> list[str]:
+  """'process 3: ValueError: ...' for each failure another process recorded."""
+  client = _client()
+  try:
+    return [f"process {key.rsplit('/', 1)[-1]}: {value}"
+            for key, value in client.key_value_dir_get(_FAILED_KEY)
+            if key.rsplit("/", 1)[-1] != str(process)]
+  except Exception:  # noqa: BLE001
+    return []
+
+
+def fail_fast(code: int = 1, reason: str = "") -> int:
+  """Ends a failing process of a multi-process job now; alone, returns `code` for a normal exit.
+
+  A normal exit waits at JAX's shutdown barrier for peers that are blocked waiting for this process,
+  and the barrier's eventual error names the wrong process. Exiting at once (after recording the reason
+  with the coordinator, where peers that fail next read it) lets the others stop within
+  distributed.heartbeat_timeout_s, with a message naming the process that failed first.
+  """
+  import jax
+  if not jax.distributed.is_initialized():
+    return code
+  me, n = jax.process_index(), jax.process_count()
+  _announce_failure(me, reason)
+  others = _failures_of_others(me)
+  if not others and _PEER_TROUBLE.search(reason):
+    # A broken collective: most likely a peer died without a word (killed, out of memory, host lost).
+    # Wait, at most the heartbeat bound, for the coordination service to name it (it stops this
+    # process with "The following tasks are unhealthy") or for a peer's failure record.
+    log.error("process %d/%d: %s; waiting up to %d s for the coordination service to name the "
+              "process that stopped", me, n, reason, _heartbeat_s)
+    deadline = time.monotonic() + _heartbeat_s + 5
+    while not others and time.monotonic() < deadline:
+      time.sleep(0.5)
+      others = _failures_of_others(me)
+  if others:
+    log.error("process %d/%d is stopping because another process failed first: %s", me, n,
+              "; ".join(others))
+  log.error("process %d/%d failed (exit status %d%s): exiting now; the other processes stop within "
+            "distributed.heartbeat_timeout_s", me, n, code, f": {reason}" if reason else "")
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+      pass
+  logging.shutdown()
+  os._exit(code)
+
+
 def _exit_fast_on_uncaught_exceptions() -> None:
-  """An uncaught exception ends this process at once, so peers see it dead within the heartbeat bound."""
+  """An uncaught exception ends this process at once (see fail_fast) after printing its traceback."""
   previous = sys.excepthook
 
   def hook(kind, value, tb):
     previous(kind, value, tb)
-    try:
-      import jax
-      who = f"process {jax.process_index()}/{jax.process_count()}"
-    except Exception:  # noqa: BLE001
-      who = "this process"
-    log.error("%s failed with %s; exiting now so the other processes stop too", who, kind.__name__)
-    for stream in (sys.stdout, sys.stderr):
-      try:
-        stream.flush()
-      except Exception:  # noqa: BLE001
-        pass
-    logging.shutdown()
-    os._exit(1)
+    fail_fast(1, f"{kind.__name__}: {value}".splitlines()[0])
 
   sys.excepthook = hook

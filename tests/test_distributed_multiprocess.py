@@ -130,6 +130,38 @@ def test_every_mesh_gets_the_whole_global_batch_across_processes(tmp_path):
   assert results[0]["4,1,1"][:2] == [0, 2] and results[1]["4,1,1"][:2] == [1, 2]  # split rows
 
 
+FAILING_WORKER = """
+import sys
+import jax
+from jax.experimental import multihost_utils
+from llm_jax import config as config_lib, distributed
+c = config_lib.load("configs/tiny.py", ["distributed.heartbeat_timeout_s=5"])
+distributed.initialize(c)
+multihost_utils.sync_global_devices("both started")
+if jax.process_index() == 1:
+  raise RuntimeError("process 1 breaks")
+multihost_utils.sync_global_devices("process 1 never gets here")
+"""
+
+
+def test_an_exception_in_one_process_stops_the_other_naming_it(tmp_path):
+  """No wait at the shutdown barrier: the failing process exits, its peer stops within the heartbeat."""
+  logdir = str(tmp_path / "logs")
+  cmd = ["bash", LOCAL_SH, "-n", "2", "--cpu_devices", "1", "--logdir", logdir, "--grace", "60", "--",
+         sys.executable, "-c", FAILING_WORKER]
+  t = time.time()
+  proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  elapsed = time.time() - t
+  log0, log1 = (_read(os.path.join(logdir, f"process_{i}.log")) for i in range(2))
+  assert proc.returncode != 0
+  assert "RuntimeError: process 1 breaks" in log1 and "process 1/2 failed" in log1
+  # Process 0 stops on the broken collective, naming the failure process 1 recorded, or (when blocked)
+  # through the coordination service's heartbeat check, naming process 1 by its id.
+  assert ("failed first: process 1: RuntimeError: process 1 breaks" in log0 or
+          "stopped sending heartbeats):\n1\n" in log0), log0[-3000:]
+  assert elapsed < 45, elapsed  # startup + the 5 s heartbeat, not the shutdown barrier's timeout
+
+
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multiprocess")
