@@ -1,4 +1,8 @@
 """Launch detection (explicit, SLURM, TPU, single) and the dry run's figures, without starting processes."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -196,3 +200,17 @@ def test_dry_run_cli(capsys):
 def test_dry_run_on_this_job(capsys, devices):
   est = dry_run.run(cfg())
   assert est.num_devices == 8 and "nothing was compiled" in capsys.readouterr().out
+
+
+def test_train_cli_dry_run_exits_before_compiling(tmp_path):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_", "LLM_JAX_"))}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  workdir = tmp_path / "run"
+  proc = subprocess.run(
+      [sys.executable, "-m", "llm_jax.train", "--config=configs/llama_8b.py", f"--workdir={workdir}",
+       "--dry_run", "--config.sharding.fsdp=2", "--config.sharding.data=2"],
+      env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "mesh: data=2 fsdp=2 tensor=1" in proc.stdout and "nothing was compiled" in proc.stdout
+  assert "process 0/1" in proc.stderr and "4 local" in proc.stderr
+  assert not workdir.exists()  # no data prepared, no run directory, no parameters allocated
