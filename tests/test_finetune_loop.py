@@ -9,7 +9,7 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax import package as package_lib
-from llm_jax.finetune import init_from, lora
+from llm_jax.finetune import init_from, lora, merge
 from llm_jax.train import checkpoint, loop
 
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
@@ -103,7 +103,7 @@ def test_lora_sft_through_the_loop_checkpoints_adapters_and_exports(env, tmp_pat
   adapters, _, _ = checkpoint.restore_params(workdir)
   assert lora.adapter_names(adapters) == ["blocks/attn/query/kernel", "blocks/mlp/up/kernel"]
   pkg = str(env["root"] / "lora_pkg")
-  lora.export(workdir, pkg)
+  assert merge.main(["--workdir", workdir, "--out", pkg]) == 0
   loaded = package_lib.load_package(pkg, compute_dtype="float32")
   merged, _, _ = lora.merged_params(workdir)
   np.testing.assert_array_equal(np.asarray(loaded.params["blocks"]["mlp"]["up"]["kernel"]),
