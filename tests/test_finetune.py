@@ -122,8 +122,11 @@ def test_init_from_errors_name_the_problem(source, tmp_path):
   shutil.copy(os.path.join(source["workdir"], "config.json"), empty / "config.json")
   shutil.copy(os.path.join(source["workdir"], "tokenizer.model"), empty / "tokenizer.model")
   (empty / "checkpoints").mkdir()
-  with pytest.raises(init_from.InitFromError, match="has no usable weights.*no complete checkpoint"):
-    init_from.load_source(str(empty))
+  for fn in (init_from.load_source, init_from.describe):
+    with pytest.raises(init_from.InitFromError, match="has no usable weights.*no complete checkpoint"):
+      fn(str(empty))
+  with pytest.raises(init_from.InitFromError, match=r"finetune.init_step=9: .* steps \[3\]"):
+    init_from.describe(source["workdir"], step=9)
   (tmp_path / "plain").mkdir()
   with pytest.raises(init_from.InitFromError, match="neither a training run directory"):
     init_from.load_source(str(tmp_path / "plain"))

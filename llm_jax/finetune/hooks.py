@@ -85,12 +85,11 @@ class Finetune:
     self.lora = lora.spec_from_config(config)
     self._source = None
     self.base = self.base_shardings = None
-    if config.get("init_from"):
-      _, sha = init_from.tokenizer_of(config.init_from)
-      if sha != tokenizer_sha256:
-        probe = init_from.Source(path=config.init_from, kind="", params=None, step=None,
-                                 model_config=None, tokenizer_path="", tokenizer_sha256=sha)
-        init_from.check_tokenizer(config, probe, tokenizer_sha256)
+    if config.get("init_from"):  # checked before the run directory is written
+      step = int(config.finetune.init_step)
+      probe = init_from.describe(config.init_from, None if step < 0 else step)
+      init_from.check_tokenizer(config, probe, tokenizer_sha256)
+      init_from.check_model(config, probe, tokenizer.vocab_size)
     if self.lora is not None:
       boxed = jax.eval_shape(model.init, jax.random.key(0), jax.numpy.zeros((1, 8), jax.numpy.int32))
       abstract = nn.unbox(boxed)["params"]

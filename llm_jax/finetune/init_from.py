@@ -68,6 +68,46 @@ def tokenizer_of(path: str) -> tuple[str, str]:
   return tok, Tokenizer.load(tok).sha256
 
 
+def describe(path: str, step: int | None = None) -> Source:
+  """The source without its weights (params=None): kind, step, architecture, tokenizer.
+
+  Cheap: reads config.json / model.json and the checkpoint listing, so a run can check its shapes
+  and tokenizer before it writes anything. A source without weights raises naming the path.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  kind = source_kind(path)
+  tok_path, tok_sha = tokenizer_of(path)
+  if kind == "package":
+    from llm_jax import package as package_lib  # noqa: PLC0415
+    try:
+      meta = package_lib.read_model_json(path)
+      cfg = package_lib.model_config_from(meta["architecture"], os.path.join(path, "model.json"))
+    except package_lib.PackageError as e:
+      raise InitFromError(f"init_from={path!r}: {e}") from e
+    if not os.path.exists(os.path.join(path, package_lib.WEIGHTS)):
+      raise InitFromError(f"init_from={path!r} has no weights: {package_lib.WEIGHTS} is missing")
+    step = meta.get("provenance", {}).get("training_step")
+  else:
+    from llm_jax.train import checkpoint  # noqa: PLC0415
+    try:
+      config = checkpoint.load_config(path)
+      ckpts = checkpoint.Checkpoints(path, read_only=True)
+      steps = ckpts.steps()
+      ckpts.manager.close()
+    except checkpoint.CheckpointError as e:
+      raise InitFromError(f"init_from={path!r} has no usable weights: {e}") from e
+    if not steps:
+      raise InitFromError(f"init_from={path!r} has no usable weights: no complete checkpoint in "
+                          f"{checkpoint.checkpoint_dir(path)}")
+    if step is not None and step not in steps:
+      raise InitFromError(f"finetune.init_step={step}: {path!r} has checkpoints at steps {steps}")
+    step = steps[-1] if step is None else step
+    from llm_jax.data.tokenizer import Tokenizer  # noqa: PLC0415
+    cfg = ModelConfig.from_config(config, tokenizer_size=Tokenizer.load(tok_path).vocab_size)
+  return Source(path=path, kind=kind, params=None, step=step, model_config=cfg,
+                tokenizer_path=tok_path, tokenizer_sha256=tok_sha)
+
+
 def load_source(path: str, step: int | None = None, mesh=None) -> Source:
   """Reads a source's float32 parameters (sharded by its own rules when a mesh is given)."""
   path = os.path.abspath(os.path.expanduser(path))
