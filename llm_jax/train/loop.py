@@ -334,8 +334,8 @@ def train(config, workdir: str, *, batch_hook: Callable | None = None,
   total = config_lib.total_steps(c)
   profile = _parse_profile(tr.profile_steps)
 
-  if is_main:
-    run_dir.check_resume(workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256)
+  # Every process checks (it only reads), so all stop together on a mismatch.
+  run_dir.check_resume(workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256)
   ckpts = ckpt_lib.Checkpoints.for_training(workdir, c)
   latest = ckpts.latest_step()
   if is_main:
@@ -425,7 +425,8 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
   batch = sharding_lib.global_batch(batch_np, mesh)
   if tr.preflight and start == 0 and (ft is None or ft.lora is None):  # LoRA: the state is adapters
     figures = preflight_lib.run(state, batch, model=setup.model, config=c, tokenizer=setup.tokenizer,
-                                eval_fn=eval_fn, state_shardings=setup.state_shardings, batch_shardings=batch_shardings)
+                                eval_fn=eval_fn, state_shardings=setup.state_shardings,
+                                batch_shardings=batch_shardings)
     run.writer.write(0, {"loss": figures["preflight_loss_before"], **figures})
   run.bar = metrics_lib.progress_bar(run.total, start, jax.process_index() == 0)
   log.info("training steps %d -> %d (%d tokens per step)", start, run.total, run.tokens_per_step)

@@ -112,24 +112,30 @@ class Writer:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    if resume_step and os.path.exists(self.path):
+    earlier = os.path.exists(self.path)
+    if earlier:  # rows an interrupted session wrote after the checkpoint this one starts from
       self._truncate_after(resume_step)
     from tensorboardX import SummaryWriter  # noqa: PLC0415
-    # purge_step hides events a killed run wrote after the checkpoint it resumes from.
-    self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), purge_step=resume_step or None,
-                             flush_secs=30)
+    # purge_step hides the same steps' events in TensorBoard (a fresh restart: all of them).
+    purge = (resume_step + 1 if resume_step else 0) if earlier else None
+    self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), purge_step=purge, flush_secs=30)
     self._jsonl = open(self.path, "a")  # noqa: SIM115
 
   def _truncate_after(self, step: int) -> None:
-    """Drops rows past `step` (written after the checkpoint a resumed run restarts from)."""
-    keep = []
+    """Keeps rows up to `step`, the checkpoint a run restarts from (none for a fresh restart)."""
+    keep, dropped = [], 0
     with open(self.path) as f:
       for line in f:
         try:
-          if json.loads(line).get("step", 0) <= step:
+          if step > 0 and json.loads(line).get("step", 0) <= step:
             keep.append(line)
+            continue
         except json.JSONDecodeError:
-          continue  # a torn last line of a killed run
+          pass  # a torn last line of a killed run
+        dropped += 1
+    if dropped:
+      log.info("metrics.jsonl: dropped %d rows after step %d (written after the checkpoint this "
+               "session starts from)", dropped, step)
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
