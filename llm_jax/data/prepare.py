@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 
@@ -111,10 +110,17 @@ def _check(config) -> None:
     raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
 
 
-def prepare(config, progress: bool | None = None) -> Prepared:
-  """Prepares config.data (or finds it in the cache) and returns the prepared directory."""
+def prepare(config, progress: bool | None = None, tokenizer_path: str | None = None) -> Prepared:
+  """Prepares config.data (or finds it in the cache) and returns the prepared directory.
+
+  With `tokenizer_path`, that SentencePiece model is used as it is instead of training a new one
+  (fine-tuning on a source model's tokenizer); the cache key then includes its sha256.
+  """
   _check(config)
   key = cache_key(config)
+  if tokenizer_path:
+    with open(tokenizer_path, "rb") as f:
+      key = hashlib.sha256((key + hashlib.sha256(f.read()).hexdigest()).encode()).hexdigest()[:20]
   root = cache_root(config)
   final = os.path.join(root, key)
   if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
@@ -124,7 +130,8 @@ def prepare(config, progress: bool | None = None) -> Prepared:
   tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   try:
-    _build(config, key, tmp, progress=sys.stderr.isatty() if progress is None else progress)
+    _build(config, key, tmp, progress=sys.stderr.isatty() if progress is None else progress,
+           tokenizer_path=tokenizer_path)
     try:
       os.rename(tmp, final)
     except OSError:
@@ -198,7 +205,7 @@ def _clean_all(docs, args, workers, progress, desc):
 # ------------------------------------------------------------------ the build
 
 
-def _build(config, key: str, out_dir: str, progress: bool) -> None:
+def _build(config, key: str, out_dir: str, progress: bool, tokenizer_path: str | None = None) -> None:
   d = config.data
   t0 = time.time()
   stages: dict[str, float] = {}
@@ -281,10 +288,14 @@ def _build(config, key: str, out_dir: str, progress: bool) -> None:
   # Tokenizer: trained on the training split only.
   t = d.tokenizer
   tok_path = os.path.join(out_dir, manifest_lib.TOKENIZER)
-  tok = train_tokenizer((r.doc.text for r in by_split["train"]), tok_path, vocab_size=t.vocab_size,
-                        model_type=t.type, character_coverage=t.character_coverage,
-                        lowercase=t.lowercase, max_sentence_length=t.max_sentence_length,
-                        input_sentence_size=t.input_sentence_size)
+  if tokenizer_path:
+    shutil.copyfile(tokenizer_path, tok_path)
+    tok = Tokenizer.load(tok_path)
+  else:
+    tok = train_tokenizer((r.doc.text for r in by_split["train"]), tok_path, vocab_size=t.vocab_size,
+                          model_type=t.type, character_coverage=t.character_coverage,
+                          lowercase=t.lowercase, max_sentence_length=t.max_sentence_length,
+                          input_sentence_size=t.input_sentence_size)
   domains = sorted({r.doc.domain for r in recs})
   dom_id = {name: i for i, name in enumerate(domains)}
 

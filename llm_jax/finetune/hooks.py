@@ -3,11 +3,9 @@ step, SFT batches. `Finetune.create` returns None for an ordinary run, so the lo
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import shutil
 
 import flax.linen as nn
 import jax
@@ -38,39 +36,15 @@ def validate(config) -> None:
     sft.templates_from_config(config)
 
 
-@contextlib.contextmanager
-def _tokenizer_copied_from(path: str):
-  """Within the block the data pipeline copies `path` instead of training a tokenizer."""
-  from llm_jax.data import prepare as prepare_lib  # noqa: PLC0415
-  from llm_jax.data.tokenizer import Tokenizer  # noqa: PLC0415
-  original = prepare_lib.train_tokenizer
-
-  def reuse(texts, out_path, **kwargs):
-    del texts, kwargs
-    shutil.copyfile(path, out_path + ".partial")
-    os.replace(out_path + ".partial", out_path)
-    return Tokenizer.load(out_path)
-
-  prepare_lib.train_tokenizer = reuse
-  try:
-    yield
-  finally:
-    prepare_lib.train_tokenizer = original
-
-
 def prepare_data(config):
   """config.data prepared with the source's tokenizer.model (reuse_source_tokenizer=True).
 
-  The result is cached apart from ordinary preparations, under a folder named by the tokenizer's hash.
+  The cache key of such a preparation includes the tokenizer's hash.
   """
   from llm_jax.data import prepare as prepare_lib  # noqa: PLC0415
   tok_path, sha = init_from.tokenizer_of(config.init_from)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.data.cache_dir = os.path.join(prepare_lib.cache_root(config), f"tokenizer-{sha[:16]}")
   log.info("preparing %s with the source's tokenizer %s (%s)", config.data.corpus, tok_path, sha[:12])
-  with _tokenizer_copied_from(tok_path):
-    prepared = prepare_lib.prepare(config)
+  prepared = prepare_lib.prepare(config, tokenizer_path=tok_path)
   if prepared.tokenizer_sha256 != sha:
     raise init_from.InitFromError(f"prepared data in {prepared.dir} has tokenizer sha256 "
                                   f"{prepared.tokenizer_sha256}, not the source's {sha}")
