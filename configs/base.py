@@ -68,6 +68,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = True  # output head shares the token embedding
   m.use_bias = True  # biases in dense layers and norms
   m.dropout = 0.0
+  m.attention_dropout = 0.0  # > 0: dropout on attention probabilities (nanoGPT's attn_dropout); the
+  # training step then uses unfused XLA attention instead of cuDNN flash attention
   m.dtype = "auto"  # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU) | bfloat16 | float32
   m.param_dtype = "float32"  # parameters and optimizer state
   m.attention = "auto"  # auto | cudnn | xla (jax.nn.dot_product_attention implementation)

@@ -25,6 +25,7 @@ class ModelConfig:
   tie_embeddings: bool = True
   use_bias: bool = True
   dropout: float = 0.0
+  attention_dropout: float = 0.0  # dropout on attention probabilities (training; XLA attention)
   dtype: str = "float32"
   param_dtype: str = "float32"
   attention: str = "xla"
@@ -62,6 +63,7 @@ class ModelConfig:
         max_seq_len=m.max_seq_len, positions=m.positions, rope_theta=float(m.rope_theta),
         norm=m.norm, norm_eps=float(m.norm_eps), activation=m.activation,
         tie_embeddings=m.tie_embeddings, use_bias=m.use_bias, dropout=float(m.dropout),
+        attention_dropout=float(m.get("attention_dropout", 0.0)),
         dtype=dtype, param_dtype=m.param_dtype, logits_dtype=logits_dtype,
         scan_unroll=max(1, min(int(m.get("scan_unroll", 1)), m.num_layers)),
         attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std))

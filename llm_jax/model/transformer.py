@@ -61,7 +61,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, decode: bool = False):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, decode: bool = False,
+               deterministic: bool = True):
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
@@ -83,6 +84,8 @@ class Attention(nn.Module):
 
     if decode:
       out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL)
+    elif c.attention_dropout > 0 and not deterministic:
+      out_BLNH = self._dropout_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
     elif segment_ids_BL is not None:
       same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
       out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_B1LL,
@@ -94,6 +97,22 @@ class Attention(nn.Module):
     return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
                            kernel_init=_lp(_normal(out_std), ("heads", "kv", "embed")),
                            bias_init=_lp(nn.initializers.zeros, ("embed",)), name="out")(out_BLNH)
+
+  def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
+    """Causal attention with dropout on the probabilities (training only; XLA, not fused)."""
+    c = self.cfg
+    b, l, n, h = q_BLNH.shape
+    q_BLKGH = q_BLNH.reshape(b, l, c.num_kv_heads, n // c.num_kv_heads, h)
+    s_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BLKH,
+                         preferred_element_type=jnp.float32) / math.sqrt(h)
+    mask_BKGLS = jnp.tril(jnp.ones((l, l), bool))[None, None, None]
+    if segment_ids_BL is not None:
+      mask_BKGLS = mask_BKGLS & (segment_ids_BL[:, None, None, :, None] ==
+                                 segment_ids_BL[:, None, None, None, :])
+    s_BKGLS = jnp.where(mask_BKGLS, s_BKGLS, jnp.finfo(jnp.float32).min)
+    p_BKGLS = nn.Dropout(c.attention_dropout)(jax.nn.softmax(s_BKGLS, axis=-1), deterministic=False)
+    out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", p_BKGLS.astype(v_BLKH.dtype), v_BLKH)
+    return out_BLKGH.reshape(b, l, n, h)
 
   def _cached_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL):
     """Writes this call's keys/values at each row's positions, then attends to positions <= own."""
@@ -196,7 +215,7 @@ class Block(nn.Module):
     c = self.cfg
     drop = nn.Dropout(c.dropout)
     h = Attention(c, name="attn")(Norm(c, name="norm_attn")(x_BLD), positions_BL, segment_ids_BL,
-                                  decode=self.decode)
+                                  decode=self.decode, deterministic=deterministic)
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
     x_BLD = x_BLD + drop(h, deterministic=deterministic)

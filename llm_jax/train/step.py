@@ -38,7 +38,7 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None
   weights): gradients are then taken with respect to `params`, the trainable tree.
   """
   tr = config.train
-  deterministic = model.cfg.dropout == 0.0
+  deterministic = model.cfg.dropout == 0.0 and model.cfg.attention_dropout == 0.0
   n = max(1, int(tr.microbatches))
 
   def sums_fn(p, mb, r):
