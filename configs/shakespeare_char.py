@@ -23,7 +23,9 @@ def get_config():
   c.model.num_heads = 6
   c.model.max_seq_len = 256
   c.model.dropout = 0.2
+  c.model.attention_dropout = 0.2  # nanoGPT drops attention probabilities too
   c.model.use_bias = False
+  c.model.scan_unroll = 6
   c.train.seq_len = 256
   c.train.global_batch_size = 64
   c.train.steps = 5000
