@@ -1,6 +1,11 @@
 """A small GPT on the embedded stdlib corpus (Python docs and code) that trains on a laptop CPU in minutes.
 
     python -m llm_jax.train --config=configs/tiny.py --workdir=runs/tiny
+
+2.2M parameters (4 layers x 192, context 128, BPE 2048), 600 steps of 16 x 128 tokens (1.2M tokens).
+Measured on this project's 2-core CPU VM from a cold start (empty data and compile caches): 5 s of data
+preparation, 5 s of compilation and preflight, 600 steps at 0.47 s/step; 4 min 57 s in all. Validation
+loss 7.66 -> 4.29 (step 100) -> 3.38 (400) -> 3.21 (600); the step-400 samples already read as Python.
 """
 from configs import base
 
