@@ -29,6 +29,7 @@ from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import preflight as preflight_lib
+from llm_jax.train import profiling
 from llm_jax.train import run_dir
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
@@ -201,16 +202,11 @@ def _eval_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
       max_batches=c.train.eval_batches or None, process_index=index, process_count=count))
 
 
-def _parse_profile(spec: str) -> tuple[int, int] | None:
-  if not spec:
-    return None
+def _check_profile(spec: str) -> None:
   try:
-    start, stop = (int(x) for x in spec.split(","))
+    profiling.parse_profile_steps(spec)
   except ValueError as e:
-    raise config_lib.ConfigError(f"train.profile_steps={spec!r} must look like START,STOP") from e
-  if not 0 <= start < stop:
-    raise config_lib.ConfigError(f"train.profile_steps={spec!r}: need 0 <= START < STOP")
-  return start, stop
+    raise config_lib.ConfigError(str(e)) from e
 
 
 # ------------------------------------------------------------------ the loop
@@ -332,7 +328,7 @@ def train(config, workdir: str, *, batch_hook: Callable | None = None,
   c = setup.config
   tr = c.train
   total = config_lib.total_steps(c)
-  profile = _parse_profile(tr.profile_steps)
+  _check_profile(tr.profile_steps)  # before anything slow
 
   # Every process checks (it only reads), so all stop together on a mismatch.
   run_dir.check_resume(workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256)
@@ -376,7 +372,7 @@ def train(config, workdir: str, *, batch_hook: Callable | None = None,
   status = "complete"
   try:
     with sharding_lib.activate(setup.mesh, c):
-      status = _loop(run, state, prefetch, ckpts, stop, batch_hook, profile, start)
+      status = _loop(run, state, prefetch, ckpts, stop, batch_hook, start)
   finally:
     stop.restore()
     prefetch.close()
@@ -391,7 +387,7 @@ def train(config, workdir: str, *, batch_hook: Callable | None = None,
   return summary
 
 
-def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_hook, profile,
+def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_hook,
           start: int) -> str:
   setup = run.setup
   c, tr, mesh = setup.config, setup.config.train, setup.mesh
@@ -433,71 +429,67 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
 
   pending = None
   step = start
-  tracing = False
   status = "complete"
-  while True:
-    if profile and step == profile[0] and not tracing:
-      jax.profiler.start_trace(run.writer.tb_dir if run.writer.enabled else
-                               os.path.join(run.workdir, metrics_lib.TB_DIR))
-      tracing = True
-    state, metrics = step_fn(state, batch)
-    step += 1
-    run.step = step
-    if pending is not None:
-      row = run.finish(*pending)
-      if row is not None:
-        run.writer.write(pending[0], row)
-    pending = (step, metrics, wait_s)
-    if tracing and step >= profile[1]:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      tracing = False
-      log.info("profile of steps %d-%d written under %s", profile[0], profile[1], run.writer.tb_dir)
+  # Every process traces its own devices into WORKDIR/tb/plugins/profile (train.profile_steps).
+  profiler = profiling.StepProfiler(tr.profile_steps, os.path.join(run.workdir, metrics_lib.TB_DIR))
+  try:
+    while True:
+      profiler.before(step)
+      with profiler.annotate(step):
+        state, metrics = step_fn(state, batch)
+      profiler.after(step, state)
+      step += 1
+      run.step = step
+      if pending is not None:
+        row = run.finish(*pending)
+        if row is not None:
+          run.writer.write(pending[0], row)
+      pending = (step, metrics, wait_s)
 
-    at_end = step >= run.total
-    stop_now = (bool(stop) if jax.process_count() == 1 else
-                (step % max(1, tr.log_every) == 0 or at_end) and stop.agreed())
-    do_eval = tr.eval_every > 0 and (step % tr.eval_every == 0 or at_end) and eval_batches
-    do_sample = sampler is not None and (step % tr.sample_every == 0 or at_end)
-    do_save = step % max(1, tr.checkpoint_every) == 0 or at_end or stop_now
-    if do_eval or do_sample or do_save:
-      row = run.finish(*pending) or {}
-      pending = None
-      if do_eval:
-        row.update(_evaluate(model_params(state.params), eval_fn, eval_batches, mesh,
-                             setup.prepared.domains))
-        if sft_eval:
-          row["val_loss/sft"] = _evaluate(model_params(state.params), eval_fn, sft_eval, mesh,
-                                          ["sft"]).get("val_loss")
-        if "val_loss" in row:
-          run.last_val = row["val_loss"]
-          run.alerts.val_loss(step, row["val_loss"])
-          log.info("step %d: loss %.4f, val loss %.4f", step, run.last_loss, row["val_loss"])
-      if do_sample:
-        texts = sampler(model_params(state.params), step)
-        for prompt, text in zip(sampler.prompts, texts):
-          log.info("sample at step %d: %r", step, text)
-        run.writer.text(step, "samples", "\n\n".join(f"```\n{t}\n```" for t in texts))
-        row["samples"] = texts
-      if row:
-        row.setdefault("loss", run.last_loss)
-        run.writer.write(step, row)
-      if do_save:
-        ckpts.save(step, state, data_state)
-        run.saved_step = step
-      run.writer.flush()
-      run.pause_timer()
-    if at_end:
-      break
-    if stop_now:
-      status = f"stopped by {stop.signal_name or 'another process'}"
-      log.warning("%s at step %d; checkpoint saved. Run the same command to resume.", status, step)
-      break
-    (batch_np, data_state), wait_s = prefetch.get()
-    if batch_hook is not None:
-      batch_np = batch_hook(step, batch_np)
-    batch = sharding_lib.global_batch(batch_np, mesh)
-  if tracing:
-    jax.profiler.stop_trace()
+      at_end = step >= run.total
+      stop_now = (bool(stop) if jax.process_count() == 1 else
+                  (step % max(1, tr.log_every) == 0 or at_end) and stop.agreed())
+      do_eval = tr.eval_every > 0 and (step % tr.eval_every == 0 or at_end) and eval_batches
+      do_sample = sampler is not None and (step % tr.sample_every == 0 or at_end)
+      do_save = step % max(1, tr.checkpoint_every) == 0 or at_end or stop_now
+      if do_eval or do_sample or do_save:
+        row = run.finish(*pending) or {}
+        pending = None
+        if do_eval:
+          row.update(_evaluate(model_params(state.params), eval_fn, eval_batches, mesh,
+                               setup.prepared.domains))
+          if sft_eval:
+            row["val_loss/sft"] = _evaluate(model_params(state.params), eval_fn, sft_eval, mesh,
+                                            ["sft"]).get("val_loss")
+          if "val_loss" in row:
+            run.last_val = row["val_loss"]
+            run.alerts.val_loss(step, row["val_loss"])
+            log.info("step %d: loss %.4f, val loss %.4f", step, run.last_loss, row["val_loss"])
+        if do_sample:
+          texts = sampler(model_params(state.params), step)
+          for prompt, text in zip(sampler.prompts, texts):
+            log.info("sample at step %d: %r", step, text)
+          run.writer.text(step, "samples", "\n\n".join(f"```\n{t}\n```" for t in texts))
+          row["samples"] = texts
+        if row:
+          row.setdefault("loss", run.last_loss)
+          run.writer.write(step, row)
+        if do_save:
+          ckpts.save(step, state, data_state)
+          run.saved_step = step
+        run.writer.flush()
+        run.pause_timer()
+      if at_end:
+        break
+      if stop_now:
+        status = f"stopped by {stop.signal_name or 'another process'}"
+        log.warning("%s at step %d; checkpoint saved. Run the same command to resume.", status, step)
+        break
+      (batch_np, data_state), wait_s = prefetch.get()
+      if batch_hook is not None:
+        batch_np = batch_hook(step, batch_np)
+      batch = sharding_lib.global_batch(batch_np, mesh)
+  finally:
+    profiler.close()
   ckpts.wait()
   return status
