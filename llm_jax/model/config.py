@@ -73,7 +73,8 @@ class ModelConfig:
     d, h, k, q, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.mlp_dim
     b = 1 if self.use_bias else 0
     attn = d * h * q + 2 * d * k * q + h * q * d + b * (h * q + 2 * k * q + d)
-    mlp = (3 * d * f if self.activation == "swiglu" else 2 * d * f) + b * (f + d)
+    n_up = 2 if self.activation == "swiglu" else 1  # swiglu has gate and up projections
+    mlp = (n_up + 1) * d * f + b * (n_up * f + d)
     norms = 2 * (d + b * d)
     per_layer = attn + mlp + norms
     emb = self.vocab_size * d
