@@ -10,6 +10,7 @@ import os
 import sys
 
 from llm_jax import package as package_lib
+from llm_jax.data.shards import file_sha256
 from llm_jax.model import ModelConfig
 
 RUN_JSON, MANIFEST_JSON, TOKENIZER_MODEL = "run.json", "manifest.json", "tokenizer.model"
@@ -43,7 +44,7 @@ def run_provenance(workdir: str) -> dict:
   manifest_sha = _find(record, "manifest_sha256")
   mpath = os.path.join(workdir, MANIFEST_JSON)
   if not manifest_sha and os.path.exists(mpath):
-    manifest_sha = package_lib.sha256_file(mpath)
+    manifest_sha = file_sha256(mpath)
   commit = _find(record, "git_commit", "commit")
   git = record.get("git")
   if isinstance(git, dict) and git.get("commit"):

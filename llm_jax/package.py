@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_jax import quantize as quantize_lib
+from llm_jax.data.shards import file_sha256
 from llm_jax.model import ModelConfig
 
 FORMAT_VERSION = 1
@@ -93,14 +93,6 @@ def project_version() -> str:
       return "source"
 
 
-def sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def flatten(params) -> dict[str, Any]:
   """Nested dict -> {"a/b/c": leaf}; QTensor leaves stay whole."""
   out = {}
@@ -149,7 +141,7 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
       tensors[key] = leaf.astype(wdt) if np.issubdtype(leaf.dtype, np.floating) else leaf
   for key, arr in tensors.items():
     table[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
-  tok_sha = sha256_file(tokenizer_path)
+  tok_sha = file_sha256(tokenizer_path)
   if tokenizer_sha256 and tokenizer_sha256 != tok_sha:
     raise PackageError(f"tokenizer {tokenizer_path} has sha256 {tok_sha}, but the run recorded "
                        f"{tokenizer_sha256}; the workdir's tokenizer was replaced")
@@ -159,7 +151,7 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
   try:
     save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "llm_jax",
                                                              "format_version": str(FORMAT_VERSION)})
-    weights_sha = sha256_file(os.path.join(tmp, WEIGHTS))
+    weights_sha = file_sha256(os.path.join(tmp, WEIGHTS))
     shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {
@@ -320,7 +312,7 @@ def load_package(path: str, *, compute_dtype: str | None = None, int8_in_memory:
   wpath = os.path.join(path, WEIGHTS)
   if not os.path.exists(wpath):
     raise PackageError(f"{wpath} is missing")
-  if verify and meta.get("weights_sha256") and sha256_file(wpath) != meta["weights_sha256"]:
+  if verify and meta.get("weights_sha256") and file_sha256(wpath) != meta["weights_sha256"]:
     raise PackageError(f"{wpath} does not match weights_sha256 in model.json: the file is damaged "
                        "or was replaced")
   flat = {}
