@@ -396,7 +396,7 @@ def summary_text(p: Prepared, cached: bool) -> str:
       lines.append(f"  {split:5s} {name:12s} {c['documents']:7d} docs {c['tokens']:11d} tokens "
                    f"{c['bytes'] / max(1, c['tokens']):.2f} bytes/token")
   bpt = s["bytes_per_token"]
-  lines.append(f"  bytes/token " + " ".join(f"{k} {v:.3f}" for k, v in bpt.items()) + "; tokenizer "
+  lines.append("  bytes/token " + " ".join(f"{k} {v:.3f}" for k, v in bpt.items()) + "; tokenizer "
                f"{m['tokenizer']['type']} {m['tokenizer']['vocab_size']} pieces sha256 "
                f"{m['tokenizer']['sha256'][:16]}")
   stages = ", ".join(f"{k} {v:.1f}s" for k, v in s.get("seconds_by_stage", {}).items())
