@@ -247,3 +247,49 @@ def test_alerts_and_mfu():
   assert metrics_lib.peak_flops("NVIDIA H200", "gpu") == 989e12
   assert metrics_lib.peak_flops("cpu", "cpu") is None
   assert metrics_lib.mfu(6e9, 1000.0, 2, 1e12) == pytest.approx(3.0)
+
+
+@pytest.fixture(scope="module")
+def char_run(env):
+  """A short run on a char tokenizer (~300 pieces with byte fallback) padded to 384 model rows,
+  sampling every 2 steps."""
+  workdir = str(env["root"] / "char")
+  out = loop.train(cfg(env, data__tokenizer__type="char", data__tokenizer__character_coverage=1.0,
+                       model__vocab_multiple=128, train__steps=4, train__decay_steps=4,
+                       train__sample_every=2, train__sample_tokens=12, train__eval_every=0,
+                       train__checkpoint_every=4), workdir)
+  assert out["status"] == "complete" and out["step"] == 4
+  return workdir
+
+
+def test_sampling_with_a_char_tokenizer_and_padded_vocab(char_run):
+  from llm_jax.data.tokenizer import Tokenizer
+  tok = Tokenizer.load(os.path.join(char_run, "tokenizer.model"))
+  config = config_lib.from_json(os.path.join(char_run, "config.json"))
+  assert tok.vocab_size < config.model.vocab_size == 384  # padding rows exist
+  sampled = {r["step"]: r["samples"] for r in rows(char_run) if "samples" in r}
+  assert sorted(sampled) == [2, 4]
+  for texts in sampled.values():
+    assert len(texts) == 3 and texts[0].startswith("def ") and texts[2].startswith("The ")
+
+
+def test_sampler_never_draws_padding_ids(char_run):
+  """Padding rows scaled up so that they win the softmax: the sampler still keeps to real ids."""
+  from llm_jax.data.tokenizer import Tokenizer
+  from llm_jax.model import Decoder, ModelConfig
+  tok = Tokenizer.load(os.path.join(char_run, "tokenizer.model"))
+  params, config, _ = ckpt_lib.restore_params(char_run)
+  model_cfg = ModelConfig.from_config(config)
+  emb = np.asarray(params["embedding"]).copy()
+  emb[tok.vocab_size:] *= 1e3
+  rigged = {**params, "embedding": jax.numpy.asarray(emb)}
+  prompt = [tok.eos_id] + tok.encode("def ")
+  logits = Decoder(model_cfg).apply({"params": rigged}, np.asarray([prompt], np.int32))
+  assert int(np.argmax(logits[0, -1])) >= tok.vocab_size  # unmasked, a padding id would win
+  sampler = metrics_lib.Sampler(model_cfg, tok, ["def ", "The "], 8, seed=3)
+  ids = sampler.sample_ids(rigged)
+  assert len(ids) == 2 and all(0 <= i < tok.vocab_size for row in ids for i in row)
+  assert sampler.sample_ids(rigged) == ids  # fixed seed: the same draws again
+  assert sampler._fn._cache_size() == 1  # compiled once, reused
+  texts = sampler(rigged)
+  assert texts[0].startswith("def ") and texts[1].startswith("The ")

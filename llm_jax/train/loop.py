@@ -415,8 +415,8 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
     log.warning("the val split is empty: no evaluation")
   sampler = None
   if tr.sample_every > 0:
-    sampler = metrics_lib.Sampler(setup.model, setup.tokenizer, tr.sample_prompts.split(","),
-                                  tr.sample_tokens, tr.seq_len, seed=tr.seed, mesh=mesh)
+    sampler = metrics_lib.Sampler(setup.model_cfg, setup.tokenizer, tr.sample_prompts.split(","),
+                                  tr.sample_tokens, seed=tr.seed, mesh=mesh)
 
   batch = sharding_lib.global_batch(batch_np, mesh)
   if tr.preflight and start == 0 and (ft is None or ft.lora is None):  # LoRA: the state is adapters
@@ -466,7 +466,7 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
             run.alerts.val_loss(step, row["val_loss"])
             log.info("step %d: loss %.4f, val loss %.4f", step, run.last_loss, row["val_loss"])
         if do_sample:
-          texts = sampler(model_params(state.params), step)
+          texts = sampler(model_params(state.params))
           for prompt, text in zip(sampler.prompts, texts):
             log.info("sample at step %d: %r", step, text)
           run.writer.text(step, "samples", "\n\n".join(f"```\n{t}\n```" for t in texts))

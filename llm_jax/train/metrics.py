@@ -15,7 +15,6 @@ import statistics
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -226,49 +225,54 @@ class Alerts:
 
 
 class Sampler:
-  """Sampled continuations of a few prompts by full recompute (no KV cache): cheap enough every N steps."""
+  """Sampled continuations of a few prompts through llm_jax.generate's KV-cache decoder, every N steps.
 
-  def __init__(self, model, tokenizer, prompts: Sequence[str], num_tokens: int, seq_len: int,
+  Prompts start with the document separator (EOS), as documents do in training. Ids the tokenizer does
+  not have (the padded embedding rows) are never sampled. The prefill and decode loop are one jitted
+  function, compiled on first use and reused; row i always uses seed `seed + i`, so samples of
+  different steps differ by the weights only.
+  """
+
+  def __init__(self, model_cfg, tokenizer, prompts: Sequence[str], num_tokens: int,
                temperature: float = 0.8, seed: int = 0, mesh=None):
+    from llm_jax import generate as generate_lib  # noqa: PLC0415 - generate imports the model
     self.tokenizer = tokenizer
     self.prompts = [p for p in prompts if p]
-    ids = [tokenizer.encode(p)[-(seq_len // 2):] or [tokenizer.bos_id] for p in self.prompts]
-    self.lengths = np.array([len(i) for i in ids], np.int32)
-    self.num_tokens = int(min(num_tokens, seq_len - int(self.lengths.max(initial=1))))
-    tokens = np.zeros((len(ids), seq_len), np.int32)
-    for r, row in enumerate(ids):
-      tokens[r, :len(row)] = row
-    self.tokens = tokens
-    self.seed = seed
+    keep = max(1, model_cfg.max_seq_len // 2 - 1)  # prompt tokens kept (the end of a long prompt)
+    self.prompt_ids = [tokenizer.encode(p)[-keep:] for p in self.prompts]
+    ids = [[tokenizer.eos_id] + row for row in self.prompt_ids]
+    longest = max((len(row) for row in ids), default=1)
+    self.num_tokens = int(min(num_tokens, model_cfg.max_seq_len - longest))
+    self._fn = None
+    if not self.prompts or self.num_tokens <= 0:
+      return
+    sampling = [generate_lib.SamplingParams(temperature=float(temperature),
+                                            max_new_tokens=self.num_tokens, seed=int(seed) + i)
+                for i in range(len(ids))]
+    tokens_BL, lengths_B = generate_lib.pad_prompts(ids, model_cfg)
+    self._args = (tokens_BL, lengths_B, generate_lib.sampling_arrays(sampling))
+    eos_id, vocab_limit, steps = int(tokenizer.eos_id), int(tokenizer.vocab_size), self.num_tokens
 
-    def generate(params, tokens_PL, lengths_P, rng):
-      def body(i, carry):
-        toks, rng = carry
-        logits_PLV = model.apply({"params": params}, toks)
-        pos_P = lengths_P + i
-        logits_PV = jnp.take_along_axis(logits_PLV, (pos_P - 1)[:, None, None], axis=1)[:, 0]
-        logits_PV = logits_PV.at[:, :4].set(-jnp.inf)  # no pad/bos/eos/unk mid-sample
-        rng, sub = jax.random.split(rng)
-        nxt_P = jax.random.categorical(sub, logits_PV / temperature).astype(jnp.int32)
-        toks = toks.at[jnp.arange(toks.shape[0]), pos_P].set(nxt_P)
-        return toks, rng
-      toks, _ = jax.lax.fori_loop(0, self.num_tokens, body, (tokens_PL, rng))
-      return toks
+    def run(params, tokens_BL, lengths_B, arrays):
+      state = generate_lib.start(params, tokens_BL, lengths_B, **arrays, cfg=model_cfg)
+      _, outs = generate_lib.decode_loop(params, state, cfg=model_cfg, max_steps=steps,
+                                         eos_id=eos_id, vocab_limit=vocab_limit)
+      return outs["token"], outs["emitted"]
 
     # Replicated output: every process can read it (all processes run the sampler together).
     out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._generate = jax.jit(generate, out_shardings=out)
+    self._fn = jax.jit(run, out_shardings=out)
 
-  def __call__(self, params, step: int) -> list[str]:
-    """One continuation per prompt (prompt included), deterministic in (seed, step)."""
-    if not self.prompts or self.num_tokens <= 0:
+  def sample_ids(self, params) -> list[list[int]]:
+    """The new token ids of each prompt (up to EOS or num_tokens); deterministic in (seed, params)."""
+    if self._fn is None:
       return []
-    rng = jax.random.fold_in(jax.random.key(self.seed), step)
-    out = np.asarray(jax.device_get(self._generate(params, self.tokens, self.lengths, rng)))
-    texts = []
-    for r, n in enumerate(self.lengths):
-      texts.append(self.tokenizer.decode(out[r, :n + self.num_tokens].tolist()))
-    return texts
+    tokens_BT, emitted_BT = jax.device_get(self._fn(params, *self._args))
+    return [[int(t) for t in tokens_BT[r, :int(emitted_BT[r].sum())]] for r in range(len(self.prompts))]
+
+  def __call__(self, params) -> list[str]:
+    """One continuation per prompt, the prompt included."""
+    return [self.tokenizer.decode(p + new) for p, new in zip(self.prompt_ids, self.sample_ids(params))]
 
 
 def progress_bar(total: int, initial: int, enabled: bool):
