@@ -36,6 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
   d.segment_windows = False  # True: windows never cross documents (segment ids); False: packed
   d.mixture = ""  # optional domain weights "docs=0.3,code=0.7"; empty: natural proportions
   d.seed = 0  # shuffling seed of the loader
+  # Loader: shift the training window grid every epoch by an offset in [0, seq_len) drawn from (seed, epoch),
+  # so epochs see different windows; False: the same fixed windows every epoch, reshuffled (the old loader)
+  d.window_offsets = True
   d.stdlib_max_bytes = 16_000_000  # corpus "stdlib": at most this many bytes of stdlib .py files
   d.license = "unknown"  # license recorded for .txt/.md/.jsonl sources (a JSONL "license" field wins)
   d.shard_tokens = 50_000_000  # tokens per shard file (documents never straddle shards)

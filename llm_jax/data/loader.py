@@ -1,15 +1,22 @@
-"""Batches from prepared shards: a Grain MapDataset of fixed windows (seq_len + 1 tokens) over the packed
-stream, globally shuffled by seed and reshuffled every epoch; evaluation windows in order.
+"""Batches from prepared shards: a Grain MapDataset of windows (seq_len + 1 tokens, stride seq_len) over
+the packed stream, globally shuffled by seed and reshuffled every epoch; evaluation windows in order.
 
-The global batch at step s is rows [s*G, (s+1)*G) of the shuffled, repeated window sequence, so it depends
-only on (data, seed, step); process p of n reads rows [p*b, (p+1)*b) of it, b = G / n.
+With window offsets (the default) the grid of windows is shifted every epoch by an offset in
+[0, seq_len) drawn from (seed, epoch), so an epoch's windows are not the previous epoch's in another
+order. The global batch at step s is rows [s*G, (s+1)*G) of the window sequence, so it depends only on
+(data, seed, step); process p of n reads rows [p*b, (p+1)*b) of it, b = G / n.
 """
 from __future__ import annotations
 
-import os
+import bisect
+import collections
+import hashlib
+import sys
+import threading
 from typing import Iterator
 
 import grain
+import grain.experimental
 import numpy as np
 
 from llm_jax.data import manifest as manifest_lib
@@ -17,11 +24,18 @@ from llm_jax.data.errors import DataError
 from llm_jax.data.shards import Shard, open_split
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
 
-_STATE_KEYS = ("split", "seq_len", "global_batch_size", "seed", "segment_windows", "mixture", "data_key")
+_STATE_KEYS = ("split", "seq_len", "global_batch_size", "seed", "segment_windows", "mixture",
+               "window_offsets", "data_key")
+_SHUFFLE_ROUNDS = 4  # as grain's MapDataset.shuffle
 
 
 class Windows:
-  """Fixed windows of L + 1 tokens, stride L, within each shard of a split (targets never overlap)."""
+  """Windows of L + 1 tokens, stride L, inside each shard of a split, on a grid shifted by an offset.
+
+  A window is named by its start position in the split's stream (the shards concatenated in order). On
+  the grid at offset o, shard k holds the windows starting at o, o + L, o + 2L, ... that fit in it, so
+  targets never overlap and windows never cross shards.
+  """
 
   def __init__(self, prepared_dir: str, split: str, seq_len: int):
     self.manifest = manifest_lib.load(prepared_dir)
@@ -29,33 +43,93 @@ class Windows:
     self.seq_len = int(seq_len)
     if self.seq_len <= 0:
       raise DataError(f"seq_len={seq_len} must be positive (train.seq_len)")
-    self.per_shard = np.array([max(0, (len(s.tokens) - 1) // self.seq_len) for s in self.shards], np.int64)
-    self.cum = np.cumsum(self.per_shard)
-    self.size = int(self.cum[-1])
+    self.lengths = np.array([len(s.tokens) for s in self.shards], np.int64)
+    self.bases = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+    self._bases = self.bases.tolist()
+    self._cum: dict[int, list[int]] = {}
+    self.size = self.count(0)
     if self.size == 0:
-      tokens = sum(len(s.tokens) for s in self.shards)
-      raise DataError(f"{prepared_dir}: split {split!r} has {tokens} tokens, not enough for one window of "
-                      f"seq_len+1={self.seq_len + 1}; lower train.seq_len or add data")
+      raise DataError(f"{prepared_dir}: split {split!r} has {int(self.lengths.sum())} tokens, not enough for "
+                      f"one window of seq_len+1={self.seq_len + 1}; lower train.seq_len or add data")
+    # Offsets run over [0, L): offset L is offset 0 without its first window. Above max_offset no window fits.
+    self.max_offset = int(min(self.seq_len - 1, self.lengths.max() - 1 - self.seq_len))
     self._arange = np.arange(self.seq_len + 1, dtype=np.int64)
+    self._by_domain: collections.OrderedDict[int, list[np.ndarray]] = collections.OrderedDict()
+    self._domain_counts: dict[int, list[int]] = {}
+    self._lock = threading.Lock()
 
-  def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(shard index, start token) of window ids."""
-    shard = np.searchsorted(self.cum, ids, side="right")
-    before = self.cum[shard] - self.per_shard[shard]
-    return shard, (ids - before) * self.seq_len
+  def per_shard(self, offset: int = 0) -> np.ndarray:
+    """[shards] windows of each shard on the grid at `offset`."""
+    return np.maximum(0, (self.lengths - 1 - offset) // self.seq_len)
 
-  def first_domain(self) -> np.ndarray:
-    """[size] domain id of each window's first target token (for mixtures)."""
-    out = []
-    for s, n in zip(self.shards, self.per_shard):
-      starts = np.arange(n, dtype=np.int64) * self.seq_len + 1
-      out.append(s.domains[np.searchsorted(s.offsets, starts, side="right") - 1])
-    return np.concatenate(out).astype(np.int64)
+  def count(self, offset: int = 0) -> int:
+    """Windows of the split on the grid at `offset`."""
+    return int(self._cumulative(offset)[-1])
 
-  def gather(self, ids: np.ndarray, segment_windows: bool) -> dict[str, np.ndarray]:
-    """The batch of window ids [b]: inputs, targets, domain_ids (of targets) [b, L] int32 (+ segment_ids)."""
+  def _cumulative(self, offset: int) -> list[int]:
+    cum = self._cum.get(offset)
+    if cum is None:
+      cum = self._cum[offset] = np.cumsum(self.per_shard(offset)).tolist()
+    return cum
+
+  def position(self, k: int, offset: int = 0) -> int:
+    """Stream position of window k (0 <= k < count(offset)) of the grid at `offset`."""
+    cum = self._cumulative(offset)
+    s = bisect.bisect_right(cum, k)
+    before = cum[s - 1] if s else 0
+    return self._bases[s] + offset + (k - before) * self.seq_len
+
+  def positions(self, ids: np.ndarray, offset: int = 0) -> np.ndarray:
+    """[n] stream positions of window numbers `ids` of the grid at `offset`."""
     ids = np.asarray(ids, np.int64)
-    shard_idx, starts = self.locate(ids)
+    cum = np.asarray(self._cumulative(offset), np.int64)
+    s = np.searchsorted(cum, ids, side="right")
+    before = cum[s] - self.per_shard(offset)[s]
+    return self.bases[s] + offset + (ids - before) * self.seq_len
+
+  def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard index, start token in the shard) of stream positions."""
+    positions = np.asarray(positions, np.int64)
+    shard = np.searchsorted(self.bases, positions, side="right") - 1
+    return shard, positions - self.bases[shard]
+
+  def first_domains(self, positions: np.ndarray) -> np.ndarray:
+    """[n] domain id of the first target token of the windows at `positions`."""
+    shard_idx, starts = self.locate(positions)
+    out = np.empty(len(starts), np.int64)
+    for k in np.unique(shard_idx):
+      rows = shard_idx == k
+      sh = self.shards[k]
+      out[rows] = sh.domains[np.searchsorted(sh.offsets, starts[rows] + 1, side="right") - 1]
+    return out
+
+  def domain_counts(self, offset: int) -> list[int]:
+    """Windows per domain id (by first target token) on the grid at `offset`."""
+    counts = self._domain_counts.get(offset)
+    if counts is None:
+      counts = self._domain_counts[offset] = [len(p) for p in self.domain_positions(offset)]
+    return counts
+
+  def domain_positions(self, offset: int) -> list[np.ndarray]:
+    """Per domain id, the positions of the windows whose first target is in that domain (grid at `offset`)."""
+    with self._lock:
+      cached = self._by_domain.get(offset)
+      if cached is not None:
+        self._by_domain.move_to_end(offset)
+        return cached
+    pos = self.positions(np.arange(self.count(offset)), offset)
+    first = self.first_domains(pos)
+    cached = [pos[first == d] for d in range(len(self.manifest["domains"]))]
+    with self._lock:
+      self._by_domain[offset] = cached
+      while len(self._by_domain) > 2 * len(self.manifest["domains"]) + 2:  # streams use one or two each
+        self._by_domain.popitem(last=False)
+    return cached
+
+  def gather(self, positions: np.ndarray, segment_windows: bool) -> dict[str, np.ndarray]:
+    """The batch of windows at `positions` [b]: inputs, targets, domain_ids (of targets) [b, L] int32
+    (+ segment_ids)."""
+    shard_idx, starts = self.locate(positions)
     L = self.seq_len
     if len(self.shards) == 1:  # the common case: one fancy-indexing gather, no grouping
       sh = self.shards[0]
@@ -64,8 +138,8 @@ class Windows:
       eos_seen = np.cumsum(win[:, :L] == EOS_ID, axis=1, dtype=np.int32)  # EOS among inputs [0..j]
       domain_ids = sh.domains[start_doc[:, None] + eos_seen]  # domain of target j (token j + 1)
     else:
-      win = np.empty((len(ids), L + 1), np.int32)
-      start_doc = np.empty(len(ids), np.int64)
+      win = np.empty((len(starts), L + 1), np.int32)
+      start_doc = np.empty(len(starts), np.int64)
       groups = []
       for k in np.unique(shard_idx):
         rows = np.nonzero(shard_idx == k)[0]
@@ -75,7 +149,7 @@ class Windows:
         groups.append((rows, sh.domains))
       eos_seen = np.cumsum(win[:, :L] == EOS_ID, axis=1, dtype=np.int32)
       doc = start_doc[:, None] + eos_seen
-      domain_ids = np.empty((len(ids), L), np.int32)
+      domain_ids = np.empty((len(starts), L), np.int32)
       for rows, doms in groups:
         domain_ids[rows] = doms[doc[rows]]
     out = {"inputs": win[:, :L], "targets": win[:, 1:], "domain_ids": domain_ids}
@@ -104,12 +178,80 @@ def parse_mixture(spec: str, domains: list[str]) -> dict[str, float]:
   return weights
 
 
+def _draw(seed: int, salt: int, epoch: int) -> tuple[int, int]:
+  """Two 32-bit numbers that depend only on (seed, salt, epoch): the grid offset draw and the shuffle seed."""
+  digest = hashlib.blake2b(f"{seed},{salt},{epoch}".encode(), digest_size=8).digest()
+  return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
+class ShiftedEpochs(grain.MapDataset):
+  """Window positions, epoch after epoch without end: epoch e is a seeded permutation of the windows on the
+  grid at offset o_e (of one domain, for mixtures); o_e and the permutation depend on (seed, salt, e) only.
+
+  Epochs differ in size by the windows that do not fit at their offset; the first index of every epoch
+  is found by adding up the sizes of the epochs before it (computed once, when first needed).
+  """
+
+  def __init__(self, windows: Windows, seed: int, salt: int, domain: int | None = None):
+    super().__init__()
+    self._windows, self._seed, self._salt, self._domain = windows, int(seed), int(salt), domain
+    self._starts = [0]  # first index of each epoch added so far, then of the next one
+    self._offsets: list[int] = []
+    self._seeds: list[int] = []
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def __str__(self) -> str:
+    return f"ShiftedEpochs(salt={self._salt}, domain={self._domain})"
+
+  def _size(self, offset: int) -> int:
+    if self._domain is None:
+      return self._windows.count(offset)
+    return self._windows.domain_counts(offset)[self._domain]
+
+  def _grow(self, index: int) -> None:
+    with self._lock:
+      while index >= self._starts[-1]:
+        draw, shuffle_seed = _draw(self._seed, self._salt, len(self._offsets))
+        offset = draw % (self._windows.max_offset + 1)
+        self._offsets.append(offset)
+        self._seeds.append(shuffle_seed)
+        self._starts.append(self._starts[-1] + self._size(offset))  # last: readers check it first
+
+  def offset(self, epoch: int) -> int:
+    """Grid offset of `epoch`."""
+    while epoch >= len(self._offsets):
+      self._grow(self._starts[-1])
+    return self._offsets[epoch]
+
+  def first_index(self, epoch: int) -> int:
+    """Index of the first window of `epoch` in the stream."""
+    self.offset(epoch)
+    return self._starts[epoch]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    if index >= self._starts[-1]:
+      self._grow(index)
+    epoch = bisect.bisect_right(self._starts, index) - 1  # an empty epoch shares its start with the next
+    offset, start = self._offsets[epoch], self._starts[epoch]
+    size = self._starts[epoch + 1] - start
+    k = grain.experimental.index_shuffle(index - start, max_index=size - 1, seed=self._seeds[epoch],
+                                         rounds=_SHUFFLE_ROUNDS)
+    if self._domain is None:
+      return self._windows.position(k, offset)
+    return int(self._windows.domain_positions(offset)[self._domain][k])
+
+
 class TrainLoader:
   """Deterministic, resumable training batches; `batch_at(step)` is this process's rows of global batch `step`."""
 
   def __init__(self, prepared_dir: str, split: str, seq_len: int, global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, segment_windows: bool = False,
-               mixture: str = ""):
+               mixture: str = "", window_offsets: bool = True):
     if process_count < 1 or not 0 <= process_index < process_count:
       raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
@@ -121,35 +263,53 @@ class TrainLoader:
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.local_batch_size = self.global_batch_size // self.process_count
     self.segment_windows, self.mixture = bool(segment_windows), mixture
+    self.window_offsets = bool(window_offsets)
     self.data_key = self.windows.manifest["key"]
     self.step = 0
+    self.epochs: ShiftedEpochs | None = None  # the window stream, when window offsets and no mixture
     self.dataset = self._pipeline()
 
   def _shuffled(self, ds: grain.MapDataset, salt: int) -> grain.MapDataset:
     return ds.shuffle(seed=(self.seed * 1_000_003 + salt) % (1 << 32)).repeat()
 
+  def _domain_streams(self) -> grain.MapDataset:
+    """One window stream per domain named in the mixture, mixed in its proportions."""
+    domains = self.windows.manifest["domains"]
+    weights = parse_mixture(self.mixture, domains)
+    first = None if self.window_offsets else self.windows.first_domains(self.windows.positions(
+        np.arange(self.windows.size)))
+    parts, ws = [], []
+    for name, w in sorted(weights.items()):
+      d = domains.index(name)
+      n = self.windows.domain_counts(0)[d] if self.window_offsets else int((first == d).sum())
+      if w > 0 and not n:
+        raise DataError(f"data.mixture: domain {name!r} has no windows in split {self.split!r}")
+      if w > 0 and self.window_offsets:
+        parts.append(ShiftedEpochs(self.windows, self.seed, 1 + d, domain=d))
+      elif w > 0:
+        parts.append(self._shuffled(grain.MapDataset.source(np.nonzero(first == d)[0]), 1 + d))
+      if w > 0:
+        ws.append(w)
+    return grain.MapDataset.mix(parts, ws)
+
   def _pipeline(self) -> grain.MapDataset:
-    """range(windows) -> shuffle(seed), reshuffled every epoch -> (mixture) -> this process's batches."""
+    """Window stream (shifted grid per epoch, or the fixed grid: range(windows) -> shuffle(seed) ->
+    repeat, reshuffled every epoch) -> (mixture) -> this process's batches -> gather."""
     if self.mixture:
-      domains = self.windows.manifest["domains"]
-      weights = parse_mixture(self.mixture, domains)
-      first = self.windows.first_domain()
-      parts, ws = [], []
-      for name, w in sorted(weights.items()):
-        ids = np.nonzero(first == domains.index(name))[0]
-        if w > 0 and len(ids):
-          parts.append(self._shuffled(grain.MapDataset.source(ids), 1 + domains.index(name)))
-          ws.append(w)
-        elif w > 0:
-          raise DataError(f"data.mixture: domain {name!r} has no windows in split {self.split!r}")
-      windows = grain.MapDataset.mix(parts, ws)
+      windows = self._domain_streams()
+    elif self.window_offsets:
+      windows = self.epochs = ShiftedEpochs(self.windows, self.seed, 0)
     else:
       windows = self._shuffled(grain.MapDataset.range(self.windows.size), 0)
-    # Element k of `rows` is window ids [k*b, (k+1)*b); global batch s holds rows s*n .. s*n + n - 1,
+    if self.window_offsets:
+      to_positions = lambda items: np.asarray(items, np.int64)  # noqa: E731
+    else:  # fixed-grid window numbers -> positions
+      to_positions = lambda items: self.windows.positions(np.asarray(items, np.int64))  # noqa: E731
+    # Element k of `rows` is windows [k*b, (k+1)*b); global batch s holds rows s*n .. s*n + n - 1,
     # so this process's batch s is element s*n + p.
-    rows = windows.batch(self.local_batch_size, batch_fn=lambda ids: np.asarray(ids, np.int64))
-    self.window_ids = rows[self.process_index::self.process_count]  # [b] window ids of each step
-    return self.window_ids.map(lambda ids: self.windows.gather(ids, self.segment_windows))
+    rows = windows.batch(self.local_batch_size, batch_fn=to_positions)
+    self.window_ids = rows[self.process_index::self.process_count]  # [b] window positions of each step
+    return self.window_ids.map(lambda pos: self.windows.gather(pos, self.segment_windows))
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global batch at `step`."""
@@ -169,15 +329,18 @@ class TrainLoader:
 
   def set_state(self, state: dict) -> None:
     """Continues from a saved state; a state from a different stream is refused, naming the field."""
+    state = {"window_offsets": False, **state}  # states saved before window offsets used the fixed grid
     for k in _STATE_KEYS:
       if k in state and state[k] != getattr(self, k):
+        hint = (f"; set data.window_offsets={state[k]} to continue that stream" if k == "window_offsets"
+                else "")
         raise DataError(f"loader state field {k!r} is {state[k]!r} but this loader has "
-                        f"{getattr(self, k)!r}; the checkpoint was made with different data or settings")
+                        f"{getattr(self, k)!r}; the checkpoint was made with different data or settings{hint}")
     self.step = int(state["step"])
 
   @property
   def epoch(self) -> float:
-    """Windows served so far over the windows in the split."""
+    """Windows served so far over the windows in the split (on the unshifted grid)."""
     return self.step * self.global_batch_size / self.windows.size
 
 
