@@ -104,7 +104,8 @@ class _LoaderBatches:
     tr, d = config.train, config.data
     self.loader = TrainLoader(prepared.dir, "train", tr.seq_len, tr.global_batch_size, d.seed,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              segment_windows=d.segment_windows, mixture=d.mixture)
+                              segment_windows=d.segment_windows, mixture=d.mixture,
+                              window_offsets=d.window_offsets)
     self.mesh = mesh
     self.produce_s: list[float] = []
     self._queue: queue.Queue = queue.Queue(maxsize=depth)

@@ -27,7 +27,8 @@ from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 VERSION = 3  # bump when the pipeline's output changes for the same inputs and config
 # config.data fields that do not change the prepared data (loader-side knobs, resources).
-_NOT_IN_KEY = ("cache_dir", "num_workers", "segment_windows", "mixture", "seed")
+_NOT_IN_KEY = ("cache_dir", "num_workers", "segment_windows", "mixture", "seed",
+               "window_offsets")
 _DROP_REASONS = ("bad_record", "too_short", "nontext", "excluded", "exact_duplicate", "near_duplicate",
                  "near_duplicate_of_val")
 _PARALLEL_MIN_CHARS = 32_000_000  # below this, starting worker processes costs more than they save

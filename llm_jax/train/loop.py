@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import config as config_lib
@@ -190,7 +191,8 @@ def _make_loader(setup: Setup):
   return loader_lib.TrainLoader(
       setup.prepared.dir, "train", c.train.seq_len, c.train.global_batch_size, c.data.seed,
       process_index=index, process_count=count,
-      segment_windows=c.data.segment_windows, mixture=c.data.mixture)
+      segment_windows=c.data.segment_windows, mixture=c.data.mixture,
+      window_offsets=c.data.window_offsets)
 
 
 def _eval_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
@@ -293,24 +295,49 @@ class _Run:
     self.last_t = time.perf_counter()
 
 
+def eval_sums(params, batch, token_bytes_V, *, model, num_domains: int):
+  """`step.eval_step`'s sums plus the UTF-8 bytes of the weighted targets, overall and per domain."""
+  out = step_lib.eval_step(params, batch, model=model, num_domains=num_domains)
+  targets_BL = batch["targets"]
+  w_BL = batch.get("weights", jnp.ones(targets_BL.shape, jnp.float32)).astype(jnp.float32)
+  bytes_BL = jnp.take(token_bytes_V, targets_BL, axis=0, mode="fill", fill_value=0)
+  bytes_BL = bytes_BL.astype(jnp.float32) * w_BL
+  dom = batch.get("domain_ids", jnp.zeros(targets_BL.shape, jnp.int32)).reshape(-1)
+  return {**out, "bytes": jnp.sum(bytes_BL),
+          "domain_bytes": jax.ops.segment_sum(bytes_BL.reshape(-1), dom, num_domains)}
+
+
+def _token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
+  """[vocab_size] int32 UTF-8 bytes of each id (0 for specials and the padded embedding rows)."""
+  tb = np.zeros(vocab_size, np.int32)
+  src = np.asarray(tokenizer.token_bytes(), np.int32)[:vocab_size]
+  tb[:len(src)] = src
+  return tb
+
+
 def _evaluate(params, eval_fn, batches, mesh, domains) -> dict[str, float]:
+  """val_loss, val_ppl and val_bpb (bits per byte), per domain too when there are several."""
   if not batches:
     return {}
-  total = None
-  for b in batches:
-    out = eval_fn(params, sharding_lib.global_batch(b, mesh))
-    total = out if total is None else jax.tree.map(lambda x, y: x + y, total, out)
-  host = jax.device_get(total)
+  # Every batch is dispatched before the one fetch; batch sums are added on the host in float64.
+  outs = jax.device_get([eval_fn(params, sharding_lib.global_batch(b, mesh)) for b in batches])
+  host = {k: np.sum([np.asarray(o[k], np.float64) for o in outs], axis=0) for k in outs[0]}
   tokens = float(host["tokens"])
   if tokens <= 0:
     return {}
-  val = float(host["nll_sum"]) / tokens
+  nll = float(host["nll_sum"])
+  val = nll / tokens
   row = {"val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+  if "bytes" in host and host["bytes"] > 0:
+    row["val_bpb"] = nll / (math.log(2) * float(host["bytes"]))
   if len(domains) > 1:
     for i, name in enumerate(domains):
       n = float(host["domain_tokens"][i])
       if n > 0:
         row[f"val_loss/{name}"] = float(host["domain_nll_sum"][i]) / n
+      if "domain_bytes" in host and host["domain_bytes"][i] > 0:
+        row[f"val_bpb/{name}"] = float(host["domain_nll_sum"][i]) / (
+            math.log(2) * float(host["domain_bytes"][i]))
   return row
 
 
@@ -406,8 +433,10 @@ def _loop(run: _Run, state, prefetch: Prefetcher, ckpts, stop: StopFlag, batch_h
     step_fn = ft.step_fn(setup.model, setup.optimizer, setup.state_shardings, batch_shardings,
                          replicated)
   num_domains = max(1, len(setup.prepared.domains))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, model=setup.model, num_domains=num_domains),
-                    out_shardings=replicated)
+  token_bytes_V = jax.device_put(_token_bytes(setup.tokenizer, setup.model_cfg.vocab_size), replicated)
+  eval_jit = jax.jit(functools.partial(eval_sums, model=setup.model, num_domains=num_domains),
+                     out_shardings=replicated)
+  eval_fn = lambda params, batch: eval_jit(params, batch, token_bytes_V)  # noqa: E731
   eval_batches = _eval_batches(setup) if tr.eval_every > 0 else []
   sft_eval = (ft.sft_eval_batches(*sharding_lib.process_batch_slice(setup.mesh))
               if ft is not None and tr.eval_every > 0 else [])
