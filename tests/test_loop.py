@@ -96,9 +96,10 @@ def losses(workdir):
 
 @pytest.fixture(scope="module")
 def reference(env):
-  """An uninterrupted 16-step run with preflight, sampling and a profile trace."""
+  """An uninterrupted 16-step run with preflight, sampling, a profile trace and evaluation on the
+  whole val split (both domains)."""
   workdir = str(env["root"] / "ref")
-  summary = loop.train(cfg(env, train__preflight=True, train__sample_every=8,
+  summary = loop.train(cfg(env, train__preflight=True, train__sample_every=8, train__eval_batches=0,
                            train__sample_tokens=6, train__profile_steps="2,4"),
                        workdir, batch_hook=Hook())
   assert summary["status"] == "complete" and summary["step"] == 16
@@ -218,6 +219,7 @@ def test_run_directory_and_metrics(env, reference):
   last = table[-1]
   domains = [k for k in last if k.startswith("val_loss/")]
   assert "val_loss" in last and domains and "samples" in last and len(last["samples"]) == 3
+  assert "val_bpb" in last and {f"val_bpb/{k.split('/')[1]}" for k in domains} <= set(last)
   assert last["samples"][0].startswith("def ")
   tags = _tb_tags(os.path.join(reference, "tb"))
   for tag in ("train/loss", "train/lr", "train/grad_norm", "train/param_norm", "train/skipped_steps",
@@ -226,7 +228,36 @@ def test_run_directory_and_metrics(env, reference):
     assert tags.get(tag), (tag, sorted(tags))
   assert tags["train/loss"] == 17 and tags["val/loss"] == 2
   assert any(t.startswith("val/loss/") for t in tags)
+  assert tags.get("val/bits_per_byte") == 2
+  assert tags.get("val/bits_per_byte/code") == 2 and tags.get("val/bits_per_byte/prose") == 2
   assert glob.glob(os.path.join(reference, "tb", "plugins", "profile", "*", "*.xplane.pb"))
+
+
+def test_val_bpb_equals_the_evaluation_metrics(env, reference):
+  """The loop's val_bpb (overall, per domain) at step 16 equals llm_jax.eval.metrics on the same windows."""
+  from llm_jax import sharding as sharding_lib
+  from llm_jax.data import loader as loader_lib
+  from llm_jax.data import prepare as prepare_lib
+  from llm_jax.data.tokenizer import Tokenizer
+  from llm_jax.eval import scoring
+  from llm_jax.model import Decoder, ModelConfig
+  config = cfg(env)
+  prepared = prepare_lib.prepare(config)
+  mesh = sharding_lib.make_mesh(config)
+  params, saved, step = ckpt_lib.restore_params(reference, mesh=mesh)
+  assert step == 16
+  tok = Tokenizer.load(os.path.join(reference, "tokenizer.model"))
+  scorer = scoring.Scorer(Decoder(ModelConfig.from_config(saved)), params, saved, mesh,
+                          tok.token_bytes())
+  batches = loader_lib.eval_batches(prepared.dir, "val", 32, 8)  # train.eval_batches=0: all
+  result = scorer.accumulate(batches, prepared.domains).result()
+  last = rows(reference)[-1]
+  assert last["step"] == 16
+  assert last["val_bpb"] == pytest.approx(result["overall"]["bits_per_byte"], rel=1e-6)
+  assert last["val_loss"] == pytest.approx(result["overall"]["loss"], rel=1e-6)
+  assert set(result["domains"]) == {"code", "prose"}
+  for name, r in result["domains"].items():
+    assert last[f"val_bpb/{name}"] == pytest.approx(r["bits_per_byte"], rel=1e-6), name
 
 
 def test_alerts_and_mfu():

@@ -39,7 +39,8 @@ PEAK_FLOPS = (
     ("tpu v4", 275e12),
 )
 
-# Where each metric goes in TensorBoard (metrics.jsonl keeps the short names).
+# Where each metric goes in TensorBoard (metrics.jsonl keeps the short names); per-domain keys
+# `val_loss/D` and `val_bpb/D` go to val/loss/D and val/bits_per_byte/D.
 TB_TAGS = {
     "loss": "train/loss",
     "lr": "train/lr",
@@ -56,9 +57,20 @@ TB_TAGS = {
     "memory_headroom_gb": "memory/headroom_gb",
     "val_loss": "val/loss",
     "val_ppl": "val/perplexity",
+    "val_bpb": "val/bits_per_byte",
     "preflight_loss_before": "preflight/loss_before",
     "preflight_loss_after": "preflight/loss_after",
 }
+
+
+def tb_tag(key: str) -> str:
+  """The TensorBoard tag of a metrics.jsonl key."""
+  if key in TB_TAGS:
+    return TB_TAGS[key]
+  prefix, _, domain = key.partition("/")
+  if domain and prefix in TB_TAGS:
+    return f"{TB_TAGS[prefix]}/{domain}"
+  return key
 
 
 def peak_flops(device_kind: str, platform: str) -> float | None:
@@ -153,7 +165,7 @@ class Writer:
       if key == "step" or value is None:
         continue
       if isinstance(value, (int, float)) and not isinstance(value, bool):
-        self._tb.add_scalar(TB_TAGS.get(key, key.replace("val_loss/", "val/loss/")), value, step)
+        self._tb.add_scalar(tb_tag(key), value, step)
     self._jsonl.write(json.dumps(row, allow_nan=True) + "\n")
     self._jsonl.flush()
 
