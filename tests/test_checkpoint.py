@@ -92,6 +92,59 @@ def test_restore_params(saved):
     ckpt_lib.restore_params(os.path.dirname(workdir))
 
 
+@pytest.fixture(scope="module")
+def lora_workdir(saved, tmp_path_factory):
+  """A LoRA run on top of `saved` (its init_from): adapters with non-zero B checkpointed at step 3."""
+  from llm_jax.data.tokenizer import train_tokenizer
+  from llm_jax.finetune import lora
+  base_dir, host = saved
+  if not os.path.exists(os.path.join(base_dir, "tokenizer.model")):  # init_from reads the tokenizer
+    train_tokenizer(["def f(x):\n    return x + 1\n" * 20], os.path.join(base_dir, "tokenizer.model"),
+                    vocab_size=300, model_type="char")
+  workdir = str(tmp_path_factory.mktemp("lora"))
+  config = _config(data=8, fsdp=1, tensor=1)
+  with config.unlocked():
+    config.init_from = base_dir
+    config.finetune.lora.rank = 2
+    config.finetune.lora.alpha = 4.0
+  spec = lora.spec_from_config(config)
+  adapters = lora.init_adapters(host.params, spec, seed=1)
+  rng = np.random.default_rng(0)
+  adapters = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + rng.normal(0, 0.05, x.shape).astype(np.float32) if p[-1].key == "b" else x,
+      adapters)
+  state = lora.init_state(host.params, opt_lib.make_optimizer(config), config).replace(params=adapters)
+  config_lib.save_json(config, os.path.join(workdir, "config.json"))
+  ckpts = ckpt_lib.Checkpoints(workdir, async_save=False)
+  ckpts.save(3, state, {"step": 3})
+  ckpts.close()
+  # Adapter inference, as the training loop evaluates a LoRA run: base + merged adapters.
+  model = Decoder(ModelConfig.from_config(config))
+  tokens = np.random.default_rng(1).integers(4, 128, (2, 16)).astype(np.int32)
+  live = np.asarray(model.apply({"params": lora.merge(host.params, adapters, spec)}, tokens))
+  base = np.asarray(model.apply({"params": host.params}, tokens))
+  return dict(workdir=workdir, model=model, tokens=tokens, live=live, base=base, host=host)
+
+
+def test_restore_params_of_a_lora_run_merges_the_adapters(lora_workdir):
+  from llm_jax.finetune import lora
+  run = lora_workdir
+  assert not np.allclose(run["live"], run["base"])  # the adapters change the outputs
+  params, config, step = ckpt_lib.restore_params(run["workdir"])
+  assert step == 3 and config.finetune.lora.rank == 2
+  assert jax.tree.structure(params) == jax.tree.structure(run["host"].params)  # full parameters
+  np.testing.assert_allclose(np.asarray(run["model"].apply({"params": params}, run["tokens"])),
+                             run["live"], rtol=1e-6, atol=1e-6)
+  mesh = sharding_lib.make_mesh(_config(data=4, fsdp=1, tensor=2))
+  sharded, _, _ = ckpt_lib.restore_params(run["workdir"], mesh=mesh)
+  assert sharded["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor")
+  with sharding_lib.activate(mesh, config):
+    logits = jax.jit(run["model"].apply)({"params": sharded}, run["tokens"])
+  np.testing.assert_allclose(np.asarray(logits), run["live"], rtol=1e-5, atol=1e-5)
+  adapters, _, _ = ckpt_lib.restore_params(run["workdir"], merge_lora=False)
+  assert "blocks/attn/query/kernel" in lora.adapter_names(adapters)
+
+
 def test_changed_shape_lists_keys(saved):
   workdir, _ = saved
   config = _config(data=8, fsdp=1, tensor=1)

@@ -100,7 +100,7 @@ def test_lora_sft_through_the_loop_checkpoints_adapters_and_exports(env, tmp_pat
   assert out["status"] == "complete" and np.isfinite(out["val_loss"])
   rows = [r for r in metrics(workdir) if "val_loss/sft" in r]
   assert rows and np.isfinite(rows[-1]["val_loss/sft"])
-  adapters, _, _ = checkpoint.restore_params(workdir)
+  adapters, _, _ = checkpoint.restore_params(workdir, merge_lora=False)
   assert lora.adapter_names(adapters) == ["blocks/attn/query/kernel", "blocks/mlp/up/kernel"]
   pkg = str(env["root"] / "lora_pkg")
   assert merge.main(["--workdir", workdir, "--out", pkg]) == 0

@@ -218,7 +218,7 @@ def merged_params(workdir: str, step: int | None = None, mesh=None):
   """(base + merged adapters, config, step) of a LoRA run directory (its config.init_from is the base)."""
   from llm_jax.finetune import init_from  # noqa: PLC0415 - init_from imports this module
   from llm_jax.train import checkpoint  # noqa: PLC0415
-  adapters, config, step = checkpoint.restore_params(workdir, step)
+  adapters, config, step = checkpoint.restore_params(workdir, step, mesh=mesh, merge_lora=False)
   spec = spec_from_config(config)
   if spec is None:
     raise config_lib.ConfigError(f"{workdir}/config.json: finetune.lora.rank is 0; not a LoRA run")

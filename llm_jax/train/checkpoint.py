@@ -193,13 +193,22 @@ def load_config(workdir: str):
   return config_lib.from_json(path)
 
 
-def restore_params(workdir: str, step: int | None = None, mesh=None):
+def restore_params(workdir: str, step: int | None = None, mesh=None, *, merge_lora: bool = True):
   """(float32 params as a plain pytree, the run's config, step) from a run directory.
 
   Without a mesh the parameters land on the first local device; with one they are sharded by the
-  run's logical-axis rules. Only the parameters are read (no optimizer state).
+  run's logical-axis rules. Only the parameters are read (no optimizer state). A LoRA fine-tuning run
+  (finetune.lora.rank > 0) checkpoints only its adapters: they come back merged into the base weights
+  of its config.init_from (full parameters), or as saved with `merge_lora=False`.
   """
   config = load_config(workdir)
+  if _is_lora(config):
+    if merge_lora:
+      from llm_jax.finetune import lora  # noqa: PLC0415 - lora imports this module
+      params, config, step = lora.merged_params(workdir, step, mesh=mesh)
+      if mesh is not None:  # the base's shardings
+        params = jax.device_put(params, param_shardings(config, mesh))
+      return params, config, step
   ckpts = Checkpoints(workdir, read_only=True)
   steps = ckpts.steps()
   if not steps:
@@ -209,11 +218,10 @@ def restore_params(workdir: str, step: int | None = None, mesh=None):
   elif step not in steps:
     raise CheckpointError(f"no checkpoint at step {step} in {ckpts.directory}; have {steps}")
   meta = ckpts.saved_shapes(step)["params"]
-  if mesh is None:
-    device = jax.local_devices()[0]
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-        meta)
+  if mesh is None or _is_lora(config):  # adapters are small: replicated on a mesh
+    sharding = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if mesh is None else
+                jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), meta)
   else:
     target = abstract_with_shardings(_abstract_params(config), param_shardings(config, mesh))
     diffs = shape_differences(meta, target)
@@ -229,6 +237,13 @@ def restore_params(workdir: str, step: int | None = None, mesh=None):
                           f"{type(e).__name__}: {str(e)[:500]}") from e
   ckpts.manager.close()
   return out["state"]["params"], config, int(step)
+
+
+def _is_lora(config) -> bool:
+  """True for a LoRA fine-tuning run's config (its checkpoints hold adapters only)."""
+  f = config.get("finetune")
+  lo = f.get("lora") if f is not None else None
+  return bool(lo is not None and int(lo.get("rank", 0)) > 0)
 
 
 def _model(config):
