@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Serving benchmark on one GPU (docs/serving.md, "GPU benchmarks"): a random-weights package of
+# configs/gpt_small.py's shapes (vocab 50304 rows, a small tokenizer trained here on the repo's own
+# text), in-process decode tokens/s at several batch sizes (bf16, int8 dequantized at load, int8 in
+# memory), then the HTTP server under the load test at concurrency 1 and 32; a table last.
+#
+#   bash bench/gpu_serve.sh          # on the device machine: repo root, $OUT set, wheels in .whl/
+#
+# CPU smoke test of the same logic (no wheel install, a tiny config, fewer tokens):
+#   SKIP_INSTALL=1 PY=/work/venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
+#     MAX_TOKENS=16 REQ1=4 REQ32=64 OUT=/tmp/gs_out bash bench/gpu_serve.sh
+set -u
+T0=$(date +%s)
+PY=${PY:-python3}
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit 1
+else
+  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+fi
+export TF_CPP_MIN_LOG_LEVEL=1
+CONFIG=${CONFIG:-configs/gpt_small.py}
+VOCAB=${VOCAB:-50304}          # model embedding rows (GPT-2's 50257 padded); 0: the tokenizer's size
+TOK_VOCAB=${TOK_VOCAB:-2000}   # the tokenizer's pieces (random weights: only the shapes matter)
+BATCHES=${BATCHES:-1,8,32}
+NEW_TOKENS=${NEW_TOKENS:-256}
+MAX_TOKENS=${MAX_TOKENS:-128}  # per load-test request
+REQ1=${REQ1:-16}               # requests at concurrency 1
+REQ32=${REQ32:-500}            # requests at concurrency 32
+PORT=${PORT:-8765}
+W=${WORK:-/tmp/gpu_serve}
+OUT=${OUT:-/tmp/gpu_serve_out}
+mkdir -p "$W" "$OUT"
+rm -rf "$W/pkg" "$W"/*.json "$W"/*.log
+el() { echo "[$(( $(date +%s) - T0 ))s]"; }
+
+echo "=== $(el) device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+$PY -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
+
+echo "=== $(el) tokenizer ($TOK_VOCAB pieces, trained on the repo's .py/.md files)"
+timeout 120 $PY - "$W/tok.model" "$TOK_VOCAB" <<'PY' || exit 1
+import glob, sys
+from llm_jax.data.tokenizer import train_tokenizer
+files = sorted(glob.glob("**/*.py", recursive=True) + glob.glob("**/*.md", recursive=True))
+texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+tok = train_tokenizer(texts, sys.argv[1], vocab_size=int(sys.argv[2]), num_threads=4)
+print(f"{len(files)} files, {sum(map(len, texts)):,} chars -> {tok.vocab_size} pieces")
+PY
+
+echo "=== $(el) package (random init of $CONFIG, model.vocab_size=$VOCAB)"
+OVR=()
+[ "$VOCAB" != "0" ] && OVR=(--config_override "model.vocab_size=$VOCAB")
+timeout 150 $PY -m llm_jax.export --random_init "$CONFIG" --tokenizer "$W/tok.model" "${OVR[@]}" \
+  --out "$W/pkg" --overwrite 2>&1 | grep -v -E '^[IW][0-9]{4} ' | tail -3
+[ -f "$W/pkg/model.json" ] || { echo "export failed"; exit 1; }
+
+echo "=== $(el) decode tokens/s, in process (batches $BATCHES, $NEW_TOKENS new tokens, best of 3)"
+timeout 170 $PY - "$W/pkg" "$BATCHES" "$NEW_TOKENS" "$W/decode.json" <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
+import json, sys, time
+import jax
+from llm_jax import package as P, quantize as Q
+pkg, batches, new, out = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
+loaded = P.load_package(pkg, compute_dtype="bfloat16")
+cfg = loaded.model_config
+print(f"{jax.devices()[0].device_kind}: {cfg.param_count():,} parameters, vocab {cfg.vocab_size}, "
+      f"{cfg.num_layers} layers, d_model {cfg.d_model}, max_seq_len {cfg.max_seq_len}")
+rows = []
+for name, (params, vcfg, stored) in Q.variants(loaded).items():
+  if name == "float32":
+    continue
+  for b in batches:
+    t0 = time.perf_counter()
+    try:
+      tps = Q.decode_speed(params, vcfg, b, new)
+    except Exception as e:  # noqa: BLE001 - report and go on with the next row
+      print(f"{name} batch {b}: FAILED {type(e).__name__}: {str(e)[:300]}")
+      continue
+    rows.append({"variant": name, "batch": b, "tokens_per_s": tps,
+                 "ms_per_step": 1000 * b / tps, "wall_s": time.perf_counter() - t0})
+    print(f"{name:40s} batch {b:3d}: {tps:10.0f} tokens/s  {1000 * b / tps:7.3f} ms/step  "
+          f"(call {rows[-1]['wall_s']:.1f} s incl. compile)", flush=True)
+    with open(out, "w") as f:
+      json.dump(rows, f)
+PY
+
+echo "=== $(el) server (slots 32, max-concurrent 64)"
+$PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max-concurrent 64 \
+  --audit-log "$W/audit.jsonl" > "$W/server.log" 2>&1 &
+SPID=$!
+UP=0
+for i in $(seq 1 180); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health" 2>/dev/null)
+  if [ "$code" = "200" ]; then UP=1; break; fi
+  kill -0 $SPID 2>/dev/null || break
+  sleep 1
+done
+grep -E "ready:|ERROR|Error|error" "$W/server.log" | grep -v -E '^[IW][0-9]{4} ' | head -5
+if [ $UP = 1 ]; then
+  echo "health 200 after $i s"
+  for c in 1 32; do
+    n=$REQ1; [ $c = 32 ] && n=$REQ32
+    echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS"
+    timeout 120 $PY -m llm_jax.serve.loadtest --url "http://127.0.0.1:$PORT" --concurrency $c \
+      --requests $n --max-tokens "$MAX_TOKENS" --json > "$W/load$c.json"
+    echo "exit $?"
+    $PY -c "import json,sys; from llm_jax.serve.loadtest import format_summary as f; print(f(json.load(open(sys.argv[1]))))" "$W/load$c.json"
+  done
+  curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^llm_(requests_total|sequences_finished_total|generated_tokens_total)' > "$W/metrics.txt"
+  cat "$W/metrics.txt"
+else
+  echo "server not healthy (last lines of its log):"; tail -30 "$W/server.log"
+fi
+kill $SPID 2>/dev/null; wait $SPID 2>/dev/null
+cp "$W/server.log" "$W"/*.json "$OUT/" 2>/dev/null
+
+echo "=== $(el) summary"
+$PY - "$W" <<'PY'
+import json, os, sys
+w = sys.argv[1]
+def load(name):
+  p = os.path.join(w, name)
+  return json.load(open(p)) if os.path.exists(p) else None
+rows = load("decode.json") or []
+bs = sorted({r["batch"] for r in rows})
+print("| decode tokens/s (in process) | " + " | ".join(f"batch {b}" for b in bs) + " |")
+for v in dict.fromkeys(r["variant"] for r in rows):
+  got = {r["batch"]: r["tokens_per_s"] for r in rows if r["variant"] == v}
+  print(f"| {v} | " + " | ".join(f"{got[b]:.0f}" if b in got else "-" for b in bs) + " |")
+  if bs and bs[0] in got:
+    print(f"|   scaling vs batch {bs[0]} | " + " | ".join(
+        f"{got[b] / got[bs[0]]:.1f}x" if b in got else "-" for b in bs) + " |")
+for c in (1, 32):
+  s = load(f"load{c}.json")
+  if not s:
+    print(f"load test concurrency {c}: no result"); continue
+  ms = lambda d: " / ".join("n/a" if v is None else f"{1000 * v:.1f}" for v in d.values())
+  print(f"| server, concurrency {c}: {s['requests']} requests x {s['max_tokens']} tokens | "
+        f"{s['output_tokens_per_s']:.0f} tok/s, {s['requests_per_s']:.1f} req/s, ok {s['ok']}, "
+        f"errors {s['errors'] or 'none'}, TTFT p50/p90/p99 {ms(s['ttft_s'])} ms, "
+        f"TPOT {ms(s['tpot_s'])} ms, latency {ms(s['latency_s'])} ms |")
+PY
+echo "total $(( $(date +%s) - T0 )) s"
