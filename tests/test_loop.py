@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax.data.shards import file_sha256
 from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import loop
 from llm_jax.train import metrics as metrics_lib
@@ -207,8 +208,8 @@ def test_run_directory_and_metrics(env, reference):
   config = config_lib.from_json(os.path.join(reference, "config.json"))
   assert config.model.vocab_size == 384  # resolved from the tokenizer, padded to 64
   record = json.load(open(os.path.join(reference, "run.json")))
-  assert record["tokenizer_sha256"] == run_dir.file_sha256(os.path.join(reference, "tokenizer.model"))
-  assert record["manifest_sha256"] == run_dir.file_sha256(os.path.join(reference, "manifest.json"))
+  assert record["tokenizer_sha256"] == file_sha256(os.path.join(reference, "tokenizer.model"))
+  assert record["manifest_sha256"] == file_sha256(os.path.join(reference, "manifest.json"))
   for key in ("git", "packages", "command", "seeds", "start_time", "devices", "run_tag", "run_note"):
     assert key in record, key
   assert record["packages"]["jax"] == jax.__version__

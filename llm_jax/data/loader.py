@@ -246,8 +246,51 @@ class ShiftedEpochs(grain.MapDataset):
     return int(self._windows.domain_positions(offset)[self._domain][k])
 
 
-class TrainLoader:
+class StepLoader:
+  """The iterator protocol of step-indexed loaders: `batch_at(step)`, `next()`, get/set_state.
+
+  Subclasses set `dataset` (a Grain MapDataset whose element s is this process's batch at step s),
+  `step`, and `state_keys` (the attributes that identify the stream, saved with the state).
+  """
+  state_keys: tuple[str, ...] = ()
+  dataset: grain.MapDataset
+  step: int = 0
+
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of the global batch at `step`."""
+    return self.dataset[int(step)]
+
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.batch_at(self.step)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    """JSON-able iterator state: the next step and what the stream depends on."""
+    return {"step": self.step, **{k: getattr(self, k) for k in self.state_keys}}
+
+  def set_state(self, state: dict) -> None:
+    """Continues from a saved state; a state from a different stream is refused, naming the field."""
+    state = self._upgrade_state(dict(state))
+    for k in self.state_keys:
+      if k in state and state[k] != getattr(self, k):
+        raise self._mismatch(k, state[k])
+    self.step = int(state["step"])
+
+  def _upgrade_state(self, state: dict) -> dict:
+    return state
+
+  def _mismatch(self, key: str, saved) -> Exception:
+    return DataError(f"loader state field {key!r} is {saved!r} but this loader has "
+                     f"{getattr(self, key)!r}; the checkpoint was made with different data or settings")
+
+
+class TrainLoader(StepLoader):
   """Deterministic, resumable training batches; `batch_at(step)` is this process's rows of global batch `step`."""
+  state_keys = _STATE_KEYS
 
   def __init__(self, prepared_dir: str, split: str, seq_len: int, global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1, segment_windows: bool = False,
@@ -311,32 +354,13 @@ class TrainLoader:
     self.window_ids = rows[self.process_index::self.process_count]  # [b] window positions of each step
     return self.window_ids.map(lambda pos: self.windows.gather(pos, self.segment_windows))
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch at `step`."""
-    return self.dataset[int(step)]
+  def _upgrade_state(self, state: dict) -> dict:
+    return {"window_offsets": False, **state}  # states saved before window offsets used the fixed grid
 
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = self.batch_at(self.step)
-    self.step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    """JSON-able iterator state: the next step and what the stream depends on."""
-    return {"step": self.step, **{k: getattr(self, k) for k in _STATE_KEYS}}
-
-  def set_state(self, state: dict) -> None:
-    """Continues from a saved state; a state from a different stream is refused, naming the field."""
-    state = {"window_offsets": False, **state}  # states saved before window offsets used the fixed grid
-    for k in _STATE_KEYS:
-      if k in state and state[k] != getattr(self, k):
-        hint = (f"; set data.window_offsets={state[k]} to continue that stream" if k == "window_offsets"
-                else "")
-        raise DataError(f"loader state field {k!r} is {state[k]!r} but this loader has "
-                        f"{getattr(self, k)!r}; the checkpoint was made with different data or settings{hint}")
-    self.step = int(state["step"])
+  def _mismatch(self, key: str, saved) -> Exception:
+    hint = f"; set data.window_offsets={saved} to continue that stream" if key == "window_offsets" else ""
+    return DataError(f"loader state field {key!r} is {saved!r} but this loader has "
+                     f"{getattr(self, key)!r}; the checkpoint was made with different data or settings{hint}")
 
   @property
   def epoch(self) -> float:

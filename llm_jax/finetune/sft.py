@@ -20,6 +20,7 @@ import grain
 import numpy as np
 
 from llm_jax.data.errors import DataError
+from llm_jax.data.loader import StepLoader
 
 ROLES = ("system", "user", "assistant")
 _STATE_KEYS = ("seq_len", "global_batch_size", "seed", "data_sha256")
@@ -201,8 +202,9 @@ def rows_sha256(rows: dict[str, np.ndarray]) -> str:
   return h.hexdigest()[:20]
 
 
-class SFTLoader:
+class SFTLoader(StepLoader):
   """Shuffled, repeating, resumable batches of packed SFT rows with the TrainLoader interface."""
+  state_keys = _STATE_KEYS
 
   def __init__(self, rows: dict[str, np.ndarray], global_batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1):
@@ -222,29 +224,9 @@ class SFTLoader:
     local = batches[self.process_index::self.process_count]
     self.dataset = local.map(lambda idx: {k: v[idx] for k, v in self.rows.items()})
 
-  def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    """This process's rows of the global batch at `step`."""
-    return self.dataset[int(step)]
-
-  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = self.batch_at(self.step)
-    self.step += 1
-    return batch
-
-  def get_state(self) -> dict:
-    """JSON-able iterator state."""
-    return {"step": self.step, **{k: getattr(self, k) for k in _STATE_KEYS}}
-
-  def set_state(self, state: dict) -> None:
-    """Continues from a saved state; a state of another stream raises naming the field."""
-    for k in _STATE_KEYS:
-      if k in state and state[k] != getattr(self, k):
-        raise SFTError(f"loader state field {k!r} is {state[k]!r} but this SFT loader has "
-                       f"{getattr(self, k)!r}; the checkpoint was made with other SFT data or settings")
-    self.step = int(state["step"])
+  def _mismatch(self, key: str, saved) -> Exception:
+    return SFTError(f"loader state field {key!r} is {saved!r} but this SFT loader has "
+                    f"{getattr(self, key)!r}; the checkpoint was made with other SFT data or settings")
 
   @property
   def epoch(self) -> float:

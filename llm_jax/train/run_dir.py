@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -63,14 +62,6 @@ def _copy(src: str, dst: str) -> None:
   tmp = dst + ".tmp"
   shutil.copyfile(src, tmp)
   os.replace(tmp, dst)
-
-
-def file_sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
 
 
 def saved_config(workdir: str):
