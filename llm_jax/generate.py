@@ -112,17 +112,35 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
 
 
 def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_BV):
-  """Next token per row: argmax at temperature 0, else a draw from the filtered, tempered softmax."""
+  """Next token per row: argmax at temperature 0, else a draw from the filtered, tempered softmax.
+
+  One batch-level branch: argmax only when no row samples (no random draw over the vocabulary);
+  a plain draw when no row sets top-k/top-p (no sort); the filtered draw otherwise.
+  """
   logits_BV = apply_repetition_penalty(logits_BV, seen_BV, penalty_B)
-  greedy_B = jnp.argmax(logits_BV, axis=-1)
-  scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+
+  def greedy(x_BV):
+    return jnp.argmax(x_BV, axis=-1).astype(jnp.int32)
+
+  def draw(x_BV, filtered: bool):
+    scaled_BV = x_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    if filtered:
+      scaled_BV = jnp.where(top_k_top_p_mask(scaled_BV, top_k_B, top_p_B), scaled_BV, -jnp.inf)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
+    return jnp.where(temperature_B > 0, drawn_B, greedy(x_BV)).astype(jnp.int32)
+
   needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
-  scaled_BV = jax.lax.cond(
-      needs_filter,
-      lambda x: jnp.where(top_k_top_p_mask(x, top_k_B, top_p_B), x, -jnp.inf),
-      lambda x: x, scaled_BV)
-  drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
-  return jnp.where(temperature_B > 0, drawn_B, greedy_B).astype(jnp.int32)
+  branch = jnp.where(jnp.any(temperature_B > 0), jnp.where(needs_filter, 2, 1), 0)
+  return jax.lax.switch(branch, [greedy, functools.partial(draw, filtered=False),
+                                 functools.partial(draw, filtered=True)], logits_BV)
+
+
+def chosen_logprob(logits_BV, tok_B):
+  """log_softmax(logits)[tok] per row, without writing the [B, V] log-probabilities."""
+  max_B1 = jax.lax.stop_gradient(jnp.max(logits_BV, axis=-1, keepdims=True))
+  shifted_BV = logits_BV - max_B1
+  lse_B = jnp.log(jnp.sum(jnp.exp(shifted_BV), axis=-1))
+  return jnp.take_along_axis(shifted_BV, tok_B[:, None], axis=-1)[:, 0] - lse_B
 
 
 # ------------------------------------------------------------------ jitted pieces
@@ -209,14 +227,15 @@ def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
   keys_B2 = jax.vmap(lambda k: jax.random.split(k, 2))(state.keys_B)
   tok_B = sample(state.logits_BV, keys_B2[:, 0], state.temperature_B, state.top_k_B, state.top_p_B,
                  state.penalty_B, state.seen_BV)
-  logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
-  lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
   if top_n:
+    logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
+    lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
     top_lp_BT, top_ids_BT = jax.lax.cond(
         want_top, lambda x: tuple(jax.lax.top_k(x, top_n)),
         lambda x: (jnp.zeros((x.shape[0], top_n), x.dtype), jnp.zeros((x.shape[0], top_n), jnp.int32)),
         logp_BV)
   else:
+    lp_B = chosen_logprob(state.logits_BV, tok_B)
     top_lp_BT = jnp.zeros((tok_B.shape[0], 0), jnp.float32)
     top_ids_BT = jnp.zeros((tok_B.shape[0], 0), jnp.int32)
   active_B = state.active_B

@@ -62,7 +62,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, decode: bool = False,
-               deterministic: bool = True):
+               deterministic: bool = True, layer=None):
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
@@ -83,7 +83,7 @@ class Attention(nn.Module):
     v_BLKH = _constrain(v_BLKH, ("batch", "length", "act_kv_heads", None))
 
     if decode:
-      out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL)
+      out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, layer)
     elif c.attention_dropout > 0 and not deterministic:
       out_BLNH = self._dropout_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
     elif segment_ids_BL is not None:
@@ -114,25 +114,49 @@ class Attention(nn.Module):
     out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", p_BKGLS.astype(v_BLKH.dtype), v_BLKH)
     return out_BLKGH.reshape(b, l, n, h)
 
-  def _cached_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL):
-    """Writes this call's keys/values at each row's positions, then attends to positions <= own."""
+  def _cached_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL, layer=None):
+    """Writes this call's keys/values at each row's positions, then attends to positions <= own.
+
+    The cache is [B, K, S, H] (heads before positions): both attention matmuls then read it in
+    place, without a transposed copy of the whole cache per layer and step. Under scanned layers
+    (`layer` given) the cache is the stacked [layers, B, K, S, H] one, written in place at this
+    layer (no per-layer slice copied in and stacked back out). The arithmetic is
+    jax.nn.dot_product_attention's (implementation "xla"): float32 scores and softmax.
+    """
     c = self.cfg
-    b = q_BLNH.shape[0]
+    b, l, n, h = q_BLNH.shape
+    kh = c.num_kv_heads
     is_init = not self.has_variable("cache", "cached_key")
-    shape = (b, c.max_seq_len, c.num_kv_heads, c.head_dim)
+    shape = (b, kh, c.max_seq_len, c.head_dim)
     k_cache = self.variable("cache", "cached_key", jnp.zeros, shape, k_BLKH.dtype)
     v_cache = self.variable("cache", "cached_value", jnp.zeros, shape, v_BLKH.dtype)
     if is_init:  # init only allocates the cache
       return jnp.zeros_like(q_BLNH)
     start_B = positions_BL[:, 0]
-    write = jax.vmap(lambda cache, new, s: jax.lax.dynamic_update_slice(cache, new, (s, 0, 0)))
-    k_BSKH = write(k_cache.value, k_BLKH.astype(k_cache.value.dtype), start_B)
-    v_BSKH = write(v_cache.value, v_BLKH.astype(v_cache.value.dtype), start_B)
-    k_cache.value, v_cache.value = k_BSKH, v_BSKH
+    rows_BL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
+    pos_BL = start_B[:, None] + jnp.arange(l)[None, :]
+
+    def write(cache, new_BLKH):  # one scatter of [B, L] (row, position) slots, each [K, H]
+      new_BLKH = new_BLKH.astype(cache.dtype)
+      if layer is None:
+        return cache.at[rows_BL, :, pos_BL, :].set(new_BLKH)
+      return cache.at[layer, rows_BL, :, pos_BL, :].set(new_BLKH)
+    k_cache.value = write(k_cache.value, k_BLKH)
+    v_cache.value = write(v_cache.value, v_BLKH)
+    k_BKSH, v_BKSH = k_cache.value, v_cache.value
+    if layer is not None:
+      k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
+    q_BKGLH = q_BLNH.reshape(b, l, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
+    s_BKGLS = jnp.einsum("bkglh,bksh->bkgls", q_BKGLH, k_BKSH, precision=precision,
+                         preferred_element_type=jnp.float32)
+    s_BKGLS = s_BKGLS * jnp.array(1.0 / math.sqrt(h), jnp.float32)
     key_pos_S = jnp.arange(c.max_seq_len)
-    mask_B1LS = (key_pos_S[None, None, None, :] <= positions_BL[:, None, :, None])
-    return jax.nn.dot_product_attention(q_BLNH, k_BSKH, v_BSKH, mask=mask_B1LS,
-                                        implementation="xla")
+    mask_B11LS = (key_pos_S[None, None, None, None, :] <= positions_BL[:, None, None, :, None])
+    s_BKGLS = jnp.where(mask_B11LS, s_BKGLS, -0.7 * float(jnp.finfo(jnp.float32).max))
+    p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(k_BKSH.dtype)
+    out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_BKGLS, v_BKSH)
+    return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -213,13 +237,18 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool):
     c = self.cfg
+    layer = None
+    if isinstance(x_BLD, tuple):  # decoding under nn.scan: carry (x, layer index), stacked cache
+      x_BLD, layer = x_BLD
     drop = nn.Dropout(c.dropout)
     h = Attention(c, name="attn")(Norm(c, name="norm_attn")(x_BLD), positions_BL, segment_ids_BL,
-                                  decode=self.decode, deterministic=deterministic)
+                                  decode=self.decode, deterministic=deterministic, layer=layer)
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
+    if layer is not None:
+      return (x_BLD, layer + 1), None
     if self.cfg.scan_layers:
       return x_BLD, None
     return x_BLD
@@ -250,8 +279,14 @@ class Decoder(nn.Module):
       block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers,
                        static_argnums=(4,))
     if c.scan_layers:
+      # Decoding (after init) carries the whole stacked cache through the layers, each writing
+      # its own slot in place; init still stacks the per-layer caches ([layers, B, K, S, H]).
+      if self.decode and not self.is_initializing():
+        axes = dict(variable_axes={"params": 0}, variable_carry="cache")
+      else:
+        axes = dict(variable_axes={"params": 0, "cache": 0})
       self.blocks = nn.scan(
-          block, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True, "dropout": True},
+          block, **axes, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
           unroll=c.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})(c, decode=self.decode, name="blocks")
@@ -274,7 +309,9 @@ class Decoder(nn.Module):
       x_BLD = x_BLD + jnp.take(self.pos_embedding, positions_BL, axis=0).astype(dt)
     x_BLD = self.drop(x_BLD, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
-    if c.scan_layers:
+    if c.scan_layers and self.decode and not self.is_initializing():
+      (x_BLD, _), _ = self.blocks((x_BLD, jnp.int32(0)), positions_BL, segment_ids_BL, deterministic)
+    elif c.scan_layers:
       x_BLD, _ = self.blocks(x_BLD, positions_BL, segment_ids_BL, deterministic)
     else:
       for blk in self.blocks:

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# In-process decode tokens/s only (the decode stage of bench/gpu_serve.sh, bf16 only, no server):
+# a random-weights package of configs/gpt_small.py's shapes (vocab 50304 rows), greedy decode of
+# NEW_TOKENS tokens at each batch size, best of 3 after a compile run; a table last. With
+# BEFORE=DIR (a directory holding an older `llm_jax/`), the same measurement also runs on that
+# code, in its own process, for a before/after table from one machine.
+#
+#   bash bench/gpu_decode.sh          # on the device machine: repo root, $OUT set, wheels in .whl/
+#
+# CPU smoke test:
+#   SKIP_INSTALL=1 PY=/work/venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
+#     OUT=/tmp/gd_out bash bench/gpu_decode.sh
+set -u
+T0=$(date +%s)
+PY=${PY:-python3}
+SITE=""
+if [ -z "${SKIP_INSTALL:-}" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl || exit 1
+  SITE=/tmp/site:
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 PYTHONPATH=${SITE}$PWD
+CONFIG=${CONFIG:-configs/gpt_small.py}
+VOCAB=${VOCAB:-50304}
+TOK_VOCAB=${TOK_VOCAB:-2000}
+BATCHES=${BATCHES:-1,8,32}
+NEW_TOKENS=${NEW_TOKENS:-256}
+W=${WORK:-/tmp/gpu_decode}
+OUT=${OUT:-/tmp/gpu_decode_out}
+mkdir -p "$W" "$OUT"
+rm -rf "$W/pkg" "$W"/*.json
+el() { echo "[$(( $(date +%s) - T0 ))s]"; }
+
+echo "=== $(el) device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+$PY -c "import jax, sys; print('python', sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
+
+echo "=== $(el) tokenizer + package (random init of $CONFIG, model.vocab_size=$VOCAB)"
+timeout 120 $PY - "$W/tok.model" "$TOK_VOCAB" <<'PY' || exit 1
+import glob, sys
+from llm_jax.data.tokenizer import train_tokenizer
+files = sorted(glob.glob("llm_jax/**/*.py", recursive=True) + glob.glob("docs/*.md"))
+texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+tok = train_tokenizer(texts, sys.argv[1], vocab_size=int(sys.argv[2]), num_threads=4)
+print(f"{len(files)} files -> {tok.vocab_size} pieces")
+PY
+OVR=()
+[ "$VOCAB" != "0" ] && OVR=(--config_override "model.vocab_size=$VOCAB")
+timeout 150 $PY -m llm_jax.export --random_init "$CONFIG" --tokenizer "$W/tok.model" "${OVR[@]}" \
+  --out "$W/pkg" --overwrite 2>&1 | grep -v -E '^[IW][0-9]{4} ' | tail -2
+[ -f "$W/pkg/model.json" ] || { echo "export failed"; exit 1; }
+
+measure() {  # name, PYTHONPATH for llm_jax
+  echo "=== $(el) decode tokens/s: $1 (batches $BATCHES, $NEW_TOKENS new tokens, best of 3)"
+  # run from that code's directory: `python -` puts the working directory first on sys.path
+  (cd "$2" && PYTHONPATH=${SITE}$2 timeout ${STAGE_TIMEOUT:-90} $PY - "$W/pkg" "$BATCHES" \
+    "$NEW_TOKENS" "$W/decode_$1.json" "$1") <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
+import dataclasses, json, sys, time
+import jax, jax.numpy as jnp
+import llm_jax
+from llm_jax import package as P, quantize as Q
+pkg, batches, new, out, name = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+loaded = P.load_package(pkg, compute_dtype="bfloat16")
+cfg = dataclasses.replace(loaded.model_config, dtype="bfloat16")
+params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), loaded.params)
+print(f"{name}: llm_jax from {llm_jax.__file__}; {jax.devices()[0].device_kind}: "
+      f"{cfg.param_count():,} parameters, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}")
+rows = []
+for b in batches:
+  t0 = time.perf_counter()
+  tps = Q.decode_speed(params, cfg, b, new)
+  rows.append({"code": name, "batch": b, "tokens_per_s": tps, "ms_per_step": 1000 * b / tps})
+  print(f"{name:8s} batch {b:3d}: {tps:10.0f} tokens/s  {1000 * b / tps:7.3f} ms/step  "
+        f"(call {time.perf_counter() - t0:.1f} s incl. compile)", flush=True)
+  with open(out, "w") as f:
+    json.dump(rows, f)
+PY
+}
+measure after "$PWD"
+[ -n "${BEFORE:-}" ] && measure before "$BEFORE"
+cp "$W"/decode_*.json "$OUT/" 2>/dev/null
+
+echo "=== $(el) summary (bf16, greedy, tokens/s)"
+$PY - "$W" <<'PY'
+import glob, json, os, sys
+rows = [r for p in sorted(glob.glob(os.path.join(sys.argv[1], "decode_*.json"))) for r in json.load(open(p))]
+bs = sorted({r["batch"] for r in rows})
+print("| code | " + " | ".join(f"batch {b}" for b in bs) + " |")
+for code in dict.fromkeys(r["code"] for r in rows):
+  got = {r["batch"]: r for r in rows if r["code"] == code}
+  print(f"| {code} | " + " | ".join(
+      f"{got[b]['tokens_per_s']:,.0f} ({got[b]['ms_per_step']:.2f} ms)" if b in got else "-" for b in bs) + " |")
+PY
+echo "total $(( $(date +%s) - T0 )) s"
