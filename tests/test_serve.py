@@ -284,7 +284,8 @@ def test_disconnect_frees_the_slot(plain, pkg):
   try:
     with httpx.stream("POST", f"{plain.url}/v1/completions", timeout=30, json={
         "prompt": PROMPT, "max_tokens": 20, "stream": True, "echo": True}) as r:
-      first = next(r.iter_lines())
+      lines = r.iter_lines()  # keep the iterator: a discarded one closes the stream (a disconnect)
+      first = next(lines)
       assert first.startswith("data: ") and PROMPT in first
       deadline = time.time() + 10
       while engine.busy_slots == 0 and time.time() < deadline:
