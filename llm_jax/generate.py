@@ -26,11 +26,15 @@ import numpy as np
 from flax import struct
 
 from llm_jax import quantize
-from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model import Decoder, ModelConfig, unstack_layers
 
 EOS_ID = 2
 PAD_ID = 0
 MIN_PREFILL = 8
+MIN_SPAN = 128  # the shortest cache span decode attends over (spans are powers of two)
+# A single sequence is decoded as a batch of two (the second row idle): XLA rewrites [1, D] x [D, F]
+# products as multiply + reduce, which on GPUs is slower than the [2, D] gemm (docs/serving.md).
+MIN_ROWS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,8 +150,15 @@ def chosen_logprob(logits_BV, tok_B):
 # ------------------------------------------------------------------ jitted pieces
 
 
-def _model(cfg: ModelConfig) -> Decoder:
-  return Decoder(cfg, decode=True)
+def _model(cfg: ModelConfig, span: int = 0) -> Decoder:
+  return Decoder(cfg, decode=True, decode_span=span)
+
+
+def decode_span(last_position: int, cfg: ModelConfig) -> int:
+  """The cache span (a power of two, at least MIN_SPAN, 0 for the whole cache) that covers every
+  position up to `last_position`: decode then reads only that part of the KV cache."""
+  span = bucket(last_position + 1, cfg.max_seq_len, minimum=min(MIN_SPAN, cfg.max_seq_len))
+  return 0 if span >= cfg.max_seq_len else span
 
 
 def _float_params(params, cfg: ModelConfig):
@@ -184,8 +195,8 @@ def empty_cache(cfg: ModelConfig, batch: int):
 
 def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
   """Writes the prompts into a fresh cache; returns (cache, float32 logits after each prompt)."""
-  model = _model(cfg)
   b, l = tokens_BL.shape
+  model = _model(cfg, span=l)  # prompt positions are below the padded width
   positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
   h_BLD, variables = model.apply({"params": params, "cache": empty_cache(cfg, b)}, tokens_BL,
                                  positions_BL, method="hidden", mutable=["cache"])
@@ -195,8 +206,8 @@ def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
   return variables["cache"], logits_BV
 
 
-def _forward_one(params, cache, tokens_B, positions_B, cfg: ModelConfig):
-  logits_B1V, variables = _model(cfg).apply(
+def _forward_one(params, cache, tokens_B, positions_B, cfg: ModelConfig, span: int = 0):
+  logits_B1V, variables = _model(cfg, span).apply(
       {"params": params, "cache": cache}, tokens_B[:, None], positions_B[:, None], mutable=["cache"])
   return variables["cache"], logits_B1V[:, 0]
 
@@ -219,14 +230,23 @@ def _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_
 
 
 def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
-          vocab_limit: int | None, want_top=True):
-  """Samples one token per row from the carried logits, then feeds it to get the next logits."""
+          vocab_limit: int | None, want_top=True, greedy: bool = False, span: int = 0):
+  """Samples one token per row from the carried logits, then feeds it to get the next logits.
+
+  `greedy` (static) is the argmax-only step for batches whose every row is greedy without a
+  repetition penalty: no random keys, no branch, no record of seen tokens.
+  """
   if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
     real_V = jnp.arange(cfg.vocab_size) < vocab_limit
     state = state.replace(logits_BV=jnp.where(real_V[None, :], state.logits_BV, -jnp.inf))
-  keys_B2 = jax.vmap(lambda k: jax.random.split(k, 2))(state.keys_B)
-  tok_B = sample(state.logits_BV, keys_B2[:, 0], state.temperature_B, state.top_k_B, state.top_p_B,
-                 state.penalty_B, state.seen_BV)
+  if greedy:
+    tok_B = jnp.argmax(state.logits_BV, axis=-1).astype(jnp.int32)
+    keys_B = state.keys_B
+  else:
+    keys_B2 = jax.vmap(lambda k: jax.random.split(k, 2))(state.keys_B)
+    keys_B = keys_B2[:, 1]
+    tok_B = sample(state.logits_BV, keys_B2[:, 0], state.temperature_B, state.top_k_B,
+                   state.top_p_B, state.penalty_B, state.seen_BV)
   if top_n:
     logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
     lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
@@ -241,12 +261,12 @@ def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
   active_B = state.active_B
   emitted_B = active_B & (tok_B != eos_id)
   finished_B = (tok_B == eos_id) | (state.remaining_B <= 1) | (state.positions_B + 1 >= cfg.max_seq_len)
-  cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg)
+  cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg, span)
   still_B = active_B & ~finished_B
   b = tok_B.shape[0]
-  seen_BV = state.seen_BV.at[jnp.arange(b), tok_B].max(active_B)
+  seen_BV = state.seen_BV if greedy else state.seen_BV.at[jnp.arange(b), tok_B].max(active_B)
   state = state.replace(
-      cache=cache, logits_BV=logits_BV, active_B=still_B, keys_B=keys_B2[:, 1], seen_BV=seen_BV,
+      cache=cache, logits_BV=logits_BV, active_B=still_B, keys_B=keys_B, seen_BV=seen_BV,
       positions_B=jnp.where(still_B, state.positions_B + 1, state.positions_B),
       remaining_B=state.remaining_B - active_B.astype(jnp.int32))
   return state, dict(token=tok_B, logprob=lp_B, emitted=emitted_B, eos=active_B & (tok_B == eos_id),
@@ -261,13 +281,16 @@ def start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k
                 penalty_B, cfg)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit"),
-                   donate_argnums=1)
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit",
+                                             "greedy", "span"), donate_argnums=1)
 def decode_chunk(params, state: DecodeState, alive_B, want_top=True, *, cfg: ModelConfig,
-                 steps: int, eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None):
+                 steps: int, eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None,
+                 greedy: bool = False, span: int = 0):
   """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps].
 
   With top_n > 0, the top_n log-probs per step are computed only while `want_top` (traced) is true.
+  `greedy=True` only when every live row is greedy without a repetition penalty (`all_greedy`).
+  `span` (0 = whole cache): every live row's positions in these steps are below it (`decode_span`).
   """
   params = _float_params(params, cfg)
   state = state.replace(active_B=state.active_B & alive_B)
@@ -279,17 +302,23 @@ def decode_chunk(params, state: DecodeState, alive_B, want_top=True, *, cfg: Mod
 
   def body(i, carry):
     st, acc = carry
-    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, want_top)
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, want_top, greedy, span)
     acc = {k: acc[k].at[:, i].set(out[k]) for k in acc}
     return st, acc
 
   return jax.lax.fori_loop(0, steps, body, (state, outs))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit"))
+@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit",
+                                             "greedy", "span"))
 def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, max_steps: int,
-                eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None):
-  """Decodes until every row is done or `max_steps` (lax.while_loop); outputs are [B, max_steps]."""
+                eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None,
+                greedy: bool = False, span: int = 0):
+  """Decodes until every row is done or `max_steps` (lax.while_loop); outputs are [B, max_steps].
+
+  `greedy=True` only when every row is greedy without a repetition penalty (`all_greedy`).
+  `span` (0 = whole cache): every row's positions stay below it (`decode_span`).
+  """
   params = _float_params(params, cfg)
   b = state.positions_B.shape[0]
   outs = dict(token=jnp.zeros((b, max_steps), jnp.int32),
@@ -304,7 +333,7 @@ def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, max_steps: int,
 
   def body(carry):
     i, st, acc = carry
-    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit)
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, greedy=greedy, span=span)
     return i + 1, st, {k: acc[k].at[:, i].set(out[k]) for k in acc}
 
   _, state, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, outs))
@@ -361,6 +390,11 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> tuple[np.
   return tokens, lengths
 
 
+def all_greedy(sampling: Sequence[SamplingParams]) -> bool:
+  """Every row greedy without a repetition penalty: the decode loops may take the argmax-only step."""
+  return all(s.temperature == 0 and s.repetition_penalty == 1 for s in sampling)
+
+
 def sampling_arrays(sampling: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
   """Per-row arrays for `start` from a list of SamplingParams."""
   return dict(
@@ -370,6 +404,46 @@ def sampling_arrays(sampling: Sequence[SamplingParams]) -> dict[str, np.ndarray]
       top_k_B=np.array([s.top_k for s in sampling], np.int32),
       top_p_B=np.array([s.top_p for s in sampling], np.float32),
       penalty_B=np.array([s.repetition_penalty for s in sampling], np.float32))
+
+
+@dataclasses.dataclass
+class Batch:
+  """Prompts made ready for `start` and the decode loops: padded to a bucketed width and to at
+  least MIN_ROWS rows (idle ones), with the static settings the loops are compiled for."""
+  tokens_BL: np.ndarray
+  lengths_B: np.ndarray
+  arrays: dict[str, np.ndarray]  # sampling_arrays, padded
+  rows: int  # the caller's rows; the rest are idle padding
+  max_steps: int  # decode steps (a bucket of the largest max_new_tokens)
+  span: int  # decode_span covering every position the rows can reach
+  greedy: bool  # all_greedy(sampling)
+
+  def start(self, params, cfg: ModelConfig) -> DecodeState:
+    return start(params, self.tokens_BL, self.lengths_B, **self.arrays, cfg=cfg)
+
+
+def make_batch(prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
+               cfg: ModelConfig, min_rows: int = MIN_ROWS) -> Batch:
+  """Pads prompts and their sampling settings into a Batch (errors name the prompt at fault)."""
+  if len(sampling) != len(prompts):
+    raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
+  tokens_BL, lengths_B = pad_prompts(prompts, cfg)
+  arrays = sampling_arrays(sampling)
+  rows = len(prompts)
+  max_new = np.minimum(arrays["max_new_B"], cfg.max_seq_len - lengths_B)
+  last = int((lengths_B + max_new).max()) - 1  # the last position a row can write
+  extra = max(0, min_rows - rows)
+  if extra:  # idle rows: one EOS token, no new tokens
+    idle = np.full((extra, tokens_BL.shape[1]), PAD_ID, np.int32)
+    idle[:, 0] = EOS_ID
+    tokens_BL = np.concatenate([tokens_BL, idle])
+    lengths_B = np.concatenate([lengths_B, np.ones((extra,), np.int32)])
+    fill = {"top_p_B": 1, "penalty_B": 1, "temperature_B": 0}
+    arrays = {k: np.concatenate([v, np.full((extra,), fill.get(k, 0), v.dtype)])
+              for k, v in arrays.items()}
+  steps = bucket(min(int(max_new.max()), cfg.max_seq_len), cfg.max_seq_len, minimum=16)
+  return Batch(tokens_BL, lengths_B, arrays, rows, steps, decode_span(last, cfg),
+               all_greedy(sampling))
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
@@ -384,14 +458,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     vocab_limit = tokenizer.vocab_size
   if isinstance(sampling, SamplingParams):
     sampling = [sampling] * len(prompts)
-  if len(sampling) != len(prompts):
-    raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
-  tokens_BL, lengths_B = pad_prompts(prompts, cfg)
-  state = start(params, tokens_BL, lengths_B, **sampling_arrays(sampling), cfg=cfg)
-  max_new = max(s.max_new_tokens for s in sampling)
-  steps = bucket(min(max_new, cfg.max_seq_len), cfg.max_seq_len, minimum=16)
-  _, outs = decode_loop(params, state, cfg=cfg, max_steps=steps, eos_id=eos_id,
-                        vocab_limit=vocab_limit, top_n=top_n)
+  batch = make_batch(prompts, sampling, cfg)
+  _, outs = decode_loop(params, batch.start(params, cfg), cfg=cfg, max_steps=batch.max_steps,
+                        eos_id=eos_id, vocab_limit=vocab_limit, top_n=top_n, greedy=batch.greedy,
+                        span=batch.span)
   outs = jax.device_get(outs)
   results = []
   for i, sp in enumerate(sampling):
@@ -419,13 +489,14 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
 def stream(params, cfg: ModelConfig, tokenizer, prompt_ids: Sequence[int], sampling: SamplingParams,
            *, eos_id: int = EOS_ID, chunk: int = 1) -> Iterator[str]:
   """Yields text pieces of one completion as they are decoded (for terminals); honours stops."""
-  tokens_BL, lengths_B = pad_prompts([prompt_ids], cfg)
-  state = start(params, tokens_BL, lengths_B, **sampling_arrays([sampling]), cfg=cfg)
+  batch = make_batch([prompt_ids], [sampling], cfg)
+  state = batch.start(params, cfg)
   text = TextStream(tokenizer, sampling.stop)
-  alive = np.ones((1,), bool)
+  alive = np.arange(batch.tokens_BL.shape[0]) < 1
   while True:
     state, outs = decode_chunk(params, state, alive, cfg=cfg, steps=chunk, eos_id=eos_id,
-                               vocab_limit=tokenizer.vocab_size)
+                               vocab_limit=tokenizer.vocab_size, greedy=batch.greedy,
+                               span=batch.span)
     outs = jax.device_get(outs)
     for j in range(chunk):
       if outs["emitted"][0, j]:
@@ -567,6 +638,7 @@ def main(argv=None) -> int:
                         seed=args.seed)
   except ValueError as e:
     ap.error(str(e))
+  loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config)
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
   for prompt in args.prompt:
     ids = loaded.tokenizer.encode(prompt)

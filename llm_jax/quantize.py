@@ -124,14 +124,14 @@ def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3) -> 
   """Generated tokens per second of greedy decoding at a batch size (compile excluded)."""
   import time
   from llm_jax import generate as G
+  from llm_jax.model import unstack_layers
   new_tokens = min(new_tokens, cfg.max_seq_len - 8)
+  params, cfg = unstack_layers(params, cfg)  # as the server and the generate CLI decode
   prompts = [[1, 5 + i % 50, 6, 7, 8, 9, 10, 11] for i in range(batch)]
-  sp = G.SamplingParams(max_new_tokens=new_tokens)
-  tokens, lengths = G.pad_prompts(prompts, cfg)
-  state = G.start(params, tokens, lengths, **G.sampling_arrays([sp] * batch), cfg=cfg)
-  steps = G.bucket(new_tokens, cfg.max_seq_len, minimum=16)
-  run = lambda: jax.block_until_ready(G.decode_loop(params, state, cfg=cfg, max_steps=steps,
-                                                    eos_id=-1))
+  b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
+  state = b.start(params, cfg)
+  run = lambda: jax.block_until_ready(G.decode_loop(params, state, cfg=cfg, max_steps=b.max_steps,
+                                                    eos_id=-1, greedy=b.greedy, span=b.span))
   run()
   best = float("inf")
   for _ in range(repeats):

@@ -69,6 +69,32 @@ def test_cached_greedy_equals_full_recompute(variant, params):
     assert gen.finish_reason == "length"
 
 
+def test_cache_span_rows_and_unstacked_layers_decode_the_same():
+  """Attending to a span of the cache, idle padding rows and per-layer weights change no token."""
+  from llm_jax.model import stack_layers, unstack_layers
+  cfg = dataclasses.replace(CFG, max_seq_len=160)  # room for a span (MIN_SPAN) short of the cache
+  p = _params(cfg, seed=2)
+  short = G.make_batch([PROMPTS[1]], [G.SamplingParams(max_new_tokens=12)], cfg)
+  assert short.span == G.MIN_SPAN and short.rows == 1 and short.tokens_BL.shape[0] == G.MIN_ROWS
+  assert short.greedy and short.arrays["max_new_B"].tolist() == [12, 0]  # the idle row
+  long = G.make_batch([[1] * 100, [1, 2]], [G.SamplingParams(max_new_tokens=40)] * 2, cfg)
+  assert long.span == 0  # positions up to 139: the whole cache
+  one = G.generate(p, cfg, [PROMPTS[1]], G.SamplingParams(max_new_tokens=12), eos_id=-1,
+                   vocab_limit=300)[0]
+  want, want_lp = _greedy_recompute(p, cfg, PROMPTS[1], 12, 300)
+  assert one.tokens == want
+  np.testing.assert_allclose(one.logprobs, want_lp, atol=1e-4)
+  full_state = short.start(p, cfg)
+  _, full = G.decode_loop(p, full_state, cfg=cfg, max_steps=16, eos_id=-1, vocab_limit=300)
+  assert np.asarray(full["token"])[0, :12].tolist() == want  # span 0 agrees with span 128
+  u, cu = unstack_layers(p, cfg)
+  assert "block_0" in u and "blocks" not in u and not cu.scan_layers
+  assert G.generate(u, cu, [PROMPTS[1]], G.SamplingParams(max_new_tokens=12), eos_id=-1,
+                    vocab_limit=300)[0].tokens == want
+  back, cb = stack_layers(u, cu)
+  assert cb == cfg and jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back, p))
+
+
 def test_seeded_sampling_reproducible(params):
   sp = G.SamplingParams(temperature=1.0, max_new_tokens=16, seed=7)
   a = G.generate(params, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)

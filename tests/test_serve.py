@@ -43,6 +43,15 @@ def _settings(pkg, **kw):
   return app_lib.ServerSettings(**base)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def short_spans():
+  """Cache spans of 8 and 16 positions (of 32): requests cross span buckets while they decode."""
+  from llm_jax import generate as G
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(G, "MIN_SPAN", 8)
+    yield
+
+
 @pytest.fixture(scope="module")
 def plain(pkg):
   srv = app_lib.ServerThread(app_lib.create_app(_settings(pkg, audit_log=str(pkg / "plain.jsonl"))))
@@ -138,6 +147,27 @@ def test_completion_shapes_and_determinism(plain, pkg, greedy_text):
   assert [c["index"] for c in r1["choices"]] == [0, 1]
   assert r1["choices"][0]["text"] != r1["choices"][1]["text"]
   assert r1["usage"]["completion_tokens"] == 24
+
+
+def test_greedy_matches_full_recompute(plain, pkg, greedy_text):
+  """The engine (slots, spans 8/16/32, per-layer weights) decodes what the plain model computes."""
+  import jax
+  import numpy as np
+  from llm_jax.model import Decoder
+  loaded = package.load_package(str(pkg / "pkg"))
+  assert plain.app.state.llm.engine.spans() == [8, 16, 0]
+  seq = loaded.prompt_prefix + loaded.tokenizer.encode(PROMPT)
+  fwd = jax.jit(lambda p, t: Decoder(loaded.model_config).apply({"params": p}, t))
+  new = []
+  for _ in range(16):
+    padded = np.zeros((1, CFG.max_seq_len), np.int32)
+    padded[0, :len(seq)] = seq
+    t = int(np.argmax(np.asarray(fwd(loaded.params, padded))[0, len(seq) - 1, :300]))
+    if t == loaded.tokenizer.eos_id:
+      break
+    new.append(t)
+    seq.append(t)
+  assert loaded.tokenizer.decode(new) == greedy_text
 
 
 def test_concurrent_requests_share_steps_and_match_sequential(plain):

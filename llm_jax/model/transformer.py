@@ -5,6 +5,7 @@ K kv heads, H head dim, F mlp dim, V vocab.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -57,8 +58,13 @@ def rope(x_BLNH, positions_BL, theta: float):
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query causal self-attention with an optional KV cache for decoding."""
+  """Multi-head / grouped-query causal self-attention with an optional KV cache for decoding.
+
+  `decode_span` (decoding only; 0 = max_seq_len): attend to the first decode_span cache positions.
+  The caller guarantees every position in the call is below it (generate picks a bucket).
+  """
   cfg: ModelConfig
+  decode_span: int = 0
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, decode: bool = False,
@@ -146,12 +152,15 @@ class Attention(nn.Module):
     k_BKSH, v_BKSH = k_cache.value, v_cache.value
     if layer is not None:
       k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
+    span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
+    if span < c.max_seq_len:  # positions past the span are not filled yet: leave them unread
+      k_BKSH, v_BKSH = k_BKSH[:, :, :span], v_BKSH[:, :, :span]
     q_BKGLH = q_BLNH.reshape(b, l, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
     s_BKGLS = jnp.einsum("bkglh,bksh->bkgls", q_BKGLH, k_BKSH, precision=precision,
                          preferred_element_type=jnp.float32)
     s_BKGLS = s_BKGLS * jnp.array(1.0 / math.sqrt(h), jnp.float32)
-    key_pos_S = jnp.arange(c.max_seq_len)
+    key_pos_S = jnp.arange(span)
     mask_B11LS = (key_pos_S[None, None, None, None, :] <= positions_BL[:, None, None, :, None])
     s_BKGLS = jnp.where(mask_B11LS, s_BKGLS, -0.7 * float(jnp.finfo(jnp.float32).max))
     p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(k_BKSH.dtype)
@@ -233,6 +242,7 @@ class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
   decode: bool = False
+  decode_span: int = 0
 
   @nn.compact
   def __call__(self, x_BLD, positions_BL, segment_ids_BL, deterministic: bool):
@@ -241,7 +251,7 @@ class Block(nn.Module):
     if isinstance(x_BLD, tuple):  # decoding under nn.scan: carry (x, layer index), stacked cache
       x_BLD, layer = x_BLD
     drop = nn.Dropout(c.dropout)
-    h = Attention(c, name="attn")(Norm(c, name="norm_attn")(x_BLD), positions_BL, segment_ids_BL,
+    h = Attention(c, decode_span=self.decode_span, name="attn")(Norm(c, name="norm_attn")(x_BLD), positions_BL, segment_ids_BL,
                                   decode=self.decode, deterministic=deterministic, layer=layer)
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
@@ -262,9 +272,11 @@ _REMAT_POLICIES = {
 
 
 class Decoder(nn.Module):
-  """Token ids [B, L] -> float32 logits [B, L, V]. `decode=True` uses and fills the KV cache."""
+  """Token ids [B, L] -> float32 logits [B, L, V]. `decode=True` uses and fills the KV cache;
+  `decode_span` > 0 then attends to that many cache positions only (see Attention)."""
   cfg: ModelConfig
   decode: bool = False
+  decode_span: int = 0
 
   def setup(self):
     c = self.cfg
@@ -289,9 +301,11 @@ class Decoder(nn.Module):
           block, **axes, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
           unroll=c.scan_unroll,
-          metadata_params={nn.PARTITION_NAME: "layers"})(c, decode=self.decode, name="blocks")
+          metadata_params={nn.PARTITION_NAME: "layers"})(c, decode=self.decode,
+                                                         decode_span=self.decode_span, name="blocks")
     else:
-      self.blocks = [block(c, decode=self.decode, name=f"block_{i}") for i in range(c.num_layers)]
+      self.blocks = [block(c, decode=self.decode, decode_span=self.decode_span, name=f"block_{i}")
+                     for i in range(c.num_layers)]
     self.final_norm = Norm(c)
     if not c.tie_embeddings:
       self.head = self.param("head", _lp(_normal(c.init_std), ("embed", "vocab")),
@@ -335,3 +349,30 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
     return self.logits(self.hidden(tokens_BL, positions_BL, segment_ids_BL, deterministic))
+
+
+def unstack_layers(params, cfg: ModelConfig):
+  """Scanned parameters ({'blocks': leaves [layers, ...]}) as one subtree per layer ('block_i').
+
+  Returns (params, cfg with scan_layers=False): the same weights for a model whose layers are
+  separate modules, so that each layer's matrices are buffers of their own. Decoding reads them in
+  place; from the stacked layout XLA copies each layer's slice out again at every step. Works on
+  int8 trees too (scales carry the layer axis as well). Unscanned parameters come back unchanged.
+  """
+  if not cfg.scan_layers:
+    return params, cfg
+  params = dict(params)
+  blocks = params.pop("blocks")
+  for i in range(cfg.num_layers):
+    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return params, dataclasses.replace(cfg, scan_layers=False)
+
+
+def stack_layers(params, cfg: ModelConfig):
+  """The inverse of unstack_layers: per-layer subtrees back to {'blocks': [layers, ...]}."""
+  if cfg.scan_layers:
+    return params, cfg
+  params = dict(params)
+  layers = [params.pop(f"block_{i}") for i in range(cfg.num_layers)]
+  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params, dataclasses.replace(cfg, scan_layers=True)

@@ -73,11 +73,14 @@ class ServerState:
   def load(self) -> None:
     """Loads the package, compiles the decode functions, starts the engine (the warm start)."""
     from llm_jax import package as package_lib
+    from llm_jax.model import unstack_layers
     s = self.settings
     try:
       t0 = time.monotonic()
       loaded = package_lib.load_package(s.package, compute_dtype=s.compute_dtype,
                                         int8_in_memory=s.int8_in_memory)
+      # one buffer per layer for decoding (replaces the stacked copy rather than doubling it)
+      loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config)
       t_load = time.monotonic() - t0
       self.loaded = loaded
       self.name = s.model_name or loaded.name

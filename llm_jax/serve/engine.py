@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import generate as G
-from llm_jax.model import ModelConfig
+from llm_jax.model import ModelConfig, unstack_layers
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5
@@ -109,8 +109,11 @@ class Engine:
                max_concurrent: int = 32, chunk: int = 4, hold_chars: int = 0,
                output_check: Callable[[str], tuple[int, Any] | None] | None = None,
                metrics=None):
-    self.params, self.cfg, self.tokenizer = params, cfg, tokenizer
+    # Decoding reads each layer's weights as buffers of their own (no per-step slice copies).
+    self.params, self.cfg = unstack_layers(params, cfg)
+    self.tokenizer = tokenizer
     self.slots, self.max_concurrent, self.chunk = int(slots), int(max_concurrent), int(chunk)
+    self.rows = max(self.slots, G.MIN_ROWS)  # decode rows; those past `slots` stay idle
     self.hold_chars, self.output_check, self.metrics = hold_chars, output_check, metrics
     self.vocab_limit = min(tokenizer.vocab_size, cfg.vocab_size)
     self.min_prefill = min(16, cfg.max_seq_len)  # prompts are padded to 16, 32, 64, ... tokens
@@ -118,6 +121,7 @@ class Engine:
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
     self._in_flight: set[str] = set()
     self._slot: list[tuple[Handle, Choice] | None] = [None] * self.slots
+    self._last_pos = [0] * self.slots  # per slot: an upper bound of the next position it writes
     self._paused = False
     self._stop = False
     self._thread: threading.Thread | None = None
@@ -129,7 +133,12 @@ class Engine:
   # ---------------------------------------------------------------- lifecycle
 
   def _empty_state(self) -> G.DecodeState:
-    return G.empty_state(self.cfg, self.slots)
+    return G.empty_state(self.cfg, self.rows)
+
+  def spans(self) -> list[int]:
+    """Every cache span a decode chunk may be compiled for (0: the whole cache)."""
+    return sorted({G.decode_span(p, self.cfg) for p in range(self.cfg.max_seq_len)},
+                  key=lambda s: s or self.cfg.max_seq_len)
 
   def prefill_buckets(self) -> list[int]:
     out, b = [], self.min_prefill
@@ -140,16 +149,17 @@ class Engine:
       b *= 2
 
   def warmup(self) -> float:
-    """Compiles every prefill bucket and both decode variants; returns the seconds it took."""
+    """Compiles every prefill bucket and the decode chunk for every span; returns the seconds."""
     t0 = time.monotonic()
     self.state = self._empty_state()
     for n in self.prefill_buckets():
       self.state = self._admit_arrays(0, [1], G.SamplingParams(max_new_tokens=1), n)
-    alive = np.zeros((self.slots,), bool)
-    self.state, outs = G.decode_chunk(self.params, self.state, alive, np.bool_(False), cfg=self.cfg,
-                                      steps=self.chunk, top_n=TOP_LOGPROBS,
-                                      vocab_limit=self.vocab_limit)
-    jax.block_until_ready(outs)
+    alive = np.zeros((self.rows,), bool)
+    for span in self.spans():
+      self.state, outs = G.decode_chunk(self.params, self.state, alive, np.bool_(False),
+                                        cfg=self.cfg, steps=self.chunk, top_n=TOP_LOGPROBS,
+                                        vocab_limit=self.vocab_limit, span=span)
+      jax.block_until_ready(outs)
     self.state = self._empty_state()
     jax.block_until_ready(self.state)
     self.ready = True
@@ -275,6 +285,7 @@ class Engine:
       slot = free[0]
       self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
       choice.slot = slot
+      self._last_pos[slot] = len(choice.prompt_ids)
       with self._cond:
         self._slot[slot] = (handle, choice)
 
@@ -291,11 +302,19 @@ class Engine:
         self._finish(handle, choice, "timeout")
 
   def _decode(self) -> None:
-    alive = np.array([s is not None for s in self._slot])
+    alive = np.zeros((self.rows,), bool)
+    alive[:self.slots] = [s is not None for s in self._slot]
     want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot))
+    # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
+    # early stay below it), so the span covers them all.
+    last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
     self.state, outs = G.decode_chunk(self.params, self.state, alive, want_top, cfg=self.cfg,
                                       steps=self.chunk, top_n=TOP_LOGPROBS,
-                                      vocab_limit=self.vocab_limit)
+                                      vocab_limit=self.vocab_limit,
+                                      span=G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg))
+    for i in range(self.slots):
+      if alive[i]:
+        self._last_pos[i] += self.chunk
     outs, active = jax.device_get((outs, self.state.active_B))
     self.steps += self.chunk
     for slot, entry in enumerate(list(self._slot)):

@@ -261,14 +261,14 @@ class Sampler:
     sampling = [generate_lib.SamplingParams(temperature=float(temperature),
                                             max_new_tokens=self.num_tokens, seed=int(seed) + i)
                 for i in range(len(ids))]
-    tokens_BL, lengths_B = generate_lib.pad_prompts(ids, model_cfg)
-    self._args = (tokens_BL, lengths_B, generate_lib.sampling_arrays(sampling))
+    batch = generate_lib.make_batch(ids, sampling, model_cfg)
+    self._args = (batch.tokens_BL, batch.lengths_B, batch.arrays)
     eos_id, vocab_limit, steps = int(tokenizer.eos_id), int(tokenizer.vocab_size), self.num_tokens
 
     def run(params, tokens_BL, lengths_B, arrays):
       state = generate_lib.start(params, tokens_BL, lengths_B, **arrays, cfg=model_cfg)
       _, outs = generate_lib.decode_loop(params, state, cfg=model_cfg, max_steps=steps,
-                                         eos_id=eos_id, vocab_limit=vocab_limit)
+                                         eos_id=eos_id, vocab_limit=vocab_limit, span=batch.span)
       return outs["token"], outs["emitted"]
 
     # Replicated output: every process can read it (all processes run the sampler together).
