@@ -26,7 +26,7 @@ import numpy as np
 from flax import struct
 
 from llm_jax import quantize
-from llm_jax.model import Decoder, ModelConfig, unstack_layers
+from llm_jax.model import Decoder, ModelConfig, constraint_mesh, unstack_layers
 
 EOS_ID = 2
 PAD_ID = 0
@@ -360,8 +360,9 @@ def mesh_context(mesh=None, rules=()):
   if mesh is None:
     return contextlib.nullcontext()
   stack = contextlib.ExitStack()
-  stack.enter_context(mesh)  # the Mesh context flax's logical constraints read
+  stack.enter_context(mesh)
   stack.enter_context(nn.logical_axis_rules(rules))
+  stack.enter_context(constraint_mesh(mesh))  # the mesh the model's activation constraints use
   return stack
 
 

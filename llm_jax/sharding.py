@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax import config as config_lib
+from llm_jax.model.transformer import constraint_mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -44,7 +45,7 @@ def activate(mesh: Mesh, config):
     warnings.filterwarnings("ignore", message=".*mesh.*context manager.*", category=DeprecationWarning)
     mesh.__enter__()
   try:
-    with nn.logical_axis_rules(rules(config)):
+    with nn.logical_axis_rules(rules(config)), constraint_mesh(mesh):
       yield
   finally:
     mesh.__exit__(None, None, None)

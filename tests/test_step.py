@@ -109,3 +109,29 @@ def test_non_finite_step_leaves_params_unchanged():
   assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
     np.testing.assert_array_equal(a, b)
+
+
+def _compiled_temp_bytes(overrides, rows_per_device, devices):
+  """Temp memory of the compiled train step (XLA's own accounting, per device)."""
+  c = config_lib.load("configs/tiny.py", BASE + ["model.vocab_size=512", "model.max_seq_len=64",
+                                                 "train.seq_len=64"] + list(overrides))
+  with c.unlocked():
+    c.train.global_batch_size = rows_per_device * devices
+  mesh = sharding.make_mesh(c, jax.devices()[:devices])
+  model = Decoder(ModelConfig.from_config(c, platform="cpu"))
+  opt = optimizer_lib.make_optimizer(c)
+  state, shardings = state_lib.create_state(model, opt, mesh, c, seed=0)
+  tokens = np.zeros((c.train.global_batch_size, 65), np.int32)
+  batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+  fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
+               in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
+  with sharding.activate(mesh, c):
+    return fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_fsdp_activation_memory_does_not_grow_with_devices():
+  """Activations stay sharded over the batch under FSDP: each layer gathers its weights instead of
+  XLA regathering the whole batch on every device (which made memory grow with the FSDP axis)."""
+  one = _compiled_temp_bytes(["sharding.data=1"], 8, 1)
+  fsdp4 = _compiled_temp_bytes(["sharding.data=1", "sharding.fsdp=4"], 8, 4)
+  assert fsdp4 < 1.3 * one, (one, fsdp4)

@@ -5,6 +5,8 @@ K kv heads, H head dim, F mlp dim, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 from typing import Any
@@ -17,11 +19,58 @@ from llm_jax.model.config import ModelConfig
 
 Array = Any
 _lp = nn.with_logical_partitioning
-_constrain = nn.with_logical_constraint
+_MESH: contextvars.ContextVar = contextvars.ContextVar("llm_jax_constraint_mesh", default=None)
+
+
+@contextlib.contextmanager
+def constraint_mesh(mesh):
+  """Binds the model's activation constraints to `mesh` (llm_jax.sharding.activate enters it).
+
+  flax's logical constraints look for a global mesh through jax.sharding.get_abstract_mesh(), which
+  `with mesh:` no longer sets (jax >= 0.10), and jax.set_mesh breaks flax's scanned, logically
+  partitioned init; so the model passes the mesh to each constraint itself. Without a mesh the
+  constraints are no-ops (one device, tests without a mesh).
+  """
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
+def _constrain(x, axes):
+  """nn.with_logical_constraint under the current logical rules, on the mesh of constraint_mesh."""
+  mesh = _MESH.get()
+  return x if mesh is None else nn.with_logical_constraint(x, axes, mesh=mesh)
 
 
 def _dtype(name: str):
   return jnp.dtype(name)
+
+
+def _gathered(axes):
+  """The logical axes of a parameter as a matmul uses it: `embed` (what FSDP shards) unsharded."""
+  return tuple(None if a == "embed" else a for a in axes)
+
+
+def _gathering_dot(kernel_axes):
+  """A dot_general for flax Dense layers that all-gathers the kernel's `embed` axis first.
+
+  Under FSDP, activations are sharded over the batch and kernels over `embed`, the same mesh axis;
+  left to itself, XLA may instead shard the contraction: it regathers the activations to the whole
+  batch and all-reduces partial products, so activation memory and traffic grow with the device
+  count. Constraining the kernel makes each layer gather its weights for the matmul (ZeRO-3) and
+  keeps activations batch-sharded; the backward pass reduce-scatters the kernel's gradient.
+  Without a mesh (or with fsdp = 1) the constraint is a no-op.
+  """
+  want = _gathered(kernel_axes)
+
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                  **kw):
+    rhs = _constrain(rhs, want)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type, **kw)
+  return dot_general
 
 
 def _normal(std: float):
@@ -75,6 +124,7 @@ class Attention(nn.Module):
 
     def proj(name, heads, axes):
       return nn.DenseGeneral((heads, c.head_dim), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
+                             dot_general=_gathering_dot(("embed",) + axes),
                              kernel_init=_lp(_normal(c.init_std), ("embed",) + axes),
                              bias_init=_lp(nn.initializers.zeros, axes), name=name)(x_BLD)
 
@@ -101,6 +151,7 @@ class Attention(nn.Module):
                                               implementation=c.attention)
     out_BLNH = _constrain(out_BLNH, ("batch", "length", "act_heads", None))
     return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
+                           dot_general=_gathering_dot(("heads", "kv", "embed")),
                            kernel_init=_lp(_normal(out_std), ("heads", "kv", "embed")),
                            bias_init=_lp(nn.initializers.zeros, ("embed",)), name="out")(out_BLNH)
 
@@ -224,6 +275,7 @@ class Mlp(nn.Module):
 
     def dense(name, feat, axes, std):
       return nn.Dense(feat, use_bias=c.use_bias, dtype=dt, param_dtype=pdt, name=name,
+                      dot_general=_gathering_dot(axes),
                       kernel_init=_lp(_normal(std), axes),
                       bias_init=_lp(nn.initializers.zeros, axes[1:]))
 
