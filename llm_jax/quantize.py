@@ -218,4 +218,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  # `python -m` runs this file as __main__, a second copy of the module: run the package module's
+  # main instead, so that its QTensor is the class the rest of llm_jax recognizes.
+  from llm_jax import quantize as _module
+  raise SystemExit(_module.main())

@@ -103,6 +103,30 @@ def test_int8_within_bound_of_float(workdir, tmp_path):
   assert abs(quantize.perplexity(q.params, q.model_config, wins) - ppl8) < 1e-3 * ppl8
 
 
+def test_quantize_report_cli(workdir, tmp_path):
+  """`python -m llm_jax.quantize` (a fresh process, the module run as __main__) reports every
+  precision: sizes, perplexity change and decode speed."""
+  import subprocess
+  import sys
+  d, params, cfg, tok = workdir
+  package.write_package(str(tmp_path / "pkg"), params, cfg, str(d / "tokenizer.model"), step=3)
+  (tmp_path / "held.txt").write_text(_text(7, 1500))
+  out = subprocess.run([sys.executable, "-m", "llm_jax.quantize", "--package", str(tmp_path / "pkg"),
+                        "--text", str(tmp_path / "held.txt"), "--batch", "1", "--new_tokens", "4",
+                        "--json"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  rows = json.loads(out.stdout[:out.stdout.rindex("\n[")])  # the JSON, then a "[device]" line
+  by = {r["variant"].split()[0].rstrip(","): r for r in rows}
+  assert set(by) == {"float32", "bfloat16", "int8"} and len(rows) == 4, [r["variant"] for r in rows]
+  int8 = [r for r in rows if r["variant"].startswith("int8")]
+  # int8 kernels are a quarter of float32; in a model this small, float norms, biases and positions
+  # and the per-channel scales add the rest (0.31 of float32 here)
+  assert all(r["stored_bytes"] < min(0.35 * by["float32"]["stored_bytes"],
+                                     by["bfloat16"]["stored_bytes"]) for r in int8)
+  assert all(abs(r["perplexity_change_pct"]) < 1.0 and r["tokens_per_s_batch1"] > 0 for r in int8)
+
+
 def test_quantize_per_channel_roundtrip():
   w = np.random.default_rng(0).normal(size=(2, 16, 4, 8)).astype(np.float32)
   w[:, :, 1, :] *= 100  # one head much larger: per-channel scales keep the others precise
