@@ -4,7 +4,7 @@ Continuous batching: a request joins a free slot as soon as one opens (its promp
 that row of the shared KV cache at its own positions) while the other slots keep decoding; all busy
 slots advance together through one jitted `decode_chunk` of a few steps. The engine thread does the
 host work too (detokenization, stop sequences, output filters) and hands events to each request's
-asyncio queue. A cancelled (disconnected) or timed-out request frees its slot at the next chunk.
+asyncio queue, for each chunk while the next one runs on the device (one chunk in flight). A cancelled (disconnected) or timed-out request frees its slot at the next chunk.
 """
 from __future__ import annotations
 
@@ -122,6 +122,8 @@ class Engine:
     self._in_flight: set[str] = set()
     self._slot: list[tuple[Handle, Choice] | None] = [None] * self.slots
     self._last_pos = [0] * self.slots  # per slot: an upper bound of the next position it writes
+    self._steps_left = [0] * self.slots  # per slot: decode steps it may still need (its budget)
+    self._in_flight_chunk = None  # (outputs, active_B, slot owners) of the chunk the device runs
     self._paused = False
     self._stop = False
     self._thread: threading.Thread | None = None
@@ -243,7 +245,8 @@ class Engine:
       with self._cond:
         while not self._stop:
           free = self.busy_slots < self.slots
-          if (self._queue and free) or (self.busy_slots and not self._paused):
+          if (self._queue and free) or (self.busy_slots and not self._paused) or \
+              self._in_flight_chunk is not None:
             break
           if self.busy_slots:  # paused with requests in slots: wake up to free cancelled ones
             self._cond.wait(timeout=0.05)
@@ -257,8 +260,11 @@ class Engine:
         self._reap()
         if self.busy_slots and not paused:
           self._decode()
+        else:
+          self._collect()
       except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
         log.exception("engine step failed")
+        self._in_flight_chunk = None
         self._fail_all(f"engine error: {type(e).__name__}")
         self.state = self._empty_state()
 
@@ -286,6 +292,8 @@ class Engine:
       self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
       choice.slot = slot
       self._last_pos[slot] = len(choice.prompt_ids)
+      self._steps_left[slot] = min(choice.sampling.max_new_tokens,
+                                   self.cfg.max_seq_len - len(choice.prompt_ids))
       with self._cond:
         self._slot[slot] = (handle, choice)
 
@@ -302,8 +310,21 @@ class Engine:
         self._finish(handle, choice, "timeout")
 
   def _decode(self) -> None:
+    """Dispatches a chunk for the busy slots, then handles the previous chunk's outputs while the
+    device runs this one. The outputs belong to the slots' owners at dispatch: a slot freed and
+    refilled since then ignores them (its new request's tokens start with the next chunk)."""
     alive = np.zeros((self.rows,), bool)
-    alive[:self.slots] = [s is not None for s in self._slot]
+    # Rows whose dispatched steps already cover their whole budget are done on the device: the chunk
+    # in flight ends them ("length"), so they get no further chunk.
+    alive[:self.slots] = [s is not None and left > 0 for s, left in zip(self._slot, self._steps_left)]
+    if not alive.any():
+      had_chunk = self._in_flight_chunk is not None
+      self._collect()
+      if not had_chunk:  # no chunk can end these slots any more: never spin on them
+        for entry in [e for e in self._slot if e is not None]:
+          log.error("slot of %s has no steps left but did not finish", entry[0].id)
+          self._finish(entry[0], entry[1], "error")
+      return
     want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot))
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
     # early stay below it), so the span covers them all.
@@ -315,12 +336,28 @@ class Engine:
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
-    outs, active = jax.device_get((outs, self.state.active_B))
+        self._steps_left[i] -= self.chunk
     self.steps += self.chunk
-    for slot, entry in enumerate(list(self._slot)):
+    # a copy of active_B: the next dispatch or admission donates (deletes) the state's own buffers
+    active = jnp.array(self.state.active_B, copy=True)
+    previous, self._in_flight_chunk = self._in_flight_chunk, (outs, active, list(self._slot))
+    if previous is not None:
+      self._handle_outputs(*previous)
+
+  def _collect(self) -> None:
+    """Handles the chunk still in flight, if any (nothing else to dispatch)."""
+    previous, self._in_flight_chunk = self._in_flight_chunk, None
+    if previous is not None:
+      self._handle_outputs(*previous)
+
+  def _handle_outputs(self, outs, active, owners) -> None:
+    outs, active = jax.device_get((outs, active))
+    for slot, entry in enumerate(owners):
       if entry is None:
         continue
       handle, choice = entry
+      if choice.finish_reason is not None:  # finished (stop, filter, cancel) after dispatch
+        continue
       reason = None
       new_text, new_tokens, new_lps, new_top = [], [], [], []
       for j in range(self.chunk):
