@@ -196,6 +196,38 @@ def test_concurrent_requests_share_steps_and_match_sequential(plain):
   assert engine.steps - steps0 == 20
 
 
+def test_slot_refilled_while_a_chunk_is_in_flight(plain, greedy_text):
+  """A request that a stop sequence ends early frees its slot one chunk late (the host sees the
+  stop while the device already runs the next chunk for it); the request that takes the slot gets
+  only its own tokens."""
+  k = next(k for k in range(3, len(greedy_text) - 3) if greedy_text.find(greedy_text[k:k + 3]) == k)
+  stop = greedy_text[k:k + 3]
+  bodies = [{"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": stop},
+            {"prompt": "def return import class", "max_tokens": 10, "temperature": 0},
+            {"prompt": "a", "max_tokens": 10, "temperature": 0}]
+  alone = [_post(plain.url, b).json()["choices"][0]["text"] for b in bodies]
+  assert alone[0] == greedy_text[:k]
+  engine = plain.app.state.llm.engine
+
+  async def together():
+    async with httpx.AsyncClient(timeout=60) as c:
+      tasks = []
+      for b in bodies:  # in this order: the stopping request and the long one take the two slots
+        tasks.append(asyncio.create_task(c.post(f"{plain.url}/v1/completions", json=b)))
+        deadline = time.time() + 20
+        while engine.in_flight < len(tasks) and time.time() < deadline:
+          await asyncio.sleep(0.01)
+      engine.resume()
+      return await asyncio.gather(*tasks)
+
+  engine.pause()
+  try:
+    rs = asyncio.run(together())
+  finally:
+    engine.resume()
+  assert [r.json()["choices"][0]["text"] for r in rs] == alone
+
+
 def test_stop_sequences_trimmed(plain, greedy_text):
   stop = greedy_text[5:7]
   r = _greedy(plain.url, stop=[stop, "zzzz"])
