@@ -168,7 +168,9 @@ def report(package_path: str, text: str, *, batches=(1, 8), new_tokens: int = 64
   ids = loaded.tokenizer.encode(text)
   wins = windows(ids, loaded.model_config.max_seq_len, max_windows)
   rows = []
+  from llm_jax.model import unstack_layers
   for name, (params, cfg, stored) in variants(loaded).items():
+    params, cfg = unstack_layers(params, cfg)  # once per precision, not in every decode_speed call
     row = {"variant": name, "stored_bytes": stored, "memory_bytes": nbytes(params),
            "perplexity": perplexity(params, cfg, wins)}
     for b in batches:

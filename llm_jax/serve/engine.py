@@ -4,7 +4,8 @@ Continuous batching: a request joins a free slot as soon as one opens (its promp
 that row of the shared KV cache at its own positions) while the other slots keep decoding; all busy
 slots advance together through one jitted `decode_chunk` of a few steps. The engine thread does the
 host work too (detokenization, stop sequences, output filters) and hands events to each request's
-asyncio queue, for each chunk while the next one runs on the device (one chunk in flight). A cancelled (disconnected) or timed-out request frees its slot at the next chunk.
+asyncio queue, for each chunk while the next one runs on the device (one chunk in flight). A
+cancelled (disconnected) or timed-out request frees its slot at the next chunk.
 """
 from __future__ import annotations
 
