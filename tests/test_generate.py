@@ -220,6 +220,10 @@ def test_sharded_decoding_matches(params, devices):
     sharded = G.shard_params(params, CFG, mesh, rules)
     assert "tensor" in str(sharded["blocks"]["attn"]["key"]["kernel"].sharding.spec)
     got = G.generate(sharded, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)
+    cache = G.make_batch(PROMPTS, [sp] * 3, CFG).start(sharded, CFG).cache
+    # the KV cache [layers, B, K, S, H] is sharded like the key/value projections: kv heads over tensor
+    for leaf in jax.tree.leaves(cache):
+      assert tuple(leaf.sharding.spec)[:3] == (None, None, "tensor"), leaf.sharding.spec
   assert [g.tokens for g in got] == [g.tokens for g in want]
 
 
