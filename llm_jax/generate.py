@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from llm_jax import quantize
+from llm_jax.model import quantize
 from llm_jax.model import Decoder, ModelConfig, constraint_mesh, unstack_layers
 
 EOS_ID = 2

@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llm_jax import quantize as quantize_lib
+from llm_jax.model import quantize as quantize_lib
 from llm_jax.data.shards import file_sha256
 from llm_jax.model import ModelConfig
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import export, package, quantize
+from llm_jax import export, package
+from llm_jax import quantize as precision_report
+from llm_jax.model import quantize
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
 
@@ -95,12 +97,12 @@ def test_int8_within_bound_of_float(workdir, tmp_path):
   print("int8 logit error mean/max vs std:", err.mean(), err.max(), want.std())
   assert err.mean() < 0.03 * want.std() and err.max() < 0.2 * want.std()
   # ... and perplexity on held-out text within 1% of float32.
-  wins = quantize.windows(tok.encode(_text(99, 2000)), cfg.max_seq_len, 8)
-  ppl32 = quantize.perplexity(params, cfg, wins)
-  ppl8 = quantize.perplexity(qmem.params, qmem.model_config, wins)
+  wins = precision_report.windows(tok.encode(_text(99, 2000)), cfg.max_seq_len, 8)
+  ppl32 = precision_report.perplexity(params, cfg, wins)
+  ppl8 = precision_report.perplexity(qmem.params, qmem.model_config, wins)
   print("perplexity float32 / int8:", ppl32, ppl8)
   assert abs(ppl8 / ppl32 - 1) < 0.01, (ppl8, ppl32)
-  assert abs(quantize.perplexity(q.params, q.model_config, wins) - ppl8) < 1e-3 * ppl8
+  assert abs(precision_report.perplexity(q.params, q.model_config, wins) - ppl8) < 1e-3 * ppl8
 
 
 def test_quantize_report_cli(workdir, tmp_path):
