@@ -7,6 +7,8 @@ one place, `llm_jax.config.total_steps`.
 """
 import ml_collections
 
+from llm_jax import sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
   """Returns the full default config."""
@@ -128,25 +130,7 @@ def get_config() -> ml_collections.ConfigDict:
   s.data = -1  # mesh axis sizes; -1 takes the rest of the devices
   s.fsdp = 1
   s.tensor = 1
-  # Logical axis -> mesh axes. Parameters: embed, mlp, heads, kv, vocab, layers.
-  # Activations: batch, length, act_embed, act_mlp, act_heads, act_vocab.
-  s.rules = (
-      ("batch", ("data", "fsdp")),
-      ("length", None),
-      ("act_embed", None),
-      ("act_mlp", "tensor"),
-      ("act_heads", "tensor"),
-      ("act_kv_heads", "tensor"),
-      ("act_vocab", "tensor"),
-      ("embed", "fsdp"),
-      ("mlp", "tensor"),
-      ("heads", "tensor"),
-      ("kv_heads", "tensor"),
-      ("kv", None),
-      ("vocab", "tensor"),
-      ("layers", None),
-      ("norm", None),
-  )
+  s.rules = sharding.DEFAULT_RULES  # logical axis -> mesh axes (llm_jax/sharding.py documents them)
 
   # ---------------------------------------------------------------- fine-tuning (llm_jax.finetune)
   # Used with init_from (top level). docs/finetune.md has a worked example.

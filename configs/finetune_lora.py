@@ -3,7 +3,7 @@ MLP kernel; only the adapters train and are checkpointed (docs/finetune.md).
 
     python -m llm_jax.train --config=configs/finetune_lora.py --workdir=runs/ft_lora \
         --config.init_from=runs/tiny_docs
-    python -m llm_jax.finetune.merge --workdir=runs/ft_lora --out=packages/ft_lora
+    python -m llm_jax.export --workdir=runs/ft_lora --out=packages/ft_lora   # adapters merged
 """
 from configs import finetune_code
 

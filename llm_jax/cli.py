@@ -72,6 +72,18 @@ def config_override_error(argv: list[str]) -> str | None:
   return None
 
 
+def parse_step(text: str | None) -> int | str | None:
+  """A --step flag's value: None (the latest checkpoint), 'best', or a step number (else exit 2)."""
+  if text is None or text == "" or text == "latest":
+    return None
+  if text == "best":
+    return "best"
+  try:
+    return int(text)
+  except ValueError:
+    raise UsageError(f"--step={text!r} is not a step number, 'latest' or 'best'") from None
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)

@@ -1,73 +1,57 @@
 """Scores a trained run (or an exported package) and writes a report a person can read.
 
-    python -m llm_jax.evaluate --workdir=runs/tiny [--step=N] [--corpus=GLOB] [--suite=GLOB|none]
-    python -m llm_jax.evaluate --compare runs/a runs/b [...]
+    python -m llm_jax.evaluate --workdir=runs/tiny [--step=N|best] [--corpus=GLOB] [--suite=GLOB|none]
+    python -m llm_jax.evaluate --compare=runs/a,runs/b[,...]
 
 Writes DIR/eval/STEP/results.json, report.md and PNG plots (DIR/eval/STEP/corpus-NAME/ for --corpus)
 and prints the held-out table. What every figure means: docs/eval.md.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
+
+from absl import flags
+
+from llm_jax import cli
+from llm_jax.eval import compare as compare_lib
+from llm_jax.eval import pipeline, report
+
+_WORKDIR = flags.DEFINE_string("workdir", "", "training run directory or exported model package")
+flags.DEFINE_alias("package", "workdir")
+_STEP = flags.DEFINE_string("step", None, "checkpoint step or 'best' (default: the latest)")
+_CORPUS = flags.DEFINE_string(
+    "corpus", "", "score this text instead of the run's validation split: comma-separated globs of "
+    ".txt/.md/.jsonl, 'stdlib', or a prepared data directory with the same tokenizer")
+_SPLIT = flags.DEFINE_string("split", "val", "split of prepared data to score")
+_SUITE = flags.DEFINE_string("suite", "", "eval files (glob; default evals/*.jsonl; 'none' skips)")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per batch (results do not depend on it)",
+                                   lower_bound=1)
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "window length (default: the run's train.seq_len)",
+                                lower_bound=0)
+_MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "score at most this many windows", lower_bound=1)
+_NO_GENERATIONS = flags.DEFINE_bool("no_generations", False, "skip the sampled generations")
+_OUT = flags.DEFINE_string("out", "", "output directory (default: DIR/eval/STEP)")
+_COMPARE = flags.DEFINE_list("compare", None, "compare evaluated runs (workdirs, eval dirs or "
+                             "results.json files) side by side: --compare=DIR_A,DIR_B")
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m llm_jax.evaluate", description=__doc__.split("\n")[0])
-  p.add_argument("--workdir", "--package", dest="workdir", default="",
-                 help="training run directory or exported model package")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--corpus", default="",
-                 help="score this text instead of the run's validation split: comma-separated globs of "
-                      ".txt/.md/.jsonl, 'stdlib', or a prepared data directory with the same tokenizer")
-  p.add_argument("--split", default="val", help="split of prepared data to score (default: val)")
-  p.add_argument("--suite", default="", help="eval files (glob; default evals/*.jsonl; 'none' skips)")
-  p.add_argument("--batch_size", type=int, default=8, help="windows per batch (results do not depend on it)")
-  p.add_argument("--seq_len", type=int, default=0, help="window length (default: the run's train.seq_len)")
-  p.add_argument("--max_windows", type=int, default=None, help="score at most this many windows")
-  p.add_argument("--no_generations", action="store_true", help="skip the sampled generations")
-  p.add_argument("--out", default="", help="output directory (default: DIR/eval/STEP)")
-  p.add_argument("--compare", nargs="+", metavar="DIR", default=None,
-                 help="compare evaluated runs (workdirs, eval dirs or results.json files) side by side")
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  from llm_jax.config import ConfigError
-  from llm_jax.eval import compare as compare_lib
-  from llm_jax.eval.scored_model import EvalError
-  from llm_jax.eval.suite import SuiteError
-  errors = (EvalError, SuiteError, compare_lib.CompareError, ConfigError)
-  try:
-    from llm_jax.data.errors import DataError
-    errors += (DataError,)
-  except ImportError:
-    pass
-  try:
-    if args.compare:
-      print(compare_lib.text(compare_lib.compare(args.compare)))
-      return 0
-    if not args.workdir:
-      print("error: give --workdir=DIR (or --package=DIR), or --compare DIR_A DIR_B", file=sys.stderr)
-      return 2
-    if args.batch_size <= 0:
-      print(f"error: --batch_size={args.batch_size} must be positive", file=sys.stderr)
-      return 2
-    from llm_jax.eval import pipeline, report
-    results, paths = pipeline.evaluate(
-        args.workdir, step=args.step, corpus=args.corpus, split=args.split, suite=args.suite,
-        batch_size=args.batch_size, seq_len=args.seq_len, max_windows=args.max_windows,
-        generations=not args.no_generations, out=args.out)
-  except errors as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def main(argv) -> int:
+  """Evaluates one model, or compares evaluated runs."""
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  if _COMPARE.value:
+    print(compare_lib.text(compare_lib.compare(_COMPARE.value)))
+    return 0
+  if not _WORKDIR.value:
+    raise cli.UsageError("give --workdir=DIR (or --package=DIR), or --compare=DIR_A,DIR_B")
+  results, paths = pipeline.evaluate(
+      _WORKDIR.value, step=cli.parse_step(_STEP.value), corpus=_CORPUS.value, split=_SPLIT.value,
+      suite=_SUITE.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
+      max_windows=_MAX_WINDOWS.value, generations=not _NO_GENERATIONS.value, out=_OUT.value)
   print(report.summary_text(results))
   print(f"wrote {paths['report']} and {paths['results']}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.run(main)

@@ -15,6 +15,25 @@ from llm_jax.model.transformer import constraint_mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+# Logical axis -> mesh axes (configs/base.py's sharding.rules; also what places a package's weights).
+# Parameters: embed, mlp, heads, kv, vocab, layers. Activations: batch, length, act_*.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
 
 
 def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -29,10 +48,19 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(grid, MESH_AXES)
 
 
+def data_parallel_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with every device on the data axis (fsdp = tensor = 1)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return Mesh(np.asarray(devices).reshape(len(devices), 1, 1), MESH_AXES)
+
+
 def rules(config) -> tuple[tuple[str, Any], ...]:
-  """Logical axis -> mesh axes rules as flax expects them (tuples, lists made tuples)."""
+  """Logical axis -> mesh axes rules as flax expects them (tuples, lists made tuples).
+
+  `config` is a run's config (its sharding.rules) or None for DEFAULT_RULES.
+  """
   out = []
-  for name, target in config.sharding.rules:
+  for name, target in (DEFAULT_RULES if config is None else config.sharding.rules):
     out.append((name, tuple(target) if isinstance(target, list) else target))
   return tuple(out)
 

@@ -9,7 +9,7 @@ import os
 import jax
 import pytest
 
-from llm_jax import evaluate
+from run_cmd import run_command
 
 
 def _corpus(root):
@@ -66,7 +66,7 @@ def run(tmp_path_factory):
 
 def test_evaluate_prints_table_and_writes_report(run, capsys):
   wd = run["workdir"]
-  assert evaluate.main([f"--workdir={wd}", "--batch_size=3"]) == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--batch_size=3") == 0
   out = capsys.readouterr().out
   assert "all (micro)" in out and "  code" in out and "  docs" in out and "ECE" in out
   assert "multiple choice" in out and "greedy match" in out
@@ -84,7 +84,7 @@ def test_evaluate_prints_table_and_writes_report(run, capsys):
     assert f"]({png})" in report
   assert "| docs |" in report and "## Frozen suite" in report and "## Samples" in report
   # The same numbers at another eval batch size (8 fake devices: rows are padded to the mesh).
-  assert evaluate.main([f"--workdir={wd}", "--batch_size=8", "--suite=none", f"--out={ev}-b8"]) == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--batch_size=8", "--suite=none", f"--out={ev}-b8") == 0
   res8 = json.load(open(os.path.join(ev + "-b8", "results.json")))
   for key in ("loss", "bits_per_byte", "ece", "mean_rank"):
     assert res8["heldout"]["overall"][key] == pytest.approx(ov[key], rel=1e-6)
@@ -92,11 +92,11 @@ def test_evaluate_prints_table_and_writes_report(run, capsys):
 
 def test_compare_two_steps(run, capsys):
   wd = run["workdir"]
-  assert evaluate.main([f"--workdir={wd}", "--step=2", "--suite=none"]) == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--step=2", "--suite=none") == 0
   if not os.path.exists(os.path.join(wd, "eval", "4", "results.json")):
-    assert evaluate.main([f"--workdir={wd}", "--suite=none"]) == 0
+    assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--suite=none") == 0
   capsys.readouterr()
-  assert evaluate.main(["--compare", os.path.join(wd, "eval", "2"), wd]) == 0
+  assert run_command("llm_jax.evaluate", f"--compare={os.path.join(wd, 'eval', '2')},{wd}") == 0
   out = capsys.readouterr().out
   assert "[A] step 2" in out and "[B] step 4" in out and "all/loss" in out and "B-A" in out
   assert "standard error" in out
@@ -104,8 +104,8 @@ def test_compare_two_steps(run, capsys):
 
 def test_corpus_glob_scored_with_run_tokenizer(run, capsys):
   wd = run["workdir"]
-  assert evaluate.main([f"--workdir={wd}", f"--corpus={run['corpus']}", "--suite=none",
-                        "--max_windows=6"]) == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--corpus={run['corpus']}", "--suite=none",
+                        "--max_windows=6") == 0
   res_dir = [d for d in os.listdir(os.path.join(wd, "eval", "4")) if d.startswith("corpus-")]
   res = json.load(open(os.path.join(wd, "eval", "4", res_dir[0], "results.json")))
   assert res["meta"]["windows"] == 6 and res["heldout"]["overall"]["tokens"] == 6 * 16
@@ -114,41 +114,41 @@ def test_corpus_glob_scored_with_run_tokenizer(run, capsys):
 def test_bad_inputs_have_clear_messages(run, tmp_path, capsys):
   wd = run["workdir"]
   # A step that does not exist.
-  assert evaluate.main([f"--workdir={wd}", "--step=3"]) == 2
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--step=3") == 1
   err = capsys.readouterr().err
   assert "step 3" in err and "[2, 4]" in err
   # A workdir without checkpoints.
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "config.json").write_text(open(os.path.join(wd, "config.json")).read())
-  assert evaluate.main([f"--workdir={empty}"]) == 2
+  assert run_command("llm_jax.evaluate", f"--workdir={empty}") == 1
   assert "no checkpoints/" in capsys.readouterr().err
   # A prepared corpus made with another tokenizer.
   from llm_jax.data import prepare
   other = prepare.prepare(_config(run["corpus"], str(tmp_path / "cache2"), vocab=320))
-  assert evaluate.main([f"--workdir={wd}", f"--corpus={other.dir}", "--suite=none"]) == 2
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--corpus={other.dir}", "--suite=none") == 1
   err = capsys.readouterr().err
   assert "manifest.json: tokenizer.sha256" in err and "another tokenizer" in err
   # A malformed eval line.
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"id": "x", "type": "choice", "prompt": "p", "choices": ["a", "b"], "answer": "a"}\n')
-  assert evaluate.main([f"--workdir={wd}", f"--suite={bad}", "--max_windows=1"]) == 2
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--suite={bad}", "--max_windows=1") == 1
   assert f"{bad}:1: key 'answer'" in capsys.readouterr().err
   # --compare of a run never evaluated.
-  assert evaluate.main(["--compare", wd, str(empty)]) == 2
+  assert run_command("llm_jax.evaluate", f"--compare={wd},{empty}") == 1
   assert "has no evaluation results" in capsys.readouterr().err
 
 
 def test_exported_package_is_scorable(run, tmp_path, capsys):
-  from llm_jax import export
+  from llm_jax.artifacts.export import export
   pkg = str(tmp_path / "pkg")
-  export.export(run["workdir"], pkg, step=4)
-  assert evaluate.main([f"--package={pkg}", "--suite=none"]) == 2
+  export(run["workdir"], pkg, step=4)
+  assert run_command("llm_jax.evaluate", f"--package={pkg}", "--suite=none") == 1
   assert "pass --corpus" in capsys.readouterr().err
   common = [f"--corpus={run['corpus']}", "--suite=none", "--seq_len=16", "--max_windows=6"]
-  assert evaluate.main([f"--package={pkg}", f"--out={tmp_path / 'p'}"] + common) == 0
+  assert run_command("llm_jax.evaluate", f"--package={pkg}", f"--out={tmp_path / 'p'}", *common) == 0
   assert "step 4" in capsys.readouterr().out
-  assert evaluate.main([f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}"] + common) == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}", *common) == 0
   p = json.load(open(tmp_path / "p" / "results.json"))
   w = json.load(open(tmp_path / "w" / "results.json"))
   assert p["meta"]["kind"] == "package" and w["meta"]["kind"] == "run"

@@ -10,7 +10,7 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax import export, package
-from llm_jax import quantize as precision_report
+from llm_jax.eval import precision as precision_report
 from llm_jax.model import quantize
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig

@@ -65,14 +65,9 @@ def _train(name: str, overrides: dict, root: str) -> str:
 
 
 def _params(workdir: str):
-  from llm_jax.finetune import lora  # noqa: PLC0415
-  from llm_jax.train import checkpoint  # noqa: PLC0415
-  config = checkpoint.load_config(workdir)
-  if lora.spec_from_config(config) is not None:
-    params, _, _ = lora.merged_params(workdir)
-  else:
-    params, _, _ = checkpoint.restore_params(workdir)
-  return params, config
+  from llm_jax.artifacts import open_model  # noqa: PLC0415
+  opened = open_model(workdir)  # a LoRA run's adapters come back merged into its base
+  return opened.params, opened.config
 
 
 def domain_losses(workdir: str, prepared) -> dict[str, float]:

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import tomllib
+from importlib import metadata
 import json
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,12 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llm_jax.model import quantize as quantize_lib
+from llm_jax.artifacts.errors import ArtifactError
 from llm_jax.data.shards import file_sha256
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
+from llm_jax.model import quantize as quantize_lib
+from llm_jax.model.params import abstract_params, flatten, unflatten
 
 FORMAT_VERSION = 1
 READS_FORMAT_VERSIONS = (1,)
@@ -37,80 +41,21 @@ MODEL_JSON, WEIGHTS, TOKENIZER, README = ("model.json", "weights.safetensors", "
                                           "README.md")
 
 
-class PackageError(ValueError):
+class PackageError(ArtifactError):
   """A package is missing, damaged, or from a format this version cannot read; names the file."""
-
-
-@dataclasses.dataclass
-class LoadedModel:
-  """Parameters, the model config to build `Decoder` with, the tokenizer, and model.json."""
-  params: Any
-  model_config: ModelConfig
-  tokenizer: Any
-  meta: dict
-  path: str = ""
-
-  @property
-  def build_id(self) -> str:
-    return self.meta.get("build_id", "")
-
-  @property
-  def tokenizer_sha256(self) -> str:
-    return self.meta.get("provenance", {}).get("tokenizer_sha256", "")
-
-  @property
-  def manifest_sha256(self) -> str:
-    return self.meta.get("provenance", {}).get("manifest_sha256", "")
-
-  @property
-  def prompt_prefix(self) -> list[int]:
-    """Ids put before a text prompt: the document separator (EOS) training put before documents."""
-    return [int(i) for i in self.meta.get("prompt_prefix", [2])]
-
-  @property
-  def name(self) -> str:
-    return self.meta.get("name") or os.path.basename(os.path.normpath(self.path)) or "model"
-
-  def describe(self) -> str:
-    c = self.model_config
-    return (f"{self.name}: {self.meta.get('parameter_count', 0):,} params, {c.num_layers} layers, "
-            f"d_model {c.d_model}, weights {self.meta.get('precision', {}).get('weights', '?')}, "
-            f"compute {c.dtype}, build {self.build_id}")
 
 
 def project_version() -> str:
   """The llm_jax version (installed metadata, else the checkout's pyproject.toml)."""
-  from importlib import metadata
   try:
     return metadata.version("llm-jax")
   except metadata.PackageNotFoundError:  # a source checkout: read pyproject.toml
-    import tomllib
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
     try:
       with open(path, "rb") as f:
         return str(tomllib.load(f)["project"]["version"])
     except (OSError, KeyError, ValueError):
       return "source"
-
-
-def flatten(params) -> dict[str, Any]:
-  """Nested dict -> {"a/b/c": leaf}; QTensor leaves stay whole."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=quantize_lib.is_qtensor)[0]:
-    out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
-  return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-  """{"a/b/c": leaf} -> nested dict."""
-  root: dict = {}
-  for name, leaf in flat.items():
-    node = root
-    *parents, last = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return root
 
 
 def _np(x) -> np.ndarray:
@@ -285,30 +230,15 @@ def model_config_from(meta_arch: dict, where: str = MODEL_JSON) -> ModelConfig:
     raise PackageError(f"{where}: architecture is incomplete: {e}") from e
 
 
-def inference_config(cfg: ModelConfig, compute_dtype: str | None = None,
-                     platform: str | None = None) -> ModelConfig:
-  """The package's ModelConfig adjusted for inference on this platform (dtype, attention, no remat)."""
-  platform = platform or jax.default_backend()
-  dtype = compute_dtype or ("float32" if platform == "cpu" else "bfloat16")
-  if dtype not in ("float32", "bfloat16"):
-    raise PackageError(f"compute dtype {dtype!r} is not one of float32, bfloat16")
-  attention = "cudnn" if (platform == "gpu" and dtype == "bfloat16") else "xla"
-  return dataclasses.replace(cfg, dtype=dtype, attention=attention, remat="none", dropout=0.0)
+def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False,
+                 verify: bool = True):
+  """(params, ModelConfig as trained, Tokenizer, model.json) of a package; the one package reader.
 
-
-def load_tokenizer(path: str):
-  """The project's Tokenizer for a .model file."""
-  from llm_jax.data.tokenizer import Tokenizer
-  return Tokenizer.load(path)
-
-
-def load_package(path: str, *, compute_dtype: str | None = None, int8_in_memory: bool = False,
-                 verify: bool = True) -> LoadedModel:
-  """Loads a package: params on the default device (float leaves in the compute dtype; int8 ones
-  dequantized unless `int8_in_memory`), the inference ModelConfig, the tokenizer and model.json."""
+  Float leaves come back in `dtype` on the default device; int8 leaves are dequantized to `dtype`
+  unless `keep_int8` (QTensor leaves, dequantized inside each jitted step).
+  """
   meta = read_model_json(path)
-  cfg = inference_config(model_config_from(meta["architecture"], os.path.join(path, MODEL_JSON)),
-                         compute_dtype)
+  cfg = model_config_from(meta["architecture"], os.path.join(path, MODEL_JSON))
   wpath = os.path.join(path, WEIGHTS)
   if not os.path.exists(wpath):
     raise PackageError(f"{wpath} is missing")
@@ -329,7 +259,7 @@ def load_package(path: str, *, compute_dtype: str | None = None, int8_in_memory:
         raise PackageError(f"{wpath}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, model.json says "
                            f"{spec['dtype']}{spec['shape']}")
       flat[key] = arr
-  dt = jnp.dtype(cfg.dtype)
+  dt = jnp.dtype(dtype)
   leaves = {}
   for key, arr in flat.items():
     if key.endswith(quantize_lib.SCALE_SUFFIX):
@@ -342,28 +272,25 @@ def load_package(path: str, *, compute_dtype: str | None = None, int8_in_memory:
     else:
       leaves[key] = jnp.asarray(arr)
   params = unflatten(leaves)
-  if not int8_in_memory:
+  if not keep_int8:
     params = quantize_lib.dequantize(params, dt)
   _check_shapes(params, cfg, path)
   tok_path = os.path.join(path, TOKENIZER)
   if not os.path.exists(tok_path):
     raise PackageError(f"{tok_path} is missing")
-  tokenizer = load_tokenizer(tok_path)
+  tokenizer = Tokenizer.load(tok_path)
   want_sha = meta["provenance"].get("tokenizer_sha256")
   if verify and want_sha and tokenizer.sha256 != want_sha:
     raise PackageError(f"{tok_path} has sha256 {tokenizer.sha256}, model.json says {want_sha}")
   if tokenizer.vocab_size > cfg.vocab_size:
     raise PackageError(f"{tok_path} has {tokenizer.vocab_size} pieces but the model only "
                        f"{cfg.vocab_size} embedding rows")
-  return LoadedModel(params=params, model_config=cfg, tokenizer=tokenizer, meta=meta, path=path)
+  return params, cfg, tokenizer, meta
 
 
 def _check_shapes(params, cfg: ModelConfig, path: str) -> None:
   """The weights fit the architecture (same tree and shapes as Decoder.init would make)."""
-  from llm_jax.model import Decoder
-  import flax.linen as nn
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  want = flatten(nn.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens)))["params"])
+  want = flatten(abstract_params(cfg)[0])
   have = {k: _np_shape(v) for k, v in flatten(params).items()}
   problems = [f"{k}: missing" for k in want if k not in have]
   problems += [f"{k}: unexpected" for k in have if k not in want]

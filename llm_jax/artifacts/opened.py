@@ -1,0 +1,225 @@
+"""One way to open a trained model: `open_model(path)` for a run directory or a model package.
+
+    opened = open_model("runs/tiny")                      # latest readable checkpoint, float32
+    opened = open_model("runs/tiny", step="best", dtype="auto", mesh=mesh)
+    opened = open_model("packages/tiny")                  # an exported package
+
+eval, generate, serve, export, quantize and fine-tuning's init_from all call it; nothing else reads
+checkpoints or packages. A LoRA run opens as full parameters: its adapters merged into the model its
+config.init_from names (opened the same way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax import sharding as sharding_lib
+from llm_jax.artifacts import package as package_lib
+from llm_jax.artifacts import run as run_lib
+from llm_jax.artifacts.errors import ArtifactError
+from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model import lora as lora_lib
+from llm_jax.model import quantize as quantize_lib
+from llm_jax.model.params import abstract_params, count
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class OpenedModel:
+  """Parameters, the ModelConfig to build `Decoder` with, the tokenizer, and where they came from.
+
+  `meta` is model.json for a package; for a run, the same keys (name, build_id, provenance,
+  parameter_count, precision, prompt_prefix) made from run.json. `config` is the run's config
+  (None for a package).
+  """
+  params: Any
+  model_config: ModelConfig
+  tokenizer: Tokenizer
+  meta: dict
+  path: str
+  kind: str  # "run" | "package"
+  step: int
+  tokenizer_path: str
+  config: Any = None
+  mesh: Any = None
+  manifest: dict | None = None
+
+  @property
+  def provenance(self) -> dict:
+    return self.meta.get("provenance", {})
+
+  @property
+  def build_id(self) -> str:
+    return self.meta.get("build_id", "")
+
+  @property
+  def tokenizer_sha256(self) -> str:
+    return self.provenance.get("tokenizer_sha256", "") or self.tokenizer.sha256
+
+  @property
+  def manifest_sha256(self) -> str:
+    return self.provenance.get("manifest_sha256", "")
+
+  @property
+  def prompt_prefix(self) -> list[int]:
+    """Ids put before a text prompt: the document separator (EOS) training put before documents."""
+    return [int(i) for i in self.meta.get("prompt_prefix", [self.tokenizer.eos_id])]
+
+  @property
+  def name(self) -> str:
+    return self.meta.get("name") or os.path.basename(os.path.normpath(self.path)) or "model"
+
+  def model(self) -> Decoder:
+    """The Decoder these parameters belong to."""
+    return Decoder(self.model_config)
+
+  def describe(self) -> str:
+    c = self.model_config
+    return (f"{self.name}: {self.meta.get('parameter_count', 0):,} params, {c.num_layers} layers, "
+            f"d_model {c.d_model}, weights {self.meta.get('precision', {}).get('weights', '?')}, "
+            f"compute {c.dtype}, step {self.step}, build {self.build_id}")
+
+
+def kind_of(path: str) -> str:
+  """'package' (model.json) or 'run' (config.json / checkpoints/); anything else raises."""
+  if not os.path.isdir(path):
+    raise ArtifactError(f"{path!r} is not a directory; give a training run directory or an exported "
+                        "model package")
+  if os.path.exists(os.path.join(path, package_lib.MODEL_JSON)):
+    return "package"
+  if run_lib.is_run_dir(path):
+    return "run"
+  raise ArtifactError(f"{path!r} is neither a training run directory (config.json, checkpoints/) nor "
+                      f"a model package ({package_lib.MODEL_JSON})")
+
+
+def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None = None) -> ModelConfig:
+  """`cfg` set up for inference: compute dtype ('auto': float32 on CPU, bfloat16 on accelerators),
+  attention kernel for the platform, no remat, no dropout."""
+  platform = platform or jax.default_backend()
+  if dtype == "auto":
+    dtype = "float32" if platform == "cpu" else "bfloat16"
+  if dtype not in DTYPES:
+    raise ArtifactError(f"compute dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+  attention = "cudnn" if (platform == "gpu" and dtype == "bfloat16") else "xla"
+  return dataclasses.replace(cfg, dtype=dtype, attention=attention, remat="none", dropout=0.0,
+                             attention_dropout=0.0)
+
+
+def open_model(path: str, step: int | str | None = None, mesh=None, dtype: str | None = None, *,
+               keep_int8: bool = False, verify: bool = True, weights: bool = True) -> OpenedModel:
+  """Opens a run directory (latest readable, given or 'best' checkpoint) or a package.
+
+  Parameters come back float32 with the ModelConfig as trained when `dtype` is None, or cast to `dtype`
+  ('auto', 'float32', 'bfloat16') with the ModelConfig set up for inference. With a `mesh` they are
+  sharded by the run's logical-axis rules (a package's by the default rules); without one they sit on
+  the default device. `keep_int8` keeps an int8 package's weights int8 (QTensor leaves).
+  `weights=False` reads only the description (params None): architecture, tokenizer, step.
+  """
+  path = os.path.abspath(os.path.expanduser(str(path)))
+  kind = kind_of(path)
+  if not weights:
+    return _describe(path, kind, step)
+  opened = _open_package(path, step, keep_int8, verify) if kind == "package" else _open_run(path, step,
+                                                                                            mesh)
+  if dtype is not None:
+    opened.model_config = inference_config(opened.model_config, dtype)
+    dt = jnp.dtype(opened.model_config.dtype)
+    opened.params = jax.tree.map(lambda x: x if quantize_lib.is_qtensor(x) else x.astype(dt),
+                                 opened.params, is_leaf=quantize_lib.is_qtensor)
+  if mesh is not None:
+    opened.params = _place(opened.params, opened.model_config, mesh, opened.config)
+    opened.mesh = mesh
+  return opened
+
+
+def _place(params, cfg: ModelConfig, mesh, config):
+  """Parameters sharded on `mesh` by the run's rules (or the default ones); QTensors replicated."""
+  if quantize_lib.has_qtensors(params):
+    return jax.device_put(params, sharding_lib.replicated(mesh))
+  from_specs = _sharding_fn(mesh, config)
+  shardings = from_specs(_logical_specs(cfg))
+  return jax.tree.map(lambda x, s: jax.device_put(x, s), params, shardings)
+
+
+def _logical_specs(cfg: ModelConfig):
+  return abstract_params(cfg)[1]
+
+
+def _sharding_fn(mesh, config):
+  return lambda specs: sharding_lib.logical_to_sharding(specs, mesh, config)
+
+
+def _open_package(path: str, step, keep_int8: bool, verify: bool) -> OpenedModel:
+  params, cfg, tokenizer, meta = package_lib.read_package(path, keep_int8=keep_int8, verify=verify)
+  pstep = int(meta.get("provenance", {}).get("training_step") or 0)
+  if step is not None and step != pstep:
+    raise ArtifactError(f"package {path} holds step {pstep}; step={step!r} cannot be chosen for a "
+                        "package (export that checkpoint instead)")
+  return OpenedModel(params, cfg, tokenizer, meta, path, "package", pstep,
+                     os.path.join(path, package_lib.TOKENIZER))
+
+
+def _open_run(workdir: str, step, mesh) -> OpenedModel:
+  config = run_lib.load_config(workdir)
+  run_lib.require_checkpoints(workdir)
+  tok_path = run_lib.tokenizer_path(workdir)
+  tokenizer = Tokenizer.load(tok_path)
+  run_lib.check_tokenizer(workdir, tokenizer)
+  cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
+  spec = lora_lib.spec_from_config(config)
+  if spec is None:
+    shard = (_sharding_fn(mesh, config) if mesh is not None else
+             lambda specs: jax.tree.map(lambda _: _default_device(), specs,
+                                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    params, step = run_lib.read_params(workdir, config, step, run_lib.param_target(cfg, shard))
+  else:
+    params, step = _merged_lora(workdir, config, step, spec)
+  prov = run_lib.provenance(workdir)
+  prov.update(training_step=int(step), tokenizer_sha256=tokenizer.sha256, source=workdir)
+  meta = {"name": os.path.basename(os.path.normpath(workdir)), "build_id": f"workdir-step{step}",
+          "provenance": prov, "parameter_count": count(params),
+          "precision": {"weights": "float32"}, "prompt_prefix": [tokenizer.eos_id],
+          "run": run_lib.record(workdir)}
+  return OpenedModel(params, cfg, tokenizer, meta, workdir, "run", int(step), tok_path, config=config,
+                     manifest=run_lib.manifest(workdir))
+
+
+def _describe(path: str, kind: str, step) -> OpenedModel:
+  """The model without its weights (cheap: model.json or config.json and the checkpoint listing)."""
+  if kind == "package":
+    meta = package_lib.read_model_json(path)
+    cfg = package_lib.model_config_from(meta["architecture"], os.path.join(path, package_lib.MODEL_JSON))
+    if not os.path.exists(os.path.join(path, package_lib.WEIGHTS)):
+      raise ArtifactError(f"{path!r} has no weights: {package_lib.WEIGHTS} is missing")
+    tok_path = os.path.join(path, package_lib.TOKENIZER)
+    pstep = int(meta.get("provenance", {}).get("training_step") or 0)
+    return OpenedModel(None, cfg, Tokenizer.load(tok_path), meta, path, "package", pstep, tok_path)
+  config = run_lib.load_config(path)
+  tok_path = run_lib.tokenizer_path(path)
+  tokenizer = Tokenizer.load(tok_path)
+  resolved = run_lib.resolve_step(path, step)
+  cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
+  return OpenedModel(None, cfg, tokenizer, {"provenance": run_lib.provenance(path)}, path, "run",
+                     resolved, tok_path, config=config, manifest=run_lib.manifest(path))
+
+
+def _default_device():
+  return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _merged_lora(workdir: str, config, step, spec):
+  """A LoRA run's adapters (its checkpoints hold only them) merged into the base it names."""
+  if not config.get("init_from"):
+    raise ArtifactError(f"{workdir}/config.json: init_from is empty; a LoRA run needs its base model")
+  adapters, step = run_lib.read_params(workdir, config, step, run_lib.saved_target(_default_device()))
+  init_step = int(config.finetune.get("init_step", -1))
+  base = open_model(config.init_from, step=None if init_step < 0 else init_step)
+  merged = lora_lib.merge(base.params, adapters, spec)
+  return jax.tree.map(lambda x: x.astype(jnp.float32), merged), step
