@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import export, package
+from llm_jax.artifacts import export as export_lib
+from llm_jax.artifacts import open_model, package
 from llm_jax.eval import precision as precision_report
 from llm_jax.model import quantize
+from run_cmd import run_command
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
 
@@ -61,8 +63,8 @@ TOKENS = np.array([[1, 20, 30, 40, 50, 60, 70, 80], [1, 99, 98, 97, 7, 8, 9, 10]
 
 def test_export_load_same_logits(workdir, tmp_path):
   d, params, cfg, tok = workdir
-  assert export.main(["--workdir", str(d), "--out", str(tmp_path / "pkg")]) == 0
-  loaded = package.load_package(str(tmp_path / "pkg"))
+  assert run_command("llm_jax.export", f"--workdir={d}", f"--out={tmp_path / 'pkg'}") == 0
+  loaded = open_model(str(tmp_path / "pkg"), dtype="auto")
   meta = loaded.meta
   assert meta["format_version"] == package.FORMAT_VERSION
   assert meta["provenance"] == {"training_step": 7, "git_commit": "abc123+dirty",
@@ -78,17 +80,17 @@ def test_export_load_same_logits(workdir, tmp_path):
                              _logits(params, cfg, TOKENS), atol=1e-6)
   assert loaded.tokenizer.encode("the cat") == tok.encode("the cat")
   with pytest.raises(package.PackageError, match="exists and is not empty"):
-    export.export(str(d), str(tmp_path / "pkg"))
+    export_lib.export(str(d), str(tmp_path / "pkg"))
 
 
 def test_int8_within_bound_of_float(workdir, tmp_path):
   d, params, cfg, tok = workdir
-  meta = export.export(str(d), str(tmp_path / "q"), quantize="int8")
+  meta = export_lib.export(str(d), str(tmp_path / "q"), quantize="int8")
   f32_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(params))
   assert meta["precision"]["weights"] == "int8"
   assert meta["weights_bytes"] < 0.4 * f32_bytes
-  q = package.load_package(str(tmp_path / "q"))
-  qmem = package.load_package(str(tmp_path / "q"), int8_in_memory=True)
+  q = open_model(str(tmp_path / "q"), dtype="auto")
+  qmem = open_model(str(tmp_path / "q"), keep_int8=True, dtype="auto")
   assert quantize.has_qtensors(qmem.params) and not quantize.has_qtensors(q.params)
   want = _logits(params, cfg, TOKENS)
   got = _logits(q.params, q.model_config, TOKENS)
@@ -150,7 +152,7 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
   src = tmp_path / "good"
   package.write_package(str(src), params, cfg, str(d / "tokenizer.model"), step=7,
                         weights_dtype="bfloat16")
-  assert package.load_package(str(src)).meta["tensors"]["embedding"]["dtype"] == "bfloat16"
+  assert open_model(str(src), dtype="auto").meta["tensors"]["embedding"]["dtype"] == "bfloat16"
 
   def variant(name, edit):
     dst = tmp_path / name
@@ -166,23 +168,23 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
     return edit
 
   with pytest.raises(package.PackageError, match="format_version 99 .* newer llm_jax"):
-    package.load_package(variant("newer", set_json("format_version", 99)))
+    package.read_package(variant("newer", set_json("format_version", 99)))
   with pytest.raises(package.PackageError, match="format_version is missing"):
-    package.load_package(variant("none", set_json("format_version", None)))
+    package.read_package(variant("none", set_json("format_version", None)))
   arch = dict(json.loads((src / "model.json").read_text())["architecture"], moe_experts=8)
   with pytest.raises(package.PackageError, match="moe_experts"):
-    package.load_package(variant("arch", set_json("architecture", arch)))
+    package.read_package(variant("arch", set_json("architecture", arch)))
   with pytest.raises(package.PackageError, match="model.json is missing"):
-    package.load_package(variant("nometa", lambda p: os.remove(p / "model.json")))
+    package.read_package(variant("nometa", lambda p: os.remove(p / "model.json")))
 
   def damage(p):
     raw = bytearray((p / "weights.safetensors").read_bytes())
     raw[-1] ^= 0xFF
     (p / "weights.safetensors").write_bytes(bytes(raw))
   with pytest.raises(package.PackageError, match="does not match weights_sha256"):
-    package.load_package(variant("damaged", damage))
+    package.read_package(variant("damaged", damage))
   with pytest.raises(package.PackageError, match="does not fit model.json's architecture"):
-    package.load_package(variant("shape", set_json("architecture", {**arch_wo(arch), "d_model": 64})))
+    package.read_package(variant("shape", set_json("architecture", {**arch_wo(arch), "d_model": 64})))
 
 
 def arch_wo(arch):
@@ -191,21 +193,21 @@ def arch_wo(arch):
 
 def test_random_init_export_cli(workdir, tmp_path):
   d, _, _, tok = workdir
-  rc = export.main(["--random_init", "configs/base.py", "--tokenizer", str(d / "tokenizer.model"),
-                    "--out", str(tmp_path / "rnd"), "--quantize", "int8",
-                    *sum((["--config_override", f"{k}={v}"] for k, v in OVERRIDES.items()), [])])
+  rc = run_command("llm_jax.export", "--random_init=configs/base.py", f"--tokenizer={d / 'tokenizer.model'}",
+                   f"--out={tmp_path / 'rnd'}", "--quantize=int8",
+                   *[f"--config_override={k}={v}" for k, v in OVERRIDES.items()])
   assert rc == 0
-  loaded = package.load_package(str(tmp_path / "rnd"))
+  loaded = open_model(str(tmp_path / "rnd"), dtype="auto")
   assert loaded.meta["provenance"]["training_step"] == 0
   assert loaded.meta["precision"]["weights"] == "int8"
   with pytest.raises(ValueError, match="already int8"):  # the report compares from a float package
-    quantize.report(str(tmp_path / "rnd"), _text(5, 800))
+    precision_report.report(str(tmp_path / "rnd"), _text(5, 800))
 
 
 def test_generate_cli_from_workdir(workdir, capsys):
   from llm_jax import generate
   d, params, cfg, tok = workdir
-  assert generate.main(["--workdir", str(d), "--prompt", "the cat", "--max_new_tokens", "6"]) == 0
+  assert run_command("llm_jax.generate", f"--workdir={d}", "--prompt=the cat", "--max_new_tokens=6") == 0
   out = capsys.readouterr().out
   want = generate.generate(params, cfg, [[tok.eos_id] + tok.encode("the cat")],
                            generate.SamplingParams(max_new_tokens=6), tokenizer=tok)[0].text
