@@ -85,8 +85,8 @@ for name, (params, vcfg, stored) in Q.variants(loaded).items():
 PY
 
 echo "=== $(el) server (slots 32, max-concurrent 64)"
-$PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max-concurrent 64 \
-  --audit-log "$W/audit.jsonl" > "$W/server.log" 2>&1 &
+$PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max_concurrent 64 \
+  --audit_log "$W/audit.jsonl" > "$W/server.log" 2>&1 &
 SPID=$!
 UP=0
 for i in $(seq 1 180); do
@@ -102,7 +102,7 @@ if [ $UP = 1 ]; then
     n=$REQ1; [ $c = 32 ] && n=$REQ32
     echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS"
     timeout 120 $PY -m llm_jax.serve.loadtest --url "http://127.0.0.1:$PORT" --concurrency $c \
-      --requests $n --max-tokens "$MAX_TOKENS" --json > "$W/load$c.json"
+      --requests $n --max_tokens "$MAX_TOKENS" --json > "$W/load$c.json"
     echo "exit $?"
     $PY -c "import json,sys; from llm_jax.serve.loadtest import format_summary as f; print(f(json.load(open(sys.argv[1]))))" "$W/load$c.json"
   done

@@ -418,7 +418,7 @@ def test_audit_lines(plain, pkg):
   for key in ("id", "start", "end", "latency_s", "ttft_s", "prompt_tokens", "completion_tokens"):
     assert key in last, key
   assert last["completion_tokens"] == 3
-  assert all("prompt" not in a and "completion" not in a for a in lines)  # no --log-prompts
+  assert all("prompt" not in a and "completion" not in a for a in lines)  # no --log_prompts
   assert any(a["status"] == 422 and "error" in a for a in lines)
 
 

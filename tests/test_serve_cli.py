@@ -3,6 +3,7 @@ import json
 import os
 import random
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -41,9 +42,10 @@ def server(tmp_path_factory):
              XLA_FLAGS="", JAX_PLATFORMS="cpu")
   log = open(d / "server.log", "w")
   proc = subprocess.Popen(
-      [sys.executable, "-m", "llm_jax.serve", "--package", str(d / "pkg"), "--port", str(port),
-       "--slots", "4", "--max-concurrent", "16", "--decode-chunk", "2", "--api-key-file",
-       str(d / "key"), "--audit-log", str(d / "audit.jsonl")],
+      [sys.executable, "-m", "llm_jax.serve", f"--package={d / 'pkg'}", "--port", str(port),
+       "--slots=4", "--max_concurrent=16", "--decode_chunk", "2", "--api_key_file",
+       str(d / "key"), f"--audit_log={d / 'audit.jsonl'}", "--audit_max_bytes=1000000",
+       "--audit_backups=2"],
       stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
   url = f"http://127.0.0.1:{port}"
   saw_503 = False
@@ -87,8 +89,8 @@ def test_loadtest_against_cli_server(server):
   url, d, _ = server
   (d / "loadkey").write_text("s" * 32)
   out = subprocess.run([sys.executable, "-m", "llm_jax.serve.loadtest", "--url", url,
-                        "--concurrency", "8", "--requests", "24", "--max-tokens", "8", "--json",
-                        "--api-key-file", str(d / "loadkey")],
+                        "--concurrency", "8", "--requests=24", "--max_tokens", "8", "--json",
+                        "--api_key_file", str(d / "loadkey")],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
   assert out.returncode == 0, out.stderr
   summary = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
@@ -97,6 +99,7 @@ def test_loadtest_against_cli_server(server):
   assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p99"] >= summary["tpot_s"]["p50"]
   lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]
   assert sum(a["path"] == "/v1/completions" and a["status"] == 200 for a in lines) >= 24
+  assert stat.S_IMODE((d / "audit.jsonl").stat().st_mode) == 0o600
 
 
 def test_loadtest_refuses_other_hosts():
@@ -105,5 +108,22 @@ def test_loadtest_refuses_other_hosts():
       loadtest.check_loopback(url)
   assert loadtest.check_loopback("http://localhost:8000/") == "http://localhost:8000"
   assert loadtest.check_loopback("http://[::1]:8000") == "http://[::1]:8000"
-  assert loadtest.main(["--url", "http://192.168.1.1:80", "--requests", "1"]) == 2
   assert loadtest.percentiles([3.0, 1.0, 2.0, 4.0]) == {"p50": 2.0, "p90": 4.0, "p99": 4.0}
+
+
+def _run(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
+                        cwd=ROOT, env=env)
+
+
+def test_usage_errors_exit_2_with_one_line(tmp_path):
+  out = _run("llm_jax.serve.loadtest", "--url=http://192.168.1.1:80", "--requests=1")
+  assert out.returncode == 2 and "loopback" in out.stderr and "Traceback" not in out.stderr
+  out = _run("llm_jax.serve", f"--package={tmp_path / 'missing'}")
+  assert out.returncode == 2 and "missing" in out.stderr and "Traceback" not in out.stderr
+  out = _run("llm_jax.serve", f"--package={tmp_path}", "--slots=0")
+  assert out.returncode == 2 and "slots" in out.stderr
+  out = _run("llm_jax.serve", "--help")  # (absl exits 1 after --help)
+  assert "--audit_max_bytes" in out.stdout and "--max_concurrent" in out.stdout

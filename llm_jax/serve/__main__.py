@@ -1,12 +1,66 @@
-"""python -m llm_jax.serve --package=PKG [--host 127.0.0.1] [--port 8000] [options]: see --help."""
+"""OpenAI-compatible completions over an llm_jax package.
+
+    python -m llm_jax.serve --package=packages/tiny [--host=127.0.0.1] [--port=8000] [flags]
+
+The port opens at once; /health answers 503 until the model is loaded and compiled, then 200.
+Exit 2 for a bad flag, an unreadable package, filter file or key file; 1 when the model fails to load.
+"""
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import logging
 import os
-import sys
 import time
+
+import uvicorn
+from absl import flags
+
+from llm_jax import cli
+from llm_jax import package as package_lib
+from llm_jax.serve import app as app_lib
+from llm_jax.serve import audit as audit_lib
+from llm_jax.serve.filters import FilterConfigError, Filters, load_filters
+
+_PACKAGE = flags.DEFINE_string("package", None, "Model package directory (python -m llm_jax.export).",
+                               required=True)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address (default: loopback only).")
+_PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=0, upper_bound=65535)
+_API_KEY_FILE = flags.DEFINE_string("api_key_file", "", "File holding the API key (16+ characters); "
+                                    "when given, every route but /health needs 'Authorization: "
+                                    "Bearer <key>'.")
+_FILTERS = flags.DEFINE_string("filters", "", "JSON file of input/output blocked patterns.")
+_LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Put prompt and completion text in the audit "
+                                 "log.")
+_AUDIT_LOG = flags.DEFINE_string("audit_log", "", "Audit JSON lines go here (created 0600; default "
+                                 "stderr).")
+_AUDIT_MAX_BYTES = flags.DEFINE_integer("audit_max_bytes", audit_lib.DEFAULT_MAX_BYTES,
+                                        "Rotate the audit log at this size (0: never).", lower_bound=0)
+_AUDIT_BACKUPS = flags.DEFINE_integer("audit_backups", audit_lib.DEFAULT_BACKUPS,
+                                      "Rotated audit files kept (FILE.1 ... FILE.N).", lower_bound=1)
+_SLOTS = flags.DEFINE_integer("slots", 8, "Batch slots decoded together.", lower_bound=1)
+_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", 32, "Requests in flight (queued or "
+                                       "decoding) before 429.", lower_bound=1)
+_DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 4, "Decode steps per engine iteration.",
+                                     lower_bound=1)
+_MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 0, "0: max_seq_len - 1.",
+                                          lower_bound=0)
+_MAX_TOTAL_TOKENS = flags.DEFINE_integer("max_total_tokens", 0, "Prompt + max_tokens; 0: "
+                                         "max_seq_len.", lower_bound=0)
+_MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (413).",
+                                       lower_bound=1)
+_REQUEST_TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds per request (queue + "
+                                      "decoding; 504).", lower_bound=1e-3)
+_MAX_N = flags.DEFINE_integer("max_n", 4, "Largest n (choices per request).", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default float32 "
+                           "on CPU, bfloat16 on GPU/TPU).")
+_INT8_IN_MEMORY = flags.DEFINE_bool("int8_in_memory", False, "int8 packages: keep weights int8 on "
+                                    "the device and dequantize inside each step (less memory, "
+                                    "usually slower).")
+_MODEL_NAME = flags.DEFINE_string("model_name", "", "Name in /v1/models (default: the package's).")
+_LOG_LEVEL = flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
+                               "Level of the server's log.")
+
+log = logging.getLogger("llm_jax.serve")
 
 
 def _loopback(host: str) -> bool:
@@ -18,84 +72,49 @@ def _loopback(host: str) -> bool:
     return False
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-  ap = argparse.ArgumentParser(prog="python -m llm_jax.serve",
-                               description="OpenAI-compatible completions over an llm_jax package.")
-  ap.add_argument("--package", required=True, help="model package directory (llm_jax.export)")
-  ap.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-  ap.add_argument("--port", type=int, default=8000)
-  ap.add_argument("--api-key-file", default="", help="file holding the API key; when given, every "
-                  "route but /health needs 'Authorization: Bearer <key>'")
-  ap.add_argument("--filters", default="", help="JSON file of input/output blocked patterns")
-  ap.add_argument("--log-prompts", action="store_true", help="put prompt and completion text in "
-                  "the audit log (off by default)")
-  ap.add_argument("--audit-log", default="", help="append audit JSON lines here (default stderr)")
-  ap.add_argument("--slots", type=int, default=8, help="batch slots decoded together")
-  ap.add_argument("--max-concurrent", type=int, default=32, help="requests in flight (queued or "
-                  "decoding) before 429")
-  ap.add_argument("--decode-chunk", type=int, default=4, help="decode steps per engine iteration")
-  ap.add_argument("--max-prompt-tokens", type=int, default=0, help="0: max_seq_len - 1")
-  ap.add_argument("--max-total-tokens", type=int, default=0, help="prompt + max_tokens; "
-                  "0: max_seq_len")
-  ap.add_argument("--max-body-bytes", type=int, default=1 << 20)
-  ap.add_argument("--request-timeout", type=float, default=60.0, help="seconds per request")
-  ap.add_argument("--max-n", type=int, default=4, help="largest n (choices per request)")
-  ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                  help="compute dtype (default float32 on CPU, bfloat16 on GPU/TPU)")
-  ap.add_argument("--int8-in-memory", action="store_true", help="int8 packages: keep weights int8 "
-                  "on the device and dequantize inside each step (less memory, usually slower)")
-  ap.add_argument("--model-name", default="", help="name in /v1/models (default: package name)")
-  ap.add_argument("--log-level", default="info")
-  args = ap.parse_args(argv)
-  for name in ("slots", "max_concurrent", "decode_chunk", "max_body_bytes", "max_n"):
-    if getattr(args, name) < 1:
-      ap.error(f"--{name.replace('_', '-')} must be >= 1")
-  if args.request_timeout <= 0:
-    ap.error("--request-timeout must be > 0")
-  return args
-
-
-def main(argv=None) -> int:
-  t0 = time.monotonic()
-  args = parse_args(argv)
-  logging.basicConfig(level=args.log_level.upper(),
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  log = logging.getLogger("llm_jax.serve")
-  from llm_jax import package as package_lib
-  from llm_jax.serve import app as app_lib
-  from llm_jax.serve.filters import FilterConfigError, Filters, load_filters
-
+def _read_key(path: str) -> str:
   try:
-    package_lib.read_model_json(args.package)  # fail fast on a missing or unreadable package
-    filters = load_filters(args.filters) if args.filters else Filters()
-  except (package_lib.PackageError, FilterConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  api_key = None
-  if args.api_key_file:
-    try:
-      with open(args.api_key_file, encoding="utf-8") as f:
-        api_key = f.read().strip()
-    except OSError as e:
-      print(f"error: cannot read --api-key-file {args.api_key_file!r}: {e}", file=sys.stderr)
-      return 2
-    if len(api_key) < 16:
-      print(f"error: the key in {args.api_key_file} is shorter than 16 characters", file=sys.stderr)
-      return 2
-  if not _loopback(args.host):
-    log.warning("binding %s: reachable from other machines%s", args.host,
-                "" if api_key else " WITHOUT an API key (use --api-key-file)")
-  settings = app_lib.ServerSettings(
-      package=args.package, host=args.host, port=args.port, api_key=api_key, filters=filters,
-      log_prompts=args.log_prompts, audit_log=args.audit_log, slots=args.slots,
-      max_concurrent=args.max_concurrent, decode_chunk=args.decode_chunk,
-      max_prompt_tokens=args.max_prompt_tokens, max_total_tokens=args.max_total_tokens,
-      max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-      max_n=args.max_n, compute_dtype=args.dtype, int8_in_memory=args.int8_in_memory,
-      model_name=args.model_name)
+    with open(path, encoding="utf-8") as f:
+      key = f.read().strip()
+  except OSError as e:
+    raise cli.UsageError(f"cannot read --api_key_file {path!r}: {e}") from e
+  if len(key) < 16:
+    raise cli.UsageError(f"the key in --api_key_file {path} is shorter than 16 characters")
+  return key
 
-  import uvicorn
-  server: list = []
+
+def settings_from_flags() -> app_lib.ServerSettings:
+  """ServerSettings from the flags; a usage error names the flag or file that is wrong."""
+  try:
+    package_lib.read_model_json(_PACKAGE.value)  # fail fast on a missing or unreadable package
+    filters = load_filters(_FILTERS.value) if _FILTERS.value else Filters()
+  except (package_lib.PackageError, FilterConfigError) as e:
+    raise cli.UsageError(str(e)) from e
+  return app_lib.ServerSettings(
+      package=_PACKAGE.value, host=_HOST.value, port=_PORT.value,
+      api_key=_read_key(_API_KEY_FILE.value) if _API_KEY_FILE.value else None, filters=filters,
+      log_prompts=_LOG_PROMPTS.value, audit_log=_AUDIT_LOG.value,
+      audit_max_bytes=_AUDIT_MAX_BYTES.value, audit_backups=_AUDIT_BACKUPS.value,
+      slots=_SLOTS.value, max_concurrent=_MAX_CONCURRENT.value, decode_chunk=_DECODE_CHUNK.value,
+      max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_total_tokens=_MAX_TOTAL_TOKENS.value,
+      max_body_bytes=_MAX_BODY_BYTES.value, request_timeout_s=_REQUEST_TIMEOUT.value,
+      max_n=_MAX_N.value, compute_dtype=_DTYPE.value, int8_in_memory=_INT8_IN_MEMORY.value,
+      model_name=_MODEL_NAME.value)
+
+
+def main(argv: list[str]) -> int:
+  """Serves until interrupted; 1 when the model could not be loaded."""
+  del argv
+  t0 = time.monotonic()
+  level = _LOG_LEVEL.value.upper()
+  logging.getLogger().setLevel(level)
+  for noisy in ("absl", "jax._src.xla_bridge"):
+    logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+  settings = settings_from_flags()
+  if not _loopback(settings.host):
+    log.warning("binding %s: reachable from other machines%s", settings.host,
+                "" if settings.api_key else " WITHOUT an API key (use --api_key_file)")
+  server: list[uvicorn.Server] = []
 
   def on_failure():
     log.error("exiting: the model could not be loaded")
@@ -104,14 +123,16 @@ def main(argv=None) -> int:
 
   app = app_lib.create_app(settings, on_load_failure=on_failure)
   app.state.llm.started = t0
-  config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
+  config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=_LOG_LEVEL.value,
                           access_log=False, timeout_graceful_shutdown=5)
   server.append(uvicorn.Server(config))
   log.info("listening on http://%s:%d (pid %d); /health turns 200 once the model is compiled",
-           args.host, args.port, os.getpid())
+           settings.host, settings.port, os.getpid())
   server[0].run()
-  return 1 if app.state.llm.error else 0
+  if app.state.llm.error:
+    raise RuntimeError(f"could not load --package {settings.package}: {app.state.llm.error}")
+  return 0
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  cli.run(main)

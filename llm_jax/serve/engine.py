@@ -6,12 +6,15 @@ slots advance together through one jitted `decode_chunk` of a few steps. The eng
 host work too (detokenization, stop sequences, output filters) and hands events to each request's
 asyncio queue, for each chunk while the next one runs on the device (one chunk in flight). A
 cancelled (disconnected) or timed-out request frees its slot at the next chunk.
+
+Failures stay with the request that caused them: a sequence whose admission (its sampling arrays,
+its prefill) or whose host-side handling (detokenizing, stop sequences, filters) fails finishes at
+once with "error" (its sibling choices are cancelled) while the other slots keep decoding. Only a
+failure of the batched decode step itself, which every slot shares, fails every request in flight.
 """
 from __future__ import annotations
 
 import collections
-import dataclasses
-import functools
 import itertools
 import logging
 import threading
@@ -24,83 +27,11 @@ import numpy as np
 
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, unstack_layers
+from llm_jax.serve.prefill import admit
+from llm_jax.serve.sequences import Choice, EngineBusy, Handle
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5
-
-
-class EngineBusy(RuntimeError):
-  """More requests in flight than the engine admits (the server answers 429)."""
-
-
-@dataclasses.dataclass
-class Choice:
-  """One sequence of a request (a request with n=3 has three)."""
-  index: int
-  prompt_ids: list[int]
-  sampling: G.SamplingParams
-  top_n: int = 0  # top log-probs per token wanted (0..5)
-  text: Any = None  # generate.TextStream
-  tokens: list[int] = dataclasses.field(default_factory=list)
-  logprobs: list[float] = dataclasses.field(default_factory=list)
-  top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
-  finish_reason: str | None = None
-  slot: int | None = None
-  blocked_by: Any = None  # the output filter rule that cut this choice
-
-
-class Handle:
-  """The caller's side of a request: events arrive on `queue` (an asyncio.Queue) of `loop`.
-
-  Events: ("delta", index, text, tokens, logprobs, top) and ("done", index, finish_reason); after
-  every choice is done, ("end",).
-  """
-
-  def __init__(self, request_id: str, choices: list[Choice], loop, queue, deadline: float):
-    self.id = request_id
-    self.choices = choices
-    self.loop = loop
-    self.queue = queue
-    self.deadline = deadline
-    self.submitted = time.monotonic()
-    self.first_token_at: float | None = None
-    self.cancelled = threading.Event()
-    self.pending = len(choices)
-
-  def cancel(self) -> None:
-    """The client went away: stop decoding this request and free its slots."""
-    self.cancelled.set()
-
-  def emit(self, event: tuple) -> None:
-    try:
-      self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-    except RuntimeError:  # the event loop is closed: nobody is listening any more
-      self.cancelled.set()
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=1)
-def _admit(params, state: G.DecodeState, slot, tokens_1L, lengths_1, seeds_1, max_new_1,
-           temperature_1, top_k_1, top_p_1, penalty_1, *, cfg: ModelConfig) -> G.DecodeState:
-  """Prefills one prompt and writes it into row `slot` of the batch state (cache row replaced)."""
-  row = G._start(params, tokens_1L, lengths_1, seeds_1, max_new_1, temperature_1, top_k_1, top_p_1,
-                 penalty_1, cfg)
-  cache = jax.tree.map(
-      lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot,
-                                                           axis=big.ndim - 4),
-      state.cache, row.cache)
-  fields = {f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
-            for f in dataclasses.fields(state) if f.name != "cache"}
-  return state.replace(cache=cache, **fields)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _prompt_logprobs(params, tokens_1L, *, cfg: ModelConfig):
-  """log p(token t | tokens < t) for every prompt position (t >= 1) by one full forward pass."""
-  from llm_jax.model import Decoder
-  params = G._float_params(params, cfg)
-  logits = Decoder(cfg).apply({"params": params}, tokens_1L)[0, :-1]
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  return jnp.take_along_axis(logp, tokens_1L[0, 1:, None], axis=-1)[:, 0]
 
 
 class Engine:
@@ -263,7 +194,7 @@ class Engine:
           self._decode()
         else:
           self._collect()
-      except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+      except Exception as e:  # the shared decode step failed: fail every request, keep serving
         log.exception("engine step failed")
         self._in_flight_chunk = None
         self._fail_all(f"engine error: {type(e).__name__}")
@@ -274,7 +205,7 @@ class Engine:
     tokens = np.zeros((1, width), np.int32)
     tokens[0, :len(prompt)] = prompt
     arrays = G.sampling_arrays([sp])
-    return _admit(self.params, self.state, np.int32(slot), tokens,
+    return admit(self.params, self.state, np.int32(slot), tokens,
                   np.array([len(prompt)], np.int32), cfg=self.cfg, **{k[:-2] + "_1": v
                                                                        for k, v in arrays.items()})
 
@@ -290,7 +221,14 @@ class Engine:
         self._finish(handle, choice, "cancelled" if handle.cancelled.is_set() else "timeout")
         continue
       slot = free[0]
-      self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
+      try:
+        self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
+      except Exception:  # this request's own values or prefill: it alone fails
+        log.exception("request %s: admission failed", handle.id)
+        self._fail(handle, choice)
+        if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+          raise  # the batch state was donated to the failed call: nothing left to decode from
+        continue
       choice.slot = slot
       self._last_pos[slot] = len(choice.prompt_ids)
       self._steps_left[slot] = min(choice.sampling.max_new_tokens,
@@ -359,48 +297,56 @@ class Engine:
       handle, choice = entry
       if choice.finish_reason is not None:  # finished (stop, filter, cancel) after dispatch
         continue
-      reason = None
-      new_text, new_tokens, new_lps, new_top = [], [], [], []
-      for j in range(self.chunk):
-        if outs["eos"][slot, j]:
-          reason = "stop"
-          break
-        if not outs["emitted"][slot, j]:
-          continue
-        tok = int(outs["token"][slot, j])
-        piece = choice.text.push(tok)
-        if choice.text.finished:
-          reason = "content_filter" if choice.text.reason == "blocked" else "stop"
-          if piece:
-            new_text.append(piece)
-          break
-        new_tokens.append(tok)
-        new_lps.append(float(outs["logprob"][slot, j]))
-        if choice.top_n:
-          new_top.append([(int(i), float(v)) for i, v in
-                          zip(outs["top_ids"][slot, j, :choice.top_n],
-                              outs["top_logprobs"][slot, j, :choice.top_n])])
+      try:
+        self._handle_slot(handle, choice, slot, outs, active)
+      except Exception:  # this sequence's host work failed: it alone ends
+        log.exception("request %s: handling the outputs of slot %d failed", handle.id, slot)
+        self._fail(handle, choice)
+
+  def _handle_slot(self, handle: Handle, choice: Choice, slot: int, outs, active) -> None:
+    """Text, tokens and log-probs of one slot's chunk: a delta event, and "done" when it ended."""
+    reason = None
+    new_text, new_tokens, new_lps, new_top = [], [], [], []
+    for j in range(self.chunk):
+      if outs["eos"][slot, j]:
+        reason = "stop"
+        break
+      if not outs["emitted"][slot, j]:
+        continue
+      tok = int(outs["token"][slot, j])
+      piece = choice.text.push(tok)
+      if choice.text.finished:
+        reason = "content_filter" if choice.text.reason == "blocked" else "stop"
         if piece:
           new_text.append(piece)
-      if reason is None and not active[slot]:
-        reason = "length"
-      if reason is not None and not choice.text.finished:
-        tail = choice.text.close()
-        if choice.text.reason == "blocked":
-          reason = "content_filter"
-        if tail:
-          new_text.append(tail)
-      if new_tokens or new_text:
-        choice.tokens += new_tokens
-        choice.logprobs += new_lps
-        choice.top += new_top
-        if handle.first_token_at is None:
-          handle.first_token_at = time.monotonic()
-        if self.metrics is not None:
-          self.metrics.generated_tokens.inc(len(new_tokens))
-        handle.emit(("delta", choice.index, "".join(new_text), new_tokens, new_lps, new_top))
-      if reason is not None:
-        self._finish(handle, choice, reason)
+        break
+      new_tokens.append(tok)
+      new_lps.append(float(outs["logprob"][slot, j]))
+      if choice.top_n:
+        new_top.append([(int(i), float(v)) for i, v in
+                        zip(outs["top_ids"][slot, j, :choice.top_n],
+                            outs["top_logprobs"][slot, j, :choice.top_n])])
+      if piece:
+        new_text.append(piece)
+    if reason is None and not active[slot]:
+      reason = "length"
+    if reason is not None and not choice.text.finished:
+      tail = choice.text.close()
+      if choice.text.reason == "blocked":
+        reason = "content_filter"
+      if tail:
+        new_text.append(tail)
+    if new_tokens or new_text:
+      choice.tokens += new_tokens
+      choice.logprobs += new_lps
+      choice.top += new_top
+      if handle.first_token_at is None:
+        handle.first_token_at = time.monotonic()
+      if self.metrics is not None:
+        self.metrics.generated_tokens.inc(len(new_tokens))
+      handle.emit(("delta", choice.index, "".join(new_text), new_tokens, new_lps, new_top))
+    if reason is not None:
+      self._finish(handle, choice, reason)
 
   def _finish(self, handle: Handle, choice: Choice, reason: str) -> None:
     choice.finish_reason = reason
@@ -418,6 +364,12 @@ class Engine:
     handle.emit(("done", choice.index, reason))
     if last:
       handle.emit(("end",))
+
+  def _fail(self, handle: Handle, choice: Choice) -> None:
+    """Ends `choice` with "error" and cancels its siblings (the request has failed)."""
+    if choice.finish_reason is None:
+      self._finish(handle, choice, "error")
+    handle.cancel()
 
   def _fail_all(self, message: str) -> None:
     with self._cond:

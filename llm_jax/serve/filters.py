@@ -10,16 +10,40 @@ A prompt matching an input rule gets 400 with the rule's reason. Generated text 
 output rule matches and the choice finishes with finish_reason "content_filter". While streaming,
 the last `hold_chars` characters are held back so that matches shorter than that never reach the
 client (longer ones are cut as soon as they match).
+
+Rules match the text after `normalize`: Unicode NFKC (full-width and other compatibility forms become
+their plain letters) with format characters (category Cf: zero-width space and joiners, soft hyphen,
+byte-order mark, ...) removed, so that `api\u200bkey` or full-width `ａｐｉｋｅｙ` cannot slip past a
+rule for `apikey`. Patterns are written in that normalized form (a file whose pattern normalization
+would change is refused).
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import re
+import unicodedata
 
 
 class FilterConfigError(ValueError):
   """The filter file is malformed; the message names the file and the key."""
+
+
+def _drop_format(text: str) -> str:
+  return "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+
+
+def normalize(text: str) -> str:
+  """The text filters see: format characters (Cf) removed, NFKC, and any Cf that produced removed."""
+  return _drop_format(unicodedata.normalize("NFKC", _drop_format(text)))
+
+
+def original_index(text: str, normalized_index: int) -> int:
+  """Where in `text` the character at `normalized_index` of `normalize(text)` begins: the longest
+  prefix whose normalized form ends at or before it."""
+  return bisect.bisect_right(range(len(text) + 1), normalized_index,
+                             key=lambda p: len(normalize(text[:p]))) - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,20 +60,27 @@ class Filters:
   hold_chars: int = 0
 
   def check_input(self, text: str) -> Rule | None:
-    """The first input rule the text matches, or None."""
+    """The first input rule the normalized text matches, or None."""
+    if not self.input:
+      return None
+    norm = normalize(text)
     for r in self.input:
-      if r.pattern.search(text):
+      if r.pattern.search(norm):
         return r
     return None
 
   def check_output(self, text: str) -> tuple[int, Rule] | None:
-    """(index where to cut, rule) of the earliest output match, or None."""
-    best = None
+    """(index in `text` where to cut, rule) of the earliest match in the normalized text, or None."""
+    if not self.output:
+      return None
+    norm, best = normalize(text), None
     for r in self.output:
-      m = r.pattern.search(text)
+      m = r.pattern.search(norm)
       if m and (best is None or m.start() < best[0]):
         best = (m.start(), r)
-    return best
+    if best is None:
+      return None
+    return (best[0] if norm == text else original_index(text, best[0])), best[1]
 
 
 def _rules(path: str, data: dict, key: str) -> tuple[Rule, ...]:
@@ -64,6 +95,10 @@ def _rules(path: str, data: dict, key: str) -> tuple[Rule, ...]:
     unknown = set(item) - {"name", "pattern", "reason"}
     if unknown:
       raise FilterConfigError(f"{where}: unknown keys {sorted(unknown)} (use name, pattern, reason)")
+    if normalize(item["pattern"]) != item["pattern"]:
+      raise FilterConfigError(f"{where}.pattern {item['pattern']!r} has characters that text is "
+                              f"normalized away from before matching; write "
+                              f"{normalize(item['pattern'])!r}")
     try:
       pattern = re.compile(item["pattern"])
     except re.error as e:

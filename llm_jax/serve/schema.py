@@ -1,4 +1,10 @@
-"""The request body of POST /v1/completions (OpenAI-compatible) and the JSON error shape."""
+"""The request body of POST /v1/completions (OpenAI-compatible) and the JSON error shape.
+
+Every field is bounded by what the engine can represent: integers that go into int32/uint32 arrays
+stay inside those types, numbers are finite (JSON's NaN/Infinity extensions are 422), and text is
+valid Unicode (a lone surrogate, which cannot be encoded to UTF-8, is 422). Bounds that depend on
+the model (top_k within the vocabulary, prompt length, token ids) are checked by the route.
+"""
 from __future__ import annotations
 
 from typing import Any, Optional, Union
@@ -6,16 +12,33 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 
+INT32_MAX = 2**31 - 1
+
+
+def _check_unicode(v):
+  """`v` (a string or a list of them) unchanged, or a ValueError naming a lone surrogate."""
+  for i, s in enumerate([v] if isinstance(v, str) else v if isinstance(v, list) else []):
+    if not isinstance(s, str):
+      continue
+    try:
+      s.encode("utf-8")
+    except UnicodeEncodeError as e:
+      where = f"string {i}, " if isinstance(v, list) else ""
+      raise ValueError(f"contains a lone surrogate (U+{ord(s[e.start]):04X}) at {where}character "
+                       f"{e.start}: text must be valid Unicode") from None
+  return v
+
+
 class CompletionRequest(BaseModel):
   """Fields of the OpenAI completions API this server honours; unknown fields are rejected (422)."""
-  model_config = ConfigDict(extra="forbid")
+  model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
   model: Optional[str] = None
   prompt: Union[str, list[int], list[str]]
   max_tokens: int = Field(16, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  top_k: int = Field(0, ge=0)
+  top_k: int = Field(0, ge=0, le=INT32_MAX)
   repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
   stop: Optional[Union[str, list[str]]] = None
   seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
@@ -39,10 +62,10 @@ class CompletionRequest(BaseModel):
       if len(v) != 1:
         raise ValueError("one prompt per request (send a string, a list of token ids, or a list "
                          "with one string)")
-      return v[0]
+      return _check_unicode(v[0])
     if isinstance(v, list) and not v:
       raise ValueError("the prompt is an empty list")
-    return v
+    return _check_unicode(v)
 
   @field_validator("stop")
   @classmethod
@@ -54,7 +77,12 @@ class CompletionRequest(BaseModel):
       raise ValueError("at most 4 stop sequences")
     if any(not s or len(s) > 64 for s in v):
       raise ValueError("stop sequences must be 1 to 64 characters")
-    return v
+    return _check_unicode(v)
+
+  @field_validator("model", "user", "suffix")
+  @classmethod
+  def _valid_text(cls, v):
+    return v if v is None else _check_unicode(v)
 
   @field_validator("best_of")
   @classmethod

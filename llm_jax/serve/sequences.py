@@ -1,0 +1,58 @@
+"""A request as the engine sees it: its choices (one sequence each) and the caller's handle."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+from llm_jax import generate as G
+
+
+class EngineBusy(RuntimeError):
+  """More requests in flight than the engine admits (the server answers 429)."""
+
+
+@dataclasses.dataclass
+class Choice:
+  """One sequence of a request (a request with n=3 has three)."""
+  index: int
+  prompt_ids: list[int]
+  sampling: G.SamplingParams
+  top_n: int = 0  # top log-probs per token wanted (0..5)
+  text: Any = None  # generate.TextStream
+  tokens: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+  finish_reason: str | None = None
+  slot: int | None = None
+  blocked_by: Any = None  # the output filter rule that cut this choice
+
+
+class Handle:
+  """The caller's side of a request: events arrive on `queue` (an asyncio.Queue) of `loop`.
+
+  Events: ("delta", index, text, tokens, logprobs, top) and ("done", index, finish_reason); after
+  every choice is done, ("end",).
+  """
+
+  def __init__(self, request_id: str, choices: list[Choice], loop, queue, deadline: float):
+    self.id = request_id
+    self.choices = choices
+    self.loop = loop
+    self.queue = queue
+    self.deadline = deadline
+    self.submitted = time.monotonic()
+    self.first_token_at: float | None = None
+    self.cancelled = threading.Event()
+    self.pending = len(choices)
+
+  def cancel(self) -> None:
+    """The client went away: stop decoding this request and free its slots."""
+    self.cancelled.set()
+
+  def emit(self, event: tuple) -> None:
+    try:
+      self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+      self.cancelled.set()
