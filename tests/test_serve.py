@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from llm_jax import package
+from llm_jax.artifacts import open_model, package
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
@@ -26,7 +27,7 @@ PROMPT = "the cat"
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-  from llm_jax.export import init_params
+  from llm_jax.model.params import init_params
   d = tmp_path_factory.mktemp("serve")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()
@@ -137,7 +138,7 @@ def test_completion_shapes_and_determinism(plain, pkg, greedy_text):
   assert a["usage"] == {"prompt_tokens": a["usage"]["prompt_tokens"], "completion_tokens": 16,
                         "total_tokens": a["usage"]["prompt_tokens"] + 16}
   # The same prompt as token ids ([EOS, the document separator] + encode) gives the same completion.
-  tok = package.load_tokenizer(str(pkg / "pkg" / "tokenizer.model"))
+  tok = Tokenizer.load(str(pkg / "pkg" / "tokenizer.model"))
   ids = [tok.eos_id] + tok.encode(PROMPT)
   assert _greedy(plain.url, prompt=ids)["choices"][0]["text"] == greedy_text
   # Seeded sampling is reproducible; n choices use consecutive seeds.
@@ -154,7 +155,7 @@ def test_greedy_matches_full_recompute(plain, pkg, greedy_text):
   import jax
   import numpy as np
   from llm_jax.model import Decoder
-  loaded = package.load_package(str(pkg / "pkg"))
+  loaded = open_model(str(pkg / "pkg"), dtype="auto")
   assert plain.app.state.llm.engine.spans() == [8, 16, 0]
   seq = loaded.prompt_prefix + loaded.tokenizer.encode(PROMPT)
   fwd = jax.jit(lambda p, t: Decoder(loaded.model_config).apply({"params": p}, t))

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from llm_jax import package
+from llm_jax.artifacts import package
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import loadtest
@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  from llm_jax.export import init_params
+  from llm_jax.model.params import init_params
   d = tmp_path_factory.mktemp("cli")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()

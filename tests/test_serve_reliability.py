@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from llm_jax import generate as G
-from llm_jax import package
+from llm_jax.artifacts import package
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
@@ -33,7 +33,7 @@ PROMPTS = ["the cat", "def return import class", "a", "sat on a mat"]
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-  from llm_jax.export import init_params
+  from llm_jax.model.params import init_params
   d = tmp_path_factory.mktemp("serve_rel")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()

@@ -16,13 +16,16 @@ import uvicorn
 from absl import flags
 
 from llm_jax import cli
-from llm_jax import package as package_lib
+from llm_jax.artifacts import ArtifactError, open_model
 from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.filters import FilterConfigError, Filters, load_filters
 
-_PACKAGE = flags.DEFINE_string("package", None, "Model package directory (python -m llm_jax.export).",
+_PACKAGE = flags.DEFINE_string("package", None, "Model package (python -m llm_jax.export) or training run directory.",
                                required=True)
+flags.DEFINE_alias("workdir", "package")
+_STEP = flags.DEFINE_string("step", None, "With a run directory: checkpoint step or 'best' (default: "
+                            "the latest).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address (default: loopback only).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=0, upper_bound=65535)
 _API_KEY_FILE = flags.DEFINE_string("api_key_file", "", "File holding the API key (16+ characters); "
@@ -86,12 +89,12 @@ def _read_key(path: str) -> str:
 def settings_from_flags() -> app_lib.ServerSettings:
   """ServerSettings from the flags; a usage error names the flag or file that is wrong."""
   try:
-    package_lib.read_model_json(_PACKAGE.value)  # fail fast on a missing or unreadable package
+    open_model(_PACKAGE.value, cli.parse_step(_STEP.value), weights=False)  # fail fast: unreadable
     filters = load_filters(_FILTERS.value) if _FILTERS.value else Filters()
-  except (package_lib.PackageError, FilterConfigError) as e:
+  except (ArtifactError, FilterConfigError) as e:
     raise cli.UsageError(str(e)) from e
   return app_lib.ServerSettings(
-      package=_PACKAGE.value, host=_HOST.value, port=_PORT.value,
+      package=_PACKAGE.value, step=cli.parse_step(_STEP.value), host=_HOST.value, port=_PORT.value,
       api_key=_read_key(_API_KEY_FILE.value) if _API_KEY_FILE.value else None, filters=filters,
       log_prompts=_LOG_PROMPTS.value, audit_log=_AUDIT_LOG.value,
       audit_max_bytes=_AUDIT_MAX_BYTES.value, audit_backups=_AUDIT_BACKUPS.value,

@@ -16,7 +16,7 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
-from llm_jax import package as package_lib
+from llm_jax.artifacts import OpenedModel, open_model
 from llm_jax.model import unstack_layers
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.engine import Engine
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ServerSettings:
   """Everything `python -m llm_jax.serve` takes (see its --help)."""
-  package: str
+  package: str  # a package, a run directory (or anything llm_jax.artifacts.open_model opens)
+  step: int | str | None = None  # a run's checkpoint: None latest, 'best', or a step number
   host: str = "127.0.0.1"
   port: int = 8000
   api_key: str | None = None
@@ -53,10 +54,10 @@ class ServerSettings:
   model_name: str = ""
 
 
-def open_served_model(settings: ServerSettings) -> package_lib.LoadedModel:
-  """The model the server answers with: the package, its layers unstacked for decoding."""
-  loaded = package_lib.load_package(settings.package, compute_dtype=settings.compute_dtype,
-                                    int8_in_memory=settings.int8_in_memory)
+def open_served_model(settings: ServerSettings) -> OpenedModel:
+  """The model the server answers with, its layers unstacked for decoding."""
+  loaded = open_model(settings.package, settings.step, dtype=settings.compute_dtype or "auto",
+                      keep_int8=settings.int8_in_memory)
   # one buffer per layer for decoding (replaces the stacked copy rather than doubling it)
   loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config)
   return loaded
