@@ -20,7 +20,7 @@ from llm_jax.generate.decode import (EOS_ID, MIN_PREFILL, MIN_ROWS, MIN_SPAN, PA
                                      shard_params, start)
 # The unjitted prefill and parameter dequantization, for callers that fuse them into their own jitted
 # functions (llm_jax.serve.engine admits one row into a running batch with them).
-from llm_jax.generate.decode import _float_params, _start
+from llm_jax.generate.decode import _float_params as _float_params, _start as _start
 from llm_jax.generate.sampling import (SamplingParams, all_greedy, apply_repetition_penalty,
                                        chosen_logprob, sample, sampling_arrays, top_k_top_p_mask)
 from llm_jax.generate.stream import Generation, TextStream, generate, stream
