@@ -1,11 +1,40 @@
-# Sourced by bench/gpu_*.sh on the device machine (repo root, $OUT set, wheels installed on PYTHONPATH).
-# Each stage appends its log to $OUT/all.log and its bench JSON rows to $OUT/results.jsonl.
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-export TF_CPP_MIN_LOG_LEVEL=1
+# Sourced by bench/gpu_*.sh from the repository root. Functions:
+#   python_env         makes llm_jax and its dependencies importable: nothing to do after
+#                      `pip install -e .`; on an offline machine, wheels in .whl/ (pip download them
+#                      elsewhere) are installed into /tmp/site; otherwise it stops with the command to run
+#   shakespeare_data   sets SHK_TRAIN / SHK_VAL: tiny Shakespeare in $SHAKESPEARE_DIR (default
+#                      runs/data/tinyshakespeare), written by bench/shakespeare_data.py when missing
+#   stage NAME TIMEOUT_S [ENV=VAL ...] -- COMMAND...   runs one step, logs to $OUT/all.log, keeps going;
+#                      a bench JSON at /tmp/bench/NAME.json is appended to $OUT/results.jsonl
+#   table              the short table of every bench row so far
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
+PY=${PY:-python3}
+OUT=${OUT:-runs/bench/device}
 mkdir -p "$OUT" /tmp/bench
 T0=$(date +%s)
 
-stage() {  # stage NAME TIMEOUT_S [ENV=VAL ...] -- COMMAND...: runs, logs, keeps going on failure
+python_env() {
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  if $PY -c 'import llm_jax.bench, ml_collections, grain, orbax.checkpoint' 2>/dev/null; then
+    return 0
+  fi
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && return 0
+  fi
+  echo "llm_jax's dependencies are missing: run 'pip install -e .' (or put wheels in .whl/)" >&2
+  exit 1
+}
+
+shakespeare_data() {
+  local dir=${SHAKESPEARE_DIR:-runs/data/tinyshakespeare}
+  if [ ! -f "$dir/tinyshakespeare_train.txt" ] || [ ! -f "$dir/tinyshakespeare_val.txt" ]; then
+    $PY bench/shakespeare_data.py --out "$dir" || exit 1
+  fi
+  SHK_TRAIN=$dir/tinyshakespeare_train.txt SHK_VAL=$dir/tinyshakespeare_val.txt
+}
+
+stage() {
   local name=$1 limit=$2; shift 2
   local envs=()
   while [ "$1" != "--" ]; do envs+=("$1"); shift; done; shift
@@ -15,14 +44,15 @@ stage() {  # stage NAME TIMEOUT_S [ENV=VAL ...] -- COMMAND...: runs, logs, keeps
   grep -v -E '^[IW][0-9]{4} |^\s*$' "/tmp/bench/$name.log" | tail -40 >> "$OUT/all.log"
   echo "--- $name rc=$rc" >> "$OUT/all.log"
   if [ -f "/tmp/bench/$name.json" ]; then
-    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d['stage']=sys.argv[2]; print(json.dumps(d))" \
+    $PY -c "import json,sys; d=json.load(open(sys.argv[1])); d['stage']=sys.argv[2]; print(json.dumps(d))" \
       "/tmp/bench/$name.json" "$name" >> "$OUT/results.jsonl"
   fi
   [ $rc -eq 0 ] || tail -25 "/tmp/bench/$name.log" >> "$OUT/all.log"
 }
 
-table() {  # the short table of every row so far (last thing printed)
-  python3 - "$OUT/results.jsonl" <<'PY'
+table() {
+  [ -f "$OUT/results.jsonl" ] || { echo "no bench rows in $OUT/results.jsonl"; return; }
+  $PY - "$OUT/results.jsonl" <<'PY'
 import json, sys
 rows = []
 for line in open(sys.argv[1]):

@@ -2,31 +2,23 @@
 # In-process decode tokens/s only (the decode stage of bench/gpu_serve.sh, bf16 only, no server):
 # a random-weights package of configs/gpt_small.py's shapes (vocab 50304 rows), greedy decode of
 # NEW_TOKENS tokens at each batch size, best of 3 after a compile run; a table last. With
-# BEFORE=DIR (a directory holding an older `llm_jax/`), the same measurement also runs on that
-# code, in its own process, for a before/after table from one machine.
+# BEFORE=DIR (a checkout of another commit, e.g. `git worktree add /tmp/before HEAD~1`), the same
+# measurement also runs on that code, in its own process, for a before/after table from one machine.
 #
-#   bash bench/gpu_decode.sh          # on the device machine: repo root, $OUT set, wheels in .whl/
+#   bash bench/gpu_decode.sh          # repository root; results under $OUT (default runs/bench/device)
 #
 # CPU smoke test:
-#   SKIP_INSTALL=1 PY=/work/venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
+#   PY=.venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
 #     OUT=/tmp/gd_out bash bench/gpu_decode.sh
 set -u
-T0=$(date +%s)
-PY=${PY:-python3}
-SITE=""
-if [ -z "${SKIP_INSTALL:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
-  SITE=/tmp/site:
-fi
-export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 PYTHONPATH=${SITE}$PWD
+source bench/gpu_common.sh
+python_env
 CONFIG=${CONFIG:-configs/gpt_small.py}
 VOCAB=${VOCAB:-50304}
 TOK_VOCAB=${TOK_VOCAB:-2000}
 BATCHES=${BATCHES:-1,8,32}
 NEW_TOKENS=${NEW_TOKENS:-256}
 W=${WORK:-/tmp/gpu_decode}
-OUT=${OUT:-/tmp/gpu_decode_out}
 mkdir -p "$W" "$OUT"
 rm -rf "$W/pkg" "$W"/*.json
 el() { echo "[$(( $(date +%s) - T0 ))s]"; }
@@ -53,14 +45,19 @@ timeout 150 $PY -m llm_jax.export --random_init "$CONFIG" --tokenizer "$W/tok.mo
 measure() {  # name, PYTHONPATH for llm_jax
   echo "=== $(el) decode tokens/s: $1 (batches $BATCHES, $NEW_TOKENS new tokens, best of 3)"
   # run from that code's directory: `python -` puts the working directory first on sys.path
-  (cd "$2" && PYTHONPATH=${SITE}$2 timeout ${STAGE_TIMEOUT:-90} $PY - "$W/pkg" "$BATCHES" \
+  (cd "$2" && PYTHONPATH="${PYTHONPATH//$PWD/$2}" timeout ${STAGE_TIMEOUT:-90} $PY - "$W/pkg" "$BATCHES" \
     "$NEW_TOKENS" "$W/decode_$1.json" "$1") <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
 import dataclasses, json, sys, time
 import jax, jax.numpy as jnp
 import llm_jax
-from llm_jax import package as P, quantize as Q
 pkg, batches, new, out, name = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4], sys.argv[5]
-loaded = P.load_package(pkg, compute_dtype="bfloat16")
+try:  # code with the artifacts layer (one open_model; decode_speed in eval/precision.py)
+  from llm_jax.artifacts import open_model
+  from llm_jax.eval import precision as Q
+  loaded = open_model(pkg, dtype="bfloat16")
+except ImportError:  # older code: package.load_package, quantize.decode_speed
+  from llm_jax import package as P, quantize as Q
+  loaded = P.load_package(pkg, compute_dtype="bfloat16")
 cfg = dataclasses.replace(loaded.model_config, dtype="bfloat16")
 params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16), loaded.params)
 print(f"{name}: llm_jax from {llm_jax.__file__}; {jax.devices()[0].device_kind}: "

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
   import numpy as np  # noqa: PLC0415
   from llm_jax import dry_run, sharding  # noqa: PLC0415
   from llm_jax.model import Decoder, ModelConfig  # noqa: PLC0415
+  from llm_jax.train import metrics as metrics_lib  # noqa: PLC0415
   from llm_jax.train import optimizer as optimizer_lib  # noqa: PLC0415
   from llm_jax.train import state as state_lib  # noqa: PLC0415
   from llm_jax.train import step as step_lib  # noqa: PLC0415
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t
 
   tokens_per_s = args.steps * tr.global_batch_size * tr.seq_len / elapsed
-  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
+  peaks = [metrics_lib.device_memory_stats(d).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
   est = dry_run.estimate(config, n, platform=jax.devices()[0].platform)
   row = {
       "label": args.label or f"{os.path.basename(args.config)} {args.mesh}",

@@ -20,10 +20,8 @@ mkdir -p "$OUT" /tmp/gpu_multi
 RES=$OUT/gpu_multi.jsonl LOG=$OUT/gpu_multi.log
 T0=$(date +%s)
 
-if ! python3 -c 'import ml_collections' 2>/dev/null; then  # the device image lacks it: carried wheels
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source bench/gpu_common.sh  # python_env: pip install -e . done, or wheels in .whl/
+python_env
 N=$(nvidia-smi -L | wc -l)
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m; } > "$OUT/topology.txt" 2>&1
 python3 -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())' \

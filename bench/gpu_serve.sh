@@ -4,21 +4,14 @@
 # text), in-process decode tokens/s at several batch sizes (bf16, int8 dequantized at load, int8 in
 # memory), then the HTTP server under the load test at concurrency 1 and 32; a table last.
 #
-#   bash bench/gpu_serve.sh          # on the device machine: repo root, $OUT set, wheels in .whl/
+#   bash bench/gpu_serve.sh          # repository root; results under $OUT (default runs/bench/device)
 #
-# CPU smoke test of the same logic (no wheel install, a tiny config, fewer tokens):
-#   SKIP_INSTALL=1 PY=/work/venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
+# CPU smoke test of the same logic (a tiny config, fewer tokens):
+#   PY=.venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
 #     MAX_TOKENS=16 REQ1=4 REQ32=64 OUT=/tmp/gs_out bash bench/gpu_serve.sh
 set -u
-T0=$(date +%s)
-PY=${PY:-python3}
-if [ -z "${SKIP_INSTALL:-}" ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit 1
-else
-  export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-fi
-export TF_CPP_MIN_LOG_LEVEL=1
+source bench/gpu_common.sh
+python_env
 CONFIG=${CONFIG:-configs/gpt_small.py}
 VOCAB=${VOCAB:-50304}          # model embedding rows (GPT-2's 50257 padded); 0: the tokenizer's size
 TOK_VOCAB=${TOK_VOCAB:-2000}   # the tokenizer's pieces (random weights: only the shapes matter)
@@ -29,7 +22,6 @@ REQ1=${REQ1:-16}               # requests at concurrency 1
 REQ32=${REQ32:-500}            # requests at concurrency 32
 PORT=${PORT:-8765}
 W=${WORK:-/tmp/gpu_serve}
-OUT=${OUT:-/tmp/gpu_serve_out}
 mkdir -p "$W" "$OUT"
 rm -rf "$W/pkg" "$W"/*.json "$W"/*.log
 el() { echo "[$(( $(date +%s) - T0 ))s]"; }
@@ -59,9 +51,14 @@ echo "=== $(el) decode tokens/s, in process (batches $BATCHES, $NEW_TOKENS new t
 timeout 170 $PY - "$W/pkg" "$BATCHES" "$NEW_TOKENS" "$W/decode.json" <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
 import json, sys, time
 import jax
-from llm_jax import package as P, quantize as Q
 pkg, batches, new, out = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4]
-loaded = P.load_package(pkg, compute_dtype="bfloat16")
+try:  # code with the artifacts layer (one open_model; decode_speed in eval/precision.py)
+  from llm_jax.artifacts import open_model
+  from llm_jax.eval import precision as Q
+  loaded = open_model(pkg, dtype="bfloat16")
+except ImportError:  # older code: package.load_package, quantize.decode_speed
+  from llm_jax import package as P, quantize as Q
+  loaded = P.load_package(pkg, compute_dtype="bfloat16")
 cfg = loaded.model_config
 print(f"{jax.devices()[0].device_kind}: {cfg.param_count():,} parameters, vocab {cfg.vocab_size}, "
       f"{cfg.num_layers} layers, d_model {cfg.d_model}, max_seq_len {cfg.max_seq_len}")

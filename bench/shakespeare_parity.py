@@ -6,8 +6,8 @@ gives ~3,900 distinct windows that a 5,000-step run sees 82 times each; random o
 step new contexts, as the PyTorch reference does. Everything else is the packaged code.
 
     python bench/shakespeare_parity.py --config=configs/shakespeare_char.py --workdir=/tmp/shk \
-        --config.data.corpus=../shared/data/tinyshakespeare_train.txt \
-        --config.data.val_corpus=../shared/data/tinyshakespeare_val.txt
+        --config.data.corpus=runs/data/tinyshakespeare/tinyshakespeare_train.txt \
+        --config.data.val_corpus=runs/data/tinyshakespeare/tinyshakespeare_val.txt
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 import time
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 import numpy as np
 
@@ -59,7 +60,6 @@ class RandomWindows:
 
 def main(argv):
   del argv
-  import jax  # noqa: PLC0415
   config = _CONFIG.value
   t0 = time.time()
 

@@ -11,7 +11,9 @@ import pytest
 
 from llm_jax import bench
 from llm_jax import config as config_lib
+from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import profiling
+from llm_jax.train.prefetch import Prefetcher
 
 TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=16",
         "train.seq_len=16", "train.global_batch_size=8", "data.tokenizer.vocab_size=100",
@@ -45,10 +47,28 @@ def test_synthetic_row_has_every_figure(row):
 def test_mfu_uses_the_device_peak():
   class Dev:
     device_kind = "NVIDIA H200"
+    platform = "gpu"
   assert bench.peak_flops_per_device(Dev()) == 989e12
   assert bench.peak_flops_per_device(Dev(), override_tflops=500) == 500e12
-  Dev.device_kind = "cpu"
+  for kind, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                     ("TPU v5 lite", 197e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12)]:
+    Dev.device_kind = kind  # one table: the benchmark and the training loop's MFU agree
+    assert bench.peak_flops_per_device(Dev()) == metrics_lib.peak_flops(kind, "gpu") == peak, kind
+  Dev.device_kind, Dev.platform = "cpu", "cpu"
   assert bench.peak_flops_per_device(Dev()) is None
+
+
+def test_prefetcher_keeps_order_and_hands_on_the_producers_error():
+  items = iter([1, 2, 3])
+  p = Prefetcher(lambda: next(items), depth=2)
+  try:
+    got = [p.get() for _ in range(3)]
+    assert [item for item, _ in got] == [1, 2, 3] and all(wait >= 0 for _, wait in got)
+    with pytest.raises(StopIteration):  # the producer's own exception, raised in the consumer
+      p.get()
+  finally:
+    p.close()
+  assert not p.thread.is_alive()
 
 
 def test_sweep_and_variants_make_override_sets():
@@ -102,13 +122,23 @@ def test_prepared_data_row(tmp_path):
   assert row["losses"][-1] < row["losses"][0] + 0.5
 
 
+def _cli(*args):
+  return subprocess.run([sys.executable, "-m", "llm_jax.bench", *args], capture_output=True, text=True,
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
 def test_cli_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  args = [sys.executable, "-m", "llm_jax.bench", "--config=configs/tiny.py", "--synthetic",
-          "--steps=1", "--warmup=0", f"--json={out}"] + [f"--config.{o}" for o in TINY]
-  proc = subprocess.run(args, capture_output=True, text=True, timeout=600,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  proc = _cli("--config=configs/tiny.py", "--synthetic", "--steps=1", "--warmup=0", f"--json={out}",
+              *[f"--config.{o}" for o in TINY])
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "tokens/s" in proc.stdout and "cold start" in proc.stdout
   record = json.loads(out.read_text())
   assert record["config"] == "configs/tiny.py" and record["rows"][0]["status"] == "ok"
+
+
+def test_cli_usage_errors_exit_2():
+  missing = _cli("--synthetic")
+  assert missing.returncode == 2 and "--config" in missing.stderr
+  typo = _cli("--config=configs/tiny.py", "--config.train.stpes=3")
+  assert typo.returncode == 2 and "train.stpes" in typo.stderr

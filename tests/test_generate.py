@@ -1,6 +1,9 @@
 """KV-cache decoding: equality with full recomputation, sampling controls, stops, streaming, CLI."""
 import dataclasses
+import os
 import random
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ from llm_jax.model import Decoder, ModelConfig
 CFG = ModelConfig(vocab_size=384, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
                   head_dim=8, mlp_dim=64, max_seq_len=48, init_std=0.3)
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40], [1, 12, 13, 14]]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params(cfg, seed=0):
@@ -227,13 +231,25 @@ def test_sharded_decoding_matches(params, devices):
   assert [g.tokens for g in got] == [g.tokens for g in want]
 
 
-def test_cli_streams_from_package(tmp_path, params, tok, capsys):
+def _cli(*args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "llm_jax.generate", *args], capture_output=True,
+                        text=True, timeout=300, cwd=REPO, env=env)
+
+
+def test_cli_streams_from_package(tmp_path, params, tok):
   from llm_jax import package
   package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
-  rc = G.main(["--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8"])
-  assert rc == 0
-  out = capsys.readouterr()
+  proc = _cli("--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8")
+  assert proc.returncode == 0, proc.stderr[-2000:]
   want = G.generate(params, CFG, [[tok.eos_id] + tok.encode("the cat")], G.SamplingParams(max_new_tokens=8),
                     tokenizer=tok)[0].text
-  assert out.out == "the cat" + want + "\n"
-  assert "loaded" in out.err
+  assert proc.stdout == "the cat" + want + "\n"
+  assert "loaded" in proc.stderr
+
+
+def test_cli_usage_errors_exit_2(tmp_path):
+  both = _cli("--package=p", "--workdir=w", "--prompt=x")
+  assert both.returncode == 2 and "package" in both.stderr and "workdir" in both.stderr
+  bad = _cli(f"--package={tmp_path}", "--prompt=x", "--top_p=0")
+  assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr

@@ -13,7 +13,6 @@ import functools
 import logging
 import math
 import os
-import queue
 import signal
 import threading
 import time
@@ -34,6 +33,7 @@ from llm_jax.train import profiling
 from llm_jax.train import run_dir
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
+from llm_jax.train.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -84,45 +84,6 @@ class StopFlag:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     flags = multihost_utils.process_allgather(np.array([1 if self else 0], np.int32))
     return bool(np.max(flags))
-
-
-# ------------------------------------------------------------------ data
-
-
-class Prefetcher:
-  """A thread pulling batches (and the loader state after each) a few steps ahead of the device."""
-
-  def __init__(self, loader, depth: int = 2):
-    self.loader = loader
-    self.queue: queue.Queue = queue.Queue(maxsize=depth)
-    self.done = threading.Event()
-    self.thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-    self.thread.start()
-
-  def _run(self):
-    try:
-      while not self.done.is_set():
-        item = (next(self.loader), self.loader.get_state())
-        while not self.done.is_set():
-          try:
-            self.queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-    except BaseException as e:  # noqa: BLE001 - handed to the consumer
-      self.queue.put(e)
-
-  def get(self):
-    """(batch, loader state after it), and the seconds spent waiting."""
-    t0 = time.perf_counter()
-    item = self.queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item, time.perf_counter() - t0
-
-  def close(self):
-    self.done.set()
-    self.thread.join(timeout=5)
 
 
 # ------------------------------------------------------------------ setup
@@ -395,7 +356,7 @@ def train(config, workdir: str, *, batch_hook: Callable | None = None,
   run = _Run(setup, workdir, writer, alerts, total, start, skipped)
   run.saved_step = latest
   stop = StopFlag().install()
-  prefetch = Prefetcher(loader)
+  prefetch = Prefetcher(lambda: (next(loader), loader.get_state()))  # (batch, state after it)
   status = "complete"
   try:
     with sharding_lib.activate(setup.mesh, c):

@@ -22,14 +22,17 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
-# Dense bf16 peak FLOP/s per chip, matched by substring of device_kind (lowercase), first match wins.
+# Dense bf16 peak FLOP/s per chip (vendor data sheets, without 2:4 sparsity), matched by substring of
+# device_kind (lowercase), first match wins: the one table for the loop's MFU and `python -m llm_jax.bench`.
 PEAK_FLOPS = (
-    ("h200", 989e12),
-    ("h100", 989e12),
     ("gh200", 989e12),
+    ("h200", 989e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),  # SXM
     ("b200", 2250e12),
     ("a100", 312e12),
     ("l40s", 362e12),
+    ("l40", 181e12),
     ("l4", 121e12),
     ("a10", 125e12),
     ("v100", 125e12),
@@ -91,15 +94,21 @@ def mfu(flops_per_token: float, tokens_per_s: float, num_devices: int, peak: flo
   return flops_per_token * tokens_per_s / (peak * num_devices)
 
 
+def device_memory_stats(device) -> dict:
+  """The allocator's statistics of one device (bytes_in_use, peak_bytes_in_use, bytes_limit, ...);
+  empty when the backend reports none (CPU)."""
+  try:
+    return device.memory_stats() or {}
+  except Exception:  # some backends raise instead of returning None
+    return {}
+
+
 def memory_stats() -> dict[str, float]:
   """In-use, peak and headroom GB of the fullest local device (empty when the backend reports none)."""
   best = None
   for d in jax.local_devices():
-    try:
-      s = d.memory_stats()
-    except Exception:  # noqa: BLE001 - some backends raise instead of returning None
-      s = None
-    if not s or "bytes_in_use" not in s:
+    s = device_memory_stats(d)
+    if "bytes_in_use" not in s:
       continue
     if best is None or s["bytes_in_use"] > best["bytes_in_use"]:
       best = s

@@ -1,71 +1,45 @@
 """Training-step benchmark: compile time, step time, tokens/s, MFU, peak memory and data wait.
 
-    python -m llm_jax.bench --config=configs/gpt_small.py [--steps 10] [--synthetic]
-    python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --sweep \
-        --sweep_batches=16,32,48 --sweep_remat=none,dots_no_batch
-    python -m llm_jax.bench --config=configs/gpt_small.py --synthetic \
-        --variant='model.scan_layers=True' --variant='model.scan_layers=False'
-
 It times the real step (`llm_jax.train.step.train_step`: AdamW, clipping, the non-finite guard,
 microbatch accumulation) jitted as the training loop jits it (explicit shardings, donated state).
-Data is the prepared corpus through `TrainLoader` by default, prefetched to the device by a thread;
-`--synthetic` uses random tokens already on the device. `--config.train.profile_steps=START,STOP`
-writes a profiler trace of those steps (counted from 0, the compiling step) to `<workdir>/tb`.
-Every row goes to a JSON file (`--json`, default runs/bench/<config>-<time>.json).
+Data is the prepared corpus through `TrainLoader` by default, placed on the devices by the training
+loop's prefetch thread; `synthetic=True` uses random tokens already on the device. The config's
+`train.profile_steps=START,STOP` writes a profiler trace of those steps (counted from 0, the compiling
+step) to `<workdir>/tb`. MFU uses the peak table of `llm_jax.train.metrics` (the loop's).
 """
 from __future__ import annotations
 
-import datetime
 import functools
 import itertools
-import json
 import logging
 import os
-import queue
 import statistics
-import threading
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
 import jax
 import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
+from llm_jax.data.loader import TrainLoader
+from llm_jax.data.prepare import prepare
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import profiling
+from llm_jax.train.prefetch import Prefetcher
 from llm_jax.train.state import create_state
 from llm_jax.train.step import train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt_small.py.",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the compiling step and the warm-up).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling step.")
-_SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Random tokens on the device instead of real data.")
-_SWEEP = flags.DEFINE_bool("sweep", False, "Sweep batch per pass x remat policy; print one table.")
-_SWEEP_BATCHES = flags.DEFINE_string(
-    "sweep_batches", "", "Rows per forward/backward pass (train.global_batch_size / microbatches); "
-    "empty: half, one and two times the config's.")
-_SWEEP_REMAT = flags.DEFINE_string("sweep_remat", "none,dots_no_batch,full", "Remat policies to sweep.")
-_VARIANT = flags.DEFINE_multi_string(
-    "variant", [], "A space-separated list of key=value config overrides; each --variant is a row.")
-_JSON = flags.DEFINE_string("json", "", "Where to write the results (default runs/bench/...).")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Profiles go to <workdir>/tb.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense bf16 TFLOP/s per device for MFU; "
-                                  "0: known devices (H100/H200 989, A100 312), else no MFU.")
-
-_PEAKS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 _STEP_KEYS = ("inputs", "targets", "segment_ids", "weights")
 
 
 def peak_flops_per_device(device: jax.Device, override_tflops: float = 0.0) -> float | None:
-  """Dense bf16 peak of one device in FLOP/s (None when unknown)."""
+  """Dense bf16 peak of one device in FLOP/s (`llm_jax.train.metrics.PEAK_FLOPS`; None when unknown)."""
   if override_tflops:
     return override_tflops * 1e12
-  kind = getattr(device, "device_kind", "")
-  return next((peak for name, peak in _PEAKS if name in kind), None)
+  return metrics_lib.peak_flops(getattr(device, "device_kind", ""), getattr(device, "platform", ""))
 
 
 class _SyntheticBatches:
@@ -92,13 +66,9 @@ class _SyntheticBatches:
 
 
 class _LoaderBatches:
-  """Prepared data through TrainLoader; a thread loads and places batches `depth` steps ahead."""
+  """Prepared data through TrainLoader; a prefetch thread loads and places batches `depth` steps ahead."""
 
   def __init__(self, config, mesh, depth: int = 2):
-    from llm_jax.data.loader import TrainLoader
-    from llm_jax.data.prepare import prepare
-    from llm_jax.data.tokenizer import Tokenizer
-
     prepared = prepare(config)
     self.vocab_size = Tokenizer.load(prepared.tokenizer_path).vocab_size
     tr, d = config.train, config.data
@@ -108,44 +78,20 @@ class _LoaderBatches:
                               window_offsets=d.window_offsets)
     self.mesh = mesh
     self.produce_s: list[float] = []
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, daemon=True)
-    self._thread.start()
+    self._prefetch = Prefetcher(self._produce, depth=depth)
 
-  def _run(self):
-    try:
-      while not self._stop.is_set():
-        t = time.perf_counter()
-        local = next(self.loader)
-        local = {k: v for k, v in local.items() if k in _STEP_KEYS}
-        batch = sharding_lib.global_batch(local, self.mesh)
-        self.produce_s.append(time.perf_counter() - t)
-        while not self._stop.is_set():
-          try:
-            self._queue.put(batch, timeout=0.1)
-            break
-          except queue.Full:
-            continue
-    except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
-      self._queue.put(e)
+  def _produce(self):
+    t = time.perf_counter()
+    local = {k: v for k, v in next(self.loader).items() if k in _STEP_KEYS}
+    batch = sharding_lib.global_batch(local, self.mesh)
+    self.produce_s.append(time.perf_counter() - t)
+    return batch
 
   def next(self):
-    item = self._queue.get()
-    if isinstance(item, Exception):
-      raise item
-    return item
+    return self._prefetch.get()[0]
 
   def close(self):
-    self._stop.set()
-    self._thread.join(timeout=5)
-
-
-def _memory_stats(device) -> dict:
-  try:
-    return device.memory_stats() or {}
-  except Exception:  # noqa: BLE001 - CPU and some plugins have none
-    return {}
+    self._prefetch.close()
 
 
 def _program_bytes(compiled) -> int | None:
@@ -154,7 +100,7 @@ def _program_bytes(compiled) -> int | None:
     m = compiled.memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                - m.alias_size_in_bytes)
-  except Exception:  # noqa: BLE001 - not every backend reports it
+  except Exception:  # not every backend reports it
     return None
 
 
@@ -214,9 +160,8 @@ def measure(config, *, steps: int, warmup: int, synthetic: bool, workdir: str = 
   flops_per_token = model_cfg.flops_per_token(tr.seq_len)
   device = jax.devices()[0]
   peak = peak_flops_per_device(device, peak_tflops)
-  mfu = flops_per_token * tokens_per_s / (peak * jax.device_count()) if peak else None
-  stats = _memory_stats(jax.local_devices()[0])
-  peak_bytes = stats.get("peak_bytes_in_use")
+  mfu = metrics_lib.mfu(flops_per_token, tokens_per_s, jax.device_count(), peak)
+  peak_gib = metrics_lib.memory_stats().get("memory_peak_gb")  # the fullest local device
   program_bytes = _program_bytes(compiled)
   micro = max(1, int(tr.microbatches))
   return {
@@ -247,7 +192,7 @@ def measure(config, *, steps: int, warmup: int, synthetic: bool, workdir: str = 
       "tokens_per_s": round(tokens_per_s, 1),
       "flops_per_token": flops_per_token,
       "mfu": round(mfu, 4) if mfu is not None else None,
-      "peak_memory_gib": round(peak_bytes / 2**30, 2) if peak_bytes else None,
+      "peak_memory_gib": round(peak_gib, 2) if peak_gib else None,
       "program_memory_gib": round(program_bytes / 2**30, 2) if program_bytes else None,
       "losses": losses,
       "timed_steps": len(step_s),
@@ -298,7 +243,7 @@ def run_rows(base_config, override_sets: list[dict], **kwargs) -> list[dict]:
     try:
       row = measure(config, **kwargs)
       row["status"] = "ok"
-    except Exception as e:  # noqa: BLE001 - one failing row must not lose the others
+    except Exception as e:  # one failing row must not lose the others
       if not (_is_oom(e) or len(override_sets) > 1):
         raise
       logging.exception("bench row %s failed", label)
@@ -351,37 +296,3 @@ def format_summary(row: dict) -> str:
       f"peak memory       {row['peak_memory_gib']} GiB (allocator), "
       f"{row['program_memory_gib']} GiB (XLA estimate)",
   ])
-
-
-def _default_json_path(config_path: str) -> str:
-  stem = os.path.splitext(os.path.basename(config_path or "config"))[0]
-  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-  return os.path.join("runs", "bench", f"{stem}-{stamp}.json")
-
-
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  override_sets = [parse_variant(v) for v in _VARIANT.value] or [{}]
-  if _SWEEP.value:
-    sweep = sweep_overrides(config, _SWEEP_BATCHES.value, _SWEEP_REMAT.value)
-    override_sets = [{**v, **s} for v in override_sets for s in sweep]
-  rows = run_rows(config, override_sets, steps=_STEPS.value, warmup=_WARMUP.value,
-                  synthetic=_SYNTHETIC.value, workdir=_WORKDIR.value, peak_tflops=_PEAK_TFLOPS.value)
-  path = _JSON.value or _default_json_path(flags.FLAGS["config"].config_filename)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  record = {"config": flags.FLAGS["config"].config_filename, "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": datetime.datetime.now().isoformat(),
-            "rows": rows}
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1)
-  os.replace(path + ".tmp", path)
-  if len(rows) == 1:
-    print(format_summary(rows[0]))
-  print(format_table(rows))
-  print(f"results: {path}")
-
-
-if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)

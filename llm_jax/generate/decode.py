@@ -1,11 +1,5 @@
-"""KV-cache decoding: prefill, a jitted decode loop over a preallocated cache, and sampling.
-
-Greedy, temperature, top-k, top-p, repetition penalty, stop sequences, max new tokens, per-row seeds
-and log-probabilities of the chosen tokens. Prompts of different lengths share a batch: they are
-right-padded, and each row's decode continues at its own position.
-
-    python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8 --top_p=0.9]
-    python -m llm_jax.generate --workdir=runs/tiny --prompt "The "
+"""Decoding: the per-row DecodeState, prefill, one decode step, and the jitted start / decode_chunk /
+decode_loop over a preallocated KV cache; batches padded to bucketed shapes; mesh helpers.
 
 Conventions: the token sampled at step i of a row sits at position len(prompt) + i; a row stops at
 EOS (not emitted), after its max new tokens, or when its next position would pass max_seq_len.
@@ -16,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from llm_jax.generate.sampling import SamplingParams, all_greedy, chosen_logprob, sample, sampling_arrays
 from llm_jax.model import quantize
-from llm_jax.model import Decoder, ModelConfig, constraint_mesh, unstack_layers
+from llm_jax.model import Decoder, ModelConfig, constraint_mesh
 
 EOS_ID = 2
 PAD_ID = 0
@@ -35,34 +29,6 @@ MIN_SPAN = 128  # the shortest cache span decode attends over (spans are powers 
 # A single sequence is decoded as a batch of two (the second row idle): XLA rewrites [1, D] x [D, F]
 # products as multiply + reduce, which on GPUs is slower than the [2, D] gemm (docs/serving.md).
 MIN_ROWS = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How one sequence is sampled. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  repetition_penalty: float = 1.0
-  max_new_tokens: int = 64
-  stop: tuple[str, ...] = ()
-  seed: int = 0
-
-  def __post_init__(self):
-    if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-      raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
-    if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
-    if not self.repetition_penalty > 0:
-      raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-    if isinstance(self.stop, str):
-      object.__setattr__(self, "stop", (self.stop,))
-    if any(not s for s in self.stop):
-      raise ValueError("stop sequences must be non-empty strings")
 
 
 @struct.dataclass
@@ -79,75 +45,6 @@ class DecodeState:
   top_k_B: jax.Array
   top_p_B: jax.Array
   penalty_B: jax.Array
-
-
-@dataclasses.dataclass
-class Generation:
-  """One finished sequence: new token ids, their log-probs, why it stopped, and text if decoded."""
-  tokens: list[int]
-  logprobs: list[float]
-  finish_reason: str  # "stop" (EOS or a stop sequence) | "length"
-  text: str | None = None
-
-
-# ------------------------------------------------------------------ sampling
-
-
-def top_k_top_p_mask(logits_BV, top_k_B, top_p_B):
-  """Bool mask of the tokens kept by top-k (0 = off) and then top-p (1 = off), per row."""
-  v = logits_BV.shape[-1]
-  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, v), v)
-  rank_V = jnp.arange(v)
-  in_k_BV = rank_V[None, :] < k_B[:, None]
-  probs_BV = jax.nn.softmax(jnp.where(in_k_BV, sorted_BV, -jnp.inf), axis=-1)
-  mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-  keep_BV = in_k_BV & (mass_before_BV < top_p_B[:, None])
-  n_keep_B = jnp.maximum(keep_BV.sum(-1), 1)
-  threshold_B = jnp.take_along_axis(sorted_BV, (n_keep_B - 1)[:, None], axis=-1)
-  return logits_BV >= threshold_B
-
-
-def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
-  """CTRL-style: logits of seen tokens are divided by the penalty when positive, multiplied if not."""
-  p = penalty_B[:, None]
-  penalized = jnp.where(logits_BV > 0, logits_BV / p, logits_BV * p)
-  return jnp.where(seen_BV, penalized, logits_BV)
-
-
-def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_BV):
-  """Next token per row: argmax at temperature 0, else a draw from the filtered, tempered softmax.
-
-  One batch-level branch: argmax only when no row samples (no random draw over the vocabulary);
-  a plain draw when no row sets top-k/top-p (no sort); the filtered draw otherwise.
-  """
-  logits_BV = apply_repetition_penalty(logits_BV, seen_BV, penalty_B)
-
-  def greedy(x_BV):
-    return jnp.argmax(x_BV, axis=-1).astype(jnp.int32)
-
-  def draw(x_BV, filtered: bool):
-    scaled_BV = x_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    if filtered:
-      scaled_BV = jnp.where(top_k_top_p_mask(scaled_BV, top_k_B, top_p_B), scaled_BV, -jnp.inf)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
-    return jnp.where(temperature_B > 0, drawn_B, greedy(x_BV)).astype(jnp.int32)
-
-  needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
-  branch = jnp.where(jnp.any(temperature_B > 0), jnp.where(needs_filter, 2, 1), 0)
-  return jax.lax.switch(branch, [greedy, functools.partial(draw, filtered=False),
-                                 functools.partial(draw, filtered=True)], logits_BV)
-
-
-def chosen_logprob(logits_BV, tok_B):
-  """log_softmax(logits)[tok] per row, without writing the [B, V] log-probabilities."""
-  max_B1 = jax.lax.stop_gradient(jnp.max(logits_BV, axis=-1, keepdims=True))
-  shifted_BV = logits_BV - max_B1
-  lse_B = jnp.log(jnp.sum(jnp.exp(shifted_BV), axis=-1))
-  return jnp.take_along_axis(shifted_BV, tok_B[:, None], axis=-1)[:, 0] - lse_B
-
-
-# ------------------------------------------------------------------ jitted pieces
 
 
 def _model(cfg: ModelConfig, span: int = 0) -> Decoder:
@@ -340,7 +237,7 @@ def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, max_steps: int,
   return state, outs
 
 
-# ------------------------------------------------------------------ host-side helpers
+# ------------------------------------------------------------------ batches and meshes
 
 
 def shard_params(params, cfg: ModelConfig, mesh, rules):
@@ -391,22 +288,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> tuple[np.
   return tokens, lengths
 
 
-def all_greedy(sampling: Sequence[SamplingParams]) -> bool:
-  """Every row greedy without a repetition penalty: the decode loops may take the argmax-only step."""
-  return all(s.temperature == 0 and s.repetition_penalty == 1 for s in sampling)
-
-
-def sampling_arrays(sampling: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
-  """Per-row arrays for `start` from a list of SamplingParams."""
-  return dict(
-      seeds_B=np.array([s.seed for s in sampling], np.uint32),
-      max_new_B=np.array([s.max_new_tokens for s in sampling], np.int32),
-      temperature_B=np.array([s.temperature for s in sampling], np.float32),
-      top_k_B=np.array([s.top_k for s in sampling], np.int32),
-      top_p_B=np.array([s.top_p for s in sampling], np.float32),
-      penalty_B=np.array([s.repetition_penalty for s in sampling], np.float32))
-
-
 @dataclasses.dataclass
 class Batch:
   """Prompts made ready for `start` and the decode loops: padded to a bucketed width and to at
@@ -445,217 +326,3 @@ def make_batch(prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingPara
   steps = bucket(min(int(max_new.max()), cfg.max_seq_len), cfg.max_seq_len, minimum=16)
   return Batch(tokens_BL, lengths_B, arrays, rows, steps, decode_span(last, cfg),
                all_greedy(sampling))
-
-
-def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
-             sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
-             tokenizer=None, eos_id: int = EOS_ID, vocab_limit: int | None = None,
-             top_n: int = 0) -> list[Generation]:
-  """Decodes a batch of token prompts in one jitted loop; with a tokenizer, also text cut at stops.
-
-  Ids >= vocab_limit (default: the tokenizer's size) are never sampled (padded embedding rows).
-  """
-  if vocab_limit is None and tokenizer is not None:
-    vocab_limit = tokenizer.vocab_size
-  if isinstance(sampling, SamplingParams):
-    sampling = [sampling] * len(prompts)
-  batch = make_batch(prompts, sampling, cfg)
-  _, outs = decode_loop(params, batch.start(params, cfg), cfg=cfg, max_steps=batch.max_steps,
-                        eos_id=eos_id, vocab_limit=vocab_limit, top_n=top_n, greedy=batch.greedy,
-                        span=batch.span)
-  outs = jax.device_get(outs)
-  results = []
-  for i, sp in enumerate(sampling):
-    n = int(outs["emitted"][i].sum())
-    toks = [int(t) for t in outs["token"][i, :n]]
-    lps = [float(x) for x in outs["logprob"][i, :n]]
-    reason = "stop" if outs["eos"][i].any() else "length"
-    gen = Generation(toks, lps, reason)
-    if tokenizer is not None:
-      stream = TextStream(tokenizer, sp.stop)
-      kept = 0
-      for t in toks:
-        stream.push(t)
-        if stream.finished:
-          break
-        kept += 1
-      stream.close()
-      if stream.finished:  # a stop sequence: drop the tokens from the one that completed it
-        gen = Generation(toks[:kept], lps[:kept], "stop")
-      gen.text = stream.text
-    results.append(gen)
-  return results
-
-
-def stream(params, cfg: ModelConfig, tokenizer, prompt_ids: Sequence[int], sampling: SamplingParams,
-           *, eos_id: int = EOS_ID, chunk: int = 1) -> Iterator[str]:
-  """Yields text pieces of one completion as they are decoded (for terminals); honours stops."""
-  batch = make_batch([prompt_ids], [sampling], cfg)
-  state = batch.start(params, cfg)
-  text = TextStream(tokenizer, sampling.stop)
-  alive = np.arange(batch.tokens_BL.shape[0]) < 1
-  while True:
-    state, outs = decode_chunk(params, state, alive, cfg=cfg, steps=chunk, eos_id=eos_id,
-                               vocab_limit=tokenizer.vocab_size, greedy=batch.greedy,
-                               span=batch.span)
-    outs = jax.device_get(outs)
-    for j in range(chunk):
-      if outs["emitted"][0, j]:
-        piece = text.push(int(outs["token"][0, j]))
-        if piece:
-          yield piece
-        if text.finished:
-          return
-    if not bool(jax.device_get(state.active_B)[0]):
-      break
-  rest = text.close()
-  if rest:
-    yield rest
-
-
-class TextStream:
-  """Incremental detokenization: push token ids, get the text that is safe to show so far.
-
-  Holds back an incomplete UTF-8 byte sequence, any tail that could still become a stop sequence,
-  and `hold_chars` more characters (so that an output filter can see text before a client does).
-  `check(text) -> index | None` cuts the text at the returned index (a blocked output).
-  """
-
-  def __init__(self, tokenizer, stop: Sequence[str] = (), hold_chars: int = 0,
-               check: Callable[[str], int | None] | None = None):
-    self.tokenizer = tokenizer
-    self.stop = tuple(s for s in stop if s)
-    self.hold_chars = hold_chars
-    self.check = check
-    self.ids: list[int] = []
-    self.text = ""  # decoded text (cut at a stop or a blocked match when finished)
-    self.emitted = 0  # characters of `text` already returned
-    self.finished = False
-    self.reason: str | None = None  # "stop" or "blocked" when finished here
-
-  def push(self, token_id: int) -> str:
-    """Adds one id; returns newly safe text ('' when nothing is safe yet or after finishing)."""
-    if self.finished:
-      return ""
-    self.ids.append(int(token_id))
-    self.text = self.tokenizer.decode(self.ids)
-    if self._cut():
-      return self._take(len(self.text))
-    safe = len(self.text) - _pending_replacement(self.text)
-    safe = min(safe, len(self.text) - _stop_prefix_len(self.text, self.stop)) - self.hold_chars
-    return self._take(safe)
-
-  def close(self) -> str:
-    """The end of the sequence: run the final checks and return the text still held back."""
-    if not self.finished:
-      self._cut()
-    return self._take(len(self.text))
-
-  def _cut(self) -> bool:
-    cut = None
-    start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
-    for s in self.stop:
-      i = self.text.find(s, start)
-      if i >= 0 and (cut is None or i < cut):
-        cut, self.reason = i, "stop"
-    if self.check is not None:
-      j = self.check(self.text)
-      if j is not None and (cut is None or j <= cut):
-        cut, self.reason = j, "blocked"
-    if cut is None:
-      return False
-    self.text = self.text[:max(cut, self.emitted)]
-    self.finished = True
-    return True
-
-  def _take(self, upto: int) -> str:
-    if upto <= self.emitted:
-      return ""
-    piece = self.text[self.emitted:upto]
-    self.emitted = upto
-    return piece
-
-
-def _pending_replacement(text: str) -> int:
-  """Trailing U+FFFD characters: bytes of a character whose remaining bytes have not arrived."""
-  n = len(text) - len(text.rstrip("\ufffd"))
-  return min(n, 3)
-
-
-def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
-  """Length of the longest tail of `text` that is a proper prefix of some stop sequence."""
-  best = 0
-  for s in stops:
-    for k in range(min(len(s) - 1, len(text)), best, -1):
-      if text.endswith(s[:k]):
-        best = k
-        break
-  return best
-
-
-# ------------------------------------------------------------------ CLI
-
-
-def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
-  return tuple(v.encode("utf-8").decode("unicode_escape") for v in values if v)
-
-
-def main(argv=None) -> int:
-  """The CLI: load a package or a workdir, stream one completion per prompt to stdout."""
-  import argparse
-  import sys
-  import time
-
-  from llm_jax import package as package_lib
-
-  ap = argparse.ArgumentParser(prog="python -m llm_jax.generate", description=main.__doc__)
-  src = ap.add_mutually_exclusive_group(required=True)
-  src.add_argument("--package", help="an exported model package directory")
-  src.add_argument("--workdir", help="a training run directory (latest checkpoint unless --step)")
-  ap.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir")
-  ap.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
-  ap.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=64)
-  ap.add_argument("--temperature", type=float, default=0.0)
-  ap.add_argument("--top_k", "--top-k", type=int, default=0)
-  ap.add_argument("--top_p", "--top-p", type=float, default=1.0)
-  ap.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=1.0)
-  ap.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable; \\n ok)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--no_prefix", "--no-prefix", action="store_true",
-                  help="do not put the document separator (EOS, as in training) before the prompt")
-  ap.add_argument("--dtype", default=None, help="compute dtype (default: float32 on CPU, else bf16)")
-  args = ap.parse_args(argv)
-
-  t0 = time.time()
-  if args.package:
-    loaded = package_lib.load_package(args.package, compute_dtype=args.dtype)
-  else:
-    from llm_jax import export
-    loaded = export.load_workdir(args.workdir, step=args.step, compute_dtype=args.dtype)
-  try:
-    sp = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty,
-                        max_new_tokens=args.max_new_tokens, stop=_parse_stop(args.stop),
-                        seed=args.seed)
-  except ValueError as e:
-    ap.error(str(e))
-  loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config)
-  print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
-  for prompt in args.prompt:
-    ids = loaded.tokenizer.encode(prompt)
-    if not args.no_prefix:
-      ids = loaded.prompt_prefix + ids
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    t1, n = time.time(), 0
-    for piece in stream(loaded.params, loaded.model_config, loaded.tokenizer, ids, sp):
-      sys.stdout.write(piece)
-      sys.stdout.flush()
-      n += 1
-    sys.stdout.write("\n")
-    print(f"[{time.time() - t1:.2f}s]", file=sys.stderr)
-  return 0
-
-
-if __name__ == "__main__":
-  raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""KV-cache decoding: prefill, a jitted decode loop over a preallocated cache, sampling and text.
+
+Greedy, temperature, top-k, top-p, repetition penalty, stop sequences, max new tokens, per-row seeds
+and log-probabilities of the chosen tokens. Prompts of different lengths share a batch: they are
+right-padded, and each row's decode continues at its own position.
+
+    sampling.py  SamplingParams, top-k/top-p masks, the repetition penalty, the draw, log-probs
+    decode.py    DecodeState, prefill, the decode step, start / decode_chunk / decode_loop, batches
+                 padded to bucketed shapes (make_batch), mesh helpers for tensor-parallel decoding
+    stream.py    TextStream (incremental detokenization, stops), stream() and generate()
+    __main__.py  python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8]
+
+Conventions: the token sampled at step i of a row sits at position len(prompt) + i; a row stops at
+EOS (not emitted), after its max new tokens, or when its next position would pass max_seq_len.
+Log-probabilities are of the model's own distribution (before penalty, temperature and filters).
+"""
+from llm_jax.generate.decode import (EOS_ID, MIN_PREFILL, MIN_ROWS, MIN_SPAN, PAD_ID, Batch,
+                                     DecodeState, bucket, decode_chunk, decode_loop, decode_span,
+                                     empty_cache, empty_state, make_batch, mesh_context, pad_prompts,
+                                     shard_params, start)
+# The unjitted prefill and parameter dequantization, for callers that fuse them into their own jitted
+# functions (llm_jax.serve.engine admits one row into a running batch with them).
+from llm_jax.generate.decode import _float_params as _float_params, _start as _start
+from llm_jax.generate.sampling import (SamplingParams, all_greedy, apply_repetition_penalty,
+                                       chosen_logprob, sample, sampling_arrays, top_k_top_p_mask)
+from llm_jax.generate.stream import Generation, TextStream, generate, stream
+
+__all__ = [
+    "EOS_ID", "MIN_PREFILL", "MIN_ROWS", "MIN_SPAN", "PAD_ID", "Batch", "DecodeState", "Generation",
+    "SamplingParams", "TextStream", "all_greedy", "apply_repetition_penalty", "bucket",
+    "chosen_logprob", "decode_chunk", "decode_loop", "decode_span", "empty_cache", "empty_state",
+    "generate", "make_batch", "mesh_context", "pad_prompts", "sample", "sampling_arrays",
+    "shard_params", "start", "stream", "top_k_top_p_mask",
+]
