@@ -84,9 +84,16 @@ def parse_step(text: str | None) -> int | str | None:
     raise UsageError(f"--step={text!r} is not a step number, 'latest' or 'best'") from None
 
 
+_HELP = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
+  except SystemExit:  # absl exits 1 after printing --help; asking for help is not a failure
+    if any(a in _HELP for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:
     print(f"usage error: {e}\nRun with --help for the flags.", file=sys.stderr)
     sys.exit(EXIT_USAGE)

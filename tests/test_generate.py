@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params(cfg, seed=0):
-  from llm_jax.export import init_params
+  from llm_jax.model.params import init_params
   return init_params(cfg, seed)
 
 
@@ -238,7 +238,7 @@ def _cli(*args):
 
 
 def test_cli_streams_from_package(tmp_path, params, tok):
-  from llm_jax import package
+  from llm_jax.artifacts import package
   package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
   proc = _cli("--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8")
   assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,8 +15,7 @@ from typing import Sequence
 from absl import flags
 
 from llm_jax import cli
-from llm_jax import export
-from llm_jax import package as package_lib
+from llm_jax.artifacts import open_model
 from llm_jax.generate.sampling import SamplingParams
 from llm_jax.generate.stream import stream
 from llm_jax.model import unstack_layers
@@ -24,7 +23,7 @@ from llm_jax.model import unstack_layers
 _PACKAGE = flags.DEFINE_string("package", None, "An exported model package directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory (latest checkpoint unless "
                                "--step).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of --workdir.")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step of --workdir, or 'best' (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat the flag for several).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
@@ -36,16 +35,10 @@ _STOP = flags.DEFINE_multi_string("stop", [], "Stop sequence (repeatable; escape
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _NO_PREFIX = flags.DEFINE_bool("no_prefix", False, "Do not put the document separator (EOS, as in "
                                "training) before the prompt.")
-_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: float32 on CPU, else bfloat16).")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on "
+                           "CPU, else bfloat16).")
 flags.mark_flags_as_mutual_exclusive(["package", "workdir"], required=True)
 flags.mark_flag_as_required("prompt")
-
-
-def open_model(package: str | None, workdir: str | None, step: int | None, dtype: str | None):
-  """The model of a package or of a run directory's checkpoint (params, model_config, tokenizer)."""
-  if package:
-    return package_lib.load_package(package, compute_dtype=dtype)
-  return export.load_workdir(workdir, step=step, compute_dtype=dtype)
 
 
 def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
@@ -63,7 +56,8 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     raise cli.UsageError(str(e)) from e
   t0 = time.time()
-  loaded = open_model(_PACKAGE.value, _WORKDIR.value, _STEP.value, _DTYPE.value)
+  loaded = open_model(_PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value),
+                      dtype=_DTYPE.value or "auto")
   params, cfg = unstack_layers(loaded.params, loaded.model_config)  # one buffer per layer: faster
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
   for prompt in _PROMPT.value:
