@@ -84,6 +84,7 @@ def _llama(torch, path, seed=0, **kw):
 # ----------------------------------------------------------------------------- import
 
 
+@pytest.mark.slow
 def test_gpt2_checkpoint_reads_with_equal_logits(torch, tmp_path):
   model = _gpt2(torch, tmp_path)
   assert hf.is_hf_dir(str(tmp_path))
@@ -184,6 +185,7 @@ def sp_tokenizer(tmp_path_factory):
 
 
 @pytest.mark.parametrize("family", sorted(EXPORT_CASES))
+@pytest.mark.slow
 def test_export_loads_in_transformers_with_equal_logits_and_reads_back_bitwise(torch, tmp_path, family,
                                                                                sp_tokenizer):
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -315,3 +317,21 @@ def test_sentencepiece_model_with_llama2_special_ids(tmp_path):
 def test_missing_tokenizer_is_named(tmp_path):
   with pytest.raises(hf_tokenizer.DataError, match="neither tokenizer.json nor tokenizer.model"):
     hf_tokenizer.load_tokenizer(str(tmp_path))
+
+
+def test_rope_scaling_from_config_and_checked():
+  from llm_jax import config as config_lib
+  from llm_jax.model import transformer
+  c = config_lib.load("configs/tiny.py", ["model.positions=rope", "model.norm=rmsnorm",
+                                          "model.activation=swiglu"])
+  plain = ModelConfig.from_config(c, tokenizer_size=100, platform="cpu")
+  assert plain.rope_scaling == "none" and transformer.rope_scaled_frequencies(plain) is None
+  config_lib.set_key(c, "model.rope_scaling", "linear")
+  config_lib.set_key(c, "model.rope_scaling_factor", "4.0")
+  scaled = ModelConfig.from_config(c, tokenizer_size=100, platform="cpu")
+  h = scaled.head_dim
+  np.testing.assert_allclose(transformer.rope_scaled_frequencies(scaled),
+                             1.0 / (10_000.0 ** (np.arange(0, h, 2) / h)) / 4.0, rtol=1e-6)
+  config_lib.set_key(c, "model.rope_scaling", "yarn")
+  with pytest.raises(config_lib.ConfigError, match="model.rope_scaling"):
+    config_lib.validate(c)
