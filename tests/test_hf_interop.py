@@ -88,11 +88,36 @@ def _llama(torch, path, seed=0, **kw):
 def test_gpt2_checkpoint_reads_with_equal_logits(torch, tmp_path):
   model = _gpt2(torch, tmp_path)
   assert hf.is_hf_dir(str(tmp_path))
-  params, cfg, tok, prov = hf.read_hf(str(tmp_path), require_tokenizer=False)
+  with pytest.raises(hf.HFError, match="has no tokenizer"):
+    hf.read_hf(str(tmp_path))
+  raw = _byte_level_bpe(tmp_path)
+  params, cfg, tok, prov = hf.read_hf(str(tmp_path))
   assert (cfg.positions, cfg.norm, cfg.activation, cfg.norm_eps) == ("learned", "layernorm", "gelu", 3e-5)
-  assert cfg.tie_embeddings and tok is None and prov["architecture"] == "GPT2LMHeadModel"
+  assert cfg.tie_embeddings and prov["architecture"] == "GPT2LMHeadModel"
+  assert isinstance(tok, hf_tokenizer.HFTokenizer) and tok.eos_id == raw.token_to_id("<|endoftext|>")
+  assert prov["prompt_prefix"] == [tok.eos_id] and prov["tokenizer_sha256"] == tok.sha256
   assert params["blocks"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
   np.testing.assert_allclose(_our_logits(params, cfg), _torch_logits(torch, model), atol=1e-4, rtol=0)
+
+
+def test_gpt2_state_dict_without_prefix_and_mask_buffers(tmp_path):
+  """The layout of the original GPT-2 uploads: bare GPT2Model names, causal-mask buffers beside them."""
+  rnd = np.random.default_rng(0)
+  cfg = ModelConfig(**EXPORT_CASES["gpt2"])
+  params = jax.tree.map(lambda x: rnd.normal(size=x.shape).astype(np.float32),
+                        nn.meta.unbox(jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0),
+                                                     jnp.zeros((1, 4), jnp.int32))["params"]))
+  hf.write_hf(str(tmp_path), params, cfg, None)
+  from safetensors.numpy import load_file, save_file
+  tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+  tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+  save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  back, _, _, _ = hf.read_hf(str(tmp_path), require_tokenizer=False)
+  jax.tree.map(np.testing.assert_array_equal, params, back)
+  del tensors["h.1.mlp.c_fc.bias"]
+  save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(hf.HFError, match="tensor transformer.h.1.mlp.c_fc.bias is missing"):
+    hf.read_hf(str(tmp_path), require_tokenizer=False)
 
 
 LLAMA_CASES = {
@@ -109,7 +134,9 @@ LLAMA_CASES = {
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_llama_checkpoint_reads_with_equal_logits(torch, tmp_path, case):
   model = _llama(torch, tmp_path, **LLAMA_CASES[case])
-  params, cfg, _, _ = hf.read_hf(str(tmp_path), require_tokenizer=False)
+  raw = _byte_level_bpe(tmp_path, llama3=True)
+  params, cfg, tok, prov = hf.read_hf(str(tmp_path))
+  assert prov["prompt_prefix"] == [raw.token_to_id("<|begin_of_text|>")] == tok.prompt_prefix
   assert (cfg.positions, cfg.norm, cfg.activation) == ("rope", "rmsnorm", "swiglu")
   assert cfg.rope_theta == 5000.0 and cfg.norm_eps == 1e-5
   assert cfg.rope_scaling == LLAMA_CASES[case]["rope_scaling"]["rope_type"]
