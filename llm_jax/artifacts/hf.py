@@ -164,7 +164,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
   with jax.default_device(jax.devices("cpu")[0]):  # bfloat16 goes through jax; keep it on the host
     for file in weight_files(path):
       with safe_open(file, framework="flax") as f:
-        for name in f.keys():
+        for name in f.keys():  # safe_open is no dict: keys() is its API
           out[name] = np.asarray(jax.device_get(f.get_tensor(name))).astype(np.float32)
   return out
 

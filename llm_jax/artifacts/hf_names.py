@@ -6,7 +6,7 @@ conversion is a transpose and a reshape, so both directions are exact.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

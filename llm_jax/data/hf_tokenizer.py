@@ -18,7 +18,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -105,7 +106,7 @@ class HFTokenizer:
     return int(fallback) if fallback is not None and fallback >= 0 else -1
 
   @classmethod
-  def load(cls, path: str, special_ids: dict[str, int] | None = None) -> "HFTokenizer":
+  def load(cls, path: str, special_ids: dict[str, int] | None = None) -> HFTokenizer:
     """Loads tokenizer.json (a file, or a directory holding it and its tokenizer_config.json)."""
     directory, file = (path, os.path.join(path, TOKENIZER_JSON)) if os.path.isdir(path) else (
         os.path.dirname(path) or ".", path)
