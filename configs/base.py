@@ -67,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.max_seq_len = 256  # positions the model supports (learned table size, RoPE range)
   m.positions = "learned"  # learned | rope
   m.rope_theta = 10_000.0
+  m.rope_scaling = "none"  # none | linear (frequencies / factor) | llama3 (LLaMA 3.1 frequency bands)
+  m.rope_scaling_factor = 1.0
+  m.rope_low_freq_factor = 1.0  # llama3: wavelengths above original_max_len / this are divided by factor
+  m.rope_high_freq_factor = 4.0  # llama3: wavelengths below original_max_len / this are kept
+  m.rope_original_max_len = 8192  # llama3: the context length the unscaled model was trained for
   m.norm = "layernorm"  # layernorm | rmsnorm
   m.norm_eps = 1e-5
   m.activation = "gelu"  # gelu | swiglu

@@ -135,6 +135,7 @@ def validate(config, num_devices: int | None = None) -> None:
   m, tr, s = config.model, config.train, config.sharding
   _choice("model.positions", m.positions, ("learned", "rope"))
   _choice("model.norm", m.norm, ("layernorm", "rmsnorm"))
+  _choice("model.rope_scaling", m.get("rope_scaling", "none"), ("none", "linear", "llama3"))
   _choice("model.activation", m.activation, ("gelu", "swiglu"))
   _choice("model.dtype", m.dtype, ("auto", "bfloat16", "float32"))
   _choice("model.attention", m.attention, ("auto", "cudnn", "xla"))

@@ -19,6 +19,14 @@ class ModelConfig:
   max_seq_len: int
   positions: str = "learned"
   rope_theta: float = 10_000.0
+  # RoPE frequency scaling (imported long-context checkpoints): "none"; "linear" (every frequency / factor);
+  # "llama3" (LLaMA 3.1: wavelengths above original_max_len / low_freq_factor divided by factor, below
+  # original_max_len / high_freq_factor kept, smoothly interpolated between).
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
   norm: str = "layernorm"
   norm_eps: float = 1e-5
   activation: str = "gelu"
@@ -61,6 +69,11 @@ class ModelConfig:
         vocab_size=int(vocab), num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
         num_kv_heads=m.num_kv_heads or m.num_heads, head_dim=head_dim, mlp_dim=mlp,
         max_seq_len=m.max_seq_len, positions=m.positions, rope_theta=float(m.rope_theta),
+        rope_scaling=m.get("rope_scaling", "none"),
+        rope_scaling_factor=float(m.get("rope_scaling_factor", 1.0)),
+        rope_low_freq_factor=float(m.get("rope_low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(m.get("rope_high_freq_factor", 4.0)),
+        rope_original_max_len=int(m.get("rope_original_max_len", 8192)),
         norm=m.norm, norm_eps=float(m.norm_eps), activation=m.activation,
         tie_embeddings=m.tie_embeddings, use_bias=m.use_bias, dropout=float(m.dropout),
         attention_dropout=float(m.get("attention_dropout", 0.0)),

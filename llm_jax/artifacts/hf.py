@@ -1,0 +1,313 @@
+"""Hugging Face checkpoint directories in and out: GPT-2 (GPT2LMHeadModel) and LLaMA (LlamaForCausalLM).
+
+A directory holds config.json, model.safetensors (or model.safetensors.index.json with its shards) and
+tokenizer files. `read_hf` turns one into float32 parameters in the Decoder's scanned layout, a
+ModelConfig, a tokenizer (llm_jax.data.hf_tokenizer) and a provenance dict; `write_hf` writes what
+`transformers`' AutoModelForCausalLM and AutoTokenizer load offline. Both directions only move and
+reshape tensors, so float32 weights round-trip bitwise. The tensor names are in hf_names.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from llm_jax.artifacts import hf_names
+from llm_jax.data import hf_tokenizer
+from llm_jax.model import ModelConfig, stack_layers
+from llm_jax.model import quantize as quantize_lib
+
+CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+GPT2, LLAMA = "gpt2", "llama"
+_ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
+
+
+class HFError(ValueError):
+  """A Hugging Face checkpoint is missing a file, malformed, or of an architecture we cannot run."""
+
+
+def _read_config(path: str) -> dict:
+  file = os.path.join(path, CONFIG)
+  try:
+    with open(file, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:
+    raise HFError(f"cannot read {file}: {e}") from e
+  if not isinstance(hf, dict):
+    raise HFError(f"{file} is not a JSON object")
+  return hf
+
+
+def is_hf_dir(path: str) -> bool:
+  """Whether `path` is a Hugging Face checkpoint directory (config.json with a model_type, safetensors)."""
+  if not os.path.isdir(path) or not os.path.exists(os.path.join(path, CONFIG)):
+    return False
+  if not any(os.path.exists(os.path.join(path, f)) for f in (WEIGHTS, INDEX)):
+    return False
+  try:
+    hf = _read_config(path)
+  except HFError:
+    return False
+  return "model_type" in hf or "architectures" in hf
+
+
+def family_of(hf: dict, where: str = CONFIG) -> str:
+  """'gpt2' or 'llama' from config.json's model_type / architectures; anything else is refused."""
+  model_type = hf.get("model_type")
+  archs = hf.get("architectures") or []
+  for family, arch in _ARCHITECTURES.items():
+    if model_type == family or arch in archs:
+      return family
+  raise HFError(f"{where}: model_type {model_type!r} (architectures {archs}) is not supported; "
+                "llm_jax reads GPT2LMHeadModel (gpt2) and LlamaForCausalLM (llama) checkpoints")
+
+
+def _need(hf: dict, key: str, where: str):
+  if hf.get(key) is None:
+    raise HFError(f"{where}: key {key!r} is missing")
+  return hf[key]
+
+
+def _rope_settings(hf: dict, where: str) -> dict[str, Any]:
+  """ModelConfig rope fields from rope_parameters (transformers 5) or rope_theta + rope_scaling (4.x)."""
+  rope = dict(hf.get("rope_parameters") or {})
+  if not rope:
+    rope = dict(hf.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", hf.get("rope_theta", 10_000.0))
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  out = {"rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+  if kind == "default":
+    return out
+  if kind not in ("linear", "llama3"):
+    raise HFError(f"{where}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+  out.update(rope_scaling=kind, rope_scaling_factor=float(_need(rope, "factor", f"{where} rope")))
+  if kind == "llama3":
+    out.update(rope_low_freq_factor=float(_need(rope, "low_freq_factor", f"{where} rope")),
+               rope_high_freq_factor=float(_need(rope, "high_freq_factor", f"{where} rope")),
+               rope_original_max_len=int(_need(rope, "original_max_position_embeddings",
+                                               f"{where} rope")))
+  return out
+
+
+def model_config_from_hf(hf: dict, where: str = CONFIG) -> ModelConfig:
+  """The ModelConfig (float32, scanned layers) of a config.json; refuses settings the Decoder lacks."""
+  family = family_of(hf, where)
+  if family == GPT2:
+    d, n = int(_need(hf, "n_embd", where)), int(_need(hf, "n_head", where))
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _GELU_TANH:
+      raise HFError(f"{where}: activation_function {act!r} is not supported (the Decoder's GELU is the "
+                    f"tanh approximation: {', '.join(_GELU_TANH)})")
+    if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
+      raise HFError(f"{where}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false are not "
+                    "supported")
+    return ModelConfig(
+        vocab_size=int(_need(hf, "vocab_size", where)), num_layers=int(_need(hf, "n_layer", where)),
+        d_model=d, num_heads=n, num_kv_heads=n, head_dim=d // n, mlp_dim=int(hf.get("n_inner") or 4 * d),
+        max_seq_len=int(_need(hf, "n_positions", where)), positions="learned", norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), activation="gelu",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), use_bias=True)
+  act = hf.get("hidden_act", "silu")
+  if act != "silu":
+    raise HFError(f"{where}: hidden_act {act!r} is not supported (LLaMA's SwiGLU uses silu)")
+  bias = bool(hf.get("attention_bias", False))
+  if bool(hf.get("mlp_bias", False)) != bias:
+    raise HFError(f"{where}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
+                  "supported (the Decoder has one use_bias for both)")
+  d, n = int(_need(hf, "hidden_size", where)), int(_need(hf, "num_attention_heads", where))
+  return ModelConfig(
+      vocab_size=int(_need(hf, "vocab_size", where)),
+      num_layers=int(_need(hf, "num_hidden_layers", where)), d_model=d, num_heads=n,
+      num_kv_heads=int(hf.get("num_key_value_heads") or n), head_dim=int(hf.get("head_dim") or d // n),
+      mlp_dim=int(_need(hf, "intermediate_size", where)),
+      max_seq_len=int(_need(hf, "max_position_embeddings", where)), positions="rope", norm="rmsnorm",
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), activation="swiglu",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), use_bias=bias,
+      **_rope_settings(hf, where))
+
+
+def weight_files(path: str) -> list[str]:
+  """The safetensors files of a checkpoint directory (the index's shards, or model.safetensors)."""
+  index = os.path.join(path, INDEX)
+  if os.path.exists(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise HFError(f"cannot read the weight_map of {index}: {e}") from e
+    files = sorted(set(weight_map.values()))
+  elif os.path.exists(os.path.join(path, WEIGHTS)):
+    files = [WEIGHTS]
+  else:
+    raise HFError(f"{path} has neither {WEIGHTS} nor {INDEX}")
+  missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
+  if missing:
+    raise HFError(f"{path}: weight files {missing} named by {INDEX} are missing")
+  return [os.path.join(path, f) for f in files]
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of the directory's safetensors files as float32 numpy arrays (bf16/fp16 upcast)."""
+  out = {}
+  with jax.default_device(jax.devices("cpu")[0]):  # bfloat16 goes through jax; keep it on the host
+    for file in weight_files(path):
+      with safe_open(file, framework="flax") as f:
+        for name in f.keys():  # safe_open is no dict: keys() is its API
+          out[name] = np.asarray(jax.device_get(f.get_tensor(name))).astype(np.float32)
+  return out
+
+
+def _special_ids(hf: dict) -> dict[str, int]:
+  out = {}
+  for name in ("bos", "eos", "pad"):
+    value = hf.get(f"{name}_token_id")
+    if isinstance(value, list):
+      value = value[0] if value else None
+    if isinstance(value, int):
+      out[name] = value
+  return out
+
+
+def read_hf(path: str, require_tokenizer: bool = True):
+  """(params, ModelConfig, tokenizer, provenance) of a Hugging Face checkpoint directory.
+
+  params are float32 numpy arrays in the Decoder's scanned layout. The tokenizer is None only when
+  the directory has none and require_tokenizer is False.
+  """
+  if not os.path.isdir(path):
+    raise HFError(f"{path} is not a directory")
+  hf = _read_config(path)
+  where = os.path.join(path, CONFIG)
+  cfg = model_config_from_hf(hf, where)
+  tensors = read_tensors(path)
+  try:
+    params = hf_names.params_from_hf(tensors, cfg, family_of(hf, where), path)
+  except ValueError as e:
+    raise HFError(str(e)) from e
+  tokenizer = None
+  if any(os.path.exists(os.path.join(path, f)) for f in
+         (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.TOKENIZER_MODEL)):
+    tokenizer = hf_tokenizer.load_tokenizer(path, special_ids=_special_ids(hf))
+  elif require_tokenizer:
+    raise HFError(f"{path} has no tokenizer ({hf_tokenizer.TOKENIZER_JSON} or "
+                  f"{hf_tokenizer.TOKENIZER_MODEL})")
+  with open(where, "rb") as f:
+    config_sha = hashlib.sha256(f.read()).hexdigest()
+  eos = hf.get("eos_token_id")
+  provenance = {
+      "source": os.path.abspath(path), "format": "huggingface",
+      "architecture": _ARCHITECTURES[family_of(hf, where)], "model_type": hf.get("model_type"),
+      "transformers_version": hf.get("transformers_version", ""),
+      "stored_dtype": hf.get("dtype") or hf.get("torch_dtype") or "",
+      "config_sha256": config_sha,
+      "weight_files": {os.path.basename(f): os.path.getsize(f) for f in weight_files(path)},
+      "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
+      "prompt_prefix": hf_tokenizer.prompt_prefix(tokenizer) if tokenizer is not None else [],
+      "eos_token_ids": eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else []),
+  }
+  logging.info("read Hugging Face %s checkpoint %s: %d layers, d_model %d, vocab %d",
+               provenance["architecture"], path, cfg.num_layers, cfg.d_model, cfg.vocab_size)
+  return params, cfg, tokenizer, provenance
+
+
+def family_for(cfg: ModelConfig) -> str:
+  """The Hugging Face family that runs `cfg`: learned+layernorm+gelu -> gpt2, rope+rmsnorm+swiglu -> llama."""
+  if (cfg.positions, cfg.norm, cfg.activation) == ("learned", "layernorm", "gelu"):
+    if not cfg.use_bias or cfg.num_kv_heads != cfg.num_heads or cfg.head_dim * cfg.num_heads != cfg.d_model:
+      raise HFError("a GPT-2 export needs use_bias=True, num_kv_heads == num_heads and "
+                    f"head_dim * num_heads == d_model (got use_bias={cfg.use_bias}, "
+                    f"num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim})")
+    return GPT2
+  if (cfg.positions, cfg.norm, cfg.activation) == ("rope", "rmsnorm", "swiglu"):
+    return LLAMA
+  raise HFError(f"model with positions={cfg.positions}, norm={cfg.norm}, activation={cfg.activation} "
+                "has no Hugging Face counterpart: only learned+layernorm+gelu (GPT-2) and "
+                "rope+rmsnorm+swiglu (LLaMA) export")
+
+
+def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
+  """config.json for `cfg` (GPT2LMHeadModel or LlamaForCausalLM)."""
+  family = family_for(cfg)
+  ids = {}
+  if tokenizer is not None:
+    ids = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
+           "pad_token_id": int(tokenizer.pad_id) if tokenizer.pad_id >= 0 else None}
+  common = {"architectures": [_ARCHITECTURES[family]], "model_type": family, "torch_dtype": dtype,
+            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, **ids}
+  if family == GPT2:
+    return {**common, "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
+            "n_inner": cfg.mlp_dim, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
+            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+  rope_scaling = None
+  if cfg.rope_scaling == "linear":
+    rope_scaling = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
+  elif cfg.rope_scaling == "llama3":
+    rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                    "low_freq_factor": cfg.rope_low_freq_factor,
+                    "high_freq_factor": cfg.rope_high_freq_factor,
+                    "original_max_position_embeddings": cfg.rope_original_max_len}
+  return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
+          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+          "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+          "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling, "hidden_act": "silu",
+          "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "attention_dropout": 0.0}
+
+
+def _host_params(params, cfg: ModelConfig):
+  """Unboxed, dequantized, scanned float32 numpy parameters."""
+  params = nn.meta.unbox(params)
+  if quantize_lib.has_qtensors(params):
+    params = quantize_lib.dequantize(params)
+  params, _ = stack_layers(params, cfg)
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params)
+
+
+def write_hf(out_dir: str, params, model_config: ModelConfig, tokenizer, *,
+             weights_dtype: str = "float32", overwrite: bool = False) -> list[str]:
+  """Writes config.json, model.safetensors and tokenizer files that transformers loads; returns names.
+
+  The directory is built next to `out_dir` and renamed into place. int8 parameters are dequantized.
+  """
+  if weights_dtype not in ("float32", "bfloat16"):
+    raise HFError(f"weights_dtype={weights_dtype!r} is not one of float32, bfloat16")
+  family = family_for(model_config)
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise HFError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite")
+  tensors = hf_names.hf_from_params(_host_params(params, model_config), model_config, family)
+  if weights_dtype == "bfloat16":
+    tensors = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
+  config = hf_config_for(model_config, tokenizer, weights_dtype)
+  parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".hf-", dir=parent)
+  try:
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS),
+              metadata={"format": "pt"})
+    with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    names = [CONFIG, WEIGHTS]
+    if tokenizer is not None:
+      names += hf_tokenizer.save_hf_tokenizer(tokenizer, tmp, model_config.max_seq_len)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  logging.info("wrote Hugging Face %s checkpoint %s (%d tensors)", _ARCHITECTURES[family], out_dir,
+               len(tensors))
+  return names
