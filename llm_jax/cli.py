@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 

@@ -13,6 +13,7 @@ from absl import flags
 
 from llm_jax import cli
 from llm_jax.eval.precision import format_report, report
+
 _PACKAGE = flags.DEFINE_string("package", None, "a float32 or bfloat16 package (or a run directory)")
 _TEXT = flags.DEFINE_string("text", None, "held-out text file for perplexity")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "comma-separated decode batch sizes")

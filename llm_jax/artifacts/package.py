@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import tomllib
-from importlib import metadata
 import json
 import logging
 import os
 import shutil
 import tempfile
+from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tomllib
 from safetensors import safe_open
 from safetensors.numpy import save_file
 

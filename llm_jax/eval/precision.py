@@ -103,9 +103,10 @@ def report(package_path: str, text: str, *, batches=(1, 8), new_tokens: int = 64
 
 
 def format_report(rows: list[dict]) -> str:
+  """The report rows as a markdown table."""
   keys = [k for k in rows[0] if k.startswith("tokens_per_s")]
-  head = ["variant", "stored MB", "in memory MB", "perplexity", "change %"] + [k.replace("tokens_per_s_", "tok/s ")
-                                                                for k in keys]
+  head = ["variant", "stored MB", "in memory MB", "perplexity", "change %"]
+  head += [k.replace("tokens_per_s_", "tok/s ") for k in keys]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     cells = [r["variant"], f"{r['stored_bytes'] / 1e6:.2f}", f"{r['memory_bytes'] / 1e6:.2f}",

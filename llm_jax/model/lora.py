@@ -56,7 +56,8 @@ def spec_from_config(config) -> LoraSpec | None:
     try:
       re.compile(t)
     except re.error as e:
-      raise config_lib.ConfigError(f"finetune.lora.targets: {t!r} is not a regular expression: {e}")
+      raise config_lib.ConfigError(
+          f"finetune.lora.targets: {t!r} is not a regular expression: {e}") from e
   return LoraSpec(rank=rank, alpha=float(lo.alpha), dropout=float(lo.dropout), targets=targets)
 
 
