@@ -3,7 +3,7 @@ hash of (inputs, config.data).
 
     python -m llm_jax.data.prepare --config=configs/tiny.py --workdir=/tmp/d [--config.data.corpus='a/*.txt']
 
-Modules: key (cache location and key), build (the stages in order), clean (stage "clean", per document),
+Modules: key (cache location and key), pipeline (the stages in order), clean (stage "clean", per document),
 select (stage "dedup": filters, removals, split, dedup, paragraphs), write (tokenizer, shards), summary
 (manifest and CLI summary), __main__ (the command).
 """
@@ -18,7 +18,7 @@ import uuid
 
 from llm_jax.data import manifest as manifest_lib, removals, shards as shards_lib
 from llm_jax.data.errors import DataError
-from llm_jax.data.prepare.build import build
+from llm_jax.data.prepare import pipeline
 from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
 from llm_jax.data.prepare.summary import summary_text
 from llm_jax.data.tokenizer import Tokenizer
@@ -98,8 +98,8 @@ def prepare(config, progress: bool | None = None, tokenizer_path: str | None = N
   tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   try:
-    build(config, key, tmp, progress=sys.stderr.isatty() if progress is None else progress,
-          tokenizer_path=tokenizer_path)
+    pipeline.build(config, key, tmp, progress=sys.stderr.isatty() if progress is None else progress,
+                   tokenizer_path=tokenizer_path)
     try:
       os.rename(tmp, final)
     except OSError:
