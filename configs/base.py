@@ -27,11 +27,22 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_doc_chars = 50_000  # longer documents are cut into pieces at paragraph boundaries
   d.min_doc_chars = 32  # quality filter: shorter documents are dropped
   d.max_nontext_fraction = 0.3  # quality filter: drop documents with more non-text characters
-  d.scrub_pii = True  # emails, IP addresses and phone numbers become placeholders
+  # quality filter: drop raw documents with a larger share of control characters (other than tab and line
+  # breaks) and U+FFFD replacement characters as "binary" junk; 1 disables
+  d.max_control_fraction = 0.1
+  # personal data and secrets become placeholders: e-mails, IPs, phone numbers, Luhn-valid card numbers,
+  # API keys, AWS keys, GitHub tokens, private key blocks, JWTs (docs/data.md lists what is not covered)
+  d.scrub_pii = True
   d.dedup_exact = True  # drop documents whose normalized text hashes equal
   d.near_dup_threshold = 0.8  # MinHash LSH Jaccard threshold; 0 disables near-dedup
   d.minhash_num_perm = 64  # MinHash permutations
   d.exclude = ""  # a file of document ids or content hashes (one a line) to drop everywhere
+  d.strict_removals = False  # True: an exclude entry that matches no document fails; False: a warning
+  # exclude: near copies (MinHash Jaccard >= this) of a removed document go too; 0: exact copies only
+  d.removal_near_threshold = 0.7
+  # True: a paragraph (>= 100 chars) already held by an earlier document is removed (licence headers,
+  # boilerplate); False: repeated paragraphs are only counted in the data card
+  d.dedup_paragraphs = False
   d.on_bad_record = "fail"  # fail | skip: a malformed JSONL line or undecodable file
   d.cache_dir = ""  # where prepared data is cached; empty: ~/.cache/llm_jax/prepared
   d.num_workers = 0  # tokenizer processes; 0: one per core

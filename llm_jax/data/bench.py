@@ -11,18 +11,22 @@ import resource
 import tempfile
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from llm_jax import cli
 from llm_jax.data import loader as loader_lib
 from llm_jax.data.prepare import prepare
 
-config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/tiny.py", lock_config=True)
-flags.DEFINE_bool("skip_prepare", False, "use the cached prepared data instead of timing a fresh build")
-flags.DEFINE_string("shapes", "", "comma-separated SEQxBATCH loader shapes; default: the config's and 1024x32")
-flags.DEFINE_float("seconds", 3.0, "time per loader measurement")
-flags.DEFINE_integer("core", 0, "CPU core the loader measurement is pinned to (-1: no pinning)")
-FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
+                                          lock_config=True)
+_SKIP_PREPARE = flags.DEFINE_bool("skip_prepare", False, "Use the cached prepared data instead of timing a "
+                                  "fresh build.")
+_SHAPES = flags.DEFINE_string("shapes", "", "Comma-separated SEQxBATCH loader shapes; default: the config's "
+                              "and 1024x32.")
+_SECONDS = flags.DEFINE_float("seconds", 3.0, "Time per loader measurement.")
+_CORE = flags.DEFINE_integer("core", 0, "CPU core the loader measurement is pinned to (-1: no pinning).")
+flags.mark_flags_as_required(["config"])
 
 
 def _rate(fn, seconds: float) -> tuple[float, float, int]:
@@ -44,11 +48,23 @@ def _cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def main(argv):
+def _shapes(spec: str) -> list[tuple[int, int]]:
+  out = []
+  for shape in spec.split(","):
+    try:
+      seq, batch = (int(v) for v in shape.split("x"))
+    except ValueError:
+      raise cli.UsageError(f"--shapes: {shape!r} is not SEQxBATCH (e.g. 1024x32)") from None
+    out.append((seq, batch))
+  return out
+
+
+def main(argv) -> int:
   del argv
-  config = FLAGS.config
+  config = _CONFIG.value
+  shapes = _shapes(_SHAPES.value or f"{config.train.seq_len}x{config.train.global_batch_size},1024x32")
   print(f"host: {platform.node()} {os.cpu_count()} cores, python {platform.python_version()}")
-  if FLAGS.skip_prepare:
+  if _SKIP_PREPARE.value:
     p = prepare(config)
     print(f"prepared (cached): {p.dir}")
   else:
@@ -60,32 +76,31 @@ def main(argv):
       secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
       s = p.manifest["summary"]
       mb = s["input_megabytes"]
-      print(f"prepare: {mb:.1f} MB of input in {secs:.1f}s wall = {mb / secs:.2f} MB/s; {cpu:.1f} CPU-seconds "
-            f"= {mb / cpu:.2f} MB per CPU-second; load average {os.getloadavg()[0]:.1f}; "
+      print(f"prepare: {mb:.1f} MB of input in {secs:.1f}s wall = {mb / secs:.2f} MB/s; "
+            f"{cpu:.1f} CPU-seconds = {mb / cpu:.2f} MB per CPU-second; "
+            f"load average {os.getloadavg()[0]:.1f}; "
             f"stages (wall s) {s['seconds_by_stage']}")
       with config.unlocked():
         config.data.cache_dir = ""
       p = prepare(config)  # the persistent cache, for the loader measurement below
-  if FLAGS.core >= 0 and hasattr(os, "sched_setaffinity"):
-    os.sched_setaffinity(0, {FLAGS.core})
-    print(f"loader pinned to core {FLAGS.core}")
-  shapes = FLAGS.shapes or f"{config.train.seq_len}x{config.train.global_batch_size},1024x32"
-  for shape in shapes.split(","):
-    seq, batch = (int(v) for v in shape.split("x"))
+  if _CORE.value >= 0 and hasattr(os, "sched_setaffinity"):
+    os.sched_setaffinity(0, {_CORE.value})
+    print(f"loader pinned to core {_CORE.value}")
+  for seq, batch in shapes:
     ld = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0)
     tok = seq * batch / 1e6
-    wall, cpu, n = _rate(ld.batch_at, FLAGS.seconds)
+    wall, cpu, n = _rate(ld.batch_at, _SECONDS.value)
     print(f"TrainLoader seq_len={seq} batch={batch}: {cpu * tok:.1f}M tokens per CPU-second "
           f"({wall * tok:.1f}M per wall second, {n} batches, load average {os.getloadavg()[0]:.1f})")
     seg = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0, segment_windows=True)
-    wall, cpu, n = _rate(seg.batch_at, FLAGS.seconds)
+    wall, cpu, n = _rate(seg.batch_at, _SECONDS.value)
     print(f"  with segment_windows: {cpu * tok:.1f}M tokens per CPU-second ({wall * tok:.1f}M wall)")
     t0, c0 = time.perf_counter(), time.process_time()
     toks = sum(b["weights"].sum() for b in loader_lib.eval_batches(p.dir, "val", seq, batch))
     print(f"  eval_batches (val, in order): {toks / (time.process_time() - c0) / 1e6:.1f}M tokens per "
           f"CPU-second ({toks / (time.perf_counter() - t0) / 1e6:.1f}M wall)")
+  return 0
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -1,8 +1,7 @@
-"""Text cleaning: Unicode repair (ftfy, NFC), whitespace normalization, control characters, quality
-filters and PII scrubbing, each counted."""
+"""Text cleaning: Unicode repair (ftfy, NFC), whitespace normalization, control characters and quality
+filters (personal data and secrets: scrub.py)."""
 from __future__ import annotations
 
-import collections
 import hashlib
 import re
 
@@ -29,21 +28,9 @@ _BLANK_RUN = re.compile(r"\n{4,}")  # at most two blank lines in a row
 _NONTEXT = re.compile(r"[^\w\s!-/:-@\[-`{-~\u00a1-\u00bf\u2010-\u2027\u2030-\u205e\u3000-\u303f"
                       r"\uff01-\uff65\u0300-\u036f]")
 
-EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}(?![\w-])")
-IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                  r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])")
-IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])")
-PHONE = re.compile(r"(?<![\w.+-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{3}[ .-])\d{3}[ .-]\d{4}"
-                   r"(?![\w-])")
-PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>"}
-# (kind, cheap literal-anchored pre-check, precise pattern): the precise patterns start with look-behinds
-# that make Python's regex engine try every position, so they only run on texts the pre-check admits.
-_PII = (
-    ("email", re.compile(r"@[A-Za-z0-9-]+\."), EMAIL),
-    ("ip", re.compile(r"\.\d{1,3}\.\d{1,3}\."), IPV4),
-    ("ip", re.compile(r":[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{1,4}:"), IPV6),
-    ("phone", re.compile(r"[ .)-]\d{3}[ .-]\d{4}"), PHONE),
-)
+# Characters that do not occur in text: C0/C1 controls other than tab, line feed, form feed and carriage
+# return, and U+FFFD (what a decoder puts for bytes it could not read). Measured before cleaning drops them.
+_BINARY = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f\ufffd]")
 
 
 def normalize(text: str) -> str:
@@ -74,15 +61,11 @@ def nontext_fraction(text: str) -> float:
   return sum(len(m) for m in re.findall(_NONTEXT.pattern + "+", text)) / len(text)
 
 
-def scrub_pii(text: str, counts: collections.Counter) -> str:
-  """Replaces emails, IP addresses and phone numbers by placeholders, counting each kind."""
-  for kind, check, pattern in _PII:
-    if not check.search(text):
-      continue
-    text, n = pattern.subn(PLACEHOLDERS[kind], text)
-    if n:
-      counts[f"pii_{kind}"] += n
-  return text
+def control_fraction(raw: str) -> float:
+  """Share of control and replacement characters in a raw (uncleaned) text: binary junk has many."""
+  if not raw or not _BINARY.search(raw):
+    return 0.0
+  return len(_BINARY.findall(raw)) / len(raw)
 
 
 def content_key(text: str) -> str:

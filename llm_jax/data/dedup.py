@@ -8,8 +8,8 @@ import numpy as np
 from datasketch import MinHash, MinHashLSH
 
 SHINGLE_WORDS = 5
-_SEED = 1
-_SCHEME = "affine32"
+SEED = 1
+SCHEME = "affine32"
 
 
 def minhash(text: str, num_perm: int) -> np.ndarray:
@@ -17,7 +17,7 @@ def minhash(text: str, num_perm: int) -> np.ndarray:
   words = text.lower().split()
   n = max(1, len(words) - SHINGLE_WORDS + 1)
   shingles = {" ".join(words[i:i + SHINGLE_WORDS]).encode("utf-8") for i in range(n)}
-  m = MinHash(num_perm=num_perm, seed=_SEED, hashfunc=zlib.crc32, scheme=_SCHEME)
+  m = MinHash(num_perm=num_perm, seed=SEED, hashfunc=zlib.crc32, scheme=SCHEME)
   m.update_batch(shingles)
   return m.hashvalues
 
@@ -42,9 +42,10 @@ def near_duplicates(signatures: Sequence[np.ndarray], threshold: float, num_perm
   lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.05, 0.95))
   found = {}
   for i, hv in enumerate(signatures):
-    m = MinHash(num_perm=num_perm, seed=_SEED, scheme=_SCHEME, hashvalues=hv)
+    m = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME, hashvalues=hv)
     for j in lsh.query(m):
-      if MinHash(num_perm=num_perm, seed=_SEED, scheme=_SCHEME, hashvalues=signatures[j]).jaccard(m) >= threshold:
+      other = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME, hashvalues=signatures[j])
+      if other.jaccard(m) >= threshold:
         found[i] = j
         break
     else:

@@ -289,7 +289,7 @@ class StepLoader:
 
 
 class TrainLoader(StepLoader):
-  """Deterministic, resumable training batches; `batch_at(step)` is this process's rows of global batch `step`."""
+  """Deterministic, resumable training batches. `batch_at(step)`: this process's rows of global batch step."""
   state_keys = _STATE_KEYS
 
   def __init__(self, prepared_dir: str, split: str, seq_len: int, global_batch_size: int, seed: int,

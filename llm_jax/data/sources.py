@@ -1,4 +1,4 @@
-"""Raw documents from corpus specs: comma-separated globs (.txt/.md/.jsonl) or the embedded `stdlib` corpus."""
+"""Raw documents from corpus specs: globs (.txt/.md/.jsonl) or the built-in `stdlib` corpus"""
 from __future__ import annotations
 
 import dataclasses

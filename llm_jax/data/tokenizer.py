@@ -1,4 +1,4 @@
-"""SentencePiece tokenizer: training on the corpus, exact round trips, fixed special ids, token byte counts."""
+"""SentencePiece tokenizer: training on the corpus, exact round trips, fixed special ids, token bytes."""
 from __future__ import annotations
 
 import hashlib

@@ -1,0 +1,121 @@
+"""Raw text -> cleaned, scrubbed, deduplicated documents -> tokenizer -> token shards + manifest, cached by a
+hash of (inputs, config.data).
+
+    python -m llm_jax.data.prepare --config=configs/tiny.py --workdir=/tmp/d [--config.data.corpus='a/*.txt']
+
+Modules: key (cache location and key), pipeline (the stages in order), clean (stage "clean", per document),
+select (stage "dedup": filters, removals, split, dedup, paragraphs), write (tokenizer, shards), summary
+(manifest and CLI summary), __main__ (the command).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import sys
+import uuid
+
+from llm_jax.data import manifest as manifest_lib, removals, shards as shards_lib
+from llm_jax.data.errors import DataError
+from llm_jax.data.prepare import pipeline
+from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
+from llm_jax.data.prepare.summary import summary_text
+from llm_jax.data.tokenizer import Tokenizer
+
+__all__ = ["VERSION", "Prepared", "cache_key", "cache_root", "data_config", "export_to", "prepare",
+           "summary_text"]
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A prepared data directory."""
+  dir: str
+  manifest: dict
+  manifest_path: str
+  manifest_sha256: str
+  tokenizer_path: str
+  tokenizer_sha256: str
+  domains: list
+
+  @classmethod
+  def open(cls, prepared_dir: str) -> "Prepared":
+    """Opens an already prepared directory."""
+    m = manifest_lib.load(prepared_dir)
+    path = os.path.join(prepared_dir, manifest_lib.MANIFEST)
+    return cls(dir=prepared_dir, manifest=m, manifest_path=path,
+               manifest_sha256=shards_lib.file_sha256(path),
+               tokenizer_path=os.path.join(prepared_dir, m["tokenizer"]["path"]),
+               tokenizer_sha256=m["tokenizer"]["sha256"], domains=list(m["domains"]))
+
+  def tokenizer(self) -> Tokenizer:
+    """The prepared tokenizer."""
+    return Tokenizer.load(self.tokenizer_path)
+
+
+def _check(config) -> None:
+  d = config.data
+  for key, value, allowed in (("data.on_bad_record", d.on_bad_record, ("fail", "skip")),
+                              ("data.tokenizer.type", d.tokenizer.type, ("bpe", "unigram", "char"))):
+    if value not in allowed:
+      raise DataError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+  for key, value, closed in (("val_fraction", d.val_fraction, False),
+                             ("near_dup_threshold", d.near_dup_threshold, True),
+                             ("removal_near_threshold", d.removal_near_threshold, True),
+                             ("max_control_fraction", d.max_control_fraction, True)):
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+      raise DataError(f"data.{key}={value} must be in [0, 1{']' if closed else ')'}")
+  if not d.corpus.strip():
+    raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
+
+
+def _after(config, prepared: "Prepared") -> "Prepared":
+  """Strict removals on a cache hit; deleting other cached copies of removed documents."""
+  ex = prepared.manifest.get("exclusions", {})
+  if config.data.strict_removals and ex.get("unmatched"):
+    raise DataError(f"data.exclude={config.data.exclude!r}: {len(ex['unmatched'])} entries match no document "
+                    f"(e.g. {ex['unmatched'][0]!r}) (data.strict_removals=True)")
+  if ex.get("entries"):
+    entries = frozenset(ex.get("matched", []) + ex.get("unmatched", []))  # unmatched: maybe in older copies
+    removals.purge_caches(cache_root(config), prepared.dir, entries, removals.removed_hashes(ex))
+  return prepared
+
+
+def prepare(config, progress: bool | None = None, tokenizer_path: str | None = None) -> Prepared:
+  """Prepares config.data (or finds it in the cache) and returns the prepared directory.
+
+  With `tokenizer_path`, that SentencePiece model is used as it is instead of training a new one
+  (fine-tuning on a source model's tokenizer); the cache key then includes its sha256.
+  """
+  _check(config)
+  key = cache_key(config, tokenizer_path)
+  root = cache_root(config)
+  final = os.path.join(root, key)
+  if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
+    logging.info("prepared data found in cache: %s", final)
+    return _after(config, Prepared.open(final))
+  os.makedirs(root, exist_ok=True)
+  tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
+  os.makedirs(tmp)
+  try:
+    pipeline.build(config, key, tmp, progress=sys.stderr.isatty() if progress is None else progress,
+                   tokenizer_path=tokenizer_path)
+    try:
+      os.rename(tmp, final)
+    except OSError:
+      if not os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
+        raise
+      logging.info("another process prepared %s first; using it", final)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return _after(config, Prepared.open(final))
+
+
+def export_to(p: Prepared, workdir: str) -> None:
+  """Copies manifest.json, DATA_CARD.md and tokenizer.model into a run directory."""
+  os.makedirs(workdir, exist_ok=True)
+  for name in (manifest_lib.MANIFEST, manifest_lib.DATA_CARD, manifest_lib.TOKENIZER):
+    src = os.path.join(p.dir, name)
+    tmp = os.path.join(workdir, name + ".partial")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, os.path.join(workdir, name))
