@@ -14,9 +14,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
+from llm_jax.model.rope import rope, rope_scaled_frequencies
 
 Array = Any
 _lp = nn.with_logical_partitioning
@@ -93,51 +94,6 @@ class Norm(nn.Module):
       y = nn.LayerNorm(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)),
                        **kw)(x_BLD.astype(jnp.float32))
     return y.astype(_dtype(c.dtype))
-
-
-ROPE_SCALINGS = ("none", "linear", "llama3")
-
-
-def rope_scaled_frequencies(cfg: ModelConfig) -> np.ndarray | None:
-  """[head_dim // 2] float32 RoPE frequencies under cfg.rope_scaling; None when it is "none".
-
-  The arithmetic is Hugging Face's (float32, the same order of operations), so that imported LLaMA
-  3.x checkpoints give the same angles.
-  """
-  if cfg.rope_scaling == "none":
-    return None
-  if cfg.rope_scaling not in ROPE_SCALINGS:
-    raise ValueError(f"rope_scaling={cfg.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
-  h = cfg.head_dim
-  freq_h = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2).astype(np.float32) / h)))
-  freq_h = freq_h.astype(np.float32)
-  factor = np.float32(cfg.rope_scaling_factor)
-  if cfg.rope_scaling == "linear":
-    return (freq_h / factor).astype(np.float32)
-  low, high = np.float32(cfg.rope_low_freq_factor), np.float32(cfg.rope_high_freq_factor)
-  old_len = np.float32(cfg.rope_original_max_len)
-  low_wavelen, high_wavelen = old_len / low, old_len / high
-  wavelen_h = np.float32(2 * math.pi) / freq_h
-  scaled_h = np.where(wavelen_h > low_wavelen, freq_h / factor, freq_h)
-  smooth_h = (old_len / wavelen_h - low) / (high - low)
-  smoothed_h = (1 - smooth_h) * scaled_h / factor + smooth_h * scaled_h
-  medium_h = ~(wavelen_h < high_wavelen) & ~(wavelen_h > low_wavelen)
-  return np.where(medium_h, smoothed_h, scaled_h).astype(np.float32)
-
-
-def rope(x_BLNH, positions_BL, theta: float, freq_h=None):
-  """Rotary position embedding (rotate-half convention), in float32; freq_h overrides the frequencies."""
-  h = x_BLNH.shape[-1]
-  if freq_h is None:
-    freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
-  else:
-    freq = jnp.asarray(freq_h, jnp.float32)
-  angle_BLh = positions_BL[..., None].astype(jnp.float32) * freq
-  sin, cos = jnp.sin(angle_BLh)[:, :, None, :], jnp.cos(angle_BLh)[:, :, None, :]
-  x = x_BLNH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BLNH.dtype)
 
 
 class Attention(nn.Module):
@@ -252,50 +208,6 @@ class Attention(nn.Module):
     p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(k_BKSH.dtype)
     out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_BKGLS, v_BKSH)
     return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
-
-
-_GELU_C = math.sqrt(2.0 / math.pi)
-
-
-@jax.custom_vjp
-def gelu_tanh(x):
-  """GELU, tanh approximation (GPT-2). Its gradient keeps only x and recomputes the rest, in float32."""
-  return nn.gelu(x, approximate=True)
-
-
-def _gelu_tanh_fwd(x):
-  return gelu_tanh(x), x
-
-
-def _gelu_tanh_bwd(x, g):
-  xf = x.astype(jnp.float32)
-  t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf * xf * xf))
-  d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
-  return ((g.astype(jnp.float32) * d).astype(x.dtype),)
-
-
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
-
-
-@jax.custom_vjp
-def swiglu(gate, up):
-  """silu(gate) * up (LLaMA). Its gradient keeps only the two inputs, recomputing the rest in float32."""
-  return nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-  return swiglu(gate, up), (gate, up)
-
-
-def _swiglu_bwd(residuals, g):
-  gate, up = residuals
-  gf, uf, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
-  sig = jax.nn.sigmoid(gf)
-  d_gate = g * uf * sig * (1.0 + gf * (1.0 - sig))
-  return (d_gate.astype(gate.dtype), (g * gf * sig).astype(up.dtype))
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class Mlp(nn.Module):

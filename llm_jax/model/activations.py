@@ -1,0 +1,51 @@
+"""GPT-2's tanh GELU and LLaMA's SwiGLU with memory-lean gradients (float32 recomputation)."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+  """GELU, tanh approximation (GPT-2). Its gradient keeps only x and recomputes the rest, in float32."""
+  return nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+  return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+  xf = x.astype(jnp.float32)
+  t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf * xf * xf))
+  d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
+  return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+@jax.custom_vjp
+def swiglu(gate, up):
+  """silu(gate) * up (LLaMA). Its gradient keeps only the two inputs, recomputing the rest in float32."""
+  return nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, g):
+  gate, up = residuals
+  gf, uf, g = gate.astype(jnp.float32), up.astype(jnp.float32), g.astype(jnp.float32)
+  sig = jax.nn.sigmoid(gf)
+  d_gate = g * uf * sig * (1.0 + gf * (1.0 - sig))
+  return (d_gate.astype(gate.dtype), (g * gf * sig).astype(up.dtype))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
