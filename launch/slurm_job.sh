@@ -9,7 +9,7 @@
 # Exit 75 from the step (every process saved a checkpoint on SIGTERM) requeues the job, which resumes
 # from that checkpoint.
 if [[ $# -lt 2 ]]; then
-  echo "usage: sbatch launch/slurm_gpu.sbatch|launch/slurm_cpu.sbatch CONFIG WORKDIR [--config.key=value ...]" >&2
+  echo "usage: sbatch launch/slurm_gpu.sbatch (or slurm_cpu.sbatch) CONFIG WORKDIR [--config.k=v ...]" >&2
   exit 2
 fi
 config=$1 workdir=$2
