@@ -46,6 +46,12 @@ if sinfo -h -N -o '%T' 2> /dev/null | grep -qE '^(idle|mixed|allocated|completin
   exit 0
 fi
 
+# The daemons, srun and JAX's coordinator (the step's first node) all reach this node by its name.
+if ! getent hosts "$host" > /dev/null; then
+  echo "start.sh: this host's name $host does not resolve; add '127.0.1.1 $host' to /etc/hosts" >&2
+  exit 1
+fi
+
 if [[ -f $conf ]] && ! head -1 "$conf" | grep -qF "$marker" && [[ $force -eq 0 ]]; then
   echo "start.sh: $conf exists and was not written by this script; give --force to replace it" >&2
   exit 1
