@@ -162,3 +162,14 @@ def test_fixture_script_reruns_and_transformers_agrees(fixture_script, tmp_path)
                                np.load(os.path.join(fresh, "expected_logits.npy")), atol=1e-4, rtol=0)
     assert opened.model_config == open_model(d, weights=False).model_config
     assert opened.tokenizer.sha256 == hf_tokenizer.load_tokenizer(d).sha256  # the tokenizer is deterministic
+
+
+def test_generate_and_evaluate_take_a_hf_dir(capsys):
+  from llm_jax.eval import pipeline, scored_model
+  d, _, _ = _fixture("llama")
+  assert run_command("llm_jax.generate", f"--workdir={d}", "--prompt=the quick", "--max_new_tokens=4") == 0
+  assert capsys.readouterr().out.startswith("the quick")
+  sm = scored_model.open_model(d)
+  assert sm.kind == "hf" and sm.prefix_ids == [sm.tokenizer.bos_id] != [sm.tokenizer.eos_id]
+  with pytest.raises(scored_model.EvalError, match=r"\(hf\) has no data of its own: pass --corpus"):
+    pipeline.heldout_batches(sm, "", "val", 16, 8)
