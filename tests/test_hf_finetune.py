@@ -14,6 +14,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from run_cmd import run_command
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import hf, open_model
@@ -21,7 +22,6 @@ from llm_jax.data import hf_tokenizer
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llm_jax.finetune import init_from
 from llm_jax.train import loop
-from run_cmd import run_command
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_cmd import run_command
 from safetensors.numpy import load_file
 
 from llm_jax.artifacts import ArtifactError, hf, open_model, package
@@ -19,7 +20,6 @@ from llm_jax.data import hf_tokenizer
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.model.params import init_params
-from run_cmd import run_command
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("gpt2", "llama")

@@ -24,12 +24,12 @@ import logging
 import os
 import shutil
 import tempfile
-import tomllib
 from importlib import metadata
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tomllib
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
