@@ -1,7 +1,7 @@
 """Hugging Face interop: checkpoints made by `transformers` read with equal logits, our models written so
 that `transformers` loads them with equal logits, and tokenizer.json / tokenizer.model tokenizers.
 
-The comparisons with `transformers` skip when it (or torch) is not installed (`pip install -e '.[test]'`
+The comparisons with `transformers` skip when it (or torch) is not installed (`pip install -e '.[hf]'`
 installs both); the tokenizer tests need only the `tokenizers` library.
 """
 import json
@@ -34,8 +34,8 @@ PROBES = ["the quick  brown fox 12345\n  dog", " hello", "日本語 ü", "café\
 
 @pytest.fixture(scope="module")
 def torch():
-  pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
-  return pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+  pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
+  return pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[hf]')")
 
 
 def _texts(n=300, seed=0):

@@ -186,16 +186,25 @@ def read_hf(path: str, require_tokenizer: bool = True):
   params are float32 numpy arrays in the Decoder's scanned layout. The tokenizer is None only when
   the directory has none and require_tokenizer is False.
   """
+  cfg, tokenizer, provenance = describe_hf(path, require_tokenizer)
+  tensors = read_tensors(path)
+  try:
+    params = hf_names.params_from_hf(tensors, cfg, provenance["model_type"], path)
+  except ValueError as e:
+    raise HFError(str(e)) from e
+  logging.info("read Hugging Face %s checkpoint %s: %d layers, d_model %d, vocab %d",
+               provenance["architecture"], path, cfg.num_layers, cfg.d_model, cfg.vocab_size)
+  return params, cfg, tokenizer, provenance
+
+
+def describe_hf(path: str, require_tokenizer: bool = True):
+  """(ModelConfig, tokenizer, provenance) of a checkpoint directory, without reading its weights."""
   if not os.path.isdir(path):
     raise HFError(f"{path} is not a directory")
   hf = _read_config(path)
   where = os.path.join(path, CONFIG)
   cfg = model_config_from_hf(hf, where)
-  tensors = read_tensors(path)
-  try:
-    params = hf_names.params_from_hf(tensors, cfg, family_of(hf, where), path)
-  except ValueError as e:
-    raise HFError(str(e)) from e
+  files = weight_files(path)
   tokenizer = None
   if any(os.path.exists(os.path.join(path, f)) for f in
          (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.TOKENIZER_MODEL)):
@@ -206,20 +215,19 @@ def read_hf(path: str, require_tokenizer: bool = True):
   with open(where, "rb") as f:
     config_sha = hashlib.sha256(f.read()).hexdigest()
   eos = hf.get("eos_token_id")
+  family = family_of(hf, where)
   provenance = {
       "source": os.path.abspath(path), "format": "huggingface",
-      "architecture": _ARCHITECTURES[family_of(hf, where)], "model_type": hf.get("model_type"),
+      "architecture": _ARCHITECTURES[family], "model_type": family,  # the family: gpt2 | llama
       "transformers_version": hf.get("transformers_version", ""),
       "stored_dtype": hf.get("dtype") or hf.get("torch_dtype") or "",
       "config_sha256": config_sha,
-      "weight_files": {os.path.basename(f): os.path.getsize(f) for f in weight_files(path)},
+      "weight_files": {os.path.basename(f): os.path.getsize(f) for f in files},
       "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
       "prompt_prefix": hf_tokenizer.prompt_prefix(tokenizer) if tokenizer is not None else [],
       "eos_token_ids": eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else []),
   }
-  logging.info("read Hugging Face %s checkpoint %s: %d layers, d_model %d, vocab %d",
-               provenance["architecture"], path, cfg.num_layers, cfg.d_model, cfg.vocab_size)
-  return params, cfg, tokenizer, provenance
+  return cfg, tokenizer, provenance
 
 
 def family_for(cfg: ModelConfig) -> str:

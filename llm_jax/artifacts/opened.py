@@ -1,8 +1,10 @@
-"""One way to open a trained model: `open_model(path)` for a run directory or a model package.
+"""One way to open a trained model: `open_model(path)` for a run directory, a model package or a
+Hugging Face checkpoint directory.
 
     opened = open_model("runs/tiny")                      # latest readable checkpoint, float32
     opened = open_model("runs/tiny", step="best", dtype="auto", mesh=mesh)
     opened = open_model("packages/tiny")                  # an exported package
+    opened = open_model("hf/Llama-3.2-1B")                # config.json + model.safetensors (+ tokenizer)
 
 eval, generate, serve, export, quantize and fine-tuning's init_from all call it; nothing else reads
 checkpoints or packages. A LoRA run opens as full parameters: its adapters merged into the model its
@@ -11,6 +13,7 @@ config.init_from names (opened the same way).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -18,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import sharding as sharding_lib
+from llm_jax.artifacts import hf as hf_lib
 from llm_jax.artifacts import package as package_lib
 from llm_jax.artifacts import run as run_lib
 from llm_jax.artifacts.errors import ArtifactError
@@ -28,22 +32,26 @@ from llm_jax.model import quantize as quantize_lib
 from llm_jax.model.params import abstract_params, count
 
 DTYPES = ("float32", "bfloat16")
+# A RoPE model's max_seq_len only sizes buffers (the KV cache); checkpoints declare their longest context
+# (LLaMA 3.1: 131072), so an opened Hugging Face RoPE model is capped here unless open_model is told.
+HF_MAX_SEQ_LEN = 8192
 
 
 @dataclasses.dataclass
 class OpenedModel:
   """Parameters, the ModelConfig to build `Decoder` with, the tokenizer, and where they came from.
 
-  `meta` is model.json for a package; for a run, the same keys (name, build_id, provenance,
-  parameter_count, precision, prompt_prefix) made from run.json. `config` is the run's config
-  (None for a package).
+  `meta` is model.json for a package; for a run or a Hugging Face directory, the same keys (name,
+  build_id, provenance, parameter_count, precision, prompt_prefix) made from run.json / config.json.
+  `config` is the run's config (None otherwise). `tokenizer` is llm_jax's Tokenizer or one of
+  llm_jax.data.hf_tokenizer's (same interface).
   """
   params: Any
   model_config: ModelConfig
   tokenizer: Tokenizer
   meta: dict
   path: str
-  kind: str  # "run" | "package"
+  kind: str  # "run" | "package" | "hf"
   step: int
   tokenizer_path: str
   config: Any = None
@@ -87,16 +95,20 @@ class OpenedModel:
 
 
 def kind_of(path: str) -> str:
-  """'package' (model.json) or 'run' (config.json / checkpoints/); anything else raises."""
+  """'package' (model.json), 'hf' (config.json with a model_type + safetensors) or 'run' (config.json /
+  checkpoints/); anything else raises."""
   if not os.path.isdir(path):
-    raise ArtifactError(f"{path!r} is not a directory; give a training run directory or an exported "
-                        "model package")
+    raise ArtifactError(f"{path!r} is not a directory; give a training run directory, an exported "
+                        "model package or a Hugging Face checkpoint directory")
   if os.path.exists(os.path.join(path, package_lib.MODEL_JSON)):
     return "package"
+  if hf_lib.is_hf_dir(path):
+    return "hf"
   if run_lib.is_run_dir(path):
     return "run"
-  raise ArtifactError(f"{path!r} is neither a training run directory (config.json, checkpoints/) nor "
-                      f"a model package ({package_lib.MODEL_JSON})")
+  raise ArtifactError(f"{path!r} is neither a training run directory (config.json, checkpoints/), "
+                      f"a model package ({package_lib.MODEL_JSON}) nor a Hugging Face checkpoint "
+                      f"({hf_lib.CONFIG} + {hf_lib.WEIGHTS})")
 
 
 def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None = None) -> ModelConfig:
@@ -113,8 +125,11 @@ def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None
 
 
 def open_model(path: str, step: int | str | None = None, mesh=None, dtype: str | None = None, *,
-               keep_int8: bool = False, verify: bool = True, weights: bool = True) -> OpenedModel:
-  """Opens a run directory (latest readable, given or 'best' checkpoint) or a package.
+               keep_int8: bool = False, verify: bool = True, weights: bool = True,
+               max_seq_len: int | None = None) -> OpenedModel:
+  """Opens a run directory (latest readable, given or 'best' checkpoint), a package or a Hugging Face
+  checkpoint directory (float32 weights; a RoPE model's max_seq_len capped at `max_seq_len`, default
+  HF_MAX_SEQ_LEN).
 
   Parameters come back float32 with the ModelConfig as trained when `dtype` is None, or cast to `dtype`
   ('auto', 'float32', 'bfloat16') with the ModelConfig set up for inference. With a `mesh` they are
@@ -124,10 +139,15 @@ def open_model(path: str, step: int | str | None = None, mesh=None, dtype: str |
   """
   path = os.path.abspath(os.path.expanduser(str(path)))
   kind = kind_of(path)
-  if not weights:
+  if kind == "hf":
+    opened = _open_hf(path, step, weights, max_seq_len or HF_MAX_SEQ_LEN)
+    if not weights:
+      return opened
+  elif not weights:
     return _describe(path, kind, step)
-  opened = _open_package(path, step, keep_int8, verify) if kind == "package" else _open_run(path, step,
-                                                                                            mesh)
+  else:
+    opened = _open_package(path, step, keep_int8, verify) if kind == "package" else _open_run(path, step,
+                                                                                              mesh)
   if dtype is not None:
     opened.model_config = inference_config(opened.model_config, dtype)
     dt = jnp.dtype(opened.model_config.dtype)
@@ -162,8 +182,38 @@ def _open_package(path: str, step, keep_int8: bool, verify: bool) -> OpenedModel
   if step is not None and step != pstep:
     raise ArtifactError(f"package {path} holds step {pstep}; step={step!r} cannot be chosen for a "
                         "package (export that checkpoint instead)")
-  return OpenedModel(params, cfg, tokenizer, meta, path, "package", pstep,
-                     os.path.join(path, package_lib.TOKENIZER))
+  return OpenedModel(params, cfg, tokenizer, meta, path, "package", pstep, tokenizer.path)
+
+
+def _open_hf(path: str, step, weights: bool, max_seq_len: int) -> OpenedModel:
+  """A Hugging Face checkpoint directory: float32 parameters on the default device (None unless
+  `weights`), its tokenizer, and a description in model.json's keys."""
+  if step not in (None, 0, "0"):
+    raise ArtifactError(f"{path} is a Hugging Face checkpoint with one set of weights; step={step!r} "
+                        "cannot be chosen for it")
+  try:
+    if weights:
+      params, cfg, tokenizer, prov = hf_lib.read_hf(path)
+    else:
+      cfg, tokenizer, prov = hf_lib.describe_hf(path)
+      params = None
+  except (hf_lib.HFError, ValueError) as e:
+    raise ArtifactError(str(e)) from e
+  if cfg.positions == "rope" and cfg.max_seq_len > max_seq_len:
+    logging.info("%s declares max_position_embeddings %d; using max_seq_len %d (open_model's "
+                 "max_seq_len= sets another)", path, cfg.max_seq_len, max_seq_len)
+    prov["max_position_embeddings"] = cfg.max_seq_len
+    cfg = dataclasses.replace(cfg, max_seq_len=int(max_seq_len))
+  if params is not None:
+    params = jax.device_put(params, _default_device())
+  prov.update(training_step=0, tokenizer_sha256=tokenizer.sha256)
+  meta = {"name": os.path.basename(os.path.normpath(path)),
+          "build_id": f"hf-{prov['config_sha256'][:12]}", "provenance": prov,
+          "parameter_count": count(params) if params is not None else cfg.param_count(),
+          "precision": {"weights": prov.get("stored_dtype") or "float32"},
+          "prompt_prefix": prov["prompt_prefix"],
+          "special_ids": {n: int(getattr(tokenizer, f"{n}_id")) for n in ("pad", "bos", "eos", "unk")}}
+  return OpenedModel(params, cfg, tokenizer, meta, path, "hf", 0, tokenizer.path)
 
 
 def _open_run(workdir: str, step, mesh) -> OpenedModel:
@@ -198,9 +248,9 @@ def _describe(path: str, kind: str, step) -> OpenedModel:
     cfg = package_lib.model_config_from(meta["architecture"], os.path.join(path, package_lib.MODEL_JSON))
     if not os.path.exists(os.path.join(path, package_lib.WEIGHTS)):
       raise ArtifactError(f"{path!r} has no weights: {package_lib.WEIGHTS} is missing")
-    tok_path = os.path.join(path, package_lib.TOKENIZER)
+    tokenizer = package_lib.read_tokenizer(path, meta)
     pstep = int(meta.get("provenance", {}).get("training_step") or 0)
-    return OpenedModel(None, cfg, Tokenizer.load(tok_path), meta, path, "package", pstep, tok_path)
+    return OpenedModel(None, cfg, tokenizer, meta, path, "package", pstep, tokenizer.path)
   config = run_lib.load_config(path)
   tok_path = run_lib.tokenizer_path(path)
   tokenizer = Tokenizer.load(tok_path)

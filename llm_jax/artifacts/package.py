@@ -1,14 +1,19 @@
 """Model packages: a self-contained directory a server or a script loads with nothing else.
 
-    PKG/model.json           format_version, architecture (ModelConfig), tensors (shape, dtype),
-                             parameter count, precision, provenance (step, git commit, tokenizer and
-                             data-manifest sha256), build id, weights sha256
+    PKG/model.json           format_version, architecture (ModelConfig fields not at their
+                             defaults), tensors (shape, dtype), parameter count, precision,
+                             provenance (step, git commit, tokenizer and data-manifest sha256), build
+                             id, weights sha256, prompt_prefix, the tokenizer's special_ids
     PKG/weights.safetensors  parameters under flattened names ("blocks/attn/query/kernel"); an int8
                              tensor NAME comes with its float32 scales NAME.scale
-    PKG/tokenizer.model      the SentencePiece model
+    PKG/tokenizer.model      llm_jax's SentencePiece model (format 1), or, for other tokenizers
+                             (format 2), the Hugging Face files: tokenizer.json or tokenizer.model,
+                             with tokenizer_config.json
     PKG/README.md            model card
 
-The table of format versions and the llm_jax versions that read them is in docs/serving.md.
+Architecture fields still at their ModelConfig defaults are left out of model.json, so a package of a
+model that needs no newer field reads in older releases; a ModelConfig default therefore never changes
+meaning. The table of format versions and the llm_jax versions that read them is in docs/serving.md.
 """
 from __future__ import annotations
 
@@ -29,14 +34,16 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from llm_jax.artifacts.errors import ArtifactError
+from llm_jax.data import hf_tokenizer
 from llm_jax.data.shards import file_sha256
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import quantize as quantize_lib
 from llm_jax.model.params import abstract_params, flatten, unflatten
 
-FORMAT_VERSION = 1
-READS_FORMAT_VERSIONS = (1,)
+FORMAT_VERSION = 1  # written when the tokenizer is llm_jax's own SentencePiece model
+HF_TOKENIZER_FORMAT_VERSION = 2  # written for any other tokenizer (tokenizer.json, foreign special ids)
+READS_FORMAT_VERSIONS = (1, 2)
 MODEL_JSON, WEIGHTS, TOKENIZER, README = ("model.json", "weights.safetensors", "tokenizer.model",
                                           "README.md")
 
@@ -65,9 +72,13 @@ def _np(x) -> np.ndarray:
 def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: str, *,
                   step: int | None = None, git_commit: str = "", manifest_sha256: str = "",
                   tokenizer_sha256: str = "", quantize: str = "none", weights_dtype: str = "float32",
-                  name: str = "", source: str = "", prompt_prefix=(2,),
-                  overwrite: bool = False) -> dict:
-  """Writes a package directory atomically (built next to `out`, then renamed); returns model.json."""
+                  name: str = "", source: str = "", prompt_prefix=None,
+                  overwrite: bool = False, tokenizer=None) -> dict:
+  """Writes a package directory atomically (built next to `out`, then renamed); returns model.json.
+
+  `tokenizer` (a loaded tokenizer, e.g. a Hugging Face one) takes the place of `tokenizer_path`'s;
+  `prompt_prefix` defaults to the tokenizer's (EOS for llm_jax's own, BOS for most others).
+  """
   if quantize not in ("none", "int8"):
     raise PackageError(f"quantize={quantize!r} is not one of none, int8")
   if weights_dtype not in ("float32", "bfloat16"):
@@ -86,26 +97,36 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
       tensors[key] = leaf.astype(wdt) if np.issubdtype(leaf.dtype, np.floating) else leaf
   for key, arr in tensors.items():
     table[key] = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
-  tok_sha = file_sha256(tokenizer_path)
+  if tokenizer is None:
+    tokenizer = hf_tokenizer.load_tokenizer(tokenizer_path)
+  tok_path = tokenizer.path or tokenizer_path
+  own = type(tokenizer) is Tokenizer  # llm_jax's SentencePiece model: the format-1 layout
+  tok_sha = file_sha256(tok_path) if own else tokenizer.sha256
   if tokenizer_sha256 and tokenizer_sha256 != tok_sha:
-    raise PackageError(f"tokenizer {tokenizer_path} has sha256 {tok_sha}, but the run recorded "
+    raise PackageError(f"tokenizer {tok_path} has sha256 {tok_sha}, but the run recorded "
                        f"{tokenizer_sha256}; the workdir's tokenizer was replaced")
+  if prompt_prefix is None:
+    prompt_prefix = hf_tokenizer.prompt_prefix(tokenizer)
   parent = os.path.dirname(os.path.abspath(out)) or "."
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
   try:
+    version = FORMAT_VERSION if own else HF_TOKENIZER_FORMAT_VERSION
     save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "llm_jax",
-                                                             "format_version": str(FORMAT_VERSION)})
+                                                             "format_version": str(version)})
     weights_sha = file_sha256(os.path.join(tmp, WEIGHTS))
-    shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+    if own:
+      shutil.copyfile(tok_path, os.path.join(tmp, TOKENIZER))
+    else:
+      hf_tokenizer.save_hf_tokenizer(tokenizer, tmp)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": version,
         "name": name or os.path.basename(os.path.normpath(out)),
         "build_id": f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:12]}",
         "created": now.isoformat(timespec="seconds"),
         "llm_jax_version": project_version(),
-        "architecture": dataclasses.asdict(model_config),
+        "architecture": architecture_json(model_config),
         "parameter_count": int(sum(int(np.prod(_np_shape(x))) for x in
                                    jax.tree.leaves(params, is_leaf=quantize_lib.is_qtensor))),
         "precision": {"weights": "int8" if quantize == "int8" else weights_dtype,
@@ -115,7 +136,8 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
                                        if quantize == "int8" else None),
                       "trained_compute_dtype": model_config.dtype},
         "prompt_prefix": [int(i) for i in prompt_prefix],
-        "special_ids": {"pad": 0, "bos": 1, "eos": 2, "unk": 3},
+        "special_ids": {name: int(getattr(tokenizer, f"{name}_id")) for name in ("pad", "bos", "eos",
+                                                                                 "unk")},
         "provenance": {"training_step": step, "git_commit": git_commit or "unknown",
                        "tokenizer_sha256": tok_sha, "manifest_sha256": manifest_sha256 or "unknown",
                        "source": source},
@@ -140,6 +162,16 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
   return meta
 
 
+def architecture_json(cfg: ModelConfig) -> dict:
+  """model.json's architecture: the required ModelConfig fields and every field not at its default."""
+  out = {}
+  for f in dataclasses.fields(ModelConfig):
+    value = getattr(cfg, f.name)
+    if f.default is dataclasses.MISSING or value != f.default:
+      out[f.name] = value
+  return out
+
+
 def _np_shape(x):
   return x.q.shape if quantize_lib.is_qtensor(x) else np.shape(x)
 
@@ -152,7 +184,8 @@ def _write_text(path: str, text: str) -> None:
 
 def model_card(meta: dict) -> str:
   """README.md of a package: what the model is, its shapes and precision, where it came from."""
-  a, p, prov = meta["architecture"], meta["precision"], meta["provenance"]
+  a = dataclasses.asdict(model_config_from(meta["architecture"]))
+  p, prov = meta["precision"], meta["provenance"]
   lines = [
       f"# {meta['name']}", "",
       f"A decoder-only language model exported by llm_jax {meta['llm_jax_version']} "
@@ -275,17 +308,33 @@ def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False,
   if not keep_int8:
     params = quantize_lib.dequantize(params, dt)
   _check_shapes(params, cfg, path)
-  tok_path = os.path.join(path, TOKENIZER)
-  if not os.path.exists(tok_path):
-    raise PackageError(f"{tok_path} is missing")
-  tokenizer = Tokenizer.load(tok_path)
+  tokenizer = read_tokenizer(path, meta)
   want_sha = meta["provenance"].get("tokenizer_sha256")
   if verify and want_sha and tokenizer.sha256 != want_sha:
-    raise PackageError(f"{tok_path} has sha256 {tokenizer.sha256}, model.json says {want_sha}")
+    raise PackageError(f"{tokenizer.path} has sha256 {tokenizer.sha256}, model.json says {want_sha}")
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise PackageError(f"{tok_path} has {tokenizer.vocab_size} pieces but the model only "
+    raise PackageError(f"{tokenizer.path} has {tokenizer.vocab_size} pieces but the model only "
                        f"{cfg.vocab_size} embedding rows")
   return params, cfg, tokenizer, meta
+
+
+def tokenizer_file(path: str) -> str:
+  """The package's tokenizer file: tokenizer.json when present, else tokenizer.model (must exist)."""
+  for name in (hf_tokenizer.TOKENIZER_JSON, TOKENIZER):
+    if os.path.exists(os.path.join(path, name)):
+      return os.path.join(path, name)
+  raise PackageError(f"{os.path.join(path, TOKENIZER)} is missing (and so is "
+                     f"{hf_tokenizer.TOKENIZER_JSON})")
+
+
+def read_tokenizer(path: str, meta: dict):
+  """The package's tokenizer; model.json's special_ids fill in what tokenizer_config.json leaves out."""
+  tokenizer_file(path)
+  special = {k: int(v) for k, v in (meta.get("special_ids") or {}).items() if isinstance(v, int)}
+  try:
+    return hf_tokenizer.load_tokenizer(path, special_ids=special)
+  except hf_tokenizer.DataError as e:
+    raise PackageError(f"{path}: {e}") from e
 
 
 def _check_shapes(params, cfg: ModelConfig, path: str) -> None:

@@ -39,8 +39,9 @@ def heldout_batches(sm: ScoredModel, corpus: str, split: str, seq_len: int, batc
   if corpus and not os.path.exists(os.path.join(corpus, "manifest.json")):
     tc = corpus_lib.tokenize(corpus, sm.tokenizer)
     return (corpus_lib.batches(tc, seq_len, batch_size, max_windows, pi, pc), tc.domains, tc.documents)
-  if not corpus and sm.kind == "package":
-    raise EvalError(f"{sm.path} is a package without data: pass --corpus=GLOB (or 'stdlib') to score text")
+  if not corpus and sm.kind != "run":
+    raise EvalError(f"{sm.path} ({sm.kind}) has no data of its own: pass --corpus=GLOB (or 'stdlib') to "
+                    "score text")
   from llm_jax.data import loader as loader_lib
   from llm_jax.data import manifest as manifest_lib
   prepared = corpus or _prepared_dir(sm)

@@ -34,7 +34,7 @@ class ScoredModel:
   config: Any  # the run's ConfigDict (its mesh and rules), or None for a package (default rules)
   mesh: Any
   step: int
-  kind: str  # "run" | "package"
+  kind: str  # "run" | "package" | "hf"
   path: str
   manifest: dict | None = None  # the run's data manifest (runs only)
 
@@ -48,8 +48,9 @@ class ScoredModel:
 
   @property
   def prefix_ids(self) -> list[int]:
-    """What precedes a document: training shards put EOS between documents, so text starts after EOS."""
-    return [self.tokenizer.eos_id]
+    """What precedes a document: the model's prompt prefix (BOS for imported Hugging Face models), else
+    EOS: training shards put EOS between documents, so text starts after EOS."""
+    return [int(i) for i in self.meta.get("prompt_prefix", [self.tokenizer.eos_id])]
 
 
 def eval_mesh(config):

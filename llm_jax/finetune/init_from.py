@@ -17,12 +17,14 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import ArtifactError, open_model
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model.params import shape_differences
 from llm_jax.train.run_dir import SHAPE_FIELDS
 
 # Fields that do not change shapes but change what the weights compute.
-BEHAVIOUR_FIELDS = ("rope_theta", "norm_eps")
+BEHAVIOUR_FIELDS = ("rope_theta", "norm_eps", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+                    "rope_high_freq_factor", "rope_original_max_len")
 
 
 class InitFromError(config_lib.ConfigError):
@@ -33,12 +35,13 @@ class InitFromError(config_lib.ConfigError):
 class Source:
   """Weights and what they need: the architecture and the tokenizer they were trained with."""
   path: str
-  kind: str  # workdir | package
+  kind: str  # run | package | hf
   params: Any
   step: int | None
   model_config: ModelConfig
   tokenizer_path: str
   tokenizer_sha256: str
+  own_tokenizer: bool = True  # llm_jax's SentencePiece model, which data preparation can encode with
 
 
 def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
@@ -62,7 +65,8 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
                  opened.tokenizer.sha256[:12])
   return Source(path=path, kind=opened.kind, params=params, step=opened.step,
                 model_config=opened.model_config, tokenizer_path=opened.tokenizer_path,
-                tokenizer_sha256=opened.tokenizer.sha256)
+                tokenizer_sha256=opened.tokenizer.sha256,
+                own_tokenizer=type(opened.tokenizer) is Tokenizer)
 
 
 def parse_source(spec: str) -> tuple[str, int | str | None]:
@@ -81,6 +85,11 @@ def parse_source(spec: str) -> tuple[str, int | str | None]:
 def tokenizer_of(path: str) -> tuple[str, str]:
   """(tokenizer.model path, sha256) of a source, without reading its weights."""
   source = describe(path)
+  if not source.own_tokenizer:
+    raise InitFromError(
+        f"init_from={source.path!r}: reuse_source_tokenizer needs an llm_jax SentencePiece tokenizer "
+        f"(pad 0, bos 1, eos 2, unk 3), but the source's is {source.tokenizer_path}; data preparation "
+        "encodes corpora and separates documents with such a model only (docs/interop.md, Limits)")
   return source.tokenizer_path, source.tokenizer_sha256
 
 

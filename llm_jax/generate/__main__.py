@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t1 = time.time()
-    for piece in stream(params, cfg, loaded.tokenizer, ids, sp):
+    for piece in stream(params, cfg, loaded.tokenizer, ids, sp, eos_id=loaded.tokenizer.eos_id):
       sys.stdout.write(piece)
       sys.stdout.flush()
     sys.stdout.write("\n")
