@@ -49,6 +49,7 @@ class ServerSettings:
   max_body_bytes: int = 1 << 20
   request_timeout_s: float = 60.0
   max_n: int = 4
+  max_prompts: int = 32  # prompts in one batched completion request
   compute_dtype: str | None = None
   int8_in_memory: bool = False
   model_name: str = ""
@@ -73,6 +74,7 @@ class ServerState:
                                      backups=settings.audit_backups,
                                      log_prompts=settings.log_prompts)
     self.loaded = None
+    self.token_bytes = None  # UTF-8 bytes each token id adds to text (text offsets)
     self.engine: Engine | None = None
     self.error: str | None = None
     self.started = time.monotonic()
@@ -86,6 +88,7 @@ class ServerState:
       loaded = open_served_model(s)
       t_load = time.monotonic() - t0
       self.loaded = loaded
+      self.token_bytes = loaded.tokenizer.token_bytes()
       self.name = s.model_name or loaded.name
       self.auditor.identity = {"build_id": loaded.build_id,
                                "tokenizer_sha256": loaded.tokenizer_sha256,

@@ -1,5 +1,8 @@
 """The request body of POST /v1/completions (OpenAI-compatible) and the JSON error shape.
 
+A prompt is a text, a list of token ids, or a batch of either (a list of texts or of id lists, as
+lm-evaluation-harness sends them); choice `i * n + j` is the j-th choice of prompt i.
+
 Every field is bounded by what the engine can represent: integers that go into int32/uint32 arrays
 stay inside those types, numbers are finite (JSON's NaN/Infinity extensions are 422), and text is
 valid Unicode (a lone surrogate, which cannot be encoded to UTF-8, is 422). Bounds that depend on
@@ -34,8 +37,8 @@ class CompletionRequest(BaseModel):
   model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
   model: Optional[str] = None
-  prompt: Union[str, list[int], list[str]]
-  max_tokens: int = Field(16, ge=1)
+  prompt: Union[str, list[int], list[str], list[list[int]]]
+  max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   top_k: int = Field(0, ge=0, le=INT32_MAX)
@@ -57,12 +60,7 @@ class CompletionRequest(BaseModel):
 
   @field_validator("prompt")
   @classmethod
-  def _one_prompt(cls, v):
-    if isinstance(v, list) and v and isinstance(v[0], str):
-      if len(v) != 1:
-        raise ValueError("one prompt per request (send a string, a list of token ids, or a list "
-                         "with one string)")
-      return _check_unicode(v[0])
+  def _prompts(cls, v):
     if isinstance(v, list) and not v:
       raise ValueError("the prompt is an empty list")
     return _check_unicode(v)
