@@ -22,7 +22,7 @@ def export(path: str, out: str, *, step: int | str | None = None, quantize: str 
       out, opened.params, opened.model_config, opened.tokenizer_path, step=opened.step,
       git_commit=prov.get("git_commit", ""), manifest_sha256=prov.get("manifest_sha256", ""),
       tokenizer_sha256=opened.tokenizer.sha256, quantize=quantize, weights_dtype=weights_dtype,
-      name=name, source=source, overwrite=overwrite)
+      name=name, source=source, chat_template=opened.chat_template, overwrite=overwrite)
 
 
 def export_random(config_path: str, tokenizer_path: str, out: str, *, seed: int = 0,

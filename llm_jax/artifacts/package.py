@@ -2,7 +2,8 @@
 
     PKG/model.json           format_version, architecture (ModelConfig), tensors (shape, dtype),
                              parameter count, precision, provenance (step, git commit, tokenizer and
-                             data-manifest sha256), build id, weights sha256
+                             data-manifest sha256), build id, weights sha256, and chat_template
+                             (the SFT templates) when the run was fine-tuned on SFT data
     PKG/weights.safetensors  parameters under flattened names ("blocks/attn/query/kernel"); an int8
                              tensor NAME comes with its float32 scales NAME.scale
     PKG/tokenizer.model      the SentencePiece model
@@ -66,7 +67,7 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
                   step: int | None = None, git_commit: str = "", manifest_sha256: str = "",
                   tokenizer_sha256: str = "", quantize: str = "none", weights_dtype: str = "float32",
                   name: str = "", source: str = "", prompt_prefix=(2,),
-                  overwrite: bool = False) -> dict:
+                  chat_template: dict | None = None, overwrite: bool = False) -> dict:
   """Writes a package directory atomically (built next to `out`, then renamed); returns model.json."""
   if quantize not in ("none", "int8"):
     raise PackageError(f"quantize={quantize!r} is not one of none, int8")
@@ -123,6 +124,8 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
         "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
         "tensors": table,
     }
+    if chat_template:  # the SFT templates the model was fine-tuned with: {"prompt": ..., "turn": ...}
+      meta["chat_template"] = dict(chat_template)
     _write_text(os.path.join(tmp, MODEL_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _write_text(os.path.join(tmp, README), model_card(meta))
     if os.path.exists(out):

@@ -1,4 +1,5 @@
-"""The endpoints: /health, /metrics, /v1/models and /v1/completions (checks, then the engine).
+"""The endpoints: /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions, and the
+tokenizer's /tokenize, /detokenize and /tokenizer_info (serve.tokenization).
 
 A completion request is checked here against what the model and the engine can represent (model
 name, n, prompt ids and length, top_k within the vocabulary, input filters) before anything reaches
@@ -15,15 +16,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from llm_jax import generate as G
+from llm_jax.serve import chat, tokenization
+from llm_jax.serve.chat import ChatRequest
 from llm_jax.serve.completion import CompletionResponse
 from llm_jax.serve.engine import EngineBusy
 from llm_jax.serve.prompts import Prompt, check_lengths, make_prompts, score
 from llm_jax.serve.sequences import Choice
 from llm_jax.serve.schema import ApiError, CompletionRequest
+from llm_jax.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 
 def add_routes(app: FastAPI, st) -> None:
-  """Registers the four routes over the shared `ServerState`."""
+  """Registers the routes over the shared `ServerState`."""
 
   @app.get("/health")
   async def health():
@@ -51,6 +55,27 @@ def add_routes(app: FastAPI, st) -> None:
   async def completions(req: CompletionRequest, request: Request):
     return await _completions(st, req, request)
 
+  @app.post("/v1/chat/completions")
+  async def chat_completions(req: ChatRequest, request: Request):
+    return await _chat(st, req, request)
+
+  @app.post("/tokenize")
+  async def tokenize_(req: TokenizeRequest):
+    _require_ready(st)
+    _check_model(st, req.model)
+    return tokenization.tokenize(st, req)
+
+  @app.post("/detokenize")
+  async def detokenize_(req: DetokenizeRequest):
+    _require_ready(st)
+    _check_model(st, req.model)
+    return tokenization.detokenize(st, req)
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info_():
+    _require_ready(st)
+    return tokenization.tokenizer_info(st)
+
 
 def _require_ready(st) -> None:
   if st.engine is None or not st.engine.ready:
@@ -58,11 +83,15 @@ def _require_ready(st) -> None:
                    f"the model failed to load: {st.error}", type_="server_error", code="not_ready")
 
 
+def _check_model(st, model: str | None) -> None:
+  if model and model != st.name:
+    raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {st.name!r}",
+                   param="model", code="model_not_found")
+
+
 def check_common(st, req) -> None:
   """The model name, n and top_k checks of completions and chat."""
-  if req.model and req.model != st.name:
-    raise ApiError(404, f"model {req.model!r} is not served here; GET /v1/models lists {st.name!r}",
-                   param="model", code="model_not_found")
+  _check_model(st, req.model)
   if req.n > st.settings.max_n:
     raise ApiError(422, f"n: at most {st.settings.max_n} choices per request", param="n",
                    code="invalid_value")
@@ -121,4 +150,17 @@ async def _completions(st, req: CompletionRequest, request: Request):
                            top_n=req.logprobs or 0)
   record.update(n=req.n, stream=req.stream, max_tokens=req.max_tokens, prompts=len(prompts))
   ctx = CompletionResponse(st, req, handle, choices, prompts, record, request.state.request_id)
+  return await respond(ctx, req, request)
+
+
+async def _chat(st, req: ChatRequest, request: Request):
+  record = request.state.audit
+  _require_ready(st)
+  check_common(st, req)
+  prompt, max_tokens = chat.prepare(st, req, record)
+  top_n = (req.top_logprobs or 0) if req.logprobs else 0
+  handle, choices = submit(st, req, request, [prompt], max_tokens=max_tokens, top_n=top_n,
+                           stop=chat.stops_of(st.templates))
+  record.update(n=req.n, stream=req.stream, max_tokens=max_tokens)
+  ctx = chat.ChatResponse(st, req, handle, choices, prompt, record, request.state.request_id)
   return await respond(ctx, req, request)
