@@ -21,8 +21,8 @@ from llm_jax.serve.chat import ChatRequest
 from llm_jax.serve.completion import CompletionResponse
 from llm_jax.serve.engine import EngineBusy
 from llm_jax.serve.prompts import Prompt, check_lengths, make_prompts, score
-from llm_jax.serve.sequences import Choice
 from llm_jax.serve.schema import ApiError, CompletionRequest
+from llm_jax.serve.sequences import Choice
 from llm_jax.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 

@@ -14,7 +14,6 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-
 INT32_MAX = 2**31 - 1
 
 
