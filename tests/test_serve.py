@@ -47,9 +47,9 @@ def _settings(pkg, **kw):
 @pytest.fixture(scope="module", autouse=True)
 def short_spans():
   """Cache spans of 8 and 16 positions (of 32): requests cross span buckets while they decode."""
-  from llm_jax import generate as G
+  from llm_jax.generate import decode
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(G, "MIN_SPAN", 8)
+    mp.setattr(decode, "MIN_SPAN", 8)  # decode_span reads the decode module's own name
     yield
 
 
@@ -238,13 +238,17 @@ def test_stop_sequences_trimmed(plain, greedy_text):
 
 def test_logprobs_and_echo(plain):
   r = _greedy(plain.url, max_tokens=5, logprobs=2, echo=True)
-  c, n_prompt = r["choices"][0], r["usage"]["prompt_tokens"]
+  c = r["choices"][0]
+  # usage counts the hidden prompt prefix (EOS); echo lists the prompt's own tokens only
+  n_prompt = r["usage"]["prompt_tokens"] - 1
   assert c["text"].startswith(PROMPT)
   lp = c["logprobs"]
   assert len(lp["tokens"]) == len(lp["token_logprobs"]) == n_prompt + 5
+  assert "".join(lp["tokens"][:n_prompt]) == PROMPT
   assert lp["token_logprobs"][0] is None and all(x <= 0 for x in lp["token_logprobs"][1:])
+  assert lp["top_logprobs"][0] is None and all(isinstance(t, dict) for t in lp["top_logprobs"][1:])
   top = lp["top_logprobs"][n_prompt:]
-  assert all(len(t) <= 2 for t in top)
+  assert all(len(t) <= 3 for t in top)  # the 2 best and the chosen one
   # Greedy: the chosen token's log-prob is the best of the top ones.
   assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(top, lp["token_logprobs"][n_prompt:]))
 
@@ -292,7 +296,9 @@ def test_sse_stream_parsed_to_the_end(plain, greedy_text):
     ({"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
     ({"max_tokens": 3}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": [[5, 6], []]}, "prompt"),
+    ({"prompt": [[5, 6]] * 40}, "prompt"),
     ({"prompt": [1, 99999]}, "prompt"),
     ({"prompt": "the " * 40}, "prompt"),
     ({"prompt": "x", "max_tokens": 31}, "max_tokens"),

@@ -39,7 +39,7 @@ def export(path: str, out: str, *, step: int | str | None = None, quantize: str 
       git_commit=prov.get("git_commit", ""), manifest_sha256=prov.get("manifest_sha256", ""),
       tokenizer_sha256=opened.tokenizer.sha256, quantize=quantize, weights_dtype=weights_dtype,
       name=name, source=source, overwrite=overwrite, tokenizer=opened.tokenizer,
-      prompt_prefix=opened.prompt_prefix)
+      prompt_prefix=opened.prompt_prefix, chat_template=opened.chat_template)
 
 
 def _export_hf(opened, out: str, quantize: str, weights_dtype: str, overwrite: bool) -> dict:

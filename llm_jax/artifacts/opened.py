@@ -80,6 +80,11 @@ class OpenedModel:
     return [int(i) for i in self.meta.get("prompt_prefix", [self.tokenizer.eos_id])]
 
   @property
+  def chat_template(self) -> dict | None:
+    """The SFT templates {"prompt", "turn"} the model was fine-tuned with, or None (not an SFT model)."""
+    return self.meta.get("chat_template")
+
+  @property
   def name(self) -> str:
     return self.meta.get("name") or os.path.basename(os.path.normpath(self.path)) or "model"
 
@@ -237,8 +242,19 @@ def _open_run(workdir: str, step, mesh) -> OpenedModel:
           "provenance": prov, "parameter_count": count(params),
           "precision": {"weights": "float32"}, "prompt_prefix": [tokenizer.eos_id],
           "run": run_lib.record(workdir)}
+  template = _chat_template(config)
+  if template:
+    meta["chat_template"] = template
   return OpenedModel(params, cfg, tokenizer, meta, workdir, "run", int(step), tok_path, config=config,
                      manifest=run_lib.manifest(workdir))
+
+
+def _chat_template(config) -> dict | None:
+  """config.finetune.sft's templates when the run trained on SFT data (sft.train_file), else None."""
+  sft = (config.get("finetune") or {}).get("sft") if hasattr(config, "get") else None
+  if sft is None or not sft.get("train_file"):
+    return None
+  return {"prompt": sft.get("prompt_template"), "turn": sft.get("turn_template")}
 
 
 def _describe(path: str, kind: str, step) -> OpenedModel:

@@ -3,7 +3,8 @@
     PKG/model.json           format_version, architecture (ModelConfig fields not at their
                              defaults), tensors (shape, dtype), parameter count, precision,
                              provenance (step, git commit, tokenizer and data-manifest sha256), build
-                             id, weights sha256, prompt_prefix, the tokenizer's special_ids
+                             id, weights sha256, prompt_prefix, the tokenizer's special_ids, and
+                             chat_template (the SFT templates) when the run was fine-tuned on SFT data
     PKG/weights.safetensors  parameters under flattened names ("blocks/attn/query/kernel"); an int8
                              tensor NAME comes with its float32 scales NAME.scale
     PKG/tokenizer.model      llm_jax's SentencePiece model (format 1), or, for other tokenizers
@@ -73,11 +74,13 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
                   step: int | None = None, git_commit: str = "", manifest_sha256: str = "",
                   tokenizer_sha256: str = "", quantize: str = "none", weights_dtype: str = "float32",
                   name: str = "", source: str = "", prompt_prefix=None,
-                  overwrite: bool = False, tokenizer=None) -> dict:
+                  chat_template: dict | None = None, overwrite: bool = False,
+                  tokenizer=None) -> dict:
   """Writes a package directory atomically (built next to `out`, then renamed); returns model.json.
 
   `tokenizer` (a loaded tokenizer, e.g. a Hugging Face one) takes the place of `tokenizer_path`'s;
-  `prompt_prefix` defaults to the tokenizer's (EOS for llm_jax's own, BOS for most others).
+  `prompt_prefix` defaults to the tokenizer's (EOS for llm_jax's own, BOS for most others);
+  `chat_template` (the SFT templates) is recorded for /v1/chat/completions.
   """
   if quantize not in ("none", "int8"):
     raise PackageError(f"quantize={quantize!r} is not one of none, int8")
@@ -145,6 +148,8 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
         "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
         "tensors": table,
     }
+    if chat_template:  # the SFT templates the model was fine-tuned with: {"prompt": ..., "turn": ...}
+      meta["chat_template"] = dict(chat_template)
     _write_text(os.path.join(tmp, MODEL_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _write_text(os.path.join(tmp, README), model_card(meta))
     if os.path.exists(out):

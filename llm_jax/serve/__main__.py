@@ -54,6 +54,8 @@ _MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest reque
 _REQUEST_TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds per request (queue + "
                                       "decoding; 504).", lower_bound=1e-3)
 _MAX_N = flags.DEFINE_integer("max_n", 4, "Largest n (choices per request).", lower_bound=1)
+_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 32, "Most prompts in one batched completion "
+                                    "request (lm-eval's batch_size).", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default float32 "
                            "on CPU, bfloat16 on GPU/TPU).")
 _INT8_IN_MEMORY = flags.DEFINE_bool("int8_in_memory", False, "int8 packages: keep weights int8 on "
@@ -101,7 +103,7 @@ def settings_from_flags() -> app_lib.ServerSettings:
       slots=_SLOTS.value, max_concurrent=_MAX_CONCURRENT.value, decode_chunk=_DECODE_CHUNK.value,
       max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_total_tokens=_MAX_TOTAL_TOKENS.value,
       max_body_bytes=_MAX_BODY_BYTES.value, request_timeout_s=_REQUEST_TIMEOUT.value,
-      max_n=_MAX_N.value, compute_dtype=_DTYPE.value, int8_in_memory=_INT8_IN_MEMORY.value,
+      max_n=_MAX_N.value, max_prompts=_MAX_PROMPTS.value, compute_dtype=_DTYPE.value, int8_in_memory=_INT8_IN_MEMORY.value,
       model_name=_MODEL_NAME.value)
 
 

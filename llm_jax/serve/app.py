@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from llm_jax.artifacts import OpenedModel, open_model
 from llm_jax.model import unstack_layers
 from llm_jax.serve import audit as audit_lib
+from llm_jax.serve.chat import templates_of
 from llm_jax.serve.engine import Engine
 from llm_jax.serve.filters import Filters
 from llm_jax.serve.gate import Gate, add_error_handlers
@@ -49,6 +50,7 @@ class ServerSettings:
   max_body_bytes: int = 1 << 20
   request_timeout_s: float = 60.0
   max_n: int = 4
+  max_prompts: int = 32  # prompts in one batched completion request
   compute_dtype: str | None = None
   int8_in_memory: bool = False
   model_name: str = ""
@@ -73,6 +75,8 @@ class ServerState:
                                      backups=settings.audit_backups,
                                      log_prompts=settings.log_prompts)
     self.loaded = None
+    self.token_bytes = None  # UTF-8 bytes each token id adds to text (text offsets)
+    self.templates = None  # the chat template (finetune.sft.Templates)
     self.engine: Engine | None = None
     self.error: str | None = None
     self.started = time.monotonic()
@@ -86,6 +90,8 @@ class ServerState:
       loaded = open_served_model(s)
       t_load = time.monotonic() - t0
       self.loaded = loaded
+      self.token_bytes = loaded.tokenizer.token_bytes()
+      self.templates = templates_of(loaded)
       self.name = s.model_name or loaded.name
       self.auditor.identity = {"build_id": loaded.build_id,
                                "tokenizer_sha256": loaded.tokenizer_sha256,

@@ -308,8 +308,12 @@ class Engine:
     reason = None
     new_text, new_tokens, new_lps, new_top = [], [], [], []
     for j in range(self.chunk):
-      if outs["eos"][slot, j]:
+      if outs["eos"][slot, j]:  # listed with its log-prob (not in the text), as vLLM lists it
         reason = "stop"
+        new_tokens.append(int(outs["token"][slot, j]))
+        new_lps.append(float(outs["logprob"][slot, j]))
+        if choice.top_n:
+          new_top.append(self._top(outs, slot, j, choice.top_n))
         break
       if not outs["emitted"][slot, j]:
         continue
@@ -323,9 +327,7 @@ class Engine:
       new_tokens.append(tok)
       new_lps.append(float(outs["logprob"][slot, j]))
       if choice.top_n:
-        new_top.append([(int(i), float(v)) for i, v in
-                        zip(outs["top_ids"][slot, j, :choice.top_n],
-                            outs["top_logprobs"][slot, j, :choice.top_n])])
+        new_top.append(self._top(outs, slot, j, choice.top_n))
       if piece:
         new_text.append(piece)
     if reason is None and not active[slot]:
@@ -347,6 +349,11 @@ class Engine:
       handle.emit(("delta", choice.index, "".join(new_text), new_tokens, new_lps, new_top))
     if reason is not None:
       self._finish(handle, choice, reason)
+
+  @staticmethod
+  def _top(outs, slot: int, j: int, n: int) -> list[tuple[int, float]]:
+    return [(int(i), float(v)) for i, v in zip(outs["top_ids"][slot, j, :n],
+                                               outs["top_logprobs"][slot, j, :n])]
 
   def _finish(self, handle: Handle, choice: Choice, reason: str) -> None:
     choice.finish_reason = reason

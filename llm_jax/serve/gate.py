@@ -107,7 +107,7 @@ class Gate:
       route = st.metrics.route(path)
       st.metrics.requests.labels(route, str(code)).inc()
       t1 = time.time()
-      if route == "/v1/completions":
+      if route in ("/v1/completions", "/v1/chat/completions"):
         st.metrics.latency.observe(t1 - t0)
       if not (route in ("/health", "/metrics") and code < 400):
         record.update(status=code, start=audit_lib.iso(t0), end=audit_lib.iso(t1),

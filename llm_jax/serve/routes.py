@@ -1,4 +1,5 @@
-"""The endpoints: /health, /metrics, /v1/models and /v1/completions (checks, then the engine).
+"""The endpoints: /health, /metrics, /v1/models, /v1/completions, /v1/chat/completions, and the
+tokenizer's /tokenize, /detokenize and /tokenizer_info (serve.tokenization).
 
 A completion request is checked here against what the model and the engine can represent (model
 name, n, prompt ids and length, top_k within the vocabulary, input filters) before anything reaches
@@ -10,21 +11,23 @@ import asyncio
 import secrets
 import time
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from llm_jax import generate as G
+from llm_jax.serve import chat, tokenization
+from llm_jax.serve.chat import ChatRequest
 from llm_jax.serve.completion import CompletionResponse
 from llm_jax.serve.engine import EngineBusy
-from llm_jax.serve.prefill import prompt_logprobs
-from llm_jax.serve.sequences import Choice
+from llm_jax.serve.prompts import Prompt, check_lengths, make_prompts, score
 from llm_jax.serve.schema import ApiError, CompletionRequest
+from llm_jax.serve.sequences import Choice
+from llm_jax.serve.tokenization import DetokenizeRequest, TokenizeRequest
 
 
 def add_routes(app: FastAPI, st) -> None:
-  """Registers the four routes over the shared `ServerState`."""
+  """Registers the routes over the shared `ServerState`."""
 
   @app.get("/health")
   async def health():
@@ -52,6 +55,27 @@ def add_routes(app: FastAPI, st) -> None:
   async def completions(req: CompletionRequest, request: Request):
     return await _completions(st, req, request)
 
+  @app.post("/v1/chat/completions")
+  async def chat_completions(req: ChatRequest, request: Request):
+    return await _chat(st, req, request)
+
+  @app.post("/tokenize")
+  async def tokenize_(req: TokenizeRequest):
+    _require_ready(st)
+    _check_model(st, req.model)
+    return tokenization.tokenize(st, req)
+
+  @app.post("/detokenize")
+  async def detokenize_(req: DetokenizeRequest):
+    _require_ready(st)
+    _check_model(st, req.model)
+    return tokenization.detokenize(st, req)
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info_():
+    _require_ready(st)
+    return tokenization.tokenizer_info(st)
+
 
 def _require_ready(st) -> None:
   if st.engine is None or not st.engine.ready:
@@ -59,83 +83,84 @@ def _require_ready(st) -> None:
                    f"the model failed to load: {st.error}", type_="server_error", code="not_ready")
 
 
-def _prepare(st, req: CompletionRequest, record: dict) -> tuple[list[int], str]:
-  """Prompt ids and text after the model, n, top_k, filter and length checks."""
-  if req.model and req.model != st.name:
-    raise ApiError(404, f"model {req.model!r} is not served here; GET /v1/models lists {st.name!r}",
+def _check_model(st, model: str | None) -> None:
+  if model and model != st.name:
+    raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {st.name!r}",
                    param="model", code="model_not_found")
+
+
+def check_common(st, req) -> None:
+  """The model name, n and top_k checks of completions and chat."""
+  _check_model(st, req.model)
   if req.n > st.settings.max_n:
     raise ApiError(422, f"n: at most {st.settings.max_n} choices per request", param="n",
                    code="invalid_value")
-  tok = st.loaded.tokenizer
-  if req.top_k > tok.vocab_size:
-    raise ApiError(422, f"top_k: at most {tok.vocab_size} (the vocabulary size; 0 turns it off)",
+  vocab = st.loaded.tokenizer.vocab_size
+  if req.top_k > vocab:
+    raise ApiError(422, f"top_k: at most {vocab} (the vocabulary size; 0 turns it off)",
                    param="top_k", code="invalid_value")
-  if isinstance(req.prompt, str):
-    text = req.prompt
-    ids = st.loaded.prompt_prefix + tok.encode(text)
-  else:
-    bad = [i for i in req.prompt if not 0 <= i < tok.vocab_size]
-    if bad:
-      raise ApiError(422, f"prompt: token ids {bad[:5]} are outside [0, {tok.vocab_size})",
-                     param="prompt", code="invalid_value")
-    ids = list(req.prompt)
-    text = tok.decode(ids)
-  if not ids:
-    raise ApiError(422, "prompt: empty", param="prompt", code="invalid_value")
-  record.update(prompt_tokens=len(ids), prompt=text)
-  rule = st.settings.filters.check_input(text)
-  if rule is not None:
-    record["blocked_by"] = rule.name
-    raise ApiError(400, f"prompt blocked by input filter {rule.name!r}: {rule.reason}",
-                   param="prompt", code="input_blocked")
-  max_prompt, max_total = st.limits()
-  if len(ids) > max_prompt:
-    raise ApiError(422, f"prompt: {len(ids)} tokens, the limit is {max_prompt}", param="prompt",
-                   code="context_length_exceeded")
-  if len(ids) + req.max_tokens > max_total:
-    raise ApiError(422, f"max_tokens: prompt ({len(ids)}) + max_tokens ({req.max_tokens}) exceeds "
-                   f"{max_total} tokens; lower max_tokens to {max_total - len(ids)}",
-                   param="max_tokens", code="context_length_exceeded")
-  return ids, text
 
 
-async def _completions(st, req: CompletionRequest, request: Request):
-  record = request.state.audit
-  _require_ready(st)
-  ids, text = _prepare(st, req, record)
+def submit(st, req, request: Request, prompts: list[Prompt], *, max_tokens: int, top_n: int,
+           stop: tuple[str, ...] = ()):
+  """The choices of `prompts` (n each) queued on the engine; (handle, choices). 429 when busy."""
   seed = req.seed if req.seed is not None else secrets.randbits(32)
   try:
     sampling = [G.SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                                  repetition_penalty=req.repetition_penalty,
-                                 max_new_tokens=req.max_tokens, stop=tuple(req.stop or ()),
-                                 seed=(seed + i) % 2**32) for i in range(req.n)]
+                                 max_new_tokens=max(1, max_tokens), stop=tuple(req.stop or ()) + stop,
+                                 seed=(seed + i) % 2**32) for i in range(req.n * len(prompts))]
   except ValueError as e:
     raise ApiError(422, str(e), code="invalid_value") from e
-  choices = [Choice(i, ids, sampling[i], top_n=req.logprobs or 0) for i in range(req.n)]
+  choices = [Choice(i, prompts[i // req.n].ids, sampling[i], top_n=top_n) for i in range(len(sampling))]
+  if max_tokens == 0:
+    return None, choices
   loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-  rid = request.state.request_id
   try:
-    handle = st.engine.submit(choices, loop, queue, st.settings.request_timeout_s, request_id=rid)
+    handle = st.engine.submit(choices, loop, queue, st.settings.request_timeout_s,
+                              request_id=request.state.request_id)
   except EngineBusy as e:
     raise ApiError(429, f"server busy: {e}; retry later", type_="rate_limit_error",
                    code="rate_limited", headers={"Retry-After": "1"}) from e
-  st.metrics.prompt_tokens.inc(len(ids))
-  record.update(n=req.n, stream=req.stream, max_tokens=req.max_tokens)
-  prompt_lps = None
-  if req.echo and req.logprobs is not None:
-    prompt_lps = await asyncio.to_thread(_prompt_logprobs, st, ids)
-  ctx = CompletionResponse(st, req, handle, ids, text, prompt_lps, record)
+  st.metrics.prompt_tokens.inc(sum(len(p.ids) for p in prompts))
+  return handle, choices
+
+
+async def respond(ctx, req, request: Request):
+  """The responder's SSE stream or its JSON body."""
   if req.stream:
     return StreamingResponse(ctx.sse(request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
   return await ctx.collect(request)
 
 
-def _prompt_logprobs(st, ids: list[int]) -> list[float | None]:
-  cfg = st.loaded.model_config
-  width = G.bucket(len(ids), cfg.max_seq_len)
-  tokens = np.zeros((1, width), np.int32)
-  tokens[0, :len(ids)] = ids
-  lps = np.asarray(prompt_logprobs(st.engine.params, tokens, cfg=cfg))[:len(ids) - 1]
-  return [None] + [float(x) for x in lps]
+async def _completions(st, req: CompletionRequest, request: Request):
+  record = request.state.audit
+  _require_ready(st)
+  check_common(st, req)
+  if req.max_tokens == 0 and not req.echo:
+    raise ApiError(422, "max_tokens: 0 is allowed only with echo (scoring the prompt alone)",
+                   param="max_tokens", code="invalid_value")
+  prompts = make_prompts(st, req.prompt, record)
+  check_lengths(st, prompts, req.max_tokens)
+  if req.echo and req.logprobs is not None:
+    for p in prompts:
+      await asyncio.to_thread(score, st, p)
+  handle, choices = submit(st, req, request, prompts, max_tokens=req.max_tokens,
+                           top_n=req.logprobs or 0)
+  record.update(n=req.n, stream=req.stream, max_tokens=req.max_tokens, prompts=len(prompts))
+  ctx = CompletionResponse(st, req, handle, choices, prompts, record, request.state.request_id)
+  return await respond(ctx, req, request)
+
+
+async def _chat(st, req: ChatRequest, request: Request):
+  record = request.state.audit
+  _require_ready(st)
+  check_common(st, req)
+  prompt, max_tokens = chat.prepare(st, req, record)
+  top_n = (req.top_logprobs or 0) if req.logprobs else 0
+  handle, choices = submit(st, req, request, [prompt], max_tokens=max_tokens, top_n=top_n,
+                           stop=chat.stops_of(st.templates))
+  record.update(n=req.n, stream=req.stream, max_tokens=max_tokens)
+  ctx = chat.ChatResponse(st, req, handle, choices, prompt, record, request.state.request_id)
+  return await respond(ctx, req, request)

@@ -1,5 +1,8 @@
 """The request body of POST /v1/completions (OpenAI-compatible) and the JSON error shape.
 
+A prompt is a text, a list of token ids, or a batch of either (a list of texts or of id lists, as
+lm-evaluation-harness sends them); choice `i * n + j` is the j-th choice of prompt i.
+
 Every field is bounded by what the engine can represent: integers that go into int32/uint32 arrays
 stay inside those types, numbers are finite (JSON's NaN/Infinity extensions are 422), and text is
 valid Unicode (a lone surrogate, which cannot be encoded to UTF-8, is 422). Bounds that depend on
@@ -10,7 +13,6 @@ from __future__ import annotations
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
-
 
 INT32_MAX = 2**31 - 1
 
@@ -29,13 +31,11 @@ def _check_unicode(v):
   return v
 
 
-class CompletionRequest(BaseModel):
-  """Fields of the OpenAI completions API this server honours; unknown fields are rejected (422)."""
+class SamplingRequest(BaseModel):
+  """The fields completions and chat completions share; unknown fields are rejected (422)."""
   model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
   model: Optional[str] = None
-  prompt: Union[str, list[int], list[str]]
-  max_tokens: int = Field(16, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   top_k: int = Field(0, ge=0, le=INT32_MAX)
@@ -43,29 +43,13 @@ class CompletionRequest(BaseModel):
   stop: Optional[Union[str, list[str]]] = None
   seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
   n: int = Field(1, ge=1)
-  logprobs: Optional[int] = Field(None, ge=0, le=5)
-  echo: StrictBool = False
   stream: StrictBool = False
   stream_options: Optional[dict[str, Any]] = None
   user: Optional[str] = Field(None, max_length=256)
   # Accepted for client compatibility; only their neutral values.
-  best_of: Optional[int] = None
   presence_penalty: Optional[float] = None
   frequency_penalty: Optional[float] = None
   logit_bias: Optional[dict[str, float]] = None
-  suffix: Optional[str] = None
-
-  @field_validator("prompt")
-  @classmethod
-  def _one_prompt(cls, v):
-    if isinstance(v, list) and v and isinstance(v[0], str):
-      if len(v) != 1:
-        raise ValueError("one prompt per request (send a string, a list of token ids, or a list "
-                         "with one string)")
-      return _check_unicode(v[0])
-    if isinstance(v, list) and not v:
-      raise ValueError("the prompt is an empty list")
-    return _check_unicode(v)
 
   @field_validator("stop")
   @classmethod
@@ -79,17 +63,10 @@ class CompletionRequest(BaseModel):
       raise ValueError("stop sequences must be 1 to 64 characters")
     return _check_unicode(v)
 
-  @field_validator("model", "user", "suffix")
+  @field_validator("model", "user")
   @classmethod
   def _valid_text(cls, v):
     return v if v is None else _check_unicode(v)
-
-  @field_validator("best_of")
-  @classmethod
-  def _best_of(cls, v):
-    if v not in (None, 1):
-      raise ValueError("best_of is not supported (use n)")
-    return v
 
   @field_validator("presence_penalty", "frequency_penalty")
   @classmethod
@@ -105,12 +82,37 @@ class CompletionRequest(BaseModel):
       raise ValueError("logit_bias is not supported")
     return v
 
+
+class CompletionRequest(SamplingRequest):
+  """Fields of the OpenAI completions API this server honours."""
+
+  prompt: Union[str, list[int], list[str], list[list[int]]]
+  max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
+  logprobs: Optional[int] = Field(None, ge=0, le=5)
+  echo: StrictBool = False
+  best_of: Optional[int] = None  # accepted: 1 only
+  suffix: Optional[str] = None  # accepted: empty only
+
+  @field_validator("prompt")
+  @classmethod
+  def _prompts(cls, v):
+    if isinstance(v, list) and not v:
+      raise ValueError("the prompt is an empty list")
+    return _check_unicode(v)
+
+  @field_validator("best_of")
+  @classmethod
+  def _best_of(cls, v):
+    if v not in (None, 1):
+      raise ValueError("best_of is not supported (use n)")
+    return v
+
   @field_validator("suffix")
   @classmethod
   def _suffix(cls, v):
     if v:
       raise ValueError("suffix (insertion) is not supported")
-    return v
+    return _check_unicode(v) if v is not None else v
 
 
 def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,

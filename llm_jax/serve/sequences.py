@@ -21,7 +21,7 @@ class Choice:
   sampling: G.SamplingParams
   top_n: int = 0  # top log-probs per token wanted (0..5)
   text: Any = None  # generate.TextStream
-  tokens: list[int] = dataclasses.field(default_factory=list)
+  tokens: list[int] = dataclasses.field(default_factory=list)  # with the EOS that ended it, if one did
   logprobs: list[float] = dataclasses.field(default_factory=list)
   top: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
   finish_reason: str | None = None

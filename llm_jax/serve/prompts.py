@@ -1,0 +1,162 @@
+"""Prompts as the server sees them: text to ids, the checks every prompt passes, scoring, offsets.
+
+What a text prompt gets: the model's prompt prefix (model.json `prompt_prefix`: the document separator
+EOS that training put before every document) and then its tokens. The prefix is fed to the model but
+never echoed: `echo` returns the prompt's own tokens, and with `logprobs` the first of them has a null
+log-prob (and null top log-probs), as in OpenAI's legacy format. A prompt of token ids is fed exactly
+as sent (nothing is prepended). In text, the tokenizer's special pieces (`<s>`, `</s>`, `<pad>`,
+`<unk>`) stand for their ids, as Hugging Face tokenizers read them; `/tokenize` uses the same rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from llm_jax import generate as G
+from llm_jax.serve.engine import TOP_LOGPROBS
+from llm_jax.serve.prefill import prompt_scores
+from llm_jax.serve.schema import ApiError
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@dataclasses.dataclass
+class Prompt:
+  """One prompt: the ids the model sees, where the echoed part starts, the echoed text, its scores."""
+  ids: list[int]
+  shown: int  # ids[shown:] are the prompt's own tokens (echoed); ids[:shown] the hidden prefix
+  text: str
+  logprobs: list[float | None] | None = None  # per shown token (first: None)
+  top: list[list[tuple[int, float]] | None] | None = None  # per shown token (first: None)
+
+  @property
+  def shown_ids(self) -> list[int]:
+    return self.ids[self.shown:]
+
+
+def special_pieces(tok) -> dict[str, int]:
+  """The text of each special id (pad, bos, eos, unk) -> the id."""
+  return {tok.id_to_piece(i): i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id)}
+
+
+def encode_text(tok, text: str) -> list[int]:
+  """Ids of `text`, reading the tokenizer's special pieces in it as their ids."""
+  specials = special_pieces(tok)
+  parts = re.split("(" + "|".join(re.escape(p) for p in specials) + ")", text)
+  ids: list[int] = []
+  for part in parts:
+    if part in specials:
+      ids.append(specials[part])
+    elif part:
+      ids += tok.encode(part)
+  return ids
+
+
+def token_str(tok, i: int) -> str:
+  """A token as text for log-prob listings: its text, 'bytes:\\xNN' for a byte piece, or the piece
+  name of a special id (so that distinct ids get distinct strings)."""
+  piece = tok.id_to_piece(i)
+  m = _BYTE_PIECE.match(piece)
+  if m:
+    return f"bytes:\\x{m.group(1).lower()}"
+  text = tok.decode([i])
+  return text if text else piece
+
+
+def top_dict(tok, row: list[tuple[int, float]], chosen: int, chosen_lp: float) -> dict[str, float]:
+  """OpenAI's top_logprobs entry: the top tokens and always the chosen one (up to logprobs + 1)."""
+  out = {token_str(tok, i): float(v) for i, v in row}
+  out.setdefault(token_str(tok, chosen), float(chosen_lp))
+  return out
+
+
+def text_offsets(tok, token_bytes: np.ndarray, ids: list[int], text: str, base: int = 0) -> list[int]:
+  """Where each token starts in `text` (the decoded `ids`), in characters, plus `base`.
+
+  A token's offset is the number of characters whose UTF-8 bytes end before the token's first byte
+  (a token that starts inside a character gets that character's offset); special ids add no bytes.
+  When the byte counts do not add up to `text` (a tokenizer that drops or adds characters when
+  decoding), offsets come from decoding each prefix instead.
+  """
+  if not ids:
+    return []
+  nbytes = token_bytes[np.clip(np.asarray(ids), 0, len(token_bytes) - 1)]
+  raw = text.encode("utf-8")
+  if int(nbytes.sum()) != len(raw):
+    return [base + _common_prefix(tok.decode(ids[:k]), text) for k in range(len(ids))]
+  char_end = np.cumsum([len(ch.encode("utf-8")) for ch in text])  # byte where each char ends
+  starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]])
+  return [base + int(x) for x in np.searchsorted(char_end, starts, side="right")]
+
+
+def _common_prefix(a: str, b: str) -> int:
+  n = min(len(a), len(b))
+  i = 0
+  while i < n and a[i] == b[i]:
+    i += 1
+  return i
+
+
+def make_prompts(st, prompt, record: dict) -> list[Prompt]:
+  """The request's prompts (a text, ids, or a batch of either) after the id and filter checks."""
+  tok = st.loaded.tokenizer
+  if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+    prompt = [prompt]
+  if len(prompt) > st.settings.max_prompts:
+    raise ApiError(422, f"prompt: {len(prompt)} prompts in one request, at most "
+                   f"{st.settings.max_prompts}", param="prompt", code="invalid_value")
+  out = []
+  for k, p in enumerate(prompt):
+    where = f"prompt[{k}]" if len(prompt) > 1 else "prompt"
+    if isinstance(p, str):
+      prefix = list(st.loaded.prompt_prefix)
+      out.append(Prompt(prefix + encode_text(tok, p), len(prefix), p))
+    else:
+      bad = [i for i in p if not 0 <= i < tok.vocab_size]
+      if bad:
+        raise ApiError(422, f"{where}: token ids {bad[:5]} are outside [0, {tok.vocab_size})",
+                       param="prompt", code="invalid_value")
+      out.append(Prompt(list(p), 0, tok.decode(p)))
+    if not out[-1].shown_ids:
+      raise ApiError(422, f"{where}: empty", param="prompt", code="invalid_value")
+  texts = [p.text for p in out]
+  record.update(prompt_tokens=sum(len(p.ids) for p in out),
+                prompt=texts[0] if len(texts) == 1 else texts)
+  for p in out:
+    rule = st.settings.filters.check_input(p.text)
+    if rule is not None:
+      record["blocked_by"] = rule.name
+      raise ApiError(400, f"prompt blocked by input filter {rule.name!r}: {rule.reason}",
+                     param="prompt", code="input_blocked")
+  return out
+
+
+def check_lengths(st, prompts: list[Prompt], max_tokens: int, param: str = "prompt") -> None:
+  """422 when a prompt, or a prompt with `max_tokens` new tokens, does not fit the limits."""
+  max_prompt, max_total = st.limits()
+  for k, p in enumerate(prompts):
+    where = f"{param}[{k}]" if len(prompts) > 1 else param
+    if len(p.ids) > max_prompt:
+      raise ApiError(422, f"{where}: {len(p.ids)} tokens, the limit is {max_prompt}", param=param,
+                     code="context_length_exceeded")
+    if len(p.ids) + max_tokens > max_total:
+      raise ApiError(422, f"max_tokens: {where} ({len(p.ids)} tokens) + max_tokens ({max_tokens}) "
+                     f"exceeds {max_total} tokens; lower max_tokens to {max_total - len(p.ids)}",
+                     param="max_tokens", code="context_length_exceeded")
+
+
+def score(st, p: Prompt) -> None:
+  """Fills `p.logprobs` and `p.top` for its shown tokens (one forward pass; runs off the event loop)."""
+  cfg = st.loaded.model_config
+  ids = p.ids
+  width = G.bucket(len(ids), cfg.max_seq_len)
+  tokens = np.zeros((1, width), np.int32)
+  tokens[0, :len(ids)] = ids
+  lps, top_lp, top_ids = (np.asarray(x) for x in prompt_scores(
+      st.engine.params, tokens, cfg=cfg, top_n=TOP_LOGPROBS, vocab_limit=st.engine.vocab_limit))
+  # position t (t >= 1) is row t - 1; the first shown token gets None whatever precedes it
+  rows = range(p.shown + 1, len(ids))
+  p.logprobs = [None] + [float(lps[t - 1]) for t in rows]
+  p.top = [None] + [[(int(i), float(v)) for i, v in zip(top_ids[t - 1], top_lp[t - 1])] for t in rows]
