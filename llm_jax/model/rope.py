@@ -1,6 +1,8 @@
 """Rotary position embeddings (LLaMA), with the linear and llama3 frequency scalings."""
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 
