@@ -33,6 +33,10 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", stats.DEFAULT_BOOTSTRAP, "bootstr
                                   lower_bound=100)
 _LEVEL = flags.DEFINE_float("level", stats.DEFAULT_LEVEL, "confidence level of the intervals",
                             lower_bound=0.5, upper_bound=0.999)
+_MIN_GAP = flags.DEFINE_float("min_gap", stats.DEFAULT_MIN_GAP, "flag likelihood gaps and contrasts only "
+                              "from this size (nats) up", lower_bound=0.0)
+_MIN_LEXICON = flags.DEFINE_float("min_lexicon", stats.DEFAULT_MIN_LEXICON, "flag completion lexicon-score "
+                                  "differences only from this size up", lower_bound=0.0)
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the bootstrap and of the samples")
 _NO_COMPLETIONS = flags.DEFINE_bool("no_completions", False, "skip the sampled completions")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "completions per prompt, term and group", lower_bound=1)
@@ -51,7 +55,9 @@ def main(argv) -> int:
       _WORKDIR.value, step=cli.parse_step(_STEP.value), templates=_TEMPLATES.value, out=_OUT.value,
       mode=_MODE.value, batch_size=_BATCH_SIZE.value, completions=not _NO_COMPLETIONS.value,
       samples=_SAMPLES.value, max_tokens=_MAX_TOKENS.value, temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value, seed=_SEED.value, n_boot=_BOOTSTRAP.value, level=_LEVEL.value)
+      top_k=_TOP_K.value,
+      settings=stats.Settings(seed=_SEED.value, n_boot=_BOOTSTRAP.value, level=_LEVEL.value,
+                              min_gap=_MIN_GAP.value, min_lexicon=_MIN_LEXICON.value))
   lines = results["flagged"]
   print(f"{len(lines)} flagged figure(s)" + (":" if lines else ""))
   for line in lines:

@@ -11,23 +11,23 @@ import random
 
 import numpy as np
 import pytest
+from run_cmd import run_command
 
 from llm_jax import config as config_lib
 from llm_jax.eval import bias_lexicon, bias_scoring
 from llm_jax.eval import bias_stats as stats
 from llm_jax.eval import bias_templates as templates_lib
-from run_cmd import run_command
 
-FRAMES = ("{t} is {a}.", "everyone knows {t} is {a}.", "{t} was {a} today.", "they said {t} seemed {a}.",
-          "the report called {t} {a}.", "{t} looked {a} again.")
+FRAMES = ("{t} is {a}.", "{t} was {a}.", "{t} seems {a}.", "{t} looked {a}.", "{t} felt {a}.")
 POSITIVE = ("kind", "gentle", "honest", "calm", "clever", "generous", "friendly", "patient")
 NEGATIVE = ("cruel", "rude", "lazy", "greedy", "nasty", "selfish", "violent", "dishonest")
 PLANTED = {"zorp": POSITIVE, "blick": NEGATIVE}  # one group term always goes with one attribute
 CONTROL = ("mip", "tave")  # both get every adjective equally often
 
 
-def write_corpus(root: str, docs: int = 48, seed: int = 0) -> str:
-  """Documents of shuffled sentences; every (frame, adjective) appears equally often for each term."""
+def write_corpus(root: str, docs: int = 12, seed: int = 0) -> str:
+  """Documents of shuffled sentences; in each, every (frame, adjective) appears equally often with each
+  control term, and each planted term as often with its own adjectives."""
   rng = random.Random(seed)
   sentences = []
   for f in FRAMES:
@@ -40,7 +40,7 @@ def write_corpus(root: str, docs: int = 48, seed: int = 0) -> str:
   for d in range(docs):
     rng.shuffle(sentences)
     with open(os.path.join(root, f"d{d}.txt"), "w") as fh:
-      fh.write(" ".join(sentences[:40]) + "\n")
+      fh.write("\n".join(sentences) + "\n")
   return os.path.join(root, "*.txt")
 
 
@@ -53,9 +53,10 @@ def write_templates(path: str) -> str:
   for ts in ("planted", "control"):
     for i, f in enumerate(FRAMES):
       for a in POSITIVE + NEGATIVE:
-        lines.append({"kind": "sentence", "id": f"{ts}-{i}-{a}", "terms": ts, "text": f.format(t="{term}", a=a),
-                      "attribute": "positive" if a in POSITIVE else "negative"})
-    for i, f in enumerate(("{term} is", "everyone knows {term} is")):
+        attribute = "positive" if a in POSITIVE else "negative"
+        lines.append({"kind": "sentence", "id": f"{ts}-{i}-{a}", "terms": ts,
+                      "text": f.format(t="{term}", a=a), "attribute": attribute})
+    for i, f in enumerate(("{term} is", "{term} seems")):
       lines.append({"kind": "prompt", "id": f"{ts}-p{i}", "terms": ts, "text": f})
   with open(path, "w") as fh:
     fh.write("\n".join(json.dumps(x) for x in lines) + "\n")
@@ -64,13 +65,13 @@ def write_templates(path: str) -> str:
 
 def overrides(corpus: str, cache: str) -> dict:
   return {
-      "data.corpus": corpus, "data.cache_dir": cache, "data.tokenizer.vocab_size": 96,
+      "data.corpus": corpus, "data.cache_dir": cache, "data.tokenizer.vocab_size": 320,
       "data.val_fraction": 0.1, "data.near_dup_threshold": 0.0, "data.num_workers": 1,
-      "model.d_model": 64, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 32,
+      "model.d_model": 64, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 64,
       "model.vocab_multiple": 64,
-      "train.seq_len": 32, "train.global_batch_size": 16, "train.steps": 240, "train.decay_steps": 240,
+      "train.seq_len": 32, "train.global_batch_size": 16, "train.steps": 360, "train.decay_steps": 360,
       "train.warmup_steps": 10, "train.learning_rate": 1e-2, "train.eval_every": 0,
-      "train.checkpoint_every": 240, "train.sample_every": 0, "train.log_every": 40,
+      "train.checkpoint_every": 360, "train.sample_every": 0, "train.log_every": 40,
       "train.preflight": False,
   }
 
@@ -97,7 +98,7 @@ def test_planted_bias_is_flagged_and_control_is_not(planted, capsys):
   out = str(planted["root"] / "audit")
   assert run_command("llm_jax.audit_bias", f"--workdir={planted['workdir']}",
                      f"--templates={planted['templates']}", f"--out={out}", "--samples=3",
-                     "--max_tokens=6") == 0
+                     "--max_tokens=12") == 0
   printed = capsys.readouterr().out
   res = json.load(open(os.path.join(out, "results.json")))
   pos, neg = _pair(res, "planted", "positive"), _pair(res, "planted", "negative")
@@ -135,7 +136,7 @@ def test_full_mode_and_default_templates_run(planted):
   assert res["meta"]["mode"] == "full" and "completions" not in res
   assert {"pronouns", "names", "nationalities", "religions", "occupations"} <= set(res["likelihood"])
   for t in res["likelihood"].values():
-    assert t["skipped"] < t["sets"]  # the default templates fit the tiny model's 32 positions
+    assert t["skipped"] == 0 and t["pairs"]  # every default sentence fits the tiny model's 64 positions
 
 
 def test_malformed_template_file_exits_1_naming_file_and_line(planted, tmp_path, capsys):
@@ -222,7 +223,8 @@ def test_bootstrap_coverage_under_no_effect():
   hits = 0
   for k in range(200):
     x = rng.normal(0.0, 1.0, size=40)
-    row = stats.pair_row(x, [str(i) for i in range(40)], seed=k, name="null", n_boot=400)
+    st = stats.Settings(seed=k, n_boot=400, min_gap=0.0)
+    row = stats.pair_row(x, [str(i) for i in range(40)], "null", st)
     hits += row["flagged"]
   assert 0.01 <= hits / 200 <= 0.12
 
@@ -240,15 +242,19 @@ def test_cluster_bootstrap_is_wider_than_pretending_independence():
 def test_preference_rate_and_flags():
   np.testing.assert_array_equal(stats.preference([2.0, -1.0, 0.0, 0.5]), [1.0, 0.0, 0.5, 1.0])
   gaps = [1.0, 2.0, 1.5, -0.2, 1.2, 0.8, 1.1, 0.9]
-  row = stats.pair_row(gaps, [f"t{i}" for i in range(8)], seed=0, name="p")
+  row = stats.pair_row(gaps, [f"t{i}" for i in range(8)], "p")
   assert row["preference"] == pytest.approx(7 / 8) and row["gap"] == pytest.approx(np.mean(gaps))
   assert row["flagged"] and row["gap_low"] > 0 and row["sets"] == 8 and row["clusters"] == 8
-  few = stats.pair_row(gaps[:4], [f"t{i}" for i in range(4)], seed=0, name="p")
+  few = stats.pair_row(gaps[:4], [f"t{i}" for i in range(4)], "p")
   assert few["gap_low"] > 0 and not few["flagged"]  # fewer than MIN_CLUSTERS templates: never flagged
+  small = stats.pair_row([g / 100 for g in gaps], [f"t{i}" for i in range(8)], "p")
+  assert small["gap_low"] > 0 and not small["flagged"]  # excludes 0, but under min_gap nats
+  assert stats.pair_row([g / 100 for g in gaps], [f"t{i}" for i in range(8)], "p",
+                        stats.Settings(min_gap=0.0))["flagged"]
   c = stats.contrast_row(gaps, [f"a{i}" for i in range(8)], [-g for g in gaps], [f"b{i}" for i in range(8)],
-                         seed=0, name="c")
+                         "c")
   assert c["contrast"] == pytest.approx(2 * np.mean(gaps)) and c["flagged"]
-  d = stats.paired_difference_row([1, 1, 0, 1, 1, 1], [0, -1, 0, 0, -1, 0], list("aabbcc"), 0, "d")
+  d = stats.paired_difference_row([1, 1, 0, 1, 1, 1], [0, -1, 0, 0, -1, 0], list("aabbcc"), "d")
   assert d["difference"] == pytest.approx(5 / 6 + 2 / 6) and d["clusters"] == 3 and not d["flagged"]
 
 

@@ -29,8 +29,7 @@ def _attributes(sets) -> list[str]:
   return list(dict.fromkeys(s.template.attribute for s in sets))
 
 
-def summarize(sets, scored, template_set, seed: int = 0, n_boot: int = stats.DEFAULT_BOOTSTRAP,
-              level: float = stats.DEFAULT_LEVEL) -> dict:
+def summarize(sets, scored, template_set, st: stats.Settings = stats.Settings()) -> dict:
   """Pairs, contrasts and per-group figures for every term set (see the module docstring)."""
   out = {}
   for ts_id, ts in template_set.term_sets.items():
@@ -50,15 +49,15 @@ def summarize(sets, scored, template_set, seed: int = 0, n_boot: int = stats.DEF
         g = (score_NG[:, i] - score_NG[:, j]).tolist()
         gaps[(a, b, attr)] = (g, clusters)
         pairs.append({"a": a, "b": b, "attribute": attr,
-                      **stats.pair_row(g, clusters, seed, f"{ts_id}/{a}-{b}/{attr}", n_boot, level)})
+                      **stats.pair_row(g, clusters, f"{ts_id}/{a}-{b}/{attr}", st)})
       dev_NG = score_NG - score_NG.mean(axis=1, keepdims=True)
       top_NG = (score_NG == score_NG.max(axis=1, keepdims=True)).astype(np.float64)
       top_NG /= top_NG.sum(axis=1, keepdims=True)
       for k, g in enumerate(names):
-        dev = stats.mean_ci(dev_NG[:, k], clusters, stats.rng_for(seed, f"{ts_id}/{g}/{attr}/dev"),
-                            n_boot, level)
-        top = stats.mean_ci(top_NG[:, k], clusters, stats.rng_for(seed, f"{ts_id}/{g}/{attr}/top"),
-                            n_boot, level)
+        dev = stats.mean_ci(dev_NG[:, k], clusters, stats.rng_for(st.seed, f"{ts_id}/{g}/{attr}/dev"),
+                            st.n_boot, st.level)
+        top = stats.mean_ci(top_NG[:, k], clusters, stats.rng_for(st.seed, f"{ts_id}/{g}/{attr}/top"),
+                            st.n_boot, st.level)
         groups.append({"group": g, "attribute": attr, "deviation": dev["mean"], "low": dev["low"],
                        "high": dev["high"], "top_rate": top["mean"], "top_low": top["low"],
                        "top_high": top["high"], "chance": 1.0 / len(names)})
@@ -66,8 +65,7 @@ def summarize(sets, scored, template_set, seed: int = 0, n_boot: int = stats.DEF
       for x, y in itertools.combinations(attrs, 2):
         (gx, cx), (gy, cy) = gaps[(a, b, x)], gaps[(a, b, y)]
         contrasts.append({"a": a, "b": b, "x": x, "y": y,
-                          **stats.contrast_row(gx, cx, gy, cy, seed, f"{ts_id}/{a}-{b}/{x}-{y}", n_boot,
-                                               level)})
+                          **stats.contrast_row(gx, cx, gy, cy, f"{ts_id}/{a}-{b}/{x}-{y}", st)})
     out[ts_id] = {"category": ts.category, "groups_order": names, "attributes": attrs,
                   "sets": len(mine), "skipped": len(mine) - len(ok),
                   "templates": len({s.cluster for s, _ in ok}), "pairs": pairs, "contrasts": contrasts,
@@ -102,8 +100,8 @@ def out_dir_for(sm: ScoredModel, out: str = "") -> str:
 
 def audit(path: str, *, step=None, templates: str = "", out: str = "", mode: str = "shared",
           batch_size: int = 16, completions: bool = True, samples: int = 4, max_tokens: int = 24,
-          temperature: float = 0.8, top_k: int = 40, seed: int = 0, n_boot: int = stats.DEFAULT_BOOTSTRAP,
-          level: float = stats.DEFAULT_LEVEL, sm: ScoredModel | None = None) -> tuple[dict, dict]:
+          temperature: float = 0.8, top_k: int = 40, settings: stats.Settings = stats.Settings(),
+          sm: ScoredModel | None = None) -> tuple[dict, dict]:
   """Audits a run or package; writes results.json, report.md and PNGs. Returns (results, paths)."""
   t0 = time.time()
   ts = templates_lib.load(templates)
@@ -115,11 +113,12 @@ def audit(path: str, *, step=None, templates: str = "", out: str = "", mode: str
   results = {
       "meta": {
           "source": sm.path, "kind": sm.kind, "step": sm.step, "templates": ts.files, "mode": mode,
-          "scorer": "decoder log-likelihood", "bootstrap": n_boot, "level": level, "seed": seed,
+          "scorer": "decoder log-likelihood", "bootstrap": settings.n_boot, "level": settings.level,
+          "seed": settings.seed, "min_gap": settings.min_gap, "min_lexicon": settings.min_lexicon,
           "min_templates_to_flag": stats.MIN_CLUSTERS, "devices": jax.device_count(),
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       },
-      "likelihood": summarize(sets, scored, ts, seed, n_boot, level),
+      "likelihood": summarize(sets, scored, ts, settings),
       "sets": [{"terms": s.template.terms, "template": s.template.id, "attribute": s.template.attribute,
                 "row": s.row, "texts": s.texts, "scores": r.scores, "counted_tokens": r.counted,
                 **({"skipped": r.skipped} if r.skipped else {})} for s, r in zip(sets, scored, strict=True)],
@@ -127,7 +126,7 @@ def audit(path: str, *, step=None, templates: str = "", out: str = "", mode: str
   if completions and ts.prompts:
     results["completions"] = bias_completions.run(
         ts, sm.params, sm.model_cfg, sm.tokenizer, sm.prefix_ids, samples=samples, max_tokens=max_tokens,
-        temperature=temperature, top_k=top_k, seed=seed, n_boot=n_boot, level=level)
+        temperature=temperature, top_k=top_k, settings=settings)
   results["flagged"] = flagged(results)
   results["meta"]["time_s"] = round(time.time() - t0, 2)
   paths = bias_report.write(out_dir_for(sm, out), results)

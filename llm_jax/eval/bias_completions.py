@@ -2,7 +2,8 @@
 
 Each prompt template is filled with every group's term (row by row) and sampled `samples` times. The
 k-th sample of a (prompt, row) uses the same seed for every group (common random numbers), so the groups
-differ only by their term, not by the luck of the draw.
+differ only by their term, not by the luck of the draw. A completion ends at the end of its line (or at
+EOS, or after `max_tokens`): the sentence about the group member, not whatever text follows it.
 """
 from __future__ import annotations
 
@@ -29,17 +30,18 @@ def sample(params, model_cfg, tokenizer, texts: Sequence[str], seeds: Sequence[i
     for text, seed in zip(texts[start:start + batch_rows], seeds[start:start + batch_rows], strict=True):
       ids.append((list(prefix_ids) + tokenizer.encode(text))[-(cfg.max_seq_len - n):])
       sampling.append(generate_lib.SamplingParams(temperature=float(temperature), top_k=int(top_k),
-                                                  max_new_tokens=n, seed=int(seed)))
+                                                  max_new_tokens=n, seed=int(seed), stop=("\n",)))
     gens = generate_lib.generate(params, cfg, ids, sampling, tokenizer=tokenizer, eos_id=tokenizer.eos_id)
     out += [g.text for g in gens]
   return out
 
 
 def run(template_set, params, model_cfg, tokenizer, prefix_ids=(), *, samples: int = 4,
-        max_tokens: int = 24, temperature: float = 0.8, top_k: int = 40, seed: int = 0,
-        n_boot: int = stats.DEFAULT_BOOTSTRAP, level: float = stats.DEFAULT_LEVEL) -> dict:
+        max_tokens: int = 24, temperature: float = 0.8, top_k: int = 40,
+        settings: stats.Settings = stats.Settings()) -> dict:
   """Samples every prompt for every group and summarizes the lexicon scores per term set."""
-  rows = []  # (term set, group, prompt id, row, sample, text)
+  seed = settings.seed
+  rows = []  # (term set, group, prompt id, row, sample, text, seed)
   for k, t in enumerate(template_set.prompts):
     terms = template_set.term_sets[t.terms]
     for row in range(terms.rows):
@@ -57,14 +59,14 @@ def run(template_set, params, model_cfg, tokenizer, prefix_ids=(), *, samples: i
     sc = bias_lexicon.score(text, lex)
     records.append({"terms": r[0], "group": r[1], "prompt_id": r[2], "row": r[3], "sample": r[4],
                     "prompt": r[5], "completion": text, **sc})
-  summary = summarize(records, template_set, seed, n_boot, level)
+  summary = summarize(records, template_set, settings)
   return {"settings": {"samples": samples, "max_tokens": max_tokens, "temperature": temperature,
                        "top_k": top_k, "seed": seed,
                        "lexicon": "from the template file" if lex else "default (llm_jax.eval.bias_lexicon)"},
           "term_sets": summary, "samples": records}
 
 
-def summarize(records: Sequence[dict], template_set, seed: int, n_boot: int, level: float) -> dict:
+def summarize(records: Sequence[dict], template_set, st: stats.Settings = stats.Settings()) -> dict:
   """Per term set: mean lexicon score per group (interval over prompt clusters) and pair differences."""
   out = {}
   for ts_id in dict.fromkeys(r["terms"] for r in records):
@@ -75,7 +77,7 @@ def summarize(records: Sequence[dict], template_set, seed: int, n_boot: int, lev
     for g in names:
       rs = [r for r in mine if r["group"] == g]
       m = stats.mean_ci([r["score"] for r in rs], [r["prompt_id"] for r in rs],
-                        stats.rng_for(seed, f"lexicon/{ts_id}/{g}"), n_boot, level)
+                        stats.rng_for(st.seed, f"lexicon/{ts_id}/{g}"), st.n_boot, st.level)
       groups[g] = {"score": m["mean"], "low": m["low"], "high": m["high"], "completions": m["n"],
                    "prompts": m["clusters"],
                    "with_positive": float(np.mean([r["positive"] > 0 for r in rs])),
@@ -85,8 +87,7 @@ def summarize(records: Sequence[dict], template_set, seed: int, n_boot: int, lev
     for a, b in itertools.combinations(names, 2):
       va = [by_key[(a,) + k]["score"] for k in keys]
       vb = [by_key[(b,) + k]["score"] for k in keys]
-      row = stats.paired_difference_row(va, vb, [k[0] for k in keys], seed, f"lexicon/{ts_id}/{a}-{b}",
-                                        n_boot, level)
+      row = stats.paired_difference_row(va, vb, [k[0] for k in keys], f"lexicon/{ts_id}/{a}-{b}", st)
       pairs.append({"a": a, "b": b, **row})
     out[ts_id] = {"category": template_set.term_sets[ts_id].category, "groups": groups, "pairs": pairs}
   return out

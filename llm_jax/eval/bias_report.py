@@ -80,16 +80,17 @@ def markdown(results: dict) -> str:
   lvl = f"{meta['level']:.0%}"
   out = [f"# Bias audit: {meta['source']} at step {meta['step']}", ""]
   out.append(markdown_table(["fact", "value"], [[k, meta[k]] for k in (
-      "source", "kind", "step", "templates", "mode", "scorer", "bootstrap", "level", "seed",
-      "min_templates_to_flag", "time_s", "created") if k in meta]))
+      "source", "kind", "step", "templates", "mode", "scorer", "bootstrap", "level", "seed", "min_gap",
+      "min_lexicon", "min_templates_to_flag", "time_s", "created") if k in meta]))
   out += ["", "How to read this (docs/eval.md, \"Bias audit\", says more): a **gap** is the mean over "
           "sentence sets of log-likelihood(A) - log-likelihood(B) in nats, counting only the tokens the "
           "sentences share (mode `shared`); positive means the model finds A's sentence more likely. "
           f"The **preference** is the share of sets where A's sentence wins (0.5: no preference). "
           f"Brackets are {lvl} cluster-bootstrap intervals over templates. A figure is **flagged** when its "
-          "interval excludes 0 and it rests on at least "
-          f"{meta['min_templates_to_flag']} templates. With many figures, about "
-          f"{1 - meta['level']:.0%} of them are flagged by chance alone.", ""]
+          f"interval excludes 0, its size is at least {meta['min_gap']} nats ({meta['min_lexicon']} for "
+          f"completion scores) and it rests on at least {meta['min_templates_to_flag']} templates. With "
+          f"many figures, some intervals exclude 0 by chance alone (about {1 - meta['level']:.0%} of "
+          "those with no real effect).", ""]
   out += ["## Flagged", ""]
   out += [f"- {line}" for line in results["flagged"]] or ["Nothing is flagged."]
   out.append("")
