@@ -17,6 +17,16 @@ def _ci(point: float, low: float, high: float, fmt: str = "{:+.3f}") -> str:
   return f"{fmt.format(point)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
+def _flag(row: dict, low: str = "low", high: str = "high") -> str:
+  """'**flagged**', a note when the interval excludes 0 but the figure is not flagged, or ''."""
+  if row["flagged"]:
+    return "**flagged**"
+  lo, hi = row[low], row[high]
+  if lo is not None and hi is not None and (lo > 0 or hi < 0):
+    return "excludes 0, but under the size floor or from too few templates (prompts)"
+  return ""
+
+
 def _save(fig: Figure, path: str) -> str:
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -24,8 +34,10 @@ def _save(fig: Figure, path: str) -> str:
   return path
 
 
-def _bars(ax, labels, points, lows, highs, flags, title, xlabel):
+def _bars(ax, labels, points, lows, highs, flags, title, floor=0.0):
   ys = list(range(len(labels)))[::-1]
+  if floor > 0:
+    ax.axvspan(-floor, floor, color="#dddddd", zorder=0)
   err = [[max(0.0, p - lo) for p, lo in zip(points, lows, strict=True)],
          [max(0.0, hi - p) for p, hi in zip(points, highs, strict=True)]]
   ax.barh(ys, points, xerr=err, capsize=3, color=[_FLAG_COLOR if f else _PLAIN_COLOR for f in flags])
@@ -33,16 +45,15 @@ def _bars(ax, labels, points, lows, highs, flags, title, xlabel):
   ax.set_yticks(ys)
   ax.set_yticklabels(labels, fontsize=8)
   ax.set_title(title, fontsize=9)
-  ax.set_xlabel(xlabel, fontsize=8)
 
 
-def gaps_plot(likelihood: dict, path: str, level: float) -> str | None:
+def gaps_plot(likelihood: dict, path: str, level: float, min_gap: float) -> str | None:
   """One panel per term set: mean gap per (pair, attribute) and contrasts, intervals, flagged in red."""
   if not likelihood:
     return None
   n_rows = [len(t["pairs"]) + len(t["contrasts"]) for t in likelihood.values()]
-  fig = Figure(figsize=(7, sum(0.28 * n + 0.9 for n in n_rows) + 0.4))
-  axes = fig.subplots(len(likelihood), 1, squeeze=False,
+  fig = Figure(figsize=(7, sum(0.28 * n + 0.9 for n in n_rows) + 0.6), layout="constrained")
+  axes = fig.subplots(len(likelihood), 1, squeeze=False, sharex=True,
                       gridspec_kw={"height_ratios": [max(n, 1) + 2 for n in n_rows]})[:, 0]
   for ax, (ts_id, t) in zip(axes, likelihood.items(), strict=True):
     labels = [f"{p['a']} - {p['b']} | {p['attribute']}" for p in t["pairs"]]
@@ -51,8 +62,9 @@ def gaps_plot(likelihood: dict, path: str, level: float) -> str | None:
     lows = [p["gap_low"] for p in t["pairs"]] + [c["low"] for c in t["contrasts"]]
     highs = [p["gap_high"] for p in t["pairs"]] + [c["high"] for c in t["contrasts"]]
     flags = [p["flagged"] for p in t["pairs"]] + [c["flagged"] for c in t["contrasts"]]
-    _bars(ax, labels, points, lows, highs, flags, f"{ts_id} ({t['category']})",
-          f"log-likelihood gap, nats ({level:.0%} interval; red: excludes 0)")
+    _bars(ax, labels, points, lows, highs, flags, f"{ts_id} ({t['category']})", min_gap)
+  axes[-1].set_xlabel(f"log-likelihood gap A - B, nats ({level:.0%} interval; red: flagged; grey: under "
+                      f"the {min_gap} nats floor)", fontsize=8)
   fig.suptitle("Sentence log-likelihood gaps between groups", fontsize=10)
   return _save(fig, path)
 
@@ -62,14 +74,15 @@ def lexicon_plot(completions: dict, path: str, level: float) -> str | None:
   term_sets = completions.get("term_sets", {})
   if not term_sets:
     return None
-  fig = Figure(figsize=(6, sum(0.3 * len(t["groups"]) + 0.9 for t in term_sets.values()) + 0.4))
-  axes = fig.subplots(len(term_sets), 1, squeeze=False,
+  fig = Figure(figsize=(6, sum(0.3 * len(t["groups"]) + 0.9 for t in term_sets.values()) + 0.6),
+               layout="constrained")
+  axes = fig.subplots(len(term_sets), 1, squeeze=False, sharex=True,
                       gridspec_kw={"height_ratios": [len(t["groups"]) + 2 for t in term_sets.values()]})[:, 0]
   for ax, (ts_id, t) in zip(axes, term_sets.items(), strict=True):
     gs = t["groups"]
     _bars(ax, list(gs), [g["score"] for g in gs.values()], [g["low"] for g in gs.values()],
-          [g["high"] for g in gs.values()], [False] * len(gs), f"{ts_id} ({t['category']})",
-          f"lexicon score of completions, -1..1 ({level:.0%} interval)")
+          [g["high"] for g in gs.values()], [False] * len(gs), f"{ts_id} ({t['category']})")
+  axes[-1].set_xlabel(f"lexicon score of the completions, -1..1 ({level:.0%} interval)", fontsize=8)
   fig.suptitle("Sampled completions: positive minus negative words", fontsize=10)
   return _save(fig, path)
 
@@ -104,13 +117,13 @@ def markdown(results: dict) -> str:
         ["A", "B", "attribute", "sets", "gap A-B (nats)", "A preferred", "flag"],
         [[p["a"], p["b"], p["attribute"], p["sets"], _ci(p["gap"], p["gap_low"], p["gap_high"]),
           _ci(p["preference"], p["preference_low"], p["preference_high"], "{:.2f}"),
-          "**flagged**" if p["flagged"] else ""] for p in t["pairs"]]))
+          _flag(p, "gap_low", "gap_high")] for p in t["pairs"]]))
     if t["contrasts"]:
       out += ["", "Contrasts (gap on x sentences minus gap on y sentences: does A go with x more than B "
               "does?):", ""]
       out.append(markdown_table(["A", "B", "x", "y", "contrast (nats)", "flag"],
                                 [[c["a"], c["b"], c["x"], c["y"], _ci(c["contrast"], c["low"], c["high"]),
-                                  "**flagged**" if c["flagged"] else ""] for c in t["contrasts"]]))
+                                  _flag(c)] for c in t["contrasts"]]))
     out += ["", "Per group (deviation from the set's mean score; how often the group's sentence scores "
             "highest):", ""]
     out.append(markdown_table(["group", "attribute", "deviation (nats)", "highest", "chance"],
@@ -136,7 +149,7 @@ def markdown(results: dict) -> str:
             f"{v['with_negative']:.2f}", v["completions"]] for g, v in t["groups"].items()]))
       out += ["", markdown_table(["A", "B", "score A - B", "flag"],
                                  [[p["a"], p["b"], _ci(p["difference"], p["low"], p["high"]),
-                                   "**flagged**" if p["flagged"] else ""] for p in t["pairs"]]), ""]
+                                   _flag(p)] for p in t["pairs"]]), ""]
       shown = [s for s in comp["samples"] if s["terms"] == ts_id and s["sample"] == 0 and s["row"] == 0]
       out.append(markdown_table(["group", "prompt", "completion", "score"],
                                 [[s["group"], s["prompt"], s["completion"].strip()[:120],
@@ -150,7 +163,8 @@ def write(out_dir: str, results: dict) -> dict:
   os.makedirs(out_dir, exist_ok=True)
   paths = {"results": os.path.join(out_dir, "results.json"), "report": os.path.join(out_dir, "report.md")}
   level = results["meta"]["level"]
-  gaps = gaps_plot(results["likelihood"], os.path.join(out_dir, "gaps.png"), level)
+  gaps = gaps_plot(results["likelihood"], os.path.join(out_dir, "gaps.png"), level,
+                   results["meta"]["min_gap"])
   if gaps:
     paths["gaps"] = gaps
   lex = lexicon_plot(results.get("completions", {}), os.path.join(out_dir, "lexicon.png"), level)
