@@ -43,7 +43,7 @@ def _cli(config, workdir, *extra):
 def test_misspelled_key_fails_with_its_name(tmp_path):
   out = subprocess.run(_cli("configs/tiny.py", tmp_path / "w", "--config.train.stpes=5"), cwd=REPO,
                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-  assert out.returncode == 1
+  assert out.returncode == 2  # a usage error
   assert "train.stpes" in out.stderr and "did you mean steps" in out.stderr
   assert "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "w")

@@ -204,3 +204,12 @@ def write(workdir: str, config, prepared, *, start_step: int, argv: list[str] | 
     record["run_note"] = config.run_note
   _write_json(path, record)
   return record
+
+
+def update_record(workdir: str, **fields: Any) -> dict:
+  """Sets top-level fields of run.json (e.g. best={'step', 'val_loss'}); call on process 0 only."""
+  path = os.path.join(workdir, RUN_FILE)
+  record = _read_json(path) if os.path.exists(path) else {}
+  record.update(fields)
+  _write_json(path, record)
+  return record
