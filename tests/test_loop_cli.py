@@ -110,3 +110,17 @@ def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path)
   steps = _steps(workdir)
   assert steps == sorted(set(steps)) and steps[-1] == stopped + 3  # no step logged twice
 
+
+  # A broken latest checkpoint: one line naming the step and the flag, nothing from the storage library.
+  last = stopped + 3
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(last), "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\x00broken")
+  broken = subprocess.run(_cli(config, workdir, f"--config.train.steps={last + 2}"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert broken.returncode == 1, broken.stderr[-3000:]
+  errors = [line for line in broken.stderr.splitlines() if line.startswith("error (")]
+  assert len(errors) == 1 and f"step {last}" in errors[0] and "train.restore_fallback" in errors[0]
+  for noise in ("Traceback", "Event loop is closed", "tensorstore"):
+    assert noise not in broken.stderr, broken.stderr[-3000:]
