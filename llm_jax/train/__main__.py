@@ -11,10 +11,15 @@ import logging
 import os
 import sys
 
+import jax
 from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import cli
+from llm_jax import distributed
+from llm_jax import dry_run
+from llm_jax.finetune.extension import extension_for
+from llm_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.",
@@ -33,7 +38,6 @@ def _quiet_libraries() -> None:
 
 def _compile_cache() -> None:
   """Persistent XLA compilation cache (resuming skips most compile time); JAX_COMPILATION_CACHE_DIR wins."""
-  import jax  # noqa: PLC0415 - JAX starts on import: after flag parsing
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   root = os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
@@ -45,16 +49,10 @@ def main(argv) -> int:
   del argv
   _quiet_libraries()
   _compile_cache()
-  import jax  # noqa: PLC0415 - after flags: JAX starts on import
-
-  from llm_jax import distributed  # noqa: PLC0415
-  from llm_jax.finetune.extension import extension_for  # noqa: PLC0415
-  from llm_jax.train import loop  # noqa: PLC0415
   config = _CONFIG.value
   try:
     distributed.initialize(config)  # a no-op for a single process
     if _DRY_RUN.value:
-      from llm_jax import dry_run  # noqa: PLC0415
       dry_run.run(config)
       return 0
     summary = loop.train(config, _WORKDIR.value, extension_for(config))

@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
@@ -41,7 +42,6 @@ class Setup:
 def _prepare_data(config, extension: TrainExtension):
   if jax.process_count() == 1:
     return extension.prepare_data(config)
-  from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-process only
   prepared = extension.prepare_data(config) if jax.process_index() == 0 else None
   multihost_utils.sync_global_devices("llm_jax prepared data")
   return prepared or extension.prepare_data(config)

@@ -7,6 +7,7 @@ import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,5 @@ class StopFlag:
     """True when any process was asked to stop (a collective on more than one process)."""
     if jax.process_count() == 1:
       return bool(self)
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     flags = multihost_utils.process_allgather(np.array([1 if self else 0], np.int32))
     return bool(np.max(flags))
