@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import jax
@@ -41,10 +42,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def _first_line(e: BaseException, limit: int = 160) -> str:
-  text = str(e).strip().splitlines()
-  line = text[0] if text else ""
-  return f"{type(e).__name__}: {line[:limit]}" + ("..." if len(line) > limit or len(text) > 1 else "")
+def _first_line(e: BaseException) -> str:
+  """The error's type and status (DATA_LOSS, NOT_FOUND, ...) or its first words: no storage dump."""
+  text = str(e).strip()
+  status = re.match(r"([A-Z_]{4,}):", text)
+  if status:
+    return f"{type(e).__name__}: {status.group(1)}"
+  line = text.splitlines()[0] if text else ""
+  return f"{type(e).__name__}: {line[:80]}" + ("..." if len(line) > 80 else "")
 
 
 def _metric(metrics) -> float:
