@@ -54,8 +54,8 @@ import os, signal, sys
 from llm_jax import config as config_lib
 from llm_jax.train import checkpoint, loop
 save = checkpoint.Checkpoints.save
-def save_then_die(self, step, state, data_state):
-  out = save(self, step, state, data_state)
+def save_then_die(self, step, state, data_state, **kwargs):
+  out = save(self, step, state, data_state, **kwargs)
   if step == 8:  # the async write has started, it has not been committed
     os.kill(os.getpid(), signal.SIGKILL)
   return out
