@@ -139,7 +139,10 @@ def get_config() -> ml_collections.ConfigDict:
   tr.profile_steps = ""  # "START,STOP": a JAX profiler trace into tb/
   tr.throughput_alert = 0.5  # warn when tokens/s falls below this share of its running median
   tr.plateau_evals = 5  # warn when val loss has not improved for this many evaluations
-  tr.restore_fallback = False  # a corrupt latest checkpoint: fall back to the one before
+  tr.restore_fallback = False  # a checkpoint that fails to restore: move it to checkpoints/corrupt/STEP
+  # and resume from the one before
+  tr.keep_best = True  # with evaluation: keep the best-val-loss checkpoint beyond keep_checkpoints
+  tr.early_stop_patience = 0  # end the run after this many evaluations without improvement; 0: never
 
   # ---------------------------------------------------------------- sharding (llm_jax.sharding)
   s = c.sharding = ml_collections.ConfigDict()

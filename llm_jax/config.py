@@ -160,6 +160,7 @@ def validate(config, num_devices: int | None = None) -> None:
                       f"train.microbatches={tr.microbatches}")
   if total_steps(config) <= 0:
     raise ConfigError("train.steps (or train.tokens) must be positive")
+  _check_training(tr, total_steps(config))
   if num_devices is not None:
     data, fsdp, tensor = mesh_shape(config, num_devices)
     if tensor > 1:
@@ -173,6 +174,36 @@ def validate(config, num_devices: int | None = None) -> None:
           f"{micro} is not divisible by the batch-parallel size sharding.data*sharding.fsdp = "
           f"{data}*{fsdp} = {data * fsdp}")
   del s
+
+
+def _check_training(tr, total: int) -> None:
+  """Optimizer, schedule and bookkeeping settings that cannot work, each named by its key."""
+  positive = ("learning_rate", "global_batch_size", "seq_len", "microbatches", "eps",
+              "max_consecutive_skips", "keep_checkpoints")
+  for key in positive:
+    if not tr[key] > 0:
+      raise ConfigError(f"train.{key}={tr[key]!r} must be > 0")
+  non_negative = ("weight_decay", "warmup_steps", "decay_steps", "grad_clip", "z_loss", "eval_every",
+                  "eval_batches", "sample_every", "checkpoint_every", "keep_every", "log_every",
+                  "throughput_alert", "plateau_evals", "tokens", "early_stop_patience")
+  for key in non_negative:
+    if key in tr and tr[key] < 0:
+      raise ConfigError(f"train.{key}={tr[key]!r} must be >= 0")
+  for key in ("b1", "b2"):
+    if not 0.0 <= tr[key] < 1.0:
+      raise ConfigError(f"train.{key}={tr[key]!r} must be in [0, 1)")
+  if not 0.0 <= tr.min_lr_ratio <= 1.0:
+    raise ConfigError(f"train.min_lr_ratio={tr.min_lr_ratio!r} must be in [0, 1] (the decay's floor as "
+                      "a fraction of the peak learning rate)")
+  if tr.warmup_steps > total:
+    raise ConfigError(f"train.warmup_steps={tr.warmup_steps} is longer than the run ({total} steps): the "
+                      "learning rate would never reach its peak; lower train.warmup_steps")
+  if tr.decay_steps and tr.decay_steps <= tr.warmup_steps:
+    raise ConfigError(f"train.decay_steps={tr.decay_steps} must exceed train.warmup_steps="
+                      f"{tr.warmup_steps} (or be 0: decay over the whole run)")
+  if tr.throughput_alert >= 1.0:
+    raise ConfigError(f"train.throughput_alert={tr.throughput_alert} must be < 1 (a share of the running "
+                      "median; 0 disables)")
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:

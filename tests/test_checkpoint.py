@@ -1,5 +1,7 @@
-"""Checkpoints on their own: cross-mesh restore, restore_params, retention, corruption, shape checks."""
+"""Checkpoints on their own: cross-mesh restore, opening a run's parameters, retention (keep-last-K, every
+M-th, the best), corruption, shape checks."""
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -7,7 +9,10 @@ import pytest
 
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
+from llm_jax.artifacts import ArtifactError, open_model
+from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model.params import flatten
 from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import optimizer as opt_lib
 from llm_jax.train import state as state_lib
@@ -44,6 +49,8 @@ def saved(tmp_path_factory, devices):
   state, _ = state_lib.create_state(model, optimizer, mesh, config, seed=3)
   assert state.params["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   config_lib.save_json(config, os.path.join(workdir, "config.json"))
+  train_tokenizer(["def f(x):\n    return x + 1\n" * 20], os.path.join(workdir, "tokenizer.model"),
+                  vocab_size=300, model_type="char")
   ckpts = ckpt_lib.Checkpoints(workdir, keep=5)
   ckpts.save(2, state, {"step": 2})
   state4 = state.replace(step=state.step + 2)
@@ -75,33 +82,31 @@ def test_restore_onto_another_mesh(saved, mesh):
     assert emb.sharding.spec == jax.sharding.PartitionSpec("tensor")
 
 
-def test_restore_params(saved):
+def test_open_model_reads_a_runs_parameters(saved):
   workdir, host = saved
-  params, config, step = ckpt_lib.restore_params(workdir)
+  opened = open_model(workdir)
+  params, config, step = opened.params, opened.config, opened.step
   assert step == 4 and config.model.d_model == 32
   assert set(params) == set(host.params)
   np.testing.assert_array_equal(np.asarray(params["embedding"]), host.params["embedding"])
   assert params["embedding"].sharding.device_set == {jax.local_devices()[0]}
   mesh = sharding_lib.make_mesh(_config(data=4, fsdp=1, tensor=2))
-  params, _, step = ckpt_lib.restore_params(workdir, step=2, mesh=mesh)
-  assert step == 2
-  assert params["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor")
-  with pytest.raises(ckpt_lib.CheckpointError, match="step 3"):
-    ckpt_lib.restore_params(workdir, step=3)
-  with pytest.raises(ckpt_lib.CheckpointError, match="config.json"):
-    ckpt_lib.restore_params(os.path.dirname(workdir))
+  opened = open_model(workdir, step=2, mesh=mesh)
+  assert opened.step == 2
+  assert opened.params["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor")
+  with pytest.raises(ArtifactError, match="step 3"):
+    open_model(workdir, step=3)
+  with pytest.raises(ArtifactError, match="neither a training run directory"):
+    open_model(os.path.dirname(workdir))
 
 
 @pytest.fixture(scope="module")
 def lora_workdir(saved, tmp_path_factory):
   """A LoRA run on top of `saved` (its init_from): adapters with non-zero B checkpointed at step 3."""
-  from llm_jax.data.tokenizer import train_tokenizer
   from llm_jax.finetune import lora
   base_dir, host = saved
-  if not os.path.exists(os.path.join(base_dir, "tokenizer.model")):  # init_from reads the tokenizer
-    train_tokenizer(["def f(x):\n    return x + 1\n" * 20], os.path.join(base_dir, "tokenizer.model"),
-                    vocab_size=300, model_type="char")
   workdir = str(tmp_path_factory.mktemp("lora"))
+  shutil.copy(os.path.join(base_dir, "tokenizer.model"), workdir)
   config = _config(data=8, fsdp=1, tensor=1)
   with config.unlocked():
     config.init_from = base_dir
@@ -126,23 +131,24 @@ def lora_workdir(saved, tmp_path_factory):
   return dict(workdir=workdir, model=model, tokens=tokens, live=live, base=base, host=host)
 
 
-def test_restore_params_of_a_lora_run_merges_the_adapters(lora_workdir):
-  from llm_jax.finetune import lora
+def test_open_model_of_a_lora_run_merges_the_adapters(lora_workdir):
   run = lora_workdir
   assert not np.allclose(run["live"], run["base"])  # the adapters change the outputs
-  params, config, step = ckpt_lib.restore_params(run["workdir"])
+  opened = open_model(run["workdir"])
+  params, config, step = opened.params, opened.config, opened.step
   assert step == 3 and config.finetune.lora.rank == 2
   assert jax.tree.structure(params) == jax.tree.structure(run["host"].params)  # full parameters
   np.testing.assert_allclose(np.asarray(run["model"].apply({"params": params}, run["tokens"])),
                              run["live"], rtol=1e-6, atol=1e-6)
   mesh = sharding_lib.make_mesh(_config(data=4, fsdp=1, tensor=2))
-  sharded, _, _ = ckpt_lib.restore_params(run["workdir"], mesh=mesh)
+  sharded = open_model(run["workdir"], mesh=mesh).params
   assert sharded["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor")
   with sharding_lib.activate(mesh, config):
     logits = jax.jit(run["model"].apply)({"params": sharded}, run["tokens"])
   np.testing.assert_allclose(np.asarray(logits), run["live"], rtol=1e-5, atol=1e-5)
-  adapters, _, _ = ckpt_lib.restore_params(run["workdir"], merge_lora=False)
-  assert "blocks/attn/query/kernel" in lora.adapter_names(adapters)
+  saved = ckpt_lib.Checkpoints(run["workdir"], read_only=True).saved_shapes(3)["params"]
+  assert "blocks/attn/query/kernel/a" in flatten(saved)  # the checkpoint holds only adapters
+  assert "embedding" not in flatten(saved)
 
 
 def test_changed_shape_lists_keys(saved):
@@ -187,7 +193,31 @@ def test_corrupt_latest_names_step_and_falls_back(tmp_path, devices):
   ckpts.close()
   _corrupt(os.path.join(str(tmp_path), "checkpoints", "20"))
   target = ckpt_lib.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 20.*restore_fallback.*step 10"):
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 20.*restore_fallback.*step 10") as e:
     ckpt_lib.Checkpoints(str(tmp_path)).restore(target)
-  step, restored, data = ckpt_lib.Checkpoints(str(tmp_path)).restore(target, fallback=True)
+  assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)  # one line, no dump
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path))
+  step, restored, data = ckpts.restore(target, fallback=True)
   assert step == 10 and data == {"step": 10} and int(restored.step) == 0
+  assert ckpts.steps() == [10] and ckpts.latest_step() == 10  # no longer counted
+  assert os.path.isdir(os.path.join(str(tmp_path), "checkpoints", "corrupt", "20"))
+  assert ckpts.save(20, restored, {"step": 20})  # the step can be saved again
+  ckpts.close()
+
+
+def test_keep_best_outlives_retention_and_best_step_names_it(tmp_path):
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=2, keep_best=True, async_save=False)
+  x = {"w": np.zeros(3, np.float32)}
+  val = {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.7}
+  for s in range(1, 10):
+    ckpts.save(s, x, {"step": s}, metrics={"val_loss": val[s]} if s in val else None)
+  ckpts.wait()
+  assert ckpts.steps() == [4, 8, 9] and ckpts.best() == (4, 2.0)
+  ckpts.close()
+  assert ckpt_lib.Checkpoints(str(tmp_path), read_only=True).best_step() == 4
+  again = ckpt_lib.Checkpoints(str(tmp_path), keep=2, keep_best=True, async_save=False)
+  again.save(10, x, {"step": 10}, metrics={"val_loss": 2.2})  # retention after a restart
+  again.save(11, x, {"step": 11})
+  again.wait()
+  assert again.steps() == [4, 10, 11] and again.best_step() == 4
+  again.close()

@@ -14,6 +14,7 @@ from llm_jax import sharding
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
+from run_cmd import run_command
 
 TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.max_seq_len=32",
         "train.seq_len=32", "train.global_batch_size=16", "model.vocab_size=256"]
@@ -190,11 +191,15 @@ def test_dry_run_rejects_an_impossible_mesh():
 
 
 def test_dry_run_cli(capsys):
-  assert dry_run.main(["--config=configs/tiny.py", "--devices=8", "--device_memory_gib=16",
-                       "--platform=cpu", "--config.sharding.fsdp=2"]) == 0
+  assert run_command("llm_jax.dry_run", "--config=configs/tiny.py", "--devices=8",
+                     "--device_memory_gib=16", "--platform=cpu", "--config.sharding.fsdp=2") == 0
   out = capsys.readouterr().out
   assert "mesh: data=4 fsdp=2 tensor=1" in out and "fits" in out
-  assert dry_run.main(["--config=configs/tiny.py", "--devices=8", "--config.sharding.data=3"]) == 1
+  assert run_command("llm_jax.dry_run", "--config=configs/tiny.py", "--devices=8",
+                     "--config.sharding.data=3") == 1
+  err = capsys.readouterr().err
+  assert "sharding.data" in err and "Traceback" not in err
+  assert run_command("llm_jax.dry_run", "--config=configs/tiny.py") == 2  # --devices is required
 
 
 def test_dry_run_on_this_job(capsys, devices):

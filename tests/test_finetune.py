@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import package as package_lib
 from llm_jax import sharding
+from llm_jax.artifacts import open_model
+from llm_jax.artifacts import package as package_lib
+from llm_jax.artifacts.export import export
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.finetune import freeze, init_from, lora
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model.params import abstract_params
 from llm_jax.train import checkpoint, optimizer as optimizer_lib, state as state_lib, step as step_lib
 
 BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
@@ -123,9 +126,10 @@ def test_init_from_errors_name_the_problem(source, tmp_path):
   shutil.copy(os.path.join(source["workdir"], "tokenizer.model"), empty / "tokenizer.model")
   (empty / "checkpoints").mkdir()
   for fn in (init_from.load_source, init_from.describe):
-    with pytest.raises(init_from.InitFromError, match="has no usable weights.*no complete checkpoint"):
+    with pytest.raises(init_from.InitFromError, match="empty_run.*no complete checkpoint"):
       fn(str(empty))
-  with pytest.raises(init_from.InitFromError, match=r"finetune.init_step=9: .* steps \[3\]"):
+  with pytest.raises(init_from.InitFromError,
+                     match=r"finetune.init_step=9\): no checkpoint at step 9 .*have \[3\]"):
     init_from.describe(source["workdir"], step=9)
   (tmp_path / "plain").mkdir()
   with pytest.raises(init_from.InitFromError, match="neither a training run directory"):
@@ -150,7 +154,7 @@ def test_frozen_parameters_are_bit_identical(source):
                   "finetune.freeze_patterns=final_norm", "train.weight_decay=0.5",
                   "train.decay_norms_biases_embeddings=True")
   model = source["model"]
-  opt = optimizer_lib.make_optimizer(c)
+  opt = freeze.wrap(optimizer_lib.make_optimizer(c), c)  # the fine-tuning extension's wrapper
   _, shardings = source["fresh"]
   params = init_from.place(source["params"], shardings.params)
   state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
@@ -192,7 +196,8 @@ def lora_run(source):
                   "train.learning_rate=0.01", f"model.vocab_size={source['config'].model.vocab_size}")
   spec = lora.spec_from_config(c)
   mesh, model = source["mesh"], source["model"]
-  base = init_from.place(source["params"], checkpoint.param_shardings(c, mesh))
+  base = init_from.place(source["params"],
+                         sharding.logical_to_sharding(abstract_params(model.cfg)[1], mesh, c))
   opt = optimizer_lib.make_optimizer(c)
   state, shardings = lora.create_state(base, opt, mesh, c)
   initial = jax.device_get(state.params)
@@ -247,8 +252,8 @@ def test_lora_merged_export_equals_adapter_inference(source, lora_run):
                                              lora_run["spec"]), tokens)
   assert not np.allclose(live, _logits(source["model"], lora_run["base"], tokens))
   pkg = str(source["root"] / "lora_pkg")
-  lora.export(lora_run["workdir"], pkg)
-  loaded = package_lib.load_package(pkg, compute_dtype="float32")
+  export(lora_run["workdir"], pkg)
+  loaded = open_model(pkg, dtype="float32")
   exported = _logits(Decoder(loaded.model_config), loaded.params, tokens)
   np.testing.assert_allclose(exported, live, rtol=1e-6, atol=1e-6)
   src = init_from.load_source(lora_run["workdir"])  # a LoRA run is a valid init_from source (merged)

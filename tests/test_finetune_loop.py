@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
-from llm_jax import package as package_lib
-from llm_jax.finetune import init_from, lora, merge
-from llm_jax.train import checkpoint, loop
+from llm_jax.artifacts import open_model
+from llm_jax.artifacts.export import export
+from llm_jax.finetune import extension as finetune, init_from, lora
+from llm_jax.model.params import flatten
+from llm_jax.train import checkpoint, loop, preflight
 
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
 
@@ -69,15 +71,20 @@ def test_frozen_fine_tune_on_the_source_tokenizer(env):
   other = dict(data__tokenizer__vocab_size=320)
   with pytest.raises(init_from.InitFromError, match=r"sha256 [0-9a-f]{64}.*sha256 [0-9a-f]{64}.*"
                      r"reuse_source_tokenizer"):
-    loop.train(cfg(env, **other), workdir)
-  out = loop.train(cfg(env, finetune__freeze_blocks=1, finetune__freeze_embeddings=True,
-                       reuse_source_tokenizer=True, **other), workdir)
+    finetune.train(cfg(env, **other), workdir)
+  with pytest.raises(config_lib.ConfigError, match="init_from=.*fine-tuning extension"):
+    loop.train(cfg(env), workdir)  # plain pretraining never ignores init_from silently
+  out = finetune.train(cfg(env, finetune__freeze_blocks=1, finetune__freeze_embeddings=True,
+                           reuse_source_tokenizer=True, init_from=env["source"] + "@best", **other),
+                       workdir)
   assert out["status"] == "complete" and out["step"] == 6
   _, want = init_from.tokenizer_of(env["source"])
   assert json.load(open(os.path.join(workdir, "manifest.json")))["tokenizer"]["sha256"] == want
-  src, _, _ = checkpoint.restore_params(env["source"])
-  got, config, _ = checkpoint.restore_params(workdir)
+  src = open_model(env["source"]).params
+  opened = open_model(workdir)
+  got, config = opened.params, opened.config
   assert config.init_from == os.path.abspath(env["source"])
+  assert config.finetune.init_step == 6  # RUN@best: the source's best checkpoint, pinned
   np.testing.assert_array_equal(got["embedding"], src["embedding"])
   np.testing.assert_array_equal(got["blocks"]["mlp"]["up"]["kernel"][0],
                                 src["blocks"]["mlp"]["up"]["kernel"][0])
@@ -95,20 +102,43 @@ def test_lora_sft_through_the_loop_checkpoints_adapters_and_exports(env, tmp_pat
   sft = dict(finetune__sft__train_file=str(train), finetune__sft__val_file=str(val),
              finetune__sft__prompt_template="Q: {prompt}\nA: ")
   workdir = str(env["root"] / "lora")
-  out = loop.train(cfg(env, finetune__lora__rank=2, finetune__lora__targets="attn/query,mlp/up",
-                       **sft), workdir)
+  out = finetune.train(cfg(env, finetune__lora__rank=2, finetune__lora__targets="attn/query,mlp/up",
+                           **sft), workdir)
   assert out["status"] == "complete" and np.isfinite(out["val_loss"])
   rows = [r for r in metrics(workdir) if "val_loss/sft" in r]
   assert rows and np.isfinite(rows[-1]["val_loss/sft"])
-  adapters, _, _ = checkpoint.restore_params(workdir, merge_lora=False)
-  assert lora.adapter_names(adapters) == ["blocks/attn/query/kernel", "blocks/mlp/up/kernel"]
+  saved = checkpoint.Checkpoints(workdir, read_only=True).saved_shapes(6)["params"]
+  assert sorted(flatten(saved)) == ["blocks/attn/query/kernel/a", "blocks/attn/query/kernel/b",
+                                    "blocks/mlp/up/kernel/a", "blocks/mlp/up/kernel/b"]
   pkg = str(env["root"] / "lora_pkg")
-  assert merge.main(["--workdir", workdir, "--out", pkg]) == 0
-  loaded = package_lib.load_package(pkg, compute_dtype="float32")
-  merged, _, _ = lora.merged_params(workdir)
+  export(workdir, pkg)
+  loaded = open_model(pkg, dtype="float32")
+  merged = open_model(workdir).params  # a LoRA run opens merged into its base
   np.testing.assert_array_equal(np.asarray(loaded.params["blocks"]["mlp"]["up"]["kernel"]),
                                 np.asarray(merged["blocks"]["mlp"]["up"]["kernel"]))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "x", "response": "y"}\n{"prompt": "no response"}\n')
   with pytest.raises(Exception, match=r"bad.jsonl:2: missing key 'response'"):
-    loop.train(cfg(env, finetune__sft__train_file=str(bad)), str(env["root"] / "sft_bad"))
+    finetune.train(cfg(env, finetune__sft__train_file=str(bad)), str(env["root"] / "sft_bad"))
+
+
+def test_fine_tuning_a_trained_run_passes_preflight_whatever_the_learning_rate(env):
+  """A full first Adam step at a large rate raises a trained model's loss; preflight checks the update's
+  direction instead (gradients reach every parameter, a small enough step lowers the loss)."""
+  out = finetune.train(cfg(env, train__preflight=True, train__learning_rate=1.0, train__steps=1,
+                           train__nan_policy="skip", train__eval_every=0), str(env["root"] / "preflight"))
+  assert out["status"] == "complete"
+  first = metrics(str(env["root"] / "preflight"))[0]
+  assert first["step"] == 0 and first["preflight_loss_after"] < first["preflight_loss_before"]
+  assert 0 < first["preflight_step_fraction"] < 1  # the full step did not lower the loss; a smaller one did
+
+
+def test_preflight_names_targets_that_are_not_the_inputs_shifted():
+  tokens = np.arange(40, dtype=np.int32).reshape(2, 20)
+  preflight.check_shifted({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+  with pytest.raises(preflight.PreflightError, match="shifted by one: row 0, position 0"):
+    preflight.check_shifted({"inputs": tokens[:, :-1], "targets": tokens[:, :-1]})
+  seg = np.array([[1] * 10 + [2] * 9] * 2)  # packed examples: no shift across their boundary
+  targets = tokens[:, 1:].copy()
+  targets[:, 9] = 0
+  preflight.check_shifted({"inputs": tokens[:, :-1], "targets": targets, "segment_ids": seg})

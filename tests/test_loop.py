@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from llm_jax import config as config_lib
+from llm_jax.artifacts import open_model
 from llm_jax.data.shards import file_sha256
 from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import loop
@@ -167,21 +168,75 @@ def test_changed_model_shape_lists_keys(env, reference):
   assert "model.num_layers" not in str(e.value)
 
 
-def test_corrupt_latest_checkpoint_names_step_and_falls_back(env, reference):
-  workdir = str(env["root"] / "corrupt")
-  shutil.copytree(reference, workdir)
-  for path in glob.glob(os.path.join(workdir, "checkpoints", "16", "state", "**", "*"), recursive=True):
+def _break_checkpoint(workdir, step):
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "*"),
+                        recursive=True):
     if os.path.isfile(path):
       with open(path, "wb") as f:
         f.write(b"\x00broken")
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 16.*restore_fallback.*step 12"):
+
+
+def test_corrupt_latest_checkpoint_is_moved_aside_and_saved_again(env, reference):
+  workdir = str(env["root"] / "corrupt")
+  shutil.copytree(reference, workdir)
+  _break_checkpoint(workdir, 16)
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 16.*restore_fallback.*step 12") as e:
     loop.train(cfg(env, train__steps=20, train__decay_steps=20), workdir, batch_hook=Hook())
-  out = loop.train(cfg(env, train__steps=20, train__decay_steps=20, train__restore_fallback=True),
-                   workdir, batch_hook=Hook())
+  assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)  # one line, no dump
+  out = loop.train(cfg(env, train__steps=20, train__decay_steps=20, train__restore_fallback=True,
+                       train__keep_checkpoints=2), workdir, batch_hook=Hook())
   assert out["step"] == 20
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt", "16"))
   record = json.load(open(os.path.join(workdir, "run.json")))
-  assert record["sessions"][-1]["start_step"] == 16  # the latest listed; the restore fell back
+  assert record["sessions"][-1]["start_step"] == 12  # where the session really started
   assert [r["step"] for r in rows(workdir)][-8:] == list(range(13, 21))  # re-trained from 12
+  steps = ckpt_lib.Checkpoints(workdir).steps()
+  assert 16 in steps and steps[-1] == 20  # step 16 saved again; the corrupt one is not counted
+  assert open_model(workdir, step=16).step == 16  # ... and it reads
+
+
+def test_failed_resume_changes_nothing_in_the_run_directory(env, reference):
+  workdir = str(env["root"] / "unchanged")
+  shutil.copytree(reference, workdir)
+  names = ("config.json", "run.json", "metrics.jsonl", "manifest.json", "tokenizer.model")
+  before = {n: open(os.path.join(workdir, n), "rb").read() for n in names}
+  tb_before = sorted(os.listdir(os.path.join(workdir, "tb")))
+  for change in (dict(data__seed=5), dict(train__global_batch_size=16)):
+    with pytest.raises(Exception, match="seed|global_batch_size"):
+      loop.train(cfg(env, train__steps=20, train__decay_steps=20, **change), workdir, batch_hook=Hook())
+    for n in names:
+      assert open(os.path.join(workdir, n), "rb").read() == before[n], (change, n)
+    assert sorted(os.listdir(os.path.join(workdir, "tb"))) == tb_before
+
+
+class Scramble:
+  """Random targets from step `after` on: the model unlearns, so the validation loss rises."""
+
+  def __init__(self, after):
+    self.after = after
+
+  def __call__(self, step, batch):
+    if step < self.after:
+      return batch
+    rng = np.random.default_rng(step)
+    return {**batch, "targets": rng.integers(0, 384, batch["targets"].shape).astype(np.int32)}
+
+
+def test_keep_best_and_early_stop(env):
+  """The best-val-loss checkpoint outlives keep-last-1 retention, --step=best opens it, run.json and the
+  summary name it, and train.early_stop_patience ends the run after evaluations without improvement."""
+  workdir = str(env["root"] / "best")
+  out = loop.train(cfg(env, train__learning_rate=1e-2, train__eval_every=2, train__checkpoint_every=100,
+                       train__keep_checkpoints=1, train__early_stop_patience=2), workdir,
+                   batch_hook=Scramble(after=6))
+  vals = {r["step"]: r["val_loss"] for r in rows(workdir) if "val_loss" in r}
+  best = min(vals, key=vals.get)
+  assert out["status"] == "early stop" and out["step"] == best + 4 < 16, (out, vals)
+  assert out["best_step"] == best and out["best_val_loss"] == pytest.approx(vals[best])
+  assert ckpt_lib.Checkpoints(workdir).steps() == [best, best + 4]  # keep 1 + the best
+  assert ckpt_lib.Checkpoints(workdir).best_step() == best
+  assert json.load(open(os.path.join(workdir, "run.json")))["best"]["step"] == best
+  assert open_model(workdir, step="best").step == best
 
 
 def _tb_tags(tb_dir):
@@ -245,7 +300,8 @@ def test_val_bpb_equals_the_evaluation_metrics(env, reference):
   config = cfg(env)
   prepared = prepare_lib.prepare(config)
   mesh = sharding_lib.make_mesh(config)
-  params, saved, step = ckpt_lib.restore_params(reference, mesh=mesh)
+  opened = open_model(reference, mesh=mesh)
+  params, saved, step = opened.params, opened.config, opened.step
   assert step == 16
   tok = Tokenizer.load(os.path.join(reference, "tokenizer.model"))
   scorer = scoring.Scorer(Decoder(ModelConfig.from_config(saved)), params, saved, mesh,
@@ -310,7 +366,8 @@ def test_sampler_never_draws_padding_ids(char_run):
   from llm_jax.data.tokenizer import Tokenizer
   from llm_jax.model import Decoder, ModelConfig
   tok = Tokenizer.load(os.path.join(char_run, "tokenizer.model"))
-  params, config, _ = ckpt_lib.restore_params(char_run)
+  opened = open_model(char_run)
+  params, config = opened.params, opened.config
   model_cfg = ModelConfig.from_config(config)
   emb = np.asarray(params["embedding"]).copy()
   emb[tok.vocab_size:] *= 1e3

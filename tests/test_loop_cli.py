@@ -43,7 +43,7 @@ def _cli(config, workdir, *extra):
 def test_misspelled_key_fails_with_its_name(tmp_path):
   out = subprocess.run(_cli("configs/tiny.py", tmp_path / "w", "--config.train.stpes=5"), cwd=REPO,
                        env=_env(tmp_path), capture_output=True, text=True, timeout=120)
-  assert out.returncode == 1
+  assert out.returncode == 2  # a usage error
   assert "train.stpes" in out.stderr and "did you mean steps" in out.stderr
   assert "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "w")
@@ -54,8 +54,8 @@ import os, signal, sys
 from llm_jax import config as config_lib
 from llm_jax.train import checkpoint, loop
 save = checkpoint.Checkpoints.save
-def save_then_die(self, step, state, data_state):
-  out = save(self, step, state, data_state)
+def save_then_die(self, step, state, data_state, **kwargs):
+  out = save(self, step, state, data_state, **kwargs)
   if step == 8:  # the async write has started, it has not been committed
     os.kill(os.getpid(), signal.SIGKILL)
   return out
@@ -110,3 +110,19 @@ def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path)
   steps = _steps(workdir)
   assert steps == sorted(set(steps)) and steps[-1] == stopped + 3  # no step logged twice
 
+
+  # A broken latest checkpoint: one line naming the step and the flag, nothing from the storage library.
+  last = stopped + 3
+  for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(last), "state")):
+    for name in files:
+      if os.path.basename(root) == "d":  # the array data (OCDBT nodes), not the metadata
+        with open(os.path.join(root, name), "r+b") as f:
+          f.write(b"\x00" * 64)
+  broken = subprocess.run(_cli(config, workdir, f"--config.train.steps={last + 2}"), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert broken.returncode == 1, broken.stderr[-3000:]
+  errors = [line for line in broken.stderr.splitlines() if line.startswith("error (")]
+  assert len(errors) == 1 and f"step {last}" in errors[0] and "train.restore_fallback" in errors[0]
+  assert len(errors[0]) < 400, errors[0]
+  for noise in ("Traceback", "Event loop is closed", "tensorstore", "zarr", "OCDBT"):
+    assert noise not in broken.stderr, broken.stderr[-3000:]

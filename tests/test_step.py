@@ -135,3 +135,20 @@ def test_fsdp_activation_memory_does_not_grow_with_devices():
   one = _compiled_temp_bytes(["sharding.data=1"], 8, 1)
   fsdp4 = _compiled_temp_bytes(["sharding.data=1", "sharding.fsdp=4"], 8, 4)
   assert fsdp4 < 1.3 * one, (one, fsdp4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.learning_rate=-0.001", "train.learning_rate"),
+    ("train.learning_rate=0.0", "train.learning_rate"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.warmup_steps=700", "train.warmup_steps"),
+    ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
+    ("train.min_lr_ratio=-0.1", "train.min_lr_ratio"),
+    ("train.b2=1.0", "train.b2"),
+    ("train.grad_clip=-1.0", "train.grad_clip"),
+    ("train.decay_steps=20", "train.decay_steps"),
+])
+def test_settings_that_cannot_work_are_config_errors_naming_the_key(override, key):
+  c = config_lib.load("configs/tiny.py", [override])  # tiny: 600 steps, 50 of warm-up
+  with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+    config_lib.validate(c)

@@ -13,13 +13,26 @@ reuses the pretraining tokenizer. Losses are over the complete validation split 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
-import sys
 import time
 
-from absl import app, flags
+import jax
+import numpy as np
+from absl import flags
+
+from llm_jax import cli
+from llm_jax import config as config_lib
+from llm_jax.artifacts import open_model
+from llm_jax.data import loader as loader_lib
+from llm_jax.data import prepare as prepare_lib
+from llm_jax.finetune import extension as finetune
+from llm_jax.finetune import freeze
+from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import checkpoint
+from llm_jax.train import step as step_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the four run directories go")
 _PRETRAIN = flags.DEFINE_integer("pretrain_steps", 200, "pretraining steps on docs")
@@ -45,7 +58,6 @@ RUNS = {  # name -> overrides on top of COMMON and init_from=pretrain
 
 
 def _config(overrides: dict):
-  from llm_jax import config as config_lib  # noqa: PLC0415
   over = dict(COMMON)
   over.update(overrides)
   config = config_lib.load(_CONFIG.value, list(_OVERRIDES.value))
@@ -55,31 +67,21 @@ def _config(overrides: dict):
 
 
 def _train(name: str, overrides: dict, root: str) -> str:
-  from llm_jax.train import loop  # noqa: PLC0415
   workdir = os.path.join(root, name)
   t0 = time.time()
-  out = loop.train(_config(overrides), workdir)
+  out = finetune.train(_config(overrides), workdir)
   print(f"  {name}: {out['status']} at step {out['step']}, train loss {out['loss']:.3f} "
         f"({time.time() - t0:.0f}s)", flush=True)
   return workdir
 
 
 def _params(workdir: str):
-  from llm_jax.artifacts import open_model  # noqa: PLC0415
   opened = open_model(workdir)  # a LoRA run's adapters come back merged into its base
   return opened.params, opened.config
 
 
 def domain_losses(workdir: str, prepared) -> dict[str, float]:
   """Mean validation loss per domain over the whole val split (adapters merged for LoRA runs)."""
-  import functools  # noqa: PLC0415
-
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-
-  from llm_jax.data import loader as loader_lib  # noqa: PLC0415
-  from llm_jax.model import Decoder, ModelConfig  # noqa: PLC0415
-  from llm_jax.train import step as step_lib  # noqa: PLC0415
   params, config = _params(workdir)
   model = Decoder(ModelConfig.from_config(config))
   domains = prepared.domains
@@ -95,24 +97,18 @@ def domain_losses(workdir: str, prepared) -> dict[str, float]:
 
 def _run_stats(workdir: str) -> dict:
   """Trainable parameters, saved train-state bytes (params + optimizer moments) and s/step."""
-  import numpy as np  # noqa: PLC0415
-
-  from llm_jax.train import checkpoint  # noqa: PLC0415
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
   meta = ckpts.saved_shapes(ckpts.latest_step())
   leaves = [m for m in _leaves(meta) if hasattr(m, "shape")]
   state_bytes = sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in leaves)
   params = sum(int(np.prod(m.shape)) for m in _leaves(meta["params"]) if hasattr(m, "shape"))
-  ckpts.manager.close()
-  config = checkpoint.load_config(workdir)
-  if not config.get("init_from"):
-    trainable = params
-  elif config.finetune.lora.rank > 0:
-    trainable = params  # the state holds only the adapters
+  ckpts.close()
+  opened = open_model(workdir)
+  config = opened.config
+  if not config.get("init_from") or config.finetune.lora.rank > 0:
+    trainable = params  # everything trains, or the state holds only the adapters
   else:
-    from llm_jax.finetune import freeze  # noqa: PLC0415
-    restored, _, _ = checkpoint.restore_params(workdir)
-    trainable = freeze.summary(restored, config)["trainable"]
+    trainable = freeze.summary(opened.params, config)["trainable"]
   times = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:
@@ -124,7 +120,6 @@ def _run_stats(workdir: str) -> dict:
 
 
 def _leaves(tree):
-  import jax  # noqa: PLC0415
   return jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
@@ -145,11 +140,9 @@ def table(results: dict, domains: list[str]) -> str:
 
 
 def main(argv) -> int:
+  """Pretrains, fine-tunes three ways, evaluates every run on both domains, prints the table."""
   del argv
-  from absl import logging as absl_logging  # noqa: PLC0415
-  absl_logging.set_verbosity(absl_logging.WARNING)
   logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on read-only checkpoint reads
-  from llm_jax.data import prepare as prepare_lib  # noqa: PLC0415
   root = os.path.abspath(_WORKDIR.value)
   os.makedirs(root, exist_ok=True)
   print("preparing the stdlib corpus (docs + code) ...", flush=True)
@@ -183,6 +176,7 @@ def main(argv) -> int:
   return 0
 
 
+flags.mark_flags_as_required(["workdir"])
+
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  sys.exit(app.run(main))
+  cli.run(main)

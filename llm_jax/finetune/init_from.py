@@ -54,7 +54,8 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
   try:
     opened = open_model(path, step, mesh=mesh, weights=weights)
   except ArtifactError as e:
-    raise InitFromError(f"init_from={path!r}: {e}") from e
+    at = f" (finetune.init_step={step})" if isinstance(step, int) else f" (@{step})" if step else ""
+    raise InitFromError(f"init_from={path!r}{at}: {e}") from e
   params = opened.params
   if weights:
     if opened.meta.get("precision", {}).get("weights") == "int8":

@@ -6,20 +6,31 @@ Each step directory holds two items: `state` (the sharded TrainState, written by
 Orbax's multi-host path) and `data` (the loader's JSON state). Saves are asynchronous and atomic: a step
 appears under checkpoints/ only once complete, so a crash mid-save leaves the previous steps intact.
 Restoring takes target shardings, so a checkpoint written on one mesh restores onto any other.
+
+A checkpoint that fails to restore is never used, and with `fallback` it is moved aside to
+checkpoints/corrupt/STEP, so it no longer counts as the latest or for retention and the step can be
+saved again. With `keep_best`, saves carry the validation loss (Orbax step metrics) and the checkpoint
+with the lowest one is kept beyond keep-last-K retention; `best_step()` names it.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from llm_jax.model.params import shape_differences
 
 log = logging.getLogger(__name__)
+
+CORRUPT_DIR = "corrupt"  # checkpoints/corrupt/STEP: checkpoints that failed to restore
+BEST_METRIC = "val_loss"
 
 
 class CheckpointError(RuntimeError):
@@ -31,6 +42,21 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def _first_line(e: BaseException) -> str:
+  """The error's type and status (DATA_LOSS, NOT_FOUND, ...) or its first words: no storage dump."""
+  text = str(e).strip()
+  status = re.match(r"([A-Z_]{4,}):", text)
+  if status:
+    return f"{type(e).__name__}: {status.group(1)}"
+  line = text.splitlines()[0] if text else ""
+  return f"{type(e).__name__}: {line[:80]}" + ("..." if len(line) > 80 else "")
+
+
+def _metric(metrics) -> float:
+  value = (metrics or {}).get(BEST_METRIC)
+  return math.inf if value is None else float(value)
+
+
 def _handlers():
   return {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
@@ -39,14 +65,18 @@ class Checkpoints:
   """The run's checkpoints: save every N steps (async), keep the last K plus every M-th, restore."""
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, keep_best: bool = False):
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{workdir!r} has no checkpoints/ directory; is it a training run directory?")
     policies = [ocm.LatestN(max(1, int(keep)))]
     if keep_every and keep_every > 0:
       policies.append(ocm.EveryNSteps(int(keep_every)))
+    if keep_best:  # lowest val_loss first kept; saves without one rank last
+      policies.append(ocm.BestN(get_metric_fn=_metric, reverse=True, n=1,
+                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
+        best_fn=_metric, best_mode="min",  # Orbax writes a save's metrics only when best_fn is set
         save_interval_steps=1,  # the loop decides when to save
         preservation_policy=ocm.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save,
@@ -57,8 +87,10 @@ class Checkpoints:
 
   @classmethod
   def for_training(cls, workdir: str, config) -> "Checkpoints":
-    """Retention from config.train.keep_checkpoints / keep_every."""
-    return cls(workdir, keep=config.train.keep_checkpoints, keep_every=config.train.keep_every)
+    """Retention from config.train.keep_checkpoints / keep_every / keep_best (with evaluation)."""
+    tr = config.train
+    return cls(workdir, keep=tr.keep_checkpoints, keep_every=tr.keep_every,
+               keep_best=bool(tr.get("keep_best", True)) and tr.eval_every > 0)
 
   def steps(self) -> list[int]:
     """Complete checkpoint steps, ascending."""
@@ -69,12 +101,43 @@ class Checkpoints:
     steps = self.steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state, data_state: dict[str, Any]) -> bool:
-    """Starts an async save of (state, data-iterator state) at `step`; False if it already exists."""
+  def best(self) -> tuple[int, float] | None:
+    """(step, val_loss) of the kept checkpoint with the lowest validation loss, or None."""
+    found = None
+    for step in self.steps():
+      value = _metric(self.manager.metrics(step))
+      if math.isfinite(value) and (found is None or value < found[1]):
+        found = (step, value)
+    return found
+
+  def best_step(self) -> int | None:
+    """The step of the best validation loss among the checkpoints (train.keep_best), or None."""
+    best = self.best()
+    return None if best is None else best[0]
+
+  def save(self, step: int, state, data_state: dict[str, Any], metrics: dict | None = None) -> bool:
+    """Starts an async save of (state, data-iterator state) at `step`; False if it already exists.
+
+    `metrics` ({'val_loss': v}) ranks the checkpoint for keep_best.
+    """
     if step in self.manager.all_steps():
       return False
     args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state))
-    return bool(self.manager.save(int(step), args=args, force=True))
+    return bool(self.manager.save(int(step), args=args, force=True, metrics=dict(metrics or {})))
+
+  def move_aside(self, step: int) -> str:
+    """Moves a broken step to checkpoints/corrupt/STEP (process 0; every process waits); returns it."""
+    dst = os.path.join(self.directory, CORRUPT_DIR, str(step))
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      n = 1
+      while os.path.exists(dst):
+        dst, n = os.path.join(self.directory, CORRUPT_DIR, f"{step}.{n}"), n + 1
+      os.rename(os.path.join(self.directory, str(step)), dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"llm_jax moved checkpoint {step} aside")
+    self.manager.reload()
+    return dst
 
   def wait(self) -> None:
     """Blocks until pending saves are complete on disk."""
@@ -88,9 +151,10 @@ class Checkpoints:
     """The tree of array metadata (shape, dtype) of the state saved at `step`."""
     try:
       meta = self.manager.item_metadata(step)["state"]
-    except Exception as e:  # noqa: BLE001 - any read failure is a broken checkpoint
-      raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unreadable: "
-                            f"{type(e).__name__}: {e}") from e
+    except Exception as e:  # any read failure is a broken checkpoint
+      log.debug("reading the metadata of step %d failed", step, exc_info=True)
+      raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unreadable "
+                            f"({_first_line(e)})") from None
     if meta is None:
       raise CheckpointError(f"checkpoint at step {step} in {self.directory} has no readable state")
     return meta
@@ -117,8 +181,9 @@ class Checkpoints:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # any read failure is a broken checkpoint
-      raise CheckpointError(f"checkpoint at step {step} in {self.directory} cannot be restored: "
-                            f"{type(e).__name__}: {str(e)[:500]}") from e
+      log.debug("restoring step %d failed", step, exc_info=True)
+      raise CheckpointError(f"checkpoint at step {step} in {self.directory} cannot be restored "
+                            f"({_first_line(e)})") from None
     return out["state"], (out["data"] if with_data else None)
 
   def _restore_one(self, step: int, abstract_state, with_data: bool):
@@ -134,7 +199,8 @@ class Checkpoints:
     """(step, state, data_state) from the latest (or given) complete checkpoint, in the target shardings.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings. A broken checkpoint raises
-    CheckpointError naming its step; with `fallback` the one before is tried instead.
+    CheckpointError naming its step; with `fallback` it is moved to checkpoints/corrupt/STEP and the
+    one before is tried instead.
     """
     steps = self.steps()
     if not steps:
@@ -153,10 +219,11 @@ class Checkpoints:
           raise
         before = candidates[i + 1] if i + 1 < len(candidates) else None
         if not fallback or before is None:
-          hint = (f"; set train.restore_fallback=True to resume from step {before} instead"
+          hint = (f"; set train.restore_fallback=True to move it aside and resume from step {before}"
                   if before is not None and not fallback else "")
-          raise CheckpointError(f"{e}{hint}") from e
-        log.warning("%s; falling back to the checkpoint at step %d", e, before)
+          raise CheckpointError(f"{e}{hint}") from None
+        moved = self.move_aside(s)
+        log.warning("%s; moved it to %s, falling back to the checkpoint at step %d", e, moved, before)
     raise AssertionError("unreachable")
 
 

@@ -39,13 +39,14 @@ def decay_mask(params, decay_all: bool = False):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """The full update rule from config.train (clipping, then AdamW with the schedule and mask)."""
+  """The update rule from config.train: clipping, then AdamW with the schedule and decay mask.
+
+  A training variant wraps it (TrainExtension.wrap_optimizer: e.g. frozen parameters masked out).
+  """
   tr = config.train
   adamw = optax.adamw(learning_rate_schedule(config), b1=tr.b1, b2=tr.b2, eps=tr.eps,
                       weight_decay=tr.weight_decay,
                       mask=lambda p: decay_mask(p, tr.decay_norms_biases_embeddings))
-  opt = adamw
   if tr.grad_clip and tr.grad_clip > 0:
-    opt = optax.chain(optax.clip_by_global_norm(tr.grad_clip), adamw)
-  from llm_jax.finetune import freeze  # noqa: PLC0415 - fine-tuning masks frozen groups (else a no-op)
-  return freeze.wrap(opt, config)
+    return optax.chain(optax.clip_by_global_norm(tr.grad_clip), adamw)
+  return adamw

@@ -22,7 +22,10 @@ import subprocess
 import sys
 from typing import Any
 
+import jax
+
 from llm_jax import config as config_lib
+from llm_jax.model import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +102,6 @@ def changed_keys(saved, config) -> list[str]:
 
 def check_resume(workdir: str, config, model_cfg, tokenizer_sha256: str) -> None:
   """Raises RunDirError listing every differing key if this workdir's run cannot continue with `config`."""
-  from llm_jax.model import ModelConfig  # noqa: PLC0415
   saved = saved_config(workdir)
   if saved is None:
     return
@@ -147,7 +149,6 @@ def package_versions() -> dict[str, str | None]:
 
 
 def device_info() -> dict[str, Any]:
-  import jax  # noqa: PLC0415
   devices = jax.devices()
   return {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices),
           "local_count": jax.local_device_count(), "process_count": jax.process_count()}
@@ -202,5 +203,14 @@ def write(workdir: str, config, prepared, *, start_step: int, argv: list[str] | 
     record["run_tag"] = config.run_tag
   if config.run_note:
     record["run_note"] = config.run_note
+  _write_json(path, record)
+  return record
+
+
+def update_record(workdir: str, **fields: Any) -> dict:
+  """Sets top-level fields of run.json (e.g. best={'step', 'val_loss'}); call on process 0 only."""
+  path = os.path.join(workdir, RUN_FILE)
+  record = _read_json(path) if os.path.exists(path) else {}
+  record.update(fields)
   _write_json(path, record)
   return record

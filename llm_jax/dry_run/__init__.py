@@ -3,6 +3,8 @@
     python -m llm_jax.train --config=configs/llama_8b.py --workdir=runs/x --dry_run
     python -m llm_jax.dry_run --config=configs/llama_8b.py --devices=4 --device_memory_gib=141 --platform=gpu
 
+(the second plans hardware that is not here; llm_jax/dry_run/__main__.py is that command)
+
 Parameters, gradients and optimizer state are counted exactly from the model's abstract shapes and the
 configured logical->mesh rules (shards rounded up, as GSPMD pads them). Activations are an estimate of
 what the backward pass keeps per layer under `model.remat`, plus one layer's working set and the output
@@ -10,10 +12,8 @@ head; XLA's workspace and allocator fragmentation come on top, so keep some head
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import sys
 from typing import Any
 
 import flax.linen as nn
@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import config as config_lib
+from llm_jax import sharding as sharding_lib
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import optimizer as optimizer_lib
 
 GIB = 1024 ** 3
 
@@ -72,7 +74,6 @@ def _abstract_boxed_state(model: Decoder, optimizer, seq_len: int = 8):
 
 def _shard_bytes(abstract_boxed, mesh: dict[str, int], config) -> int:
   """Bytes one device holds of a boxed abstract tree, under the config's logical->mesh rules."""
-  from llm_jax import sharding as sharding_lib  # noqa: PLC0415 - only for the rules' tuple form
   specs = nn.logical_to_mesh(nn.get_partition_spec(abstract_boxed), sharding_lib.rules(config))
   leaves = jax.tree.leaves(nn.unbox(abstract_boxed))
   spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
@@ -125,7 +126,6 @@ def activation_bytes(mc: ModelConfig, rows: int, seq_len: int, tensor: int) -> i
 def estimate(config, num_devices: int, *, device_memory_bytes: int | None = None,
              platform: str | None = None, vocab_size: int | None = None) -> Estimate:
   """The dry run's figures for `num_devices` devices, computed from shapes alone (nothing compiles)."""
-  from llm_jax.train import optimizer as optimizer_lib  # noqa: PLC0415
   config_lib.validate(config, num_devices)
   data, fsdp, tensor = config_lib.mesh_shape(config, num_devices)
   mesh = {"data": data, "fsdp": fsdp, "tensor": tensor}
@@ -202,27 +202,3 @@ def run(config) -> Estimate:
     print(report(est, config, device_name=devices[0].device_kind, num_processes=jax.process_count()),
           flush=True)
   return est
-
-
-def main(argv: list[str] | None = None) -> int:
-  """Plans a run for hardware that is not here: --devices, --device_memory_gib, --platform."""
-  p = argparse.ArgumentParser(prog="python -m llm_jax.dry_run", description=__doc__.split("\n")[0])
-  p.add_argument("--config", required=True, help="config file, e.g. configs/llama_8b.py")
-  p.add_argument("--devices", type=int, required=True, help="number of devices in the whole job")
-  p.add_argument("--device_memory_gib", type=float, default=0.0, help="memory of one device")
-  p.add_argument("--platform", default="gpu", choices=("cpu", "gpu", "tpu"),
-                 help="resolves model.dtype=auto and model.attention=auto")
-  args, overrides = p.parse_known_args(argv)
-  try:
-    config = config_lib.load(args.config, overrides)
-    est = estimate(config, args.devices, platform=args.platform,
-                   device_memory_bytes=int(args.device_memory_gib * GIB) or None)
-  except config_lib.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  print(report(est, config, device_name=f"{args.platform} device"))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
