@@ -15,10 +15,10 @@ import pytest
 from llm_jax import config as config_lib
 from llm_jax.artifacts import open_model
 from llm_jax.data.shards import file_sha256
+from llm_jax.generate import samples
 from llm_jax.train import checkpoint as ckpt_lib
-from llm_jax.train import loop
+from llm_jax.train import loop, run_dir
 from llm_jax.train import metrics as metrics_lib
-from llm_jax.train import run_dir
 
 WORDS = ("alpha beta gamma delta value total count index item name data result list text line word "
          "self other key path size").split()
@@ -103,7 +103,7 @@ def reference(env):
   workdir = str(env["root"] / "ref")
   summary = loop.train(cfg(env, train__preflight=True, train__sample_every=8, train__eval_batches=0,
                            train__sample_tokens=6, train__profile_steps="2,4"),
-                       workdir, batch_hook=Hook())
+                       workdir, batch_hook=Hook(), make_sampler=samples.for_training)
   assert summary["status"] == "complete" and summary["step"] == 16
   return workdir
 
@@ -345,7 +345,7 @@ def char_run(env):
   out = loop.train(cfg(env, data__tokenizer__type="char", data__tokenizer__character_coverage=1.0,
                        model__vocab_multiple=128, train__steps=4, train__decay_steps=4,
                        train__sample_every=2, train__sample_tokens=12, train__eval_every=0,
-                       train__checkpoint_every=4), workdir)
+                       train__checkpoint_every=4), workdir, make_sampler=samples.for_training)
   assert out["status"] == "complete" and out["step"] == 4
   return workdir
 
@@ -375,7 +375,7 @@ def test_sampler_never_draws_padding_ids(char_run):
   prompt = [tok.eos_id] + tok.encode("def ")
   logits = Decoder(model_cfg).apply({"params": rigged}, np.asarray([prompt], np.int32))
   assert int(np.argmax(logits[0, -1])) >= tok.vocab_size  # unmasked, a padding id would win
-  sampler = metrics_lib.Sampler(model_cfg, tok, ["def ", "The "], 8, seed=3)
+  sampler = samples.Sampler(model_cfg, tok, ["def ", "The "], 8, seed=3)
   ids = sampler.sample_ids(rigged)
   assert len(ids) == 2 and all(0 <= i < tok.vocab_size for row in ids for i in row)
   assert sampler.sample_ids(rigged) == ids  # fixed seed: the same draws again

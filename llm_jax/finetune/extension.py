@@ -18,6 +18,7 @@ from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
 from llm_jax.data import prepare as prepare_lib
 from llm_jax.finetune import freeze, init_from, lora, sft
+from llm_jax.generate import samples
 from llm_jax.model.params import abstract_params
 from llm_jax.train import loop
 from llm_jax.train.extension import TrainExtension, needs_variant
@@ -186,5 +187,6 @@ def extension_for(config) -> FinetuneExtension | None:
 
 
 def train(config, workdir: str, **kwargs):
-  """llm_jax.train.loop.train with the extension the config asks for."""
+  """llm_jax.train.loop.train with the extension the config asks for (and samples through generate)."""
+  kwargs.setdefault("make_sampler", samples.for_training)
   return loop.train(config, workdir, extension_for(config), **kwargs)

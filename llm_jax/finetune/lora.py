@@ -23,11 +23,9 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
-from llm_jax.model.lora import (LoraSpec, adapter_names, find_targets, merge, set_leaf,
-                                spec_from_config)
+from llm_jax.model.lora import LoraSpec, adapter_names, find_targets, merge, set_leaf, spec_from_config
 from llm_jax.train import step as step_lib
 from llm_jax.train.state import TrainState
-
 
 
 def init_adapters(params, spec: LoraSpec, seed: int = 0) -> dict:

@@ -14,15 +14,40 @@ Conventions: the token sampled at step i of a row sits at position len(prompt) +
 EOS (not emitted), after its max new tokens, or when its next position would pass max_seq_len.
 Log-probabilities are of the model's own distribution (before penalty, temperature and filters).
 """
-from llm_jax.generate.decode import (EOS_ID, MIN_PREFILL, MIN_ROWS, MIN_SPAN, PAD_ID, Batch,
-                                     DecodeState, bucket, decode_chunk, decode_loop, decode_span,
-                                     empty_cache, empty_state, make_batch, mesh_context, pad_prompts,
-                                     shard_params, start)
+from llm_jax.generate.decode import (
+                                     EOS_ID,
+                                     MIN_PREFILL,
+                                     MIN_ROWS,
+                                     MIN_SPAN,
+                                     PAD_ID,
+                                     Batch,
+                                     DecodeState,
+                                     bucket,
+                                     decode_chunk,
+                                     decode_loop,
+                                     decode_span,
+                                     empty_cache,
+                                     empty_state,
+                                     make_batch,
+                                     mesh_context,
+                                     pad_prompts,
+                                     shard_params,
+                                     start,
+)
+
 # The unjitted prefill and parameter dequantization, for callers that fuse them into their own jitted
 # functions (llm_jax.serve.engine admits one row into a running batch with them).
-from llm_jax.generate.decode import _float_params as _float_params, _start as _start
-from llm_jax.generate.sampling import (SamplingParams, all_greedy, apply_repetition_penalty,
-                                       chosen_logprob, sample, sampling_arrays, top_k_top_p_mask)
+from llm_jax.generate.decode import _float_params as _float_params
+from llm_jax.generate.decode import _start as _start
+from llm_jax.generate.sampling import (
+                                     SamplingParams,
+                                     all_greedy,
+                                     apply_repetition_penalty,
+                                     chosen_logprob,
+                                     sample,
+                                     sampling_arrays,
+                                     top_k_top_p_mask,
+)
 from llm_jax.generate.stream import Generation, TextStream, generate, stream
 
 __all__ = [

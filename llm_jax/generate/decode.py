@@ -19,8 +19,7 @@ import numpy as np
 from flax import struct
 
 from llm_jax.generate.sampling import SamplingParams, all_greedy, chosen_logprob, sample, sampling_arrays
-from llm_jax.model import quantize
-from llm_jax.model import Decoder, ModelConfig, constraint_mesh
+from llm_jax.model import Decoder, ModelConfig, constraint_mesh, quantize
 
 EOS_ID = 2
 PAD_ID = 0

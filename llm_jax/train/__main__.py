@@ -15,10 +15,9 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from llm_jax import cli
-from llm_jax import distributed
-from llm_jax import dry_run
+from llm_jax import cli, distributed, dry_run
 from llm_jax.finetune.extension import extension_for
+from llm_jax.generate.samples import for_training
 from llm_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,7 +54,7 @@ def main(argv) -> int:
     if _DRY_RUN.value:
       dry_run.run(config)
       return 0
-    summary = loop.train(config, _WORKDIR.value, extension_for(config))
+    summary = loop.train(config, _WORKDIR.value, extension_for(config), make_sampler=for_training)
   except Exception as e:
     if jax.distributed.is_initialized():  # many processes: one line, then exit at once
       print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)

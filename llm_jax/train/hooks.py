@@ -20,9 +20,8 @@ import jax
 
 from llm_jax import sharding as sharding_lib
 from llm_jax.train import checkpoint as ckpt_lib
-from llm_jax.train import evaluation
+from llm_jax.train import evaluation, profiling
 from llm_jax.train import metrics as metrics_lib
-from llm_jax.train import profiling
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +134,13 @@ class BestHook(Hook):
 
 
 class SampleHook(Hook):
-  """Sampled continuations of the configured prompts, to the log, metrics.jsonl and TensorBoard."""
+  """Sampled continuations of the configured prompts, to the log, metrics.jsonl and TensorBoard.
 
-  def __init__(self, setup, every: int):
-    tr = setup.config.train
-    self.every, self.setup = int(every), setup
-    self.sampler = metrics_lib.Sampler(setup.model_cfg, setup.tokenizer, tr.sample_prompts.split(","),
-                                       tr.sample_tokens, seed=tr.seed, mesh=setup.mesh)
+  `sampler(params) -> [text]` comes from outside the trainer (llm_jax.generate.samples.for_training).
+  """
+
+  def __init__(self, setup, every: int, sampler):
+    self.every, self.setup, self.sampler = int(every), setup, sampler
 
   def due(self, ctx: StepContext) -> bool:
     return self.every > 0 and super().due(ctx)

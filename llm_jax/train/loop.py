@@ -143,7 +143,7 @@ def _restore_or_init(setup: Setup, ckpts, loader, latest: int | None):
   return start, state
 
 
-def _default_hooks(setup: Setup, workdir: str, ckpts, alerts) -> list[hooks_lib.Hook]:
+def _default_hooks(setup: Setup, workdir: str, ckpts, alerts, make_sampler) -> list[hooks_lib.Hook]:
   tr = setup.config.train
   index, count = setup.process_slice()
   out: list[hooks_lib.Hook] = []
@@ -155,8 +155,11 @@ def _default_hooks(setup: Setup, workdir: str, ckpts, alerts) -> list[hooks_lib.
                                   setup.extension.extra_eval_sets(setup, index, count)))
     out.append(hooks_lib.BestHook(tr.eval_every, alerts, tr.get("early_stop_patience", 0),
                                   ckpts.best()))
-  if tr.sample_every > 0:
-    out.append(hooks_lib.SampleHook(setup, tr.sample_every))
+  if tr.sample_every > 0 and make_sampler is not None:
+    out.append(hooks_lib.SampleHook(setup, tr.sample_every, make_sampler(setup)))
+  elif tr.sample_every > 0:
+    log.info("train.sample_every=%d but no sampler was given (the train command passes one): "
+             "no samples", tr.sample_every)
   keep_best = bool(tr.get("keep_best", True)) and tr.eval_every > 0
   out.append(hooks_lib.CheckpointHook(ckpts, tr.checkpoint_every, keep_best))
   out.append(hooks_lib.ProfileHook(tr.profile_steps, workdir))
@@ -164,12 +167,15 @@ def _default_hooks(setup: Setup, workdir: str, ckpts, alerts) -> list[hooks_lib.
 
 
 def train(config, workdir: str, extension: TrainExtension | None = None, *,
-          hooks: list[hooks_lib.Hook] = (), batch_hook: Callable | None = None,
+          hooks: list[hooks_lib.Hook] = (), make_sampler: Callable | None = None,
+          batch_hook: Callable | None = None,
           loader_factory: Callable | None = None) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` up to the budget; returns a summary dict.
 
   `extension` decides what trains and how (default: plain pretraining); `hooks` run after the
-  built-in ones. `batch_hook(step, batch) -> batch` (tests) sees each host batch before it goes to
+  built-in ones. `make_sampler(setup) -> sampler(params) -> [text]` gives the samples of
+  train.sample_every (llm_jax.generate.samples.for_training; none without it).
+  `batch_hook(step, batch) -> batch` (tests) sees each host batch before it goes to
   the devices; `loader_factory(setup)` replaces the extension's loader.
   """
   t_start = time.time()
@@ -194,8 +200,8 @@ def train(config, workdir: str, extension: TrainExtension | None = None, *,
       log.info("the run is already at step %d of %d: nothing to do (raise train.steps or train.tokens "
                "to continue)", start, total)
       return _summary(None, start, total, "complete", workdir, t_start, ckpts.best())
-    return _session(setup, workdir, ckpts, loader, start, state, total, list(hooks), batch_hook,
-                    t_start)
+    return _session(setup, workdir, ckpts, loader, start, state, total, list(hooks), make_sampler,
+                    batch_hook, t_start)
   finally:
     ckpts.close()
 
@@ -224,14 +230,15 @@ def _summary(run: _Run | None, step: int, total: int, status: str, workdir: str,
 
 
 def _session(setup: Setup, workdir: str, ckpts, loader, start: int, state, total: int,
-             extra_hooks: list, batch_hook, t_start: float) -> dict[str, Any]:
+             extra_hooks: list, make_sampler, batch_hook, t_start: float) -> dict[str, Any]:
   c, is_main = setup.config, jax.process_index() == 0
   skipped = int(jax.device_get(state.skipped))
   writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start)
   alerts = metrics_lib.Alerts(writer, c.train.throughput_alert, c.train.plateau_evals)
   run = _Run(setup, workdir, writer, alerts, total, start, skipped)
   run.saved_step = ckpts.latest_step()
-  hooks = _default_hooks(setup, workdir, ckpts, alerts) + setup.extension.hooks(setup) + extra_hooks
+  hooks = (_default_hooks(setup, workdir, ckpts, alerts, make_sampler) + setup.extension.hooks(setup)
+           + extra_hooks)
   stop = StopFlag().install()
   prefetch = Prefetcher(lambda: (next(loader), loader.get_state()))  # (batch, loader state after it)
   try:
