@@ -22,7 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from llm_jax import generate as G
-from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model.params import init_params
 from llm_jax.serve import engine as engine_lib
@@ -54,11 +54,11 @@ class _Queue:
 
 
 def _tokenizer():
-  if _TOKENIZER.value:
-    from llm_jax.data.tokenizer import Tokenizer
-    return Tokenizer.load(_TOKENIZER.value), [open(__file__, encoding="utf-8").read() * 20]
+  """The tokenizer (--tokenizer, else trained here) and the repo's text its ids are taken from."""
   files = sorted(glob.glob("**/*.py", recursive=True) + glob.glob("**/*.md", recursive=True))
   texts = [open(f, encoding="utf-8", errors="replace").read() for f in files]
+  if _TOKENIZER.value:
+    return Tokenizer.load(_TOKENIZER.value), texts
   path = os.path.join(tempfile.mkdtemp(), "tok.model")
   return train_tokenizer(texts, path, vocab_size=2000, num_threads=2), texts
 

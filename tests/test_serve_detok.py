@@ -17,7 +17,6 @@ from llm_jax import generate as G
 from llm_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm_jax.data.tokenizer import train_tokenizer
 
-
 stream_lib = importlib.import_module("llm_jax.generate.stream")  # the package exports a function `stream`
 WORDS = ("the cat sat on a mat über café naïve 日本語 ünïcödé ½ € 🙂 def return import "
          "self print ( ) : , .").split()
@@ -173,16 +172,17 @@ def test_long_sequence_keeps_bounded_state():
 def test_filter_check_sees_whole_text_and_cuts():
   tok = load_tokenizer("tests/fixtures/hf/gpt2")
   ids = tok.encode(" the cat sat on a mat and the cat sat again")
-  check = lambda t: t.find("mat") if "mat" in t else None  # noqa: E731
+
+  def check(text):
+    return text.find("mat") if "mat" in text else None
   new, ref = G.TextStream(tok, hold_chars=4, check=check), FullDecodeStream(tok, hold_chars=4,
                                                                              check=check)
   piece, kept = new.extend(ids)
-  want = ""
-  for j, i in enumerate(ids):
-    want += ref.push(i)
-    if ref.finished:
-      break
-  assert (piece, kept) == (want, j) and new.reason == "blocked" == ref.reason
+  want, taken = "", 0
+  while not ref.finished:
+    want += ref.push(ids[taken])
+    taken += 1
+  assert (piece, kept) == (want, taken - 1) and new.reason == "blocked" == ref.reason
   assert new.text == ref.text == " the cat sat on a "
 
 

@@ -1,6 +1,6 @@
 """From decoded ids to text: TextStream (incremental detokenization in bounded work per id, with
-stop sequences and a hold-back for output filters), `stream` (one completion, piece by piece, for terminals) and
-`generate` (a batch of prompts in one jitted loop, with text cut at stop sequences).
+stop sequences and a hold-back for output filters), `stream` (one completion, piece by piece, for
+terminals) and `generate` (a batch of prompts in one jitted loop, with text cut at stop sequences).
 """
 from __future__ import annotations
 
