@@ -2,7 +2,9 @@
 # Serving benchmark on one GPU (docs/serving.md, "GPU benchmarks"): a random-weights package of
 # configs/gpt_small.py's shapes (vocab 50304 rows, a small tokenizer trained here on the repo's own
 # text), in-process decode tokens/s at several batch sizes (bf16, int8 dequantized at load, int8 in
-# memory), then the HTTP server under the load test at concurrency 1 and 32; a table last.
+# memory), then the HTTP server under the load test at concurrency 1 and 32 (started with an empty
+# compilation cache: the cold start-up), a second start of the server on that cache (the warm
+# start-up), and the engine's host time per chunk (bench/serve_host.py); a table last.
 #
 #   bash bench/gpu_serve.sh          # repository root; results under $OUT (default runs/bench/device)
 #
@@ -23,8 +25,26 @@ REQ32=${REQ32:-500}            # requests at concurrency 32
 PORT=${PORT:-8765}
 W=${WORK:-/tmp/gpu_serve}
 mkdir -p "$W" "$OUT"
-rm -rf "$W/pkg" "$W"/*.json "$W"/*.log
+rm -rf "$W/pkg" "$W"/*.json "$W"/*.log "$W/xla"
 el() { echo "[$(( $(date +%s) - T0 ))s]"; }
+
+# start_server LOG: the server in the background (SPID), on the script's own compilation cache;
+# UP=1 and UP_S (seconds to /health 200, by the millisecond clock) once it is healthy
+start_server() {
+  local t0; t0=$(date +%s%N)
+  $PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max_concurrent 64 \
+    --compile_cache "$W/xla" --audit_log "$W/audit.jsonl" > "$1" 2>&1 &
+  SPID=$!
+  UP=0
+  for i in $(seq 1 1800); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health" 2>/dev/null)
+    if [ "$code" = "200" ]; then UP=1; break; fi
+    kill -0 $SPID 2>/dev/null || break
+    sleep 0.1
+  done
+  local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+  UP_S=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
+}
 
 echo "=== $(el) device"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
@@ -81,20 +101,12 @@ for name, (params, vcfg, stored) in Q.variants(loaded).items():
       json.dump(rows, f)
 PY
 
-echo "=== $(el) server (slots 32, max-concurrent 64)"
-$PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max_concurrent 64 \
-  --audit_log "$W/audit.jsonl" > "$W/server.log" 2>&1 &
-SPID=$!
-UP=0
-for i in $(seq 1 180); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/health" 2>/dev/null)
-  if [ "$code" = "200" ]; then UP=1; break; fi
-  kill -0 $SPID 2>/dev/null || break
-  sleep 1
-done
+echo "=== $(el) server (slots 32, max-concurrent 64), empty compilation cache $W/xla"
+start_server "$W/server.log"
 grep -E "ready:|ERROR|Error|error" "$W/server.log" | grep -v -E '^[IW][0-9]{4} ' | head -5
 if [ $UP = 1 ]; then
-  echo "health 200 after $i s"
+  echo "health 200 after $UP_S s (cold)"
+  echo "{\"cold_s\": $UP_S}" > "$W/startup.json"
   for c in 1 32; do
     n=$REQ1; [ $c = 32 ] && n=$REQ32
     echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS"
@@ -109,7 +121,20 @@ else
   echo "server not healthy (last lines of its log):"; tail -30 "$W/server.log"
 fi
 kill $SPID 2>/dev/null; wait $SPID 2>/dev/null
-cp "$W/server.log" "$W"/*.json "$OUT/" 2>/dev/null
+
+echo "=== $(el) server again, on the compilation cache the first start wrote (warm start-up)"
+start_server "$W/server_warm.log"
+grep -E "ready:" "$W/server_warm.log" | head -1
+kill $SPID 2>/dev/null; wait $SPID 2>/dev/null
+if [ $UP = 1 ] && [ -f "$W/startup.json" ]; then
+  echo "health 200 after $UP_S s (warm)"
+  $PY -c "import json,sys; d=json.load(open(sys.argv[1])); d['warm_s']=float(sys.argv[2]); json.dump(d, open(sys.argv[1],'w'))" "$W/startup.json" "$UP_S"
+fi
+
+echo "=== $(el) engine host time per chunk (bench/serve_host.py, 32 slots, chunk 4)"
+timeout 300 $PY bench/serve_host.py --slots 32 --chunk 4 --tokens "$MAX_TOKENS" --tokenizer "$W/tok.model" \
+  --repeat 3 2>&1 | grep -v -E '^[IW][0-9]{4} '
+cp "$W/server.log" "$W/server_warm.log" "$W"/*.json "$OUT/" 2>/dev/null
 
 echo "=== $(el) summary"
 $PY - "$W" <<'PY'
@@ -136,5 +161,8 @@ for c in (1, 32):
         f"{s['output_tokens_per_s']:.0f} tok/s, {s['requests_per_s']:.1f} req/s, ok {s['ok']}, "
         f"errors {s['errors'] or 'none'}, TTFT p50/p90/p99 {ms(s['ttft_s'])} ms, "
         f"TPOT {ms(s['tpot_s'])} ms, latency {ms(s['latency_s'])} ms |")
+up = load("startup.json") or {}
+print(f"| server start-up to /health 200 | cold {up.get('cold_s', float('nan')):.1f} s, "
+      f"warm (compilation cache) {up.get('warm_s', float('nan')):.1f} s |")
 PY
 echo "total $(( $(date +%s) - T0 )) s"

@@ -45,7 +45,7 @@ def server(tmp_path_factory):
       [sys.executable, "-m", "llm_jax.serve", f"--package={d / 'pkg'}", "--port", str(port),
        "--slots=4", "--max_concurrent=16", "--decode_chunk", "2", "--api_key_file",
        str(d / "key"), f"--audit_log={d / 'audit.jsonl'}", "--audit_max_bytes=1000000",
-       "--audit_backups=2"],
+       "--audit_backups=2", f"--compile_cache={d / 'xla'}"],
       stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
   url = f"http://127.0.0.1:{port}"
   saw_503 = False
@@ -83,6 +83,7 @@ def test_cli_starts_warm_and_answers(server):
                  json={"prompt": "the cat", "max_tokens": 5, "temperature": 0})
   assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
   del saw_503  # usually seen, but a fast machine may compile before the first poll
+  assert f"compilation cache: {d / 'xla'}" in text and len(os.listdir(d / "xla")) >= 3
 
 
 def test_loadtest_against_cli_server(server):

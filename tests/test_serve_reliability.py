@@ -171,9 +171,9 @@ def test_a_request_failing_while_decoding_fails_alone(server):
     choice = Choice(0, [1, 5, 6], sp)
     engine.submit([choice], loop, queue, 20.0, request_id="bad-decode")
 
-    def push(token_id):
+    def fail(*args):
       raise RuntimeError("injected detokenizer failure")
-    choice.text.push = push
+    choice.text.push = choice.text.extend = fail
 
   engine.pause()
   try:

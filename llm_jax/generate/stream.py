@@ -1,6 +1,6 @@
-"""From decoded ids to text: TextStream (incremental detokenization with stop sequences and a
-hold-back for output filters), `stream` (one completion, piece by piece, for terminals) and
-`generate` (a batch of prompts in one jitted loop, with text cut at stop sequences).
+"""From decoded ids to text: TextStream (incremental detokenization in bounded work per id, with
+stop sequences and a hold-back for output filters), `stream` (one completion, piece by piece, for
+terminals) and `generate` (a batch of prompts in one jitted loop, with text cut at stop sequences).
 """
 from __future__ import annotations
 
@@ -96,6 +96,13 @@ class TextStream:
   Holds back an incomplete UTF-8 byte sequence, any tail that could still become a stop sequence,
   and `hold_chars` more characters (so that an output filter can see text before a client does).
   `check(text) -> index | None` cuts the text at the returned index (a blocked output).
+
+  The work per id is bounded (not the length so far): ids are decoded in a short window that starts
+  a few ids back (`decode(ids[p:])` minus the text of its settled context `ids[p:r]`), so tokenizers
+  that drop a leading space or merge bytes across ids give the same text as decoding the whole list;
+  a window whose text does not extend its context's falls back to decoding the whole list. Stop
+  sequences are searched in the new text (plus the longest stop's length before it) only, and only
+  recent text is kept as one string. `check` (output filters) still sees the whole text.
   """
 
   def __init__(self, tokenizer, stop: Sequence[str] = (), hold_chars: int = 0,
@@ -105,50 +112,121 @@ class TextStream:
     self.hold_chars = hold_chars
     self.check = check
     self.ids: list[int] = []
-    self.text = ""  # decoded text (cut at a stop or a blocked match when finished)
-    self.emitted = 0  # characters of `text` already returned
+    self.emitted = 0  # characters of the text already returned
     self.finished = False
     self.reason: str | None = None  # "stop" or "blocked" when finished here
+    self._max_stop = max((len(s) for s in self.stop), default=0)
+    self._keep = max(self._max_stop, 4) + hold_chars  # recent characters kept in `_live`
+    self._head: list[str] = []  # text before `_live` (never searched again)
+    self._head_len = 0
+    self._live = ""  # the text from character `_head_len` on
+    self._stable = 0  # characters of `_live` that are the text of ids[:_r] (final)
+    self._p = self._r = 0  # decode window ids[_p:]; ids[_p:_r] is its settled context
+    self._ctx = ""  # decode(ids[_p:_r])
+
+  @property
+  def text(self) -> str:
+    """The decoded text so far (cut at a stop or a blocked match when finished)."""
+    if self._head:
+      self._head = ["".join(self._head)]
+    return (self._head[0] if self._head else "") + self._live
 
   def push(self, token_id: int) -> str:
     """Adds one id; returns newly safe text ('' when nothing is safe yet or after finishing)."""
     if self.finished:
       return ""
     self.ids.append(int(token_id))
-    self.text = self.tokenizer.decode(self.ids)
+    self._live = self._live[:self._stable] + self._tail()
     if self._cut():
-      return self._take(len(self.text))
-    safe = len(self.text) - _pending_replacement(self.text)
-    safe = min(safe, len(self.text) - _stop_prefix_len(self.text, self.stop)) - self.hold_chars
-    return self._take(safe)
+      return self._take(self._head_len + len(self._live))
+    self._settle()
+    return self._take(self._safe())
+
+  def extend(self, token_ids: Sequence[int]) -> tuple[str, int]:
+    """Adds several ids with one decode; returns (newly safe text, ids kept). Equal to pushing them
+    one by one: when that would finish (a stop, a blocked match) at id k, k ids are kept (the one
+    that completed the stop is not) and the text is the same."""
+    if self.finished or not token_ids:
+      return "", 0
+    if self.check is not None or any("\ufffd" in s for s in self.stop):  # one by one
+      return self._one_by_one(token_ids)
+    n = len(self.ids)
+    self.ids.extend(int(t) for t in token_ids)
+    live = self._live[:self._stable] + self._tail()
+    start = max(0, self.emitted - self._max_stop) - self._head_len
+    if any(live.find(s, start) >= 0 for s in self.stop):  # find the id that completes it
+      del self.ids[n:]
+      return self._one_by_one(token_ids)
+    self._live = live
+    self._settle()
+    return self._take(self._safe()), len(token_ids)
 
   def close(self) -> str:
     """The end of the sequence: run the final checks and return the text still held back."""
     if not self.finished:
       self._cut()
-    return self._take(len(self.text))
+    return self._take(self._head_len + len(self._live))
+
+  def _one_by_one(self, token_ids: Sequence[int]) -> tuple[str, int]:
+    out = []
+    for k, t in enumerate(token_ids):
+      out.append(self.push(t))
+      if self.finished:
+        return "".join(out), k
+    return "".join(out), len(token_ids)
+
+  def _tail(self) -> str:
+    """The text the unsettled ids ids[_r:] add (decoding the window, or everything if needed)."""
+    window = self.tokenizer.decode(self.ids[self._p:])
+    if window.startswith(self._ctx):
+      return window[len(self._ctx):]
+    full = self.tokenizer.decode(self.ids)  # the window's text depends on ids before it
+    return full[self._head_len + self._stable:]
+
+  def _settle(self) -> None:
+    """Moves the window on once the text ends in a whole character; trims `_live`."""
+    tail_len = len(self._live) - self._stable
+    if tail_len == 0 or self._live.endswith("\ufffd"):
+      return
+    r = len(self.ids)
+    added = self.tokenizer.decode(self.ids[self._r:r])
+    if added:  # the new context starts at the old read position (it has text of its own)
+      self._p, self._ctx = self._r, added
+    else:
+      self._ctx = self.tokenizer.decode(self.ids[self._p:r])
+    self._r, self._stable = r, len(self._live)
+    drop = min(self._stable, self.emitted - self._head_len - self._keep)
+    if drop > 256:
+      self._head.append(self._live[:drop])
+      self._head_len += drop
+      self._live, self._stable = self._live[drop:], self._stable - drop
+
+  def _safe(self) -> int:
+    """Characters that may be shown: not an incomplete character's U+FFFD, nor a tail before it that
+    could still become a stop sequence, nor the last `hold_chars`."""
+    return self._head_len + len(self._live) - _held(self._live, self.stop) - self.hold_chars
 
   def _cut(self) -> bool:
     cut = None
-    start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+    start = max(0, self.emitted - self._max_stop)
     for s in self.stop:
-      i = self.text.find(s, start)
-      if i >= 0 and (cut is None or i < cut):
-        cut, self.reason = i, "stop"
+      i = self._live.find(s, start - self._head_len)
+      if i >= 0 and (cut is None or i + self._head_len < cut):
+        cut, self.reason = i + self._head_len, "stop"
     if self.check is not None:
       j = self.check(self.text)
       if j is not None and (cut is None or j <= cut):
         cut, self.reason = j, "blocked"
     if cut is None:
       return False
-    self.text = self.text[:max(cut, self.emitted)]
+    self._live = self._live[:max(cut, self.emitted) - self._head_len]
     self.finished = True
     return True
 
   def _take(self, upto: int) -> str:
     if upto <= self.emitted:
       return ""
-    piece = self.text[self.emitted:upto]
+    piece = self._live[self.emitted - self._head_len:upto - self._head_len]
     self.emitted = upto
     return piece
 
@@ -157,6 +235,13 @@ def _pending_replacement(text: str) -> int:
   """Trailing U+FFFD characters: bytes of a character whose remaining bytes have not arrived."""
   n = len(text) - len(text.rstrip("\ufffd"))
   return min(n, 3)
+
+
+def _held(text: str, stops: Sequence[str]) -> int:
+  """Tail characters to hold back: an incomplete character's U+FFFD and the text before it that is a
+  proper prefix of a stop sequence (the character it awaits may complete the stop)."""
+  pending = _pending_replacement(text)
+  return pending + _stop_prefix_len(text[:len(text) - pending] if pending else text, stops)
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -3,6 +3,8 @@
     python -m llm_jax.serve --package=packages/tiny [--host=127.0.0.1] [--port=8000] [flags]
 
 The port opens at once; /health answers 503 until the model is loaded and compiled, then 200.
+Compiled programs are kept in JAX's persistent compilation cache (--compile_cache), so a second
+start with the same model and flags loads them instead of compiling.
 Exit 2 for a bad flag, an unreadable package, filter file or key file; 1 when the model fails to load.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import os
 import time
 
+import jax
 import uvicorn
 from absl import flags
 
@@ -62,6 +65,10 @@ _INT8_IN_MEMORY = flags.DEFINE_bool("int8_in_memory", False, "int8 packages: kee
                                     "the device and dequantize inside each step (less memory, "
                                     "usually slower).")
 _MODEL_NAME = flags.DEFINE_string("model_name", "", "Name in /v1/models (default: the package's).")
+_COMPILE_CACHE = flags.DEFINE_string(
+    "compile_cache", "", "Directory of JAX's persistent compilation cache (default: "
+    "$JAX_COMPILATION_CACHE_DIR, else $LLM_JAX_CACHE/jax_compile, else ~/.cache/llm_jax/jax_compile; "
+    "shared with training and safe to share between servers); 'off': compile every start.")
 _LOG_LEVEL = flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
                                "Level of the server's log.")
 
@@ -86,6 +93,32 @@ def _read_key(path: str) -> str:
   if len(key) < 16:
     raise cli.UsageError(f"the key in --api_key_file {path} is shorter than 16 characters")
   return key
+
+
+def compile_cache_dir(flag: str) -> str | None:
+  """The persistent compilation cache directory --compile_cache names (None: off)."""
+  if flag == "off":
+    return None
+  if flag:
+    return os.path.abspath(os.path.expanduser(flag))
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  root = os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
+  return os.path.join(root, "jax_compile")
+
+
+def _use_compile_cache(path: str | None) -> None:
+  """Every program the server compiles goes to (and is read from) `path` (None: the cache is off)."""
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise cli.UsageError(f"--compile_cache {path}: cannot create the directory: {e}") from e
+  jax.config.update("jax_compilation_cache_dir", path)
+  # a server compiles a dozen programs at start-up; even the quick ones are worth keeping
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def settings_from_flags() -> app_lib.ServerSettings:
@@ -116,6 +149,9 @@ def main(argv: list[str]) -> int:
   for noisy in ("absl", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
   settings = settings_from_flags()
+  cache = compile_cache_dir(_COMPILE_CACHE.value)
+  _use_compile_cache(cache)
+  log.info("compilation cache: %s", cache or "off")
   if not _loopback(settings.host):
     log.warning("binding %s: reachable from other machines%s", settings.host,
                 "" if settings.api_key else " WITHOUT an API key (use --api_key_file)")

@@ -2,10 +2,12 @@
 
 Continuous batching: a request joins a free slot as soon as one opens (its prompt is prefilled into
 that row of the shared KV cache at its own positions) while the other slots keep decoding; all busy
-slots advance together through one jitted `decode_chunk` of a few steps. The engine thread does the
-host work too (detokenization, stop sequences, output filters) and hands events to each request's
-asyncio queue, for each chunk while the next one runs on the device (one chunk in flight). A
-cancelled (disconnected) or timed-out request frees its slot at the next chunk.
+slots advance together through one jitted `decode_chunk` of a few steps, whose outputs come back in
+one device-to-host copy (`prefill.decode_packed`). The engine thread does the host work too
+(detokenization, stop sequences, output filters: bounded work per token, one decode per slot and
+chunk) for each chunk while the next one runs on the device (one chunk in flight), and posts the
+chunk's events to the clients' event loop in one call: it never waits on a client. A cancelled
+(disconnected) or timed-out request frees its slot at the next chunk.
 
 Failures stay with the request that caused them: a sequence whose admission (its sampling arrays,
 its prefill) or whose host-side handling (detokenizing, stop sequences, filters) fails finishes at
@@ -22,16 +24,16 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, unstack_layers
-from llm_jax.serve.prefill import admit
-from llm_jax.serve.sequences import Choice, EngineBusy, Handle
+from llm_jax.serve.prefill import admit, decode_packed, unpack_chunk
+from llm_jax.serve.sequences import Choice, EngineBusy, Handle, deliver
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5
+MIN_PREFILL = 64  # the narrowest prompt bucket
 
 
 class Engine:
@@ -48,14 +50,17 @@ class Engine:
     self.rows = max(self.slots, G.MIN_ROWS)  # decode rows; those past `slots` stay idle
     self.hold_chars, self.output_check, self.metrics = hold_chars, output_check, metrics
     self.vocab_limit = min(tokenizer.vocab_size, cfg.vocab_size)
-    self.min_prefill = min(16, cfg.max_seq_len)  # prompts are padded to 16, 32, 64, ... tokens
+    # prompts are padded to 64, 128, 256, ... tokens: a prefill of 64 tokens costs what one of 16
+    # does on an accelerator, and start-up compiles two programs fewer
+    self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
     self._in_flight: set[str] = set()
     self._slot: list[tuple[Handle, Choice] | None] = [None] * self.slots
     self._last_pos = [0] * self.slots  # per slot: an upper bound of the next position it writes
     self._steps_left = [0] * self.slots  # per slot: decode steps it may still need (its budget)
-    self._in_flight_chunk = None  # (outputs, active_B, slot owners) of the chunk the device runs
+    self._in_flight_chunk = None  # (packed outputs, slot owners) of the chunk the device runs
+    self._outbox: list[tuple[Handle, tuple]] = []  # events of this iteration, posted together
     self._paused = False
     self._stop = False
     self._thread: threading.Thread | None = None
@@ -90,10 +95,8 @@ class Engine:
       self.state = self._admit_arrays(0, [1], G.SamplingParams(max_new_tokens=1), n)
     alive = np.zeros((self.rows,), bool)
     for span in self.spans():
-      self.state, outs = G.decode_chunk(self.params, self.state, alive, np.bool_(False),
-                                        cfg=self.cfg, steps=self.chunk, top_n=TOP_LOGPROBS,
-                                        vocab_limit=self.vocab_limit, span=span)
-      jax.block_until_ready(outs)
+      self.state, packed = self._dispatch(alive, np.bool_(False), span)
+      jax.block_until_ready(packed)
     self.state = self._empty_state()
     jax.block_until_ready(self.state)
     self.ready = True
@@ -199,6 +202,30 @@ class Engine:
         self._in_flight_chunk = None
         self._fail_all(f"engine error: {type(e).__name__}")
         self.state = self._empty_state()
+      finally:
+        self._flush()
+
+  def _dispatch(self, alive, want_top, span: int):
+    return decode_packed(self.params, self.state, alive, want_top, cfg=self.cfg, steps=self.chunk,
+                         top_n=TOP_LOGPROBS, vocab_limit=self.vocab_limit, span=span)
+
+  def _emit(self, handle: Handle, event: tuple) -> None:
+    self._outbox.append((handle, event))
+
+  def _flush(self) -> None:
+    """Posts this iteration's events: one call per event loop (one wake-up), never blocking."""
+    if not self._outbox:
+      return
+    by_loop: dict[Any, list] = {}
+    for handle, event in self._outbox:
+      by_loop.setdefault(handle.loop, []).append((handle, event))
+    self._outbox = []
+    for loop, items in by_loop.items():
+      try:
+        loop.call_soon_threadsafe(deliver, items)
+      except RuntimeError:  # the event loop is closed: nobody is listening any more
+        for handle, _ in items:
+          handle.cancel()
 
   def _admit_arrays(self, slot: int, prompt: list[int], sp: G.SamplingParams, width: int | None = None):
     width = width or G.bucket(len(prompt), self.cfg.max_seq_len, self.min_prefill)
@@ -268,18 +295,14 @@ class Engine:
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
     # early stay below it), so the span covers them all.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
-    self.state, outs = G.decode_chunk(self.params, self.state, alive, want_top, cfg=self.cfg,
-                                      steps=self.chunk, top_n=TOP_LOGPROBS,
-                                      vocab_limit=self.vocab_limit,
-                                      span=G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg))
+    self.state, packed = self._dispatch(alive, want_top,
+                                        G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg))
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
         self._steps_left[i] -= self.chunk
     self.steps += self.chunk
-    # a copy of active_B: the next dispatch or admission donates (deletes) the state's own buffers
-    active = jnp.array(self.state.active_B, copy=True)
-    previous, self._in_flight_chunk = self._in_flight_chunk, (outs, active, list(self._slot))
+    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, list(self._slot))
     if previous is not None:
       self._handle_outputs(*previous)
 
@@ -289,8 +312,11 @@ class Engine:
     if previous is not None:
       self._handle_outputs(*previous)
 
-  def _handle_outputs(self, outs, active, owners) -> None:
-    outs, active = jax.device_get((outs, active))
+  def _handle_outputs(self, packed, owners) -> None:
+    outs = unpack_chunk(np.asarray(jax.device_get(packed)), self.chunk, TOP_LOGPROBS)
+    lists = {k: outs[k].tolist() for k in ("token", "logprob", "emitted", "eos", "active")}
+    if any(e is not None and e[1].top_n for e in owners):
+      lists.update(top_ids=outs["top_ids"].tolist(), top_logprobs=outs["top_logprobs"].tolist())
     for slot, entry in enumerate(owners):
       if entry is None:
         continue
@@ -298,47 +324,42 @@ class Engine:
       if choice.finish_reason is not None:  # finished (stop, filter, cancel) after dispatch
         continue
       try:
-        self._handle_slot(handle, choice, slot, outs, active)
+        self._handle_slot(handle, choice, slot, lists)
       except Exception:  # this sequence's host work failed: it alone ends
         log.exception("request %s: handling the outputs of slot %d failed", handle.id, slot)
         self._fail(handle, choice)
 
-  def _handle_slot(self, handle: Handle, choice: Choice, slot: int, outs, active) -> None:
+  def _handle_slot(self, handle: Handle, choice: Choice, slot: int, o: dict) -> None:
     """Text, tokens and log-probs of one slot's chunk: a delta event, and "done" when it ended."""
     reason = None
-    new_text, new_tokens, new_lps, new_top = [], [], [], []
+    steps, eos_step = [], None  # the chunk's steps that emitted a token; the step that drew EOS
     for j in range(self.chunk):
-      if outs["eos"][slot, j]:  # listed with its log-prob (not in the text), as vLLM lists it
-        reason = "stop"
-        new_tokens.append(int(outs["token"][slot, j]))
-        new_lps.append(float(outs["logprob"][slot, j]))
-        if choice.top_n:
-          new_top.append(self._top(outs, slot, j, choice.top_n))
+      if o["eos"][slot][j]:  # listed with its log-prob (not in the text), as vLLM lists it
+        eos_step = j
         break
-      if not outs["emitted"][slot, j]:
-        continue
-      tok = int(outs["token"][slot, j])
-      piece = choice.text.push(tok)
-      if choice.text.finished:
-        reason = "content_filter" if choice.text.reason == "blocked" else "stop"
-        if piece:
-          new_text.append(piece)
-        break
-      new_tokens.append(tok)
-      new_lps.append(float(outs["logprob"][slot, j]))
-      if choice.top_n:
-        new_top.append(self._top(outs, slot, j, choice.top_n))
-      if piece:
-        new_text.append(piece)
-    if reason is None and not active[slot]:
+      if o["emitted"][slot][j]:
+        steps.append(j)
+    tokens = o["token"][slot]
+    text, kept = choice.text.extend([tokens[j] for j in steps])
+    if choice.text.finished:  # a stop sequence or a filter: the id that completed it is dropped
+      reason = "content_filter" if choice.text.reason == "blocked" else "stop"
+      steps, eos_step = steps[:kept], None
+    elif eos_step is not None:
+      reason = "stop"
+      steps.append(eos_step)
+    elif not o["active"][slot]:
       reason = "length"
     if reason is not None and not choice.text.finished:
-      tail = choice.text.close()
+      text += choice.text.close()
       if choice.text.reason == "blocked":
         reason = "content_filter"
-      if tail:
-        new_text.append(tail)
-    if new_tokens or new_text:
+    new_tokens = [tokens[j] for j in steps]
+    new_lps = [o["logprob"][slot][j] for j in steps]
+    new_top = []
+    if choice.top_n:
+      ids, lps = o["top_ids"][slot], o["top_logprobs"][slot]
+      new_top = [list(zip(ids[j][:choice.top_n], lps[j][:choice.top_n])) for j in steps]
+    if new_tokens or text:
       choice.tokens += new_tokens
       choice.logprobs += new_lps
       choice.top += new_top
@@ -346,14 +367,9 @@ class Engine:
         handle.first_token_at = time.monotonic()
       if self.metrics is not None:
         self.metrics.generated_tokens.inc(len(new_tokens))
-      handle.emit(("delta", choice.index, "".join(new_text), new_tokens, new_lps, new_top))
+      self._emit(handle, ("delta", choice.index, text, new_tokens, new_lps, new_top))
     if reason is not None:
       self._finish(handle, choice, reason)
-
-  @staticmethod
-  def _top(outs, slot: int, j: int, n: int) -> list[tuple[int, float]]:
-    return [(int(i), float(v)) for i, v in zip(outs["top_ids"][slot, j, :n],
-                                               outs["top_logprobs"][slot, j, :n])]
 
   def _finish(self, handle: Handle, choice: Choice, reason: str) -> None:
     choice.finish_reason = reason
@@ -368,9 +384,9 @@ class Engine:
       if last:
         self._in_flight.discard(handle.id)
       self._gauges()
-    handle.emit(("done", choice.index, reason))
+    self._emit(handle, ("done", choice.index, reason))
     if last:
-      handle.emit(("end",))
+      self._emit(handle, ("end",))
 
   def _fail(self, handle: Handle, choice: Choice) -> None:
     """Ends `choice` with "error" and cancels its siblings (the request has failed)."""

@@ -1,5 +1,6 @@
 """The jitted functions the engine adds to the decode loop: one prompt prefilled into one slot of
-the batch state, and a prompt's own log-probs and top log-probs (echo with logprobs: scoring)."""
+the batch state, a decode chunk whose outputs come back as one array (one device-to-host copy per
+chunk), and a prompt's own log-probs and top log-probs (echo with logprobs: scoring)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llm_jax import generate as G
 from llm_jax.model import Decoder, ModelConfig
@@ -41,3 +43,32 @@ def prompt_scores(params, tokens_1L, *, cfg: ModelConfig, top_n: int, vocab_limi
   chosen = jnp.take_along_axis(logp, tokens_1L[0, 1:, None], axis=-1)[:, 0]
   top_lp, top_ids = jax.lax.top_k(logp, top_n)
   return chosen, top_lp, top_ids
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "steps", "top_n", "vocab_limit", "span"),
+                   donate_argnums=1)
+def decode_packed(params, state: G.DecodeState, alive_B, want_top, *, cfg: ModelConfig, steps: int,
+                  top_n: int, vocab_limit: int | None, span: int):
+  """`generate.decode_chunk` (the same tokens), its outputs and each row's `active` after the chunk
+  packed into one int32 array [B, 3 * steps + 1 + 2 * steps * top_n] (`unpack_chunk` reads it)."""
+  state, outs = G.decode_chunk(params, state, alive_B, want_top, cfg=cfg, steps=steps, top_n=top_n,
+                               vocab_limit=vocab_limit, span=span)
+  b = alive_B.shape[0]
+  flags = outs["emitted"].astype(jnp.int32) | (outs["eos"].astype(jnp.int32) << 1)
+  packed = jnp.concatenate([
+      outs["token"], jax.lax.bitcast_convert_type(outs["logprob"], jnp.int32), flags,
+      state.active_B[:, None].astype(jnp.int32),
+      jax.lax.bitcast_convert_type(outs["top_logprobs"], jnp.int32).reshape(b, -1),
+      outs["top_ids"].reshape(b, -1)], axis=1)
+  return state, packed
+
+
+def unpack_chunk(packed_BX: np.ndarray, steps: int, top_n: int) -> dict[str, np.ndarray]:
+  """The host copy of `decode_packed`'s array as decode_chunk's outputs plus `active` [B]."""
+  b, s, t = packed_BX.shape[0], steps, steps * top_n
+  return {"token": packed_BX[:, :s], "logprob": packed_BX[:, s:2 * s].view(np.float32),
+          "emitted": (packed_BX[:, 2 * s:3 * s] & 1).astype(bool),
+          "eos": (packed_BX[:, 2 * s:3 * s] & 2).astype(bool),
+          "active": packed_BX[:, 3 * s].astype(bool),
+          "top_logprobs": packed_BX[:, 3 * s + 1:3 * s + 1 + t].view(np.float32).reshape(b, s, top_n),
+          "top_ids": packed_BX[:, 3 * s + 1 + t:].reshape(b, s, top_n)}

@@ -51,8 +51,8 @@ class Handle:
     """The client went away: stop decoding this request and free its slots."""
     self.cancelled.set()
 
-  def emit(self, event: tuple) -> None:
-    try:
-      self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-    except RuntimeError:  # the event loop is closed: nobody is listening any more
-      self.cancelled.set()
+
+def deliver(items: list[tuple[Handle, tuple]]) -> None:
+  """Puts engine events on their requests' queues (runs on the event loop, posted by the engine)."""
+  for handle, event in items:
+    handle.queue.put_nowait(event)

@@ -1,0 +1,205 @@
+"""The server's incremental detokenizer (generate.TextStream) against decoding the whole id list.
+
+Random id sequences (whole words, multi-byte characters, byte-fallback pieces, special ids) through
+three kinds of tokenizer: llm_jax's SentencePiece (byte fallback), a byte-level BPE (the GPT-2
+fixture) and a Metaspace BPE with byte fallback whose decoder drops the leading space (LLaMA-style).
+The reference is the previous TextStream, which decoded the whole list for every id (with its
+hold-back rule fixed: a stop prefix before an incomplete character is held too).
+"""
+import importlib
+import random
+
+import pytest
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from llm_jax import generate as G
+from llm_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
+from llm_jax.data.tokenizer import train_tokenizer
+
+stream_lib = importlib.import_module("llm_jax.generate.stream")  # the package exports a function `stream`
+WORDS = ("the cat sat on a mat über café naïve 日本語 ünïcödé ½ € 🙂 def return import "
+         "self print ( ) : , .").split()
+
+
+class FullDecodeStream:
+  """The TextStream before incremental decoding (each id re-decodes the whole list), as reference."""
+
+  def __init__(self, tokenizer, stop=(), hold_chars=0, check=None):
+    self.tokenizer, self.stop, self.hold_chars, self.check = tokenizer, tuple(stop), hold_chars, check
+    self.ids, self.text, self.emitted, self.finished, self.reason = [], "", 0, False, None
+
+  def push(self, token_id):
+    if self.finished:
+      return ""
+    self.ids.append(int(token_id))
+    self.text = self.tokenizer.decode(self.ids)
+    if self._cut():
+      return self._take(len(self.text))
+    return self._take(len(self.text) - stream_lib._held(self.text, self.stop) - self.hold_chars)
+
+  def close(self):
+    if not self.finished:
+      self._cut()
+    return self._take(len(self.text))
+
+  def _cut(self):
+    cut = None
+    start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+    for s in self.stop:
+      i = self.text.find(s, start)
+      if i >= 0 and (cut is None or i < cut):
+        cut, self.reason = i, "stop"
+    if self.check is not None:
+      j = self.check(self.text)
+      if j is not None and (cut is None or j <= cut):
+        cut, self.reason = j, "blocked"
+    if cut is None:
+      return False
+    self.text = self.text[:max(cut, self.emitted)]
+    self.finished = True
+    return True
+
+  def _take(self, upto):
+    piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+    self.emitted = max(self.emitted, upto)
+    return piece
+
+
+def _texts(n=60, seed=0):
+  rng = random.Random(seed)
+  return [" ".join(rng.choice(WORDS) for _ in range(80)) + "\n" for _ in range(n)]
+
+
+def _metaspace(tmp_path):
+  tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+  tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+  tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                  decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+  tk.train_from_iterator(_texts(), trainers.BpeTrainer(vocab_size=340, special_tokens=specials,
+                                                       show_progress=False))
+  return HFTokenizer(tk.to_str(), {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"})
+
+
+@pytest.fixture(scope="module", params=["sentencepiece", "gpt2", "metaspace"])
+def tok(request, tmp_path_factory):
+  d = tmp_path_factory.mktemp("detok")
+  if request.param == "sentencepiece":
+    return train_tokenizer(_texts(), str(d / "tok.model"), vocab_size=330)
+  if request.param == "gpt2":
+    return load_tokenizer("tests/fixtures/hf/gpt2")
+  return _metaspace(d)
+
+
+def _random_ids(tok, rng, n):
+  """Word tokens, raw UTF-8 byte pieces (whole and split characters, stray bytes) and special ids."""
+  ids = []
+  while len(ids) < n:
+    r = rng.random()
+    if r < 0.55:
+      ids += tok.encode(rng.choice([" ", ""]) + rng.choice(WORDS))
+    elif r < 0.75:  # a multi-byte character, possibly as byte-fallback pieces
+      ids += tok.encode(rng.choice(["é", "日", "🙂", "€", " ü"]))
+    elif r < 0.9:
+      ids.append(rng.randrange(tok.vocab_size))
+    else:
+      ids.append(rng.choice([tok.eos_id, tok.bos_id, tok.unk_id]))
+  return [i for i in ids if i >= 0][:n]
+
+
+def test_pushes_equal_full_decoding(tok):
+  """Piece for piece equal to the full-decode reference; the text equals decode(all ids)."""
+  rng = random.Random(1)
+  for trial in range(40):
+    ids = _random_ids(tok, rng, rng.randrange(1, 120))
+    new, ref = G.TextStream(tok), FullDecodeStream(tok)
+    for i in ids:
+      assert new.push(i) == ref.push(i), (trial, ids)
+    assert new.close() == ref.close()
+    assert new.text == tok.decode(ids) == ref.text
+    assert new.emitted == len(new.text)
+
+
+def test_chunks_with_stops_equal_one_by_one(tok):
+  """`extend` over random chunk sizes: the same text, kept ids and finish as pushing one by one;
+  stops are taken from the text so that they span chunk boundaries."""
+  rng = random.Random(2)
+  crossing = 0
+  for trial in range(60):
+    ids = _random_ids(tok, rng, rng.randrange(4, 100))
+    full = tok.decode(ids)
+    stops = []
+    for _ in range(rng.randrange(0, 3)):
+      a = rng.randrange(len(full))
+      stops.append(full[a:a + rng.randrange(1, 6)])
+    stops = [s for s in stops if s.strip("\ufffd")]
+    hold = rng.choice([0, 0, 3])
+    new, ref = G.TextStream(tok, stops, hold_chars=hold), FullDecodeStream(tok, stops, hold)
+    got, want, pos = [], [], 0
+    while pos < len(ids) and not new.finished:
+      k = rng.randrange(1, 9)
+      piece, kept = new.extend(ids[pos:pos + k])
+      got.append(piece)
+      for j, i in enumerate(ids[pos:pos + k]):
+        want.append(ref.push(i))
+        if ref.finished:
+          assert kept == j and new.finished and new.reason == ref.reason, (trial, stops)
+          crossing += j > 0
+          break
+      else:
+        assert kept == len(ids[pos:pos + k]) and not new.finished
+      assert "".join(got) == "".join(want), (trial, stops)
+      pos += k
+    assert new.close() == ref.close()
+    assert new.text == ref.text
+    if not stops and not new.finished:
+      assert new.text == full
+  assert crossing > 3  # stops completed inside a chunk, after earlier ids of it
+
+
+def test_long_sequence_keeps_bounded_state():
+  """Thousands of ids: the text matches full decoding and only recent text stays live."""
+  tok = load_tokenizer("tests/fixtures/hf/gpt2")
+  rng = random.Random(3)
+  ids = _random_ids(tok, rng, 3000)
+  s = G.TextStream(tok, stop=["\x00never"])
+  out = "".join(s.extend(ids[i:i + 4])[0] for i in range(0, len(ids), 4)) + s.close()
+  assert out == tok.decode(ids) == s.text
+  assert len(s._live) < 600 and s._p > len(ids) - 50
+
+
+def test_filter_check_sees_whole_text_and_cuts():
+  tok = load_tokenizer("tests/fixtures/hf/gpt2")
+  ids = tok.encode(" the cat sat on a mat and the cat sat again")
+
+  def check(text):
+    return text.find("mat") if "mat" in text else None
+  new, ref = G.TextStream(tok, hold_chars=4, check=check), FullDecodeStream(tok, hold_chars=4,
+                                                                             check=check)
+  piece, kept = new.extend(ids)
+  want, taken = "", 0
+  while not ref.finished:
+    want += ref.push(ids[taken])
+    taken += 1
+  assert (piece, kept) == (want, taken - 1) and new.reason == "blocked" == ref.reason
+  assert new.text == ref.text == " the cat sat on a "
+
+
+class _CharTok:
+  """Each id is one character (id 300 is half of a two-byte character: decodes to U+FFFD)."""
+
+  def decode(self, ids):
+    out = "".join("\ufffd" if i == 300 else chr(i) for i in ids)
+    return out.replace("\ufffd" + chr(301), "é")
+
+
+def test_stop_prefix_before_an_incomplete_character_is_held():
+  """Stop "aé" with é arriving in two ids: "a" is held while é is incomplete (it used to be sent,
+  so the client saw the start of the stop sequence)."""
+  s = G.TextStream(_CharTok(), stop=["aé"])
+  out = s.push(ord("x")) + s.push(ord("a")) + s.push(300) + s.push(301) + s.close()
+  assert s.finished and s.reason == "stop" and out == "x" == s.text
+  s = G.TextStream(_CharTok(), stop=["aé"])
+  out = s.push(ord("a")) + s.push(300) + s.push(ord("b")) + s.close()
+  assert not s.finished and out == "a\ufffdb"
