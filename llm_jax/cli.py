@@ -13,10 +13,12 @@ argument). `--verbose` prints the traceback as well. `--help` prints the module 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
 
+import jax
 from absl import app, flags
 
 from llm_jax import config as config_lib
@@ -70,6 +72,33 @@ def config_override_error(argv: list[str]) -> str | None:
   except Exception as e:  # the config file itself failed to import
     return f"config file {path}: {type(e).__name__}: {e}"
   return None
+
+
+def compile_cache_dir(flag: str = "") -> str | None:
+  """JAX's persistent compilation cache directory: `flag` ('off': none), else $JAX_COMPILATION_CACHE_DIR,
+  else $LLM_JAX_CACHE/jax_compile, else ~/.cache/llm_jax/jax_compile (safe to share between runs)."""
+  if flag == "off":
+    return None
+  if flag:
+    return os.path.abspath(os.path.expanduser(flag))
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+  root = os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
+  return os.path.join(root, "jax_compile")
+
+
+def use_compile_cache(path: str | None, min_compile_secs: float | None = None) -> None:
+  """Compiled programs go to (and are read from) `path` (None: the cache is off)."""
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise UsageError(f"compilation cache {path}: cannot create the directory: {e}") from e
+  jax.config.update("jax_compilation_cache_dir", path)
+  if min_compile_secs is not None:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
 
 
 def parse_step(text: str | None) -> int | str | None:

@@ -14,7 +14,6 @@ import logging
 import os
 import time
 
-import jax
 import uvicorn
 from absl import flags
 
@@ -24,7 +23,8 @@ from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.filters import FilterConfigError, Filters, load_filters
 
-_PACKAGE = flags.DEFINE_string("package", None, "Model package (python -m llm_jax.export) or training run directory.",
+_PACKAGE = flags.DEFINE_string("package", None, "Model package (python -m llm_jax.export), training run "
+                               "directory or Hugging Face checkpoint directory.",
                                required=True)
 flags.DEFINE_alias("workdir", "package")
 _STEP = flags.DEFINE_string("step", None, "With a run directory: checkpoint step or 'best' (default: "
@@ -95,32 +95,6 @@ def _read_key(path: str) -> str:
   return key
 
 
-def compile_cache_dir(flag: str) -> str | None:
-  """The persistent compilation cache directory --compile_cache names (None: off)."""
-  if flag == "off":
-    return None
-  if flag:
-    return os.path.abspath(os.path.expanduser(flag))
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return os.environ["JAX_COMPILATION_CACHE_DIR"]
-  root = os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
-  return os.path.join(root, "jax_compile")
-
-
-def _use_compile_cache(path: str | None) -> None:
-  """Every program the server compiles goes to (and is read from) `path` (None: the cache is off)."""
-  if path is None:
-    jax.config.update("jax_enable_compilation_cache", False)
-    return
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise cli.UsageError(f"--compile_cache {path}: cannot create the directory: {e}") from e
-  jax.config.update("jax_compilation_cache_dir", path)
-  # a server compiles a dozen programs at start-up; even the quick ones are worth keeping
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
 def settings_from_flags() -> app_lib.ServerSettings:
   """ServerSettings from the flags; a usage error names the flag or file that is wrong."""
   try:
@@ -149,8 +123,8 @@ def main(argv: list[str]) -> int:
   for noisy in ("absl", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
   settings = settings_from_flags()
-  cache = compile_cache_dir(_COMPILE_CACHE.value)
-  _use_compile_cache(cache)
+  cache = cli.compile_cache_dir(_COMPILE_CACHE.value)
+  cli.use_compile_cache(cache, min_compile_secs=0)  # a server's quick programs are worth keeping too
   log.info("compilation cache: %s", cache or "off")
   if not _loopback(settings.host):
     log.warning("binding %s: reachable from other machines%s", settings.host,

@@ -8,7 +8,6 @@ early by train.early_stop_patience), 1 failure (one line naming the key, step or
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import jax
@@ -35,19 +34,11 @@ def _quiet_libraries() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
-def _compile_cache() -> None:
-  """Persistent XLA compilation cache (resuming skips most compile time); JAX_COMPILATION_CACHE_DIR wins."""
-  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    return
-  root = os.environ.get("LLM_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llm_jax")
-  jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax_compile"))
-
-
 def main(argv) -> int:
   """Trains (or resumes) one run; prints its summary line."""
   del argv
   _quiet_libraries()
-  _compile_cache()
+  cli.use_compile_cache(cli.compile_cache_dir())  # resuming a run skips most compile time
   config = _CONFIG.value
   try:
     distributed.initialize(config)  # a no-op for a single process
