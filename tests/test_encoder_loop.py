@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from llm_jax.train import loop  # imported here, so the absl flags of its libraries (grain) outlive each command
 from tests.run_cmd import run_command
 
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
@@ -57,6 +58,7 @@ def mlm_run(tmp_path_factory, devices):
   write_corpus(str(root / "corpus"))
   workdir = str(root / "mlm")
   assert run_command("llm_jax.train", *flags(root), f"--workdir={workdir}") == 0
+  assert loop.EXIT_INTERRUPTED != 0
   return root, workdir
 
 
