@@ -64,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.max_sentence_length = 16384  # SentencePiece's longest training sentence in bytes
   t.input_sentence_size = 2_000_000  # training sentences sampled at most
   # Special ids are fixed: pad=0, bos=1, eos=2, unk=3.
+  t.encoder_pieces = False  # True: control pieces [MASK]=4, [CLS]=5, [SEP]=6 too (encoders need them)
 
   # ---------------------------------------------------------------- model (llm_jax.model)
   m = c.model = ml_collections.ConfigDict()
@@ -102,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Output-head matmul result: auto (the compute dtype, as PyTorch autocast) | float32. The loss's
   # softmax is float32 either way; bfloat16 logits halve the traffic of the largest tensor.
   m.logits_dtype = "auto"
+  # False: bidirectional attention, a BERT-style encoder trained by llm_jax.encoder (encoder.* below)
+  m.causal = True
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()
@@ -169,6 +172,18 @@ def get_config() -> ml_collections.ConfigDict:
   sf.val_file = ""  # held-out JSONL in the same format; empty: no SFT evaluation
   sf.prompt_template = "### Prompt:\n{prompt}\n\n### Response:\n"  # the response follows it
   sf.turn_template = "<|{role}|>\n{content}\n"  # each message; loss on assistant content + its tail
+
+  # ---------------------------------------------------------------- encoders (llm_jax.encoder)
+  # Used with model.causal=False. docs/training.md (masked LM) and docs/finetune.md (classification).
+  e = c.encoder = ml_collections.ConfigDict()
+  e.task = "mlm"  # mlm (masked-language modelling) | classify (text classification from jsonl)
+  e.mask_rate = 0.15  # mlm: share of tokens chosen for the loss
+  e.mask_token_rate = 0.8  # mlm: of the chosen, replaced by [MASK] ...
+  e.random_token_rate = 0.1  # ... or by a random token; the rest are kept as they are
+  e.train_file = ""  # classify: JSONL of {"text": ..., "label": ...}
+  e.val_file = ""  # classify: held-out JSONL in the same format (accuracy, macro-F1, confusion matrix)
+  e.labels = ""  # classify: comma-separated label names; empty: the sorted labels of train_file
+  e.pooling = "cls"  # classify: cls (the [CLS] position) | mean (over the text's tokens)
 
   # ---------------------------------------------------------------- distributed (llm_jax.distributed)
   di = c.distributed = ml_collections.ConfigDict()

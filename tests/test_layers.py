@@ -16,7 +16,7 @@ LAYERS = (
     (2, ("llm_jax.train",)),
     (3, ("llm_jax.artifacts",)),
     (4, ("llm_jax.eval", "llm_jax.generate", "llm_jax.finetune", "llm_jax.serve", "llm_jax.dry_run",
-         "llm_jax.bench",
+         "llm_jax.bench", "llm_jax.encoder",
          "llm_jax.audit")),
 )
 # Command modules: run with `python -m`, define absl flags, may import anything; nothing imports them.

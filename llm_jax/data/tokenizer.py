@@ -14,6 +14,9 @@ import sentencepiece as spm
 from llm_jax.data.errors import DataError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# Encoders' control pieces (data.tokenizer.encoder_pieces=True): ids 4, 5, 6, after the fixed ones. As
+# control symbols, text never encodes to them and they decode to nothing.
+ENCODER_PIECES = ("[MASK]", "[CLS]", "[SEP]")
 # SentencePiece writes spaces as U+2581 inside pieces; a literal U+2581 in text cannot round-trip,
 # so the cleaner replaces it (see cleaning.py).
 SPACE_MARK = "\u2581"
@@ -34,6 +37,7 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = int(self._sp.get_piece_size())
     self._token_bytes = None
+    self.mask_id, self.cls_id, self.sep_id = (self.special_id(p) for p in ENCODER_PIECES)
     for name, want in (("pad", PAD_ID), ("bos", BOS_ID), ("eos", EOS_ID), ("unk", UNK_ID)):
       got = getattr(self._sp, f"{name}_id")()
       if got != want:
@@ -54,6 +58,11 @@ class Tokenizer:
       return cls(proto, path=os.path.abspath(path))
     except RuntimeError as e:
       raise DataError(f"{path!r} is not a SentencePiece model: {e}") from e
+
+  def special_id(self, piece: str) -> int | None:
+    """The id of a control piece such as '[MASK]', or None when this tokenizer has none."""
+    i = int(self._sp.piece_to_id(piece))
+    return i if i != UNK_ID and self._sp.is_control(i) else None
 
   def encode(self, text: str) -> list[int]:
     """Token ids of `text` (no BOS/EOS added)."""
@@ -129,8 +138,12 @@ def _canonical(proto: bytes) -> bytes:
 def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe",
                     character_coverage: float = 0.9995, lowercase: bool = False,
                     max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
-                    num_threads: int = TRAIN_THREADS, seed: int = 0) -> Tokenizer:
-  """Trains SentencePiece on `texts` and writes `out_path` atomically; returns the loaded tokenizer."""
+                    num_threads: int = TRAIN_THREADS, seed: int = 0,
+                    control_pieces: Sequence[str] = ()) -> Tokenizer:
+  """Trains SentencePiece on `texts` and writes `out_path` atomically; returns the loaded tokenizer.
+
+  `control_pieces` (e.g. ENCODER_PIECES) take the ids after the four fixed ones, in order.
+  """
   if model_type not in ("bpe", "unigram", "char"):
     raise DataError(f"data.tokenizer.type={model_type!r} is not one of bpe, unigram, char")
   if vocab_size < 260 + 4 and model_type != "char":
@@ -145,6 +158,8 @@ def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, mod
       max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
       shuffle_input_sentence=True, num_threads=max(1, num_threads), minloglevel=2,
   )
+  if control_pieces:
+    kwargs["control_symbols"] = list(control_pieces)
   if model_type == "char":
     kwargs["hard_vocab_limit"] = False  # a char vocab is as large as the characters covered
   if lowercase:

@@ -107,13 +107,13 @@ def audit(path: str, *, step=None, templates: str = "", out: str = "", mode: str
   ts = templates_lib.load(templates)
   sm = sm or open_model(path, step)
   scorer = scoring.Scorer(sm.model(), sm.params, sm.config, sm.mesh, sm.tokenizer.token_bytes())
-  dec = bias_scoring.DecoderScorer(scorer, sm.prefix_ids, batch_size)
+  sentence_scorer, causal, scorer_name = bias_scoring.scorer_for(sm, scorer, batch_size)
   sets = templates_lib.sentence_sets(ts)
-  scored = bias_scoring.score_sets(sets, sm.tokenizer, dec, mode, causal=True)
+  scored = bias_scoring.score_sets(sets, sm.tokenizer, sentence_scorer, mode, causal=causal)
   results = {
       "meta": {
           "source": sm.path, "kind": sm.kind, "step": sm.step, "templates": ts.files, "mode": mode,
-          "scorer": "decoder log-likelihood", "bootstrap": settings.n_boot, "level": settings.level,
+          "scorer": scorer_name, "bootstrap": settings.n_boot, "level": settings.level,
           "seed": settings.seed, "min_gap": settings.min_gap, "min_lexicon": settings.min_lexicon,
           "min_templates_to_flag": stats.MIN_CLUSTERS, "devices": jax.device_count(),
           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -123,7 +123,7 @@ def audit(path: str, *, step=None, templates: str = "", out: str = "", mode: str
                 "row": s.row, "texts": s.texts, "scores": r.scores, "counted_tokens": r.counted,
                 **({"skipped": r.skipped} if r.skipped else {})} for s, r in zip(sets, scored, strict=True)],
   }
-  if completions and ts.prompts:
+  if completions and ts.prompts and causal:  # an encoder does not generate
     results["completions"] = bias_completions.run(
         ts, sm.params, sm.model_cfg, sm.tokenizer, sm.prefix_ids, samples=samples, max_tokens=max_tokens,
         temperature=temperature, top_k=top_k, settings=settings)

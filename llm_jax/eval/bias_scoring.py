@@ -7,8 +7,8 @@ more frequent does not win by its frequency. `mode="full"` scores every token of
 
 A `SentenceScorer` turns (token ids, which tokens count) into a summed log-probability per sentence.
 `DecoderScorer` does it causally (log p(token | tokens before it), so shared tokens before the term
-cancel between groups and only those after it differ); an encoder's pseudo-log-likelihood scorer (each
-counted token masked in turn and predicted from both sides) plugs in through the same two methods.
+cancel between groups and only those after it differ); `EncoderScorer` sums an encoder's pseudo-log-
+likelihood (each counted token masked in turn and predicted from both sides). `scorer_for` picks by model.
 """
 from __future__ import annotations
 
@@ -141,3 +141,59 @@ class DecoderScorer:
       nll_BL = res["nll"][:self.batch_size].astype(np.float64) * (res["weight"][:self.batch_size] > 0)
       out.extend((-nll_BL.sum(axis=1)).tolist())  # rows past batch_size pad the batch to the mesh
     return np.asarray(out[:len(sentences)], np.float64)
+
+
+class EncoderScorer:
+  """Pseudo-log-likelihood for encoders (model.causal=False; Salazar et al., 2020): [CLS] sentence [SEP],
+  each counted token replaced by [MASK] in turn and scored as log p(token | every other token)."""
+
+  def __init__(self, scorer: scoring.Scorer, tokenizer, batch_size: int = 16):
+    if tokenizer.mask_id is None or tokenizer.cls_id is None or tokenizer.sep_id is None:
+      raise ValueError(f"tokenizer {tokenizer.path} has no [MASK]/[CLS]/[SEP]: not an encoder's")
+    self.scorer, self.batch_size = scorer, batch_size
+    self.mask_id, self.cls_id, self.sep_id = tokenizer.mask_id, tokenizer.cls_id, tokenizer.sep_id
+    self.max_len = scorer.model.cfg.max_seq_len
+    self.max_tokens = self.max_len - 2
+
+  def _rows(self, sentences, counted):
+    """(sentence index, tokens, position) for every counted token."""
+    for k, (t, m) in enumerate(zip(sentences, counted, strict=True)):
+      seq = [self.cls_id] + list(t) + [self.sep_id]
+      for i, c in enumerate(m):
+        if c:
+          yield k, seq, i + 1
+
+  def _batches(self, rows):
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      need = max(len(seq) for _, seq, _ in chunk)
+      length = min(self.max_len, 1 << max(3, math.ceil(math.log2(need))))
+      inputs_BL = np.zeros((self.batch_size, length), np.int32)
+      targets_BL = np.zeros((self.batch_size, length), np.int32)
+      weights_BL = np.zeros((self.batch_size, length), np.float32)
+      segments_BL = np.zeros((self.batch_size, length), np.int32)  # padding is its own segment
+      for r, (_, seq, pos) in enumerate(chunk):
+        inputs_BL[r, :len(seq)] = targets_BL[r, :len(seq)] = seq
+        inputs_BL[r, pos] = self.mask_id
+        weights_BL[r, pos] = 1.0
+        segments_BL[r, :len(seq)] = 1
+      yield {"inputs": inputs_BL, "targets": targets_BL, "weights": weights_BL, "segment_ids": segments_BL}
+
+  def score(self, sentences, counted) -> np.ndarray:
+    """[N] summed log p of the counted tokens, each masked in turn and predicted from both sides."""
+    rows = list(self._rows(sentences, counted))
+    per_row = []
+    for res in self.scorer.outputs(self._batches(rows), global_rows=True):
+      nll_BL = res["nll"][:self.batch_size].astype(np.float64) * (res["weight"][:self.batch_size] > 0)
+      per_row.extend((-nll_BL.sum(axis=1)).tolist())
+    out = np.zeros(len(sentences), np.float64)
+    for (k, _, _), v in zip(rows, per_row, strict=False):
+      out[k] += v
+    return out
+
+
+def scorer_for(sm, scorer: scoring.Scorer, batch_size: int = 16) -> tuple[SentenceScorer, bool, str]:
+  """(scorer, causal, its name) for an opened model: log-likelihood for decoders, PLL for encoders."""
+  if getattr(sm.model_cfg, "causal", True):
+    return DecoderScorer(scorer, sm.prefix_ids, batch_size), True, "decoder log-likelihood"
+  return EncoderScorer(scorer, sm.tokenizer, batch_size), False, "encoder pseudo-log-likelihood"

@@ -42,6 +42,7 @@ class ModelConfig:
   init_std: float = 0.02
   scan_unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, same parameters)
   logits_dtype: str = "float32"  # the head matmul's output dtype (the loss upcasts inside fusions)
+  causal: bool = True  # False: bidirectional attention (an encoder; no KV-cache decoding)
 
   @classmethod
   def from_config(cls, config, tokenizer_size: int | None = None, platform: str | None = None):
@@ -79,7 +80,8 @@ class ModelConfig:
         attention_dropout=float(m.get("attention_dropout", 0.0)),
         dtype=dtype, param_dtype=m.param_dtype, logits_dtype=logits_dtype,
         scan_unroll=max(1, min(int(m.get("scan_unroll", 1)), m.num_layers)),
-        attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std))
+        attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std),
+        causal=bool(m.get("causal", True)))
 
   def param_count(self, include_embedding: bool = True) -> int:
     """Parameters of the decoder (counted from shapes, without building it)."""

@@ -1,5 +1,8 @@
 """A decoder-only transformer covering GPT-2 and LLaMA, with logical axis names on every parameter.
 
+`cfg.causal=False` makes the same blocks a bidirectional encoder (BERT-style; llm_jax.encoder): attention
+without the causal mask, and no KV-cache decoding.
+
 Shapes in names: B batch, L length (queries), S cache length (keys), D d_model, N query heads,
 K kv heads, H head dim, F mlp dim, V vocab.
 """
@@ -97,7 +100,8 @@ class Norm(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head / grouped-query causal self-attention with an optional KV cache for decoding.
+  """Multi-head / grouped-query self-attention (causal unless cfg.causal=False), with a KV cache for
+  decoding (causal models only).
 
   `decode_span` (decoding only; 0 = max_seq_len): attend to the first decode_span cache positions.
   The caller guarantees every position in the call is below it (generate picks a bucket).
@@ -129,6 +133,8 @@ class Attention(nn.Module):
     k_BLKH = _constrain(k_BLKH, ("batch", "length", "act_kv_heads", None))
     v_BLKH = _constrain(v_BLKH, ("batch", "length", "act_kv_heads", None))
 
+    if decode and not c.causal:
+      raise ValueError("model.causal=False (an encoder) has no KV-cache decoding")
     if decode:
       out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, layer)
     elif c.attention_dropout > 0 and not deterministic:
@@ -136,9 +142,9 @@ class Attention(nn.Module):
     elif segment_ids_BL is not None:
       same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
       out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_B1LL,
-                                              is_causal=True, implementation="xla")
+                                              is_causal=c.causal, implementation="xla")
     else:
-      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=True,
+      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=c.causal,
                                               implementation=c.attention)
     out_BLNH = _constrain(out_BLNH, ("batch", "length", "act_heads", None))
     return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
@@ -147,13 +153,14 @@ class Attention(nn.Module):
                            bias_init=_lp(nn.initializers.zeros, ("embed",)), name="out")(out_BLNH)
 
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
-    """Causal attention with dropout on the probabilities (training only; XLA, not fused)."""
+    """Attention with dropout on the probabilities (training only; XLA, not fused)."""
     c = self.cfg
     b, l, n, h = q_BLNH.shape
     q_BLKGH = q_BLNH.reshape(b, l, c.num_kv_heads, n // c.num_kv_heads, h)
     s_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BLKH,
                          preferred_element_type=jnp.float32) / math.sqrt(h)
-    mask_BKGLS = jnp.tril(jnp.ones((l, l), bool))[None, None, None]
+    mask_BKGLS = jnp.ones((l, l), bool)
+    mask_BKGLS = (jnp.tril(mask_BKGLS) if c.causal else mask_BKGLS)[None, None, None]
     if segment_ids_BL is not None:
       mask_BKGLS = mask_BKGLS & (segment_ids_BL[:, None, None, :, None] ==
                                  segment_ids_BL[:, None, None, None, :])

@@ -1,7 +1,8 @@
 """python -m llm_jax.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=2000 ...]
 
 Trains, or resumes the run in --workdir from its latest checkpoint. A config that fine-tunes
-(init_from, finetune.*) trains with llm_jax.finetune's extension. Exit codes: 0 done (or stopped
+(init_from, finetune.*) trains with llm_jax.finetune's extension; an encoder (model.causal=False) with
+llm_jax.encoder's. Exit codes: 0 done (or stopped
 early by train.early_stop_patience), 1 failure (one line naming the key, step or file), 2 usage error,
 75 stopped cleanly by SIGTERM/Ctrl-C (run the same command again to resume).
 """
@@ -15,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import cli, distributed, dry_run
-from llm_jax.finetune.extension import extension_for
+from llm_jax.encoder.extension import extension_for
 from llm_jax.generate.samples import for_training
 from llm_jax.train import loop
 

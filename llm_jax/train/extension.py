@@ -8,10 +8,12 @@ itself never imports a variant. The order of calls in a run:
     resolve_config(config)           fill the config in place before it is saved (absolute paths)
     prepare_data(config)             the prepared data (tokenizer, shards)
     wrap_optimizer(optimizer)        e.g. masks for frozen parameters
+    make_model(model_cfg)            the flax module trained (a Decoder; an encoder's classifier)
     attach(setup)                    the model, mesh and tokenizer exist: check sources, load bases
     state_shardings(setup)           the abstract state and its shardings: what a checkpoint restores into
     init_state(setup, seed)          the first state of a fresh run
     make_loader(setup, i, n)         the training batches of this process
+    eval_batches(setup, i, n)        the held-out batches of val_loss (the val split)
     extra_eval_sets(setup, i, n)     more held-out sets, logged as val_loss/NAME
     train_step(setup, ...)           the jitted step
     model_params(params)             the parameters the model runs with (eval, samples)
@@ -28,6 +30,7 @@ import jax
 from llm_jax import config as config_lib
 from llm_jax.data import loader as loader_lib
 from llm_jax.data import prepare as prepare_lib
+from llm_jax.model import Decoder
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
@@ -58,6 +61,10 @@ class TrainExtension:
 
   def validate(self, config) -> None:
     """Checks of the variant's own keys; plain pretraining refuses fine-tuning keys it would ignore."""
+    if not config.model.get("causal", True):
+      raise config_lib.ConfigError(
+          "model.causal=False trains an encoder, which needs llm_jax.encoder's extension: run "
+          "`python -m llm_jax.train` (it picks the extension from the config)")
     keys = needs_variant(config)
     if keys:
       raise config_lib.ConfigError(
@@ -77,6 +84,10 @@ class TrainExtension:
     """The update rule around the configured AdamW (e.g. frozen parameters masked out)."""
     del config
     return optimizer
+
+  def make_model(self, model_cfg):
+    """The flax module the run trains and evaluates (setup.model)."""
+    return Decoder(model_cfg)
 
   def attach(self, setup) -> None:
     """Called once the model, mesh and tokenizer exist, before any state is made."""
@@ -98,6 +109,14 @@ class TrainExtension:
         process_index=process_index, process_count=process_count,
         segment_windows=c.data.segment_windows, mixture=c.data.mixture,
         window_offsets=c.data.window_offsets)
+
+  def eval_batches(self, setup, process_index: int, process_count: int) -> list:
+    """This process's rows of the held-out batches behind val_loss (train.eval_batches of the val split)."""
+    c = setup.config
+    return list(loader_lib.eval_batches(
+        setup.prepared.dir, "val", c.train.seq_len, c.train.global_batch_size,
+        max_batches=c.train.eval_batches or None, process_index=process_index,
+        process_count=process_count))
 
   def extra_eval_sets(self, setup, process_index: int, process_count: int) -> dict[str, list]:
     """{name: host batches} evaluated beside the val split and logged as val_loss/NAME."""

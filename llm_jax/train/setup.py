@@ -13,7 +13,6 @@ from jax.experimental import multihost_utils
 
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
-from llm_jax.data import loader as loader_lib
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import profiling
@@ -72,7 +71,7 @@ def build(config, extension: TrainExtension | None = None) -> Setup:
   with config.unlocked():
     config.model.vocab_size = model_cfg.vocab_size  # config.json then needs no tokenizer to rebuild
   optimizer = extension.wrap_optimizer(optimizer_lib.make_optimizer(config), config)
-  setup = Setup(config, prepared, tokenizer, model_cfg, Decoder(model_cfg), optimizer,
+  setup = Setup(config, prepared, tokenizer, model_cfg, extension.make_model(model_cfg), optimizer,
                 sharding_lib.make_mesh(config), extension)
   extension.attach(setup)
   setup.abstract_state, setup.state_shardings = extension.state_shardings(setup)
@@ -80,9 +79,7 @@ def build(config, extension: TrainExtension | None = None) -> Setup:
 
 
 def eval_batches(setup: Setup) -> list[dict[str, np.ndarray]]:
-  """This process's rows of the val split's batches (train.eval_batches of them; 0: all)."""
-  c = setup.config
+  """This process's rows of the held-out batches (the extension's; by default train.eval_batches of the
+  val split, 0: all)."""
   index, count = setup.process_slice()
-  return list(loader_lib.eval_batches(
-      setup.prepared.dir, "val", c.train.seq_len, c.train.global_batch_size,
-      max_batches=c.train.eval_batches or None, process_index=index, process_count=count))
+  return setup.extension.eval_batches(setup, index, count)

@@ -33,6 +33,8 @@ def cache_key(config, tokenizer_path: str | None = None) -> str:
   the sha256 of a given tokenizer)."""
   d = config.data
   cfg = {k: v for k, v in data_config(config).items() if k not in NOT_IN_KEY}
+  if not cfg.get("tokenizer", {}).get("encoder_pieces", True):  # off: the key of configs without it
+    cfg["tokenizer"].pop("encoder_pieces")
   parts = {"version": VERSION, "config": cfg,
            "corpus": sources.fingerprint(d.corpus, d.stdlib_max_bytes),
            "val_corpus": sources.fingerprint(d.val_corpus, d.stdlib_max_bytes) if d.val_corpus else None,

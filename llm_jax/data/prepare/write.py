@@ -12,7 +12,7 @@ import tqdm
 
 from llm_jax.data import manifest as manifest_lib, shards as shards_lib
 from llm_jax.data.prepare.clean import Record
-from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from llm_jax.data.tokenizer import ENCODER_PIECES, Tokenizer, train_tokenizer
 
 _ENCODE_BATCH = 512
 
@@ -25,7 +25,8 @@ def tokenizer(train: list[Record], t, out_dir: str, tokenizer_path: str | None) 
     return Tokenizer.load(path)
   return train_tokenizer((r.doc.text for r in train), path, vocab_size=t.vocab_size, model_type=t.type,
                          character_coverage=t.character_coverage, lowercase=t.lowercase,
-                         max_sentence_length=t.max_sentence_length, input_sentence_size=t.input_sentence_size)
+                         max_sentence_length=t.max_sentence_length, input_sentence_size=t.input_sentence_size,
+                         control_pieces=ENCODER_PIECES if t.get("encoder_pieces", False) else ())
 
 
 @dataclasses.dataclass
