@@ -22,8 +22,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from llm_jax import config as config_lib  # noqa: E402
-from llm_jax import distributed  # noqa: E402
+from llm_jax import config as config_lib
+from llm_jax import distributed
 
 MESHES = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "tp": (1, 1, -1)}
 
@@ -46,14 +46,15 @@ def main(argv=None) -> int:
   config = config_lib.load(args.config, overrides)
   distributed.initialize(config)  # before any other JAX call
 
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from llm_jax import dry_run, sharding  # noqa: PLC0415
-  from llm_jax.model import Decoder, ModelConfig  # noqa: PLC0415
-  from llm_jax.train import metrics as metrics_lib  # noqa: PLC0415
-  from llm_jax.train import optimizer as optimizer_lib  # noqa: PLC0415
-  from llm_jax.train import state as state_lib  # noqa: PLC0415
-  from llm_jax.train import step as step_lib  # noqa: PLC0415
+  import jax
+  import numpy as np
+
+  from llm_jax import dry_run, sharding
+  from llm_jax.model import Decoder, ModelConfig
+  from llm_jax.train import metrics as metrics_lib
+  from llm_jax.train import optimizer as optimizer_lib
+  from llm_jax.train import state as state_lib
+  from llm_jax.train import step as step_lib
 
   n = jax.device_count()
   data, fsdp, tensor = MESHES[args.mesh]

@@ -27,7 +27,7 @@ import re
 import socket
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
     _heartbeat_s = kwargs["heartbeat_timeout_seconds"]
     try:
       jax.distributed.initialize(**kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the settings that failed
+    except Exception as e:
       raise DistributedError(
           f"jax.distributed.initialize failed for a {launch.method} launch ({kwargs}): {e}. Check that "
           "every process got the same coordinator address and process count, that process 0 is "
@@ -214,7 +214,7 @@ def _announce_failure(process: int, reason: str) -> None:
   client = _client()
   try:
     client.key_value_set(f"{_FAILED_KEY}{process}", reason[:500] or "failed", True)
-  except Exception:  # noqa: BLE001 - the coordinator (process 0) may be the one that is gone
+  except Exception:
     pass
 
 
@@ -225,7 +225,7 @@ def _failures_of_others(process: int) -> list[str]:
     return [f"process {key.rsplit('/', 1)[-1]}: {value}"
             for key, value in client.key_value_dir_get(_FAILED_KEY)
             if key.rsplit("/", 1)[-1] != str(process)]
-  except Exception:  # noqa: BLE001
+  except Exception:
     return []
 
 
@@ -261,7 +261,7 @@ def fail_fast(code: int = 1, reason: str = "") -> int:
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
-    except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+    except Exception:
       pass
   logging.shutdown()
   os._exit(code)

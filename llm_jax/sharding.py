@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
 from llm_jax.model.transformer import constraint_mesh
@@ -43,7 +45,7 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   try:
     from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-  except Exception:  # noqa: BLE001 - CPU or odd topologies: a plain reshape is fine
+  except Exception:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 

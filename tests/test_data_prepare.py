@@ -11,7 +11,8 @@ import pytest
 
 from configs import base
 from llm_jax.config import set_key
-from llm_jax.data import cleaning, dedup, manifest as manifest_lib
+from llm_jax.data import cleaning, dedup
+from llm_jax.data import manifest as manifest_lib
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import Prepared, prepare
 from llm_jax.data.shards import open_split

@@ -6,15 +6,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from run_cmd import run_command
 
 from llm_jax import config as config_lib
-from llm_jax import distributed
-from llm_jax import dry_run
-from llm_jax import sharding
+from llm_jax import distributed, dry_run, sharding
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
-from run_cmd import run_command
 
 TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.max_seq_len=32",
         "train.seq_len=32", "train.global_batch_size=16", "model.vocab_size=256"]

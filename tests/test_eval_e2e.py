@@ -8,7 +8,6 @@ import os
 
 import jax
 import pytest
-
 from run_cmd import run_command
 
 

@@ -134,6 +134,7 @@ def test_bytes_exact_with_byte_fallback_and_space_pieces(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
   import flax.linen as nn
+
   from configs import base
   from llm_jax.model import Decoder, ModelConfig
   c = base.get_config()
@@ -173,6 +174,7 @@ def test_batch_size_independent_on_mesh(tiny_model):
 
 def test_compare_flags_differences_beyond_standard_errors(tmp_path):
   import json
+
   from llm_jax.eval import compare
 
   def write(name, loss, se, bpb, bpb_se, tok="t1"):

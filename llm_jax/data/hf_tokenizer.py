@@ -18,8 +18,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm

@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import sysconfig
-from typing import Iterator
+from collections.abc import Iterator
 
 from llm_jax.data.errors import DataError
 

@@ -6,7 +6,7 @@ import io
 import logging
 import os
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -41,7 +41,7 @@ class Tokenizer:
                         "it was not trained by llm_jax.data.tokenizer.train_tokenizer")
 
   @classmethod
-  def load(cls, path: str) -> "Tokenizer":
+  def load(cls, path: str) -> Tokenizer:
     """Loads a .model file written by `train_tokenizer`."""
     try:
       with open(path, "rb") as f:
@@ -119,7 +119,7 @@ def _lowercase_rules() -> str:
 
 def _canonical(proto: bytes) -> bytes:
   """The model bytes without the trainer's thread count, so the sha256 does not depend on the machine."""
-  from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415
+  from sentencepiece import sentencepiece_model_pb2
   m = sentencepiece_model_pb2.ModelProto()
   m.ParseFromString(proto)
   m.trainer_spec.ClearField("num_threads")

@@ -188,7 +188,7 @@ def device_memory(device: Any) -> int | None:
   """The allocator's limit on one device in bytes, when the backend reports it (GPU, TPU)."""
   try:
     stats = device.memory_stats()
-  except Exception:  # noqa: BLE001 - CPU backends may raise
+  except Exception:
     return None
   return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 

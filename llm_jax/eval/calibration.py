@@ -6,7 +6,7 @@ NUM_BINS equal-width confidence bins [0, 1/15), ..., [14/15, 1].
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -10,7 +10,7 @@ import glob
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class CompareError(ValueError):

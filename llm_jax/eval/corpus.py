@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from llm_jax.data import cleaning
-from llm_jax.data import sources
+from llm_jax.data import cleaning, sources
 
 
 @dataclasses.dataclass

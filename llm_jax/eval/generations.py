@@ -1,7 +1,7 @@
 """Free-form samples for a fixed prompt list with a fixed seed, through llm_jax.generate (KV-cache decoding)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from llm_jax import generate as generate_lib
 

@@ -8,7 +8,7 @@ and accumulates in float64 (llm_jax.eval.metrics), so nothing depends on the eva
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp

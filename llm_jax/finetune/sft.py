@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import numpy as np

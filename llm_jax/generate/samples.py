@@ -5,7 +5,7 @@ command passes: the trainer itself knows nothing of decoding.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 

@@ -10,7 +10,8 @@ import shutil
 
 import tqdm
 
-from llm_jax.data import manifest as manifest_lib, shards as shards_lib
+from llm_jax.data import manifest as manifest_lib
+from llm_jax.data import shards as shards_lib
 from llm_jax.data.prepare.clean import Record
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
