@@ -150,7 +150,7 @@ def spec_table(abstract_state, shardings) -> str:
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
   flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   total = 0
-  for (path, leaf), sh in zip(flat, flat_s):
+  for (path, leaf), sh in zip(flat, flat_s, strict=True):
     shard_shape = sh.shard_shape(leaf.shape)
     nbytes = int(np.prod(shard_shape)) * leaf.dtype.itemsize
     total += nbytes
@@ -158,4 +158,4 @@ def spec_table(abstract_state, shardings) -> str:
     rows.append((name, str(tuple(leaf.shape)), str(sh.spec), f"{nbytes:,}"))
   rows.append(("total", "", "", f"{total:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

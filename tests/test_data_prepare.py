@@ -79,7 +79,7 @@ def split_texts(p: Prepared, split: str) -> list[str]:
   out = []
   for sh in open_split(p.dir, split, p.manifest):
     assert sh.tokens[0] == tok.eos_id
-    for a, b, nbytes in zip(sh.offsets[:-1], sh.offsets[1:], sh.bytes):
+    for a, b, nbytes in zip(sh.offsets[:-1], sh.offsets[1:], sh.bytes, strict=True):
       ids = np.asarray(sh.tokens[a:b])
       assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
       text = tok.decode(ids[:-1])

@@ -131,7 +131,7 @@ def _real_bytes(c, mesh):
   def total(tree, shard_tree):
     leaves = jax.tree.leaves(tree)
     shs = jax.tree.leaves(shard_tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, shs))
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, shs, strict=True))
 
   return total(abstract.params, shardings.params), total(abstract.opt_state, shardings.opt_state)
 
@@ -143,7 +143,7 @@ def test_dry_run_matches_the_real_shardings(devices, mesh):
   params, opt = _real_bytes(c, sharding.make_mesh(c))
   assert est.param_bytes == params
   assert est.optimizer_bytes == opt
-  assert est.mesh == dict(zip(("data", "fsdp", "tensor"), mesh))
+  assert est.mesh == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
   assert est.rows_per_device == 16 // (mesh[0] * mesh[1])
 
 

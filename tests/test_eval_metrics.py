@@ -165,7 +165,7 @@ def test_batch_size_independent_on_mesh(tiny_model):
   results = [scorer.accumulate(batches(bs), ["even", "odd"]).result() for bs in (1, 5, 16)]
   flat = [jax.tree_util.tree_leaves_with_path(r) for r in results]
   for other in flat[1:]:
-    for (path, a), (_, b) in zip(flat[0], other):
+    for (path, a), (_, b) in zip(flat[0], other, strict=True):
       if isinstance(a, float) and not math.isnan(a):
         assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
   assert results[0]["overall"]["tokens"] == 13 * 16

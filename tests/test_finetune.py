@@ -241,7 +241,7 @@ def test_lora_trains_only_adapters_and_checkpoints_them(source, lora_run):
   params = lora_run["state"].params
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(params)[1::2])  # B moved
   base_now = jax.device_get(lora_run["base"])
-  for a, b in zip(jax.tree.leaves(base_now), jax.tree.leaves(source["params"])):
+  for a, b in zip(jax.tree.leaves(base_now), jax.tree.leaves(source["params"]), strict=True):
     np.testing.assert_array_equal(a, b)
   meta = checkpoint.Checkpoints(lora_run["workdir"], read_only=True).saved_shapes(4)["params"]
   saved = sum(int(np.prod(m.shape)) for m in jax.tree.leaves(meta))

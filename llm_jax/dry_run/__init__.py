@@ -80,7 +80,7 @@ def _shard_bytes(abstract_boxed, mesh: dict[str, int], config) -> int:
   if len(leaves) != len(spec_leaves):  # pragma: no cover - flax keeps these trees aligned
     raise RuntimeError(f"{len(leaves)} arrays but {len(spec_leaves)} partition specs")
   total = 0
-  for leaf, spec in zip(leaves, spec_leaves):
+  for leaf, spec in zip(leaves, spec_leaves, strict=True):
     dims = list(leaf.shape)
     for i, entry in enumerate(spec):
       if entry is None:

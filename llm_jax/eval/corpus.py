@@ -38,7 +38,7 @@ def tokenize(spec: str, tokenizer, *, max_docs: int = 0) -> TokenizedCorpus:
   index = {d: i for i, d in enumerate(domains)}
   ids = tokenizer.encode_batch([texts[i] for i in keep]) if keep else []
   toks, doms = [np.asarray([tokenizer.eos_id], np.int32)], [np.zeros(1, np.int32)]
-  for i, doc_ids in zip(keep, ids):
+  for i, doc_ids in zip(keep, ids, strict=True):
     seq = np.asarray(list(doc_ids) + [tokenizer.eos_id], np.int32)
     toks.append(seq)
     doms.append(np.full(len(seq), index[docs[i].domain], np.int32))

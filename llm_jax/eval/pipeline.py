@@ -108,7 +108,7 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
                              top_k=GEN_TOP_K)
       results["generations"] = {"seed": GEN_SEED, "temperature": GEN_TEMPERATURE, "top_k": GEN_TOP_K,
                                 "samples": [{"id": g.id, "prompt": g.prompt, "text": t}
-                                            for g, t in zip(gens, texts)]}
+                                            for g, t in zip(gens, texts, strict=True)]}
   results["meta"]["time_s"] = round(time.time() - t0, 2)
   metrics_path = os.path.join(sm.path, "metrics.jsonl") if sm.kind == "run" else ""
   paths = report_lib.write(out_dir_for(sm, corpus, out), results, metrics_path)

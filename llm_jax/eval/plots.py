@@ -51,7 +51,7 @@ def reliability(calib: dict, path: str) -> str:
   acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
   conf = [c if c is not None else 0.0 for c in rel["confidence"]]
   ax.bar(centers, acc, width=width * 0.95, color="#4c72b0", label="accuracy in bin")
-  ax.bar(centers, [c - a for a, c in zip(acc, conf)], bottom=acc, width=width * 0.95, color="none",
+  ax.bar(centers, [c - a for a, c in zip(acc, conf, strict=True)], bottom=acc, width=width * 0.95, color="none",
          edgecolor="#c44e52", hatch="//", label="gap to confidence")
   ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--", label="perfect calibration")
   ax.set_xlim(0, 1)

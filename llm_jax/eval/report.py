@@ -67,7 +67,7 @@ def text_table(heldout: dict) -> str:
   header = ["split"] + [c[0] for c in COLUMNS]
   body = [[label] + [_fmt(row, k, f) for _, k, f in COLUMNS] for label, row in heldout_rows(heldout)]
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
            for r in [header] + body]
   return "\n".join(lines)
 
