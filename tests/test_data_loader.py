@@ -229,7 +229,8 @@ def test_eval_batches_cover_each_target_once(pdir):
   np.testing.assert_array_equal(got, want)
   want_dom = np.concatenate([s.domains[np.searchsorted(s.offsets, np.arange(1, len(s.tokens)), "right") - 1]
                              for s in shards])
-  np.testing.assert_array_equal(np.concatenate([b["domain_ids"][b["weights"] > 0] for b in batches]), want_dom)
+  got_dom = np.concatenate([b["domain_ids"][b["weights"] > 0] for b in batches])
+  np.testing.assert_array_equal(got_dom, want_dom)
   assert batches[-1]["weights"].min() == 0  # padding at the end
   halves = [list(eval_batches(pdir, "val", L, 4, process_index=p, process_count=2)) for p in range(2)]
   for i, b in enumerate(batches):

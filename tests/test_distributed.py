@@ -131,7 +131,8 @@ def _real_bytes(c, mesh):
   def total(tree, shard_tree):
     leaves = jax.tree.leaves(tree)
     shs = jax.tree.leaves(shard_tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, shs, strict=True))
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, s in zip(leaves, shs, strict=True))
 
   return total(abstract.params, shardings.params), total(abstract.opt_state, shardings.opt_state)
 

@@ -272,7 +272,8 @@ def format_table(rows: list[dict]) -> str:
         f"{r['program_memory_gib']}" if r["program_memory_gib"] is not None else "-",
         f"{r['losses'][-1]:.4f}"))
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
+  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                   for line in lines)
 
 
 def format_summary(row: dict) -> str:

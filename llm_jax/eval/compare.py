@@ -131,11 +131,13 @@ def text(cmp: dict) -> str:
   body = []
   for row in cmp["rows"]:
     cells = [row["name"]] + [_cell(v, s) for v, s in zip(row["values"], row["ses"], strict=True)]
-    cells += [("-" if d is None else f"{d:+.4f}") + f for d, f in zip(row["deltas"][1:], row["flags"][1:], strict=True)]
+    cells += [("-" if d is None else f"{d:+.4f}") + f
+              for d, f in zip(row["deltas"][1:], row["flags"][1:], strict=True)]
     body.append(cells)
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
   lines = [f"[{chr(65 + i)}] {r['source']} step {r['step']} ({r['results']})" for i, r in enumerate(runs)]
-  lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+  lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in [header] + body]
   beyond = [(row["name"], chr(65 + i), row["deltas"][i], row["flags"][i])
             for row in cmp["rows"] for i in range(1, len(runs)) if row["flags"][i]]

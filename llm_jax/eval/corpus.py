@@ -3,8 +3,8 @@
 Documents are read by llm_jax.data.sources (globs of .txt/.md/.jsonl or 'stdlib'; domain = parent folder
 or the JSONL 'domain' field), cleaned with the training normalizer, encoded, each followed by EOS, and
 concatenated in order after one leading EOS, matching the training shards' layout
-([EOS] doc0 [EOS] doc1 [EOS] ...). Windows of seq_len + 1 tokens start every seq_len tokens, so every token after the
-first is a target exactly once; the tail window is padded with weight 0.
+([EOS] doc0 [EOS] doc1 [EOS] ...). Windows of seq_len + 1 tokens start every seq_len tokens, so every
+token after the first is a target exactly once; the tail window is padded with weight 0.
 """
 from __future__ import annotations
 

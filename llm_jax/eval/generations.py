@@ -1,4 +1,5 @@
-"""Free-form samples for a fixed prompt list with a fixed seed, through llm_jax.generate (KV-cache decoding)."""
+"""Free-form samples for a fixed prompt list with a fixed seed, through llm_jax.generate (KV-cache
+decoding)."""
 from __future__ import annotations
 
 from collections.abc import Sequence

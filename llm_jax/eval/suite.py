@@ -175,7 +175,7 @@ def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
   reqs = [r for r in reqs if r[0] not in too_long]
   logprob, greedy, ntok = [], [], []
   batches = list(request_batches(reqs, prefix_ids, max_len, batch_size))
-  for (batch, n), out in zip(batches, scorer.outputs((b for b, _ in batches), global_rows=True), strict=True):
+  for (_, n), out in zip(batches, scorer.outputs((b for b, _ in batches), global_rows=True), strict=True):
     for r in range(n):
       sel = out["weight"][r] > 0
       logprob.append(-float(np.sum(out["nll"][r][sel].astype(np.float64))))

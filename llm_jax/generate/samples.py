@@ -60,7 +60,8 @@ class Sampler:
 
   def __call__(self, params) -> list[str]:
     """One continuation per prompt, the prompt included."""
-    return [self.tokenizer.decode(p + new) for p, new in zip(self.prompt_ids, self.sample_ids(params), strict=True)]
+    samples = self.sample_ids(params)
+    return [self.tokenizer.decode(p + new) for p, new in zip(self.prompt_ids, samples, strict=True)]
 
 
 def for_training(setup) -> Sampler:
