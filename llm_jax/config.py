@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 
 
@@ -126,7 +127,6 @@ def compute_dtype(config, platform: str | None = None) -> str:
   if config.model.dtype != "auto":
     return config.model.dtype
   if platform is None:
-    import jax
     platform = jax.default_backend()
   return "float32" if platform == "cpu" else "bfloat16"
 

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -43,9 +44,8 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.mesh_shape(config, len(devices))
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-  except Exception:
+  except (ValueError, NotImplementedError, AssertionError):  # what mesh_utils raises on odd topologies
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 

@@ -10,6 +10,9 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import (
+  sentencepiece_model_pb2,  # needs protobuf (grain, orbax and tensorboardX need it too)
+)
 
 from llm_jax.data.errors import DataError
 
@@ -119,7 +122,6 @@ def _lowercase_rules() -> str:
 
 def _canonical(proto: bytes) -> bytes:
   """The model bytes without the trainer's thread count, so the sha256 does not depend on the machine."""
-  from sentencepiece import sentencepiece_model_pb2
   m = sentencepiece_model_pb2.ModelProto()
   m.ParseFromString(proto)
   m.trainer_spec.ClearField("num_threads")

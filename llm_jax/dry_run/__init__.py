@@ -24,6 +24,7 @@ import numpy as np
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optimizer as optimizer_lib
 
 GIB = 1024 ** 3
@@ -186,11 +187,8 @@ def report(est: Estimate, config, *, device_name: str = "", num_processes: int =
 
 def device_memory(device: Any) -> int | None:
   """The allocator's limit on one device in bytes, when the backend reports it (GPU, TPU)."""
-  try:
-    stats = device.memory_stats()
-  except Exception:
-    return None
-  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+  limit = metrics_lib.device_memory_stats(device).get("bytes_limit")
+  return int(limit) if limit else None
 
 
 def run(config) -> Estimate:
