@@ -17,7 +17,8 @@ def main(paths: list[str]) -> None:
     n = min(len(ref), len(other))
     d = np.abs(other[:n] - ref[:n])
     rel = d / np.abs(ref[:n])
-    print(f"{r.get('code', '')}{r['label']}: loss {other[0]:.4f} -> {other[n - 1]:.4f}; |diff| max {d.max():.4f} "
+    print(f"{r.get('code', '')}{r['label']}: loss {other[0]:.4f} -> {other[n - 1]:.4f}; "
+          f"|diff| max {d.max():.4f} "
           f"(step {int(d.argmax())}), mean {d.mean():.4f}, last 20 mean {d[-20:].mean():.4f}; "
           f"relative max {rel.max():.4f}")
 

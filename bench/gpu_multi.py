@@ -1,7 +1,10 @@
 """Multi-GPU training-step throughput: one mesh, one process or one process per GPU, synthetic tokens.
 
-    python3 bench/gpu_multi.py --config=configs/gpt_small.py --mesh=dp --rows_per_gpu=16
-    launch/local.sh -n 4 --gpus_per_process 1 -- python3 bench/gpu_multi.py --config=... --mesh=fsdp
+    PYTHONPATH=. python3 bench/gpu_multi.py --config=configs/gpt_small.py --mesh=dp --rows_per_gpu=16
+    PYTHONPATH=. launch/local.sh -n 4 --gpus_per_process 1 -- python3 bench/gpu_multi.py --config=... \
+      --mesh=fsdp
+
+(from the repository root; bench/gpu_multi.sh runs these.)
 
 Joins the job through llm_jax.distributed (so local.sh / SLURM / explicit launches all work), builds the
 sharded state, jits the real train step as the loop does, and times `--steps` steps dispatched back to
@@ -20,10 +23,16 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-from llm_jax import config as config_lib  # noqa: E402
-from llm_jax import distributed  # noqa: E402
+from llm_jax import config as config_lib
+from llm_jax import distributed, dry_run, sharding
+from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import metrics as metrics_lib
+from llm_jax.train import optimizer as optimizer_lib
+from llm_jax.train import state as state_lib
+from llm_jax.train import step as step_lib
 
 MESHES = {"dp": (-1, 1, 1), "fsdp": (1, -1, 1), "tp": (1, 1, -1)}
 
@@ -45,15 +54,6 @@ def main(argv=None) -> int:
   args, overrides = parse(argv)
   config = config_lib.load(args.config, overrides)
   distributed.initialize(config)  # before any other JAX call
-
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  from llm_jax import dry_run, sharding  # noqa: PLC0415
-  from llm_jax.model import Decoder, ModelConfig  # noqa: PLC0415
-  from llm_jax.train import metrics as metrics_lib  # noqa: PLC0415
-  from llm_jax.train import optimizer as optimizer_lib  # noqa: PLC0415
-  from llm_jax.train import state as state_lib  # noqa: PLC0415
-  from llm_jax.train import step as step_lib  # noqa: PLC0415
 
   n = jax.device_count()
   data, fsdp, tensor = MESHES[args.mesh]

@@ -15,10 +15,10 @@ import json
 import os
 import time
 
-from absl import app, flags
 import jax
-from ml_collections import config_flags
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
 from llm_jax.data.loader import Windows
 from llm_jax.train import loop

@@ -96,7 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   m.param_dtype = "float32"  # parameters and optimizer state
   m.attention = "auto"  # auto | cudnn | xla (jax.nn.dot_product_attention implementation)
   m.scan_layers = True  # one scanned block: fast compiles
-  m.scan_unroll = 1  # scan_layers: layers per loop iteration; num_layers unrolls fully (fastest step, same params)
+  # scan_layers: layers per loop iteration; num_layers unrolls fully (fastest step, same params)
+  m.scan_unroll = 1
   m.remat = "none"  # none | full | dots (save matmul outputs) | dots_no_batch
   m.init_std = 0.02  # GPT-2 init; residual projections scaled by 1/sqrt(2 * num_layers)
   m.logits_via_embedding_dtype = "float32"  # loss and softmax precision

@@ -1,4 +1,5 @@
-"""A LLaMA-style 1.0B decoder (tied embeddings, vocab 32000): 16 layers, 2048 wide, 32 heads (8 kv), SwiGLU 8192, RoPE, context 2048.
+"""A LLaMA-style 1.0B decoder (tied embeddings, vocab 32000): 16 layers, 2048 wide, 32 heads (8 kv),
+SwiGLU 8192, RoPE, context 2048.
 
     python -m llm_jax.train --config=configs/llama_1b.py --workdir=runs/llama_1b \
         --config.data.corpus='corpus/*.jsonl'

@@ -7,8 +7,10 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
+import jax
 import ml_collections
 
 
@@ -125,7 +127,6 @@ def compute_dtype(config, platform: str | None = None) -> str:
   if config.model.dtype != "auto":
     return config.model.dtype
   if platform is None:
-    import jax
     platform = jax.default_backend()
   return "float32" if platform == "cpu" else "bfloat16"
 
@@ -214,14 +215,14 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"only one of {', '.join(names)} may be -1, got {sizes}")
   known = math.prod(s for s in sizes if s != -1)
   if any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh sizes {dict(zip(names, sizes))} must be positive or -1")
+    raise ConfigError(f"mesh sizes {dict(zip(names, sizes, strict=True))} must be positive or -1")
   if -1 in sizes:
     if num_devices % known:
       raise ConfigError(f"{num_devices} devices cannot be split by the fixed mesh sizes "
-                        f"{dict(zip(names, sizes))}")
+                        f"{dict(zip(names, sizes, strict=True))}")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
+    raise ConfigError(f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
                       f"but {num_devices} are present")
   return tuple(sizes)
 

@@ -27,7 +27,15 @@ import re
 import socket
 import sys
 import time
-from typing import Mapping
+from collections.abc import Mapping
+
+import jax
+
+try:  # JAX internals read where present: TPU VM detection and the coordination-service client
+  from jax._src import cloud_tpu_init as _cloud_tpu_init
+  from jax._src import distributed as _jax_distributed
+except ImportError:  # pragma: no cover - layout of a future jax
+  _cloud_tpu_init = _jax_distributed = None
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +75,7 @@ def _int(environ: Mapping[str, str], key: str) -> int | None:
 
 def _on_tpu_vm() -> bool:
   """JAX's own Cloud TPU VM detection (set when jax is imported on a TPU host)."""
-  try:
-    from jax._src import cloud_tpu_init
-  except ImportError:  # pragma: no cover - layout of a future jax
-    return False
-  return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+  return bool(getattr(_cloud_tpu_init, "running_in_cloud_tpu_vm", False))
 
 
 def _explicit(config, environ: Mapping[str, str]) -> Launch | None:
@@ -157,7 +161,6 @@ def _init_kwargs(launch: Launch, config, environ: Mapping[str, str]) -> dict:
 def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
   """Joins the job (call before any other JAX call); logs one line per process with its devices."""
   global _heartbeat_s
-  import jax
   environ = os.environ if environ is None else environ
   launch = detect(config, environ)
   if launch.multi_process and not jax.distributed.is_initialized():
@@ -167,7 +170,7 @@ def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
     _heartbeat_s = kwargs["heartbeat_timeout_seconds"]
     try:
       jax.distributed.initialize(**kwargs)
-    except Exception as e:  # noqa: BLE001 - re-raised with the settings that failed
+    except Exception as e:
       raise DistributedError(
           f"jax.distributed.initialize failed for a {launch.method} launch ({kwargs}): {e}. Check that "
           "every process got the same coordinator address and process count, that process 0 is "
@@ -179,7 +182,6 @@ def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
 
 def describe_process() -> str:
   """'process 0/2 on host h (pid 123): 4 local cpu devices [cpu:0 ...] of 8 in the job'."""
-  import jax
   local = jax.local_devices()
   names = " ".join(f"{d.platform}:{d.id}" for d in local)
   kind = local[0].device_kind if local else "?"
@@ -190,7 +192,6 @@ def describe_process() -> str:
 
 def is_main_process() -> bool:
   """True on process 0, the one that writes metrics, samples and progress."""
-  import jax
   return jax.process_index() == 0
 
 
@@ -202,11 +203,7 @@ _heartbeat_s = 100  # set by initialize
 
 def _client():
   """JAX's coordination-service client of this process, or None."""
-  try:
-    from jax._src import distributed as jax_distributed
-  except ImportError:  # pragma: no cover - layout of a future jax
-    return None
-  return getattr(jax_distributed.global_state, "client", None)
+  return getattr(getattr(_jax_distributed, "global_state", None), "client", None)
 
 
 def _announce_failure(process: int, reason: str) -> None:
@@ -214,7 +211,7 @@ def _announce_failure(process: int, reason: str) -> None:
   client = _client()
   try:
     client.key_value_set(f"{_FAILED_KEY}{process}", reason[:500] or "failed", True)
-  except Exception:  # noqa: BLE001 - the coordinator (process 0) may be the one that is gone
+  except Exception:  # best effort: no client, or the coordinator (process 0) is the one that is gone
     pass
 
 
@@ -225,7 +222,7 @@ def _failures_of_others(process: int) -> list[str]:
     return [f"process {key.rsplit('/', 1)[-1]}: {value}"
             for key, value in client.key_value_dir_get(_FAILED_KEY)
             if key.rsplit("/", 1)[-1] != str(process)]
-  except Exception:  # noqa: BLE001
+  except Exception:  # best effort, as in _announce_failure
     return []
 
 
@@ -237,7 +234,6 @@ def fail_fast(code: int = 1, reason: str = "") -> int:
   with the coordinator, where peers that fail next read it) lets the others stop within
   distributed.heartbeat_timeout_s, with a message naming the process that failed first.
   """
-  import jax
   if not jax.distributed.is_initialized():
     return code
   me, n = jax.process_index(), jax.process_count()
@@ -261,7 +257,7 @@ def fail_fast(code: int = 1, reason: str = "") -> int:
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()
-    except Exception:  # noqa: BLE001 - a closed stream must not keep the process alive
+    except (OSError, ValueError):  # a closed or broken stream must not keep the process alive
       pass
   logging.shutdown()
   os._exit(code)

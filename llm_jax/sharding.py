@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
 from llm_jax.model.transformer import constraint_mesh
@@ -41,9 +44,8 @@ def make_mesh(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(jax.devices() if devices is None else devices)
   shape = config_lib.mesh_shape(config, len(devices))
   try:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-  except Exception:  # noqa: BLE001 - CPU or odd topologies: a plain reshape is fine
+  except (ValueError, NotImplementedError, AssertionError):  # what mesh_utils raises on odd topologies
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
 
@@ -148,7 +150,7 @@ def spec_table(abstract_state, shardings) -> str:
   flat, _ = jax.tree_util.tree_flatten_with_path(abstract_state)
   flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
   total = 0
-  for (path, leaf), sh in zip(flat, flat_s):
+  for (path, leaf), sh in zip(flat, flat_s, strict=True):
     shard_shape = sh.shard_shape(leaf.shape)
     nbytes = int(np.prod(shard_shape)) * leaf.dtype.itemsize
     total += nbytes
@@ -156,4 +158,4 @@ def spec_table(abstract_state, shardings) -> str:
     rows.append((name, str(tuple(leaf.shape)), str(sh.spec), f"{nbytes:,}"))
   rows.append(("total", "", "", f"{total:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -74,7 +74,7 @@ def test_restore_onto_another_mesh(saved, mesh):
   step, state, data = ckpt_lib.Checkpoints(workdir).restore(target)
   assert step == 4 and data == {"step": 4}
   assert int(state.step) == int(host.step)
-  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(host)):
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(host), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
   emb = state.params["embedding"]
   assert emb.sharding.mesh.devices.size == m.devices.size

@@ -9,10 +9,10 @@ import random
 import string
 
 import pytest
+from test_data_prepare import _doc, data_config, split_texts
 
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import Prepared, prepare
-from test_data_prepare import _doc, data_config, split_texts
 
 PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "card": "<CARD>",
                 "api_key": "<API_KEY>",

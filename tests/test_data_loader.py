@@ -127,7 +127,7 @@ def test_window_offsets_false_is_the_fixed_grid(pdir):
   assert ld.epochs is None and ld.get_state()["window_offsets"] is False
   w, stream = ld.windows, _stream(ld)
   # The old loader: window k of the shards' grids at 0, L, 2L, ..., in grain's shuffle(seed).repeat() order.
-  grid = [int(b) + j * L for b, n in zip(w.bases, w.lengths) for j in range((int(n) - 1) // L)]
+  grid = [int(b) + j * L for b, n in zip(w.bases, w.lengths, strict=True) for j in range((int(n) - 1) // L)]
   order = grain.MapDataset.range(len(grid)).shuffle(seed=3 * 1_000_003 % (1 << 32)).repeat()
   for s in (0, 7, len(grid) // G + 1, 3 * len(grid) // G):
     want = np.array([grid[order[s * G + r]] for r in range(G)])
@@ -229,7 +229,8 @@ def test_eval_batches_cover_each_target_once(pdir):
   np.testing.assert_array_equal(got, want)
   want_dom = np.concatenate([s.domains[np.searchsorted(s.offsets, np.arange(1, len(s.tokens)), "right") - 1]
                              for s in shards])
-  np.testing.assert_array_equal(np.concatenate([b["domain_ids"][b["weights"] > 0] for b in batches]), want_dom)
+  got_dom = np.concatenate([b["domain_ids"][b["weights"] > 0] for b in batches])
+  np.testing.assert_array_equal(got_dom, want_dom)
   assert batches[-1]["weights"].min() == 0  # padding at the end
   halves = [list(eval_batches(pdir, "val", L, 4, process_index=p, process_count=2)) for p in range(2)]
   for i, b in enumerate(batches):

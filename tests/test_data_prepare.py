@@ -11,7 +11,8 @@ import pytest
 
 from configs import base
 from llm_jax.config import set_key
-from llm_jax.data import cleaning, dedup, manifest as manifest_lib
+from llm_jax.data import cleaning, dedup
+from llm_jax.data import manifest as manifest_lib
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import Prepared, prepare
 from llm_jax.data.shards import open_split
@@ -41,14 +42,15 @@ def make_corpus(root, seed=0, n=40):
   for i, t in enumerate(texts[: n // 2]):
     (books / f"b{i:03d}.txt").write_text(t, encoding="utf-8")
   recs = [{"text": t, "id": f"post-{i}", "license": "CC-BY-4.0"} for i, t in enumerate(texts[n // 2:])]
-  (books / "exact_copy.txt").write_text("  " + texts[0].upper().replace(" ", "   ") + "\n\n", encoding="utf-8")
+  (books / "exact_copy.txt").write_text("  " + texts[0].upper().replace(" ", "   ") + "\n\n",
+                                        encoding="utf-8")
   near = texts[1].split(" ")
   near[5] = "CHANGED"
   (books / "near_copy.txt").write_text(" ".join(near), encoding="utf-8")
   (books / "short.txt").write_text("tiny\n", encoding="utf-8")
   (books / "symbols.txt").write_text("★☆♠♣♥♦" * 30 + " word", encoding="utf-8")
-  (books / "pii.txt").write_text(_doc(rng) + "Mail bob.smith@example.com, host 10.0.0.1, call 555-123-4567.\n",
-                                 encoding="utf-8")
+  (books / "pii.txt").write_text(
+      _doc(rng) + "Mail bob.smith@example.com, host 10.0.0.1, call 555-123-4567.\n", encoding="utf-8")
   recs.append({"text": "café naïve 日本語 😀\r\n\ttabbed\x00 line  \n" + _doc(rng), "id": "unicode",
                "domain": "intl"})
   with open(forum / "posts.jsonl", "w", encoding="utf-8") as f:
@@ -78,7 +80,7 @@ def split_texts(p: Prepared, split: str) -> list[str]:
   out = []
   for sh in open_split(p.dir, split, p.manifest):
     assert sh.tokens[0] == tok.eos_id
-    for a, b, nbytes in zip(sh.offsets[:-1], sh.offsets[1:], sh.bytes):
+    for a, b, nbytes in zip(sh.offsets[:-1], sh.offsets[1:], sh.bytes, strict=True):
       ids = np.asarray(sh.tokens[a:b])
       assert ids[-1] == tok.eos_id and tok.eos_id not in ids[:-1]
       text = tok.decode(ids[:-1])
@@ -104,7 +106,8 @@ def prepared(corpus, tmp_path_factory):
 def test_counts_pii_and_manifest(prepared):
   m = prepared.manifest
   dropped = m["filters"]["dropped"]
-  assert dropped["exact_duplicate"] == 1 and dropped["near_duplicate"] + dropped.get("near_duplicate_of_val", 0) == 1
+  assert dropped["exact_duplicate"] == 1
+  assert dropped["near_duplicate"] + dropped.get("near_duplicate_of_val", 0) == 1
   assert dropped["too_short"] == 1 and dropped["nontext"] == 1
   zero = {k: 0 for k in m["scrubbing"]["covered"]}
   assert m["scrubbing"]["replaced"] == m["scrubbing"]["in_prepared_data"] == {**zero, "email": 1, "ip": 1,
@@ -112,7 +115,8 @@ def test_counts_pii_and_manifest(prepared):
   assert prepared.domains == ["books", "forum", "intl"]
   assert manifest_lib.verify(prepared.dir) == []
   assert {s["license"] for s in m["sources"]} == {"unknown", "CC-BY-4.0,unknown"}
-  assert m["tokenizer"]["sha256"] == prepared.tokenizer_sha256 == Tokenizer.load(prepared.tokenizer_path).sha256
+  sha = Tokenizer.load(prepared.tokenizer_path).sha256
+  assert m["tokenizer"]["sha256"] == prepared.tokenizer_sha256 == sha
   assert len(m["shards"]) > 2 and all(s["dtype"] == "uint16" for s in m["shards"])
   assert m["config"]["corpus"].endswith("forum/*.jsonl")
   assert os.path.exists(os.path.join(prepared.dir, "DATA_CARD.md"))
@@ -248,9 +252,10 @@ def test_bad_inputs_name_the_file(tmp_path):
 
 def test_cli_writes_workdir_and_summary(corpus, tmp_path):
   root, _ = corpus
-  cmd = [sys.executable, "-m", "llm_jax.data.prepare", "--config=configs/tiny.py", f"--workdir={tmp_path}/run",
-         f"--config.data.corpus={root}/books/*.txt", f"--config.data.cache_dir={tmp_path}/cache",
-         "--config.data.tokenizer.vocab_size=400", "--config.data.val_fraction=0.2", "--config.data.num_workers=1"]
+  cmd = [sys.executable, "-m", "llm_jax.data.prepare", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}/run", f"--config.data.corpus={root}/books/*.txt",
+         f"--config.data.cache_dir={tmp_path}/cache", "--config.data.tokenizer.vocab_size=400",
+         "--config.data.val_fraction=0.2", "--config.data.num_workers=1"]
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr

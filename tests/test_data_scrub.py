@@ -3,9 +3,9 @@ and tables are left as they are."""
 import collections
 
 import pytest
+from test_data_governance import PLANTED, SURVIVORS
 
 from llm_jax.data import scrub
-from test_data_governance import PLANTED, SURVIVORS
 
 
 @pytest.mark.parametrize("kind,text,secret", PLANTED, ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(PLANTED)])

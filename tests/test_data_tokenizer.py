@@ -9,7 +9,8 @@ from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 HARD = [
     "", " ", "\n", "\t", "a\n\nb\n\n\n", "tab\tseparated\tcolumns\t", "runs   of     spaces  ",
-    "def f(x):\n    if x:\n\treturn  x\n        # deep\n", "emoji 😀🚀👍🏽 and ZWJ 👩‍💻", "中文字符 日本語のテキスト 한국어",
+    "def f(x):\n    if x:\n\treturn  x\n        # deep\n", "emoji 😀🚀👍🏽 and ZWJ 👩‍💻",
+    "中文字符 日本語のテキスト 한국어",
     "accents: café naïve résumé Ærø ß", "  leading and trailing  \n", "digits 1234567890 3.14159",
     "</s> <s> <pad> <unk> literal specials", "mixed\r\n?", "ﬁ ligature and NBSP\u00a0kept",
 ]

@@ -6,15 +6,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from run_cmd import run_command
 
 from llm_jax import config as config_lib
-from llm_jax import distributed
-from llm_jax import dry_run
-from llm_jax import sharding
+from llm_jax import distributed, dry_run, sharding
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
-from run_cmd import run_command
 
 TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.max_seq_len=32",
         "train.seq_len=32", "train.global_batch_size=16", "model.vocab_size=256"]
@@ -133,7 +131,8 @@ def _real_bytes(c, mesh):
   def total(tree, shard_tree):
     leaves = jax.tree.leaves(tree)
     shs = jax.tree.leaves(shard_tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, shs))
+    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
+               for x, s in zip(leaves, shs, strict=True))
 
   return total(abstract.params, shardings.params), total(abstract.opt_state, shardings.opt_state)
 
@@ -145,7 +144,7 @@ def test_dry_run_matches_the_real_shardings(devices, mesh):
   params, opt = _real_bytes(c, sharding.make_mesh(c))
   assert est.param_bytes == params
   assert est.optimizer_bytes == opt
-  assert est.mesh == dict(zip(("data", "fsdp", "tensor"), mesh))
+  assert est.mesh == dict(zip(("data", "fsdp", "tensor"), mesh, strict=True))
   assert est.rows_per_device == 16 // (mesh[0] * mesh[1])
 
 

@@ -123,7 +123,7 @@ def test_every_mesh_gets_the_whole_global_batch_across_processes(tmp_path):
     line = [x for x in _read(os.path.join(logdir, f"process_{i}.log")).splitlines()
             if x.startswith("RESULT ")][0]
     results.append(json.loads(line[len("RESULT "):]))
-  for mesh, (index, count, shape, total) in results[0].items():
+  for mesh, (_, _, shape, total) in results[0].items():
     assert shape == [8, 3] and total == want, (mesh, results)
     assert results[1][mesh][2:] == [shape, total]
   assert results[0]["1,1,4"][:2] == [0, 1] and results[1]["1,1,4"][:2] == [0, 1]  # replicated rows

@@ -8,7 +8,6 @@ import os
 
 import jax
 import pytest
-
 from run_cmd import run_command
 
 
@@ -84,7 +83,8 @@ def test_evaluate_prints_table_and_writes_report(run, capsys):
     assert f"]({png})" in report
   assert "| docs |" in report and "## Frozen suite" in report and "## Samples" in report
   # The same numbers at another eval batch size (8 fake devices: rows are padded to the mesh).
-  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--batch_size=8", "--suite=none", f"--out={ev}-b8") == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--batch_size=8", "--suite=none",
+                     f"--out={ev}-b8") == 0
   res8 = json.load(open(os.path.join(ev + "-b8", "results.json")))
   for key in ("loss", "bits_per_byte", "ece", "mean_rank"):
     assert res8["heldout"]["overall"][key] == pytest.approx(ov[key], rel=1e-6)
@@ -148,7 +148,8 @@ def test_exported_package_is_scorable(run, tmp_path, capsys):
   common = [f"--corpus={run['corpus']}", "--suite=none", "--seq_len=16", "--max_windows=6"]
   assert run_command("llm_jax.evaluate", f"--package={pkg}", f"--out={tmp_path / 'p'}", *common) == 0
   assert "step 4" in capsys.readouterr().out
-  assert run_command("llm_jax.evaluate", f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}", *common) == 0
+  assert run_command("llm_jax.evaluate", f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}",
+                     *common) == 0
   p = json.load(open(tmp_path / "p" / "results.json"))
   w = json.load(open(tmp_path / "w" / "results.json"))
   assert p["meta"]["kind"] == "package" and w["meta"]["kind"] == "run"

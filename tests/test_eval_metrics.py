@@ -134,6 +134,7 @@ def test_bytes_exact_with_byte_fallback_and_space_pieces(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model():
   import flax.linen as nn
+
   from configs import base
   from llm_jax.model import Decoder, ModelConfig
   c = base.get_config()
@@ -164,7 +165,7 @@ def test_batch_size_independent_on_mesh(tiny_model):
   results = [scorer.accumulate(batches(bs), ["even", "odd"]).result() for bs in (1, 5, 16)]
   flat = [jax.tree_util.tree_leaves_with_path(r) for r in results]
   for other in flat[1:]:
-    for (path, a), (_, b) in zip(flat[0], other):
+    for (path, a), (_, b) in zip(flat[0], other, strict=True):
       if isinstance(a, float) and not math.isnan(a):
         assert b == pytest.approx(a, rel=1e-6, abs=1e-9), path
   assert results[0]["overall"]["tokens"] == 13 * 16
@@ -173,6 +174,7 @@ def test_batch_size_independent_on_mesh(tiny_model):
 
 def test_compare_flags_differences_beyond_standard_errors(tmp_path):
   import json
+
   from llm_jax.eval import compare
 
   def write(name, loss, se, bpb, bpb_se, tok="t1"):

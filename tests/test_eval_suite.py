@@ -67,6 +67,7 @@ FACTS = ["colour: green\n", "animal: horse\n", "fruit: lemon\n"]
 def memorized(tmp_path_factory):
   """A tiny decoder trained until it reproduces FACTS (after EOS, as documents start in training)."""
   import flax.linen as nn
+
   from configs import base
   from llm_jax import sharding
   from llm_jax.data.tokenizer import train_tokenizer

@@ -7,15 +7,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from run_cmd import run_command
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import export as export_lib
 from llm_jax.artifacts import open_model, package
-from llm_jax.eval import precision as precision_report
-from llm_jax.model import quantize
-from run_cmd import run_command
 from llm_jax.data.tokenizer import train_tokenizer
-from llm_jax.model import Decoder, ModelConfig
+from llm_jax.eval import precision as precision_report
+from llm_jax.model import Decoder, ModelConfig, quantize
 
 OVERRIDES = {"model.d_model": 32, "model.num_heads": 4, "model.num_layers": 2,
              "model.vocab_size": 384, "model.max_seq_len": 32, "model.init_std": 0.3,

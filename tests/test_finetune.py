@@ -17,7 +17,10 @@ from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.finetune import freeze, init_from, lora
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.model.params import abstract_params
-from llm_jax.train import checkpoint, optimizer as optimizer_lib, state as state_lib, step as step_lib
+from llm_jax.train import checkpoint
+from llm_jax.train import optimizer as optimizer_lib
+from llm_jax.train import state as state_lib
+from llm_jax.train import step as step_lib
 
 BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
         "train.seq_len=16", "train.global_batch_size=8", "train.warmup_steps=0",
@@ -77,7 +80,7 @@ def run_steps(state, shardings, batch, c, model, n, optimizer=None):
   return state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _eval_fn(model):
   return jax.jit(functools.partial(step_lib.eval_step, model=model, num_domains=1))
 
@@ -162,7 +165,7 @@ def test_frozen_parameters_are_bit_identical(source):
   shardings = jax.tree.map(lambda x: x.sharding, state)
   before = jax.device_get(state.params)
   after = jax.device_get(run_steps(state, shardings, source["batch"], c, model, 3, optimizer=opt).params)
-  same = lambda a, b: np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))  # noqa: E731
+  same = lambda a, b: np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
   for name in ("embedding", "pos_embedding"):
     assert same(before[name], after[name]), name
   for leaf in jax.tree.leaves(jax.tree.map(same, before["final_norm"], after["final_norm"])):
@@ -238,7 +241,7 @@ def test_lora_trains_only_adapters_and_checkpoints_them(source, lora_run):
   params = lora_run["state"].params
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(params)[1::2])  # B moved
   base_now = jax.device_get(lora_run["base"])
-  for a, b in zip(jax.tree.leaves(base_now), jax.tree.leaves(source["params"])):
+  for a, b in zip(jax.tree.leaves(base_now), jax.tree.leaves(source["params"]), strict=True):
     np.testing.assert_array_equal(a, b)
   meta = checkpoint.Checkpoints(lora_run["workdir"], read_only=True).saved_shapes(4)["params"]
   saved = sum(int(np.prod(m.shape)) for m in jax.tree.leaves(meta))

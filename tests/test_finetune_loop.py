@@ -10,7 +10,8 @@ import pytest
 from llm_jax import config as config_lib
 from llm_jax.artifacts import open_model
 from llm_jax.artifacts.export import export
-from llm_jax.finetune import extension as finetune, init_from, lora
+from llm_jax.finetune import extension as finetune
+from llm_jax.finetune import init_from
 from llm_jax.model.params import flatten
 from llm_jax.train import checkpoint, loop, preflight
 

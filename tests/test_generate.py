@@ -66,7 +66,7 @@ def test_cached_greedy_equals_full_recompute(variant, params):
   n = 12
   gens = G.generate(p, cfg, PROMPTS, G.SamplingParams(max_new_tokens=n), eos_id=-1,
                     vocab_limit=300)
-  for prompt, gen in zip(PROMPTS, gens):
+  for prompt, gen in zip(PROMPTS, gens, strict=True):
     want, want_lp = _greedy_recompute(p, cfg, prompt, n, 300)
     assert gen.tokens == want
     np.testing.assert_allclose(gen.logprobs, want_lp, atol=1e-4)
@@ -146,7 +146,7 @@ def test_repetition_penalty_and_limits(params):
   pen = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=20,
                                                           repetition_penalty=1e6),
                    eos_id=-1, vocab_limit=300)
-  for prompt, g in zip(PROMPTS, pen):
+  for prompt, g in zip(PROMPTS, pen, strict=True):
     assert len(set(g.tokens)) == len(g.tokens) and not set(g.tokens) & set(prompt)
   # Lengths: max_new_tokens per row, and never past max_seq_len.
   gens = G.generate(params, CFG, [[1] * 40, [1, 2]],

@@ -123,11 +123,12 @@ def test_gpt2_state_dict_without_prefix_and_mask_buffers(tmp_path):
 LLAMA_CASES = {
     # grouped-query attention, untied head, head_dim != d_model / heads, llama3 rope scaling whose
     # bands keep, interpolate and divide one frequency each (wavelengths 6.3, 53, 444, 3738)
-    "gqa_llama3": dict(head_dim=8, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.25,
-                                                 "high_freq_factor": 2.0,
+    "gqa_llama3": dict(head_dim=8, rope_scaling={"rope_type": "llama3", "factor": 4.0,
+                                                 "low_freq_factor": 0.25, "high_freq_factor": 2.0,
                                                  "original_max_position_embeddings": 16}),
-    "tied_linear_bias": dict(num_key_value_heads=4, head_dim=16, tie_word_embeddings=True, attention_bias=True,
-                             mlp_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "tied_linear_bias": dict(num_key_value_heads=4, head_dim=16, tie_word_embeddings=True,
+                             attention_bias=True, mlp_bias=True,
+                             rope_scaling={"rope_type": "linear", "factor": 2.0}),
 }
 
 
@@ -191,17 +192,18 @@ def _random_params(cfg, seed=0):
   params = nn.meta.unbox(params)
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  noisy = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+  return jax.tree.unflatten(tree, noisy)
 
 
 EXPORT_CASES = {
     "gpt2": dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, mlp_dim=48,
                  max_seq_len=32, norm_eps=1e-5),
-    "llama": dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=40,
-                  max_seq_len=64, positions="rope", norm="rmsnorm", activation="swiglu", use_bias=False,
-                  tie_embeddings=False, rope_theta=5000.0, norm_eps=1e-6, rope_scaling="llama3",
-                  rope_scaling_factor=4.0, rope_low_freq_factor=0.25, rope_high_freq_factor=2.0,
-                  rope_original_max_len=16),
+    "llama": dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+                  mlp_dim=40, max_seq_len=64, positions="rope", norm="rmsnorm", activation="swiglu",
+                  use_bias=False, tie_embeddings=False, rope_theta=5000.0, norm_eps=1e-6,
+                  rope_scaling="llama3", rope_scaling_factor=4.0, rope_low_freq_factor=0.25,
+                  rope_high_freq_factor=2.0, rope_original_max_len=16),
 }
 
 
@@ -253,7 +255,8 @@ def _byte_level_bpe(directory, llama3=False):
   if llama3:
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(tokenizers.Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-                                              r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+                                              r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+                                              r"\s+(?!\S)|\s+"),
                              behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   else:
@@ -269,7 +272,8 @@ def _byte_level_bpe(directory, llama3=False):
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, "tokenizer.json"))
   config = ({"bos_token": specials[0], "eos_token": specials[1]} if llama3 else
-            {"bos_token": specials[0], "eos_token": {"__type": "AddedToken", "content": specials[0], "special": True},
+            {"bos_token": specials[0],
+             "eos_token": {"__type": "AddedToken", "content": specials[0], "special": True},
              "unk_token": specials[0]})
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f)

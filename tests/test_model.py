@@ -1,9 +1,9 @@
 """Decoder: shapes, causality, KV-cache decoding, parameter counting, config checks."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import flax.linen as nn
 
 from llm_jax import config as config_lib
 from llm_jax.model import Decoder, ModelConfig

@@ -59,7 +59,7 @@ def test_activation_gradients_match_autodiff():
   np.testing.assert_allclose(gelu_tanh(x), nn.gelu(x, approximate=True))
   grads = jax.grad(lambda a, b: jnp.sum(swiglu(a, b) * x), argnums=(0, 1))(u, x)
   grads_ref = jax.grad(lambda a, b: jnp.sum(nn.silu(a) * b * x), argnums=(0, 1))(u, x)
-  for a, b in zip(grads, grads_ref):
+  for a, b in zip(grads, grads_ref, strict=True):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

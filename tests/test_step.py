@@ -107,7 +107,7 @@ def test_non_finite_step_leaves_params_unchanged():
   new, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt,
                                            config=c))(state, batch)
   assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
-  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params)):
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True):
     np.testing.assert_array_equal(a, b)
 
 

@@ -22,8 +22,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from llm_jax import cli
-from llm_jax.bench.measure import (format_summary, format_table, parse_variant, run_rows,
-                                   sweep_overrides)
+from llm_jax.bench.measure import format_summary, format_table, parse_variant, run_rows, sweep_overrides
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt_small.py.",
                                           lock_config=True)

@@ -155,7 +155,7 @@ def measure(config, *, steps: int, warmup: int, synthetic: bool, workdir: str = 
     data.close()
 
   tokens = tr.global_batch_size * tr.seq_len
-  total_s = statistics.median(s + w for s, w in zip(step_s, wait_s)) if step_s else float("nan")
+  total_s = statistics.median(s + w for s, w in zip(step_s, wait_s, strict=True)) if step_s else float("nan")
   tokens_per_s = tokens / total_s
   flops_per_token = model_cfg.flops_per_token(tr.seq_len)
   device = jax.devices()[0]
@@ -272,7 +272,8 @@ def format_table(rows: list[dict]) -> str:
         f"{r['program_memory_gib']}" if r["program_memory_gib"] is not None else "-",
         f"{r['losses'][-1]:.4f}"))
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                   for line in lines)
 
 
 def format_summary(row: dict) -> str:

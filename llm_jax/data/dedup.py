@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH

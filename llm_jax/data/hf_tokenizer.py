@@ -18,12 +18,13 @@ import json
 import os
 import re
 import shutil
-from typing import Any
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 from llm_jax.data.errors import DataError
 from llm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPACE_MARK, UNK_ID, Tokenizer
@@ -266,7 +267,6 @@ def _sp_hf_config(tokenizer: Tokenizer, model_max_length: int | None) -> dict:
   """tokenizer_config.json for a SentencePiece model: LlamaTokenizer, no BOS/EOS added by encode."""
   model = _sp_model_bytes(tokenizer)
   sp = spm.SentencePieceProcessor(model_proto=model)
-  from sentencepiece import sentencepiece_model_pb2  # needs protobuf, as training does (tokenizer.py)
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model)
   config: dict[str, Any] = {

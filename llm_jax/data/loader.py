@@ -13,7 +13,7 @@ import collections
 import hashlib
 import sys
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import grain.experimental
@@ -345,9 +345,9 @@ class TrainLoader(StepLoader):
     else:
       windows = self._shuffled(grain.MapDataset.range(self.windows.size), 0)
     if self.window_offsets:
-      to_positions = lambda items: np.asarray(items, np.int64)  # noqa: E731
+      to_positions = lambda items: np.asarray(items, np.int64)
     else:  # fixed-grid window numbers -> positions
-      to_positions = lambda items: self.windows.positions(np.asarray(items, np.int64))  # noqa: E731
+      to_positions = lambda items: self.windows.positions(np.asarray(items, np.int64))
     # Element k of `rows` is windows [k*b, (k+1)*b); global batch s holds rows s*n .. s*n + n - 1,
     # so this process's batch s is element s*n + p.
     rows = windows.batch(self.local_batch_size, batch_fn=to_positions)

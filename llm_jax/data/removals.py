@@ -12,7 +12,8 @@ import shutil
 
 from datasketch import MinHash, MinHashLSH
 
-from llm_jax.data import dedup, manifest as manifest_lib
+from llm_jax.data import dedup
+from llm_jax.data import manifest as manifest_lib
 from llm_jax.data.errors import DataError
 
 

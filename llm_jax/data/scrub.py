@@ -15,7 +15,7 @@ import collections
 import ipaddress
 import json
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import phonenumbers
 from stdnum import luhn

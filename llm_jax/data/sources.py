@@ -7,9 +7,10 @@ import hashlib
 import json
 import logging
 import os
+import pydoc_data.topics
 import sys
 import sysconfig
-from typing import Iterator
+from collections.abc import Iterator
 
 from llm_jax.data.errors import DataError
 
@@ -99,7 +100,6 @@ def stdlib_files(max_bytes: int) -> list[str]:
 def fingerprint(spec: str, stdlib_max_bytes: int) -> list:
   """What identifies the inputs for the cache key: (path, size, sha256) of every input file."""
   if spec.strip() == "stdlib":
-    import pydoc_data.topics
     files = [pydoc_data.topics.__file__] + stdlib_files(stdlib_max_bytes)
     return [sys.version] + [(p, os.path.getsize(p), int(os.stat(p).st_mtime_ns)) for p in files]
   out = []
@@ -197,7 +197,6 @@ def _jsonl_docs(path: str, raw: bytes, domain: str, license: str, bad: BadRecord
 
 
 def _read_stdlib(max_bytes: int) -> tuple[list[Document], list[Source]]:
-  import pydoc_data.topics
   topics = pydoc_data.topics.topics
   docs = [Document(text=topics[k], domain="docs", source="stdlib:pydoc_data", license=STDLIB_LICENSE,
                    id=f"stdlib:docs/{k}") for k in sorted(topics)]

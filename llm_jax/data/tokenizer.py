@@ -6,10 +6,13 @@ import io
 import logging
 import os
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import (
+  sentencepiece_model_pb2,  # needs protobuf (grain, orbax and tensorboardX need it too)
+)
 
 from llm_jax.data.errors import DataError
 
@@ -45,7 +48,7 @@ class Tokenizer:
                         "it was not trained by llm_jax.data.tokenizer.train_tokenizer")
 
   @classmethod
-  def load(cls, path: str) -> "Tokenizer":
+  def load(cls, path: str) -> Tokenizer:
     """Loads a .model file written by `train_tokenizer`."""
     try:
       with open(path, "rb") as f:
@@ -128,7 +131,6 @@ def _lowercase_rules() -> str:
 
 def _canonical(proto: bytes) -> bytes:
   """The model bytes without the trainer's thread count, so the sha256 does not depend on the machine."""
-  from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415
   m = sentencepiece_model_pb2.ModelProto()
   m.ParseFromString(proto)
   m.trainer_spec.ClearField("num_threads")

@@ -24,6 +24,7 @@ import numpy as np
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optimizer as optimizer_lib
 
 GIB = 1024 ** 3
@@ -80,7 +81,7 @@ def _shard_bytes(abstract_boxed, mesh: dict[str, int], config) -> int:
   if len(leaves) != len(spec_leaves):  # pragma: no cover - flax keeps these trees aligned
     raise RuntimeError(f"{len(leaves)} arrays but {len(spec_leaves)} partition specs")
   total = 0
-  for leaf, spec in zip(leaves, spec_leaves):
+  for leaf, spec in zip(leaves, spec_leaves, strict=True):
     dims = list(leaf.shape)
     for i, entry in enumerate(spec):
       if entry is None:
@@ -186,11 +187,8 @@ def report(est: Estimate, config, *, device_name: str = "", num_processes: int =
 
 def device_memory(device: Any) -> int | None:
   """The allocator's limit on one device in bytes, when the backend reports it (GPU, TPU)."""
-  try:
-    stats = device.memory_stats()
-  except Exception:  # noqa: BLE001 - CPU backends may raise
-    return None
-  return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
+  limit = metrics_lib.device_memory_stats(device).get("bytes_limit")
+  return int(limit) if limit else None
 
 
 def run(config) -> Estimate:

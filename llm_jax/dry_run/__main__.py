@@ -9,8 +9,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from llm_jax import cli
-from llm_jax import dry_run
+from llm_jax import cli, dry_run
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.",

@@ -6,7 +6,7 @@ NUM_BINS equal-width confidence bins [0, 1/15), ..., [14/15, 1].
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -65,8 +65,8 @@ class Calibration:
         "reliability": {
             "bin_edges": [i / self.num_bins for i in range(self.num_bins + 1)],
             "count": self.count_B.tolist(),
-            "accuracy": [float(a) if c else None for a, c in zip(acc_B, self.count_B)],
-            "confidence": [float(a) if c else None for a, c in zip(conf_B, self.count_B)],
+            "accuracy": [float(a) if c else None for a, c in zip(acc_B, self.count_B, strict=True)],
+            "confidence": [float(a) if c else None for a, c in zip(conf_B, self.count_B, strict=True)],
         },
     }
     for k in TOP_K:

@@ -10,7 +10,7 @@ import glob
 import json
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 
 class CompareError(ValueError):
@@ -90,7 +90,7 @@ def compare(paths: Sequence[str]) -> dict:
     vals = [f.get(name, (None, None))[0] for f in flat]
     ses = [f.get(name, (None, None))[1] for f in flat]
     deltas, flags = [None], [""]
-    for v, s in zip(vals[1:], ses[1:]):
+    for v, s in zip(vals[1:], ses[1:], strict=True):
       if not (_num(v) and _num(vals[0])):
         deltas.append(None)
         flags.append("")
@@ -130,12 +130,14 @@ def text(cmp: dict) -> str:
   header += [f"{chr(65 + i)}-A" for i in range(1, len(runs))]
   body = []
   for row in cmp["rows"]:
-    cells = [row["name"]] + [_cell(v, s) for v, s in zip(row["values"], row["ses"])]
-    cells += [("-" if d is None else f"{d:+.4f}") + f for d, f in zip(row["deltas"][1:], row["flags"][1:])]
+    cells = [row["name"]] + [_cell(v, s) for v, s in zip(row["values"], row["ses"], strict=True)]
+    cells += [("-" if d is None else f"{d:+.4f}") + f
+              for d, f in zip(row["deltas"][1:], row["flags"][1:], strict=True)]
     body.append(cells)
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
   lines = [f"[{chr(65 + i)}] {r['source']} step {r['step']} ({r['results']})" for i, r in enumerate(runs)]
-  lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths, strict=True)))
             for r in [header] + body]
   beyond = [(row["name"], chr(65 + i), row["deltas"][i], row["flags"][i])
             for row in cmp["rows"] for i in range(1, len(runs)) if row["flags"][i]]

@@ -3,19 +3,18 @@
 Documents are read by llm_jax.data.sources (globs of .txt/.md/.jsonl or 'stdlib'; domain = parent folder
 or the JSONL 'domain' field), cleaned with the training normalizer, encoded, each followed by EOS, and
 concatenated in order after one leading EOS, matching the training shards' layout
-([EOS] doc0 [EOS] doc1 [EOS] ...). Windows of seq_len + 1 tokens start every seq_len tokens, so every token after the
-first is a target exactly once; the tail window is padded with weight 0.
+([EOS] doc0 [EOS] doc1 [EOS] ...). Windows of seq_len + 1 tokens start every seq_len tokens, so every
+token after the first is a target exactly once; the tail window is padded with weight 0.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from llm_jax.data import cleaning
-from llm_jax.data import sources
+from llm_jax.data import cleaning, sources
 
 
 @dataclasses.dataclass
@@ -39,7 +38,7 @@ def tokenize(spec: str, tokenizer, *, max_docs: int = 0) -> TokenizedCorpus:
   index = {d: i for i, d in enumerate(domains)}
   ids = tokenizer.encode_batch([texts[i] for i in keep]) if keep else []
   toks, doms = [np.asarray([tokenizer.eos_id], np.int32)], [np.zeros(1, np.int32)]
-  for i, doc_ids in zip(keep, ids):
+  for i, doc_ids in zip(keep, ids, strict=True):
     seq = np.asarray(list(doc_ids) + [tokenizer.eos_id], np.int32)
     toks.append(seq)
     doms.append(np.full(len(seq), index[docs[i].domain], np.int32))

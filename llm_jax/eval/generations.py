@@ -1,7 +1,8 @@
-"""Free-form samples for a fixed prompt list with a fixed seed, through llm_jax.generate (KV-cache decoding)."""
+"""Free-form samples for a fixed prompt list with a fixed seed, through llm_jax.generate (KV-cache
+decoding)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from llm_jax import generate as generate_lib
 
@@ -14,7 +15,7 @@ def sample(scorer, tokenizer, prompts: Sequence[str], max_tokens: Sequence[int],
     return []
   cfg = scorer.model.cfg
   ids, sampling = [], []
-  for i, (p, n) in enumerate(zip(prompts, max_tokens)):
+  for i, (p, n) in enumerate(zip(prompts, max_tokens, strict=True)):
     n = max(1, min(int(n), cfg.max_seq_len - 1))
     ids.append((list(prefix_ids) + tokenizer.encode(p))[-(cfg.max_seq_len - n):])
     sampling.append(generate_lib.SamplingParams(temperature=float(temperature), top_k=int(top_k),

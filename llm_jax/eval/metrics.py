@@ -8,7 +8,7 @@ SE(R) = sqrt(k / (k - 1) * sum_i (y_i - R x_i)^2) / sum(x)   (the delta-method /
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,6 +9,9 @@ import time
 
 import jax
 
+from llm_jax.data import loader as loader_lib
+from llm_jax.data import manifest as manifest_lib
+from llm_jax.data import prepare as prepare_lib
 from llm_jax.eval import corpus as corpus_lib
 from llm_jax.eval import generations as gen_lib
 from llm_jax.eval import report as report_lib
@@ -21,7 +24,6 @@ GEN_SEED, GEN_TEMPERATURE, GEN_TOP_K = 0, 0.8, 40
 
 def _prepared_dir(sm: ScoredModel) -> str:
   """The run's prepared data directory (from the cache by its manifest key, else prepared again)."""
-  from llm_jax.data import prepare as prepare_lib
   key = (sm.manifest or {}).get("key")
   if key:
     cand = os.path.join(prepare_lib.cache_root(sm.config), key)
@@ -42,8 +44,6 @@ def heldout_batches(sm: ScoredModel, corpus: str, split: str, seq_len: int, batc
   if not corpus and sm.kind != "run":
     raise EvalError(f"{sm.path} ({sm.kind}) has no data of its own: pass --corpus=GLOB (or 'stdlib') to "
                     "score text")
-  from llm_jax.data import loader as loader_lib
-  from llm_jax.data import manifest as manifest_lib
   prepared = corpus or _prepared_dir(sm)
   m = manifest_lib.load(prepared)
   sha = m.get("tokenizer", {}).get("sha256", "")
@@ -108,7 +108,7 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
                              top_k=GEN_TOP_K)
       results["generations"] = {"seed": GEN_SEED, "temperature": GEN_TEMPERATURE, "top_k": GEN_TOP_K,
                                 "samples": [{"id": g.id, "prompt": g.prompt, "text": t}
-                                            for g, t in zip(gens, texts)]}
+                                            for g, t in zip(gens, texts, strict=True)]}
   results["meta"]["time_s"] = round(time.time() - t0, 2)
   metrics_path = os.path.join(sm.path, "metrics.jsonl") if sm.kind == "run" else ""
   paths = report_lib.write(out_dir_for(sm, corpus, out), results, metrics_path)

@@ -9,7 +9,7 @@ import os
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _save(fig, path: str) -> str:
@@ -51,8 +51,9 @@ def reliability(calib: dict, path: str) -> str:
   acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
   conf = [c if c is not None else 0.0 for c in rel["confidence"]]
   ax.bar(centers, acc, width=width * 0.95, color="#4c72b0", label="accuracy in bin")
-  ax.bar(centers, [c - a for a, c in zip(acc, conf)], bottom=acc, width=width * 0.95, color="none",
-         edgecolor="#c44e52", hatch="//", label="gap to confidence")
+  gap = [c - a for a, c in zip(acc, conf, strict=True)]
+  ax.bar(centers, gap, bottom=acc, width=width * 0.95, color="none", edgecolor="#c44e52", hatch="//",
+         label="gap to confidence")
   ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--", label="perfect calibration")
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
@@ -89,8 +90,8 @@ def loss_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
   series: dict[str, list] = {}
   for rec in records:
     for key, val in rec.items():
-      if "loss" in key and "z_loss" not in key and not key.startswith("preflight") and isinstance(val, (int, float)) and \
-         not isinstance(val, bool) and math.isfinite(val):
+      named = "loss" in key and "z_loss" not in key and not key.startswith("preflight")
+      if named and isinstance(val, (int, float)) and not isinstance(val, bool) and math.isfinite(val):
         series.setdefault(key, []).append((float(rec["step"]), float(val)))
   return series
 

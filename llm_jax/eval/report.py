@@ -67,7 +67,8 @@ def text_table(heldout: dict) -> str:
   header = ["split"] + [c[0] for c in COLUMNS]
   body = [[label] + [_fmt(row, k, f) for _, k, f in COLUMNS] for label, row in heldout_rows(heldout)]
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(r, widths, strict=True)))
            for r in [header] + body]
   return "\n".join(lines)
 
@@ -160,7 +161,8 @@ def markdown(results: dict) -> str:
       facts.append(["exact greedy match", f"{s['greedy_match']:.3f} ± {_se(s['greedy_match_se'])}",
                     s["continuation_items"]])
       facts.append(["continuation bits per byte",
-                    f"{s['continuation_bpb']:.3f} ± {_se(s['continuation_bpb_se'])}", s["continuation_items"]])
+                    f"{s['continuation_bpb']:.3f} ± {_se(s['continuation_bpb_se'])}",
+                    s["continuation_items"]])
     if "choice_accuracy" in s:
       facts.append(["multiple-choice accuracy (per-byte normalized)",
                     f"{s['choice_accuracy']:.3f} ± {_se(s['choice_accuracy_se'])} "

@@ -8,14 +8,16 @@ and accumulates in float64 (llm_jax.eval.metrics), so nothing depends on the eva
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm_jax import sharding as sharding_lib
 from llm_jax.eval import metrics as metrics_lib
+from llm_jax.model import Decoder
 
 
 def token_outputs(params, batch, token_bytes_V, *, model):
@@ -125,20 +127,14 @@ def _compiled(model):
     hash(key)
   except TypeError:
     key = None
-  if key is None or not isinstance(model, _decoder_type()):
+  if key is None or not isinstance(model, Decoder):
     return jax.jit(functools.partial(token_outputs, model=model))
   if key not in _COMPILED:
     _COMPILED[key] = jax.jit(functools.partial(token_outputs, model=model))
   return _COMPILED[key]
 
 
-def _decoder_type():
-  from llm_jax.model import Decoder
-  return Decoder
-
-
 def _to_host(out: dict) -> dict:
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return {k: np.asarray(v) for k, v in multihost_utils.process_allgather(out, tiled=True).items()}
   return {k: np.asarray(v) for k, v in out.items()}

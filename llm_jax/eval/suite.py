@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -175,7 +175,7 @@ def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
   reqs = [r for r in reqs if r[0] not in too_long]
   logprob, greedy, ntok = [], [], []
   batches = list(request_batches(reqs, prefix_ids, max_len, batch_size))
-  for (batch, n), out in zip(batches, scorer.outputs((b for b, _ in batches), global_rows=True)):
+  for (_, n), out in zip(batches, scorer.outputs((b for b, _ in batches), global_rows=True), strict=True):
     for r in range(n):
       sel = out["weight"][r] > 0
       logprob.append(-float(np.sum(out["nll"][r][sel].astype(np.float64))))
@@ -183,7 +183,7 @@ def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
       ntok.append(int(sel.sum()))
   rows = []
   by_item: dict[int, list] = {}
-  for req, lp, g, nt in zip(reqs, logprob, greedy, ntok):
+  for req, lp, g, nt in zip(reqs, logprob, greedy, ntok, strict=True):
     by_item.setdefault(req[0], []).append((req[1], lp, g, nt, req[4]))
   for i, it in enumerate(items):
     if i in too_long:

@@ -50,7 +50,8 @@ def spec_from_config(config) -> FreezeSpec:
     try:
       re.compile(p)
     except re.error as e:
-      raise config_lib.ConfigError(f"finetune.freeze_patterns: {p!r} is not a regular expression: {e}")
+      raise config_lib.ConfigError(
+          f"finetune.freeze_patterns: {p!r} is not a regular expression: {e}") from e
   blocks = int(f.get("freeze_blocks", 0))
   if blocks < 0:
     raise config_lib.ConfigError(f"finetune.freeze_blocks={blocks} must be >= 0")

@@ -35,7 +35,8 @@ def init_adapters(params, spec: LoraSpec, seed: int = 0) -> dict:
   for i, (name, t) in enumerate(find_targets(params, spec).items()):
     d_in, d_out = t.dims
     a = jax.random.normal(jax.random.fold_in(key, i), t.lead + (d_in, spec.rank), jnp.float32)
-    set_leaf(adapters, name, {"a": a / np.sqrt(d_in), "b": jnp.zeros(t.lead + (spec.rank, d_out), jnp.float32)})
+    b = jnp.zeros(t.lead + (spec.rank, d_out), jnp.float32)
+    set_leaf(adapters, name, {"a": a / np.sqrt(d_in), "b": b})
   return adapters
 
 

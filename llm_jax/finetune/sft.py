@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import grain
 import numpy as np
@@ -79,7 +79,7 @@ def _check_record(rec, where: str) -> dict:
     if not isinstance(msgs, list) or not msgs:
       raise SFTError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for i, m in enumerate(msgs):
-      if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+      if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
         raise SFTError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
       if m["role"] not in ROLES:
         raise SFTError(f"{where}: messages[{i}].role={m['role']!r} is not one of {', '.join(ROLES)}")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -91,9 +92,9 @@ def empty_cache(cfg: ModelConfig, batch: int):
 
 def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
   """Writes the prompts into a fresh cache; returns (cache, float32 logits after each prompt)."""
-  b, l = tokens_BL.shape
-  model = _model(cfg, span=l)  # prompt positions are below the padded width
-  positions_BL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+  b, width = tokens_BL.shape
+  model = _model(cfg, span=width)  # prompt positions are below the padded width
+  positions_BL = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
   h_BLD, variables = model.apply({"params": params, "cache": empty_cache(cfg, b)}, tokens_BL,
                                  positions_BL, method="hidden", mutable=["cache"])
   last_B11 = (lengths_B - 1)[:, None, None]
@@ -113,8 +114,8 @@ def _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_
   """Prefill plus the per-row decode state."""
   params = _float_params(params, cfg)
   cache, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg)
-  b, l = tokens_BL.shape
-  in_prompt_BL = jnp.arange(l)[None, :] < lengths_B[:, None]
+  b, width = tokens_BL.shape
+  in_prompt_BL = jnp.arange(width)[None, :] < lengths_B[:, None]
   seen_BV = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], tokens_BL].max(in_prompt_BL)
   room_B = cfg.max_seq_len - lengths_B
   return DecodeState(

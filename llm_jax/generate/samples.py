@@ -5,7 +5,7 @@ command passes: the trainer itself knows nothing of decoding.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 
@@ -60,7 +60,8 @@ class Sampler:
 
   def __call__(self, params) -> list[str]:
     """One continuation per prompt, the prompt included."""
-    return [self.tokenizer.decode(p + new) for p, new in zip(self.prompt_ids, self.sample_ids(params))]
+    samples = self.sample_ids(params)
+    return [self.tokenizer.decode(p + new) for p, new in zip(self.prompt_ids, samples, strict=True)]
 
 
 def for_training(setup) -> Sampler:

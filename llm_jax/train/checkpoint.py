@@ -86,7 +86,7 @@ class Checkpoints:
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
   @classmethod
-  def for_training(cls, workdir: str, config) -> "Checkpoints":
+  def for_training(cls, workdir: str, config) -> Checkpoints:
     """Retention from config.train.keep_checkpoints / keep_every / keep_best (with evaluation)."""
     tr = config.train
     return cls(workdir, keep=tr.keep_checkpoints, keep_every=tr.keep_every,

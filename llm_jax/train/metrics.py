@@ -12,10 +12,13 @@ import logging
 import math
 import os
 import statistics
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +138,10 @@ class Writer:
     earlier = os.path.exists(self.path)
     if earlier:  # rows an interrupted session wrote after the checkpoint this one starts from
       self._truncate_after(resume_step)
-    from tensorboardX import SummaryWriter  # noqa: PLC0415
     # purge_step hides the same steps' events in TensorBoard (a fresh restart: all of them).
     purge = (resume_step + 1 if resume_step else 0) if earlier else None
     self._tb = SummaryWriter(logdir=os.path.join(workdir, TB_DIR), purge_step=purge, flush_secs=30)
-    self._jsonl = open(self.path, "a")  # noqa: SIM115
+    self._jsonl = open(self.path, "a")
 
   def _truncate_after(self, step: int) -> None:
     """Keeps rows up to `step`, the checkpoint a run restarts from (none for a fresh restart)."""
@@ -247,8 +249,6 @@ class Alerts:
 
 def progress_bar(total: int, initial: int, enabled: bool):
   """A tqdm bar on an interactive terminal (process 0), else None."""
-  import sys  # noqa: PLC0415
   if not enabled or not sys.stderr.isatty():
     return None
-  from tqdm import tqdm  # noqa: PLC0415
   return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.1)

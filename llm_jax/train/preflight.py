@@ -76,7 +76,7 @@ def _probe(state, batch, *, model, optimizer, config):
   updates, _ = optimizer.update(grads, state.opt_state, state.params)
   reached = jax.tree.map(lambda g: jnp.any(g != 0), grads)
   slope = sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
-              for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates)))
+              for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates), strict=True))
   return loss, optax.tree.norm(grads), reached, updates, slope
 
 

@@ -73,7 +73,7 @@ def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config, p
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+  keep = lambda new, old: jnp.where(finite, new, old)
   new_state = state.replace(
       step=state.step + 1,
       params=jax.tree.map(keep, new_params, state.params),

@@ -16,7 +16,9 @@ import shutil
 import sys
 import uuid
 
-from llm_jax.data import manifest as manifest_lib, removals, shards as shards_lib
+from llm_jax.data import manifest as manifest_lib
+from llm_jax.data import removals
+from llm_jax.data import shards as shards_lib
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import pipeline
 from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
@@ -39,7 +41,7 @@ class Prepared:
   domains: list
 
   @classmethod
-  def open(cls, prepared_dir: str) -> "Prepared":
+  def open(cls, prepared_dir: str) -> Prepared:
     """Opens an already prepared directory."""
     m = manifest_lib.load(prepared_dir)
     path = os.path.join(prepared_dir, manifest_lib.MANIFEST)
@@ -69,7 +71,7 @@ def _check(config) -> None:
     raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
 
 
-def _after(config, prepared: "Prepared") -> "Prepared":
+def _after(config, prepared: Prepared) -> Prepared:
   """Strict removals on a cache hit; deleting other cached copies of removed documents."""
   ex = prepared.manifest.get("exclusions", {})
   if config.data.strict_removals and ex.get("unmatched"):

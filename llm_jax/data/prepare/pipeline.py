@@ -6,7 +6,8 @@ import logging
 import os
 import time
 
-from llm_jax.data import manifest as manifest_lib, removals, sources
+from llm_jax.data import manifest as manifest_lib
+from llm_jax.data import removals, sources
 from llm_jax.data.prepare import clean, select, summary, write
 
 

@@ -59,7 +59,7 @@ def _paragraphs(recs: list[Record], d, dropped: collections.Counter,
   if not d.dedup_paragraphs:
     return recs, report
   out = []
-  for r, indices in zip(recs, later):
+  for r, indices in zip(recs, later, strict=True):
     if indices:
       text, gone = paragraphs.remove(r.doc.text, indices)
       kept_counts.subtract(scrub.count_placeholders(gone))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 
-from llm_jax.data import manifest as manifest_lib, scrub
+from llm_jax.data import manifest as manifest_lib
+from llm_jax.data import scrub
 from llm_jax.data.prepare.key import VERSION, data_config
 from llm_jax.data.prepare.select import Selection
 from llm_jax.data.prepare.write import Written

@@ -10,7 +10,8 @@ import shutil
 
 import tqdm
 
-from llm_jax.data import manifest as manifest_lib, shards as shards_lib
+from llm_jax.data import manifest as manifest_lib
+from llm_jax.data import shards as shards_lib
 from llm_jax.data.prepare.clean import Record
 from llm_jax.data.tokenizer import ENCODER_PIECES, Tokenizer, train_tokenizer
 
@@ -46,7 +47,8 @@ def _write_split(split: str, rs: list[Record], tok: Tokenizer, dom_id: dict, out
   with open(list_path + ".partial", "w", encoding="utf-8") as listing:
     for start in range(0, len(rs), _ENCODE_BATCH):
       batch = rs[start:start + _ENCODE_BATCH]
-      for r, ids in zip(batch, tok.encode_batch([r.doc.text for r in batch], num_threads=workers)):
+      encoded = tok.encode_batch([r.doc.text for r in batch], num_threads=workers)
+      for r, ids in zip(batch, encoded, strict=True):
         doc = r.doc
         nbytes = len(doc.text.encode("utf-8"))
         writer.add(ids, dom_id[doc.domain], nbytes)
