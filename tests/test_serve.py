@@ -13,8 +13,7 @@ import httpx
 import pytest
 
 from llm_jax.artifacts import open_model, package
-from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve.filters import FilterConfigError, load_filters
@@ -154,6 +153,7 @@ def test_greedy_matches_full_recompute(plain, pkg, greedy_text):
   """The engine (slots, spans 8/16/32, per-layer weights) decodes what the plain model computes."""
   import jax
   import numpy as np
+
   from llm_jax.model import Decoder
   loaded = open_model(str(pkg / "pkg"), dtype="auto")
   assert plain.app.state.llm.engine.spans() == [8, 16, 0]
@@ -250,7 +250,7 @@ def test_logprobs_and_echo(plain):
   top = lp["top_logprobs"][n_prompt:]
   assert all(len(t) <= 3 for t in top)  # the 2 best and the chosen one
   # Greedy: the chosen token's log-prob is the best of the top ones.
-  assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(top, lp["token_logprobs"][n_prompt:]))
+  assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(top, lp["token_logprobs"][n_prompt:], strict=True))
 
 
 def _sse(url, body, headers=None):

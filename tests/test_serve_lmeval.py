@@ -77,11 +77,11 @@ def _parse_logprobs(outputs, ctxlens):
     pass
   res = []
   for out in outputs if isinstance(outputs, list) else [outputs]:
-    for choice, ctxlen in zip(sorted(out["choices"], key=itemgetter("index")), ctxlens):
+    for choice, ctxlen in zip(sorted(out["choices"], key=itemgetter("index")), ctxlens, strict=True):
       assert ctxlen > 0
       lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
       tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
-      greedy = all(tok == max(top.values()) for tok, top in zip(lps, tops))
+      greedy = all(tok == max(top.values()) for tok, top in zip(lps, tops, strict=True))
       res.append((sum(lps), greedy))
   return res
 
@@ -132,18 +132,18 @@ def test_loglikelihood_replay(server, reference):
   assert r.status_code == 200, r.text
   out = r.json()
   assert [c["index"] for c in out["choices"]] == [0, 1, 2]
-  for c, ids in zip(out["choices"], inputs):
+  for c, ids in zip(out["choices"], inputs, strict=True):
     lp = c["logprobs"]
     assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt, then the one generated token
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
   results = _parse_logprobs([out], ctxlens)
-  for (ll, greedy), ids, ctxlen in zip(results, inputs, ctxlens):
+  for (ll, greedy), ids, ctxlen in zip(results, inputs, ctxlens, strict=True):
     lps, argmax = reference(ids)
     assert math.isclose(ll, sum(lps[ctxlen - 1:]), abs_tol=1e-4), (ll, lps)
     assert greedy == all(argmax[ctxlen - 1:])
   # max_tokens 0 with echo scores the prompt alone: the same numbers, nothing generated
   r0 = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 0}, timeout=60).json()
-  for c0, c, ids in zip(r0["choices"], out["choices"], inputs):
+  for c0, c, ids in zip(r0["choices"], out["choices"], inputs, strict=True):
     assert c0["logprobs"]["token_logprobs"] == c["logprobs"]["token_logprobs"][:len(ids)]
     assert c0["finish_reason"] == "length" and r0["usage"]["completion_tokens"] == 0
 
@@ -157,7 +157,7 @@ def test_generate_until_replay(server):
   r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
   assert r.status_code == 200, r.text
   texts = _parse_generations([r.json()])
-  for ids, text in zip(encodings, texts):  # each as a single request: the same greedy text
+  for ids, text in zip(encodings, texts, strict=True):  # each as a single request: the same greedy text
     one = httpx.post(f"{url}/v1/completions", json={**body, "prompt": ids}, timeout=60).json()
     assert one["choices"][0]["text"] == text
 
@@ -187,7 +187,7 @@ def test_lm_eval_end_to_end(server, reference):
   reqs = [Instance("loglikelihood", {}, ("the cat", " sat on"), 0),
           Instance("loglikelihood", {}, ("def", " return"), 1)]
   results = lm.loglikelihood(reqs, disable_tqdm=True)
-  for (ll, greedy), inst in zip(results, reqs):
+  for (ll, greedy), inst in zip(results, reqs, strict=True):
     ctx, cont = inst.args
     ids = _tokenize(server.url, ctx + cont)
     n_ctx = len(_tokenize(server.url, ctx))

@@ -5,7 +5,7 @@ terminals) and `generate` (a batch of prompts in one jitted loop, with text cut 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from llm_jax import config as config_lib
 
 
@@ -59,7 +61,6 @@ class ModelConfig:
     else:
       mlp = 4 * m.d_model
     if platform is None:
-      import jax
       platform = jax.default_backend()
     attention = m.attention
     if attention == "auto":

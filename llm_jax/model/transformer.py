@@ -155,11 +155,11 @@ class Attention(nn.Module):
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     """Attention with dropout on the probabilities (training only; XLA, not fused)."""
     c = self.cfg
-    b, l, n, h = q_BLNH.shape
-    q_BLKGH = q_BLNH.reshape(b, l, c.num_kv_heads, n // c.num_kv_heads, h)
+    b, length, n, h = q_BLNH.shape
+    q_BLKGH = q_BLNH.reshape(b, length, c.num_kv_heads, n // c.num_kv_heads, h)
     s_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BLKH,
                          preferred_element_type=jnp.float32) / math.sqrt(h)
-    mask_BKGLS = jnp.ones((l, l), bool)
+    mask_BKGLS = jnp.ones((length, length), bool)
     mask_BKGLS = (jnp.tril(mask_BKGLS) if c.causal else mask_BKGLS)[None, None, None]
     if segment_ids_BL is not None:
       mask_BKGLS = mask_BKGLS & (segment_ids_BL[:, None, None, :, None] ==
@@ -167,7 +167,7 @@ class Attention(nn.Module):
     s_BKGLS = jnp.where(mask_BKGLS, s_BKGLS, jnp.finfo(jnp.float32).min)
     p_BKGLS = nn.Dropout(c.attention_dropout)(jax.nn.softmax(s_BKGLS, axis=-1), deterministic=False)
     out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", p_BKGLS.astype(v_BLKH.dtype), v_BLKH)
-    return out_BLKGH.reshape(b, l, n, h)
+    return out_BLKGH.reshape(b, length, n, h)
 
   def _cached_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL, layer=None):
     """Writes this call's keys/values at each row's positions, then attends to positions <= own.
@@ -179,7 +179,7 @@ class Attention(nn.Module):
     jax.nn.dot_product_attention's (implementation "xla"): float32 scores and softmax.
     """
     c = self.cfg
-    b, l, n, h = q_BLNH.shape
+    b, length, n, h = q_BLNH.shape
     kh = c.num_kv_heads
     is_init = not self.has_variable("cache", "cached_key")
     shape = (b, kh, c.max_seq_len, c.head_dim)
@@ -188,8 +188,8 @@ class Attention(nn.Module):
     if is_init:  # init only allocates the cache
       return jnp.zeros_like(q_BLNH)
     start_B = positions_BL[:, 0]
-    rows_BL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, l))
-    pos_BL = start_B[:, None] + jnp.arange(l)[None, :]
+    rows_BL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+    pos_BL = start_B[:, None] + jnp.arange(length)[None, :]
 
     def write(cache, new_BLKH):  # one scatter of [B, L] (row, position) slots, each [K, H]
       new_BLKH = new_BLKH.astype(cache.dtype)
@@ -204,7 +204,7 @@ class Attention(nn.Module):
     span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
     if span < c.max_seq_len:  # positions past the span are not filled yet: leave them unread
       k_BKSH, v_BKSH = k_BKSH[:, :, :span], v_BKSH[:, :, :span]
-    q_BKGLH = q_BLNH.reshape(b, l, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+    q_BKGLH = q_BLNH.reshape(b, length, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
     s_BKGLS = jnp.einsum("bkglh,bksh->bkgls", q_BKGLH, k_BKSH, precision=precision,
                          preferred_element_type=jnp.float32)
@@ -214,7 +214,7 @@ class Attention(nn.Module):
     s_BKGLS = jnp.where(mask_B11LS, s_BKGLS, -0.7 * float(jnp.finfo(jnp.float32).max))
     p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(k_BKSH.dtype)
     out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_BKGLS, v_BKSH)
-    return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
+    return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
 
 class Mlp(nn.Module):

@@ -175,7 +175,7 @@ class ServerThread:
     self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                    daemon=True)
 
-  def start(self, wait_ready_s: float = 120.0, wait_model: bool = True) -> "ServerThread":
+  def start(self, wait_ready_s: float = 120.0, wait_model: bool = True) -> ServerThread:
     """Starts serving and waits until /health would say 200 (model loaded and compiled)."""
     self.thread.start()
     st = self.app.state.llm

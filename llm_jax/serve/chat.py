@@ -10,7 +10,7 @@ template's tail after the assistant's content (a newline by default) is not part
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -31,8 +31,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
   model_config = ConfigDict(extra="forbid")
   role: Literal["system", "user", "assistant"]
-  content: Union[str, list[TextPart]]
-  name: Optional[str] = None
+  content: str | list[TextPart]
+  name: str | None = None
 
   @property
   def text(self) -> str:
@@ -51,10 +51,10 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
   """Fields of the OpenAI chat completions API this server honours."""
   messages: list[ChatMessage] = Field(min_length=1)
-  max_tokens: Optional[int] = Field(None, ge=1)  # default: the room left in the context
-  max_completion_tokens: Optional[int] = Field(None, ge=1)
-  logprobs: Optional[StrictBool] = None
-  top_logprobs: Optional[int] = Field(None, ge=0, le=5)
+  max_tokens: int | None = Field(None, ge=1)  # default: the room left in the context
+  max_completion_tokens: int | None = Field(None, ge=1)
+  logprobs: StrictBool | None = None
+  top_logprobs: int | None = Field(None, ge=0, le=5)
 
 
 def templates_of(loaded) -> sft.Templates:
@@ -136,7 +136,7 @@ class ChatResponse(Responder):
       return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
     rows = top or [[] for _ in tokens]
     return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in row[:k]]}
-                        for t, lp, row in zip(tokens, lps, rows)]}
+                        for t, lp, row in zip(tokens, lps, rows, strict=True)]}
 
   def body(self) -> dict:
     choices = [{"index": c.index,

@@ -35,7 +35,7 @@ class CompletionResponse(Responder):
     top = None
     if k:
       top = [None if row is None else top_dict(tok, row[:k], t, lp)
-             for t, lp, row in zip(ids, lps, tops)]
+             for t, lp, row in zip(ids, lps, tops, strict=True)]
     offsets = [min(o, base + len(text))
                for o in text_offsets(tok, self.st.token_bytes, ids,
                                      tok.decode(ids) if decoded is None else decoded, base)]

@@ -21,7 +21,8 @@ import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -282,7 +283,7 @@ class Engine:
     alive = np.zeros((self.rows,), bool)
     # Rows whose dispatched steps already cover their whole budget are done on the device: the chunk
     # in flight ends them ("length"), so they get no further chunk.
-    alive[:self.slots] = [s is not None and left > 0 for s, left in zip(self._slot, self._steps_left)]
+    alive[:self.slots] = [s is not None and left > 0 for s, left in zip(self._slot, self._steps_left, strict=True)]
     if not alive.any():
       had_chunk = self._in_flight_chunk is not None
       self._collect()
@@ -358,7 +359,7 @@ class Engine:
     new_top = []
     if choice.top_n:
       ids, lps = o["top_ids"][slot], o["top_logprobs"][slot]
-      new_top = [list(zip(ids[j][:choice.top_n], lps[j][:choice.top_n])) for j in steps]
+      new_top = [list(zip(ids[j][:choice.top_n], lps[j][:choice.top_n], strict=True)) for j in steps]
     if new_tokens or text:
       choice.tokens += new_tokens
       choice.logprobs += new_lps

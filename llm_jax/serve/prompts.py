@@ -159,4 +159,4 @@ def score(st, p: Prompt) -> None:
   # position t (t >= 1) is row t - 1; the first shown token gets None whatever precedes it
   rows = range(p.shown + 1, len(ids))
   p.logprobs = [None] + [float(lps[t - 1]) for t in rows]
-  p.top = [None] + [[(int(i), float(v)) for i, v in zip(top_ids[t - 1], top_lp[t - 1])] for t in rows]
+  p.top = [None] + [[(int(i), float(v)) for i, v in zip(top_ids[t - 1], top_lp[t - 1], strict=True)] for t in rows]

@@ -10,7 +10,7 @@ the model (top_k within the vocabulary, prompt length, token ids) are checked by
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
@@ -35,21 +35,21 @@ class SamplingRequest(BaseModel):
   """The fields completions and chat completions share; unknown fields are rejected (422)."""
   model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-  model: Optional[str] = None
+  model: str | None = None
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   top_k: int = Field(0, ge=0, le=INT32_MAX)
   repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-  stop: Optional[Union[str, list[str]]] = None
-  seed: Optional[int] = Field(None, ge=0, le=2**32 - 1)
+  stop: str | list[str] | None = None
+  seed: int | None = Field(None, ge=0, le=2**32 - 1)
   n: int = Field(1, ge=1)
   stream: StrictBool = False
-  stream_options: Optional[dict[str, Any]] = None
-  user: Optional[str] = Field(None, max_length=256)
+  stream_options: dict[str, Any] | None = None
+  user: str | None = Field(None, max_length=256)
   # Accepted for client compatibility; only their neutral values.
-  presence_penalty: Optional[float] = None
-  frequency_penalty: Optional[float] = None
-  logit_bias: Optional[dict[str, float]] = None
+  presence_penalty: float | None = None
+  frequency_penalty: float | None = None
+  logit_bias: dict[str, float] | None = None
 
   @field_validator("stop")
   @classmethod
@@ -86,12 +86,12 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
   """Fields of the OpenAI completions API this server honours."""
 
-  prompt: Union[str, list[int], list[str], list[list[int]]]
+  prompt: str | list[int] | list[str] | list[list[int]]
   max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
-  logprobs: Optional[int] = Field(None, ge=0, le=5)
+  logprobs: int | None = Field(None, ge=0, le=5)
   echo: StrictBool = False
-  best_of: Optional[int] = None  # accepted: 1 only
-  suffix: Optional[str] = None  # accepted: empty only
+  best_of: int | None = None  # accepted: 1 only
+  suffix: str | None = None  # accepted: empty only
 
   @field_validator("prompt")
   @classmethod

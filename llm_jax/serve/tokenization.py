@@ -19,7 +19,6 @@ feed the model (BOS, the rendered turns, the assistant's header).
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -31,10 +30,10 @@ from llm_jax.serve.schema import ApiError, _check_unicode
 class TokenizeRequest(BaseModel):
   """vLLM's TokenizeCompletionRequest or TokenizeChatRequest."""
   model_config = ConfigDict(extra="forbid")
-  model: Optional[str] = None
-  prompt: Optional[str] = None
-  messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
-  add_special_tokens: Optional[StrictBool] = None  # default: true for a prompt, false for messages
+  model: str | None = None
+  prompt: str | None = None
+  messages: list[ChatMessage] | None = Field(None, min_length=1)
+  add_special_tokens: StrictBool | None = None  # default: true for a prompt, false for messages
   add_generation_prompt: StrictBool = True
   return_token_strs: StrictBool = False
 
@@ -49,7 +48,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
   model_config = ConfigDict(extra="forbid")
-  model: Optional[str] = None
+  model: str | None = None
   tokens: list[int]
 
 
