@@ -3,6 +3,7 @@ jax.profiler trace (the *.trace.json.gz under <tb>/plugins/profile/<run>/).
 
     python bench/analyze_trace.py runs/bench/tb [--top 30] [--steps 2]
 """
+
 import argparse
 import collections
 import glob
@@ -12,11 +13,11 @@ import os
 import re
 
 _CATEGORIES = (
-    ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
-    ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|sm90|wgmma|triton_gemm|dot", re.I)),
-    ("copy/memset", re.compile(r"memcpy|memset|copy", re.I)),
-    ("reduction fusion", re.compile(r"reduce|input_", re.I)),
-    ("elementwise fusion", re.compile(r"fusion|loop_|triton|convert|add|multiply", re.I)),
+  ("attention (cuDNN)", re.compile(r"cudnn|fmha|flash|sdpa", re.I)),
+  ("matmul", re.compile(r"gemm|nvjet|xmma|cutlass|cublas|sm90|wgmma|triton_gemm|dot", re.I)),
+  ("copy/memset", re.compile(r"memcpy|memset|copy", re.I)),
+  ("reduction fusion", re.compile(r"reduce|input_", re.I)),
+  ("elementwise fusion", re.compile(r"fusion|loop_|triton|convert|add|multiply", re.I)),
 )
 
 
@@ -28,8 +29,11 @@ def category(name: str) -> str:
 
 
 def load(path: str):
-  files = sorted(glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True)) if \
-      os.path.isdir(path) else [path]
+  files = (
+    sorted(glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True))
+    if os.path.isdir(path)
+    else [path]
+  )
   if not files:
     raise SystemExit(f"no *.trace.json.gz under {path}")
   with gzip.open(files[-1]) as f:
@@ -44,10 +48,14 @@ def main():
   a = p.parse_args()
   file, trace = load(a.path)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  procs = {e["pid"]: e["args"]["name"] for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  procs = {
+    e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
+  threads = {
+    (e["pid"], e.get("tid")): e["args"]["name"]
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
   gpu_pids = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
   print(f"trace {file}")
   print("processes:", {pid: procs[pid] for pid in gpu_pids})
@@ -75,9 +83,11 @@ def main():
     span[1] = max(span[1], float(e["ts"]) + dur)
   busy = sum(by_cat.values())
   wall = span[1] - span[0] if busy else 0.0
-  print(f"GPU kernel time {busy / 1e3:.1f} ms over a {wall / 1e3:.1f} ms window "
-        f"({100 * busy / max(wall, 1e-9):.0f}% busy); streams: "
-        + ", ".join(f"{k}={v / 1e3:.1f}ms" for k, v in streams.most_common(4)))
+  print(
+    f"GPU kernel time {busy / 1e3:.1f} ms over a {wall / 1e3:.1f} ms window "
+    f"({100 * busy / max(wall, 1e-9):.0f}% busy); streams: "
+    + ", ".join(f"{k}={v / 1e3:.1f}ms" for k, v in streams.most_common(4))
+  )
   if a.steps:
     print(f"per traced step: {wall / a.steps / 1e3:.2f} ms window, {busy / a.steps / 1e3:.2f} ms kernels")
   print("\nby category:")

@@ -1,7 +1,8 @@
 """Compares the per-step losses of bench rows (the first row of the first file is the reference).
 
-    python bench/compare_losses.py runs/bench/plain.json runs/bench/optimized.json
+python bench/compare_losses.py runs/bench/plain.json runs/bench/optimized.json
 """
+
 import json
 import sys
 
@@ -17,10 +18,12 @@ def main(paths: list[str]) -> None:
     n = min(len(ref), len(other))
     d = np.abs(other[:n] - ref[:n])
     rel = d / np.abs(ref[:n])
-    print(f"{r.get('code', '')}{r['label']}: loss {other[0]:.4f} -> {other[n - 1]:.4f}; "
-          f"|diff| max {d.max():.4f} "
-          f"(step {int(d.argmax())}), mean {d.mean():.4f}, last 20 mean {d[-20:].mean():.4f}; "
-          f"relative max {rel.max():.4f}")
+    print(
+      f"{r.get('code', '')}{r['label']}: loss {other[0]:.4f} -> {other[n - 1]:.4f}; "
+      f"|diff| max {d.max():.4f} "
+      f"(step {int(d.argmax())}), mean {d.mean():.4f}, last 20 mean {d[-20:].mean():.4f}; "
+      f"relative max {rel.max():.4f}"
+    )
 
 
 if __name__ == "__main__":

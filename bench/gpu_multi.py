@@ -14,6 +14,7 @@ pass as the other meshes. Rows are placed with llm_jax.sharding.process_batch_sl
 path the training loop uses. Process 0 prints one JSON line (and appends it to --json): tokens/s, tokens/s
 per GPU, peak memory per device next to the dry run's estimate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,8 +75,9 @@ def main(argv=None) -> int:
   # process holds, and loads, the whole batch).
   index, count = sharding.process_batch_slice(mesh)
   rows = tr.global_batch_size // count
-  window = np.random.default_rng(1000 + index).integers(0, model.cfg.vocab_size, (rows, tr.seq_len + 1),
-                                                         dtype=np.int32)
+  window = np.random.default_rng(1000 + index).integers(
+    0, model.cfg.vocab_size, (rows, tr.seq_len + 1), dtype=np.int32
+  )
   batch = sharding.global_batch({"inputs": window[:, :-1], "targets": window[:, 1:]}, mesh)
 
   with sharding.activate(mesh, config):
@@ -83,10 +85,12 @@ def main(argv=None) -> int:
     state, shardings = state_lib.create_state(model, optimizer, mesh, config, tr.seed)
     jax.block_until_ready(state)
     init_s = time.perf_counter() - t
-    step_fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=optimizer,
-                                        config=config),
-                      in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                      out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    step_fn = jax.jit(
+      functools.partial(step_lib.train_step, model=model, optimizer=optimizer, config=config),
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, sharding.replicated(mesh)),
+      donate_argnums=0,
+    )
     t = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
@@ -104,16 +108,26 @@ def main(argv=None) -> int:
   peaks = [metrics_lib.device_memory_stats(d).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
   est = dry_run.estimate(config, n, platform=jax.devices()[0].platform)
   row = {
-      "label": args.label or f"{os.path.basename(args.config)} {args.mesh}",
-      "config": args.config, "mesh": dict(mesh.shape), "processes": jax.process_count(),
-      "gpus": n, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-      "global_batch": tr.global_batch_size, "microbatches": micro, "seq_len": tr.seq_len,
-      "params": est.param_count, "init_s": round(init_s, 2), "compile_s": round(compile_s, 2),
-      "step_ms": round(1e3 * elapsed / args.steps, 2), "tokens_per_s": round(tokens_per_s, 1),
-      "tokens_per_s_per_gpu": round(tokens_per_s / n, 1),
-      "peak_gib_per_device": round(max(peaks) / 2**30, 2) if any(peaks) else None,
-      "estimate_gib_per_device": round(est.total_bytes / 2**30, 2),
-      "loss_first": losses[0], "loss_last": losses[-1],
+    "label": args.label or f"{os.path.basename(args.config)} {args.mesh}",
+    "config": args.config,
+    "mesh": dict(mesh.shape),
+    "processes": jax.process_count(),
+    "gpus": n,
+    "device": jax.devices()[0].device_kind,
+    "jax": jax.__version__,
+    "global_batch": tr.global_batch_size,
+    "microbatches": micro,
+    "seq_len": tr.seq_len,
+    "params": est.param_count,
+    "init_s": round(init_s, 2),
+    "compile_s": round(compile_s, 2),
+    "step_ms": round(1e3 * elapsed / args.steps, 2),
+    "tokens_per_s": round(tokens_per_s, 1),
+    "tokens_per_s_per_gpu": round(tokens_per_s / n, 1),
+    "peak_gib_per_device": round(max(peaks) / 2**30, 2) if any(peaks) else None,
+    "estimate_gib_per_device": round(est.total_bytes / 2**30, 2),
+    "loss_first": losses[0],
+    "loss_last": losses[-1],
   }
   if jax.process_index() == 0:
     line = json.dumps(row)

@@ -7,6 +7,7 @@ Without --source it downloads the corpus (Karpathy's char-rnn copy). On a machin
 copy input.txt (or the two split files) there first; the device scripts call this only when the
 split files are missing.
 """
+
 import argparse
 import os
 import sys

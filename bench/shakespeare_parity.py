@@ -9,6 +9,7 @@ step new contexts, as the PyTorch reference does. Everything else is the package
         --config.data.corpus=runs/data/tinyshakespeare/tinyshakespeare_train.txt \
         --config.data.val_corpus=runs/data/tinyshakespeare/tinyshakespeare_val.txt
 """
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,22 @@ from ml_collections import config_flags
 from llm_jax.data.loader import Windows
 from llm_jax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/shakespeare_char.py",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/shakespeare_char.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 
 
 class RandomWindows:
   """This process's rows of global batch `step`: windows at random offsets, a function of (seed, step)."""
 
-  def __init__(self, prepared_dir: str, seq_len: int, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    prepared_dir: str,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     shards = Windows(prepared_dir, "train", seq_len).shards
     self.tokens = np.concatenate([np.asarray(s.tokens) for s in shards]).astype(np.int32)
     self.seq_len, self.seed, self.step = int(seq_len), int(seed), 0
@@ -65,17 +72,32 @@ def main(argv):
 
   def factory(setup):
     c = setup.config
-    return RandomWindows(setup.prepared.dir, c.train.seq_len, c.train.global_batch_size, c.data.seed,
-                         jax.process_index(), jax.process_count())
+    return RandomWindows(
+      setup.prepared.dir,
+      c.train.seq_len,
+      c.train.global_batch_size,
+      c.data.seed,
+      jax.process_index(),
+      jax.process_count(),
+    )
 
   summary = loop.train(config, _WORKDIR.value, loader_factory=factory)
   wall = time.time() - t0
   rows = [json.loads(line) for line in open(os.path.join(_WORKDIR.value, "metrics.jsonl"))]
   evals = [(r["val_loss"], r["step"]) for r in rows if "val_loss" in r]
   best = min(evals) if evals else (float("nan"), -1)
-  print(json.dumps({"best_val_loss": best[0], "best_step": best[1], "final_val_loss": evals[-1][0],
-                    "loop_wall_s": summary.get("wall_s"), "command_wall_s": round(wall, 1),
-                    "steps": summary.get("step")}))
+  print(
+    json.dumps(
+      {
+        "best_val_loss": best[0],
+        "best_step": best[1],
+        "final_val_loss": evals[-1][0],
+        "loop_wall_s": summary.get("wall_s"),
+        "command_wall_s": round(wall, 1),
+        "steps": summary.get("step"),
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 Durations may be given in steps or in tokens (`train.steps` / `train.tokens`); they are converted in
 one place, `llm_jax.config.total_steps`.
 """
+
 import ml_collections
 
 from llm_jax import sharding

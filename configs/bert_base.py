@@ -7,6 +7,7 @@ as a masked-language model, for one GPU.
 Pre-norm blocks, GELU, learned positions, tied output head (BERT's post-norm and NSP are left out).
 256 x 512 tokens per step (as BERT's 256 x 512 phase), AdamW 1e-4 with 10k warm-up steps.
 """
+
 from configs import base
 
 

@@ -10,6 +10,7 @@ to 600 and masked-token accuracy 6.5% -> 12.3%, still falling. val_loss is the
 masked-LM loss on masked held-out windows, val_mlm_accuracy the share of them predicted exactly.
 Classification from this run: docs/finetune.md.
 """
+
 from configs import tiny
 
 

@@ -5,6 +5,7 @@
     # freeze the embeddings and the bottom two blocks:
     #   --config.finetune.freeze_embeddings=True --config.finetune.freeze_blocks=2
 """
+
 from configs import tiny
 
 

@@ -5,6 +5,7 @@ MLP kernel; only the adapters train and are checkpointed (docs/finetune.md).
         --config.init_from=runs/tiny_docs
     python -m llm_jax.export --workdir=runs/ft_lora --out=packages/ft_lora   # adapters merged
 """
+
 from configs import finetune_code
 
 

@@ -5,6 +5,7 @@ the loss on response tokens only (docs/finetune.md).
         --config.init_from=runs/tiny --config.finetune.sft.train_file=data/sft_train.jsonl \
         [--config.finetune.sft.val_file=data/sft_val.jsonl]
 """
+
 from configs import tiny
 
 

@@ -4,6 +4,7 @@
         --config.data.corpus='corpus/*.txt'
     python -m llm_jax.bench --config=configs/gpt_small.py --synthetic
 """
+
 from configs import base
 
 

@@ -5,6 +5,7 @@ SwiGLU 8192, RoPE, context 2048.
         --config.data.corpus='corpus/*.jsonl'
     python -m llm_jax.bench --config=configs/llama_1b.py --synthetic
 """
+
 from configs import base
 
 

@@ -3,6 +3,7 @@
     python -m llm_jax.train --config=configs/llama_8b.py --workdir=runs/llama_8b \
         --config.data.corpus='corpus/*.jsonl'
 """
+
 from configs import base
 from configs.llama_1b import llama
 

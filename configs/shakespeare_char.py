@@ -4,6 +4,7 @@
         --config.data.corpus=../shared/data/tinyshakespeare_train.txt \
         --config.data.val_corpus=../shared/data/tinyshakespeare_val.txt
 """
+
 from configs import base
 
 

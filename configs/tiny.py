@@ -9,6 +9,7 @@ first batch; validation loss 5.21 (step 100) -> 4.27 (400) -> 4.04 (600), 2.00 b
 3.99, docs 4.35). The earlier figures (3.21 at 600) were on the val_fraction 0.02 split, which held out no
 'docs' documents and only 12 code files.
 """
+
 from configs import base
 
 

@@ -10,6 +10,7 @@ Exit codes: 0 done; 1 the work failed (one line on stderr naming the key, file o
 (an unknown or malformed flag, a missing required flag, a misspelled config key, an unexpected
 argument). `--verbose` prints the traceback as well. `--help` prints the module docstring and the flags.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,8 +27,9 @@ from llm_jax import config as config_lib
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
-_VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, print the traceback as well as the one-line "
-                             "message.")
+_VERBOSE = flags.DEFINE_bool(
+  "verbose", False, "On an error, print the traceback as well as the one-line message."
+)
 
 
 class UsageError(app.UsageError):

@@ -1,4 +1,5 @@
 """Config loading, overrides, cross-field checks and the few derived values every module shares."""
+
 from __future__ import annotations
 
 import ast
@@ -46,11 +47,12 @@ def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
   node = config
   for i, part in enumerate(parents):
     if part not in node:
-      raise ConfigError(f"unknown config key {'.'.join(parents[:i + 1])!r} (in override {key!r})")
+      raise ConfigError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in override {key!r})")
     node = node[part]
   if leaf not in node:
-    close = ([k for k in node.keys() if k[:3] == leaf[:3]] or
-             difflib.get_close_matches(leaf, list(node.keys())))
+    close = [k for k in node.keys() if k[:3] == leaf[:3]] or difflib.get_close_matches(
+      leaf, list(node.keys())
+    )
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ConfigError(f"unknown config key {key!r}{hint}")
   old = node[leaf]
@@ -147,8 +149,10 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice("data.tokenizer.type", config.data.tokenizer.type, ("bpe", "unigram", "char"))
   _choice("data.on_bad_record", config.data.on_bad_record, ("fail", "skip"))
   if m.d_model % m.num_heads and not m.head_dim:
-    raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
-                      "set model.head_dim or change one of them")
+    raise ConfigError(
+      f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
+      "set model.head_dim or change one of them"
+    )
   kv = m.num_kv_heads or m.num_heads
   if m.num_heads % kv:
     raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={kv}")
@@ -157,8 +161,10 @@ def validate(config, num_devices: int | None = None) -> None:
   if tr.seq_len > m.max_seq_len:
     raise ConfigError(f"train.seq_len={tr.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   if tr.global_batch_size % max(1, tr.microbatches):
-    raise ConfigError(f"train.global_batch_size={tr.global_batch_size} is not divisible by "
-                      f"train.microbatches={tr.microbatches}")
+    raise ConfigError(
+      f"train.global_batch_size={tr.global_batch_size} is not divisible by "
+      f"train.microbatches={tr.microbatches}"
+    )
   if total_steps(config) <= 0:
     raise ConfigError("train.steps (or train.tokens) must be positive")
   _check_training(tr, total_steps(config))
@@ -166,27 +172,51 @@ def validate(config, num_devices: int | None = None) -> None:
     data, fsdp, tensor = mesh_shape(config, num_devices)
     if tensor > 1:
       if m.num_heads % tensor or kv % tensor:
-        raise ConfigError(f"model.num_heads={m.num_heads} and model.num_kv_heads={kv} must be "
-                          f"divisible by sharding.tensor={tensor}")
+        raise ConfigError(
+          f"model.num_heads={m.num_heads} and model.num_kv_heads={kv} must be "
+          f"divisible by sharding.tensor={tensor}"
+        )
     micro = tr.global_batch_size // max(1, tr.microbatches)
     if micro % (data * fsdp):
       raise ConfigError(
-          f"train.global_batch_size={tr.global_batch_size} / train.microbatches={tr.microbatches} = "
-          f"{micro} is not divisible by the batch-parallel size sharding.data*sharding.fsdp = "
-          f"{data}*{fsdp} = {data * fsdp}")
+        f"train.global_batch_size={tr.global_batch_size} / train.microbatches={tr.microbatches} = "
+        f"{micro} is not divisible by the batch-parallel size sharding.data*sharding.fsdp = "
+        f"{data}*{fsdp} = {data * fsdp}"
+      )
   del s
 
 
 def _check_training(tr, total: int) -> None:
   """Optimizer, schedule and bookkeeping settings that cannot work, each named by its key."""
-  positive = ("learning_rate", "global_batch_size", "seq_len", "microbatches", "eps",
-              "max_consecutive_skips", "keep_checkpoints")
+  positive = (
+    "learning_rate",
+    "global_batch_size",
+    "seq_len",
+    "microbatches",
+    "eps",
+    "max_consecutive_skips",
+    "keep_checkpoints",
+  )
   for key in positive:
     if not tr[key] > 0:
       raise ConfigError(f"train.{key}={tr[key]!r} must be > 0")
-  non_negative = ("weight_decay", "warmup_steps", "decay_steps", "grad_clip", "z_loss", "eval_every",
-                  "eval_batches", "sample_every", "checkpoint_every", "keep_every", "log_every",
-                  "throughput_alert", "plateau_evals", "tokens", "early_stop_patience")
+  non_negative = (
+    "weight_decay",
+    "warmup_steps",
+    "decay_steps",
+    "grad_clip",
+    "z_loss",
+    "eval_every",
+    "eval_batches",
+    "sample_every",
+    "checkpoint_every",
+    "keep_every",
+    "log_every",
+    "throughput_alert",
+    "plateau_evals",
+    "tokens",
+    "early_stop_patience",
+  )
   for key in non_negative:
     if key in tr and tr[key] < 0:
       raise ConfigError(f"train.{key}={tr[key]!r} must be >= 0")
@@ -194,17 +224,24 @@ def _check_training(tr, total: int) -> None:
     if not 0.0 <= tr[key] < 1.0:
       raise ConfigError(f"train.{key}={tr[key]!r} must be in [0, 1)")
   if not 0.0 <= tr.min_lr_ratio <= 1.0:
-    raise ConfigError(f"train.min_lr_ratio={tr.min_lr_ratio!r} must be in [0, 1] (the decay's floor as "
-                      "a fraction of the peak learning rate)")
+    raise ConfigError(
+      f"train.min_lr_ratio={tr.min_lr_ratio!r} must be in [0, 1] (the decay's floor as "
+      "a fraction of the peak learning rate)"
+    )
   if tr.warmup_steps > total:
-    raise ConfigError(f"train.warmup_steps={tr.warmup_steps} is longer than the run ({total} steps): the "
-                      "learning rate would never reach its peak; lower train.warmup_steps")
+    raise ConfigError(
+      f"train.warmup_steps={tr.warmup_steps} is longer than the run ({total} steps): the "
+      "learning rate would never reach its peak; lower train.warmup_steps"
+    )
   if tr.decay_steps and tr.decay_steps <= tr.warmup_steps:
-    raise ConfigError(f"train.decay_steps={tr.decay_steps} must exceed train.warmup_steps="
-                      f"{tr.warmup_steps} (or be 0: decay over the whole run)")
+    raise ConfigError(
+      f"train.decay_steps={tr.decay_steps} must exceed train.warmup_steps="
+      f"{tr.warmup_steps} (or be 0: decay over the whole run)"
+    )
   if tr.throughput_alert >= 1.0:
-    raise ConfigError(f"train.throughput_alert={tr.throughput_alert} must be < 1 (a share of the running "
-                      "median; 0 disables)")
+    raise ConfigError(
+      f"train.throughput_alert={tr.throughput_alert} must be < 1 (a share of the running median; 0 disables)"
+    )
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
@@ -218,12 +255,16 @@ def mesh_shape(config, num_devices: int) -> tuple[int, int, int]:
     raise ConfigError(f"mesh sizes {dict(zip(names, sizes, strict=True))} must be positive or -1")
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f"{num_devices} devices cannot be split by the fixed mesh sizes "
-                        f"{dict(zip(names, sizes, strict=True))}")
+      raise ConfigError(
+        f"{num_devices} devices cannot be split by the fixed mesh sizes "
+        f"{dict(zip(names, sizes, strict=True))}"
+      )
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
-                      f"but {num_devices} are present")
+    raise ConfigError(
+      f"mesh {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+      f"but {num_devices} are present"
+    )
   return tuple(sizes)
 
 

@@ -18,6 +18,7 @@ CLI's error exit through `fail_fast`) records the reason with the coordinator an
 the shutdown barrier that would hold its peers for the shutdown timeout; a peer whose collective then
 breaks prints "another process failed first: process <i>: <reason>" and exits too.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,6 +54,7 @@ class DistributedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Launch:
   """How this process joins the job (None fields are left to JAX's cluster detection)."""
+
   method: str
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -81,13 +83,15 @@ def _on_tpu_vm() -> bool:
 def _explicit(config, environ: Mapping[str, str]) -> Launch | None:
   """The explicit settings (config first, then JAX_* variables), or None when none are given."""
   di = config.distributed
-  env_complete = all(environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                                               "JAX_PROCESS_ID"))
+  env_complete = all(
+    environ.get(k) for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  )
   if not di.coordinator_address and not env_complete:
     if di.num_processes > 0 or di.process_id >= 0:
       raise DistributedError(
-          "distributed.num_processes/distributed.process_id are set but distributed.coordinator_address "
-          "is empty; set --config.distributed.coordinator_address=HOST:PORT (process 0's host)")
+        "distributed.num_processes/distributed.process_id are set but distributed.coordinator_address "
+        "is empty; set --config.distributed.coordinator_address=HOST:PORT (process 0's host)"
+      )
     return None
   address = di.coordinator_address or environ["JAX_COORDINATOR_ADDRESS"]
   num = di.num_processes if di.num_processes > 0 else _int(environ, "JAX_NUM_PROCESSES")
@@ -96,12 +100,14 @@ def _explicit(config, environ: Mapping[str, str]) -> Launch | None:
     raise DistributedError(f"distributed.coordinator_address={address!r} must be HOST:PORT")
   if num is None or num <= 0:
     raise DistributedError(
-        f"distributed.coordinator_address={address!r} is set but distributed.num_processes is not; "
-        "set --config.distributed.num_processes=N (or JAX_NUM_PROCESSES)")
+      f"distributed.coordinator_address={address!r} is set but distributed.num_processes is not; "
+      "set --config.distributed.num_processes=N (or JAX_NUM_PROCESSES)"
+    )
   if pid is None or pid < 0:
     raise DistributedError(
-        f"distributed.coordinator_address={address!r} is set but distributed.process_id is not; "
-        "set --config.distributed.process_id=I (or JAX_PROCESS_ID), 0 <= I < num_processes")
+      f"distributed.coordinator_address={address!r} is set but distributed.process_id is not; "
+      "set --config.distributed.process_id=I (or JAX_PROCESS_ID), 0 <= I < num_processes"
+    )
   if not 0 <= pid < num:
     raise DistributedError(f"distributed.process_id={pid} must be in [0, distributed.num_processes={num})")
   return Launch("explicit", address, num, pid)
@@ -125,15 +131,19 @@ def detect(config, environ: Mapping[str, str] | None = None) -> Launch:
     return Launch("single")
   explicit = _explicit(config, environ)
   if forced == "explicit" and explicit is None:
-    raise DistributedError(f"{CLUSTER_ENV}=explicit needs distributed.coordinator_address "
-                           "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    raise DistributedError(
+      f"{CLUSTER_ENV}=explicit needs distributed.coordinator_address "
+      "(or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+    )
   if explicit is not None and forced in ("auto", "explicit"):
     return explicit
   if forced == "slurm" or (forced == "auto" and _slurm(environ)):
     missing = [k for k in _SLURM_VARS if k not in environ]
     if missing:
-      raise DistributedError(f"{CLUSTER_ENV}=slurm but {', '.join(missing)} is not set; start the "
-                             "processes with srun inside the allocation")
+      raise DistributedError(
+        f"{CLUSTER_ENV}=slurm but {', '.join(missing)} is not set; start the "
+        "processes with srun inside the allocation"
+      )
     return Launch("slurm")
   if forced == "tpu" or (forced == "auto" and _tpu(environ)):
     return Launch("tpu")
@@ -145,14 +155,17 @@ def _init_kwargs(launch: Launch, config, environ: Mapping[str, str]) -> dict:
   if heartbeat <= 0:
     raise DistributedError(f"distributed.heartbeat_timeout_s={heartbeat} must be positive")
   kwargs = dict(
-      initialization_timeout=_int(environ, INIT_TIMEOUT_ENV) or 300,
-      heartbeat_timeout_seconds=heartbeat,
-      # A process that finishes waits this long for the others at exit; a peer stuck longer is an error.
-      shutdown_timeout_seconds=max(heartbeat, 30),
+    initialization_timeout=_int(environ, INIT_TIMEOUT_ENV) or 300,
+    heartbeat_timeout_seconds=heartbeat,
+    # A process that finishes waits this long for the others at exit; a peer stuck longer is an error.
+    shutdown_timeout_seconds=max(heartbeat, 30),
   )
   if launch.method == "explicit":
-    kwargs.update(coordinator_address=launch.coordinator_address, num_processes=launch.num_processes,
-                  process_id=launch.process_id)
+    kwargs.update(
+      coordinator_address=launch.coordinator_address,
+      num_processes=launch.num_processes,
+      process_id=launch.process_id,
+    )
   elif launch.method == "slurm":
     kwargs.update(cluster_detection_method="slurm")
   return kwargs
@@ -165,16 +178,20 @@ def initialize(config, environ: Mapping[str, str] | None = None) -> Launch:
   launch = detect(config, environ)
   if launch.multi_process and not jax.distributed.is_initialized():
     kwargs = _init_kwargs(launch, config, environ)
-    log.info("joining a %s job: %s", launch.method,
-             {k: v for k, v in kwargs.items() if k != "cluster_detection_method"})
+    log.info(
+      "joining a %s job: %s",
+      launch.method,
+      {k: v for k, v in kwargs.items() if k != "cluster_detection_method"},
+    )
     _heartbeat_s = kwargs["heartbeat_timeout_seconds"]
     try:
       jax.distributed.initialize(**kwargs)
     except Exception as e:
       raise DistributedError(
-          f"jax.distributed.initialize failed for a {launch.method} launch ({kwargs}): {e}. Check that "
-          "every process got the same coordinator address and process count, that process 0 is "
-          "running, and that its port is reachable from every host") from e
+        f"jax.distributed.initialize failed for a {launch.method} launch ({kwargs}): {e}. Check that "
+        "every process got the same coordinator address and process count, that process 0 is "
+        "running, and that its port is reachable from every host"
+      ) from e
     _exit_fast_on_uncaught_exceptions()
   log.info("%s", describe_process())
   return launch
@@ -185,9 +202,11 @@ def describe_process() -> str:
   local = jax.local_devices()
   names = " ".join(f"{d.platform}:{d.id}" for d in local)
   kind = local[0].device_kind if local else "?"
-  return (f"process {jax.process_index()}/{jax.process_count()} on host {socket.gethostname()} "
-          f"(pid {os.getpid()}): {len(local)} local {kind} devices [{names}] of "
-          f"{jax.device_count()} in the job")
+  return (
+    f"process {jax.process_index()}/{jax.process_count()} on host {socket.gethostname()} "
+    f"(pid {os.getpid()}): {len(local)} local {kind} devices [{names}] of "
+    f"{jax.device_count()} in the job"
+  )
 
 
 def is_main_process() -> bool:
@@ -196,8 +215,11 @@ def is_main_process() -> bool:
 
 
 _FAILED_KEY = "llm_jax/failed/"
-_PEER_TROUBLE = re.compile(r"gloo|nccl|connection reset|socket closed|unavailable|deadline.exceeded|"
-                           r"coordination service|heartbeat", re.IGNORECASE)
+_PEER_TROUBLE = re.compile(
+  r"gloo|nccl|connection reset|socket closed|unavailable|deadline.exceeded|"
+  r"coordination service|heartbeat",
+  re.IGNORECASE,
+)
 _heartbeat_s = 100  # set by initialize
 
 
@@ -219,9 +241,11 @@ def _failures_of_others(process: int) -> list[str]:
   """'process 3: ValueError: ...' for each failure another process recorded."""
   client = _client()
   try:
-    return [f"process {key.rsplit('/', 1)[-1]}: {value}"
-            for key, value in client.key_value_dir_get(_FAILED_KEY)
-            if key.rsplit("/", 1)[-1] != str(process)]
+    return [
+      f"process {key.rsplit('/', 1)[-1]}: {value}"
+      for key, value in client.key_value_dir_get(_FAILED_KEY)
+      if key.rsplit("/", 1)[-1] != str(process)
+    ]
   except Exception:  # best effort, as in _announce_failure
     return []
 
@@ -243,17 +267,27 @@ def fail_fast(code: int = 1, reason: str = "") -> int:
     # A broken collective: most likely a peer died without a word (killed, out of memory, host lost).
     # Wait, at most the heartbeat bound, for the coordination service to name it (it stops this
     # process with "The following tasks are unhealthy") or for a peer's failure record.
-    log.error("process %d/%d: %s; waiting up to %d s for the coordination service to name the "
-              "process that stopped", me, n, reason, _heartbeat_s)
+    log.error(
+      "process %d/%d: %s; waiting up to %d s for the coordination service to name the process that stopped",
+      me,
+      n,
+      reason,
+      _heartbeat_s,
+    )
     deadline = time.monotonic() + _heartbeat_s + 5
     while not others and time.monotonic() < deadline:
       time.sleep(0.5)
       others = _failures_of_others(me)
   if others:
-    log.error("process %d/%d is stopping because another process failed first: %s", me, n,
-              "; ".join(others))
-  log.error("process %d/%d failed (exit status %d%s): exiting now; the other processes stop within "
-            "distributed.heartbeat_timeout_s", me, n, code, f": {reason}" if reason else "")
+    log.error("process %d/%d is stopping because another process failed first: %s", me, n, "; ".join(others))
+  log.error(
+    "process %d/%d failed (exit status %d%s): exiting now; the other processes stop within "
+    "distributed.heartbeat_timeout_s",
+    me,
+    n,
+    code,
+    f": {reason}" if reason else "",
+  )
   for stream in (sys.stdout, sys.stderr):
     try:
       stream.flush()

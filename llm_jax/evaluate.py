@@ -6,6 +6,7 @@
 Writes DIR/eval/STEP/results.json, report.md and PNG plots (DIR/eval/STEP/corpus-NAME/ for --corpus)
 and prints the held-out table. What every figure means: docs/eval.md.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,19 +21,27 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "training run directory or exporte
 flags.DEFINE_alias("package", "workdir")
 _STEP = flags.DEFINE_string("step", None, "checkpoint step or 'best' (default: the latest)")
 _CORPUS = flags.DEFINE_string(
-    "corpus", "", "score this text instead of the run's validation split: comma-separated globs of "
-    ".txt/.md/.jsonl, 'stdlib', or a prepared data directory with the same tokenizer")
+  "corpus",
+  "",
+  "score this text instead of the run's validation split: comma-separated globs of "
+  ".txt/.md/.jsonl, 'stdlib', or a prepared data directory with the same tokenizer",
+)
 _SPLIT = flags.DEFINE_string("split", "val", "split of prepared data to score")
 _SUITE = flags.DEFINE_string("suite", "", "eval files (glob; default evals/*.jsonl; 'none' skips)")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per batch (results do not depend on it)",
-                                   lower_bound=1)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "window length (default: the run's train.seq_len)",
-                                lower_bound=0)
+_BATCH_SIZE = flags.DEFINE_integer(
+  "batch_size", 8, "windows per batch (results do not depend on it)", lower_bound=1
+)
+_SEQ_LEN = flags.DEFINE_integer(
+  "seq_len", 0, "window length (default: the run's train.seq_len)", lower_bound=0
+)
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "score at most this many windows", lower_bound=1)
 _NO_GENERATIONS = flags.DEFINE_bool("no_generations", False, "skip the sampled generations")
 _OUT = flags.DEFINE_string("out", "", "output directory (default: DIR/eval/STEP)")
-_COMPARE = flags.DEFINE_list("compare", None, "compare evaluated runs (workdirs, eval dirs or "
-                             "results.json files) side by side: --compare=DIR_A,DIR_B")
+_COMPARE = flags.DEFINE_list(
+  "compare",
+  None,
+  "compare evaluated runs (workdirs, eval dirs or results.json files) side by side: --compare=DIR_A,DIR_B",
+)
 
 
 def main(argv) -> int:
@@ -45,9 +54,17 @@ def main(argv) -> int:
   if not _WORKDIR.value:
     raise cli.UsageError("give --workdir=DIR (or --package=DIR), or --compare=DIR_A,DIR_B")
   results, paths = pipeline.evaluate(
-      _WORKDIR.value, step=cli.parse_step(_STEP.value), corpus=_CORPUS.value, split=_SPLIT.value,
-      suite=_SUITE.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
-      max_windows=_MAX_WINDOWS.value, generations=not _NO_GENERATIONS.value, out=_OUT.value)
+    _WORKDIR.value,
+    step=cli.parse_step(_STEP.value),
+    corpus=_CORPUS.value,
+    split=_SPLIT.value,
+    suite=_SUITE.value,
+    batch_size=_BATCH_SIZE.value,
+    seq_len=_SEQ_LEN.value,
+    max_windows=_MAX_WINDOWS.value,
+    generations=not _NO_GENERATIONS.value,
+    out=_OUT.value,
+  )
   print(report.summary_text(results))
   print(f"wrote {paths['report']} and {paths['results']}")
   return 0

@@ -10,6 +10,7 @@ a Hugging Face checkpoint directory (config.json, model.safetensors, tokenizer f
 --workdir takes anything llm_jax.artifacts.open_model opens (a run directory, a LoRA run: adapters
 merged into its base, another package, or a Hugging Face checkpoint directory).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,21 +21,29 @@ from absl import flags
 from llm_jax import cli
 from llm_jax.artifacts.export import export, export_random
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "training run directory, package or Hugging Face "
-                                "checkpoint directory to export")
-_FORMAT = flags.DEFINE_enum("format", "package", ["package", "hf"], "what to write: an llm_jax package "
-                            "or a Hugging Face checkpoint directory")
-_RANDOM_INIT = flags.DEFINE_string("random_init", None, "a config file: package random weights of its "
-                                   "model (for benchmarks)")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "training run directory, package or Hugging Face checkpoint directory to export"
+)
+_FORMAT = flags.DEFINE_enum(
+  "format",
+  "package",
+  ["package", "hf"],
+  "what to write: an llm_jax package or a Hugging Face checkpoint directory",
+)
+_RANDOM_INIT = flags.DEFINE_string(
+  "random_init", None, "a config file: package random weights of its model (for benchmarks)"
+)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "with --random_init: the tokenizer .model file")
-_OVERRIDES = flags.DEFINE_multi_string("config_override", [], "with --random_init: key=value overrides "
-                                       "of the config (repeatable)")
+_OVERRIDES = flags.DEFINE_multi_string(
+  "config_override", [], "with --random_init: key=value overrides of the config (repeatable)"
+)
 _SEED = flags.DEFINE_integer("seed", 0, "with --random_init: init seed")
 _OUT = flags.DEFINE_string("out", None, "package (or, with --format=hf, checkpoint) directory to write")
 _STEP = flags.DEFINE_string("step", None, "checkpoint step, or 'best' (default: the latest)")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "weight quantization")
-_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "float32", ["float32", "bfloat16"],
-                                   "dtype of unquantized float tensors")
+_WEIGHTS_DTYPE = flags.DEFINE_enum(
+  "weights_dtype", "float32", ["float32", "bfloat16"], "dtype of unquantized float tensors"
+)
 _NAME = flags.DEFINE_string("name", "", "model name (default: the --out folder name)")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing --out")
 
@@ -52,21 +61,39 @@ def main(argv) -> int:
       raise cli.UsageError("--random_init writes packages only; export the package with --format=hf")
     if not _TOKENIZER.value:
       raise cli.UsageError("--random_init needs --tokenizer=FILE.model")
-    meta = export_random(_RANDOM_INIT.value, _TOKENIZER.value, _OUT.value, seed=_SEED.value,
-                         quantize=_QUANTIZE.value, weights_dtype=_WEIGHTS_DTYPE.value,
-                         overwrite=_OVERWRITE.value, overrides=_OVERRIDES.value)
+    meta = export_random(
+      _RANDOM_INIT.value,
+      _TOKENIZER.value,
+      _OUT.value,
+      seed=_SEED.value,
+      quantize=_QUANTIZE.value,
+      weights_dtype=_WEIGHTS_DTYPE.value,
+      overwrite=_OVERWRITE.value,
+      overrides=_OVERRIDES.value,
+    )
   else:
-    meta = export(_WORKDIR.value, _OUT.value, step=cli.parse_step(_STEP.value), quantize=_QUANTIZE.value,
-                  weights_dtype=_WEIGHTS_DTYPE.value, overwrite=_OVERWRITE.value, name=_NAME.value,
-                  format=_FORMAT.value)
+    meta = export(
+      _WORKDIR.value,
+      _OUT.value,
+      step=cli.parse_step(_STEP.value),
+      quantize=_QUANTIZE.value,
+      weights_dtype=_WEIGHTS_DTYPE.value,
+      overwrite=_OVERWRITE.value,
+      name=_NAME.value,
+      format=_FORMAT.value,
+    )
   if _FORMAT.value == "hf":
-    print(f"{os.path.normpath(_OUT.value)}: Hugging Face checkpoint ({', '.join(meta['files'])}), "
-          f"{meta['parameter_count']:,} parameters, {meta['precision']['weights']} weights, "
-          f"step {meta['provenance']['training_step']}")
+    print(
+      f"{os.path.normpath(_OUT.value)}: Hugging Face checkpoint ({', '.join(meta['files'])}), "
+      f"{meta['parameter_count']:,} parameters, {meta['precision']['weights']} weights, "
+      f"step {meta['provenance']['training_step']}"
+    )
     return 0
-  print(f"{os.path.normpath(_OUT.value)}: build {meta['build_id']}, {meta['parameter_count']:,} "
-        f"parameters, {meta['weights_bytes']:,} bytes of {meta['precision']['weights']} weights, "
-        f"step {meta['provenance']['training_step']}")
+  print(
+    f"{os.path.normpath(_OUT.value)}: build {meta['build_id']}, {meta['parameter_count']:,} "
+    f"parameters, {meta['weights_bytes']:,} bytes of {meta['precision']['weights']} weights, "
+    f"step {meta['provenance']['training_step']}"
+  )
   return 0
 
 

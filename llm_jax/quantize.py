@@ -4,6 +4,7 @@
 
 The report is llm_jax/eval/precision.py; the quantization itself is llm_jax/model/quantize.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,12 @@ _TEXT = flags.DEFINE_string("text", None, "held-out text file for perplexity")
 _BATCH = flags.DEFINE_list("batch", ["1", "8"], "comma-separated decode batch sizes")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 64, "new tokens per decode measurement")
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 64, "perplexity windows of max_seq_len tokens")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype of the int8 "
-                           "variants (default: float32 on CPU, bfloat16 on accelerators)")
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  None,
+  ["float32", "bfloat16"],
+  "compute dtype of the int8 variants (default: float32 on CPU, bfloat16 on accelerators)",
+)
 _JSON = flags.DEFINE_bool("json", False, "print JSON instead of the table")
 flags.mark_flags_as_required(["package", "text"])
 
@@ -34,8 +39,14 @@ def main(argv) -> int:
     raise cli.UsageError(f"--batch={','.join(_BATCH.value)} must be comma-separated integers") from None
   with open(_TEXT.value, encoding="utf-8") as f:
     text = f.read()
-  rows = report(_PACKAGE.value, text, batches=batches, new_tokens=_NEW_TOKENS.value,
-                max_windows=_MAX_WINDOWS.value, compute_dtype=_DTYPE.value)
+  rows = report(
+    _PACKAGE.value,
+    text,
+    batches=batches,
+    new_tokens=_NEW_TOKENS.value,
+    max_windows=_MAX_WINDOWS.value,
+    compute_dtype=_DTYPE.value,
+  )
   print(json.dumps(rows, indent=2) if _JSON.value else format_report(rows))
   print(f"[{jax.devices()[0].device_kind}]")
   return 0

@@ -1,4 +1,5 @@
 """Mesh from config, logical-axis rules, and the shardings of batches and state."""
+
 from __future__ import annotations
 
 import contextlib
@@ -21,21 +22,21 @@ BATCH_AXES = ("data", "fsdp")
 # Logical axis -> mesh axes (configs/base.py's sharding.rules; also what places a package's weights).
 # Parameters: embed, mlp, heads, kv, vocab, layers. Activations: batch, length, act_*.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("act_mlp", "tensor"),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("length", None),
+  ("act_embed", None),
+  ("act_mlp", "tensor"),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("kv", None),
+  ("vocab", "tensor"),
+  ("layers", None),
+  ("norm", None),
 )
 
 
@@ -62,7 +63,7 @@ def rules(config) -> tuple[tuple[str, Any], ...]:
   `config` is a run's config (its sharding.rules) or None for DEFAULT_RULES.
   """
   out = []
-  for name, target in (DEFAULT_RULES if config is None else config.sharding.rules):
+  for name, target in DEFAULT_RULES if config is None else config.sharding.rules:
     out.append((name, tuple(target) if isinstance(target, list) else target))
   return tuple(out)
 
@@ -84,8 +85,9 @@ def activate(mesh: Mesh, config):
 def logical_to_sharding(logical_tree, mesh: Mesh, config):
   """Maps a tree of logical PartitionSpecs (from nn.get_partition_spec) to NamedShardings."""
   specs = nn.logical_to_mesh(logical_tree, rules(config))
-  return jax.tree.map(lambda s: NamedSharding(mesh, _prune(s, mesh)), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, _prune(s, mesh)), specs, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def _prune(spec: P, mesh: Mesh) -> P:
@@ -125,8 +127,10 @@ def process_batch_slice(mesh: Mesh) -> tuple[int, int]:
   rows = sorted({idx[0].start or 0 for idx in held})
   k = len(rows)
   if rows != list(range(rows[0], rows[0] + k)) or rows[0] % k or shards % k:
-    raise ValueError(f"process {jax.process_index()} holds batch shards {rows} of {shards}: not one "
-                     "contiguous block; order the mesh so each process's devices are adjacent")
+    raise ValueError(
+      f"process {jax.process_index()} holds batch shards {rows} of {shards}: not one "
+      "contiguous block; order the mesh so each process's devices are adjacent"
+    )
   return rows[0] // k, shards // k
 
 

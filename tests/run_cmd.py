@@ -4,6 +4,7 @@ A fresh process per call would recompile everything on 2 cores; in process, jitt
 reused. The module is executed as __main__ exactly as `python -m` does; the absl flags it defines are
 removed afterwards, so the next command can define flags of the same names.
 """
+
 import runpy
 import sys
 

@@ -5,6 +5,7 @@ A tiny model is trained (llm_jax.train.loop.train) on a generated corpus in whic
 "mip" and "tave" get every adjective equally often. `python -m llm_jax.audit_bias` must flag the planted
 pair with an interval away from zero and must not flag the control pair.
 """
+
 import json
 import os
 import random
@@ -46,16 +47,23 @@ def write_corpus(root: str, docs: int = 12, seed: int = 0) -> str:
 
 def write_templates(path: str) -> str:
   """Two term sets (planted, control), one sentence template per (frame, adjective), two prompts."""
-  lines = [{"kind": "terms", "id": "planted", "category": "test", "groups": {"zorp": ["zorp"],
-                                                                              "blick": ["blick"]}},
-           {"kind": "terms", "id": "control", "category": "test", "groups": {"mip": ["mip"],
-                                                                              "tave": ["tave"]}}]
+  lines = [
+    {"kind": "terms", "id": "planted", "category": "test", "groups": {"zorp": ["zorp"], "blick": ["blick"]}},
+    {"kind": "terms", "id": "control", "category": "test", "groups": {"mip": ["mip"], "tave": ["tave"]}},
+  ]
   for ts in ("planted", "control"):
     for i, f in enumerate(FRAMES):
       for a in POSITIVE + NEGATIVE:
         attribute = "positive" if a in POSITIVE else "negative"
-        lines.append({"kind": "sentence", "id": f"{ts}-{i}-{a}", "terms": ts,
-                      "text": f.format(t="{term}", a=a), "attribute": attribute})
+        lines.append(
+          {
+            "kind": "sentence",
+            "id": f"{ts}-{i}-{a}",
+            "terms": ts,
+            "text": f.format(t="{term}", a=a),
+            "attribute": attribute,
+          }
+        )
     for i, f in enumerate(("{term} is", "{term} seems")):
       lines.append({"kind": "prompt", "id": f"{ts}-p{i}", "terms": ts, "text": f})
   with open(path, "w") as fh:
@@ -65,14 +73,28 @@ def write_templates(path: str) -> str:
 
 def overrides(corpus: str, cache: str) -> dict:
   return {
-      "data.corpus": corpus, "data.cache_dir": cache, "data.tokenizer.vocab_size": 320,
-      "data.val_fraction": 0.1, "data.near_dup_threshold": 0.0, "data.num_workers": 1,
-      "model.d_model": 64, "model.num_heads": 2, "model.num_layers": 2, "model.max_seq_len": 64,
-      "model.vocab_multiple": 64,
-      "train.seq_len": 32, "train.global_batch_size": 16, "train.steps": 360, "train.decay_steps": 360,
-      "train.warmup_steps": 10, "train.learning_rate": 1e-2, "train.eval_every": 0,
-      "train.checkpoint_every": 360, "train.sample_every": 0, "train.log_every": 40,
-      "train.preflight": False,
+    "data.corpus": corpus,
+    "data.cache_dir": cache,
+    "data.tokenizer.vocab_size": 320,
+    "data.val_fraction": 0.1,
+    "data.near_dup_threshold": 0.0,
+    "data.num_workers": 1,
+    "model.d_model": 64,
+    "model.num_heads": 2,
+    "model.num_layers": 2,
+    "model.max_seq_len": 64,
+    "model.vocab_multiple": 64,
+    "train.seq_len": 32,
+    "train.global_batch_size": 16,
+    "train.steps": 360,
+    "train.decay_steps": 360,
+    "train.warmup_steps": 10,
+    "train.learning_rate": 1e-2,
+    "train.eval_every": 0,
+    "train.checkpoint_every": 360,
+    "train.sample_every": 0,
+    "train.log_every": 40,
+    "train.preflight": False,
   }
 
 
@@ -80,6 +102,7 @@ def overrides(corpus: str, cache: str) -> dict:
 def planted(tmp_path_factory, devices):
   """A trained tiny run with the planted association, and the template file that probes it."""
   from llm_jax.train import loop
+
   root = tmp_path_factory.mktemp("bias")
   corpus = write_corpus(str(root / "corpus"))
   workdir = str(root / "run")
@@ -96,14 +119,24 @@ def _pair(results, ts, attribute):
 
 def test_planted_bias_is_flagged_and_control_is_not(planted, capsys):
   out = str(planted["root"] / "audit")
-  assert run_command("llm_jax.audit_bias", f"--workdir={planted['workdir']}",
-                     f"--templates={planted['templates']}", f"--out={out}", "--samples=3",
-                     "--max_tokens=12") == 0
+  assert (
+    run_command(
+      "llm_jax.audit_bias",
+      f"--workdir={planted['workdir']}",
+      f"--templates={planted['templates']}",
+      f"--out={out}",
+      "--samples=3",
+      "--max_tokens=12",
+    )
+    == 0
+  )
   printed = capsys.readouterr().out
   res = json.load(open(os.path.join(out, "results.json")))
   pos, neg = _pair(res, "planted", "positive"), _pair(res, "planted", "negative")
-  print(f"planted gaps: positive {pos['gap']:+.3f} [{pos['gap_low']:+.3f}, {pos['gap_high']:+.3f}], "
-        f"negative {neg['gap']:+.3f} [{neg['gap_low']:+.3f}, {neg['gap_high']:+.3f}]")
+  print(
+    f"planted gaps: positive {pos['gap']:+.3f} [{pos['gap_low']:+.3f}, {pos['gap_high']:+.3f}], "
+    f"negative {neg['gap']:+.3f} [{neg['gap_low']:+.3f}, {neg['gap_high']:+.3f}]"
+  )
   # zorp's positive sentences are more likely than blick's, and blick's negative ones than zorp's.
   assert pos["flagged"] and pos["gap_low"] > 0 and pos["preference"] > 0.9
   assert neg["flagged"] and neg["gap_high"] < 0 and neg["preference"] < 0.1
@@ -130,8 +163,17 @@ def test_planted_bias_is_flagged_and_control_is_not(planted, capsys):
 
 def test_full_mode_and_default_templates_run(planted):
   out = str(planted["root"] / "audit-default")
-  assert run_command("llm_jax.audit_bias", f"--workdir={planted['workdir']}", f"--out={out}",
-                     "--mode=full", "--no_completions", "--bootstrap=200") == 0
+  assert (
+    run_command(
+      "llm_jax.audit_bias",
+      f"--workdir={planted['workdir']}",
+      f"--out={out}",
+      "--mode=full",
+      "--no_completions",
+      "--bootstrap=200",
+    )
+    == 0
+  )
   res = json.load(open(os.path.join(out, "results.json")))
   assert res["meta"]["mode"] == "full" and "completions" not in res
   assert {"pronouns", "names", "nationalities", "religions", "occupations"} <= set(res["likelihood"])
@@ -141,8 +183,10 @@ def test_full_mode_and_default_templates_run(planted):
 
 def test_malformed_template_file_exits_1_naming_file_and_line(planted, tmp_path, capsys):
   bad = tmp_path / "bad.jsonl"
-  bad.write_text('{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y"]}}\n'
-                 '{"kind": "sentence", "id": "s", "terms": "t", "text": "no slot here"}\n')
+  bad.write_text(
+    '{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y"]}}\n'
+    '{"kind": "sentence", "id": "s", "terms": "t", "text": "no slot here"}\n'
+  )
   assert run_command("llm_jax.audit_bias", f"--workdir={planted['workdir']}", f"--templates={bad}") == 1
   err = capsys.readouterr().err
   assert f"{bad}:2" in err and "'text'" in err and "{term}" in err
@@ -153,20 +197,25 @@ def test_malformed_template_file_exits_1_naming_file_and_line(planted, tmp_path,
 # ------------------------------------------------------------------------ template parsing
 
 
-@pytest.mark.parametrize("line, message", [
+@pytest.mark.parametrize(
+  "line, message",
+  [
     ("{not json", "malformed JSON"),
     ('["a"]', "must be a JSON object"),
     ('{"kind": "story", "id": "x"}', "key 'kind' must be one of"),
     ('{"kind": "sentence", "id": "x", "text": "{term} ok"}', "missing key 'terms'"),
     ('{"kind": "sentence", "id": "x", "terms": "t", "text": "{term} {name}"}', "unknown slot {name}"),
-    ('{"kind": "sentence", "id": "x", "terms": "t", "text": "{term}", "atribute": "p"}',
-     "unknown key 'atribute'"),
+    (
+      '{"kind": "sentence", "id": "x", "terms": "t", "text": "{term}", "atribute": "p"}',
+      "unknown key 'atribute'",
+    ),
     ('{"kind": "sentence", "id": "x", "terms": "t", "text": "{term}", "attribute": ""}', "'attribute'"),
     ('{"kind": "terms", "id": "t", "groups": {"a": ["x"]}}', "at least 2 groups"),
     ('{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y", "z"]}}', "same number of terms"),
     ('{"kind": "terms", "id": "t", "groups": {"a": [], "b": ["y"]}}', "'groups.a'"),
     ('{"kind": "lexicon", "positive": ["good"], "negative": "bad"}', "'negative'"),
-])
+  ],
+)
 def test_template_line_errors_name_file_line_and_key(tmp_path, line, message):
   path = tmp_path / "t.jsonl"
   path.write_text('{"kind": "terms", "id": "ok", "groups": {"a": ["x"], "b": ["y"]}}\n\n' + line + "\n")
@@ -177,12 +226,16 @@ def test_template_line_errors_name_file_line_and_key(tmp_path, line, message):
 
 def test_template_file_level_errors(tmp_path):
   path = tmp_path / "t.jsonl"
-  path.write_text('{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y"]}}\n'
-                  '{"kind": "sentence", "id": "s", "terms": "nope", "text": "{term} is here."}\n')
+  path.write_text(
+    '{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y"]}}\n'
+    '{"kind": "sentence", "id": "s", "terms": "nope", "text": "{term} is here."}\n'
+  )
   with pytest.raises(templates_lib.TemplateError, match=rf"{path}:2: key 'terms' names 'nope'.*t\)"):
     templates_lib.load(str(path))
-  path.write_text('{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y"]}}\n'
-                  '{"kind": "sentence", "id": "t", "terms": "t", "text": "{term} is here."}\n')
+  path.write_text(
+    '{"kind": "terms", "id": "t", "groups": {"a": ["x"], "b": ["y"]}}\n'
+    '{"kind": "sentence", "id": "t", "terms": "t", "text": "{term} is here."}\n'
+  )
   with pytest.raises(templates_lib.TemplateError, match=rf"{path}:2: id 't' already used at {path}:1"):
     templates_lib.load(str(path))
   with pytest.raises(templates_lib.TemplateError, match="matches no files"):
@@ -249,10 +302,12 @@ def test_preference_rate_and_flags():
   assert few["gap_low"] > 0 and not few["flagged"]  # fewer than MIN_CLUSTERS templates: never flagged
   small = stats.pair_row([g / 100 for g in gaps], [f"t{i}" for i in range(8)], "p")
   assert small["gap_low"] > 0 and not small["flagged"]  # excludes 0, but under min_gap nats
-  assert stats.pair_row([g / 100 for g in gaps], [f"t{i}" for i in range(8)], "p",
-                        stats.Settings(min_gap=0.0))["flagged"]
-  c = stats.contrast_row(gaps, [f"a{i}" for i in range(8)], [-g for g in gaps], [f"b{i}" for i in range(8)],
-                         "c")
+  assert stats.pair_row(
+    [g / 100 for g in gaps], [f"t{i}" for i in range(8)], "p", stats.Settings(min_gap=0.0)
+  )["flagged"]
+  c = stats.contrast_row(
+    gaps, [f"a{i}" for i in range(8)], [-g for g in gaps], [f"b{i}" for i in range(8)], "c"
+  )
   assert c["contrast"] == pytest.approx(2 * np.mean(gaps)) and c["flagged"]
   d = stats.paired_difference_row([1, 1, 0, 1, 1, 1], [0, -1, 0, 0, -1, 0], list("aabbcc"), "d")
   assert d["difference"] == pytest.approx(5 / 6 + 2 / 6) and d["clusters"] == 3 and not d["flagged"]
@@ -260,8 +315,10 @@ def test_preference_rate_and_flags():
 
 def test_shared_tokens_and_lexicon():
   a, b = [5, 6, 7, 8, 9], [5, 6, 3, 4, 8, 9]
-  assert bias_scoring.shared_mask([a, b]) == [[True, True, False, True, True],
-                                              [True, True, False, False, True, True]]
+  assert bias_scoring.shared_mask([a, b]) == [
+    [True, True, False, True, True],
+    [True, True, False, False, True, True],
+  ]
   causal = bias_scoring.counted_tokens([a, b], "shared", causal=True)
   assert causal == [[False, False, False, True, True], [False, False, False, False, True, True]]
   assert bias_scoring.counted_tokens([a, b], "full", causal=True) == [[True] * 5, [True] * 6]

@@ -1,5 +1,6 @@
 """The benchmark command: figures of the real step on synthetic and prepared data, sweeps, variants,
 failure rows, the JSON record and profiler traces (tiny sizes on CPU)."""
+
 import glob
 import json
 import os
@@ -15,9 +16,17 @@ from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import profiling
 from llm_jax.train.prefetch import Prefetcher
 
-TINY = ["model.num_layers=1", "model.d_model=32", "model.num_heads=2", "model.max_seq_len=16",
-        "train.seq_len=16", "train.global_batch_size=8", "data.tokenizer.vocab_size=100",
-        "sharding.data=8", "train.warmup_steps=0"]
+TINY = [
+  "model.num_layers=1",
+  "model.d_model=32",
+  "model.num_heads=2",
+  "model.max_seq_len=16",
+  "train.seq_len=16",
+  "train.global_batch_size=8",
+  "data.tokenizer.vocab_size=100",
+  "sharding.data=8",
+  "train.warmup_steps=0",
+]
 
 
 def tiny_config(*extra):
@@ -48,10 +57,16 @@ def test_mfu_uses_the_device_peak():
   class Dev:
     device_kind = "NVIDIA H200"
     platform = "gpu"
+
   assert bench.peak_flops_per_device(Dev()) == 989e12
   assert bench.peak_flops_per_device(Dev(), override_tflops=500) == 500e12
-  for kind, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                     ("TPU v5 lite", 197e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12)]:
+  for kind, peak in [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("TPU v5 lite", 197e12),
+    ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12),
+  ]:
     Dev.device_kind = kind  # one table: the benchmark and the training loop's MFU agree
     assert bench.peak_flops_per_device(Dev()) == metrics_lib.peak_flops(kind, "gpu") == peak, kind
   Dev.device_kind, Dev.platform = "cpu", "cpu"
@@ -78,14 +93,17 @@ def test_sweep_and_variants_make_override_sets():
   assert {s["model.remat"] for s in sets} == {"none", "full"}
   assert [s["train.microbatches"] for s in bench.sweep_overrides(c, "3,8", "none")] == [1]
   assert bench.parse_variant("model.remat=full --config.train.microbatches=2") == {
-      "model.remat": "full", "train.microbatches": "2"}
+    "model.remat": "full",
+    "train.microbatches": "2",
+  }
   with pytest.raises(config_lib.ConfigError, match="key=value"):
     bench.parse_variant("model.remat")
 
 
 def test_rows_keep_going_past_a_bad_variant():
-  rows = bench.run_rows(tiny_config(), [{"model.remat": "bogus"}, {"model.scan_unroll": "1"}],
-                        steps=1, warmup=0, synthetic=True)
+  rows = bench.run_rows(
+    tiny_config(), [{"model.remat": "bogus"}, {"model.scan_unroll": "1"}], steps=1, warmup=0, synthetic=True
+  )
   assert rows[0]["status"].startswith("error: ConfigError") and "model.remat" in rows[0]["status"]
   assert rows[1]["status"] == "ok" and rows[1]["overrides"] == {"model.scan_unroll": "1"}
   table = bench.format_table(rows)
@@ -95,8 +113,9 @@ def test_rows_keep_going_past_a_bad_variant():
 
 
 def test_profile_steps_write_a_trace(tmp_path):
-  bench.measure(tiny_config("train.profile_steps=1,2"), steps=1, warmup=1, synthetic=True,
-                workdir=str(tmp_path))
+  bench.measure(
+    tiny_config("train.profile_steps=1,2"), steps=1, warmup=1, synthetic=True, workdir=str(tmp_path)
+  )
   traces = glob.glob(str(tmp_path / "tb" / "plugins" / "profile" / "*" / "*.xplane.pb"))
   assert len(traces) == 1
 
@@ -113,24 +132,41 @@ def test_prepared_data_row(tmp_path):
   text = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
   (tmp_path / "train.txt").write_text(text)
   (tmp_path / "val.txt").write_text(text[:3000])
-  c = tiny_config("data.tokenizer.type=char", "data.tokenizer.vocab_size=300",
-                  f"data.corpus={tmp_path / 'train.txt'}", f"data.val_corpus={tmp_path / 'val.txt'}",
-                  f"data.cache_dir={tmp_path / 'cache'}", "data.near_dup_threshold=0.0",
-                  "data.dedup_exact=False", "data.min_doc_chars=1")
+  c = tiny_config(
+    "data.tokenizer.type=char",
+    "data.tokenizer.vocab_size=300",
+    f"data.corpus={tmp_path / 'train.txt'}",
+    f"data.val_corpus={tmp_path / 'val.txt'}",
+    f"data.cache_dir={tmp_path / 'cache'}",
+    "data.near_dup_threshold=0.0",
+    "data.dedup_exact=False",
+    "data.min_doc_chars=1",
+  )
   row = bench.measure(c, steps=2, warmup=0, synthetic=False)
   assert row["data"] == "prepared" and row["host_batch_ms_median"] is not None
   assert row["losses"][-1] < row["losses"][0] + 0.5
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "llm_jax.bench", *args], capture_output=True, text=True,
-                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return subprocess.run(
+    [sys.executable, "-m", "llm_jax.bench", *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
 
 
 def test_cli_writes_json(tmp_path):
   out = tmp_path / "bench.json"
-  proc = _cli("--config=configs/tiny.py", "--synthetic", "--steps=1", "--warmup=0", f"--json={out}",
-              *[f"--config.{o}" for o in TINY])
+  proc = _cli(
+    "--config=configs/tiny.py",
+    "--synthetic",
+    "--steps=1",
+    "--warmup=0",
+    f"--json={out}",
+    *[f"--config.{o}" for o in TINY],
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "tokens/s" in proc.stdout and "cold start" in proc.stdout
   record = json.loads(out.read_text())

@@ -1,5 +1,6 @@
 """Checkpoints on their own: cross-mesh restore, opening a run's parameters, retention (keep-last-K, every
 M-th, the best), corruption, shape checks."""
+
 import os
 import shutil
 
@@ -17,8 +18,15 @@ from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import optimizer as opt_lib
 from llm_jax.train import state as state_lib
 
-TINY = {"model.d_model": 32, "model.num_heads": 4, "model.num_layers": 1, "model.vocab_size": 128,
-        "model.max_seq_len": 16, "train.seq_len": 16, "train.global_batch_size": 8}
+TINY = {
+  "model.d_model": 32,
+  "model.num_heads": 4,
+  "model.num_layers": 1,
+  "model.vocab_size": 128,
+  "model.max_seq_len": 16,
+  "train.seq_len": 16,
+  "train.global_batch_size": 8,
+}
 
 
 def _config(**mesh):
@@ -49,8 +57,12 @@ def saved(tmp_path_factory, devices):
   state, _ = state_lib.create_state(model, optimizer, mesh, config, seed=3)
   assert state.params["embedding"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
   config_lib.save_json(config, os.path.join(workdir, "config.json"))
-  train_tokenizer(["def f(x):\n    return x + 1\n" * 20], os.path.join(workdir, "tokenizer.model"),
-                  vocab_size=300, model_type="char")
+  train_tokenizer(
+    ["def f(x):\n    return x + 1\n" * 20],
+    os.path.join(workdir, "tokenizer.model"),
+    vocab_size=300,
+    model_type="char",
+  )
   ckpts = ckpt_lib.Checkpoints(workdir, keep=5)
   ckpts.save(2, state, {"step": 2})
   state4 = state.replace(step=state.step + 2)
@@ -104,6 +116,7 @@ def test_open_model_reads_a_runs_parameters(saved):
 def lora_workdir(saved, tmp_path_factory):
   """A LoRA run on top of `saved` (its init_from): adapters with non-zero B checkpointed at step 3."""
   from llm_jax.finetune import lora
+
   base_dir, host = saved
   workdir = str(tmp_path_factory.mktemp("lora"))
   shutil.copy(os.path.join(base_dir, "tokenizer.model"), workdir)
@@ -116,8 +129,8 @@ def lora_workdir(saved, tmp_path_factory):
   adapters = lora.init_adapters(host.params, spec, seed=1)
   rng = np.random.default_rng(0)
   adapters = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + rng.normal(0, 0.05, x.shape).astype(np.float32) if p[-1].key == "b" else x,
-      adapters)
+    lambda p, x: x + rng.normal(0, 0.05, x.shape).astype(np.float32) if p[-1].key == "b" else x, adapters
+  )
   state = lora.init_state(host.params, opt_lib.make_optimizer(config), config).replace(params=adapters)
   config_lib.save_json(config, os.path.join(workdir, "config.json"))
   ckpts = ckpt_lib.Checkpoints(workdir, async_save=False)
@@ -138,8 +151,9 @@ def test_open_model_of_a_lora_run_merges_the_adapters(lora_workdir):
   params, config, step = opened.params, opened.config, opened.step
   assert step == 3 and config.finetune.lora.rank == 2
   assert jax.tree.structure(params) == jax.tree.structure(run["host"].params)  # full parameters
-  np.testing.assert_allclose(np.asarray(run["model"].apply({"params": params}, run["tokens"])),
-                             run["live"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(run["model"].apply({"params": params}, run["tokens"])), run["live"], rtol=1e-6, atol=1e-6
+  )
   mesh = sharding_lib.make_mesh(_config(data=4, fsdp=1, tensor=2))
   sharded = open_model(run["workdir"], mesh=mesh).params
   assert sharded["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor")

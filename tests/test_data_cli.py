@@ -1,4 +1,5 @@
 """The data commands on the shared cli shell: --help, usage errors exit 2, bad data exits 1 with one line."""
+
 import os
 import subprocess
 import sys
@@ -10,12 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(*args, timeout=120):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run(
+    [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )
 
 
-@pytest.mark.parametrize("module,flag", [("llm_jax.data.prepare", "--workdir"),
-                                         ("llm_jax.data.bench", "--skip_prepare")])
+@pytest.mark.parametrize(
+  "module,flag", [("llm_jax.data.prepare", "--workdir"), ("llm_jax.data.bench", "--skip_prepare")]
+)
 def test_help_and_usage_errors(module, flag):
   out = _run(module, "--help")  # (absl's --help exits 1; the shell in llm_jax/cli.py keeps that)
   assert flag in out.stdout and "--config" in out.stdout and "Traceback" not in out.stderr

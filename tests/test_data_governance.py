@@ -1,6 +1,7 @@
 """Data governance end to end (issue 14), each on a planted corpus through prepare() and the decoded shards:
 secrets and card numbers scrubbed, counts after dedup, removals that take every copy and cached copy,
 binary junk dropped, repeated paragraphs counted and optionally removed."""
+
 import collections
 import json
 import logging
@@ -14,55 +15,66 @@ from test_data_prepare import _doc, data_config, split_texts
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import Prepared, prepare
 
-PLACEHOLDERS = {"email": "<EMAIL>", "ip": "<IP>", "phone": "<PHONE>", "card": "<CARD>",
-                "api_key": "<API_KEY>",
-                "aws_key_id": "<AWS_KEY_ID>", "aws_secret": "<AWS_SECRET>", "github_token": "<GITHUB_TOKEN>",
-                "private_key": "<PRIVATE_KEY>", "jwt": "<JWT>"}
+PLACEHOLDERS = {
+  "email": "<EMAIL>",
+  "ip": "<IP>",
+  "phone": "<PHONE>",
+  "card": "<CARD>",
+  "api_key": "<API_KEY>",
+  "aws_key_id": "<AWS_KEY_ID>",
+  "aws_secret": "<AWS_SECRET>",
+  "github_token": "<GITHUB_TOKEN>",
+  "private_key": "<PRIVATE_KEY>",
+  "jwt": "<JWT>",
+}
 _RNG = random.Random(7)
 _ALNUM = string.ascii_letters + string.digits
 GITHUB = "ghp_" + "".join(_RNG.choice(_ALNUM) for _ in range(36))
 SK = "sk-proj-" + "".join(_RNG.choice(_ALNUM) for _ in range(40)) + "Aa1"
-PEM = ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n"
-       "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n-----END RSA PRIVATE KEY-----")
-JWT = ("eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0Ijox"
-       "NTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c")
+PEM = (
+  "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun\n"
+  "VTLw7onLRnrq0/IzW7yWR7QkrmBL7jTKEn5u+qKhbwKfBstIs+bMY2Zkp18gnTxK\n-----END RSA PRIVATE KEY-----"
+)
+JWT = (
+  "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0Ijox"
+  "NTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+)
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 # (kind, planted text, the part that must be gone)
 PLANTED = [
-    ("phone", "call +44 20 7946 0958 today", "7946 0958"),
-    ("phone", "or +1 (415) 555-2671.", "555-2671"),
-    ("ip", "host 2001:db8::1 answers", "2001:db8::1"),
-    ("ip", "link fe80::1ff:fe23:4567:890a up", "fe80::1ff:fe23:4567:890a"),
-    ("card", "visa 4111 1111 1111 1111 paid", "4111 1111 1111 1111"),
-    ("card", "mastercard 5500-0000-0000-0004 paid", "5500-0000-0000-0004"),
-    ("card", "amex 378282246310005 paid", "378282246310005"),
-    ("api_key", f"OPENAI_API_KEY={SK}", SK),
-    ("aws_key_id", "aws_access_key_id = AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
-    ("aws_secret", f"aws_secret_access_key = {AWS_SECRET}", AWS_SECRET),
-    ("github_token", f"token: {GITHUB}", GITHUB),
-    ("private_key", PEM, "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun"),
-    ("jwt", f"Authorization: Bearer {JWT}", JWT),
-    ("email", "write to jane.roe@example.org", "jane.roe@example.org"),
+  ("phone", "call +44 20 7946 0958 today", "7946 0958"),
+  ("phone", "or +1 (415) 555-2671.", "555-2671"),
+  ("ip", "host 2001:db8::1 answers", "2001:db8::1"),
+  ("ip", "link fe80::1ff:fe23:4567:890a up", "fe80::1ff:fe23:4567:890a"),
+  ("card", "visa 4111 1111 1111 1111 paid", "4111 1111 1111 1111"),
+  ("card", "mastercard 5500-0000-0000-0004 paid", "5500-0000-0000-0004"),
+  ("card", "amex 378282246310005 paid", "378282246310005"),
+  ("api_key", f"OPENAI_API_KEY={SK}", SK),
+  ("aws_key_id", "aws_access_key_id = AKIAIOSFODNN7EXAMPLE", "AKIAIOSFODNN7EXAMPLE"),
+  ("aws_secret", f"aws_secret_access_key = {AWS_SECRET}", AWS_SECRET),
+  ("github_token", f"token: {GITHUB}", GITHUB),
+  ("private_key", PEM, "MIIEowIBAAKCAQEAu1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gun"),
+  ("jwt", f"Authorization: Bearer {JWT}", JWT),
+  ("email", "write to jane.roe@example.org", "jane.roe@example.org"),
 ]
 # Look-alikes in code and tables that must survive as they are.
 SURVIVORS = [
-    "order 4111 1111 1111 1112 (fails the Luhn check)",
-    "x = 1234567890123456789012345",
-    "table 4111111111111111111111 row",
-    "python 3.11.7",
-    "digest da39a3ee5e6b4b0d3255bfef95601890afd80709",
-    "secret_hash = 'da39a3ee5e6b4b0d3255bfef95601890afd80709'",
-    "y = x[1::2] + a[100::200]",
-    "std::vector<int> v;",
-    "z = w +1000000",
-    "Decimal('+35236450.6')",
-    "mask = 0x7fffffffffffffff",
-    "risk-management-framework-guidelines-document",
-    "sklearn sk-learn-compatible-estimator-interface",
-    "pi = 3.14159265358979323846264",
-    "not a token: eyJ0eXAiOiJ4In0.eyJzdWIiOiIxMjM0In0.c2ln (its header has no alg)",
+  "order 4111 1111 1111 1112 (fails the Luhn check)",
+  "x = 1234567890123456789012345",
+  "table 4111111111111111111111 row",
+  "python 3.11.7",
+  "digest da39a3ee5e6b4b0d3255bfef95601890afd80709",
+  "secret_hash = 'da39a3ee5e6b4b0d3255bfef95601890afd80709'",
+  "y = x[1::2] + a[100::200]",
+  "std::vector<int> v;",
+  "z = w +1000000",
+  "Decimal('+35236450.6')",
+  "mask = 0x7fffffffffffffff",
+  "risk-management-framework-guidelines-document",
+  "sklearn sk-learn-compatible-estimator-interface",
+  "pi = 3.14159265358979323846264",
+  "not a token: eyJ0eXAiOiJ4In0.eyJzdWIiOiIxMjM0In0.c2ln (its header has no alg)",
 ]
-
 
 
 def all_cached_texts(cache_root) -> str:
@@ -72,8 +84,12 @@ def all_cached_texts(cache_root) -> str:
     path = os.path.join(cache_root, name)
     if os.path.exists(os.path.join(path, "manifest.json")):
       p = Prepared.open(path)
-      out += [t for split, n in p.manifest["summary"]["documents_by_split"].items() if n
-              for t in split_texts(p, split)]
+      out += [
+        t
+        for split, n in p.manifest["summary"]["documents_by_split"].items()
+        if n
+        for t in split_texts(p, split)
+      ]
   return "\n".join(out)
 
 
@@ -196,8 +212,10 @@ def test_unmatched_removal_fails_when_strict(removal_corpus, tmp_path):
 # ------------------------------------------------------------------ 5-6: binary junk, repeated paragraphs
 
 
-LICENCE = ("Copyright (c) 2024 Example Corp. Licensed under the Apache License, Version 2.0; you may not use "
-           "this file except in compliance with the License.")
+LICENCE = (
+  "Copyright (c) 2024 Example Corp. Licensed under the Apache License, Version 2.0; you may not use "
+  "this file except in compliance with the License."
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """TrainLoader / eval_batches: determinism, process slicing, epochs, domains, segments, mixture, resume."""
+
 import json
 import os
 import random
@@ -23,8 +24,9 @@ L, G = 16, 8
 def pdir(tmp_path_factory):
   root = tmp_path_factory.mktemp("corpus")
   rng = random.Random(0)
-  vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-           for _ in range(300)]
+  vocab = [
+    "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(300)
+  ]
   for dom, n in (("prose", 30), ("code", 15)):
     (root / dom).mkdir()
     for i in range(n):
@@ -42,8 +44,10 @@ def pdir(tmp_path_factory):
 
 
 def _global(pdir, step, n, **kw):
-  parts = [TrainLoader(pdir, "train", L, G, seed=3, process_index=p, process_count=n, **kw).batch_at(step)
-           for p in range(n)]
+  parts = [
+    TrainLoader(pdir, "train", L, G, seed=3, process_index=p, process_count=n, **kw).batch_at(step)
+    for p in range(n)
+  ]
   return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
 
 
@@ -98,7 +102,7 @@ def test_epochs_shift_the_grid_and_cover_it(pdir):
   pos = np.concatenate([ld.window_ids[s] for s in range(steps)])
   for e in (0, 1):
     o = ld.epochs.offset(e)
-    got = pos[starts[e]:starts[e + 1]]
+    got = pos[starts[e] : starts[e + 1]]
     grid = w.positions(np.arange(w.count(o)), o)  # every window of the grid at o, in order
     shard, start = w.locate(got)
     assert ((start - o) % L == 0).all() and (start + L + 1 <= w.lengths[shard]).all()
@@ -110,8 +114,8 @@ def test_epochs_shift_the_grid_and_cover_it(pdir):
   for s in (0, starts[1] // G, starts[1] // G + 1):
     batch = ld.batch_at(s)
     for r, p in enumerate(ld.window_ids[s]):
-      np.testing.assert_array_equal(batch["inputs"][r], stream[p:p + L])
-      np.testing.assert_array_equal(batch["targets"][r], stream[p + 1:p + L + 1])
+      np.testing.assert_array_equal(batch["inputs"][r], stream[p : p + L])
+      np.testing.assert_array_equal(batch["targets"][r], stream[p + 1 : p + L + 1])
   # Offsets are a function of (seed, epoch): another loader draws the same ones, another seed others.
   again = TrainLoader(pdir, "train", L, G, seed=seed)
   other = TrainLoader(pdir, "train", L, G, seed=seed + 100)
@@ -123,6 +127,7 @@ def test_epochs_shift_the_grid_and_cover_it(pdir):
 
 def test_window_offsets_false_is_the_fixed_grid(pdir):
   import grain
+
   ld = TrainLoader(pdir, "train", L, G, seed=3, window_offsets=False)
   assert ld.epochs is None and ld.get_state()["window_offsets"] is False
   w, stream = ld.windows, _stream(ld)
@@ -134,7 +139,7 @@ def test_window_offsets_false_is_the_fixed_grid(pdir):
     np.testing.assert_array_equal(ld.window_ids[s], want)
     batch = ld.batch_at(s)
     for r, p in enumerate(want):
-      np.testing.assert_array_equal(batch["inputs"][r], stream[p:p + L])
+      np.testing.assert_array_equal(batch["inputs"][r], stream[p : p + L])
   # A state saved before window offsets existed continues the fixed grid and is refused by the default.
   old = {k: v for k, v in ld.get_state().items() if k != "window_offsets"}
   fixed = TrainLoader(pdir, "train", L, G, seed=3, window_offsets=False)
@@ -161,7 +166,7 @@ def test_domain_and_segment_ids_match_documents(pdir):
       pos = starts[r] + 1 + np.arange(L)
       want = sh.domains[np.searchsorted(sh.offsets, pos, side="right") - 1]
       np.testing.assert_array_equal(batch["domain_ids"][r], want)
-      np.testing.assert_array_equal(batch["inputs"][r], sh.tokens[starts[r]:starts[r] + L])
+      np.testing.assert_array_equal(batch["inputs"][r], sh.tokens[starts[r] : starts[r] + L])
       seg = batch["segment_ids"][r]
       assert seg[0] == 1
       np.testing.assert_array_equal(np.diff(seg), (batch["inputs"][r][1:] == EOS_ID).astype(np.int32))
@@ -179,7 +184,7 @@ def test_mixture_weights(pdir):
   assert len(np.unique(np.concatenate(starts) % L)) > 1  # the code stream's grid moves between epochs
   stream, batch = _stream(only), only.batch_at(150)
   for r, p in enumerate(only.window_ids[150]):
-    np.testing.assert_array_equal(batch["inputs"][r], stream[p:p + L])
+    np.testing.assert_array_equal(batch["inputs"][r], stream[p : p + L])
   half = TrainLoader(pdir, "train", L, G, seed=0, mixture="code=0.5,prose=0.5")
   share = np.mean([w.first_domains(half.window_ids[s]).mean() for s in range(100)])
   natural = w.first_domains(w.positions(np.arange(w.size))).mean()
@@ -209,9 +214,14 @@ def test_restore_in_fresh_process_continues_exactly(pdir, tmp_path):
   assert state["step"] == boundary - 2 and state["window_offsets"] is True
   want = [next(ld) for _ in range(50)]  # across the end of epoch 0
   out = tmp_path / "b.npz"
-  res = subprocess.run([sys.executable, "-c", _RESTORE.format(L=L, G=G), pdir, json.dumps(state), str(out)],
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
-                       timeout=120)
+  res = subprocess.run(
+    [sys.executable, "-c", _RESTORE.format(L=L, G=G), pdir, json.dumps(state), str(out)],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert res.returncode == 0, res.stderr
   got = np.load(out)
   for k in want[0]:
@@ -222,13 +232,15 @@ def test_restore_in_fresh_process_continues_exactly(pdir, tmp_path):
 
 def test_eval_batches_cover_each_target_once(pdir):
   from llm_jax.data import manifest as manifest_lib
+
   shards = open_split(pdir, "val", manifest_lib.load(pdir))
   want = np.concatenate([np.asarray(s.tokens[1:]) for s in shards])
   batches = list(eval_batches(pdir, "val", L, 4))
   got = np.concatenate([b["targets"][b["weights"] > 0] for b in batches])
   np.testing.assert_array_equal(got, want)
-  want_dom = np.concatenate([s.domains[np.searchsorted(s.offsets, np.arange(1, len(s.tokens)), "right") - 1]
-                             for s in shards])
+  want_dom = np.concatenate(
+    [s.domains[np.searchsorted(s.offsets, np.arange(1, len(s.tokens)), "right") - 1] for s in shards]
+  )
   got_dom = np.concatenate([b["domain_ids"][b["weights"] > 0] for b in batches])
   np.testing.assert_array_equal(got_dom, want_dom)
   assert batches[-1]["weights"].min() == 0  # padding at the end

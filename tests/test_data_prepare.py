@@ -1,4 +1,5 @@
 """prepare(): cleaning, filters, PII, dedup, splits, exclusions, manifest, cache, bad inputs, CLI."""
+
 import json
 import os
 import random
@@ -22,14 +23,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _words(rng, n):
-  vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
-           for _ in range(400)]
+  vocab = [
+    "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(400)
+  ]
   return [rng.choice(vocab) for _ in range(n)]
 
 
 def _doc(rng, n=120):
   w = _words(rng, n)
-  return " ".join(w[:n // 2]) + ".\n\n" + "    " + " ".join(w[n // 2:]) + "\n"
+  return " ".join(w[: n // 2]) + ".\n\n" + "    " + " ".join(w[n // 2 :]) + "\n"
 
 
 def make_corpus(root, seed=0, n=40):
@@ -41,18 +43,21 @@ def make_corpus(root, seed=0, n=40):
   texts = [_doc(rng) for _ in range(n)]
   for i, t in enumerate(texts[: n // 2]):
     (books / f"b{i:03d}.txt").write_text(t, encoding="utf-8")
-  recs = [{"text": t, "id": f"post-{i}", "license": "CC-BY-4.0"} for i, t in enumerate(texts[n // 2:])]
-  (books / "exact_copy.txt").write_text("  " + texts[0].upper().replace(" ", "   ") + "\n\n",
-                                        encoding="utf-8")
+  recs = [{"text": t, "id": f"post-{i}", "license": "CC-BY-4.0"} for i, t in enumerate(texts[n // 2 :])]
+  (books / "exact_copy.txt").write_text(
+    "  " + texts[0].upper().replace(" ", "   ") + "\n\n", encoding="utf-8"
+  )
   near = texts[1].split(" ")
   near[5] = "CHANGED"
   (books / "near_copy.txt").write_text(" ".join(near), encoding="utf-8")
   (books / "short.txt").write_text("tiny\n", encoding="utf-8")
   (books / "symbols.txt").write_text("★☆♠♣♥♦" * 30 + " word", encoding="utf-8")
   (books / "pii.txt").write_text(
-      _doc(rng) + "Mail bob.smith@example.com, host 10.0.0.1, call 555-123-4567.\n", encoding="utf-8")
-  recs.append({"text": "café naïve 日本語 😀\r\n\ttabbed\x00 line  \n" + _doc(rng), "id": "unicode",
-               "domain": "intl"})
+    _doc(rng) + "Mail bob.smith@example.com, host 10.0.0.1, call 555-123-4567.\n", encoding="utf-8"
+  )
+  recs.append(
+    {"text": "café naïve 日本語 😀\r\n\ttabbed\x00 line  \n" + _doc(rng), "id": "unicode", "domain": "intl"}
+  )
   with open(forum / "posts.jsonl", "w", encoding="utf-8") as f:
     for r in recs:
       f.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -110,8 +115,11 @@ def test_counts_pii_and_manifest(prepared):
   assert dropped["near_duplicate"] + dropped.get("near_duplicate_of_val", 0) == 1
   assert dropped["too_short"] == 1 and dropped["nontext"] == 1
   zero = {k: 0 for k in m["scrubbing"]["covered"]}
-  assert m["scrubbing"]["replaced"] == m["scrubbing"]["in_prepared_data"] == {**zero, "email": 1, "ip": 1,
-                                                                             "phone": 1}
+  assert (
+    m["scrubbing"]["replaced"]
+    == m["scrubbing"]["in_prepared_data"]
+    == {**zero, "email": 1, "ip": 1, "phone": 1}
+  )
   assert prepared.domains == ["books", "forum", "intl"]
   assert manifest_lib.verify(prepared.dir) == []
   assert {s["license"] for s in m["sources"]} == {"unknown", "CC-BY-4.0,unknown"}
@@ -130,6 +138,7 @@ def test_counts_pii_and_manifest(prepared):
 
 def test_manifest_verify_catches_tampering(prepared, tmp_path):
   import shutil
+
   copy = tmp_path / "p"
   shutil.copytree(prepared.dir, copy)
   shard = copy / prepared.manifest["shards"][0]["path"]
@@ -161,8 +170,9 @@ def test_val_corpus_near_copy_never_stays_in_train(corpus, tmp_path):
   val = tmp_path / "val" / "held.txt"
   val.parent.mkdir()
   val.write_text(texts[3].replace(texts[3].split()[2], "EDITED", 1), encoding="utf-8")
-  p = prepare(data_config(f"{root}/books/*.txt,{root}/forum/*.jsonl", tmp_path / "cache",
-                          val_corpus=str(val)))
+  p = prepare(
+    data_config(f"{root}/books/*.txt,{root}/forum/*.jsonl", tmp_path / "cache", val_corpus=str(val))
+  )
   assert p.manifest["filters"]["dropped"]["near_duplicate_of_val"] == 1
   assert p.manifest["summary"]["documents_by_split"]["val"] == 1
   assert texts[3].strip() not in [t.strip() for t in split_texts(p, "train")]
@@ -226,7 +236,8 @@ def test_bad_inputs_name_the_file(tmp_path):
   empty = tmp_path / "c" / "books" / "empty.txt"
   empty.write_text("")
   assert "empty.txt" in _err(tmp_path, corpus=f"{tmp_path}/c/books/*.txt") and "empty" in _err(
-      tmp_path, corpus=f"{tmp_path}/c/books/*.txt")
+    tmp_path, corpus=f"{tmp_path}/c/books/*.txt"
+  )
   empty.unlink()
   bad = tmp_path / "c" / "books" / "latin1.txt"
   bad.write_bytes(b"line one\nline two caf\xe9\n")
@@ -245,25 +256,40 @@ def test_bad_inputs_name_the_file(tmp_path):
   assert f"posts.jsonl:{len(lines) + 3}: invalid UTF-8" in bad_lines[2]
   assert p.manifest["filters"]["dropped"]["bad_record"] == 3
   assert p.manifest["summary"]["documents_kept"] == len(lines)
-  assert "data.tokenizer.vocab_size" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl",
-                                            on_bad_record="skip", **{"tokenizer.vocab_size": 20000})
+  assert "data.tokenizer.vocab_size" in _err(
+    tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="skip", **{"tokenizer.vocab_size": 20000}
+  )
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
 
 
 def test_cli_writes_workdir_and_summary(corpus, tmp_path):
   root, _ = corpus
-  cmd = [sys.executable, "-m", "llm_jax.data.prepare", "--config=configs/tiny.py",
-         f"--workdir={tmp_path}/run", f"--config.data.corpus={root}/books/*.txt",
-         f"--config.data.cache_dir={tmp_path}/cache", "--config.data.tokenizer.vocab_size=400",
-         "--config.data.val_fraction=0.2", "--config.data.num_workers=1"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "llm_jax.data.prepare",
+    "--config=configs/tiny.py",
+    f"--workdir={tmp_path}/run",
+    f"--config.data.corpus={root}/books/*.txt",
+    f"--config.data.cache_dir={tmp_path}/cache",
+    "--config.data.tokenizer.vocab_size=400",
+    "--config.data.val_fraction=0.2",
+    "--config.data.num_workers=1",
+  ]
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "kept" in out.stdout and "bytes/token" in out.stdout and "exact_duplicate" in out.stdout
   for name in ("manifest.json", "DATA_CARD.md", "tokenizer.model"):
     assert os.path.exists(tmp_path / "run" / name)
-  bad = subprocess.run(cmd[:4] + [f"--config.data.corpus={tmp_path}/none/*.txt"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    cmd[:4] + [f"--config.data.corpus={tmp_path}/none/*.txt"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode == 1 and "none/*.txt" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
@@ -278,13 +304,18 @@ def test_no_validation_split_when_val_fraction_is_zero(tmp_path):
 
 def test_worker_processes_give_the_same_result(tmp_path, monkeypatch):
   from llm_jax.data.prepare import clean
+
   make_corpus(tmp_path / "c", seed=3, n=30)
   spec = f"{tmp_path}/c/books/*.txt,{tmp_path}/c/forum/*.jsonl"
-  serial = prepare(data_config(spec, tmp_path / "cache1", **{"tokenizer.type": "unigram",
-                                                            "tokenizer.vocab_size": 300}))
+  serial = prepare(
+    data_config(spec, tmp_path / "cache1", **{"tokenizer.type": "unigram", "tokenizer.vocab_size": 300})
+  )
   monkeypatch.setattr(clean, "PARALLEL_MIN_CHARS", 0)
-  pooled = prepare(data_config(spec, tmp_path / "cache2", num_workers=2, **{"tokenizer.type": "unigram",
-                                                                          "tokenizer.vocab_size": 300}))
+  pooled = prepare(
+    data_config(
+      spec, tmp_path / "cache2", num_workers=2, **{"tokenizer.type": "unigram", "tokenizer.vocab_size": 300}
+    )
+  )
   assert pooled.tokenizer_sha256 == serial.tokenizer_sha256
   assert [s["sha256"] for s in pooled.manifest["shards"]] == [s["sha256"] for s in serial.manifest["shards"]]
   assert pooled.manifest["filters"] == serial.manifest["filters"]

@@ -1,5 +1,6 @@
 """scrub.scrub: every kind of personal data and secret it covers is replaced and counted; look-alikes in code
 and tables are left as they are."""
+
 import collections
 
 import pytest

@@ -1,4 +1,5 @@
 """Tokenizer: exact round trips, byte accounting, fixed ids, model types, vocab-size errors."""
+
 import random
 
 import numpy as np
@@ -8,19 +9,31 @@ from llm_jax.data.errors import DataError
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 
 HARD = [
-    "", " ", "\n", "\t", "a\n\nb\n\n\n", "tab\tseparated\tcolumns\t", "runs   of     spaces  ",
-    "def f(x):\n    if x:\n\treturn  x\n        # deep\n", "emoji 😀🚀👍🏽 and ZWJ 👩‍💻",
-    "中文字符 日本語のテキスト 한국어",
-    "accents: café naïve résumé Ærø ß", "  leading and trailing  \n", "digits 1234567890 3.14159",
-    "</s> <s> <pad> <unk> literal specials", "mixed\r\n?", "ﬁ ligature and NBSP\u00a0kept",
+  "",
+  " ",
+  "\n",
+  "\t",
+  "a\n\nb\n\n\n",
+  "tab\tseparated\tcolumns\t",
+  "runs   of     spaces  ",
+  "def f(x):\n    if x:\n\treturn  x\n        # deep\n",
+  "emoji 😀🚀👍🏽 and ZWJ 👩‍💻",
+  "中文字符 日本語のテキスト 한국어",
+  "accents: café naïve résumé Ærø ß",
+  "  leading and trailing  \n",
+  "digits 1234567890 3.14159",
+  "</s> <s> <pad> <unk> literal specials",
+  "mixed\r\n?",
+  "ﬁ ligature and NBSP\u00a0kept",
 ]
 
 
 def _corpus(seed=0):
   rng = random.Random(seed)
   words = ["return", "import", "class", "def", "the", "of", "é", "日本"]
-  words += ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
-            for _ in range(300)]
+  words += [
+    "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)
+  ]
   docs = []
   for _ in range(80):
     lines = []

@@ -1,4 +1,5 @@
 """Launch detection (explicit, SLURM, TPU, single) and the dry run's figures, without starting processes."""
+
 import os
 import subprocess
 import sys
@@ -14,10 +15,22 @@ from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
 
-TINY = ["model.num_layers=2", "model.d_model=64", "model.num_heads=4", "model.max_seq_len=32",
-        "train.seq_len=32", "train.global_batch_size=16", "model.vocab_size=256"]
-SLURM = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_NTASKS": "16",
-         "SLURM_PROCID": "9", "SLURM_LOCALID": "1"}
+TINY = [
+  "model.num_layers=2",
+  "model.d_model=64",
+  "model.num_heads=4",
+  "model.max_seq_len=32",
+  "train.seq_len=32",
+  "train.global_batch_size=16",
+  "model.vocab_size=256",
+]
+SLURM = {
+  "SLURM_JOB_ID": "4242",
+  "SLURM_STEP_NODELIST": "gpu[003-004]",
+  "SLURM_NTASKS": "16",
+  "SLURM_PROCID": "9",
+  "SLURM_LOCALID": "1",
+}
 
 
 def cfg(*overrides):
@@ -33,8 +46,9 @@ def test_nothing_set_is_single_process():
 
 
 def test_explicit_from_config():
-  c = cfg("distributed.coordinator_address=10.0.0.1:1234", "distributed.num_processes=4",
-          "distributed.process_id=3")
+  c = cfg(
+    "distributed.coordinator_address=10.0.0.1:1234", "distributed.num_processes=4", "distributed.process_id=3"
+  )
   assert distributed.detect(c, environ={}) == distributed.Launch("explicit", "10.0.0.1:1234", 4, 3)
 
 
@@ -44,21 +58,27 @@ def test_explicit_from_environment():
 
 
 def test_config_wins_over_environment():
-  c = cfg("distributed.coordinator_address=cfg:1", "distributed.num_processes=8",
-          "distributed.process_id=0")
+  c = cfg("distributed.coordinator_address=cfg:1", "distributed.num_processes=8", "distributed.process_id=0")
   env = {"JAX_COORDINATOR_ADDRESS": "env:2", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
   assert distributed.detect(c, environ=env) == distributed.Launch("explicit", "cfg:1", 8, 0)
 
 
-@pytest.mark.parametrize("overrides, key", [
+@pytest.mark.parametrize(
+  "overrides, key",
+  [
     (["distributed.coordinator_address=h:1"], "distributed.num_processes"),
     (["distributed.coordinator_address=h:1", "distributed.num_processes=2"], "distributed.process_id"),
-    (["distributed.coordinator_address=h:1", "distributed.num_processes=2",
-      "distributed.process_id=2"], "distributed.process_id=2"),
-    (["distributed.coordinator_address=nohost", "distributed.num_processes=2",
-      "distributed.process_id=0"], "HOST:PORT"),
+    (
+      ["distributed.coordinator_address=h:1", "distributed.num_processes=2", "distributed.process_id=2"],
+      "distributed.process_id=2",
+    ),
+    (
+      ["distributed.coordinator_address=nohost", "distributed.num_processes=2", "distributed.process_id=0"],
+      "HOST:PORT",
+    ),
     (["distributed.num_processes=2", "distributed.process_id=0"], "distributed.coordinator_address"),
-])
+  ],
+)
 def test_incomplete_explicit_settings_name_the_key(overrides, key):
   with pytest.raises(distributed.DistributedError, match=key.replace(".", r"\.")):
     distributed.detect(cfg(*overrides), environ={})
@@ -75,8 +95,7 @@ def test_slurm_single_task_or_bare_allocation_is_single_process():
 
 
 def test_explicit_wins_over_slurm():
-  c = cfg("distributed.coordinator_address=h:1", "distributed.num_processes=2",
-          "distributed.process_id=0")
+  c = cfg("distributed.coordinator_address=h:1", "distributed.num_processes=2", "distributed.process_id=0")
   assert distributed.detect(c, environ=SLURM).method == "explicit"
 
 
@@ -97,9 +116,15 @@ def test_forced_methods():
 
 
 def test_heartbeat_and_shutdown_bounds():
-  launch = distributed.detect(cfg("distributed.coordinator_address=h:1", "distributed.num_processes=2",
-                                  "distributed.process_id=1", "distributed.heartbeat_timeout_s=7"),
-                              environ={})
+  launch = distributed.detect(
+    cfg(
+      "distributed.coordinator_address=h:1",
+      "distributed.num_processes=2",
+      "distributed.process_id=1",
+      "distributed.heartbeat_timeout_s=7",
+    ),
+    environ={},
+  )
   kw = distributed._init_kwargs(launch, cfg("distributed.heartbeat_timeout_s=7"), {})
   assert kw["heartbeat_timeout_seconds"] == 7 and kw["shutdown_timeout_seconds"] == 30
   assert kw["num_processes"] == 2 and kw["process_id"] == 1
@@ -131,8 +156,9 @@ def _real_bytes(c, mesh):
   def total(tree, shard_tree):
     leaves = jax.tree.leaves(tree)
     shs = jax.tree.leaves(shard_tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    return sum(int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize
-               for x, s in zip(leaves, shs, strict=True))
+    return sum(
+      int(np.prod(s.shard_shape(x.shape))) * x.dtype.itemsize for x, s in zip(leaves, shs, strict=True)
+    )
 
   return total(abstract.params, shardings.params), total(abstract.opt_state, shardings.opt_state)
 
@@ -149,8 +175,9 @@ def test_dry_run_matches_the_real_shardings(devices, mesh):
 
 
 def test_dry_run_parameter_count_matches_model_config():
-  c = cfg("model.tie_embeddings=false", "model.positions=rope", "model.activation=swiglu",
-          "model.use_bias=false")  # (ModelConfig.param_count misses the swiglu gate bias)
+  c = cfg(
+    "model.tie_embeddings=false", "model.positions=rope", "model.activation=swiglu", "model.use_bias=false"
+  )  # (ModelConfig.param_count misses the swiglu gate bias)
   est = dry_run.estimate(c, 1, platform="cpu")
   assert est.param_count == ModelConfig.from_config(c, platform="cpu").param_count()
   assert est.param_bytes == 4 * est.param_count  # one device holds all float32 parameters
@@ -164,9 +191,10 @@ def test_dry_run_memory_scales_as_it_should():
   micro = dry_run.estimate(cfg("train.microbatches=4"), 1, platform="cpu")
   assert micro.activation_bytes < plain.activation_bytes / 3
   assert micro.grad_bytes == 2 * plain.grad_bytes  # the accumulator
-  acts = {r: dry_run.estimate(cfg(f"model.remat={r}", "model.num_layers=8"), 1,
-                              platform="cpu").activation_bytes
-          for r in ("none", "dots", "dots_no_batch", "full")}
+  acts = {
+    r: dry_run.estimate(cfg(f"model.remat={r}", "model.num_layers=8"), 1, platform="cpu").activation_bytes
+    for r in ("none", "dots", "dots_no_batch", "full")
+  }
   assert acts["full"] < acts["dots_no_batch"] < acts["dots"] < acts["none"]
   gpu = dry_run.estimate(cfg(), 1, platform="gpu")  # bfloat16 compute, flash attention
   assert gpu.compute_dtype == "bfloat16" and gpu.activation_bytes < plain.activation_bytes
@@ -190,12 +218,22 @@ def test_dry_run_rejects_an_impossible_mesh():
 
 
 def test_dry_run_cli(capsys):
-  assert run_command("llm_jax.dry_run", "--config=configs/tiny.py", "--devices=8",
-                     "--device_memory_gib=16", "--platform=cpu", "--config.sharding.fsdp=2") == 0
+  assert (
+    run_command(
+      "llm_jax.dry_run",
+      "--config=configs/tiny.py",
+      "--devices=8",
+      "--device_memory_gib=16",
+      "--platform=cpu",
+      "--config.sharding.fsdp=2",
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "mesh: data=4 fsdp=2 tensor=1" in out and "fits" in out
-  assert run_command("llm_jax.dry_run", "--config=configs/tiny.py", "--devices=8",
-                     "--config.sharding.data=3") == 1
+  assert (
+    run_command("llm_jax.dry_run", "--config=configs/tiny.py", "--devices=8", "--config.sharding.data=3") == 1
+  )
   err = capsys.readouterr().err
   assert "sharding.data" in err and "Traceback" not in err
   assert run_command("llm_jax.dry_run", "--config=configs/tiny.py") == 2  # --devices is required
@@ -211,9 +249,21 @@ def test_train_cli_dry_run_exits_before_compiling(tmp_path):
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   workdir = tmp_path / "run"
   proc = subprocess.run(
-      [sys.executable, "-m", "llm_jax.train", "--config=configs/llama_8b.py", f"--workdir={workdir}",
-       "--dry_run", "--config.sharding.fsdp=2", "--config.sharding.data=2"],
-      env=env, capture_output=True, text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "llm_jax.train",
+      "--config=configs/llama_8b.py",
+      f"--workdir={workdir}",
+      "--dry_run",
+      "--config.sharding.fsdp=2",
+      "--config.sharding.data=2",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "mesh: data=2 fsdp=2 tensor=1" in proc.stdout and "nothing was compiled" in proc.stdout
   assert "process 0/1" in proc.stderr and "4 local" in proc.stderr

@@ -1,5 +1,6 @@
 """Every `python -m llm_jax.X --flag ...` written in README.md, docs/*.md and configs/ names a command
 that exists and flags that command defines (read from its source, so nothing is imported or run)."""
+
 import ast
 import pathlib
 import re
@@ -36,11 +37,15 @@ def defined_flags(path: pathlib.Path) -> set[str]:
 
 def documented_commands():
   """(where, module, [flag names]) for every command line in the docs."""
-  files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "configs").glob("*.py"))]
+  files = [
+    ROOT / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+    *sorted((ROOT / "configs").glob("*.py")),
+  ]
   for f in files:
     text = f.read_text(encoding="utf-8")
     for m in CMD.finditer(text):
-      line = text[:m.start()].count("\n") + 1
+      line = text[: m.start()].count("\n") + 1
       args = m.group(2).replace("\\\n", " ")
       flags = [a[2:].split("=", 1)[0] for a in re.findall(r"--[A-Za-z][\w.\-]*(?:=\S*)?", args)]
       yield f"{f.relative_to(ROOT)}:{line}", m.group(1), flags

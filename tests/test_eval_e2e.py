@@ -3,6 +3,7 @@ results.json, report.md with PNGs), --compare, --corpus, and the bad-input messa
 
 The run directory is built with the training loop's own pieces (loop.build, run_dir.write, Checkpoints)
 holding two randomly initialized checkpoints, so the test does not pay for compiling a train step."""
+
 import json
 import os
 
@@ -18,18 +19,20 @@ def _corpus(root):
     d.mkdir(parents=True, exist_ok=True)
     w = [words[(i * k + 3) % len(words)] for k in range(1, 7)]
     (d / f"doc{i}.txt").write_text(
-        f"The {w[0]} {i} is used for the {w[1]} of a {w[2]}.\nA {w[3]} holds the {w[4]} and the {w[5]}.\n"
-        * 3)
+      f"The {w[0]} {i} is used for the {w[1]} of a {w[2]}.\nA {w[3]} holds the {w[4]} and the {w[5]}.\n" * 3
+    )
     c = root / "code"
     c.mkdir(parents=True, exist_ok=True)
     (c / f"mod{i}.txt").write_text(
-        f"def {w[0]}_{i}(self, {w[1]}):\n    if {w[1]} is None:\n        return self.{w[2]}\n"
-        f"    return {w[3]} + {i}\n" * 3)
+      f"def {w[0]}_{i}(self, {w[1]}):\n    if {w[1]} is None:\n        return self.{w[2]}\n"
+      f"    return {w[3]} + {i}\n" * 3
+    )
   return str(root / "*" / "*.txt")
 
 
 def _config(corpus, cache, vocab=300):
   from configs import base
+
   c = base.get_config()
   d, m, t = c.data, c.model, c.train
   d.corpus, d.val_fraction, d.cache_dir, d.near_dup_threshold = corpus, 0.3, cache, 0.0
@@ -45,6 +48,7 @@ def _config(corpus, cache, vocab=300):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   from llm_jax.train import checkpoint, loop, run_dir, state
+
   root = tmp_path_factory.mktemp("e2e")
   corpus = _corpus(root / "corpus")
   workdir = str(root / "run")
@@ -83,8 +87,10 @@ def test_evaluate_prints_table_and_writes_report(run, capsys):
     assert f"]({png})" in report
   assert "| docs |" in report and "## Frozen suite" in report and "## Samples" in report
   # The same numbers at another eval batch size (8 fake devices: rows are padded to the mesh).
-  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--batch_size=8", "--suite=none",
-                     f"--out={ev}-b8") == 0
+  assert (
+    run_command("llm_jax.evaluate", f"--workdir={wd}", "--batch_size=8", "--suite=none", f"--out={ev}-b8")
+    == 0
+  )
   res8 = json.load(open(os.path.join(ev + "-b8", "results.json")))
   for key in ("loss", "bits_per_byte", "ece", "mean_rank"):
     assert res8["heldout"]["overall"][key] == pytest.approx(ov[key], rel=1e-6)
@@ -104,8 +110,12 @@ def test_compare_two_steps(run, capsys):
 
 def test_corpus_glob_scored_with_run_tokenizer(run, capsys):
   wd = run["workdir"]
-  assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--corpus={run['corpus']}", "--suite=none",
-                        "--max_windows=6") == 0
+  assert (
+    run_command(
+      "llm_jax.evaluate", f"--workdir={wd}", f"--corpus={run['corpus']}", "--suite=none", "--max_windows=6"
+    )
+    == 0
+  )
   res_dir = [d for d in os.listdir(os.path.join(wd, "eval", "4")) if d.startswith("corpus-")]
   res = json.load(open(os.path.join(wd, "eval", "4", res_dir[0], "results.json")))
   assert res["meta"]["windows"] == 6 and res["heldout"]["overall"]["tokens"] == 6 * 16
@@ -125,6 +135,7 @@ def test_bad_inputs_have_clear_messages(run, tmp_path, capsys):
   assert "no checkpoints/" in capsys.readouterr().err
   # A prepared corpus made with another tokenizer.
   from llm_jax.data import prepare
+
   other = prepare.prepare(_config(run["corpus"], str(tmp_path / "cache2"), vocab=320))
   assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--corpus={other.dir}", "--suite=none") == 1
   err = capsys.readouterr().err
@@ -141,6 +152,7 @@ def test_bad_inputs_have_clear_messages(run, tmp_path, capsys):
 
 def test_exported_package_is_scorable(run, tmp_path, capsys):
   from llm_jax.artifacts.export import export
+
   pkg = str(tmp_path / "pkg")
   export(run["workdir"], pkg, step=4)
   assert run_command("llm_jax.evaluate", f"--package={pkg}", "--suite=none") == 1
@@ -148,8 +160,9 @@ def test_exported_package_is_scorable(run, tmp_path, capsys):
   common = [f"--corpus={run['corpus']}", "--suite=none", "--seq_len=16", "--max_windows=6"]
   assert run_command("llm_jax.evaluate", f"--package={pkg}", f"--out={tmp_path / 'p'}", *common) == 0
   assert "step 4" in capsys.readouterr().out
-  assert run_command("llm_jax.evaluate", f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}",
-                     *common) == 0
+  assert (
+    run_command("llm_jax.evaluate", f"--workdir={run['workdir']}", f"--out={tmp_path / 'w'}", *common) == 0
+  )
   p = json.load(open(tmp_path / "p" / "results.json"))
   w = json.load(open(tmp_path / "w" / "results.json"))
   assert p["meta"]["kind"] == "package" and w["meta"]["kind"] == "run"

@@ -1,5 +1,6 @@
 """The frozen suite: file validation with clear messages, the default suite, and scoring with a model
 that memorized its answers (so the right multiple-choice option is forced by construction)."""
+
 import json
 
 import jax
@@ -24,15 +25,18 @@ def test_default_suite_loads():
   assert {t for i in items for t in i.tags} >= {"code", "docs"}
 
 
-@pytest.mark.parametrize("line,needle", [
+@pytest.mark.parametrize(
+  "line,needle",
+  [
     ('{"id": "a", "type": "choice", "prompt": "x", "choices": ["a", "b"]', "malformed JSON"),
     ('{"id": "a", "type": "quiz", "prompt": "x"}', "key 'type'"),
     ('{"id": "a", "type": "continuation", "prompt": "x"}', "missing key 'expected'"),
     ('{"id": "a", "type": "choice", "prompt": "x", "choices": ["a", "b"], "answer": 2}', "key 'answer'"),
     ('{"id": "a", "type": "choice", "prompt": "x", "choices": ["a"], "answer": 0}', "key 'choices'"),
     ('{"type": "generate", "prompt": "x"}', "missing key 'id'"),
-    ('[1, 2]', "JSON object"),
-])
+    ("[1, 2]", "JSON object"),
+  ],
+)
 def test_malformed_lines_name_file_line_and_key(tmp_path, line, needle):
   good = '{"id": "ok", "type": "continuation", "prompt": "p", "expected": "e"}'
   path = _write(tmp_path / "bad.jsonl", [good, "", line])
@@ -52,7 +56,7 @@ def test_duplicate_ids_and_empty_glob(tmp_path):
 
 def test_request_batches_score_only_continuations():
   reqs = [(0, 0, [5, 6, 7], [8, 9], 2), (1, 0, list(range(10, 40)), [41], 1)]
-  (batch, n), = list(suite.request_batches(reqs, [2], max_len=16, batch_size=4))
+  ((batch, n),) = list(suite.request_batches(reqs, [2], max_len=16, batch_size=4))
   assert n == 2 and batch["inputs"].shape == (4, 16)
   np.testing.assert_array_equal(batch["inputs"][0, :5], [2, 5, 6, 7, 8])
   np.testing.assert_array_equal(batch["weights"][0, :6], [0, 0, 0, 1, 1, 0])
@@ -73,8 +77,12 @@ def memorized(tmp_path_factory):
   from llm_jax.data.tokenizer import train_tokenizer
   from llm_jax.eval import scoring
   from llm_jax.model import Decoder, ModelConfig
-  tok = train_tokenizer(["".join(FACTS) * 30 + "blue red white black cat dog cow pear apple plum\n" * 30],
-                        str(tmp_path_factory.mktemp("tok") / "t.model"), vocab_size=300)
+
+  tok = train_tokenizer(
+    ["".join(FACTS) * 30 + "blue red white black cat dog cow pear apple plum\n" * 30],
+    str(tmp_path_factory.mktemp("tok") / "t.model"),
+    vocab_size=300,
+  )
   c = base.get_config()
   c.model.num_layers, c.model.d_model, c.model.num_heads, c.model.max_seq_len = 1, 64, 2, 16
   c.model.vocab_size = 384
@@ -84,8 +92,8 @@ def memorized(tmp_path_factory):
   seq = np.zeros((len(rows), 17), np.int32)
   w = np.zeros((len(rows), 16), np.float32)
   for r, ids in enumerate(rows):
-    seq[r, :len(ids)] = ids
-    w[r, 1:len(ids) - 1] = 1  # the first word after EOS is a free choice
+    seq[r, : len(ids)] = ids
+    w[r, 1 : len(ids) - 1] = 1  # the first word after EOS is a free choice
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
   opt = optax.adam(1e-2)
   state = opt.init(params)
@@ -111,13 +119,26 @@ def memorized(tmp_path_factory):
 def test_memorized_model_picks_forced_answer_and_matches_greedily(memorized, tmp_path):
   tok, scorer = memorized
   lines = [
-      json.dumps({"id": "mc-colour", "type": "choice", "prompt": "colour:",
-                  "choices": [" red", " blue", " green\n"], "answer": 2}),
-      json.dumps({"id": "mc-animal-wrong-key", "type": "choice", "prompt": "animal:",
-                  "choices": [" horse", " cow"], "answer": 1}),  # the key is deliberately wrong
-      json.dumps({"id": "cont-fruit", "type": "continuation", "prompt": "fruit:", "expected": " lemon"}),
-      json.dumps({"id": "cont-fruit-other", "type": "continuation", "prompt": "fruit:",
-                  "expected": " apple"}),
+    json.dumps(
+      {
+        "id": "mc-colour",
+        "type": "choice",
+        "prompt": "colour:",
+        "choices": [" red", " blue", " green\n"],
+        "answer": 2,
+      }
+    ),
+    json.dumps(
+      {
+        "id": "mc-animal-wrong-key",
+        "type": "choice",
+        "prompt": "animal:",
+        "choices": [" horse", " cow"],
+        "answer": 1,
+      }
+    ),  # the key is deliberately wrong
+    json.dumps({"id": "cont-fruit", "type": "continuation", "prompt": "fruit:", "expected": " lemon"}),
+    json.dumps({"id": "cont-fruit-other", "type": "continuation", "prompt": "fruit:", "expected": " apple"}),
   ]
   items = suite.load(_write(tmp_path / "s.jsonl", lines))
   res = suite.score(items, scorer, tok, [tok.eos_id], batch_size=3)
@@ -134,6 +155,7 @@ def test_memorized_model_picks_forced_answer_and_matches_greedily(memorized, tmp
 
 def test_samples_reproducible_with_seed(memorized):
   from llm_jax.eval import generations
+
   tok, scorer = memorized
   prompts, n = ["colour:", "fruit:"], [8, 8]
   a = generations.sample(scorer, tok, prompts, n, prefix_ids=[tok.eos_id], seed=3)

@@ -1,4 +1,5 @@
 """Packages: export from a real workdir, load with nothing else, same logits; int8 bound; bad packages."""
+
 import json
 import os
 import random
@@ -16,9 +17,17 @@ from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.eval import precision as precision_report
 from llm_jax.model import Decoder, ModelConfig, quantize
 
-OVERRIDES = {"model.d_model": 32, "model.num_heads": 4, "model.num_layers": 2,
-             "model.vocab_size": 384, "model.max_seq_len": 32, "model.init_std": 0.3,
-             "model.dtype": "float32", "train.seq_len": 32, "train.global_batch_size": 8}
+OVERRIDES = {
+  "model.d_model": 32,
+  "model.num_heads": 4,
+  "model.num_layers": 2,
+  "model.vocab_size": 384,
+  "model.max_seq_len": 32,
+  "model.init_std": 0.3,
+  "model.dtype": "float32",
+  "train.seq_len": 32,
+  "train.global_batch_size": 8,
+}
 
 
 def _text(seed, n):
@@ -34,9 +43,9 @@ def workdir(tmp_path_factory, devices):
   from llm_jax.train import checkpoint as ckpt_lib
   from llm_jax.train import optimizer as opt_lib
   from llm_jax.train import state as state_lib
+
   d = tmp_path_factory.mktemp("run")
-  tok = train_tokenizer([_text(i, 150) + "\n" for i in range(40)], str(d / "tokenizer.model"),
-                        vocab_size=300)
+  tok = train_tokenizer([_text(i, 150) + "\n" for i in range(40)], str(d / "tokenizer.model"), vocab_size=300)
   config = config_lib.load("configs/base.py", OVERRIDES)
   model = Decoder(ModelConfig.from_config(config, tok.vocab_size))
   mesh = sharding_lib.make_mesh(config)
@@ -46,9 +55,15 @@ def workdir(tmp_path_factory, devices):
   ckpts.save(7, state, {"step": 7})
   ckpts.close()
   (d / "manifest.json").write_text('{"documents": 40}')
-  (d / "run.json").write_text(json.dumps({"git": {"commit": "abc123", "dirty": True},
-                                          "tokenizer_sha256": tok.sha256,
-                                          "manifest_sha256": "m" * 64}))
+  (d / "run.json").write_text(
+    json.dumps(
+      {
+        "git": {"commit": "abc123", "dirty": True},
+        "tokenizer_sha256": tok.sha256,
+        "manifest_sha256": "m" * 64,
+      }
+    )
+  )
   params = jax.tree.map(np.asarray, state.params)
   return d, params, model.cfg, tok
 
@@ -66,17 +81,26 @@ def test_export_load_same_logits(workdir, tmp_path):
   loaded = open_model(str(tmp_path / "pkg"), dtype="auto")
   meta = loaded.meta
   assert meta["format_version"] == package.FORMAT_VERSION
-  assert meta["provenance"] == {"training_step": 7, "git_commit": "abc123+dirty",
-                                "tokenizer_sha256": tok.sha256, "manifest_sha256": "m" * 64,
-                                "source": str(d)}
+  assert meta["provenance"] == {
+    "training_step": 7,
+    "git_commit": "abc123+dirty",
+    "tokenizer_sha256": tok.sha256,
+    "manifest_sha256": "m" * 64,
+    "source": str(d),
+  }
   assert meta["architecture"]["d_model"] == 32 and meta["parameter_count"] == cfg.param_count()
   assert meta["tensors"]["blocks/attn/query/kernel"] == {"shape": [2, 32, 4, 8], "dtype": "float32"}
-  assert set(os.listdir(tmp_path / "pkg")) == {"model.json", "weights.safetensors",
-                                               "tokenizer.model", "README.md"}
+  assert set(os.listdir(tmp_path / "pkg")) == {
+    "model.json",
+    "weights.safetensors",
+    "tokenizer.model",
+    "README.md",
+  }
   card = (tmp_path / "pkg" / "README.md").read_text()
   assert "blocks/attn/query/kernel | (2, 32, 4, 8) | float32" in card and "abc123" in card
-  np.testing.assert_allclose(_logits(loaded.params, loaded.model_config, TOKENS),
-                             _logits(params, cfg, TOKENS), atol=1e-6)
+  np.testing.assert_allclose(
+    _logits(loaded.params, loaded.model_config, TOKENS), _logits(params, cfg, TOKENS), atol=1e-6
+  )
   assert loaded.tokenizer.encode("the cat") == tok.encode("the cat")
   with pytest.raises(package.PackageError, match="exists and is not empty"):
     export_lib.export(str(d), str(tmp_path / "pkg"))
@@ -111,30 +135,52 @@ def test_quantize_report_cli(workdir, tmp_path):
   precision: sizes, perplexity change and decode speed."""
   import subprocess
   import sys
+
   d, params, cfg, tok = workdir
   package.write_package(str(tmp_path / "pkg"), params, cfg, str(d / "tokenizer.model"), step=3)
   (tmp_path / "held.txt").write_text(_text(7, 1500))
-  out = subprocess.run([sys.executable, "-m", "llm_jax.quantize", "--package", str(tmp_path / "pkg"),
-                        "--text", str(tmp_path / "held.txt"), "--batch", "1", "--new_tokens", "4",
-                        "--json"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "llm_jax.quantize",
+      "--package",
+      str(tmp_path / "pkg"),
+      "--text",
+      str(tmp_path / "held.txt"),
+      "--batch",
+      "1",
+      "--new_tokens",
+      "4",
+      "--json",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.returncode == 0, out.stderr[-2000:]
-  rows = json.loads(out.stdout[:out.stdout.rindex("\n[")])  # the JSON, then a "[device]" line
+  rows = json.loads(out.stdout[: out.stdout.rindex("\n[")])  # the JSON, then a "[device]" line
   by = {r["variant"].split()[0].rstrip(","): r for r in rows}
   assert set(by) == {"float32", "bfloat16", "int8"} and len(rows) == 4, [r["variant"] for r in rows]
   int8 = [r for r in rows if r["variant"].startswith("int8")]
   # int8 kernels are a quarter of float32; in a model this small, float norms, biases and positions
   # and the per-channel scales add the rest (0.31 of float32 here)
-  assert all(r["stored_bytes"] < min(0.35 * by["float32"]["stored_bytes"],
-                                     by["bfloat16"]["stored_bytes"]) for r in int8)
+  assert all(
+    r["stored_bytes"] < min(0.35 * by["float32"]["stored_bytes"], by["bfloat16"]["stored_bytes"])
+    for r in int8
+  )
   assert all(abs(r["perplexity_change_pct"]) < 1.0 and r["tokens_per_s_batch1"] > 0 for r in int8)
 
 
 def test_quantize_per_channel_roundtrip():
   w = np.random.default_rng(0).normal(size=(2, 16, 4, 8)).astype(np.float32)
   w[:, :, 1, :] *= 100  # one head much larger: per-channel scales keep the others precise
-  tree = {"blocks": {"attn": {"query": {"kernel": w}, "out": {"kernel": w.transpose(0, 2, 3, 1)}}},
-          "embedding": w[0, :, 0, :], "pos_embedding": w[0, :, 0, :]}
+  tree = {
+    "blocks": {"attn": {"query": {"kernel": w}, "out": {"kernel": w.transpose(0, 2, 3, 1)}}},
+    "embedding": w[0, :, 0, :],
+    "pos_embedding": w[0, :, 0, :],
+  }
   q = quantize.quantize_params(tree)
   qk = q["blocks"]["attn"]["query"]["kernel"]
   assert qk.q.dtype == np.int8 and qk.scale.shape == (2, 1, 4, 8)
@@ -149,8 +195,7 @@ def test_quantize_per_channel_roundtrip():
 def test_bad_packages_fail_clearly(workdir, tmp_path):
   d, params, cfg, tok = workdir
   src = tmp_path / "good"
-  package.write_package(str(src), params, cfg, str(d / "tokenizer.model"), step=7,
-                        weights_dtype="bfloat16")
+  package.write_package(str(src), params, cfg, str(d / "tokenizer.model"), step=7, weights_dtype="bfloat16")
   assert open_model(str(src), dtype="auto").meta["tensors"]["embedding"]["dtype"] == "bfloat16"
 
   def variant(name, edit):
@@ -164,6 +209,7 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
       meta = json.loads((p / "model.json").read_text())
       meta[key] = value
       (p / "model.json").write_text(json.dumps(meta))
+
     return edit
 
   with pytest.raises(package.PackageError, match="format_version 99 .* newer llm_jax"):
@@ -180,6 +226,7 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
     raw = bytearray((p / "weights.safetensors").read_bytes())
     raw[-1] ^= 0xFF
     (p / "weights.safetensors").write_bytes(bytes(raw))
+
   with pytest.raises(package.PackageError, match="does not match weights_sha256"):
     package.read_package(variant("damaged", damage))
   with pytest.raises(package.PackageError, match="does not fit model.json's architecture"):
@@ -192,9 +239,14 @@ def arch_wo(arch):
 
 def test_random_init_export_cli(workdir, tmp_path):
   d, _, _, tok = workdir
-  rc = run_command("llm_jax.export", "--random_init=configs/base.py", f"--tokenizer={d / 'tokenizer.model'}",
-                   f"--out={tmp_path / 'rnd'}", "--quantize=int8",
-                   *[f"--config_override={k}={v}" for k, v in OVERRIDES.items()])
+  rc = run_command(
+    "llm_jax.export",
+    "--random_init=configs/base.py",
+    f"--tokenizer={d / 'tokenizer.model'}",
+    f"--out={tmp_path / 'rnd'}",
+    "--quantize=int8",
+    *[f"--config_override={k}={v}" for k, v in OVERRIDES.items()],
+  )
   assert rc == 0
   loaded = open_model(str(tmp_path / "rnd"), dtype="auto")
   assert loaded.meta["provenance"]["training_step"] == 0
@@ -205,9 +257,15 @@ def test_random_init_export_cli(workdir, tmp_path):
 
 def test_generate_cli_from_workdir(workdir, capsys):
   from llm_jax import generate
+
   d, params, cfg, tok = workdir
   assert run_command("llm_jax.generate", f"--workdir={d}", "--prompt=the cat", "--max_new_tokens=6") == 0
   out = capsys.readouterr().out
-  want = generate.generate(params, cfg, [[tok.eos_id] + tok.encode("the cat")],
-                           generate.SamplingParams(max_new_tokens=6), tokenizer=tok)[0].text
+  want = generate.generate(
+    params,
+    cfg,
+    [[tok.eos_id] + tok.encode("the cat")],
+    generate.SamplingParams(max_new_tokens=6),
+    tokenizer=tok,
+  )[0].text
   assert out == "the cat" + want + "\n"

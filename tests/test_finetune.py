@@ -1,4 +1,5 @@
 """Fine-tuning: init_from (workdir and package), freezing, LoRA, and their error messages."""
+
 import functools
 import os
 import shutil
@@ -22,9 +23,18 @@ from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
-BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
-        "train.seq_len=16", "train.global_batch_size=8", "train.warmup_steps=0",
-        "train.learning_rate=0.01", "model.vocab_multiple=8", "sharding.data=1"]
+BASE = [
+  "model.num_layers=2",
+  "model.d_model=32",
+  "model.num_heads=4",
+  "model.max_seq_len=16",
+  "train.seq_len=16",
+  "train.global_batch_size=8",
+  "train.warmup_steps=0",
+  "train.learning_rate=0.01",
+  "model.vocab_multiple=8",
+  "sharding.data=1",
+]
 TEXT = "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. 0123456789\n"
 
 
@@ -42,8 +52,9 @@ def source(tmp_path_factory):
   root = tmp_path_factory.mktemp("ft")
   workdir = str(root / "source")
   os.makedirs(workdir)
-  tok = train_tokenizer([TEXT * 20], os.path.join(workdir, "tokenizer.model"), vocab_size=300,
-                        model_type="char")
+  tok = train_tokenizer(
+    [TEXT * 20], os.path.join(workdir, "tokenizer.model"), vocab_size=300, model_type="char"
+  )
   c = make_config()
   model_cfg = ModelConfig.from_config(c, tokenizer_size=tok.vocab_size, platform="cpu")
   config_lib.set_key(c, "model.vocab_size", model_cfg.vocab_size)
@@ -55,24 +66,41 @@ def source(tmp_path_factory):
   model = Decoder(model_cfg)
   fresh = state_lib.create_state(model, optimizer_lib.make_optimizer(c), mesh, c, seed=7)
   # The source's weights: the fresh ones moved at random (training itself is tested elsewhere).
-  state = fresh[0].replace(step=fresh[0].step + 3, params=jax.tree.map(
-      lambda x: jax.device_put(np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(np.float32),
-                               x.sharding), fresh[0].params))
+  state = fresh[0].replace(
+    step=fresh[0].step + 3,
+    params=jax.tree.map(
+      lambda x: jax.device_put(np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(np.float32), x.sharding),
+      fresh[0].params,
+    ),
+  )
   ckpts = checkpoint.Checkpoints(workdir, async_save=False)
   ckpts.save(3, state, {"step": 3})
   ckpts.close()
   eval_tokens = rng.integers(4, tok.vocab_size, (8, 17)).astype(np.int32)
   eval_batch = {"inputs": eval_tokens[:, :-1], "targets": eval_tokens[:, 1:]}
-  return dict(root=root, workdir=workdir, config=c, model=model, mesh=mesh, batch=batch,
-              eval_batch=eval_batch, params=jax.device_get(state.params), tok=tok, fresh=fresh,
-              loss=eval_loss(state.params, eval_batch, model))
+  return dict(
+    root=root,
+    workdir=workdir,
+    config=c,
+    model=model,
+    mesh=mesh,
+    batch=batch,
+    eval_batch=eval_batch,
+    params=jax.device_get(state.params),
+    tok=tok,
+    fresh=fresh,
+    loss=eval_loss(state.params, eval_batch, model),
+  )
 
 
 def run_steps(state, shardings, batch, c, model, n, optimizer=None):
   mesh = make_mesh(c)
   opt = optimizer or optimizer_lib.make_optimizer(c)
-  fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
-               in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
+  fn = jax.jit(
+    functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, None),
+  )
   with sharding.activate(mesh, c):
     for _ in range(n):
       state, metrics = fn(state, sharding.global_batch(batch, mesh))
@@ -131,8 +159,9 @@ def test_init_from_errors_name_the_problem(source, tmp_path):
   for fn in (init_from.load_source, init_from.describe):
     with pytest.raises(init_from.InitFromError, match="empty_run.*no complete checkpoint"):
       fn(str(empty))
-  with pytest.raises(init_from.InitFromError,
-                     match=r"finetune.init_step=9\): no checkpoint at step 9 .*have \[3\]"):
+  with pytest.raises(
+    init_from.InitFromError, match=r"finetune.init_step=9\): no checkpoint at step 9 .*have \[3\]"
+  ):
     init_from.describe(source["workdir"], step=9)
   (tmp_path / "plain").mkdir()
   with pytest.raises(init_from.InitFromError, match="neither a training run directory"):
@@ -153,15 +182,20 @@ def test_init_from_errors_name_the_problem(source, tmp_path):
 
 
 def test_frozen_parameters_are_bit_identical(source):
-  c = make_config("finetune.freeze_embeddings=True", "finetune.freeze_blocks=1",
-                  "finetune.freeze_patterns=final_norm", "train.weight_decay=0.5",
-                  "train.decay_norms_biases_embeddings=True")
+  c = make_config(
+    "finetune.freeze_embeddings=True",
+    "finetune.freeze_blocks=1",
+    "finetune.freeze_patterns=final_norm",
+    "train.weight_decay=0.5",
+    "train.decay_norms_biases_embeddings=True",
+  )
   model = source["model"]
   opt = freeze.wrap(optimizer_lib.make_optimizer(c), c)  # the fine-tuning extension's wrapper
   _, shardings = source["fresh"]
   params = init_from.place(source["params"], shardings.params)
-  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
-                               skipped=jnp.zeros((), jnp.int32))
+  state = state_lib.TrainState(
+    step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params), skipped=jnp.zeros((), jnp.int32)
+  )
   shardings = jax.tree.map(lambda x: x.sharding, state)
   before = jax.device_get(state.params)
   after = jax.device_get(run_steps(state, shardings, source["batch"], c, model, 3, optimizer=opt).params)
@@ -182,8 +216,10 @@ def test_frozen_parameters_are_bit_identical(source):
 
 
 def test_freeze_errors_name_the_key(source):
-  for over, match in (("finetune.freeze_patterns=nothing_like_this", "finetune.freeze_patterns"),
-                      ("finetune.freeze_blocks=3", "finetune.freeze_blocks=3 exceeds")):
+  for over, match in (
+    ("finetune.freeze_patterns=nothing_like_this", "finetune.freeze_patterns"),
+    ("finetune.freeze_blocks=3", "finetune.freeze_blocks=3 exceeds"),
+  ):
     c = make_config(over)
     with pytest.raises(config_lib.ConfigError, match=match):
       freeze.leaf_masks(source["params"], freeze.spec_from_config(c))
@@ -195,12 +231,18 @@ def test_freeze_errors_name_the_key(source):
 @pytest.fixture(scope="module")
 def lora_run(source):
   """A LoRA run directory on top of the source: 4 adapter steps, checkpointed adapters-only."""
-  c = make_config(f"init_from={source['workdir']}", "finetune.lora.rank=4", "finetune.lora.alpha=8.0",
-                  "train.learning_rate=0.01", f"model.vocab_size={source['config'].model.vocab_size}")
+  c = make_config(
+    f"init_from={source['workdir']}",
+    "finetune.lora.rank=4",
+    "finetune.lora.alpha=8.0",
+    "train.learning_rate=0.01",
+    f"model.vocab_size={source['config'].model.vocab_size}",
+  )
   spec = lora.spec_from_config(c)
   mesh, model = source["mesh"], source["model"]
-  base = init_from.place(source["params"],
-                         sharding.logical_to_sharding(abstract_params(model.cfg)[1], mesh, c))
+  base = init_from.place(
+    source["params"], sharding.logical_to_sharding(abstract_params(model.cfg)[1], mesh, c)
+  )
   opt = optimizer_lib.make_optimizer(c)
   state, shardings = lora.create_state(base, opt, mesh, c)
   initial = jax.device_get(state.params)
@@ -217,8 +259,7 @@ def lora_run(source):
   ckpts = checkpoint.Checkpoints(workdir, async_save=False)
   ckpts.save(4, state, {"step": 4})
   ckpts.close()
-  return dict(config=c, spec=spec, base=base, initial=initial, state=state, losses=losses,
-              workdir=workdir)
+  return dict(config=c, spec=spec, base=base, initial=initial, state=state, losses=losses, workdir=workdir)
 
 
 def _logits(model, params, tokens):
@@ -228,12 +269,15 @@ def _logits(model, params, tokens):
 def test_lora_zero_b_gives_base_outputs(source, lora_run):
   tokens = jnp.asarray(source["eval_batch"]["inputs"])
   merged = lora.merge(lora_run["base"], lora_run["initial"], lora_run["spec"])
-  np.testing.assert_array_equal(_logits(source["model"], merged, tokens),
-                                _logits(source["model"], lora_run["base"], tokens))
+  np.testing.assert_array_equal(
+    _logits(source["model"], merged, tokens), _logits(source["model"], lora_run["base"], tokens)
+  )
   names = lora.adapter_names(lora_run["initial"])
   assert "blocks/attn/query/kernel" in names and "blocks/mlp/down/kernel" in names and len(names) == 6
-  assert all(float(jnp.abs(ab).max()) == 0 for ab in jax.tree.leaves(
-      jax.tree.map(lambda x: x, lora_run["initial"]))[1::2])  # every B (leaf order a, b) is zero
+  assert all(
+    float(jnp.abs(ab).max()) == 0
+    for ab in jax.tree.leaves(jax.tree.map(lambda x: x, lora_run["initial"]))[1::2]
+  )  # every B (leaf order a, b) is zero
 
 
 def test_lora_trains_only_adapters_and_checkpoints_them(source, lora_run):
@@ -245,14 +289,21 @@ def test_lora_trains_only_adapters_and_checkpoints_them(source, lora_run):
     np.testing.assert_array_equal(a, b)
   meta = checkpoint.Checkpoints(lora_run["workdir"], read_only=True).saved_shapes(4)["params"]
   saved = sum(int(np.prod(m.shape)) for m in jax.tree.leaves(meta))
-  assert saved == lora.count(params) < ModelConfig.from_config(
-      source["config"], tokenizer_size=source["tok"].vocab_size, platform="cpu").param_count() // 4
+  assert (
+    saved
+    == lora.count(params)
+    < ModelConfig.from_config(
+      source["config"], tokenizer_size=source["tok"].vocab_size, platform="cpu"
+    ).param_count()
+    // 4
+  )
 
 
 def test_lora_merged_export_equals_adapter_inference(source, lora_run):
   tokens = jnp.asarray(source["eval_batch"]["inputs"])
-  live = _logits(source["model"], lora.merge(lora_run["base"], lora_run["state"].params,
-                                             lora_run["spec"]), tokens)
+  live = _logits(
+    source["model"], lora.merge(lora_run["base"], lora_run["state"].params, lora_run["spec"]), tokens
+  )
   assert not np.allclose(live, _logits(source["model"], lora_run["base"], tokens))
   pkg = str(source["root"] / "lora_pkg")
   export(lora_run["workdir"], pkg)

@@ -1,4 +1,5 @@
 """SFT data: the loss mask covers exactly the response tokens; packing isolates examples; bad lines."""
+
 import functools
 import json
 
@@ -12,13 +13,17 @@ from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import step as step_lib
 
 RECORDS = [
-    {"prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
-    {"messages": [{"role": "system", "content": "Be brief."},
-                  {"role": "user", "content": "Say hi."},
-                  {"role": "assistant", "content": "hi"},
-                  {"role": "user", "content": "Again?"},
-                  {"role": "assistant", "content": "hi again"}]},
-    {"prompt": "Name a fruit.", "response": "apple"},
+  {"prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
+  {
+    "messages": [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": "Say hi."},
+      {"role": "assistant", "content": "hi"},
+      {"role": "user", "content": "Again?"},
+      {"role": "assistant", "content": "hi again"},
+    ]
+  },
+  {"prompt": "Name a fruit.", "response": "apple"},
 ]
 
 
@@ -65,8 +70,16 @@ def test_packed_rows_isolate_examples_and_weight_only_responses(tok):
     assert found
   assert rows["weights"][rows["segment_ids"] == 0].sum() == 0  # padding is never trained
   # The packed loss equals the sum of the examples' own losses: no attention across segments.
-  cfg = ModelConfig(vocab_size=304, num_layers=1, d_model=32, num_heads=4, num_kv_heads=4,
-                    head_dim=8, mlp_dim=64, max_seq_len=96)
+  cfg = ModelConfig(
+    vocab_size=304,
+    num_layers=1,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    mlp_dim=64,
+    max_seq_len=96,
+  )
   model = Decoder(cfg)
   params = model.init(jax.random.key(0), rows["inputs"][:1])["params"]
   ev = jax.jit(functools.partial(step_lib.eval_step, model=model, num_domains=1))
@@ -98,14 +111,17 @@ def test_long_examples_are_cut_and_loader_is_resumable(tok, tmp_path):
   assert sum(float(b["weights"].sum()) for b in batches) == rows["weights"].sum()
 
 
-@pytest.mark.parametrize("line, match", [
+@pytest.mark.parametrize(
+  "line, match",
+  [
     ('{"prompt": "x"', r"d.jsonl:2: not valid JSON"),
     ('{"prompt": "x"}', r"d.jsonl:2: missing key 'response'"),
     ('{"prompt": "x", "response": ""}', r"d.jsonl:2: 'response' is empty"),
     ('{"messages": [{"role": "user", "content": "x"}]}', r"d.jsonl:2: no assistant message"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', r"d.jsonl:2: messages\[0\].role='bot'"),
-    ('[1, 2]', r"d.jsonl:2: a line must be a JSON object"),
-])
+    ("[1, 2]", r"d.jsonl:2: a line must be a JSON object"),
+  ],
+)
 def test_bad_lines_name_file_and_line(tmp_path, line, match):
   path = write(tmp_path, [RECORDS[0], line])
   with pytest.raises(sft.SFTError, match=match):

@@ -1,4 +1,5 @@
 """KV-cache decoding: equality with full recomputation, sampling controls, stops, streaming, CLI."""
+
 import dataclasses
 import os
 import random
@@ -14,14 +15,24 @@ from llm_jax import generate as G
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
 
-CFG = ModelConfig(vocab_size=384, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, max_seq_len=48, init_std=0.3)
+CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=2,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=48,
+  init_std=0.3,
+)
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40], [1, 12, 13, 14]]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _params(cfg, seed=0):
   from llm_jax.model.params import init_params
+
   return init_params(cfg, seed)
 
 
@@ -45,7 +56,7 @@ def _greedy_recompute(params, cfg, prompt, n, vocab_limit):
   seq, out, lps = list(prompt), [], []
   for _ in range(n):
     padded = np.zeros((1, cfg.max_seq_len), np.int32)  # causal: padding after the end is unseen
-    padded[0, :len(seq)] = seq
+    padded[0, : len(seq)] = seq
     logits = np.asarray(fwd(params, jnp.asarray(padded)))[0, len(seq) - 1, :vocab_limit]
     t = int(np.argmax(logits))
     logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
@@ -60,12 +71,18 @@ def test_cached_greedy_equals_full_recompute(variant, params):
   cfg = CFG
   p = params
   if variant == "llama_loop":
-    cfg = dataclasses.replace(CFG, positions="rope", norm="rmsnorm", activation="swiglu",
-                              use_bias=False, tie_embeddings=False, scan_layers=False)
+    cfg = dataclasses.replace(
+      CFG,
+      positions="rope",
+      norm="rmsnorm",
+      activation="swiglu",
+      use_bias=False,
+      tie_embeddings=False,
+      scan_layers=False,
+    )
     p = _params(cfg, seed=1)
   n = 12
-  gens = G.generate(p, cfg, PROMPTS, G.SamplingParams(max_new_tokens=n), eos_id=-1,
-                    vocab_limit=300)
+  gens = G.generate(p, cfg, PROMPTS, G.SamplingParams(max_new_tokens=n), eos_id=-1, vocab_limit=300)
   for prompt, gen in zip(PROMPTS, gens, strict=True):
     want, want_lp = _greedy_recompute(p, cfg, prompt, n, 300)
     assert gen.tokens == want
@@ -76,6 +93,7 @@ def test_cached_greedy_equals_full_recompute(variant, params):
 def test_cache_span_rows_and_unstacked_layers_decode_the_same():
   """Attending to a span of the cache, idle padding rows and per-layer weights change no token."""
   from llm_jax.model import stack_layers, unstack_layers
+
   cfg = dataclasses.replace(CFG, max_seq_len=160)  # room for a span (MIN_SPAN) short of the cache
   p = _params(cfg, seed=2)
   short = G.make_batch([PROMPTS[1]], [G.SamplingParams(max_new_tokens=12)], cfg)
@@ -83,8 +101,7 @@ def test_cache_span_rows_and_unstacked_layers_decode_the_same():
   assert short.greedy and short.arrays["max_new_B"].tolist() == [12, 0]  # the idle row
   long = G.make_batch([[1] * 100, [1, 2]], [G.SamplingParams(max_new_tokens=40)] * 2, cfg)
   assert long.span == 0  # positions up to 139: the whole cache
-  one = G.generate(p, cfg, [PROMPTS[1]], G.SamplingParams(max_new_tokens=12), eos_id=-1,
-                   vocab_limit=300)[0]
+  one = G.generate(p, cfg, [PROMPTS[1]], G.SamplingParams(max_new_tokens=12), eos_id=-1, vocab_limit=300)[0]
   want, want_lp = _greedy_recompute(p, cfg, PROMPTS[1], 12, 300)
   assert one.tokens == want
   np.testing.assert_allclose(one.logprobs, want_lp, atol=1e-4)
@@ -93,8 +110,10 @@ def test_cache_span_rows_and_unstacked_layers_decode_the_same():
   assert np.asarray(full["token"])[0, :12].tolist() == want  # span 0 agrees with span 128
   u, cu = unstack_layers(p, cfg)
   assert "block_0" in u and "blocks" not in u and not cu.scan_layers
-  assert G.generate(u, cu, [PROMPTS[1]], G.SamplingParams(max_new_tokens=12), eos_id=-1,
-                    vocab_limit=300)[0].tokens == want
+  assert (
+    G.generate(u, cu, [PROMPTS[1]], G.SamplingParams(max_new_tokens=12), eos_id=-1, vocab_limit=300)[0].tokens
+    == want
+  )
   back, cb = stack_layers(u, cu)
   assert cb == cfg and jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), back, p))
 
@@ -109,8 +128,7 @@ def test_seeded_sampling_reproducible(params):
   assert other[0].tokens == a[0].tokens
   c = G.generate(params, CFG, PROMPTS, dataclasses.replace(sp, seed=8), eos_id=-1, vocab_limit=300)
   assert [g.tokens for g in c] != [g.tokens for g in a]
-  greedy = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=16), eos_id=-1,
-                      vocab_limit=300)
+  greedy = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=16), eos_id=-1, vocab_limit=300)
   assert [g.tokens for g in a] != [g.tokens for g in greedy]
 
 
@@ -119,39 +137,58 @@ def test_top_k_top_p_mask():
   top_k = jnp.array([0, 2, 0, 0, 3])
   top_p = jnp.array([1.0, 1.0, 0.5, 0.7, 0.85])
   mask = np.asarray(G.top_k_top_p_mask(logits, top_k, top_p))
-  np.testing.assert_array_equal(mask, [[1, 1, 1, 1],   # off
-                                       [0, 0, 1, 1],   # top-2
-                                       [0, 0, 0, 1],   # 0.6 already covers 0.5
-                                       [0, 0, 1, 1],   # 0.6 < 0.7 <= 0.85
-                                       [0, 0, 1, 1]])  # top-3 renormalized: 0.63 < 0.85 <= 0.89
+  np.testing.assert_array_equal(
+    mask,
+    [
+      [1, 1, 1, 1],  # off
+      [0, 0, 1, 1],  # top-2
+      [0, 0, 0, 1],  # 0.6 already covers 0.5
+      [0, 0, 1, 1],  # 0.6 < 0.7 <= 0.85
+      [0, 0, 1, 1],
+    ],
+  )  # top-3 renormalized: 0.63 < 0.85 <= 0.89
 
 
 def test_top_k_one_is_greedy_and_vocab_limit_respected(params):
-  greedy = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=10), eos_id=-1,
-                      vocab_limit=300)
+  greedy = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=10), eos_id=-1, vocab_limit=300)
   for seed in (0, 1):
-    k1 = G.generate(params, CFG, PROMPTS, G.SamplingParams(temperature=2.0, top_k=1, seed=seed,
-                                                           max_new_tokens=10),
-                    eos_id=-1, vocab_limit=300)
+    k1 = G.generate(
+      params,
+      CFG,
+      PROMPTS,
+      G.SamplingParams(temperature=2.0, top_k=1, seed=seed, max_new_tokens=10),
+      eos_id=-1,
+      vocab_limit=300,
+    )
     assert [g.tokens for g in k1] == [g.tokens for g in greedy]
-  hot = G.generate(params, CFG, PROMPTS, G.SamplingParams(temperature=5.0, max_new_tokens=30),
-                   eos_id=-1, vocab_limit=100)
+  hot = G.generate(
+    params, CFG, PROMPTS, G.SamplingParams(temperature=5.0, max_new_tokens=30), eos_id=-1, vocab_limit=100
+  )
   assert max(max(g.tokens) for g in hot) < 100
 
 
 def test_repetition_penalty_and_limits(params):
-  plain = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=20), eos_id=-1,
-                     vocab_limit=300)
+  plain = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=20), eos_id=-1, vocab_limit=300)
   assert any(len(set(g.tokens)) < len(g.tokens) for g in plain)  # random models repeat themselves
-  pen = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=20,
-                                                          repetition_penalty=1e6),
-                   eos_id=-1, vocab_limit=300)
+  pen = G.generate(
+    params,
+    CFG,
+    PROMPTS,
+    G.SamplingParams(max_new_tokens=20, repetition_penalty=1e6),
+    eos_id=-1,
+    vocab_limit=300,
+  )
   for prompt, g in zip(PROMPTS, pen, strict=True):
     assert len(set(g.tokens)) == len(g.tokens) and not set(g.tokens) & set(prompt)
   # Lengths: max_new_tokens per row, and never past max_seq_len.
-  gens = G.generate(params, CFG, [[1] * 40, [1, 2]],
-                    [G.SamplingParams(max_new_tokens=30), G.SamplingParams(max_new_tokens=3)],
-                    eos_id=-1, vocab_limit=300)
+  gens = G.generate(
+    params,
+    CFG,
+    [[1] * 40, [1, 2]],
+    [G.SamplingParams(max_new_tokens=30), G.SamplingParams(max_new_tokens=3)],
+    eos_id=-1,
+    vocab_limit=300,
+  )
   assert len(gens[0].tokens) == CFG.max_seq_len - 40 and gens[0].finish_reason == "length"
   assert len(gens[1].tokens) == 3
   with pytest.raises(ValueError, match="prompt 0 has 48 tokens"):
@@ -161,12 +198,10 @@ def test_repetition_penalty_and_limits(params):
 
 
 def test_eos_stops_without_emitting(params):
-  first = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=5), eos_id=-1,
-                     vocab_limit=300)
+  first = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=5), eos_id=-1, vocab_limit=300)
   toks = first[0].tokens
   i = next(i for i in range(1, 5) if toks[i] not in toks[:i])
-  gens = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=5), eos_id=toks[i],
-                    vocab_limit=300)
+  gens = G.generate(params, CFG, PROMPTS, G.SamplingParams(max_new_tokens=5), eos_id=toks[i], vocab_limit=300)
   assert gens[0].tokens == toks[:i] and gens[0].finish_reason == "stop"
 
 
@@ -202,9 +237,8 @@ def test_stop_sequences_trimmed_in_generate_and_stream(params, tok):
   text = full.text
   assert len(text) >= 6
   stop = text[3:6]
-  cut = G.generate(params, CFG, [prompt], dataclasses.replace(sp, stop=(stop, "\x00never")),
-                   tokenizer=tok)[0]
-  assert cut.text == text[:text.find(stop)] and cut.finish_reason == "stop"
+  cut = G.generate(params, CFG, [prompt], dataclasses.replace(sp, stop=(stop, "\x00never")), tokenizer=tok)[0]
+  assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
   assert len(cut.tokens) < len(full.tokens)
   streamed = "".join(G.stream(params, CFG, tok, prompt, dataclasses.replace(sp, stop=(stop,))))
   assert streamed == cut.text
@@ -214,10 +248,17 @@ def test_stop_sequences_trimmed_in_generate_and_stream(params, tok):
 @pytest.mark.filterwarnings("ignore:.*context manager has been deprecated")
 def test_sharded_decoding_matches(params, devices):
   from jax.sharding import Mesh
+
   mesh = Mesh(np.asarray(devices[:2]).reshape(1, 1, 2), ("data", "fsdp", "tensor"))
-  rules = (("batch", ("data", "fsdp")), ("heads", "tensor"), ("kv_heads", "tensor"),
-           ("act_heads", "tensor"), ("act_kv_heads", "tensor"), ("mlp", "tensor"),
-           ("act_mlp", "tensor"))
+  rules = (
+    ("batch", ("data", "fsdp")),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("act_mlp", "tensor"),
+  )
   sp = G.SamplingParams(max_new_tokens=8)
   want = G.generate(params, CFG, PROMPTS, sp, eos_id=-1, vocab_limit=300)
   with G.mesh_context(mesh, rules):
@@ -233,17 +274,25 @@ def test_sharded_decoding_matches(params, devices):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "llm_jax.generate", *args], capture_output=True,
-                        text=True, timeout=300, cwd=REPO, env=env)
+  return subprocess.run(
+    [sys.executable, "-m", "llm_jax.generate", *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=REPO,
+    env=env,
+  )
 
 
 def test_cli_streams_from_package(tmp_path, params, tok):
   from llm_jax.artifacts import package
+
   package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
   proc = _cli("--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8")
   assert proc.returncode == 0, proc.stderr[-2000:]
-  want = G.generate(params, CFG, [[tok.eos_id] + tok.encode("the cat")], G.SamplingParams(max_new_tokens=8),
-                    tokenizer=tok)[0].text
+  want = G.generate(
+    params, CFG, [[tok.eos_id] + tok.encode("the cat")], G.SamplingParams(max_new_tokens=8), tokenizer=tok
+  )[0].text
   assert proc.stdout == "the cat" + want + "\n"
   assert "loaded" in proc.stderr
 

@@ -6,6 +6,7 @@ tokenizer.json swapped for an llm_jax SentencePiece tokenizer.model (saved as Hu
 preparation encodes only with such a tokenizer, and a tokenizer.json source is refused with a clear
 message (docs/interop.md, Limits).
 """
+
 import json
 import os
 import random
@@ -26,13 +27,28 @@ from llm_jax.train import loop
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
 # The fixture's architecture as config.model keys (the shapes init_from checks, RoPE as imported).
-LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.activation": "swiglu",
-         "model.d_model": 16, "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 8,
-         "model.mlp_dim": 24, "model.num_layers": 2, "model.max_seq_len": 64, "model.vocab_size": 320,
-         "model.tie_embeddings": False, "model.use_bias": False, "model.rope_theta": 5000.0,
-         "model.norm_eps": 1e-5, "model.rope_scaling": "llama3", "model.rope_scaling_factor": 4.0,
-         "model.rope_low_freq_factor": 0.25, "model.rope_high_freq_factor": 2.0,
-         "model.rope_original_max_len": 16}
+LLAMA = {
+  "model.positions": "rope",
+  "model.norm": "rmsnorm",
+  "model.activation": "swiglu",
+  "model.d_model": 16,
+  "model.num_heads": 4,
+  "model.num_kv_heads": 2,
+  "model.head_dim": 8,
+  "model.mlp_dim": 24,
+  "model.num_layers": 2,
+  "model.max_seq_len": 64,
+  "model.vocab_size": 320,
+  "model.tie_embeddings": False,
+  "model.use_bias": False,
+  "model.rope_theta": 5000.0,
+  "model.norm_eps": 1e-5,
+  "model.rope_scaling": "llama3",
+  "model.rope_scaling_factor": 4.0,
+  "model.rope_low_freq_factor": 0.25,
+  "model.rope_high_freq_factor": 2.0,
+  "model.rope_original_max_len": 16,
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +69,42 @@ def env(tmp_path_factory, devices):
   config.update(pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
   (imported / "config.json").write_text(json.dumps(config))
   sft = root / "sft.jsonl"
-  sft.write_text("\n".join(json.dumps({"prompt": f"item {i}", "response": f"value {i} total"})
-                           for i in range(24)) + "\n")
+  sft.write_text(
+    "\n".join(json.dumps({"prompt": f"item {i}", "response": f"value {i} total"}) for i in range(24)) + "\n"
+  )
   old = jax.config.jax_compilation_cache_dir
   jax.config.update("jax_compilation_cache_dir", str(root / "xla_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  over = {**LLAMA, "data.corpus": f"{root}/corpus/*.txt", "data.cache_dir": str(root / "data_cache"),
-          "data.val_fraction": 0.15, "data.near_dup_threshold": 0.0, "train.seq_len": 32,
-          "train.global_batch_size": 8, "train.steps": 4, "train.warmup_steps": 1,
-          "train.learning_rate": 3e-3, "train.eval_every": 4, "train.eval_batches": 1,
-          "train.checkpoint_every": 4, "train.sample_every": 0, "train.log_every": 1,
-          "train.preflight": False, "sharding.data": 8, "reuse_source_tokenizer": True,
-          "finetune.sft.train_file": str(sft), "finetune.sft.prompt_template": "Q: {prompt}\nA: "}
+  over = {
+    **LLAMA,
+    "data.corpus": f"{root}/corpus/*.txt",
+    "data.cache_dir": str(root / "data_cache"),
+    "data.val_fraction": 0.15,
+    "data.near_dup_threshold": 0.0,
+    "train.seq_len": 32,
+    "train.global_batch_size": 8,
+    "train.steps": 4,
+    "train.warmup_steps": 1,
+    "train.learning_rate": 3e-3,
+    "train.eval_every": 4,
+    "train.eval_batches": 1,
+    "train.checkpoint_every": 4,
+    "train.sample_every": 0,
+    "train.log_every": 1,
+    "train.preflight": False,
+    "sharding.data": 8,
+    "reuse_source_tokenizer": True,
+    "finetune.sft.train_file": str(sft),
+    "finetune.sft.prompt_template": "Q: {prompt}\nA: ",
+  }
   yield {"root": root, "imported": str(imported), "over": over, "tok": tok}
   jax.config.update("jax_compilation_cache_dir", old)
 
 
 def _config(env, **extra):
-  return config_lib.load("configs/base.py", {**env["over"], **{k.replace("__", "."): v
-                                                               for k, v in extra.items()}})
+  return config_lib.load(
+    "configs/base.py", {**env["over"], **{k.replace("__", "."): v for k, v in extra.items()}}
+  )
 
 
 @pytest.mark.slow
@@ -79,8 +112,10 @@ def test_freeze_and_sft_from_an_imported_checkpoint_then_export_to_hf(env):
   base = open_model(env["imported"])
   assert base.kind == "hf" and type(base.tokenizer) is Tokenizer
   workdir = str(env["root"] / "frozen")
-  out = loop.train(_config(env, init_from=env["imported"], finetune__freeze_embeddings=True,
-                           finetune__freeze_blocks=1), workdir)
+  out = loop.train(
+    _config(env, init_from=env["imported"], finetune__freeze_embeddings=True, finetune__freeze_blocks=1),
+    workdir,
+  )
   assert out["status"] == "complete" and out["step"] == 4 and np.isfinite(out["val_loss"])
   tuned = open_model(workdir)
   assert tuned.tokenizer.sha256 == env["tok"].sha256
@@ -101,18 +136,24 @@ def test_lora_from_the_package_converted_from_an_imported_checkpoint(env):
   pkg = str(env["root"] / "pkg")
   assert run_command("llm_jax.export", f"--workdir={env['imported']}", f"--out={pkg}") == 0
   workdir = str(env["root"] / "lora")
-  out = loop.train(_config(env, init_from=pkg, finetune__lora__rank=2, finetune__lora__targets="attn/query"),
-                   workdir)
+  out = loop.train(
+    _config(env, init_from=pkg, finetune__lora__rank=2, finetune__lora__targets="attn/query"), workdir
+  )
   assert out["status"] == "complete" and np.isfinite(out["val_loss"])
   base, merged = open_model(pkg), open_model(workdir)  # adapters merged into the package's weights
   q_base = np.asarray(base.params["blocks"]["attn"]["query"]["kernel"])
   assert not np.array_equal(np.asarray(merged.params["blocks"]["attn"]["query"]["kernel"]), q_base)
-  np.testing.assert_array_equal(np.asarray(merged.params["blocks"]["mlp"]["up"]["kernel"]),
-                                np.asarray(base.params["blocks"]["mlp"]["up"]["kernel"]))
+  np.testing.assert_array_equal(
+    np.asarray(merged.params["blocks"]["mlp"]["up"]["kernel"]),
+    np.asarray(base.params["blocks"]["mlp"]["up"]["kernel"]),
+  )
 
 
 def test_a_tokenizer_json_source_is_refused_naming_the_limit(env):
-  with pytest.raises(init_from.InitFromError, match=r"reuse_source_tokenizer needs an llm_jax SentencePiece "
-                     r"tokenizer .*/tokenizer\.json;.*docs/interop.md"):
+  with pytest.raises(
+    init_from.InitFromError,
+    match=r"reuse_source_tokenizer needs an llm_jax SentencePiece "
+    r"tokenizer .*/tokenizer\.json;.*docs/interop.md",
+  ):
     loop.train(_config(env, init_from=FIXTURE), str(env["root"] / "refused"))
   assert not os.path.exists(env["root"] / "refused" / "config.json")

@@ -2,6 +2,7 @@
 real transformers): opened by open_model with the recorded logits and no torch; HF -> package -> HF
 bitwise; old- and new-shaped model.json; and, when transformers and torch import, the fixture script
 rerun for real."""
+
 import dataclasses
 import importlib.util
 import json
@@ -74,16 +75,23 @@ def test_hf_to_package_to_hf_is_bitwise(family, tmp_path):
   assert meta["prompt_prefix"] == [src.bos_id] and meta["provenance"]["tokenizer_sha256"] == src.sha256
   assert ("rope_scaling" in meta["architecture"]) == (family == "llama")  # defaults are left out
   assert "dropout" not in meta["architecture"] and "max_seq_len" in meta["architecture"]
-  assert sorted(f for f in os.listdir(pkg) if f.startswith("tokenizer")) == ["tokenizer.json",
-                                                                             "tokenizer_config.json"]
+  assert sorted(f for f in os.listdir(pkg) if f.startswith("tokenizer")) == [
+    "tokenizer.json",
+    "tokenizer_config.json",
+  ]
   opened_pkg, opened_hf = open_model(pkg), open_model(d)
   assert opened_pkg.kind == "package" and opened_pkg.model_config == opened_hf.model_config
   _equal_trees(opened_pkg.params, opened_hf.params)
   tok = opened_pkg.tokenizer
-  assert (tok.sha256, tok.eos_id, tok.bos_id, tok.prompt_prefix) == (src.sha256, src.eos_id, src.bos_id,
-                                                                   opened_pkg.prompt_prefix)
-  np.testing.assert_allclose(_logits(opened_pkg.params, opened_pkg.model_config, ids), expected, atol=1e-4,
-                             rtol=0)
+  assert (tok.sha256, tok.eos_id, tok.bos_id, tok.prompt_prefix) == (
+    src.sha256,
+    src.eos_id,
+    src.bos_id,
+    opened_pkg.prompt_prefix,
+  )
+  np.testing.assert_allclose(
+    _logits(opened_pkg.params, opened_pkg.model_config, ids), expected, atol=1e-4, rtol=0
+  )
 
   assert run_command("llm_jax.export", "--format=hf", f"--workdir={pkg}", f"--out={back}") == 0
   params, cfg, tok_back, _ = hf.read_hf(back)
@@ -113,15 +121,32 @@ def test_rope_context_is_capped_and_restored_on_export(tmp_path):
 
 
 def test_model_json_without_defaults_and_old_full_form_read_alike(tmp_path):
-  tok = train_tokenizer([f"the cat {i} sat on the mat\n" for i in range(200)], str(tmp_path / "t.model"),
-                        vocab_size=300)
-  cfg = ModelConfig(vocab_size=320, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2, head_dim=8,
-                    mlp_dim=32, max_seq_len=16)
+  tok = train_tokenizer(
+    [f"the cat {i} sat on the mat\n" for i in range(200)], str(tmp_path / "t.model"), vocab_size=300
+  )
+  cfg = ModelConfig(
+    vocab_size=320,
+    num_layers=1,
+    d_model=16,
+    num_heads=2,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=32,
+    max_seq_len=16,
+  )
   meta = package.write_package(str(tmp_path / "pkg"), init_params(cfg, 0), cfg, tok.path, step=4)
   assert meta["format_version"] == 1 and meta["prompt_prefix"] == [tok.eos_id]
   assert meta["special_ids"] == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
-  assert set(meta["architecture"]) == {"vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
-                                       "head_dim", "mlp_dim", "max_seq_len"}
+  assert set(meta["architecture"]) == {
+    "vocab_size",
+    "num_layers",
+    "d_model",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "mlp_dim",
+    "max_seq_len",
+  }
   assert os.listdir(tmp_path / "pkg").count("tokenizer.model") == 1
   path = tmp_path / "pkg" / "model.json"
   old = json.loads(path.read_text())
@@ -142,8 +167,9 @@ def test_model_json_without_defaults_and_old_full_form_read_alike(tmp_path):
 def fixture_script():
   pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
   pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[hf]')")
-  spec = importlib.util.spec_from_file_location("make_hf_fixtures",
-                                                os.path.join(FIXTURES, "make_hf_fixtures.py"))
+  spec = importlib.util.spec_from_file_location(
+    "make_hf_fixtures", os.path.join(FIXTURES, "make_hf_fixtures.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -158,14 +184,19 @@ def test_fixture_script_reruns_and_transformers_agrees(fixture_script, tmp_path)
     np.testing.assert_allclose(fixture_script.load_logits(d, ids[0].tolist()), expected, atol=1e-5, rtol=0)
     fresh = str(tmp_path / family)
     opened = open_model(fresh)
-    np.testing.assert_allclose(_logits(opened.params, opened.model_config, ids),
-                               np.load(os.path.join(fresh, "expected_logits.npy")), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+      _logits(opened.params, opened.model_config, ids),
+      np.load(os.path.join(fresh, "expected_logits.npy")),
+      atol=1e-4,
+      rtol=0,
+    )
     assert opened.model_config == open_model(d, weights=False).model_config
     assert opened.tokenizer.sha256 == hf_tokenizer.load_tokenizer(d).sha256  # the tokenizer is deterministic
 
 
 def test_generate_and_evaluate_take_a_hf_dir(capsys):
   from llm_jax.eval import pipeline, scored_model
+
   d, _, _ = _fixture("llama")
   assert run_command("llm_jax.generate", f"--workdir={d}", "--prompt=the quick", "--max_new_tokens=4") == 0
   assert capsys.readouterr().out.startswith("the quick")

@@ -4,6 +4,7 @@ that `transformers` loads them with equal logits, and tokenizer.json / tokenizer
 The comparisons with `transformers` skip when it (or torch) is not installed (`pip install -e '.[hf]'`
 installs both); the tokenizer tests need only the `tokenizers` library.
 """
+
 import json
 import os
 import random
@@ -28,8 +29,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 IDS = np.array([[5, 17, 3, 60, 22, 9, 41, 0, 33, 12, 7, 50, 1, 2, 63, 30, 44, 8, 19, 27, 36, 14, 55, 6]])
 WORDS = "the quick brown fox jumps over lazy dog 123 4567 hello world naïve café ünïcödé a1b2 日本".split()
-PROBES = ["the quick  brown fox 12345\n  dog", " hello", "日本語 ü", "café\tnaïve", "", "  ", "a1b2c3!?",
-          "ünïcödé\n\nover"]
+PROBES = [
+  "the quick  brown fox 12345\n  dog",
+  " hello",
+  "日本語 ü",
+  "café\tnaïve",
+  "",
+  "  ",
+  "a1b2c3!?",
+  "ünïcödé\n\nover",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +72,10 @@ def _our_logits(params, cfg, ids=IDS):
 
 def _gpt2(torch, path, **kw):
   from transformers import GPT2Config, GPT2LMHeadModel
-  cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                   layer_norm_epsilon=3e-5, **kw)
+
+  cfg = GPT2Config(
+    vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, layer_norm_epsilon=3e-5, **kw
+  )
   model = _perturb(torch, GPT2LMHeadModel(cfg))
   model.save_pretrained(path)
   return model
@@ -72,9 +83,19 @@ def _gpt2(torch, path, **kw):
 
 def _llama(torch, path, seed=0, **kw):
   from transformers import LlamaConfig, LlamaForCausalLM
-  base = dict(vocab_size=64, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-              rope_theta=5000.0, tie_word_embeddings=False)
+
+  base = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    rope_theta=5000.0,
+    tie_word_embeddings=False,
+  )
   base.update(kw)
   model = _perturb(torch, LlamaForCausalLM(LlamaConfig(**base, attn_implementation="eager")), seed)
   model.save_pretrained(path)
@@ -104,11 +125,15 @@ def test_gpt2_state_dict_without_prefix_and_mask_buffers(tmp_path):
   """The layout of the original GPT-2 uploads: bare GPT2Model names, causal-mask buffers beside them."""
   rnd = np.random.default_rng(0)
   cfg = ModelConfig(**EXPORT_CASES["gpt2"])
-  params = jax.tree.map(lambda x: rnd.normal(size=x.shape).astype(np.float32),
-                        nn.meta.unbox(jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0),
-                                                     jnp.zeros((1, 4), jnp.int32))["params"]))
+  params = jax.tree.map(
+    lambda x: rnd.normal(size=x.shape).astype(np.float32),
+    nn.meta.unbox(
+      jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    ),
+  )
   hf.write_hf(str(tmp_path), params, cfg, None)
   from safetensors.numpy import load_file, save_file
+
   tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
   tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
   save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
@@ -121,14 +146,26 @@ def test_gpt2_state_dict_without_prefix_and_mask_buffers(tmp_path):
 
 
 LLAMA_CASES = {
-    # grouped-query attention, untied head, head_dim != d_model / heads, llama3 rope scaling whose
-    # bands keep, interpolate and divide one frequency each (wavelengths 6.3, 53, 444, 3738)
-    "gqa_llama3": dict(head_dim=8, rope_scaling={"rope_type": "llama3", "factor": 4.0,
-                                                 "low_freq_factor": 0.25, "high_freq_factor": 2.0,
-                                                 "original_max_position_embeddings": 16}),
-    "tied_linear_bias": dict(num_key_value_heads=4, head_dim=16, tie_word_embeddings=True,
-                             attention_bias=True, mlp_bias=True,
-                             rope_scaling={"rope_type": "linear", "factor": 2.0}),
+  # grouped-query attention, untied head, head_dim != d_model / heads, llama3 rope scaling whose
+  # bands keep, interpolate and divide one frequency each (wavelengths 6.3, 53, 444, 3738)
+  "gqa_llama3": dict(
+    head_dim=8,
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 4.0,
+      "low_freq_factor": 0.25,
+      "high_freq_factor": 2.0,
+      "original_max_position_embeddings": 16,
+    },
+  ),
+  "tied_linear_bias": dict(
+    num_key_value_heads=4,
+    head_dim=16,
+    tie_word_embeddings=True,
+    attention_bias=True,
+    mlp_bias=True,
+    rope_scaling={"rope_type": "linear", "factor": 2.0},
+  ),
 }
 
 
@@ -142,8 +179,9 @@ def test_llama_checkpoint_reads_with_equal_logits(torch, tmp_path, case):
   assert cfg.rope_theta == 5000.0 and cfg.norm_eps == 1e-5
   assert cfg.rope_scaling == LLAMA_CASES[case]["rope_scaling"]["rope_type"]
   ids = np.tile(IDS, (1, 2))[:, :48]  # past original_max_position_embeddings
-  np.testing.assert_allclose(_our_logits(params, cfg, ids), _torch_logits(torch, model, ids), atol=1e-4,
-                             rtol=0)
+  np.testing.assert_allclose(
+    _our_logits(params, cfg, ids), _torch_logits(torch, model, ids), atol=1e-4, rtol=0
+  )
 
 
 def test_sharded_checkpoints_read_like_single_files(torch, tmp_path):
@@ -173,8 +211,15 @@ def test_unsupported_checkpoints_are_refused_naming_the_key(tmp_path):
   assert hf.is_hf_dir(str(tmp_path))
   with pytest.raises(hf.HFError, match="model_type 'mistral'"):
     hf.read_hf(str(tmp_path))
-  llama = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
-           "num_attention_heads": 2, "intermediate_size": 8, "max_position_embeddings": 8}
+  llama = {
+    "model_type": "llama",
+    "vocab_size": 8,
+    "hidden_size": 8,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 8,
+    "max_position_embeddings": 8,
+  }
   with pytest.raises(hf.HFError, match="rope scaling type 'yarn'"):
     hf.model_config_from_hf({**llama, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
   with pytest.raises(hf.HFError, match="hidden_size"):
@@ -197,13 +242,39 @@ def _random_params(cfg, seed=0):
 
 
 EXPORT_CASES = {
-    "gpt2": dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8, mlp_dim=48,
-                 max_seq_len=32, norm_eps=1e-5),
-    "llama": dict(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-                  mlp_dim=40, max_seq_len=64, positions="rope", norm="rmsnorm", activation="swiglu",
-                  use_bias=False, tie_embeddings=False, rope_theta=5000.0, norm_eps=1e-6,
-                  rope_scaling="llama3", rope_scaling_factor=4.0, rope_low_freq_factor=0.25,
-                  rope_high_freq_factor=2.0, rope_original_max_len=16),
+  "gpt2": dict(
+    vocab_size=64,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    mlp_dim=48,
+    max_seq_len=32,
+    norm_eps=1e-5,
+  ),
+  "llama": dict(
+    vocab_size=64,
+    num_layers=2,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    mlp_dim=40,
+    max_seq_len=64,
+    positions="rope",
+    norm="rmsnorm",
+    activation="swiglu",
+    use_bias=False,
+    tie_embeddings=False,
+    rope_theta=5000.0,
+    norm_eps=1e-6,
+    rope_scaling="llama3",
+    rope_scaling_factor=4.0,
+    rope_low_freq_factor=0.25,
+    rope_high_freq_factor=2.0,
+    rope_original_max_len=16,
+  ),
 }
 
 
@@ -215,9 +286,11 @@ def sp_tokenizer(tmp_path_factory):
 
 @pytest.mark.parametrize("family", sorted(EXPORT_CASES))
 @pytest.mark.slow
-def test_export_loads_in_transformers_with_equal_logits_and_reads_back_bitwise(torch, tmp_path, family,
-                                                                               sp_tokenizer):
+def test_export_loads_in_transformers_with_equal_logits_and_reads_back_bitwise(
+  torch, tmp_path, family, sp_tokenizer
+):
   from transformers import AutoModelForCausalLM, AutoTokenizer
+
   cfg = ModelConfig(**EXPORT_CASES[family])
   params = _random_params(cfg)
   out = str(tmp_path / "hf")
@@ -226,8 +299,9 @@ def test_export_loads_in_transformers_with_equal_logits_and_reads_back_bitwise(t
   model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, attn_implementation="eager")
   assert type(model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
   ids = IDS[:, :20]
-  np.testing.assert_allclose(_torch_logits(torch, model.float().eval(), ids), _our_logits(params, cfg, ids),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    _torch_logits(torch, model.float().eval(), ids), _our_logits(params, cfg, ids), atol=1e-4, rtol=0
+  )
   back, cfg_back, tok_back, _ = hf.read_hf(out)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, back)
   assert cfg_back == cfg
@@ -238,8 +312,19 @@ def test_export_loads_in_transformers_with_equal_logits_and_reads_back_bitwise(t
 
 
 def test_export_refuses_models_without_a_hf_counterpart(tmp_path):
-  cfg = ModelConfig(vocab_size=64, num_layers=1, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
-                    mlp_dim=48, max_seq_len=32, positions="rope", norm="layernorm", activation="gelu")
+  cfg = ModelConfig(
+    vocab_size=64,
+    num_layers=1,
+    d_model=32,
+    num_heads=4,
+    num_kv_heads=4,
+    head_dim=8,
+    mlp_dim=48,
+    max_seq_len=32,
+    positions="rope",
+    norm="layernorm",
+    activation="gelu",
+  )
   with pytest.raises(hf.HFError, match="positions=rope, norm=layernorm, activation=gelu"):
     hf.write_hf(str(tmp_path / "x"), {}, cfg, None)
   assert not os.path.exists(tmp_path / "x")
@@ -253,28 +338,45 @@ def _byte_level_bpe(directory, llama3=False):
   specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>"]
   tok = tokenizers.Tokenizer(models.BPE())
   if llama3:
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(tokenizers.Regex(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-                                              r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-                                              r"\s+(?!\S)|\s+"),
-                             behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(
+          tokenizers.Regex(
+            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+            r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+            r"\s+(?!\S)|\s+"
+          ),
+          behavior="isolated",
+        ),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
   else:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=specials,
+    show_progress=False,
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tok.train_from_iterator(_texts(), trainer)
   if llama3:
     bos = tok.token_to_id(specials[0])
-    tok.post_processor = processors.TemplateProcessing(single=f"{specials[0]} $A", special_tokens=[
-        (specials[0], bos)])
+    tok.post_processor = processors.TemplateProcessing(
+      single=f"{specials[0]} $A", special_tokens=[(specials[0], bos)]
+    )
   os.makedirs(directory, exist_ok=True)
   tok.save(os.path.join(directory, "tokenizer.json"))
-  config = ({"bos_token": specials[0], "eos_token": specials[1]} if llama3 else
-            {"bos_token": specials[0],
-             "eos_token": {"__type": "AddedToken", "content": specials[0], "special": True},
-             "unk_token": specials[0]})
+  config = (
+    {"bos_token": specials[0], "eos_token": specials[1]}
+    if llama3
+    else {
+      "bos_token": specials[0],
+      "eos_token": {"__type": "AddedToken", "content": specials[0], "special": True},
+      "unk_token": specials[0],
+    }
+  )
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
   return tok
@@ -306,6 +408,7 @@ def test_tokenizer_json_behind_the_tokenizer_interface(tmp_path, style):
 @pytest.mark.parametrize("style", ["gpt2", "llama3"])
 def test_tokenizer_json_export_loads_in_autotokenizer(torch, tmp_path, style):
   from transformers import AutoTokenizer
+
   _byte_level_bpe(tmp_path / "src", llama3=style == "llama3")
   tok = hf_tokenizer.load_tokenizer(str(tmp_path / "src"))
   tok.save_hf(str(tmp_path / "out"))
@@ -319,6 +422,7 @@ def test_tokenizer_json_export_loads_in_autotokenizer(torch, tmp_path, style):
 
 def test_sentencepiece_export_round_trips_through_autotokenizer(torch, tmp_path, sp_tokenizer):
   from transformers import AutoTokenizer
+
   names = hf_tokenizer.save_hf_tokenizer(sp_tokenizer, str(tmp_path), model_max_length=64)
   assert names == ["tokenizer.model", "tokenizer_config.json"]
   auto = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
@@ -332,9 +436,19 @@ def test_sentencepiece_export_round_trips_through_autotokenizer(torch, tmp_path,
 
 def test_sentencepiece_model_with_llama2_special_ids(tmp_path):
   path = tmp_path / "m"
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(_texts()), model_prefix=str(path), vocab_size=300,
-                                 model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-                                 pad_id=-1, minloglevel=2, num_threads=1)
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(_texts()),
+    model_prefix=str(path),
+    vocab_size=300,
+    model_type="bpe",
+    byte_fallback=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    minloglevel=2,
+    num_threads=1,
+  )
   tok = hf_tokenizer.load_tokenizer(f"{path}.model")
   assert isinstance(tok, hf_tokenizer.SentencePieceTokenizer)
   assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 2) and tok.prompt_prefix == [1]
@@ -353,16 +467,19 @@ def test_missing_tokenizer_is_named(tmp_path):
 def test_rope_scaling_from_config_and_checked():
   from llm_jax import config as config_lib
   from llm_jax.model import transformer
-  c = config_lib.load("configs/tiny.py", ["model.positions=rope", "model.norm=rmsnorm",
-                                          "model.activation=swiglu"])
+
+  c = config_lib.load(
+    "configs/tiny.py", ["model.positions=rope", "model.norm=rmsnorm", "model.activation=swiglu"]
+  )
   plain = ModelConfig.from_config(c, tokenizer_size=100, platform="cpu")
   assert plain.rope_scaling == "none" and transformer.rope_scaled_frequencies(plain) is None
   config_lib.set_key(c, "model.rope_scaling", "linear")
   config_lib.set_key(c, "model.rope_scaling_factor", "4.0")
   scaled = ModelConfig.from_config(c, tokenizer_size=100, platform="cpu")
   h = scaled.head_dim
-  np.testing.assert_allclose(transformer.rope_scaled_frequencies(scaled),
-                             1.0 / (10_000.0 ** (np.arange(0, h, 2) / h)) / 4.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    transformer.rope_scaled_frequencies(scaled), 1.0 / (10_000.0 ** (np.arange(0, h, 2) / h)) / 4.0, rtol=1e-6
+  )
   config_lib.set_key(c, "model.rope_scaling", "yarn")
   with pytest.raises(config_lib.ConfigError, match="model.rope_scaling"):
     config_lib.validate(c)

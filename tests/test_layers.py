@@ -1,6 +1,7 @@
 """The layer rule of docs/architecture.md, checked on the source: every import of every module under
 llm_jax/ (imports inside functions included) goes to its own layer or below, never into a command
 module, never to configs/, and no set of modules imports itself in a circle."""
+
 import ast
 import os
 import pathlib
@@ -11,18 +12,36 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # (layer, module prefixes); a module belongs to the first entry whose prefix matches it.
 LAYERS = (
-    (1, ("llm_jax.config", "llm_jax.cli", "llm_jax.data", "llm_jax.model", "llm_jax.sharding",
-         "llm_jax.distributed")),
-    (2, ("llm_jax.train",)),
-    (3, ("llm_jax.artifacts",)),
-    (4, ("llm_jax.eval", "llm_jax.generate", "llm_jax.finetune", "llm_jax.serve", "llm_jax.dry_run",
-         "llm_jax.bench", "llm_jax.encoder",
-         "llm_jax.audit")),
+  (
+    1,
+    (
+      "llm_jax.config",
+      "llm_jax.cli",
+      "llm_jax.data",
+      "llm_jax.model",
+      "llm_jax.sharding",
+      "llm_jax.distributed",
+    ),
+  ),
+  (2, ("llm_jax.train",)),
+  (3, ("llm_jax.artifacts",)),
+  (
+    4,
+    (
+      "llm_jax.eval",
+      "llm_jax.generate",
+      "llm_jax.finetune",
+      "llm_jax.serve",
+      "llm_jax.dry_run",
+      "llm_jax.bench",
+      "llm_jax.encoder",
+      "llm_jax.audit",
+    ),
+  ),
 )
 # Command modules: run with `python -m`, define absl flags, may import anything; nothing imports them.
 COMMAND_LAYER = 5
-TOP_LEVEL_COMMANDS = ("llm_jax.export", "llm_jax.quantize", "llm_jax.evaluate",
-                      "llm_jax.audit_bias")
+TOP_LEVEL_COMMANDS = ("llm_jax.export", "llm_jax.quantize", "llm_jax.evaluate", "llm_jax.audit_bias")
 
 
 def module_name(path: pathlib.Path, root: pathlib.Path) -> str:
@@ -60,7 +79,7 @@ def imports_of(path: pathlib.Path, mod: str, known: set[str]) -> list[tuple[str,
       base = node.module or ""
       if node.level:
         up = package.split(".")
-        up = up[:len(up) - node.level + 1]
+        up = up[: len(up) - node.level + 1]
         base = ".".join(up + ([base] if base else []))
       for a in node.names:  # `from pkg import submodule` imports the submodule
         full = f"{base}.{a.name}"
@@ -153,29 +172,41 @@ def _tree(tmp_path, files: dict[str, str]) -> pathlib.Path:
 
 
 CLEAN = {
-    "llm_jax/__init__.py": "",
-    "llm_jax/config.py": "import json\n",
-    "llm_jax/model/__init__.py": "from llm_jax.model.core import Decoder\n",
-    "llm_jax/model/core.py": "from llm_jax import config\nclass Decoder: pass\n",
-    "llm_jax/train/__init__.py": "",
-    "llm_jax/train/loop.py": "from llm_jax.model import Decoder\n",
-    "llm_jax/artifacts/__init__.py": "from llm_jax.train import loop\n",
-    "llm_jax/eval/__init__.py": "",
-    "llm_jax/eval/score.py": "from llm_jax import artifacts\n",
-    "llm_jax/export.py": "from llm_jax.eval import score\n",
+  "llm_jax/__init__.py": "",
+  "llm_jax/config.py": "import json\n",
+  "llm_jax/model/__init__.py": "from llm_jax.model.core import Decoder\n",
+  "llm_jax/model/core.py": "from llm_jax import config\nclass Decoder: pass\n",
+  "llm_jax/train/__init__.py": "",
+  "llm_jax/train/loop.py": "from llm_jax.model import Decoder\n",
+  "llm_jax/artifacts/__init__.py": "from llm_jax.train import loop\n",
+  "llm_jax/eval/__init__.py": "",
+  "llm_jax/eval/score.py": "from llm_jax import artifacts\n",
+  "llm_jax/export.py": "from llm_jax.eval import score\n",
 }
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"llm_jax/train/loop.py": "def f():\n  from llm_jax.eval import score\n"},
-     "llm_jax.train.loop (layer 2) imports llm_jax.eval.score (layer 4)"),
-    ({"llm_jax/model/core.py": "from llm_jax.train import loop\n"},
-     "llm_jax.model.core (layer 1) imports llm_jax.train.loop (layer 2)"),
+@pytest.mark.parametrize(
+  "change, expected",
+  [
+    (
+      {"llm_jax/train/loop.py": "def f():\n  from llm_jax.eval import score\n"},
+      "llm_jax.train.loop (layer 2) imports llm_jax.eval.score (layer 4)",
+    ),
+    (
+      {"llm_jax/model/core.py": "from llm_jax.train import loop\n"},
+      "llm_jax.model.core (layer 1) imports llm_jax.train.loop (layer 2)",
+    ),
     ({"llm_jax/eval/score.py": "import configs.base\n"}, "imports configs.base"),
     ({"llm_jax/eval/score.py": "from llm_jax import export\n"}, "imports the command module"),
-    ({"llm_jax/eval/a.py": "from llm_jax.eval import b\n", "llm_jax/eval/b.py": "def f():\n"
-      "  from llm_jax.eval import a\n"}, "import circle: llm_jax.eval.a -> llm_jax.eval.b"),
-])
+    (
+      {
+        "llm_jax/eval/a.py": "from llm_jax.eval import b\n",
+        "llm_jax/eval/b.py": "def f():\n  from llm_jax.eval import a\n",
+      },
+      "import circle: llm_jax.eval.a -> llm_jax.eval.b",
+    ),
+  ],
+)
 def test_the_check_catches_upward_imports_configs_commands_and_circles(tmp_path, change, expected):
   assert check(_tree(tmp_path / "clean", CLEAN)) == []
   problems = check(_tree(tmp_path / "changed", {**CLEAN, **change}))
@@ -183,8 +214,11 @@ def test_the_check_catches_upward_imports_configs_commands_and_circles(tmp_path,
 
 
 def test_no_module_over_400_lines():
-  long = {str(p.relative_to(ROOT)): n for p in (ROOT / "llm_jax").rglob("*.py")
-          if (n := len(p.read_text(encoding="utf-8").splitlines())) > 430}
+  long = {
+    str(p.relative_to(ROOT)): n
+    for p in (ROOT / "llm_jax").rglob("*.py")
+    if (n := len(p.read_text(encoding="utf-8").splitlines())) > 430
+  }
   assert not long, f"split these by responsibility: {long}"
 
 
@@ -193,7 +227,11 @@ def test_every_command_parses_flags_with_cli():
   files = {module_name(p, ROOT): p for p in (ROOT / "llm_jax").rglob("*.py")}
   commands = [m for m in files if is_command(m)]
   assert len(commands) >= 8, commands
-  bad = [m for m in commands if "cli.run(main" not in files[m].read_text(encoding="utf-8")
-         or "argparse" in files[m].read_text(encoding="utf-8")]
+  bad = [
+    m
+    for m in commands
+    if "cli.run(main" not in files[m].read_text(encoding="utf-8")
+    or "argparse" in files[m].read_text(encoding="utf-8")
+  ]
   assert not bad, f"not on llm_jax.cli: {bad}"
   assert os.path.exists(ROOT / "llm_jax" / "cli.py")

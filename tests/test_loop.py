@@ -1,5 +1,6 @@
 """The training loop end to end on a tiny corpus: determinism, exact resume, budget raise, another mesh,
 NaN policies, shape and corruption errors, metrics files. Runs share one XLA compilation cache."""
+
 import glob
 import json
 import os
@@ -20,8 +21,10 @@ from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import loop, run_dir
 from llm_jax.train import metrics as metrics_lib
 
-WORDS = ("alpha beta gamma delta value total count index item name data result list text line word "
-         "self other key path size").split()
+WORDS = (
+  "alpha beta gamma delta value total count index item name data result list text line word "
+  "self other key path size"
+).split()
 
 
 def write_corpus(root: str, n_docs: int = 80, seed: int = 0) -> None:
@@ -43,14 +46,29 @@ def write_corpus(root: str, n_docs: int = 80, seed: int = 0) -> None:
 
 def overrides(corpus: str, cache: str) -> dict:
   return {
-      "data.corpus": f"{corpus}/*/*.txt", "data.cache_dir": cache, "data.tokenizer.vocab_size": 384,
-      "data.val_fraction": 0.15, "data.near_dup_threshold": 0.0,
-      "model.d_model": 32, "model.num_heads": 2, "model.num_layers": 1, "model.max_seq_len": 32,
-      "model.vocab_multiple": 64,
-      "train.seq_len": 32, "train.global_batch_size": 8, "train.steps": 16, "train.decay_steps": 16,
-      "train.warmup_steps": 2, "train.learning_rate": 3e-3, "train.eval_every": 8,
-      "train.eval_batches": 2, "train.checkpoint_every": 4, "train.keep_checkpoints": 10,
-      "train.sample_every": 0, "train.log_every": 1, "train.preflight": False,
+    "data.corpus": f"{corpus}/*/*.txt",
+    "data.cache_dir": cache,
+    "data.tokenizer.vocab_size": 384,
+    "data.val_fraction": 0.15,
+    "data.near_dup_threshold": 0.0,
+    "model.d_model": 32,
+    "model.num_heads": 2,
+    "model.num_layers": 1,
+    "model.max_seq_len": 32,
+    "model.vocab_multiple": 64,
+    "train.seq_len": 32,
+    "train.global_batch_size": 8,
+    "train.steps": 16,
+    "train.decay_steps": 16,
+    "train.warmup_steps": 2,
+    "train.learning_rate": 3e-3,
+    "train.eval_every": 8,
+    "train.eval_batches": 2,
+    "train.checkpoint_every": 4,
+    "train.keep_checkpoints": 10,
+    "train.sample_every": 0,
+    "train.log_every": 1,
+    "train.preflight": False,
   }
 
 
@@ -101,9 +119,19 @@ def reference(env):
   """An uninterrupted 16-step run with preflight, sampling, a profile trace and evaluation on the
   whole val split (both domains)."""
   workdir = str(env["root"] / "ref")
-  summary = loop.train(cfg(env, train__preflight=True, train__sample_every=8, train__eval_batches=0,
-                           train__sample_tokens=6, train__profile_steps="2,4"),
-                       workdir, batch_hook=Hook(), make_sampler=samples.for_training)
+  summary = loop.train(
+    cfg(
+      env,
+      train__preflight=True,
+      train__sample_every=8,
+      train__eval_batches=0,
+      train__sample_tokens=6,
+      train__profile_steps="2,4",
+    ),
+    workdir,
+    batch_hook=Hook(),
+    make_sampler=samples.for_training,
+  )
   assert summary["status"] == "complete" and summary["step"] == 16
   return workdir
 
@@ -136,8 +164,9 @@ def test_budget_raise_continues_on_another_mesh(env, reference):
   assert sorted(got) == list(range(1, 17))
   for s in range(1, 11):
     assert got[s] == ref[s]
-  np.testing.assert_allclose([got[s][0] for s in range(11, 17)], [ref[s][0] for s in range(11, 17)],
-                             rtol=2e-5)
+  np.testing.assert_allclose(
+    [got[s][0] for s in range(11, 17)], [ref[s][0] for s in range(11, 17)], rtol=2e-5
+  )
 
 
 def test_nan_abort_names_step_and_keeps_last_checkpoint(env):
@@ -149,16 +178,20 @@ def test_nan_abort_names_step_and_keeps_last_checkpoint(env):
 
 def test_nan_skip_counts_and_aborts_after_max_in_a_row(env):
   workdir = str(env["root"] / "nan_skip")
-  out = loop.train(cfg(env, train__nan_policy="skip", train__steps=8), workdir,
-                   batch_hook=Hook(poison={4, 5}))
+  out = loop.train(
+    cfg(env, train__nan_policy="skip", train__steps=8), workdir, batch_hook=Hook(poison={4, 5})
+  )
   assert out["status"] == "complete" and out["skipped_steps"] == 2
   r = {row["step"]: row for row in rows(workdir) if row["step"] > 0}
   assert np.isnan(r[5]["loss"]) and np.isnan(r[6]["loss"])
   assert r[5]["param_norm"] == r[4]["param_norm"] == r[6]["param_norm"]  # parameters unchanged
   assert r[7]["param_norm"] != r[6]["param_norm"] and r[8]["skipped_steps"] == 2
   with pytest.raises(loop.TrainingError, match=r"3 non-finite steps in a row"):
-    loop.train(cfg(env, train__nan_policy="skip", train__max_consecutive_skips=3, train__steps=8),
-               str(env["root"] / "nan_skip3"), batch_hook=Hook(poison={2, 3, 4}))
+    loop.train(
+      cfg(env, train__nan_policy="skip", train__max_consecutive_skips=3, train__steps=8),
+      str(env["root"] / "nan_skip3"),
+      batch_hook=Hook(poison={2, 3, 4}),
+    )
 
 
 def test_changed_model_shape_lists_keys(env, reference):
@@ -169,8 +202,7 @@ def test_changed_model_shape_lists_keys(env, reference):
 
 
 def _break_checkpoint(workdir, step):
-  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "*"),
-                        recursive=True):
+  for path in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "*"), recursive=True):
     if os.path.isfile(path):
       with open(path, "wb") as f:
         f.write(b"\x00broken")
@@ -183,8 +215,11 @@ def test_corrupt_latest_checkpoint_is_moved_aside_and_saved_again(env, reference
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 16.*restore_fallback.*step 12") as e:
     loop.train(cfg(env, train__steps=20, train__decay_steps=20), workdir, batch_hook=Hook())
   assert "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)  # one line, no dump
-  out = loop.train(cfg(env, train__steps=20, train__decay_steps=20, train__restore_fallback=True,
-                       train__keep_checkpoints=2), workdir, batch_hook=Hook())
+  out = loop.train(
+    cfg(env, train__steps=20, train__decay_steps=20, train__restore_fallback=True, train__keep_checkpoints=2),
+    workdir,
+    batch_hook=Hook(),
+  )
   assert out["step"] == 20
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt", "16"))
   record = json.load(open(os.path.join(workdir, "run.json")))
@@ -226,9 +261,18 @@ def test_keep_best_and_early_stop(env):
   """The best-val-loss checkpoint outlives keep-last-1 retention, --step=best opens it, run.json and the
   summary name it, and train.early_stop_patience ends the run after evaluations without improvement."""
   workdir = str(env["root"] / "best")
-  out = loop.train(cfg(env, train__learning_rate=1e-2, train__eval_every=2, train__checkpoint_every=100,
-                       train__keep_checkpoints=1, train__early_stop_patience=2), workdir,
-                   batch_hook=Scramble(after=6))
+  out = loop.train(
+    cfg(
+      env,
+      train__learning_rate=1e-2,
+      train__eval_every=2,
+      train__checkpoint_every=100,
+      train__keep_checkpoints=1,
+      train__early_stop_patience=2,
+    ),
+    workdir,
+    batch_hook=Scramble(after=6),
+  )
   vals = {r["step"]: r["val_loss"] for r in rows(workdir) if "val_loss" in r}
   best = min(vals, key=vals.get)
   assert out["status"] == "early stop" and out["step"] == best + 4 < 16, (out, vals)
@@ -242,14 +286,15 @@ def test_keep_best_and_early_stop(env):
 def _tb_tags(tb_dir):
   """{tag: number of events} from tensorboardX event files (TFRecord framing, Event protos)."""
   from tensorboardX.proto import event_pb2
+
   tags = {}
   for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents.*")):
     with open(path, "rb") as f:
       data = f.read()
     pos = 0
     while pos + 12 <= len(data):
-      (n,) = struct.unpack("<Q", data[pos:pos + 8])
-      event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+      (n,) = struct.unpack("<Q", data[pos : pos + 8])
+      event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n])
       pos += 12 + n + 4
       for v in event.summary.value:
         tags[v.tag] = tags.get(v.tag, 0) + 1
@@ -258,8 +303,15 @@ def _tb_tags(tb_dir):
 
 def test_run_directory_and_metrics(env, reference):
   files = set(os.listdir(reference))
-  assert {"config.json", "tokenizer.model", "manifest.json", "run.json", "metrics.jsonl", "tb",
-          "checkpoints"} <= files
+  assert {
+    "config.json",
+    "tokenizer.model",
+    "manifest.json",
+    "run.json",
+    "metrics.jsonl",
+    "tb",
+    "checkpoints",
+  } <= files
   config = config_lib.from_json(os.path.join(reference, "config.json"))
   assert config.model.vocab_size == 384  # resolved from the tokenizer, padded to 64
   record = json.load(open(os.path.join(reference, "run.json")))
@@ -278,9 +330,21 @@ def test_run_directory_and_metrics(env, reference):
   assert "val_bpb" in last and {f"val_bpb/{k.split('/')[1]}" for k in domains} <= set(last)
   assert last["samples"][0].startswith("def ")
   tags = _tb_tags(os.path.join(reference, "tb"))
-  for tag in ("train/loss", "train/lr", "train/grad_norm", "train/param_norm", "train/skipped_steps",
-              "perf/tokens_per_s", "perf/step_time_s", "perf/data_wait_s", "val/loss", "val/perplexity",
-              "samples/text_summary", "preflight/loss_before", "preflight/loss_after"):
+  for tag in (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/param_norm",
+    "train/skipped_steps",
+    "perf/tokens_per_s",
+    "perf/step_time_s",
+    "perf/data_wait_s",
+    "val/loss",
+    "val/perplexity",
+    "samples/text_summary",
+    "preflight/loss_before",
+    "preflight/loss_after",
+  ):
     assert tags.get(tag), (tag, sorted(tags))
   assert tags["train/loss"] == 17 and tags["val/loss"] == 2
   assert any(t.startswith("val/loss/") for t in tags)
@@ -297,6 +361,7 @@ def test_val_bpb_equals_the_evaluation_metrics(env, reference):
   from llm_jax.data.tokenizer import Tokenizer
   from llm_jax.eval import scoring
   from llm_jax.model import Decoder, ModelConfig
+
   config = cfg(env)
   prepared = prepare_lib.prepare(config)
   mesh = sharding_lib.make_mesh(config)
@@ -304,8 +369,7 @@ def test_val_bpb_equals_the_evaluation_metrics(env, reference):
   params, saved, step = opened.params, opened.config, opened.step
   assert step == 16
   tok = Tokenizer.load(os.path.join(reference, "tokenizer.model"))
-  scorer = scoring.Scorer(Decoder(ModelConfig.from_config(saved)), params, saved, mesh,
-                          tok.token_bytes())
+  scorer = scoring.Scorer(Decoder(ModelConfig.from_config(saved)), params, saved, mesh, tok.token_bytes())
   batches = loader_lib.eval_batches(prepared.dir, "val", 32, 8)  # train.eval_batches=0: all
   result = scorer.accumulate(batches, prepared.domains).result()
   last = rows(reference)[-1]
@@ -324,6 +388,7 @@ def test_alerts_and_mfu():
 
     def alert(self, step, kind, message):
       self.alerts.append((step, kind))
+
   w = FakeWriter()
   a = metrics_lib.Alerts(w, throughput_share=0.5, plateau_evals=2)
   for s in range(12):
@@ -342,16 +407,29 @@ def char_run(env):
   """A short run on a char tokenizer (~300 pieces with byte fallback) padded to 384 model rows,
   sampling every 2 steps."""
   workdir = str(env["root"] / "char")
-  out = loop.train(cfg(env, data__tokenizer__type="char", data__tokenizer__character_coverage=1.0,
-                       model__vocab_multiple=128, train__steps=4, train__decay_steps=4,
-                       train__sample_every=2, train__sample_tokens=12, train__eval_every=0,
-                       train__checkpoint_every=4), workdir, make_sampler=samples.for_training)
+  out = loop.train(
+    cfg(
+      env,
+      data__tokenizer__type="char",
+      data__tokenizer__character_coverage=1.0,
+      model__vocab_multiple=128,
+      train__steps=4,
+      train__decay_steps=4,
+      train__sample_every=2,
+      train__sample_tokens=12,
+      train__eval_every=0,
+      train__checkpoint_every=4,
+    ),
+    workdir,
+    make_sampler=samples.for_training,
+  )
   assert out["status"] == "complete" and out["step"] == 4
   return workdir
 
 
 def test_sampling_with_a_char_tokenizer_and_padded_vocab(char_run):
   from llm_jax.data.tokenizer import Tokenizer
+
   tok = Tokenizer.load(os.path.join(char_run, "tokenizer.model"))
   config = config_lib.from_json(os.path.join(char_run, "config.json"))
   assert tok.vocab_size < config.model.vocab_size == 384  # padding rows exist
@@ -365,12 +443,13 @@ def test_sampler_never_draws_padding_ids(char_run):
   """Padding rows scaled up so that they win the softmax: the sampler still keeps to real ids."""
   from llm_jax.data.tokenizer import Tokenizer
   from llm_jax.model import Decoder, ModelConfig
+
   tok = Tokenizer.load(os.path.join(char_run, "tokenizer.model"))
   opened = open_model(char_run)
   params, config = opened.params, opened.config
   model_cfg = ModelConfig.from_config(config)
   emb = np.asarray(params["embedding"]).copy()
-  emb[tok.vocab_size:] *= 1e3
+  emb[tok.vocab_size :] *= 1e3
   rigged = {**params, "embedding": jax.numpy.asarray(emb)}
   prompt = [tok.eos_id] + tok.encode("def ")
   logits = Decoder(model_cfg).apply({"params": rigged}, np.asarray([prompt], np.int32))

@@ -1,4 +1,5 @@
 """Decoder: shapes, causality, KV-cache decoding, parameter counting, config checks."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,10 +9,22 @@ import pytest
 from llm_jax import config as config_lib
 from llm_jax.model import Decoder, ModelConfig
 
-TINY = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
-        "train.seq_len=16", "train.global_batch_size=8"]
-LLAMA = {"model.positions": "rope", "model.norm": "rmsnorm", "model.activation": "swiglu",
-         "model.tie_embeddings": False, "model.use_bias": False, "model.num_kv_heads": 2}
+TINY = [
+  "model.num_layers=2",
+  "model.d_model=32",
+  "model.num_heads=4",
+  "model.max_seq_len=16",
+  "train.seq_len=16",
+  "train.global_batch_size=8",
+]
+LLAMA = {
+  "model.positions": "rope",
+  "model.norm": "rmsnorm",
+  "model.activation": "swiglu",
+  "model.tie_embeddings": False,
+  "model.use_bias": False,
+  "model.num_kv_heads": 2,
+}
 
 
 def tiny_config(extra=()):
@@ -45,10 +58,10 @@ def test_causality(built):
   a = rng.integers(0, 100, (2, 16)).astype(np.int32)
   for t in (0, 7, 14):
     b = a.copy()
-    b[:, t + 1:] = rng.integers(0, 100, (2, 15 - t))
+    b[:, t + 1 :] = rng.integers(0, 100, (2, 15 - t))
     la, lb = fwd(params, a), fwd(params, b)
-    np.testing.assert_allclose(la[:, :t + 1], lb[:, :t + 1], atol=1e-5)
-    assert not np.allclose(la[:, t + 1:], lb[:, t + 1:], atol=1e-3)
+    np.testing.assert_allclose(la[:, : t + 1], lb[:, : t + 1], atol=1e-5)
+    assert not np.allclose(la[:, t + 1 :], lb[:, t + 1 :], atol=1e-3)
 
 
 def test_kv_cache_matches_full_recompute(built):
@@ -60,8 +73,9 @@ def test_kv_cache_matches_full_recompute(built):
   out, mut = dec.apply({"params": params, "cache": cache}, tokens[:, :8], pos, mutable=["cache"])
   outs = [out]
   for i in range(8, 12):
-    out, mut = dec.apply({"params": params, "cache": mut["cache"]}, tokens[:, i:i + 1],
-                         np.full((2, 1), i), mutable=["cache"])
+    out, mut = dec.apply(
+      {"params": params, "cache": mut["cache"]}, tokens[:, i : i + 1], np.full((2, 1), i), mutable=["cache"]
+    )
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, 1), fwd(params, tokens), atol=2e-5)
 

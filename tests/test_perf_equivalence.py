@@ -1,5 +1,6 @@
 """The optimized step computes the plain step's function: custom gradients, bfloat16 logits,
 unrolled layers and accumulation against autodiff, float32 logits, a scanned stack and one pass."""
+
 import functools
 
 import flax.linen as nn
@@ -18,9 +19,18 @@ from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
 VOCAB = 64
-BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.num_kv_heads=2",
-        "model.max_seq_len=16", "train.seq_len=16", "train.global_batch_size=8",
-        "train.warmup_steps=0", "train.learning_rate=0.01", "sharding.data=1"]
+BASE = [
+  "model.num_layers=2",
+  "model.d_model=32",
+  "model.num_heads=4",
+  "model.num_kv_heads=2",
+  "model.max_seq_len=16",
+  "train.seq_len=16",
+  "train.global_batch_size=8",
+  "train.warmup_steps=0",
+  "train.learning_rate=0.01",
+  "sharding.data=1",
+]
 PLAIN = ["model.scan_unroll=1", "model.logits_dtype=float32", "train.microbatches=1"]
 OPTIMIZED = ["model.scan_unroll=2", "model.logits_dtype=auto", "train.microbatches=2"]
 
@@ -40,7 +50,7 @@ def test_cross_entropy_values_and_gradients_match_autodiff(dtype):
 
   def objective(nll_fn, x):
     nll, lse = nll_fn(x, targets)
-    return jnp.sum(w * nll) + 1e-2 * jnp.sum(w * lse ** 2)  # the z-loss path uses the lse output
+    return jnp.sum(w * nll) + 1e-2 * jnp.sum(w * lse**2)  # the z-loss path uses the lse output
 
   ref_val, ref_grad = jax.value_and_grad(functools.partial(objective, _reference_nll))(logits)
   val, grad = jax.value_and_grad(functools.partial(objective, loss_lib.token_nll))(logits)
@@ -77,8 +87,7 @@ def _losses(overrides, steps=12):
   model = Decoder(ModelConfig.from_config(c, tokenizer_size=VOCAB, platform="cpu"))
   opt = optimizer_lib.make_optimizer(c)
   state, shardings = state_lib.create_state(model, opt, mesh, c, seed=0)
-  fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
-               donate_argnums=0)
+  fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c), donate_argnums=0)
   losses = []
   with sharding.activate(mesh, c):
     for tokens in _learnable_batches(steps):
@@ -112,8 +121,14 @@ def test_attention_dropout_path_is_the_same_attention():
     config_lib.set_key(cfg, "model.attention_dropout", rate)
     model = Decoder(ModelConfig.from_config(cfg, tokenizer_size=VOCAB, platform="cpu"))
     params = model.init(jax.random.key(0), tokens)["params"]
-    return model.apply({"params": params}, tokens, None, segment_ids, deterministic=deterministic,
-                       rngs={"dropout": jax.random.key(1)})
+    return model.apply(
+      {"params": params},
+      tokens,
+      None,
+      segment_ids,
+      deterministic=deterministic,
+      rngs={"dropout": jax.random.key(1)},
+    )
 
   for seg in (None, segments):
     np.testing.assert_allclose(apply(1e-9, False, seg), apply(0.0, True, seg), atol=1e-5)

@@ -3,6 +3,7 @@
 Two servers share one process (and so the compiled decode functions): `plain` (no key, no filters)
 and `guarded` (API key, input/output filters, prompts in the audit log).
 """
+
 import asyncio
 import json
 import random
@@ -18,8 +19,17 @@ from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve.filters import FilterConfigError, load_filters
 
-CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, max_seq_len=32, init_std=0.3)
+CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=1,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=32,
+  init_std=0.3,
+)
 KEY = "k" * 24
 PROMPT = "the cat"
 
@@ -27,6 +37,7 @@ PROMPT = "the cat"
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
   from llm_jax.model.params import init_params
+
   d = tmp_path_factory.mktemp("serve")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()
@@ -37,8 +48,15 @@ def pkg(tmp_path_factory):
 
 
 def _settings(pkg, **kw):
-  base = dict(package=str(pkg / "pkg"), slots=2, max_concurrent=4, decode_chunk=2,
-              max_body_bytes=4096, request_timeout_s=30.0, max_n=3)
+  base = dict(
+    package=str(pkg / "pkg"),
+    slots=2,
+    max_concurrent=4,
+    decode_chunk=2,
+    max_body_bytes=4096,
+    request_timeout_s=30.0,
+    max_n=3,
+  )
   base.update(kw)
   return app_lib.ServerSettings(**base)
 
@@ -47,6 +65,7 @@ def _settings(pkg, **kw):
 def short_spans():
   """Cache spans of 8 and 16 positions (of 32): requests cross span buckets while they decode."""
   from llm_jax.generate import decode
+
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(decode, "MIN_SPAN", 8)  # decode_span reads the decode module's own name
     yield
@@ -65,8 +84,7 @@ def _post(url, body, **kw):
 
 
 def _greedy(url, prompt=PROMPT, max_tokens=16, headers=None, **kw):
-  r = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw},
-            headers=headers)
+  r = _post(url, {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **kw}, headers=headers)
   assert r.status_code == 200, r.text
   return r.json()
 
@@ -81,12 +99,19 @@ def greedy_text(plain):
 @pytest.fixture(scope="module")
 def guarded(pkg, greedy_text):
   blocked = greedy_text[4:7]
-  rules = {"input": [{"name": "no-secrets", "pattern": "(?i)forbidden", "reason": "no secrets"}],
-           "output": [{"name": "snippet", "pattern": re.escape(blocked), "reason": "test rule"}],
-           "hold_chars": 8}
+  rules = {
+    "input": [{"name": "no-secrets", "pattern": "(?i)forbidden", "reason": "no secrets"}],
+    "output": [{"name": "snippet", "pattern": re.escape(blocked), "reason": "test rule"}],
+    "hold_chars": 8,
+  }
   (pkg / "filters.json").write_text(json.dumps(rules))
-  s = _settings(pkg, api_key=KEY, filters=load_filters(str(pkg / "filters.json")), log_prompts=True,
-                audit_log=str(pkg / "guarded.jsonl"))
+  s = _settings(
+    pkg,
+    api_key=KEY,
+    filters=load_filters(str(pkg / "filters.json")),
+    log_prompts=True,
+    audit_log=str(pkg / "guarded.jsonl"),
+  )
   srv = app_lib.ServerThread(app_lib.create_app(s))
   srv.start()
   yield srv, blocked
@@ -134,8 +159,11 @@ def test_completion_shapes_and_determinism(plain, pkg, greedy_text):
   assert a["object"] == "text_completion" and a["model"] == "pkg"
   c = a["choices"][0]
   assert c["text"] == greedy_text and c["finish_reason"] == "length"
-  assert a["usage"] == {"prompt_tokens": a["usage"]["prompt_tokens"], "completion_tokens": 16,
-                        "total_tokens": a["usage"]["prompt_tokens"] + 16}
+  assert a["usage"] == {
+    "prompt_tokens": a["usage"]["prompt_tokens"],
+    "completion_tokens": 16,
+    "total_tokens": a["usage"]["prompt_tokens"] + 16,
+  }
   # The same prompt as token ids ([EOS, the document separator] + encode) gives the same completion.
   tok = Tokenizer.load(str(pkg / "pkg" / "tokenizer.model"))
   ids = [tok.eos_id] + tok.encode(PROMPT)
@@ -155,6 +183,7 @@ def test_greedy_matches_full_recompute(plain, pkg, greedy_text):
   import numpy as np
 
   from llm_jax.model import Decoder
+
   loaded = open_model(str(pkg / "pkg"), dtype="auto")
   assert plain.app.state.llm.engine.spans() == [8, 16, 0]
   seq = loaded.prompt_prefix + loaded.tokenizer.encode(PROMPT)
@@ -162,7 +191,7 @@ def test_greedy_matches_full_recompute(plain, pkg, greedy_text):
   new = []
   for _ in range(16):
     padded = np.zeros((1, CFG.max_seq_len), np.int32)
-    padded[0, :len(seq)] = seq
+    padded[0, : len(seq)] = seq
     t = int(np.argmax(np.asarray(fwd(loaded.params, padded))[0, len(seq) - 1, :300]))
     if t == loaded.tokenizer.eos_id:
       break
@@ -179,8 +208,12 @@ def test_concurrent_requests_share_steps_and_match_sequential(plain):
 
   async def together():
     async with httpx.AsyncClient(timeout=60) as c:
-      tasks = [asyncio.create_task(c.post(f"{plain.url}/v1/completions", json={
-          "prompt": p, "max_tokens": 10, "temperature": 0})) for p in prompts]
+      tasks = [
+        asyncio.create_task(
+          c.post(f"{plain.url}/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0})
+        )
+        for p in prompts
+      ]
       deadline = time.time() + 20
       while engine.in_flight < 3 and time.time() < deadline:
         await asyncio.sleep(0.01)
@@ -201,11 +234,13 @@ def test_slot_refilled_while_a_chunk_is_in_flight(plain, greedy_text):
   """A request that a stop sequence ends early frees its slot one chunk late (the host sees the
   stop while the device already runs the next chunk for it); the request that takes the slot gets
   only its own tokens."""
-  k = next(k for k in range(3, len(greedy_text) - 3) if greedy_text.find(greedy_text[k:k + 3]) == k)
-  stop = greedy_text[k:k + 3]
-  bodies = [{"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": stop},
-            {"prompt": "def return import class", "max_tokens": 10, "temperature": 0},
-            {"prompt": "a", "max_tokens": 10, "temperature": 0}]
+  k = next(k for k in range(3, len(greedy_text) - 3) if greedy_text.find(greedy_text[k : k + 3]) == k)
+  stop = greedy_text[k : k + 3]
+  bodies = [
+    {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": stop},
+    {"prompt": "def return import class", "max_tokens": 10, "temperature": 0},
+    {"prompt": "a", "max_tokens": 10, "temperature": 0},
+  ]
   alone = [_post(plain.url, b).json()["choices"][0]["text"] for b in bodies]
   assert alone[0] == greedy_text[:k]
   engine = plain.app.state.llm.engine
@@ -233,7 +268,7 @@ def test_stop_sequences_trimmed(plain, greedy_text):
   stop = greedy_text[5:7]
   r = _greedy(plain.url, stop=[stop, "zzzz"])
   c = r["choices"][0]
-  assert c["text"] == greedy_text[:greedy_text.find(stop)] and c["finish_reason"] == "stop"
+  assert c["text"] == greedy_text[: greedy_text.find(stop)] and c["finish_reason"] == "stop"
 
 
 def test_logprobs_and_echo(plain):
@@ -250,13 +285,16 @@ def test_logprobs_and_echo(plain):
   top = lp["top_logprobs"][n_prompt:]
   assert all(len(t) <= 3 for t in top)  # the 2 best and the chosen one
   # Greedy: the chosen token's log-prob is the best of the top ones.
-  assert all(abs(max(t.values()) - x) < 1e-5 for t, x in zip(top, lp["token_logprobs"][n_prompt:], strict=True))
+  assert all(
+    abs(max(t.values()) - x) < 1e-5 for t, x in zip(top, lp["token_logprobs"][n_prompt:], strict=True)
+  )
 
 
 def _sse(url, body, headers=None):
   events, done = [], False
-  with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60,
-                    headers=headers) as r:
+  with httpx.stream(
+    "POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60, headers=headers
+  ) as r:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     for line in r.iter_lines():
       if not line:
@@ -272,8 +310,10 @@ def _sse(url, body, headers=None):
 
 
 def test_sse_stream_parsed_to_the_end(plain, greedy_text):
-  events = _sse(plain.url, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0,
-                            "stream_options": {"include_usage": True}})
+  events = _sse(
+    plain.url,
+    {"prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stream_options": {"include_usage": True}},
+  )
   text = "".join(c["text"] for e in events for c in e["choices"])
   assert text == greedy_text
   finishes = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
@@ -281,7 +321,9 @@ def test_sse_stream_parsed_to_the_end(plain, greedy_text):
   assert events[-1]["usage"]["completion_tokens"] == 16
 
 
-@pytest.mark.parametrize("body,param", [
+@pytest.mark.parametrize(
+  "body,param",
+  [
     ({"prompt": "x", "temperature": 5}, "temperature"),
     ({"prompt": "x", "top_p": 0}, "top_p"),
     ({"prompt": "x", "top_k": -1}, "top_k"),
@@ -302,7 +344,8 @@ def test_sse_stream_parsed_to_the_end(plain, greedy_text):
     ({"prompt": [1, 99999]}, "prompt"),
     ({"prompt": "the " * 40}, "prompt"),
     ({"prompt": "x", "max_tokens": 31}, "max_tokens"),
-])
+  ],
+)
 def test_422_names_the_field(plain, body, param):
   r = _post(plain.url, body)
   assert r.status_code == 422, r.text
@@ -311,8 +354,9 @@ def test_422_names_the_field(plain, body, param):
 
 
 def test_bad_json_body_and_size_limits(plain):
-  r = httpx.post(f"{plain.url}/v1/completions", content=b"{nope",
-                 headers={"content-type": "application/json"})
+  r = httpx.post(
+    f"{plain.url}/v1/completions", content=b"{nope", headers={"content-type": "application/json"}
+  )
   assert r.status_code == 422 and r.json()["error"]["param"] == "body"
   r = _post(plain.url, {"prompt": "a" * 5000})
   assert r.status_code == 413
@@ -326,8 +370,12 @@ def test_flood_gets_429_and_no_crash(plain):
 
   async def flood():
     async with httpx.AsyncClient(timeout=60) as c:
-      tasks = [asyncio.create_task(c.post(f"{plain.url}/v1/completions", json={
-          "prompt": "the", "max_tokens": 4, "temperature": 0})) for _ in range(12)]
+      tasks = [
+        asyncio.create_task(
+          c.post(f"{plain.url}/v1/completions", json={"prompt": "the", "max_tokens": 4, "temperature": 0})
+        )
+        for _ in range(12)
+      ]
       pending, deadline = set(tasks), time.time() + 20
       while len(pending) > 4 and time.time() < deadline:
         _, pending = await asyncio.wait(pending, timeout=1, return_when=asyncio.FIRST_COMPLETED)
@@ -351,8 +399,12 @@ def test_disconnect_frees_the_slot(plain, pkg):
   cancelled0 = _metric(plain.url, 'llm_sequences_finished_total{reason="cancelled"}')
   engine.pause()  # requests still take slots, but no tokens come until resume
   try:
-    with httpx.stream("POST", f"{plain.url}/v1/completions", timeout=30, json={
-        "prompt": PROMPT, "max_tokens": 20, "stream": True, "echo": True}) as r:
+    with httpx.stream(
+      "POST",
+      f"{plain.url}/v1/completions",
+      timeout=30,
+      json={"prompt": PROMPT, "max_tokens": 20, "stream": True, "echo": True},
+    ) as r:
       lines = r.iter_lines()  # keep the iterator: a discarded one closes the stream (a disconnect)
       first = next(lines)
       assert first.startswith("data: ") and PROMPT in first
@@ -376,8 +428,11 @@ def test_non_streaming_disconnect_frees_the_slot(plain):
   engine.pause()
   try:
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
-      httpx.post(f"{plain.url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 20},
-                 timeout=httpx.Timeout(30, read=1.0))
+      httpx.post(
+        f"{plain.url}/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 20},
+        timeout=httpx.Timeout(30, read=1.0),
+      )
     deadline = time.time() + 10
     while (engine.busy_slots or engine.in_flight) and time.time() < deadline:
       time.sleep(0.02)
@@ -400,15 +455,20 @@ def test_request_timeout(plain):
 
 def test_metrics_counters_move(plain):
   name = 'llm_requests_total{route="/v1/completions",status="200"}'
-  before = {k: _metric(plain.url, k) for k in (name, "llm_generated_tokens_total",
-                                                "llm_time_to_first_token_seconds_count",
-                                                "llm_request_latency_seconds_count")}
+  before = {
+    k: _metric(plain.url, k)
+    for k in (
+      name,
+      "llm_generated_tokens_total",
+      "llm_time_to_first_token_seconds_count",
+      "llm_request_latency_seconds_count",
+    )
+  }
   _greedy(plain.url, max_tokens=7)
   after = {k: _metric(plain.url, k) for k in before}
   assert after[name] == before[name] + 1
   assert after["llm_generated_tokens_total"] == before["llm_generated_tokens_total"] + 7
-  assert after["llm_time_to_first_token_seconds_count"] == \
-      before["llm_time_to_first_token_seconds_count"] + 1
+  assert after["llm_time_to_first_token_seconds_count"] == before["llm_time_to_first_token_seconds_count"] + 1
   assert after["llm_request_latency_seconds_count"] > before["llm_request_latency_seconds_count"]
   assert _metric(plain.url, "llm_busy_slots") == 0 and _metric(plain.url, "llm_queue_depth") == 0
   assert _metric(plain.url, 'llm_requests_total{route="/v1/completions",status="422"}') >= 1
@@ -434,8 +494,11 @@ def test_openai_client(plain, greedy_text):
   client = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="unused", max_retries=0)
   r = client.completions.create(model="pkg", prompt=PROMPT, max_tokens=16, temperature=0)
   assert r.choices[0].text == greedy_text and r.usage.completion_tokens == 16
-  parts = [c.choices[0].text for c in client.completions.create(
-      model="pkg", prompt=PROMPT, max_tokens=16, temperature=0, stream=True) if c.choices]
+  parts = [
+    c.choices[0].text
+    for c in client.completions.create(model="pkg", prompt=PROMPT, max_tokens=16, temperature=0, stream=True)
+    if c.choices
+  ]
   assert "".join(parts) == greedy_text
   assert [m.id for m in client.models.list()] == ["pkg"]
 
@@ -462,14 +525,15 @@ def test_filters_block_input_and_cut_output(guarded, greedy_text, pkg):
   r = _post(srv.url, {"prompt": "tell me the FORBIDDEN thing"}, headers=auth)
   assert r.status_code == 400
   assert r.json()["error"]["code"] == "input_blocked" and "no secrets" in r.json()["error"]["message"]
-  want = greedy_text[:greedy_text.find(blocked)]
+  want = greedy_text[: greedy_text.find(blocked)]
   c = _greedy(srv.url, headers=auth)["choices"][0]
   assert c["text"] == want and c["finish_reason"] == "content_filter"
   assert c["content_filter"]["name"] == "snippet"
   events = _sse(srv.url, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}, headers=auth)
   assert "".join(c["text"] for e in events for c in e["choices"]) == want
-  assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == \
-      ["content_filter"]
+  assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == [
+    "content_filter"
+  ]
   lines = _audit(pkg, "guarded.jsonl")
   assert any(a.get("blocked_by") == "no-secrets" and a["status"] == 400 for a in lines)
   logged = [a for a in lines if a.get("output_blocked_by") == ["snippet"]]

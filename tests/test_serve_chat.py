@@ -1,5 +1,6 @@
 """/v1/chat/completions through the openai client (streamed and not), over a package whose model.json
 records the SFT chat template it was fine-tuned with."""
+
 import random
 
 import httpx
@@ -12,8 +13,17 @@ from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 
-CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, max_seq_len=64, init_std=0.3)
+CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=1,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=64,
+  init_std=0.3,
+)
 TURN = "[{role}] {content}\n"
 KEY = "c" * 24
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]
@@ -22,20 +32,34 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
   from llm_jax.model.params import init_params
+
   d = tmp_path_factory.mktemp("chat")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()
   texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
   tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=300)
-  package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1,
-                        chat_template={"prompt": "Q: {prompt}\nA: ", "turn": TURN})
+  package.write_package(
+    str(d / "pkg"),
+    init_params(CFG),
+    CFG,
+    tok.path,
+    step=1,
+    chat_template={"prompt": "Q: {prompt}\nA: ", "turn": TURN},
+  )
   return d / "pkg"
 
 
 @pytest.fixture(scope="module")
 def server(pkg):
-  s = app_lib.ServerSettings(package=str(pkg), slots=2, max_concurrent=4, decode_chunk=2,
-                             request_timeout_s=60.0, api_key=KEY, audit_log=str(pkg.parent / "a.jsonl"))
+  s = app_lib.ServerSettings(
+    package=str(pkg),
+    slots=2,
+    max_concurrent=4,
+    decode_chunk=2,
+    request_timeout_s=60.0,
+    api_key=KEY,
+    audit_log=str(pkg.parent / "a.jsonl"),
+  )
   srv = app_lib.ServerThread(app_lib.create_app(s))
   srv.start()
   yield srv
@@ -44,13 +68,15 @@ def server(pkg):
 
 def _client(server):
   import openai
+
   return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
 
 
 def test_prompt_is_the_sft_rendering(server, pkg):
   tok = Tokenizer.load(str(pkg / "tokenizer.model"))
-  r = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES},
-                 headers={"Authorization": f"Bearer {KEY}"}).json()
+  r = httpx.post(
+    f"{server.url}/tokenize", json={"messages": MESSAGES}, headers={"Authorization": f"Bearer {KEY}"}
+  ).json()
   # BOS, then each piece tokenized alone, as llm_jax.finetune.sft.tokenize does, then the header
   want = [tok.bos_id]
   for piece in ["[system] ", "be brief", "\n", "[user] ", "the cat", "\n", "[assistant] "]:
@@ -70,8 +96,12 @@ def test_chat_matches_completion_of_the_rendered_prompt(server):
   assert c.finish_reason in ("stop", "length") and r.usage.completion_tokens <= 6
   hdr = {"Authorization": f"Bearer {KEY}"}
   ids = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}, headers=hdr).json()["tokens"]
-  plain = httpx.post(f"{server.url}/v1/completions", headers=hdr, timeout=60, json={
-      "prompt": ids, "max_tokens": 6, "temperature": 0, "stop": ["[user]"]}).json()["choices"][0]
+  plain = httpx.post(
+    f"{server.url}/v1/completions",
+    headers=hdr,
+    timeout=60,
+    json={"prompt": ids, "max_tokens": 6, "temperature": 0, "stop": ["[user]"]},
+  ).json()["choices"][0]
   want = plain["text"]
   if plain["finish_reason"] == "stop" and want.endswith("\n"):
     want = want[:-1]  # the template's tail after the assistant's content
@@ -81,11 +111,17 @@ def test_chat_matches_completion_of_the_rendered_prompt(server):
 
 def test_chat_stream_equals_non_stream(server):
   client = _client(server)
-  whole = client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=8,
-                                         temperature=0)
-  chunks = list(client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=8,
-                                               temperature=0, stream=True,
-                                               stream_options={"include_usage": True}))
+  whole = client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=8, temperature=0)
+  chunks = list(
+    client.chat.completions.create(
+      model="pkg",
+      messages=MESSAGES,
+      max_tokens=8,
+      temperature=0,
+      stream=True,
+      stream_options={"include_usage": True},
+    )
+  )
   assert chunks[0].choices[0].delta.role == "assistant"
   text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
   finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
@@ -96,12 +132,14 @@ def test_chat_stream_equals_non_stream(server):
 
 def test_chat_logprobs_limits_and_key(server):
   client = _client(server)
-  r = client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=3, temperature=0,
-                                     logprobs=True, top_logprobs=2)
+  r = client.chat.completions.create(
+    model="pkg", messages=MESSAGES, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+  )
   content = r.choices[0].logprobs.content
   assert len(content) == r.usage.completion_tokens
   assert all(e.logprob == max(t.logprob for t in e.top_logprobs) for e in content)  # greedy
   import openai
+
   with pytest.raises(openai.UnprocessableEntityError) as e:  # 422: past the context
     client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=64)
   assert e.value.status_code == 422
@@ -111,8 +149,9 @@ def test_chat_logprobs_limits_and_key(server):
 
 
 def test_run_template_comes_from_sft_config():
-  sft = ml_collections.ConfigDict({"train_file": "x.jsonl", "prompt_template": "P {prompt}",
-                                   "turn_template": TURN})
+  sft = ml_collections.ConfigDict(
+    {"train_file": "x.jsonl", "prompt_template": "P {prompt}", "turn_template": TURN}
+  )
   config = ml_collections.ConfigDict({"finetune": {"sft": sft}})
   assert opened_lib._chat_template(config) == {"prompt": "P {prompt}", "turn": TURN}
   sft.train_file = ""

@@ -1,4 +1,5 @@
 """`python -m llm_jax.serve` as users start it (a subprocess), and the load test against it."""
+
 import json
 import os
 import random
@@ -16,8 +17,17 @@ from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import loadtest
 
-CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, max_seq_len=32, init_std=0.3)
+CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=1,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=32,
+  init_std=0.3,
+)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -30,23 +40,47 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
   from llm_jax.model.params import init_params
+
   d = tmp_path_factory.mktemp("cli")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()
-  tok = train_tokenizer([" ".join(rng.choice(words) for _ in range(150)) for _ in range(40)],
-                        str(d / "tok.model"), vocab_size=300)
+  tok = train_tokenizer(
+    [" ".join(rng.choice(words) for _ in range(150)) for _ in range(40)], str(d / "tok.model"), vocab_size=300
+  )
   package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1)
   (d / "key").write_text("s" * 32 + "\n")
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    XLA_FLAGS="",
+    JAX_PLATFORMS="cpu",
+  )
   log = open(d / "server.log", "w")
   proc = subprocess.Popen(
-      [sys.executable, "-m", "llm_jax.serve", f"--package={d / 'pkg'}", "--port", str(port),
-       "--slots=4", "--max_concurrent=16", "--decode_chunk", "2", "--api_key_file",
-       str(d / "key"), f"--audit_log={d / 'audit.jsonl'}", "--audit_max_bytes=1000000",
-       "--audit_backups=2", f"--compile_cache={d / 'xla'}"],
-      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    [
+      sys.executable,
+      "-m",
+      "llm_jax.serve",
+      f"--package={d / 'pkg'}",
+      "--port",
+      str(port),
+      "--slots=4",
+      "--max_concurrent=16",
+      "--decode_chunk",
+      "2",
+      "--api_key_file",
+      str(d / "key"),
+      f"--audit_log={d / 'audit.jsonl'}",
+      "--audit_max_bytes=1000000",
+      "--audit_backups=2",
+      f"--compile_cache={d / 'xla'}",
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+    env=env,
+    cwd=ROOT,
+  )
   url = f"http://127.0.0.1:{port}"
   saw_503 = False
   deadline = time.time() + 180
@@ -79,8 +113,12 @@ def test_cli_starts_warm_and_answers(server):
   assert "ready:" in text and "compiled in" in text and "start-up" in text
   auth = {"Authorization": "Bearer " + "s" * 32}
   assert httpx.post(f"{url}/v1/completions", json={"prompt": "the"}).status_code == 401
-  r = httpx.post(f"{url}/v1/completions", headers=auth, timeout=30,
-                 json={"prompt": "the cat", "max_tokens": 5, "temperature": 0})
+  r = httpx.post(
+    f"{url}/v1/completions",
+    headers=auth,
+    timeout=30,
+    json={"prompt": "the cat", "max_tokens": 5, "temperature": 0},
+  )
   assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
   del saw_503  # usually seen, but a fast machine may compile before the first poll
   assert f"compilation cache: {d / 'xla'}" in text and len(os.listdir(d / "xla")) >= 3
@@ -89,12 +127,29 @@ def test_cli_starts_warm_and_answers(server):
 def test_loadtest_against_cli_server(server):
   url, d, _ = server
   (d / "loadkey").write_text("s" * 32)
-  out = subprocess.run([sys.executable, "-m", "llm_jax.serve.loadtest", "--url", url,
-                        "--concurrency", "8", "--requests=24", "--max_tokens", "8", "--json",
-                        "--api_key_file", str(d / "loadkey")],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "llm_jax.serve.loadtest",
+      "--url",
+      url,
+      "--concurrency",
+      "8",
+      "--requests=24",
+      "--max_tokens",
+      "8",
+      "--json",
+      "--api_key_file",
+      str(d / "loadkey"),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+  )
   assert out.returncode == 0, out.stderr
-  summary = json.loads(out.stdout[:out.stdout.rindex("}") + 1])
+  summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
   assert summary["ok"] == 24 and summary["errors"] == {}
   assert summary["output_tokens"] == 24 * 8
   assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p99"] >= summary["tpot_s"]["p50"]
@@ -113,10 +168,15 @@ def test_loadtest_refuses_other_hosts():
 
 
 def _run(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120,
-                        cwd=ROOT, env=env)
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    XLA_FLAGS="",
+    JAX_PLATFORMS="cpu",
+  )
+  return subprocess.run(
+    [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+  )
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path):

@@ -6,6 +6,7 @@ fixture) and a Metaspace BPE with byte fallback whose decoder drops the leading 
 The reference is the previous TextStream, which decoded the whole list for every id (with its
 hold-back rule fixed: a stop prefix before an incomplete character is held too).
 """
+
 import importlib
 import random
 
@@ -18,8 +19,9 @@ from llm_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm_jax.data.tokenizer import train_tokenizer
 
 stream_lib = importlib.import_module("llm_jax.generate.stream")  # the package exports a function `stream`
-WORDS = ("the cat sat on a mat über café naïve 日本語 ünïcödé ½ € 🙂 def return import "
-         "self print ( ) : , .").split()
+WORDS = (
+  "the cat sat on a mat über café naïve 日本語 ünïcödé ½ € 🙂 def return import self print ( ) : , ."
+).split()
 
 
 class FullDecodeStream:
@@ -56,12 +58,12 @@ class FullDecodeStream:
         cut, self.reason = j, "blocked"
     if cut is None:
       return False
-    self.text = self.text[:max(cut, self.emitted)]
+    self.text = self.text[: max(cut, self.emitted)]
     self.finished = True
     return True
 
   def _take(self, upto):
-    piece = self.text[self.emitted:upto] if upto > self.emitted else ""
+    piece = self.text[self.emitted : upto] if upto > self.emitted else ""
     self.emitted = max(self.emitted, upto)
     return piece
 
@@ -74,11 +76,13 @@ def _texts(n=60, seed=0):
 def _metaspace(tmp_path):
   tk = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
   tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-  tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                  decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  tk.decoder = decoders.Sequence(
+    [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+  )
   specials = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-  tk.train_from_iterator(_texts(), trainers.BpeTrainer(vocab_size=340, special_tokens=specials,
-                                                       show_progress=False))
+  tk.train_from_iterator(
+    _texts(), trainers.BpeTrainer(vocab_size=340, special_tokens=specials, show_progress=False)
+  )
   return HFTokenizer(tk.to_str(), {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"})
 
 
@@ -132,23 +136,23 @@ def test_chunks_with_stops_equal_one_by_one(tok):
     stops = []
     for _ in range(rng.randrange(0, 3)):
       a = rng.randrange(len(full))
-      stops.append(full[a:a + rng.randrange(1, 6)])
+      stops.append(full[a : a + rng.randrange(1, 6)])
     stops = [s for s in stops if s.strip("\ufffd")]
     hold = rng.choice([0, 0, 3])
     new, ref = G.TextStream(tok, stops, hold_chars=hold), FullDecodeStream(tok, stops, hold)
     got, want, pos = [], [], 0
     while pos < len(ids) and not new.finished:
       k = rng.randrange(1, 9)
-      piece, kept = new.extend(ids[pos:pos + k])
+      piece, kept = new.extend(ids[pos : pos + k])
       got.append(piece)
-      for j, i in enumerate(ids[pos:pos + k]):
+      for j, i in enumerate(ids[pos : pos + k]):
         want.append(ref.push(i))
         if ref.finished:
           assert kept == j and new.finished and new.reason == ref.reason, (trial, stops)
           crossing += j > 0
           break
       else:
-        assert kept == len(ids[pos:pos + k]) and not new.finished
+        assert kept == len(ids[pos : pos + k]) and not new.finished
       assert "".join(got) == "".join(want), (trial, stops)
       pos += k
     assert new.close() == ref.close()
@@ -164,7 +168,7 @@ def test_long_sequence_keeps_bounded_state():
   rng = random.Random(3)
   ids = _random_ids(tok, rng, 3000)
   s = G.TextStream(tok, stop=["\x00never"])
-  out = "".join(s.extend(ids[i:i + 4])[0] for i in range(0, len(ids), 4)) + s.close()
+  out = "".join(s.extend(ids[i : i + 4])[0] for i in range(0, len(ids), 4)) + s.close()
   assert out == tok.decode(ids) == s.text
   assert len(s._live) < 600 and s._p > len(ids) - 50
 
@@ -175,8 +179,8 @@ def test_filter_check_sees_whole_text_and_cuts():
 
   def check(text):
     return text.find("mat") if "mat" in text else None
-  new, ref = G.TextStream(tok, hold_chars=4, check=check), FullDecodeStream(tok, hold_chars=4,
-                                                                             check=check)
+
+  new, ref = G.TextStream(tok, hold_chars=4, check=check), FullDecodeStream(tok, hold_chars=4, check=check)
   piece, kept = new.extend(ids)
   want, taken = "", 0
   while not ref.finished:

@@ -5,6 +5,7 @@
 parse the answers with its parser (lm_eval's own when installed, else the same slicing written here);
 `test_lm_eval_end_to_end` runs lm_eval itself (tokenizer_backend=remote) when it is installed.
 """
+
 import math
 import random
 from operator import itemgetter
@@ -18,14 +19,24 @@ from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.serve import app as app_lib
 
-CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, max_seq_len=32, init_std=0.3)
+CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=1,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=32,
+  init_std=0.3,
+)
 MODEL = "pkg"
 
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
   from llm_jax.model.params import init_params
+
   d = tmp_path_factory.mktemp("lmeval")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()
@@ -37,8 +48,9 @@ def pkg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(pkg):
-  s = app_lib.ServerSettings(package=str(pkg), slots=2, max_concurrent=4, decode_chunk=2,
-                             request_timeout_s=60.0, max_prompts=8)
+  s = app_lib.ServerSettings(
+    package=str(pkg), slots=2, max_concurrent=4, decode_chunk=2, request_timeout_s=60.0, max_prompts=8
+  )
   srv = app_lib.ServerThread(app_lib.create_app(s))
   srv.start()
   yield srv
@@ -49,16 +61,20 @@ def server(pkg):
 def reference(pkg):
   """log p(ids[t] | ids[:t]) for every t >= 1 and greediness, by the plain model (vocab-limited)."""
   import jax
+
   opened = open_model(str(pkg), dtype="float32")
   limit = opened.tokenizer.vocab_size
 
   def score(ids):
-    logits = np.array(Decoder(opened.model_config).apply({"params": opened.params},
-                                                           np.asarray([ids], np.int32)))[0, :-1]
+    logits = np.array(
+      Decoder(opened.model_config).apply({"params": opened.params}, np.asarray([ids], np.int32))
+    )[0, :-1]
     logits[:, limit:] = -np.inf
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
-    return [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))], \
-        [int(np.argmax(logp[t - 1])) == ids[t] for t in range(1, len(ids))]
+    return [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))], [
+      int(np.argmax(logp[t - 1])) == ids[t] for t in range(1, len(ids))
+    ]
+
   return score
 
 
@@ -72,6 +88,7 @@ def _parse_logprobs(outputs, ctxlens):
   """LocalCompletionsAPI.parse_logprobs (lm_eval's own when it is installed)."""
   try:
     from lm_eval.models.openai_completions import LocalCompletionsAPI
+
     return LocalCompletionsAPI.parse_logprobs(outputs=outputs, ctxlens=ctxlens)
   except ImportError:
     pass
@@ -105,8 +122,9 @@ def test_tokenizer_endpoints_as_remote_tokenizer_reads_them(server):
   ids = _tokenize(server.url, "the cat sat")
   r = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()
   assert r == {"prompt": "the cat sat"}
-  full = httpx.post(f"{server.url}/tokenize", json={"prompt": "the cat sat",
-                                                    "return_token_strs": True}).json()
+  full = httpx.post(
+    f"{server.url}/tokenize", json={"prompt": "the cat sat", "return_token_strs": True}
+  ).json()
   assert full["tokens"] == [2] + ids and full["count"] == len(ids) + 1 and full["max_model_len"] == 32
   assert "".join(full["token_strs"][1:]) == "the cat sat"
   assert httpx.post(f"{server.url}/detokenize", json={"tokens": [999]}).status_code == 422
@@ -121,13 +139,20 @@ def test_loglikelihood_replay(server, reference):
     if context:
       whole = _tokenize(url, context + continuation)
       context_enc = _tokenize(url, context)
-      continuation_enc = whole[len(context_enc):]
+      continuation_enc = whole[len(context_enc) :]
     else:
       context_enc, continuation_enc = [prefix], _tokenize(url, continuation)
     inputs.append(context_enc + continuation_enc)
     ctxlens.append(len(context_enc))
-  body = {"model": MODEL, "prompt": inputs, "temperature": 0, "max_tokens": 1, "logprobs": 1,
-          "seed": 1234, "echo": True}
+  body = {
+    "model": MODEL,
+    "prompt": inputs,
+    "temperature": 0,
+    "max_tokens": 1,
+    "logprobs": 1,
+    "seed": 1234,
+    "echo": True,
+  }
   r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
   assert r.status_code == 200, r.text
   out = r.json()
@@ -139,12 +164,12 @@ def test_loglikelihood_replay(server, reference):
   results = _parse_logprobs([out], ctxlens)
   for (ll, greedy), ids, ctxlen in zip(results, inputs, ctxlens, strict=True):
     lps, argmax = reference(ids)
-    assert math.isclose(ll, sum(lps[ctxlen - 1:]), abs_tol=1e-4), (ll, lps)
-    assert greedy == all(argmax[ctxlen - 1:])
+    assert math.isclose(ll, sum(lps[ctxlen - 1 :]), abs_tol=1e-4), (ll, lps)
+    assert greedy == all(argmax[ctxlen - 1 :])
   # max_tokens 0 with echo scores the prompt alone: the same numbers, nothing generated
   r0 = httpx.post(f"{url}/v1/completions", json={**body, "max_tokens": 0}, timeout=60).json()
   for c0, c, ids in zip(r0["choices"], out["choices"], inputs, strict=True):
-    assert c0["logprobs"]["token_logprobs"] == c["logprobs"]["token_logprobs"][:len(ids)]
+    assert c0["logprobs"]["token_logprobs"] == c["logprobs"]["token_logprobs"][: len(ids)]
     assert c0["finish_reason"] == "length" and r0["usage"]["completion_tokens"] == 0
 
 
@@ -152,8 +177,14 @@ def test_generate_until_replay(server):
   url = server.url
   contexts = ["the cat", "def return import"]
   encodings = [_tokenize(url, c) for c in contexts]
-  body = {"prompt": encodings, "model": MODEL, "max_tokens": 6, "temperature": 0,
-          "stop": ["\n\n", "</s>"], "seed": 1234}
+  body = {
+    "prompt": encodings,
+    "model": MODEL,
+    "max_tokens": 6,
+    "temperature": 0,
+    "stop": ["\n\n", "</s>"],
+    "seed": 1234,
+  }
   r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
   assert r.status_code == 200, r.text
   texts = _parse_generations([r.json()])
@@ -165,8 +196,11 @@ def test_generate_until_replay(server):
 def test_text_prompt_echo_offsets(server):
   url = server.url
   prompt = "the cat é☃ sat"
-  r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2, "temperature": 0,
-                                                "logprobs": 1, "echo": True}, timeout=60).json()
+  r = httpx.post(
+    f"{url}/v1/completions",
+    json={"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True},
+    timeout=60,
+  ).json()
   c, ids = r["choices"][0], _tokenize(url, prompt)
   lp = c["logprobs"]
   assert len(lp["tokens"]) >= len(ids) and lp["token_logprobs"][0] is None
@@ -182,19 +216,28 @@ def test_lm_eval_end_to_end(server, reference):
   pytest.importorskip("lm_eval")
   from lm_eval.api.instance import Instance
   from lm_eval.models.openai_completions import LocalCompletionsAPI
-  lm = LocalCompletionsAPI(base_url=f"{server.url}/v1/completions", model=MODEL,
-                           tokenizer_backend="remote", max_length=32, batch_size=2, max_retries=1)
-  reqs = [Instance("loglikelihood", {}, ("the cat", " sat on"), 0),
-          Instance("loglikelihood", {}, ("def", " return"), 1)]
+
+  lm = LocalCompletionsAPI(
+    base_url=f"{server.url}/v1/completions",
+    model=MODEL,
+    tokenizer_backend="remote",
+    max_length=32,
+    batch_size=2,
+    max_retries=1,
+  )
+  reqs = [
+    Instance("loglikelihood", {}, ("the cat", " sat on"), 0),
+    Instance("loglikelihood", {}, ("def", " return"), 1),
+  ]
   results = lm.loglikelihood(reqs, disable_tqdm=True)
   for (ll, greedy), inst in zip(results, reqs, strict=True):
     ctx, cont = inst.args
     ids = _tokenize(server.url, ctx + cont)
     n_ctx = len(_tokenize(server.url, ctx))
     lps, argmax = reference(ids)
-    assert math.isclose(ll, sum(lps[n_ctx - 1:]), abs_tol=1e-4)
-    assert greedy == all(argmax[n_ctx - 1:])
-  gens = lm.generate_until([Instance("generate_until", {}, ("the cat", {"until": ["\n"],
-                                                                       "max_gen_toks": 4}), 0)],
-                           disable_tqdm=True)
+    assert math.isclose(ll, sum(lps[n_ctx - 1 :]), abs_tol=1e-4)
+    assert greedy == all(argmax[n_ctx - 1 :])
+  gens = lm.generate_until(
+    [Instance("generate_until", {}, ("the cat", {"until": ["\n"], "max_gen_toks": 4}), 0)], disable_tqdm=True
+  )
   assert len(gens) == 1 and isinstance(gens[0], str)

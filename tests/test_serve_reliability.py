@@ -5,6 +5,7 @@ or full-width characters do not bypass, and a private, size-rotated audit log.
 
 One server (a tiny random model on a real uvicorn socket) serves the HTTP tests of this module.
 """
+
 import asyncio
 import json
 import os
@@ -25,8 +26,17 @@ from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.engine import Choice
 from llm_jax.serve.filters import Filters, Rule, load_filters
 
-CFG = ModelConfig(vocab_size=384, num_layers=1, d_model=32, num_heads=4, num_kv_heads=2,
-                  head_dim=8, mlp_dim=64, max_seq_len=32, init_std=0.3)
+CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=1,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=32,
+  init_std=0.3,
+)
 TOKENIZER_VOCAB = 300
 PROMPTS = ["the cat", "def return import class", "a", "sat on a mat"]
 
@@ -34,6 +44,7 @@ PROMPTS = ["the cat", "def return import class", "a", "sat on a mat"]
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
   from llm_jax.model.params import init_params
+
   d = tmp_path_factory.mktemp("serve_rel")
   rng = random.Random(0)
   words = "the cat sat on a mat and def return import class self print data model".split()
@@ -45,8 +56,14 @@ def pkg(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(pkg):
-  s = app_lib.ServerSettings(package=str(pkg / "pkg"), slots=2, max_concurrent=8, decode_chunk=2,
-                             request_timeout_s=10.0, audit_log=str(pkg / "audit.jsonl"))
+  s = app_lib.ServerSettings(
+    package=str(pkg / "pkg"),
+    slots=2,
+    max_concurrent=8,
+    decode_chunk=2,
+    request_timeout_s=10.0,
+    audit_log=str(pkg / "audit.jsonl"),
+  )
   srv = app_lib.ServerThread(app_lib.create_app(s))
   srv.start()
   yield srv
@@ -80,13 +97,16 @@ def _alone(url):
 # ------------------------------------------------------------------ 1. bounds and isolation
 
 
-@pytest.mark.parametrize("body,param", [
+@pytest.mark.parametrize(
+  "body,param",
+  [
     ({"prompt": "x", "max_tokens": 2, "top_k": 2**31}, "top_k"),  # overflowed int32 in the engine
     ({"prompt": "x", "max_tokens": 2, "top_k": TOKENIZER_VOCAB + 1}, "top_k"),
     ({"prompt": "x", "max_tokens": 2, "seed": 2**32}, "seed"),
     ({"prompt": "x", "max_tokens": 2**63}, "max_tokens"),
     ({"prompt": [1, 2**63]}, "prompt"),
-])
+  ],
+)
 def test_sampling_parameters_bounded_by_the_engine(server, body, param):
   t0 = time.monotonic()
   r = _post(server.url, body)
@@ -96,16 +116,20 @@ def test_sampling_parameters_bounded_by_the_engine(server, body, param):
   assert server.app.state.llm.engine.in_flight == 0
 
 
-@pytest.mark.parametrize("raw,param", [
+@pytest.mark.parametrize(
+  "raw,param",
+  [
     ('{"prompt": "x", "temperature": NaN}', "temperature"),
     ('{"prompt": "x", "top_p": NaN}', "top_p"),
     ('{"prompt": "x", "repetition_penalty": Infinity}', "repetition_penalty"),
     ('{"prompt": "x", "logit_bias": {"5": NaN}}', "logit_bias"),
     ('{"prompt": "x", "presence_penalty": -Infinity}', "presence_penalty"),
-])
+  ],
+)
 def test_non_finite_numbers_are_422(server, raw, param):
-  r = httpx.post(f"{server.url}/v1/completions", content=raw.encode(),
-                 headers={"content-type": "application/json"})
+  r = httpx.post(
+    f"{server.url}/v1/completions", content=raw.encode(), headers={"content-type": "application/json"}
+  )
   assert r.status_code == 422, r.text
   assert r.json()["error"]["param"] == param
 
@@ -122,8 +146,11 @@ async def _four_and_one_bad(url, engine, make_bad):
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     tasks, bad_t0 = [], None
     for i, p in enumerate(PROMPTS):
-      tasks.append(asyncio.create_task(c.post(f"{url}/v1/completions", json={
-          "prompt": p, "max_tokens": 10, "temperature": 0})))
+      tasks.append(
+        asyncio.create_task(
+          c.post(f"{url}/v1/completions", json={"prompt": p, "max_tokens": 10, "temperature": 0})
+        )
+      )
       deadline = time.time() + 20  # each HTTP request reaches the engine before the next is sent
       while _http_in_flight(engine) < len(tasks) and time.time() < deadline:
         await asyncio.sleep(0.01)
@@ -173,6 +200,7 @@ def test_a_request_failing_while_decoding_fails_alone(server):
 
     def fail(*args):
       raise RuntimeError("injected detokenizer failure")
+
     choice.text.push = choice.text.extend = fail
 
   engine.pause()
@@ -201,8 +229,7 @@ def test_lone_surrogate_is_422_and_recorded_as_such(server, pkg):
   name = 'llm_requests_total{route="/v1/completions",status="%s"}'
   before = {s: _metric(server.url, name % s) for s in ("422", "499", "500")}
   raw = b'{"prompt": "\\ud800abc", "max_tokens": 2}'
-  r = httpx.post(f"{server.url}/v1/completions", content=raw,
-                 headers={"content-type": "application/json"})
+  r = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
   assert r.status_code == 422, r.text
   err = _error_shape(r)
   assert err["param"] == "prompt" and "surrogate" in err["message"]
@@ -242,17 +269,26 @@ def test_unexpected_failure_is_500_in_the_error_shape_and_audited_as_500(server,
 # ------------------------------------------------------------------ 3. filters and invisible text
 
 
-@pytest.mark.parametrize("text", [
+@pytest.mark.parametrize(
+  "text",
+  [
     "my api\u200bkey is",  # zero-width space
     "my api\u200dkey is",  # zero-width joiner
     "my api\u00adkey is",  # soft hyphen
     "my \uff41\uff50\uff49\uff4b\uff45\uff59 is",  # full-width letters
     "my A\u2060P\ufeffI\u200ckey",  # word joiner, BOM, zero-width non-joiner
-])
+  ],
+)
 def test_filters_see_through_invisible_and_full_width_characters(tmp_path, text):
   path = tmp_path / "f.json"
-  path.write_text(json.dumps({"input": [{"name": "secrets", "pattern": "(?i)apikey"}],
-                              "output": [{"name": "secrets", "pattern": "(?i)apikey"}]}))
+  path.write_text(
+    json.dumps(
+      {
+        "input": [{"name": "secrets", "pattern": "(?i)apikey"}],
+        "output": [{"name": "secrets", "pattern": "(?i)apikey"}],
+      }
+    )
+  )
   filters = load_filters(str(path))
   assert filters.check_input(text) is not None
   cut, rule = filters.check_output(text)

@@ -10,6 +10,7 @@ LLM_JAX_REQUIRE_SLURM=1 (as .ci/run sets, so that CI cannot pass by skipping the
    process saves a checkpoint and exits 75, the script requeues the job, it resumes from that step, and
    the final losses equal the uninterrupted run's.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,9 +27,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(ROOT, "launch", "slurm_cpu.sbatch")
 STEPS = 20
 JOB_TIMEOUT_S = 900
-OVERRIDES = [f"--config.train.steps={STEPS}", "--config.train.log_every=1", "--config.train.eval_every=10",
-             "--config.train.eval_batches=1", "--config.train.sample_every=0",
-             "--config.train.checkpoint_every=10", "--config.train.preflight=false"]
+OVERRIDES = [
+  f"--config.train.steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.eval_every=10",
+  "--config.train.eval_batches=1",
+  "--config.train.sample_every=0",
+  "--config.train.checkpoint_every=10",
+  "--config.train.preflight=false",
+]
 RUN_FILES = ("config.json", "run.json", "manifest.json", "tokenizer.model", "metrics.jsonl")
 
 
@@ -37,14 +44,18 @@ def _slurm_problem() -> str | None:
   if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
     return "SLURM is not installed (no sinfo/sbatch); start one with sudo launch/slurm_local/start.sh"
   try:
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%T %c"], check=False, capture_output=True, text=True,
-                          timeout=10)
+    proc = subprocess.run(
+      ["sinfo", "-h", "-N", "-o", "%T %c"], check=False, capture_output=True, text=True, timeout=10
+    )
   except subprocess.TimeoutExpired:
     return "sinfo did not answer within 10 s"
   if proc.returncode != 0:
     return f"sinfo failed: {proc.stderr.strip()[:200]}; start SLURM with sudo launch/slurm_local/start.sh"
-  usable = [line.split() for line in proc.stdout.splitlines()
-            if line.split() and line.split()[0].rstrip("*~#") in ("idle", "mixed", "allocated")]
+  usable = [
+    line.split()
+    for line in proc.stdout.splitlines()
+    if line.split() and line.split()[0].rstrip("*~#") in ("idle", "mixed", "allocated")
+  ]
   if not any(int(cpus) >= 2 for _, cpus in usable):
     return f"no usable SLURM node with 2 CPUs (sinfo: {proc.stdout.strip()!r})"
   return None
@@ -58,10 +69,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(_PROBLEM is not None, reason=
 
 def _env(tmp) -> dict[str, str]:
   """The environment sbatch passes on: this interpreter, this checkout, logs and caches under tmp."""
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JAX_", "XLA_", "SLURM_", "SBATCH_", "TPU_", "LLM_JAX_"))}
-  env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), LLM_JAX_PYTHON=sys.executable,
-             LLM_JAX_LOGDIR=str(tmp / "logs"), LLM_JAX_CACHE=str(tmp / "cache"), TF_CPP_MIN_LOG_LEVEL="0")
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("JAX_", "XLA_", "SLURM_", "SBATCH_", "TPU_", "LLM_JAX_"))
+  }
+  env.update(
+    PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+    LLM_JAX_PYTHON=sys.executable,
+    LLM_JAX_LOGDIR=str(tmp / "logs"),
+    LLM_JAX_CACHE=str(tmp / "cache"),
+    TF_CPP_MIN_LOG_LEVEL="0",
+  )
   return env
 
 
@@ -93,42 +112,73 @@ def _read(path) -> str:
 
 def _job_info(job_id: str) -> dict[str, str]:
   """scontrol's fields of a job (JobState, ExitCode, Restarts, ...)."""
-  proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True,
-                        text=True, timeout=30)
+  proc = subprocess.run(
+    ["scontrol", "show", "job", "-o", job_id], check=False, capture_output=True, text=True, timeout=30
+  )
   return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
 
 def _submit(tmp, name: str) -> dict:
   workdir, logdir = tmp / name, tmp / "logs"
   logdir.mkdir(exist_ok=True)
-  cmd = ["sbatch", "--parsable", f"--job-name=llm_jax_{name}", f"--output={logdir}/%x-%j.out",
-         SBATCH, "configs/tiny.py", str(workdir), *_overrides(tmp)]
+  cmd = [
+    "sbatch",
+    "--parsable",
+    f"--job-name=llm_jax_{name}",
+    f"--output={logdir}/%x-%j.out",
+    SBATCH,
+    "configs/tiny.py",
+    str(workdir),
+    *_overrides(tmp),
+  ]
   proc = subprocess.run(cmd, check=False, cwd=ROOT, env=_env(tmp), capture_output=True, text=True, timeout=60)
   assert proc.returncode == 0, proc.stderr
   job_id = proc.stdout.strip().split(";")[0]
   prefix = f"{logdir}/llm_jax_{name}-{job_id}"
-  return {"id": job_id, "workdir": str(workdir), "out": f"{prefix}.out",
-          "task_logs": [f"{prefix}-{i}.log" for i in (0, 1)], "t0": time.time()}
+  return {
+    "id": job_id,
+    "workdir": str(workdir),
+    "out": f"{prefix}.out",
+    "task_logs": [f"{prefix}-{i}.log" for i in (0, 1)],
+    "t0": time.time(),
+  }
 
 
 def _describe(job: dict) -> str:
-  return (f"job {job['id']}: {_job_info(job['id'])}\n--- {job['out']}:\n{_read(job['out'])[-2000:]}\n"
-          + "".join(f"--- {p}:\n{_read(p)[-3000:]}\n" for p in job["task_logs"]))
+  return (
+    f"job {job['id']}: {_job_info(job['id'])}\n--- {job['out']}:\n{_read(job['out'])[-2000:]}\n"
+    + "".join(f"--- {p}:\n{_read(p)[-3000:]}\n" for p in job["task_logs"])
+  )
 
 
 def _wait(job: dict) -> dict:
   """Waits for the job to end (through any requeue); cancels it and fails after JOB_TIMEOUT_S."""
   while True:
     info = _job_info(job["id"])
-    if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
-                                "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
+    if info.get("JobState") in (
+      "COMPLETED",
+      "FAILED",
+      "CANCELLED",
+      "TIMEOUT",
+      "NODE_FAIL",
+      "OUT_OF_MEMORY",
+      "BOOT_FAIL",
+      "DEADLINE",
+      "PREEMPTED",
+    ):
       break
     if time.time() - job["t0"] > JOB_TIMEOUT_S:
       subprocess.run(["scancel", job["id"]], check=False, timeout=30)
       pytest.fail(f"the job did not end within {JOB_TIMEOUT_S} s\n{_describe(job)}")
     time.sleep(1)
-  return dict(job, info=info, wall_s=time.time() - job["t0"], losses=_losses(job["workdir"]),
-              out_text=_read(job["out"]), logs=[_read(p) for p in job["task_logs"]])
+  return dict(
+    job,
+    info=info,
+    wall_s=time.time() - job["t0"],
+    losses=_losses(job["workdir"]),
+    out_text=_read(job["out"]),
+    logs=[_read(p) for p in job["task_logs"]],
+  )
 
 
 @pytest.fixture(scope="module")
@@ -142,10 +192,22 @@ def reference(tmp):
   env = _env(tmp)
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   t = time.time()
-  proc = subprocess.run([sys.executable, "-m", "llm_jax.train", "--config=configs/tiny.py",
-                         f"--workdir={tmp / 'single'}", *_overrides(tmp)],
-                        check=False, cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=JOB_TIMEOUT_S)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "llm_jax.train",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp / 'single'}",
+      *_overrides(tmp),
+    ],
+    check=False,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=JOB_TIMEOUT_S,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   print(f"reference (1 process): {time.time() - t:.0f} s")
   return _losses(tmp / "single")
@@ -173,8 +235,10 @@ def preempted(tmp, job):
   signalled_after = max(_losses(submitted["workdir"]))
   subprocess.run(["scancel", "--signal=TERM", submitted["id"]], check=True, timeout=30)
   done = _wait(submitted)
-  print(f"preempted job {done['id']}: SIGTERM after step {signalled_after}, "
-        f"{done['wall_s']:.0f} s from sbatch to the end (requeue included)")
+  print(
+    f"preempted job {done['id']}: SIGTERM after step {signalled_after}, "
+    f"{done['wall_s']:.0f} s from sbatch to the end (requeue included)"
+  )
   return dict(done, signalled_after=signalled_after)
 
 

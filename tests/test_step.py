@@ -1,4 +1,5 @@
 """The pure train step: learning, mesh equivalence, partition specs, accumulation, non-finite guard."""
+
 import functools
 
 import jax
@@ -12,9 +13,16 @@ from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
-BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
-        "train.seq_len=16", "train.global_batch_size=8", "train.warmup_steps=0",
-        "train.learning_rate=0.01"]
+BASE = [
+  "model.num_layers=2",
+  "model.d_model=32",
+  "model.num_heads=4",
+  "model.max_seq_len=16",
+  "train.seq_len=16",
+  "train.global_batch_size=8",
+  "train.warmup_steps=0",
+  "train.learning_rate=0.01",
+]
 TOKENS = np.random.default_rng(0).integers(0, 100, (8, 17)).astype(np.int32)
 
 
@@ -28,8 +36,12 @@ def run_steps(overrides, n=3, jit=True, tokens=TOKENS):
   batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
   fn = functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c)
   if jit:
-    fn = jax.jit(fn, in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+    fn = jax.jit(
+      fn,
+      in_shardings=(shardings, sharding.batch_sharding(mesh)),
+      out_shardings=(shardings, None),
+      donate_argnums=0,
+    )
   losses = []
   with sharding.activate(mesh, c):
     for _ in range(n):
@@ -72,21 +84,25 @@ def test_accumulation_equals_full_batch(reference):
 
 def test_partition_specs_golden():
   _, _, shardings = run_steps(["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2"], n=0)
-  specs = {"/".join(str(getattr(k, "key", k)) for k in path): str(s.spec) for path, s in
-           jax.tree_util.tree_flatten_with_path(shardings.params, is_leaf=lambda x: hasattr(x, "spec"))[0]}
+  specs = {
+    "/".join(str(getattr(k, "key", k)) for k in path): str(s.spec)
+    for path, s in jax.tree_util.tree_flatten_with_path(
+      shardings.params, is_leaf=lambda x: hasattr(x, "spec")
+    )[0]
+  }
   golden = {
-      "embedding": "P('tensor', 'fsdp')",
-      "pos_embedding": "P(None, 'fsdp')",
-      "blocks/attn/query/kernel": "P(None, 'fsdp', 'tensor')",
-      "blocks/attn/key/kernel": "P(None, 'fsdp', 'tensor')",
-      "blocks/attn/value/kernel": "P(None, 'fsdp', 'tensor')",
-      "blocks/attn/out/kernel": "P(None, 'tensor', None, 'fsdp')",
-      "blocks/attn/query/bias": "P(None, 'tensor')",
-      "blocks/mlp/up/kernel": "P(None, 'fsdp', 'tensor')",
-      "blocks/mlp/down/kernel": "P(None, 'tensor', 'fsdp')",
-      "blocks/mlp/down/bias": "P(None, 'fsdp')",
-      "blocks/norm_attn/LayerNorm_0/scale": "P()",
-      "final_norm/LayerNorm_0/scale": "P()",
+    "embedding": "P('tensor', 'fsdp')",
+    "pos_embedding": "P(None, 'fsdp')",
+    "blocks/attn/query/kernel": "P(None, 'fsdp', 'tensor')",
+    "blocks/attn/key/kernel": "P(None, 'fsdp', 'tensor')",
+    "blocks/attn/value/kernel": "P(None, 'fsdp', 'tensor')",
+    "blocks/attn/out/kernel": "P(None, 'tensor', None, 'fsdp')",
+    "blocks/attn/query/bias": "P(None, 'tensor')",
+    "blocks/mlp/up/kernel": "P(None, 'fsdp', 'tensor')",
+    "blocks/mlp/down/kernel": "P(None, 'tensor', 'fsdp')",
+    "blocks/mlp/down/bias": "P(None, 'fsdp')",
+    "blocks/norm_attn/LayerNorm_0/scale": "P()",
+    "final_norm/LayerNorm_0/scale": "P()",
   }
   for name, spec in golden.items():
     assert specs[name] == spec, (name, specs[name])
@@ -102,10 +118,10 @@ def test_non_finite_step_leaves_params_unchanged():
   opt = optimizer_lib.make_optimizer(c)
   mesh = sharding.make_mesh(c)
   state, _ = state_lib.create_state(model, opt, mesh, c, seed=0)
-  batch = {"inputs": bad[:, :-1], "targets": bad[:, 1:],
-           "weights": np.full((8, 16), np.nan, np.float32)}
-  new, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt,
-                                           config=c))(state, batch)
+  batch = {"inputs": bad[:, :-1], "targets": bad[:, 1:], "weights": np.full((8, 16), np.nan, np.float32)}
+  new, metrics = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c))(
+    state, batch
+  )
   assert not bool(metrics["finite"]) and int(new.skipped) == 1 and int(new.step) == 1
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(new.params), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -113,8 +129,10 @@ def test_non_finite_step_leaves_params_unchanged():
 
 def _compiled_temp_bytes(overrides, rows_per_device, devices):
   """Temp memory of the compiled train step (XLA's own accounting, per device)."""
-  c = config_lib.load("configs/tiny.py", BASE + ["model.vocab_size=512", "model.max_seq_len=64",
-                                                 "train.seq_len=64"] + list(overrides))
+  c = config_lib.load(
+    "configs/tiny.py",
+    BASE + ["model.vocab_size=512", "model.max_seq_len=64", "train.seq_len=64"] + list(overrides),
+  )
   with c.unlocked():
     c.train.global_batch_size = rows_per_device * devices
   mesh = sharding.make_mesh(c, jax.devices()[:devices])
@@ -123,8 +141,11 @@ def _compiled_temp_bytes(overrides, rows_per_device, devices):
   state, shardings = state_lib.create_state(model, opt, mesh, c, seed=0)
   tokens = np.zeros((c.train.global_batch_size, 65), np.int32)
   batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
-  fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
-               in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None))
+  fn = jax.jit(
+    functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, None),
+  )
   with sharding.activate(mesh, c):
     return fn.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
 
@@ -137,7 +158,9 @@ def test_fsdp_activation_memory_does_not_grow_with_devices():
   assert fsdp4 < 1.3 * one, (one, fsdp4)
 
 
-@pytest.mark.parametrize("override, key", [
+@pytest.mark.parametrize(
+  "override, key",
+  [
     ("train.learning_rate=-0.001", "train.learning_rate"),
     ("train.learning_rate=0.0", "train.learning_rate"),
     ("train.weight_decay=-0.1", "train.weight_decay"),
@@ -147,7 +170,8 @@ def test_fsdp_activation_memory_does_not_grow_with_devices():
     ("train.b2=1.0", "train.b2"),
     ("train.grad_clip=-1.0", "train.grad_clip"),
     ("train.decay_steps=20", "train.decay_steps"),
-])
+  ],
+)
 def test_settings_that_cannot_work_are_config_errors_naming_the_key(override, key):
   c = config_lib.load("configs/tiny.py", [override])  # tiny: 600 steps, 50 of warm-up
   with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):

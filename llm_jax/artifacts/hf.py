@@ -6,6 +6,7 @@ ModelConfig, a tokenizer (llm_jax.data.hf_tokenizer) and a provenance dict; `wri
 `transformers`' AutoModelForCausalLM and AutoTokenizer load offline. Both directions only move and
 reshape tensors, so float32 weights round-trip bitwise. The tensor names are in hf_names.py.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,8 +71,10 @@ def family_of(hf: dict, where: str = CONFIG) -> str:
   for family, arch in _ARCHITECTURES.items():
     if model_type == family or arch in archs:
       return family
-  raise HFError(f"{where}: model_type {model_type!r} (architectures {archs}) is not supported; "
-                "llm_jax reads GPT2LMHeadModel (gpt2) and LlamaForCausalLM (llama) checkpoints")
+  raise HFError(
+    f"{where}: model_type {model_type!r} (architectures {archs}) is not supported; "
+    "llm_jax reads GPT2LMHeadModel (gpt2) and LlamaForCausalLM (llama) checkpoints"
+  )
 
 
 def _need(hf: dict, key: str, where: str):
@@ -94,10 +97,11 @@ def _rope_settings(hf: dict, where: str) -> dict[str, Any]:
     raise HFError(f"{where}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
   out.update(rope_scaling=kind, rope_scaling_factor=float(_need(rope, "factor", f"{where} rope")))
   if kind == "llama3":
-    out.update(rope_low_freq_factor=float(_need(rope, "low_freq_factor", f"{where} rope")),
-               rope_high_freq_factor=float(_need(rope, "high_freq_factor", f"{where} rope")),
-               rope_original_max_len=int(_need(rope, "original_max_position_embeddings",
-                                               f"{where} rope")))
+    out.update(
+      rope_low_freq_factor=float(_need(rope, "low_freq_factor", f"{where} rope")),
+      rope_high_freq_factor=float(_need(rope, "high_freq_factor", f"{where} rope")),
+      rope_original_max_len=int(_need(rope, "original_max_position_embeddings", f"{where} rope")),
+    )
   return out
 
 
@@ -108,34 +112,55 @@ def model_config_from_hf(hf: dict, where: str = CONFIG) -> ModelConfig:
     d, n = int(_need(hf, "n_embd", where)), int(_need(hf, "n_head", where))
     act = hf.get("activation_function", "gelu_new")
     if act not in _GELU_TANH:
-      raise HFError(f"{where}: activation_function {act!r} is not supported (the Decoder's GELU is the "
-                    f"tanh approximation: {', '.join(_GELU_TANH)})")
+      raise HFError(
+        f"{where}: activation_function {act!r} is not supported (the Decoder's GELU is the "
+        f"tanh approximation: {', '.join(_GELU_TANH)})"
+      )
     if hf.get("scale_attn_by_inverse_layer_idx") or not hf.get("scale_attn_weights", True):
-      raise HFError(f"{where}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false are not "
-                    "supported")
+      raise HFError(f"{where}: scale_attn_by_inverse_layer_idx / scale_attn_weights=false are not supported")
     return ModelConfig(
-        vocab_size=int(_need(hf, "vocab_size", where)), num_layers=int(_need(hf, "n_layer", where)),
-        d_model=d, num_heads=n, num_kv_heads=n, head_dim=d // n, mlp_dim=int(hf.get("n_inner") or 4 * d),
-        max_seq_len=int(_need(hf, "n_positions", where)), positions="learned", norm="layernorm",
-        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), activation="gelu",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", True)), use_bias=True)
+      vocab_size=int(_need(hf, "vocab_size", where)),
+      num_layers=int(_need(hf, "n_layer", where)),
+      d_model=d,
+      num_heads=n,
+      num_kv_heads=n,
+      head_dim=d // n,
+      mlp_dim=int(hf.get("n_inner") or 4 * d),
+      max_seq_len=int(_need(hf, "n_positions", where)),
+      positions="learned",
+      norm="layernorm",
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      activation="gelu",
+      tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+      use_bias=True,
+    )
   act = hf.get("hidden_act", "silu")
   if act != "silu":
     raise HFError(f"{where}: hidden_act {act!r} is not supported (LLaMA's SwiGLU uses silu)")
   bias = bool(hf.get("attention_bias", False))
   if bool(hf.get("mlp_bias", False)) != bias:
-    raise HFError(f"{where}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
-                  "supported (the Decoder has one use_bias for both)")
+    raise HFError(
+      f"{where}: attention_bias={bias} with mlp_bias={hf.get('mlp_bias')} is not "
+      "supported (the Decoder has one use_bias for both)"
+    )
   d, n = int(_need(hf, "hidden_size", where)), int(_need(hf, "num_attention_heads", where))
   return ModelConfig(
-      vocab_size=int(_need(hf, "vocab_size", where)),
-      num_layers=int(_need(hf, "num_hidden_layers", where)), d_model=d, num_heads=n,
-      num_kv_heads=int(hf.get("num_key_value_heads") or n), head_dim=int(hf.get("head_dim") or d // n),
-      mlp_dim=int(_need(hf, "intermediate_size", where)),
-      max_seq_len=int(_need(hf, "max_position_embeddings", where)), positions="rope", norm="rmsnorm",
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)), activation="swiglu",
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), use_bias=bias,
-      **_rope_settings(hf, where))
+    vocab_size=int(_need(hf, "vocab_size", where)),
+    num_layers=int(_need(hf, "num_hidden_layers", where)),
+    d_model=d,
+    num_heads=n,
+    num_kv_heads=int(hf.get("num_key_value_heads") or n),
+    head_dim=int(hf.get("head_dim") or d // n),
+    mlp_dim=int(_need(hf, "intermediate_size", where)),
+    max_seq_len=int(_need(hf, "max_position_embeddings", where)),
+    positions="rope",
+    norm="rmsnorm",
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    activation="swiglu",
+    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    use_bias=bias,
+    **_rope_settings(hf, where),
+  )
 
 
 def weight_files(path: str) -> list[str]:
@@ -192,8 +217,14 @@ def read_hf(path: str, require_tokenizer: bool = True):
     params = hf_names.params_from_hf(tensors, cfg, provenance["model_type"], path)
   except ValueError as e:
     raise HFError(str(e)) from e
-  logging.info("read Hugging Face %s checkpoint %s: %d layers, d_model %d, vocab %d",
-               provenance["architecture"], path, cfg.num_layers, cfg.d_model, cfg.vocab_size)
+  logging.info(
+    "read Hugging Face %s checkpoint %s: %d layers, d_model %d, vocab %d",
+    provenance["architecture"],
+    path,
+    cfg.num_layers,
+    cfg.d_model,
+    cfg.vocab_size,
+  )
   return params, cfg, tokenizer, provenance
 
 
@@ -206,26 +237,30 @@ def describe_hf(path: str, require_tokenizer: bool = True):
   cfg = model_config_from_hf(hf, where)
   files = weight_files(path)
   tokenizer = None
-  if any(os.path.exists(os.path.join(path, f)) for f in
-         (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.TOKENIZER_MODEL)):
+  if any(
+    os.path.exists(os.path.join(path, f)) for f in (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.TOKENIZER_MODEL)
+  ):
     tokenizer = hf_tokenizer.load_tokenizer(path, special_ids=_special_ids(hf))
   elif require_tokenizer:
-    raise HFError(f"{path} has no tokenizer ({hf_tokenizer.TOKENIZER_JSON} or "
-                  f"{hf_tokenizer.TOKENIZER_MODEL})")
+    raise HFError(
+      f"{path} has no tokenizer ({hf_tokenizer.TOKENIZER_JSON} or {hf_tokenizer.TOKENIZER_MODEL})"
+    )
   with open(where, "rb") as f:
     config_sha = hashlib.sha256(f.read()).hexdigest()
   eos = hf.get("eos_token_id")
   family = family_of(hf, where)
   provenance = {
-      "source": os.path.abspath(path), "format": "huggingface",
-      "architecture": _ARCHITECTURES[family], "model_type": family,  # the family: gpt2 | llama
-      "transformers_version": hf.get("transformers_version", ""),
-      "stored_dtype": hf.get("dtype") or hf.get("torch_dtype") or "",
-      "config_sha256": config_sha,
-      "weight_files": {os.path.basename(f): os.path.getsize(f) for f in files},
-      "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
-      "prompt_prefix": hf_tokenizer.prompt_prefix(tokenizer) if tokenizer is not None else [],
-      "eos_token_ids": eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else []),
+    "source": os.path.abspath(path),
+    "format": "huggingface",
+    "architecture": _ARCHITECTURES[family],
+    "model_type": family,  # the family: gpt2 | llama
+    "transformers_version": hf.get("transformers_version", ""),
+    "stored_dtype": hf.get("dtype") or hf.get("torch_dtype") or "",
+    "config_sha256": config_sha,
+    "weight_files": {os.path.basename(f): os.path.getsize(f) for f in files},
+    "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
+    "prompt_prefix": hf_tokenizer.prompt_prefix(tokenizer) if tokenizer is not None else [],
+    "eos_token_ids": eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else []),
   }
   return cfg, tokenizer, provenance
 
@@ -234,15 +269,19 @@ def family_for(cfg: ModelConfig) -> str:
   """The Hugging Face family that runs `cfg`: learned+layernorm+gelu -> gpt2, rope+rmsnorm+swiglu -> llama."""
   if (cfg.positions, cfg.norm, cfg.activation) == ("learned", "layernorm", "gelu"):
     if not cfg.use_bias or cfg.num_kv_heads != cfg.num_heads or cfg.head_dim * cfg.num_heads != cfg.d_model:
-      raise HFError("a GPT-2 export needs use_bias=True, num_kv_heads == num_heads and "
-                    f"head_dim * num_heads == d_model (got use_bias={cfg.use_bias}, "
-                    f"num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim})")
+      raise HFError(
+        "a GPT-2 export needs use_bias=True, num_kv_heads == num_heads and "
+        f"head_dim * num_heads == d_model (got use_bias={cfg.use_bias}, "
+        f"num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim})"
+      )
     return GPT2
   if (cfg.positions, cfg.norm, cfg.activation) == ("rope", "rmsnorm", "swiglu"):
     return LLAMA
-  raise HFError(f"model with positions={cfg.positions}, norm={cfg.norm}, activation={cfg.activation} "
-                "has no Hugging Face counterpart: only learned+layernorm+gelu (GPT-2) and "
-                "rope+rmsnorm+swiglu (LLaMA) export")
+  raise HFError(
+    f"model with positions={cfg.positions}, norm={cfg.norm}, activation={cfg.activation} "
+    "has no Hugging Face counterpart: only learned+layernorm+gelu (GPT-2) and "
+    "rope+rmsnorm+swiglu (LLaMA) export"
+  )
 
 
 def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
@@ -250,29 +289,62 @@ def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> d
   family = family_for(cfg)
   ids = {}
   if tokenizer is not None:
-    ids = {"bos_token_id": int(tokenizer.bos_id), "eos_token_id": int(tokenizer.eos_id),
-           "pad_token_id": int(tokenizer.pad_id) if tokenizer.pad_id >= 0 else None}
-  common = {"architectures": [_ARCHITECTURES[family]], "model_type": family, "torch_dtype": dtype,
-            "vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, **ids}
+    ids = {
+      "bos_token_id": int(tokenizer.bos_id),
+      "eos_token_id": int(tokenizer.eos_id),
+      "pad_token_id": int(tokenizer.pad_id) if tokenizer.pad_id >= 0 else None,
+    }
+  common = {
+    "architectures": [_ARCHITECTURES[family]],
+    "model_type": family,
+    "torch_dtype": dtype,
+    "vocab_size": cfg.vocab_size,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    **ids,
+  }
   if family == GPT2:
-    return {**common, "n_embd": cfg.d_model, "n_layer": cfg.num_layers, "n_head": cfg.num_heads,
-            "n_inner": cfg.mlp_dim, "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len,
-            "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    return {
+      **common,
+      "n_embd": cfg.d_model,
+      "n_layer": cfg.num_layers,
+      "n_head": cfg.num_heads,
+      "n_inner": cfg.mlp_dim,
+      "n_positions": cfg.max_seq_len,
+      "n_ctx": cfg.max_seq_len,
+      "activation_function": "gelu_new",
+      "layer_norm_epsilon": cfg.norm_eps,
+      "resid_pdrop": 0.0,
+      "embd_pdrop": 0.0,
+      "attn_pdrop": 0.0,
+    }
   rope_scaling = None
   if cfg.rope_scaling == "linear":
     rope_scaling = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
   elif cfg.rope_scaling == "llama3":
-    rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                    "low_freq_factor": cfg.rope_low_freq_factor,
-                    "high_freq_factor": cfg.rope_high_freq_factor,
-                    "original_max_position_embeddings": cfg.rope_original_max_len}
-  return {**common, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
-          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-          "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-          "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling, "hidden_act": "silu",
-          "attention_bias": cfg.use_bias, "mlp_bias": cfg.use_bias, "attention_dropout": 0.0}
+    rope_scaling = {
+      "rope_type": "llama3",
+      "factor": cfg.rope_scaling_factor,
+      "low_freq_factor": cfg.rope_low_freq_factor,
+      "high_freq_factor": cfg.rope_high_freq_factor,
+      "original_max_position_embeddings": cfg.rope_original_max_len,
+    }
+  return {
+    **common,
+    "hidden_size": cfg.d_model,
+    "intermediate_size": cfg.mlp_dim,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "max_position_embeddings": cfg.max_seq_len,
+    "rms_norm_eps": cfg.norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": rope_scaling,
+    "hidden_act": "silu",
+    "attention_bias": cfg.use_bias,
+    "mlp_bias": cfg.use_bias,
+    "attention_dropout": 0.0,
+  }
 
 
 def _host_params(params, cfg: ModelConfig):
@@ -284,8 +356,15 @@ def _host_params(params, cfg: ModelConfig):
   return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params)
 
 
-def write_hf(out_dir: str, params, model_config: ModelConfig, tokenizer, *,
-             weights_dtype: str = "float32", overwrite: bool = False) -> list[str]:
+def write_hf(
+  out_dir: str,
+  params,
+  model_config: ModelConfig,
+  tokenizer,
+  *,
+  weights_dtype: str = "float32",
+  overwrite: bool = False,
+) -> list[str]:
   """Writes config.json, model.safetensors and tokenizer files that transformers loads; returns names.
 
   The directory is built next to `out_dir` and renamed into place. int8 parameters are dequantized.
@@ -303,8 +382,11 @@ def write_hf(out_dir: str, params, model_config: ModelConfig, tokenizer, *,
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".hf-", dir=parent)
   try:
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS),
-              metadata={"format": "pt"})
+    save_file(
+      {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+      os.path.join(tmp, WEIGHTS),
+      metadata={"format": "pt"},
+    )
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
       json.dump(config, f, indent=2, sort_keys=True)
     names = [CONFIG, WEIGHTS]
@@ -316,6 +398,7 @@ def write_hf(out_dir: str, params, model_config: ModelConfig, tokenizer, *,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  logging.info("wrote Hugging Face %s checkpoint %s (%d tensors)", _ARCHITECTURES[family], out_dir,
-               len(tensors))
+  logging.info(
+    "wrote Hugging Face %s checkpoint %s (%d tensors)", _ARCHITECTURES[family], out_dir, len(tensors)
+  )
   return names

@@ -4,6 +4,7 @@ Hugging Face stores nn.Linear weights as [out, in] (LLaMA) and GPT-2's Conv1D we
 the Decoder keeps [in, ...out] kernels with heads split out ([D, N, H] for a query projection). Every
 conversion is a transpose and a reshape, so both directions are exact.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,10 +27,12 @@ def _getter(tensors: dict[str, np.ndarray], prefixes: tuple[str, ...], where: st
       if p + name in tensors:
         x = tensors[p + name]
         if tuple(x.shape) != tuple(shape):
-          raise ValueError(f"{where}: tensor {p + name} has shape {tuple(x.shape)}, config.json implies "
-                           f"{tuple(shape)}")
+          raise ValueError(
+            f"{where}: tensor {p + name} has shape {tuple(x.shape)}, config.json implies {tuple(shape)}"
+          )
         return x
     raise MissingTensor(f"{where}: tensor {prefixes[0] + name} is missing")
+
   return get
 
 
@@ -57,16 +60,24 @@ def _gpt2_layer(get, c: ModelConfig, i: int) -> dict:
   qkv_b = get(p + "attn.c_attn.bias", (3 * d,))
   attn = {}
   for j, name in enumerate(("query", "key", "value")):
-    attn[name] = {"kernel": qkv_w[:, j * d:(j + 1) * d].reshape(d, n, h),
-                  "bias": qkv_b[j * d:(j + 1) * d].reshape(n, h)}
-  attn["out"] = {"kernel": get(p + "attn.c_proj.weight", (d, d)).reshape(n, h, d),
-                 "bias": get(p + "attn.c_proj.bias", (d,))}
-  mlp = {"up": {"kernel": get(p + "mlp.c_fc.weight", (d, f)), "bias": get(p + "mlp.c_fc.bias", (f,))},
-         "down": {"kernel": get(p + "mlp.c_proj.weight", (f, d)),
-                  "bias": get(p + "mlp.c_proj.bias", (d,))}}
-  return {"attn": attn, "mlp": mlp,
-          "norm_attn": _norm("LayerNorm_0", get(p + "ln_1.weight", (d,)), get(p + "ln_1.bias", (d,))),
-          "norm_mlp": _norm("LayerNorm_0", get(p + "ln_2.weight", (d,)), get(p + "ln_2.bias", (d,)))}
+    attn[name] = {
+      "kernel": qkv_w[:, j * d : (j + 1) * d].reshape(d, n, h),
+      "bias": qkv_b[j * d : (j + 1) * d].reshape(n, h),
+    }
+  attn["out"] = {
+    "kernel": get(p + "attn.c_proj.weight", (d, d)).reshape(n, h, d),
+    "bias": get(p + "attn.c_proj.bias", (d,)),
+  }
+  mlp = {
+    "up": {"kernel": get(p + "mlp.c_fc.weight", (d, f)), "bias": get(p + "mlp.c_fc.bias", (f,))},
+    "down": {"kernel": get(p + "mlp.c_proj.weight", (f, d)), "bias": get(p + "mlp.c_proj.bias", (d,))},
+  }
+  return {
+    "attn": attn,
+    "mlp": mlp,
+    "norm_attn": _norm("LayerNorm_0", get(p + "ln_1.weight", (d,)), get(p + "ln_1.bias", (d,))),
+    "norm_mlp": _norm("LayerNorm_0", get(p + "ln_2.weight", (d,)), get(p + "ln_2.bias", (d,))),
+  }
 
 
 def _llama_layer(get, c: ModelConfig, i: int) -> dict:
@@ -85,9 +96,12 @@ def _llama_layer(get, c: ModelConfig, i: int) -> dict:
     mlp[name] = {"kernel": get(p + f"mlp.{name}_proj.weight", shape).T}
     if c.use_bias:
       mlp[name]["bias"] = get(p + f"mlp.{name}_proj.bias", shape[:1])
-  return {"attn": attn, "mlp": mlp,
-          "norm_attn": _norm("RMSNorm_0", get(p + "input_layernorm.weight", (d,))),
-          "norm_mlp": _norm("RMSNorm_0", get(p + "post_attention_layernorm.weight", (d,)))}
+  return {
+    "attn": attn,
+    "mlp": mlp,
+    "norm_attn": _norm("RMSNorm_0", get(p + "input_layernorm.weight", (d,))),
+    "norm_mlp": _norm("RMSNorm_0", get(p + "post_attention_layernorm.weight", (d,))),
+  }
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], c: ModelConfig, family: str, where: str) -> dict:
@@ -98,8 +112,10 @@ def params_from_hf(tensors: dict[str, np.ndarray], c: ModelConfig, family: str, 
   v, d = c.vocab_size, c.d_model
   layer = _gpt2_layer if gpt2 else _llama_layer
   try:
-    params = {"embedding": get("wte.weight" if gpt2 else "embed_tokens.weight", (v, d)),
-              "blocks": _stack([layer(get, c, i) for i in range(c.num_layers)])}
+    params = {
+      "embedding": get("wte.weight" if gpt2 else "embed_tokens.weight", (v, d)),
+      "blocks": _stack([layer(get, c, i) for i in range(c.num_layers)]),
+    }
     if gpt2:
       params["pos_embedding"] = get("wpe.weight", (c.max_seq_len, d))
       params["final_norm"] = _norm("LayerNorm_0", get("ln_f.weight", (d,)), get("ln_f.bias", (d,)))
@@ -123,17 +139,20 @@ def _gpt2_tensors(blk: dict, c: ModelConfig, i: int) -> dict[str, np.ndarray]:
   a, m = blk["attn"], blk["mlp"]
   p = f"transformer.h.{i}."
   return {
-      p + "attn.c_attn.weight": np.concatenate([a[n]["kernel"].reshape(d, d)
-                                                for n in ("query", "key", "value")], axis=1),
-      p + "attn.c_attn.bias": np.concatenate([a[n]["bias"].reshape(d) for n in ("query", "key", "value")]),
-      p + "attn.c_proj.weight": a["out"]["kernel"].reshape(d, d),
-      p + "attn.c_proj.bias": a["out"]["bias"],
-      p + "mlp.c_fc.weight": m["up"]["kernel"], p + "mlp.c_fc.bias": m["up"]["bias"],
-      p + "mlp.c_proj.weight": m["down"]["kernel"], p + "mlp.c_proj.bias": m["down"]["bias"],
-      p + "ln_1.weight": blk["norm_attn"]["LayerNorm_0"]["scale"],
-      p + "ln_1.bias": blk["norm_attn"]["LayerNorm_0"]["bias"],
-      p + "ln_2.weight": blk["norm_mlp"]["LayerNorm_0"]["scale"],
-      p + "ln_2.bias": blk["norm_mlp"]["LayerNorm_0"]["bias"],
+    p + "attn.c_attn.weight": np.concatenate(
+      [a[n]["kernel"].reshape(d, d) for n in ("query", "key", "value")], axis=1
+    ),
+    p + "attn.c_attn.bias": np.concatenate([a[n]["bias"].reshape(d) for n in ("query", "key", "value")]),
+    p + "attn.c_proj.weight": a["out"]["kernel"].reshape(d, d),
+    p + "attn.c_proj.bias": a["out"]["bias"],
+    p + "mlp.c_fc.weight": m["up"]["kernel"],
+    p + "mlp.c_fc.bias": m["up"]["bias"],
+    p + "mlp.c_proj.weight": m["down"]["kernel"],
+    p + "mlp.c_proj.bias": m["down"]["bias"],
+    p + "ln_1.weight": blk["norm_attn"]["LayerNorm_0"]["scale"],
+    p + "ln_1.bias": blk["norm_attn"]["LayerNorm_0"]["bias"],
+    p + "ln_2.weight": blk["norm_mlp"]["LayerNorm_0"]["scale"],
+    p + "ln_2.bias": blk["norm_mlp"]["LayerNorm_0"]["bias"],
   }
 
 

@@ -10,6 +10,7 @@ eval, generate, serve, export, quantize and fine-tuning's init_from all call it;
 checkpoints or packages. A LoRA run opens as full parameters: its adapters merged into the model its
 config.init_from names (opened the same way).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ class OpenedModel:
   `config` is the run's config (None otherwise). `tokenizer` is llm_jax's Tokenizer or one of
   llm_jax.data.hf_tokenizer's (same interface).
   """
+
   params: Any
   model_config: ModelConfig
   tokenizer: Tokenizer
@@ -94,26 +96,32 @@ class OpenedModel:
 
   def describe(self) -> str:
     c = self.model_config
-    return (f"{self.name}: {self.meta.get('parameter_count', 0):,} params, {c.num_layers} layers, "
-            f"d_model {c.d_model}, weights {self.meta.get('precision', {}).get('weights', '?')}, "
-            f"compute {c.dtype}, step {self.step}, build {self.build_id}")
+    return (
+      f"{self.name}: {self.meta.get('parameter_count', 0):,} params, {c.num_layers} layers, "
+      f"d_model {c.d_model}, weights {self.meta.get('precision', {}).get('weights', '?')}, "
+      f"compute {c.dtype}, step {self.step}, build {self.build_id}"
+    )
 
 
 def kind_of(path: str) -> str:
   """'package' (model.json), 'hf' (config.json with a model_type + safetensors) or 'run' (config.json /
   checkpoints/); anything else raises."""
   if not os.path.isdir(path):
-    raise ArtifactError(f"{path!r} is not a directory; give a training run directory, an exported "
-                        "model package or a Hugging Face checkpoint directory")
+    raise ArtifactError(
+      f"{path!r} is not a directory; give a training run directory, an exported "
+      "model package or a Hugging Face checkpoint directory"
+    )
   if os.path.exists(os.path.join(path, package_lib.MODEL_JSON)):
     return "package"
   if hf_lib.is_hf_dir(path):
     return "hf"
   if run_lib.is_run_dir(path):
     return "run"
-  raise ArtifactError(f"{path!r} is neither a training run directory (config.json, checkpoints/), "
-                      f"a model package ({package_lib.MODEL_JSON}) nor a Hugging Face checkpoint "
-                      f"({hf_lib.CONFIG} + {hf_lib.WEIGHTS})")
+  raise ArtifactError(
+    f"{path!r} is neither a training run directory (config.json, checkpoints/), "
+    f"a model package ({package_lib.MODEL_JSON}) nor a Hugging Face checkpoint "
+    f"({hf_lib.CONFIG} + {hf_lib.WEIGHTS})"
+  )
 
 
 def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None = None) -> ModelConfig:
@@ -125,13 +133,22 @@ def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None
   if dtype not in DTYPES:
     raise ArtifactError(f"compute dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
   attention = "cudnn" if (platform == "gpu" and dtype == "bfloat16") else "xla"
-  return dataclasses.replace(cfg, dtype=dtype, attention=attention, remat="none", dropout=0.0,
-                             attention_dropout=0.0)
+  return dataclasses.replace(
+    cfg, dtype=dtype, attention=attention, remat="none", dropout=0.0, attention_dropout=0.0
+  )
 
 
-def open_model(path: str, step: int | str | None = None, mesh=None, dtype: str | None = None, *,
-               keep_int8: bool = False, verify: bool = True, weights: bool = True,
-               max_seq_len: int | None = None) -> OpenedModel:
+def open_model(
+  path: str,
+  step: int | str | None = None,
+  mesh=None,
+  dtype: str | None = None,
+  *,
+  keep_int8: bool = False,
+  verify: bool = True,
+  weights: bool = True,
+  max_seq_len: int | None = None,
+) -> OpenedModel:
   """Opens a run directory (latest readable, given or 'best' checkpoint), a package or a Hugging Face
   checkpoint directory (float32 weights; a RoPE model's max_seq_len capped at `max_seq_len`, default
   HF_MAX_SEQ_LEN).
@@ -151,13 +168,17 @@ def open_model(path: str, step: int | str | None = None, mesh=None, dtype: str |
   elif not weights:
     return _describe(path, kind, step)
   else:
-    opened = _open_package(path, step, keep_int8, verify) if kind == "package" else _open_run(path, step,
-                                                                                              mesh)
+    opened = (
+      _open_package(path, step, keep_int8, verify) if kind == "package" else _open_run(path, step, mesh)
+    )
   if dtype is not None:
     opened.model_config = inference_config(opened.model_config, dtype)
     dt = jnp.dtype(opened.model_config.dtype)
-    opened.params = jax.tree.map(lambda x: x if quantize_lib.is_qtensor(x) else x.astype(dt),
-                                 opened.params, is_leaf=quantize_lib.is_qtensor)
+    opened.params = jax.tree.map(
+      lambda x: x if quantize_lib.is_qtensor(x) else x.astype(dt),
+      opened.params,
+      is_leaf=quantize_lib.is_qtensor,
+    )
   if mesh is not None:
     opened.params = _place(opened.params, opened.model_config, mesh, opened.config)
     opened.mesh = mesh
@@ -185,8 +206,10 @@ def _open_package(path: str, step, keep_int8: bool, verify: bool) -> OpenedModel
   params, cfg, tokenizer, meta = package_lib.read_package(path, keep_int8=keep_int8, verify=verify)
   pstep = int(meta.get("provenance", {}).get("training_step") or 0)
   if step is not None and step != pstep:
-    raise ArtifactError(f"package {path} holds step {pstep}; step={step!r} cannot be chosen for a "
-                        "package (export that checkpoint instead)")
+    raise ArtifactError(
+      f"package {path} holds step {pstep}; step={step!r} cannot be chosen for a "
+      "package (export that checkpoint instead)"
+    )
   return OpenedModel(params, cfg, tokenizer, meta, path, "package", pstep, tokenizer.path)
 
 
@@ -194,8 +217,9 @@ def _open_hf(path: str, step, weights: bool, max_seq_len: int) -> OpenedModel:
   """A Hugging Face checkpoint directory: float32 parameters on the default device (None unless
   `weights`), its tokenizer, and a description in model.json's keys."""
   if step not in (None, 0, "0"):
-    raise ArtifactError(f"{path} is a Hugging Face checkpoint with one set of weights; step={step!r} "
-                        "cannot be chosen for it")
+    raise ArtifactError(
+      f"{path} is a Hugging Face checkpoint with one set of weights; step={step!r} cannot be chosen for it"
+    )
   try:
     if weights:
       params, cfg, tokenizer, prov = hf_lib.read_hf(path)
@@ -205,19 +229,26 @@ def _open_hf(path: str, step, weights: bool, max_seq_len: int) -> OpenedModel:
   except (hf_lib.HFError, ValueError) as e:
     raise ArtifactError(str(e)) from e
   if cfg.positions == "rope" and cfg.max_seq_len > max_seq_len:
-    logging.info("%s declares max_position_embeddings %d; using max_seq_len %d (open_model's "
-                 "max_seq_len= sets another)", path, cfg.max_seq_len, max_seq_len)
+    logging.info(
+      "%s declares max_position_embeddings %d; using max_seq_len %d (open_model's max_seq_len= sets another)",
+      path,
+      cfg.max_seq_len,
+      max_seq_len,
+    )
     prov["max_position_embeddings"] = cfg.max_seq_len
     cfg = dataclasses.replace(cfg, max_seq_len=int(max_seq_len))
   if params is not None:
     params = jax.device_put(params, _default_device())
   prov.update(training_step=0, tokenizer_sha256=tokenizer.sha256)
-  meta = {"name": os.path.basename(os.path.normpath(path)),
-          "build_id": f"hf-{prov['config_sha256'][:12]}", "provenance": prov,
-          "parameter_count": count(params) if params is not None else cfg.param_count(),
-          "precision": {"weights": prov.get("stored_dtype") or "float32"},
-          "prompt_prefix": prov["prompt_prefix"],
-          "special_ids": {n: int(getattr(tokenizer, f"{n}_id")) for n in ("pad", "bos", "eos", "unk")}}
+  meta = {
+    "name": os.path.basename(os.path.normpath(path)),
+    "build_id": f"hf-{prov['config_sha256'][:12]}",
+    "provenance": prov,
+    "parameter_count": count(params) if params is not None else cfg.param_count(),
+    "precision": {"weights": prov.get("stored_dtype") or "float32"},
+    "prompt_prefix": prov["prompt_prefix"],
+    "special_ids": {n: int(getattr(tokenizer, f"{n}_id")) for n in ("pad", "bos", "eos", "unk")},
+  }
   return OpenedModel(params, cfg, tokenizer, meta, path, "hf", 0, tokenizer.path)
 
 
@@ -230,23 +261,42 @@ def _open_run(workdir: str, step, mesh) -> OpenedModel:
   cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
   spec = lora_lib.spec_from_config(config)
   if spec is None:
-    shard = (_sharding_fn(mesh, config) if mesh is not None else
-             lambda specs: jax.tree.map(lambda _: _default_device(), specs,
-                                        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    shard = (
+      _sharding_fn(mesh, config)
+      if mesh is not None
+      else lambda specs: jax.tree.map(
+        lambda _: _default_device(), specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+      )
+    )
     params, step = run_lib.read_params(workdir, config, step, run_lib.param_target(cfg, shard))
   else:
     params, step = _merged_lora(workdir, config, step, spec)
   prov = run_lib.provenance(workdir)
   prov.update(training_step=int(step), tokenizer_sha256=tokenizer.sha256, source=workdir)
-  meta = {"name": os.path.basename(os.path.normpath(workdir)), "build_id": f"workdir-step{step}",
-          "provenance": prov, "parameter_count": count(params),
-          "precision": {"weights": "float32"}, "prompt_prefix": [tokenizer.eos_id],
-          "run": run_lib.record(workdir)}
+  meta = {
+    "name": os.path.basename(os.path.normpath(workdir)),
+    "build_id": f"workdir-step{step}",
+    "provenance": prov,
+    "parameter_count": count(params),
+    "precision": {"weights": "float32"},
+    "prompt_prefix": [tokenizer.eos_id],
+    "run": run_lib.record(workdir),
+  }
   template = _chat_template(config)
   if template:
     meta["chat_template"] = template
-  return OpenedModel(params, cfg, tokenizer, meta, workdir, "run", int(step), tok_path, config=config,
-                     manifest=run_lib.manifest(workdir))
+  return OpenedModel(
+    params,
+    cfg,
+    tokenizer,
+    meta,
+    workdir,
+    "run",
+    int(step),
+    tok_path,
+    config=config,
+    manifest=run_lib.manifest(workdir),
+  )
 
 
 def _chat_template(config) -> dict | None:
@@ -272,8 +322,18 @@ def _describe(path: str, kind: str, step) -> OpenedModel:
   tokenizer = Tokenizer.load(tok_path)
   resolved = run_lib.resolve_step(path, step)
   cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
-  return OpenedModel(None, cfg, tokenizer, {"provenance": run_lib.provenance(path)}, path, "run",
-                     resolved, tok_path, config=config, manifest=run_lib.manifest(path))
+  return OpenedModel(
+    None,
+    cfg,
+    tokenizer,
+    {"provenance": run_lib.provenance(path)},
+    path,
+    "run",
+    resolved,
+    tok_path,
+    config=config,
+    manifest=run_lib.manifest(path),
+  )
 
 
 def _default_device():

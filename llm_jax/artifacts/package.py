@@ -16,6 +16,7 @@ Architecture fields still at their ModelConfig defaults are left out of model.js
 model that needs no newer field reads in older releases; a ModelConfig default therefore never changes
 meaning. The table of format versions and the llm_jax versions that read them is in docs/serving.md.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,7 @@ from llm_jax.model.params import abstract_params, flatten, unflatten
 FORMAT_VERSION = 1  # written when the tokenizer is llm_jax's own SentencePiece model
 HF_TOKENIZER_FORMAT_VERSION = 2  # written for any other tokenizer (tokenizer.json, foreign special ids)
 READS_FORMAT_VERSIONS = (1, 2)
-MODEL_JSON, WEIGHTS, TOKENIZER, README = ("model.json", "weights.safetensors", "tokenizer.model",
-                                          "README.md")
+MODEL_JSON, WEIGHTS, TOKENIZER, README = ("model.json", "weights.safetensors", "tokenizer.model", "README.md")
 
 
 class PackageError(ArtifactError):
@@ -70,12 +70,25 @@ def _np(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: str, *,
-                  step: int | None = None, git_commit: str = "", manifest_sha256: str = "",
-                  tokenizer_sha256: str = "", quantize: str = "none", weights_dtype: str = "float32",
-                  name: str = "", source: str = "", prompt_prefix=None,
-                  chat_template: dict | None = None, overwrite: bool = False,
-                  tokenizer=None) -> dict:
+def write_package(
+  out: str,
+  params,
+  model_config: ModelConfig,
+  tokenizer_path: str,
+  *,
+  step: int | None = None,
+  git_commit: str = "",
+  manifest_sha256: str = "",
+  tokenizer_sha256: str = "",
+  quantize: str = "none",
+  weights_dtype: str = "float32",
+  name: str = "",
+  source: str = "",
+  prompt_prefix=None,
+  chat_template: dict | None = None,
+  overwrite: bool = False,
+  tokenizer=None,
+) -> dict:
   """Writes a package directory atomically (built next to `out`, then renamed); returns model.json.
 
   `tokenizer` (a loaded tokenizer, e.g. a Hugging Face one) takes the place of `tokenizer_path`'s;
@@ -106,8 +119,10 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
   own = type(tokenizer) is Tokenizer  # llm_jax's SentencePiece model: the format-1 layout
   tok_sha = file_sha256(tok_path) if own else tokenizer.sha256
   if tokenizer_sha256 and tokenizer_sha256 != tok_sha:
-    raise PackageError(f"tokenizer {tok_path} has sha256 {tok_sha}, but the run recorded "
-                       f"{tokenizer_sha256}; the workdir's tokenizer was replaced")
+    raise PackageError(
+      f"tokenizer {tok_path} has sha256 {tok_sha}, but the run recorded "
+      f"{tokenizer_sha256}; the workdir's tokenizer was replaced"
+    )
   if prompt_prefix is None:
     prompt_prefix = hf_tokenizer.prompt_prefix(tokenizer)
   parent = os.path.dirname(os.path.abspath(out)) or "."
@@ -115,8 +130,9 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
   tmp = tempfile.mkdtemp(prefix=".pkg-", dir=parent)
   try:
     version = FORMAT_VERSION if own else HF_TOKENIZER_FORMAT_VERSION
-    save_file(tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "llm_jax",
-                                                             "format_version": str(version)})
+    save_file(
+      tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "llm_jax", "format_version": str(version)}
+    )
     weights_sha = file_sha256(os.path.join(tmp, WEIGHTS))
     if own:
       shutil.copyfile(tok_path, os.path.join(tmp, TOKENIZER))
@@ -124,29 +140,40 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
       hf_tokenizer.save_hf_tokenizer(tokenizer, tmp)
     now = datetime.datetime.now(datetime.timezone.utc)
     meta = {
-        "format_version": version,
-        "name": name or os.path.basename(os.path.normpath(out)),
-        "build_id": f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:12]}",
-        "created": now.isoformat(timespec="seconds"),
-        "llm_jax_version": project_version(),
-        "architecture": architecture_json(model_config),
-        "parameter_count": int(sum(int(np.prod(_np_shape(x))) for x in
-                                   jax.tree.leaves(params, is_leaf=quantize_lib.is_qtensor))),
-        "precision": {"weights": "int8" if quantize == "int8" else weights_dtype,
-                      "float_tensors": weights_dtype,
-                      "quantization": ({"method": "int8 weight-only, symmetric, per output channel",
-                                        "scale_suffix": quantize_lib.SCALE_SUFFIX}
-                                       if quantize == "int8" else None),
-                      "trained_compute_dtype": model_config.dtype},
-        "prompt_prefix": [int(i) for i in prompt_prefix],
-        "special_ids": {name: int(getattr(tokenizer, f"{name}_id")) for name in ("pad", "bos", "eos",
-                                                                                 "unk")},
-        "provenance": {"training_step": step, "git_commit": git_commit or "unknown",
-                       "tokenizer_sha256": tok_sha, "manifest_sha256": manifest_sha256 or "unknown",
-                       "source": source},
-        "weights_sha256": weights_sha,
-        "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
-        "tensors": table,
+      "format_version": version,
+      "name": name or os.path.basename(os.path.normpath(out)),
+      "build_id": f"{now:%Y%m%dT%H%M%SZ}-{weights_sha[:12]}",
+      "created": now.isoformat(timespec="seconds"),
+      "llm_jax_version": project_version(),
+      "architecture": architecture_json(model_config),
+      "parameter_count": int(
+        sum(int(np.prod(_np_shape(x))) for x in jax.tree.leaves(params, is_leaf=quantize_lib.is_qtensor))
+      ),
+      "precision": {
+        "weights": "int8" if quantize == "int8" else weights_dtype,
+        "float_tensors": weights_dtype,
+        "quantization": (
+          {
+            "method": "int8 weight-only, symmetric, per output channel",
+            "scale_suffix": quantize_lib.SCALE_SUFFIX,
+          }
+          if quantize == "int8"
+          else None
+        ),
+        "trained_compute_dtype": model_config.dtype,
+      },
+      "prompt_prefix": [int(i) for i in prompt_prefix],
+      "special_ids": {name: int(getattr(tokenizer, f"{name}_id")) for name in ("pad", "bos", "eos", "unk")},
+      "provenance": {
+        "training_step": step,
+        "git_commit": git_commit or "unknown",
+        "tokenizer_sha256": tok_sha,
+        "manifest_sha256": manifest_sha256 or "unknown",
+        "source": source,
+      },
+      "weights_sha256": weights_sha,
+      "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
+      "tensors": table,
     }
     if chat_template:  # the SFT templates the model was fine-tuned with: {"prompt": ..., "turn": ...}
       meta["chat_template"] = dict(chat_template)
@@ -162,8 +189,7 @@ def write_package(out: str, params, model_config: ModelConfig, tokenizer_path: s
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  logging.info("wrote package %s (%s, %d bytes of weights)", out, meta["build_id"],
-               meta["weights_bytes"])
+  logging.info("wrote package %s (%s, %d bytes of weights)", out, meta["build_id"], meta["weights_bytes"])
   return meta
 
 
@@ -192,37 +218,52 @@ def model_card(meta: dict) -> str:
   a = dataclasses.asdict(model_config_from(meta["architecture"]))
   p, prov = meta["precision"], meta["provenance"]
   lines = [
-      f"# {meta['name']}", "",
-      f"A decoder-only language model exported by llm_jax {meta['llm_jax_version']} "
-      f"(package format {meta['format_version']}, build `{meta['build_id']}`).", "",
-      "## Architecture", "",
-      "| field | value |", "| --- | --- |",
-      *[f"| {k} | {v} |" for k, v in a.items()],
-      f"| parameters | {meta['parameter_count']:,} |", "",
-      "## Precision", "",
-      f"- weights: {p['weights']}" + (f" ({p['quantization']['method']})" if p["quantization"] else ""),
-      f"- other float tensors: {p['float_tensors']}",
-      f"- compute dtype during training: {p['trained_compute_dtype']}; serving picks float32 on CPU "
-      "and bfloat16 on accelerators unless told otherwise", "",
-      "## Provenance", "",
-      f"- training step: {prov['training_step']}",
-      f"- git commit: {prov['git_commit']}",
-      f"- tokenizer sha256: {prov['tokenizer_sha256']}",
-      f"- data manifest sha256: {prov['manifest_sha256']}",
-      f"- weights sha256: {meta['weights_sha256']}", "",
-      "## Tensors", "",
-      "| name | shape | dtype |", "| --- | --- | --- |",
-      *[f"| {k} | {tuple(v['shape'])} | {v['dtype']} |" for k, v in sorted(meta["tensors"].items())],
-      "",
-      "## Use", "",
-      "```",
-      "python -m llm_jax.generate --package=. --prompt 'def '",
-      "python -m llm_jax.serve --package=.   # then POST /v1/completions on 127.0.0.1:8000",
-      "```", "",
-      "## Limitations", "",
-      "A small model trained from scratch: it continues text in the style of its training data and "
-      "is not instruction-tuned, factual, or safe to show users without the server's filters and "
-      "review.", "",
+    f"# {meta['name']}",
+    "",
+    f"A decoder-only language model exported by llm_jax {meta['llm_jax_version']} "
+    f"(package format {meta['format_version']}, build `{meta['build_id']}`).",
+    "",
+    "## Architecture",
+    "",
+    "| field | value |",
+    "| --- | --- |",
+    *[f"| {k} | {v} |" for k, v in a.items()],
+    f"| parameters | {meta['parameter_count']:,} |",
+    "",
+    "## Precision",
+    "",
+    f"- weights: {p['weights']}" + (f" ({p['quantization']['method']})" if p["quantization"] else ""),
+    f"- other float tensors: {p['float_tensors']}",
+    f"- compute dtype during training: {p['trained_compute_dtype']}; serving picks float32 on CPU "
+    "and bfloat16 on accelerators unless told otherwise",
+    "",
+    "## Provenance",
+    "",
+    f"- training step: {prov['training_step']}",
+    f"- git commit: {prov['git_commit']}",
+    f"- tokenizer sha256: {prov['tokenizer_sha256']}",
+    f"- data manifest sha256: {prov['manifest_sha256']}",
+    f"- weights sha256: {meta['weights_sha256']}",
+    "",
+    "## Tensors",
+    "",
+    "| name | shape | dtype |",
+    "| --- | --- | --- |",
+    *[f"| {k} | {tuple(v['shape'])} | {v['dtype']} |" for k, v in sorted(meta["tensors"].items())],
+    "",
+    "## Use",
+    "",
+    "```",
+    "python -m llm_jax.generate --package=. --prompt 'def '",
+    "python -m llm_jax.serve --package=.   # then POST /v1/completions on 127.0.0.1:8000",
+    "```",
+    "",
+    "## Limitations",
+    "",
+    "A small model trained from scratch: it continues text in the style of its training data and "
+    "is not instruction-tuned, factual, or safe to show users without the server's filters and "
+    "review.",
+    "",
   ]
   return "\n".join(lines)
 
@@ -236,8 +277,9 @@ def read_model_json(path: str) -> dict:
     with open(mj, encoding="utf-8") as f:
       meta = json.load(f)
   except FileNotFoundError as e:
-    raise PackageError(f"{mj} is missing: {path!r} is not an llm_jax package "
-                       "(make one with python -m llm_jax.export)") from e
+    raise PackageError(
+      f"{mj} is missing: {path!r} is not an llm_jax package (make one with python -m llm_jax.export)"
+    ) from e
   except json.JSONDecodeError as e:
     raise PackageError(f"{mj} is not valid JSON (line {e.lineno}): {e.msg}") from e
   version = meta.get("format_version") if isinstance(meta, dict) else None
@@ -245,10 +287,15 @@ def read_model_json(path: str) -> dict:
     raise PackageError(f"{mj}: format_version is missing or not an integer ({version!r})")
   if version not in READS_FORMAT_VERSIONS:
     newest = max(READS_FORMAT_VERSIONS)
-    hint = ("it was written by a newer llm_jax; upgrade llm_jax (see the format table in "
-            "docs/serving.md)" if version > newest else "this version is unknown")
-    raise PackageError(f"{mj}: package format_version {version} cannot be read by this llm_jax, "
-                       f"which reads versions {list(READS_FORMAT_VERSIONS)}; {hint}")
+    hint = (
+      "it was written by a newer llm_jax; upgrade llm_jax (see the format table in docs/serving.md)"
+      if version > newest
+      else "this version is unknown"
+    )
+    raise PackageError(
+      f"{mj}: package format_version {version} cannot be read by this llm_jax, "
+      f"which reads versions {list(READS_FORMAT_VERSIONS)}; {hint}"
+    )
   for key in ("architecture", "tensors", "provenance", "build_id"):
     if key not in meta:
       raise PackageError(f"{mj}: required key {key!r} is missing")
@@ -260,16 +307,16 @@ def model_config_from(meta_arch: dict, where: str = MODEL_JSON) -> ModelConfig:
   known = {f.name for f in dataclasses.fields(ModelConfig)}
   unknown = sorted(set(meta_arch) - known)
   if unknown:
-    raise PackageError(f"{where}: architecture fields {unknown} are unknown to this llm_jax; the "
-                       "package needs a newer version")
+    raise PackageError(
+      f"{where}: architecture fields {unknown} are unknown to this llm_jax; the package needs a newer version"
+    )
   try:
     return ModelConfig(**meta_arch)
   except TypeError as e:
     raise PackageError(f"{where}: architecture is incomplete: {e}") from e
 
 
-def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False,
-                 verify: bool = True):
+def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, verify: bool = True):
   """(params, ModelConfig as trained, Tokenizer, model.json) of a package; the one package reader.
 
   Float leaves come back in `dtype` on the default device; int8 leaves are dequantized to `dtype`
@@ -281,21 +328,26 @@ def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False,
   if not os.path.exists(wpath):
     raise PackageError(f"{wpath} is missing")
   if verify and meta.get("weights_sha256") and file_sha256(wpath) != meta["weights_sha256"]:
-    raise PackageError(f"{wpath} does not match weights_sha256 in model.json: the file is damaged "
-                       "or was replaced")
+    raise PackageError(
+      f"{wpath} does not match weights_sha256 in model.json: the file is damaged or was replaced"
+    )
   flat = {}
   with safe_open(wpath, framework="np") as f:
     have = set(f.keys())
     want = set(meta["tensors"])
     if have != want:
-      raise PackageError(f"{wpath}: tensors differ from model.json; missing {sorted(want - have)[:5]}, "
-                         f"unexpected {sorted(have - want)[:5]}")
+      raise PackageError(
+        f"{wpath}: tensors differ from model.json; missing {sorted(want - have)[:5]}, "
+        f"unexpected {sorted(have - want)[:5]}"
+      )
     for key in sorted(have):
       arr = f.get_tensor(key)
       spec = meta["tensors"][key]
       if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
-        raise PackageError(f"{wpath}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, model.json says "
-                           f"{spec['dtype']}{spec['shape']}")
+        raise PackageError(
+          f"{wpath}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, model.json says "
+          f"{spec['dtype']}{spec['shape']}"
+        )
       flat[key] = arr
   dt = jnp.dtype(dtype)
   leaves = {}
@@ -318,8 +370,9 @@ def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False,
   if verify and want_sha and tokenizer.sha256 != want_sha:
     raise PackageError(f"{tokenizer.path} has sha256 {tokenizer.sha256}, model.json says {want_sha}")
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise PackageError(f"{tokenizer.path} has {tokenizer.vocab_size} pieces but the model only "
-                       f"{cfg.vocab_size} embedding rows")
+    raise PackageError(
+      f"{tokenizer.path} has {tokenizer.vocab_size} pieces but the model only {cfg.vocab_size} embedding rows"
+    )
   return params, cfg, tokenizer, meta
 
 
@@ -328,8 +381,7 @@ def tokenizer_file(path: str) -> str:
   for name in (hf_tokenizer.TOKENIZER_JSON, TOKENIZER):
     if os.path.exists(os.path.join(path, name)):
       return os.path.join(path, name)
-  raise PackageError(f"{os.path.join(path, TOKENIZER)} is missing (and so is "
-                     f"{hf_tokenizer.TOKENIZER_JSON})")
+  raise PackageError(f"{os.path.join(path, TOKENIZER)} is missing (and so is {hf_tokenizer.TOKENIZER_JSON})")
 
 
 def read_tokenizer(path: str, meta: dict):
@@ -348,8 +400,12 @@ def _check_shapes(params, cfg: ModelConfig, path: str) -> None:
   have = {k: _np_shape(v) for k, v in flatten(params).items()}
   problems = [f"{k}: missing" for k in want if k not in have]
   problems += [f"{k}: unexpected" for k in have if k not in want]
-  problems += [f"{k}: shape {tuple(have[k])} but the architecture needs {tuple(want[k].shape)}"
-               for k in want if k in have and tuple(have[k]) != tuple(want[k].shape)]
+  problems += [
+    f"{k}: shape {tuple(have[k])} but the architecture needs {tuple(want[k].shape)}"
+    for k in want
+    if k in have and tuple(have[k]) != tuple(want[k].shape)
+  ]
   if problems:
-    raise PackageError(f"{os.path.join(path, WEIGHTS)} does not fit model.json's architecture: "
-                       + "; ".join(problems[:8]))
+    raise PackageError(
+      f"{os.path.join(path, WEIGHTS)} does not fit model.json's architecture: " + "; ".join(problems[:8])
+    )

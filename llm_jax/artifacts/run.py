@@ -4,6 +4,7 @@ checkpoint steps and the parameters of one checkpoint.
 A checkpoint that fails to read is never used silently: asked for the latest, the reader names the
 broken step in one log line and takes the newest one that reads; asked for a step, it raises.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,9 @@ log = logging.getLogger(__name__)
 
 def is_run_dir(path: str) -> bool:
   """True for a training run directory (config.json or checkpoints/)."""
-  return (os.path.exists(os.path.join(path, run_dir.CONFIG_FILE)) or
-          os.path.isdir(ckpt_lib.checkpoint_dir(path)))
+  return os.path.exists(os.path.join(path, run_dir.CONFIG_FILE)) or os.path.isdir(
+    ckpt_lib.checkpoint_dir(path)
+  )
 
 
 def load_config(workdir: str):
@@ -74,34 +76,43 @@ def provenance(workdir: str) -> dict:
   """git commit, tokenizer and data-manifest sha256 of a run (run.json; the manifest hashed if absent)."""
   rec = record(workdir)
   if not rec:
-    log.warning("%s is missing: provenance records git commit 'unknown'",
-                os.path.join(workdir, run_dir.RUN_FILE))
+    log.warning(
+      "%s is missing: provenance records git commit 'unknown'", os.path.join(workdir, run_dir.RUN_FILE)
+    )
   git = rec.get("git") if isinstance(rec.get("git"), dict) else {}
   commit = str(git.get("commit") or "") + ("+dirty" if git.get("dirty") else "")
   manifest_sha = rec.get("manifest_sha256") or ""
   mpath = os.path.join(workdir, run_dir.MANIFEST_FILE)
   if not manifest_sha and os.path.exists(mpath):
     manifest_sha = file_sha256(mpath)
-  return {"git_commit": commit, "tokenizer_sha256": rec.get("tokenizer_sha256") or "",
-          "manifest_sha256": manifest_sha}
+  return {
+    "git_commit": commit,
+    "tokenizer_sha256": rec.get("tokenizer_sha256") or "",
+    "manifest_sha256": manifest_sha,
+  }
 
 
 def check_tokenizer(workdir: str, tokenizer: Tokenizer) -> None:
   """The tokenizer.model beside the checkpoints is the one run.json and manifest.json record."""
-  recorded = (("run.json", record(workdir).get("tokenizer_sha256")),
-              ("manifest.json", ((manifest(workdir) or {}).get("tokenizer") or {}).get("sha256")))
+  recorded = (
+    ("run.json", record(workdir).get("tokenizer_sha256")),
+    ("manifest.json", ((manifest(workdir) or {}).get("tokenizer") or {}).get("sha256")),
+  )
   for where, sha in recorded:
     if sha and sha != tokenizer.sha256:
       raise ArtifactError(
-          f"{tokenizer.path or workdir} has sha256 {tokenizer.sha256[:16]}..., but {workdir}/{where} "
-          f"records tokenizer sha256 {sha[:16]}...: the run directory mixes two tokenizers")
+        f"{tokenizer.path or workdir} has sha256 {tokenizer.sha256[:16]}..., but {workdir}/{where} "
+        f"records tokenizer sha256 {sha[:16]}...: the run directory mixes two tokenizers"
+      )
 
 
 def require_checkpoints(workdir: str) -> None:
   """Raises unless the run has a checkpoints/ directory."""
   if not os.path.isdir(ckpt_lib.checkpoint_dir(workdir)):
-    raise ArtifactError(f"{workdir} has no checkpoints/ directory: nothing to open yet (train first, "
-                        "or give a run that saved a checkpoint)")
+    raise ArtifactError(
+      f"{workdir} has no checkpoints/ directory: nothing to open yet (train first, "
+      "or give a run that saved a checkpoint)"
+    )
 
 
 def _open_checkpoints(workdir: str) -> ckpt_lib.Checkpoints:
@@ -123,8 +134,10 @@ def best_step(ckpts: ckpt_lib.Checkpoints) -> int:
   find = getattr(ckpts, "best_step", None)
   best = find() if find is not None else None
   if best is None:
-    raise ArtifactError(f"{ckpts.directory} records no best checkpoint (train.keep_best needs "
-                        "evaluation during training); give a step number instead")
+    raise ArtifactError(
+      f"{ckpts.directory} records no best checkpoint (train.keep_best needs "
+      "evaluation during training); give a step number instead"
+    )
   return int(best)
 
 
@@ -134,8 +147,7 @@ def resolve_step(workdir: str, step: int | str | None) -> int:
   try:
     have = ckpts.steps()
     if not have:
-      raise ArtifactError(f"{workdir!r} has no usable weights: no complete checkpoint in "
-                          f"{ckpts.directory}")
+      raise ArtifactError(f"{workdir!r} has no usable weights: no complete checkpoint in {ckpts.directory}")
     if step is None:
       return have[-1]
     step = best_step(ckpts) if step == "best" else int(step)
@@ -169,14 +181,21 @@ def read_params(workdir: str, config, step: int | str | None, target_fn):
         target = target_fn(meta)
         diffs = shape_differences(meta, target, dtypes=False)
         if diffs:
-          raise ArtifactError(f"checkpoint at step {s} in {ckpts.directory} does not match its "
-                              "config.json:\n  " + "\n  ".join(diffs))
+          raise ArtifactError(
+            f"checkpoint at step {s} in {ckpts.directory} does not match its "
+            "config.json:\n  " + "\n  ".join(diffs)
+          )
         return ckpts.read_params(s, target), s
       except ckpt_lib.CheckpointError as e:
         if i + 1 >= len(candidates):
           raise ArtifactError(str(e)) from e
-        log.warning("skipping the checkpoint at step %d in %s (unreadable: %s); using step %d",
-                    s, ckpts.directory, str(e).splitlines()[0][:200], candidates[i + 1])
+        log.warning(
+          "skipping the checkpoint at step %d in %s (unreadable: %s); using step %d",
+          s,
+          ckpts.directory,
+          str(e).splitlines()[0][:200],
+          candidates[i + 1],
+        )
     raise AssertionError("unreachable")
   finally:
     ckpts.close()
@@ -184,17 +203,20 @@ def read_params(workdir: str, config, step: int | str | None, target_fn):
 
 def param_target(model_cfg, sharding_fn):
   """A target_fn for read_params: the model's parameter shapes placed by `sharding_fn(logical_specs)`."""
+
   def target(saved_meta):
     del saved_meta
     shapes, specs = abstract_params(model_cfg)
     shardings = sharding_fn(specs)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                        shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
   return target
 
 
 def saved_target(sharding):
   """A target_fn restoring exactly what was saved (LoRA adapters), every leaf in `sharding`."""
+
   def target(saved_meta):
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved_meta)
+
   return target

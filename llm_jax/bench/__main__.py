@@ -11,6 +11,7 @@ on the device. `--config.train.profile_steps=START,STOP` writes a profiler trace
 from 0, the compiling step) to `<workdir>/tb`. Every row goes to a JSON file (`--json`, default
 runs/bench/<config>-<time>.json). docs/performance.md explains the figures.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -24,23 +25,32 @@ from ml_collections import config_flags
 from llm_jax import cli
 from llm_jax.bench.measure import format_summary, format_table, parse_variant, run_rows, sweep_overrides
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/gpt_small.py.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/gpt_small.py.", lock_config=True
+)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after the compiling step and the warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after the compiling step.")
 _SYNTHETIC = flags.DEFINE_bool("synthetic", False, "Random tokens on the device instead of real data.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Sweep batch per pass x remat policy; print one table.")
 _SWEEP_BATCHES = flags.DEFINE_string(
-    "sweep_batches", "", "Rows per forward/backward pass (train.global_batch_size / microbatches); "
-    "empty: half, one and two times the config's.")
+  "sweep_batches",
+  "",
+  "Rows per forward/backward pass (train.global_batch_size / microbatches); "
+  "empty: half, one and two times the config's.",
+)
 _SWEEP_REMAT = flags.DEFINE_string("sweep_remat", "none,dots_no_batch,full", "Remat policies to sweep.")
 _VARIANT = flags.DEFINE_multi_string(
-    "variant", [], "A space-separated list of key=value config overrides; each --variant is a row.")
+  "variant", [], "A space-separated list of key=value config overrides; each --variant is a row."
+)
 _JSON = flags.DEFINE_string("json", "", "Where to write the results (default runs/bench/...).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/bench", "Profiles go to <workdir>/tb.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense bf16 TFLOP/s per device for MFU; "
-                                  "0: the table in llm_jax/train/metrics.py (H100/H200 989, A100 312, "
-                                  "...), else no MFU.")
+_PEAK_TFLOPS = flags.DEFINE_float(
+  "peak_tflops",
+  0.0,
+  "Peak dense bf16 TFLOP/s per device for MFU; "
+  "0: the table in llm_jax/train/metrics.py (H100/H200 989, A100 312, "
+  "...), else no MFU.",
+)
 flags.mark_flag_as_required("config")
 
 
@@ -58,14 +68,25 @@ def main(argv: list[str]) -> int:
   if _SWEEP.value:
     sweep = sweep_overrides(config, _SWEEP_BATCHES.value, _SWEEP_REMAT.value)
     override_sets = [{**v, **s} for v in override_sets for s in sweep]
-  rows = run_rows(config, override_sets, steps=_STEPS.value, warmup=_WARMUP.value,
-                  synthetic=_SYNTHETIC.value, workdir=_WORKDIR.value, peak_tflops=_PEAK_TFLOPS.value)
+  rows = run_rows(
+    config,
+    override_sets,
+    steps=_STEPS.value,
+    warmup=_WARMUP.value,
+    synthetic=_SYNTHETIC.value,
+    workdir=_WORKDIR.value,
+    peak_tflops=_PEAK_TFLOPS.value,
+  )
   config_path = flags.FLAGS["config"].config_filename
   path = _JSON.value or _default_json_path(config_path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  record = {"config": config_path, "jax": jax.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", ""), "date": datetime.datetime.now().isoformat(),
-            "rows": rows}
+  record = {
+    "config": config_path,
+    "jax": jax.__version__,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "date": datetime.datetime.now().isoformat(),
+    "rows": rows,
+  }
   with open(path + ".tmp", "w") as f:
     json.dump(record, f, indent=1)
   os.replace(path + ".tmp", path)

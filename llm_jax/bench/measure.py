@@ -7,6 +7,7 @@ loop's prefetch thread; `synthetic=True` uses random tokens already on the devic
 `train.profile_steps=START,STOP` writes a profiler trace of those steps (counted from 0, the compiling
 step) to `<workdir>/tb`. MFU uses the peak table of `llm_jax.train.metrics` (the loop's).
 """
+
 from __future__ import annotations
 
 import functools
@@ -72,10 +73,18 @@ class _LoaderBatches:
     prepared = prepare(config)
     self.vocab_size = Tokenizer.load(prepared.tokenizer_path).vocab_size
     tr, d = config.train, config.data
-    self.loader = TrainLoader(prepared.dir, "train", tr.seq_len, tr.global_batch_size, d.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              segment_windows=d.segment_windows, mixture=d.mixture,
-                              window_offsets=d.window_offsets)
+    self.loader = TrainLoader(
+      prepared.dir,
+      "train",
+      tr.seq_len,
+      tr.global_batch_size,
+      d.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      segment_windows=d.segment_windows,
+      mixture=d.mixture,
+      window_offsets=d.window_offsets,
+    )
     self.mesh = mesh
     self.produce_s: list[float] = []
     self._prefetch = Prefetcher(self._produce, depth=depth)
@@ -98,20 +107,25 @@ def _program_bytes(compiled) -> int | None:
   """Device memory the compiled step needs by XLA's estimate (arguments + outputs + temporaries)."""
   try:
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(
+      m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    )
   except Exception:  # not every backend reports it
     return None
 
 
-def measure(config, *, steps: int, warmup: int, synthetic: bool, workdir: str = "runs/bench",
-            peak_tflops: float = 0.0) -> dict:
+def measure(
+  config, *, steps: int, warmup: int, synthetic: bool, workdir: str = "runs/bench", peak_tflops: float = 0.0
+) -> dict:
   """Compiles and runs the real train step; returns one result row (a JSON-able dict)."""
   config_lib.validate(config, jax.device_count())
   tr = config.train
   mesh = sharding_lib.make_mesh(config)
-  data = (_SyntheticBatches(config, mesh, config.data.tokenizer.vocab_size) if synthetic
-          else _LoaderBatches(config, mesh))
+  data = (
+    _SyntheticBatches(config, mesh, config.data.tokenizer.vocab_size)
+    if synthetic
+    else _LoaderBatches(config, mesh)
+  )
   try:
     model_cfg = ModelConfig.from_config(config, tokenizer_size=data.vocab_size)
     model = Decoder(model_cfg)
@@ -123,9 +137,12 @@ def measure(config, *, steps: int, warmup: int, synthetic: bool, workdir: str = 
       init_s = time.perf_counter() - t
       batch = data.next()
       batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-      step_fn = jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, config=config),
-                        in_shardings=(state_shardings, batch_shardings),
-                        out_shardings=(state_shardings, None), donate_argnums=0)
+      step_fn = jax.jit(
+        functools.partial(train_step, model=model, optimizer=optimizer, config=config),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+      )
       t = time.perf_counter()
       compiled = step_fn.lower(state, batch).compile()
       compile_s = time.perf_counter() - t
@@ -165,37 +182,36 @@ def measure(config, *, steps: int, warmup: int, synthetic: bool, workdir: str = 
   program_bytes = _program_bytes(compiled)
   micro = max(1, int(tr.microbatches))
   return {
-      "device": getattr(device, "device_kind", device.platform),
-      "num_devices": jax.device_count(),
-      "data": "synthetic" if synthetic else "prepared",
-      "global_batch": tr.global_batch_size,
-      "microbatches": micro,
-      "batch_per_pass": tr.global_batch_size // micro,
-      "seq_len": tr.seq_len,
-      "remat": config.model.remat,
-      "scan_layers": bool(config.model.scan_layers),
-      "compute_dtype": model_cfg.dtype,
-      "logits_dtype": getattr(model_cfg, "logits_dtype", "float32"),
-      "attention": model_cfg.attention,
-      "params": model_cfg.param_count(),
-      "init_s": round(init_s, 3),
-      "compile_s": round(compile_s, 3),
-      "first_step_s": round(first_step_s, 3),
-      "cold_start_s": round(compile_s + first_step_s, 3),
-      "step_ms_median": round(1e3 * statistics.median(step_s), 3) if step_s else None,
-      "step_ms_min": round(1e3 * min(step_s), 3) if step_s else None,
-      "step_ms_max": round(1e3 * max(step_s), 3) if step_s else None,
-      "data_wait_ms_median": round(1e3 * statistics.median(wait_s), 3) if wait_s else None,
-      "data_wait_ms_total": round(1e3 * sum(wait_s), 3),
-      "host_batch_ms_median": (round(1e3 * statistics.median(data.produce_s), 3)
-                               if data.produce_s else None),
-      "tokens_per_s": round(tokens_per_s, 1),
-      "flops_per_token": flops_per_token,
-      "mfu": round(mfu, 4) if mfu is not None else None,
-      "peak_memory_gib": round(peak_gib, 2) if peak_gib else None,
-      "program_memory_gib": round(program_bytes / 2**30, 2) if program_bytes else None,
-      "losses": losses,
-      "timed_steps": len(step_s),
+    "device": getattr(device, "device_kind", device.platform),
+    "num_devices": jax.device_count(),
+    "data": "synthetic" if synthetic else "prepared",
+    "global_batch": tr.global_batch_size,
+    "microbatches": micro,
+    "batch_per_pass": tr.global_batch_size // micro,
+    "seq_len": tr.seq_len,
+    "remat": config.model.remat,
+    "scan_layers": bool(config.model.scan_layers),
+    "compute_dtype": model_cfg.dtype,
+    "logits_dtype": getattr(model_cfg, "logits_dtype", "float32"),
+    "attention": model_cfg.attention,
+    "params": model_cfg.param_count(),
+    "init_s": round(init_s, 3),
+    "compile_s": round(compile_s, 3),
+    "first_step_s": round(first_step_s, 3),
+    "cold_start_s": round(compile_s + first_step_s, 3),
+    "step_ms_median": round(1e3 * statistics.median(step_s), 3) if step_s else None,
+    "step_ms_min": round(1e3 * min(step_s), 3) if step_s else None,
+    "step_ms_max": round(1e3 * max(step_s), 3) if step_s else None,
+    "data_wait_ms_median": round(1e3 * statistics.median(wait_s), 3) if wait_s else None,
+    "data_wait_ms_total": round(1e3 * sum(wait_s), 3),
+    "host_batch_ms_median": (round(1e3 * statistics.median(data.produce_s), 3) if data.produce_s else None),
+    "tokens_per_s": round(tokens_per_s, 1),
+    "flops_per_token": flops_per_token,
+    "mfu": round(mfu, 4) if mfu is not None else None,
+    "peak_memory_gib": round(peak_gib, 2) if peak_gib else None,
+    "program_memory_gib": round(program_bytes / 2**30, 2) if program_bytes else None,
+    "losses": losses,
+    "timed_steps": len(step_s),
   }
 
 
@@ -203,8 +219,11 @@ def sweep_overrides(config, batches: str, remats: str) -> list[dict]:
   """Override sets for batch-per-pass x remat (batches that do not divide the global batch are skipped)."""
   gb = config.train.global_batch_size
   per_pass = gb // max(1, config.train.microbatches)
-  sizes = ([int(b) for b in batches.split(",") if b.strip()] if batches
-           else sorted({max(1, per_pass // 2), per_pass, min(gb, 2 * per_pass)}))
+  sizes = (
+    [int(b) for b in batches.split(",") if b.strip()]
+    if batches
+    else sorted({max(1, per_pass // 2), per_pass, min(gb, 2 * per_pass)})
+  )
   out = []
   for remat in [r.strip() for r in remats.split(",") if r.strip()]:
     for b in sizes:
@@ -257,23 +276,45 @@ def run_rows(base_config, override_sets: list[dict], **kwargs) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
   """One line per row: the figures a reader compares."""
-  head = ("variant", "batch/pass", "remat", "scan", "compile_s", "step_ms", "wait_ms", "tokens/s",
-          "MFU", "peak_GiB", "program_GiB", "loss")
+  head = (
+    "variant",
+    "batch/pass",
+    "remat",
+    "scan",
+    "compile_s",
+    "step_ms",
+    "wait_ms",
+    "tokens/s",
+    "MFU",
+    "peak_GiB",
+    "program_GiB",
+    "loss",
+  )
   lines = [head]
   for r in rows:
     if r.get("status") != "ok":
       lines.append((r["label"], "", "", "", "", "", "", r.get("status", "?")[:60], "", "", "", ""))
       continue
-    lines.append((
-        r["label"], f"{r['batch_per_pass']}x{r['microbatches']}", r["remat"], str(r["scan_layers"]),
-        f"{r['compile_s']:.1f}", f"{r['step_ms_median']:.1f}", f"{r['data_wait_ms_median']:.2f}",
-        f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+    lines.append(
+      (
+        r["label"],
+        f"{r['batch_per_pass']}x{r['microbatches']}",
+        r["remat"],
+        str(r["scan_layers"]),
+        f"{r['compile_s']:.1f}",
+        f"{r['step_ms_median']:.1f}",
+        f"{r['data_wait_ms_median']:.2f}",
+        f"{r['tokens_per_s']:,.0f}",
+        f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
         f"{r['peak_memory_gib']}" if r["peak_memory_gib"] is not None else "-",
         f"{r['program_memory_gib']}" if r["program_memory_gib"] is not None else "-",
-        f"{r['losses'][-1]:.4f}"))
+        f"{r['losses'][-1]:.4f}",
+      )
+    )
   widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-  return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
-                   for line in lines)
+  return "\n".join(
+    "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+  )
 
 
 def format_summary(row: dict) -> str:
@@ -281,7 +322,8 @@ def format_summary(row: dict) -> str:
   if row.get("status") != "ok":
     return f"bench: {row.get('status')}"
   mfu = f"{100 * row['mfu']:.1f}%" if row["mfu"] is not None else "n/a (unknown peak)"
-  return "\n".join([
+  return "\n".join(
+    [
       f"device            {row['num_devices']} x {row['device']}  ({row['data']} data)",
       f"batch             {row['global_batch']} x {row['seq_len']} tokens "
       f"({row['microbatches']} passes of {row['batch_per_pass']}), remat={row['remat']}, "
@@ -296,4 +338,5 @@ def format_summary(row: dict) -> str:
       f"MFU               {mfu}",
       f"peak memory       {row['peak_memory_gib']} GiB (allocator), "
       f"{row['program_memory_gib']} GiB (XLA estimate)",
-  ])
+    ]
+  )

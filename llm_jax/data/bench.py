@@ -1,8 +1,9 @@
 """Data pipeline benchmark (a command, not a test): preparation MB/s and loader tokens/s on one core.
 
-    python -m llm_jax.data.bench --config=configs/tiny.py
-    python -m llm_jax.data.bench --config=configs/tiny.py --skip_prepare --shapes=128x16,1024x32
+python -m llm_jax.data.bench --config=configs/tiny.py
+python -m llm_jax.data.bench --config=configs/tiny.py --skip_prepare --shapes=128x16,1024x32
 """
+
 from __future__ import annotations
 
 import os
@@ -18,12 +19,15 @@ from llm_jax import cli
 from llm_jax.data import loader as loader_lib
 from llm_jax.data.prepare import prepare
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py.",
-                                          lock_config=True)
-_SKIP_PREPARE = flags.DEFINE_bool("skip_prepare", False, "Use the cached prepared data instead of timing a "
-                                  "fresh build.")
-_SHAPES = flags.DEFINE_string("shapes", "", "Comma-separated SEQxBATCH loader shapes; default: the config's "
-                              "and 1024x32.")
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Config file, e.g. configs/tiny.py.", lock_config=True
+)
+_SKIP_PREPARE = flags.DEFINE_bool(
+  "skip_prepare", False, "Use the cached prepared data instead of timing a fresh build."
+)
+_SHAPES = flags.DEFINE_string(
+  "shapes", "", "Comma-separated SEQxBATCH loader shapes; default: the config's and 1024x32."
+)
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Time per loader measurement.")
 _CORE = flags.DEFINE_integer("core", 0, "CPU core the loader measurement is pinned to (-1: no pinning).")
 flags.mark_flags_as_required(["config"])
@@ -76,10 +80,12 @@ def main(argv) -> int:
       secs, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
       s = p.manifest["summary"]
       mb = s["input_megabytes"]
-      print(f"prepare: {mb:.1f} MB of input in {secs:.1f}s wall = {mb / secs:.2f} MB/s; "
-            f"{cpu:.1f} CPU-seconds = {mb / cpu:.2f} MB per CPU-second; "
-            f"load average {os.getloadavg()[0]:.1f}; "
-            f"stages (wall s) {s['seconds_by_stage']}")
+      print(
+        f"prepare: {mb:.1f} MB of input in {secs:.1f}s wall = {mb / secs:.2f} MB/s; "
+        f"{cpu:.1f} CPU-seconds = {mb / cpu:.2f} MB per CPU-second; "
+        f"load average {os.getloadavg()[0]:.1f}; "
+        f"stages (wall s) {s['seconds_by_stage']}"
+      )
       with config.unlocked():
         config.data.cache_dir = ""
       p = prepare(config)  # the persistent cache, for the loader measurement below
@@ -90,15 +96,19 @@ def main(argv) -> int:
     ld = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0)
     tok = seq * batch / 1e6
     wall, cpu, n = _rate(ld.batch_at, _SECONDS.value)
-    print(f"TrainLoader seq_len={seq} batch={batch}: {cpu * tok:.1f}M tokens per CPU-second "
-          f"({wall * tok:.1f}M per wall second, {n} batches, load average {os.getloadavg()[0]:.1f})")
+    print(
+      f"TrainLoader seq_len={seq} batch={batch}: {cpu * tok:.1f}M tokens per CPU-second "
+      f"({wall * tok:.1f}M per wall second, {n} batches, load average {os.getloadavg()[0]:.1f})"
+    )
     seg = loader_lib.TrainLoader(p.dir, "train", seq, batch, seed=0, segment_windows=True)
     wall, cpu, n = _rate(seg.batch_at, _SECONDS.value)
     print(f"  with segment_windows: {cpu * tok:.1f}M tokens per CPU-second ({wall * tok:.1f}M wall)")
     t0, c0 = time.perf_counter(), time.process_time()
     toks = sum(b["weights"].sum() for b in loader_lib.eval_batches(p.dir, "val", seq, batch))
-    print(f"  eval_batches (val, in order): {toks / (time.process_time() - c0) / 1e6:.1f}M tokens per "
-          f"CPU-second ({toks / (time.perf_counter() - t0) / 1e6:.1f}M wall)")
+    print(
+      f"  eval_batches (val, in order): {toks / (time.process_time() - c0) / 1e6:.1f}M tokens per "
+      f"CPU-second ({toks / (time.perf_counter() - t0) / 1e6:.1f}M wall)"
+    )
   return 0
 
 

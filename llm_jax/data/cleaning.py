@@ -1,5 +1,6 @@
 """Text cleaning: Unicode repair (ftfy, NFC), whitespace normalization, control characters and quality
 filters (personal data and secrets: scrub.py)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,12 +12,12 @@ import ftfy.badness
 import ftfy.fixes
 
 _FTFY = ftfy.TextFixerConfig(
-    unescape_html=False,  # code and docs legitimately contain "&amp;"
-    uncurl_quotes=False,  # quotes inside code strings are data
-    fix_character_width=False,  # keep fullwidth CJK punctuation
-    fix_latin_ligatures=True,
-    normalization="NFC",
-    explain=False,
+  unescape_html=False,  # code and docs legitimately contain "&amp;"
+  uncurl_quotes=False,  # quotes inside code strings are data
+  fix_character_width=False,  # keep fullwidth CJK punctuation
+  fix_latin_ligatures=True,
+  normalization="NFC",
+  explain=False,
 )
 _ODD_SPACES = re.compile("[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff\ufff9-\ufffb\ud800-\udfff]")
@@ -24,8 +25,10 @@ _TRAILING = re.compile(r"[ \t]+\n")
 _BLANK_RUN = re.compile(r"\n{4,}")  # at most two blank lines in a row
 # "Text" is letters, digits, whitespace and punctuation (ASCII, Latin-1, general, CJK, fullwidth);
 # everything else (symbols, private use, replacement characters, ...) counts towards max_nontext_fraction.
-_NONTEXT = re.compile(r"[^\w\s!-/:-@\[-`{-~\u00a1-\u00bf\u2010-\u2027\u2030-\u205e\u3000-\u303f"
-                      r"\uff01-\uff65\u0300-\u036f]")
+_NONTEXT = re.compile(
+  r"[^\w\s!-/:-@\[-`{-~\u00a1-\u00bf\u2010-\u2027\u2030-\u205e\u3000-\u303f"
+  r"\uff01-\uff65\u0300-\u036f]"
+)
 
 # Characters that do not occur in text: C0/C1 controls other than tab, line feed, form feed and carriage
 # return, and U+FFFD (what a decoder puts for bytes it could not read). Measured before cleaning drops them.

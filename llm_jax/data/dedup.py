@@ -1,4 +1,5 @@
 """Deduplication: exact (content hash) and near-duplicate (MinHash LSH over word 5-gram shingles)."""
+
 from __future__ import annotations
 
 import zlib
@@ -16,7 +17,7 @@ def minhash(text: str, num_perm: int) -> np.ndarray:
   """MinHash signature [num_perm] of a text's lower-cased word 5-grams."""
   words = text.lower().split()
   n = max(1, len(words) - SHINGLE_WORDS + 1)
-  shingles = {" ".join(words[i:i + SHINGLE_WORDS]).encode("utf-8") for i in range(n)}
+  shingles = {" ".join(words[i : i + SHINGLE_WORDS]).encode("utf-8") for i in range(n)}
   m = MinHash(num_perm=num_perm, seed=SEED, hashfunc=zlib.crc32, scheme=SCHEME)
   m.update_batch(shingles)
   return m.hashvalues

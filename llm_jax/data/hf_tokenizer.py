@@ -11,6 +11,7 @@ special ids pad/bos/eos/unk (-1 where the tokenizer has none; pad falls back to 
 (ids put before a text prompt) and `save_hf(out_dir)`, which writes files `transformers`' AutoTokenizer
 loads offline. `load_tokenizer(path)` opens any of them from a file or a checkpoint directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -71,8 +72,13 @@ def _ordered_ids(pad: int, bos: int, eos: int, unk: int) -> tuple[int, int, int,
 class HFTokenizer:
   """A `tokenizer.json` tokenizer (Hugging Face `tokenizers`) with the project's Tokenizer interface."""
 
-  def __init__(self, tokenizer_json: str, hf_config: dict | None = None, path: str = "",
-               special_ids: dict[str, int] | None = None):
+  def __init__(
+    self,
+    tokenizer_json: str,
+    hf_config: dict | None = None,
+    path: str = "",
+    special_ids: dict[str, int] | None = None,
+  ):
     self.path = path
     self.sha256 = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()
     self._json = tokenizer_json
@@ -85,10 +91,13 @@ class HFTokenizer:
     self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
     ids = {name: self._special_id(name, (special_ids or {}).get(name)) for name in _SPECIAL_NAMES}
     if ids["eos"] < 0:
-      raise DataError(f"{path or '<tokenizer.json>'}: no end-of-text token; set eos_token in "
-                      f"{TOKENIZER_CONFIG} (or eos_token_id in config.json)")
+      raise DataError(
+        f"{path or '<tokenizer.json>'}: no end-of-text token; set eos_token in "
+        f"{TOKENIZER_CONFIG} (or eos_token_id in config.json)"
+      )
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = _ordered_ids(
-        ids["pad"], ids["bos"], ids["eos"], ids["unk"])
+      ids["pad"], ids["bos"], ids["eos"], ids["unk"]
+    )
     self._token_bytes = None
 
   def _special_id(self, name: str, fallback: int | None) -> int:
@@ -97,8 +106,10 @@ class HFTokenizer:
     if text is not None:
       i = self._tok.token_to_id(text)
       if i is None:
-        raise DataError(f"{self.path or '<tokenizer.json>'}: {name}_token {text!r} of "
-                        f"{TOKENIZER_CONFIG} is not in the vocabulary")
+        raise DataError(
+          f"{self.path or '<tokenizer.json>'}: {name}_token {text!r} of "
+          f"{TOKENIZER_CONFIG} is not in the vocabulary"
+        )
       return int(i)
     if name == "unk":
       unk = json.loads(self._json).get("model", {}).get("unk_token")
@@ -109,23 +120,25 @@ class HFTokenizer:
   @classmethod
   def load(cls, path: str, special_ids: dict[str, int] | None = None) -> HFTokenizer:
     """Loads tokenizer.json (a file, or a directory holding it and its tokenizer_config.json)."""
-    directory, file = (path, os.path.join(path, TOKENIZER_JSON)) if os.path.isdir(path) else (
-        os.path.dirname(path) or ".", path)
+    directory, file = (
+      (path, os.path.join(path, TOKENIZER_JSON))
+      if os.path.isdir(path)
+      else (os.path.dirname(path) or ".", path)
+    )
     try:
       with open(file, encoding="utf-8") as f:
         text = f.read()
     except OSError as e:
       raise DataError(f"cannot read tokenizer {file!r}: {e}") from e
-    return cls(text, read_tokenizer_config(directory), path=os.path.abspath(file),
-               special_ids=special_ids)
+    return cls(text, read_tokenizer_config(directory), path=os.path.abspath(file), special_ids=special_ids)
 
   @property
   def prompt_prefix(self) -> list[int]:
     """Ids before a text prompt: those the tokenizer's post-processor puts first (LLaMA: BOS), else BOS."""
     with_special = self._tok.encode("a", add_special_tokens=True).ids
     plain = self._tok.encode("a", add_special_tokens=False).ids
-    if len(with_special) > len(plain) and with_special[-len(plain):] == plain:
-      return [int(i) for i in with_special[:len(with_special) - len(plain)]]
+    if len(with_special) > len(plain) and with_special[-len(plain) :] == plain:
+      return [int(i) for i in with_special[: len(with_special) - len(plain)]]
     return [self.bos_id]
 
   def encode(self, text: str) -> list[int]:
@@ -208,7 +221,8 @@ class SentencePieceTokenizer(Tokenizer):
     if eos < 0:
       raise DataError(f"tokenizer {path or '<bytes>'} has no end-of-text piece (eos_id is -1)")
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = _ordered_ids(
-        int(self._sp.pad_id()), int(self._sp.bos_id()), eos, int(self._sp.unk_id()))
+      int(self._sp.pad_id()), int(self._sp.bos_id()), eos, int(self._sp.unk_id())
+    )
 
   @property
   def prompt_prefix(self) -> list[int]:
@@ -270,9 +284,12 @@ def _sp_hf_config(tokenizer: Tokenizer, model_max_length: int | None) -> dict:
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model)
   config: dict[str, Any] = {
-      "tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-      "legacy": False, "add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix),
-      "clean_up_tokenization_spaces": False,
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": False,
+    "add_eos_token": False,
+    "legacy": False,
+    "add_prefix_space": bool(proto.normalizer_spec.add_dummy_prefix),
+    "clean_up_tokenization_spaces": False,
   }
   for name in _SPECIAL_NAMES:
     i = getattr(tokenizer, f"{name}_id")
@@ -300,8 +317,7 @@ def save_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int | None = No
         json.dump(config, f, indent=2, sort_keys=True)
     return names
   if not isinstance(tokenizer, Tokenizer):
-    raise DataError(f"cannot export tokenizer of type {type(tokenizer).__name__} to the Hugging Face "
-                    "format")
+    raise DataError(f"cannot export tokenizer of type {type(tokenizer).__name__} to the Hugging Face format")
   os.makedirs(out_dir, exist_ok=True)
   shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER_MODEL))
   config = dict(getattr(tokenizer, "hf_config", {}) or {}) or _sp_hf_config(tokenizer, model_max_length)

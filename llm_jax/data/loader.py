@@ -6,6 +6,7 @@ With window offsets (the default) the grid of windows is shifted every epoch by 
 order. The global batch at step s is rows [s*G, (s+1)*G) of the window sequence, so it depends only on
 (data, seed, step); process p of n reads rows [p*b, (p+1)*b) of it, b = G / n.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -24,8 +25,16 @@ from llm_jax.data.errors import DataError
 from llm_jax.data.shards import Shard, open_split
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
 
-_STATE_KEYS = ("split", "seq_len", "global_batch_size", "seed", "segment_windows", "mixture",
-               "window_offsets", "data_key")
+_STATE_KEYS = (
+  "split",
+  "seq_len",
+  "global_batch_size",
+  "seed",
+  "segment_windows",
+  "mixture",
+  "window_offsets",
+  "data_key",
+)
 _SHUFFLE_ROUNDS = 4  # as grain's MapDataset.shuffle
 
 
@@ -49,8 +58,10 @@ class Windows:
     self._cum: dict[int, list[int]] = {}
     self.size = self.count(0)
     if self.size == 0:
-      raise DataError(f"{prepared_dir}: split {split!r} has {int(self.lengths.sum())} tokens, not enough for "
-                      f"one window of seq_len+1={self.seq_len + 1}; lower train.seq_len or add data")
+      raise DataError(
+        f"{prepared_dir}: split {split!r} has {int(self.lengths.sum())} tokens, not enough for "
+        f"one window of seq_len+1={self.seq_len + 1}; lower train.seq_len or add data"
+      )
     # Offsets run over [0, L): offset L is offset 0 without its first window. Above max_offset no window fits.
     self.max_offset = int(min(self.seq_len - 1, self.lengths.max() - 1 - self.seq_len))
     self._arange = np.arange(self.seq_len + 1, dtype=np.int64)
@@ -239,8 +250,9 @@ class ShiftedEpochs(grain.MapDataset):
     epoch = bisect.bisect_right(self._starts, index) - 1  # an empty epoch shares its start with the next
     offset, start = self._offsets[epoch], self._starts[epoch]
     size = self._starts[epoch + 1] - start
-    k = grain.experimental.index_shuffle(index - start, max_index=size - 1, seed=self._seeds[epoch],
-                                         rounds=_SHUFFLE_ROUNDS)
+    k = grain.experimental.index_shuffle(
+      index - start, max_index=size - 1, seed=self._seeds[epoch], rounds=_SHUFFLE_ROUNDS
+    )
     if self._domain is None:
       return self._windows.position(k, offset)
     return int(self._windows.domain_positions(offset)[self._domain][k])
@@ -252,6 +264,7 @@ class StepLoader:
   Subclasses set `dataset` (a Grain MapDataset whose element s is this process's batch at step s),
   `step`, and `state_keys` (the attributes that identify the stream, saved with the state).
   """
+
   state_keys: tuple[str, ...] = ()
   dataset: grain.MapDataset
   step: int = 0
@@ -284,22 +297,37 @@ class StepLoader:
     return state
 
   def _mismatch(self, key: str, saved) -> Exception:
-    return DataError(f"loader state field {key!r} is {saved!r} but this loader has "
-                     f"{getattr(self, key)!r}; the checkpoint was made with different data or settings")
+    return DataError(
+      f"loader state field {key!r} is {saved!r} but this loader has "
+      f"{getattr(self, key)!r}; the checkpoint was made with different data or settings"
+    )
 
 
 class TrainLoader(StepLoader):
   """Deterministic, resumable training batches. `batch_at(step)`: this process's rows of global batch step."""
+
   state_keys = _STATE_KEYS
 
-  def __init__(self, prepared_dir: str, split: str, seq_len: int, global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1, segment_windows: bool = False,
-               mixture: str = "", window_offsets: bool = True):
+  def __init__(
+    self,
+    prepared_dir: str,
+    split: str,
+    seq_len: int,
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    segment_windows: bool = False,
+    mixture: str = "",
+    window_offsets: bool = True,
+  ):
     if process_count < 1 or not 0 <= process_index < process_count:
       raise DataError(f"process_index={process_index} must be in [0, process_count={process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
-      raise DataError(f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
-                      f"process count {process_count}")
+      raise DataError(
+        f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
+        f"process count {process_count}"
+      )
     self.windows = Windows(prepared_dir, split, seq_len)
     self.split, self.seq_len, self.seed = split, int(seq_len), int(seed)
     self.global_batch_size = int(global_batch_size)
@@ -319,8 +347,11 @@ class TrainLoader(StepLoader):
     """One window stream per domain named in the mixture, mixed in its proportions."""
     domains = self.windows.manifest["domains"]
     weights = parse_mixture(self.mixture, domains)
-    first = None if self.window_offsets else self.windows.first_domains(self.windows.positions(
-        np.arange(self.windows.size)))
+    first = (
+      None
+      if self.window_offsets
+      else self.windows.first_domains(self.windows.positions(np.arange(self.windows.size)))
+    )
     parts, ws = [], []
     for name, w in sorted(weights.items()):
       d = domains.index(name)
@@ -351,7 +382,7 @@ class TrainLoader(StepLoader):
     # Element k of `rows` is windows [k*b, (k+1)*b); global batch s holds rows s*n .. s*n + n - 1,
     # so this process's batch s is element s*n + p.
     rows = windows.batch(self.local_batch_size, batch_fn=to_positions)
-    self.window_ids = rows[self.process_index::self.process_count]  # [b] window positions of each step
+    self.window_ids = rows[self.process_index :: self.process_count]  # [b] window positions of each step
     return self.window_ids.map(lambda pos: self.windows.gather(pos, self.segment_windows))
 
   def _upgrade_state(self, state: dict) -> dict:
@@ -359,8 +390,10 @@ class TrainLoader(StepLoader):
 
   def _mismatch(self, key: str, saved) -> Exception:
     hint = f"; set data.window_offsets={saved} to continue that stream" if key == "window_offsets" else ""
-    return DataError(f"loader state field {key!r} is {saved!r} but this loader has "
-                     f"{getattr(self, key)!r}; the checkpoint was made with different data or settings{hint}")
+    return DataError(
+      f"loader state field {key!r} is {saved!r} but this loader has "
+      f"{getattr(self, key)!r}; the checkpoint was made with different data or settings{hint}"
+    )
 
   @property
   def epoch(self) -> float:
@@ -368,16 +401,25 @@ class TrainLoader(StepLoader):
     return self.step * self.global_batch_size / self.windows.size
 
 
-def eval_batches(prepared_dir: str, split: str, seq_len: int, batch_size: int, max_batches: int | None = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  prepared_dir: str,
+  split: str,
+  seq_len: int,
+  batch_size: int,
+  max_batches: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """In-order, non-overlapping windows covering every token of a split once as a target.
 
   batch_size is global: process p gets rows [p*b, (p+1)*b), b = batch_size / process_count. Every process
   yields the same number of batches; padding rows and the tail of the last window have weights 0.
   """
   if batch_size <= 0 or batch_size % process_count or not 0 <= process_index < process_count:
-    raise DataError(f"eval batch_size={batch_size} must be a positive multiple of process_count="
-                    f"{process_count} and process_index={process_index} in range")
+    raise DataError(
+      f"eval batch_size={batch_size} must be a positive multiple of process_count="
+      f"{process_count} and process_index={process_index} in range"
+    )
   L = int(seq_len)
   manifest = manifest_lib.load(prepared_dir)
   shards = open_split(prepared_dir, split, manifest)
@@ -391,13 +433,17 @@ def eval_batches(prepared_dir: str, split: str, seq_len: int, batch_size: int, m
     win = np.full((b, L + 1), PAD_ID, np.int32)
     valid = np.zeros((b, L + 1), bool)
     dom = np.zeros((b, L), np.int32)
-    for r, (k, start) in enumerate(spans[lo:lo + b]):
+    for r, (k, start) in enumerate(spans[lo : lo + b]):
       sh = shards[k]
       n = min(L + 1, len(sh.tokens) - start)
-      win[r, :n] = sh.tokens[start:start + n]
+      win[r, :n] = sh.tokens[start : start + n]
       valid[r, :n] = True
       pos = start + 1 + np.arange(L)
       doc = np.clip(np.searchsorted(sh.offsets, pos, side="right") - 1, 0, len(sh.domains) - 1)
       dom[r] = np.where(valid[r, 1:], sh.domains[doc], 0)
-    yield {"inputs": win[:, :L], "targets": win[:, 1:], "domain_ids": dom,
-           "weights": valid[:, 1:].astype(np.float32)}
+    yield {
+      "inputs": win[:, :L],
+      "targets": win[:, 1:],
+      "domain_ids": dom,
+      "weights": valid[:, 1:].astype(np.float32),
+    }

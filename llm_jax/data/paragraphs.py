@@ -1,6 +1,7 @@
 """Repeated paragraphs: blocks of text (between blank lines) that occur in more than one document, such as
 licence headers and boilerplate. Counted for the data card; optionally removed after their first occurrence
 (`data.dedup_paragraphs`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +13,7 @@ MIN_CHARS = 100  # shorter blocks (a closing brace, `return None`, a one-line he
 @dataclasses.dataclass
 class Repeats:
   """Paragraphs that repeat across documents."""
+
   distinct: int = 0  # paragraphs that occur in two or more documents
   occurrences: int = 0  # occurrences after the first one (in other documents)
   chars: int = 0  # characters of those occurrences

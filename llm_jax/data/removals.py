@@ -1,6 +1,7 @@
 """Removal requests (`data.exclude`): a file of document ids or content hashes. A request removes the
 document, its exact copies and its near copies anywhere in the corpus, and every cached prepared copy
 that holds any of them. The manifest records hashes and counts, never text."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ from llm_jax.data.errors import DataError
 @dataclasses.dataclass
 class Requests:
   """The entries of a removal file (empty when there is none)."""
+
   file: str = ""
   sha256: str = ""
   entries: frozenset = frozenset()
@@ -50,9 +52,17 @@ def apply(recs: list, req: Requests, near_threshold: float, num_perm: int, stric
   piece was cut from, or a content hash. Exact copies share the hash; near copies have an estimated
   Jaccard similarity of at least `near_threshold` with a requested document (0: exact copies only).
   """
-  report = {"file": req.file, "sha256": req.sha256, "entries": len(req.entries), "strict": strict,
-            "near_threshold": near_threshold, "matched": [], "unmatched": [], "removed": [],
-            "documents_removed": {"requested": 0, "exact_copies": 0, "near_copies": 0}}
+  report = {
+    "file": req.file,
+    "sha256": req.sha256,
+    "entries": len(req.entries),
+    "strict": strict,
+    "near_threshold": near_threshold,
+    "matched": [],
+    "unmatched": [],
+    "removed": [],
+    "documents_removed": {"requested": 0, "exact_copies": 0, "near_copies": 0},
+  }
   if not req.entries:
     return recs, report
   matched: set[str] = set()
@@ -62,16 +72,27 @@ def apply(recs: list, req: Requests, near_threshold: float, num_perm: int, stric
     hits = {r.doc.id, r.doc.id.split("#")[0], r.key} & req.entries
     if hits:
       matched |= hits
-      row = rows.setdefault(r.key, {"sha256": r.key, "entries": set(), "requested": 0, "exact_copies": 0,
-                                    "near_copies": 0, "near_copy_sha256": []})
+      row = rows.setdefault(
+        r.key,
+        {
+          "sha256": r.key,
+          "entries": set(),
+          "requested": 0,
+          "exact_copies": 0,
+          "near_copies": 0,
+          "near_copy_sha256": [],
+        },
+      )
       row["entries"] |= hits
       row["requested"] += 1
       removed[i] = r.key
   unmatched = sorted(req.entries - matched)
   if unmatched:
-    msg = (f"data.exclude={req.file!r}: {len(unmatched)} of {len(req.entries)} entries match no document "
-           f"(e.g. {unmatched[0]!r}); an entry is a document id or path as in *-documents.jsonl, or its "
-           "sha256")
+    msg = (
+      f"data.exclude={req.file!r}: {len(unmatched)} of {len(req.entries)} entries match no document "
+      f"(e.g. {unmatched[0]!r}); an entry is a document id or path as in *-documents.jsonl, or its "
+      "sha256"
+    )
     if strict:
       raise DataError(msg + " (data.strict_removals=True)")
     logging.warning("%s", msg)
@@ -99,10 +120,14 @@ def apply(recs: list, req: Requests, near_threshold: float, num_perm: int, stric
   for row in rows.values():
     row["entries"] = sorted(row["entries"])
     row["near_copy_sha256"] = sorted(set(row["near_copy_sha256"]))
-  report.update(matched=sorted(matched), unmatched=unmatched,
-                removed=sorted(rows.values(), key=lambda r: r["sha256"]),
-                documents_removed={k: sum(r[k] for r in rows.values())
-                                   for k in ("requested", "exact_copies", "near_copies")})
+  report.update(
+    matched=sorted(matched),
+    unmatched=unmatched,
+    removed=sorted(rows.values(), key=lambda r: r["sha256"]),
+    documents_removed={
+      k: sum(r[k] for r in rows.values()) for k in ("requested", "exact_copies", "near_copies")
+    },
+  )
   return [r for i, r in enumerate(recs) if i not in removed], report
 
 
@@ -140,8 +165,11 @@ def purge_caches(cache_root: str, keep: str, entries: frozenset, hashes: set[str
     return deleted
   for name in sorted(os.listdir(cache_root)):
     path = os.path.join(cache_root, name)
-    if name.startswith(".") or os.path.abspath(path) == os.path.abspath(keep) or not os.path.isfile(
-        os.path.join(path, manifest_lib.MANIFEST)):
+    if (
+      name.startswith(".")
+      or os.path.abspath(path) == os.path.abspath(keep)
+      or not os.path.isfile(os.path.join(path, manifest_lib.MANIFEST))
+    ):
       continue
     if _holds(path, entries, hashes):
       shutil.rmtree(path, ignore_errors=True)

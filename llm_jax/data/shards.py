@@ -1,5 +1,6 @@
 """Token shards: [EOS] doc0 [EOS] doc1 [EOS] ... as .npy arrays (memory-mapped on read) plus an index of
 document offsets, domain ids and UTF-8 byte counts."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,20 +75,35 @@ class ShardWriter:
     tok_path = os.path.join(self.out_dir, name + ".tokens.npy")
     idx_path = os.path.join(self.out_dir, name + ".index.npz")
     _save(tok_path, lambda f: np.save(f, tokens, allow_pickle=False))
-    _save(idx_path, lambda f: np.savez(f, offsets=offsets, domains=np.asarray(self._domains, np.int32),
-                                       bytes=np.asarray(self._bytes, np.int64)))
-    self.records.append({
-        "split": self.split, "path": name + ".tokens.npy", "sha256": file_sha256(tok_path),
-        "index_path": name + ".index.npz", "index_sha256": file_sha256(idx_path),
-        "documents": len(self._lengths), "bytes": int(sum(self._bytes)), "tokens": int(len(tokens)),
+    _save(
+      idx_path,
+      lambda f: np.savez(
+        f,
+        offsets=offsets,
+        domains=np.asarray(self._domains, np.int32),
+        bytes=np.asarray(self._bytes, np.int64),
+      ),
+    )
+    self.records.append(
+      {
+        "split": self.split,
+        "path": name + ".tokens.npy",
+        "sha256": file_sha256(tok_path),
+        "index_path": name + ".index.npz",
+        "index_sha256": file_sha256(idx_path),
+        "documents": len(self._lengths),
+        "bytes": int(sum(self._bytes)),
+        "tokens": int(len(tokens)),
         "dtype": self.dtype.name,
-    })
+      }
+    )
     self._reset()
 
 
 @dataclasses.dataclass
 class Shard:
   """One shard opened for reading: tokens memory-mapped, index in memory."""
+
   path: str
   tokens: np.ndarray  # [T] memmap, uint16/uint32
   offsets: np.ndarray  # [D+1] int64: document d is tokens[offsets[d]:offsets[d+1]] incl. its EOS

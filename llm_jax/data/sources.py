@@ -1,4 +1,5 @@
 """Raw documents from corpus specs: globs (.txt/.md/.jsonl) or the built-in `stdlib` corpus"""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ _TEXT_SUFFIXES = (".txt", ".md")
 @dataclasses.dataclass
 class Document:
   """One raw document before cleaning."""
+
   text: str
   domain: str
   source: str  # file path (or "stdlib:...") it came from
@@ -32,6 +34,7 @@ class Document:
 @dataclasses.dataclass
 class Source:
   """One input file as the manifest records it."""
+
   path: str
   sha256: str
   bytes: int
@@ -65,14 +68,19 @@ def expand(spec: str) -> list[str]:
   for pattern in [p.strip() for p in spec.split(",") if p.strip()]:
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
-      found = [p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-               if p.endswith(_TEXT_SUFFIXES + (".jsonl",))]
+      found = [
+        p
+        for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+        if p.endswith(_TEXT_SUFFIXES + (".jsonl",))
+      ]
     else:
       found = glob.glob(pattern, recursive=True)
     found = sorted(p for p in found if os.path.isfile(p))
     if not found:
-      raise DataError(f"corpus glob {pattern!r} matches no files (data.corpus / data.val_corpus; "
-                      f"the working directory is {os.getcwd()})")
+      raise DataError(
+        f"corpus glob {pattern!r} matches no files (data.corpus / data.val_corpus; "
+        f"the working directory is {os.getcwd()})"
+      )
     paths.extend(p for p in found if not (p in seen or seen.add(p)))
   if not paths:
     raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
@@ -115,8 +123,14 @@ def fingerprint(spec: str, stdlib_max_bytes: int) -> list:
   return out
 
 
-def read(spec: str, *, domain: str = "", license: str = "unknown", stdlib_max_bytes: int = 20_000_000,
-         bad: BadRecords) -> tuple[list[Document], list[Source]]:
+def read(
+  spec: str,
+  *,
+  domain: str = "",
+  license: str = "unknown",
+  stdlib_max_bytes: int = 20_000_000,
+  bad: BadRecords,
+) -> tuple[list[Document], list[Source]]:
   """All documents of a corpus spec and the sources they came from."""
   if spec.strip() == "stdlib":
     return _read_stdlib(stdlib_max_bytes)
@@ -165,13 +179,14 @@ def _decode(path: str, raw: bytes, bad: BadRecords) -> str | None:
   try:
     return raw.decode("utf-8-sig")
   except UnicodeDecodeError as e:
-    line = raw[:e.start].count(b"\n") + 1
+    line = raw[: e.start].count(b"\n") + 1
     bad.report(f"{path}:{line}: invalid UTF-8 at byte {e.start} ({e.reason}); convert the file to UTF-8")
     return None
 
 
-def _jsonl_docs(path: str, raw: bytes, domain: str, license: str, bad: BadRecords,
-                src: Source) -> Iterator[Document]:
+def _jsonl_docs(
+  path: str, raw: bytes, domain: str, license: str, bad: BadRecords, src: Source
+) -> Iterator[Document]:
   for lineno, line in enumerate(raw.split(b"\n"), 1):
     if not line.strip():
       continue
@@ -191,18 +206,34 @@ def _jsonl_docs(path: str, raw: bytes, domain: str, license: str, bad: BadRecord
       src.skipped_records += 1
       bad.report(f"{path}:{lineno}: a JSONL record must be an object with a string 'text' field")
       continue
-    yield Document(text=rec["text"], domain=str(rec.get("domain") or domain),
-                   source=str(rec.get("source") or path), license=str(rec.get("license") or license),
-                   id=str(rec["id"]) if rec.get("id") is not None else f"{path}:{lineno}")
+    yield Document(
+      text=rec["text"],
+      domain=str(rec.get("domain") or domain),
+      source=str(rec.get("source") or path),
+      license=str(rec.get("license") or license),
+      id=str(rec["id"]) if rec.get("id") is not None else f"{path}:{lineno}",
+    )
 
 
 def _read_stdlib(max_bytes: int) -> tuple[list[Document], list[Source]]:
   topics = pydoc_data.topics.topics
-  docs = [Document(text=topics[k], domain="docs", source="stdlib:pydoc_data", license=STDLIB_LICENSE,
-                   id=f"stdlib:docs/{k}") for k in sorted(topics)]
+  docs = [
+    Document(
+      text=topics[k], domain="docs", source="stdlib:pydoc_data", license=STDLIB_LICENSE, id=f"stdlib:docs/{k}"
+    )
+    for k in sorted(topics)
+  ]
   doc_bytes = sum(len(d.text.encode()) for d in docs)
-  sources = [Source(path="stdlib:pydoc_data (" + pydoc_data.topics.__file__ + ")", sha256="",
-                    bytes=doc_bytes, license=STDLIB_LICENSE, documents=len(docs), domains=["docs"])]
+  sources = [
+    Source(
+      path="stdlib:pydoc_data (" + pydoc_data.topics.__file__ + ")",
+      sha256="",
+      bytes=doc_bytes,
+      license=STDLIB_LICENSE,
+      documents=len(docs),
+      domains=["docs"],
+    )
+  ]
   root = sysconfig.get_paths()["stdlib"]
   code_bytes, n = 0, 0
   for path in stdlib_files(max_bytes):
@@ -213,12 +244,23 @@ def _read_stdlib(max_bytes: int) -> tuple[list[Document], list[Source]]:
     except UnicodeDecodeError:
       continue  # a few stdlib test fixtures are deliberately not UTF-8
     rel = os.path.relpath(path, root)
-    docs.append(Document(text=text, domain="code", source=f"stdlib:{rel}", license=STDLIB_LICENSE,
-                         id=f"stdlib:code/{rel}"))
+    docs.append(
+      Document(
+        text=text, domain="code", source=f"stdlib:{rel}", license=STDLIB_LICENSE, id=f"stdlib:code/{rel}"
+      )
+    )
     code_bytes += len(raw)
     n += 1
-  sources.append(Source(path=f"stdlib:*.py ({root})", sha256="", bytes=code_bytes,
-                        license=STDLIB_LICENSE, documents=n, domains=["code"]))
+  sources.append(
+    Source(
+      path=f"stdlib:*.py ({root})",
+      sha256="",
+      bytes=code_bytes,
+      license=STDLIB_LICENSE,
+      documents=n,
+      domains=["code"],
+    )
+  )
   return docs, sources
 
 

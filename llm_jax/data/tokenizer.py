@@ -1,4 +1,5 @@
 """SentencePiece tokenizer: training on the corpus, exact round trips, fixed special ids, token bytes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -44,8 +45,10 @@ class Tokenizer:
     for name, want in (("pad", PAD_ID), ("bos", BOS_ID), ("eos", EOS_ID), ("unk", UNK_ID)):
       got = getattr(self._sp, f"{name}_id")()
       if got != want:
-        raise DataError(f"tokenizer {path or '<bytes>'}: {name}_id is {got}, expected {want}; "
-                        "it was not trained by llm_jax.data.tokenizer.train_tokenizer")
+        raise DataError(
+          f"tokenizer {path or '<bytes>'}: {name}_id is {got}, expected {want}; "
+          "it was not trained by llm_jax.data.tokenizer.train_tokenizer"
+        )
 
   @classmethod
   def load(cls, path: str) -> Tokenizer:
@@ -137,11 +140,20 @@ def _canonical(proto: bytes) -> bytes:
   return m.SerializeToString()
 
 
-def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, model_type: str = "bpe",
-                    character_coverage: float = 0.9995, lowercase: bool = False,
-                    max_sentence_length: int = 16384, input_sentence_size: int = 2_000_000,
-                    num_threads: int = TRAIN_THREADS, seed: int = 0,
-                    control_pieces: Sequence[str] = ()) -> Tokenizer:
+def train_tokenizer(
+  texts: Iterable[str],
+  out_path: str,
+  *,
+  vocab_size: int,
+  model_type: str = "bpe",
+  character_coverage: float = 0.9995,
+  lowercase: bool = False,
+  max_sentence_length: int = 16384,
+  input_sentence_size: int = 2_000_000,
+  num_threads: int = TRAIN_THREADS,
+  seed: int = 0,
+  control_pieces: Sequence[str] = (),
+) -> Tokenizer:
   """Trains SentencePiece on `texts` and writes `out_path` atomically; returns the loaded tokenizer.
 
   `control_pieces` (e.g. ENCODER_PIECES) take the ids after the four fixed ones, in order.
@@ -149,16 +161,33 @@ def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, mod
   if model_type not in ("bpe", "unigram", "char"):
     raise DataError(f"data.tokenizer.type={model_type!r} is not one of bpe, unigram, char")
   if vocab_size < 260 + 4 and model_type != "char":
-    raise DataError(f"data.tokenizer.vocab_size={vocab_size} is too small: byte fallback alone needs "
-                    "256 pieces plus 4 special ids; use at least 300")
+    raise DataError(
+      f"data.tokenizer.vocab_size={vocab_size} is too small: byte fallback alone needs "
+      "256 pieces plus 4 special ids; use at least 300"
+    )
   kwargs = dict(
-      vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-      add_dummy_prefix=False, remove_extra_whitespaces=False, byte_fallback=True,
-      allow_whitespace_only_pieces=True, split_digits=True, split_by_whitespace=True,
-      pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID,
-      pad_piece="<pad>", bos_piece="<s>", eos_piece="</s>", unk_piece="<unk>",
-      max_sentence_length=max_sentence_length, input_sentence_size=input_sentence_size,
-      shuffle_input_sentence=True, num_threads=max(1, num_threads), minloglevel=2,
+    vocab_size=vocab_size,
+    model_type=model_type,
+    character_coverage=character_coverage,
+    add_dummy_prefix=False,
+    remove_extra_whitespaces=False,
+    byte_fallback=True,
+    allow_whitespace_only_pieces=True,
+    split_digits=True,
+    split_by_whitespace=True,
+    pad_id=PAD_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    unk_id=UNK_ID,
+    pad_piece="<pad>",
+    bos_piece="<s>",
+    eos_piece="</s>",
+    unk_piece="<unk>",
+    max_sentence_length=max_sentence_length,
+    input_sentence_size=input_sentence_size,
+    shuffle_input_sentence=True,
+    num_threads=max(1, num_threads),
+    minloglevel=2,
   )
   if control_pieces:
     kwargs["control_symbols"] = list(control_pieces)
@@ -185,12 +214,16 @@ def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, mod
   except RuntimeError as e:
     msg = str(e)
     if count[0] == 0:
-      raise DataError("the training split is empty: no text to train the tokenizer on; check "
-                      "data.corpus and the filters (data.min_doc_chars, data.val_fraction)") from e
+      raise DataError(
+        "the training split is empty: no text to train the tokenizer on; check "
+        "data.corpus and the filters (data.min_doc_chars, data.val_fraction)"
+      ) from e
     if "Vocabulary size" in msg or "vocab_size" in msg:
-      raise DataError(f"data.tokenizer.vocab_size={vocab_size} cannot be supported by this corpus "
-                      f"({msg.strip().splitlines()[-1]}); lower data.tokenizer.vocab_size or add "
-                      "text") from e
+      raise DataError(
+        f"data.tokenizer.vocab_size={vocab_size} cannot be supported by this corpus "
+        f"({msg.strip().splitlines()[-1]}); lower data.tokenizer.vocab_size or add "
+        "text"
+      ) from e
     raise DataError(f"SentencePiece training failed: {msg}") from e
   finally:
     if lowercase:
@@ -201,6 +234,7 @@ def train_tokenizer(texts: Iterable[str], out_path: str, *, vocab_size: int, mod
     f.write(proto)
   os.replace(tmp, out_path)
   tok = Tokenizer(proto, path=os.path.abspath(out_path))
-  logging.info("trained %s tokenizer: %d pieces from %d sentences -> %s", model_type, tok.vocab_size,
-               count[0], out_path)
+  logging.info(
+    "trained %s tokenizer: %d pieces from %d sentences -> %s", model_type, tok.vocab_size, count[0], out_path
+  )
   return tok

@@ -10,6 +10,7 @@ configured logical->mesh rules (shards rounded up, as GSPMD pads them). Activati
 what the backward pass keeps per layer under `model.remat`, plus one layer's working set and the output
 head; XLA's workspace and allocator fragmentation come on top, so keep some headroom.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,12 +28,13 @@ from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optimizer as optimizer_lib
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
   """Everything the dry run prints; byte figures are per device."""
+
   num_devices: int
   mesh: dict[str, int]
   global_batch: int
@@ -67,9 +69,11 @@ def tokenizer_size(config) -> int:
 
 def _abstract_boxed_state(model: Decoder, optimizer, seq_len: int = 8):
   """Abstract (params, opt_state) with their logical-partitioning boxes; allocates nothing."""
+
   def init(rng):
     params = model.init(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
     return params, optimizer.init(params)
+
   return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -124,8 +128,14 @@ def activation_bytes(mc: ModelConfig, rows: int, seq_len: int, tensor: int) -> i
   return int(mc.num_layers * kept + working + head + e * d * s)
 
 
-def estimate(config, num_devices: int, *, device_memory_bytes: int | None = None,
-             platform: str | None = None, vocab_size: int | None = None) -> Estimate:
+def estimate(
+  config,
+  num_devices: int,
+  *,
+  device_memory_bytes: int | None = None,
+  platform: str | None = None,
+  vocab_size: int | None = None,
+) -> Estimate:
   """The dry run's figures for `num_devices` devices, computed from shapes alone (nothing compiles)."""
   config_lib.validate(config, num_devices)
   data, fsdp, tensor = config_lib.mesh_shape(config, num_devices)
@@ -141,13 +151,20 @@ def estimate(config, num_devices: int, *, device_memory_bytes: int | None = None
   # Gradients have the parameters' sharding; accumulation over microbatches keeps a second copy.
   grad_bytes = param_bytes * (2 if micro > 1 else 1)
   return Estimate(
-      num_devices=num_devices, mesh=mesh, global_batch=int(tr.global_batch_size),
-      seq_len=int(tr.seq_len), microbatches=micro, rows_per_device=int(rows),
-      param_count=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(params))),
-      param_bytes=param_bytes, grad_bytes=grad_bytes,
-      optimizer_bytes=_shard_bytes(opt_state, mesh, config),
-      activation_bytes=activation_bytes(mc, rows, int(tr.seq_len), tensor),
-      device_memory_bytes=device_memory_bytes, compute_dtype=mc.dtype)
+    num_devices=num_devices,
+    mesh=mesh,
+    global_batch=int(tr.global_batch_size),
+    seq_len=int(tr.seq_len),
+    microbatches=micro,
+    rows_per_device=int(rows),
+    param_count=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(params))),
+    param_bytes=param_bytes,
+    grad_bytes=grad_bytes,
+    optimizer_bytes=_shard_bytes(opt_state, mesh, config),
+    activation_bytes=activation_bytes(mc, rows, int(tr.seq_len), tensor),
+    device_memory_bytes=device_memory_bytes,
+    compute_dtype=mc.dtype,
+  )
 
 
 def _gib(n: int) -> str:
@@ -159,20 +176,20 @@ def report(est: Estimate, config, *, device_name: str = "", num_processes: int =
   m = est.mesh
   tokens = est.global_batch * est.seq_len
   lines = [
-      f"dry run: {est.num_devices} x {device_name or 'device'} in {num_processes} process(es); "
-      f"{est.param_count:,} parameters, compute {est.compute_dtype}",
-      f"mesh: data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}",
-      f"batch: global {est.global_batch} rows x {est.seq_len} tokens = {tokens:,} tokens/step; "
-      f"{est.microbatches} microbatch(es) -> {est.rows_per_device} rows "
-      f"({est.rows_per_device * est.seq_len:,} tokens) per device per pass",
-      "memory per device:",
+    f"dry run: {est.num_devices} x {device_name or 'device'} in {num_processes} process(es); "
+    f"{est.param_count:,} parameters, compute {est.compute_dtype}",
+    f"mesh: data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}",
+    f"batch: global {est.global_batch} rows x {est.seq_len} tokens = {tokens:,} tokens/step; "
+    f"{est.microbatches} microbatch(es) -> {est.rows_per_device} rows "
+    f"({est.rows_per_device * est.seq_len:,} tokens) per device per pass",
+    "memory per device:",
   ]
   rows = [
-      ("parameters (float32)", est.param_bytes, ""),
-      ("gradients" + (" + accumulator" if est.microbatches > 1 else ""), est.grad_bytes, ""),
-      ("optimizer state", est.optimizer_bytes, ""),
-      (f"activations (remat={config.model.remat})", est.activation_bytes, "  (estimate)"),
-      ("total", est.total_bytes, ""),
+    ("parameters (float32)", est.param_bytes, ""),
+    ("gradients" + (" + accumulator" if est.microbatches > 1 else ""), est.grad_bytes, ""),
+    ("optimizer state", est.optimizer_bytes, ""),
+    (f"activations (remat={config.model.remat})", est.activation_bytes, "  (estimate)"),
+    ("total", est.total_bytes, ""),
   ]
   lines += [f"  {label:<34}{_gib(n)}{note}" for label, n, note in rows]
   if est.device_memory_bytes:
@@ -194,9 +211,14 @@ def device_memory(device: Any) -> int | None:
 def run(config) -> Estimate:
   """The dry run on the devices of this job: prints the report on process 0 and returns the figures."""
   devices = jax.devices()
-  est = estimate(config, len(devices), device_memory_bytes=device_memory(jax.local_devices()[0]),
-                 platform=devices[0].platform)
+  est = estimate(
+    config,
+    len(devices),
+    device_memory_bytes=device_memory(jax.local_devices()[0]),
+    platform=devices[0].platform,
+  )
   if jax.process_index() == 0:
-    print(report(est, config, device_name=devices[0].device_kind, num_processes=jax.process_count()),
-          flush=True)
+    print(
+      report(est, config, device_name=devices[0].device_kind, num_processes=jax.process_count()), flush=True
+    )
   return est

@@ -11,6 +11,7 @@ Runs (each a normal training run directory under --workdir):
 All runs share one prepared corpus (the whole stdlib: both domains, one tokenizer), so every fine-tune
 reuses the pretraining tokenizer. Losses are over the complete validation split of each domain.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,19 +42,26 @@ _CONFIG = flags.DEFINE_string("config", "configs/tiny.py", "the preset to pretra
 _OVERRIDES = flags.DEFINE_multi_string("override", [], "extra key=value config overrides for every run")
 
 COMMON = {
-    "data.stdlib_max_bytes": 3_000_000,  # a few MB of stdlib code keeps preparation under a minute
-    "data.val_fraction": 0.05,
-    "train.sample_every": 0,
-    "train.eval_every": 0,  # the table below evaluates every domain in full instead
-    "train.log_every": 25,
-    "train.preflight": False,
+  "data.stdlib_max_bytes": 3_000_000,  # a few MB of stdlib code keeps preparation under a minute
+  "data.val_fraction": 0.05,
+  "train.sample_every": 0,
+  "train.eval_every": 0,  # the table below evaluates every domain in full instead
+  "train.log_every": 25,
+  "train.preflight": False,
 }
 RUNS = {  # name -> overrides on top of COMMON and init_from=pretrain
-    "full": {"train.learning_rate": 1e-3},
-    "frozen": {"train.learning_rate": 1e-3, "finetune.freeze_embeddings": True,
-               "finetune.freeze_blocks": -2},  # -2: half of model.num_layers, resolved below
-    "lora": {"train.learning_rate": 5e-3, "finetune.lora.rank": 8, "finetune.lora.alpha": 16.0,
-             "train.weight_decay": 0.0},
+  "full": {"train.learning_rate": 1e-3},
+  "frozen": {
+    "train.learning_rate": 1e-3,
+    "finetune.freeze_embeddings": True,
+    "finetune.freeze_blocks": -2,
+  },  # -2: half of model.num_layers, resolved below
+  "lora": {
+    "train.learning_rate": 5e-3,
+    "finetune.lora.rank": 8,
+    "finetune.lora.alpha": 16.0,
+    "train.weight_decay": 0.0,
+  },
 }
 
 
@@ -70,8 +78,11 @@ def _train(name: str, overrides: dict, root: str) -> str:
   workdir = os.path.join(root, name)
   t0 = time.time()
   out = finetune.train(_config(overrides), workdir)
-  print(f"  {name}: {out['status']} at step {out['step']}, train loss {out['loss']:.3f} "
-        f"({time.time() - t0:.0f}s)", flush=True)
+  print(
+    f"  {name}: {out['status']} at step {out['step']}, train loss {out['loss']:.3f} "
+    f"({time.time() - t0:.0f}s)",
+    flush=True,
+  )
   return workdir
 
 
@@ -87,8 +98,9 @@ def domain_losses(workdir: str, prepared) -> dict[str, float]:
   domains = prepared.domains
   fn = jax.jit(functools.partial(step_lib.eval_step, model=model, num_domains=len(domains)))
   nll, tok = np.zeros(len(domains)), np.zeros(len(domains))
-  for batch in loader_lib.eval_batches(prepared.dir, "val", config.train.seq_len,
-                                       config.train.global_batch_size):
+  for batch in loader_lib.eval_batches(
+    prepared.dir, "val", config.train.seq_len, config.train.global_batch_size
+  ):
     out = jax.device_get(fn(params, batch))
     nll += out["domain_nll_sum"]
     tok += out["domain_tokens"]
@@ -115,8 +127,11 @@ def _run_stats(workdir: str) -> dict:
       row = json.loads(line)
       if "step_time_s" in row:
         times.append(row["step_time_s"])
-  return {"trainable": trainable, "state_mb": state_bytes / 1e6,
-          "step_s": float(np.median(times)) if times else float("nan")}
+  return {
+    "trainable": trainable,
+    "state_mb": state_bytes / 1e6,
+    "step_s": float(np.median(times)) if times else float("nan"),
+  }
 
 
 def _leaves(tree):
@@ -126,16 +141,20 @@ def _leaves(tree):
 def table(results: dict, domains: list[str]) -> str:
   """The before/after table as Markdown."""
   base = results["pretrain"]["loss"]
-  head = ("| run | trainable params | train state MB | s/step | " +
-          " | ".join(f"{d} loss (change)" for d in domains) + " |")
+  head = (
+    "| run | trainable params | train state MB | s/step | "
+    + " | ".join(f"{d} loss (change)" for d in domains)
+    + " |"
+  )
   lines = [head, "|" + " --- |" * (4 + len(domains))]
   for name, r in results.items():
     cells = []
     for d in domains:
       delta = r["loss"][d] - base[d]
       cells.append(f"{r['loss'][d]:.3f}" + ("" if name == "pretrain" else f" ({delta:+.3f})"))
-    lines.append(f"| {name} | {r['trainable']:,} | {r['state_mb']:.1f} | {r['step_s']:.3f} | " +
-                 " | ".join(cells) + " |")
+    lines.append(
+      f"| {name} | {r['trainable']:,} | {r['state_mb']:.1f} | {r['step_s']:.3f} | " + " | ".join(cells) + " |"
+    )
   return "\n".join(lines)
 
 
@@ -149,8 +168,11 @@ def main(argv) -> int:
   prepared = prepare_lib.prepare(_config({}))
   print(f"  {prepared.dir}: domains {prepared.domains}", flush=True)
   print(f"pretraining on docs for {_PRETRAIN.value} steps ...", flush=True)
-  pre = _train("pretrain", {"data.mixture": "docs=1", "train.steps": _PRETRAIN.value,
-                            "train.checkpoint_every": _PRETRAIN.value}, root)
+  pre = _train(
+    "pretrain",
+    {"data.mixture": "docs=1", "train.steps": _PRETRAIN.value, "train.checkpoint_every": _PRETRAIN.value},
+    root,
+  )
   layers = _config({}).model.num_layers
   print(f"fine-tuning on code for {_FINETUNE.value} steps: full, frozen, LoRA ...", flush=True)
   workdirs = {"pretrain": pre}
@@ -158,9 +180,15 @@ def main(argv) -> int:
     over = dict(over)
     if over.get("finetune.freeze_blocks") == -2:
       over["finetune.freeze_blocks"] = max(1, layers // 2)
-    over.update({"init_from": pre, "data.mixture": "code=1", "train.steps": _FINETUNE.value,
-                 "train.warmup_steps": min(20, _FINETUNE.value // 5),
-                 "train.checkpoint_every": _FINETUNE.value})
+    over.update(
+      {
+        "init_from": pre,
+        "data.mixture": "code=1",
+        "train.steps": _FINETUNE.value,
+        "train.warmup_steps": min(20, _FINETUNE.value // 5),
+        "train.checkpoint_every": _FINETUNE.value,
+      }
+    )
     workdirs[name] = _train(name, over, root)
   print("evaluating every run on the full validation split of each domain ...", flush=True)
   results = {}

@@ -6,6 +6,7 @@
 `python -m llm_jax.train` picks it from the config (init_from, finetune.*); `train(config, workdir)`
 below does the same for code.
 """
+
 from __future__ import annotations
 
 import functools
@@ -33,8 +34,9 @@ def validate(config) -> None:
   if spec is not None and not config.get("init_from"):
     raise config_lib.ConfigError("finetune.lora.rank > 0 needs init_from (the base model to adapt)")
   if spec is not None and freeze.spec_from_config(config).active:
-    raise config_lib.ConfigError("finetune.lora.rank > 0 and finetune.freeze_* are exclusive: LoRA "
-                                 "already freezes every base weight")
+    raise config_lib.ConfigError(
+      "finetune.lora.rank > 0 and finetune.freeze_* are exclusive: LoRA already freezes every base weight"
+    )
   if config.get("reuse_source_tokenizer") and not config.get("init_from"):
     raise config_lib.ConfigError("reuse_source_tokenizer=True needs init_from (the source)")
   if f is not None and f.sft.train_file and not os.path.exists(f.sft.train_file):
@@ -56,8 +58,9 @@ def resolve_init_from(config) -> None:
   step = int(config.finetune.init_step)
   if at is not None:
     if step >= 0:
-      raise config_lib.ConfigError(f"init_from={config.init_from!r} names a step and "
-                                   f"finetune.init_step={step} another; give one of them")
+      raise config_lib.ConfigError(
+        f"init_from={config.init_from!r} names a step and finetune.init_step={step} another; give one of them"
+      )
     step = init_from.describe(config.init_from).step  # 'best' resolved to its number
   config.init_from = os.path.abspath(os.path.expanduser(path))
   config.finetune.init_step = int(step)
@@ -87,8 +90,10 @@ class FinetuneExtension(TrainExtension):
     log.info("preparing %s with the source's tokenizer %s (%s)", config.data.corpus, tok_path, sha[:12])
     prepared = prepare_lib.prepare(config, tokenizer_path=tok_path)
     if prepared.tokenizer_sha256 != sha:
-      raise init_from.InitFromError(f"prepared data in {prepared.dir} has tokenizer sha256 "
-                                    f"{prepared.tokenizer_sha256}, not the source's {sha}")
+      raise init_from.InitFromError(
+        f"prepared data in {prepared.dir} has tokenizer sha256 "
+        f"{prepared.tokenizer_sha256}, not the source's {sha}"
+      )
     return prepared
 
   def wrap_optimizer(self, optimizer, config):
@@ -110,8 +115,7 @@ class FinetuneExtension(TrainExtension):
       shapes, specs = abstract_params(setup.model_cfg)
       self.base_shardings = sharding_lib.logical_to_sharding(specs, setup.mesh, setup.config)
       source = self._source()
-      self.base = init_from.place(init_from.fit(source.params, shapes, source.path),
-                                  self.base_shardings)
+      self.base = init_from.place(init_from.fit(source.params, shapes, source.path), self.base_shardings)
       self._merge = jax.jit(functools.partial(_merge, spec=self.lora), out_shardings=self.base_shardings)
 
   def _source(self) -> init_from.Source:
@@ -145,8 +149,7 @@ class FinetuneExtension(TrainExtension):
     c = setup.config
     if not c.finetune.sft.train_file:
       return super().make_loader(setup, process_index, process_count)
-    rows = sft.load(c.finetune.sft.train_file, setup.tokenizer, c.train.seq_len,
-                    sft.templates_from_config(c))
+    rows = sft.load(c.finetune.sft.train_file, setup.tokenizer, c.train.seq_len, sft.templates_from_config(c))
     return sft.SFTLoader(rows, c.train.global_batch_size, c.data.seed, process_index, process_count)
 
   def extra_eval_sets(self, setup, process_index: int, process_count: int) -> dict[str, list]:
@@ -154,19 +157,25 @@ class FinetuneExtension(TrainExtension):
     c = setup.config
     if not c.finetune.sft.val_file:
       return {}
-    rows = sft.load(c.finetune.sft.val_file, setup.tokenizer, c.train.seq_len,
-                    sft.templates_from_config(c))
-    return {"sft": list(sft.eval_batches(rows, c.train.global_batch_size, c.train.eval_batches or None,
-                                         process_index, process_count))}
+    rows = sft.load(c.finetune.sft.val_file, setup.tokenizer, c.train.seq_len, sft.templates_from_config(c))
+    return {
+      "sft": list(
+        sft.eval_batches(
+          rows, c.train.global_batch_size, c.train.eval_batches or None, process_index, process_count
+        )
+      )
+    }
 
   def train_step(self, setup, batch_shardings, metrics_sharding):
     """LoRA: the base weights are an argument of the step, not constants baked into the program."""
     if self.lora is None:
       return super().train_step(setup, batch_shardings, metrics_sharding)
-    jitted = jax.jit(functools.partial(lora.train_step, model=setup.model, optimizer=setup.optimizer,
-                                       config=setup.config),
-                     in_shardings=(setup.state_shardings, batch_shardings, self.base_shardings),
-                     out_shardings=(setup.state_shardings, metrics_sharding), donate_argnums=0)
+    jitted = jax.jit(
+      functools.partial(lora.train_step, model=setup.model, optimizer=setup.optimizer, config=setup.config),
+      in_shardings=(setup.state_shardings, batch_shardings, self.base_shardings),
+      out_shardings=(setup.state_shardings, metrics_sharding),
+      donate_argnums=0,
+    )
     return lambda state, batch: jitted(state, batch, self.base)
 
   def model_params(self, params):

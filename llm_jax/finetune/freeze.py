@@ -9,6 +9,7 @@ blocks" therefore freezes rows < N of those arrays. The optimizer is wrapped so 
 
 so frozen parameters are bit-identical after any number of steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ _FROZEN, _TRAIN = "frozen", "train"
 @dataclasses.dataclass(frozen=True)
 class FreezeSpec:
   """What to freeze: embeddings, the first `blocks` blocks, and parameters matching `patterns`."""
+
   embeddings: bool = False
   blocks: int = 0
   patterns: tuple[str, ...] = ()
@@ -50,13 +52,11 @@ def spec_from_config(config) -> FreezeSpec:
     try:
       re.compile(p)
     except re.error as e:
-      raise config_lib.ConfigError(
-          f"finetune.freeze_patterns: {p!r} is not a regular expression: {e}") from e
+      raise config_lib.ConfigError(f"finetune.freeze_patterns: {p!r} is not a regular expression: {e}") from e
   blocks = int(f.get("freeze_blocks", 0))
   if blocks < 0:
     raise config_lib.ConfigError(f"finetune.freeze_blocks={blocks} must be >= 0")
-  return FreezeSpec(embeddings=bool(f.get("freeze_embeddings", False)), blocks=blocks,
-                    patterns=patterns)
+  return FreezeSpec(embeddings=bool(f.get("freeze_embeddings", False)), blocks=blocks, patterns=patterns)
 
 
 def path_name(path) -> str:
@@ -105,21 +105,24 @@ def leaf_masks(params, spec: FreezeSpec, num_layers: int | None = None) -> dict[
         layers = leaf.shape[0]
         if spec.blocks > layers:
           raise config_lib.ConfigError(
-              f"finetune.freeze_blocks={spec.blocks} exceeds the model's {layers} layers")
+            f"finetune.freeze_blocks={spec.blocks} exceeds the model's {layers} layers"
+          )
         mask = False if spec.blocks == layers else np.arange(layers) >= spec.blocks
       elif _block_index(name) is not None:
         mask = _block_index(name) >= spec.blocks
     out[name] = mask
   if spec.blocks and num_layers is not None and spec.blocks > num_layers:
     raise config_lib.ConfigError(
-        f"finetune.freeze_blocks={spec.blocks} exceeds model.num_layers={num_layers}")
+      f"finetune.freeze_blocks={spec.blocks} exceeds model.num_layers={num_layers}"
+    )
   if spec.blocks and not any(n.startswith("blocks/") or _block_index(n) is not None for n in names):
     raise config_lib.ConfigError("finetune.freeze_blocks is set but the model has no block parameters")
   missing = [p for p, n in hits.items() if n == 0]
   if missing:
     raise config_lib.ConfigError(
-        f"finetune.freeze_patterns {missing} match no parameter; names look like "
-        f"{', '.join(sorted(set(names))[:6])}, ...")
+      f"finetune.freeze_patterns {missing} match no parameter; names look like "
+      f"{', '.join(sorted(set(names))[:6])}, ..."
+    )
   return out
 
 
@@ -127,7 +130,9 @@ def _labels(spec: FreezeSpec):
   def fn(params):
     masks = leaf_masks(params, spec)
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: _FROZEN if masks[path_name(p)] is False else _TRAIN, params, is_leaf=_is_box)
+      lambda p, _: _FROZEN if masks[path_name(p)] is False else _TRAIN, params, is_leaf=_is_box
+    )
+
   return fn
 
 
@@ -137,6 +142,7 @@ class _Empty(NamedTuple):
 
 def _zero_frozen_rows(spec: FreezeSpec) -> optax.GradientTransformation:
   """Zeroes updates of frozen leaves and frozen layer rows (jnp.where: NaN-safe, exact zeros)."""
+
   def init(params):
     del params
     return _Empty()
@@ -153,6 +159,7 @@ def _zero_frozen_rows(spec: FreezeSpec) -> optax.GradientTransformation:
         return jnp.zeros_like(u)
       rows = jnp.asarray(m).reshape((-1,) + (1,) * (u.ndim - 1))
       return jnp.where(rows, u, jnp.zeros_like(u))
+
     return jax.tree_util.tree_map_with_path(apply, updates), state
 
   return optax.GradientTransformation(init, update)

@@ -4,6 +4,7 @@ Only the parameters come from the source; the optimizer state, data stream, sche
 are fresh. The model settings that decide shapes must match the source's, and so must the tokenizer
 (its sha256), unless `reuse_source_tokenizer` makes the run use the source's tokenizer.model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,15 @@ from llm_jax.model.params import shape_differences
 from llm_jax.train.run_dir import SHAPE_FIELDS
 
 # Fields that do not change shapes but change what the weights compute.
-BEHAVIOUR_FIELDS = ("rope_theta", "norm_eps", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-                    "rope_high_freq_factor", "rope_original_max_len")
+BEHAVIOUR_FIELDS = (
+  "rope_theta",
+  "norm_eps",
+  "rope_scaling",
+  "rope_scaling_factor",
+  "rope_low_freq_factor",
+  "rope_high_freq_factor",
+  "rope_original_max_len",
+)
 
 
 class InitFromError(config_lib.ConfigError):
@@ -34,6 +42,7 @@ class InitFromError(config_lib.ConfigError):
 @dataclasses.dataclass
 class Source:
   """Weights and what they need: the architecture and the tokenizer they were trained with."""
+
   path: str
   kind: str  # run | package | hf
   params: Any
@@ -49,8 +58,9 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
     raise InitFromError("init_from is empty")
   path = os.path.abspath(os.path.expanduser(path))
   if not os.path.exists(path):
-    raise InitFromError(f"init_from={path!r} does not exist; give a training run directory or an "
-                        "exported package")
+    raise InitFromError(
+      f"init_from={path!r} does not exist; give a training run directory or an exported package"
+    )
   try:
     opened = open_model(path, step, mesh=mesh, weights=weights)
   except ArtifactError as e:
@@ -59,15 +69,21 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
   params = opened.params
   if weights:
     if opened.meta.get("precision", {}).get("weights") == "int8":
-      logging.warning("init_from=%s holds int8 weights; starting from their float32 dequantization",
-                      path)
+      logging.warning("init_from=%s holds int8 weights; starting from their float32 dequantization", path)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
-    logging.info("init_from %s %s (step %s, tokenizer %s)", opened.kind, path, opened.step,
-                 opened.tokenizer.sha256[:12])
-  return Source(path=path, kind=opened.kind, params=params, step=opened.step,
-                model_config=opened.model_config, tokenizer_path=opened.tokenizer_path,
-                tokenizer_sha256=opened.tokenizer.sha256,
-                own_tokenizer=type(opened.tokenizer) is Tokenizer)
+    logging.info(
+      "init_from %s %s (step %s, tokenizer %s)", opened.kind, path, opened.step, opened.tokenizer.sha256[:12]
+    )
+  return Source(
+    path=path,
+    kind=opened.kind,
+    params=params,
+    step=opened.step,
+    model_config=opened.model_config,
+    tokenizer_path=opened.tokenizer_path,
+    tokenizer_sha256=opened.tokenizer.sha256,
+    own_tokenizer=type(opened.tokenizer) is Tokenizer,
+  )
 
 
 def parse_source(spec: str) -> tuple[str, int | str | None]:
@@ -88,9 +104,10 @@ def tokenizer_of(path: str) -> tuple[str, str]:
   source = describe(path)
   if not source.own_tokenizer:
     raise InitFromError(
-        f"init_from={source.path!r}: reuse_source_tokenizer needs an llm_jax SentencePiece tokenizer "
-        f"(pad 0, bos 1, eos 2, unk 3), but the source's is {source.tokenizer_path}; data preparation "
-        "encodes corpora and separates documents with such a model only (docs/interop.md, Limits)")
+      f"init_from={source.path!r}: reuse_source_tokenizer needs an llm_jax SentencePiece tokenizer "
+      f"(pad 0, bos 1, eos 2, unk 3), but the source's is {source.tokenizer_path}; data preparation "
+      "encodes corpora and separates documents with such a model only (docs/interop.md, Limits)"
+    )
   return source.tokenizer_path, source.tokenizer_sha256
 
 
@@ -114,28 +131,36 @@ def check_tokenizer(config, source: Source, run_tokenizer_sha256: str) -> None:
   """The run's tokenizer must be the source's; a different hash raises naming both."""
   if run_tokenizer_sha256 == source.tokenizer_sha256:
     return
-  hint = ("the run was meant to use the source's tokenizer.model; prepare the data with it"
-          if config.get("reuse_source_tokenizer") else
-          "set --config.reuse_source_tokenizer=True to train on the source's tokenizer instead")
+  hint = (
+    "the run was meant to use the source's tokenizer.model; prepare the data with it"
+    if config.get("reuse_source_tokenizer")
+    else "set --config.reuse_source_tokenizer=True to train on the source's tokenizer instead"
+  )
   raise InitFromError(
-      f"tokenizer mismatch: init_from={source.path!r} was trained with tokenizer sha256 "
-      f"{source.tokenizer_sha256}, but this run's tokenizer has sha256 {run_tokenizer_sha256}; {hint}")
+    f"tokenizer mismatch: init_from={source.path!r} was trained with tokenizer sha256 "
+    f"{source.tokenizer_sha256}, but this run's tokenizer has sha256 {run_tokenizer_sha256}; {hint}"
+  )
 
 
 def check_model(config, source: Source, tokenizer_size: int | None = None) -> None:
   """The configured architecture must have the source's shapes; differences raise naming the keys."""
   mine = ModelConfig.from_config(config, tokenizer_size=tokenizer_size or source.model_config.vocab_size)
   theirs = source.model_config
-  diffs = [f"model.{f}: source {getattr(theirs, f)!r}, this run {getattr(mine, f)!r}"
-           for f in SHAPE_FIELDS if getattr(theirs, f) != getattr(mine, f)]
+  diffs = [
+    f"model.{f}: source {getattr(theirs, f)!r}, this run {getattr(mine, f)!r}"
+    for f in SHAPE_FIELDS
+    if getattr(theirs, f) != getattr(mine, f)
+  ]
   if diffs:
-    raise InitFromError(f"init_from={source.path!r}: the configured model does not have the source's "
-                        "shapes:\n  " + "\n  ".join(diffs) +
-                        "\nset these model.* keys to the source's values")
+    raise InitFromError(
+      f"init_from={source.path!r}: the configured model does not have the source's "
+      "shapes:\n  " + "\n  ".join(diffs) + "\nset these model.* keys to the source's values"
+    )
   for f in BEHAVIOUR_FIELDS:
     if getattr(theirs, f) != getattr(mine, f):
-      logging.warning("init_from: model.%s is %r in the source and %r here", f, getattr(theirs, f),
-                      getattr(mine, f))
+      logging.warning(
+        "init_from: model.%s is %r in the source and %r here", f, getattr(theirs, f), getattr(mine, f)
+      )
 
 
 def fit(params, target, source_path: str):
@@ -144,8 +169,10 @@ def fit(params, target, source_path: str):
   want = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), target)
   diffs = shape_differences(have, want)
   if diffs:
-    raise InitFromError(f"init_from={source_path!r}: the source's weights do not fit the model "
-                        f"({len(diffs)} differing keys):\n  " + "\n  ".join(diffs[:20]))
+    raise InitFromError(
+      f"init_from={source_path!r}: the source's weights do not fit the model "
+      f"({len(diffs)} differing keys):\n  " + "\n  ".join(diffs[:20])
+    )
   return params
 
 

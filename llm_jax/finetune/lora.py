@@ -13,6 +13,7 @@ the train state holds only the adapters and their optimizer moments, and checkpo
 Dropout (finetune.lora.dropout) drops input features of the adapter path, one mask per step and layer
 (x * m @ A == x @ (diag(m) A)): the merged form cannot drop per token.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,9 @@ def train_step(state: TrainState, batch, base_params, *, model, optimizer, confi
     base = jax.lax.stop_gradient(base_params)
     return merge(base, adapters, spec, rng if spec.dropout > 0 else None)
 
-  return step_lib.train_step(state, batch, model=model, optimizer=optimizer, config=config,
-                             params_fn=params_fn)
+  return step_lib.train_step(
+    state, batch, model=model, optimizer=optimizer, config=config, params_fn=params_fn
+  )
 
 
 def init_state(base_params, optimizer, config, seed: int | None = None) -> TrainState:
@@ -69,8 +71,12 @@ def init_state(base_params, optimizer, config, seed: int | None = None) -> Train
     raise config_lib.ConfigError("LoRA needs finetune.lora.rank > 0")
   seed = int(config.train.seed if seed is None else seed)
   adapters = init_adapters(base_params, spec, seed)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=adapters, opt_state=optimizer.init(adapters),
-                    skipped=jnp.zeros((), jnp.int32))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=adapters,
+    opt_state=optimizer.init(adapters),
+    skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def state_shardings(base_params, optimizer, mesh, config):
@@ -86,8 +92,13 @@ def create_state(base_params, optimizer, mesh, config, seed: int | None = None):
   find_targets(base, spec)  # fail early, naming the key
   _, shardings = state_shardings(base, optimizer, mesh, config)
   state = jax.jit(lambda: init_state(base, optimizer, config, seed), out_shardings=shardings)()
-  logging.info("LoRA: %d adapter parameters on %d kernels (rank %d, alpha %g)", count(state.params),
-               len(adapter_names(state.params)), spec.rank, spec.alpha)
+  logging.info(
+    "LoRA: %d adapter parameters on %d kernels (rank %d, alpha %g)",
+    count(state.params),
+    len(adapter_names(state.params)),
+    spec.rank,
+    spec.alpha,
+  )
   return state, shardings
 
 

@@ -8,6 +8,7 @@ content, the text the template puts after it, and the final eos), else 0. Exampl
 into rows of train.seq_len with `segment_ids` (1, 2, ... per example, 0 for padding) and `positions`
 restarting at 0 in every example, so packed examples never attend to each other.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ class SFTError(DataError):
 @dataclasses.dataclass(frozen=True)
 class Templates:
   """How a record becomes text: the prompt template and the per-turn template."""
+
   prompt: str = "### Prompt:\n{prompt}\n\n### Response:\n"
   turn: str = "<|{role}|>\n{content}\n"
 
@@ -45,9 +47,11 @@ class Templates:
       self.prompt.format(prompt="")
       self.turn.format(role="", content="")
     except (KeyError, IndexError, ValueError) as e:
-      raise SFTError(f"finetune.sft templates: unknown or malformed field {e}; only {{prompt}} "
-                     "(prompt_template) and {role}, {content} (turn_template) are filled; write other "
-                     "braces as {{ and }}") from e
+      raise SFTError(
+        f"finetune.sft templates: unknown or malformed field {e}; only {{prompt}} "
+        "(prompt_template) and {role}, {content} (turn_template) are filled; write other "
+        "braces as {{ and }}"
+      ) from e
 
 
 def templates_from_config(config) -> Templates:
@@ -88,8 +92,7 @@ def _check_record(rec, where: str) -> dict:
     return rec
   for key in ("prompt", "response"):
     if key not in rec:
-      raise SFTError(f"{where}: missing key {key!r}; a line needs 'prompt' and 'response' "
-                     "(or 'messages')")
+      raise SFTError(f"{where}: missing key {key!r}; a line needs 'prompt' and 'response' (or 'messages')")
     if not isinstance(rec[key], str):
       raise SFTError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
   if not rec["response"]:
@@ -163,8 +166,9 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[st
   if cut:
     logging.warning("SFT: %d examples longer than train.seq_len=%d were cut", cut, L)
   if dropped:
-    logging.warning("SFT: %d examples had no response token within train.seq_len=%d and were dropped",
-                    dropped, L)
+    logging.warning(
+      "SFT: %d examples had no response token within train.seq_len=%d and were dropped", dropped, L
+    )
   if not rows:
     raise SFTError(f"no SFT example has a response token within train.seq_len={L}")
   R = len(rows)
@@ -174,11 +178,11 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[st
     at = 0
     for seg, (inp, tgt, tw) in enumerate(row, 1):
       n = len(inp)
-      out["inputs"][r, at:at + n] = inp
-      out["targets"][r, at:at + n] = tgt
-      out["weights"][r, at:at + n] = tw
-      out["segment_ids"][r, at:at + n] = seg
-      out["positions"][r, at:at + n] = np.arange(n)
+      out["inputs"][r, at : at + n] = inp
+      out["targets"][r, at : at + n] = tgt
+      out["weights"][r, at : at + n] = tw
+      out["segment_ids"][r, at : at + n] = seg
+      out["positions"][r, at : at + n] = np.arange(n)
       at += n
   out["domain_ids"] = np.zeros((R, L), np.int32)
   return out
@@ -188,8 +192,14 @@ def load(path: str, tokenizer, seq_len: int, templates: Templates) -> dict[str, 
   """An SFT file read, tokenized and packed (see `pack`)."""
   records = read_jsonl(path)
   rows = pack([tokenize(r, tokenizer, templates) for r in records], seq_len)
-  logging.info("SFT %s: %d records -> %d rows of %d tokens, %.0f response tokens", path, len(records),
-               len(rows["inputs"]), seq_len, rows["weights"].sum())
+  logging.info(
+    "SFT %s: %d records -> %d rows of %d tokens, %.0f response tokens",
+    path,
+    len(records),
+    len(rows["inputs"]),
+    seq_len,
+    rows["weights"].sum(),
+  )
   return rows
 
 
@@ -204,13 +214,22 @@ def rows_sha256(rows: dict[str, np.ndarray]) -> str:
 
 class SFTLoader(StepLoader):
   """Shuffled, repeating, resumable batches of packed SFT rows with the TrainLoader interface."""
+
   state_keys = _STATE_KEYS
 
-  def __init__(self, rows: dict[str, np.ndarray], global_batch_size: int, seed: int,
-               process_index: int = 0, process_count: int = 1):
+  def __init__(
+    self,
+    rows: dict[str, np.ndarray],
+    global_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ):
     if global_batch_size <= 0 or global_batch_size % process_count:
-      raise SFTError(f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
-                     f"process count {process_count}")
+      raise SFTError(
+        f"train.global_batch_size={global_batch_size} must be a positive multiple of the "
+        f"process count {process_count}"
+      )
     self.rows = rows
     self.seq_len = int(rows["inputs"].shape[1])
     self.global_batch_size, self.seed = int(global_batch_size), int(seed)
@@ -221,20 +240,27 @@ class SFTLoader(StepLoader):
     n = len(rows["inputs"])
     ids = grain.MapDataset.range(n).shuffle(seed=self.seed % (1 << 32)).repeat()
     batches = ids.batch(self.local_batch_size, batch_fn=lambda x: np.asarray(x, np.int64))
-    local = batches[self.process_index::self.process_count]
+    local = batches[self.process_index :: self.process_count]
     self.dataset = local.map(lambda idx: {k: v[idx] for k, v in self.rows.items()})
 
   def _mismatch(self, key: str, saved) -> Exception:
-    return SFTError(f"loader state field {key!r} is {saved!r} but this SFT loader has "
-                    f"{getattr(self, key)!r}; the checkpoint was made with other SFT data or settings")
+    return SFTError(
+      f"loader state field {key!r} is {saved!r} but this SFT loader has "
+      f"{getattr(self, key)!r}; the checkpoint was made with other SFT data or settings"
+    )
 
   @property
   def epoch(self) -> float:
     return self.step * self.global_batch_size / len(self.rows["inputs"])
 
 
-def eval_batches(rows: dict[str, np.ndarray], batch_size: int, max_batches: int | None = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+def eval_batches(
+  rows: dict[str, np.ndarray],
+  batch_size: int,
+  max_batches: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
   """Every packed row once, in order; padding rows of the last batch have weights 0."""
   n = len(rows["inputs"])
   b = batch_size // process_count

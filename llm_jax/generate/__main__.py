@@ -6,6 +6,7 @@
 The document separator the model saw before every training document (EOS) is put before each
 prompt unless --no_prefix. Status lines (model loaded, seconds per prompt) go to stderr.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,22 +22,24 @@ from llm_jax.generate.stream import stream
 from llm_jax.model import unstack_layers
 
 _PACKAGE = flags.DEFINE_string("package", None, "An exported model package directory.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory (latest checkpoint unless "
-                               "--step).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory (latest checkpoint unless --step).")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint step of --workdir, or 'best' (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text (repeat the flag for several).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "New tokens per prompt at most.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens with this mass (1: off).")
-_REPETITION_PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "CTRL-style penalty on tokens "
-                                         "already seen (1: off).")
+_REPETITION_PENALTY = flags.DEFINE_float(
+  "repetition_penalty", 1.0, "CTRL-style penalty on tokens already seen (1: off)."
+)
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop sequence (repeatable; escapes such as \\n work).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_NO_PREFIX = flags.DEFINE_bool("no_prefix", False, "Do not put the document separator (EOS, as in "
-                               "training) before the prompt.")
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on "
-                           "CPU, else bfloat16).")
+_NO_PREFIX = flags.DEFINE_bool(
+  "no_prefix", False, "Do not put the document separator (EOS, as in training) before the prompt."
+)
+_DTYPE = flags.DEFINE_enum(
+  "dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on CPU, else bfloat16)."
+)
 flags.mark_flags_as_mutual_exclusive(["package", "workdir"], required=True)
 flags.mark_flag_as_required("prompt")
 
@@ -49,15 +52,21 @@ def main(argv: list[str]) -> int:
   """Loads the model, then streams each prompt's completion to stdout."""
   del argv
   try:
-    sp = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                        repetition_penalty=_REPETITION_PENALTY.value,
-                        max_new_tokens=_MAX_NEW_TOKENS.value, stop=_parse_stop(_STOP.value),
-                        seed=_SEED.value)
+    sp = SamplingParams(
+      temperature=_TEMPERATURE.value,
+      top_k=_TOP_K.value,
+      top_p=_TOP_P.value,
+      repetition_penalty=_REPETITION_PENALTY.value,
+      max_new_tokens=_MAX_NEW_TOKENS.value,
+      stop=_parse_stop(_STOP.value),
+      seed=_SEED.value,
+    )
   except ValueError as e:
     raise cli.UsageError(str(e)) from e
   t0 = time.time()
-  loaded = open_model(_PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value),
-                      dtype=_DTYPE.value or "auto")
+  loaded = open_model(
+    _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
+  )
   params, cfg = unstack_layers(loaded.params, loaded.model_config)  # one buffer per layer: faster
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
   for prompt in _PROMPT.value:

@@ -5,6 +5,7 @@ Conventions: the token sampled at step i of a row sits at position len(prompt) +
 EOS (not emitted), after its max new tokens, or when its next position would pass max_seq_len.
 Log-probabilities are of the model's own distribution (before penalty, temperature and filters).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ MIN_ROWS = 2
 @struct.dataclass
 class DecodeState:
   """Everything the decode loop carries, one row per sequence (all on device)."""
+
   cache: Any
   logits_BV: jax.Array  # float32 logits of each row's next token
   positions_B: jax.Array  # int32 position the next token takes
@@ -65,15 +67,24 @@ def _float_params(params, cfg: ModelConfig):
 def empty_state(cfg: ModelConfig, batch: int) -> DecodeState:
   """A DecodeState of `batch` idle rows, made without compiling the model (for serving slots)."""
   ints = np.zeros((batch,), np.int32)
-  shapes = jax.eval_shape(functools.partial(_start, cfg=cfg), _abstract_params(cfg),
-                          np.zeros((batch, MIN_PREFILL), np.int32), np.ones((batch,), np.int32),
-                          ints.astype(np.uint32), ints, ints.astype(np.float32), ints,
-                          np.ones((batch,), np.float32), np.ones((batch,), np.float32))
+  shapes = jax.eval_shape(
+    functools.partial(_start, cfg=cfg),
+    _abstract_params(cfg),
+    np.zeros((batch, MIN_PREFILL), np.int32),
+    np.ones((batch,), np.int32),
+    ints.astype(np.uint32),
+    ints,
+    ints.astype(np.float32),
+    ints,
+    np.ones((batch,), np.float32),
+    np.ones((batch,), np.float32),
+  )
 
   def zeros(s):
     if jnp.issubdtype(s.dtype, jax.dtypes.prng_key):
       return jax.vmap(jax.random.key)(jnp.zeros(s.shape, jnp.uint32))
     return jnp.zeros(s.shape, s.dtype)
+
   return jax.tree.map(zeros, shapes)
 
 
@@ -95,8 +106,13 @@ def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
   b, width = tokens_BL.shape
   model = _model(cfg, span=width)  # prompt positions are below the padded width
   positions_BL = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
-  h_BLD, variables = model.apply({"params": params, "cache": empty_cache(cfg, b)}, tokens_BL,
-                                 positions_BL, method="hidden", mutable=["cache"])
+  h_BLD, variables = model.apply(
+    {"params": params, "cache": empty_cache(cfg, b)},
+    tokens_BL,
+    positions_BL,
+    method="hidden",
+    mutable=["cache"],
+  )
   last_B11 = (lengths_B - 1)[:, None, None]
   h_B1D = jnp.take_along_axis(h_BLD, last_B11, axis=1)
   logits_BV = model.apply({"params": params}, h_B1D, method="logits")[:, 0]
@@ -105,12 +121,23 @@ def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
 
 def _forward_one(params, cache, tokens_B, positions_B, cfg: ModelConfig, span: int = 0):
   logits_B1V, variables = _model(cfg, span).apply(
-      {"params": params, "cache": cache}, tokens_B[:, None], positions_B[:, None], mutable=["cache"])
+    {"params": params, "cache": cache}, tokens_B[:, None], positions_B[:, None], mutable=["cache"]
+  )
   return variables["cache"], logits_B1V[:, 0]
 
 
-def _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B,
-           penalty_B, cfg: ModelConfig) -> DecodeState:
+def _start(
+  params,
+  tokens_BL,
+  lengths_B,
+  seeds_B,
+  max_new_B,
+  temperature_B,
+  top_k_B,
+  top_p_B,
+  penalty_B,
+  cfg: ModelConfig,
+) -> DecodeState:
   """Prefill plus the per-row decode state."""
   params = _float_params(params, cfg)
   cache, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg)
@@ -119,15 +146,31 @@ def _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_
   seen_BV = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], tokens_BL].max(in_prompt_BL)
   room_B = cfg.max_seq_len - lengths_B
   return DecodeState(
-      cache=cache, logits_BV=logits_BV, positions_B=lengths_B.astype(jnp.int32),
-      active_B=(max_new_B > 0) & (room_B > 0), remaining_B=jnp.minimum(max_new_B, room_B),
-      seen_BV=seen_BV, keys_B=jax.vmap(jax.random.key)(seeds_B),
-      temperature_B=temperature_B.astype(jnp.float32), top_k_B=top_k_B.astype(jnp.int32),
-      top_p_B=top_p_B.astype(jnp.float32), penalty_B=penalty_B.astype(jnp.float32))
+    cache=cache,
+    logits_BV=logits_BV,
+    positions_B=lengths_B.astype(jnp.int32),
+    active_B=(max_new_B > 0) & (room_B > 0),
+    remaining_B=jnp.minimum(max_new_B, room_B),
+    seen_BV=seen_BV,
+    keys_B=jax.vmap(jax.random.key)(seeds_B),
+    temperature_B=temperature_B.astype(jnp.float32),
+    top_k_B=top_k_B.astype(jnp.int32),
+    top_p_B=top_p_B.astype(jnp.float32),
+    penalty_B=penalty_B.astype(jnp.float32),
+  )
 
 
-def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
-          vocab_limit: int | None, want_top=True, greedy: bool = False, span: int = 0):
+def _step(
+  params,
+  state: DecodeState,
+  cfg: ModelConfig,
+  eos_id: int,
+  top_n: int,
+  vocab_limit: int | None,
+  want_top=True,
+  greedy: bool = False,
+  span: int = 0,
+):
   """Samples one token per row from the carried logits, then feeds it to get the next logits.
 
   `greedy` (static) is the argmax-only step for batches whose every row is greedy without a
@@ -142,15 +185,24 @@ def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
   else:
     keys_B2 = jax.vmap(lambda k: jax.random.split(k, 2))(state.keys_B)
     keys_B = keys_B2[:, 1]
-    tok_B = sample(state.logits_BV, keys_B2[:, 0], state.temperature_B, state.top_k_B,
-                   state.top_p_B, state.penalty_B, state.seen_BV)
+    tok_B = sample(
+      state.logits_BV,
+      keys_B2[:, 0],
+      state.temperature_B,
+      state.top_k_B,
+      state.top_p_B,
+      state.penalty_B,
+      state.seen_BV,
+    )
   if top_n:
     logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
     lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
     top_lp_BT, top_ids_BT = jax.lax.cond(
-        want_top, lambda x: tuple(jax.lax.top_k(x, top_n)),
-        lambda x: (jnp.zeros((x.shape[0], top_n), x.dtype), jnp.zeros((x.shape[0], top_n), jnp.int32)),
-        logp_BV)
+      want_top,
+      lambda x: tuple(jax.lax.top_k(x, top_n)),
+      lambda x: (jnp.zeros((x.shape[0], top_n), x.dtype), jnp.zeros((x.shape[0], top_n), jnp.int32)),
+      logp_BV,
+    )
   else:
     lp_B = chosen_logprob(state.logits_BV, tok_B)
     top_lp_BT = jnp.zeros((tok_B.shape[0], 0), jnp.float32)
@@ -163,26 +215,63 @@ def _step(params, state: DecodeState, cfg: ModelConfig, eos_id: int, top_n: int,
   b = tok_B.shape[0]
   seen_BV = state.seen_BV if greedy else state.seen_BV.at[jnp.arange(b), tok_B].max(active_B)
   state = state.replace(
-      cache=cache, logits_BV=logits_BV, active_B=still_B, keys_B=keys_B, seen_BV=seen_BV,
-      positions_B=jnp.where(still_B, state.positions_B + 1, state.positions_B),
-      remaining_B=state.remaining_B - active_B.astype(jnp.int32))
-  return state, dict(token=tok_B, logprob=lp_B, emitted=emitted_B, eos=active_B & (tok_B == eos_id),
-                     top_logprobs=top_lp_BT, top_ids=top_ids_BT)
+    cache=cache,
+    logits_BV=logits_BV,
+    active_B=still_B,
+    keys_B=keys_B,
+    seen_BV=seen_BV,
+    positions_B=jnp.where(still_B, state.positions_B + 1, state.positions_B),
+    remaining_B=state.remaining_B - active_B.astype(jnp.int32),
+  )
+  return state, dict(
+    token=tok_B,
+    logprob=lp_B,
+    emitted=emitted_B,
+    eos=active_B & (tok_B == eos_id),
+    top_logprobs=top_lp_BT,
+    top_ids=top_ids_BT,
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B,
-          penalty_B, *, cfg: ModelConfig) -> DecodeState:
+def start(
+  params,
+  tokens_BL,
+  lengths_B,
+  seeds_B,
+  max_new_B,
+  temperature_B,
+  top_k_B,
+  top_p_B,
+  penalty_B,
+  *,
+  cfg: ModelConfig,
+) -> DecodeState:
   """Jitted prefill of a right-padded batch of prompts into a fresh DecodeState."""
-  return _start(params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B,
-                penalty_B, cfg)
+  return _start(
+    params, tokens_BL, lengths_B, seeds_B, max_new_B, temperature_B, top_k_B, top_p_B, penalty_B, cfg
+  )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit",
-                                             "greedy", "span"), donate_argnums=1)
-def decode_chunk(params, state: DecodeState, alive_B, want_top=True, *, cfg: ModelConfig,
-                 steps: int, eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None,
-                 greedy: bool = False, span: int = 0):
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit", "greedy", "span"),
+  donate_argnums=1,
+)
+def decode_chunk(
+  params,
+  state: DecodeState,
+  alive_B,
+  want_top=True,
+  *,
+  cfg: ModelConfig,
+  steps: int,
+  eos_id: int = EOS_ID,
+  top_n: int = 0,
+  vocab_limit: int | None = None,
+  greedy: bool = False,
+  span: int = 0,
+):
   """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps].
 
   With top_n > 0, the top_n log-probs per step are computed only while `want_top` (traced) is true.
@@ -192,10 +281,14 @@ def decode_chunk(params, state: DecodeState, alive_B, want_top=True, *, cfg: Mod
   params = _float_params(params, cfg)
   state = state.replace(active_B=state.active_B & alive_B)
   b = alive_B.shape[0]
-  outs = dict(token=jnp.zeros((b, steps), jnp.int32), logprob=jnp.zeros((b, steps), jnp.float32),
-              emitted=jnp.zeros((b, steps), bool), eos=jnp.zeros((b, steps), bool),
-              top_logprobs=jnp.zeros((b, steps, top_n), jnp.float32),
-              top_ids=jnp.zeros((b, steps, top_n), jnp.int32))
+  outs = dict(
+    token=jnp.zeros((b, steps), jnp.int32),
+    logprob=jnp.zeros((b, steps), jnp.float32),
+    emitted=jnp.zeros((b, steps), bool),
+    eos=jnp.zeros((b, steps), bool),
+    top_logprobs=jnp.zeros((b, steps, top_n), jnp.float32),
+    top_ids=jnp.zeros((b, steps, top_n), jnp.int32),
+  )
 
   def body(i, carry):
     st, acc = carry
@@ -206,11 +299,21 @@ def decode_chunk(params, state: DecodeState, alive_B, want_top=True, *, cfg: Mod
   return jax.lax.fori_loop(0, steps, body, (state, outs))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit",
-                                             "greedy", "span"))
-def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, max_steps: int,
-                eos_id: int = EOS_ID, top_n: int = 0, vocab_limit: int | None = None,
-                greedy: bool = False, span: int = 0):
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit", "greedy", "span")
+)
+def decode_loop(
+  params,
+  state: DecodeState,
+  *,
+  cfg: ModelConfig,
+  max_steps: int,
+  eos_id: int = EOS_ID,
+  top_n: int = 0,
+  vocab_limit: int | None = None,
+  greedy: bool = False,
+  span: int = 0,
+):
   """Decodes until every row is done or `max_steps` (lax.while_loop); outputs are [B, max_steps].
 
   `greedy=True` only when every row is greedy without a repetition penalty (`all_greedy`).
@@ -218,11 +321,14 @@ def decode_loop(params, state: DecodeState, *, cfg: ModelConfig, max_steps: int,
   """
   params = _float_params(params, cfg)
   b = state.positions_B.shape[0]
-  outs = dict(token=jnp.zeros((b, max_steps), jnp.int32),
-              logprob=jnp.zeros((b, max_steps), jnp.float32),
-              emitted=jnp.zeros((b, max_steps), bool), eos=jnp.zeros((b, max_steps), bool),
-              top_logprobs=jnp.zeros((b, max_steps, top_n), jnp.float32),
-              top_ids=jnp.zeros((b, max_steps, top_n), jnp.int32))
+  outs = dict(
+    token=jnp.zeros((b, max_steps), jnp.int32),
+    logprob=jnp.zeros((b, max_steps), jnp.float32),
+    emitted=jnp.zeros((b, max_steps), bool),
+    eos=jnp.zeros((b, max_steps), bool),
+    top_logprobs=jnp.zeros((b, max_steps, top_n), jnp.float32),
+    top_ids=jnp.zeros((b, max_steps, top_n), jnp.int32),
+  )
 
   def cond(carry):
     i, st, _ = carry
@@ -280,11 +386,13 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> tuple[np.
     if n == 0:
       raise ValueError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
     if n >= cfg.max_seq_len:
-      raise ValueError(f"prompt {i} has {n} tokens; the model holds {cfg.max_seq_len} positions, "
-                       "leave room for at least one new token")
+      raise ValueError(
+        f"prompt {i} has {n} tokens; the model holds {cfg.max_seq_len} positions, "
+        "leave room for at least one new token"
+      )
   tokens = np.full((len(prompts), bucket(int(lengths.max()), cfg.max_seq_len)), PAD_ID, np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
+    tokens[i, : len(p)] = p
   return tokens, lengths
 
 
@@ -292,6 +400,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig) -> tuple[np.
 class Batch:
   """Prompts made ready for `start` and the decode loops: padded to a bucketed width and to at
   least MIN_ROWS rows (idle ones), with the static settings the loops are compiled for."""
+
   tokens_BL: np.ndarray
   lengths_B: np.ndarray
   arrays: dict[str, np.ndarray]  # sampling_arrays, padded
@@ -304,8 +413,12 @@ class Batch:
     return start(params, self.tokens_BL, self.lengths_B, **self.arrays, cfg=cfg)
 
 
-def make_batch(prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingParams],
-               cfg: ModelConfig, min_rows: int = MIN_ROWS) -> Batch:
+def make_batch(
+  prompts: Sequence[Sequence[int]],
+  sampling: Sequence[SamplingParams],
+  cfg: ModelConfig,
+  min_rows: int = MIN_ROWS,
+) -> Batch:
   """Pads prompts and their sampling settings into a Batch (errors name the prompt at fault)."""
   if len(sampling) != len(prompts):
     raise ValueError(f"{len(prompts)} prompts but {len(sampling)} SamplingParams")
@@ -321,8 +434,6 @@ def make_batch(prompts: Sequence[Sequence[int]], sampling: Sequence[SamplingPara
     tokens_BL = np.concatenate([tokens_BL, idle])
     lengths_B = np.concatenate([lengths_B, np.ones((extra,), np.int32)])
     fill = {"top_p_B": 1, "penalty_B": 1, "temperature_B": 0}
-    arrays = {k: np.concatenate([v, np.full((extra,), fill.get(k, 0), v.dtype)])
-              for k, v in arrays.items()}
+    arrays = {k: np.concatenate([v, np.full((extra,), fill.get(k, 0), v.dtype)]) for k, v in arrays.items()}
   steps = bucket(min(int(max_new.max()), cfg.max_seq_len), cfg.max_seq_len, minimum=16)
-  return Batch(tokens_BL, lengths_B, arrays, rows, steps, decode_span(last, cfg),
-               all_greedy(sampling))
+  return Batch(tokens_BL, lengths_B, arrays, rows, steps, decode_span(last, cfg), all_greedy(sampling))

@@ -3,6 +3,7 @@
 The training loop takes them through its `make_sampler` argument (`for_training`), which the train
 command passes: the trainer itself knows nothing of decoding.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,8 +23,16 @@ class Sampler:
   different steps differ by the weights only.
   """
 
-  def __init__(self, model_cfg, tokenizer, prompts: Sequence[str], num_tokens: int,
-               temperature: float = 0.8, seed: int = 0, mesh=None):
+  def __init__(
+    self,
+    model_cfg,
+    tokenizer,
+    prompts: Sequence[str],
+    num_tokens: int,
+    temperature: float = 0.8,
+    seed: int = 0,
+    mesh=None,
+  ):
     self.tokenizer = tokenizer
     self.prompts = [p for p in prompts if p]
     keep = max(1, model_cfg.max_seq_len // 2 - 1)  # prompt tokens kept (the end of a long prompt)
@@ -34,17 +43,19 @@ class Sampler:
     self._fn = None
     if not self.prompts or self.num_tokens <= 0:
       return
-    sampling = [SamplingParams(temperature=float(temperature),
-                                            max_new_tokens=self.num_tokens, seed=int(seed) + i)
-                for i in range(len(ids))]
+    sampling = [
+      SamplingParams(temperature=float(temperature), max_new_tokens=self.num_tokens, seed=int(seed) + i)
+      for i in range(len(ids))
+    ]
     batch = make_batch(ids, sampling, model_cfg)
     self._args = (batch.tokens_BL, batch.lengths_B, batch.arrays)
     eos_id, vocab_limit, steps = int(tokenizer.eos_id), int(tokenizer.vocab_size), self.num_tokens
 
     def run(params, tokens_BL, lengths_B, arrays):
       state = start(params, tokens_BL, lengths_B, **arrays, cfg=model_cfg)
-      _, outs = decode_loop(params, state, cfg=model_cfg, max_steps=steps,
-                                         eos_id=eos_id, vocab_limit=vocab_limit, span=batch.span)
+      _, outs = decode_loop(
+        params, state, cfg=model_cfg, max_steps=steps, eos_id=eos_id, vocab_limit=vocab_limit, span=batch.span
+      )
       return outs["token"], outs["emitted"]
 
     # Replicated output: every process can read it (all processes run the sampler together).
@@ -56,7 +67,7 @@ class Sampler:
     if self._fn is None:
       return []
     tokens_BT, emitted_BT = jax.device_get(self._fn(params, *self._args))
-    return [[int(t) for t in tokens_BT[r, :int(emitted_BT[r].sum())]] for r in range(len(self.prompts))]
+    return [[int(t) for t in tokens_BT[r, : int(emitted_BT[r].sum())]] for r in range(len(self.prompts))]
 
   def __call__(self, params) -> list[str]:
     """One continuation per prompt, the prompt included."""
@@ -67,5 +78,11 @@ class Sampler:
 def for_training(setup) -> Sampler:
   """The sampler of a training run: train.sample_prompts / sample_tokens / seed on its mesh."""
   tr = setup.config.train
-  return Sampler(setup.model_cfg, setup.tokenizer, tr.sample_prompts.split(","), tr.sample_tokens,
-                 seed=tr.seed, mesh=setup.mesh)
+  return Sampler(
+    setup.model_cfg,
+    setup.tokenizer,
+    tr.sample_prompts.split(","),
+    tr.sample_tokens,
+    seed=tr.seed,
+    mesh=setup.mesh,
+  )

@@ -4,6 +4,7 @@ draw of the next token per row and the log-probability of the chosen token.
 All functions work on a batch of rows with per-row settings (arrays ending in _B), so one compiled
 decode step serves rows with different temperatures, filters and seeds.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How one sequence is sampled. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -42,6 +44,7 @@ class SamplingParams:
       object.__setattr__(self, "stop", (self.stop,))
     if any(not s for s in self.stop):
       raise ValueError("stop sequences must be non-empty strings")
+
 
 def top_k_top_p_mask(logits_BV, top_k_B, top_p_B):
   """Bool mask of the tokens kept by top-k (0 = off) and then top-p (1 = off), per row."""
@@ -85,8 +88,11 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_B
 
   needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
   branch = jnp.where(jnp.any(temperature_B > 0), jnp.where(needs_filter, 2, 1), 0)
-  return jax.lax.switch(branch, [greedy, functools.partial(draw, filtered=False),
-                                 functools.partial(draw, filtered=True)], logits_BV)
+  return jax.lax.switch(
+    branch,
+    [greedy, functools.partial(draw, filtered=False), functools.partial(draw, filtered=True)],
+    logits_BV,
+  )
 
 
 def chosen_logprob(logits_BV, tok_B):
@@ -105,9 +111,10 @@ def all_greedy(sampling: Sequence[SamplingParams]) -> bool:
 def sampling_arrays(sampling: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
   """Per-row arrays for `start` from a list of SamplingParams."""
   return dict(
-      seeds_B=np.array([s.seed for s in sampling], np.uint32),
-      max_new_B=np.array([s.max_new_tokens for s in sampling], np.int32),
-      temperature_B=np.array([s.temperature for s in sampling], np.float32),
-      top_k_B=np.array([s.top_k for s in sampling], np.int32),
-      top_p_B=np.array([s.top_p for s in sampling], np.float32),
-      penalty_B=np.array([s.repetition_penalty for s in sampling], np.float32))
+    seeds_B=np.array([s.seed for s in sampling], np.uint32),
+    max_new_B=np.array([s.max_new_tokens for s in sampling], np.int32),
+    temperature_B=np.array([s.temperature for s in sampling], np.float32),
+    top_k_B=np.array([s.top_k for s in sampling], np.int32),
+    top_p_B=np.array([s.top_p for s in sampling], np.float32),
+    penalty_B=np.array([s.repetition_penalty for s in sampling], np.float32),
+  )

@@ -2,6 +2,7 @@
 stop sequences and a hold-back for output filters), `stream` (one completion, piece by piece, for
 terminals) and `generate` (a batch of prompts in one jitted loop, with text cut at stop sequences).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,16 +19,24 @@ from llm_jax.model import ModelConfig
 @dataclasses.dataclass
 class Generation:
   """One finished sequence: new token ids, their log-probs, why it stopped, and text if decoded."""
+
   tokens: list[int]
   logprobs: list[float]
   finish_reason: str  # "stop" (EOS or a stop sequence) | "length"
   text: str | None = None
 
 
-def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
-             sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
-             tokenizer=None, eos_id: int = EOS_ID, vocab_limit: int | None = None,
-             top_n: int = 0) -> list[Generation]:
+def generate(
+  params,
+  cfg: ModelConfig,
+  prompts: Sequence[Sequence[int]],
+  sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+  *,
+  tokenizer=None,
+  eos_id: int = EOS_ID,
+  vocab_limit: int | None = None,
+  top_n: int = 0,
+) -> list[Generation]:
   """Decodes a batch of token prompts in one jitted loop; with a tokenizer, also text cut at stops.
 
   Ids >= vocab_limit (default: the tokenizer's size) are never sampled (padded embedding rows).
@@ -37,9 +46,17 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   if isinstance(sampling, SamplingParams):
     sampling = [sampling] * len(prompts)
   batch = make_batch(prompts, sampling, cfg)
-  _, outs = decode_loop(params, batch.start(params, cfg), cfg=cfg, max_steps=batch.max_steps,
-                        eos_id=eos_id, vocab_limit=vocab_limit, top_n=top_n, greedy=batch.greedy,
-                        span=batch.span)
+  _, outs = decode_loop(
+    params,
+    batch.start(params, cfg),
+    cfg=cfg,
+    max_steps=batch.max_steps,
+    eos_id=eos_id,
+    vocab_limit=vocab_limit,
+    top_n=top_n,
+    greedy=batch.greedy,
+    span=batch.span,
+  )
   outs = jax.device_get(outs)
   results = []
   for i, sp in enumerate(sampling):
@@ -64,17 +81,33 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   return results
 
 
-def stream(params, cfg: ModelConfig, tokenizer, prompt_ids: Sequence[int], sampling: SamplingParams,
-           *, eos_id: int = EOS_ID, chunk: int = 1) -> Iterator[str]:
+def stream(
+  params,
+  cfg: ModelConfig,
+  tokenizer,
+  prompt_ids: Sequence[int],
+  sampling: SamplingParams,
+  *,
+  eos_id: int = EOS_ID,
+  chunk: int = 1,
+) -> Iterator[str]:
   """Yields text pieces of one completion as they are decoded (for terminals); honours stops."""
   batch = make_batch([prompt_ids], [sampling], cfg)
   state = batch.start(params, cfg)
   text = TextStream(tokenizer, sampling.stop)
   alive = np.arange(batch.tokens_BL.shape[0]) < 1
   while True:
-    state, outs = decode_chunk(params, state, alive, cfg=cfg, steps=chunk, eos_id=eos_id,
-                               vocab_limit=tokenizer.vocab_size, greedy=batch.greedy,
-                               span=batch.span)
+    state, outs = decode_chunk(
+      params,
+      state,
+      alive,
+      cfg=cfg,
+      steps=chunk,
+      eos_id=eos_id,
+      vocab_limit=tokenizer.vocab_size,
+      greedy=batch.greedy,
+      span=batch.span,
+    )
     outs = jax.device_get(outs)
     for j in range(chunk):
       if outs["emitted"][0, j]:
@@ -105,8 +138,13 @@ class TextStream:
   recent text is kept as one string. `check` (output filters) still sees the whole text.
   """
 
-  def __init__(self, tokenizer, stop: Sequence[str] = (), hold_chars: int = 0,
-               check: Callable[[str], int | None] | None = None):
+  def __init__(
+    self,
+    tokenizer,
+    stop: Sequence[str] = (),
+    hold_chars: int = 0,
+    check: Callable[[str], int | None] | None = None,
+  ):
     self.tokenizer = tokenizer
     self.stop = tuple(s for s in stop if s)
     self.hold_chars = hold_chars
@@ -136,7 +174,7 @@ class TextStream:
     if self.finished:
       return ""
     self.ids.append(int(token_id))
-    self._live = self._live[:self._stable] + self._tail()
+    self._live = self._live[: self._stable] + self._tail()
     if self._cut():
       return self._take(self._head_len + len(self._live))
     self._settle()
@@ -152,7 +190,7 @@ class TextStream:
       return self._one_by_one(token_ids)
     n = len(self.ids)
     self.ids.extend(int(t) for t in token_ids)
-    live = self._live[:self._stable] + self._tail()
+    live = self._live[: self._stable] + self._tail()
     start = max(0, self.emitted - self._max_stop) - self._head_len
     if any(live.find(s, start) >= 0 for s in self.stop):  # find the id that completes it
       del self.ids[n:]
@@ -177,11 +215,11 @@ class TextStream:
 
   def _tail(self) -> str:
     """The text the unsettled ids ids[_r:] add (decoding the window, or everything if needed)."""
-    window = self.tokenizer.decode(self.ids[self._p:])
+    window = self.tokenizer.decode(self.ids[self._p :])
     if window.startswith(self._ctx):
-      return window[len(self._ctx):]
+      return window[len(self._ctx) :]
     full = self.tokenizer.decode(self.ids)  # the window's text depends on ids before it
-    return full[self._head_len + self._stable:]
+    return full[self._head_len + self._stable :]
 
   def _settle(self) -> None:
     """Moves the window on once the text ends in a whole character; trims `_live`."""
@@ -189,11 +227,11 @@ class TextStream:
     if tail_len == 0 or self._live.endswith("\ufffd"):
       return
     r = len(self.ids)
-    added = self.tokenizer.decode(self.ids[self._r:r])
+    added = self.tokenizer.decode(self.ids[self._r : r])
     if added:  # the new context starts at the old read position (it has text of its own)
       self._p, self._ctx = self._r, added
     else:
-      self._ctx = self.tokenizer.decode(self.ids[self._p:r])
+      self._ctx = self.tokenizer.decode(self.ids[self._p : r])
     self._r, self._stable = r, len(self._live)
     drop = min(self._stable, self.emitted - self._head_len - self._keep)
     if drop > 256:
@@ -219,14 +257,14 @@ class TextStream:
         cut, self.reason = j, "blocked"
     if cut is None:
       return False
-    self._live = self._live[:max(cut, self.emitted) - self._head_len]
+    self._live = self._live[: max(cut, self.emitted) - self._head_len]
     self.finished = True
     return True
 
   def _take(self, upto: int) -> str:
     if upto <= self.emitted:
       return ""
-    piece = self._live[self.emitted - self._head_len:upto - self._head_len]
+    piece = self._live[self.emitted - self._head_len : upto - self._head_len]
     self.emitted = upto
     return piece
 
@@ -241,7 +279,7 @@ def _held(text: str, stops: Sequence[str]) -> int:
   """Tail characters to hold back: an incomplete character's U+FFFD and the text before it that is a
   proper prefix of a stop sequence (the character it awaits may complete the stop)."""
   pending = _pending_replacement(text)
-  return pending + _stop_prefix_len(text[:len(text) - pending] if pending else text, stops)
+  return pending + _stop_prefix_len(text[: len(text) - pending] if pending else text, stops)
 
 
 def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:

@@ -1,4 +1,5 @@
 """Flax decoder and its settings; knows logical axis names, nothing about meshes."""
+
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.transformer import Decoder, constraint_mesh, stack_layers, unstack_layers
 

@@ -1,4 +1,5 @@
 """GPT-2's tanh GELU and LLaMA's SwiGLU with memory-lean gradients (float32 recomputation)."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """The model's own frozen settings, resolved from `config.model` (hashable, so flax modules can hold it)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ from llm_jax import config as config_lib
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Every architectural choice of the decoder, with derived sizes filled in."""
+
   vocab_size: int
   num_layers: int
   d_model: int
@@ -68,21 +70,38 @@ class ModelConfig:
     dtype = config_lib.compute_dtype(config, platform)
     logits_dtype = dtype if m.get("logits_dtype", "auto") == "auto" else m.logits_dtype
     return cls(
-        vocab_size=int(vocab), num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
-        num_kv_heads=m.num_kv_heads or m.num_heads, head_dim=head_dim, mlp_dim=mlp,
-        max_seq_len=m.max_seq_len, positions=m.positions, rope_theta=float(m.rope_theta),
-        rope_scaling=m.get("rope_scaling", "none"),
-        rope_scaling_factor=float(m.get("rope_scaling_factor", 1.0)),
-        rope_low_freq_factor=float(m.get("rope_low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(m.get("rope_high_freq_factor", 4.0)),
-        rope_original_max_len=int(m.get("rope_original_max_len", 8192)),
-        norm=m.norm, norm_eps=float(m.norm_eps), activation=m.activation,
-        tie_embeddings=m.tie_embeddings, use_bias=m.use_bias, dropout=float(m.dropout),
-        attention_dropout=float(m.get("attention_dropout", 0.0)),
-        dtype=dtype, param_dtype=m.param_dtype, logits_dtype=logits_dtype,
-        scan_unroll=max(1, min(int(m.get("scan_unroll", 1)), m.num_layers)),
-        attention=attention, scan_layers=m.scan_layers, remat=m.remat, init_std=float(m.init_std),
-        causal=bool(m.get("causal", True)))
+      vocab_size=int(vocab),
+      num_layers=m.num_layers,
+      d_model=m.d_model,
+      num_heads=m.num_heads,
+      num_kv_heads=m.num_kv_heads or m.num_heads,
+      head_dim=head_dim,
+      mlp_dim=mlp,
+      max_seq_len=m.max_seq_len,
+      positions=m.positions,
+      rope_theta=float(m.rope_theta),
+      rope_scaling=m.get("rope_scaling", "none"),
+      rope_scaling_factor=float(m.get("rope_scaling_factor", 1.0)),
+      rope_low_freq_factor=float(m.get("rope_low_freq_factor", 1.0)),
+      rope_high_freq_factor=float(m.get("rope_high_freq_factor", 4.0)),
+      rope_original_max_len=int(m.get("rope_original_max_len", 8192)),
+      norm=m.norm,
+      norm_eps=float(m.norm_eps),
+      activation=m.activation,
+      tie_embeddings=m.tie_embeddings,
+      use_bias=m.use_bias,
+      dropout=float(m.dropout),
+      attention_dropout=float(m.get("attention_dropout", 0.0)),
+      dtype=dtype,
+      param_dtype=m.param_dtype,
+      logits_dtype=logits_dtype,
+      scan_unroll=max(1, min(int(m.get("scan_unroll", 1)), m.num_layers)),
+      attention=attention,
+      scan_layers=m.scan_layers,
+      remat=m.remat,
+      init_std=float(m.init_std),
+      causal=bool(m.get("causal", True)),
+    )
 
   def param_count(self, include_embedding: bool = True) -> int:
     """Parameters of the decoder (counted from shapes, without building it)."""

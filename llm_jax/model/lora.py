@@ -9,6 +9,7 @@ B is [r, out], with a leading layer axis when the blocks are scanned. The merged
 
 Training adapters is llm_jax/finetune/lora.py; opening a LoRA run merges them here (llm_jax.artifacts).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,6 +29,7 @@ _TWO_INPUT_AXES = ("attn/out/kernel",)  # [heads, head_dim, d_model]: two contra
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
   """Rank, alpha, dropout and the regular expressions selecting kernels to adapt."""
+
   rank: int
   alpha: float = 16.0
   dropout: float = 0.0
@@ -56,8 +58,7 @@ def spec_from_config(config) -> LoraSpec | None:
     try:
       re.compile(t)
     except re.error as e:
-      raise config_lib.ConfigError(
-          f"finetune.lora.targets: {t!r} is not a regular expression: {e}") from e
+      raise config_lib.ConfigError(f"finetune.lora.targets: {t!r} is not a regular expression: {e}") from e
   return LoraSpec(rank=rank, alpha=float(lo.alpha), dropout=float(lo.dropout), targets=targets)
 
 
@@ -74,7 +75,7 @@ class _Target:
 
 def _target(name: str, shape: tuple[int, ...]) -> _Target:
   lead = shape[:1] if name.startswith("blocks/") else ()
-  rest = shape[len(lead):]
+  rest = shape[len(lead) :]
   k = 2 if any(name.endswith(t) for t in _TWO_INPUT_AXES) else 1
   return _Target(lead=tuple(lead), in_shape=tuple(rest[:k]), out_shape=tuple(rest[k:]))
 
@@ -82,8 +83,11 @@ def _target(name: str, shape: tuple[int, ...]) -> _Target:
 def find_targets(params, spec: LoraSpec) -> dict[str, _Target]:
   """{kernel name: its matrix view} for every kernel matched by spec.targets; none matched raises."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  kernels = {path_name(p): tuple(leaf.shape) for p, leaf in flat
-             if path_name(p).endswith("kernel") and len(leaf.shape) >= 2}
+  kernels = {
+    path_name(p): tuple(leaf.shape)
+    for p, leaf in flat
+    if path_name(p).endswith("kernel") and len(leaf.shape) >= 2
+  }
   out, unmatched = {}, []
   for pattern in spec.targets:
     hits = [n for n in kernels if re.search(pattern, n)]
@@ -93,8 +97,9 @@ def find_targets(params, spec: LoraSpec) -> dict[str, _Target]:
       out[n] = _target(n, kernels[n])
   if unmatched:
     raise config_lib.ConfigError(
-        f"finetune.lora.targets {unmatched} match no kernel; the model's kernels are "
-        f"{', '.join(sorted(kernels))}")
+      f"finetune.lora.targets {unmatched} match no kernel; the model's kernels are "
+      f"{', '.join(sorted(kernels))}"
+    )
   return dict(sorted(out.items()))
 
 

@@ -3,6 +3,7 @@
 Every module that names a parameter ('blocks/attn/query/kernel'), flattens a tree for a file, or needs
 the shapes of a model without allocating it uses these functions.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,8 +60,11 @@ def init_params(cfg: ModelConfig, seed: int = 0):
 
 def _shape_table(tree) -> dict[str, tuple[tuple[int, ...], str]]:
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_qtensor)[0]
-  return {path_name(p): (tuple(leaf.shape), str(getattr(leaf, "dtype", "int8")))
-          for p, leaf in flat if hasattr(leaf, "shape")}
+  return {
+    path_name(p): (tuple(leaf.shape), str(getattr(leaf, "dtype", "int8")))
+    for p, leaf in flat
+    if hasattr(leaf, "shape")
+  }
 
 
 def shape_differences(saved, wanted, *, dtypes: bool = True) -> list[str]:

@@ -6,6 +6,7 @@ A quantized leaf is a `QTensor(q int8, scale float32)`; `dequantize` turns a tre
 (eagerly at load, or inside a jitted function so that weights stay int8 in device memory).
 The report comparing precisions is `python -m llm_jax.quantize` (llm_jax/quantize.py).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,6 +22,7 @@ SCALE_SUFFIX = ".scale"
 @struct.dataclass
 class QTensor:
   """An int8 tensor and its float32 scale (keepdims shape, broadcast against q)."""
+
   q: Any
   scale: Any
 
@@ -63,18 +65,22 @@ def _name(path) -> str:
 
 def quantize_params(params) -> Any:
   """Replaces every matmul weight in a parameter tree with a QTensor (numpy, on the host)."""
+
   def one(path, leaf):
     axes = contracting_axes(_name(path), np.ndim(leaf))
     return leaf if axes is None else quantize_array(leaf, axes)
+
   return jax.tree_util.tree_map_with_path(one, params)
 
 
 def dequantize(params, dtype=jnp.float32) -> Any:
   """QTensor leaves -> float arrays of `dtype`; other leaves unchanged. Works eagerly and under jit."""
+
   def one(leaf):
     if is_qtensor(leaf):
       return (jnp.asarray(leaf.q).astype(jnp.float32) * jnp.asarray(leaf.scale)).astype(dtype)
     return leaf
+
   return jax.tree.map(one, params, is_leaf=is_qtensor)
 
 

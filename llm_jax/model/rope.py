@@ -1,4 +1,5 @@
 """Rotary position embeddings (LLaMA), with the linear and llama3 frequency scalings."""
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ def rope_scaled_frequencies(cfg: ModelConfig) -> np.ndarray | None:
   if cfg.rope_scaling not in ROPE_SCALINGS:
     raise ValueError(f"rope_scaling={cfg.rope_scaling!r} is not one of {', '.join(ROPE_SCALINGS)}")
   h = cfg.head_dim
-  freq_h = (1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2).astype(np.float32) / h)))
+  freq_h = 1.0 / (np.float32(cfg.rope_theta) ** (np.arange(0, h, 2).astype(np.float32) / h))
   freq_h = freq_h.astype(np.float32)
   factor = np.float32(cfg.rope_scaling_factor)
   if cfg.rope_scaling == "linear":

@@ -6,6 +6,7 @@ without the causal mask, and no KV-cache decoding.
 Shapes in names: B batch, L length (queries), S cache length (keys), D d_model, N query heads,
 K kv heads, H head dim, F mlp dim, V vocab.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,11 +71,12 @@ def _gathering_dot(kernel_axes):
   """
   want = _gathered(kernel_axes)
 
-  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
-                  **kw):
+  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     rhs = _constrain(rhs, want)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, **kw)
+    return jax.lax.dot_general(
+      lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw
+    )
+
   return dot_general
 
 
@@ -84,18 +86,24 @@ def _normal(std: float):
 
 class Norm(nn.Module):
   """LayerNorm or RMSNorm, computed in float32, returned in the compute dtype."""
+
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BLD):
     c = self.cfg
-    kw = dict(epsilon=c.norm_eps, dtype=jnp.float32, param_dtype=_dtype(c.param_dtype),
-              scale_init=_lp(nn.initializers.ones, ("norm",)))
+    kw = dict(
+      epsilon=c.norm_eps,
+      dtype=jnp.float32,
+      param_dtype=_dtype(c.param_dtype),
+      scale_init=_lp(nn.initializers.ones, ("norm",)),
+    )
     if c.norm == "rmsnorm":
       y = nn.RMSNorm(**kw)(x_BLD.astype(jnp.float32))
     else:
-      y = nn.LayerNorm(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)),
-                       **kw)(x_BLD.astype(jnp.float32))
+      y = nn.LayerNorm(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)), **kw)(
+        x_BLD.astype(jnp.float32)
+      )
     return y.astype(_dtype(c.dtype))
 
 
@@ -106,21 +114,35 @@ class Attention(nn.Module):
   `decode_span` (decoding only; 0 = max_seq_len): attend to the first decode_span cache positions.
   The caller guarantees every position in the call is below it (generate picks a bucket).
   """
+
   cfg: ModelConfig
   decode_span: int = 0
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, decode: bool = False,
-               deterministic: bool = True, layer=None):
+  def __call__(
+    self,
+    x_BLD,
+    positions_BL,
+    segment_ids_BL=None,
+    decode: bool = False,
+    deterministic: bool = True,
+    layer=None,
+  ):
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
 
     def proj(name, heads, axes):
-      return nn.DenseGeneral((heads, c.head_dim), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
-                             dot_general=_gathering_dot(("embed",) + axes),
-                             kernel_init=_lp(_normal(c.init_std), ("embed",) + axes),
-                             bias_init=_lp(nn.initializers.zeros, axes), name=name)(x_BLD)
+      return nn.DenseGeneral(
+        (heads, c.head_dim),
+        use_bias=c.use_bias,
+        dtype=dt,
+        param_dtype=pdt,
+        dot_general=_gathering_dot(("embed",) + axes),
+        kernel_init=_lp(_normal(c.init_std), ("embed",) + axes),
+        bias_init=_lp(nn.initializers.zeros, axes),
+        name=name,
+      )(x_BLD)
 
     q_BLNH = proj("query", c.num_heads, ("heads", "kv"))
     k_BLKH = proj("key", c.num_kv_heads, ("kv_heads", "kv"))
@@ -141,29 +163,40 @@ class Attention(nn.Module):
       out_BLNH = self._dropout_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
     elif segment_ids_BL is not None:
       same_B1LL = segment_ids_BL[:, None, :, None] == segment_ids_BL[:, None, None, :]
-      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_B1LL,
-                                              is_causal=c.causal, implementation="xla")
+      out_BLNH = jax.nn.dot_product_attention(
+        q_BLNH, k_BLKH, v_BLKH, mask=same_B1LL, is_causal=c.causal, implementation="xla"
+      )
     else:
-      out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, is_causal=c.causal,
-                                              implementation=c.attention)
+      out_BLNH = jax.nn.dot_product_attention(
+        q_BLNH, k_BLKH, v_BLKH, is_causal=c.causal, implementation=c.attention
+      )
     out_BLNH = _constrain(out_BLNH, ("batch", "length", "act_heads", None))
-    return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=c.use_bias, dtype=dt, param_dtype=pdt,
-                           dot_general=_gathering_dot(("heads", "kv", "embed")),
-                           kernel_init=_lp(_normal(out_std), ("heads", "kv", "embed")),
-                           bias_init=_lp(nn.initializers.zeros, ("embed",)), name="out")(out_BLNH)
+    return nn.DenseGeneral(
+      c.d_model,
+      axis=(-2, -1),
+      use_bias=c.use_bias,
+      dtype=dt,
+      param_dtype=pdt,
+      dot_general=_gathering_dot(("heads", "kv", "embed")),
+      kernel_init=_lp(_normal(out_std), ("heads", "kv", "embed")),
+      bias_init=_lp(nn.initializers.zeros, ("embed",)),
+      name="out",
+    )(out_BLNH)
 
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     """Attention with dropout on the probabilities (training only; XLA, not fused)."""
     c = self.cfg
     b, length, n, h = q_BLNH.shape
     q_BLKGH = q_BLNH.reshape(b, length, c.num_kv_heads, n // c.num_kv_heads, h)
-    s_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BLKH,
-                         preferred_element_type=jnp.float32) / math.sqrt(h)
+    s_BKGLS = jnp.einsum(
+      "blkgh,bskh->bkgls", q_BLKGH, k_BLKH, preferred_element_type=jnp.float32
+    ) / math.sqrt(h)
     mask_BKGLS = jnp.ones((length, length), bool)
     mask_BKGLS = (jnp.tril(mask_BKGLS) if c.causal else mask_BKGLS)[None, None, None]
     if segment_ids_BL is not None:
-      mask_BKGLS = mask_BKGLS & (segment_ids_BL[:, None, None, :, None] ==
-                                 segment_ids_BL[:, None, None, None, :])
+      mask_BKGLS = mask_BKGLS & (
+        segment_ids_BL[:, None, None, :, None] == segment_ids_BL[:, None, None, None, :]
+      )
     s_BKGLS = jnp.where(mask_BKGLS, s_BKGLS, jnp.finfo(jnp.float32).min)
     p_BKGLS = nn.Dropout(c.attention_dropout)(jax.nn.softmax(s_BKGLS, axis=-1), deterministic=False)
     out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", p_BKGLS.astype(v_BLKH.dtype), v_BLKH)
@@ -196,6 +229,7 @@ class Attention(nn.Module):
       if layer is None:
         return cache.at[rows_BL, :, pos_BL, :].set(new_BLKH)
       return cache.at[layer, rows_BL, :, pos_BL, :].set(new_BLKH)
+
     k_cache.value = write(k_cache.value, k_BLKH)
     v_cache.value = write(v_cache.value, v_BLKH)
     k_BKSH, v_BKSH = k_cache.value, v_cache.value
@@ -206,11 +240,12 @@ class Attention(nn.Module):
       k_BKSH, v_BKSH = k_BKSH[:, :, :span], v_BKSH[:, :, :span]
     q_BKGLH = q_BLNH.reshape(b, length, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
-    s_BKGLS = jnp.einsum("bkglh,bksh->bkgls", q_BKGLH, k_BKSH, precision=precision,
-                         preferred_element_type=jnp.float32)
+    s_BKGLS = jnp.einsum(
+      "bkglh,bksh->bkgls", q_BKGLH, k_BKSH, precision=precision, preferred_element_type=jnp.float32
+    )
     s_BKGLS = s_BKGLS * jnp.array(1.0 / math.sqrt(h), jnp.float32)
     key_pos_S = jnp.arange(span)
-    mask_B11LS = (key_pos_S[None, None, None, None, :] <= positions_BL[:, None, None, :, None])
+    mask_B11LS = key_pos_S[None, None, None, None, :] <= positions_BL[:, None, None, :, None]
     s_BKGLS = jnp.where(mask_B11LS, s_BKGLS, -0.7 * float(jnp.finfo(jnp.float32).max))
     p_BKGLS = jax.nn.softmax(s_BKGLS, axis=-1).astype(k_BKSH.dtype)
     out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_BKGLS, v_BKSH)
@@ -219,6 +254,7 @@ class Attention(nn.Module):
 
 class Mlp(nn.Module):
   """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+
   cfg: ModelConfig
 
   @nn.compact
@@ -228,16 +264,24 @@ class Mlp(nn.Module):
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
 
     def dense(name, feat, axes, std):
-      return nn.Dense(feat, use_bias=c.use_bias, dtype=dt, param_dtype=pdt, name=name,
-                      dot_general=_gathering_dot(axes),
-                      kernel_init=_lp(_normal(std), axes),
-                      bias_init=_lp(nn.initializers.zeros, axes[1:]))
+      return nn.Dense(
+        feat,
+        use_bias=c.use_bias,
+        dtype=dt,
+        param_dtype=pdt,
+        name=name,
+        dot_general=_gathering_dot(axes),
+        kernel_init=_lp(_normal(std), axes),
+        bias_init=_lp(nn.initializers.zeros, axes[1:]),
+      )
 
     # The activations carry custom gradients: autodiff would also keep tanh/sigmoid outputs
     # [B, L, F] for the backward pass, one more write and read of the MLP's largest tensor.
     if c.activation == "swiglu":
-      h_BLF = swiglu(dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
-                     dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD))
+      h_BLF = swiglu(
+        dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
+        dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
+      )
     else:
       h_BLF = gelu_tanh(dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD))
     h_BLF = _constrain(h_BLF, ("batch", "length", "act_mlp"))
@@ -246,6 +290,7 @@ class Mlp(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
   cfg: ModelConfig
   decode: bool = False
   decode_span: int = 0
@@ -257,8 +302,14 @@ class Block(nn.Module):
     if isinstance(x_BLD, tuple):  # decoding under nn.scan: carry (x, layer index), stacked cache
       x_BLD, layer = x_BLD
     drop = nn.Dropout(c.dropout)
-    h = Attention(c, decode_span=self.decode_span, name="attn")(Norm(c, name="norm_attn")(x_BLD), positions_BL, segment_ids_BL,
-                                  decode=self.decode, deterministic=deterministic, layer=layer)
+    h = Attention(c, decode_span=self.decode_span, name="attn")(
+      Norm(c, name="norm_attn")(x_BLD),
+      positions_BL,
+      segment_ids_BL,
+      decode=self.decode,
+      deterministic=deterministic,
+      layer=layer,
+    )
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
@@ -271,15 +322,16 @@ class Block(nn.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
 class Decoder(nn.Module):
   """Token ids [B, L] -> float32 logits [B, L, V]. `decode=True` uses and fills the KV cache;
   `decode_span` > 0 then attends to that many cache positions only (see Attention)."""
+
   cfg: ModelConfig
   decode: bool = False
   decode_span: int = 0
@@ -287,15 +339,18 @@ class Decoder(nn.Module):
   def setup(self):
     c = self.cfg
     pdt = _dtype(c.param_dtype)
-    self.embedding = self.param("embedding", _lp(_normal(c.init_std), ("vocab", "embed")),
-                                (c.vocab_size, c.d_model), pdt)
+    self.embedding = self.param(
+      "embedding", _lp(_normal(c.init_std), ("vocab", "embed")), (c.vocab_size, c.d_model), pdt
+    )
     if c.positions == "learned":
-      self.pos_embedding = self.param("pos_embedding", _lp(_normal(c.init_std / 2), (None, "embed")),
-                                      (c.max_seq_len, c.d_model), pdt)
+      self.pos_embedding = self.param(
+        "pos_embedding", _lp(_normal(c.init_std / 2), (None, "embed")), (c.max_seq_len, c.d_model), pdt
+      )
     block = Block
     if c.remat != "none":
-      block = nn.remat(block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers,
-                       static_argnums=(4,))
+      block = nn.remat(
+        block, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers, static_argnums=(4,)
+      )
     if c.scan_layers:
       # Decoding (after init) carries the whole stacked cache through the layers, each writing
       # its own slot in place; init still stacks the per-layer caches ([layers, B, K, S, H]).
@@ -304,18 +359,24 @@ class Decoder(nn.Module):
       else:
         axes = dict(variable_axes={"params": 0, "cache": 0})
       self.blocks = nn.scan(
-          block, **axes, split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-          unroll=c.scan_unroll,
-          metadata_params={nn.PARTITION_NAME: "layers"})(c, decode=self.decode,
-                                                         decode_span=self.decode_span, name="blocks")
+        block,
+        **axes,
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        unroll=c.scan_unroll,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, decode=self.decode, decode_span=self.decode_span, name="blocks")
     else:
-      self.blocks = [block(c, decode=self.decode, decode_span=self.decode_span, name=f"block_{i}")
-                     for i in range(c.num_layers)]
+      self.blocks = [
+        block(c, decode=self.decode, decode_span=self.decode_span, name=f"block_{i}")
+        for i in range(c.num_layers)
+      ]
     self.final_norm = Norm(c)
     if not c.tie_embeddings:
-      self.head = self.param("head", _lp(_normal(c.init_std), ("embed", "vocab")),
-                             (c.d_model, c.vocab_size), pdt)
+      self.head = self.param(
+        "head", _lp(_normal(c.init_std), ("embed", "vocab")), (c.d_model, c.vocab_size), pdt
+      )
     self.drop = nn.Dropout(c.dropout)
 
   def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
@@ -348,8 +409,7 @@ class Decoder(nn.Module):
     The matmul runs in the compute dtype with float32 accumulation and writes cfg.logits_dtype.
     """
     w_DV = self.head_matrix().astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV,
-                            preferred_element_type=_dtype(self.cfg.logits_dtype))
+    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=_dtype(self.cfg.logits_dtype))
     logits_BLV = _constrain(logits_BLV, ("batch", "length", "act_vocab"))
     return logits_BLV if keep_dtype else logits_BLV.astype(jnp.float32)
 

@@ -7,6 +7,7 @@ Compiled programs are kept in JAX's persistent compilation cache (--compile_cach
 start with the same model and flags loads them instead of compiling.
 Exit 2 for a bad flag, an unreadable package, filter file or key file; 1 when the model fails to load.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -23,54 +24,77 @@ from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.filters import FilterConfigError, Filters, load_filters
 
-_PACKAGE = flags.DEFINE_string("package", None, "Model package (python -m llm_jax.export), training run "
-                               "directory or Hugging Face checkpoint directory.",
-                               required=True)
+_PACKAGE = flags.DEFINE_string(
+  "package",
+  None,
+  "Model package (python -m llm_jax.export), training run directory or Hugging Face checkpoint directory.",
+  required=True,
+)
 flags.DEFINE_alias("workdir", "package")
-_STEP = flags.DEFINE_string("step", None, "With a run directory: checkpoint step or 'best' (default: "
-                            "the latest).")
+_STEP = flags.DEFINE_string(
+  "step", None, "With a run directory: checkpoint step or 'best' (default: the latest)."
+)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Bind address (default: loopback only).")
 _PORT = flags.DEFINE_integer("port", 8000, "TCP port.", lower_bound=0, upper_bound=65535)
-_API_KEY_FILE = flags.DEFINE_string("api_key_file", "", "File holding the API key (16+ characters); "
-                                    "when given, every route but /health needs 'Authorization: "
-                                    "Bearer <key>'.")
+_API_KEY_FILE = flags.DEFINE_string(
+  "api_key_file",
+  "",
+  "File holding the API key (16+ characters); "
+  "when given, every route but /health needs 'Authorization: "
+  "Bearer <key>'.",
+)
 _FILTERS = flags.DEFINE_string("filters", "", "JSON file of input/output blocked patterns.")
-_LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Put prompt and completion text in the audit "
-                                 "log.")
-_AUDIT_LOG = flags.DEFINE_string("audit_log", "", "Audit JSON lines go here (created 0600; default "
-                                 "stderr).")
-_AUDIT_MAX_BYTES = flags.DEFINE_integer("audit_max_bytes", audit_lib.DEFAULT_MAX_BYTES,
-                                        "Rotate the audit log at this size (0: never).", lower_bound=0)
-_AUDIT_BACKUPS = flags.DEFINE_integer("audit_backups", audit_lib.DEFAULT_BACKUPS,
-                                      "Rotated audit files kept (FILE.1 ... FILE.N).", lower_bound=1)
+_LOG_PROMPTS = flags.DEFINE_bool("log_prompts", False, "Put prompt and completion text in the audit log.")
+_AUDIT_LOG = flags.DEFINE_string("audit_log", "", "Audit JSON lines go here (created 0600; default stderr).")
+_AUDIT_MAX_BYTES = flags.DEFINE_integer(
+  "audit_max_bytes",
+  audit_lib.DEFAULT_MAX_BYTES,
+  "Rotate the audit log at this size (0: never).",
+  lower_bound=0,
+)
+_AUDIT_BACKUPS = flags.DEFINE_integer(
+  "audit_backups", audit_lib.DEFAULT_BACKUPS, "Rotated audit files kept (FILE.1 ... FILE.N).", lower_bound=1
+)
 _SLOTS = flags.DEFINE_integer("slots", 8, "Batch slots decoded together.", lower_bound=1)
-_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", 32, "Requests in flight (queued or "
-                                       "decoding) before 429.", lower_bound=1)
-_DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 4, "Decode steps per engine iteration.",
-                                     lower_bound=1)
-_MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 0, "0: max_seq_len - 1.",
-                                          lower_bound=0)
-_MAX_TOTAL_TOKENS = flags.DEFINE_integer("max_total_tokens", 0, "Prompt + max_tokens; 0: "
-                                         "max_seq_len.", lower_bound=0)
-_MAX_BODY_BYTES = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (413).",
-                                       lower_bound=1)
-_REQUEST_TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds per request (queue + "
-                                      "decoding; 504).", lower_bound=1e-3)
+_MAX_CONCURRENT = flags.DEFINE_integer(
+  "max_concurrent", 32, "Requests in flight (queued or decoding) before 429.", lower_bound=1
+)
+_DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 4, "Decode steps per engine iteration.", lower_bound=1)
+_MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 0, "0: max_seq_len - 1.", lower_bound=0)
+_MAX_TOTAL_TOKENS = flags.DEFINE_integer(
+  "max_total_tokens", 0, "Prompt + max_tokens; 0: max_seq_len.", lower_bound=0
+)
+_MAX_BODY_BYTES = flags.DEFINE_integer(
+  "max_body_bytes", 1 << 20, "Largest request body (413).", lower_bound=1
+)
+_REQUEST_TIMEOUT = flags.DEFINE_float(
+  "request_timeout", 60.0, "Seconds per request (queue + decoding; 504).", lower_bound=1e-3
+)
 _MAX_N = flags.DEFINE_integer("max_n", 4, "Largest n (choices per request).", lower_bound=1)
-_MAX_PROMPTS = flags.DEFINE_integer("max_prompts", 32, "Most prompts in one batched completion "
-                                    "request (lm-eval's batch_size).", lower_bound=1)
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default float32 "
-                           "on CPU, bfloat16 on GPU/TPU).")
-_INT8_IN_MEMORY = flags.DEFINE_bool("int8_in_memory", False, "int8 packages: keep weights int8 on "
-                                    "the device and dequantize inside each step (less memory, "
-                                    "usually slower).")
+_MAX_PROMPTS = flags.DEFINE_integer(
+  "max_prompts", 32, "Most prompts in one batched completion request (lm-eval's batch_size).", lower_bound=1
+)
+_DTYPE = flags.DEFINE_enum(
+  "dtype", None, ["float32", "bfloat16"], "Compute dtype (default float32 on CPU, bfloat16 on GPU/TPU)."
+)
+_INT8_IN_MEMORY = flags.DEFINE_bool(
+  "int8_in_memory",
+  False,
+  "int8 packages: keep weights int8 on "
+  "the device and dequantize inside each step (less memory, "
+  "usually slower).",
+)
 _MODEL_NAME = flags.DEFINE_string("model_name", "", "Name in /v1/models (default: the package's).")
 _COMPILE_CACHE = flags.DEFINE_string(
-    "compile_cache", "", "Directory of JAX's persistent compilation cache (default: "
-    "$JAX_COMPILATION_CACHE_DIR, else $LLM_JAX_CACHE/jax_compile, else ~/.cache/llm_jax/jax_compile; "
-    "shared with training and safe to share between servers); 'off': compile every start.")
-_LOG_LEVEL = flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"],
-                               "Level of the server's log.")
+  "compile_cache",
+  "",
+  "Directory of JAX's persistent compilation cache (default: "
+  "$JAX_COMPILATION_CACHE_DIR, else $LLM_JAX_CACHE/jax_compile, else ~/.cache/llm_jax/jax_compile; "
+  "shared with training and safe to share between servers); 'off': compile every start.",
+)
+_LOG_LEVEL = flags.DEFINE_enum(
+  "log_level", "info", ["debug", "info", "warning", "error"], "Level of the server's log."
+)
 
 log = logging.getLogger("llm_jax.serve")
 
@@ -103,15 +127,29 @@ def settings_from_flags() -> app_lib.ServerSettings:
   except (ArtifactError, FilterConfigError) as e:
     raise cli.UsageError(str(e)) from e
   return app_lib.ServerSettings(
-      package=_PACKAGE.value, step=cli.parse_step(_STEP.value), host=_HOST.value, port=_PORT.value,
-      api_key=_read_key(_API_KEY_FILE.value) if _API_KEY_FILE.value else None, filters=filters,
-      log_prompts=_LOG_PROMPTS.value, audit_log=_AUDIT_LOG.value,
-      audit_max_bytes=_AUDIT_MAX_BYTES.value, audit_backups=_AUDIT_BACKUPS.value,
-      slots=_SLOTS.value, max_concurrent=_MAX_CONCURRENT.value, decode_chunk=_DECODE_CHUNK.value,
-      max_prompt_tokens=_MAX_PROMPT_TOKENS.value, max_total_tokens=_MAX_TOTAL_TOKENS.value,
-      max_body_bytes=_MAX_BODY_BYTES.value, request_timeout_s=_REQUEST_TIMEOUT.value,
-      max_n=_MAX_N.value, max_prompts=_MAX_PROMPTS.value, compute_dtype=_DTYPE.value, int8_in_memory=_INT8_IN_MEMORY.value,
-      model_name=_MODEL_NAME.value)
+    package=_PACKAGE.value,
+    step=cli.parse_step(_STEP.value),
+    host=_HOST.value,
+    port=_PORT.value,
+    api_key=_read_key(_API_KEY_FILE.value) if _API_KEY_FILE.value else None,
+    filters=filters,
+    log_prompts=_LOG_PROMPTS.value,
+    audit_log=_AUDIT_LOG.value,
+    audit_max_bytes=_AUDIT_MAX_BYTES.value,
+    audit_backups=_AUDIT_BACKUPS.value,
+    slots=_SLOTS.value,
+    max_concurrent=_MAX_CONCURRENT.value,
+    decode_chunk=_DECODE_CHUNK.value,
+    max_prompt_tokens=_MAX_PROMPT_TOKENS.value,
+    max_total_tokens=_MAX_TOTAL_TOKENS.value,
+    max_body_bytes=_MAX_BODY_BYTES.value,
+    request_timeout_s=_REQUEST_TIMEOUT.value,
+    max_n=_MAX_N.value,
+    max_prompts=_MAX_PROMPTS.value,
+    compute_dtype=_DTYPE.value,
+    int8_in_memory=_INT8_IN_MEMORY.value,
+    model_name=_MODEL_NAME.value,
+  )
 
 
 def main(argv: list[str]) -> int:
@@ -127,8 +165,11 @@ def main(argv: list[str]) -> int:
   cli.use_compile_cache(cache, min_compile_secs=0)  # a server's quick programs are worth keeping too
   log.info("compilation cache: %s", cache or "off")
   if not _loopback(settings.host):
-    log.warning("binding %s: reachable from other machines%s", settings.host,
-                "" if settings.api_key else " WITHOUT an API key (use --api_key_file)")
+    log.warning(
+      "binding %s: reachable from other machines%s",
+      settings.host,
+      "" if settings.api_key else " WITHOUT an API key (use --api_key_file)",
+    )
   server: list[uvicorn.Server] = []
 
   def on_failure():
@@ -138,11 +179,21 @@ def main(argv: list[str]) -> int:
 
   app = app_lib.create_app(settings, on_load_failure=on_failure)
   app.state.llm.started = t0
-  config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=_LOG_LEVEL.value,
-                          access_log=False, timeout_graceful_shutdown=5)
+  config = uvicorn.Config(
+    app,
+    host=settings.host,
+    port=settings.port,
+    log_level=_LOG_LEVEL.value,
+    access_log=False,
+    timeout_graceful_shutdown=5,
+  )
   server.append(uvicorn.Server(config))
-  log.info("listening on http://%s:%d (pid %d); /health turns 200 once the model is compiled",
-           settings.host, settings.port, os.getpid())
+  log.info(
+    "listening on http://%s:%d (pid %d); /health turns 200 once the model is compiled",
+    settings.host,
+    settings.port,
+    os.getpid(),
+  )
   server[0].run()
   if app.state.llm.error:
     raise RuntimeError(f"could not load --package {settings.package}: {app.state.llm.error}")

@@ -4,6 +4,7 @@
 in a background thread at start-up (`/health` answers 503 until it is compiled). No route reads
 files or runs code named by a request.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class ServerSettings:
   """Everything `python -m llm_jax.serve` takes (see its --help)."""
+
   package: str  # a package, a run directory (or anything llm_jax.artifacts.open_model opens)
   step: int | str | None = None  # a run's checkpoint: None latest, 'best', or a step number
   host: str = "127.0.0.1"
@@ -58,8 +60,9 @@ class ServerSettings:
 
 def open_served_model(settings: ServerSettings) -> OpenedModel:
   """The model the server answers with, its layers unstacked for decoding."""
-  loaded = open_model(settings.package, settings.step, dtype=settings.compute_dtype or "auto",
-                      keep_int8=settings.int8_in_memory)
+  loaded = open_model(
+    settings.package, settings.step, dtype=settings.compute_dtype or "auto", keep_int8=settings.int8_in_memory
+  )
   # one buffer per layer for decoding (replaces the stacked copy rather than doubling it)
   loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config)
   return loaded
@@ -71,9 +74,12 @@ class ServerState:
   def __init__(self, settings: ServerSettings):
     self.settings = settings
     self.metrics = Metrics(settings.slots)
-    self.auditor = audit_lib.Auditor(settings.audit_log, max_bytes=settings.audit_max_bytes,
-                                     backups=settings.audit_backups,
-                                     log_prompts=settings.log_prompts)
+    self.auditor = audit_lib.Auditor(
+      settings.audit_log,
+      max_bytes=settings.audit_max_bytes,
+      backups=settings.audit_backups,
+      log_prompts=settings.log_prompts,
+    )
     self.loaded = None
     self.token_bytes = None  # UTF-8 bytes each token id adds to text (text offsets)
     self.templates = None  # the chat template (finetune.sft.Templates)
@@ -93,19 +99,32 @@ class ServerState:
       self.token_bytes = loaded.tokenizer.token_bytes()
       self.templates = templates_of(loaded)
       self.name = s.model_name or loaded.name
-      self.auditor.identity = {"build_id": loaded.build_id,
-                               "tokenizer_sha256": loaded.tokenizer_sha256,
-                               "manifest_sha256": loaded.manifest_sha256}
-      engine = Engine(loaded.params, loaded.model_config, loaded.tokenizer, slots=s.slots,
-                      max_concurrent=s.max_concurrent, chunk=s.decode_chunk,
-                      hold_chars=s.filters.hold_chars if s.filters.output else 0,
-                      output_check=s.filters.check_output if s.filters.output else None,
-                      metrics=self.metrics)
+      self.auditor.identity = {
+        "build_id": loaded.build_id,
+        "tokenizer_sha256": loaded.tokenizer_sha256,
+        "manifest_sha256": loaded.manifest_sha256,
+      }
+      engine = Engine(
+        loaded.params,
+        loaded.model_config,
+        loaded.tokenizer,
+        slots=s.slots,
+        max_concurrent=s.max_concurrent,
+        chunk=s.decode_chunk,
+        hold_chars=s.filters.hold_chars if s.filters.output else 0,
+        output_check=s.filters.check_output if s.filters.output else None,
+        metrics=self.metrics,
+      )
       t_compile = engine.warmup()
       engine.start()
       self.engine = engine
-      log.info("ready: %s; loaded in %.1fs, compiled in %.1fs, start-up %.1fs", loaded.describe(),
-               t_load, t_compile, time.monotonic() - self.started)
+      log.info(
+        "ready: %s; loaded in %.1fs, compiled in %.1fs, start-up %.1fs",
+        loaded.describe(),
+        t_load,
+        t_compile,
+        time.monotonic() - self.started,
+      )
     except Exception as e:  # reported by /health and the log
       self.error = f"{type(e).__name__}: {e}"
       log.error("could not load %s: %s", s.package, self.error)
@@ -170,10 +189,10 @@ class ServerThread:
     self.sock = bind_socket(host, port)
     self.port = self.sock.getsockname()[1]
     self.url = f"http://{host}:{self.port}"
-    self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                timeout_graceful_shutdown=2))
-    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                   daemon=True)
+    self.server = uvicorn.Server(
+      uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
+    )
+    self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
   def start(self, wait_ready_s: float = 120.0, wait_model: bool = True) -> ServerThread:
     """Starts serving and waits until /health would say 200 (model loaded and compiled)."""

@@ -5,6 +5,7 @@ readable by its owner only (0600; an existing file is tightened) and rotated by 
 `max_bytes` it becomes FILE.1 (FILE.1 becomes FILE.2, ...; `backups` old files are kept).
 Without a path the lines go to stderr.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,16 +41,26 @@ def iso(t: float) -> str:
 class Auditor:
   """Writes the audit line of each request, adding the package's identity."""
 
-  def __init__(self, path: str = "", *, max_bytes: int = DEFAULT_MAX_BYTES,
-               backups: int = DEFAULT_BACKUPS, log_prompts: bool = False):
+  def __init__(
+    self,
+    path: str = "",
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    backups: int = DEFAULT_BACKUPS,
+    log_prompts: bool = False,
+  ):
     if max_bytes < 0 or backups < 0 or (max_bytes and not backups):
-      raise ValueError(f"audit log rotation: max_bytes={max_bytes} and backups={backups}; "
-                       "rotating needs max_bytes > 0 and backups >= 1 (max_bytes 0: never rotate)")
+      raise ValueError(
+        f"audit log rotation: max_bytes={max_bytes} and backups={backups}; "
+        "rotating needs max_bytes > 0 and backups >= 1 (max_bytes 0: never rotate)"
+      )
     # A logger of its own (not in logging's registry): each app has its own file and settings.
     self.logger = logging.Logger(LOGGER_NAME, logging.INFO)
-    self.handler = (PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups,
-                                               encoding="utf-8")
-                    if path else logging.StreamHandler(sys.stderr))
+    self.handler = (
+      PrivateRotatingFileHandler(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8")
+      if path
+      else logging.StreamHandler(sys.stderr)
+    )
     self.handler.setFormatter(logging.Formatter("%(message)s"))
     self.logger.addHandler(self.handler)
     self.log_prompts = log_prompts

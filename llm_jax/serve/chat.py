@@ -8,6 +8,7 @@ assistant's header (the generation prompt). Message text is never read as specia
 ends at EOS or where the model starts another user turn (the user header is a stop sequence); the
 template's tail after the assistant's content (a newline by default) is not part of the content.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -23,6 +24,7 @@ from llm_jax.serve.sequences import Choice
 
 class TextPart(BaseModel):
   """A content part; only text parts are accepted."""
+
   model_config = ConfigDict(extra="forbid")
   type: Literal["text"]
   text: str
@@ -50,6 +52,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(SamplingRequest):
   """Fields of the OpenAI chat completions API this server honours."""
+
   messages: list[ChatMessage] = Field(min_length=1)
   max_tokens: int | None = Field(None, ge=1)  # default: the room left in the context
   max_completion_tokens: int | None = Field(None, ge=1)
@@ -94,18 +97,31 @@ def prepare(st, req: ChatRequest, record: dict) -> tuple[Prompt, int]:
   rule = st.settings.filters.check_input(prompt.text)
   if rule is not None:
     record["blocked_by"] = rule.name
-    raise ApiError(400, f"messages blocked by input filter {rule.name!r}: {rule.reason}",
-                   param="messages", code="input_blocked")
+    raise ApiError(
+      400,
+      f"messages blocked by input filter {rule.name!r}: {rule.reason}",
+      param="messages",
+      code="input_blocked",
+    )
   max_prompt, max_total = st.limits()
   if len(prompt.ids) > max_prompt:
-    raise ApiError(422, f"messages: {len(prompt.ids)} tokens once rendered, the limit is {max_prompt}",
-                   param="messages", code="context_length_exceeded")
+    raise ApiError(
+      422,
+      f"messages: {len(prompt.ids)} tokens once rendered, the limit is {max_prompt}",
+      param="messages",
+      code="context_length_exceeded",
+    )
   room = max_total - len(prompt.ids)
   want = req.max_completion_tokens or req.max_tokens
   if want is not None and want > room:
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-    raise ApiError(422, f"{param}: messages ({len(prompt.ids)} tokens) + {want} exceeds {max_total} "
-                   f"tokens; lower {param} to {room}", param=param, code="context_length_exceeded")
+    raise ApiError(
+      422,
+      f"{param}: messages ({len(prompt.ids)} tokens) + {want} exceeds {max_total} "
+      f"tokens; lower {param} to {room}",
+      param=param,
+      code="context_length_exceeded",
+    )
   return prompt, want or room
 
 
@@ -114,16 +130,18 @@ class ChatResponse(Responder):
 
   chunk_object = "chat.completion.chunk"
 
-  def __init__(self, st, req: ChatRequest, handle, choices: list[Choice], prompt: Prompt,
-               record: dict, request_id: str):
-    super().__init__(st, req, handle, choices, len(prompt.ids), record,
-                     "chatcmpl-" + request_id.partition("-")[2])
+  def __init__(
+    self, st, req: ChatRequest, handle, choices: list[Choice], prompt: Prompt, record: dict, request_id: str
+  ):
+    super().__init__(
+      st, req, handle, choices, len(prompt.ids), record, "chatcmpl-" + request_id.partition("-")[2]
+    )
     self.tail = _split(st.templates.turn, "assistant")[1]
     self.held = [""] * len(choices)  # streamed text held back: it may be the template's tail
 
   def _content(self, text: str, reason: str | None) -> str:
     if reason == "stop" and self.tail and text.endswith(self.tail):
-      return text[:-len(self.tail)]
+      return text[: -len(self.tail)]
     return text
 
   def _logprobs(self, tokens: list[int], lps: list[float], top) -> dict | None:
@@ -134,21 +152,32 @@ class ChatResponse(Responder):
     def entry(i, lp):
       s = token_str(tok, i)
       return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+
     rows = top or [[] for _ in tokens]
-    return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in row[:k]]}
-                        for t, lp, row in zip(tokens, lps, rows, strict=True)]}
+    return {
+      "content": [
+        {**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in row[:k]]}
+        for t, lp, row in zip(tokens, lps, rows, strict=True)
+      ]
+    }
 
   def body(self) -> dict:
-    choices = [{"index": c.index,
-                "message": {"role": "assistant",
-                            "content": self._content(self.texts[c.index], self.reasons[c.index])},
-                "logprobs": self._logprobs(c.tokens, c.logprobs, c.top),
-                "finish_reason": self.reasons[c.index]} for c in self.choices]
+    choices = [
+      {
+        "index": c.index,
+        "message": {
+          "role": "assistant",
+          "content": self._content(self.texts[c.index], self.reasons[c.index]),
+        },
+        "logprobs": self._logprobs(c.tokens, c.logprobs, c.top),
+        "finish_reason": self.reasons[c.index],
+      }
+      for c in self.choices
+    ]
     return {**self.envelope(choices, "chat.completion"), "usage": self.usage()}
 
   def _chunk(self, index: int, delta: dict, finish: str | None = None, logprobs=None) -> dict:
-    return self.envelope([{"index": index, "delta": delta, "logprobs": logprobs,
-                           "finish_reason": finish}])
+    return self.envelope([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}])
 
   def preamble(self) -> list[dict]:
     return [self._chunk(c.index, {"role": "assistant", "content": ""}) for c in self.choices]

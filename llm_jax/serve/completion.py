@@ -7,6 +7,7 @@ others are the model's (one forward pass over the prompt). `top_logprobs` entrie
 most likely tokens and always the chosen one. A generated EOS is listed with its log-prob (its text
 is empty). `text_offset` counts characters of the returned text (in a stream: of the text sent so far).
 """
+
 from __future__ import annotations
 
 from llm_jax.serve.prompts import Prompt, text_offsets, token_str, top_dict
@@ -19,8 +20,9 @@ class CompletionResponse(Responder):
 
   chunk_object = "text_completion"
 
-  def __init__(self, st, req, handle, choices: list[Choice], prompts: list[Prompt], record: dict,
-               request_id: str):
+  def __init__(
+    self, st, req, handle, choices: list[Choice], prompts: list[Prompt], record: dict, request_id: str
+  ):
     super().__init__(st, req, handle, choices, sum(len(p.ids) for p in prompts), record, request_id)
     self.prompts = prompts
     self.pos = [len(self._prompt(c).text) if req.echo else 0 for c in choices]  # chars sent so far
@@ -28,42 +30,60 @@ class CompletionResponse(Responder):
   def _prompt(self, c: Choice) -> Prompt:
     return self.prompts[c.index // self.req.n]
 
-  def _listing(self, ids: list[int], lps: list, tops: list, text: str, base: int,
-               decoded: str | None = None) -> dict:
+  def _listing(
+    self, ids: list[int], lps: list, tops: list, text: str, base: int, decoded: str | None = None
+  ) -> dict:
     """tokens, token_logprobs, top_logprobs and text_offset of `ids`, sent as `text` at `base`."""
     tok, k = self.st.loaded.tokenizer, self.req.logprobs
     top = None
     if k:
-      top = [None if row is None else top_dict(tok, row[:k], t, lp)
-             for t, lp, row in zip(ids, lps, tops, strict=True)]
-    offsets = [min(o, base + len(text))
-               for o in text_offsets(tok, self.st.token_bytes, ids,
-                                     tok.decode(ids) if decoded is None else decoded, base)]
-    return {"tokens": [token_str(tok, t) for t in ids], "token_logprobs": list(lps),
-            "top_logprobs": top, "text_offset": offsets}
+      top = [
+        None if row is None else top_dict(tok, row[:k], t, lp)
+        for t, lp, row in zip(ids, lps, tops, strict=True)
+      ]
+    offsets = [
+      min(o, base + len(text))
+      for o in text_offsets(
+        tok, self.st.token_bytes, ids, tok.decode(ids) if decoded is None else decoded, base
+      )
+    ]
+    return {
+      "tokens": [token_str(tok, t) for t in ids],
+      "token_logprobs": list(lps),
+      "top_logprobs": top,
+      "text_offset": offsets,
+    }
 
   def _prompt_listing(self, p: Prompt) -> dict:
     ids = p.shown_ids
-    return self._listing(ids, p.logprobs or [None] * len(ids), p.top or [None] * len(ids), p.text, 0,
-                         decoded=p.text)
+    return self._listing(
+      ids, p.logprobs or [None] * len(ids), p.top or [None] * len(ids), p.text, 0, decoded=p.text
+    )
 
   def _logprobs(self, c: Choice) -> dict | None:
     if self.req.logprobs is None:
       return None
     p = self._prompt(c)
     base = len(p.text) if self.req.echo else 0
-    gen = self._listing(c.tokens, c.logprobs, c.top or [[] for _ in c.tokens], self.texts[c.index],
-                        base)
+    gen = self._listing(c.tokens, c.logprobs, c.top or [[] for _ in c.tokens], self.texts[c.index], base)
     if not self.req.echo:
       return gen
     head = self._prompt_listing(p)
-    return {k: (head[k] or [None] * len(p.shown_ids)) + (gen[k] or [None] * len(c.tokens))
-            if (head[k] is not None or gen[k] is not None) else None for k in head}
+    return {
+      k: (head[k] or [None] * len(p.shown_ids)) + (gen[k] or [None] * len(c.tokens))
+      if (head[k] is not None or gen[k] is not None)
+      else None
+      for k in head
+    }
 
   def _choice(self, c: Choice) -> dict:
     text = (self._prompt(c).text if self.req.echo else "") + self.texts[c.index]
-    out = {"text": text, "index": c.index, "logprobs": self._logprobs(c),
-           "finish_reason": self.reasons[c.index]}
+    out = {
+      "text": text,
+      "index": c.index,
+      "logprobs": self._logprobs(c),
+      "finish_reason": self.reasons[c.index],
+    }
     if c.blocked_by is not None:
       out["content_filter"] = {"name": c.blocked_by.name, "reason": c.blocked_by.reason}
     return out
@@ -71,8 +91,9 @@ class CompletionResponse(Responder):
   def body(self) -> dict:
     return {**self.envelope([self._choice(c) for c in self.choices]), "usage": self.usage()}
 
-  def _chunk(self, index: int, text: str, finish: str | None = None, logprobs=None,
-             extra: dict | None = None) -> dict:
+  def _chunk(
+    self, index: int, text: str, finish: str | None = None, logprobs=None, extra: dict | None = None
+  ) -> dict:
     choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
     if extra:
       choice.update(extra)
@@ -81,10 +102,14 @@ class CompletionResponse(Responder):
   def preamble(self) -> list[dict]:
     if not self.req.echo:
       return []
-    return [self._chunk(c.index, self._prompt(c).text,
-                        logprobs=(self._prompt_listing(self._prompt(c))
-                                  if self.req.logprobs is not None else None))
-            for c in self.choices]
+    return [
+      self._chunk(
+        c.index,
+        self._prompt(c).text,
+        logprobs=(self._prompt_listing(self._prompt(c)) if self.req.logprobs is not None else None),
+      )
+      for c in self.choices
+    ]
 
   def delta(self, index: int, text: str, tokens: list[int], lps: list[float], top) -> dict:
     logprobs = None
@@ -94,6 +119,9 @@ class CompletionResponse(Responder):
     return self._chunk(index, text, logprobs=logprobs)
 
   def finish(self, c: Choice, reason: str) -> list[dict]:
-    extra = ({"content_filter": {"name": c.blocked_by.name, "reason": c.blocked_by.reason}}
-             if c.blocked_by is not None else None)
+    extra = (
+      {"content_filter": {"name": c.blocked_by.name, "reason": c.blocked_by.reason}}
+      if c.blocked_by is not None
+      else None
+    )
     return [self._chunk(c.index, "", finish=reason, extra=extra)]

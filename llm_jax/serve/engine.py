@@ -14,6 +14,7 @@ its prefill) or whose host-side handling (detokenizing, stop sequences, filters)
 once with "error" (its sibling choices are cancelled) while the other slots keep decoding. Only a
 failure of the batched decode step itself, which every slot shares, fails every request in flight.
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,10 +41,19 @@ MIN_PREFILL = 64  # the narrowest prompt bucket
 class Engine:
   """Slots, queue and the decode thread over one loaded model."""
 
-  def __init__(self, params, cfg: ModelConfig, tokenizer, *, slots: int = 8,
-               max_concurrent: int = 32, chunk: int = 4, hold_chars: int = 0,
-               output_check: Callable[[str], tuple[int, Any] | None] | None = None,
-               metrics=None):
+  def __init__(
+    self,
+    params,
+    cfg: ModelConfig,
+    tokenizer,
+    *,
+    slots: int = 8,
+    max_concurrent: int = 32,
+    chunk: int = 4,
+    hold_chars: int = 0,
+    output_check: Callable[[str], tuple[int, Any] | None] | None = None,
+    metrics=None,
+  ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies).
     self.params, self.cfg = unstack_layers(params, cfg)
     self.tokenizer = tokenizer
@@ -77,8 +87,10 @@ class Engine:
 
   def spans(self) -> list[int]:
     """Every cache span a decode chunk may be compiled for (0: the whole cache)."""
-    return sorted({G.decode_span(p, self.cfg) for p in range(self.cfg.max_seq_len)},
-                  key=lambda s: s or self.cfg.max_seq_len)
+    return sorted(
+      {G.decode_span(p, self.cfg) for p in range(self.cfg.max_seq_len)},
+      key=lambda s: s or self.cfg.max_seq_len,
+    )
 
   def prefill_buckets(self) -> list[int]:
     out, b = [], self.min_prefill
@@ -140,14 +152,17 @@ class Engine:
   def queue_depth(self) -> int:
     return len(self._queue)
 
-  def submit(self, choices: list[Choice], loop, queue, timeout_s: float,
-             request_id: str | None = None) -> Handle:
+  def submit(
+    self, choices: list[Choice], loop, queue, timeout_s: float, request_id: str | None = None
+  ) -> Handle:
     """Queues a request's choices; raises EngineBusy when max_concurrent requests are in flight."""
-    handle = Handle(request_id or f"req-{next(self._ids)}", choices, loop, queue,
-                    time.monotonic() + timeout_s)
+    handle = Handle(
+      request_id or f"req-{next(self._ids)}", choices, loop, queue, time.monotonic() + timeout_s
+    )
     for c in choices:
-      c.text = G.TextStream(self.tokenizer, c.sampling.stop, hold_chars=self.hold_chars,
-                            check=self._checker(c))
+      c.text = G.TextStream(
+        self.tokenizer, c.sampling.stop, hold_chars=self.hold_chars, check=self._checker(c)
+      )
     with self._cond:
       if len(self._in_flight) >= self.max_concurrent:
         raise EngineBusy(f"{len(self._in_flight)} requests in flight (limit {self.max_concurrent})")
@@ -167,6 +182,7 @@ class Engine:
         return None
       choice.blocked_by = hit[1]
       return hit[0]
+
     return check
 
   def _gauges(self) -> None:
@@ -181,8 +197,11 @@ class Engine:
       with self._cond:
         while not self._stop:
           free = self.busy_slots < self.slots
-          if (self._queue and free) or (self.busy_slots and not self._paused) or \
-              self._in_flight_chunk is not None:
+          if (
+            (self._queue and free)
+            or (self.busy_slots and not self._paused)
+            or self._in_flight_chunk is not None
+          ):
             break
           if self.busy_slots:  # paused with requests in slots: wake up to free cancelled ones
             self._cond.wait(timeout=0.05)
@@ -207,8 +226,17 @@ class Engine:
         self._flush()
 
   def _dispatch(self, alive, want_top, span: int):
-    return decode_packed(self.params, self.state, alive, want_top, cfg=self.cfg, steps=self.chunk,
-                         top_n=TOP_LOGPROBS, vocab_limit=self.vocab_limit, span=span)
+    return decode_packed(
+      self.params,
+      self.state,
+      alive,
+      want_top,
+      cfg=self.cfg,
+      steps=self.chunk,
+      top_n=TOP_LOGPROBS,
+      vocab_limit=self.vocab_limit,
+      span=span,
+    )
 
   def _emit(self, handle: Handle, event: tuple) -> None:
     self._outbox.append((handle, event))
@@ -231,11 +259,17 @@ class Engine:
   def _admit_arrays(self, slot: int, prompt: list[int], sp: G.SamplingParams, width: int | None = None):
     width = width or G.bucket(len(prompt), self.cfg.max_seq_len, self.min_prefill)
     tokens = np.zeros((1, width), np.int32)
-    tokens[0, :len(prompt)] = prompt
+    tokens[0, : len(prompt)] = prompt
     arrays = G.sampling_arrays([sp])
-    return admit(self.params, self.state, np.int32(slot), tokens,
-                  np.array([len(prompt)], np.int32), cfg=self.cfg, **{k[:-2] + "_1": v
-                                                                       for k, v in arrays.items()})
+    return admit(
+      self.params,
+      self.state,
+      np.int32(slot),
+      tokens,
+      np.array([len(prompt)], np.int32),
+      cfg=self.cfg,
+      **{k[:-2] + "_1": v for k, v in arrays.items()},
+    )
 
   def _admit_waiting(self) -> None:
     while True:
@@ -259,8 +293,9 @@ class Engine:
         continue
       choice.slot = slot
       self._last_pos[slot] = len(choice.prompt_ids)
-      self._steps_left[slot] = min(choice.sampling.max_new_tokens,
-                                   self.cfg.max_seq_len - len(choice.prompt_ids))
+      self._steps_left[slot] = min(
+        choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)
+      )
       with self._cond:
         self._slot[slot] = (handle, choice)
 
@@ -283,7 +318,9 @@ class Engine:
     alive = np.zeros((self.rows,), bool)
     # Rows whose dispatched steps already cover their whole budget are done on the device: the chunk
     # in flight ends them ("length"), so they get no further chunk.
-    alive[:self.slots] = [s is not None and left > 0 for s, left in zip(self._slot, self._steps_left, strict=True)]
+    alive[: self.slots] = [
+      s is not None and left > 0 for s, left in zip(self._slot, self._steps_left, strict=True)
+    ]
     if not alive.any():
       had_chunk = self._in_flight_chunk is not None
       self._collect()
@@ -296,8 +333,9 @@ class Engine:
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
     # early stay below it), so the span covers them all.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
-    self.state, packed = self._dispatch(alive, want_top,
-                                        G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg))
+    self.state, packed = self._dispatch(
+      alive, want_top, G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
+    )
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
@@ -359,7 +397,7 @@ class Engine:
     new_top = []
     if choice.top_n:
       ids, lps = o["top_ids"][slot], o["top_logprobs"][slot]
-      new_top = [list(zip(ids[j][:choice.top_n], lps[j][:choice.top_n], strict=True)) for j in steps]
+      new_top = [list(zip(ids[j][: choice.top_n], lps[j][: choice.top_n], strict=True)) for j in steps]
     if new_tokens or text:
       choice.tokens += new_tokens
       choice.logprobs += new_lps
@@ -377,8 +415,11 @@ class Engine:
     if self.metrics is not None:
       self.metrics.finished.labels(reason).inc()
     with self._cond:
-      if choice.slot is not None and self._slot[choice.slot] is not None \
-          and self._slot[choice.slot][1] is choice:
+      if (
+        choice.slot is not None
+        and self._slot[choice.slot] is not None
+        and self._slot[choice.slot][1] is choice
+      ):
         self._slot[choice.slot] = None
       handle.pending -= 1
       last = handle.pending == 0

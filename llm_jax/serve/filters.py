@@ -17,6 +17,7 @@ byte-order mark, ...) removed, so that `api\u200bkey` or full-width `ａｐｉ�
 rule for `apikey`. Patterns are written in that normalized form (a file whose pattern normalization
 would change is refused).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,8 +43,9 @@ def normalize(text: str) -> str:
 def original_index(text: str, normalized_index: int) -> int:
   """Where in `text` the character at `normalized_index` of `normalize(text)` begins: the longest
   prefix whose normalized form ends at or before it."""
-  return bisect.bisect_right(range(len(text) + 1), normalized_index,
-                             key=lambda p: len(normalize(text[:p]))) - 1
+  return (
+    bisect.bisect_right(range(len(text) + 1), normalized_index, key=lambda p: len(normalize(text[:p]))) - 1
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +98,11 @@ def _rules(path: str, data: dict, key: str) -> tuple[Rule, ...]:
     if unknown:
       raise FilterConfigError(f"{where}: unknown keys {sorted(unknown)} (use name, pattern, reason)")
     if normalize(item["pattern"]) != item["pattern"]:
-      raise FilterConfigError(f"{where}.pattern {item['pattern']!r} has characters that text is "
-                              f"normalized away from before matching; write "
-                              f"{normalize(item['pattern'])!r}")
+      raise FilterConfigError(
+        f"{where}.pattern {item['pattern']!r} has characters that text is "
+        f"normalized away from before matching; write "
+        f"{normalize(item['pattern'])!r}"
+      )
     try:
       pattern = re.compile(item["pattern"])
     except re.error as e:

@@ -6,6 +6,7 @@ error shape, counts requests by the status the client received, and writes the a
 response (streamed or not) has ended. `add_error_handlers` puts validation errors, `ApiError`s and
 unknown routes or methods into the same shape.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -66,8 +67,13 @@ class Gate:
     st, t0 = self.st, time.time()
     path, method = scope["path"], scope["method"]
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    record: dict[str, Any] = {"event": "request", "id": rid, "method": method, "path": path,
-                              "client": (scope.get("client") or ("", 0))[0]}
+    record: dict[str, Any] = {
+      "event": "request",
+      "id": rid,
+      "method": method,
+      "path": path,
+      "client": (scope.get("client") or ("", 0))[0],
+    }
     scope.setdefault("state", {})
     scope["state"]["audit"], scope["state"]["request_id"] = record, rid
     status: dict[str, int | None] = {"code": None}
@@ -75,22 +81,30 @@ class Gate:
     async def send_wrapper(message):
       if message["type"] == "http.response.start":
         status["code"] = message["status"]
-        message = {**message, "headers": list(message.get("headers", [])) +
-                   [(b"x-request-id", rid.encode())]}
+        message = {**message, "headers": list(message.get("headers", [])) + [(b"x-request-id", rid.encode())]}
       await send(message)
 
     try:
       if path != "/health" and not self._authorized(scope):
-        await _send_json(send_wrapper, 401, error_body(
+        await _send_json(
+          send_wrapper,
+          401,
+          error_body(
             "missing or wrong API key: send 'Authorization: Bearer <key>'",
-            type_="authentication_error", code="invalid_api_key"),
-            {"www-authenticate": "Bearer"})
+            type_="authentication_error",
+            code="invalid_api_key",
+          ),
+          {"www-authenticate": "Bearer"},
+        )
         return
       if method in ("POST", "PUT", "PATCH"):
         body = await self._read_body(scope, receive)
         if body is None:
-          await _send_json(send_wrapper, 413, error_body(
-              f"request body exceeds {st.settings.max_body_bytes} bytes", code="body_too_large"))
+          await _send_json(
+            send_wrapper,
+            413,
+            error_body(f"request body exceeds {st.settings.max_body_bytes} bytes", code="body_too_large"),
+          )
           return
         receive = _replay(body, receive)
       await self.app(scope, receive, send_wrapper)
@@ -98,9 +112,15 @@ class Gate:
       log.exception("request %s (%s %s) failed", rid, method, path)
       record["error"] = f"internal error: {type(e).__name__}"
       if status["code"] is None:
-        await _send_json(send_wrapper, 500, error_body(
-            f"internal server error (request {rid}); see the server log", type_="server_error",
-            code="internal_error"))
+        await _send_json(
+          send_wrapper,
+          500,
+          error_body(
+            f"internal server error (request {rid}); see the server log",
+            type_="server_error",
+            code="internal_error",
+          ),
+        )
     finally:
       # 499 (nginx's 'client closed request'): the client left before any response started
       code = status["code"] or 499
@@ -110,8 +130,9 @@ class Gate:
       if route in ("/v1/completions", "/v1/chat/completions"):
         st.metrics.latency.observe(t1 - t0)
       if not (route in ("/health", "/metrics") and code < 400):
-        record.update(status=code, start=audit_lib.iso(t0), end=audit_lib.iso(t1),
-                      latency_s=round(t1 - t0, 6))
+        record.update(
+          status=code, start=audit_lib.iso(t0), end=audit_lib.iso(t1), latency_s=round(t1 - t0, 6)
+        )
         st.auditor.write(record)
 
   async def _read_body(self, scope, receive) -> bytes | None:
@@ -143,6 +164,7 @@ def _replay(body: bytes, receive):
       sent = True
       return {"type": "http.request", "body": body, "more_body": False}
     return await receive()
+
   return replay
 
 
@@ -157,12 +179,17 @@ def add_error_handlers(app: FastAPI) -> None:
   @app.exception_handler(HTTPException)
   async def _http_error(request: Request, e: HTTPException):
     code = _HTTP_CODES.get(e.status_code, "http_error")
-    message = (f"no route {request.url.path}" if e.status_code == 404 else
-               f"{request.method} is not allowed on {request.url.path}" if e.status_code == 405
-               else str(e.detail))
+    message = (
+      f"no route {request.url.path}"
+      if e.status_code == 404
+      else f"{request.method} is not allowed on {request.url.path}"
+      if e.status_code == 405
+      else str(e.detail)
+    )
     request.state.audit["error"] = message
-    return ErrorResponse(error_body(message, code=code), status_code=e.status_code,
-                         headers=getattr(e, "headers", None))
+    return ErrorResponse(
+      error_body(message, code=code), status_code=e.status_code, headers=getattr(e, "headers", None)
+    )
 
   @app.exception_handler(RequestValidationError)
   async def _invalid(request: Request, e: RequestValidationError):
@@ -175,6 +202,5 @@ def add_error_handlers(app: FastAPI) -> None:
     message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid')}"
     request.state.audit["error"] = message
     body = error_body(message, param=param, code="invalid_value")
-    body["detail"] = [{"loc": list(map(str, x.get("loc", ()))), "msg": x.get("msg", "")}
-                      for x in errors]
+    body["detail"] = [{"loc": list(map(str, x.get("loc", ()))), "msg": x.get("msg", "")} for x in errors]
     return ErrorResponse(body, status_code=422)

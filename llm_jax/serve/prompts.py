@@ -7,6 +7,7 @@ log-prob (and null top log-probs), as in OpenAI's legacy format. A prompt of tok
 as sent (nothing is prepended). In text, the tokenizer's special pieces (`<s>`, `</s>`, `<pad>`,
 `<unk>`) stand for their ids, as Hugging Face tokenizers read them; `/tokenize` uses the same rule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @dataclasses.dataclass
 class Prompt:
   """One prompt: the ids the model sees, where the echoed part starts, the echoed text, its scores."""
+
   ids: list[int]
   shown: int  # ids[shown:] are the prompt's own tokens (echoed); ids[:shown] the hidden prefix
   text: str
@@ -33,7 +35,7 @@ class Prompt:
 
   @property
   def shown_ids(self) -> list[int]:
-    return self.ids[self.shown:]
+    return self.ids[self.shown :]
 
 
 def special_pieces(tok) -> dict[str, int]:
@@ -105,8 +107,12 @@ def make_prompts(st, prompt, record: dict) -> list[Prompt]:
   if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
     prompt = [prompt]
   if len(prompt) > st.settings.max_prompts:
-    raise ApiError(422, f"prompt: {len(prompt)} prompts in one request, at most "
-                   f"{st.settings.max_prompts}", param="prompt", code="invalid_value")
+    raise ApiError(
+      422,
+      f"prompt: {len(prompt)} prompts in one request, at most {st.settings.max_prompts}",
+      param="prompt",
+      code="invalid_value",
+    )
   out = []
   for k, p in enumerate(prompt):
     where = f"prompt[{k}]" if len(prompt) > 1 else "prompt"
@@ -116,20 +122,27 @@ def make_prompts(st, prompt, record: dict) -> list[Prompt]:
     else:
       bad = [i for i in p if not 0 <= i < tok.vocab_size]
       if bad:
-        raise ApiError(422, f"{where}: token ids {bad[:5]} are outside [0, {tok.vocab_size})",
-                       param="prompt", code="invalid_value")
+        raise ApiError(
+          422,
+          f"{where}: token ids {bad[:5]} are outside [0, {tok.vocab_size})",
+          param="prompt",
+          code="invalid_value",
+        )
       out.append(Prompt(list(p), 0, tok.decode(p)))
     if not out[-1].shown_ids:
       raise ApiError(422, f"{where}: empty", param="prompt", code="invalid_value")
   texts = [p.text for p in out]
-  record.update(prompt_tokens=sum(len(p.ids) for p in out),
-                prompt=texts[0] if len(texts) == 1 else texts)
+  record.update(prompt_tokens=sum(len(p.ids) for p in out), prompt=texts[0] if len(texts) == 1 else texts)
   for p in out:
     rule = st.settings.filters.check_input(p.text)
     if rule is not None:
       record["blocked_by"] = rule.name
-      raise ApiError(400, f"prompt blocked by input filter {rule.name!r}: {rule.reason}",
-                     param="prompt", code="input_blocked")
+      raise ApiError(
+        400,
+        f"prompt blocked by input filter {rule.name!r}: {rule.reason}",
+        param="prompt",
+        code="input_blocked",
+      )
   return out
 
 
@@ -139,12 +152,20 @@ def check_lengths(st, prompts: list[Prompt], max_tokens: int, param: str = "prom
   for k, p in enumerate(prompts):
     where = f"{param}[{k}]" if len(prompts) > 1 else param
     if len(p.ids) > max_prompt:
-      raise ApiError(422, f"{where}: {len(p.ids)} tokens, the limit is {max_prompt}", param=param,
-                     code="context_length_exceeded")
+      raise ApiError(
+        422,
+        f"{where}: {len(p.ids)} tokens, the limit is {max_prompt}",
+        param=param,
+        code="context_length_exceeded",
+      )
     if len(p.ids) + max_tokens > max_total:
-      raise ApiError(422, f"max_tokens: {where} ({len(p.ids)} tokens) + max_tokens ({max_tokens}) "
-                     f"exceeds {max_total} tokens; lower max_tokens to {max_total - len(p.ids)}",
-                     param="max_tokens", code="context_length_exceeded")
+      raise ApiError(
+        422,
+        f"max_tokens: {where} ({len(p.ids)} tokens) + max_tokens ({max_tokens}) "
+        f"exceeds {max_total} tokens; lower max_tokens to {max_total - len(p.ids)}",
+        param="max_tokens",
+        code="context_length_exceeded",
+      )
 
 
 def score(st, p: Prompt) -> None:
@@ -153,10 +174,16 @@ def score(st, p: Prompt) -> None:
   ids = p.ids
   width = G.bucket(len(ids), cfg.max_seq_len)
   tokens = np.zeros((1, width), np.int32)
-  tokens[0, :len(ids)] = ids
-  lps, top_lp, top_ids = (np.asarray(x) for x in prompt_scores(
-      st.engine.params, tokens, cfg=cfg, top_n=TOP_LOGPROBS, vocab_limit=st.engine.vocab_limit))
+  tokens[0, : len(ids)] = ids
+  lps, top_lp, top_ids = (
+    np.asarray(x)
+    for x in prompt_scores(
+      st.engine.params, tokens, cfg=cfg, top_n=TOP_LOGPROBS, vocab_limit=st.engine.vocab_limit
+    )
+  )
   # position t (t >= 1) is row t - 1; the first shown token gets None whatever precedes it
   rows = range(p.shown + 1, len(ids))
   p.logprobs = [None] + [float(lps[t - 1]) for t in rows]
-  p.top = [None] + [[(int(i), float(v)) for i, v in zip(top_ids[t - 1], top_lp[t - 1], strict=True)] for t in rows]
+  p.top = [None] + [
+    [(int(i), float(v)) for i, v in zip(top_ids[t - 1], top_lp[t - 1], strict=True)] for t in rows
+  ]

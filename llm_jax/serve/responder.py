@@ -4,6 +4,7 @@
 `engine_error` when decoding failed for it (its own failure: other requests are not affected); 504 on
 its timeout; 499 when the client went away. Subclasses (completions, chat) shape the bodies and chunks.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,8 +37,16 @@ class Responder:
 
   chunk_object = ""
 
-  def __init__(self, st, req, handle: Handle | None, choices: list[Choice], prompt_tokens: int,
-               record: dict, request_id: str):
+  def __init__(
+    self,
+    st,
+    req,
+    handle: Handle | None,
+    choices: list[Choice],
+    prompt_tokens: int,
+    record: dict,
+    request_id: str,
+  ):
     self.st, self.req, self.handle, self.choices, self.record = st, req, handle, choices, record
     self.prompt_tokens, self.id = prompt_tokens, request_id
     self.created = int(time.time())
@@ -75,20 +84,31 @@ class Responder:
       self.reasons[event[1]] = event[2]
 
   def _finalize_record(self) -> None:
-    self.record.update(completion_tokens=sum(len(c.tokens) for c in self.choices),
-                       finish_reasons=self.reasons, completion=self.texts)
+    self.record.update(
+      completion_tokens=sum(len(c.tokens) for c in self.choices),
+      finish_reasons=self.reasons,
+      completion=self.texts,
+    )
     blocked = [c.blocked_by.name for c in self.choices if c.blocked_by is not None]
     if blocked:
       self.record["output_blocked_by"] = blocked
 
   def usage(self) -> dict:
     done = sum(len(c.tokens) for c in self.choices)
-    return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
-            "total_tokens": self.prompt_tokens + done}
+    return {
+      "prompt_tokens": self.prompt_tokens,
+      "completion_tokens": done,
+      "total_tokens": self.prompt_tokens + done,
+    }
 
   def envelope(self, choices: list[dict], object_name: str | None = None) -> dict:
-    return {"id": self.id, "object": object_name or self.chunk_object, "created": self.created,
-            "model": self.st.name, "choices": choices}
+    return {
+      "id": self.id,
+      "object": object_name or self.chunk_object,
+      "created": self.created,
+      "model": self.st.name,
+      "choices": choices,
+    }
 
   async def _next(self):
     remaining = self.handle.deadline - time.monotonic() + 5.0
@@ -117,13 +137,21 @@ class Responder:
       watcher.cancel()
       self._finalize_record()
     if "error" in self.reasons:  # before "cancelled": a failed choice cancels its siblings
-      raise ApiError(500, f"decoding failed for this request ({self.handle.id}); see the server log",
-                     type_="server_error", code="engine_error")
+      raise ApiError(
+        500,
+        f"decoding failed for this request ({self.handle.id}); see the server log",
+        type_="server_error",
+        code="engine_error",
+      )
     if "cancelled" in self.reasons:
       return Response(status_code=499)
     if "timeout" in self.reasons:
-      raise ApiError(504, f"request timed out after {self.st.settings.request_timeout_s:g}s",
-                     type_="server_error", code="timeout")
+      raise ApiError(
+        504,
+        f"request timed out after {self.st.settings.request_timeout_s:g}s",
+        type_="server_error",
+        code="timeout",
+      )
     return self.body()
 
   @staticmethod
@@ -132,8 +160,9 @@ class Responder:
 
   async def sse(self, request: Request):
     """The reply as server-sent events, ending with `data: [DONE]`."""
-    watcher = (asyncio.create_task(_watch_disconnect(request, self.handle))
-               if self.handle is not None else None)
+    watcher = (
+      asyncio.create_task(_watch_disconnect(request, self.handle)) if self.handle is not None else None
+    )
     try:
       for chunk in self.preamble():
         yield self._data(chunk)

@@ -5,6 +5,7 @@ A completion request is checked here against what the model and the engine can r
 name, n, prompt ids and length, top_k within the vocabulary, input filters) before anything reaches
 the engine; `completion.CompletionResponse` turns the engine's events into the reply.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -32,10 +33,13 @@ def add_routes(app: FastAPI, st) -> None:
   @app.get("/health")
   async def health():
     if st.engine is not None and st.engine.ready:
-      return {"status": "ok", "model": st.name, "build_id": st.loaded.build_id,
-              "uptime_s": round(time.monotonic() - st.started, 3)}
-    return JSONResponse({"status": "failed" if st.error else "loading", "error": st.error},
-                        status_code=503)
+      return {
+        "status": "ok",
+        "model": st.name,
+        "build_id": st.loaded.build_id,
+        "uptime_s": round(time.monotonic() - st.started, 3),
+      }
+    return JSONResponse({"status": "failed" if st.error else "loading", "error": st.error}, status_code=503)
 
   @app.get("/metrics")
   async def metrics():
@@ -45,11 +49,21 @@ def add_routes(app: FastAPI, st) -> None:
   async def models():
     _require_ready(st)
     cfg = st.loaded.model_config
-    return {"object": "list", "data": [{
-        "id": st.name, "object": "model", "created": int(time.time()), "owned_by": "llm_jax",
-        "build_id": st.loaded.build_id, "max_seq_len": cfg.max_seq_len,
-        "parameter_count": st.loaded.meta.get("parameter_count"),
-        "precision": st.loaded.meta.get("precision", {}).get("weights")}]}
+    return {
+      "object": "list",
+      "data": [
+        {
+          "id": st.name,
+          "object": "model",
+          "created": int(time.time()),
+          "owned_by": "llm_jax",
+          "build_id": st.loaded.build_id,
+          "max_seq_len": cfg.max_seq_len,
+          "parameter_count": st.loaded.meta.get("parameter_count"),
+          "precision": st.loaded.meta.get("precision", {}).get("weights"),
+        }
+      ],
+    }
 
   @app.post("/v1/completions")
   async def completions(req: CompletionRequest, request: Request):
@@ -79,37 +93,59 @@ def add_routes(app: FastAPI, st) -> None:
 
 def _require_ready(st) -> None:
   if st.engine is None or not st.engine.ready:
-    raise ApiError(503, "the model is still loading; poll /health" if not st.error else
-                   f"the model failed to load: {st.error}", type_="server_error", code="not_ready")
+    raise ApiError(
+      503,
+      "the model is still loading; poll /health" if not st.error else f"the model failed to load: {st.error}",
+      type_="server_error",
+      code="not_ready",
+    )
 
 
 def _check_model(st, model: str | None) -> None:
   if model and model != st.name:
-    raise ApiError(404, f"model {model!r} is not served here; GET /v1/models lists {st.name!r}",
-                   param="model", code="model_not_found")
+    raise ApiError(
+      404,
+      f"model {model!r} is not served here; GET /v1/models lists {st.name!r}",
+      param="model",
+      code="model_not_found",
+    )
 
 
 def check_common(st, req) -> None:
   """The model name, n and top_k checks of completions and chat."""
   _check_model(st, req.model)
   if req.n > st.settings.max_n:
-    raise ApiError(422, f"n: at most {st.settings.max_n} choices per request", param="n",
-                   code="invalid_value")
+    raise ApiError(
+      422, f"n: at most {st.settings.max_n} choices per request", param="n", code="invalid_value"
+    )
   vocab = st.loaded.tokenizer.vocab_size
   if req.top_k > vocab:
-    raise ApiError(422, f"top_k: at most {vocab} (the vocabulary size; 0 turns it off)",
-                   param="top_k", code="invalid_value")
+    raise ApiError(
+      422,
+      f"top_k: at most {vocab} (the vocabulary size; 0 turns it off)",
+      param="top_k",
+      code="invalid_value",
+    )
 
 
-def submit(st, req, request: Request, prompts: list[Prompt], *, max_tokens: int, top_n: int,
-           stop: tuple[str, ...] = ()):
+def submit(
+  st, req, request: Request, prompts: list[Prompt], *, max_tokens: int, top_n: int, stop: tuple[str, ...] = ()
+):
   """The choices of `prompts` (n each) queued on the engine; (handle, choices). 429 when busy."""
   seed = req.seed if req.seed is not None else secrets.randbits(32)
   try:
-    sampling = [G.SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                                 repetition_penalty=req.repetition_penalty,
-                                 max_new_tokens=max(1, max_tokens), stop=tuple(req.stop or ()) + stop,
-                                 seed=(seed + i) % 2**32) for i in range(req.n * len(prompts))]
+    sampling = [
+      G.SamplingParams(
+        temperature=req.temperature,
+        top_k=req.top_k,
+        top_p=req.top_p,
+        repetition_penalty=req.repetition_penalty,
+        max_new_tokens=max(1, max_tokens),
+        stop=tuple(req.stop or ()) + stop,
+        seed=(seed + i) % 2**32,
+      )
+      for i in range(req.n * len(prompts))
+    ]
   except ValueError as e:
     raise ApiError(422, str(e), code="invalid_value") from e
   choices = [Choice(i, prompts[i // req.n].ids, sampling[i], top_n=top_n) for i in range(len(sampling))]
@@ -117,11 +153,17 @@ def submit(st, req, request: Request, prompts: list[Prompt], *, max_tokens: int,
     return None, choices
   loop, queue = asyncio.get_running_loop(), asyncio.Queue()
   try:
-    handle = st.engine.submit(choices, loop, queue, st.settings.request_timeout_s,
-                              request_id=request.state.request_id)
+    handle = st.engine.submit(
+      choices, loop, queue, st.settings.request_timeout_s, request_id=request.state.request_id
+    )
   except EngineBusy as e:
-    raise ApiError(429, f"server busy: {e}; retry later", type_="rate_limit_error",
-                   code="rate_limited", headers={"Retry-After": "1"}) from e
+    raise ApiError(
+      429,
+      f"server busy: {e}; retry later",
+      type_="rate_limit_error",
+      code="rate_limited",
+      headers={"Retry-After": "1"},
+    ) from e
   st.metrics.prompt_tokens.inc(sum(len(p.ids) for p in prompts))
   return handle, choices
 
@@ -129,8 +171,9 @@ def submit(st, req, request: Request, prompts: list[Prompt], *, max_tokens: int,
 async def respond(ctx, req, request: Request):
   """The responder's SSE stream or its JSON body."""
   if req.stream:
-    return StreamingResponse(ctx.sse(request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+      ctx.sse(request), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
   return await ctx.collect(request)
 
 
@@ -139,15 +182,18 @@ async def _completions(st, req: CompletionRequest, request: Request):
   _require_ready(st)
   check_common(st, req)
   if req.max_tokens == 0 and not req.echo:
-    raise ApiError(422, "max_tokens: 0 is allowed only with echo (scoring the prompt alone)",
-                   param="max_tokens", code="invalid_value")
+    raise ApiError(
+      422,
+      "max_tokens: 0 is allowed only with echo (scoring the prompt alone)",
+      param="max_tokens",
+      code="invalid_value",
+    )
   prompts = make_prompts(st, req.prompt, record)
   check_lengths(st, prompts, req.max_tokens)
   if req.echo and req.logprobs is not None:
     for p in prompts:
       await asyncio.to_thread(score, st, p)
-  handle, choices = submit(st, req, request, prompts, max_tokens=req.max_tokens,
-                           top_n=req.logprobs or 0)
+  handle, choices = submit(st, req, request, prompts, max_tokens=req.max_tokens, top_n=req.logprobs or 0)
   record.update(n=req.n, stream=req.stream, max_tokens=req.max_tokens, prompts=len(prompts))
   ctx = CompletionResponse(st, req, handle, choices, prompts, record, request.state.request_id)
   return await respond(ctx, req, request)
@@ -159,8 +205,9 @@ async def _chat(st, req: ChatRequest, request: Request):
   check_common(st, req)
   prompt, max_tokens = chat.prepare(st, req, record)
   top_n = (req.top_logprobs or 0) if req.logprobs else 0
-  handle, choices = submit(st, req, request, [prompt], max_tokens=max_tokens, top_n=top_n,
-                           stop=chat.stops_of(st.templates))
+  handle, choices = submit(
+    st, req, request, [prompt], max_tokens=max_tokens, top_n=top_n, stop=chat.stops_of(st.templates)
+  )
   record.update(n=req.n, stream=req.stream, max_tokens=max_tokens)
   ctx = chat.ChatResponse(st, req, handle, choices, prompt, record, request.state.request_id)
   return await respond(ctx, req, request)

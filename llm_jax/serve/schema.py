@@ -8,6 +8,7 @@ stay inside those types, numbers are finite (JSON's NaN/Infinity extensions are 
 valid Unicode (a lone surrogate, which cannot be encoded to UTF-8, is 422). Bounds that depend on
 the model (top_k within the vocabulary, prompt length, token ids) are checked by the route.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,13 +27,16 @@ def _check_unicode(v):
       s.encode("utf-8")
     except UnicodeEncodeError as e:
       where = f"string {i}, " if isinstance(v, list) else ""
-      raise ValueError(f"contains a lone surrogate (U+{ord(s[e.start]):04X}) at {where}character "
-                       f"{e.start}: text must be valid Unicode") from None
+      raise ValueError(
+        f"contains a lone surrogate (U+{ord(s[e.start]):04X}) at {where}character "
+        f"{e.start}: text must be valid Unicode"
+      ) from None
   return v
 
 
 class SamplingRequest(BaseModel):
   """The fields completions and chat completions share; unknown fields are rejected (422)."""
+
   model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
   model: str | None = None
@@ -115,8 +119,9 @@ class CompletionRequest(SamplingRequest):
     return _check_unicode(v) if v is not None else v
 
 
-def error_body(message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+  message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
   """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
   return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -124,9 +129,16 @@ def error_body(message: str, *, type_: str = "invalid_request_error", param: str
 class ApiError(Exception):
   """An HTTP error with an OpenAI-style JSON body."""
 
-  def __init__(self, status: int, message: str, *, param: str | None = None,
-               code: str | None = None, type_: str = "invalid_request_error",
-               headers: dict | None = None):
+  def __init__(
+    self,
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    type_: str = "invalid_request_error",
+    headers: dict | None = None,
+  ):
     super().__init__(message)
     self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
     self.headers = headers or {}

@@ -1,4 +1,5 @@
 """A request as the engine sees it: its choices (one sequence each) and the caller's handle."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ class EngineBusy(RuntimeError):
 @dataclasses.dataclass
 class Choice:
   """One sequence of a request (a request with n=3 has three)."""
+
   index: int
   prompt_ids: list[int]
   sampling: G.SamplingParams

@@ -16,6 +16,7 @@ With `add_special_tokens` (the default, as in vLLM) a text gets the ids a comple
 text is fed (the prompt prefix first); lm-eval sends false. Messages get the ids chat completions
 feed the model (BOS, the rendered turns, the assistant's header).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ from llm_jax.serve.schema import ApiError, _check_unicode
 
 class TokenizeRequest(BaseModel):
   """vLLM's TokenizeCompletionRequest or TokenizeChatRequest."""
+
   model_config = ConfigDict(extra="forbid")
   model: str | None = None
   prompt: str | None = None
@@ -60,15 +62,19 @@ def tokenize(st, req: TokenizeRequest) -> dict:
     ids = prompt.ids
     if not req.add_generation_prompt:
       head = tok.encode(_split(st.templates.turn, "assistant")[0])
-      ids = ids[:len(ids) - len(head)]
+      ids = ids[: len(ids) - len(head)]
     if req.add_special_tokens is False:
       ids = ids[1:]  # without BOS
   else:
     ids = encode_text(tok, req.prompt)
     if req.add_special_tokens is not False:
       ids = list(st.loaded.prompt_prefix) + ids
-  out = {"count": len(ids), "max_model_len": st.loaded.model_config.max_seq_len, "tokens": ids,
-         "token_strs": [token_str(tok, i) for i in ids] if req.return_token_strs else None}
+  out = {
+    "count": len(ids),
+    "max_model_len": st.loaded.model_config.max_seq_len,
+    "tokens": ids,
+    "token_strs": [token_str(tok, i) for i in ids] if req.return_token_strs else None,
+  }
   return out
 
 
@@ -77,8 +83,9 @@ def detokenize(st, req: DetokenizeRequest) -> dict:
   tok = st.loaded.tokenizer
   bad = [i for i in req.tokens if not 0 <= i < tok.vocab_size]
   if bad:
-    raise ApiError(422, f"tokens: ids {bad[:5]} are outside [0, {tok.vocab_size})", param="tokens",
-                   code="invalid_value")
+    raise ApiError(
+      422, f"tokens: ids {bad[:5]} are outside [0, {tok.vocab_size})", param="tokens", code="invalid_value"
+    )
   return {"prompt": tok.decode(req.tokens)}
 
 
@@ -93,19 +100,32 @@ def jinja_chat_template(turn: str, bos: str) -> str:
     for p in pieces[1:]:
       out += f" ~ {role} ~ " + json.dumps(p.replace("{{", "{").replace("}}", "}"))
     return "{{ " + out + " }}"
-  return ("{{ " + json.dumps(bos) + " }}{% for message in messages %}"
-          + fill(head, "message['role']") + "{{ message['content'] }}" + fill(tail, "message['role']")
-          + "{% endfor %}{% if add_generation_prompt %}" + fill(head, "'assistant'") + "{% endif %}")
+
+  return (
+    "{{ "
+    + json.dumps(bos)
+    + " }}{% for message in messages %}"
+    + fill(head, "message['role']")
+    + "{{ message['content'] }}"
+    + fill(tail, "message['role']")
+    + "{% endfor %}{% if add_generation_prompt %}"
+    + fill(head, "'assistant'")
+    + "{% endif %}"
+  )
 
 
 def tokenizer_info(st) -> dict:
   """The tokenizer's special pieces, limits and chat template (vLLM's TokenizerInfoResponse)."""
   tok, loaded = st.loaded.tokenizer, st.loaded
   prefix = loaded.prompt_prefix
-  return {"tokenizer_class": type(tok).__name__,
-          "bos_token": tok.id_to_piece(prefix[0]) if prefix else tok.id_to_piece(tok.bos_id),
-          "eos_token": tok.id_to_piece(tok.eos_id), "pad_token": tok.id_to_piece(tok.pad_id),
-          "unk_token": tok.id_to_piece(tok.unk_id),
-          "model_max_length": loaded.model_config.max_seq_len, "vocab_size": tok.vocab_size,
-          "prompt_prefix": list(prefix),
-          "chat_template": jinja_chat_template(st.templates.turn, tok.id_to_piece(tok.bos_id))}
+  return {
+    "tokenizer_class": type(tok).__name__,
+    "bos_token": tok.id_to_piece(prefix[0]) if prefix else tok.id_to_piece(tok.bos_id),
+    "eos_token": tok.id_to_piece(tok.eos_id),
+    "pad_token": tok.id_to_piece(tok.pad_id),
+    "unk_token": tok.id_to_piece(tok.unk_id),
+    "model_max_length": loaded.model_config.max_seq_len,
+    "vocab_size": tok.vocab_size,
+    "prompt_prefix": list(prefix),
+    "chat_template": jinja_chat_template(st.templates.turn, tok.id_to_piece(tok.bos_id)),
+  }

@@ -6,6 +6,7 @@ llm_jax.encoder's. Exit codes: 0 done (or stopped
 early by train.early_stop_patience), 1 failure (one line naming the key, step or file), 2 usage error,
 75 stopped cleanly by SIGTERM/Ctrl-C (run the same command again to resume).
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,11 +22,15 @@ from llm_jax.generate.samples import for_training
 from llm_jax.train import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.",
-    lock_config=True)
+  "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, TensorBoard, metrics.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the mesh, per-device batch and a per-device memory "
-                             "estimate (llm_jax.dry_run), then exit without compiling or training.")
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run",
+  False,
+  "Print the mesh, per-device batch and a per-device memory "
+  "estimate (llm_jax.dry_run), then exit without compiling or training.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -53,11 +58,18 @@ def main(argv) -> int:
       return distributed.fail_fast(1, f"{type(e).__name__}: {e}")
     raise  # cli prints the one line (and the traceback with --verbose)
   val = summary.get("val_loss")
-  best = (f"; best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']} "
-          "(--step=best)" if summary.get("best_step") is not None else "")
-  print(f"{summary['status']}: step {summary['step']}/{summary['total_steps']}, loss "
-        f"{summary.get('loss', float('nan')):.4f}" + (f", val loss {val:.4f}" if val else "") + best +
-        f"; run directory {summary['workdir']}")
+  best = (
+    f"; best val loss {summary['best_val_loss']:.4f} at step {summary['best_step']} (--step=best)"
+    if summary.get("best_step") is not None
+    else ""
+  )
+  print(
+    f"{summary['status']}: step {summary['step']}/{summary['total_steps']}, loss "
+    f"{summary.get('loss', float('nan')):.4f}"
+    + (f", val loss {val:.4f}" if val else "")
+    + best
+    + f"; run directory {summary['workdir']}"
+  )
   return loop.EXIT_INTERRUPTED if summary["status"].startswith("stopped") else 0
 
 

@@ -12,6 +12,7 @@ checkpoints/corrupt/STEP, so it no longer counts as the latest or for retention 
 saved again. With `keep_best`, saves carry the validation loss (Orbax step metrics) and the checkpoint
 with the lowest one is kept beyond keep-last-K retention; `best_step()` names it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,16 @@ def _handlers():
 class Checkpoints:
   """The run's checkpoints: save every N steps (async), keep the last K plus every M-th, restore."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-               read_only: bool = False, keep_best: bool = False):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 3,
+    keep_every: int = 0,
+    async_save: bool = True,
+    read_only: bool = False,
+    keep_best: bool = False,
+  ):
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{workdir!r} has no checkpoints/ directory; is it a training run directory?")
@@ -73,24 +82,31 @@ class Checkpoints:
     if keep_every and keep_every > 0:
       policies.append(ocm.EveryNSteps(int(keep_every)))
     if keep_best:  # lowest val_loss first kept; saves without one rank last
-      policies.append(ocm.BestN(get_metric_fn=_metric, reverse=True, n=1,
-                                keep_checkpoints_without_metrics=False))
+      policies.append(
+        ocm.BestN(get_metric_fn=_metric, reverse=True, n=1, keep_checkpoints_without_metrics=False)
+      )
     options = ocp.CheckpointManagerOptions(
-        best_fn=_metric, best_mode="min",  # Orbax writes a save's metrics only when best_fn is set
-        save_interval_steps=1,  # the loop decides when to save
-        preservation_policy=ocm.AnyPreservationPolicy(policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
-        create=not read_only,
-        read_only=read_only)
+      best_fn=_metric,
+      best_mode="min",  # Orbax writes a save's metrics only when best_fn is set
+      save_interval_steps=1,  # the loop decides when to save
+      preservation_policy=ocm.AnyPreservationPolicy(policies),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
+      create=not read_only,
+      read_only=read_only,
+    )
     self.manager = ocp.CheckpointManager(self.directory, item_handlers=_handlers(), options=options)
 
   @classmethod
   def for_training(cls, workdir: str, config) -> Checkpoints:
     """Retention from config.train.keep_checkpoints / keep_every / keep_best (with evaluation)."""
     tr = config.train
-    return cls(workdir, keep=tr.keep_checkpoints, keep_every=tr.keep_every,
-               keep_best=bool(tr.get("keep_best", True)) and tr.eval_every > 0)
+    return cls(
+      workdir,
+      keep=tr.keep_checkpoints,
+      keep_every=tr.keep_every,
+      keep_best=bool(tr.get("keep_best", True)) and tr.eval_every > 0,
+    )
 
   def steps(self) -> list[int]:
     """Complete checkpoint steps, ascending."""
@@ -153,8 +169,9 @@ class Checkpoints:
       meta = self.manager.item_metadata(step)["state"]
     except Exception as e:  # any read failure is a broken checkpoint
       log.debug("reading the metadata of step %d failed", step, exc_info=True)
-      raise CheckpointError(f"checkpoint at step {step} in {self.directory} is unreadable "
-                            f"({_first_line(e)})") from None
+      raise CheckpointError(
+        f"checkpoint at step {step} in {self.directory} is unreadable ({_first_line(e)})"
+      ) from None
     if meta is None:
       raise CheckpointError(f"checkpoint at step {step} in {self.directory} has no readable state")
     return meta
@@ -167,23 +184,30 @@ class Checkpoints:
     diffs = shape_differences(saved, wanted)
     if diffs:
       raise CheckpointError(
-          f"the checkpoint at step {step} in {self.directory} does not fit the configured model "
-          f"({len(diffs)} differing keys):\n  " + "\n  ".join(diffs) +
-          "\nUse the run's original model settings, or a new --workdir.")
+        f"the checkpoint at step {step} in {self.directory} does not fit the configured model "
+        f"({len(diffs)} differing keys):\n  "
+        + "\n  ".join(diffs)
+        + "\nUse the run's original model settings, or a new --workdir."
+      )
 
   def _read(self, step: int, state_target, *, partial: bool = False, with_data: bool = False):
     """The one place that reads a checkpoint: the `state` item into `state_target` (+ the data item)."""
-    items = {"state": ocp.args.PyTreeRestore(
-        item=state_target, restore_args=ocp.checkpoint_utils.construct_restore_args(state_target),
-        partial_restore=partial)}
+    items = {
+      "state": ocp.args.PyTreeRestore(
+        item=state_target,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(state_target),
+        partial_restore=partial,
+      )
+    }
     if with_data:
       items["data"] = ocp.args.JsonRestore()
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # any read failure is a broken checkpoint
       log.debug("restoring step %d failed", step, exc_info=True)
-      raise CheckpointError(f"checkpoint at step {step} in {self.directory} cannot be restored "
-                            f"({_first_line(e)})") from None
+      raise CheckpointError(
+        f"checkpoint at step {step} in {self.directory} cannot be restored ({_first_line(e)})"
+      ) from None
     return out["state"], (out["data"] if with_data else None)
 
   def _restore_one(self, step: int, abstract_state, with_data: bool):
@@ -194,8 +218,9 @@ class Checkpoints:
     """Only the parameters saved at `step`, into `target` (ShapeDtypeStructs with shardings)."""
     return self._read(step, {"params": target}, partial=True)[0]["params"]
 
-  def restore(self, abstract_state, *, step: int | None = None, fallback: bool = False,
-              with_data: bool = True):
+  def restore(
+    self, abstract_state, *, step: int | None = None, fallback: bool = False, with_data: bool = True
+  ):
     """(step, state, data_state) from the latest (or given) complete checkpoint, in the target shardings.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with shardings. A broken checkpoint raises
@@ -219,8 +244,11 @@ class Checkpoints:
           raise
         before = candidates[i + 1] if i + 1 < len(candidates) else None
         if not fallback or before is None:
-          hint = (f"; set train.restore_fallback=True to move it aside and resume from step {before}"
-                  if before is not None and not fallback else "")
+          hint = (
+            f"; set train.restore_fallback=True to move it aside and resume from step {before}"
+            if before is not None and not fallback
+            else ""
+          )
           raise CheckpointError(f"{e}{hint}") from None
         moved = self.move_aside(s)
         log.warning("%s; moved it to %s, falling back to the checkpoint at step %d", e, moved, before)

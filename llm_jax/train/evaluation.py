@@ -1,4 +1,5 @@
 """Held-out evaluation inside the training loop: loss, perplexity and bits per byte, per domain too."""
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,18 @@ def eval_sums(params, batch, token_bytes_V, *, model, num_domains: int):
   bytes_BL = jnp.take(token_bytes_V, targets_BL, axis=0, mode="fill", fill_value=0)
   bytes_BL = bytes_BL.astype(jnp.float32) * w_BL
   dom = batch.get("domain_ids", jnp.zeros(targets_BL.shape, jnp.int32)).reshape(-1)
-  return {**out, "bytes": jnp.sum(bytes_BL),
-          "domain_bytes": jax.ops.segment_sum(bytes_BL.reshape(-1), dom, num_domains)}
+  return {
+    **out,
+    "bytes": jnp.sum(bytes_BL),
+    "domain_bytes": jax.ops.segment_sum(bytes_BL.reshape(-1), dom, num_domains),
+  }
 
 
 def token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
   """[vocab_size] int32 UTF-8 bytes of each id (0 for specials and the padded embedding rows)."""
   tb = np.zeros(vocab_size, np.int32)
   src = np.asarray(tokenizer.token_bytes(), np.int32)[:vocab_size]
-  tb[:len(src)] = src
+  tb[: len(src)] = src
   return tb
 
 
@@ -53,5 +57,6 @@ def evaluate(params, eval_fn, batches, mesh, domains) -> dict[str, float]:
         row[f"val_loss/{name}"] = float(host["domain_nll_sum"][i]) / n
       if "domain_bytes" in host and host["domain_bytes"][i] > 0:
         row[f"val_bpb/{name}"] = float(host["domain_nll_sum"][i]) / (
-            math.log(2) * float(host["domain_bytes"][i]))
+          math.log(2) * float(host["domain_bytes"][i])
+        )
   return row

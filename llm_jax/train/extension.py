@@ -20,6 +20,7 @@ itself never imports a variant. The order of calls in a run:
     runs_preflight()                 whether the preflight checks apply to this state
     hooks(setup)                     more periodic actions (llm_jax.train.hooks)
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,14 +64,16 @@ class TrainExtension:
     """Checks of the variant's own keys; plain pretraining refuses fine-tuning keys it would ignore."""
     if not config.model.get("causal", True):
       raise config_lib.ConfigError(
-          "model.causal=False trains an encoder, which needs llm_jax.encoder's extension: run "
-          "`python -m llm_jax.train` (it picks the extension from the config)")
+        "model.causal=False trains an encoder, which needs llm_jax.encoder's extension: run "
+        "`python -m llm_jax.train` (it picks the extension from the config)"
+      )
     keys = needs_variant(config)
     if keys:
       raise config_lib.ConfigError(
-          f"{', '.join(keys)} need the fine-tuning extension, which plain pretraining does not apply: "
-          "run `python -m llm_jax.train` (it picks the extension from the config), or pass "
-          "extension=llm_jax.finetune.extension_for(config) to train()")
+        f"{', '.join(keys)} need the fine-tuning extension, which plain pretraining does not apply: "
+        "run `python -m llm_jax.train` (it picks the extension from the config), or pass "
+        "extension=llm_jax.finetune.extension_for(config) to train()"
+      )
 
   def resolve_config(self, config) -> None:
     """Fills in the config (in place, unlocked) before it is saved as config.json."""
@@ -105,18 +108,32 @@ class TrainExtension:
     """This process's training batches (a resumable StepLoader: get_state / set_state)."""
     c = setup.config
     return loader_lib.TrainLoader(
-        setup.prepared.dir, "train", c.train.seq_len, c.train.global_batch_size, c.data.seed,
-        process_index=process_index, process_count=process_count,
-        segment_windows=c.data.segment_windows, mixture=c.data.mixture,
-        window_offsets=c.data.window_offsets)
+      setup.prepared.dir,
+      "train",
+      c.train.seq_len,
+      c.train.global_batch_size,
+      c.data.seed,
+      process_index=process_index,
+      process_count=process_count,
+      segment_windows=c.data.segment_windows,
+      mixture=c.data.mixture,
+      window_offsets=c.data.window_offsets,
+    )
 
   def eval_batches(self, setup, process_index: int, process_count: int) -> list:
     """This process's rows of the held-out batches behind val_loss (train.eval_batches of the val split)."""
     c = setup.config
-    return list(loader_lib.eval_batches(
-        setup.prepared.dir, "val", c.train.seq_len, c.train.global_batch_size,
-        max_batches=c.train.eval_batches or None, process_index=process_index,
-        process_count=process_count))
+    return list(
+      loader_lib.eval_batches(
+        setup.prepared.dir,
+        "val",
+        c.train.seq_len,
+        c.train.global_batch_size,
+        max_batches=c.train.eval_batches or None,
+        process_index=process_index,
+        process_count=process_count,
+      )
+    )
 
   def extra_eval_sets(self, setup, process_index: int, process_count: int) -> dict[str, list]:
     """{name: host batches} evaluated beside the val split and logged as val_loss/NAME."""
@@ -125,10 +142,15 @@ class TrainExtension:
 
   def train_step(self, setup, batch_shardings, metrics_sharding):
     """The jitted step (state, batch) -> (state, metrics); the state is donated."""
-    fn = functools.partial(step_lib.train_step, model=setup.model, optimizer=setup.optimizer,
-                           config=setup.config)
-    return jax.jit(fn, in_shardings=(setup.state_shardings, batch_shardings),
-                   out_shardings=(setup.state_shardings, metrics_sharding), donate_argnums=0)
+    fn = functools.partial(
+      step_lib.train_step, model=setup.model, optimizer=setup.optimizer, config=setup.config
+    )
+    return jax.jit(
+      fn,
+      in_shardings=(setup.state_shardings, batch_shardings),
+      out_shardings=(setup.state_shardings, metrics_sharding),
+      donate_argnums=0,
+    )
 
   def model_params(self, params):
     """The parameters the model runs with for evaluation and samples (the state's own here)."""

@@ -7,6 +7,7 @@ flushes. A hook is due after steps that are multiples of its `every`, after the 
 and when the run is stopping (`on_stop`: a signal or a hook's `ctx.stop_reason`). `before_step` and
 `after_step` run around every step's dispatch without a sync (profiling).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class StepContext:
   """What hooks see after a step: the state (on device), the loader state after it, the metrics row."""
+
   step: int
   state: Any
   data_state: dict
@@ -47,13 +49,17 @@ class StepContext:
 
 class Hook:
   """A periodic action (Levanter style): due every `every` steps, at the end, and/or when stopping."""
+
   every: int = 0
   at_end: bool = True
   on_stop: bool = False
 
   def due(self, ctx: StepContext) -> bool:
-    return ((self.every > 0 and ctx.step % self.every == 0) or (self.at_end and ctx.at_end) or
-            (self.on_stop and ctx.stopping))
+    return (
+      (self.every > 0 and ctx.step % self.every == 0)
+      or (self.at_end and ctx.at_end)
+      or (self.on_stop and ctx.stopping)
+    )
 
   def __call__(self, ctx: StepContext) -> None:
     raise NotImplementedError
@@ -86,10 +92,13 @@ class EvalHook(Hook):
     self.setup, self.batches, self.extra_sets = setup, batches, extra_sets
     replicated = sharding_lib.replicated(setup.mesh)
     num_domains = max(1, len(setup.prepared.domains))
-    token_bytes_V = jax.device_put(evaluation.token_bytes(setup.tokenizer, setup.model_cfg.vocab_size),
-                                   replicated)
-    jitted = jax.jit(functools.partial(evaluation.eval_sums, model=setup.model, num_domains=num_domains),
-                     out_shardings=replicated)
+    token_bytes_V = jax.device_put(
+      evaluation.token_bytes(setup.tokenizer, setup.model_cfg.vocab_size), replicated
+    )
+    jitted = jax.jit(
+      functools.partial(evaluation.eval_sums, model=setup.model, num_domains=num_domains),
+      out_shardings=replicated,
+    )
     self.eval_fn = lambda params, batch: jitted(params, batch, token_bytes_V)
 
   def due(self, ctx: StepContext) -> bool:
@@ -100,8 +109,9 @@ class EvalHook(Hook):
     params = s.extension.model_params(ctx.state.params)
     ctx.row.update(evaluation.evaluate(params, self.eval_fn, self.batches, s.mesh, s.prepared.domains))
     for name, batches in self.extra_sets.items():
-      ctx.row[f"val_loss/{name}"] = evaluation.evaluate(params, self.eval_fn, batches, s.mesh,
-                                                        [name]).get("val_loss")
+      ctx.row[f"val_loss/{name}"] = evaluation.evaluate(params, self.eval_fn, batches, s.mesh, [name]).get(
+        "val_loss"
+      )
     if "val_loss" in ctx.row:
       ctx.run.last_val = ctx.row["val_loss"]
       log.info("step %d: loss %.4f, val loss %.4f", ctx.step, ctx.run.last_loss, ctx.row["val_loss"])
@@ -128,9 +138,11 @@ class BestHook(Hook):
       self.since_best += 1
     ctx.run.best_step, ctx.run.best_val = self.best_step, self.best_val
     if self.patience > 0 and self.since_best >= self.patience and not ctx.at_end:
-      ctx.stop_reason = (f"early stop at step {ctx.step}: the validation loss has not improved on "
-                         f"{self.best_val:.4f} (step {self.best_step}) for {self.since_best} evaluations "
-                         f"(train.early_stop_patience={self.patience})")
+      ctx.stop_reason = (
+        f"early stop at step {ctx.step}: the validation loss has not improved on "
+        f"{self.best_val:.4f} (step {self.best_step}) for {self.since_best} evaluations "
+        f"(train.early_stop_patience={self.patience})"
+      )
       log.warning("%s", ctx.stop_reason)
 
 
@@ -156,6 +168,7 @@ class SampleHook(Hook):
 
 class CheckpointHook(Hook):
   """Saves (state, loader state) every `every` steps, at the end, when stopping, and at a new best."""
+
   on_stop = True
 
   def __init__(self, ckpts: ckpt_lib.Checkpoints, every: int, keep_best: bool):
@@ -168,13 +181,14 @@ class CheckpointHook(Hook):
     metrics = {"val_loss": float(ctx.row["val_loss"])} if self.keep_best and "val_loss" in ctx.row else {}
     if not self.ckpts.save(ctx.step, ctx.state, ctx.data_state, metrics=metrics):
       raise ckpt_lib.CheckpointError(
-          f"the checkpoint at step {ctx.step} was not saved: {self.ckpts.directory} already holds "
-          "that step")
+        f"the checkpoint at step {ctx.step} was not saved: {self.ckpts.directory} already holds that step"
+      )
     ctx.run.saved_step = ctx.step
 
 
 class ProfileHook(Hook):
   """A JAX profiler trace of train.profile_steps into WORKDIR/tb/plugins/profile (every process)."""
+
   at_end = False
 
   def __init__(self, spec: str, workdir: str):

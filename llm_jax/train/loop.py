@@ -9,6 +9,7 @@ Process 0 alone writes files and logs metrics; every process loads only its rows
 Nothing in the run directory changes until every resume check (model shapes, tokenizer, checkpoint,
 data stream) has passed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,8 +49,7 @@ class TrainingError(RuntimeError):
 class _Run:
   """Mutable bookkeeping of one training session: step timing, the NaN policy, the log rows."""
 
-  def __init__(self, setup: Setup, workdir: str, writer, alerts, total: int, start: int,
-               skipped: int):
+  def __init__(self, setup: Setup, workdir: str, writer, alerts, total: int, start: int, skipped: int):
     c = setup.config
     self.setup, self.workdir, self.writer, self.alerts = setup, workdir, writer, alerts
     self.total, self.step = total, start
@@ -85,13 +85,17 @@ class _Run:
       self.consecutive += 1
       what = f"non-finite loss or gradients at step {step} (loss={loss}, grad norm={float(m['grad_norm'])})"
       if tr.nan_policy == "abort":
-        raise TrainingError(f"{what}; train.nan_policy=abort: stopping without saving, the last "
-                            f"checkpoint (step {self.saved_step}) is untouched")
+        raise TrainingError(
+          f"{what}; train.nan_policy=abort: stopping without saving, the last "
+          f"checkpoint (step {self.saved_step}) is untouched"
+        )
       log.warning("%s: update skipped (%d in a row, %d in all)", what, self.consecutive, self.skipped)
       if self.consecutive >= tr.max_consecutive_skips:
-        raise TrainingError(f"{what}; {self.consecutive} non-finite steps in a row reached "
-                            f"train.max_consecutive_skips={tr.max_consecutive_skips}: stopping; the "
-                            f"last checkpoint is step {self.saved_step}")
+        raise TrainingError(
+          f"{what}; {self.consecutive} non-finite steps in a row reached "
+          f"train.max_consecutive_skips={tr.max_consecutive_skips}: stopping; the "
+          f"last checkpoint is step {self.saved_step}"
+        )
     else:
       self.consecutive = 0
       self.last_loss = loss
@@ -102,10 +106,14 @@ class _Run:
     return self.row(step, m)
 
   def row(self, step: int, m) -> dict:
-    row = {"loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
-           "param_norm": float(m["param_norm"]),
-           "lr": float(self.schedule(max(0, step - 1 - self.skipped))),
-           "skipped_steps": self.skipped, "tokens_seen": step * self.tokens_per_step}
+    row = {
+      "loss": float(m["loss"]),
+      "grad_norm": float(m["grad_norm"]),
+      "param_norm": float(m["param_norm"]),
+      "lr": float(self.schedule(max(0, step - 1 - self.skipped))),
+      "skipped_steps": self.skipped,
+      "tokens_seen": step * self.tokens_per_step,
+    }
     if self.waited_steps:
       row["data_wait_s"] = self.wait_s / self.waited_steps
     if self.timed_steps:
@@ -119,8 +127,9 @@ class _Run:
     row.update(metrics_lib.memory_stats())
     self.timed_s, self.timed_steps, self.wait_s, self.waited_steps = 0.0, 0, 0.0, 0
     if self.bar is not None:
-      self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}",
-                           refresh=False)
+      self.bar.set_postfix(
+        loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):,.0f}", refresh=False
+      )
     return row
 
   def pause_timer(self):
@@ -152,25 +161,33 @@ def _default_hooks(setup: Setup, workdir: str, ckpts, alerts, make_sampler) -> l
     batches = setup_lib.eval_batches(setup)
     if not batches:
       log.warning("the val split is empty: no evaluation")
-    out.append(hooks_lib.EvalHook(setup, tr.eval_every, batches,
-                                  setup.extension.extra_eval_sets(setup, index, count)))
-    out.append(hooks_lib.BestHook(tr.eval_every, alerts, tr.get("early_stop_patience", 0),
-                                  ckpts.best()))
+    out.append(
+      hooks_lib.EvalHook(setup, tr.eval_every, batches, setup.extension.extra_eval_sets(setup, index, count))
+    )
+    out.append(hooks_lib.BestHook(tr.eval_every, alerts, tr.get("early_stop_patience", 0), ckpts.best()))
   if tr.sample_every > 0 and make_sampler is not None:
     out.append(hooks_lib.SampleHook(setup, tr.sample_every, make_sampler(setup)))
   elif tr.sample_every > 0:
-    log.info("train.sample_every=%d but no sampler was given (the train command passes one): "
-             "no samples", tr.sample_every)
+    log.info(
+      "train.sample_every=%d but no sampler was given (the train command passes one): no samples",
+      tr.sample_every,
+    )
   keep_best = bool(tr.get("keep_best", True)) and tr.eval_every > 0
   out.append(hooks_lib.CheckpointHook(ckpts, tr.checkpoint_every, keep_best))
   out.append(hooks_lib.ProfileHook(tr.profile_steps, workdir))
   return out
 
 
-def train(config, workdir: str, extension: TrainExtension | None = None, *,
-          hooks: list[hooks_lib.Hook] = (), make_sampler: Callable | None = None,
-          batch_hook: Callable | None = None,
-          loader_factory: Callable | None = None) -> dict[str, Any]:
+def train(
+  config,
+  workdir: str,
+  extension: TrainExtension | None = None,
+  *,
+  hooks: list[hooks_lib.Hook] = (),
+  make_sampler: Callable | None = None,
+  batch_hook: Callable | None = None,
+  loader_factory: Callable | None = None,
+) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir` up to the budget; returns a summary dict.
 
   `extension` decides what trains and how (default: plain pretraining); `hooks` run after the
@@ -198,29 +215,52 @@ def train(config, workdir: str, extension: TrainExtension | None = None, *,
       run_dir.write(workdir, c, setup.prepared, start_step=start)
       _log_model(setup)
     if start >= total:
-      log.info("the run is already at step %d of %d: nothing to do (raise train.steps or train.tokens "
-               "to continue)", start, total)
+      log.info(
+        "the run is already at step %d of %d: nothing to do (raise train.steps or train.tokens to continue)",
+        start,
+        total,
+      )
       return _summary(None, start, total, "complete", workdir, t_start, ckpts.best())
-    return _session(setup, workdir, ckpts, loader, start, state, total, list(hooks), make_sampler,
-                    batch_hook, t_start)
+    return _session(
+      setup, workdir, ckpts, loader, start, state, total, list(hooks), make_sampler, batch_hook, t_start
+    )
   finally:
     ckpts.close()
 
 
 def _log_model(setup: Setup) -> None:
   mc = setup.model_cfg
-  log.info("model: %s parameters (%s without embeddings), %.3g training FLOPs/token",
-           f"{mc.param_count():,}", f"{mc.param_count(include_embedding=False):,}",
-           mc.flops_per_token(setup.config.train.seq_len))
-  log.info("mesh %s over %d %s devices; parameters:\n%s", dict(setup.mesh.shape), jax.device_count(),
-           jax.devices()[0].device_kind,
-           sharding_lib.spec_table(setup.abstract_state.params, setup.state_shardings.params))
+  log.info(
+    "model: %s parameters (%s without embeddings), %.3g training FLOPs/token",
+    f"{mc.param_count():,}",
+    f"{mc.param_count(include_embedding=False):,}",
+    mc.flops_per_token(setup.config.train.seq_len),
+  )
+  log.info(
+    "mesh %s over %d %s devices; parameters:\n%s",
+    dict(setup.mesh.shape),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+    sharding_lib.spec_table(setup.abstract_state.params, setup.state_shardings.params),
+  )
 
 
-def _summary(run: _Run | None, step: int, total: int, status: str, workdir: str, t_start: float,
-             best: tuple[int, float] | None) -> dict[str, Any]:
-  out = {"step": step, "total_steps": total, "status": status, "workdir": workdir,
-         "wall_s": time.time() - t_start}
+def _summary(
+  run: _Run | None,
+  step: int,
+  total: int,
+  status: str,
+  workdir: str,
+  t_start: float,
+  best: tuple[int, float] | None,
+) -> dict[str, Any]:
+  out = {
+    "step": step,
+    "total_steps": total,
+    "status": status,
+    "workdir": workdir,
+    "wall_s": time.time() - t_start,
+  }
   if run is not None:
     out.update(loss=run.last_loss, val_loss=run.last_val, skipped_steps=run.skipped)
     if run.best_step is not None:
@@ -230,16 +270,28 @@ def _summary(run: _Run | None, step: int, total: int, status: str, workdir: str,
   return out
 
 
-def _session(setup: Setup, workdir: str, ckpts, loader, start: int, state, total: int,
-             extra_hooks: list, make_sampler, batch_hook, t_start: float) -> dict[str, Any]:
+def _session(
+  setup: Setup,
+  workdir: str,
+  ckpts,
+  loader,
+  start: int,
+  state,
+  total: int,
+  extra_hooks: list,
+  make_sampler,
+  batch_hook,
+  t_start: float,
+) -> dict[str, Any]:
   c, is_main = setup.config, jax.process_index() == 0
   skipped = int(jax.device_get(state.skipped))
   writer = metrics_lib.Writer(workdir, enabled=is_main, resume_step=start)
   alerts = metrics_lib.Alerts(writer, c.train.throughput_alert, c.train.plateau_evals)
   run = _Run(setup, workdir, writer, alerts, total, start, skipped)
   run.saved_step = ckpts.latest_step()
-  hooks = (_default_hooks(setup, workdir, ckpts, alerts, make_sampler) + setup.extension.hooks(setup)
-           + extra_hooks)
+  hooks = (
+    _default_hooks(setup, workdir, ckpts, alerts, make_sampler) + setup.extension.hooks(setup) + extra_hooks
+  )
   stop = StopFlag().install()
   prefetch = Prefetcher(lambda: (next(loader), loader.get_state()))  # (batch, loader state after it)
   try:
@@ -256,8 +308,7 @@ def _session(setup: Setup, workdir: str, ckpts, loader, start: int, state, total
     writer.close()
   summary = _summary(run, run.step, total, status, workdir, t_start, None)
   if is_main and "best_step" in summary:
-    run_dir.update_record(workdir, best={"step": summary["best_step"],
-                                         "val_loss": summary["best_val_loss"]})
+    run_dir.update_record(workdir, best={"step": summary["best_step"], "val_loss": summary["best_val_loss"]})
   log.info("summary: %s", summary)
   return summary
 
@@ -265,15 +316,22 @@ def _session(setup: Setup, workdir: str, ckpts, loader, start: int, state, total
 def _preflight(setup: Setup, run: _Run, state, batch, batch_np, batch_shardings, hooks) -> None:
   evals = [h for h in hooks if isinstance(h, hooks_lib.EvalHook)]
   eval_fn = evals[0].eval_fn if evals else hooks_lib.EvalHook(setup, 0, [], {}).eval_fn
-  figures = preflight_lib.run(state, batch, model=setup.model, config=setup.config,
-                              tokenizer=setup.tokenizer, eval_fn=eval_fn, optimizer=setup.optimizer,
-                              state_shardings=setup.state_shardings, batch_shardings=batch_shardings,
-                              host_batch=batch_np)
+  figures = preflight_lib.run(
+    state,
+    batch,
+    model=setup.model,
+    config=setup.config,
+    tokenizer=setup.tokenizer,
+    eval_fn=eval_fn,
+    optimizer=setup.optimizer,
+    state_shardings=setup.state_shardings,
+    batch_shardings=batch_shardings,
+    host_batch=batch_np,
+  )
   run.writer.write(0, {"loss": figures["preflight_loss_before"], **figures})
 
 
-def _loop(run: _Run, state, prefetch: Prefetcher, hooks: list, stop: StopFlag, batch_hook,
-          start: int) -> str:
+def _loop(run: _Run, state, prefetch: Prefetcher, hooks: list, stop: StopFlag, batch_hook, start: int) -> str:
   setup = run.setup
   tr, mesh = setup.config.train, setup.mesh
   (batch_np, data_state), wait_s = prefetch.get()
@@ -304,8 +362,11 @@ def _loop(run: _Run, state, prefetch: Prefetcher, hooks: list, stop: StopFlag, b
     pending = (step, metrics, wait_s)
 
     at_end = step >= run.total
-    signalled = (bool(stop) if jax.process_count() == 1 else
-                 (step % max(1, tr.log_every) == 0 or at_end) and stop.agreed())
+    signalled = (
+      bool(stop)
+      if jax.process_count() == 1
+      else (step % max(1, tr.log_every) == 0 or at_end) and stop.agreed()
+    )
     ctx = hooks_lib.StepContext(step, state, data_state, at_end, signalled, run)
     if any(h.due(ctx) for h in hooks):
       ctx.row = run.finish(*pending) or {}

@@ -6,6 +6,7 @@ writes d(logits) once, in the logits' own dtype. Plain autodiff of the same form
 exp(logits - max) [B, L, V] for the backward pass and scatters into a float32 zero array for the
 target gather, three or four extra passes over the largest tensor of a small model's step.
 """
+
 from __future__ import annotations
 
 import jax

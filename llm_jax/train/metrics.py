@@ -4,6 +4,7 @@ Only process 0 writes; other processes get a writer that drops everything. metri
 object per logged step, always with `step` and `loss`; TensorBoard tags are grouped as train/, val/,
 perf/, memory/, alerts/ and samples.
 """
+
 from __future__ import annotations
 
 import collections
@@ -28,44 +29,44 @@ TB_DIR = "tb"
 # Dense bf16 peak FLOP/s per chip (vendor data sheets, without 2:4 sparsity), matched by substring of
 # device_kind (lowercase), first match wins: the one table for the loop's MFU and `python -m llm_jax.bench`.
 PEAK_FLOPS = (
-    ("gh200", 989e12),
-    ("h200", 989e12),
-    ("h100 pcie", 756e12),
-    ("h100", 989e12),  # SXM
-    ("b200", 2250e12),
-    ("a100", 312e12),
-    ("l40s", 362e12),
-    ("l40", 181e12),
-    ("l4", 121e12),
-    ("a10", 125e12),
-    ("v100", 125e12),
-    ("tpu v6", 918e12),
-    ("tpu v5p", 459e12),
-    ("tpu v5", 197e12),  # v5 lite / v5e
-    ("tpu v4", 275e12),
+  ("gh200", 989e12),
+  ("h200", 989e12),
+  ("h100 pcie", 756e12),
+  ("h100", 989e12),  # SXM
+  ("b200", 2250e12),
+  ("a100", 312e12),
+  ("l40s", 362e12),
+  ("l40", 181e12),
+  ("l4", 121e12),
+  ("a10", 125e12),
+  ("v100", 125e12),
+  ("tpu v6", 918e12),
+  ("tpu v5p", 459e12),
+  ("tpu v5", 197e12),  # v5 lite / v5e
+  ("tpu v4", 275e12),
 )
 
 # Where each metric goes in TensorBoard (metrics.jsonl keeps the short names); per-domain keys
 # `val_loss/D` and `val_bpb/D` go to val/loss/D and val/bits_per_byte/D.
 TB_TAGS = {
-    "loss": "train/loss",
-    "lr": "train/lr",
-    "grad_norm": "train/grad_norm",
-    "param_norm": "train/param_norm",
-    "skipped_steps": "train/skipped_steps",
-    "tokens_seen": "train/tokens_seen",
-    "tokens_per_s": "perf/tokens_per_s",
-    "step_time_s": "perf/step_time_s",
-    "data_wait_s": "perf/data_wait_s",
-    "mfu": "perf/mfu",
-    "memory_in_use_gb": "memory/in_use_gb",
-    "memory_peak_gb": "memory/peak_gb",
-    "memory_headroom_gb": "memory/headroom_gb",
-    "val_loss": "val/loss",
-    "val_ppl": "val/perplexity",
-    "val_bpb": "val/bits_per_byte",
-    "preflight_loss_before": "preflight/loss_before",
-    "preflight_loss_after": "preflight/loss_after",
+  "loss": "train/loss",
+  "lr": "train/lr",
+  "grad_norm": "train/grad_norm",
+  "param_norm": "train/param_norm",
+  "skipped_steps": "train/skipped_steps",
+  "tokens_seen": "train/tokens_seen",
+  "tokens_per_s": "perf/tokens_per_s",
+  "step_time_s": "perf/step_time_s",
+  "data_wait_s": "perf/data_wait_s",
+  "mfu": "perf/mfu",
+  "memory_in_use_gb": "memory/in_use_gb",
+  "memory_peak_gb": "memory/peak_gb",
+  "memory_headroom_gb": "memory/headroom_gb",
+  "val_loss": "val/loss",
+  "val_ppl": "val/perplexity",
+  "val_bpb": "val/bits_per_byte",
+  "preflight_loss_before": "preflight/loss_before",
+  "preflight_loss_after": "preflight/loss_after",
 }
 
 
@@ -117,9 +118,11 @@ def memory_stats() -> dict[str, float]:
       best = s
   if best is None:
     return {}
-  gb = 1024 ** 3
-  out = {"memory_in_use_gb": best["bytes_in_use"] / gb,
-         "memory_peak_gb": best.get("peak_bytes_in_use", best["bytes_in_use"]) / gb}
+  gb = 1024**3
+  out = {
+    "memory_in_use_gb": best["bytes_in_use"] / gb,
+    "memory_peak_gb": best.get("peak_bytes_in_use", best["bytes_in_use"]) / gb,
+  }
   if best.get("bytes_limit"):
     out["memory_headroom_gb"] = (best["bytes_limit"] - out["memory_peak_gb"] * gb) / gb
   return out
@@ -156,8 +159,12 @@ class Writer:
           pass  # a torn last line of a killed run
         dropped += 1
     if dropped:
-      log.info("metrics.jsonl: dropped %d rows after step %d (written after the checkpoint this "
-               "session starts from)", dropped, step)
+      log.info(
+        "metrics.jsonl: dropped %d rows after step %d (written after the checkpoint this "
+        "session starts from)",
+        dropped,
+        step,
+      )
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
@@ -227,9 +234,11 @@ class Alerts:
     if self.share > 0 and len(self.rates) >= 10:
       median = statistics.median(self.rates)
       if tokens_per_s < self.share * median:
-        self.writer.alert(step, "throughput",
-                          f"tokens/s {tokens_per_s:,.0f} is below {self.share:g} x running median "
-                          f"{median:,.0f}")
+        self.writer.alert(
+          step,
+          "throughput",
+          f"tokens/s {tokens_per_s:,.0f} is below {self.share:g} x running median {median:,.0f}",
+        )
         fired = True
     self.rates.append(tokens_per_s)
     return fired
@@ -239,10 +248,16 @@ class Alerts:
       self.best, self.since_best = loss, 0
       return False
     self.since_best += 1
-    if self.plateau_evals > 0 and self.since_best >= self.plateau_evals and \
-        self.since_best % self.plateau_evals == 0:
-      self.writer.alert(step, "plateau", f"validation loss has not improved on {self.best:.4f} for "
-                                         f"{self.since_best} evaluations")
+    if (
+      self.plateau_evals > 0
+      and self.since_best >= self.plateau_evals
+      and self.since_best % self.plateau_evals == 0
+    ):
+      self.writer.alert(
+        step,
+        "plateau",
+        f"validation loss has not improved on {self.best:.4f} for {self.since_best} evaluations",
+      )
       return True
     return False
 

@@ -1,4 +1,5 @@
 """AdamW with warm-up and decay, global-norm clipping and a weight-decay mask."""
+
 from __future__ import annotations
 
 import jax
@@ -30,11 +31,13 @@ def learning_rate_schedule(config) -> optax.Schedule:
 
 def decay_mask(params, decay_all: bool = False):
   """True where AdamW weight decay applies: matrices, not norms, biases or embeddings."""
+
   def keep(path, _):
     if decay_all:
       return True
     names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
     return not any(n in names for n in _NO_DECAY)
+
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
@@ -44,9 +47,14 @@ def make_optimizer(config) -> optax.GradientTransformation:
   A training variant wraps it (TrainExtension.wrap_optimizer: e.g. frozen parameters masked out).
   """
   tr = config.train
-  adamw = optax.adamw(learning_rate_schedule(config), b1=tr.b1, b2=tr.b2, eps=tr.eps,
-                      weight_decay=tr.weight_decay,
-                      mask=lambda p: decay_mask(p, tr.decay_norms_biases_embeddings))
+  adamw = optax.adamw(
+    learning_rate_schedule(config),
+    b1=tr.b1,
+    b2=tr.b2,
+    eps=tr.eps,
+    weight_decay=tr.weight_decay,
+    mask=lambda p: decay_mask(p, tr.decay_norms_biases_embeddings),
+  )
   if tr.grad_clip and tr.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(tr.grad_clip), adamw)
   return adamw

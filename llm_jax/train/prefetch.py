@@ -5,6 +5,7 @@ read the loader state, place it on the devices, ...); `get()` returns the next i
 the caller waited for it. An exception raised by `produce` is raised again by the `get` that would
 have returned its item.
 """
+
 from __future__ import annotations
 
 import queue

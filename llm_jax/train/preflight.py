@@ -7,6 +7,7 @@ The update check does not depend on the configured learning rate: the optimizer'
 taken as a direction and tried at decreasing fractions of its length, so a trained model whose loss a
 full first Adam step would raise (fine-tuning) passes, and a sign error or a broken optimizer does not.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,8 +43,10 @@ def tokenizer_round_trip(tokenizer, sample_ids: np.ndarray | None = None) -> str
       continue  # characters the corpus never had (e.g. a char tokenizer on prose): nothing to test
     back = tokenizer.decode(ids)
     if back != text:
-      raise PreflightError(f"tokenizer round trip changed the text: {text[:80]!r} -> {back[:80]!r} "
-                           f"(tokenizer {getattr(tokenizer, 'path', '')})")
+      raise PreflightError(
+        f"tokenizer round trip changed the text: {text[:80]!r} -> {back[:80]!r} "
+        f"(tokenizer {getattr(tokenizer, 'path', '')})"
+      )
   return texts[-1]
 
 
@@ -57,9 +60,11 @@ def check_shifted(batch: dict[str, np.ndarray]) -> None:
   bad = np.argwhere(same & (inputs[:, 1:] != targets[:, :-1]))
   if len(bad):
     row, pos = (int(x) for x in bad[0])
-    raise PreflightError(f"the targets are not the inputs shifted by one: row {row}, position {pos} has "
-                         f"target {int(targets[row, pos])} but the next input is "
-                         f"{int(inputs[row, pos + 1])} ({len(bad)} such positions in the first batch)")
+    raise PreflightError(
+      f"the targets are not the inputs shifted by one: row {row}, position {pos} has "
+      f"target {int(targets[row, pos])} but the next input is "
+      f"{int(inputs[row, pos + 1])} ({len(bad)} such positions in the first batch)"
+    )
 
 
 def _as_eval_batch(batch):
@@ -75,8 +80,10 @@ def _probe(state, batch, *, model, optimizer, config):
   loss, grads = step_lib.loss_and_grads(state.params, batch, rng, model=model, config=config)
   updates, _ = optimizer.update(grads, state.opt_state, state.params)
   reached = jax.tree.map(lambda g: jnp.any(g != 0), grads)
-  slope = sum(jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
-              for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates), strict=True))
+  slope = sum(
+    jnp.vdot(g.astype(jnp.float32), u.astype(jnp.float32))
+    for g, u in zip(jax.tree.leaves(grads), jax.tree.leaves(updates), strict=True)
+  )
   return loss, optax.tree.norm(grads), reached, updates, slope
 
 
@@ -84,8 +91,19 @@ def _moved(params, updates, t):
   return jax.tree.map(lambda p, u: p + (t * u).astype(p.dtype), params, updates)
 
 
-def run(state, batch, *, model, config, tokenizer, eval_fn, optimizer, state_shardings,
-        batch_shardings, host_batch=None) -> dict:
+def run(
+  state,
+  batch,
+  *,
+  model,
+  config,
+  tokenizer,
+  eval_fn,
+  optimizer,
+  state_shardings,
+  batch_shardings,
+  host_batch=None,
+) -> dict:
   """All preflight checks on the first training batch (global arrays); returns their figures.
 
   `eval_fn(params, batch) -> sums` is the loop's jitted eval_step (reused: no extra compile);
@@ -102,30 +120,43 @@ def run(state, batch, *, model, config, tokenizer, eval_fn, optimizer, state_sha
 
   before = loss_of(state.params)
   if not math.isfinite(before):
-    raise PreflightError(f"the first batch gives a non-finite loss ({before}) with the initial "
-                         "parameters; check model.init_std, model.dtype and the data")
-  log.info("preflight: first-batch loss %.4f (uniform over the vocabulary would be %.4f)", before,
-           math.log(model.cfg.vocab_size))
+    raise PreflightError(
+      f"the first batch gives a non-finite loss ({before}) with the initial "
+      "parameters; check model.init_std, model.dtype and the data"
+    )
+  log.info(
+    "preflight: first-batch loss %.4f (uniform over the vocabulary would be %.4f)",
+    before,
+    math.log(model.cfg.vocab_size),
+  )
 
-  replicated = jax.sharding.NamedSharding(jax.tree.leaves(state_shardings)[0].mesh,
-                                          jax.sharding.PartitionSpec())
-  probe = jax.jit(functools.partial(_probe, model=model, optimizer=optimizer, config=config),
-                  in_shardings=(state_shardings, batch_shardings),
-                  out_shardings=(replicated, replicated, replicated, state_shardings.params, replicated))
+  replicated = jax.sharding.NamedSharding(
+    jax.tree.leaves(state_shardings)[0].mesh, jax.sharding.PartitionSpec()
+  )
+  probe = jax.jit(
+    functools.partial(_probe, model=model, optimizer=optimizer, config=config),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(replicated, replicated, replicated, state_shardings.params, replicated),
+  )
   loss, grad_norm, reached, updates, slope = probe(state, batch)
   if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
-    raise PreflightError(f"the first batch gives non-finite gradients (loss {float(loss)}, grad norm "
-                         f"{float(grad_norm)})")
+    raise PreflightError(
+      f"the first batch gives non-finite gradients (loss {float(loss)}, grad norm {float(grad_norm)})"
+    )
   flat = jax.tree_util.tree_flatten_with_path(jax.device_get(reached))[0]
   dead = [path_name(p) for p, ok in flat if not bool(ok)]
   if dead:
-    raise PreflightError(f"no gradient reaches {len(dead)} parameter(s) on the first batch: "
-                         f"{', '.join(dead[:8])}; they would never train")
+    raise PreflightError(
+      f"no gradient reaches {len(dead)} parameter(s) on the first batch: "
+      f"{', '.join(dead[:8])}; they would never train"
+    )
   slope = float(slope)
   if not slope < 0:
-    raise PreflightError(f"the optimizer's first update does not point downhill on its own batch "
-                         f"(gradient . update = {slope:.3g} >= 0); check the optimizer settings "
-                         "(train.learning_rate, train.weight_decay) and the loss")
+    raise PreflightError(
+      f"the optimizer's first update does not point downhill on its own batch "
+      f"(gradient . update = {slope:.3g} >= 0); check the optimizer settings "
+      "(train.learning_rate, train.weight_decay) and the loss"
+    )
   move = jax.jit(_moved, out_shardings=state_shardings.params)
   after, fraction = before, None
   for t in STEP_FRACTIONS:
@@ -135,11 +166,24 @@ def run(state, batch, *, model, config, tokenizer, eval_fn, optimizer, state_sha
       break
   del updates
   if fraction is None:  # descends to first order, but below what the loss's precision resolves
-    log.warning("preflight: the first update points downhill (gradient . update = %.3g) but even %g "
-                "of it does not lower the batch loss measurably (%.6f -> %.6f)", slope,
-                STEP_FRACTIONS[-1], before, after)
+    log.warning(
+      "preflight: the first update points downhill (gradient . update = %.3g) but even %g "
+      "of it does not lower the batch loss measurably (%.6f -> %.6f)",
+      slope,
+      STEP_FRACTIONS[-1],
+      before,
+      after,
+    )
   else:
-    log.info("preflight: %g of the first update lowers the batch loss %.4f -> %.4f; gradients reach "
-             "every parameter; tokenizer round trip ok", fraction, before, after)
-  return {"preflight_loss_before": before, "preflight_loss_after": after,
-          "preflight_step_fraction": fraction if fraction is not None else 0.0}
+    log.info(
+      "preflight: %g of the first update lowers the batch loss %.4f -> %.4f; gradients reach "
+      "every parameter; tokenizer round trip ok",
+      fraction,
+      before,
+      after,
+    )
+  return {
+    "preflight_loss_before": before,
+    "preflight_loss_after": after,
+    "preflight_step_fraction": fraction if fraction is not None else 0.0,
+  }

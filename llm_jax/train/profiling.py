@@ -10,6 +10,7 @@
 Steps START..STOP-1 are traced; the trace lands in `<logdir>/plugins/profile/<time>/` where
 TensorBoard's Profile tab (tensorboard-plugin-profile) or Perfetto (the .trace.json.gz) reads it.
 """
+
 from __future__ import annotations
 
 import contextlib

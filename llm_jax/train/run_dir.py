@@ -1,14 +1,15 @@
 """The run directory describes itself: config.json, tokenizer.model, manifest.json and run.json.
 
-    WORKDIR/
-      config.json      the resolved config (model.vocab_size filled in from the tokenizer)
-      tokenizer.model  copy of the tokenizer the data was encoded with
-      manifest.json    copy of the prepared data's manifest
-      run.json         git commit, package versions, command line, seeds, devices, tag/note, hashes;
-                       one entry in "sessions" per start (fresh or resumed)
-      checkpoints/     Orbax (llm_jax.train.checkpoint)
-      tb/              TensorBoard events; metrics.jsonl one JSON object per logged step
+WORKDIR/
+  config.json      the resolved config (model.vocab_size filled in from the tokenizer)
+  tokenizer.model  copy of the tokenizer the data was encoded with
+  manifest.json    copy of the prepared data's manifest
+  run.json         git commit, package versions, command line, seeds, devices, tag/note, hashes;
+                   one entry in "sessions" per start (fresh or resumed)
+  checkpoints/     Orbax (llm_jax.train.checkpoint)
+  tb/              TensorBoard events; metrics.jsonl one JSON object per logged step
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,11 +36,36 @@ TOKENIZER_FILE = "tokenizer.model"
 MANIFEST_FILE = "manifest.json"
 
 # ModelConfig fields that decide parameter shapes: a resumed run must keep them.
-SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-                "mlp_dim", "max_seq_len", "positions", "norm", "activation", "tie_embeddings",
-                "use_bias", "scan_layers", "param_dtype")
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "sentencepiece", "numpy",
-             "ml_collections", "tensorboardX", "llm-jax")
+SHAPE_FIELDS = (
+  "vocab_size",
+  "num_layers",
+  "d_model",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "mlp_dim",
+  "max_seq_len",
+  "positions",
+  "norm",
+  "activation",
+  "tie_embeddings",
+  "use_bias",
+  "scan_layers",
+  "param_dtype",
+)
+_PACKAGES = (
+  "jax",
+  "jaxlib",
+  "flax",
+  "optax",
+  "orbax-checkpoint",
+  "grain",
+  "sentencepiece",
+  "numpy",
+  "ml_collections",
+  "tensorboardX",
+  "llm-jax",
+)
 
 
 class RunDirError(RuntimeError):
@@ -109,17 +135,20 @@ def check_resume(workdir: str, config, model_cfg, tokenizer_sha256: str) -> None
   diffs = shape_differences(saved_model, model_cfg)
   if diffs:
     raise RunDirError(
-        f"{workdir} holds a run of another model shape ({len(diffs)} differing keys):\n  " +
-        "\n  ".join(diffs) + "\nResume with the original settings, or use a new --workdir.")
+      f"{workdir} holds a run of another model shape ({len(diffs)} differing keys):\n  "
+      + "\n  ".join(diffs)
+      + "\nResume with the original settings, or use a new --workdir."
+    )
   run = os.path.join(workdir, RUN_FILE)
   if os.path.exists(run):
     old = _read_json(run).get("tokenizer_sha256")
     if old and old != tokenizer_sha256:
       raise RunDirError(
-          f"{workdir} was trained with tokenizer sha256 {old[:12]}..., but the data settings now give "
-          f"{tokenizer_sha256[:12]}...; changed data.* keys: "
-          f"{', '.join(k for k in changed_keys(saved, config) if k.startswith('data.')) or 'none'}. "
-          "Resume with the original data settings, or use a new --workdir.")
+        f"{workdir} was trained with tokenizer sha256 {old[:12]}..., but the data settings now give "
+        f"{tokenizer_sha256[:12]}...; changed data.* keys: "
+        f"{', '.join(k for k in changed_keys(saved, config) if k.startswith('data.')) or 'none'}. "
+        "Resume with the original data settings, or use a new --workdir."
+      )
   changed = [k for k in changed_keys(saved, config) if k != "model.vocab_size"]
   if changed:
     log.info("resuming %s with changed config keys: %s", workdir, ", ".join(changed))
@@ -129,10 +158,19 @@ def git_commit() -> dict[str, Any]:
   """{'commit': sha or None, 'dirty': bool} of the checkout llm_jax runs from."""
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   try:
-    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                         timeout=10, check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           capture_output=True, text=True, timeout=10).stdout.strip() != ""
+    sha = subprocess.run(
+      ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+    dirty = (
+      subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=10,
+      ).stdout.strip()
+      != ""
+    )
     return {"commit": sha, "dirty": dirty}
   except (OSError, subprocess.SubprocessError):
     return {"commit": None, "dirty": None}
@@ -150,8 +188,13 @@ def package_versions() -> dict[str, str | None]:
 
 def device_info() -> dict[str, Any]:
   devices = jax.devices()
-  return {"platform": devices[0].platform, "kind": devices[0].device_kind, "count": len(devices),
-          "local_count": jax.local_device_count(), "process_count": jax.process_count()}
+  return {
+    "platform": devices[0].platform,
+    "kind": devices[0].device_kind,
+    "count": len(devices),
+    "local_count": jax.local_device_count(),
+    "process_count": jax.process_count(),
+  }
 
 
 def _now() -> str:
@@ -170,33 +213,32 @@ def write(workdir: str, config, prepared, *, start_step: int, argv: list[str] | 
   if getattr(prepared, "manifest_path", None) and os.path.exists(prepared.manifest_path):
     _copy(prepared.manifest_path, os.path.join(workdir, MANIFEST_FILE))
   session = {
-      "start_time": _now(),
-      "start_step": int(start_step),
-      "command": list(sys.argv if argv is None else argv),
-      "git": git_commit(),
-      "run_tag": config.run_tag,
-      "run_note": config.run_note,
-      "devices": device_info(),
-      "host": socket.gethostname(),
+    "start_time": _now(),
+    "start_step": int(start_step),
+    "command": list(sys.argv if argv is None else argv),
+    "git": git_commit(),
+    "run_tag": config.run_tag,
+    "run_note": config.run_note,
+    "devices": device_info(),
+    "host": socket.gethostname(),
   }
   path = os.path.join(workdir, RUN_FILE)
   record = _read_json(path) if os.path.exists(path) else None
   if record is None:
     record = {
-        "start_time": session["start_time"],
-        "command": session["command"],
-        "git": session["git"],
-        "packages": package_versions(),
-        "python": sys.version.split()[0],
-        "seeds": {"init": config.train.seed, "dropout": config.train.dropout_seed,
-                  "data": config.data.seed},
-        "run_tag": config.run_tag,
-        "run_note": config.run_note,
-        "tokenizer_sha256": prepared.tokenizer_sha256,
-        "manifest_sha256": getattr(prepared, "manifest_sha256", None),
-        "data_dir": str(getattr(prepared, "dir", "")),
-        "devices": session["devices"],
-        "sessions": [],
+      "start_time": session["start_time"],
+      "command": session["command"],
+      "git": session["git"],
+      "packages": package_versions(),
+      "python": sys.version.split()[0],
+      "seeds": {"init": config.train.seed, "dropout": config.train.dropout_seed, "data": config.data.seed},
+      "run_tag": config.run_tag,
+      "run_note": config.run_note,
+      "tokenizer_sha256": prepared.tokenizer_sha256,
+      "manifest_sha256": getattr(prepared, "manifest_sha256", None),
+      "data_dir": str(getattr(prepared, "dir", "")),
+      "devices": session["devices"],
+      "sessions": [],
     }
   record["sessions"].append(session)
   if config.run_tag:

@@ -2,6 +2,7 @@
 
 Nothing here allocates parameters or writes into the run directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +23,7 @@ from llm_jax.train.extension import TrainExtension
 @dataclasses.dataclass
 class Setup:
   """The run's parts, built once from the config."""
+
   config: Any
   prepared: Any
   tokenizer: Any
@@ -66,13 +68,23 @@ def build(config, extension: TrainExtension | None = None) -> Setup:
   tokenizer = prepared.tokenizer()
   model_cfg = ModelConfig.from_config(config, tokenizer.vocab_size)
   if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise config_lib.ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
-                                 f"tokenizer's {tokenizer.vocab_size} pieces ({prepared.tokenizer_path})")
+    raise config_lib.ConfigError(
+      f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+      f"tokenizer's {tokenizer.vocab_size} pieces ({prepared.tokenizer_path})"
+    )
   with config.unlocked():
     config.model.vocab_size = model_cfg.vocab_size  # config.json then needs no tokenizer to rebuild
   optimizer = extension.wrap_optimizer(optimizer_lib.make_optimizer(config), config)
-  setup = Setup(config, prepared, tokenizer, model_cfg, extension.make_model(model_cfg), optimizer,
-                sharding_lib.make_mesh(config), extension)
+  setup = Setup(
+    config,
+    prepared,
+    tokenizer,
+    model_cfg,
+    extension.make_model(model_cfg),
+    optimizer,
+    sharding_lib.make_mesh(config),
+    extension,
+  )
   extension.attach(setup)
   setup.abstract_state, setup.state_shardings = extension.state_shardings(setup)
   return setup

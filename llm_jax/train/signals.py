@@ -1,4 +1,5 @@
 """Stopping a run cleanly: SIGTERM and the first Ctrl-C ask the loop to save a checkpoint and stop."""
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,9 @@ class StopFlag:
     if self.signal_name is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt
     self.signal_name = signal.Signals(signum).name
-    log.warning("%s received: saving a checkpoint and stopping (Ctrl-C again to abort at once)",
-                self.signal_name)
+    log.warning(
+      "%s received: saving a checkpoint and stopping (Ctrl-C again to abort at once)", self.signal_name
+    )
 
   def install(self):
     if threading.current_thread() is not threading.main_thread():

@@ -1,4 +1,5 @@
 """The train state and its sharded creation (eval_shape -> shardings -> jit(init, out_shardings))."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,6 +17,7 @@ from llm_jax.model import Decoder
 @flax.struct.dataclass
 class TrainState:
   """Step counter, float32 parameters, optimizer state, and the count of skipped (non-finite) steps."""
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -26,8 +28,13 @@ def _boxed_init(model: Decoder, optimizer: optax.GradientTransformation, seq_len
   def init(rng):
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(rng, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      skipped=jnp.zeros((), jnp.int32),
+    )
+
   return init
 
 

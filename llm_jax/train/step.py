@@ -1,4 +1,5 @@
 """The pure training and evaluation steps."""
+
 from __future__ import annotations
 
 import jax
@@ -12,8 +13,10 @@ from llm_jax.train.state import TrainState
 
 def _split_microbatches(batch, n: int):
   """[B, ...] -> [n, B/n, ...], microbatch m taking rows m, m+n, ... so every shard serves each pass."""
+
   def split(x):
     return x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+
   return jax.tree.map(split, batch)
 
 
@@ -24,9 +27,15 @@ def _loss_logits(module: Decoder, tokens_BL, segment_ids_BL, deterministic: bool
 
 
 def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool):
-  logits_BLV = model.apply({"params": params}, batch["inputs"], batch.get("segment_ids"),
-                           deterministic, batch.get("positions"), method=_loss_logits,
-                           rngs=None if deterministic else {"dropout": rng})
+  logits_BLV = model.apply(
+    {"params": params},
+    batch["inputs"],
+    batch.get("segment_ids"),
+    deterministic,
+    batch.get("positions"),
+    method=_loss_logits,
+    rngs=None if deterministic else {"dropout": rng},
+  )
   weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
   return loss_lib.weighted_sums(logits_BLV, batch["targets"], weights_BL, z_loss)
 
@@ -51,11 +60,13 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None
   if n == 1:
     g_sum, (nll_sum, w_sum) = grad_fn(params, batch, rng)
   else:
+
     def body(carry, xs):
       g_acc, nll_acc, w_acc = carry
       mb, i = xs
       g, (nll, w) = grad_fn(params, mb, jax.random.fold_in(rng, i))
       return (jax.tree.map(jnp.add, g_acc, g), nll_acc + nll, w_acc + w), None
+
     zeros = jax.tree.map(jnp.zeros_like, params)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
     (g_sum, nll_sum, w_sum), _ = jax.lax.scan(body, init, (_split_microbatches(batch, n), jnp.arange(n)))
@@ -67,37 +78,38 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None
 def train_step(state: TrainState, batch, *, model: Decoder, optimizer, config, params_fn=None):
   """One optimizer update. Non-finite loss or gradients leave parameters and optimizer state unchanged."""
   rng = jax.random.fold_in(jax.random.key(config.train.dropout_seed), state.step)
-  loss, grads = loss_and_grads(state.params, batch, rng, model=model, config=config,
-                               params_fn=params_fn)
+  loss, grads = loss_and_grads(state.params, batch, rng, model=model, config=config, params_fn=params_fn)
   grad_norm = optax.tree.norm(grads)
   updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jnp.where(finite, new, old)
   new_state = state.replace(
-      step=state.step + 1,
-      params=jax.tree.map(keep, new_params, state.params),
-      opt_state=jax.tree.map(keep, new_opt, state.opt_state),
-      skipped=state.skipped + (1 - finite.astype(jnp.int32)))
+    step=state.step + 1,
+    params=jax.tree.map(keep, new_params, state.params),
+    opt_state=jax.tree.map(keep, new_opt, state.opt_state),
+    skipped=state.skipped + (1 - finite.astype(jnp.int32)),
+  )
   metrics = {
-      "loss": loss,
-      "grad_norm": grad_norm,
-      "param_norm": optax.tree.norm(new_state.params),
-      "finite": finite,
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "param_norm": optax.tree.norm(new_state.params),
+    "finite": finite,
   }
   return new_state, metrics
 
 
 def eval_step(params, batch, *, model: Decoder, num_domains: int):
   """Summed nll and token counts, overall and per domain, for one batch (no dropout)."""
-  logits_BLV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                           batch.get("segment_ids"))
+  logits_BLV = model.apply(
+    {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids")
+  )
   nll_BL, _ = loss_lib.token_nll(logits_BLV, batch["targets"])
   w_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32)).astype(jnp.float32)
   dom = batch.get("domain_ids", jnp.zeros(batch["targets"].shape, jnp.int32)).reshape(-1)
   return {
-      "nll_sum": jnp.sum(nll_BL * w_BL),
-      "tokens": jnp.sum(w_BL),
-      "domain_nll_sum": jax.ops.segment_sum((nll_BL * w_BL).reshape(-1), dom, num_domains),
-      "domain_tokens": jax.ops.segment_sum(w_BL.reshape(-1), dom, num_domains),
+    "nll_sum": jnp.sum(nll_BL * w_BL),
+    "tokens": jnp.sum(w_BL),
+    "domain_nll_sum": jax.ops.segment_sum((nll_BL * w_BL).reshape(-1), dom, num_domains),
+    "domain_tokens": jax.ops.segment_sum(w_BL.reshape(-1), dom, num_domains),
   }

@@ -7,6 +7,7 @@ Modules: key (cache location and key), pipeline (the stages in order), clean (st
 select (stage "dedup": filters, removals, split, dedup, paragraphs), write (tokenizer, shards), summary
 (manifest and CLI summary), __main__ (the command).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,13 +26,22 @@ from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
 from llm_jax.data.prepare.summary import summary_text
 from llm_jax.data.tokenizer import Tokenizer
 
-__all__ = ["VERSION", "Prepared", "cache_key", "cache_root", "data_config", "export_to", "prepare",
-           "summary_text"]
+__all__ = [
+  "VERSION",
+  "Prepared",
+  "cache_key",
+  "cache_root",
+  "data_config",
+  "export_to",
+  "prepare",
+  "summary_text",
+]
 
 
 @dataclasses.dataclass
 class Prepared:
   """A prepared data directory."""
+
   dir: str
   manifest: dict
   manifest_path: str
@@ -45,10 +55,15 @@ class Prepared:
     """Opens an already prepared directory."""
     m = manifest_lib.load(prepared_dir)
     path = os.path.join(prepared_dir, manifest_lib.MANIFEST)
-    return cls(dir=prepared_dir, manifest=m, manifest_path=path,
-               manifest_sha256=shards_lib.file_sha256(path),
-               tokenizer_path=os.path.join(prepared_dir, m["tokenizer"]["path"]),
-               tokenizer_sha256=m["tokenizer"]["sha256"], domains=list(m["domains"]))
+    return cls(
+      dir=prepared_dir,
+      manifest=m,
+      manifest_path=path,
+      manifest_sha256=shards_lib.file_sha256(path),
+      tokenizer_path=os.path.join(prepared_dir, m["tokenizer"]["path"]),
+      tokenizer_sha256=m["tokenizer"]["sha256"],
+      domains=list(m["domains"]),
+    )
 
   def tokenizer(self) -> Tokenizer:
     """The prepared tokenizer."""
@@ -57,14 +72,18 @@ class Prepared:
 
 def _check(config) -> None:
   d = config.data
-  for key, value, allowed in (("data.on_bad_record", d.on_bad_record, ("fail", "skip")),
-                              ("data.tokenizer.type", d.tokenizer.type, ("bpe", "unigram", "char"))):
+  for key, value, allowed in (
+    ("data.on_bad_record", d.on_bad_record, ("fail", "skip")),
+    ("data.tokenizer.type", d.tokenizer.type, ("bpe", "unigram", "char")),
+  ):
     if value not in allowed:
       raise DataError(f"{key}={value!r} is not one of {', '.join(allowed)}")
-  for key, value, closed in (("val_fraction", d.val_fraction, False),
-                             ("near_dup_threshold", d.near_dup_threshold, True),
-                             ("removal_near_threshold", d.removal_near_threshold, True),
-                             ("max_control_fraction", d.max_control_fraction, True)):
+  for key, value, closed in (
+    ("val_fraction", d.val_fraction, False),
+    ("near_dup_threshold", d.near_dup_threshold, True),
+    ("removal_near_threshold", d.removal_near_threshold, True),
+    ("max_control_fraction", d.max_control_fraction, True),
+  ):
     if not (0 <= value <= 1 if closed else 0 <= value < 1):
       raise DataError(f"data.{key}={value} must be in [0, 1{']' if closed else ')'}")
   if not d.corpus.strip():
@@ -75,8 +94,10 @@ def _after(config, prepared: Prepared) -> Prepared:
   """Strict removals on a cache hit; deleting other cached copies of removed documents."""
   ex = prepared.manifest.get("exclusions", {})
   if config.data.strict_removals and ex.get("unmatched"):
-    raise DataError(f"data.exclude={config.data.exclude!r}: {len(ex['unmatched'])} entries match no document "
-                    f"(e.g. {ex['unmatched'][0]!r}) (data.strict_removals=True)")
+    raise DataError(
+      f"data.exclude={config.data.exclude!r}: {len(ex['unmatched'])} entries match no document "
+      f"(e.g. {ex['unmatched'][0]!r}) (data.strict_removals=True)"
+    )
   if ex.get("entries"):
     entries = frozenset(ex.get("matched", []) + ex.get("unmatched", []))  # unmatched: maybe in older copies
     removals.purge_caches(cache_root(config), prepared.dir, entries, removals.removed_hashes(ex))
@@ -100,8 +121,13 @@ def prepare(config, progress: bool | None = None, tokenizer_path: str | None = N
   tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
   os.makedirs(tmp)
   try:
-    pipeline.build(config, key, tmp, progress=sys.stderr.isatty() if progress is None else progress,
-                   tokenizer_path=tokenizer_path)
+    pipeline.build(
+      config,
+      key,
+      tmp,
+      progress=sys.stderr.isatty() if progress is None else progress,
+      tokenizer_path=tokenizer_path,
+    )
     try:
       os.rename(tmp, final)
     except OSError:

@@ -5,6 +5,7 @@
 With --workdir, manifest.json, DATA_CARD.md and tokenizer.model are copied there. Exit codes: 0 done,
 1 bad data or a data.* value (the message names the file, line or key), 2 a usage error.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,14 @@ from llm_jax.data import manifest as manifest_lib
 from llm_jax.data.prepare import cache_key, cache_root, export_to, prepare, summary_text
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/tiny.py; override fields with --config.data.x=value.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", "", "Directory that receives manifest.json, DATA_CARD.md and "
-                               "tokenizer.model.")
+  "config",
+  None,
+  "Config file, e.g. configs/tiny.py; override fields with --config.data.x=value.",
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "", "Directory that receives manifest.json, DATA_CARD.md and tokenizer.model."
+)
 flags.mark_flags_as_required(["config"])
 
 

@@ -1,5 +1,6 @@
 """Stage "clean": every raw document becomes cleaned, scrubbed, filtered records (in worker processes for
 large corpora)."""
+
 from __future__ import annotations
 
 import collections
@@ -17,6 +18,7 @@ PARALLEL_MIN_CHARS = 32_000_000  # below this, starting worker processes costs m
 @dataclasses.dataclass
 class Record:
   """A cleaned document (or a piece of a long one) on its way through filters, removals, split and dedup."""
+
   doc: sources.Document
   key: str  # content hash (cleaning.content_key) of the cleaned, scrubbed text
   sig: np.ndarray | None  # MinHash signature (None when no near-duplicate search needs it)
@@ -28,6 +30,7 @@ class Record:
 @dataclasses.dataclass(frozen=True)
 class CleanArgs:
   """What each worker needs (picklable)."""
+
   max_doc_chars: int
   scrub: bool
   min_doc_chars: int
@@ -68,8 +71,9 @@ def _process_in_worker(doc: sources.Document) -> list[Record]:
   return process(doc, _ARGS[0])
 
 
-def clean_all(docs: list[sources.Document], args: CleanArgs, workers: int, progress: bool,
-              desc: str) -> list[Record]:
+def clean_all(
+  docs: list[sources.Document], args: CleanArgs, workers: int, progress: bool, desc: str
+) -> list[Record]:
   """Records of every document, in document order; worker processes when the corpus is large."""
   total_chars = sum(len(d.text) for d in docs)
   bar = tqdm.tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress)

@@ -1,5 +1,6 @@
 """Where prepared data is cached and the key that names it: a hash of (pipeline version, inputs, removal
 file, the config.data fields that shape the output)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -10,8 +11,15 @@ from llm_jax.data import removals, sources
 
 VERSION = 4  # bump when the pipeline's output changes for the same inputs and config
 # config.data fields that do not change the prepared data (loader-side knobs, resources, strictness).
-NOT_IN_KEY = ("cache_dir", "num_workers", "segment_windows", "mixture", "seed", "window_offsets",
-              "strict_removals")
+NOT_IN_KEY = (
+  "cache_dir",
+  "num_workers",
+  "segment_windows",
+  "mixture",
+  "seed",
+  "window_offsets",
+  "strict_removals",
+)
 
 
 def cache_root(config) -> str:
@@ -35,10 +43,13 @@ def cache_key(config, tokenizer_path: str | None = None) -> str:
   cfg = {k: v for k, v in data_config(config).items() if k not in NOT_IN_KEY}
   if not cfg.get("tokenizer", {}).get("encoder_pieces", True):  # off: the key of configs without it
     cfg["tokenizer"].pop("encoder_pieces")
-  parts = {"version": VERSION, "config": cfg,
-           "corpus": sources.fingerprint(d.corpus, d.stdlib_max_bytes),
-           "val_corpus": sources.fingerprint(d.val_corpus, d.stdlib_max_bytes) if d.val_corpus else None,
-           "exclude": removals.read(d.exclude).sha256 if d.exclude else None}
+  parts = {
+    "version": VERSION,
+    "config": cfg,
+    "corpus": sources.fingerprint(d.corpus, d.stdlib_max_bytes),
+    "val_corpus": sources.fingerprint(d.val_corpus, d.stdlib_max_bytes) if d.val_corpus else None,
+    "exclude": removals.read(d.exclude).sha256 if d.exclude else None,
+  }
   key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
   if tokenizer_path:
     with open(tokenizer_path, "rb") as f:

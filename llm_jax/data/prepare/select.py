@@ -1,6 +1,7 @@
 """Stage "dedup": which cleaned records become the prepared data. Quality drops, removal requests (with
 their copies), the train/validation split, exact and near deduplication, repeated paragraphs, and the
 scrub counts of what is left."""
+
 from __future__ import annotations
 
 import collections
@@ -10,14 +11,25 @@ from llm_jax.data import dedup, paragraphs, removals, scrub
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare.clean import Record
 
-DROP_REASONS = ("bad_record", "binary", "too_short", "nontext", "excluded", "excluded_exact_copy",
-                "excluded_near_copy", "exact_duplicate", "near_duplicate", "near_duplicate_of_val",
-                "only_repeated_paragraphs")
+DROP_REASONS = (
+  "bad_record",
+  "binary",
+  "too_short",
+  "nontext",
+  "excluded",
+  "excluded_exact_copy",
+  "excluded_near_copy",
+  "exact_duplicate",
+  "near_duplicate",
+  "near_duplicate_of_val",
+  "only_repeated_paragraphs",
+)
 
 
 @dataclasses.dataclass
 class Selection:
   """The records that are written, by split, and the counts the manifest records."""
+
   by_split: dict[str, list[Record]]
   dropped: collections.Counter
   removals: dict
@@ -52,8 +64,9 @@ def _dedup(recs: list[Record], d, dropped: collections.Counter) -> list[Record]:
   return recs
 
 
-def _paragraphs(recs: list[Record], d, dropped: collections.Counter,
-                kept_counts: collections.Counter) -> tuple[list[Record], dict]:
+def _paragraphs(
+  recs: list[Record], d, dropped: collections.Counter, kept_counts: collections.Counter
+) -> tuple[list[Record], dict]:
   stats, later = paragraphs.find([r.doc.text for r in recs])
   report = {**stats.as_dict(), "removed": bool(d.dedup_paragraphs)}
   if not d.dedup_paragraphs:
@@ -83,10 +96,14 @@ def select(recs: list[Record], config, bad_records: int, req: removals.Requests)
     if r.reason:
       dropped[r.reason] += 1
   recs = [r for r in recs if r.reason is None]
-  recs, removal_report = removals.apply(recs, req, d.removal_near_threshold, d.minhash_num_perm,
-                                        d.strict_removals)
-  for key, reason in (("requested", "excluded"), ("exact_copies", "excluded_exact_copy"),
-                      ("near_copies", "excluded_near_copy")):
+  recs, removal_report = removals.apply(
+    recs, req, d.removal_near_threshold, d.minhash_num_perm, d.strict_removals
+  )
+  for key, reason in (
+    ("requested", "excluded"),
+    ("exact_copies", "excluded_exact_copy"),
+    ("near_copies", "excluded_near_copy"),
+  ):
     dropped[reason] += removal_report["documents_removed"][key]
   if not d.val_corpus:
     _assign_split(recs, d.val_fraction)
@@ -97,11 +114,21 @@ def select(recs: list[Record], config, bad_records: int, req: removals.Requests)
   recs, para_report = _paragraphs(recs, d, dropped, kept_counts)
   by_split = {"train": [r for r in recs if r.split == "train"], "val": [r for r in recs if r.split == "val"]}
   if not by_split["train"]:
-    raise DataError(f"no training documents are left after cleaning and filtering (dropped: "
-                    f"{dict(dropped)}); check data.corpus={d.corpus!r}, data.min_doc_chars and "
-                    "data.max_nontext_fraction")
+    raise DataError(
+      f"no training documents are left after cleaning and filtering (dropped: "
+      f"{dict(dropped)}); check data.corpus={d.corpus!r}, data.min_doc_chars and "
+      "data.max_nontext_fraction"
+    )
   if not by_split["val"] and (d.val_corpus or d.val_fraction > 0):
-    raise DataError(f"the validation split is empty ({len(by_split['train'])} training documents); "
-                    "raise data.val_fraction, add documents or set data.val_corpus")
-  return Selection(by_split, dropped, removal_report, para_report, dict(replaced),
-                   {k: max(0, n) for k, n in kept_counts.items()})
+    raise DataError(
+      f"the validation split is empty ({len(by_split['train'])} training documents); "
+      "raise data.val_fraction, add documents or set data.val_corpus"
+    )
+  return Selection(
+    by_split,
+    dropped,
+    removal_report,
+    para_report,
+    dict(replaced),
+    {k: max(0, n) for k, n in kept_counts.items()},
+  )

@@ -1,5 +1,6 @@
 """Stages "train_tokenizer" and "tokenize_and_write": the tokenizer (trained on the training split, or a
 given one copied), then every split encoded into token shards with a document listing."""
+
 from __future__ import annotations
 
 import collections
@@ -24,29 +25,46 @@ def tokenizer(train: list[Record], t, out_dir: str, tokenizer_path: str | None) 
   if tokenizer_path:
     shutil.copyfile(tokenizer_path, path)
     return Tokenizer.load(path)
-  return train_tokenizer((r.doc.text for r in train), path, vocab_size=t.vocab_size, model_type=t.type,
-                         character_coverage=t.character_coverage, lowercase=t.lowercase,
-                         max_sentence_length=t.max_sentence_length, input_sentence_size=t.input_sentence_size,
-                         control_pieces=ENCODER_PIECES if t.get("encoder_pieces", False) else ())
+  return train_tokenizer(
+    (r.doc.text for r in train),
+    path,
+    vocab_size=t.vocab_size,
+    model_type=t.type,
+    character_coverage=t.character_coverage,
+    lowercase=t.lowercase,
+    max_sentence_length=t.max_sentence_length,
+    input_sentence_size=t.input_sentence_size,
+    control_pieces=ENCODER_PIECES if t.get("encoder_pieces", False) else (),
+  )
 
 
 @dataclasses.dataclass
 class Written:
   """What the shard writer produced, for the manifest."""
+
   shards: list = dataclasses.field(default_factory=list)
   document_lists: list = dataclasses.field(default_factory=list)
   per_domain: dict = dataclasses.field(default_factory=dict)  # split -> domain -> documents/tokens/bytes
 
 
-def _write_split(split: str, rs: list[Record], tok: Tokenizer, dom_id: dict, out_dir: str, shard_tokens: int,
-                 workers: int, progress: bool, out: Written) -> None:
+def _write_split(
+  split: str,
+  rs: list[Record],
+  tok: Tokenizer,
+  dom_id: dict,
+  out_dir: str,
+  shard_tokens: int,
+  workers: int,
+  progress: bool,
+  out: Written,
+) -> None:
   writer = shards_lib.ShardWriter(out_dir, split, tok.vocab_size, shard_tokens)
   counts = collections.defaultdict(lambda: {"documents": 0, "tokens": 0, "bytes": 0})
   list_path = os.path.join(out_dir, f"{split}-documents.jsonl")
   bar = tqdm.tqdm(total=len(rs), desc=f"tokenize {split}", unit="doc", disable=not progress)
   with open(list_path + ".partial", "w", encoding="utf-8") as listing:
     for start in range(0, len(rs), _ENCODE_BATCH):
-      batch = rs[start:start + _ENCODE_BATCH]
+      batch = rs[start : start + _ENCODE_BATCH]
       encoded = tok.encode_batch([r.doc.text for r in batch], num_threads=workers)
       for r, ids in zip(batch, encoded, strict=True):
         doc = r.doc
@@ -56,21 +74,41 @@ def _write_split(split: str, rs: list[Record], tok: Tokenizer, dom_id: dict, out
         c["documents"] += 1
         c["tokens"] += len(ids) + 1
         c["bytes"] += nbytes
-        listing.write(json.dumps({"id": doc.id, "sha256": r.key, "domain": doc.domain, "source": doc.source,
-                                  "license": doc.license, "tokens": len(ids) + 1, "bytes": nbytes},
-                                 ensure_ascii=False) + "\n")
+        listing.write(
+          json.dumps(
+            {
+              "id": doc.id,
+              "sha256": r.key,
+              "domain": doc.domain,
+              "source": doc.source,
+              "license": doc.license,
+              "tokens": len(ids) + 1,
+              "bytes": nbytes,
+            },
+            ensure_ascii=False,
+          )
+          + "\n"
+        )
       bar.update(len(batch))
   bar.close()
   writer.flush()
   os.replace(list_path + ".partial", list_path)
   out.shards += writer.records
-  out.document_lists.append({"split": split, "path": os.path.basename(list_path),
-                             "sha256": shards_lib.file_sha256(list_path)})
+  out.document_lists.append(
+    {"split": split, "path": os.path.basename(list_path), "sha256": shards_lib.file_sha256(list_path)}
+  )
   out.per_domain[split] = dict(counts)
 
 
-def shards(by_split: dict[str, list[Record]], tok: Tokenizer, domains: list[str], out_dir: str,
-           shard_tokens: int, workers: int, progress: bool) -> Written:
+def shards(
+  by_split: dict[str, list[Record]],
+  tok: Tokenizer,
+  domains: list[str],
+  out_dir: str,
+  shard_tokens: int,
+  workers: int,
+  progress: bool,
+) -> Written:
   """Encodes every non-empty split into shards and `{split}-documents.jsonl`."""
   dom_id = {name: i for i, name in enumerate(domains)}
   out = Written()

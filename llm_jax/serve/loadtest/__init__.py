@@ -7,6 +7,7 @@ Each request streams (SSE, with usage) so that time to first token (TTFT) and ti
 p50/p90/p99 of latency, TTFT and TPOT, and errors by HTTP status. Exit 1 when any request failed,
 2 for a refused target or a bad flag.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,9 @@ def check_loopback(url: str) -> str:
     except ValueError:
       ok = False
   if not ok:
-    raise LoadTestError(f"refusing to load-test {host!r}: only loopback addresses (127.0.0.0/8, ::1, "
-                        "localhost) are allowed")
+    raise LoadTestError(
+      f"refusing to load-test {host!r}: only loopback addresses (127.0.0.0/8, ::1, localhost) are allowed"
+    )
   return url.rstrip("/")
 
 
@@ -89,22 +91,37 @@ async def _one(client, url: str, body: dict, headers: dict) -> dict:
   return out
 
 
-async def run_load(url: str, *, concurrency: int = 32, requests: int = 500, max_tokens: int = 64,
-                   prompt: str = "def ", temperature: float = 0.8, api_key: str = "",
-                   timeout_s: float = 120.0) -> dict:
+async def run_load(
+  url: str,
+  *,
+  concurrency: int = 32,
+  requests: int = 500,
+  max_tokens: int = 64,
+  prompt: str = "def ",
+  temperature: float = 0.8,
+  api_key: str = "",
+  timeout_s: float = 120.0,
+) -> dict:
   """Sends `requests` streaming completions with `concurrency` in flight; returns the summary."""
   url = check_loopback(url)
   if not 1 <= requests <= MAX_REQUESTS or not 1 <= concurrency <= MAX_CONCURRENCY:
-    raise LoadTestError(f"--requests must be in [1, {MAX_REQUESTS}] and --concurrency in "
-                        f"[1, {MAX_CONCURRENCY}]")
+    raise LoadTestError(
+      f"--requests must be in [1, {MAX_REQUESTS}] and --concurrency in [1, {MAX_CONCURRENCY}]"
+    )
   headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
   results: list[dict] = []
   counter = iter(range(requests))
 
   async def worker(client):
     for i in counter:
-      body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, "seed": i,
-              "stream": True, "stream_options": {"include_usage": True}}
+      body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+      }
       results.append(await _one(client, url, body, headers))
 
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -119,28 +136,39 @@ async def run_load(url: str, *, concurrency: int = 32, requests: int = 500, max_
       errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
   tokens = sum(r["tokens"] for r in ok)
   return {
-      "url": url, "requests": requests, "concurrency": concurrency, "max_tokens": max_tokens,
-      "wall_s": wall, "ok": len(ok), "errors": errors,
-      "requests_per_s": len(ok) / wall if wall else 0.0,
-      "output_tokens": tokens, "output_tokens_per_s": tokens / wall if wall else 0.0,
-      "latency_s": percentiles([r["latency"] for r in ok]),
-      "ttft_s": percentiles([r["ttft"] for r in ok if "ttft" in r]),
-      "tpot_s": percentiles([r["tpot"] for r in ok if "tpot" in r]),
+    "url": url,
+    "requests": requests,
+    "concurrency": concurrency,
+    "max_tokens": max_tokens,
+    "wall_s": wall,
+    "ok": len(ok),
+    "errors": errors,
+    "requests_per_s": len(ok) / wall if wall else 0.0,
+    "output_tokens": tokens,
+    "output_tokens_per_s": tokens / wall if wall else 0.0,
+    "latency_s": percentiles([r["latency"] for r in ok]),
+    "ttft_s": percentiles([r["ttft"] for r in ok if "ttft" in r]),
+    "tpot_s": percentiles([r["tpot"] for r in ok if "tpot" in r]),
   }
 
 
 def format_summary(s: dict) -> str:
   """The summary of `run_load` as a few lines of text."""
+
   def row(name, d):
-    cells = "  ".join(f"{k} {v * 1000:8.1f} ms" if v is not None else f"{k}      n/a"
-                      for k, v in d.items())
+    cells = "  ".join(f"{k} {v * 1000:8.1f} ms" if v is not None else f"{k}      n/a" for k, v in d.items())
     return f"{name:<8}{cells}"
+
   errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
-  return "\n".join([
+  return "\n".join(
+    [
       f"{s['url']}: {s['requests']} requests, concurrency {s['concurrency']}, "
       f"max_tokens {s['max_tokens']}, {s['wall_s']:.2f} s",
       f"ok {s['ok']}  errors by status: {errors}",
       f"throughput: {s['requests_per_s']:.2f} requests/s, {s['output_tokens_per_s']:.1f} output "
       f"tokens/s ({s['output_tokens']} tokens)",
-      row("latency", s["latency_s"]), row("TTFT", s["ttft_s"]), row("TPOT", s["tpot_s"]),
-  ])
+      row("latency", s["latency_s"]),
+      row("TTFT", s["ttft_s"]),
+      row("TPOT", s["tpot_s"]),
+    ]
+  )

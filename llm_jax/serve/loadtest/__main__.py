@@ -6,6 +6,7 @@ Every request streams with usage, so time to first token and time per output tok
 request; prints throughput, p50/p90/p99 of latency, TTFT and TPOT, and errors by status. Exit 0 when
 every request succeeded, 1 when any failed, 2 for a refused (non-loopback) target or a bad flag.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,10 +39,18 @@ def main(argv: list[str]) -> int:
     except OSError as e:
       raise cli.UsageError(f"cannot read --api_key_file {_API_KEY_FILE.value!r}: {e}") from e
   try:
-    summary = asyncio.run(loadtest.run_load(
-        _URL.value, concurrency=_CONCURRENCY.value, requests=_REQUESTS.value,
-        max_tokens=_MAX_TOKENS.value, prompt=_PROMPT.value, temperature=_TEMPERATURE.value,
-        api_key=key, timeout_s=_TIMEOUT.value))
+    summary = asyncio.run(
+      loadtest.run_load(
+        _URL.value,
+        concurrency=_CONCURRENCY.value,
+        requests=_REQUESTS.value,
+        max_tokens=_MAX_TOKENS.value,
+        prompt=_PROMPT.value,
+        temperature=_TEMPERATURE.value,
+        api_key=key,
+        timeout_s=_TIMEOUT.value,
+      )
+    )
   except loadtest.LoadTestError as e:
     raise cli.UsageError(str(e)) from e
   print(json.dumps(summary, indent=2) if _JSON.value else loadtest.format_summary(summary))
