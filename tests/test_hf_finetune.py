@@ -21,8 +21,8 @@ from llm_jax import config as config_lib
 from llm_jax.artifacts import hf, open_model
 from llm_jax.data import hf_tokenizer
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from llm_jax.finetune import extension as finetune
 from llm_jax.finetune import init_from
-from llm_jax.train import loop
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
@@ -112,7 +112,7 @@ def test_freeze_and_sft_from_an_imported_checkpoint_then_export_to_hf(env):
   base = open_model(env["imported"])
   assert base.kind == "hf" and type(base.tokenizer) is Tokenizer
   workdir = str(env["root"] / "frozen")
-  out = loop.train(
+  out = finetune.train(
     _config(env, init_from=env["imported"], finetune__freeze_embeddings=True, finetune__freeze_blocks=1),
     workdir,
   )
@@ -136,7 +136,7 @@ def test_lora_from_the_package_converted_from_an_imported_checkpoint(env):
   pkg = str(env["root"] / "pkg")
   assert run_command("llm_jax.export", f"--workdir={env['imported']}", f"--out={pkg}") == 0
   workdir = str(env["root"] / "lora")
-  out = loop.train(
+  out = finetune.train(
     _config(env, init_from=pkg, finetune__lora__rank=2, finetune__lora__targets="attn/query"), workdir
   )
   assert out["status"] == "complete" and np.isfinite(out["val_loss"])
@@ -155,5 +155,5 @@ def test_a_tokenizer_json_source_is_refused_naming_the_limit(env):
     match=r"reuse_source_tokenizer needs an llm_jax SentencePiece "
     r"tokenizer .*/tokenizer\.json;.*docs/interop.md",
   ):
-    loop.train(_config(env, init_from=FIXTURE), str(env["root"] / "refused"))
+    finetune.train(_config(env, init_from=FIXTURE), str(env["root"] / "refused"))
   assert not os.path.exists(env["root"] / "refused" / "config.json")

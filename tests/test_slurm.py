@@ -29,6 +29,7 @@ STEPS = 20
 JOB_TIMEOUT_S = 900
 OVERRIDES = [
   f"--config.train.steps={STEPS}",
+  "--config.train.warmup_steps=5",  # tiny.py warms up over 50 steps; a 20-step run must not
   "--config.train.log_every=1",
   "--config.train.eval_every=10",
   "--config.train.eval_batches=1",

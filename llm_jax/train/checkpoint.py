@@ -19,6 +19,8 @@ import logging
 import math
 import os
 import re
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -60,6 +62,34 @@ def _metric(metrics) -> float:
 
 def _handlers():
   return {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+
+
+def _ignore_reads_left_behind() -> None:
+  """When one read of a checkpoint fails, the storage library's other reads of it still finish and post
+  their results to an event loop the failed restore already closed; Python would print a traceback
+  ("Event loop is closed") for each. Those reads are abandoned on purpose: drop exactly that error
+  (installed before a restore starts, since the stragglers can arrive before it returns)."""
+  previous = sys.excepthook
+  if getattr(previous, "_llm_jax_quiet", False):
+    return
+
+  def hook(kind, value, tb):
+    if kind is RuntimeError and str(value) == "Event loop is closed":
+      return
+    previous(kind, value, tb)
+
+  hook._llm_jax_quiet = True
+  sys.excepthook = hook
+  threading.excepthook = _thread_hook(threading.excepthook)
+
+
+def _thread_hook(previous):
+  def hook(args):
+    if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+      return
+    previous(args)
+
+  return hook
 
 
 class Checkpoints:
@@ -201,6 +231,7 @@ class Checkpoints:
     }
     if with_data:
       items["data"] = ocp.args.JsonRestore()
+    _ignore_reads_left_behind()
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # any read failure is a broken checkpoint
