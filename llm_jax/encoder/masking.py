@@ -32,7 +32,7 @@ class MaskSpec:
   seed: int = 0
 
   @classmethod
-  def from_config(cls, config, tokenizer) -> "MaskSpec":
+  def from_config(cls, config, tokenizer) -> MaskSpec:
     """config.encoder's rates with the tokenizer's [MASK]/[CLS]/[SEP] (DataError when it has none)."""
     if tokenizer.mask_id is None or tokenizer.cls_id is None or tokenizer.sep_id is None:
       raise DataError(f"tokenizer {tokenizer.path or '<bytes>'} has no [MASK]/[CLS]/[SEP] pieces: train it "
