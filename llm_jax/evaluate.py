@@ -28,6 +28,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "windows per batch (results 
                                    lower_bound=1)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "window length (default: the run's train.seq_len)",
                                 lower_bound=0)
+_PLL_WINDOWS = flags.DEFINE_integer(
+    "pll_windows", 4, "encoders: windows scored by pseudo-log-likelihood (each token masked in turn: "
+    "seq_len forward rows per window)", lower_bound=1)
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "score at most this many windows", lower_bound=1)
 _NO_GENERATIONS = flags.DEFINE_bool("no_generations", False, "skip the sampled generations")
 _OUT = flags.DEFINE_string("out", "", "output directory (default: DIR/eval/STEP)")
@@ -47,7 +50,8 @@ def main(argv) -> int:
   results, paths = pipeline.evaluate(
       _WORKDIR.value, step=cli.parse_step(_STEP.value), corpus=_CORPUS.value, split=_SPLIT.value,
       suite=_SUITE.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
-      max_windows=_MAX_WINDOWS.value, generations=not _NO_GENERATIONS.value, out=_OUT.value)
+      max_windows=_MAX_WINDOWS.value, generations=not _NO_GENERATIONS.value, out=_OUT.value,
+      pll_windows=_PLL_WINDOWS.value)
   print(report.summary_text(results))
   print(f"wrote {paths['report']} and {paths['results']}")
   return 0

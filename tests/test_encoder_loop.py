@@ -92,3 +92,24 @@ def test_classify_from_the_mlm_run(mlm_run):
   assert res["accuracy"] > res["majority_baseline"] + 0.2, res
   assert "Confusion matrix" in open(os.path.join(workdir, "eval", "classify-30", "report.md")).read()
   assert rows(workdir)[-1]["val_accuracy"] == res["accuracy"]
+
+
+def test_evaluate_an_encoder_run(mlm_run, tmp_path):
+  """evaluate scores an encoder by its masked-LM (the same masks as the loop's evaluation, so the same
+  figures) and by pseudo-perplexity over a capped number of windows; no next-token table, no suite."""
+  _, workdir = mlm_run
+  out = tmp_path / "eval"
+  assert run_command("llm_jax.evaluate", f"--workdir={workdir}", "--batch_size=8", "--max_windows=16",
+                     "--pll_windows=2", f"--out={out}") == 0
+  with open(out / "results.json") as f:
+    res = json.load(f)
+  last = [r for r in rows(workdir) if "val_loss" in r][-1]
+  masked = res["masked_lm"]["overall"]
+  assert masked["tokens"] > 0 and res["masked_lm"]["windows"] == 16
+  assert abs(masked["accuracy"] - last["val_mlm_accuracy"]) < 1e-6, (masked, last)
+  assert abs(masked["loss"] - last["val_loss"]) < 1e-3, (masked, last)
+  pll = res["heldout"]["overall"]
+  assert res["meta"]["windows"] == 2 and 0 < pll["tokens"] <= 2 * 32
+  assert 1.0 < pll["perplexity"] < 384 and 0.0 <= pll["accuracy"] <= 1.0
+  assert "suite" not in res and "generations" not in res
+  assert "pseudo-log-likelihood" in (out / "report.md").read_text()

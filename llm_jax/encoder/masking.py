@@ -16,7 +16,7 @@ from llm_jax.data.errors import DataError
 from llm_jax.data.loader import StepLoader
 from llm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-_TRAIN_SALT, _EVAL_SALT = 0x4D4C4D, 0x4556414C  # separate streams for training and held-out masks
+TRAIN_SALT, EVAL_SALT = 0x4D4C4D, 0x4556414C  # separate streams for training and held-out masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class MaskedLoader(StepLoader):
     self.step = 0
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    return mlm_batch(self.base.batch_at(step), self.spec, _TRAIN_SALT, step, self.first_row)
+    return mlm_batch(self.base.batch_at(step), self.spec, TRAIN_SALT, step, self.first_row)
 
   def get_state(self) -> dict:
     return {**self.base.get_state(), **super().get_state()}
@@ -112,4 +112,4 @@ class MaskedLoader(StepLoader):
 
 def masked_eval_batches(batches, spec: MaskSpec, first_row: int = 0) -> list[dict]:
   """Held-out batches masked the same way every time (batch i draws from (seed, i, row))."""
-  return [mlm_batch(b, spec, _EVAL_SALT, i, first_row) for i, b in enumerate(batches)]
+  return [mlm_batch(b, spec, EVAL_SALT, i, first_row) for i, b in enumerate(batches)]

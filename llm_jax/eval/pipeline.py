@@ -10,9 +10,9 @@ import time
 import jax
 
 from llm_jax.eval import corpus as corpus_lib
+from llm_jax.eval import encoder_scoring, scoring
 from llm_jax.eval import generations as gen_lib
 from llm_jax.eval import report as report_lib
-from llm_jax.eval import scoring
 from llm_jax.eval import suite as suite_lib
 from llm_jax.eval.scored_model import EvalError, ScoredModel, open_model
 
@@ -69,8 +69,12 @@ def out_dir_for(sm: ScoredModel, corpus: str, out: str = "") -> str:
 
 def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str = "val",
              suite: str = "", batch_size: int = 8, seq_len: int = 0, max_windows: int | None = None,
-             generations: bool = True, out: str = "", sm: ScoredModel | None = None) -> tuple[dict, dict]:
-  """Scores a run or package; writes results.json, report.md and plots. Returns (results, paths)."""
+             generations: bool = True, out: str = "", sm: ScoredModel | None = None,
+             pll_windows: int = 4) -> tuple[dict, dict]:
+  """Scores a run or package; writes results.json, report.md and plots. Returns (results, paths).
+
+  An encoder (model.causal=False) gets pseudo-perplexity over the first `pll_windows` windows as its
+  held-out table and the masked-LM loss and accuracy over all of them; no suite, no samples."""
   t0 = time.time()
   sm = sm or open_model(path, step)
   seq_len = seq_len or (sm.config.train.seq_len if sm.kind == "run" else sm.model_cfg.max_seq_len)
@@ -78,9 +82,14 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
     raise EvalError(f"--seq_len={seq_len} exceeds the model's max_seq_len={sm.model_cfg.max_seq_len}")
   scorer = scoring.Scorer(sm.model(), sm.params, sm.config, sm.mesh, sm.tokenizer.token_bytes())
   batches, domains, documents = heldout_batches(sm, corpus, split, seq_len, batch_size, max_windows)
-  acc = scorer.accumulate(batches, domains, max_windows)
-  heldout = acc.result()
-  windows = acc.windows
+  encoder = encoder_scoring.is_encoder(sm.model_cfg)
+  if encoder:
+    masked, heldout, windows = _score_encoder(sm, scorer, list(batches), domains, max_windows, pll_windows,
+                                              batch_size)
+  else:
+    acc = scorer.accumulate(batches, domains, max_windows)
+    heldout = acc.result()
+    windows = acc.windows
   results = {
       "meta": {
           "source": sm.path, "kind": sm.kind, "step": sm.step,
@@ -94,7 +103,13 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
       },
       "heldout": heldout,
   }
-  items = suite_lib.load(suite) if suite != "none" else []
+  if encoder:
+    results["meta"].update(
+        objective="encoder: held-out table = pseudo-log-likelihood (each token masked in turn)",
+        pll_windows=pll_windows, masked_windows=masked["windows"],
+        standard_errors=f"over windows of {seq_len} tokens (ratio estimator)")
+    results["masked_lm"] = masked
+  items = suite_lib.load(suite) if suite != "none" and not encoder else []
   if items:
     scored = [it for it in items if it.type != "generate"]
     res = suite_lib.score(scored, scorer, sm.tokenizer, sm.prefix_ids) if scored else \
@@ -113,3 +128,20 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
   metrics_path = os.path.join(sm.path, "metrics.jsonl") if sm.kind == "run" else ""
   paths = report_lib.write(out_dir_for(sm, corpus, out), results, metrics_path)
   return results, paths
+
+
+def _score_encoder(sm: ScoredModel, scorer, batches: list, domains, max_windows: int | None,
+                   pll_windows: int, batch_size: int) -> tuple[dict, dict, int]:
+  """(masked-LM result, pseudo-log-likelihood result, windows in the PLL table) of an encoder."""
+  if pll_windows < 1:
+    raise EvalError(f"--pll_windows={pll_windows}: an encoder's held-out table needs at least 1 window")
+  try:
+    spec = encoder_scoring.mask_spec(sm.config, sm.tokenizer)
+    acc = encoder_scoring.masked_lm(scorer, batches, spec, domains, max_windows)
+    masked = dict(acc.result(), windows=acc.windows, mask_rate=spec.mask_rate, seed=spec.seed)
+    pll = encoder_scoring.pseudo_ll(scorer, batches, spec, domains, pll_windows, batch_size)
+  except ValueError as e:
+    raise EvalError(f"{sm.path}: {e}") from e
+  if not pll.windows:
+    raise EvalError(f"{sm.path}: no held-out window has a token to score")
+  return masked, pll.result(), pll.windows

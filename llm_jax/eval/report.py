@@ -85,6 +85,13 @@ def summary_text(results: dict) -> str:
   meta = results["meta"]
   lines = [f"{meta['source']} step {meta['step']} on {meta['corpus']} "
            f"({meta['windows']} windows of {meta['seq_len']} tokens)", text_table(results["heldout"])]
+  masked = results.get("masked_lm")
+  if masked:
+    lines[0] = lines[0].replace(" on ", " (encoder: pseudo-log-likelihood, each token masked in turn) on ", 1)
+    ov = masked["overall"]
+    lines.append(f"masked LM ({masked['mask_rate']:.0%} of tokens chosen, {masked['windows']} windows): "
+                 f"accuracy {ov['accuracy']:.3f}, loss {ov['loss']:.4f} ± {ov['loss_se']:.4f}, "
+                 f"{ov['tokens']:,} chosen tokens")
   s = results.get("suite", {}).get("summary")
   if s:
     parts = []
@@ -138,6 +145,8 @@ def markdown(results: dict) -> str:
   out += ["", f"Summary: loss {ov['loss']:.4f} ± {ov['loss_se']:.4f} nats/token, perplexity "
           f"{ov['perplexity']:.2f}, {ov['bits_per_byte']:.4f} bits per byte over {ov['tokens']:,} "
           f"tokens ({ov['bytes']:,} bytes)."]
+  if results.get("masked_lm"):
+    out += _encoder_markdown(results)
   if files.get("loss_by_domain"):
     out += ["", f"![loss by domain]({files['loss_by_domain']})"]
   if files.get("reliability"):
@@ -190,3 +199,20 @@ def markdown(results: dict) -> str:
 
 def _se(x) -> str:
   return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+def _encoder_markdown(results: dict) -> list[str]:
+  """An encoder's lines: what the held-out table means and the masked-LM table."""
+  meta, masked = results["meta"], results["masked_lm"]
+  m = masked["overall"]
+  out = ["", "This is an encoder (model.causal=False): the table above is its pseudo-log-likelihood over "
+         f"the first {meta['windows']} windows, each ordinary token replaced by [MASK] alone and predicted "
+         "from both sides; 'ppl' is the pseudo-perplexity and 'acc' the share predicted exactly.", "",
+         "## Masked language modelling", "",
+         f"Every window masked as in training ({masked['mask_rate']:.0%} of tokens chosen, seed "
+         f"{masked['seed']}); loss and accuracy on the {m['tokens']:,} chosen tokens of "
+         f"{masked['windows']} windows.", ""]
+  header = ["split"] + [c[0] for c in COLUMNS]
+  out.append(markdown_table(header, [[label.strip()] + [_fmt(row, k, f) for _, k, f in COLUMNS]
+                                     for label, row in heldout_rows(masked)]))
+  return out
