@@ -1,4 +1,4 @@
-"""Encoders: masking statistics, bidirectional attention, the encoder pieces, classification, mesh equivalence."""
+"""Encoders: masking statistics, bidirectional attention, encoder pieces, classification, mesh equivalence."""
 import functools
 import types
 
@@ -9,8 +9,9 @@ import pytest
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.data import tokenizer as tok_lib
+from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import key as key_lib
-from llm_jax.encoder import labelled, masking
+from llm_jax.encoder import examples, labelled, masking
 from llm_jax.encoder.classifier import Classifier
 from llm_jax.eval import bias_scoring, scoring
 from llm_jax.model import Decoder, ModelConfig
@@ -188,7 +189,7 @@ def test_pseudo_log_likelihood_scorer_matches_masking_by_hand():
   sentences = [[10, 11, 12, 13], [20, 21, 22]]
   counted = [[True, False, True, True], [True, True, True]]
   got = pll.score(sentences, counted)
-  for t, m, g in zip(sentences, counted, got):
+  for t, m, g in zip(sentences, counted, got, strict=True):
     seq = np.array([5] + t + [6], np.int32)
     want = 0.0
     for i in np.nonzero(m)[0]:
@@ -197,3 +198,17 @@ def test_pseudo_log_likelihood_scorer_matches_masking_by_hand():
       logp = jax.nn.log_softmax(model.apply({"params": params}, x[None])[0, i + 1])
       want += float(logp[seq[i + 1]])
     np.testing.assert_allclose(g, want, rtol=1e-4)  # padded rows see nothing of their padding
+
+
+def test_make_example_writes_a_balanced_labelled_split(tmp_path):
+  """make_example: docstrings of two stdlib packages, balanced, split per label, readable as labelled rows."""
+  pairs = examples.stdlib_docstrings(("json", "email"), per_label=10, min_chars=40, seed=1)
+  assert sorted(lab for _, lab in pairs) == ["email"] * 10 + ["json"] * 10
+  assert all(len(t) >= 40 for t, _ in pairs) and len({t for t, _ in pairs}) == 20
+  out = examples.write_split(pairs, str(tmp_path), val_fraction=0.2)
+  assert out["counts"] == {"train": {"email": 8, "json": 8}, "val": {"email": 2, "json": 2}}
+  train, val = labelled.read(out["paths"]["train"]), labelled.read(out["paths"]["val"])
+  assert not {t for t, _ in train} & {t for t, _ in val}
+  assert examples.stdlib_docstrings(("json", "email"), per_label=10, seed=1) == pairs
+  with pytest.raises(DataError, match="no standard-library package 'nope'"):
+    examples.stdlib_docstrings(("json", "nope"))

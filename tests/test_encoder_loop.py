@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from llm_jax.train import loop  # imported here, so the absl flags of its libraries (grain) outlive each command
+# imported here, so the absl flags of its libraries (grain) outlive each command
+from llm_jax.train import loop
 from tests.run_cmd import run_command
 
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
