@@ -133,6 +133,11 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
 def _score_encoder(sm: ScoredModel, scorer, batches: list, domains, max_windows: int | None,
                    pll_windows: int, batch_size: int) -> tuple[dict, dict, int]:
   """(masked-LM result, pseudo-log-likelihood result, windows in the PLL table) of an encoder."""
+  task = sm.config.get("encoder", {}).get("task") if sm.config is not None else None
+  if task == "classify":
+    raise EvalError(f"{sm.path} is a classifier (encoder.task=classify): its accuracy, macro-F1 and "
+                    "confusion matrix are in WORKDIR/eval/classify-STEP/ (written by training); "
+                    "evaluate scores masked-LM runs")
   if pll_windows < 1:
     raise EvalError(f"--pll_windows={pll_windows}: an encoder's held-out table needs at least 1 window")
   try:
