@@ -93,6 +93,7 @@ def test_classify_from_the_mlm_run(mlm_run):
   assert res["accuracy"] > res["majority_baseline"] + 0.2, res
   assert "Confusion matrix" in open(os.path.join(workdir, "eval", "classify-30", "report.md")).read()
   assert rows(workdir)[-1]["val_accuracy"] == res["accuracy"]
+  assert run_command("llm_jax.evaluate", f"--workdir={workdir}") == 1  # refused: its report is above
 
 
 def test_evaluate_an_encoder_run(mlm_run, tmp_path):
