@@ -5,9 +5,9 @@ encoder is scored the way it was trained:
 
 - masked LM: every held-out window masked as in training (llm_jax.encoder.masking: 15% of ordinary tokens
   chosen, 80% [MASK] / 10% random / 10% kept, a fixed seed), loss and top-1 accuracy on the chosen tokens;
-- pseudo-log-likelihood (Salazar et al., 2020) over the first `windows` windows: each ordinary token of a
-  window ([CLS] first, as in training) replaced by [MASK] alone, in turn, and scored as
-  log p(token | every other token); pseudo-perplexity = exp(mean negative PLL per token).
+- pseudo-log-likelihood (Salazar et al., 2020) over `windows` windows spread evenly over them: each
+  ordinary token of a window ([CLS] first, as in training) replaced by [MASK] alone, in turn, and scored
+  as log p(token | every other token); pseudo-perplexity = exp(mean negative PLL per token).
 
 Both go through llm_jax.eval.scoring.Scorer and metrics.Accumulator, so they come in the held-out table's
 format (loss ± se over windows, perplexity, bits per byte, accuracy, ranks, calibration, per domain).
@@ -58,28 +58,28 @@ def masked_lm(scorer: scoring.Scorer, batches: Iterable[dict], spec: masking.Mas
 
 
 def _pll_rows(batches: Iterable[dict], spec: masking.MaskSpec, windows: int) -> Iterator[tuple]:
-  """(inputs [L], targets [L], domain [L], position, window) for each ordinary token of the first windows."""
-  n = 0
+  """(inputs [L], targets [L], domain [L], position, window) for each ordinary token of `windows` windows
+  spread evenly over the held-out ones (all of them when there are fewer)."""
+  found = []  # (tokens [L], domain [L], eligible [L]) of every window with a token to score
   for i, b in enumerate(batches):
     m = _as_mlm(b, spec, masking.EVAL_SALT, i)
     tokens_BL = m["targets"]
     dom_BL = m.get("domain_ids", np.zeros(tokens_BL.shape, np.int32))
     eligible_BL = (tokens_BL != PAD_ID) & ~np.isin(tokens_BL, spec.specials)
-    for r in range(tokens_BL.shape[0]):
-      if not eligible_BL[r].any():
-        continue
-      if n >= windows:
-        return
-      for p in np.flatnonzero(eligible_BL[r]):
-        inputs_L = tokens_BL[r].copy()
-        inputs_L[p] = spec.mask_id
-        yield inputs_L, tokens_BL[r], dom_BL[r], int(p), n
-      n += 1
+    found += [(tokens_BL[r], dom_BL[r], eligible_BL[r]) for r in range(tokens_BL.shape[0])
+              if eligible_BL[r].any()]
+  picks = sorted({int(k) for k in np.linspace(0, len(found) - 1, min(windows, len(found)))}) if found else []
+  for n, k in enumerate(picks):
+    tokens_L, dom_L, eligible_L = found[k]
+    for p in np.flatnonzero(eligible_L):
+      inputs_L = tokens_L.copy()
+      inputs_L[p] = spec.mask_id
+      yield inputs_L, tokens_L, dom_L, int(p), n
 
 
 def pseudo_ll(scorer: scoring.Scorer, batches: Iterable[dict], spec: masking.MaskSpec, domains,
               windows: int, rows_per_batch: int) -> metrics_lib.Accumulator:
-  """Pseudo-log-likelihood of every ordinary token of the first `windows` windows, one [MASK] per row."""
+  """Pseudo-log-likelihood of every ordinary token of `windows` evenly spread windows, one [MASK] per row."""
   if jax.process_count() > 1:
     raise ValueError("pseudo-perplexity is computed in one process; evaluate on one host")
   rows = list(_pll_rows(batches, spec, windows))

@@ -73,7 +73,7 @@ def evaluate(path: str, *, step: int | None = None, corpus: str = "", split: str
              pll_windows: int = 4) -> tuple[dict, dict]:
   """Scores a run or package; writes results.json, report.md and plots. Returns (results, paths).
 
-  An encoder (model.causal=False) gets pseudo-perplexity over the first `pll_windows` windows as its
+  An encoder (model.causal=False) gets pseudo-perplexity over `pll_windows` evenly spread windows as its
   held-out table and the masked-LM loss and accuracy over all of them; no suite, no samples."""
   t0 = time.time()
   sm = sm or open_model(path, step)

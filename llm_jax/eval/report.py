@@ -206,8 +206,9 @@ def _encoder_markdown(results: dict) -> list[str]:
   meta, masked = results["meta"], results["masked_lm"]
   m = masked["overall"]
   out = ["", "This is an encoder (model.causal=False): the table above is its pseudo-log-likelihood over "
-         f"the first {meta['windows']} windows, each ordinary token replaced by [MASK] alone and predicted "
-         "from both sides; 'ppl' is the pseudo-perplexity and 'acc' the share predicted exactly.", "",
+         f"{meta['windows']} windows spread evenly over the held-out text, each ordinary token replaced by "
+         "[MASK] alone and predicted from both sides; 'ppl' is the pseudo-perplexity and 'acc' the share "
+         "predicted exactly.", "",
          "## Masked language modelling", "",
          f"Every window masked as in training ({masked['mask_rate']:.0%} of tokens chosen, seed "
          f"{masked['seed']}); loss and accuracy on the {m['tokens']:,} chosen tokens of "
