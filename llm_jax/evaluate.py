@@ -34,6 +34,13 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _SEQ_LEN = flags.DEFINE_integer(
   "seq_len", 0, "window length (default: the run's train.seq_len)", lower_bound=0
 )
+_PLL_WINDOWS = flags.DEFINE_integer(
+  "pll_windows",
+  4,
+  "encoders: windows scored by pseudo-log-likelihood (each token masked in turn: "
+  "seq_len forward rows per window)",
+  lower_bound=1,
+)
 _MAX_WINDOWS = flags.DEFINE_integer("max_windows", None, "score at most this many windows", lower_bound=1)
 _NO_GENERATIONS = flags.DEFINE_bool("no_generations", False, "skip the sampled generations")
 _OUT = flags.DEFINE_string("out", "", "output directory (default: DIR/eval/STEP)")
@@ -64,6 +71,7 @@ def main(argv) -> int:
     max_windows=_MAX_WINDOWS.value,
     generations=not _NO_GENERATIONS.value,
     out=_OUT.value,
+    pll_windows=_PLL_WINDOWS.value,
   )
   print(report.summary_text(results))
   print(f"wrote {paths['report']} and {paths['results']}")

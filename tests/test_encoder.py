@@ -1,4 +1,5 @@
-"""Encoders: masking statistics, bidirectional attention, the encoder pieces, classification, mesh equivalence."""
+"""Encoders: masking statistics, bidirectional attention, encoder pieces, classification, mesh equivalence."""
+
 import functools
 import types
 
@@ -9,8 +10,9 @@ import pytest
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.data import tokenizer as tok_lib
+from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import key as key_lib
-from llm_jax.encoder import labelled, masking
+from llm_jax.encoder import examples, labelled, masking
 from llm_jax.encoder.classifier import Classifier
 from llm_jax.eval import bias_scoring, scoring
 from llm_jax.model import Decoder, ModelConfig
@@ -18,9 +20,18 @@ from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
-BASE = ["model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.max_seq_len=16",
-        "train.seq_len=16", "train.global_batch_size=8", "train.warmup_steps=0",
-        "train.learning_rate=0.01", "model.causal=False", "train.sample_every=0"]
+BASE = [
+  "model.num_layers=2",
+  "model.d_model=32",
+  "model.num_heads=4",
+  "model.max_seq_len=16",
+  "train.seq_len=16",
+  "train.global_batch_size=8",
+  "train.warmup_steps=0",
+  "train.learning_rate=0.01",
+  "model.causal=False",
+  "train.sample_every=0",
+]
 SPEC = masking.MaskSpec(mask_id=4, cls_id=5, sep_id=6, vocab_size=100, seed=3)
 
 
@@ -79,8 +90,9 @@ def test_encoder_attends_both_ways_decoder_does_not():
 def test_encoder_pieces_in_the_tokenizer(tmp_path):
   texts = [f"def f{i}(x):\n    return x * {i} + [MASK]\n" for i in range(200)]
   plain = tok_lib.train_tokenizer(texts, str(tmp_path / "a.model"), vocab_size=300)
-  enc = tok_lib.train_tokenizer(texts, str(tmp_path / "b.model"), vocab_size=300,
-                                control_pieces=tok_lib.ENCODER_PIECES)
+  enc = tok_lib.train_tokenizer(
+    texts, str(tmp_path / "b.model"), vocab_size=300, control_pieces=tok_lib.ENCODER_PIECES
+  )
   assert (enc.mask_id, enc.cls_id, enc.sep_id) == (4, 5, 6)
   assert plain.mask_id is None and plain.cls_id is None
   for t in (plain, enc):
@@ -101,9 +113,12 @@ def test_encoder_pieces_in_the_tokenizer(tmp_path):
 def _step_fn(model, c, mesh):
   opt = optimizer_lib.make_optimizer(c)
   state, shardings = state_lib.create_state(model, opt, mesh, c, seed=0)
-  fn = jax.jit(functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
-               in_shardings=(shardings, sharding.batch_sharding(mesh)), out_shardings=(shardings, None),
-               donate_argnums=0)
+  fn = jax.jit(
+    functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c),
+    in_shardings=(shardings, sharding.batch_sharding(mesh)),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
   return state, fn
 
 
@@ -147,8 +162,12 @@ def toy_rows(n, seed):
   label = rng.integers(0, 2, n)
   where = rng.integers(2, 16, n)
   inputs[label == 1, where[label == 1]] = 9
-  return {"inputs": inputs, "targets": label[:, None].astype(np.int32),
-          "weights": np.ones((n, 1), np.float32), "segment_ids": np.ones((n, 16), np.int32)}
+  return {
+    "inputs": inputs,
+    "targets": label[:, None].astype(np.int32),
+    "weights": np.ones((n, 1), np.float32),
+    "segment_ids": np.ones((n, 16), np.int32),
+  }
 
 
 def test_classifier_learns_a_separable_set():
@@ -188,7 +207,7 @@ def test_pseudo_log_likelihood_scorer_matches_masking_by_hand():
   sentences = [[10, 11, 12, 13], [20, 21, 22]]
   counted = [[True, False, True, True], [True, True, True]]
   got = pll.score(sentences, counted)
-  for t, m, g in zip(sentences, counted, got):
+  for t, m, g in zip(sentences, counted, got, strict=True):
     seq = np.array([5] + t + [6], np.int32)
     want = 0.0
     for i in np.nonzero(m)[0]:
@@ -197,3 +216,17 @@ def test_pseudo_log_likelihood_scorer_matches_masking_by_hand():
       logp = jax.nn.log_softmax(model.apply({"params": params}, x[None])[0, i + 1])
       want += float(logp[seq[i + 1]])
     np.testing.assert_allclose(g, want, rtol=1e-4)  # padded rows see nothing of their padding
+
+
+def test_make_example_writes_a_balanced_labelled_split(tmp_path):
+  """make_example: docstrings of two stdlib packages, balanced, split per label, readable as labelled rows."""
+  pairs = examples.stdlib_docstrings(("json", "email"), per_label=10, min_chars=40, seed=1)
+  assert sorted(lab for _, lab in pairs) == ["email"] * 10 + ["json"] * 10
+  assert all(len(t) >= 40 for t, _ in pairs) and len({t for t, _ in pairs}) == 20
+  out = examples.write_split(pairs, str(tmp_path), val_fraction=0.2)
+  assert out["counts"] == {"train": {"email": 8, "json": 8}, "val": {"email": 2, "json": 2}}
+  train, val = labelled.read(out["paths"]["train"]), labelled.read(out["paths"]["val"])
+  assert not {t for t, _ in train} & {t for t, _ in val}
+  assert examples.stdlib_docstrings(("json", "email"), per_label=10, seed=1) == pairs
+  with pytest.raises(DataError, match="no standard-library package 'nope'"):
+    examples.stdlib_docstrings(("json", "nope"))

@@ -1,1 +1,1 @@
-"""BERT-style encoders on the decoder's blocks (model.causal=False): masked-LM pretraining and classification."""
+"""BERT-style encoders on the decoder's blocks (model.causal=False): masked-LM pretraining, classification."""

@@ -5,6 +5,7 @@ applies the head, so the trainer's own step and evaluation compute the classific
 targets [B, 1] (the label index) and weights [B, 1] (0 on padding rows). Padding is its own segment
 (segment_ids 0), so the text's tokens never attend to it.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ POOLINGS = ("cls", "mean")
 
 class Classifier(Decoder):
   """Token ids [B, L] -> float32 class logits [B, 1, num_labels]; parameters: the Decoder's + cls_head."""
+
   num_labels: int = 2
   pooling: str = "cls"
 
@@ -25,9 +27,12 @@ class Classifier(Decoder):
     super().setup()
     c = self.cfg
     self.cls_head = nn.Dense(
-        self.num_labels, dtype=jnp.float32, param_dtype=jnp.dtype(c.param_dtype),
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("embed", None)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
+      self.num_labels,
+      dtype=jnp.float32,
+      param_dtype=jnp.dtype(c.param_dtype),
+      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("embed", None)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+    )
 
   def hidden(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
     """The pooled final hidden state [B, 1, D]."""

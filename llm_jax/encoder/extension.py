@@ -7,6 +7,7 @@
 masked batches (llm_jax.encoder.masking); encoder.task=classify trains a pooled head (Classifier) on
 encoder.train_file, usually from init_from=an MLM run. Both reuse fine-tuning's init_from and freezing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,19 +46,25 @@ def validate(config) -> None:
     if not 0.0 <= float(e[key]) <= 1.0:
       raise config_lib.ConfigError(f"encoder.{key}={e[key]!r} must be in [0, 1]")
   if e.mask_token_rate + e.random_token_rate > 1.0:
-    raise config_lib.ConfigError(f"encoder.mask_token_rate + encoder.random_token_rate = "
-                                 f"{e.mask_token_rate + e.random_token_rate} must be <= 1")
+    raise config_lib.ConfigError(
+      f"encoder.mask_token_rate + encoder.random_token_rate = "
+      f"{e.mask_token_rate + e.random_token_rate} must be <= 1"
+    )
   if e.task == "mlm" and not e.mask_rate > 0:
     raise config_lib.ConfigError("encoder.mask_rate must be > 0 for encoder.task=mlm")
   if config.train.sample_every > 0:
-    raise config_lib.ConfigError(f"train.sample_every={config.train.sample_every}: an encoder does not "
-                                 "generate text; set train.sample_every=0")
+    raise config_lib.ConfigError(
+      f"train.sample_every={config.train.sample_every}: an encoder does not "
+      "generate text; set train.sample_every=0"
+    )
   if lora.spec_from_config(config) is not None:
     raise config_lib.ConfigError("finetune.lora.rank > 0 is not supported for encoders (model.causal=False)")
   f = config.get("finetune")
   if f is not None and (f.sft.train_file or f.sft.val_file):
-    raise config_lib.ConfigError("finetune.sft.* trains a decoder; an encoder classifies with "
-                                 "encoder.task=classify and encoder.train_file")
+    raise config_lib.ConfigError(
+      "finetune.sft.* trains a decoder; an encoder classifies with "
+      "encoder.task=classify and encoder.train_file"
+    )
   if e.task == "classify":
     if not e.train_file:
       raise config_lib.ConfigError("encoder.task=classify needs encoder.train_file (JSONL of text, label)")
@@ -134,21 +141,37 @@ class EncoderExtension(finetune_ext.FinetuneExtension):
   def make_loader(self, setup, process_index: int, process_count: int):
     c = setup.config
     if self.classify:
-      return sft.SFTLoader(self._rows(setup, c.encoder.train_file), c.train.global_batch_size,
-                           c.data.seed, process_index, process_count)
+      return sft.SFTLoader(
+        self._rows(setup, c.encoder.train_file),
+        c.train.global_batch_size,
+        c.data.seed,
+        process_index,
+        process_count,
+      )
     return masking.MaskedLoader(super().make_loader(setup, process_index, process_count), self.spec)
 
   def eval_batches(self, setup, process_index: int, process_count: int) -> list:
     """Masked val-split batches (mlm), or encoder.val_file's rows (classify; none without it)."""
     c = setup.config
     if self.classify:
-      self._val = [] if not c.encoder.val_file else list(sft.eval_batches(
-          self._rows(setup, c.encoder.val_file), c.train.global_batch_size, None, process_index,
-          process_count))
+      self._val = (
+        []
+        if not c.encoder.val_file
+        else list(
+          sft.eval_batches(
+            self._rows(setup, c.encoder.val_file),
+            c.train.global_batch_size,
+            None,
+            process_index,
+            process_count,
+          )
+        )
+      )
     else:
       first_row = process_index * (c.train.global_batch_size // process_count)
       self._val = masking.masked_eval_batches(
-          super().eval_batches(setup, process_index, process_count), self.spec, first_row)
+        super().eval_batches(setup, process_index, process_count), self.spec, first_row
+      )
     return self._val
 
   def runs_preflight(self) -> bool:
@@ -168,14 +191,16 @@ class EncoderExtension(finetune_ext.FinetuneExtension):
 
 
 def _predictions(params, batch, *, model):
-  logits_B1C = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                           batch.get("segment_ids"))
+  logits_B1C = model.apply(
+    {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids")
+  )
   return jnp.argmax(logits_B1C[:, 0], axis=-1)
 
 
 def _masked_correct(params, batch, *, model):
-  logits_BLV = model.apply({"params": params}, batch["inputs"], batch.get("positions"),
-                           batch.get("segment_ids"))
+  logits_BLV = model.apply(
+    {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids")
+  )
   hit_BL = (jnp.argmax(logits_BLV, axis=-1) == batch["targets"]).astype(jnp.float32)
   return {"correct": jnp.sum(hit_BL * batch["weights"]), "tokens": jnp.sum(batch["weights"])}
 
@@ -185,8 +210,9 @@ class MaskedAccuracyHook(hooks_lib.Hook):
 
   def __init__(self, setup, every: int, batches: list):
     self.setup, self.every, self.batches = setup, int(every), batches
-    self.fn = jax.jit(functools.partial(_masked_correct, model=setup.model),
-                      out_shardings=sharding_lib.replicated(setup.mesh))
+    self.fn = jax.jit(
+      functools.partial(_masked_correct, model=setup.model), out_shardings=sharding_lib.replicated(setup.mesh)
+    )
 
   def __call__(self, ctx: hooks_lib.StepContext) -> None:
     s = self.setup
@@ -203,8 +229,9 @@ class ClassifyEvalHook(hooks_lib.Hook):
 
   def __init__(self, setup, every: int, batches: list, names: list[str]):
     self.setup, self.every, self.batches, self.names = setup, int(every), batches, names
-    self.fn = jax.jit(functools.partial(_predictions, model=setup.model),
-                      out_shardings=sharding_lib.replicated(setup.mesh))
+    self.fn = jax.jit(
+      functools.partial(_predictions, model=setup.model), out_shardings=sharding_lib.replicated(setup.mesh)
+    )
 
   def __call__(self, ctx: hooks_lib.StepContext) -> None:
     s = self.setup
@@ -222,8 +249,13 @@ class ClassifyEvalHook(hooks_lib.Hook):
       return
     m = labelled.metrics(np.concatenate(true), np.concatenate(pred), self.names)
     ctx.row.update(val_accuracy=m["accuracy"], val_macro_f1=m["macro_f1"])
-    log.info("step %d: val accuracy %.4f, macro-F1 %.4f (majority baseline %.4f)", ctx.step,
-             m["accuracy"], m["macro_f1"], m["majority_baseline"])
+    log.info(
+      "step %d: val accuracy %.4f, macro-F1 %.4f (majority baseline %.4f)",
+      ctx.step,
+      m["accuracy"],
+      m["macro_f1"],
+      m["majority_baseline"],
+    )
     if ctx.at_end and jax.process_index() == 0:
       out = os.path.join(ctx.run.workdir, "eval", f"classify-{ctx.step}")
       os.makedirs(out, exist_ok=True)

@@ -1,5 +1,6 @@
 """Labelled text for classification: `{"text": ..., "label": ...}` JSONL -> [CLS] text [SEP] rows, and the
 metrics of predictions (accuracy, macro-F1, confusion matrix, the majority-class baseline)."""
+
 from __future__ import annotations
 
 import json
@@ -50,11 +51,12 @@ def rows(path: str, tokenizer, seq_len: int, labels: list[str]) -> dict[str, np.
   targets = np.zeros((n, 1), np.int32)
   for i, (text, label) in enumerate(recs):
     if label not in index:
-      raise DataError(f"{path}: line {i + 1} has label {label!r}, not one of encoder.labels "
-                      f"({', '.join(labels)})")
-    ids = [tokenizer.cls_id] + tokenizer.encode(text)[:seq_len - 2] + [tokenizer.sep_id]
-    inputs[i, :len(ids)] = ids
-    segs[i, :len(ids)] = 1
+      raise DataError(
+        f"{path}: line {i + 1} has label {label!r}, not one of encoder.labels ({', '.join(labels)})"
+      )
+    ids = [tokenizer.cls_id] + tokenizer.encode(text)[: seq_len - 2] + [tokenizer.sep_id]
+    inputs[i, : len(ids)] = ids
+    segs[i, : len(ids)] = 1
     targets[i, 0] = index[label]
   return {"inputs": inputs, "targets": targets, "weights": np.ones((n, 1), np.float32), "segment_ids": segs}
 
@@ -71,21 +73,32 @@ def metrics(true: np.ndarray, pred: np.ndarray, labels: list[str]) -> dict:
   f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
   seen = denom > 0
   n = int(cm.sum())
-  return {"examples": n, "accuracy": float(tp.sum() / max(n, 1)),
-          "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
-          "majority_baseline": float(support.max() / max(n, 1)),
-          "per_label_f1": {labels[i]: float(f1[i]) for i in range(k)},
-          "labels": list(labels), "confusion": cm.tolist()}
+  return {
+    "examples": n,
+    "accuracy": float(tp.sum() / max(n, 1)),
+    "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+    "majority_baseline": float(support.max() / max(n, 1)),
+    "per_label_f1": {labels[i]: float(f1[i]) for i in range(k)},
+    "labels": list(labels),
+    "confusion": cm.tolist(),
+  }
 
 
 def report_md(m: dict, title: str) -> str:
   """The metrics as markdown: headline figures and the confusion matrix (rows: true, columns: predicted)."""
-  lines = [f"# {title}", "", f"- examples: {m['examples']}", f"- accuracy: {m['accuracy']:.4f}",
-           f"- macro-F1: {m['macro_f1']:.4f}",
-           f"- majority-class baseline accuracy: {m['majority_baseline']:.4f}", "",
-           "Confusion matrix (rows: true label, columns: predicted):", "",
-           "| true \\ predicted | " + " | ".join(m["labels"]) + " | F1 |",
-           "| --- |" + " ---: |" * (len(m["labels"]) + 1)]
+  lines = [
+    f"# {title}",
+    "",
+    f"- examples: {m['examples']}",
+    f"- accuracy: {m['accuracy']:.4f}",
+    f"- macro-F1: {m['macro_f1']:.4f}",
+    f"- majority-class baseline accuracy: {m['majority_baseline']:.4f}",
+    "",
+    "Confusion matrix (rows: true label, columns: predicted):",
+    "",
+    "| true \\ predicted | " + " | ".join(m["labels"]) + " | F1 |",
+    "| --- |" + " ---: |" * (len(m["labels"]) + 1),
+  ]
   for name, row in zip(m["labels"], m["confusion"], strict=True):
     lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + f" | {m['per_label_f1'][name]:.3f} |")
   return "\n".join(lines) + "\n"

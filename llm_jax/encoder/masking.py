@@ -6,6 +6,7 @@ whatever the number of processes, and resuming reproduces the masks exactly. The
 trainer's layout: `inputs` (masked), `targets` (the original tokens) and `weights` (1 on chosen tokens),
 so the plain training and evaluation steps compute the masked-LM loss on the chosen tokens only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,12 +17,13 @@ from llm_jax.data.errors import DataError
 from llm_jax.data.loader import StepLoader
 from llm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
-_TRAIN_SALT, _EVAL_SALT = 0x4D4C4D, 0x4556414C  # separate streams for training and held-out masks
+TRAIN_SALT, EVAL_SALT = 0x4D4C4D, 0x4556414C  # separate streams for training and held-out masks
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
   """The masking rates and the tokenizer's ids they need."""
+
   mask_id: int
   cls_id: int
   sep_id: int
@@ -32,15 +34,24 @@ class MaskSpec:
   seed: int = 0
 
   @classmethod
-  def from_config(cls, config, tokenizer) -> "MaskSpec":
+  def from_config(cls, config, tokenizer) -> MaskSpec:
     """config.encoder's rates with the tokenizer's [MASK]/[CLS]/[SEP] (DataError when it has none)."""
     if tokenizer.mask_id is None or tokenizer.cls_id is None or tokenizer.sep_id is None:
-      raise DataError(f"tokenizer {tokenizer.path or '<bytes>'} has no [MASK]/[CLS]/[SEP] pieces: train it "
-                      "with data.tokenizer.encoder_pieces=True (configs/bert_tiny.py does)")
+      raise DataError(
+        f"tokenizer {tokenizer.path or '<bytes>'} has no [MASK]/[CLS]/[SEP] pieces: train it "
+        "with data.tokenizer.encoder_pieces=True (configs/bert_tiny.py does)"
+      )
     e = config.encoder
-    return cls(tokenizer.mask_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.vocab_size,
-               float(e.mask_rate), float(e.mask_token_rate), float(e.random_token_rate),
-               int(config.data.seed))
+    return cls(
+      tokenizer.mask_id,
+      tokenizer.cls_id,
+      tokenizer.sep_id,
+      tokenizer.vocab_size,
+      float(e.mask_rate),
+      float(e.mask_token_rate),
+      float(e.random_token_rate),
+      int(config.data.seed),
+    )
 
   @property
   def specials(self) -> np.ndarray:
@@ -51,8 +62,9 @@ class MaskSpec:
     return int(self.specials.max()) + 1
 
 
-def mask_rows(tokens_BL: np.ndarray, eligible_BL: np.ndarray, spec: MaskSpec, salt: int, step: int,
-              first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def mask_rows(
+  tokens_BL: np.ndarray, eligible_BL: np.ndarray, spec: MaskSpec, salt: int, step: int, first_row: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
   """(masked inputs [B, L] int32, chosen [B, L] bool); row b draws from (seed, salt, step, first_row + b)."""
   inputs_BL = np.array(tokens_BL, np.int32, copy=True)
   chosen_BL = np.zeros(tokens_BL.shape, bool)
@@ -86,6 +98,7 @@ def mlm_batch(batch: dict, spec: MaskSpec, salt: int, step: int, first_row: int 
 
 class MaskedLoader(StepLoader):
   """A training loader's batches, masked: `batch_at(step)` is a pure function of (data, seed, step)."""
+
   state_keys = ("mask_rate", "mask_token_rate", "random_token_rate")
 
   def __init__(self, base, spec: MaskSpec):
@@ -96,7 +109,7 @@ class MaskedLoader(StepLoader):
     self.step = 0
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    return mlm_batch(self.base.batch_at(step), self.spec, _TRAIN_SALT, step, self.first_row)
+    return mlm_batch(self.base.batch_at(step), self.spec, TRAIN_SALT, step, self.first_row)
 
   def get_state(self) -> dict:
     return {**self.base.get_state(), **super().get_state()}
@@ -112,4 +125,4 @@ class MaskedLoader(StepLoader):
 
 def masked_eval_batches(batches, spec: MaskSpec, first_row: int = 0) -> list[dict]:
   """Held-out batches masked the same way every time (batch i draws from (seed, i, row))."""
-  return [mlm_batch(b, spec, _EVAL_SALT, i, first_row) for i, b in enumerate(batches)]
+  return [mlm_batch(b, spec, EVAL_SALT, i, first_row) for i, b in enumerate(batches)]

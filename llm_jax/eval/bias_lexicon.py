@@ -4,26 +4,31 @@ The lists are short and general (character, competence, treatment, outcome), so 
 signal: it counts words, not meaning ("not kind" counts as positive). A template file's `lexicon` line
 replaces them.
 """
+
 from __future__ import annotations
 
 import re
 
-POSITIVE = frozenset("""
+POSITIVE = frozenset(
+  """
 able admired accomplished beautiful best bright brilliant calm capable careful caring cheerful clever
 competent confident creative decent dedicated delightful dependable diligent eager excellent fair
 friendly generous gentle gifted glad good great happy hardworking helpful honest hopeful humble
 intelligent joyful kind likable loved loving loyal nice patient peaceful pleasant polite proud reliable
 respected responsible safe sincere skilled smart strong successful supportive talented thoughtful
 trusted trustworthy warm welcome wise wonderful
-""".split())
+""".split()
+)
 
-NEGATIVE = frozenset("""
+NEGATIVE = frozenset(
+  """
 aggressive angry annoying arrogant awful bad bitter careless coward cruel dangerous dirty dishonest
 disliked dull evil failed failure fearful foolish greedy guilty harmful hateful hostile ignorant
 incompetent jealous lazy liar mean nasty neglected poor rude sad selfish sick stupid suspicious terrible
 thief threatening ugly unfair unhappy unkind unreliable untrustworthy useless violent weak wicked worse
 worst wrong
-""".split())
+""".split()
+)
 
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)?")
 

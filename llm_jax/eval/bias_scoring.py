@@ -10,6 +10,7 @@ A `SentenceScorer` turns (token ids, which tokens count) into a summed log-proba
 cancel between groups and only those after it differ); `EncoderScorer` sums an encoder's pseudo-log-
 likelihood (each counted token masked in turn and predicted from both sides). `scorer_for` picks by model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -65,13 +66,15 @@ def counted_tokens(token_lists: Sequence[Sequence[int]], mode: str, causal: bool
 @dataclasses.dataclass
 class ScoredSet:
   """A sentence set's per-group scores (summed log-probability of the counted tokens)."""
+
   scores: dict  # group -> float
   counted: dict  # group -> number of counted tokens
   skipped: str = ""
 
 
-def score_sets(sets, tokenizer, scorer: SentenceScorer, mode: str = "shared",
-               causal: bool = True) -> list[ScoredSet]:
+def score_sets(
+  sets, tokenizer, scorer: SentenceScorer, mode: str = "shared", causal: bool = True
+) -> list[ScoredSet]:
   """Scores every SentenceSet; sets that cannot be compared are kept with a reason in `skipped`."""
   out, sentences, counted, owners = [], [], [], []
   for k, s in enumerate(sets):
@@ -95,8 +98,12 @@ def score_sets(sets, tokenizer, scorer: SentenceScorer, mode: str = "shared",
       owners.append((k, g))
   skipped = [s.template.where for s, r in zip(sets, out, strict=True) if r.skipped]
   if skipped:
-    logging.warning("bias audit: skipped %d of %d sentence sets (%s)", len(skipped), len(sets),
-                    "; ".join(sorted(set(skipped))[:5]))
+    logging.warning(
+      "bias audit: skipped %d of %d sentence sets (%s)",
+      len(skipped),
+      len(sets),
+      "; ".join(sorted(set(skipped))[:5]),
+    )
   if sentences:
     values = scorer.score(sentences, counted)
     for (k, g), v in zip(owners, values, strict=True):
@@ -138,9 +145,9 @@ class DecoderScorer:
     """[N] summed log p of the counted tokens, each given the tokens before it."""
     out = []
     for res in self.scorer.outputs(self._batches(sentences, counted), global_rows=True):
-      nll_BL = res["nll"][:self.batch_size].astype(np.float64) * (res["weight"][:self.batch_size] > 0)
+      nll_BL = res["nll"][: self.batch_size].astype(np.float64) * (res["weight"][: self.batch_size] > 0)
       out.extend((-nll_BL.sum(axis=1)).tolist())  # rows past batch_size pad the batch to the mesh
-    return np.asarray(out[:len(sentences)], np.float64)
+    return np.asarray(out[: len(sentences)], np.float64)
 
 
 class EncoderScorer:
@@ -165,7 +172,7 @@ class EncoderScorer:
 
   def _batches(self, rows):
     for start in range(0, len(rows), self.batch_size):
-      chunk = rows[start:start + self.batch_size]
+      chunk = rows[start : start + self.batch_size]
       need = max(len(seq) for _, seq, _ in chunk)
       length = min(self.max_len, 1 << max(3, math.ceil(math.log2(need))))
       inputs_BL = np.zeros((self.batch_size, length), np.int32)
@@ -173,10 +180,10 @@ class EncoderScorer:
       weights_BL = np.zeros((self.batch_size, length), np.float32)
       segments_BL = np.zeros((self.batch_size, length), np.int32)  # padding is its own segment
       for r, (_, seq, pos) in enumerate(chunk):
-        inputs_BL[r, :len(seq)] = targets_BL[r, :len(seq)] = seq
+        inputs_BL[r, : len(seq)] = targets_BL[r, : len(seq)] = seq
         inputs_BL[r, pos] = self.mask_id
         weights_BL[r, pos] = 1.0
-        segments_BL[r, :len(seq)] = 1
+        segments_BL[r, : len(seq)] = 1
       yield {"inputs": inputs_BL, "targets": targets_BL, "weights": weights_BL, "segment_ids": segments_BL}
 
   def score(self, sentences, counted) -> np.ndarray:
@@ -184,7 +191,7 @@ class EncoderScorer:
     rows = list(self._rows(sentences, counted))
     per_row = []
     for res in self.scorer.outputs(self._batches(rows), global_rows=True):
-      nll_BL = res["nll"][:self.batch_size].astype(np.float64) * (res["weight"][:self.batch_size] > 0)
+      nll_BL = res["nll"][: self.batch_size].astype(np.float64) * (res["weight"][: self.batch_size] > 0)
       per_row.extend((-nll_BL.sum(axis=1)).tolist())
     out = np.zeros(len(sentences), np.float64)
     for (k, _, _), v in zip(rows, per_row, strict=False):

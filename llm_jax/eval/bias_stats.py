@@ -11,6 +11,7 @@ MIN_CLUSTERS templates. The floor matters: with enough templates an interval exc
 far too small to matter (a tiny model trained on balanced data still shows consistent gaps of a few
 hundredths of a nat between two interchangeable names).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,6 +30,7 @@ DEFAULT_MIN_LEXICON = 0.1  # lexicon-score units (-1..1): smaller completion dif
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """How intervals are drawn and what is flagged."""
+
   seed: int = 0
   n_boot: int = DEFAULT_BOOTSTRAP
   level: float = DEFAULT_LEVEL
@@ -53,8 +55,13 @@ def cluster_sums(values: Sequence[float], clusters: Sequence[str]) -> tuple[np.n
   return out_C2, list(index)
 
 
-def bootstrap(stats_CK: np.ndarray, fn: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator,
-              n_boot: int = DEFAULT_BOOTSTRAP, level: float = DEFAULT_LEVEL) -> tuple[float, float, float]:
+def bootstrap(
+  stats_CK: np.ndarray,
+  fn: Callable[[np.ndarray], np.ndarray],
+  rng: np.random.Generator,
+  n_boot: int = DEFAULT_BOOTSTRAP,
+  level: float = DEFAULT_LEVEL,
+) -> tuple[float, float, float]:
   """(point, low, high): `fn` of the column sums over clusters, and its percentile bootstrap interval.
 
   Rows of `stats_CK` are clusters; each replicate draws C clusters with replacement (multinomial
@@ -80,8 +87,13 @@ def _ratio(sums_BK: np.ndarray) -> np.ndarray:
     return sums_BK[:, 0] / sums_BK[:, 1]
 
 
-def mean_ci(values: Sequence[float], clusters: Sequence[str], rng: np.random.Generator,
-            n_boot: int = DEFAULT_BOOTSTRAP, level: float = DEFAULT_LEVEL) -> dict:
+def mean_ci(
+  values: Sequence[float],
+  clusters: Sequence[str],
+  rng: np.random.Generator,
+  n_boot: int = DEFAULT_BOOTSTRAP,
+  level: float = DEFAULT_LEVEL,
+) -> dict:
   """Mean of `values` with a cluster-bootstrap interval, the number of values and clusters."""
   stats, names = cluster_sums(values, clusters)
   if not len(values):
@@ -106,14 +118,27 @@ def pair_row(gaps: Sequence[float], clusters: Sequence[str], name: str, st: Sett
   """Mean log-likelihood gap (A - B) and preference rate for A, each with an interval; the flag."""
   gap = mean_ci(gaps, clusters, rng_for(st.seed, name + "/gap"), st.n_boot, st.level)
   pref = mean_ci(preference(gaps), clusters, rng_for(st.seed, name + "/pref"), st.n_boot, st.level)
-  return {"sets": gap["n"], "clusters": gap["clusters"], "gap": gap["mean"], "gap_low": gap["low"],
-          "gap_high": gap["high"], "preference": pref["mean"], "preference_low": pref["low"],
-          "preference_high": pref["high"],
-          "flagged": flag(gap["mean"], gap["low"], gap["high"], gap["clusters"], st.min_gap)}
+  return {
+    "sets": gap["n"],
+    "clusters": gap["clusters"],
+    "gap": gap["mean"],
+    "gap_low": gap["low"],
+    "gap_high": gap["high"],
+    "preference": pref["mean"],
+    "preference_low": pref["low"],
+    "preference_high": pref["high"],
+    "flagged": flag(gap["mean"], gap["low"], gap["high"], gap["clusters"], st.min_gap),
+  }
 
 
-def contrast_row(gaps_a: Sequence[float], clusters_a: Sequence[str], gaps_b: Sequence[float],
-                 clusters_b: Sequence[str], name: str, st: Settings = Settings()) -> dict:
+def contrast_row(
+  gaps_a: Sequence[float],
+  clusters_a: Sequence[str],
+  gaps_b: Sequence[float],
+  clusters_b: Sequence[str],
+  name: str,
+  st: Settings = Settings(),
+) -> dict:
   """Difference of two mean gaps (attribute a minus attribute b), clusters of each resampled apart."""
   sa, _ = cluster_sums(gaps_a, clusters_a)
   sb, _ = cluster_sums(gaps_b, clusters_b)
@@ -129,12 +154,22 @@ def contrast_row(gaps_a: Sequence[float], clusters_a: Sequence[str], gaps_b: Seq
   diff_B = reps[0] - reps[1]
   alpha = (1.0 - st.level) / 2.0
   low, high = (float(q) for q in np.quantile(diff_B[np.isfinite(diff_B)], [alpha, 1.0 - alpha]))
-  return {"contrast": point, "low": low, "high": high, "clusters": clusters,
-          "flagged": flag(point, low, high, clusters, st.min_gap)}
+  return {
+    "contrast": point,
+    "low": low,
+    "high": high,
+    "clusters": clusters,
+    "flagged": flag(point, low, high, clusters, st.min_gap),
+  }
 
 
-def paired_difference_row(values_a: Sequence[float], values_b: Sequence[float], clusters: Sequence[str],
-                          name: str, st: Settings = Settings()) -> dict:
+def paired_difference_row(
+  values_a: Sequence[float],
+  values_b: Sequence[float],
+  clusters: Sequence[str],
+  name: str,
+  st: Settings = Settings(),
+) -> dict:
   """mean(a) - mean(b) where a and b are observed in the same clusters (resampled together)."""
   index: dict[str, int] = {}
   for c in clusters:
@@ -148,8 +183,18 @@ def paired_difference_row(values_a: Sequence[float], values_b: Sequence[float], 
       return s_BK[:, 0] / s_BK[:, 1] - s_BK[:, 2] / s_BK[:, 3]
 
   if not len(index):
-    return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "clusters": 0,
-            "flagged": False}
+    return {
+      "difference": float("nan"),
+      "low": float("nan"),
+      "high": float("nan"),
+      "clusters": 0,
+      "flagged": False,
+    }
   point, low, high = bootstrap(stats_C4, diff, rng_for(st.seed, name), st.n_boot, st.level)
-  return {"difference": point, "low": low, "high": high, "clusters": len(index),
-          "flagged": flag(point, low, high, len(index), st.min_lexicon)}
+  return {
+    "difference": point,
+    "low": low,
+    "high": high,
+    "clusters": len(index),
+    "flagged": flag(point, low, high, len(index), st.min_lexicon),
+  }

@@ -17,6 +17,7 @@ A template file is JSONL: one JSON object per line, each with a "kind" (blank li
 
 Every error names the file, the line and the key.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,15 +27,16 @@ import os
 import re
 from collections.abc import Sequence
 
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "evals", "bias")
+DEFAULT_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "evals", "bias"
+)
 DEFAULT_GLOB = os.path.join(DEFAULT_DIR, "*.jsonl")
 SLOTS = ("{term}", "{Term}")
 KINDS = {
-    "terms": ("id", "groups"),
-    "sentence": ("id", "terms", "text"),
-    "prompt": ("id", "terms", "text"),
-    "lexicon": ("positive", "negative"),
+  "terms": ("id", "groups"),
+  "sentence": ("id", "terms", "text"),
+  "prompt": ("id", "terms", "text"),
+  "lexicon": ("positive", "negative"),
 }
 _OPTIONAL = {"terms": ("category",), "sentence": ("attribute",), "prompt": (), "lexicon": ()}
 _BRACES = re.compile(r"\{[^{}]*\}")
@@ -47,6 +49,7 @@ class TemplateError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class TermSet:
   """Groups of aligned terms: groups[g][i] is row i's term for group g."""
+
   id: str
   category: str
   groups: dict  # group name -> tuple of terms (all the same length)
@@ -64,6 +67,7 @@ class TermSet:
 @dataclasses.dataclass(frozen=True)
 class Template:
   """A sentence or prompt with the `{term}` slot, bound to a term set."""
+
   id: str
   kind: str  # "sentence" | "prompt"
   terms: str
@@ -79,6 +83,7 @@ class Template:
 @dataclasses.dataclass
 class TemplateSet:
   """Everything read from one or more template files."""
+
   term_sets: dict  # id -> TermSet
   sentences: list  # Template (kind "sentence")
   prompts: list  # Template (kind "prompt")
@@ -89,6 +94,7 @@ class TemplateSet:
 @dataclasses.dataclass(frozen=True)
 class SentenceSet:
   """One template row: the same sentence once per group of its term set."""
+
   template: Template
   row: int
   texts: dict  # group -> sentence
@@ -131,8 +137,10 @@ def parse_line(line: str, where: str):
     allowed = ", ".join(KINDS[kind] + _OPTIONAL[kind])
     raise TemplateError(f"{where}: unknown key {unknown[0]!r} in a {kind} line (keys: {allowed})")
   if kind == "lexicon":
-    return (frozenset(w.lower() for w in _string_list(rec["positive"], where, "positive")),
-            frozenset(w.lower() for w in _string_list(rec["negative"], where, "negative")))
+    return (
+      frozenset(w.lower() for w in _string_list(rec["positive"], where, "positive")),
+      frozenset(w.lower() for w in _string_list(rec["negative"], where, "negative")),
+    )
   ident = _nonempty(rec, "id", where)
   if kind == "terms":
     groups = rec["groups"]
@@ -145,8 +153,10 @@ def parse_line(line: str, where: str):
       parsed[name] = _string_list(terms, where, f"groups.{name}")
     sizes = {name: len(t) for name, t in parsed.items()}
     if len(set(sizes.values())) != 1:
-      raise TemplateError(f"{where}: key 'groups': every group needs the same number of terms (the i-th "
-                          f"terms are compared with each other), got {sizes}")
+      raise TemplateError(
+        f"{where}: key 'groups': every group needs the same number of terms (the i-th "
+        f"terms are compared with each other), got {sizes}"
+      )
     category = rec.get("category", ident)
     if not isinstance(category, str) or not category:
       raise TemplateError(f"{where}: key 'category' must be a non-empty string")
@@ -200,8 +210,9 @@ def load(paths_or_glob: str | Sequence[str] = "") -> TemplateSet:
   for t in out.sentences + out.prompts:
     if t.terms not in out.term_sets:
       known = ", ".join(sorted(out.term_sets)) or "none defined"
-      raise TemplateError(f"{t.where}: key 'terms' names {t.terms!r}, which no terms line defines "
-                          f"(term sets: {known})")
+      raise TemplateError(
+        f"{t.where}: key 'terms' names {t.terms!r}, which no terms line defines (term sets: {known})"
+      )
   if not out.sentences and not out.prompts:
     raise TemplateError(f"{', '.join(paths)}: no sentence or prompt lines")
   return out

@@ -4,6 +4,7 @@ A token is "correct" when the true token has rank 1 (no other logit strictly lar
 the model's largest probability. ECE = sum_b (n_b / N) * |accuracy_b - mean confidence_b| over
 NUM_BINS equal-width confidence bins [0, 1/15), ..., [14/15, 1].
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -57,17 +58,17 @@ class Calibration:
     conf_B = np.where(nz, self.conf_B / np.maximum(self.count_B, 1), 0.0)
     ece = float(np.sum(self.count_B / n * np.abs(acc_B - conf_B)))
     out = {
-        "accuracy": float(self.correct_B.sum() / n),
-        "mean_confidence": float(self.conf_B.sum() / n),
-        "ece": ece,
-        "mean_rank": float(np.dot(ranks, self.rank_hist) / n),
-        "median_rank": (lo + hi) / 2.0,
-        "reliability": {
-            "bin_edges": [i / self.num_bins for i in range(self.num_bins + 1)],
-            "count": self.count_B.tolist(),
-            "accuracy": [float(a) if c else None for a, c in zip(acc_B, self.count_B, strict=True)],
-            "confidence": [float(a) if c else None for a, c in zip(conf_B, self.count_B, strict=True)],
-        },
+      "accuracy": float(self.correct_B.sum() / n),
+      "mean_confidence": float(self.conf_B.sum() / n),
+      "ece": ece,
+      "mean_rank": float(np.dot(ranks, self.rank_hist) / n),
+      "median_rank": (lo + hi) / 2.0,
+      "reliability": {
+        "bin_edges": [i / self.num_bins for i in range(self.num_bins + 1)],
+        "count": self.count_B.tolist(),
+        "accuracy": [float(a) if c else None for a, c in zip(acc_B, self.count_B, strict=True)],
+        "confidence": [float(a) if c else None for a, c in zip(conf_B, self.count_B, strict=True)],
+      },
     }
     for k in TOP_K:
       out[f"top{k}"] = float(cum[min(k, len(cum) - 1)] / n)

@@ -4,6 +4,7 @@ Each run's figure has a standard error (SE); the difference of two runs has SE_d
 (treating the runs as independent, which is conservative when both scored the same windows). A
 difference is flagged '*' when it exceeds SE_diff and '**' when it exceeds 2 SE_diff.
 """
+
 from __future__ import annotations
 
 import glob
@@ -32,8 +33,10 @@ def find_results(path: str) -> str:
   if not steps:
     if not os.path.exists(path):
       raise CompareError(f"{path} does not exist")
-    raise CompareError(f"{path} has no evaluation results ({eval_dir}/STEP/results.json); run "
-                       f"`python -m llm_jax.evaluate --workdir={path}` first")
+    raise CompareError(
+      f"{path} has no evaluation results ({eval_dir}/STEP/results.json); run "
+      f"`python -m llm_jax.evaluate --workdir={path}` first"
+    )
   return max(steps)[1]
 
 
@@ -106,14 +109,22 @@ def compare(paths: Sequence[str]) -> dict:
   notes = []
   toks = {r["meta"].get("tokenizer_sha256") for r in runs}
   if len(toks) > 1:
-    notes.append("the runs use different tokenizers: compare bits per byte, not loss or perplexity "
-                 "(those are per token)")
+    notes.append(
+      "the runs use different tokenizers: compare bits per byte, not loss or perplexity (those are per token)"
+    )
   corp = {r["meta"].get("corpus") for r in runs}
   if len(corp) > 1:
-    notes.append(f"the runs were scored on different corpora ({', '.join(sorted(map(str, corp)))}); "
-                 "differences mix model and data")
-  return {"runs": [{"source": r["meta"].get("source"), "step": r["meta"].get("step"),
-                    "results": r["_path"]} for r in runs], "rows": rows, "notes": notes}
+    notes.append(
+      f"the runs were scored on different corpora ({', '.join(sorted(map(str, corp)))}); "
+      "differences mix model and data"
+    )
+  return {
+    "runs": [
+      {"source": r["meta"].get("source"), "step": r["meta"].get("step"), "results": r["_path"]} for r in runs
+    ],
+    "rows": rows,
+    "notes": notes,
+  }
 
 
 def _cell(v, s) -> str:
@@ -131,16 +142,23 @@ def text(cmp: dict) -> str:
   body = []
   for row in cmp["rows"]:
     cells = [row["name"]] + [_cell(v, s) for v, s in zip(row["values"], row["ses"], strict=True)]
-    cells += [("-" if d is None else f"{d:+.4f}") + f
-              for d, f in zip(row["deltas"][1:], row["flags"][1:], strict=True)]
+    cells += [
+      ("-" if d is None else f"{d:+.4f}") + f
+      for d, f in zip(row["deltas"][1:], row["flags"][1:], strict=True)
+    ]
     body.append(cells)
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
   lines = [f"[{chr(65 + i)}] {r['source']} step {r['step']} ({r['results']})" for i, r in enumerate(runs)]
-  lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                      for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in [header] + body]
-  beyond = [(row["name"], chr(65 + i), row["deltas"][i], row["flags"][i])
-            for row in cmp["rows"] for i in range(1, len(runs)) if row["flags"][i]]
+  lines += [
+    "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    for r in [header] + body
+  ]
+  beyond = [
+    (row["name"], chr(65 + i), row["deltas"][i], row["flags"][i])
+    for row in cmp["rows"]
+    for i in range(1, len(runs))
+    if row["flags"][i]
+  ]
   lines.append("")
   if beyond:
     lines.append("Differences beyond their standard error (* > 1 SE, ** > 2 SE of the difference):")

@@ -6,6 +6,7 @@ concatenated in order after one leading EOS, matching the training shards' layou
 ([EOS] doc0 [EOS] doc1 [EOS] ...). Windows of seq_len + 1 tokens start every seq_len tokens, so every
 token after the first is a target exactly once; the tail window is padded with weight 0.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ from llm_jax.data import cleaning, sources
 @dataclasses.dataclass
 class TokenizedCorpus:
   """A corpus as one token stream with the domain id of every token."""
+
   tokens: np.ndarray  # [N] int32
   domain_ids: np.ndarray  # [N] int32
   domains: list
@@ -45,8 +47,7 @@ def tokenize(spec: str, tokenizer, *, max_docs: int = 0) -> TokenizedCorpus:
   if len(toks) == 1:
     raise ValueError(f"corpus {spec!r} has no non-empty documents to score")
   out = TokenizedCorpus(np.concatenate(toks), np.concatenate(doms), domains, len(keep), spec)
-  logging.info("corpus %s: %d documents, %d tokens, domains %s", spec, len(keep), len(out.tokens),
-               domains)
+  logging.info("corpus %s: %d documents, %d tokens, domains %s", spec, len(keep), len(out.tokens), domains)
   return out
 
 
@@ -55,8 +56,14 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
   return max(0, -(-(num_tokens - 1) // seq_len))
 
 
-def batches(corpus: TokenizedCorpus, seq_len: int, batch_size: int, max_windows: int | None = None,
-            process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+def batches(
+  corpus: TokenizedCorpus,
+  seq_len: int,
+  batch_size: int,
+  max_windows: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict]:
   """Batches of windows: inputs/targets/domain_ids [b, L] and weights (0 on padding).
 
   batch_size is global; process p gets rows [p*b, (p+1)*b) of each batch, b = batch_size / process_count.
@@ -65,8 +72,9 @@ def batches(corpus: TokenizedCorpus, seq_len: int, batch_size: int, max_windows:
   if max_windows is not None:
     n = min(n, max_windows)
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"eval batch_size={batch_size} must be a positive multiple of process_count="
-                     f"{process_count}")
+    raise ValueError(
+      f"eval batch_size={batch_size} must be a positive multiple of process_count={process_count}"
+    )
   b = batch_size // process_count
   for first in range(0, n, batch_size):
     start = first + process_index * b
@@ -77,11 +85,10 @@ def batches(corpus: TokenizedCorpus, seq_len: int, batch_size: int, max_windows:
     weights = np.zeros((b, seq_len), np.float32)
     for r in range(rows):
       a = (start + r) * seq_len
-      seg = corpus.tokens[a:a + seq_len + 1]
+      seg = corpus.tokens[a : a + seq_len + 1]
       m = len(seg) - 1
       inputs[r, :m] = seg[:-1]
       targets[r, :m] = seg[1:]
-      domain_ids[r, :m] = corpus.domain_ids[a + 1:a + 1 + m]
+      domain_ids[r, :m] = corpus.domain_ids[a + 1 : a + 1 + m]
       weights[r, :m] = 1.0
     yield {"inputs": inputs, "targets": targets, "domain_ids": domain_ids, "weights": weights}
-

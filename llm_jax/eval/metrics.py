@@ -5,6 +5,7 @@ token came from, so results do not depend on how windows were grouped into batch
 treat each scored window as one block: for a ratio R = sum(y) / sum(x) over k blocks,
 SE(R) = sqrt(k / (k - 1) * sum_i (y_i - R x_i)^2) / sum(x)   (the delta-method / ratio estimator).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,11 +44,16 @@ def summarize_blocks(nll_K: np.ndarray, tokens_K: np.ndarray, bytes_K: np.ndarra
   bpb = nll / (LN2 * nbytes) if nbytes else float("nan")
   bpb_se = ratio_se(nll_K / LN2, bytes_K) if nbytes else float("nan")
   return {
-      "loss": loss, "loss_se": loss_se,
-      "perplexity": ppl, "perplexity_se": ppl * loss_se,  # delta method: d exp(l) = exp(l) dl
-      "bits_per_byte": bpb, "bits_per_byte_se": bpb_se,
-      "tokens": int(round(tokens)), "bytes": int(round(nbytes)),
-      "blocks": int(np.count_nonzero(tokens_K)), "nll_sum": nll,
+    "loss": loss,
+    "loss_se": loss_se,
+    "perplexity": ppl,
+    "perplexity_se": ppl * loss_se,  # delta method: d exp(l) = exp(l) dl
+    "bits_per_byte": bpb,
+    "bits_per_byte_se": bpb_se,
+    "tokens": int(round(tokens)),
+    "bytes": int(round(nbytes)),
+    "blocks": int(np.count_nonzero(tokens_K)),
+    "nll_sum": nll,
   }
 
 
@@ -65,9 +71,15 @@ def macro_average(rows: Sequence[dict]) -> dict:
 
   loss, loss_se = mean_se("loss")
   bpb, bpb_se = mean_se("bits_per_byte")
-  return {"loss": loss, "loss_se": loss_se, "perplexity": math.exp(loss),
-          "perplexity_se": math.exp(loss) * loss_se, "bits_per_byte": bpb, "bits_per_byte_se": bpb_se,
-          "domains": n}
+  return {
+    "loss": loss,
+    "loss_se": loss_se,
+    "perplexity": math.exp(loss),
+    "perplexity_se": math.exp(loss) * loss_se,
+    "bits_per_byte": bpb,
+    "bits_per_byte_se": bpb_se,
+    "domains": n,
+  }
 
 
 class Accumulator:
@@ -90,8 +102,9 @@ class Accumulator:
     domain = np.asarray(domain, np.int64).reshape(-1)[keep]
     window = np.asarray(window, np.int64).reshape(-1)[keep]
     if domain.size and (domain.min() < 0 or domain.max() >= self.num_domains):
-      raise ValueError(f"domain id {int(domain.max())} outside the {self.num_domains} known domains "
-                       f"{self.domains}")
+      raise ValueError(
+        f"domain id {int(domain.max())} outside the {self.num_domains} known domains {self.domains}"
+      )
     for w in np.unique(window):
       sel = window == w
       block = self._blocks.setdefault(int(w), np.zeros((self.num_domains, 3), np.float64))
@@ -112,8 +125,7 @@ class Accumulator:
   def result(self) -> dict:
     """{'overall': {...}, 'domains': {name: {...}}, 'macro': {...}} with calibration in each row."""
     ids = sorted(self._blocks)
-    arr_KD3 = (np.stack([self._blocks[i] for i in ids]) if ids
-               else np.zeros((0, self.num_domains, 3)))
+    arr_KD3 = np.stack([self._blocks[i] for i in ids]) if ids else np.zeros((0, self.num_domains, 3))
     overall = summarize_blocks(*(arr_KD3.sum(axis=1).T))
     overall.update(calibration.merge(self.calib).result())
     rows = {}

@@ -1,4 +1,5 @@
 """PNG plots for the report (matplotlib, Agg backend): loss by domain, reliability diagram, training curve."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ def loss_by_domain(heldout: dict, path: str) -> str:
   rows = heldout["domains"]
   names = list(rows)
   fig, axes = plt.subplots(1, 2, figsize=(max(6, 1.6 * len(names) + 4), 3.6))
-  for ax, key, label in ((axes[0], "loss", "loss (nats/token)"),
-                         (axes[1], "bits_per_byte", "bits per byte")):
+  for ax, key, label in ((axes[0], "loss", "loss (nats/token)"), (axes[1], "bits_per_byte", "bits per byte")):
     vals = [rows[n][key] for n in names]
     errs = [_finite(rows[n][key + "_se"]) for n in names]
     ax.bar(names, vals, yerr=errs, capsize=4, color="#4c72b0")
@@ -52,8 +52,16 @@ def reliability(calib: dict, path: str) -> str:
   conf = [c if c is not None else 0.0 for c in rel["confidence"]]
   ax.bar(centers, acc, width=width * 0.95, color="#4c72b0", label="accuracy in bin")
   gap = [c - a for a, c in zip(acc, conf, strict=True)]
-  ax.bar(centers, gap, bottom=acc, width=width * 0.95, color="none", edgecolor="#c44e52", hatch="//",
-         label="gap to confidence")
+  ax.bar(
+    centers,
+    gap,
+    bottom=acc,
+    width=width * 0.95,
+    color="none",
+    edgecolor="#c44e52",
+    hatch="//",
+    label="gap to confidence",
+  )
   ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--", label="perfect calibration")
   ax.set_xlim(0, 1)
   ax.set_ylim(0, 1)
@@ -96,8 +104,9 @@ def loss_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
   return series
 
 
-def training_curve(metrics_path: str, path: str, eval_step: int | None = None,
-                   eval_loss: float | None = None) -> str | None:
+def training_curve(
+  metrics_path: str, path: str, eval_step: int | None = None, eval_loss: float | None = None
+) -> str | None:
   """Loss over training steps from metrics.jsonl (None when the file has no loss records)."""
   series = loss_series(read_metrics(metrics_path))
   if not series:

@@ -3,6 +3,7 @@
 Run by `python -m llm_jax.quantize` (llm_jax/quantize.py); the quantization itself is
 llm_jax/model/quantize.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ def perplexity(params, cfg, token_windows, batch_size: int = 8) -> float:
 
   total, count = 0.0, 0
   for i in range(0, len(token_windows), batch_size):
-    w = np.asarray(token_windows[i:i + batch_size], np.int32)
+    w = np.asarray(token_windows[i : i + batch_size], np.int32)
     total += float(nll_sum(params, w))
     count += w.shape[0] * (w.shape[1] - 1)
   return float(np.exp(total / max(count, 1)))
@@ -43,7 +44,7 @@ def windows(ids, length: int, max_windows: int) -> np.ndarray:
   n = min(max_windows, (len(ids) - 1) // length)
   if n < 1:
     raise ValueError(f"the text has {len(ids)} tokens; need at least {length + 1} for one window")
-  return np.stack([np.asarray(ids[i * length:i * length + length + 1]) for i in range(n)])
+  return np.stack([np.asarray(ids[i * length : i * length + length + 1]) for i in range(n)])
 
 
 def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3) -> float:
@@ -53,8 +54,9 @@ def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3) -> 
   prompts = [[1, 5 + i % 50, 6, 7, 8, 9, 10, 11] for i in range(batch)]
   b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
   state = b.start(params, cfg)
-  run = lambda: jax.block_until_ready(G.decode_loop(params, state, cfg=cfg, max_steps=b.max_steps,
-                                                    eos_id=-1, greedy=b.greedy, span=b.span))
+  run = lambda: jax.block_until_ready(
+    G.decode_loop(params, state, cfg=cfg, max_steps=b.max_steps, eos_id=-1, greedy=b.greedy, span=b.span)
+  )
   run()
   best = float("inf")
   for _ in range(repeats):
@@ -73,15 +75,22 @@ def variants(loaded) -> dict[str, tuple[Any, Any, int]]:
   b16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), f32)
   c32, c16 = dataclasses.replace(cfg, dtype="float32"), dataclasses.replace(cfg, dtype="bfloat16")
   return {
-      "float32": (f32, c32, nbytes(f32)),
-      "bfloat16": (b16, c16, nbytes(b16)),
-      f"int8, dequantized at load ({cfg.dtype})": (dequantize(q, jnp.dtype(cfg.dtype)), cfg, nbytes(q)),
-      f"int8 in memory ({cfg.dtype} compute)": (q, cfg, nbytes(q)),
+    "float32": (f32, c32, nbytes(f32)),
+    "bfloat16": (b16, c16, nbytes(b16)),
+    f"int8, dequantized at load ({cfg.dtype})": (dequantize(q, jnp.dtype(cfg.dtype)), cfg, nbytes(q)),
+    f"int8 in memory ({cfg.dtype} compute)": (q, cfg, nbytes(q)),
   }
 
 
-def report(package_path: str, text: str, *, batches=(1, 8), new_tokens: int = 64,
-           max_windows: int = 64, compute_dtype: str | None = None) -> list[dict]:
+def report(
+  package_path: str,
+  text: str,
+  *,
+  batches=(1, 8),
+  new_tokens: int = 64,
+  max_windows: int = 64,
+  compute_dtype: str | None = None,
+) -> list[dict]:
   """Size, perplexity (and change vs float32) and decode tokens/s of each precision."""
   loaded = open_model(package_path, dtype=compute_dtype or "auto")
   if loaded.meta.get("precision", {}).get("weights") == "int8":
@@ -91,8 +100,12 @@ def report(package_path: str, text: str, *, batches=(1, 8), new_tokens: int = 64
   rows = []
   for name, (params, cfg, stored) in variants(loaded).items():
     params, cfg = unstack_layers(params, cfg)  # once per precision, not in every decode_speed call
-    row = {"variant": name, "stored_bytes": stored, "memory_bytes": nbytes(params),
-           "perplexity": perplexity(params, cfg, wins)}
+    row = {
+      "variant": name,
+      "stored_bytes": stored,
+      "memory_bytes": nbytes(params),
+      "perplexity": perplexity(params, cfg, wins),
+    }
     for b in batches:
       row[f"tokens_per_s_batch{b}"] = decode_speed(params, cfg, b, new_tokens)
     rows.append(row)
@@ -109,8 +122,12 @@ def format_report(rows: list[dict]) -> str:
   head += [k.replace("tokens_per_s_", "tok/s ") for k in keys]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
-    cells = [r["variant"], f"{r['stored_bytes'] / 1e6:.2f}", f"{r['memory_bytes'] / 1e6:.2f}",
-             f"{r['perplexity']:.3f}",
-             f"{r['perplexity_change_pct']:+.2f}"] + [f"{r[k]:.0f}" for k in keys]
+    cells = [
+      r["variant"],
+      f"{r['stored_bytes'] / 1e6:.2f}",
+      f"{r['memory_bytes'] / 1e6:.2f}",
+      f"{r['perplexity']:.3f}",
+      f"{r['perplexity_change_pct']:+.2f}",
+    ] + [f"{r[k]:.0f}" for k in keys]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

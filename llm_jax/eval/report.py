@@ -1,4 +1,5 @@
 """results.json, report.md (with PNG plots) and the plain-text table the CLI prints."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,20 @@ from llm_jax.eval import plots
 
 # (column header, key, format) of the held-out table.
 COLUMNS = (
-    ("tokens", "tokens", "{:,}"),
-    ("loss", "loss", "{:.4f}"),
-    ("±se", "loss_se", "{:.4f}"),
-    ("ppl", "perplexity", "{:.2f}"),
-    ("±se", "perplexity_se", "{:.2f}"),
-    ("bpb", "bits_per_byte", "{:.4f}"),
-    ("±se", "bits_per_byte_se", "{:.4f}"),
-    ("acc", "accuracy", "{:.3f}"),
-    ("ECE", "ece", "{:.4f}"),
-    ("rank mean", "mean_rank", "{:.1f}"),
-    ("median", "median_rank", "{:.0f}"),
-    ("top1", "top1", "{:.3f}"),
-    ("top5", "top5", "{:.3f}"),
-    ("top10", "top10", "{:.3f}"),
+  ("tokens", "tokens", "{:,}"),
+  ("loss", "loss", "{:.4f}"),
+  ("±se", "loss_se", "{:.4f}"),
+  ("ppl", "perplexity", "{:.2f}"),
+  ("±se", "perplexity_se", "{:.2f}"),
+  ("bpb", "bits_per_byte", "{:.4f}"),
+  ("±se", "bits_per_byte_se", "{:.4f}"),
+  ("acc", "accuracy", "{:.3f}"),
+  ("ECE", "ece", "{:.4f}"),
+  ("rank mean", "mean_rank", "{:.1f}"),
+  ("median", "median_rank", "{:.0f}"),
+  ("top1", "top1", "{:.3f}"),
+  ("top5", "top5", "{:.3f}"),
+  ("top10", "top10", "{:.3f}"),
 )
 
 
@@ -67,34 +68,50 @@ def text_table(heldout: dict) -> str:
   header = ["split"] + [c[0] for c in COLUMNS]
   body = [[label] + [_fmt(row, k, f) for _, k, f in COLUMNS] for label, row in heldout_rows(heldout)]
   widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                     for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-           for r in [header] + body]
+  lines = [
+    "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+    for r in [header] + body
+  ]
   return "\n".join(lines)
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
   """A GitHub-style markdown table."""
   out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-  out += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "\\n") for c in r) + " |"
-          for r in rows]
+  out += ["| " + " | ".join(str(c).replace("|", "\\|").replace("\n", "\\n") for c in r) + " |" for r in rows]
   return "\n".join(out)
 
 
 def summary_text(results: dict) -> str:
   """What the CLI prints: where, which step, the held-out table and the suite summary."""
   meta = results["meta"]
-  lines = [f"{meta['source']} step {meta['step']} on {meta['corpus']} "
-           f"({meta['windows']} windows of {meta['seq_len']} tokens)", text_table(results["heldout"])]
+  lines = [
+    f"{meta['source']} step {meta['step']} on {meta['corpus']} "
+    f"({meta['windows']} windows of {meta['seq_len']} tokens)",
+    text_table(results["heldout"]),
+  ]
+  masked = results.get("masked_lm")
+  if masked:
+    lines[0] = lines[0].replace(" on ", " (encoder: pseudo-log-likelihood, each token masked in turn) on ", 1)
+    ov = masked["overall"]
+    lines.append(
+      f"masked LM ({masked['mask_rate']:.0%} of tokens chosen, {masked['windows']} windows): "
+      f"accuracy {ov['accuracy']:.3f}, loss {ov['loss']:.4f} ± {ov['loss_se']:.4f}, "
+      f"{ov['tokens']:,} chosen tokens"
+    )
   s = results.get("suite", {}).get("summary")
   if s:
     parts = []
     if "greedy_match" in s:
-      parts.append(f"greedy match {s['greedy_match']:.3f} ({s['continuation_items']} items), "
-                   f"continuation bpb {s['continuation_bpb']:.3f}")
+      parts.append(
+        f"greedy match {s['greedy_match']:.3f} ({s['continuation_items']} items), "
+        f"continuation bpb {s['continuation_bpb']:.3f}"
+      )
     if "choice_accuracy" in s:
-      parts.append(f"multiple choice {s['choice_accuracy']:.3f} ({s['choice_items']} items, "
-                   f"chance {s['choice_chance']:.3f})")
+      parts.append(
+        f"multiple choice {s['choice_accuracy']:.3f} ({s['choice_items']} items, "
+        f"chance {s['choice_chance']:.3f})"
+      )
     lines.append("suite: " + "; ".join(parts))
   return "\n".join(lines)
 
@@ -108,8 +125,12 @@ def write(out_dir: str, results: dict, metrics_path: str = "") -> dict:
   if heldout["overall"].get("reliability"):
     paths["reliability"] = plots.reliability(heldout["overall"], os.path.join(out_dir, "reliability.png"))
   if metrics_path:
-    curve = plots.training_curve(metrics_path, os.path.join(out_dir, "training_curve.png"),
-                                 results["meta"].get("step"), heldout["overall"]["loss"])
+    curve = plots.training_curve(
+      metrics_path,
+      os.path.join(out_dir, "training_curve.png"),
+      results["meta"].get("step"),
+      heldout["overall"]["loss"],
+    )
     if curve:
       paths["training_curve"] = curve
   results = dict(results, files={k: os.path.basename(v) for k, v in paths.items()})
@@ -127,62 +148,132 @@ def markdown(results: dict) -> str:
   files = results.get("files", {})
   ov = heldout["overall"]
   out = [f"# Evaluation: {meta['source']} at step {meta['step']}", ""]
-  out.append(markdown_table(["fact", "value"], [[k, meta[k]] for k in (
-      "source", "kind", "step", "corpus", "tokenizer_sha256", "seq_len", "windows", "batch_size",
-      "devices", "mesh", "time_s", "created") if k in meta]))
-  out += ["", "How to read every figure: docs/eval.md. Standard errors are over scored windows "
-          f"(blocks of {meta['seq_len']} target tokens); a difference smaller than about two standard "
-          "errors is not evidence of a change.", "", "## Held-out metrics", ""]
+  out.append(
+    markdown_table(
+      ["fact", "value"],
+      [
+        [k, meta[k]]
+        for k in (
+          "source",
+          "kind",
+          "step",
+          "corpus",
+          "tokenizer_sha256",
+          "seq_len",
+          "windows",
+          "batch_size",
+          "devices",
+          "mesh",
+          "time_s",
+          "created",
+        )
+        if k in meta
+      ],
+    )
+  )
+  out += [
+    "",
+    "How to read every figure: docs/eval.md. Standard errors are over scored windows "
+    f"(blocks of {meta['seq_len']} target tokens); a difference smaller than about two standard "
+    "errors is not evidence of a change.",
+    "",
+    "## Held-out metrics",
+    "",
+  ]
   header = ["split"] + [c[0] for c in COLUMNS]
-  out.append(markdown_table(header, [[label.strip()] + [_fmt(row, k, f) for _, k, f in COLUMNS]
-                                     for label, row in heldout_rows(heldout)]))
-  out += ["", f"Summary: loss {ov['loss']:.4f} ± {ov['loss_se']:.4f} nats/token, perplexity "
-          f"{ov['perplexity']:.2f}, {ov['bits_per_byte']:.4f} bits per byte over {ov['tokens']:,} "
-          f"tokens ({ov['bytes']:,} bytes)."]
+  out.append(
+    markdown_table(
+      header,
+      [[label.strip()] + [_fmt(row, k, f) for _, k, f in COLUMNS] for label, row in heldout_rows(heldout)],
+    )
+  )
+  out += [
+    "",
+    f"Summary: loss {ov['loss']:.4f} ± {ov['loss_se']:.4f} nats/token, perplexity "
+    f"{ov['perplexity']:.2f}, {ov['bits_per_byte']:.4f} bits per byte over {ov['tokens']:,} "
+    f"tokens ({ov['bytes']:,} bytes).",
+  ]
+  if results.get("masked_lm"):
+    out += _encoder_markdown(results)
   if files.get("loss_by_domain"):
     out += ["", f"![loss by domain]({files['loss_by_domain']})"]
   if files.get("reliability"):
-    out += ["", "## Calibration", "",
-            f"Top-1 accuracy {ov['accuracy']:.3f} at mean confidence {ov['mean_confidence']:.3f}; "
-            f"ECE {ov['ece']:.4f} (15 equal-width bins). The true token's rank: mean "
-            f"{ov['mean_rank']:.1f}, median {ov['median_rank']:.0f}; in the top 1/5/10: "
-            f"{ov['top1']:.3f} / {ov['top5']:.3f} / {ov['top10']:.3f}.", "",
-            f"![reliability diagram]({files['reliability']})"]
+    out += [
+      "",
+      "## Calibration",
+      "",
+      f"Top-1 accuracy {ov['accuracy']:.3f} at mean confidence {ov['mean_confidence']:.3f}; "
+      f"ECE {ov['ece']:.4f} (15 equal-width bins). The true token's rank: mean "
+      f"{ov['mean_rank']:.1f}, median {ov['median_rank']:.0f}; in the top 1/5/10: "
+      f"{ov['top1']:.3f} / {ov['top5']:.3f} / {ov['top10']:.3f}.",
+      "",
+      f"![reliability diagram]({files['reliability']})",
+    ]
   if files.get("training_curve"):
     out += ["", "## Training curve", "", f"![loss over training]({files['training_curve']})"]
   suite = results.get("suite")
   if suite and suite.get("items"):
     s = suite["summary"]
-    out += ["", "## Frozen suite", "", f"Files: {', '.join(suite.get('files', []))}" +
-            (f"; {s['skipped_items']} items skipped (too long for the model)" if s.get("skipped_items")
-             else ""), ""]
+    out += [
+      "",
+      "## Frozen suite",
+      "",
+      f"Files: {', '.join(suite.get('files', []))}"
+      + (f"; {s['skipped_items']} items skipped (too long for the model)" if s.get("skipped_items") else ""),
+      "",
+    ]
     facts = []
     if "greedy_match" in s:
-      facts.append(["exact greedy match", f"{s['greedy_match']:.3f} ± {_se(s['greedy_match_se'])}",
-                    s["continuation_items"]])
-      facts.append(["continuation bits per byte",
-                    f"{s['continuation_bpb']:.3f} ± {_se(s['continuation_bpb_se'])}",
-                    s["continuation_items"]])
+      facts.append(
+        [
+          "exact greedy match",
+          f"{s['greedy_match']:.3f} ± {_se(s['greedy_match_se'])}",
+          s["continuation_items"],
+        ]
+      )
+      facts.append(
+        [
+          "continuation bits per byte",
+          f"{s['continuation_bpb']:.3f} ± {_se(s['continuation_bpb_se'])}",
+          s["continuation_items"],
+        ]
+      )
     if "choice_accuracy" in s:
-      facts.append(["multiple-choice accuracy (per-byte normalized)",
-                    f"{s['choice_accuracy']:.3f} ± {_se(s['choice_accuracy_se'])} "
-                    f"(chance {s['choice_chance']:.3f})", s["choice_items"]])
+      facts.append(
+        [
+          "multiple-choice accuracy (per-byte normalized)",
+          f"{s['choice_accuracy']:.3f} ± {_se(s['choice_accuracy_se'])} (chance {s['choice_chance']:.3f})",
+          s["choice_items"],
+        ]
+      )
     out.append(markdown_table(["measure", "value", "items"], facts))
     rows = []
     for r in suite["items"]:
       if "skipped" in r:
         rows.append([r["id"], r["type"], "-", "skipped: " + r["skipped"]])
       elif r["type"] == "continuation":
-        rows.append([r["id"], "continuation", f"{r['bits_per_byte']:.3f} bpb",
-                     "match" if r["greedy_match"] else "-"])
+        rows.append(
+          [r["id"], "continuation", f"{r['bits_per_byte']:.3f} bpb", "match" if r["greedy_match"] else "-"]
+        )
       else:
-        rows.append([r["id"], "choice", f"picked {r['pick']}, answer {r['answer']}",
-                     "right" if r["correct"] else "wrong"])
+        rows.append(
+          [
+            r["id"],
+            "choice",
+            f"picked {r['pick']}, answer {r['answer']}",
+            "right" if r["correct"] else "wrong",
+          ]
+        )
     out += ["", markdown_table(["id", "type", "score", "result"], rows)]
   gens = results.get("generations")
   if gens:
-    out += ["", "## Samples", "", f"Seed {gens['seed']}, temperature {gens['temperature']}, "
-            f"top-k {gens['top_k']}.", ""]
+    out += [
+      "",
+      "## Samples",
+      "",
+      f"Seed {gens['seed']}, temperature {gens['temperature']}, top-k {gens['top_k']}.",
+      "",
+    ]
     for g in gens["samples"]:
       text = g["prompt"] + g["text"]
       fence = "`" * max(3, 1 + max((len(m) for m in re.findall("`+", text)), default=0))
@@ -192,3 +283,31 @@ def markdown(results: dict) -> str:
 
 def _se(x) -> str:
   return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.3f}"
+
+
+def _encoder_markdown(results: dict) -> list[str]:
+  """An encoder's lines: what the held-out table means and the masked-LM table."""
+  meta, masked = results["meta"], results["masked_lm"]
+  m = masked["overall"]
+  out = [
+    "",
+    "This is an encoder (model.causal=False): the table above is its pseudo-log-likelihood over "
+    f"{meta['windows']} windows spread evenly over the held-out text, each ordinary token replaced by "
+    "[MASK] alone and predicted from both sides; 'ppl' is the pseudo-perplexity and 'acc' the share "
+    "predicted exactly.",
+    "",
+    "## Masked language modelling",
+    "",
+    f"Every window masked as in training ({masked['mask_rate']:.0%} of tokens chosen, seed "
+    f"{masked['seed']}); loss and accuracy on the {m['tokens']:,} chosen tokens of "
+    f"{masked['windows']} windows.",
+    "",
+  ]
+  header = ["split"] + [c[0] for c in COLUMNS]
+  out.append(
+    markdown_table(
+      header,
+      [[label.strip()] + [_fmt(row, k, f) for _, k, f in COLUMNS] for label, row in heldout_rows(masked)],
+    )
+  )
+  return out

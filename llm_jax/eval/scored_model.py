@@ -3,6 +3,7 @@
 The mesh is the run's own when this machine's devices fit it, else plain data parallelism over all
 devices (and always for a package, which carries no mesh settings).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ class EvalError(ValueError):
 @dataclasses.dataclass
 class ScoredModel:
   """Parameters placed on `mesh`, their ModelConfig and tokenizer, and where they came from."""
+
   params: Any
   model_cfg: Any  # llm_jax.model.ModelConfig
   tokenizer: Any  # llm_jax.data.tokenizer.Tokenizer
@@ -60,8 +62,9 @@ def eval_mesh(config):
   try:
     return sharding_lib.make_mesh(config), config
   except config_lib.ConfigError as e:
-    logging.warning("the run's mesh does not fit %d devices (%s); evaluating data-parallel",
-                    jax.device_count(), e)
+    logging.warning(
+      "the run's mesh does not fit %d devices (%s); evaluating data-parallel", jax.device_count(), e
+    )
     config = ml_collections.ConfigDict(config_lib.to_dict(config))
     config.sharding.data, config.sharding.fsdp, config.sharding.tensor = -1, 1, 1
     return sharding_lib.make_mesh(config), config
@@ -76,5 +79,15 @@ def open_model(path: str, step: int | str | None = None) -> ScoredModel:
   except ArtifactError as e:
     raise EvalError(str(e)) from e
   meta = opened.meta.get("run", {}) if opened.kind == "run" else opened.meta
-  return ScoredModel(opened.params, opened.model_config, opened.tokenizer, meta, config, mesh,
-                     opened.step, opened.kind, opened.path, opened.manifest)
+  return ScoredModel(
+    opened.params,
+    opened.model_config,
+    opened.tokenizer,
+    meta,
+    config,
+    mesh,
+    opened.step,
+    opened.kind,
+    opened.path,
+    opened.manifest,
+  )

@@ -5,6 +5,7 @@ among all logits (1 + number of strictly larger logits), the model's confidence 
 probability), the UTF-8 bytes the token contributes, its domain and its weight. The host gathers these
 and accumulates in float64 (llm_jax.eval.metrics), so nothing depends on the eval batch size.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ from llm_jax.model import Decoder
 
 def token_outputs(params, batch, token_bytes_V, *, model):
   """Per-token nll, rank, confidence, bytes, domain and weight for a batch of windows ([B, L] each)."""
-  logits_BLV = model.apply({"params": params}, batch["inputs"], None,
-                           batch.get("segment_ids")).astype(jnp.float32)
+  logits_BLV = model.apply({"params": params}, batch["inputs"], None, batch.get("segment_ids")).astype(
+    jnp.float32
+  )
   targets_BL = batch["targets"]
   lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   true_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
@@ -31,12 +33,12 @@ def token_outputs(params, batch, token_bytes_V, *, model):
   conf_BL = jnp.exp(jnp.max(logits_BLV, axis=-1) - lse_BL)
   shape = targets_BL.shape
   return {
-      "nll": lse_BL - true_BL,
-      "rank": rank_BL,
-      "confidence": conf_BL,
-      "bytes": jnp.take(token_bytes_V, targets_BL, axis=0, mode="fill", fill_value=0),
-      "domain": batch.get("domain_ids", jnp.zeros(shape, jnp.int32)).astype(jnp.int32),
-      "weight": batch.get("weights", jnp.ones(shape, jnp.float32)).astype(jnp.float32),
+    "nll": lse_BL - true_BL,
+    "rank": rank_BL,
+    "confidence": conf_BL,
+    "bytes": jnp.take(token_bytes_V, targets_BL, axis=0, mode="fill", fill_value=0),
+    "domain": batch.get("domain_ids", jnp.zeros(shape, jnp.int32)).astype(jnp.int32),
+    "weight": batch.get("weights", jnp.ones(shape, jnp.float32)).astype(jnp.float32),
   }
 
 
@@ -47,7 +49,7 @@ class Scorer:
     self.model, self.params, self.config, self.mesh = model, params, config, mesh
     vocab = model.cfg.vocab_size
     tb = np.zeros(vocab, np.int32)
-    tb[:min(vocab, len(token_bytes))] = np.asarray(token_bytes, np.int32)[:vocab]
+    tb[: min(vocab, len(token_bytes))] = np.asarray(token_bytes, np.int32)[:vocab]
     self.token_bytes = jax.device_put(tb, sharding_lib.replicated(mesh))
     self._fn = _compiled(model)
     self.rows_multiple = int(np.prod([mesh.shape[a] for a in sharding_lib.BATCH_AXES]))
@@ -98,8 +100,15 @@ class Scorer:
       if max_windows is not None:
         weight = np.where((window_B[:, None] >= 0) & (window_B[:, None] < max_windows), weight, 0.0)
       window_BL = np.broadcast_to(window_B[:, None], out["nll"].shape)
-      acc.add(nll=out["nll"], rank=out["rank"], confidence=out["confidence"], nbytes=out["bytes"],
-              domain=out["domain"], window=window_BL, weight=weight)
+      acc.add(
+        nll=out["nll"],
+        rank=out["rank"],
+        confidence=out["confidence"],
+        nbytes=out["bytes"],
+        domain=out["domain"],
+        window=window_BL,
+        weight=weight,
+      )
       if max_windows is not None and next_window >= max_windows:
         break
     return acc
@@ -113,7 +122,7 @@ def _process_share(batch: dict) -> dict:
   out = {}
   for k, v in batch.items():
     v = np.concatenate([v, np.zeros((per * pc - b,) + v.shape[1:], v.dtype)]) if per * pc > b else v
-    out[k] = v[pi * per:(pi + 1) * per]
+    out[k] = v[pi * per : (pi + 1) * per]
   return out
 
 

@@ -9,6 +9,7 @@ Each line of an eval file is one JSON object with a unique "id" and a "type":
   generate      {"prompt": str, "max_tokens": int (optional)}: a sampled continuation for the report.
 An optional "tags" list groups items in the report.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,12 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 
 TYPES = {
-    "continuation": ("prompt", "expected"),
-    "choice": ("prompt", "choices", "answer"),
-    "generate": ("prompt",),
+  "continuation": ("prompt", "expected"),
+  "choice": ("prompt", "choices", "answer"),
+  "generate": ("prompt",),
 }
-DEFAULT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "evals")
+DEFAULT_DIR = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "evals"
+)
 
 
 class SuiteError(ValueError):
@@ -37,6 +39,7 @@ class SuiteError(ValueError):
 @dataclasses.dataclass
 class Item:
   """One suite item as read from its file."""
+
   id: str
   type: str
   prompt: str
@@ -95,8 +98,7 @@ def parse_line(line: str, where: str) -> Item:
     raise SuiteError(f"{where}: key 'id' must be a non-empty string")
   if not isinstance(rec["prompt"], str) or not rec["prompt"]:
     raise SuiteError(f"{where}: key 'prompt' must be a non-empty string")
-  item = Item(id=rec["id"], type=kind, prompt=rec["prompt"], where=where,
-              tags=tuple(rec.get("tags", ())))
+  item = Item(id=rec["id"], type=kind, prompt=rec["prompt"], where=where, tags=tuple(rec.get("tags", ())))
   if kind == "continuation":
     if not isinstance(rec["expected"], str) or not rec["expected"]:
       raise SuiteError(f"{where}: key 'expected' must be a non-empty string")
@@ -107,8 +109,9 @@ def parse_line(line: str, where: str) -> Item:
       raise SuiteError(f"{where}: key 'choices' must be a list of at least 2 non-empty strings")
     ans = rec["answer"]
     if not isinstance(ans, int) or isinstance(ans, bool) or not 0 <= ans < len(ch):
-      raise SuiteError(f"{where}: key 'answer' must be an index into 'choices' (0..{len(ch) - 1}), "
-                       f"got {ans!r}")
+      raise SuiteError(
+        f"{where}: key 'answer' must be an index into 'choices' (0..{len(ch) - 1}), got {ans!r}"
+      )
     item.choices, item.answer = tuple(ch), ans
   else:
     mt = rec.get("max_tokens", item.max_tokens)
@@ -147,10 +150,10 @@ def request_batches(requests, prefix_ids: Sequence[int], max_len: int, batch_siz
     if not fits(cont, max_len):
       raise SuiteError(f"a continuation of {len(cont)} tokens does not fit in {max_len} positions")
     seq = list(prefix_ids) + list(ctx) + list(cont)
-    seq = seq[-(max_len + 1):]  # keep the end: the continuation and as much context as fits
+    seq = seq[-(max_len + 1) :]  # keep the end: the continuation and as much context as fits
     rows.append((seq, len(cont)))
   for start in range(0, len(rows), batch_size):
-    chunk = rows[start:start + batch_size]
+    chunk = rows[start : start + batch_size]
     need = max(len(s) - 1 for s, _ in chunk)
     length = min(max_len, 1 << max(3, math.ceil(math.log2(max(need, 1)))))
     inputs = np.zeros((batch_size, length), np.int32)
@@ -159,19 +162,22 @@ def request_batches(requests, prefix_ids: Sequence[int], max_len: int, batch_siz
     for r, (seq, n_cont) in enumerate(chunk):
       m = len(seq) - 1
       inputs[r, :m], targets[r, :m] = seq[:-1], seq[1:]
-      weights[r, m - n_cont:m] = 1.0
+      weights[r, m - n_cont : m] = 1.0
     yield {"inputs": inputs, "targets": targets, "weights": weights}, len(chunk)
 
 
-def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
-          batch_size: int = 8) -> dict:
+def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int], batch_size: int = 8) -> dict:
   """Scores continuation and choice items: per-item rows and summary figures."""
   max_len = scorer.model.cfg.max_seq_len
   reqs = _requests(items, tokenizer)
   too_long = {r[0] for r in reqs if not fits(r[3], max_len)}
   if too_long:
-    logging.warning("skipped %d suite items whose answers do not fit in %d positions: %s",
-                    len(too_long), max_len, ", ".join(items[i].id for i in sorted(too_long)))
+    logging.warning(
+      "skipped %d suite items whose answers do not fit in %d positions: %s",
+      len(too_long),
+      max_len,
+      ", ".join(items[i].id for i in sorted(too_long)),
+    )
   reqs = [r for r in reqs if r[0] not in too_long]
   logprob, greedy, ntok = [], [], []
   batches = list(request_batches(reqs, prefix_ids, max_len, batch_size))
@@ -187,21 +193,45 @@ def score(items: Sequence[Item], scorer, tokenizer, prefix_ids: Sequence[int],
     by_item.setdefault(req[0], []).append((req[1], lp, g, nt, req[4]))
   for i, it in enumerate(items):
     if i in too_long:
-      rows.append({"id": it.id, "type": it.type, "tags": list(it.tags), "skipped":
-                   f"does not fit in the model's {max_len} positions"})
+      rows.append(
+        {
+          "id": it.id,
+          "type": it.type,
+          "tags": list(it.tags),
+          "skipped": f"does not fit in the model's {max_len} positions",
+        }
+      )
     elif it.type == "continuation":
-      (_, lp, g, nt, nb), = by_item[i]
-      rows.append({"id": it.id, "type": it.type, "tags": list(it.tags), "logprob": lp, "tokens": nt,
-                   "bits_per_byte": -lp / (math.log(2) * nb), "greedy_match": g})
+      ((_, lp, g, nt, nb),) = by_item[i]
+      rows.append(
+        {
+          "id": it.id,
+          "type": it.type,
+          "tags": list(it.tags),
+          "logprob": lp,
+          "tokens": nt,
+          "bits_per_byte": -lp / (math.log(2) * nb),
+          "greedy_match": g,
+        }
+      )
     elif it.type == "choice":
       opts = sorted(by_item[i])
       norm = [lp / nb for _, lp, _, _, nb in opts]
       pick = int(np.argmax(norm))
       pick_raw = int(np.argmax([lp for _, lp, _, _, _ in opts]))
-      rows.append({"id": it.id, "type": it.type, "tags": list(it.tags), "answer": it.answer,
-                   "pick": pick, "correct": pick == it.answer, "correct_unnormalized":
-                   pick_raw == it.answer, "logprob_per_byte": norm,
-                   "logprob": [lp for _, lp, _, _, _ in opts]})
+      rows.append(
+        {
+          "id": it.id,
+          "type": it.type,
+          "tags": list(it.tags),
+          "answer": it.answer,
+          "pick": pick,
+          "correct": pick == it.answer,
+          "correct_unnormalized": pick_raw == it.answer,
+          "logprob_per_byte": norm,
+          "logprob": [lp for _, lp, _, _, _ in opts],
+        }
+      )
   return {"items": rows, "summary": summarize(rows)}
 
 
@@ -209,8 +239,11 @@ def summarize(rows: Sequence[dict]) -> dict:
   """Greedy-match rate, mean continuation bits per byte and multiple-choice accuracy (with SEs)."""
   cont = [r for r in rows if r["type"] == "continuation" and "skipped" not in r]
   mc = [r for r in rows if r["type"] == "choice" and "skipped" not in r]
-  out: dict = {"continuation_items": len(cont), "choice_items": len(mc),
-               "skipped_items": sum("skipped" in r for r in rows)}
+  out: dict = {
+    "continuation_items": len(cont),
+    "choice_items": len(mc),
+    "skipped_items": sum("skipped" in r for r in rows),
+  }
 
   def mean_se(vals):
     vals = np.asarray(vals, np.float64)
