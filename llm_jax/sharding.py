@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llm_jax import config as config_lib
-from llm_jax.model.transformer import constraint_mesh
+from llm_jax.model.partitioning import constraint_mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")

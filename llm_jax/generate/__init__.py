@@ -5,8 +5,9 @@ and log-probabilities of the chosen tokens. Prompts of different lengths share a
 right-padded, and each row's decode continues at its own position.
 
     sampling.py  SamplingParams, top-k/top-p masks, the repetition penalty, the draw, log-probs
-    decode.py    DecodeState, prefill, the decode step, start / decode_chunk / decode_loop, batches
-                 padded to bucketed shapes (make_batch), mesh helpers for tensor-parallel decoding
+    decode.py    DecodeState, prefill, the decode step, start / decode_chunk / decode_loop, buckets,
+                 mesh helpers for tensor-parallel decoding
+    batching.py  prompts padded to bucketed shapes (make_batch, Batch)
     stream.py    TextStream (incremental detokenization, stops), stream() and generate()
     __main__.py  python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8]
 
@@ -15,13 +16,13 @@ EOS (not emitted), after its max new tokens, or when its next position would pas
 Log-probabilities are of the model's own distribution (before penalty, temperature and filters).
 """
 
+from llm_jax.generate.batching import Batch, make_batch, pad_prompts
 from llm_jax.generate.decode import (
   EOS_ID,
   MIN_PREFILL,
   MIN_ROWS,
   MIN_SPAN,
   PAD_ID,
-  Batch,
   DecodeState,
   bucket,
   decode_chunk,
@@ -29,9 +30,7 @@ from llm_jax.generate.decode import (
   decode_span,
   empty_cache,
   empty_state,
-  make_batch,
   mesh_context,
-  pad_prompts,
   shard_params,
   start,
 )

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import jax
 
-from llm_jax.generate.decode import decode_loop, make_batch, start
+from llm_jax.generate.batching import make_batch
+from llm_jax.generate.decode import decode_loop, start
 from llm_jax.generate.sampling import SamplingParams
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import numpy as np
 
-from llm_jax.generate.decode import EOS_ID, decode_chunk, decode_loop, make_batch
+from llm_jax.generate.batching import make_batch
+from llm_jax.generate.decode import EOS_ID, decode_chunk, decode_loop
 from llm_jax.generate.sampling import SamplingParams
 from llm_jax.model import ModelConfig
 

@@ -6,6 +6,7 @@ the shapes of a model without allocating it uses these functions.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -85,3 +86,30 @@ def count(params) -> int:
   """Number of parameters in a tree (a QTensor counts its int8 values)."""
   leaves = jax.tree.leaves(params, is_leaf=is_qtensor)
   return int(sum(int(np.prod(x.shape)) for x in leaves))
+
+
+def unstack_layers(params, cfg: ModelConfig):
+  """Scanned parameters ({'blocks': leaves [layers, ...]}) as one subtree per layer ('block_i').
+
+  Returns (params, cfg with scan_layers=False): the same weights for a model whose layers are
+  separate modules, so that each layer's matrices are buffers of their own. Decoding reads them in
+  place; from the stacked layout XLA copies each layer's slice out again at every step. Works on
+  int8 trees too (scales carry the layer axis as well). Unscanned parameters come back unchanged.
+  """
+  if not cfg.scan_layers:
+    return params, cfg
+  params = dict(params)
+  blocks = params.pop("blocks")
+  for i in range(cfg.num_layers):
+    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return params, dataclasses.replace(cfg, scan_layers=False)
+
+
+def stack_layers(params, cfg: ModelConfig):
+  """The inverse of unstack_layers: per-layer subtrees back to {'blocks': [layers, ...]}."""
+  if cfg.scan_layers:
+    return params, cfg
+  params = dict(params)
+  layers = [params.pop(f"block_{i}") for i in range(cfg.num_layers)]
+  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  return params, dataclasses.replace(cfg, scan_layers=True)

@@ -9,9 +9,6 @@ K kv heads, H head dim, F mlp dim, V vocab.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import math
 from typing import Any
 
@@ -21,63 +18,16 @@ import jax.numpy as jnp
 
 from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
+from llm_jax.model.partitioning import constrain as _constrain
+from llm_jax.model.partitioning import gathering_dot as _gathering_dot
 from llm_jax.model.rope import rope, rope_scaled_frequencies
 
 Array = Any
 _lp = nn.with_logical_partitioning
-_MESH: contextvars.ContextVar = contextvars.ContextVar("llm_jax_constraint_mesh", default=None)
-
-
-@contextlib.contextmanager
-def constraint_mesh(mesh):
-  """Binds the model's activation constraints to `mesh` (llm_jax.sharding.activate enters it).
-
-  flax's logical constraints look for a global mesh through jax.sharding.get_abstract_mesh(), which
-  `with mesh:` no longer sets (jax >= 0.10), and jax.set_mesh breaks flax's scanned, logically
-  partitioned init; so the model passes the mesh to each constraint itself. Without a mesh the
-  constraints are no-ops (one device, tests without a mesh).
-  """
-  token = _MESH.set(mesh)
-  try:
-    yield
-  finally:
-    _MESH.reset(token)
-
-
-def _constrain(x, axes):
-  """nn.with_logical_constraint under the current logical rules, on the mesh of constraint_mesh."""
-  mesh = _MESH.get()
-  return x if mesh is None else nn.with_logical_constraint(x, axes, mesh=mesh)
 
 
 def _dtype(name: str):
   return jnp.dtype(name)
-
-
-def _gathered(axes):
-  """The logical axes of a parameter as a matmul uses it: `embed` (what FSDP shards) unsharded."""
-  return tuple(None if a == "embed" else a for a in axes)
-
-
-def _gathering_dot(kernel_axes):
-  """A dot_general for flax Dense layers that all-gathers the kernel's `embed` axis first.
-
-  Under FSDP, activations are sharded over the batch and kernels over `embed`, the same mesh axis;
-  left to itself, XLA may instead shard the contraction: it regathers the activations to the whole
-  batch and all-reduces partial products, so activation memory and traffic grow with the device
-  count. Constraining the kernel makes each layer gather its weights for the matmul (ZeRO-3) and
-  keeps activations batch-sharded; the backward pass reduce-scatters the kernel's gradient.
-  Without a mesh (or with fsdp = 1) the constraint is a no-op.
-  """
-  want = _gathered(kernel_axes)
-
-  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-    rhs = _constrain(rhs, want)
-    return jax.lax.dot_general(
-      lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw
-    )
-
-  return dot_general
 
 
 def _normal(std: float):
@@ -415,30 +365,3 @@ class Decoder(nn.Module):
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
     return self.logits(self.hidden(tokens_BL, positions_BL, segment_ids_BL, deterministic))
-
-
-def unstack_layers(params, cfg: ModelConfig):
-  """Scanned parameters ({'blocks': leaves [layers, ...]}) as one subtree per layer ('block_i').
-
-  Returns (params, cfg with scan_layers=False): the same weights for a model whose layers are
-  separate modules, so that each layer's matrices are buffers of their own. Decoding reads them in
-  place; from the stacked layout XLA copies each layer's slice out again at every step. Works on
-  int8 trees too (scales carry the layer axis as well). Unscanned parameters come back unchanged.
-  """
-  if not cfg.scan_layers:
-    return params, cfg
-  params = dict(params)
-  blocks = params.pop("blocks")
-  for i in range(cfg.num_layers):
-    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
-  return params, dataclasses.replace(cfg, scan_layers=False)
-
-
-def stack_layers(params, cfg: ModelConfig):
-  """The inverse of unstack_layers: per-layer subtrees back to {'blocks': [layers, ...]}."""
-  if cfg.scan_layers:
-    return params, cfg
-  params = dict(params)
-  layers = [params.pop(f"block_{i}") for i in range(cfg.num_layers)]
-  params["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
-  return params, dataclasses.replace(cfg, scan_layers=True)

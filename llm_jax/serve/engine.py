@@ -30,7 +30,8 @@ import numpy as np
 
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, unstack_layers
-from llm_jax.serve.prefill import admit, decode_packed, unpack_chunk
+from llm_jax.serve.chunk import chunk_lists, slot_update
+from llm_jax.serve.prefill import admit, decode_packed
 from llm_jax.serve.sequences import Choice, EngineBusy, Handle, deliver
 
 log = logging.getLogger(__name__)
@@ -352,10 +353,8 @@ class Engine:
       self._handle_outputs(*previous)
 
   def _handle_outputs(self, packed, owners) -> None:
-    outs = unpack_chunk(np.asarray(jax.device_get(packed)), self.chunk, TOP_LOGPROBS)
-    lists = {k: outs[k].tolist() for k in ("token", "logprob", "emitted", "eos", "active")}
-    if any(e is not None and e[1].top_n for e in owners):
-      lists.update(top_ids=outs["top_ids"].tolist(), top_logprobs=outs["top_logprobs"].tolist())
+    want_top = any(e is not None and e[1].top_n for e in owners)
+    lists = chunk_lists(packed, self.chunk, TOP_LOGPROBS, want_top)
     for slot, entry in enumerate(owners):
       if entry is None:
         continue
@@ -370,34 +369,7 @@ class Engine:
 
   def _handle_slot(self, handle: Handle, choice: Choice, slot: int, o: dict) -> None:
     """Text, tokens and log-probs of one slot's chunk: a delta event, and "done" when it ended."""
-    reason = None
-    steps, eos_step = [], None  # the chunk's steps that emitted a token; the step that drew EOS
-    for j in range(self.chunk):
-      if o["eos"][slot][j]:  # listed with its log-prob (not in the text), as vLLM lists it
-        eos_step = j
-        break
-      if o["emitted"][slot][j]:
-        steps.append(j)
-    tokens = o["token"][slot]
-    text, kept = choice.text.extend([tokens[j] for j in steps])
-    if choice.text.finished:  # a stop sequence or a filter: the id that completed it is dropped
-      reason = "content_filter" if choice.text.reason == "blocked" else "stop"
-      steps, eos_step = steps[:kept], None
-    elif eos_step is not None:
-      reason = "stop"
-      steps.append(eos_step)
-    elif not o["active"][slot]:
-      reason = "length"
-    if reason is not None and not choice.text.finished:
-      text += choice.text.close()
-      if choice.text.reason == "blocked":
-        reason = "content_filter"
-    new_tokens = [tokens[j] for j in steps]
-    new_lps = [o["logprob"][slot][j] for j in steps]
-    new_top = []
-    if choice.top_n:
-      ids, lps = o["top_ids"][slot], o["top_logprobs"][slot]
-      new_top = [list(zip(ids[j][: choice.top_n], lps[j][: choice.top_n], strict=True)) for j in steps]
+    text, new_tokens, new_lps, new_top, reason = slot_update(choice, slot, o, self.chunk)
     if new_tokens or text:
       choice.tokens += new_tokens
       choice.logprobs += new_lps
