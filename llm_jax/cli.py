@@ -39,6 +39,11 @@ class UsageError(app.UsageError):
     super().__init__(message, exitcode=EXIT_USAGE)
 
 
+def verbose() -> bool:
+  """True when --verbose was given (tracebacks wanted)."""
+  return bool(_VERBOSE.value)
+
+
 def _error_line(e: BaseException) -> str:
   return f"error ({type(e).__name__}): {e}"
 

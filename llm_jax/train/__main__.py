@@ -10,6 +10,7 @@ early by train.early_stop_patience), 1 failure (one line naming the key, step or
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import jax
@@ -20,6 +21,7 @@ from llm_jax import cli, distributed, dry_run
 from llm_jax.encoder.extension import extension_for
 from llm_jax.generate.samples import for_training
 from llm_jax.train import loop
+from llm_jax.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file (configs/*.py); override fields with --config.a.b=value.", lock_config=True
@@ -56,6 +58,13 @@ def main(argv) -> int:
     if jax.distributed.is_initialized():  # many processes: one line, then exit at once
       print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
       return distributed.fail_fast(1, f"{type(e).__name__}: {e}")
+    if isinstance(e, CheckpointError) and not cli.verbose():
+      # A failed restore leaves the storage library's other reads behind; at interpreter shutdown they
+      # post to an event loop that is gone and Python prints a traceback for each. The one line says
+      # all there is: exit now, past that shutdown.
+      print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+      logging.shutdown()
+      os._exit(1)
     raise  # cli prints the one line (and the traceback with --verbose)
   val = summary.get("val_loss")
   best = (

@@ -81,6 +81,17 @@ def _ignore_reads_left_behind() -> None:
   hook._llm_jax_quiet = True
   sys.excepthook = hook
   threading.excepthook = _thread_hook(threading.excepthook)
+  sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+
+
+def _unraisable_hook(previous):
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  return hook
 
 
 def _thread_hook(previous):
