@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import re
 from collections.abc import Sequence
+
+from llm_jax.eval.jsonl import read_object
 
 DEFAULT_DIR = os.path.join(
   os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "evals", "bias"
@@ -120,12 +121,7 @@ def _nonempty(rec: dict, key: str, where: str) -> str:
 
 def parse_line(line: str, where: str):
   """One TermSet, Template or lexicon tuple from a JSON line; errors name `where` (path:line) and key."""
-  try:
-    rec = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise TemplateError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
-  if not isinstance(rec, dict):
-    raise TemplateError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+  rec = read_object(line, where, TemplateError)
   kind = rec.get("kind")
   if kind not in KINDS:
     raise TemplateError(f"{where}: key 'kind' must be one of {', '.join(KINDS)}, got {kind!r}")

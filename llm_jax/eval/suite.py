@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
+
+from llm_jax.eval.jsonl import read_object
 
 TYPES = {
   "continuation": ("prompt", "expected"),
@@ -82,12 +83,7 @@ def load(paths_or_glob: str | Sequence[str] = "") -> list[Item]:
 
 def parse_line(line: str, where: str) -> Item:
   """One validated Item from a JSON line; errors name `where` (path:line) and the key."""
-  try:
-    rec = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise SuiteError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
-  if not isinstance(rec, dict):
-    raise SuiteError(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
+  rec = read_object(line, where, SuiteError)
   kind = rec.get("type")
   if kind not in TYPES:
     raise SuiteError(f"{where}: key 'type' must be one of {', '.join(TYPES)}, got {kind!r}")
