@@ -93,10 +93,39 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Keys added to configs/base.py after run directories were already written, with the value that
+# reproduces what older code did. from_json fills them into an older config.json: the one migration.
+ADDED_KEYS = {
+  "model.attention_dropout": 0.0,
+  "model.scan_unroll": 1,
+  "model.logits_dtype": "auto",
+  "model.causal": True,
+  "model.rope_scaling": "none",
+  "model.rope_scaling_factor": 1.0,
+  "model.rope_low_freq_factor": 1.0,
+  "model.rope_high_freq_factor": 4.0,
+  "model.rope_original_max_len": 8192,
+  "train.keep_best": True,
+  "train.early_stop_patience": 0,
+}
+
+
+def migrate(raw: dict) -> dict:
+  """An older config.json's dict with every key of ADDED_KEYS it lacks (sections it has only)."""
+  for dotted, value in ADDED_KEYS.items():
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = value
+  return raw
+
+
 def from_json(path: str) -> ml_collections.ConfigDict:
-  """Reads a resolved config written by `save_json` (the run directory's config.json)."""
+  """Reads a resolved config written by `save_json` (the run directory's config.json), migrated."""
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(migrate(json.load(f)))
 
 
 def save_json(config: ml_collections.ConfigDict, path: str) -> None:

@@ -176,3 +176,24 @@ def test_settings_that_cannot_work_are_config_errors_naming_the_key(override, ke
   c = config_lib.load("configs/tiny.py", [override])  # tiny: 600 steps, 50 of warm-up
   with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
     config_lib.validate(c)
+
+
+def test_an_older_config_json_is_migrated_in_one_place(tmp_path):
+  """A config.json written before model.causal, rope scaling and keep_best existed reads with the values
+  that reproduce the older code, and rebuilds the same ModelConfig."""
+  import json
+
+  from llm_jax.model import ModelConfig
+
+  new = config_lib.load("configs/tiny.py")
+  raw = json.loads(new.to_json_best_effort())
+  for section, key in (("model", "causal"), ("model", "rope_scaling"), ("train", "keep_best")):
+    del raw[section][key]
+  raw["model"]["vocab_size"] = 2048
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(raw))
+  old = config_lib.from_json(str(path))
+  assert old.model.causal is True and old.model.rope_scaling == "none" and old.train.keep_best is True
+  with new.unlocked():
+    new.model.vocab_size = 2048
+  assert ModelConfig.from_config(old, platform="cpu") == ModelConfig.from_config(new, platform="cpu")
