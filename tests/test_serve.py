@@ -6,15 +6,15 @@ and `guarded` (API key, input/output filters, prompts in the audit log).
 
 import asyncio
 import json
-import random
 import re
 import time
 
 import httpx
 import pytest
+from tiny_package import write_tiny_package
 
 from llm_jax.artifacts import open_model, package
-from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve.filters import FilterConfigError, load_filters
@@ -36,14 +36,8 @@ PROMPT = "the cat"
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-  from llm_jax.model.params import init_params
-
   d = tmp_path_factory.mktemp("serve")
-  rng = random.Random(0)
-  words = "the cat sat on a mat and def return import class self print data model".split()
-  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
-  tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=300)
-  package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1)
+  write_tiny_package(d, CFG)
   return d
 
 

@@ -1,15 +1,13 @@
 """/v1/chat/completions through the openai client (streamed and not), over a package whose model.json
 records the SFT chat template it was fine-tuned with."""
 
-import random
-
 import httpx
 import ml_collections
 import pytest
+from tiny_package import write_tiny_package
 
 from llm_jax.artifacts import opened as opened_lib
-from llm_jax.artifacts import package
-from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
+from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 
@@ -31,22 +29,8 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-  from llm_jax.model.params import init_params
-
-  d = tmp_path_factory.mktemp("chat")
-  rng = random.Random(0)
-  words = "the cat sat on a mat and def return import class self print data model".split()
-  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
-  tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=300)
-  package.write_package(
-    str(d / "pkg"),
-    init_params(CFG),
-    CFG,
-    tok.path,
-    step=1,
-    chat_template={"prompt": "Q: {prompt}\nA: ", "turn": TURN},
-  )
-  return d / "pkg"
+  chat = {"prompt": "Q: {prompt}\nA: ", "turn": TURN}
+  return write_tiny_package(tmp_path_factory.mktemp("chat"), CFG, chat_template=chat)[0]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import socket
 import stat
 import subprocess
@@ -11,9 +10,8 @@ import time
 
 import httpx
 import pytest
+from tiny_package import write_tiny_package
 
-from llm_jax.artifacts import package
-from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import loadtest
 
@@ -39,15 +37,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  from llm_jax.model.params import init_params
-
   d = tmp_path_factory.mktemp("cli")
-  rng = random.Random(0)
-  words = "the cat sat on a mat and def return import class self print data model".split()
-  tok = train_tokenizer(
-    [" ".join(rng.choice(words) for _ in range(150)) for _ in range(40)], str(d / "tok.model"), vocab_size=300
-  )
-  package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1)
+  write_tiny_package(d, CFG)
   (d / "key").write_text("s" * 32 + "\n")
   port = _free_port()
   env = dict(

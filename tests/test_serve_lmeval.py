@@ -7,15 +7,14 @@ parse the answers with its parser (lm_eval's own when installed, else the same s
 """
 
 import math
-import random
 from operator import itemgetter
 
 import httpx
 import numpy as np
 import pytest
+from tiny_package import write_tiny_package
 
-from llm_jax.artifacts import open_model, package
-from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.artifacts import open_model
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.serve import app as app_lib
 
@@ -35,15 +34,7 @@ MODEL = "pkg"
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-  from llm_jax.model.params import init_params
-
-  d = tmp_path_factory.mktemp("lmeval")
-  rng = random.Random(0)
-  words = "the cat sat on a mat and def return import class self print data model".split()
-  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
-  tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=300)
-  package.write_package(str(d / MODEL), init_params(CFG), CFG, tok.path, step=1)
-  return d / MODEL
+  return write_tiny_package(tmp_path_factory.mktemp("lmeval"), CFG, name=MODEL)[0]
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,15 @@ One server (a tiny random model on a real uvicorn socket) serves the HTTP tests 
 import asyncio
 import json
 import os
-import random
 import re
 import stat
 import time
 
 import httpx
 import pytest
+from tiny_package import write_tiny_package
 
 from llm_jax import generate as G
-from llm_jax.artifacts import package
-from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
@@ -43,14 +41,8 @@ PROMPTS = ["the cat", "def return import class", "a", "sat on a mat"]
 
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
-  from llm_jax.model.params import init_params
-
   d = tmp_path_factory.mktemp("serve_rel")
-  rng = random.Random(0)
-  words = "the cat sat on a mat and def return import class self print data model".split()
-  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
-  tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=TOKENIZER_VOCAB)
-  package.write_package(str(d / "pkg"), init_params(CFG), CFG, tok.path, step=1)
+  write_tiny_package(d, CFG, vocab_size=TOKENIZER_VOCAB)
   return d
 
 

@@ -1,0 +1,18 @@
+"""A model package of random weights and a small SentencePiece tokenizer, for the server tests."""
+
+import random
+
+from llm_jax.artifacts import package
+from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.model.params import init_params
+
+WORDS = "the cat sat on a mat and def return import class self print data model".split()
+
+
+def write_tiny_package(d, cfg, name: str = "pkg", vocab_size: int = 300, **package_kw):
+  """(package path, tokenizer) of `cfg`'s random weights in d/name, the tokenizer in d/tok.model."""
+  rng = random.Random(0)
+  texts = [" ".join(rng.choice(WORDS) for _ in range(150)) + "\n" for _ in range(40)]
+  tok = train_tokenizer(texts, str(d / "tok.model"), vocab_size=vocab_size)
+  package.write_package(str(d / name), init_params(cfg), cfg, tok.path, step=1, **package_kw)
+  return d / name, tok
