@@ -107,6 +107,10 @@ def main(argv=None) -> int:
   tokens_per_s = args.steps * tr.global_batch_size * tr.seq_len / elapsed
   peaks = [metrics_lib.device_memory_stats(d).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
   est = dry_run.estimate(config, n, platform=jax.devices()[0].platform)
+  dev = jax.devices()[0]
+  mfu = metrics_lib.mfu(
+    model.cfg.flops_per_token(tr.seq_len), tokens_per_s, n, metrics_lib.peak_flops(dev.device_kind, dev.platform)
+  )
   row = {
     "label": args.label or f"{os.path.basename(args.config)} {args.mesh}",
     "config": args.config,
@@ -124,6 +128,10 @@ def main(argv=None) -> int:
     "step_ms": round(1e3 * elapsed / args.steps, 2),
     "tokens_per_s": round(tokens_per_s, 1),
     "tokens_per_s_per_gpu": round(tokens_per_s / n, 1),
+    "mfu": round(mfu, 4) if mfu else None,
+    "remat": config.model.remat,
+    "scan_unroll": config.model.scan_unroll,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "peak_gib_per_device": round(max(peaks) / 2**30, 2) if any(peaks) else None,
     "estimate_gib_per_device": round(est.total_bytes / 2**30, 2),
     "loss_first": losses[0],

@@ -4,7 +4,10 @@
 # against one GPU; llama_8b with FSDP over 4+ GPUs (memory per device). Synthetic tokens, the real step.
 #
 #   bash bench/gpu_multi.sh [STAGE ...]     (repo root; on the device machine $OUT is set)
-#   stages: base dp fsdp tp llama8b table   (default: base dp fsdp tp, llama8b on 4+ GPUs, table)
+#   stages: base dp fsdp tp llama8b llama8b_sweep table
+#   (default: base dp fsdp tp, llama8b on 4+ GPUs, table). llama8b_sweep (4+ GPUs): llama_8b FSDP with
+#   remat full / none / dots_no_batch, 1-2 rows per GPU, scanned or unrolled layers, and the
+#   collective flags MaxText uses on GPUs (latency-hiding scheduler, combine thresholds); one row each
 #   env: ROWS (rows per GPU per pass, default 16), STEPS (timed steps, default 10), EXTRA (more arguments
 #   for bench/gpu_multi.py, e.g. --config.model.remat=dots_no_batch)
 #
@@ -49,19 +52,41 @@ mesh_stage() {  # mesh_stage MESH: one process over all GPUs, then one process p
     --label="gpt_small $mesh, $N processes x 1 GPU"
 }
 
+llama8b_sweep() {  # one process over all GPUs per variant; failures (OOM, unknown flag) keep going
+  local lhs="--xla_gpu_enable_latency_hiding_scheduler=true"
+  local combine="$lhs --xla_gpu_enable_highest_priority_async_stream=true \
+--xla_gpu_all_gather_combine_threshold_bytes=1073741824 \
+--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728 \
+--xla_gpu_all_reduce_combine_threshold_bytes=134217728"
+  local l8=(python3 bench/gpu_multi.py --config=configs/llama_8b.py --mesh=fsdp --steps=3 --warmup=1
+            --json="$RES")
+  run l8_none_r1_u 300 "${l8[@]}" --rows_per_gpu=1 --config.model.remat=none \
+    --config.model.scan_unroll=32 --label="llama_8b none r1 unrolled"
+  run l8_none_r2_u 300 "${l8[@]}" --rows_per_gpu=2 --config.model.remat=none \
+    --config.model.scan_unroll=32 --label="llama_8b none r2 unrolled"
+  run l8_dnb_r2_u 300 "${l8[@]}" --rows_per_gpu=2 --config.model.remat=dots_no_batch \
+    --config.model.scan_unroll=32 --label="llama_8b dots_no_batch r2 unrolled"
+  run l8_none_r2_u_lhs 300 env XLA_FLAGS="$lhs" "${l8[@]}" --rows_per_gpu=2 \
+    --config.model.remat=none --config.model.scan_unroll=32 --label="llama_8b none r2 unrolled +LHS"
+  run l8_none_r2_u_comb 300 env XLA_FLAGS="$combine" "${l8[@]}" --rows_per_gpu=2 \
+    --config.model.remat=none --config.model.scan_unroll=32 --label="llama_8b none r2 unrolled +LHS+comb"
+  run l8_full_r1 300 "${l8[@]}" --rows_per_gpu=1 --label="llama_8b full r1 scan (preset)"
+}
+
 table() {
   python3 - "$RES" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()] if __import__("os").path.exists(sys.argv[1]) else []
 base = next((r["tokens_per_s"] for r in rows if r["gpus"] == 1 and "gpt_small" in r["config"]), None)
 print(f"{'run':44s} {'mesh d/f/t':>10s} {'step ms':>8s} {'tokens/s':>10s} {'tok/s/GPU':>10s} "
-      f"{'eff.':>6s} {'peak GiB':>8s} {'est GiB':>8s}")
+      f"{'eff.':>6s} {'MFU':>6s} {'peak GiB':>8s} {'est GiB':>8s}")
 for r in rows:
   m = r["mesh"]
   eff = (f"{r['tokens_per_s_per_gpu'] / base:6.0%}" if base and "gpt_small" in r["config"] and
          r["gpus"] > 1 else "")
   print(f"{r['label'][:44]:44s} {m['data']:>4d}/{m['fsdp']}/{m['tensor']:<3d} {r['step_ms']:8.1f} "
         f"{r['tokens_per_s']:10.0f} {r['tokens_per_s_per_gpu']:10.0f} {eff:>6s} "
+        f"{100 * (r.get('mfu') or 0):5.1f}% "
         f"{r['peak_gib_per_device'] or 0:8.1f} {r['estimate_gib_per_device']:8.1f}")
 PY
 }
@@ -80,6 +105,7 @@ for stage in "${stages[@]}"; do
     llama8b) run llama8b_fsdp 420 python3 bench/gpu_multi.py --config=configs/llama_8b.py --mesh=fsdp \
                --rows_per_gpu=1 --steps=3 --warmup=1 --json="$RES" \
                --label="llama_8b fsdp, 1 process x $N GPUs" ;;
+    llama8b_sweep) llama8b_sweep ;;
     table) table | tee -a "$LOG" ;;
     *) echo "unknown stage $stage (base dp fsdp tp llama8b table)" >&2 ;;
   esac
