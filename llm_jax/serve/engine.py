@@ -31,12 +31,13 @@ import numpy as np
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, unstack_layers
 from llm_jax.serve.chunk import chunk_lists, slot_update
-from llm_jax.serve.prefill import admit, decode_packed
+from llm_jax.serve.programs import Programs
 from llm_jax.serve.sequences import Choice, EngineBusy, Handle, deliver
 
 log = logging.getLogger(__name__)
 TOP_LOGPROBS = 5
 MIN_PREFILL = 64  # the narrowest prompt bucket
+PREFILL_TOKENS = 1024  # prompt tokens (padded) prefilled per iteration, at least one prompt
 
 
 class Engine:
@@ -54,6 +55,9 @@ class Engine:
     hold_chars: int = 0,
     output_check: Callable[[str], tuple[int, Any] | None] | None = None,
     metrics=None,
+    prefill_tokens: int = PREFILL_TOKENS,
+    export_dir: str | None = None,
+    compile_threads: int = 4,
   ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies).
     self.params, self.cfg = unstack_layers(params, cfg)
@@ -65,6 +69,9 @@ class Engine:
     # prompts are padded to 64, 128, 256, ... tokens: a prefill of 64 tokens costs what one of 16
     # does on an accelerator, and start-up compiles two programs fewer
     self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
+    self.prefill_tokens = int(prefill_tokens)
+    self.export_dir, self.compile_threads = export_dir, int(compile_threads)
+    self.programs: Programs | None = None
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
     self._in_flight: set[str] = set()
@@ -94,6 +101,7 @@ class Engine:
     )
 
   def prefill_buckets(self) -> list[int]:
+    """The padded prompt widths: 64, 128, 256, ... up to max_seq_len."""
     out, b = [], self.min_prefill
     while True:
       out.append(min(b, self.cfg.max_seq_len))
@@ -101,17 +109,41 @@ class Engine:
         return out
       b *= 2
 
+  def row_buckets(self) -> list[int]:
+    """The row counts a decode chunk is compiled for: 2, 8, 32, ... (x4), and all rows."""
+    out, b = [], G.MIN_ROWS
+    while b < self.rows:
+      out.append(b)
+      b *= 4
+    return [*out, self.rows]
+
+  def admit_counts(self, width: int) -> list[int]:
+    """The prompt counts one admission call of this width is compiled for: 1, 4, 16, ... (x4) and
+    the most that fit the per-iteration prefill budget (and the slots)."""
+    cap = max(1, min(self.slots, self.prefill_tokens // width))
+    return [p for p in (4**i for i in range(8)) if p < cap] + [cap]
+
+  def program_keys(self) -> list[tuple]:
+    """Every program the engine runs (programs.Programs keys), in the order they are built."""
+    keys = [("decode", r, s) for r in self.row_buckets() for s in self.spans()]
+    keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
+    return [*keys, ("move",)]
+
   def warmup(self) -> float:
-    """Compiles every prefill bucket and the decode chunk for every span; returns the seconds."""
+    """Builds (traces or loads, and compiles) every program the engine runs; returns the seconds.
+    Nothing is compiled after this: each call uses one of these programs."""
     t0 = time.monotonic()
     self.state = self._empty_state()
-    for n in self.prefill_buckets():
-      self.state = self._admit_arrays(0, [1], G.SamplingParams(max_new_tokens=1), n)
-    alive = np.zeros((self.rows,), bool)
-    for span in self.spans():
-      self.state, packed = self._dispatch(alive, np.bool_(False), span)
-      jax.block_until_ready(packed)
-    self.state = self._empty_state()
+    self.programs = Programs(
+      self.params,
+      self.state,
+      self.cfg,
+      steps=self.chunk,
+      top_n=TOP_LOGPROBS,
+      vocab_limit=self.vocab_limit,
+      export_dir=self.export_dir,
+    )
+    self.programs.build(self.program_keys(), threads=self.compile_threads)
     jax.block_until_ready(self.state)
     self.ready = True
     return time.monotonic() - t0
@@ -212,8 +244,9 @@ class Engine:
           return
         paused = self._paused
       try:
-        self._admit_waiting()
         self._reap()
+        self._compact()
+        self._admit_waiting()
         if self.busy_slots and not paused:
           self._decode()
         else:
@@ -226,18 +259,8 @@ class Engine:
       finally:
         self._flush()
 
-  def _dispatch(self, alive, want_top, span: int):
-    return decode_packed(
-      self.params,
-      self.state,
-      alive,
-      want_top,
-      cfg=self.cfg,
-      steps=self.chunk,
-      top_n=TOP_LOGPROBS,
-      vocab_limit=self.vocab_limit,
-      span=span,
-    )
+  def _dispatch(self, alive_R, want_top, span: int):
+    return self.programs.decode(len(alive_R), span, self.state, alive_R, want_top)
 
   def _emit(self, handle: Handle, event: tuple) -> None:
     self._outbox.append((handle, event))
@@ -257,48 +280,83 @@ class Engine:
         for handle, _ in items:
           handle.cancel()
 
-  def _admit_arrays(self, slot: int, prompt: list[int], sp: G.SamplingParams, width: int | None = None):
-    width = width or G.bucket(len(prompt), self.cfg.max_seq_len, self.min_prefill)
-    tokens = np.zeros((1, width), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    arrays = G.sampling_arrays([sp])
-    return admit(
-      self.params,
-      self.state,
-      np.int32(slot),
-      tokens,
-      np.array([len(prompt)], np.int32),
-      cfg=self.cfg,
-      **{k[:-2] + "_1": v for k, v in arrays.items()},
-    )
-
   def _admit_waiting(self) -> None:
-    while True:
+    """Admits waiting requests into free rows (the lowest first): at most `prefill_tokens` padded
+    prompt tokens per iteration (and always one prompt), prompts of one width prefilled together in
+    one call, so the decode chunk that follows waits for a bounded prefill."""
+    budget, groups = self.prefill_tokens, {}
+    with self._cond:
+      free = [i for i, s in enumerate(self._slot) if s is None]
+    while free:
       with self._cond:
-        free = [i for i, s in enumerate(self._slot) if s is None]
-        if not free or not self._queue:
-          self._gauges()
-          return
-        handle, choice = self._queue.popleft()
+        if not self._queue:
+          break
+        handle, choice = self._queue[0]
+        width = G.bucket(len(choice.prompt_ids), self.cfg.max_seq_len, self.min_prefill)
+        if groups and width > budget:
+          break
+        self._queue.popleft()
       if handle.cancelled.is_set() or time.monotonic() > handle.deadline:
         self._finish(handle, choice, "cancelled" if handle.cancelled.is_set() else "timeout")
         continue
-      slot = free[0]
-      try:
-        self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
-      except Exception:  # this request's own values or prefill: it alone fails
+      try:  # this request's own values: it alone fails
+        arrays = G.sampling_arrays([choice.sampling])
+      except Exception:
         log.exception("request %s: admission failed", handle.id)
         self._fail(handle, choice)
-        if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
-          raise  # the batch state was donated to the failed call: nothing left to decode from
         continue
-      choice.slot = slot
-      self._last_pos[slot] = len(choice.prompt_ids)
-      self._steps_left[slot] = min(
+      budget -= width
+      groups.setdefault(width, []).append((handle, choice, free.pop(0), arrays))
+    for width, items in groups.items():
+      counts = self.admit_counts(width)
+      while items:
+        part, items = items[: counts[-1]], items[counts[-1] :]
+        self._admit_group(width, next(c for c in counts if c >= len(part)), part)
+    self._gauges()
+
+  def _admit_group(self, width: int, count: int, part: list) -> None:
+    """One prefill call for `part` (padded to `count` prompts); a failure fails these requests."""
+    tokens = np.zeros((count, width), np.int32)
+    lengths = np.ones((count,), np.int32)
+    rows = np.full((count,), self.rows, np.int32)  # padding entries write nowhere
+    arrays = {k: np.zeros((count,), v.dtype) for k, v in part[0][3].items()}
+    for i, (_, choice, row, one) in enumerate(part):
+      tokens[i, : len(choice.prompt_ids)] = choice.prompt_ids
+      lengths[i], rows[i] = len(choice.prompt_ids), row
+      for k, v in one.items():
+        arrays[k][i] = v[0]
+    try:
+      self.state = self.programs.admit(width, count, self.state, rows, tokens, lengths, arrays)
+    except Exception:  # these requests' prefill: they alone fail
+      log.exception("requests %s: admission failed", [h.id for h, *_ in part])
+      for handle, choice, *_ in part:
+        self._fail(handle, choice)
+      if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+        raise  # the batch state was donated to the failed call: nothing left to decode from
+      return
+    for handle, choice, row, _ in part:
+      choice.slot = row
+      self._last_pos[row] = len(choice.prompt_ids)
+      self._steps_left[row] = min(
         choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)
       )
       with self._cond:
-        self._slot[slot] = (handle, choice)
+        self._slot[row] = (handle, choice)
+
+  def _compact(self) -> None:
+    """Keeps the busy rows at the bottom of the state: the highest busy row moves into the lowest
+    free one (a device copy of one row; the chunk in flight keeps its own owners), so a decode
+    chunk covers the busy rows with the smallest row bucket."""
+    while True:
+      busy = [i for i, s in enumerate(self._slot) if s is not None]
+      if not busy or busy[-1] < len(busy):
+        return
+      src, dst = busy[-1], next(i for i, s in enumerate(self._slot) if s is None)
+      self.state = self.programs.move(self.state, np.int32(src), np.int32(dst))
+      with self._cond:
+        entry, self._slot[src], self._slot[dst] = self._slot[src], None, self._slot[src]
+      entry[1].slot = dst
+      self._last_pos[dst], self._steps_left[dst] = self._last_pos[src], self._steps_left[src]
 
   def _reap(self) -> None:
     """Frees the slots of cancelled and timed-out requests."""
@@ -330,19 +388,20 @@ class Engine:
           log.error("slot of %s has no steps left but did not finish", entry[0].id)
           self._finish(entry[0], entry[1], "error")
       return
-    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot))
+    rows = next(r for r in self.row_buckets() if r > np.flatnonzero(alive).max())
+    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
     # early stay below it), so the span covers them all.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
     self.state, packed = self._dispatch(
-      alive, want_top, G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
+      alive[:rows], want_top, G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
     )
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
         self._steps_left[i] -= self.chunk
     self.steps += self.chunk
-    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, list(self._slot))
+    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, self._slot[:rows])
     if previous is not None:
       self._handle_outputs(*previous)
 
