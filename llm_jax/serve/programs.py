@@ -20,6 +20,7 @@ Building runs on a few threads: XLA compiles in parallel (it releases the GIL); 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import hashlib
@@ -87,6 +88,7 @@ class Programs:
     self.export_dir = export_dir
     self.compiled: dict[tuple, object] = {}
     self.loaded = self.exported = 0  # programs read from / written to export_dir
+    self.calls: collections.Counter[tuple] = collections.Counter()  # runs of each program
 
   # ---------------------------------------------------------------- calls
 
@@ -98,6 +100,7 @@ class Programs:
 
   def decode(self, rows: int, span: int, state, alive_R, want_top):
     """(state, packed outputs [R, X]) of one chunk over the first `rows` rows."""
+    self.calls["decode", rows, span] += 1
     leaves, packed = self.compiled[("decode", rows, span)](
       self.param_leaves, jax.tree.leaves(state), alive_R, want_top
     )
@@ -105,6 +108,7 @@ class Programs:
 
   def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict):
     """The state with `count` prompts (padded to `width`) prefilled into rows `rows_P`."""
+    self.calls["admit", width, count] += 1
     leaves = self.compiled[("admit", width, count)](
       self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, *arrays.values()
     )
@@ -112,6 +116,7 @@ class Programs:
 
   def move(self, state, src: int, dst: int):
     """The state with row `src` copied onto row `dst`."""
+    self.calls["move",] += 1
     return self.state_of(self.compiled[("move",)](jax.tree.leaves(state), src, dst))
 
   # ---------------------------------------------------------------- building
