@@ -1,18 +1,30 @@
-"""The batching engine: a fixed set of batch slots fed from a queue, stepped together on one thread.
+"""The batching engine: a fixed set of batch rows fed from a queue, stepped together on one thread.
 
-Continuous batching: a request joins a free slot as soon as one opens (its prompt is prefilled into
-that row of the shared KV cache at its own positions) while the other slots keep decoding; all busy
-slots advance together through one jitted `decode_chunk` of a few steps, whose outputs come back in
-one device-to-host copy (`prefill.decode_packed`). The engine thread does the host work too
-(detokenization, stop sequences, output filters: bounded work per token, one decode per slot and
-chunk) for each chunk while the next one runs on the device (one chunk in flight), and posts the
-chunk's events to the clients' event loop in one call: it never waits on a client. A cancelled
-(disconnected) or timed-out request frees its slot at the next chunk.
+Continuous batching: each iteration (1) frees the rows of cancelled and timed-out requests, (2) keeps
+the busy rows compacted at the bottom of the state (the highest busy row is copied onto the lowest
+free one by a one-row device move), (3) admits waiting requests into free rows: at most
+`prefill_tokens` padded prompt tokens per iteration (always at least one prompt), the prompts of one
+width prefilled together in one call padded to a few prompt counts (1, 4, 16, ... and the most the
+budget allows), so the decode chunk behind it waits for a bounded prefill and a new request's first
+token comes with the next chunk, and (4) dispatches one decode chunk of a few steps over the first R
+rows, R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one
+busy client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
+needed). The chunk's outputs come back in one device-to-host copy. Every program (each row bucket x
+cache span, each prompt width x count, the move) is built at start-up by `serve.programs`, which
+keeps the traced programs across restarts with jax.export: nothing compiles at run time.
 
-Failures stay with the request that caused them: a sequence whose admission (its sampling arrays,
-its prefill) or whose host-side handling (detokenizing, stop sequences, filters) fails finishes at
-once with "error" (its sibling choices are cancelled) while the other slots keep decoding. Only a
-failure of the batched decode step itself, which every slot shares, fails every request in flight.
+The engine thread does the host work too (detokenization, stop sequences, output filters: bounded
+work per token, one decode per slot and chunk) for each chunk while the next one runs on the device
+(one chunk in flight), and posts the chunk's events to the clients' event loop in one call: it never
+waits on a client. A chunk's outputs belong to the rows' owners at dispatch (a row moved or refilled
+since then keeps them apart). A cancelled (disconnected) or timed-out request frees its row at the
+next iteration.
+
+Failures stay with the request that caused them: a sequence whose admission (its sampling arrays)
+or whose host-side handling (detokenizing, stop sequences, filters) fails finishes at once with
+"error" (its sibling choices are cancelled) while the other rows keep decoding; a prefill call that
+fails on the device fails the prompts it held. Only a failure of the batched decode step itself,
+which every row shares, fails every request in flight.
 """
 
 from __future__ import annotations
