@@ -10,6 +10,7 @@ Exit 2 for a bad flag, an unreadable package, filter file or key file; 1 when th
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -162,6 +163,9 @@ def main(argv: list[str]) -> int:
     logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
   settings = settings_from_flags()
   cache = cli.compile_cache_dir(_COMPILE_CACHE.value)
+  # traced programs (jax.export) next to the compiled ones: a warm start neither traces nor compiles
+  export_dir = os.path.join(cache, "llm_jax_export") if cache else None
+  settings = dataclasses.replace(settings, export_dir=export_dir)
   cli.use_compile_cache(cache, min_compile_secs=0)  # a server's quick programs are worth keeping too
   log.info("compilation cache: %s", cache or "off")
   if not _loopback(settings.host):

@@ -56,6 +56,7 @@ class ServerSettings:
   compute_dtype: str | None = None
   int8_in_memory: bool = False
   model_name: str = ""
+  export_dir: str | None = None  # exported (traced) programs kept across starts; None: trace each start
 
 
 def open_served_model(settings: ServerSettings) -> OpenedModel:
@@ -114,15 +115,19 @@ class ServerState:
         hold_chars=s.filters.hold_chars if s.filters.output else 0,
         output_check=s.filters.check_output if s.filters.output else None,
         metrics=self.metrics,
+        export_dir=s.export_dir,
       )
       t_compile = engine.warmup()
       engine.start()
       self.engine = engine
       log.info(
-        "ready: %s; loaded in %.1fs, compiled in %.1fs, start-up %.1fs",
+        "ready: %s; loaded in %.1fs, compiled in %.1fs (%d programs, %d read from %s), start-up %.1fs",
         loaded.describe(),
         t_load,
         t_compile,
+        len(engine.programs.compiled),
+        engine.programs.loaded,
+        s.export_dir or "nowhere: traced",
         time.monotonic() - self.started,
       )
     except Exception as e:  # reported by /health and the log

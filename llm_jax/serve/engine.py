@@ -1,18 +1,30 @@
-"""The batching engine: a fixed set of batch slots fed from a queue, stepped together on one thread.
+"""The batching engine: a fixed set of batch rows fed from a queue, stepped together on one thread.
 
-Continuous batching: a request joins a free slot as soon as one opens (its prompt is prefilled into
-that row of the shared KV cache at its own positions) while the other slots keep decoding; all busy
-slots advance together through one jitted `decode_chunk` of a few steps, whose outputs come back in
-one device-to-host copy (`prefill.decode_packed`). The engine thread does the host work too
-(detokenization, stop sequences, output filters: bounded work per token, one decode per slot and
-chunk) for each chunk while the next one runs on the device (one chunk in flight), and posts the
-chunk's events to the clients' event loop in one call: it never waits on a client. A cancelled
-(disconnected) or timed-out request frees its slot at the next chunk.
+Continuous batching: each iteration (1) frees the rows of cancelled and timed-out requests, (2) keeps
+the busy rows compacted at the bottom of the state (the highest busy row is copied onto the lowest
+free one by a one-row device move), (3) admits waiting requests into free rows: at most
+`prefill_tokens` padded prompt tokens per iteration (always at least one prompt), the prompts of one
+width prefilled together in one call padded to a few prompt counts (1, 4, 16, ... and the most the
+budget allows), so the decode chunk behind it waits for a bounded prefill and a new request's first
+token comes with the next chunk, and (4) dispatches one decode chunk of a few steps over the first R
+rows, R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one
+busy client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
+needed). The chunk's outputs come back in one device-to-host copy. Every program (each row bucket x
+cache span, each prompt width x count, the move) is built at start-up by `serve.programs`, which
+keeps the traced programs across restarts with jax.export: nothing compiles at run time.
 
-Failures stay with the request that caused them: a sequence whose admission (its sampling arrays,
-its prefill) or whose host-side handling (detokenizing, stop sequences, filters) fails finishes at
-once with "error" (its sibling choices are cancelled) while the other slots keep decoding. Only a
-failure of the batched decode step itself, which every slot shares, fails every request in flight.
+The engine thread does the host work too (detokenization, stop sequences, output filters: bounded
+work per token, one decode per slot and chunk) for each chunk while the next one runs on the device
+(one chunk in flight), and posts the chunk's events to the clients' event loop in one call: it never
+waits on a client. A chunk's outputs belong to the rows' owners at dispatch (a row moved or refilled
+since then keeps them apart). A cancelled (disconnected) or timed-out request frees its row at the
+next iteration.
+
+Failures stay with the request that caused them: a sequence whose admission (its sampling arrays)
+or whose host-side handling (detokenizing, stop sequences, filters) fails finishes at once with
+"error" (its sibling choices are cancelled) while the other rows keep decoding; a prefill call that
+fails on the device fails the prompts it held. Only a failure of the batched decode step itself,
+which every row shares, fails every request in flight.
 """
 
 from __future__ import annotations
@@ -31,7 +43,8 @@ import numpy as np
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, unstack_layers
 from llm_jax.serve.chunk import chunk_lists, slot_update
-from llm_jax.serve.prefill import admit, decode_packed
+from llm_jax.serve.programs import Programs
+from llm_jax.serve.rows import PREFILL_TOKENS, Rows
 from llm_jax.serve.sequences import Choice, EngineBusy, Handle, deliver
 
 log = logging.getLogger(__name__)
@@ -39,7 +52,7 @@ TOP_LOGPROBS = 5
 MIN_PREFILL = 64  # the narrowest prompt bucket
 
 
-class Engine:
+class Engine(Rows):
   """Slots, queue and the decode thread over one loaded model."""
 
   def __init__(
@@ -54,6 +67,9 @@ class Engine:
     hold_chars: int = 0,
     output_check: Callable[[str], tuple[int, Any] | None] | None = None,
     metrics=None,
+    prefill_tokens: int = PREFILL_TOKENS,
+    export_dir: str | None = None,
+    compile_threads: int = 4,
   ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies).
     self.params, self.cfg = unstack_layers(params, cfg)
@@ -65,6 +81,9 @@ class Engine:
     # prompts are padded to 64, 128, 256, ... tokens: a prefill of 64 tokens costs what one of 16
     # does on an accelerator, and start-up compiles two programs fewer
     self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
+    self.prefill_tokens = int(prefill_tokens)
+    self.export_dir, self.compile_threads = export_dir, int(compile_threads)
+    self.programs: Programs | None = None
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
     self._in_flight: set[str] = set()
@@ -86,32 +105,21 @@ class Engine:
   def _empty_state(self) -> G.DecodeState:
     return G.empty_state(self.cfg, self.rows)
 
-  def spans(self) -> list[int]:
-    """Every cache span a decode chunk may be compiled for (0: the whole cache)."""
-    return sorted(
-      {G.decode_span(p, self.cfg) for p in range(self.cfg.max_seq_len)},
-      key=lambda s: s or self.cfg.max_seq_len,
-    )
-
-  def prefill_buckets(self) -> list[int]:
-    out, b = [], self.min_prefill
-    while True:
-      out.append(min(b, self.cfg.max_seq_len))
-      if b >= self.cfg.max_seq_len:
-        return out
-      b *= 2
-
   def warmup(self) -> float:
-    """Compiles every prefill bucket and the decode chunk for every span; returns the seconds."""
+    """Builds (traces or loads, and compiles) every program the engine runs; returns the seconds.
+    Nothing is compiled after this: each call uses one of these programs."""
     t0 = time.monotonic()
     self.state = self._empty_state()
-    for n in self.prefill_buckets():
-      self.state = self._admit_arrays(0, [1], G.SamplingParams(max_new_tokens=1), n)
-    alive = np.zeros((self.rows,), bool)
-    for span in self.spans():
-      self.state, packed = self._dispatch(alive, np.bool_(False), span)
-      jax.block_until_ready(packed)
-    self.state = self._empty_state()
+    self.programs = Programs(
+      self.params,
+      self.state,
+      self.cfg,
+      steps=self.chunk,
+      top_n=TOP_LOGPROBS,
+      vocab_limit=self.vocab_limit,
+      export_dir=self.export_dir,
+    )
+    self.programs.build(self.program_keys(), threads=self.compile_threads)
     jax.block_until_ready(self.state)
     self.ready = True
     return time.monotonic() - t0
@@ -212,8 +220,9 @@ class Engine:
           return
         paused = self._paused
       try:
-        self._admit_waiting()
         self._reap()
+        self._compact()
+        self._admit_waiting()
         if self.busy_slots and not paused:
           self._decode()
         else:
@@ -226,18 +235,8 @@ class Engine:
       finally:
         self._flush()
 
-  def _dispatch(self, alive, want_top, span: int):
-    return decode_packed(
-      self.params,
-      self.state,
-      alive,
-      want_top,
-      cfg=self.cfg,
-      steps=self.chunk,
-      top_n=TOP_LOGPROBS,
-      vocab_limit=self.vocab_limit,
-      span=span,
-    )
+  def _dispatch(self, alive_R, want_top, span: int):
+    return self.programs.decode(len(alive_R), span, self.state, alive_R, want_top)
 
   def _emit(self, handle: Handle, event: tuple) -> None:
     self._outbox.append((handle, event))
@@ -256,49 +255,6 @@ class Engine:
       except RuntimeError:  # the event loop is closed: nobody is listening any more
         for handle, _ in items:
           handle.cancel()
-
-  def _admit_arrays(self, slot: int, prompt: list[int], sp: G.SamplingParams, width: int | None = None):
-    width = width or G.bucket(len(prompt), self.cfg.max_seq_len, self.min_prefill)
-    tokens = np.zeros((1, width), np.int32)
-    tokens[0, : len(prompt)] = prompt
-    arrays = G.sampling_arrays([sp])
-    return admit(
-      self.params,
-      self.state,
-      np.int32(slot),
-      tokens,
-      np.array([len(prompt)], np.int32),
-      cfg=self.cfg,
-      **{k[:-2] + "_1": v for k, v in arrays.items()},
-    )
-
-  def _admit_waiting(self) -> None:
-    while True:
-      with self._cond:
-        free = [i for i, s in enumerate(self._slot) if s is None]
-        if not free or not self._queue:
-          self._gauges()
-          return
-        handle, choice = self._queue.popleft()
-      if handle.cancelled.is_set() or time.monotonic() > handle.deadline:
-        self._finish(handle, choice, "cancelled" if handle.cancelled.is_set() else "timeout")
-        continue
-      slot = free[0]
-      try:
-        self.state = self._admit_arrays(slot, choice.prompt_ids, choice.sampling)
-      except Exception:  # this request's own values or prefill: it alone fails
-        log.exception("request %s: admission failed", handle.id)
-        self._fail(handle, choice)
-        if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
-          raise  # the batch state was donated to the failed call: nothing left to decode from
-        continue
-      choice.slot = slot
-      self._last_pos[slot] = len(choice.prompt_ids)
-      self._steps_left[slot] = min(
-        choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)
-      )
-      with self._cond:
-        self._slot[slot] = (handle, choice)
 
   def _reap(self) -> None:
     """Frees the slots of cancelled and timed-out requests."""
@@ -330,19 +286,20 @@ class Engine:
           log.error("slot of %s has no steps left but did not finish", entry[0].id)
           self._finish(entry[0], entry[1], "error")
       return
-    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot))
+    rows = next(r for r in self.row_buckets() if r > np.flatnonzero(alive).max())
+    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
     # early stay below it), so the span covers them all.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
     self.state, packed = self._dispatch(
-      alive, want_top, G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
+      alive[:rows], want_top, G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
     )
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
         self._steps_left[i] -= self.chunk
     self.steps += self.chunk
-    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, list(self._slot))
+    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, self._slot[:rows])
     if previous is not None:
       self._handle_outputs(*previous)
 

@@ -1,10 +1,11 @@
-"""The jitted functions the engine adds to the decode loop: one prompt prefilled into one slot of
-the batch state, a decode chunk whose outputs come back as one array (one device-to-host copy per
-chunk), and a prompt's own log-probs and top log-probs (echo with logprobs: scoring)."""
+"""The functions the engine adds to the decode loop (unjitted: `serve.programs` traces, exports and
+compiles them for fixed shapes): prompts prefilled into chosen rows of the batch state, a row moved
+to another row, a decode chunk over the first rows of the state whose outputs come back as one array
+(one device-to-host copy per chunk), and a prompt's own log-probs and top log-probs (echo with
+logprobs: scoring)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -15,37 +16,105 @@ from llm_jax import generate as G
 from llm_jax.model import Decoder, ModelConfig
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnums=1)
-def admit(
+def _row_axis(x) -> int:
+  """The batch-row axis of a state leaf: 0, or ndim - 4 for a KV cache [.., B, K, S, H]."""
+  return x.ndim - 4 if x.ndim >= 4 else 0
+
+
+def admit_rows(
   params,
   state: G.DecodeState,
-  slot,
-  tokens_1L,
-  lengths_1,
-  seeds_1,
-  max_new_1,
-  temperature_1,
-  top_k_1,
-  top_p_1,
-  penalty_1,
+  rows_P,
+  tokens_PW,
+  lengths_P,
+  seeds_P,
+  max_new_P,
+  temperature_P,
+  top_k_P,
+  top_p_P,
+  penalty_P,
   *,
   cfg: ModelConfig,
 ) -> G.DecodeState:
-  """Prefills one prompt and writes it into row `slot` of the batch state (cache row replaced)."""
-  row = G._start(
-    params, tokens_1L, lengths_1, seeds_1, max_new_1, temperature_1, top_k_1, top_p_1, penalty_1, cfg
+  """Prefills P prompts (one batched call) and writes prompt p into row rows_P[p] of the batch
+  state (its cache row replaced); a row index past the state's rows (padding) is dropped."""
+  new = G._start(
+    params, tokens_PW, lengths_P, seeds_P, max_new_P, temperature_P, top_k_P, top_p_P, penalty_P, cfg
   )
-  cache = jax.tree.map(
-    lambda big, one: jax.lax.dynamic_update_slice_in_dim(big, one.astype(big.dtype), slot, axis=big.ndim - 4),
-    state.cache,
-    row.cache,
+
+  def put(big, one):
+    axis = _row_axis(big)
+    index = (slice(None),) * axis + (rows_P,)
+    return big.at[index].set(one.astype(big.dtype), mode="drop")
+
+  return jax.tree.map(put, state, new)
+
+
+def move_row(state: G.DecodeState, src, dst) -> G.DecodeState:
+  """The state with row `src` copied onto row `dst` (cache, logits, keys, sampling values)."""
+
+  def move(x):
+    axis = _row_axis(x)
+    row = jax.lax.dynamic_slice_in_dim(x, src, 1, axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(x, row, dst, axis=axis)
+
+  return jax.tree.map(move, state)
+
+
+def decode_rows(
+  params,
+  state: G.DecodeState,
+  alive_R,
+  want_top,
+  *,
+  cfg: ModelConfig,
+  steps: int,
+  top_n: int,
+  vocab_limit: int | None,
+  span: int,
+):
+  """`generate.decode_chunk` over the first R = len(alive_R) rows of the state (the busy rows are
+  kept there): a call costs what a batch of R rows does, whatever the state's size. Returns the
+  state and the chunk's outputs and each row's `active` after it packed into one int32 array
+  [R, 3 * steps + 1 + 2 * steps * top_n] (`unpack_chunk` reads it).
+
+  With R below the state's rows, rows [0, R) and cache positions [0, span) are taken out, decoded
+  and written back in place (the model then attends to the whole taken part); with R = all rows the
+  state is decoded as it is (the model reads the first `span` positions of each layer's cache)."""
+  r, b = alive_R.shape[0], state.positions_B.shape[0]
+  if r == b:
+    sub = state
+  else:
+
+    def take(x):
+      x = jax.lax.slice_in_dim(x, 0, r, axis=_row_axis(x))
+      if x.ndim >= 4 and span:  # cache [.., R, K, S, H]: the positions this chunk can reach
+        x = jax.lax.slice_in_dim(x, 0, span, axis=x.ndim - 2)
+      return x
+
+    sub = jax.tree.map(take, state)
+  sub, outs = G.decode_chunk(
+    params, sub, alive_R, want_top, cfg=cfg, steps=steps, top_n=top_n, vocab_limit=vocab_limit, span=span
   )
-  fields = {
-    f.name: getattr(state, f.name).at[slot].set(getattr(row, f.name)[0])
-    for f in dataclasses.fields(state)
-    if f.name != "cache"
-  }
-  return state.replace(cache=cache, **fields)
+  if r == b:
+    state = sub
+  else:
+    state = jax.tree.map(
+      lambda big, part: jax.lax.dynamic_update_slice(big, part, (0,) * big.ndim), state, sub
+    )
+  flags = outs["emitted"].astype(jnp.int32) | (outs["eos"].astype(jnp.int32) << 1)
+  packed = jnp.concatenate(
+    [
+      outs["token"],
+      jax.lax.bitcast_convert_type(outs["logprob"], jnp.int32),
+      flags,
+      sub.active_B[:, None].astype(jnp.int32),
+      jax.lax.bitcast_convert_type(outs["top_logprobs"], jnp.int32).reshape(r, -1),
+      outs["top_ids"].reshape(r, -1),
+    ],
+    axis=1,
+  )
+  return state, packed
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_n", "vocab_limit"))
@@ -64,44 +133,8 @@ def prompt_scores(params, tokens_1L, *, cfg: ModelConfig, top_n: int, vocab_limi
   return chosen, top_lp, top_ids
 
 
-@functools.partial(
-  jax.jit, static_argnames=("cfg", "steps", "top_n", "vocab_limit", "span"), donate_argnums=1
-)
-def decode_packed(
-  params,
-  state: G.DecodeState,
-  alive_B,
-  want_top,
-  *,
-  cfg: ModelConfig,
-  steps: int,
-  top_n: int,
-  vocab_limit: int | None,
-  span: int,
-):
-  """`generate.decode_chunk` (the same tokens), its outputs and each row's `active` after the chunk
-  packed into one int32 array [B, 3 * steps + 1 + 2 * steps * top_n] (`unpack_chunk` reads it)."""
-  state, outs = G.decode_chunk(
-    params, state, alive_B, want_top, cfg=cfg, steps=steps, top_n=top_n, vocab_limit=vocab_limit, span=span
-  )
-  b = alive_B.shape[0]
-  flags = outs["emitted"].astype(jnp.int32) | (outs["eos"].astype(jnp.int32) << 1)
-  packed = jnp.concatenate(
-    [
-      outs["token"],
-      jax.lax.bitcast_convert_type(outs["logprob"], jnp.int32),
-      flags,
-      state.active_B[:, None].astype(jnp.int32),
-      jax.lax.bitcast_convert_type(outs["top_logprobs"], jnp.int32).reshape(b, -1),
-      outs["top_ids"].reshape(b, -1),
-    ],
-    axis=1,
-  )
-  return state, packed
-
-
 def unpack_chunk(packed_BX: np.ndarray, steps: int, top_n: int) -> dict[str, np.ndarray]:
-  """The host copy of `decode_packed`'s array as decode_chunk's outputs plus `active` [B]."""
+  """The host copy of `decode_rows`'s packed array as decode_chunk's outputs plus `active` [R]."""
   b, s, t = packed_BX.shape[0], steps, steps * top_n
   return {
     "token": packed_BX[:, :s],

@@ -1,0 +1,216 @@
+"""The engine's compiled programs: every shape it runs, built once at start-up (none at run time).
+
+Programs (serve/prefill.py's functions over the engine's parameters and batch state):
+
+    ("decode", R, span)  a decode chunk over the first R rows, attending to `span` cache positions
+    ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows
+    ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
+
+Each program is a flat function of leaf lists (parameters, state, then arrays), so that it can be
+exported: with an `export_dir` (the server puts it next to JAX's compilation cache), a program is
+traced once, serialized with `jax.export` under a key of everything that shapes it (the engine's
+code, the model config, the leaves' shapes and dtypes, the static arguments, the jax version and the
+device kind), and a later start deserializes it instead of tracing the model in Python again; the
+compile of the exported module then hits the persistent compilation cache. PRNG key arrays and the
+donated state pass through export (donation is the caller's jit's). Without `export_dir` (or without
+the `flatbuffers` package that serialization needs) programs are traced every start.
+
+Building runs on a few threads: XLA compiles in parallel (it releases the GIL); tracing does not.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import pathlib
+import tempfile
+import time
+
+import jax
+
+from llm_jax.serve.prefill import admit_rows, decode_rows, move_row
+
+log = logging.getLogger(__name__)
+_ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
+_CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
+FORMAT = 1  # bump when the exported functions' signatures change
+
+
+@functools.cache
+def code_digest() -> str:
+  """A digest of the source the programs are traced from (model, generate, these modules)."""
+  h = hashlib.sha256()
+  for name in _CODE:
+    p = _ROOT / name
+    for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+      h.update(str(f.relative_to(_ROOT)).encode())
+      h.update(f.read_bytes())
+  return h.hexdigest()
+
+
+def _can_serialize() -> bool:
+  """Whether jax.export can serialize here (it needs the flatbuffers package)."""
+  return importlib.util.find_spec("flatbuffers") is not None
+
+
+def _abstract(leaves):
+  return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+
+
+class Programs:
+  """Traced (or loaded), compiled programs keyed by ("decode", R, span), ("admit", W, P), ("move",)."""
+
+  def __init__(
+    self,
+    params,
+    state,
+    cfg,
+    *,
+    steps: int,
+    top_n: int,
+    vocab_limit: int | None,
+    export_dir: str | None = None,
+  ):
+    self.cfg, self.steps, self.top_n, self.vocab_limit = cfg, steps, top_n, vocab_limit
+    self.param_leaves, self._param_tree = jax.tree.flatten(params)
+    self._state_tree = jax.tree.structure(state)
+    self._param_avals = _abstract(self.param_leaves)
+    self._state_avals = _abstract(jax.tree.leaves(state))
+    self.rows = state.positions_B.shape[0]
+    if export_dir and not _can_serialize():
+      log.warning("the flatbuffers package is missing: programs are traced every start")
+      export_dir = None
+    self.export_dir = export_dir
+    self.compiled: dict[tuple, object] = {}
+    self.loaded = self.exported = 0  # programs read from / written to export_dir
+    self.calls: collections.Counter[tuple] = collections.Counter()  # runs of each program
+
+  # ---------------------------------------------------------------- calls
+
+  def state_leaves(self, state) -> list:
+    return jax.tree.leaves(state)
+
+  def state_of(self, leaves):
+    return jax.tree.unflatten(self._state_tree, leaves)
+
+  def decode(self, rows: int, span: int, state, alive_R, want_top):
+    """(state, packed outputs [R, X]) of one chunk over the first `rows` rows."""
+    self.calls["decode", rows, span] += 1
+    leaves, packed = self.compiled[("decode", rows, span)](
+      self.param_leaves, jax.tree.leaves(state), alive_R, want_top
+    )
+    return self.state_of(leaves), packed
+
+  def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict):
+    """The state with `count` prompts (padded to `width`) prefilled into rows `rows_P`."""
+    self.calls["admit", width, count] += 1
+    leaves = self.compiled[("admit", width, count)](
+      self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, *arrays.values()
+    )
+    return self.state_of(leaves)
+
+  def move(self, state, src: int, dst: int):
+    """The state with row `src` copied onto row `dst`."""
+    self.calls["move",] += 1
+    return self.state_of(self.compiled[("move",)](jax.tree.leaves(state), src, dst))
+
+  # ---------------------------------------------------------------- building
+
+  def _spec(self, key: tuple):
+    """(flat function, its abstract arguments, donated argument numbers) of program `key`."""
+    i32, f32 = jax.numpy.int32, jax.numpy.float32
+    ptree, stree, cfg = self._param_tree, self._state_tree, self.cfg
+    kind = key[0]
+    if kind == "decode":
+      _, rows, span = key
+
+      def decode(pl, sl, alive_R, want_top):
+        state, packed = decode_rows(
+          jax.tree.unflatten(ptree, pl),
+          jax.tree.unflatten(stree, sl),
+          alive_R,
+          want_top,
+          cfg=cfg,
+          steps=self.steps,
+          top_n=self.top_n,
+          vocab_limit=self.vocab_limit,
+          span=span,
+        )
+        return jax.tree.leaves(state), packed
+
+      args = [jax.ShapeDtypeStruct((rows,), bool), jax.ShapeDtypeStruct((), bool)]
+      return decode, [self._param_avals, self._state_avals, *args], (1,)
+    if kind == "admit":
+      _, width, count = key
+
+      def admit(pl, sl, rows_P, tokens_PW, lengths_P, *sampling):
+        state = admit_rows(
+          jax.tree.unflatten(ptree, pl),
+          jax.tree.unflatten(stree, sl),
+          rows_P,
+          tokens_PW,
+          lengths_P,
+          *sampling,
+          cfg=cfg,
+        )
+        return jax.tree.leaves(state)
+
+      def vec(dt):
+        return jax.ShapeDtypeStruct((count,), dt)
+
+      sampling = [vec(jax.numpy.uint32), vec(i32), vec(f32), vec(i32), vec(f32), vec(f32)]
+      args = [vec(i32), jax.ShapeDtypeStruct((count, width), i32), vec(i32), *sampling]
+      return admit, [self._param_avals, self._state_avals, *args], (1,)
+    if kind == "move":
+
+      def move(sl, src, dst):
+        return jax.tree.leaves(move_row(jax.tree.unflatten(stree, sl), src, dst))
+
+      scalar = jax.ShapeDtypeStruct((), i32)
+      return move, [self._state_avals, scalar, scalar], (0,)
+    raise ValueError(f"unknown program {key!r}")
+
+  def _export_path(self, key: tuple, avals) -> pathlib.Path:
+    h = hashlib.sha256()
+    dev = jax.devices()[0]
+    for part in (FORMAT, code_digest(), jax.__version__, dev.platform, dev.device_kind, repr(self.cfg)):
+      h.update(repr(part).encode())
+    h.update(repr((key, self.steps, self.top_n, self.vocab_limit)).encode())
+    h.update(repr(jax.tree.map(lambda a: (a.shape, str(a.dtype)), avals)).encode())
+    name = "-".join(str(k) for k in key)
+    return pathlib.Path(self.export_dir) / f"{name}-{h.hexdigest()[:24]}.jaxexport"
+
+  def _build_one(self, key: tuple):
+    fn, avals, donate = self._spec(key)
+    if self.export_dir is None:
+      return jax.jit(fn, donate_argnums=donate).lower(*avals).compile(), None
+    path = self._export_path(key, avals)
+    how = "loaded"
+    try:
+      exp = jax.export.deserialize(bytearray(path.read_bytes()))
+    except (OSError, ValueError) as e:  # absent (or unreadable: traced again and rewritten)
+      if path.exists():
+        log.warning("exported program %s unreadable (%s): tracing it again", path, e)
+      exp = jax.export.export(jax.jit(fn, donate_argnums=donate))(*avals)
+      path.parent.mkdir(parents=True, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
+        f.write(exp.serialize())
+      os.replace(f.name, path)  # atomic: servers sharing the directory never read half a file
+      how = "exported"
+    return jax.jit(exp.call, donate_argnums=donate).lower(*avals).compile(), how
+
+  def build(self, keys: list[tuple], threads: int = 4) -> float:
+    """Builds every program in `keys` not built yet; returns the seconds it took."""
+    t0 = time.monotonic()
+    todo = [k for k in dict.fromkeys(keys) if k not in self.compiled]
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+      for key, (compiled, how) in zip(todo, pool.map(self._build_one, todo), strict=True):
+        self.compiled[key] = compiled
+        self.loaded += how == "loaded"
+        self.exported += how == "exported"
+    return time.monotonic() - t0

@@ -1,0 +1,134 @@
+"""The engine's rows: the shapes its programs are built for (cache spans, prompt widths and counts,
+row buckets) and the work that places requests in rows (batched admission under a per-iteration
+prefill budget; the busy rows kept compacted at the bottom of the state). A mixin of `Engine`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import numpy as np
+
+from llm_jax import generate as G
+
+log = logging.getLogger("llm_jax.serve.engine")
+PREFILL_TOKENS = 1024  # prompt tokens (padded) prefilled per iteration, at least one prompt
+
+
+class Rows:
+  """Program shapes, admission and compaction of `Engine` (which holds the state they use)."""
+
+  def spans(self) -> list[int]:
+    """Every cache span a decode chunk may be compiled for (0: the whole cache)."""
+    return sorted(
+      {G.decode_span(p, self.cfg) for p in range(self.cfg.max_seq_len)},
+      key=lambda s: s or self.cfg.max_seq_len,
+    )
+
+  def prefill_buckets(self) -> list[int]:
+    """The padded prompt widths: 64, 128, 256, ... up to max_seq_len."""
+    out, b = [], self.min_prefill
+    while True:
+      out.append(min(b, self.cfg.max_seq_len))
+      if b >= self.cfg.max_seq_len:
+        return out
+      b *= 2
+
+  def row_buckets(self) -> list[int]:
+    """The row counts a decode chunk is compiled for: 2, 8, 32, ... (x4), and all rows."""
+    out, b = [], G.MIN_ROWS
+    while b < self.rows:
+      out.append(b)
+      b *= 4
+    return [*out, self.rows]
+
+  def admit_counts(self, width: int) -> list[int]:
+    """The prompt counts one admission call of this width is compiled for: 1, 4, 16, ... (x4) and
+    the most that fit the per-iteration prefill budget (and the slots)."""
+    cap = max(1, min(self.slots, self.prefill_tokens // width))
+    return [p for p in (4**i for i in range(8)) if p < cap] + [cap]
+
+  def program_keys(self) -> list[tuple]:
+    """Every program the engine runs (programs.Programs keys), in the order they are built."""
+    keys = [("decode", r, s) for r in self.row_buckets() for s in self.spans()]
+    keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
+    return [*keys, ("move",)]
+
+  def _admit_waiting(self) -> None:
+    """Admits waiting requests into free rows (the lowest first): at most `prefill_tokens` padded
+    prompt tokens per iteration (and always one prompt), prompts of one width prefilled together in
+    one call, so the decode chunk that follows waits for a bounded prefill."""
+    budget, groups = self.prefill_tokens, {}
+    with self._cond:
+      free = [i for i, s in enumerate(self._slot) if s is None]
+    while free:
+      with self._cond:
+        if not self._queue:
+          break
+        handle, choice = self._queue[0]
+        width = G.bucket(len(choice.prompt_ids), self.cfg.max_seq_len, self.min_prefill)
+        if groups and width > budget:
+          break
+        self._queue.popleft()
+      if handle.cancelled.is_set() or time.monotonic() > handle.deadline:
+        self._finish(handle, choice, "cancelled" if handle.cancelled.is_set() else "timeout")
+        continue
+      try:  # this request's own values: it alone fails
+        arrays = G.sampling_arrays([choice.sampling])
+      except Exception:
+        log.exception("request %s: admission failed", handle.id)
+        self._fail(handle, choice)
+        continue
+      budget -= width
+      groups.setdefault(width, []).append((handle, choice, free.pop(0), arrays))
+    for width, items in groups.items():
+      counts = self.admit_counts(width)
+      while items:
+        part, items = items[: counts[-1]], items[counts[-1] :]
+        self._admit_group(width, next(c for c in counts if c >= len(part)), part)
+    self._gauges()
+
+  def _admit_group(self, width: int, count: int, part: list) -> None:
+    """One prefill call for `part` (padded to `count` prompts); a failure fails these requests."""
+    tokens = np.zeros((count, width), np.int32)
+    lengths = np.ones((count,), np.int32)
+    rows = np.full((count,), self.rows, np.int32)  # padding entries write nowhere
+    arrays = {k: np.zeros((count,), v.dtype) for k, v in part[0][3].items()}
+    for i, (_, choice, row, one) in enumerate(part):
+      tokens[i, : len(choice.prompt_ids)] = choice.prompt_ids
+      lengths[i], rows[i] = len(choice.prompt_ids), row
+      for k, v in one.items():
+        arrays[k][i] = v[0]
+    try:
+      self.state = self.programs.admit(width, count, self.state, rows, tokens, lengths, arrays)
+    except Exception:  # these requests' prefill: they alone fail
+      log.exception("requests %s: admission failed", [h.id for h, *_ in part])
+      for handle, choice, *_ in part:
+        self._fail(handle, choice)
+      if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
+        raise  # the batch state was donated to the failed call: nothing left to decode from
+      return
+    for handle, choice, row, _ in part:
+      choice.slot = row
+      self._last_pos[row] = len(choice.prompt_ids)
+      self._steps_left[row] = min(
+        choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)
+      )
+      with self._cond:
+        self._slot[row] = (handle, choice)
+
+  def _compact(self) -> None:
+    """Keeps the busy rows at the bottom of the state: the highest busy row moves into the lowest
+    free one (a device copy of one row; the chunk in flight keeps its own owners), so a decode
+    chunk covers the busy rows with the smallest row bucket."""
+    while True:
+      busy = [i for i, s in enumerate(self._slot) if s is not None]
+      if not busy or busy[-1] < len(busy):
+        return
+      src, dst = busy[-1], next(i for i, s in enumerate(self._slot) if s is None)
+      self.state = self.programs.move(self.state, np.int32(src), np.int32(dst))
+      with self._cond:
+        entry, self._slot[src], self._slot[dst] = self._slot[src], None, self._slot[src]
+      entry[1].slot = dst
+      self._last_pos[dst], self._steps_left[dst] = self._last_pos[src], self._steps_left[src]
