@@ -16,9 +16,10 @@ LLAMA3_SPLIT = (
 )
 
 
-def byte_level_bpe(directory, texts, vocab_size=400, llama3=False):
+def byte_level_bpe(directory, texts, vocab_size=400, llama3=False, specials_last=False):
   """A GPT-2 (or LLaMA-3 style: regex split, BOS added by the post-processor) tokenizer.json with its
-  tokenizer_config.json in `directory`; returns the `tokenizers.Tokenizer`."""
+  tokenizer_config.json in `directory`; returns the `tokenizers.Tokenizer`. `specials_last` gives the
+  special tokens the last ids (as GPT-2's <|endoftext|> = 50256) instead of the first."""
   specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>"]
   tok = tokenizers.Tokenizer(models.BPE())
   if llama3:
@@ -33,11 +34,13 @@ def byte_level_bpe(directory, texts, vocab_size=400, llama3=False):
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
     vocab_size=vocab_size,
-    special_tokens=specials,
+    special_tokens=[] if specials_last else specials,
     show_progress=False,
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
   )
   tok.train_from_iterator(texts, trainer)
+  if specials_last:
+    tok.add_special_tokens(specials)
   if llama3:
     bos = tok.token_to_id(specials[0])
     tok.post_processor = processors.TemplateProcessing(
