@@ -13,6 +13,7 @@ import os
 import random
 import shutil
 
+import httpx
 import jax
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from llm_jax.data import hf_tokenizer, shards
 from llm_jax.data.prepare import key as key_lib
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.finetune import extension as finetune
+from llm_jax.serve import app as app_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 WORDS = "alpha beta gamma delta value total count index item name data result list text line".split()
@@ -209,6 +211,12 @@ def test_full_finetune_of_a_gpt2_checkpoint_with_its_tokenizer_json(env):
   tokens, _ = _first_shard(data_dir)
   assert tokens[0] == source.eos_id
   assert run_command("llm_jax.generate", f"--workdir={workdir}", "--prompt=alpha", "--max_new_tokens=4") == 0
+  out = str(env["root"] / "full_eval")
+  args = ["--suite=none", "--no_generations", "--max_windows=4", f"--out={out}"]
+  assert run_command("llm_jax.evaluate", f"--workdir={workdir}", *args) == 0
+  results = json.loads(open(os.path.join(out, "results.json")).read())
+  overall = results["heldout"]["overall"]
+  assert overall["tokens"] > 0 and 0 < overall["bits_per_byte"] < np.inf
   pkg, back = str(env["root"] / "full_pkg"), str(env["root"] / "full_hf")
   assert run_command("llm_jax.export", f"--workdir={workdir}", f"--out={pkg}") == 0
   assert run_command("llm_jax.export", "--format=hf", f"--workdir={workdir}", f"--out={back}") == 0
@@ -244,6 +252,31 @@ def test_lora_and_sft_from_a_gpt2_checkpoint_with_its_tokenizer_json(env):
   tuned = open_model(sft)
   assert tuned.tokenizer.encode(SAMPLE) == source.encode(SAMPLE) and tuned.chat_template is not None
   assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(sft))
+  _serves_with_the_source_tokenizer(sft, source)
+
+
+def _serves_with_the_source_tokenizer(workdir: str, source) -> None:
+  """The server on the run directory renders chats and prompts with the source's ids."""
+  srv = app_lib.ServerThread(app_lib.create_app(app_lib.ServerSettings(package=workdir, slots=1)))
+  srv.start()
+  try:
+    messages = [{"role": "user", "content": "item 3"}]
+    got = httpx.post(f"{srv.url}/tokenize", json={"messages": messages}, timeout=60).json()["tokens"]
+    assert got == [source.bos_id] + source.encode("<|user|>\n") + source.encode("item 3") + source.encode(
+      "\n"
+    ) + source.encode("<|assistant|>\n")
+    got = httpx.post(f"{srv.url}/tokenize", json={"prompt": SAMPLE}, timeout=60).json()["tokens"]
+    assert got == [source.eos_id] + source.encode(SAMPLE)
+    r = httpx.post(
+      f"{srv.url}/v1/completions",
+      json={"prompt": "Q: item 3\nA: ", "max_tokens": 3, "temperature": 0},
+      timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1 + len(
+      source.encode("Q: item 3\nA: ")
+    )
+  finally:
+    srv.stop()
 
 
 @pytest.mark.slow
