@@ -16,8 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.run_tag = ""  # short label recorded in the run record (also --config.run_tag=...)
   c.run_note = ""  # free text recorded in the run record
-  c.init_from = ""  # fine-tuning: a workdir or exported package whose weights start this run
-  c.reuse_source_tokenizer = False  # init_from: train on the source's tokenizer instead of a new one
+  c.init_from = ""  # fine-tuning: a workdir, exported package or Hugging Face checkpoint directory
+  # init_from: train on the source's tokenizer instead of a new one (set by itself when the source's
+  # tokenizer is not llm_jax's SentencePiece model: a tokenizer.json, other special ids)
+  c.reuse_source_tokenizer = False
 
   # ---------------------------------------------------------------- data (llm_jax.data)
   d = c.data = ml_collections.ConfigDict()

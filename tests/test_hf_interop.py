@@ -14,9 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import sentencepiece as spm
-import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from hf_tokenizers import byte_level_bpe, llama2_sentencepiece
 
 from llm_jax.artifacts import hf
 from llm_jax.data import hf_tokenizer
@@ -334,52 +332,8 @@ def test_export_refuses_models_without_a_hf_counterpart(tmp_path):
 
 
 def _byte_level_bpe(directory, llama3=False):
-  """A tiny GPT-2 (or LLaMA-3 style: regex split, BOS added by the post-processor) tokenizer.json."""
-  specials = ["<|begin_of_text|>", "<|end_of_text|>"] if llama3 else ["<|endoftext|>"]
-  tok = tokenizers.Tokenizer(models.BPE())
-  if llama3:
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-      [
-        pre_tokenizers.Split(
-          tokenizers.Regex(
-            r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
-            r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
-            r"\s+(?!\S)|\s+"
-          ),
-          behavior="isolated",
-        ),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-      ]
-    )
-  else:
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(
-    vocab_size=400,
-    special_tokens=specials,
-    show_progress=False,
-    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-  )
-  tok.train_from_iterator(_texts(), trainer)
-  if llama3:
-    bos = tok.token_to_id(specials[0])
-    tok.post_processor = processors.TemplateProcessing(
-      single=f"{specials[0]} $A", special_tokens=[(specials[0], bos)]
-    )
-  os.makedirs(directory, exist_ok=True)
-  tok.save(os.path.join(directory, "tokenizer.json"))
-  config = (
-    {"bos_token": specials[0], "eos_token": specials[1]}
-    if llama3
-    else {
-      "bos_token": specials[0],
-      "eos_token": {"__type": "AddedToken", "content": specials[0], "special": True},
-      "unk_token": specials[0],
-    }
-  )
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({**config, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
-  return tok
+  """A tiny GPT-2 (or LLaMA-3 style) tokenizer.json trained on _texts()."""
+  return byte_level_bpe(directory, _texts(), llama3=llama3)
 
 
 @pytest.mark.parametrize("style", ["gpt2", "llama3"])
@@ -436,19 +390,7 @@ def test_sentencepiece_export_round_trips_through_autotokenizer(torch, tmp_path,
 
 def test_sentencepiece_model_with_llama2_special_ids(tmp_path):
   path = tmp_path / "m"
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(_texts()),
-    model_prefix=str(path),
-    vocab_size=300,
-    model_type="bpe",
-    byte_fallback=True,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-    minloglevel=2,
-    num_threads=1,
-  )
+  llama2_sentencepiece(path, _texts())
   tok = hf_tokenizer.load_tokenizer(f"{path}.model")
   assert isinstance(tok, hf_tokenizer.SentencePieceTokenizer)
   assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 2) and tok.prompt_prefix == [1]

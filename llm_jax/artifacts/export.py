@@ -10,7 +10,7 @@ from llm_jax.artifacts import hf as hf_lib
 from llm_jax.artifacts import package as package_lib
 from llm_jax.artifacts.errors import ArtifactError
 from llm_jax.artifacts.opened import open_model
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data import hf_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import lora as lora_lib
 from llm_jax.model.params import init_params
@@ -103,7 +103,7 @@ def export_random(
 ) -> dict:
   """A package of randomly initialized weights for a config (benchmarks: shapes matter, not skill)."""
   config = config_lib.load(config_path, overrides)
-  tokenizer = Tokenizer.load(tokenizer_path)
+  tokenizer = hf_tokenizer.load_tokenizer(tokenizer_path)
   cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
   return package_lib.write_package(
     out,
@@ -115,4 +115,5 @@ def export_random(
     weights_dtype=weights_dtype,
     overwrite=overwrite,
     source=f"random init of {config_path}",
+    tokenizer=tokenizer,
   )

@@ -255,8 +255,7 @@ def _open_hf(path: str, step, weights: bool, max_seq_len: int) -> OpenedModel:
 def _open_run(workdir: str, step, mesh) -> OpenedModel:
   config = run_lib.load_config(workdir)
   run_lib.require_checkpoints(workdir)
-  tok_path = run_lib.tokenizer_path(workdir)
-  tokenizer = Tokenizer.load(tok_path)
+  tokenizer, tok_path = run_lib.load_tokenizer(workdir)
   run_lib.check_tokenizer(workdir, tokenizer)
   cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
   spec = lora_lib.spec_from_config(config)
@@ -318,8 +317,7 @@ def _describe(path: str, kind: str, step) -> OpenedModel:
     pstep = int(meta.get("provenance", {}).get("training_step") or 0)
     return OpenedModel(None, cfg, tokenizer, meta, path, "package", pstep, tokenizer.path)
   config = run_lib.load_config(path)
-  tok_path = run_lib.tokenizer_path(path)
-  tokenizer = Tokenizer.load(tok_path)
+  tokenizer, tok_path = run_lib.load_tokenizer(path)
   resolved = run_lib.resolve_step(path, step)
   cfg = ModelConfig.from_config(config, tokenizer_size=tokenizer.vocab_size)
   return OpenedModel(

@@ -15,8 +15,8 @@ import jax
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts.errors import ArtifactError
+from llm_jax.data import hf_tokenizer
 from llm_jax.data.shards import file_sha256
-from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model.params import abstract_params, shape_differences
 from llm_jax.train import checkpoint as ckpt_lib
 from llm_jax.train import run_dir
@@ -43,11 +43,22 @@ def load_config(workdir: str):
 
 
 def tokenizer_path(workdir: str) -> str:
-  """WORKDIR/tokenizer.model, which must exist."""
+  """WORKDIR/tokenizer.json (a Hugging Face tokenizer a fine-tune reused) or WORKDIR/tokenizer.model."""
+  for name in (run_dir.TOKENIZER_JSON, run_dir.TOKENIZER_FILE):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      return path
   path = os.path.join(workdir, run_dir.TOKENIZER_FILE)
-  if not os.path.exists(path):
-    raise ArtifactError(f"{path} is missing; is {workdir!r} a complete training run directory?")
-  return path
+  raise ArtifactError(f"{path} is missing; is {workdir!r} a complete training run directory?")
+
+
+def load_tokenizer(workdir: str):
+  """(tokenizer, path) of a run directory, through the one loader (llm_jax.data.hf_tokenizer)."""
+  path = tokenizer_path(workdir)
+  try:
+    return hf_tokenizer.load_tokenizer(path), path
+  except hf_tokenizer.DataError as e:
+    raise ArtifactError(f"{workdir}: {e}") from e
 
 
 def _read_json(path: str) -> dict | None:
@@ -92,8 +103,8 @@ def provenance(workdir: str) -> dict:
   }
 
 
-def check_tokenizer(workdir: str, tokenizer: Tokenizer) -> None:
-  """The tokenizer.model beside the checkpoints is the one run.json and manifest.json record."""
+def check_tokenizer(workdir: str, tokenizer) -> None:
+  """The tokenizer beside the checkpoints is the one run.json and manifest.json record."""
   recorded = (
     ("run.json", record(workdir).get("tokenizer_sha256")),
     ("manifest.json", ((manifest(workdir) or {}).get("tokenizer") or {}).get("sha256")),

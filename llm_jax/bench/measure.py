@@ -24,7 +24,6 @@ from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
 from llm_jax.data.loader import TrainLoader
 from llm_jax.data.prepare import prepare
-from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import metrics as metrics_lib
 from llm_jax.train import optimizer as optimizer_lib
@@ -71,7 +70,7 @@ class _LoaderBatches:
 
   def __init__(self, config, mesh, depth: int = 2):
     prepared = prepare(config)
-    self.vocab_size = Tokenizer.load(prepared.tokenizer_path).vocab_size
+    self.vocab_size = prepared.tokenizer().vocab_size
     tr, d = config.train, config.data
     self.loader = TrainLoader(
       prepared.dir,

@@ -9,7 +9,10 @@ Every tokenizer here has encode, encode_batch, decode (special ids decode to not
 token_bytes (UTF-8 bytes each id adds to the text, for bits per byte), vocab_size, sha256, path, the
 special ids pad/bos/eos/unk (-1 where the tokenizer has none; pad falls back to eos), `prompt_prefix`
 (ids put before a text prompt) and `save_hf(out_dir)`, which writes files `transformers`' AutoTokenizer
-loads offline. `load_tokenizer(path)` opens any of them from a file or a checkpoint directory.
+loads offline. `load_tokenizer(path)` opens any of them from a file or a checkpoint directory: it is the
+one loader of prepared data, run directories and packages. `save_tokenizer(tok, out_dir)` writes a
+tokenizer's files where `load_tokenizer` finds them again with the same ids, and `identity(tok)` names it
+for cache keys.
 """
 
 from __future__ import annotations
@@ -267,7 +270,45 @@ def load_tokenizer(path: str, special_ids: dict[str, int] | None = None):
     raise DataError(f"{path} holds no tokenizer: neither {TOKENIZER_JSON} nor {TOKENIZER_MODEL}")
   if path.endswith(".json"):
     return HFTokenizer.load(path, special_ids=special_ids)
-  return load_sentencepiece(path)
+  return load_sentencepiece(path, read_tokenizer_config(os.path.dirname(os.path.abspath(path))))
+
+
+def is_own(tokenizer) -> bool:
+  """Whether `tokenizer` is llm_jax's own SentencePiece model (pad 0, bos 1, eos 2, unk 3)."""
+  return type(tokenizer) is Tokenizer
+
+
+def identity(tokenizer) -> str:
+  """What names a tokenizer in cache keys: its sha256 for llm_jax's own SentencePiece model (as before),
+  else the sha256 of (file sha256, kind, special ids), so ids chosen by tokenizer_config.json count."""
+  if is_own(tokenizer):
+    return tokenizer.sha256
+  ids = {name: int(getattr(tokenizer, f"{name}_id")) for name in _SPECIAL_NAMES}
+  desc = {"sha256": tokenizer.sha256, "kind": type(tokenizer).__name__, "special_ids": ids}
+  return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+def save_tokenizer(tokenizer, out_dir: str) -> str:
+  """Writes the tokenizer's files into out_dir; returns the main file's path (what load_tokenizer opens).
+
+  llm_jax's own SentencePiece model is copied alone as tokenizer.model; any other tokenizer is written as
+  its Hugging Face files (tokenizer.json or tokenizer.model, with a tokenizer_config.json naming every
+  special token, so the ids do not depend on a model's config.json).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  if is_own(tokenizer):
+    path = os.path.join(out_dir, TOKENIZER_MODEL)
+    if os.path.abspath(tokenizer.path) != os.path.abspath(path):
+      shutil.copyfile(tokenizer.path, path + ".partial")
+      os.replace(path + ".partial", path)
+    return path
+  return os.path.join(out_dir, save_hf_tokenizer(tokenizer, out_dir)[0])
+
+
+def tokenizer_files(main_path: str) -> list[str]:
+  """The files of a tokenizer saved by save_tokenizer: its main file and tokenizer_config.json if any."""
+  config = os.path.join(os.path.dirname(main_path), TOKENIZER_CONFIG)
+  return [main_path] + ([config] if os.path.exists(config) else [])
 
 
 def prompt_prefix(tokenizer) -> list[int]:

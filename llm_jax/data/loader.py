@@ -17,8 +17,7 @@ import numpy as np
 
 from llm_jax.data import manifest as manifest_lib
 from llm_jax.data.errors import DataError
-from llm_jax.data.shards import open_split
-from llm_jax.data.tokenizer import PAD_ID
+from llm_jax.data.shards import open_split, separator_ids
 from llm_jax.data.windows import ShiftedEpochs, Windows, parse_mixture
 
 _STATE_KEYS = (
@@ -198,6 +197,7 @@ def eval_batches(
   L = int(seq_len)
   manifest = manifest_lib.load(prepared_dir)
   shards = open_split(prepared_dir, split, manifest)
+  pad_id = separator_ids(manifest)[1]
   spans = [(k, s) for k, sh in enumerate(shards) for s in range(0, len(sh.tokens) - 1, L)]
   n_batches = -(-len(spans) // batch_size)
   if max_batches is not None:
@@ -205,7 +205,7 @@ def eval_batches(
   b = batch_size // process_count
   for i in range(n_batches):
     lo = i * batch_size + process_index * b
-    win = np.full((b, L + 1), PAD_ID, np.int32)
+    win = np.full((b, L + 1), pad_id, np.int32)
     valid = np.zeros((b, L + 1), bool)
     dom = np.zeros((b, L), np.int32)
     for r, (k, start) in enumerate(spans[lo : lo + b]):

@@ -59,6 +59,22 @@ def _table(rows, header) -> str:
   return "\n".join(lines)
 
 
+def _tokenizer_text(t: dict) -> str:
+  """The data card's tokenizer paragraph: trained here, or given by a source model."""
+  ids = ", ".join(f"{n}={t.get(f'{n}_id', d)}" for n, d in (("pad", 0), ("bos", 1), ("eos", 2), ("unk", 3)))
+  if t.get("files"):
+    head = (
+      f"Given, not trained: the source model's {', '.join(t['files'])} ({t['type']}, "
+      f"{t['vocab_size']} pieces)."
+    )
+  else:
+    head = (
+      f"SentencePiece {t['type']}, {t['vocab_size']} pieces, byte fallback, identity normalization"
+      f"{' + case folding' if t['lowercase'] else ''}; trained on the train split only."
+    )
+  return f"{head}\nsha256 `{t['sha256']}`. Special ids: {ids}."
+
+
 def data_card(m: dict) -> str:
   """A human-readable description of a prepared corpus, generated from its manifest."""
   s = m["summary"]
@@ -151,9 +167,7 @@ matched nothing: {len(ex["unmatched"])}. Removed: {n_removed["requested"]} reque
 
 ## Tokenizer
 
-SentencePiece {m["tokenizer"]["type"]}, {m["tokenizer"]["vocab_size"]} pieces, byte fallback, identity
-normalization{" + case folding" if m["tokenizer"]["lowercase"] else ""}; trained on the train split only.
-sha256 `{m["tokenizer"]["sha256"]}`. Special ids: pad=0, bos=1, eos=2, unk=3.
+{_tokenizer_text(m["tokenizer"])}
 
 ## Shards
 

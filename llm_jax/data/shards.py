@@ -1,5 +1,7 @@
 """Token shards: [EOS] doc0 [EOS] doc1 [EOS] ... as .npy arrays (memory-mapped on read) plus an index of
-document offsets, domain ids and UTF-8 byte counts."""
+document offsets, domain ids and UTF-8 byte counts. EOS is the tokenizer's own (manifest.json's
+tokenizer.eos_id: 2 for llm_jax's SentencePiece model); ids are uint16 while the vocabulary fits, else
+uint32."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from llm_jax.data.errors import DataError
-from llm_jax.data.tokenizer import EOS_ID
+from llm_jax.data.tokenizer import EOS_ID, PAD_ID
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -38,15 +40,18 @@ def _save(path: str, save_fn) -> None:
 class ShardWriter:
   """Packs tokenized documents of one split into shards of about `shard_tokens` tokens."""
 
-  def __init__(self, out_dir: str, split: str, vocab_size: int, shard_tokens: int):
+  def __init__(self, out_dir: str, split: str, vocab_size: int, shard_tokens: int, eos_id: int = EOS_ID):
     self.out_dir, self.split = out_dir, split
+    self.eos_id = int(eos_id)
+    if not 0 <= self.eos_id < vocab_size:
+      raise DataError(f"eos_id={eos_id} is not an id of a vocabulary of {vocab_size}")
     self.dtype = token_dtype(vocab_size)
     self.shard_tokens = max(1, int(shard_tokens))
     self.records: list[dict] = []
     self._reset()
 
   def _reset(self):
-    self._ids: list[np.ndarray] = [np.array([EOS_ID], self.dtype)]
+    self._ids: list[np.ndarray] = [np.array([self.eos_id], self.dtype)]
     self._lengths: list[int] = []
     self._domains: list[int] = []
     self._bytes: list[int] = []
@@ -56,7 +61,7 @@ class ShardWriter:
     """Appends one document (its EOS is added here)."""
     arr = np.empty(len(ids) + 1, self.dtype)
     arr[:-1] = ids
-    arr[-1] = EOS_ID
+    arr[-1] = self.eos_id
     self._ids.append(arr)
     self._lengths.append(len(arr))
     self._domains.append(domain_id)
@@ -98,6 +103,15 @@ class ShardWriter:
       }
     )
     self._reset()
+
+
+def separator_ids(manifest: dict) -> tuple[int, int]:
+  """(eos_id, pad_id) of prepared data: the document separator and the id of padding (weight 0); the
+  fixed 2 and 0 for manifests without them. A tokenizer without pad uses eos (hf_tokenizer's choice)."""
+  t = manifest.get("tokenizer") or {}
+  eos = int(t.get("eos_id", EOS_ID))
+  pad = int(t.get("pad_id", PAD_ID))
+  return eos, (eos if pad < 0 else pad)
 
 
 @dataclasses.dataclass

@@ -15,8 +15,7 @@ import numpy as np
 
 from llm_jax.data import manifest as manifest_lib
 from llm_jax.data.errors import DataError
-from llm_jax.data.shards import Shard, open_split
-from llm_jax.data.tokenizer import EOS_ID
+from llm_jax.data.shards import Shard, open_split, separator_ids
 
 _SHUFFLE_ROUNDS = 4  # as grain's MapDataset.shuffle
 
@@ -32,6 +31,7 @@ class Windows:
   def __init__(self, prepared_dir: str, split: str, seq_len: int):
     self.manifest = manifest_lib.load(prepared_dir)
     self.shards: list[Shard] = open_split(prepared_dir, split, self.manifest)
+    self.eos_id = separator_ids(self.manifest)[0]  # the document separator the shards were written with
     self.seq_len = int(seq_len)
     if self.seq_len <= 0:
       raise DataError(f"seq_len={seq_len} must be positive (train.seq_len)")
@@ -129,7 +129,7 @@ class Windows:
       sh = self.shards[0]
       win = sh.tokens[starts[:, None] + self._arange].astype(np.int32)
       start_doc = np.searchsorted(sh.offsets, starts, side="right") - 1
-      eos_seen = np.cumsum(win[:, :L] == EOS_ID, axis=1, dtype=np.int32)  # EOS among inputs [0..j]
+      eos_seen = np.cumsum(win[:, :L] == self.eos_id, axis=1, dtype=np.int32)  # EOS among inputs [0..j]
       domain_ids = sh.domains[start_doc[:, None] + eos_seen]  # domain of target j (token j + 1)
     else:
       win = np.empty((len(starts), L + 1), np.int32)
@@ -141,7 +141,7 @@ class Windows:
         win[rows] = sh.tokens[starts[rows, None] + self._arange]
         start_doc[rows] = np.searchsorted(sh.offsets, starts[rows], side="right") - 1
         groups.append((rows, sh.domains))
-      eos_seen = np.cumsum(win[:, :L] == EOS_ID, axis=1, dtype=np.int32)
+      eos_seen = np.cumsum(win[:, :L] == self.eos_id, axis=1, dtype=np.int32)
       doc = start_doc[:, None] + eos_seen
       domain_ids = np.empty((len(starts), L), np.int32)
       for rows, doms in groups:

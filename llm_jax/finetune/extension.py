@@ -64,6 +64,23 @@ def resolve_init_from(config) -> None:
     step = init_from.describe(config.init_from).step  # 'best' resolved to its number
   config.init_from = os.path.abspath(os.path.expanduser(path))
   config.finetune.init_step = int(step)
+  resolve_tokenizer(config)
+
+
+def resolve_tokenizer(config) -> None:
+  """reuse_source_tokenizer=True (in place) when the source's tokenizer is not llm_jax's SentencePiece
+  model: data preparation can only train that kind, so such a source (a tokenizer.json, a SentencePiece
+  model with its own special ids) is always fine-tuned on its own tokenizer; config.json records it."""
+  if config.get("reuse_source_tokenizer") or not config.get("init_from"):
+    return
+  source = init_from.describe(config.init_from)
+  if not source.own_tokenizer:
+    log.info(
+      "init_from %s has its own tokenizer (%s): reuse_source_tokenizer=True",
+      source.path,
+      source.tokenizer_path,
+    )
+    config.reuse_source_tokenizer = True
 
 
 class FinetuneExtension(TrainExtension):
@@ -83,12 +100,16 @@ class FinetuneExtension(TrainExtension):
     resolve_init_from(config)
 
   def prepare_data(self, config):
-    """config.data prepared; with reuse_source_tokenizer, on the source's tokenizer.model."""
+    """config.data prepared; with reuse_source_tokenizer, on the source's tokenizer (its files are
+    copied into the prepared data and from there into the run directory)."""
     if not (config.get("reuse_source_tokenizer") and config.get("init_from")):
       return prepare_lib.prepare(config)
-    tok_path, sha = init_from.tokenizer_of(config.init_from)
-    log.info("preparing %s with the source's tokenizer %s (%s)", config.data.corpus, tok_path, sha[:12])
-    prepared = prepare_lib.prepare(config, tokenizer_path=tok_path)
+    source = init_from.describe(config.init_from)
+    sha = source.tokenizer_sha256
+    log.info(
+      "preparing %s with the source's tokenizer %s (%s)", config.data.corpus, source.tokenizer_path, sha[:12]
+    )
+    prepared = prepare_lib.prepare(config, tokenizer=source.tokenizer)
     if prepared.tokenizer_sha256 != sha:
       raise init_from.InitFromError(
         f"prepared data in {prepared.dir} has tokenizer sha256 "

@@ -2,7 +2,9 @@
 
 Only the parameters come from the source; the optimizer state, data stream, schedule and step counter
 are fresh. The model settings that decide shapes must match the source's, and so must the tokenizer
-(its sha256), unless `reuse_source_tokenizer` makes the run use the source's tokenizer.model.
+(its sha256), unless `reuse_source_tokenizer` makes the run use the source's tokenizer (any tokenizer
+llm_jax.data.hf_tokenizer loads; a source whose tokenizer is not llm_jax's own SentencePiece model is
+always reused, see `llm_jax.finetune.extension.resolve_tokenizer`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import ArtifactError, open_model
-from llm_jax.data.tokenizer import Tokenizer
+from llm_jax.data import hf_tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model.params import shape_differences
 from llm_jax.train.run_dir import SHAPE_FIELDS
@@ -50,7 +52,8 @@ class Source:
   model_config: ModelConfig
   tokenizer_path: str
   tokenizer_sha256: str
-  own_tokenizer: bool = True  # llm_jax's SentencePiece model, which data preparation can encode with
+  own_tokenizer: bool = True  # llm_jax's SentencePiece model, which data preparation could also train
+  tokenizer: Any = None  # the loaded tokenizer (llm_jax.data.hf_tokenizer.load_tokenizer's interface)
 
 
 def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
@@ -82,7 +85,8 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
     model_config=opened.model_config,
     tokenizer_path=opened.tokenizer_path,
     tokenizer_sha256=opened.tokenizer.sha256,
-    own_tokenizer=type(opened.tokenizer) is Tokenizer,
+    own_tokenizer=hf_tokenizer.is_own(opened.tokenizer),
+    tokenizer=opened.tokenizer,
   )
 
 
@@ -100,14 +104,8 @@ def parse_source(spec: str) -> tuple[str, int | str | None]:
 
 
 def tokenizer_of(path: str) -> tuple[str, str]:
-  """(tokenizer.model path, sha256) of a source, without reading its weights."""
+  """(tokenizer file path, sha256) of a source, without reading its weights."""
   source = describe(path)
-  if not source.own_tokenizer:
-    raise InitFromError(
-      f"init_from={source.path!r}: reuse_source_tokenizer needs an llm_jax SentencePiece tokenizer "
-      f"(pad 0, bos 1, eos 2, unk 3), but the source's is {source.tokenizer_path}; data preparation "
-      "encodes corpora and separates documents with such a model only (docs/interop.md, Limits)"
-    )
   return source.tokenizer_path, source.tokenizer_sha256
 
 

@@ -1,8 +1,10 @@
-"""The run directory describes itself: config.json, tokenizer.model, manifest.json and run.json.
+"""The run directory describes itself: config.json, the tokenizer, manifest.json and run.json.
 
 WORKDIR/
   config.json      the resolved config (model.vocab_size filled in from the tokenizer)
-  tokenizer.model  copy of the tokenizer the data was encoded with
+  tokenizer.model  copy of the tokenizer the data was encoded with: llm_jax's SentencePiece model, or a
+                   source model's Hugging Face files (tokenizer.json or tokenizer.model, with
+                   tokenizer_config.json) when a fine-tune reuses them
   manifest.json    copy of the prepared data's manifest
   run.json         git commit, package versions, command line, seeds, devices, tag/note, hashes;
                    one entry in "sessions" per start (fresh or resumed)
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 TOKENIZER_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"  # a Hugging Face tokenizer (read first when present)
 MANIFEST_FILE = "manifest.json"
 
 # ModelConfig fields that decide parameter shapes: a resumed run must keep them.
@@ -202,14 +205,19 @@ def _now() -> str:
 
 
 def write(workdir: str, config, prepared, *, start_step: int, argv: list[str] | None = None) -> dict:
-  """Writes config.json, tokenizer.model, manifest.json and run.json (call on process 0 only).
+  """Writes config.json, the tokenizer's files, manifest.json and run.json (call on process 0 only).
 
-  `prepared` is the data pipeline's Prepared (tokenizer_path, manifest_path and their sha256).
+  `prepared` is the data pipeline's Prepared (tokenizer_path, manifest_path and their sha256; the
+  tokenizer's files from `tokenizer_files()`).
   Returns the run record. A resumed run keeps its first record and appends a session.
   """
   os.makedirs(workdir, exist_ok=True)
   config_lib.save_json(config, os.path.join(workdir, CONFIG_FILE))
-  _copy(prepared.tokenizer_path, os.path.join(workdir, TOKENIZER_FILE))
+  if hasattr(prepared, "tokenizer_files"):
+    for src in prepared.tokenizer_files():
+      _copy(src, os.path.join(workdir, os.path.basename(src)))
+  else:
+    _copy(prepared.tokenizer_path, os.path.join(workdir, TOKENIZER_FILE))
   if getattr(prepared, "manifest_path", None) and os.path.exists(prepared.manifest_path):
     _copy(prepared.manifest_path, os.path.join(workdir, MANIFEST_FILE))
   session = {

@@ -17,14 +17,13 @@ import shutil
 import sys
 import uuid
 
+from llm_jax.data import hf_tokenizer, removals
 from llm_jax.data import manifest as manifest_lib
-from llm_jax.data import removals
 from llm_jax.data import shards as shards_lib
 from llm_jax.data.errors import DataError
 from llm_jax.data.prepare import pipeline
 from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
 from llm_jax.data.prepare.summary import summary_text
-from llm_jax.data.tokenizer import Tokenizer
 
 __all__ = [
   "VERSION",
@@ -65,9 +64,14 @@ class Prepared:
       domains=list(m["domains"]),
     )
 
-  def tokenizer(self) -> Tokenizer:
-    """The prepared tokenizer."""
-    return Tokenizer.load(self.tokenizer_path)
+  def tokenizer(self):
+    """The prepared tokenizer (llm_jax's Tokenizer or one of llm_jax.data.hf_tokenizer's)."""
+    return hf_tokenizer.load_tokenizer(self.tokenizer_path)
+
+  def tokenizer_files(self) -> list[str]:
+    """Paths of the tokenizer's files: tokenizer.model, or Hugging Face files (+ tokenizer_config.json)."""
+    names = self.manifest["tokenizer"].get("files") or [self.manifest["tokenizer"]["path"]]
+    return [os.path.join(self.dir, n) for n in names]
 
 
 def _check(config) -> None:
@@ -104,14 +108,20 @@ def _after(config, prepared: Prepared) -> Prepared:
   return prepared
 
 
-def prepare(config, progress: bool | None = None, tokenizer_path: str | None = None) -> Prepared:
+def prepare(
+  config, progress: bool | None = None, tokenizer_path: str | None = None, tokenizer=None
+) -> Prepared:
   """Prepares config.data (or finds it in the cache) and returns the prepared directory.
 
-  With `tokenizer_path`, that SentencePiece model is used as it is instead of training a new one
-  (fine-tuning on a source model's tokenizer); the cache key then includes its sha256.
+  With `tokenizer` (a loaded tokenizer: llm_jax's SentencePiece model, a tokenizer.json or a foreign
+  SentencePiece model, see llm_jax.data.hf_tokenizer) or `tokenizer_path` (a file load_tokenizer opens),
+  that tokenizer is used as it is instead of training a new one (fine-tuning on a source model's
+  tokenizer); documents are separated by its EOS id and the cache key includes its identity.
   """
   _check(config)
-  key = cache_key(config, tokenizer_path)
+  if tokenizer is None and tokenizer_path:
+    tokenizer = hf_tokenizer.load_tokenizer(tokenizer_path)
+  key = cache_key(config, tokenizer)
   root = cache_root(config)
   final = os.path.join(root, key)
   if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
@@ -126,7 +136,7 @@ def prepare(config, progress: bool | None = None, tokenizer_path: str | None = N
       key,
       tmp,
       progress=sys.stderr.isatty() if progress is None else progress,
-      tokenizer_path=tokenizer_path,
+      tokenizer=tokenizer,
     )
     try:
       os.rename(tmp, final)
@@ -140,10 +150,11 @@ def prepare(config, progress: bool | None = None, tokenizer_path: str | None = N
 
 
 def export_to(p: Prepared, workdir: str) -> None:
-  """Copies manifest.json, DATA_CARD.md and tokenizer.model into a run directory."""
+  """Copies manifest.json, DATA_CARD.md and the tokenizer's files into a run directory."""
   os.makedirs(workdir, exist_ok=True)
-  for name in (manifest_lib.MANIFEST, manifest_lib.DATA_CARD, manifest_lib.TOKENIZER):
-    src = os.path.join(p.dir, name)
+  names = (manifest_lib.MANIFEST, manifest_lib.DATA_CARD)
+  for src in [os.path.join(p.dir, n) for n in names] + p.tokenizer_files():
+    name = os.path.basename(src)
     tmp = os.path.join(workdir, name + ".partial")
     shutil.copyfile(src, tmp)
     os.replace(tmp, os.path.join(workdir, name))

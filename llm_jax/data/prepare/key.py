@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 
-from llm_jax.data import removals, sources
+from llm_jax.data import hf_tokenizer, removals, sources
 
 VERSION = 4  # bump when the pipeline's output changes for the same inputs and config
 # config.data fields that do not change the prepared data (loader-side knobs, resources, strictness).
@@ -36,9 +36,14 @@ def data_config(config) -> dict:
   return json.loads(config.data.to_json_best_effort())
 
 
-def cache_key(config, tokenizer_path: str | None = None) -> str:
+def cache_key(config, tokenizer=None) -> str:
   """Hash of (pipeline version, input files, exclude file, the config.data fields that shape the output,
-  the sha256 of a given tokenizer)."""
+  a given tokenizer's identity).
+
+  `tokenizer` (a loaded tokenizer or a path load_tokenizer opens) is one used as it is instead of a
+  trained one. llm_jax's own SentencePiece model counts by its sha256 (the keys of existing caches);
+  any other by `hf_tokenizer.identity` (file hash, kind and special ids), so it never reuses our shards.
+  """
   d = config.data
   cfg = {k: v for k, v in data_config(config).items() if k not in NOT_IN_KEY}
   if not cfg.get("tokenizer", {}).get("encoder_pieces", True):  # off: the key of configs without it
@@ -51,7 +56,8 @@ def cache_key(config, tokenizer_path: str | None = None) -> str:
     "exclude": removals.read(d.exclude).sha256 if d.exclude else None,
   }
   key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
-  if tokenizer_path:
-    with open(tokenizer_path, "rb") as f:
-      key = hashlib.sha256((key + hashlib.sha256(f.read()).hexdigest()).encode()).hexdigest()[:20]
+  if tokenizer:
+    if isinstance(tokenizer, str):
+      tokenizer = hf_tokenizer.load_tokenizer(tokenizer)
+    key = hashlib.sha256((key + hf_tokenizer.identity(tokenizer)).encode()).hexdigest()[:20]
   return key

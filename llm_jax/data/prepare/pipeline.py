@@ -58,7 +58,7 @@ def clean_corpus(
   return recs
 
 
-def build(config, key: str, out_dir: str, progress: bool, tokenizer_path: str | None = None) -> None:
+def build(config, key: str, out_dir: str, progress: bool, tokenizer=None) -> None:
   """Prepares config.data into out_dir: shards, document lists, tokenizer, DATA_CARD.md, manifest.json."""
   d = config.data
   stages = _Stages()
@@ -74,7 +74,7 @@ def build(config, key: str, out_dir: str, progress: bool, tokenizer_path: str | 
   stages.lap("clean")
   sel = select.select(recs, config, len(bad.messages), req)
   stages.lap("dedup")
-  tok = write.tokenizer(sel.by_split["train"], d.tokenizer, out_dir, tokenizer_path)
+  tok = write.tokenizer(sel.by_split["train"], d.tokenizer, out_dir, tokenizer)
   domains = sorted({r.doc.domain for r in sel.kept})
   stages.lap("train_tokenizer")
   written = write.shards(sel.by_split, tok, domains, out_dir, d.shard_tokens, workers, progress)

@@ -5,13 +5,35 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 
-from llm_jax.data import manifest as manifest_lib
-from llm_jax.data import scrub
+from llm_jax.data import hf_tokenizer, scrub
 from llm_jax.data.prepare.key import VERSION, data_config
 from llm_jax.data.prepare.select import Selection
 from llm_jax.data.prepare.write import Written
 from llm_jax.data.tokenizer import Tokenizer
+
+
+def _tokenizer_entry(tok, t) -> dict:
+  """manifest.json's "tokenizer": file, sha256, size, kind and special ids (the shards' EOS is eos_id)."""
+  entry = {
+    "path": os.path.basename(tok.path),
+    "sha256": tok.sha256,
+    "vocab_size": tok.vocab_size,
+    "type": t.type,
+    "lowercase": t.lowercase,
+    "pad_id": tok.pad_id,
+    "bos_id": tok.bos_id,
+    "eos_id": tok.eos_id,
+    "unk_id": tok.unk_id,
+  }
+  if not hf_tokenizer.is_own(tok):  # given by a source model: not trained with data.tokenizer.*
+    entry.update(
+      type=type(tok).__name__,
+      lowercase=False,
+      files=[os.path.basename(f) for f in hf_tokenizer.tokenizer_files(tok.path)],
+    )
+  return entry
 
 
 def manifest(
@@ -54,17 +76,7 @@ def manifest(
     },
     "paragraphs": sel.paragraphs,
     "exclusions": sel.removals,
-    "tokenizer": {
-      "path": manifest_lib.TOKENIZER,
-      "sha256": tok.sha256,
-      "vocab_size": tok.vocab_size,
-      "type": t.type,
-      "lowercase": t.lowercase,
-      "pad_id": tok.pad_id,
-      "bos_id": tok.bos_id,
-      "eos_id": tok.eos_id,
-      "unk_id": tok.unk_id,
-    },
+    "tokenizer": _tokenizer_entry(tok, t),
     "shards": written.shards,
     "document_lists": written.document_lists,
     "summary": {

@@ -7,10 +7,10 @@ import collections
 import dataclasses
 import json
 import os
-import shutil
 
 import tqdm
 
+from llm_jax.data import hf_tokenizer
 from llm_jax.data import manifest as manifest_lib
 from llm_jax.data import shards as shards_lib
 from llm_jax.data.prepare.clean import Record
@@ -19,12 +19,12 @@ from llm_jax.data.tokenizer import ENCODER_PIECES, Tokenizer, train_tokenizer
 _ENCODE_BATCH = 512
 
 
-def tokenizer(train: list[Record], t, out_dir: str, tokenizer_path: str | None) -> Tokenizer:
-  """`tokenizer_path` copied as it is, else a SentencePiece model trained on the training split (config t)."""
+def tokenizer(train: list[Record], t, out_dir: str, given=None):
+  """`given` (a loaded tokenizer) saved as it is, else a SentencePiece model trained on the training split
+  (config t); returned as loaded from out_dir."""
+  if given is not None:
+    return hf_tokenizer.load_tokenizer(hf_tokenizer.save_tokenizer(given, out_dir))
   path = os.path.join(out_dir, manifest_lib.TOKENIZER)
-  if tokenizer_path:
-    shutil.copyfile(tokenizer_path, path)
-    return Tokenizer.load(path)
   return train_tokenizer(
     (r.doc.text for r in train),
     path,
@@ -58,7 +58,7 @@ def _write_split(
   progress: bool,
   out: Written,
 ) -> None:
-  writer = shards_lib.ShardWriter(out_dir, split, tok.vocab_size, shard_tokens)
+  writer = shards_lib.ShardWriter(out_dir, split, tok.vocab_size, shard_tokens, eos_id=tok.eos_id)
   counts = collections.defaultdict(lambda: {"documents": 0, "tokens": 0, "bytes": 0})
   list_path = os.path.join(out_dir, f"{split}-documents.jsonl")
   bar = tqdm.tqdm(total=len(rs), desc=f"tokenize {split}", unit="doc", disable=not progress)
