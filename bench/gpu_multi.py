@@ -108,9 +108,8 @@ def main(argv=None) -> int:
   peaks = [metrics_lib.device_memory_stats(d).get("peak_bytes_in_use", 0) for d in jax.local_devices()]
   est = dry_run.estimate(config, n, platform=jax.devices()[0].platform)
   dev = jax.devices()[0]
-  mfu = metrics_lib.mfu(
-    model.cfg.flops_per_token(tr.seq_len), tokens_per_s, n, metrics_lib.peak_flops(dev.device_kind, dev.platform)
-  )
+  peak = metrics_lib.peak_flops(dev.device_kind, dev.platform)
+  mfu = metrics_lib.mfu(model.cfg.flops_per_token(tr.seq_len), tokens_per_s, n, peak)
   row = {
     "label": args.label or f"{os.path.basename(args.config)} {args.mesh}",
     "config": args.config,
