@@ -9,6 +9,7 @@ K kv heads, H head dim, F mlp dim, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -32,6 +33,41 @@ def _dtype(name: str):
 
 def _normal(std: float):
   return nn.initializers.normal(stddev=std)
+
+
+def norm_stats(x_BLD, cfg: ModelConfig):
+  """(mean or None for RMSNorm, 1/std) [B, L, 1] in float32: flax's LayerNorm / RMSNorm statistics,
+  for the decode path whose norm is folded into the next matmul (decode lever "norm")."""
+  x_BLD = x_BLD.astype(jnp.float32)
+  mean2_BL1 = jnp.mean(jnp.square(x_BLD), axis=-1, keepdims=True)
+  if cfg.norm == "rmsnorm":
+    return None, jax.lax.rsqrt(mean2_BL1 + cfg.norm_eps)
+  mean_BL1 = jnp.mean(x_BLD, axis=-1, keepdims=True)
+  var_BL1 = jnp.maximum(0.0, mean2_BL1 - jnp.square(mean_BL1))
+  return mean_BL1, jax.lax.rsqrt(var_BL1 + cfg.norm_eps)
+
+
+def fused_dense(x_BLD, kernel, bias, dtype, stats=None, colsum=None):
+  """x @ kernel [D, ...] (+ bias) for the decode levers' concatenated matrices.
+
+  Without `stats` this is flax's Dense arithmetic (inputs and output in `dtype`). With the
+  statistics of x's norm (`norm_stats`) it is norm(x) @ W + b for a kernel prepared as scale * W,
+  bias as norm bias @ W + b and colsum as the kernel's column sums (model.levers.fold_norm):
+  (x @ kernel - mean * colsum) / std + bias, accumulated and finished in float32.
+  """
+  x_BLD = x_BLD.astype(dtype)
+  if stats is None:
+    y = jnp.einsum("bld,d...->bl...", x_BLD, kernel.astype(dtype))
+    return y if bias is None else y + bias.astype(dtype)
+  mean_BL1, rstd_BL1 = stats
+  acc = jnp.einsum("bld,d...->bl...", x_BLD, kernel.astype(dtype), preferred_element_type=jnp.float32)
+  lead = acc.shape[:2] + (1,) * (acc.ndim - 2)
+  if mean_BL1 is not None:
+    acc = acc - mean_BL1.reshape(lead) * colsum.astype(jnp.float32)
+  acc = acc * rstd_BL1.reshape(lead)
+  if bias is not None:
+    acc = acc + bias.astype(jnp.float32)
+  return acc.astype(dtype)
 
 
 class Norm(nn.Module):
@@ -77,10 +113,16 @@ class Attention(nn.Module):
     decode: bool = False,
     deterministic: bool = True,
     layer=None,
+    stats=None,
+    kv=None,
   ):
+    """`stats` (decode lever "norm"): x is the block input and its norm is folded into the fused
+    projection. `kv` (decode lever "kv"): this layer's [2, B, K, S, H] of the one cache; the call then
+    returns (output, (keys, values)) and the caller writes them (Decoder.hidden)."""
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    levers = c.levers() if decode else frozenset()
 
     def proj(name, heads, axes):
       return nn.DenseGeneral(
@@ -94,9 +136,15 @@ class Attention(nn.Module):
         name=name,
       )(x_BLD)
 
-    q_BLNH = proj("query", c.num_heads, ("heads", "kv"))
-    k_BLKH = proj("key", c.num_kv_heads, ("kv_heads", "kv"))
-    v_BLKH = proj("value", c.num_kv_heads, ("kv_heads", "kv"))
+    if "qkv" in levers:  # one matmul for queries, keys and values (model.levers.fuse_qkv)
+      n, kh = c.num_heads, c.num_kv_heads
+      kernel, bias, colsum = self._fused_params(n + 2 * kh, stats)
+      qkv_BLAH = fused_dense(x_BLD, kernel, bias, dt, stats, colsum)
+      q_BLNH, k_BLKH, v_BLKH = jnp.split(qkv_BLAH, [n, n + kh], axis=2)
+    else:
+      q_BLNH = proj("query", c.num_heads, ("heads", "kv"))
+      k_BLKH = proj("key", c.num_kv_heads, ("kv_heads", "kv"))
+      v_BLKH = proj("value", c.num_kv_heads, ("kv_heads", "kv"))
     if c.positions == "rope":
       freq_h = rope_scaled_frequencies(c)
       q_BLNH = rope(q_BLNH, positions_BL, c.rope_theta, freq_h)
@@ -107,7 +155,11 @@ class Attention(nn.Module):
 
     if decode and not c.causal:
       raise ValueError("model.causal=False (an encoder) has no KV-cache decoding")
-    if decode:
+    new_kv = None
+    if decode and "kv" in levers:
+      out_BLNH = self._one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv)
+      new_kv = (k_BLKH, v_BLKH)
+    elif decode:
       out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, layer)
     elif c.attention_dropout > 0 and not deterministic:
       out_BLNH = self._dropout_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
@@ -121,7 +173,7 @@ class Attention(nn.Module):
         q_BLNH, k_BLKH, v_BLKH, is_causal=c.causal, implementation=c.attention
       )
     out_BLNH = _constrain(out_BLNH, ("batch", "length", "act_heads", None))
-    return nn.DenseGeneral(
+    out_BLD = nn.DenseGeneral(
       c.d_model,
       axis=(-2, -1),
       use_bias=c.use_bias,
@@ -132,6 +184,50 @@ class Attention(nn.Module):
       bias_init=_lp(nn.initializers.zeros, ("embed",)),
       name="out",
     )(out_BLNH)
+    return out_BLD if new_kv is None else (out_BLD, new_kv)
+
+  def _fused_params(self, heads: int, stats):
+    """(kernel [D, heads, H], bias [heads, H] or None, colsum [heads, H] or None) of the "qkv" lever."""
+    c = self.cfg
+    pdt, zeros = _dtype(c.param_dtype), nn.initializers.zeros
+    kernel = self.param("qkv_kernel", zeros, (c.d_model, heads, c.head_dim), pdt)
+    bias = self.param("qkv_bias", zeros, (heads, c.head_dim), pdt) if c.use_bias else None
+    colsum = None
+    if stats is not None and c.norm != "rmsnorm":
+      colsum = self.param("qkv_colsum", zeros, (heads, c.head_dim), jnp.float32)
+    return kernel, bias, colsum
+
+  def _one_cache_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL, kv_2BKSH):
+    """Attention over the one cache's positions before this call plus this call's own keys (decode
+    lever "kv"): nothing is written here; the caller writes every layer's keys and values at once.
+
+    Softmax over [cache positions < each row's start, then this call's L keys causally]; the
+    same scores and float32 softmax as `_cached_attention`, whose cache holds the same keys.
+    """
+    c = self.cfg
+    b, length, n, h = q_BLNH.shape
+    kh = c.num_kv_heads
+    span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
+    k_BKSH, v_BKSH = kv_2BKSH[0, :, :, :span], kv_2BKSH[1, :, :, :span]
+    q_BKGLH = q_BLNH.reshape(b, length, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
+    f32, scale = jnp.float32, jnp.array(1.0 / math.sqrt(h), jnp.float32)
+    k_BKSH = k_BKSH.astype(q_BLNH.dtype)
+    dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=f32)
+    old_BKGLS = dot("bkglh,bksh->bkgls", q_BKGLH, k_BKSH)
+    new_BKGLM = dot("bkglh,bmkh->bkglm", q_BKGLH, k_BLKH)
+    floor = -0.7 * float(jnp.finfo(jnp.float32).max)
+    old_mask_B11LS = jnp.arange(span)[None, None, None, None, :] < positions_BL[:, None, None, :1, None]
+    new_mask_LM = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
+    old_BKGLS = jnp.where(old_mask_B11LS, old_BKGLS * scale, floor)
+    new_BKGLM = jnp.where(new_mask_LM, new_BKGLM * scale, floor)
+    p_BKGLT = jax.nn.softmax(jnp.concatenate([old_BKGLS, new_BKGLM], axis=-1), axis=-1)
+    p_BKGLT = p_BKGLT.astype(k_BKSH.dtype)
+    out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_BKGLT[..., :span], v_BKSH, preferred_element_type=f32)
+    out_BKGLH += jnp.einsum(
+      "bkglm,bmkh->bkglh", p_BKGLT[..., span:], v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
+    )
+    return out_BKGLH.astype(q_BLNH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     """Attention with dropout on the probabilities (training only; XLA, not fused)."""
@@ -208,10 +304,13 @@ class Mlp(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD):
+  def __call__(self, x_BLD, decode: bool = False, stats=None):
+    """`decode` applies the decode levers: with "qkv" SwiGLU's gate and up are one [D, 2, F] matmul,
+    with "norm" (`stats` of x given) the norm is folded into that first matmul ("in_*" parameters)."""
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    levers = c.levers() if decode else frozenset()
 
     def dense(name, feat, axes, std):
       return nn.Dense(
@@ -227,7 +326,18 @@ class Mlp(nn.Module):
 
     # The activations carry custom gradients: autodiff would also keep tanh/sigmoid outputs
     # [B, L, F] for the backward pass, one more write and read of the MLP's largest tensor.
-    if c.activation == "swiglu":
+    swi = c.activation == "swiglu"
+    if "norm" in levers or (swi and "qkv" in levers):  # model.levers: fuse_qkv, fold_norm
+      shape = (c.d_model, 2, c.mlp_dim) if swi else (c.d_model, c.mlp_dim)
+      zeros = nn.initializers.zeros
+      kernel = self.param("in_kernel", zeros, shape, pdt)
+      bias = self.param("in_bias", zeros, shape[1:], pdt) if c.use_bias else None
+      colsum = None
+      if stats is not None and c.norm != "rmsnorm":
+        colsum = self.param("in_colsum", zeros, shape[1:], jnp.float32)
+      h = fused_dense(x_BLD, kernel, bias, dt, stats, colsum)
+      h_BLF = swiglu(h[:, :, 0], h[:, :, 1]) if swi else gelu_tanh(h)
+    elif c.activation == "swiglu":
       h_BLF = swiglu(
         dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
         dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
@@ -251,24 +361,62 @@ class Block(nn.Module):
     layer = None
     if isinstance(x_BLD, tuple):  # decoding under nn.scan: carry (x, layer index), stacked cache
       x_BLD, layer = x_BLD
+    kv = None
+    if isinstance(x_BLD, dict):  # decode lever "kv": {"x": x, "kv": this layer's [2, B, K, S, H]}
+      x_BLD, kv = x_BLD["x"], x_BLD["kv"]
+    levers = c.levers() if self.decode else frozenset()
     drop = nn.Dropout(c.dropout)
+    if "norm" in levers:  # folded into the next matmuls: only the statistics are computed here
+      attn_in, attn_stats = x_BLD, norm_stats(x_BLD, c)
+    else:
+      attn_in, attn_stats = Norm(c, name="norm_attn")(x_BLD), None
     h = Attention(c, decode_span=self.decode_span, name="attn")(
-      Norm(c, name="norm_attn")(x_BLD),
+      attn_in,
       positions_BL,
       segment_ids_BL,
       decode=self.decode,
       deterministic=deterministic,
       layer=layer,
+      stats=attn_stats,
+      kv=kv,
     )
+    new_kv = None
+    if "kv" in levers:
+      h, new_kv = h
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
-    h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
+    if "norm" in levers:
+      h = Mlp(c, name="mlp")(x_BLD, decode=True, stats=norm_stats(x_BLD, c))
+    else:
+      h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD), decode=self.decode)
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
+    if new_kv is not None:
+      return x_BLD, new_kv
     if layer is not None:
       return (x_BLD, layer + 1), None
     if self.cfg.scan_layers:
       return x_BLD, None
     return x_BLD
+
+
+class KVCache(nn.Module):
+  """The one KV cache of decode lever "kv": [layers, 2 (keys, values), B, K, S, H], written once per call
+  with every layer's keys and values (one scatter instead of two per layer)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, batch: int, new_BLA2KH=None, positions_BL=None):
+    c = self.cfg
+    shape = (c.num_layers, 2, batch, c.num_kv_heads, c.max_seq_len, c.head_dim)
+    cache = self.variable("cache", "kv", jnp.zeros, shape, _dtype(c.dtype))
+    if new_BLA2KH is not None and not self.is_initializing():
+      b, length = positions_BL.shape
+      rows_BL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
+      pos_BL = positions_BL[:, :1] + jnp.arange(length)[None, :]
+      # (row, position) slots [B, L], each [layers, 2, K, H]
+      cache.value = cache.value.at[:, :, rows_BL, :, pos_BL, :].set(new_BLA2KH.astype(cache.value.dtype))
+    return cache.value
 
 
 _REMAT_POLICIES = {
@@ -296,6 +444,11 @@ class Decoder(nn.Module):
       self.pos_embedding = self.param(
         "pos_embedding", _lp(_normal(c.init_std / 2), (None, "embed")), (c.max_seq_len, c.d_model), pdt
       )
+    levers = c.levers() if self.decode else frozenset()
+    if levers and c.scan_layers:
+      raise ValueError("decode_levers need per-layer parameters (model.unstack_layers(levers=...))")
+    if "kv" in levers:
+      self.kv_cache = KVCache(c)
     block = Block
     if c.remat != "none":
       block = nn.remat(
@@ -340,7 +493,16 @@ class Decoder(nn.Module):
       x_BLD = x_BLD + jnp.take(self.pos_embedding, positions_BL, axis=0).astype(dt)
     x_BLD = self.drop(x_BLD, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
-    if c.scan_layers and self.decode and not self.is_initializing():
+    if self.decode and "kv" in c.levers():
+      b = tokens_BL.shape[0]
+      cache = self.kv_cache(b)
+      new = []
+      for i, blk in enumerate(self.blocks):
+        layer_in = {"x": x_BLD, "kv": cache[i]}
+        x_BLD, (k_BLKH, v_BLKH) = blk(layer_in, positions_BL, segment_ids_BL, deterministic)
+        new.append(jnp.stack([k_BLKH, v_BLKH], axis=2))
+      self.kv_cache(b, jnp.stack(new, axis=2), positions_BL)
+    elif c.scan_layers and self.decode and not self.is_initializing():
       (x_BLD, _), _ = self.blocks((x_BLD, jnp.int32(0)), positions_BL, segment_ids_BL, deterministic)
     elif c.scan_layers:
       x_BLD, _ = self.blocks(x_BLD, positions_BL, segment_ids_BL, deterministic)
