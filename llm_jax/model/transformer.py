@@ -221,11 +221,15 @@ class Attention(nn.Module):
     new_mask_LM = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
     old_BKGLS = jnp.where(old_mask_B11LS, old_BKGLS * scale, floor)
     new_BKGLM = jnp.where(new_mask_LM, new_BKGLM * scale, floor)
-    p_BKGLT = jax.nn.softmax(jnp.concatenate([old_BKGLS, new_BKGLM], axis=-1), axis=-1)
-    p_BKGLT = p_BKGLT.astype(k_BKSH.dtype)
-    out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_BKGLT[..., :span], v_BKSH, preferred_element_type=f32)
+    # softmax over both parts without concatenating them (a copy of the scores per layer)
+    max_BKGL1 = jnp.maximum(old_BKGLS.max(-1, keepdims=True), new_BKGLM.max(-1, keepdims=True))
+    old_BKGLS, new_BKGLM = jnp.exp(old_BKGLS - max_BKGL1), jnp.exp(new_BKGLM - max_BKGL1)
+    sum_BKGL1 = old_BKGLS.sum(-1, keepdims=True) + new_BKGLM.sum(-1, keepdims=True)
+    p_old_BKGLS = (old_BKGLS / sum_BKGL1).astype(k_BKSH.dtype)
+    p_new_BKGLM = (new_BKGLM / sum_BKGL1).astype(k_BKSH.dtype)
+    out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_old_BKGLS, v_BKSH, preferred_element_type=f32)
     out_BKGLH += jnp.einsum(
-      "bkglm,bmkh->bkglh", p_BKGLT[..., span:], v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
+      "bkglm,bmkh->bkglh", p_new_BKGLM, v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
     )
     return out_BKGLH.astype(q_BLNH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
