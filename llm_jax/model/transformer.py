@@ -215,7 +215,12 @@ class Attention(nn.Module):
     k_BKSH = k_BKSH.astype(q_BLNH.dtype)
     dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=f32)
     old_BKGLS = dot("bkglh,bksh->bkgls", q_BKGLH, k_BKSH)
-    new_BKGLM = dot("bkglh,bmkh->bkglm", q_BKGLH, k_BLKH)
+    k_BMK1H, v_BMK1H = k_BLKH[:, :, :, None], v_BLKH[:, :, :, None].astype(k_BKSH.dtype)
+    if length == 1:  # one query: elementwise products that fuse with the softmax, not a batched gemm
+      k_BK11H = k_BMK1H[:, 0, :, :, None].astype(f32)
+      new_BKGLM = (q_BKGLH.astype(f32) * k_BK11H).sum(-1, keepdims=True)
+    else:
+      new_BKGLM = dot("bkglh,bmkh->bkglm", q_BKGLH, k_BLKH)
     floor = -0.7 * float(jnp.finfo(jnp.float32).max)
     old_mask_B11LS = jnp.arange(span)[None, None, None, None, :] < positions_BL[:, None, None, :1, None]
     new_mask_LM = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
@@ -228,9 +233,12 @@ class Attention(nn.Module):
     p_old_BKGLS = (old_BKGLS / sum_BKGL1).astype(k_BKSH.dtype)
     p_new_BKGLM = (new_BKGLM / sum_BKGL1).astype(k_BKSH.dtype)
     out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_old_BKGLS, v_BKSH, preferred_element_type=f32)
-    out_BKGLH += jnp.einsum(
-      "bkglm,bmkh->bkglh", p_new_BKGLM, v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
-    )
+    if length == 1:
+      out_BKGLH += p_new_BKGLM.astype(f32) * v_BMK1H[:, 0, :, :, None].astype(f32)
+    else:
+      out_BKGLH += jnp.einsum(
+        "bkglm,bmkh->bkglh", p_new_BKGLM, v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
+      )
     return out_BKGLH.astype(q_BLNH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
