@@ -9,7 +9,6 @@ K kv heads, H head dim, F mlp dim, V vocab.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 
 from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
+from llm_jax.model.fused import KVCache, fused_dense, fused_params, norm_stats, one_cache_attention
 from llm_jax.model.partitioning import constrain as _constrain
 from llm_jax.model.partitioning import gathering_dot as _gathering_dot
 from llm_jax.model.rope import rope, rope_scaled_frequencies
@@ -33,41 +33,6 @@ def _dtype(name: str):
 
 def _normal(std: float):
   return nn.initializers.normal(stddev=std)
-
-
-def norm_stats(x_BLD, cfg: ModelConfig):
-  """(mean or None for RMSNorm, 1/std) [B, L, 1] in float32: flax's LayerNorm / RMSNorm statistics,
-  for the decode path whose norm is folded into the next matmul (decode lever "norm")."""
-  x_BLD = x_BLD.astype(jnp.float32)
-  mean2_BL1 = jnp.mean(jnp.square(x_BLD), axis=-1, keepdims=True)
-  if cfg.norm == "rmsnorm":
-    return None, jax.lax.rsqrt(mean2_BL1 + cfg.norm_eps)
-  mean_BL1 = jnp.mean(x_BLD, axis=-1, keepdims=True)
-  var_BL1 = jnp.maximum(0.0, mean2_BL1 - jnp.square(mean_BL1))
-  return mean_BL1, jax.lax.rsqrt(var_BL1 + cfg.norm_eps)
-
-
-def fused_dense(x_BLD, kernel, bias, dtype, stats=None, colsum=None):
-  """x @ kernel [D, ...] (+ bias) for the decode levers' concatenated matrices.
-
-  Without `stats` this is flax's Dense arithmetic (inputs and output in `dtype`). With the
-  statistics of x's norm (`norm_stats`) it is norm(x) @ W + b for a kernel prepared as scale * W,
-  bias as norm bias @ W + b and colsum as the kernel's column sums (model.levers.fold_norm):
-  (x @ kernel - mean * colsum) / std + bias, accumulated and finished in float32.
-  """
-  x_BLD = x_BLD.astype(dtype)
-  if stats is None:
-    y = jnp.einsum("bld,d...->bl...", x_BLD, kernel.astype(dtype))
-    return y if bias is None else y + bias.astype(dtype)
-  mean_BL1, rstd_BL1 = stats
-  acc = jnp.einsum("bld,d...->bl...", x_BLD, kernel.astype(dtype), preferred_element_type=jnp.float32)
-  lead = acc.shape[:2] + (1,) * (acc.ndim - 2)
-  if mean_BL1 is not None:
-    acc = acc - mean_BL1.reshape(lead) * colsum.astype(jnp.float32)
-  acc = acc * rstd_BL1.reshape(lead)
-  if bias is not None:
-    acc = acc + bias.astype(jnp.float32)
-  return acc.astype(dtype)
 
 
 class Norm(nn.Module):
@@ -138,7 +103,7 @@ class Attention(nn.Module):
 
     if "qkv" in levers:  # one matmul for queries, keys and values (model.levers.fuse_qkv)
       n, kh = c.num_heads, c.num_kv_heads
-      kernel, bias, colsum = self._fused_params(n + 2 * kh, stats)
+      kernel, bias, colsum = fused_params(self, "qkv", (n + 2 * kh, c.head_dim), c, stats is not None)
       qkv_BLAH = fused_dense(x_BLD, kernel, bias, dt, stats, colsum)
       q_BLNH, k_BLKH, v_BLKH = jnp.split(qkv_BLAH, [n, n + kh], axis=2)
     else:
@@ -157,7 +122,8 @@ class Attention(nn.Module):
       raise ValueError("model.causal=False (an encoder) has no KV-cache decoding")
     new_kv = None
     if decode and "kv" in levers:
-      out_BLNH = self._one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv)
+      span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
+      out_BLNH = one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv, c, span)
       new_kv = (k_BLKH, v_BLKH)
     elif decode:
       out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, layer)
@@ -185,61 +151,6 @@ class Attention(nn.Module):
       name="out",
     )(out_BLNH)
     return out_BLD if new_kv is None else (out_BLD, new_kv)
-
-  def _fused_params(self, heads: int, stats):
-    """(kernel [D, heads, H], bias [heads, H] or None, colsum [heads, H] or None) of the "qkv" lever."""
-    c = self.cfg
-    pdt, zeros = _dtype(c.param_dtype), nn.initializers.zeros
-    kernel = self.param("qkv_kernel", zeros, (c.d_model, heads, c.head_dim), pdt)
-    bias = self.param("qkv_bias", zeros, (heads, c.head_dim), pdt) if c.use_bias else None
-    colsum = None
-    if stats is not None and c.norm != "rmsnorm":
-      colsum = self.param("qkv_colsum", zeros, (heads, c.head_dim), jnp.float32)
-    return kernel, bias, colsum
-
-  def _one_cache_attention(self, q_BLNH, k_BLKH, v_BLKH, positions_BL, kv_2BKSH):
-    """Attention over the one cache's positions before this call plus this call's own keys (decode
-    lever "kv"): nothing is written here; the caller writes every layer's keys and values at once.
-
-    Softmax over [cache positions < each row's start, then this call's L keys causally]; the
-    same scores and float32 softmax as `_cached_attention`, whose cache holds the same keys.
-    """
-    c = self.cfg
-    b, length, n, h = q_BLNH.shape
-    kh = c.num_kv_heads
-    span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
-    k_BKSH, v_BKSH = kv_2BKSH[0, :, :, :span], kv_2BKSH[1, :, :, :span]
-    q_BKGLH = q_BLNH.reshape(b, length, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
-    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
-    f32, scale = jnp.float32, jnp.array(1.0 / math.sqrt(h), jnp.float32)
-    k_BKSH = k_BKSH.astype(q_BLNH.dtype)
-    dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=f32)
-    old_BKGLS = dot("bkglh,bksh->bkgls", q_BKGLH, k_BKSH)
-    k_BMK1H, v_BMK1H = k_BLKH[:, :, :, None], v_BLKH[:, :, :, None].astype(k_BKSH.dtype)
-    if length == 1:  # one query: elementwise products that fuse with the softmax, not a batched gemm
-      k_BK11H = k_BMK1H[:, 0, :, :, None].astype(f32)
-      new_BKGLM = (q_BKGLH.astype(f32) * k_BK11H).sum(-1, keepdims=True)
-    else:
-      new_BKGLM = dot("bkglh,bmkh->bkglm", q_BKGLH, k_BLKH)
-    floor = -0.7 * float(jnp.finfo(jnp.float32).max)
-    old_mask_B11LS = jnp.arange(span)[None, None, None, None, :] < positions_BL[:, None, None, :1, None]
-    new_mask_LM = jnp.arange(length)[None, :] <= jnp.arange(length)[:, None]
-    old_BKGLS = jnp.where(old_mask_B11LS, old_BKGLS * scale, floor)
-    new_BKGLM = jnp.where(new_mask_LM, new_BKGLM * scale, floor)
-    # softmax over both parts without concatenating them (a copy of the scores per layer)
-    max_BKGL1 = jnp.maximum(old_BKGLS.max(-1, keepdims=True), new_BKGLM.max(-1, keepdims=True))
-    old_BKGLS, new_BKGLM = jnp.exp(old_BKGLS - max_BKGL1), jnp.exp(new_BKGLM - max_BKGL1)
-    sum_BKGL1 = old_BKGLS.sum(-1, keepdims=True) + new_BKGLM.sum(-1, keepdims=True)
-    p_old_BKGLS = (old_BKGLS / sum_BKGL1).astype(k_BKSH.dtype)
-    p_new_BKGLM = (new_BKGLM / sum_BKGL1).astype(k_BKSH.dtype)
-    out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_old_BKGLS, v_BKSH, preferred_element_type=f32)
-    if length == 1:
-      out_BKGLH += p_new_BKGLM.astype(f32) * v_BMK1H[:, 0, :, :, None].astype(f32)
-    else:
-      out_BKGLH += jnp.einsum(
-        "bkglm,bmkh->bkglh", p_new_BKGLM, v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
-      )
-    return out_BKGLH.astype(q_BLNH.dtype).transpose(0, 3, 1, 2, 4).reshape(b, length, n, h)
 
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     """Attention with dropout on the probabilities (training only; XLA, not fused)."""
@@ -340,13 +251,8 @@ class Mlp(nn.Module):
     # [B, L, F] for the backward pass, one more write and read of the MLP's largest tensor.
     swi = c.activation == "swiglu"
     if "norm" in levers or (swi and "qkv" in levers):  # model.levers: fuse_qkv, fold_norm
-      shape = (c.d_model, 2, c.mlp_dim) if swi else (c.d_model, c.mlp_dim)
-      zeros = nn.initializers.zeros
-      kernel = self.param("in_kernel", zeros, shape, pdt)
-      bias = self.param("in_bias", zeros, shape[1:], pdt) if c.use_bias else None
-      colsum = None
-      if stats is not None and c.norm != "rmsnorm":
-        colsum = self.param("in_colsum", zeros, shape[1:], jnp.float32)
+      shape = (2, c.mlp_dim) if swi else (c.mlp_dim,)
+      kernel, bias, colsum = fused_params(self, "in", shape, c, stats is not None)
       h = fused_dense(x_BLD, kernel, bias, dt, stats, colsum)
       h_BLF = swiglu(h[:, :, 0], h[:, :, 1]) if swi else gelu_tanh(h)
     elif c.activation == "swiglu":
@@ -409,26 +315,6 @@ class Block(nn.Module):
     if self.cfg.scan_layers:
       return x_BLD, None
     return x_BLD
-
-
-class KVCache(nn.Module):
-  """The one KV cache of decode lever "kv": [layers, 2 (keys, values), B, K, S, H], written once per call
-  with every layer's keys and values (one scatter instead of two per layer)."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, batch: int, new_BLA2KH=None, positions_BL=None):
-    c = self.cfg
-    shape = (c.num_layers, 2, batch, c.num_kv_heads, c.max_seq_len, c.head_dim)
-    cache = self.variable("cache", "kv", jnp.zeros, shape, _dtype(c.dtype))
-    if new_BLA2KH is not None and not self.is_initializing():
-      b, length = positions_BL.shape
-      rows_BL = jnp.broadcast_to(jnp.arange(b)[:, None], (b, length))
-      pos_BL = positions_BL[:, :1] + jnp.arange(length)[None, :]
-      # (row, position) slots [B, L], each [layers, 2, K, H]
-      cache.value = cache.value.at[:, :, rows_BL, :, pos_BL, :].set(new_BLA2KH.astype(cache.value.dtype))
-    return cache.value
 
 
 _REMAT_POLICIES = {
