@@ -4,8 +4,12 @@
 # NEW_TOKENS tokens at each batch size, best of 3 after a compile run; a table last. With
 # BEFORE=DIR (a checkout of another commit, e.g. `git worktree add /tmp/before HEAD~1`), the same
 # measurement also runs on that code, in its own process, for a before/after table from one machine.
+# VARIANTS (space-separated, default "none qkv kv qkv,norm qkv,norm,kv"): one row per set of decode
+# levers (ModelConfig.decode_levers; "none" = today's path); each row also gives the operations
+# (kernels) in one compiled decode step (llm_jax.eval.decode_kernels) at each batch size.
 #
 #   bash bench/gpu_decode.sh          # repository root; results under $OUT (default runs/bench/device)
+#   VARIANTS="none qkv,norm,kv" BATCHES=1,32 bash bench/gpu_decode.sh
 #
 # CPU smoke test:
 #   PY=.venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
@@ -18,6 +22,7 @@ VOCAB=${VOCAB:-50304}
 TOK_VOCAB=${TOK_VOCAB:-2000}
 BATCHES=${BATCHES:-1,8,32}
 NEW_TOKENS=${NEW_TOKENS:-256}
+VARIANTS=${VARIANTS:-none qkv kv qkv,norm qkv,norm,kv}
 W=${WORK:-/tmp/gpu_decode}
 mkdir -p "$W" "$OUT"
 rm -rf "$W/pkg" "$W"/*.json
@@ -45,12 +50,19 @@ timeout 150 $PY -m llm_jax.export --random_init "$CONFIG" --tokenizer "$W/tok.mo
 measure() {  # name, PYTHONPATH for llm_jax
   echo "=== $(el) decode tokens/s: $1 (batches $BATCHES, $NEW_TOKENS new tokens, best of 3)"
   # run from that code's directory: `python -` puts the working directory first on sys.path
-  (cd "$2" && PYTHONPATH="${PYTHONPATH//$PWD/$2}" timeout ${STAGE_TIMEOUT:-90} $PY - "$W/pkg" "$BATCHES" \
-    "$NEW_TOKENS" "$W/decode_$1.json" "$1") <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
+  local nv; nv=$(wc -w <<< "$VARIANTS")
+  (cd "$2" && PYTHONPATH="${PYTHONPATH//$PWD/$2}" timeout $(( ${STAGE_TIMEOUT:-90} * nv )) $PY - "$W/pkg" \
+    "$BATCHES" "$NEW_TOKENS" "$W/decode_$1.json" "$1" "$VARIANTS") <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
 import dataclasses, json, sys, time
 import jax, jax.numpy as jnp
 import llm_jax
 pkg, batches, new, out, name = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+variants = ["" if v == "none" else v for v in sys.argv[6].split()]
+try:  # code with decode levers and the per-step operation count
+  from llm_jax.eval import decode_kernels as K
+  from llm_jax.model import unstack_layers
+except ImportError:
+  K, variants = None, [""]
 try:  # code with the artifacts layer (one open_model; decode_speed in eval/precision.py)
   from llm_jax.artifacts import open_model
   from llm_jax.eval import precision as Q
@@ -63,14 +75,24 @@ params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32).astype(jnp.bfloat16)
 print(f"{name}: llm_jax from {llm_jax.__file__}; {jax.devices()[0].device_kind}: "
       f"{cfg.param_count():,} parameters, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}")
 rows = []
-for b in batches:
-  t0 = time.perf_counter()
-  tps = Q.decode_speed(params, cfg, b, new)
-  rows.append({"code": name, "batch": b, "tokens_per_s": tps, "ms_per_step": 1000 * b / tps})
-  print(f"{name:8s} batch {b:3d}: {tps:10.0f} tokens/s  {1000 * b / tps:7.3f} ms/step  "
-        f"(call {time.perf_counter() - t0:.1f} s incl. compile)", flush=True)
-  with open(out, "w") as f:
-    json.dump(rows, f)
+for lev in variants:
+  code = f"{name} {lev or 'none'}" if K is not None else name
+  if lev:
+    p, c = unstack_layers(params, cfg, levers=lev)
+  else:
+    p, c = params, cfg
+  for b in batches:
+    t0 = time.perf_counter()
+    tps = Q.decode_speed(p, c, b, new)
+    ops = K.step_ops(*unstack_layers(p, c), b, new) if K is not None else None
+    rows.append({"code": code, "batch": b, "tokens_per_s": tps, "ms_per_step": 1000 * b / tps,
+                 "ops_per_step": sum(ops.values()) if ops else None})
+    print(f"{code:20s} batch {b:3d}: {tps:10.0f} tokens/s  {1000 * b / tps:7.3f} ms/step  "
+          f"(call {time.perf_counter() - t0:.1f} s incl. compile)", flush=True)
+    if ops:
+      print(f"{'':20s} operations per step: {K.format_ops(ops)}", flush=True)
+    with open(out, "w") as f:
+      json.dump(rows, f)
 PY
 }
 measure after "$PWD"
@@ -82,10 +104,13 @@ $PY - "$W" <<'PY'
 import glob, json, os, sys
 rows = [r for p in sorted(glob.glob(os.path.join(sys.argv[1], "decode_*.json"))) for r in json.load(open(p))]
 bs = sorted({r["batch"] for r in rows})
-print("| code | " + " | ".join(f"batch {b}" for b in bs) + " |")
+print("| code, decode levers | " + " | ".join(f"batch {b}: tok/s (ms/step, ops/step)" for b in bs) + " |")
+print("| --- |" + " --- |" * len(bs))
+def cell(r):
+  ops = f", {r['ops_per_step']} ops" if r.get("ops_per_step") else ""
+  return f"{r['tokens_per_s']:,.0f} ({r['ms_per_step']:.2f} ms{ops})"
 for code in dict.fromkeys(r["code"] for r in rows):
   got = {r["batch"]: r for r in rows if r["code"] == code}
-  print(f"| {code} | " + " | ".join(
-      f"{got[b]['tokens_per_s']:,.0f} ({got[b]['ms_per_step']:.2f} ms)" if b in got else "-" for b in bs) + " |")
+  print(f"| {code} | " + " | ".join(cell(got[b]) if b in got else "-" for b in bs) + " |")
 PY
 echo "total $(( $(date +%s) - T0 )) s"

@@ -47,10 +47,11 @@ def windows(ids, length: int, max_windows: int) -> np.ndarray:
   return np.stack([np.asarray(ids[i * length : i * length + length + 1]) for i in range(n)])
 
 
-def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3) -> float:
-  """Generated tokens per second of greedy decoding at a batch size (compile excluded)."""
+def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3, *, levers: str = "") -> float:
+  """Generated tokens per second of greedy decoding at a batch size (compile excluded); `levers`:
+  the decode levers to prepare the parameters for (ModelConfig.decode_levers)."""
   new_tokens = min(new_tokens, cfg.max_seq_len - 8)
-  params, cfg = unstack_layers(params, cfg)  # as the server and the generate CLI decode
+  params, cfg = unstack_layers(params, cfg, levers=levers)  # as the server and the generate CLI decode
   prompts = [[1, 5 + i % 50, 6, 7, 8, 9, 10, 11] for i in range(batch)]
   b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
   state = b.start(params, cfg)

@@ -9,6 +9,7 @@ Log-probabilities are of the model's own distribution (before penalty, temperatu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any
 
@@ -20,6 +21,7 @@ from flax import struct
 
 from llm_jax.generate.sampling import chosen_logprob, sample
 from llm_jax.model import Decoder, ModelConfig, constraint_mesh, quantize
+from llm_jax.model import levers as levers_lib
 
 EOS_ID = 2
 PAD_ID = 0
@@ -88,7 +90,11 @@ def empty_state(cfg: ModelConfig, batch: int) -> DecodeState:
 
 def _abstract_params(cfg: ModelConfig):
   tokens = jnp.zeros((1, 1), jnp.int32)
-  return nn.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens))["params"])
+  base = dataclasses.replace(cfg, decode_levers="")
+  abstract = nn.unbox(jax.eval_shape(lambda: Decoder(base).init(jax.random.key(0), tokens))["params"])
+  if cfg.decode_levers:  # the layout the levers read (model/levers.py)
+    abstract = jax.eval_shape(lambda p: levers_lib.prepare(p, base, cfg.decode_levers)[0], abstract)
+  return abstract
 
 
 def empty_cache(cfg: ModelConfig, batch: int):
@@ -350,6 +356,8 @@ def shard_params(params, cfg: ModelConfig, mesh, rules):
   Run the decode functions inside `mesh_context(mesh, rules)`: the model's activation constraints
   then shard the KV cache like the key/value projections (kv heads over `tensor`).
   """
+  if cfg.decode_levers:
+    raise ValueError(f"decode_levers={cfg.decode_levers!r} are for one device; shard unprepared parameters")
   tokens = jnp.zeros((1, 1), jnp.int32)
   abstract = jax.eval_shape(lambda: Decoder(cfg).init(jax.random.key(0), tokens))["params"]
   shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)

@@ -8,6 +8,8 @@ import jax
 
 from llm_jax import config as config_lib
 
+DECODE_LEVERS = ("qkv", "norm", "kv")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -47,6 +49,22 @@ class ModelConfig:
   scan_unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, same parameters)
   logits_dtype: str = "float32"  # the head matmul's output dtype (the loss upcasts inside fusions)
   causal: bool = True  # False: bidirectional attention (an encoder; no KV-cache decoding)
+  # Decode-only rewrites, comma-separated, set together with the parameters they need by
+  # `model.unstack_layers(params, cfg, levers=...)` (never in training; docs/serving.md):
+  # "qkv" one [D, N+2K, H] query/key/value matmul (SwiGLU: one [D, 2, F] gate/up matmul);
+  # "norm" (with "qkv") the pre-attention and pre-MLP norms folded into the next matmul;
+  # "kv" one KV cache [layers, 2, B, K, S, H] written once per step for every layer.
+  decode_levers: str = ""
+
+  def levers(self) -> frozenset[str]:
+    """The set of `decode_levers` (unknown names or "norm" without "qkv" raise ValueError)."""
+    got = frozenset(x.strip() for x in self.decode_levers.split(",") if x.strip())
+    unknown = sorted(got - set(DECODE_LEVERS))
+    if unknown:
+      raise ValueError(f"decode_levers: unknown {unknown}; known: {', '.join(DECODE_LEVERS)}")
+    if "norm" in got and "qkv" not in got:
+      raise ValueError("decode_levers: 'norm' folds into the fused matmuls; it needs 'qkv' too")
+    return got
 
   @classmethod
   def from_config(cls, config, tokenizer_size: int | None = None, platform: str | None = None):

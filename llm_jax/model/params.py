@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llm_jax.model import levers as levers_lib
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.quantize import is_qtensor
 from llm_jax.model.transformer import Decoder
@@ -88,25 +89,32 @@ def count(params) -> int:
   return int(sum(int(np.prod(x.shape)) for x in leaves))
 
 
-def unstack_layers(params, cfg: ModelConfig):
+def unstack_layers(params, cfg: ModelConfig, *, levers: str = ""):
   """Scanned parameters ({'blocks': leaves [layers, ...]}) as one subtree per layer ('block_i').
 
   Returns (params, cfg with scan_layers=False): the same weights for a model whose layers are
   separate modules, so that each layer's matrices are buffers of their own. Decoding reads them in
   place; from the stacked layout XLA copies each layer's slice out again at every step. Works on
   int8 trees too (scales carry the layer axis as well). Unscanned parameters come back unchanged.
+
+  `levers` (e.g. "qkv,norm,kv"): also rearranges the weights for those decode levers
+  (model/levers.py) and sets cfg.decode_levers; such parameters are for decoding only.
   """
-  if not cfg.scan_layers:
-    return params, cfg
-  params = dict(params)
-  blocks = params.pop("blocks")
-  for i in range(cfg.num_layers):
-    params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
-  return params, dataclasses.replace(cfg, scan_layers=False)
+  if cfg.scan_layers:
+    params = dict(params)
+    blocks = params.pop("blocks")
+    for i in range(cfg.num_layers):
+      params[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    cfg = dataclasses.replace(cfg, scan_layers=False)
+  if levers:
+    params, cfg = levers_lib.prepare(params, cfg, levers)
+  return params, cfg
 
 
 def stack_layers(params, cfg: ModelConfig):
   """The inverse of unstack_layers: per-layer subtrees back to {'blocks': [layers, ...]}."""
+  if cfg.decode_levers:
+    raise ValueError(f"parameters prepared for decode_levers={cfg.decode_levers!r} do not stack back")
   if cfg.scan_layers:
     return params, cfg
   params = dict(params)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
+from llm_jax.model.fused import KVCache, fused_dense, fused_params, norm_stats, one_cache_attention
 from llm_jax.model.partitioning import constrain as _constrain
 from llm_jax.model.partitioning import gathering_dot as _gathering_dot
 from llm_jax.model.rope import rope, rope_scaled_frequencies
@@ -77,10 +78,16 @@ class Attention(nn.Module):
     decode: bool = False,
     deterministic: bool = True,
     layer=None,
+    stats=None,
+    kv=None,
   ):
+    """`stats` (decode lever "norm"): x is the block input and its norm is folded into the fused
+    projection. `kv` (decode lever "kv"): this layer's [2, B, K, S, H] of the one cache; the call then
+    returns (output, (keys, values)) and the caller writes them (Decoder.hidden)."""
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    levers = c.levers() if decode else frozenset()
 
     def proj(name, heads, axes):
       return nn.DenseGeneral(
@@ -94,9 +101,15 @@ class Attention(nn.Module):
         name=name,
       )(x_BLD)
 
-    q_BLNH = proj("query", c.num_heads, ("heads", "kv"))
-    k_BLKH = proj("key", c.num_kv_heads, ("kv_heads", "kv"))
-    v_BLKH = proj("value", c.num_kv_heads, ("kv_heads", "kv"))
+    if "qkv" in levers:  # one matmul for queries, keys and values (model.levers.fuse_qkv)
+      n, kh = c.num_heads, c.num_kv_heads
+      kernel, bias, colsum = fused_params(self, "qkv", (n + 2 * kh, c.head_dim), c, stats is not None)
+      qkv_BLAH = fused_dense(x_BLD, kernel, bias, dt, stats, colsum)
+      q_BLNH, k_BLKH, v_BLKH = jnp.split(qkv_BLAH, [n, n + kh], axis=2)
+    else:
+      q_BLNH = proj("query", c.num_heads, ("heads", "kv"))
+      k_BLKH = proj("key", c.num_kv_heads, ("kv_heads", "kv"))
+      v_BLKH = proj("value", c.num_kv_heads, ("kv_heads", "kv"))
     if c.positions == "rope":
       freq_h = rope_scaled_frequencies(c)
       q_BLNH = rope(q_BLNH, positions_BL, c.rope_theta, freq_h)
@@ -107,7 +120,12 @@ class Attention(nn.Module):
 
     if decode and not c.causal:
       raise ValueError("model.causal=False (an encoder) has no KV-cache decoding")
-    if decode:
+    new_kv = None
+    if decode and "kv" in levers:
+      span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
+      out_BLNH = one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv, c, span)
+      new_kv = (k_BLKH, v_BLKH)
+    elif decode:
       out_BLNH = self._cached_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, layer)
     elif c.attention_dropout > 0 and not deterministic:
       out_BLNH = self._dropout_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
@@ -121,7 +139,7 @@ class Attention(nn.Module):
         q_BLNH, k_BLKH, v_BLKH, is_causal=c.causal, implementation=c.attention
       )
     out_BLNH = _constrain(out_BLNH, ("batch", "length", "act_heads", None))
-    return nn.DenseGeneral(
+    out_BLD = nn.DenseGeneral(
       c.d_model,
       axis=(-2, -1),
       use_bias=c.use_bias,
@@ -132,6 +150,7 @@ class Attention(nn.Module):
       bias_init=_lp(nn.initializers.zeros, ("embed",)),
       name="out",
     )(out_BLNH)
+    return out_BLD if new_kv is None else (out_BLD, new_kv)
 
   def _dropout_attention(self, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     """Attention with dropout on the probabilities (training only; XLA, not fused)."""
@@ -208,10 +227,13 @@ class Mlp(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BLD):
+  def __call__(self, x_BLD, decode: bool = False, stats=None):
+    """`decode` applies the decode levers: with "qkv" SwiGLU's gate and up are one [D, 2, F] matmul,
+    with "norm" (`stats` of x given) the norm is folded into that first matmul ("in_*" parameters)."""
     c = self.cfg
     dt, pdt = _dtype(c.dtype), _dtype(c.param_dtype)
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
+    levers = c.levers() if decode else frozenset()
 
     def dense(name, feat, axes, std):
       return nn.Dense(
@@ -227,7 +249,13 @@ class Mlp(nn.Module):
 
     # The activations carry custom gradients: autodiff would also keep tanh/sigmoid outputs
     # [B, L, F] for the backward pass, one more write and read of the MLP's largest tensor.
-    if c.activation == "swiglu":
+    swi = c.activation == "swiglu"
+    if "norm" in levers or (swi and "qkv" in levers):  # model.levers: fuse_qkv, fold_norm
+      shape = (2, c.mlp_dim) if swi else (c.mlp_dim,)
+      kernel, bias, colsum = fused_params(self, "in", shape, c, stats is not None)
+      h = fused_dense(x_BLD, kernel, bias, dt, stats, colsum)
+      h_BLF = swiglu(h[:, :, 0], h[:, :, 1]) if swi else gelu_tanh(h)
+    elif c.activation == "swiglu":
       h_BLF = swiglu(
         dense("gate", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
         dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
@@ -251,19 +279,37 @@ class Block(nn.Module):
     layer = None
     if isinstance(x_BLD, tuple):  # decoding under nn.scan: carry (x, layer index), stacked cache
       x_BLD, layer = x_BLD
+    kv = None
+    if isinstance(x_BLD, dict):  # decode lever "kv": {"x": x, "kv": this layer's [2, B, K, S, H]}
+      x_BLD, kv = x_BLD["x"], x_BLD["kv"]
+    levers = c.levers() if self.decode else frozenset()
     drop = nn.Dropout(c.dropout)
+    if "norm" in levers:  # folded into the next matmuls: only the statistics are computed here
+      attn_in, attn_stats = x_BLD, norm_stats(x_BLD, c)
+    else:
+      attn_in, attn_stats = Norm(c, name="norm_attn")(x_BLD), None
     h = Attention(c, decode_span=self.decode_span, name="attn")(
-      Norm(c, name="norm_attn")(x_BLD),
+      attn_in,
       positions_BL,
       segment_ids_BL,
       decode=self.decode,
       deterministic=deterministic,
       layer=layer,
+      stats=attn_stats,
+      kv=kv,
     )
+    new_kv = None
+    if "kv" in levers:
+      h, new_kv = h
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
-    h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
+    if "norm" in levers:
+      h = Mlp(c, name="mlp")(x_BLD, decode=True, stats=norm_stats(x_BLD, c))
+    else:
+      h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD), decode=self.decode)
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
+    if new_kv is not None:
+      return x_BLD, new_kv
     if layer is not None:
       return (x_BLD, layer + 1), None
     if self.cfg.scan_layers:
@@ -296,6 +342,11 @@ class Decoder(nn.Module):
       self.pos_embedding = self.param(
         "pos_embedding", _lp(_normal(c.init_std / 2), (None, "embed")), (c.max_seq_len, c.d_model), pdt
       )
+    levers = c.levers() if self.decode else frozenset()
+    if levers and c.scan_layers:
+      raise ValueError("decode_levers need per-layer parameters (model.unstack_layers(levers=...))")
+    if "kv" in levers:
+      self.kv_cache = KVCache(c)
     block = Block
     if c.remat != "none":
       block = nn.remat(
@@ -340,7 +391,16 @@ class Decoder(nn.Module):
       x_BLD = x_BLD + jnp.take(self.pos_embedding, positions_BL, axis=0).astype(dt)
     x_BLD = self.drop(x_BLD, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
-    if c.scan_layers and self.decode and not self.is_initializing():
+    if self.decode and "kv" in c.levers():
+      b = tokens_BL.shape[0]
+      cache = self.kv_cache(b)
+      new = []
+      for i, blk in enumerate(self.blocks):
+        layer_in = {"x": x_BLD, "kv": cache[i]}
+        x_BLD, (k_BLKH, v_BLKH) = blk(layer_in, positions_BL, segment_ids_BL, deterministic)
+        new.append(jnp.stack([k_BLKH, v_BLKH], axis=2))
+      self.kv_cache(b, jnp.stack(new, axis=2), positions_BL)
+    elif c.scan_layers and self.decode and not self.is_initializing():
       (x_BLD, _), _ = self.blocks((x_BLD, jnp.int32(0)), positions_BL, segment_ids_BL, deterministic)
     elif c.scan_layers:
       x_BLD, _ = self.blocks(x_BLD, positions_BL, segment_ids_BL, deterministic)
