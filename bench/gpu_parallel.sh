@@ -8,7 +8,8 @@
 #   bash bench/gpu_parallel.sh 'train=bash bench/gpu_side_by_side.sh' \
 #     'decode=bash bench/gpu_decode.sh' 'serve1=bash bench/gpu_serve.sh'
 #
-# Jobs share the host's CPUs: compare host-bound figures (the server's) only with runs made the same way.
+# DEADLINE=S (seconds from the start, default none) stops every job still running at S, so that the
+# logs are packed before an outer time limit. Jobs share the host's CPUs: compare host-bound figures (the server's) only with runs made the same way.
 set -u
 OUT=${OUT:-runs/bench/parallel}
 mkdir -p "$OUT"
@@ -33,9 +34,14 @@ for job in "$@"; do
   name=${job%%=*} cmd=${job#*=}
   g=$(wait_gpu)
   mkdir -p "$RES/$name"
+  left=0  # timeout 0: no limit
+  if [ -n "${DEADLINE:-}" ]; then
+    left=$(( DEADLINE - ($(date +%s) - T0) ))
+    [ "$left" -gt 5 ] || { echo "$name: not started, past the deadline" | tee "$OUT/$name.log"; continue; }
+  fi
   echo "[$(( $(date +%s) - T0 ))s] $name on GPU $g: $cmd"
   CUDA_VISIBLE_DEVICES=$g OUT="$RES/$name" WORK="/tmp/gpu_parallel_work_$name" PORT=$((8800 + i)) \
-    bash -c "$cmd" > "$OUT/$name.log" 2>&1 &
+    timeout -k 5 "$left" bash -c "$cmd" > "$OUT/$name.log" 2>&1 &
   BUSY[$g]=$!
   i=$((i + 1))
   sleep 1
