@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
+from llm_jax.model.fp8 import fp8_dot_general
 from llm_jax.model.partitioning import constrain as _constrain
 from llm_jax.model.partitioning import gathering_dot as _gathering_dot
 from llm_jax.model.rope import rope, rope_scaled_frequencies
@@ -203,9 +204,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+  """GELU MLP (GPT-2) or SwiGLU (LLaMA); `fp8`: its matmuls in FP8 (llm_jax.model.fp8)."""
 
   cfg: ModelConfig
+  fp8: bool = False
 
   @nn.compact
   def __call__(self, x_BLD):
@@ -220,7 +222,7 @@ class Mlp(nn.Module):
         dtype=dt,
         param_dtype=pdt,
         name=name,
-        dot_general=_gathering_dot(axes),
+        dot_general=_gathering_dot(axes, fp8=self.fp8),
         kernel_init=_lp(_normal(std), axes),
         bias_init=_lp(nn.initializers.zeros, axes[1:]),
       )
@@ -261,7 +263,8 @@ class Block(nn.Module):
       layer=layer,
     )
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
-    h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
+    # FP8 (model.fp8) in training and full-sequence passes; KV-cache decoding stays in the compute dtype
+    h = Mlp(c, fp8=c.fp8 and not self.decode, name="mlp")(Norm(c, name="norm_mlp")(x_BLD))
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
     if layer is not None:
@@ -269,6 +272,22 @@ class Block(nn.Module):
     if self.cfg.scan_layers:
       return x_BLD, None
     return x_BLD
+
+
+def head_logits(h_BLD, w_DV, cfg: ModelConfig, fp8: bool = False):
+  """The output head: h [B, L, D] @ w [D, V] in the compute dtype, written in cfg.logits_dtype.
+
+  Accumulates in float32; `fp8`: FP8 operands (llm_jax.model.fp8). The training loss's chunked path
+  (train.loss_chunks) calls this on slices of h, so both paths compute the same logits.
+  """
+  w_DV = w_DV.astype(h_BLD.dtype)
+  out_dtype = _dtype(cfg.logits_dtype)
+  if fp8:
+    dims = (((h_BLD.ndim - 1,), (0,)), ((), ()))
+    logits_BLV = fp8_dot_general(h_BLD, w_DV, dims, preferred_element_type=out_dtype)
+  else:
+    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=out_dtype)
+  return _constrain(logits_BLV, ("batch", "length", "act_vocab"))
 
 
 _REMAT_POLICIES = {
@@ -358,9 +377,7 @@ class Decoder(nn.Module):
 
     The matmul runs in the compute dtype with float32 accumulation and writes cfg.logits_dtype.
     """
-    w_DV = self.head_matrix().astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=_dtype(self.cfg.logits_dtype))
-    logits_BLV = _constrain(logits_BLV, ("batch", "length", "act_vocab"))
+    logits_BLV = head_logits(h_BLD, self.head_matrix(), self.cfg, fp8=self.cfg.fp8 and not self.decode)
     return logits_BLV if keep_dtype else logits_BLV.astype(jnp.float32)
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):
