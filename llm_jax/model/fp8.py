@@ -50,9 +50,7 @@ def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
 def _fp8_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype):
-  out, _ = _fp8_dot_fwd(
-    lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype
-  )
+  out, _ = _fp8_dot_fwd(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype)
   return out
 
 

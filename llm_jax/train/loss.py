@@ -64,7 +64,6 @@ def weighted_sums(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
   return jnp.sum(nll_BL * w_BL), z_sum, jnp.sum(w_BL)
 
 
-
 # ------------------------------------------------------------------ chunked head + loss (train.loss_chunks)
 
 
@@ -122,9 +121,7 @@ def _chunked(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks):
 def _chunked_fwd(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks):
   # The loss is a sum, so its gradient is computed here, slice by slice, and only scaled in the
   # backward pass: no slice's logits are kept or recomputed (3 head matmuls, as without slices).
-  nll, z, dw_DV, dh_nBCD = _chunked_scan(
-    h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, True
-  )
+  nll, z, dw_DV, dh_nBCD = _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, True)
   dh_BLD = _from_chunks(dh_nBCD, h_BLD.shape[1])
   return (nll + z, (nll, z)), (dh_BLD, dw_DV, targets_BL, weights_BL)
 
