@@ -1,4 +1,5 @@
-"""Times the kernels jax itself ships for GPUs against what the model uses today, forward + backward, at
+"""Times the kernels jax itself ships for GPUs against what the model uses today (and model.fp8's matmul
+against bf16, counting the FP8 GEMMs XLA emitted), forward + backward, at
 gpt_small's per-pass shapes (docs/performance.md, "Kernel libraries"). One JSON line per kernel; a kernel
 that cannot run here (no GPU, unsupported shape, API changed) prints its error and the rest go on.
 
@@ -15,6 +16,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from llm_jax.model.fp8 import fp8_dot_general
 
 
 def _pallas(name: str):
@@ -89,6 +92,27 @@ def layer_norm_rows(b, length, dm, reps):
     yield name, lambda f=f: _time(_fwd_bwd(f), (x, w, bias, ct), reps), None
 
 
+def fp8_rows(rows, dm, reps):
+  """model.fp8's matmul against bf16 at the MLP up-projection's shape, and whether XLA emitted FP8 GEMMs."""
+  x = jax.random.normal(jax.random.key(3), (rows, dm), jnp.bfloat16)
+  w = (0.02 * jax.random.normal(jax.random.key(4), (dm, 4 * dm))).astype(jnp.bfloat16)
+  ct = jax.random.normal(jax.random.key(5), (rows, 4 * dm), jnp.bfloat16)
+  dims = (((1,), (0,)), ((), ()))
+  flops = 3 * 2 * rows * dm * 4 * dm
+  for name, dot in {
+    "matmul bf16 (today)": jax.lax.dot_general,
+    "matmul fp8 (model.fp8)": fp8_dot_general,
+  }.items():
+
+    def run(dot=dot):
+      fn = _fwd_bwd(lambda a, b, _: dot(a, b, dims))
+      text = fn.lower(x, w, w, ct).compile().as_text()
+      gemms = text.count("__cublas$lt$matmul$f8")
+      return _time(fn, (x, w, w, ct), reps), f"{gemms} cuBLASLt FP8 GEMM calls in the compiled fwd+bwd"
+
+    yield name, run, flops
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--batch", type=int, default=16)
@@ -100,11 +124,14 @@ def main():
   print(json.dumps({"device": str(jax.devices()[0]), "jax": jax.__version__, **vars(a)}))
   rows = list(attention_rows(a.batch, a.length, a.heads, a.head_dim, a.reps))
   rows += list(layer_norm_rows(a.batch, a.length, a.heads * a.head_dim, a.reps))
+  rows += list(fp8_rows(a.batch * a.length, a.heads * a.head_dim, a.reps))
   for name, run, flops in rows:
     try:
-      ms = run()
+      ms, note = run(), ""
+      if isinstance(ms, tuple):
+        ms, note = ms
       tflops = round(flops / ms / 1e9, 1) if flops else None
-      print(json.dumps({"kernel": name, "ms_fwd_bwd": round(ms, 3), "tflops": tflops}))
+      print(json.dumps({"kernel": name, "ms_fwd_bwd": round(ms, 3), "tflops": tflops, "note": note}))
     except Exception as e:  # a kernel that cannot run here is a result, not a crash
       first = (str(e).strip().splitlines() or [""])[0]
       print(json.dumps({"kernel": name, "error": f"{type(e).__name__}: {first}"[:300]}))
