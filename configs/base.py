@@ -109,6 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   m.logits_dtype = "auto"
   # False: bidirectional attention, a BERT-style encoder trained by llm_jax.encoder (encoder.* below)
   m.causal = True
+  # True: the MLP and output-head matmuls in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from
+  # the current amax; attention, norms and softmax stay in `dtype`); FP8 GEMMs need a Hopper-class GPU,
+  # elsewhere it is emulated. KV-cache decoding ignores it. docs/performance.md, "Training switches":
+  #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='model.fp8=True'
+  m.fp8 = False
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()
@@ -131,6 +136,11 @@ def get_config() -> ml_collections.ConfigDict:
   tr.eps = 1e-8
   tr.grad_clip = 1.0  # global-norm clipping; 0 disables
   tr.z_loss = 0.0  # weight of log(Z)^2; 0 disables
+  # > 0: the training loss computes head matmul + cross-entropy in this many slices of the sequence, with
+  # the gradients taken inside each slice, so the [batch, length, vocab] logits never exist at once; 0: one
+  # matmul over the whole batch (docs/performance.md, "Training switches"):
+  #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='train.loss_chunks=8'
+  tr.loss_chunks = 0
   tr.nan_policy = "abort"  # abort | skip
   tr.max_consecutive_skips = 5  # skip policy: abort after this many non-finite steps in a row
   tr.log_every = 10  # metrics to TensorBoard / metrics.jsonl

@@ -105,8 +105,10 @@ ADDED_KEYS = {
   "model.rope_low_freq_factor": 1.0,
   "model.rope_high_freq_factor": 4.0,
   "model.rope_original_max_len": 8192,
+  "model.fp8": False,
   "train.keep_best": True,
   "train.early_stop_patience": 0,
+  "train.loss_chunks": 0,
 }
 
 
@@ -245,6 +247,7 @@ def _check_training(tr, total: int) -> None:
     "plateau_evals",
     "tokens",
     "early_stop_patience",
+    "loss_chunks",
   )
   for key in non_negative:
     if key in tr and tr[key] < 0:

@@ -49,6 +49,7 @@ class ModelConfig:
   scan_unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, same parameters)
   logits_dtype: str = "float32"  # the head matmul's output dtype (the loss upcasts inside fusions)
   causal: bool = True  # False: bidirectional attention (an encoder; no KV-cache decoding)
+  fp8: bool = False  # MLP and output-head matmuls in FP8 (current scaling; not in KV-cache decoding)
   # Decode-only rewrites, comma-separated, set together with the parameters they need by
   # `model.unstack_layers(params, cfg, levers=...)` (never in training; docs/serving.md):
   # "qkv" one [D, N+2K, H] query/key/value matmul (SwiGLU: one [D, 2, F] gate/up matmul);
@@ -119,6 +120,7 @@ class ModelConfig:
       remat=m.remat,
       init_std=float(m.init_std),
       causal=bool(m.get("causal", True)),
+      fp8=bool(m.get("fp8", False)),
     )
 
   def param_count(self, include_embedding: bool = True) -> int:

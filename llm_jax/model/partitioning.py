@@ -9,6 +9,8 @@ import contextvars
 import flax.linen as nn
 import jax
 
+from llm_jax.model.fp8 import fp8_dot_general
+
 _MESH: contextvars.ContextVar = contextvars.ContextVar("llm_jax_constraint_mesh", default=None)
 
 
@@ -39,8 +41,9 @@ def gathered(axes):
   return tuple(None if a == "embed" else a for a in axes)
 
 
-def gathering_dot(kernel_axes):
-  """A dot_general for flax Dense layers that all-gathers the kernel's `embed` axis first.
+def gathering_dot(kernel_axes, fp8: bool = False):
+  """A dot_general for flax Dense layers that all-gathers the kernel's `embed` axis first (and with
+  `fp8`, multiplies in FP8: llm_jax.model.fp8).
 
   Under FSDP, activations are sharded over the batch and kernels over `embed`, the same mesh axis;
   left to itself, XLA may instead shard the contraction: it regathers the activations to the whole
@@ -53,6 +56,8 @@ def gathering_dot(kernel_axes):
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     rhs = constrain(rhs, want)
+    if fp8:
+      return fp8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
     return jax.lax.dot_general(
       lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type, **kw
     )

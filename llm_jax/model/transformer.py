@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.fused import KVCache, fused_dense, fused_params, norm_stats, one_cache_attention
+from llm_jax.model.layers import Norm, head_logits
 from llm_jax.model.partitioning import constrain as _constrain
 from llm_jax.model.partitioning import gathering_dot as _gathering_dot
 from llm_jax.model.rope import rope, rope_scaled_frequencies
@@ -33,29 +34,6 @@ def _dtype(name: str):
 
 def _normal(std: float):
   return nn.initializers.normal(stddev=std)
-
-
-class Norm(nn.Module):
-  """LayerNorm or RMSNorm, computed in float32, returned in the compute dtype."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, x_BLD):
-    c = self.cfg
-    kw = dict(
-      epsilon=c.norm_eps,
-      dtype=jnp.float32,
-      param_dtype=_dtype(c.param_dtype),
-      scale_init=_lp(nn.initializers.ones, ("norm",)),
-    )
-    if c.norm == "rmsnorm":
-      y = nn.RMSNorm(**kw)(x_BLD.astype(jnp.float32))
-    else:
-      y = nn.LayerNorm(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)), **kw)(
-        x_BLD.astype(jnp.float32)
-      )
-    return y.astype(_dtype(c.dtype))
 
 
 class Attention(nn.Module):
@@ -222,9 +200,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+  """GELU MLP (GPT-2) or SwiGLU (LLaMA); `fp8`: its matmuls in FP8 (llm_jax.model.fp8)."""
 
   cfg: ModelConfig
+  fp8: bool = False
 
   @nn.compact
   def __call__(self, x_BLD, decode: bool = False, stats=None):
@@ -242,7 +221,7 @@ class Mlp(nn.Module):
         dtype=dt,
         param_dtype=pdt,
         name=name,
-        dot_general=_gathering_dot(axes),
+        dot_general=_gathering_dot(axes, fp8=self.fp8),
         kernel_init=_lp(_normal(std), axes),
         bias_init=_lp(nn.initializers.zeros, axes[1:]),
       )
@@ -302,10 +281,12 @@ class Block(nn.Module):
     if "kv" in levers:
       h, new_kv = h
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
+    # FP8 (model.fp8) in training and full-sequence passes; KV-cache decoding stays in the compute dtype
+    mlp = Mlp(c, fp8=c.fp8 and not self.decode, name="mlp")
     if "norm" in levers:
-      h = Mlp(c, name="mlp")(x_BLD, decode=True, stats=norm_stats(x_BLD, c))
+      h = mlp(x_BLD, decode=True, stats=norm_stats(x_BLD, c))
     else:
-      h = Mlp(c, name="mlp")(Norm(c, name="norm_mlp")(x_BLD), decode=self.decode)
+      h = mlp(Norm(c, name="norm_mlp")(x_BLD), decode=self.decode)
     x_BLD = x_BLD + drop(h, deterministic=deterministic)
     x_BLD = _constrain(x_BLD, ("batch", "length", "act_embed"))
     if new_kv is not None:
@@ -418,9 +399,7 @@ class Decoder(nn.Module):
 
     The matmul runs in the compute dtype with float32 accumulation and writes cfg.logits_dtype.
     """
-    w_DV = self.head_matrix().astype(h_BLD.dtype)
-    logits_BLV = jnp.einsum("bld,dv->blv", h_BLD, w_DV, preferred_element_type=_dtype(self.cfg.logits_dtype))
-    logits_BLV = _constrain(logits_BLV, ("batch", "length", "act_vocab"))
+    logits_BLV = head_logits(h_BLD, self.head_matrix(), self.cfg, fp8=self.cfg.fp8 and not self.decode)
     return logits_BLV if keep_dtype else logits_BLV.astype(jnp.float32)
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):

@@ -9,6 +9,8 @@ target gather, three or four extra passes over the largest tensor of a small mod
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -60,3 +62,93 @@ def weighted_sums(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
   w_BL = weights_BL.astype(jnp.float32)
   z_sum = jnp.sum(z_loss * jnp.square(lse_BL) * w_BL) if z_loss else jnp.zeros((), jnp.float32)
   return jnp.sum(nll_BL * w_BL), z_sum, jnp.sum(w_BL)
+
+
+# ------------------------------------------------------------------ chunked head + loss (train.loss_chunks)
+
+
+def _to_chunks(x_BL, n: int):
+  """[B, L, ...] -> [n, B, L/n, ...] (L zero-padded to a multiple of n): slices of the sequence, so every
+  slice keeps the batch axis and its sharding."""
+  b, length = x_BL.shape[:2]
+  pad = -length % n
+  if pad:
+    x_BL = jnp.pad(x_BL, [(0, 0), (0, pad)] + [(0, 0)] * (x_BL.ndim - 2))
+  x_BnC = x_BL.reshape(b, n, (length + pad) // n, *x_BL.shape[2:])
+  return jnp.moveaxis(x_BnC, 1, 0)
+
+
+def _from_chunks(x_nBC, length: int):
+  """Inverse of _to_chunks: [n, B, C, ...] -> [B, L, ...]."""
+  x_BnC = jnp.moveaxis(x_nBC, 0, 1)
+  return x_BnC.reshape(x_BnC.shape[0], -1, *x_BnC.shape[3:])[:, :length]
+
+
+def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, with_grads):
+  """(nll sum, z-loss sum, d(total)/dw, d(total)/dh per slice [n, B, C, D] or None), one slice at a time."""
+  xs = tuple(_to_chunks(x, chunks) for x in (h_BLD, targets_BL, weights_BL))
+
+  def body(carry, x):
+    nll_acc, z_acc, dw_acc = carry
+    h_BCD, targets_BC, weights_BC = x
+
+    def sums(h, w):  # this slice's logits exist only here
+      nll_BC, lse_BC = token_nll(head_fn(h, w), targets_BC)
+      w_BC = weights_BC.astype(jnp.float32)
+      nll = jnp.sum(nll_BC * w_BC)
+      z = jnp.sum(z_loss * jnp.square(lse_BC) * w_BC) if z_loss else jnp.zeros((), jnp.float32)
+      return nll + z, (nll, z)
+
+    if not with_grads:
+      _, (nll, z) = sums(h_BCD, w_DV)
+      return (nll_acc + nll, z_acc + z, dw_acc), None
+    total, vjp, (nll, z) = jax.vjp(sums, h_BCD, w_DV, has_aux=True)
+    dh_BCD, dw_DV = vjp(jnp.ones_like(total))
+    return (nll_acc + nll, z_acc + z, dw_acc + dw_DV), dh_BCD
+
+  zero = jnp.zeros((), jnp.float32)
+  dw0 = jnp.zeros(w_DV.shape, w_DV.dtype) if with_grads else zero
+  (nll, z, dw_DV), dh_nBCD = jax.lax.scan(body, (zero, zero, dw0), xs)
+  return nll, z, dw_DV, dh_nBCD
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _chunked(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks):
+  nll, z, _, _ = _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, False)
+  return nll + z, (nll, z)
+
+
+def _chunked_fwd(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks):
+  # The loss is a sum, so its gradient is computed here, slice by slice, and only scaled in the
+  # backward pass: no slice's logits are kept or recomputed (3 head matmuls, as without slices).
+  nll, z, dw_DV, dh_nBCD = _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, True)
+  dh_BLD = _from_chunks(dh_nBCD, h_BLD.shape[1])
+  return (nll + z, (nll, z)), (dh_BLD, dw_DV, targets_BL, weights_BL)
+
+
+def _chunked_bwd(head_fn, z_loss, chunks, res, cotangents):
+  del head_fn, z_loss, chunks
+  dh_BLD, dw_DV, targets_BL, weights_BL = res
+  g_total, _ = cotangents  # the (nll, z) parts are reported under stop_gradient: no gradient flows
+  g = g_total.astype(jnp.float32)
+  return (
+    (g * dh_BLD.astype(jnp.float32)).astype(dh_BLD.dtype),
+    (g * dw_DV.astype(jnp.float32)).astype(dw_DV.dtype),
+    None,
+    jnp.zeros_like(weights_BL),
+  )
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def chunked_sums(h_BLD, w_DV, targets_BL, weights_BL, *, head_fn, z_loss: float = 0.0, chunks: int):
+  """(nll + z-loss sum, nll sum, z-loss sum): weighted_sums of `head_fn(h, w)`'s logits, computed in
+  `chunks` slices of the sequence so the [B, L, V] logits never exist at once (train.loss_chunks).
+
+  head_fn(h [B, C, D], w [D, V]) -> logits [B, C, V] (llm_jax.model.layers.head_logits). Only the
+  first output is differentiable (the others are metrics, under stop_gradient); its gradients with
+  respect to h and w equal those of the unchunked loss.
+  """
+  total, (nll, z) = _chunked(h_BLD, w_DV, targets_BL, weights_BL, head_fn, float(z_loss), int(chunks))
+  return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)

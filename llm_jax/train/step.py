@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from llm_jax.model import Decoder
+from llm_jax.model.layers import head_logits
 from llm_jax.train import loss as loss_lib
 from llm_jax.train.state import TrainState
 
@@ -26,7 +29,30 @@ def _loss_logits(module: Decoder, tokens_BL, segment_ids_BL, deterministic: bool
   return module.logits(h_BLD, keep_dtype=True)
 
 
-def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool):
+def _hidden_and_head(module: Decoder, tokens_BL, segment_ids_BL, deterministic: bool, positions_BL=None):
+  """Final hidden states and the head matrix [D, V] (the chunked loss applies the head itself)."""
+  h_BLD = module.hidden(tokens_BL, positions_BL, segment_ids_BL, deterministic=deterministic)
+  return h_BLD, module.head_matrix()
+
+
+def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool, chunks: int):
+  """(nll + z-loss sum, nll sum, sum of weights); chunks > 0: the head and loss in sequence slices."""
+  weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
+  if chunks > 0:
+    h_BLD, w_DV = model.apply(
+      {"params": params},
+      batch["inputs"],
+      batch.get("segment_ids"),
+      deterministic,
+      batch.get("positions"),
+      method=_hidden_and_head,
+      rngs=None if deterministic else {"dropout": rng},
+    )
+    head_fn = functools.partial(head_logits, cfg=model.cfg, fp8=model.cfg.fp8)
+    total, nll, _ = loss_lib.chunked_sums(
+      h_BLD, w_DV, batch["targets"], weights_BL, head_fn=head_fn, z_loss=z_loss, chunks=chunks
+    )
+    return total, nll, jnp.sum(weights_BL.astype(jnp.float32))
   logits_BLV = model.apply(
     {"params": params},
     batch["inputs"],
@@ -36,8 +62,8 @@ def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, determin
     method=_loss_logits,
     rngs=None if deterministic else {"dropout": rng},
   )
-  weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
-  return loss_lib.weighted_sums(logits_BLV, batch["targets"], weights_BL, z_loss)
+  nll, z, w = loss_lib.weighted_sums(logits_BLV, batch["targets"], weights_BL, z_loss)
+  return nll + z, nll, w
 
 
 def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None):
@@ -49,12 +75,15 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None
   tr = config.train
   deterministic = model.cfg.dropout == 0.0 and model.cfg.attention_dropout == 0.0
   n = max(1, int(tr.microbatches))
+  chunks = int(tr.get("loss_chunks", 0))
 
   def sums_fn(p, mb, r):
     if params_fn is not None:
       p = params_fn(p, jax.random.fold_in(r, 1))
-    nll, z, w = _forward_sums(p, mb, r, model=model, z_loss=tr.z_loss, deterministic=deterministic)
-    return nll + z, (nll, w)
+    total, nll, w = _forward_sums(
+      p, mb, r, model=model, z_loss=tr.z_loss, deterministic=deterministic, chunks=chunks
+    )
+    return total, (nll, w)
 
   grad_fn = jax.grad(sums_fn, has_aux=True)
   if n == 1:

@@ -1,0 +1,199 @@
+#!/usr/bin/env bash
+# The PyTorch reference and llm_jax on the same GPU in one run (issue 16, docs/performance.md "Training
+# switches"): nanoGPT's bench.py (12 x 1024, torch.compile, random data) and
+# `python -m llm_jax.bench --config=configs/gpt_small.py --synthetic` with the defaults and each training
+# switch as a --variant, alternating nanoGPT / llm_jax twice; the last lines are a table of tokens/s and
+# the ratio llm_jax / nanoGPT of the same round.
+#
+#   bash bench/gpu_side_by_side.sh [speed] [parity] [parity_bpe] [kernels]    (default: speed kernels)
+#     speed       the side-by-side above (~5 min on an H200)
+#     parity      2000 steps of configs/shakespeare_char.py through `python -m llm_jax.train`: switches off
+#                 (seeds 0 and 1: the seed-to-seed spread), model.fp8, train.loss_chunks; val-loss curves
+#                 and best/final val losses (~4 min)
+#     parity_bpe  the same on tiny Shakespeare with a 2048-piece BPE tokenizer
+#     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm against what the model uses
+#   env: NANOGPT_DIR  nanoGPT's bench.py, model.py and configurator.py (default .nanogpt/, git-ignored;
+#                     when missing the script prints how to fetch them and runs the llm_jax rows only)
+#        NANOGPT_ARGS (extra bench.py --key=value overrides) and NANOGPT_TOKENS (its tokens per iteration,
+#        default 12 x 1024 = 12288), STEPS, WARMUP (llm_jax.bench timed / untimed steps, default 6 / 2), CHUNKS (train.loss_chunks
+#        of the chunked rows, default 8), PARITY_STEPS (2000), SHAKESPEARE_DIR, OUT (runs/bench/device)
+#
+# CPU smoke test of the shell logic (tiny model; no nanoGPT unless NANOGPT_DIR has it and torch runs):
+#   PY=$PWD/.venv/bin/python CONFIG=configs/tiny.py STEPS=2 WARMUP=0 NANOGPT_DIR=/tmp/fake_nanogpt \
+#     PARITY_CONFIG=configs/tiny.py PARITY_STEPS=20 PARITY_ARGS='--config.train.eval_every=10 \
+#     --config.train.eval_batches=2 --config.train.warmup_steps=5' SHAKESPEARE_DIR=DIR_WITH_THE_SPLITS \
+#     OUT=/tmp/sbs bash bench/gpu_side_by_side.sh speed parity
+#   (/tmp/fake_nanogpt: a bench.py that exits 1 with --compile=True and else prints two
+#   "time per iteration: X ms" lines, plus empty model.py and configurator.py: it exercises the fallback)
+set -u
+source bench/gpu_common.sh
+python_env
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+NANOGPT_DIR=${NANOGPT_DIR:-.nanogpt}
+NANOGPT_ARGS=${NANOGPT_ARGS:-}  # extra bench.py overrides (smoke tests); set NANOGPT_TOKENS to match
+NANOGPT_TOKENS=${NANOGPT_TOKENS:-12288}  # tokens per bench.py iteration: its 12 x 1024
+CONFIG=${CONFIG:-configs/gpt_small.py}
+STEPS=${STEPS:-6}
+WARMUP=${WARMUP:-2}
+CHUNKS=${CHUNKS:-8}
+PARITY_STEPS=${PARITY_STEPS:-2000}
+PARITY_CONFIG=${PARITY_CONFIG:-configs/shakespeare_char.py}
+PARITY_ARGS=${PARITY_ARGS:-}  # extra --config.x=y overrides of every parity run (smoke tests)
+VARIANTS=("" "model.fp8=True" "train.loss_chunks=$CHUNKS" "model.fp8=True train.loss_chunks=$CHUNKS")
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/all.log"
+$PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)" \
+  2>&1 | tail -1 | tee -a "$OUT/all.log"
+
+have_nanogpt() {
+  local f
+  for f in bench.py model.py configurator.py; do
+    if [ ! -f "$NANOGPT_DIR/$f" ]; then
+      cat <<EOF | tee -a "$OUT/all.log"
+nanoGPT's $f is missing from NANOGPT_DIR=$NANOGPT_DIR: fetch the three files on a machine with network
+access (they are never committed here; .nanogpt/ is git-ignored), e.g.
+  mkdir -p .nanogpt && for f in bench.py model.py configurator.py; do
+    curl -fsSL https://raw.githubusercontent.com/karpathy/nanoGPT/master/\$f -o .nanogpt/\$f; done
+and pass .nanogpt with the run (carry). Running the llm_jax rows only.
+EOF
+      return 1
+    fi
+  done
+}
+
+COMPILE=True
+nanogpt_round() {  # nanogpt_round R: bench.py once (compile, else eager), appends {"round", "ms"} to nanogpt.jsonl
+  local r=$1 name="nanogpt_$1" ms
+  stage "$name" 240 -- bash -c 'cd "$0" && exec "$@"' "$NANOGPT_DIR" $PY bench.py --real_data=False \
+    --compile=$COMPILE $NANOGPT_ARGS
+  ms=$(grep -o 'time per iteration: [0-9.]*' "/tmp/bench/$name.log" | tail -1 | grep -o '[0-9.]*$')
+  if [ -z "$ms" ] && [ "$COMPILE" = True ]; then
+    echo "nanoGPT with torch.compile failed (see $OUT/all.log): falling back to --compile=False" \
+      | tee -a "$OUT/all.log"
+    COMPILE=False
+    stage "$name" 180 -- bash -c 'cd "$0" && exec "$@"' "$NANOGPT_DIR" $PY bench.py --real_data=False \
+      --compile=False $NANOGPT_ARGS
+    ms=$(grep -o 'time per iteration: [0-9.]*' "/tmp/bench/$name.log" | tail -1 | grep -o '[0-9.]*$')
+  fi
+  [ -n "$ms" ] && echo "{\"round\": $r, \"ms\": $ms, \"compile\": \"$COMPILE\", \"tokens\": $NANOGPT_TOKENS}" \
+    >> "$OUT/nanogpt.jsonl"
+}
+
+llm_jax_round() {  # llm_jax_round R: the default row and every switch, one process
+  local r=$1 v args=()
+  for v in "${VARIANTS[@]}"; do args+=(--variant="$v"); done
+  stage "llm_jax_$r" 300 -- $PY -m llm_jax.bench --config="$CONFIG" --synthetic --warmup="$WARMUP" \
+    --steps="$STEPS" --json="/tmp/bench/llm_jax_$r.json" "${args[@]}"
+}
+
+side_by_side_table() {
+  $PY - "$OUT/results.jsonl" "$OUT/nanogpt.jsonl" <<'PY' | tee -a "$OUT/all.log"
+import json, os, sys
+jax_rows, ref = {}, {}
+if os.path.exists(sys.argv[1]):
+  for line in open(sys.argv[1]):
+    d = json.loads(line)
+    if d["stage"].startswith("llm_jax_"):
+      r = int(d["stage"].rsplit("_", 1)[1])
+      for row in d["rows"]:
+        tps = row.get("tokens_per_s") if row.get("status") == "ok" else None
+        jax_rows.setdefault(row["label"], {})[r] = (tps, row.get("status", "?"))
+if os.path.exists(sys.argv[2]):
+  for line in open(sys.argv[2]):
+    d = json.loads(line)
+    ref[d["round"]] = (d["tokens"] / d["ms"] * 1000, d["compile"])
+rounds = sorted(set(ref) | {r for v in jax_rows.values() for r in v})
+print("\nside by side (tokens/s; ratio = llm_jax / nanoGPT of the same round)")
+print(f"{'row':48s}" + "".join(f" {'round ' + str(r):>12s} {'ratio':>6s}" for r in rounds))
+line = f"{'nanoGPT bench.py 12x1024':48s}"
+for r in rounds:
+  tps, comp = ref.get(r, (None, ""))
+  line += f" {tps:12,.0f} {'c' if comp == 'True' else 'eager':>6s}" if tps else f" {'-':>12s} {'':>6s}"
+print(line)
+for label, by_round in jax_rows.items():
+  line = f"{'llm_jax ' + label:48s}"[:48]
+  for r in rounds:
+    tps, status = by_round.get(r, (None, "-"))
+    if tps is None:
+      line += f" {status[:12]:>12s} {'':>6s}"
+      continue
+    ratio = f"{tps / ref[r][0]:.3f}" if r in ref else "-"
+    line += f" {tps:12,.0f} {ratio:>6s}"
+  print(line)
+print("(c: nanoGPT with torch.compile; eager: torch.compile failed, --compile=False)")
+PY
+}
+
+parity() {  # parity NAME EXTRA_OVERRIDES...: four 2000-step runs and their val-loss curves
+  local name=$1; shift
+  local runs=("off_seed0" "off_seed1" "fp8" "chunks") run ovr
+  shakespeare_data
+  for run in "${runs[@]}"; do
+    case $run in
+      off_seed0) ovr=() ;;
+      off_seed1) ovr=(--config.train.seed=1 --config.data.seed=1 --config.train.dropout_seed=1) ;;
+      fp8) ovr=(--config.model.fp8=True) ;;
+      chunks) ovr=(--config.train.loss_chunks=4) ;;
+    esac
+    rm -rf "/tmp/parity_${name}_$run"
+    stage "${name}_$run" 180 -- $PY -m llm_jax.train --config="$PARITY_CONFIG" \
+      --workdir="/tmp/parity_${name}_$run" --config.data.corpus="$SHK_TRAIN" \
+      --config.data.val_corpus="$SHK_VAL" --config.data.cache_dir="/tmp/parity_cache_$name" \
+      --config.train.steps="$PARITY_STEPS" --config.train.sample_every=0 \
+      --config.train.checkpoint_every="$PARITY_STEPS" $PARITY_ARGS "$@" "${ovr[@]}"
+    cp "/tmp/parity_${name}_$run/metrics.jsonl" "$OUT/${name}_$run.metrics.jsonl" 2>/dev/null
+  done
+  $PY - "$OUT" "$name" "${runs[@]}" <<'PY' | tee -a "$OUT/all.log"
+import json, os, sys
+out, name, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
+curves = {}
+for run in runs:
+  path = os.path.join(out, f"{name}_{run}.metrics.jsonl")
+  if os.path.exists(path):
+    rows = [json.loads(line) for line in open(path)]
+    curves[run] = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+steps = sorted({s for c in curves.values() for s in c})
+print(f"\n{name}: validation loss by step")
+print(f"{'step':>6s}" + "".join(f" {run:>10s}" for run in runs))
+for s in steps:
+  print(f"{s:6d}" + "".join(f" {curves.get(run, {}).get(s, float('nan')):10.4f}" for run in runs))
+for run in runs:
+  c = curves.get(run)
+  if not c:
+    print(f"{run}: no metrics (failed: see all.log)")
+    continue
+  best = min(c, key=c.get)
+  print(f"{run}: best val {c[best]:.4f} @ {best}, final {c[max(c)]:.4f} @ {max(c)}")
+if "off_seed0" in curves and "off_seed1" in curves:
+  a, b = curves["off_seed0"], curves["off_seed1"]
+  spread = max(abs(a[s] - b[s]) for s in a if s in b)
+  print(f"seed-to-seed spread (max |off_seed0 - off_seed1| over evaluations): {spread:.4f}")
+  for run in runs[2:]:
+    if run in curves:
+      d = max(abs(curves[run][s] - a[s]) for s in curves[run] if s in a)
+      print(f"{run}: max |{run} - off_seed0| = {d:.4f} ({'within' if d <= spread else 'OUTSIDE'} the spread)")
+PY
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(speed kernels)
+for s in "${stages[@]}"; do
+  case "$s" in
+    speed)
+      rm -f "$OUT/nanogpt.jsonl" "$OUT/results.jsonl"
+      nano=0
+      have_nanogpt && nano=1
+      for r in 1 2; do
+        [ $nano = 1 ] && nanogpt_round $r
+        llm_jax_round $r
+      done
+      table | tee -a "$OUT/all.log"  # every row: step ms, MFU, peak memory, last loss
+      side_by_side_table ;;
+    parity) parity parity ;;
+    parity_bpe) parity parity_bpe --config.data.tokenizer.type=bpe --config.data.tokenizer.vocab_size=2048 ;;
+    kernels)
+      stage kernels 120 -- $PY bench/kernel_probe.py
+      grep '^{' /tmp/bench/kernels.log | tee -a "$OUT/all.log" ;;
+    *) echo "unknown stage $s (speed parity parity_bpe kernels)" >&2 ;;
+  esac
+done
+echo "total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/all.log"
