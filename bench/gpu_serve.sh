@@ -23,6 +23,7 @@ MAX_TOKENS=${MAX_TOKENS:-128}  # per load-test request
 REQ1=${REQ1:-16}               # requests at concurrency 1
 REQ32=${REQ32:-500}            # requests at concurrency 32
 PORT=${PORT:-8765}
+SERVE_ARGS=${SERVE_ARGS:-}     # more server flags, e.g. "--decode_chunk 8" (one word each)
 W=${WORK:-/tmp/gpu_serve}
 mkdir -p "$W" "$OUT"
 rm -rf "$W/pkg" "$W"/*.json "$W"/*.log "$W/xla"
@@ -33,7 +34,7 @@ el() { echo "[$(( $(date +%s) - T0 ))s]"; }
 start_server() {
   local t0; t0=$(date +%s%N)
   $PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max_concurrent 64 \
-    --compile_cache "$W/xla" --audit_log "$W/audit.jsonl" > "$1" 2>&1 &
+    --compile_cache "$W/xla" --audit_log "$W/audit.jsonl" $SERVE_ARGS > "$1" 2>&1 &
   SPID=$!
   UP=0
   for i in $(seq 1 1800); do
