@@ -31,7 +31,7 @@ from llm_jax.serve import prefill as prefill_lib
 from llm_jax.serve.sequences import Choice, Handle
 
 _SLOTS = flags.DEFINE_integer("slots", 32, "Busy slots.")
-_CHUNK = flags.DEFINE_integer("chunk", 4, "Decode steps per chunk (--decode_chunk).")
+_CHUNK = flags.DEFINE_integer("chunk", 16, "Decode steps per chunk (--decode_chunk).")
 _TOKENS = flags.DEFINE_list("tokens", ["128", "512"], "Tokens per sequence (one figure each).")
 _STOP = flags.DEFINE_string("stop", "\n\n\n", "A stop sequence every request carries ('' none).")
 _TOKENIZER = flags.DEFINE_string(

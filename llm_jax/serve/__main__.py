@@ -60,7 +60,12 @@ _SLOTS = flags.DEFINE_integer("slots", 8, "Batch slots decoded together.", lower
 _MAX_CONCURRENT = flags.DEFINE_integer(
   "max_concurrent", 32, "Requests in flight (queued or decoding) before 429.", lower_bound=1
 )
-_DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 4, "Decode steps per engine iteration.", lower_bound=1)
+_DECODE_CHUNK = flags.DEFINE_integer(
+  "decode_chunk",
+  16,
+  "Decode steps per engine iteration (docs/serving.md: 16 gave 1.7x the tokens/s of 4).",
+  lower_bound=1,
+)
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 0, "0: max_seq_len - 1.", lower_bound=0)
 _MAX_TOTAL_TOKENS = flags.DEFINE_integer(
   "max_total_tokens", 0, "Prompt + max_tokens; 0: max_seq_len.", lower_bound=0

@@ -46,7 +46,7 @@ class ServerSettings:
   audit_backups: int = audit_lib.DEFAULT_BACKUPS
   slots: int = 8
   max_concurrent: int = 32
-  decode_chunk: int = 4
+  decode_chunk: int = 16
   max_prompt_tokens: int = 0  # 0: max_seq_len - 1
   max_total_tokens: int = 0  # prompt + new tokens; 0: max_seq_len
   max_body_bytes: int = 1 << 20

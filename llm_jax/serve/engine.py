@@ -63,7 +63,7 @@ class Engine(Rows):
     *,
     slots: int = 8,
     max_concurrent: int = 32,
-    chunk: int = 4,
+    chunk: int = 16,
     hold_chars: int = 0,
     output_check: Callable[[str], tuple[int, Any] | None] | None = None,
     metrics=None,
