@@ -31,6 +31,7 @@ from llm_jax.generate.decode import (
   empty_cache,
   empty_state,
   mesh_context,
+  prompt_logits,
   shard_params,
   start,
 )
@@ -74,6 +75,7 @@ __all__ = [
   "make_batch",
   "mesh_context",
   "pad_prompts",
+  "prompt_logits",
   "sample",
   "sampling_arrays",
   "shard_params",

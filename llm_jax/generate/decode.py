@@ -105,8 +105,8 @@ def empty_cache(cfg: ModelConfig, batch: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
-  """Writes the prompts into a fresh cache; returns (cache, float32 logits after each prompt)."""
+def _prompt_hidden(params, tokens_BL, cfg: ModelConfig):
+  """(a fresh cache with the prompts written, final hidden states [B, L, D]) by the decode model."""
   b, width = tokens_BL.shape
   model = _model(cfg, span=width)  # prompt positions are below the padded width
   positions_BL = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
@@ -117,10 +117,27 @@ def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
     method="hidden",
     mutable=["cache"],
   )
+  return variables["cache"], h_BLD
+
+
+def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
+  """Writes the prompts into a fresh cache; returns (cache, float32 logits after each prompt)."""
+  cache, h_BLD = _prompt_hidden(params, tokens_BL, cfg)
   last_B11 = (lengths_B - 1)[:, None, None]
   h_B1D = jnp.take_along_axis(h_BLD, last_B11, axis=1)
-  logits_BV = model.apply({"params": params}, h_B1D, method="logits")[:, 0]
-  return variables["cache"], logits_BV
+  logits_BV = _model(cfg).apply({"params": params}, h_B1D, method="logits")[:, 0]
+  return cache, logits_BV
+
+
+def prompt_logits(params, tokens_BL, cfg: ModelConfig):
+  """Float32 logits [B, L, V] at every position of right-padded prompts, by the decode model (unjitted).
+
+  The same parameters decoding reads (per-layer, decode levers included: `cfg.decode_levers`), so a
+  server scores prompts without a second copy of the weights in the full-sequence layout; equal to
+  the full-sequence model's logits within float rounding."""
+  params = _float_params(params, cfg)
+  _, h_BLD = _prompt_hidden(params, tokens_BL, cfg)
+  return _model(cfg).apply({"params": params}, h_BLD, method="logits")
 
 
 def _forward_one(params, cache, tokens_B, positions_B, cfg: ModelConfig, span: int = 0):

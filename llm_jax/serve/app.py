@@ -117,6 +117,8 @@ class ServerState:
         metrics=self.metrics,
         export_dir=s.export_dir,
       )
+      # one copy of the weights: the engine's (laid out for its decode levers) serves everything
+      loaded.params, loaded.model_config = engine.params, engine.cfg
       t_compile = engine.warmup()
       engine.start()
       self.engine = engine

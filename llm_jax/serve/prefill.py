@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import generate as G
-from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model import ModelConfig
 
 
 def _row_axis(x) -> int:
@@ -119,12 +119,14 @@ def decode_rows(
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_n", "vocab_limit"))
 def prompt_scores(params, tokens_1L, *, cfg: ModelConfig, top_n: int, vocab_limit: int):
-  """Scores of a prompt by one full forward pass, for every position t >= 1: log p(token t | tokens
-  < t) [L-1], and the top_n log-probs [L-1, top_n] with their ids. Ids at or past `vocab_limit`
-  (padded embedding rows the tokenizer does not have) are excluded, as in decoding. The chosen and the
-  top log-probs come from one array, so a greedy token's log-prob equals the best top one exactly."""
-  params = G._float_params(params, cfg)
-  logits = Decoder(cfg).apply({"params": params}, tokens_1L)[0, :-1].astype(jnp.float32)
+  """Scores of a prompt by one forward pass, for every position t >= 1: log p(token t | tokens < t)
+  [L-1], and the top_n log-probs [L-1, top_n] with their ids. Ids at or past `vocab_limit` (padded
+  embedding rows the tokenizer does not have) are excluded, as in decoding. The chosen and the top
+  log-probs come from one array, so a greedy token's log-prob equals the best top one exactly.
+
+  The pass is the decode model's over the whole prompt (`generate.prompt_logits`): it reads the
+  engine's own parameters, in the decode levers' layout when `cfg.decode_levers` is set."""
+  logits = G.prompt_logits(params, tokens_1L, cfg)[0, :-1]
   if vocab_limit < cfg.vocab_size:
     logits = jnp.where(jnp.arange(cfg.vocab_size)[None, :] < vocab_limit, logits, -jnp.inf)
   logp = jax.nn.log_softmax(logits, axis=-1)

@@ -170,7 +170,7 @@ def check_lengths(st, prompts: list[Prompt], max_tokens: int, param: str = "prom
 
 def score(st, p: Prompt) -> None:
   """Fills `p.logprobs` and `p.top` for its shown tokens (one forward pass; runs off the event loop)."""
-  cfg = st.loaded.model_config
+  cfg = st.engine.cfg  # the engine's parameter layout (decode levers)
   ids = p.ids
   width = G.bucket(len(ids), cfg.max_seq_len)
   tokens = np.zeros((1, width), np.int32)
