@@ -1,5 +1,6 @@
 """The engine without HTTP: decode calls sized to the busy rows (row buckets, busy rows compacted),
-waiting prompts prefilled together, and programs kept across starts with jax.export."""
+waiting prompts prefilled together, programs kept across starts with jax.export, and the decode
+levers' parameter layout serving decoding, admission and prompt scoring."""
 
 import asyncio
 import time
@@ -10,9 +11,10 @@ import pytest
 from tiny_package import write_tiny_package
 
 from llm_jax import generate as G
-from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model import Decoder, ModelConfig, quantize
 from llm_jax.model.params import init_params
 from llm_jax.serve.engine import Choice, Engine
+from llm_jax.serve.prefill import prompt_scores
 
 CFG = ModelConfig(
   vocab_size=320,
@@ -26,6 +28,16 @@ CFG = ModelConfig(
   init_std=0.3,
 )
 PROMPTS = [[2, 11, 12], [2, 30, 31, 32, 33, 34], [2, 50], [2, 7, 8, 9]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def short_spans():
+  """Cache spans of 8 and 16 positions (of 32): the all-rows program is built for 8, 16 and 0."""
+  from llm_jax.generate import decode
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(decode, "MIN_SPAN", 8)  # decode_span reads the decode module's own name
+    yield
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +99,14 @@ def _run(engine, requests, paused=True):
     engine.resume()
 
 
+@jax.jit
+def _forward(params, tokens):
+  return Decoder(CFG).apply({"params": params}, tokens)
+
+
 def _recompute(params, prompt, n):
   """Greedy tokens by full forward passes of the plain model (no cache)."""
-  fwd = jax.jit(lambda p, t: Decoder(CFG).apply({"params": p}, t))
+  fwd = _forward
   seq, new = list(prompt), []
   for _ in range(n):
     padded = np.zeros((1, CFG.max_seq_len), np.int32)
@@ -103,9 +120,15 @@ def _recompute(params, prompt, n):
 
 
 def test_program_set(engine):
+  """Spans for the all-rows bucket only, two prompt counts per width (1 and the budget's most)."""
   assert engine.row_buckets() == [2, 8]
-  assert engine.admit_counts(32) == [1, 4, 8]
-  assert sorted(engine.programs.compiled, key=str) == sorted(engine.program_keys(), key=str)
+  assert engine.admit_counts(32) == [1, 8]
+  assert engine.admit_counts(512) == [1, 2]
+  assert engine.admit_counts(1024) == [1]
+  keys = [("decode", 2, 0), ("decode", 8, 8), ("decode", 8, 16), ("decode", 8, 0)]
+  keys += [("admit", 32, 1), ("admit", 32, 8), ("move",)]
+  assert engine.program_keys() == keys
+  assert sorted(engine.programs.compiled, key=str) == sorted(keys, key=str)
 
 
 def test_one_request_runs_the_two_row_program(engine, params):
@@ -120,17 +143,19 @@ def test_one_request_runs_the_two_row_program(engine, params):
 
 
 def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
-  """Four waiting prompts are prefilled in one call (padded to four); when the short ones end, the
-  others move down to the lowest rows and decode in the 2-row program; every request's tokens
-  equal its own full recomputation."""
+  """Four waiting prompts are prefilled in one call (padded to the budget's most, eight); when the
+  short ones end, the others move down to the lowest rows and decode in the 2-row program (over the
+  whole cache); every request's tokens equal its own full recomputation."""
   requests = [(PROMPTS[0], 2), (PROMPTS[1], 14), (PROMPTS[2], 4), (PROMPTS[3], 12)]
   before = engine.programs.calls.copy()
   out = _run(engine, requests)
   used = engine.programs.calls - before
-  assert used["admit", 32, 4] == 1 and not any(k[0] == "admit" and k[2] != 4 for k in used)
+  assert used["admit", 32, 8] == 1 and not any(k[0] == "admit" and k[2] != 8 for k in used)
   assert used["move",] >= 1
-  decode_rows = [k[1] for k in used if k[0] == "decode"]
-  assert set(decode_rows) == {2, 8}
+  decode_keys = {k for k in used if k[0] == "decode"}
+  assert {k[1] for k in decode_keys} == {2, 8}
+  assert {k[2] for k in decode_keys if k[1] == 2} == {0}
+  assert ("decode", 8, 8) in decode_keys  # the all-rows program reads the span its rows reach
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
   assert engine.busy_slots == 0 and engine.in_flight == 0
@@ -153,3 +178,43 @@ def test_exported_programs_are_read_back(params, tok, tmp_path):
   finally:
     second.stop()
   assert tokens == _recompute(params, PROMPTS[0], 8)
+
+
+def test_engine_decodes_with_the_levers(engine, params):
+  """The engine keeps one parameter tree, laid out for the decode levers "qkv,norm,kv" (one cache
+  for every layer's keys and values); its tokens equal the plain model's recomputation (the tests
+  above) and its prompt scores (echo, logprobs) those of the plain full-sequence model."""
+  assert engine.cfg.decode_levers == "qkv,norm,kv"
+  block = engine.params["block_0"]
+  assert "qkv_kernel" in block["attn"] and "query" not in block["attn"] and "norm_attn" not in block
+  [cache] = jax.tree.leaves(engine.state.cache)
+  assert cache.shape == (1, 2, 8, 2, 32, 8)  # [layers, 2, B, K, S, H]
+  prompt = PROMPTS[1] + [40, 41, 42]
+  tokens = np.zeros((1, 16), np.int32)
+  tokens[0, : len(prompt)] = prompt
+  lps, top_lp, top_ids = (
+    np.asarray(x) for x in prompt_scores(engine.params, tokens, cfg=engine.cfg, top_n=5, vocab_limit=300)
+  )
+  logits = np.array(_forward(params, tokens))[0, :-1]
+  logits[:, 300:] = -np.inf
+  logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+  want = logp[np.arange(15), tokens[0, 1:]]
+  np.testing.assert_allclose(lps[: len(prompt) - 1], want[: len(prompt) - 1], atol=2e-5)
+  np.testing.assert_allclose(top_lp, np.sort(logp, axis=-1)[:, ::-1][:, :5], atol=2e-5)
+  assert (top_ids[:, 0] == np.argmax(logp, axis=-1)).all()
+
+
+def test_int8_engine_levers(params, tok):
+  """int8 weights kept in memory decode with "qkv,kv" ("norm" needs float kernels): the int8 values
+  and scales are concatenated, and the tokens equal the dequantized model's recomputation."""
+  q = quantize.quantize_params(params)
+  eng = Engine(q, CFG, tok, slots=2, chunk=2)
+  assert eng.cfg.decode_levers == "qkv,kv"
+  assert quantize.is_qtensor(eng.params["block_0"]["attn"]["qkv_kernel"])
+  eng.warmup()
+  eng.start()
+  try:
+    [(tokens, _)] = _run(eng, [(PROMPTS[3], 8)], paused=False)
+  finally:
+    eng.stop()
+  assert tokens == _recompute(quantize.dequantize(q), PROMPTS[3], 8)

@@ -4,14 +4,16 @@ Continuous batching: each iteration (1) frees the rows of cancelled and timed-ou
 the busy rows compacted at the bottom of the state (the highest busy row is copied onto the lowest
 free one by a one-row device move), (3) admits waiting requests into free rows: at most
 `prefill_tokens` padded prompt tokens per iteration (always at least one prompt), the prompts of one
-width prefilled together in one call padded to a few prompt counts (1, 4, 16, ... and the most the
-budget allows), so the decode chunk behind it waits for a bounded prefill and a new request's first
-token comes with the next chunk, and (4) dispatches one decode chunk of a few steps over the first R
-rows, R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one
-busy client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
-needed). The chunk's outputs come back in one device-to-host copy. Every program (each row bucket x
-cache span, each prompt width x count, the move) is built at start-up by `serve.programs`, which
-keeps the traced programs across restarts with jax.export: nothing compiles at run time.
+width prefilled together in one call (one prompt alone, two or more padded to the most the budget
+allows), so the decode chunk behind it waits for a bounded prefill and a new request's first token
+comes with the next chunk, and (4) dispatches one decode chunk of a few steps over the first R rows,
+R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one busy
+client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
+needed). The chunk's outputs come back in one device-to-host copy. Every program (the all-rows
+bucket x each cache span, the smaller buckets over the whole cache, each prompt width x 2 counts, the
+move) is built at start-up by `serve.programs`, which keeps the traced programs across restarts with
+jax.export: nothing compiles at run time. The parameters are laid out for the decode levers
+(`default_levers`); decoding, admission and prompt scoring all read that one tree.
 
 The engine thread does the host work too (detokenization, stop sequences, output filters: bounded
 work per token, one decode per slot and chunk) for each chunk while the next one runs on the device
@@ -307,9 +309,10 @@ class Engine(Rows):
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
     # early stay below it), so the span covers them all.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
-    self.state, packed = self._dispatch(
-      alive[:rows], want_top, G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
-    )
+    span = 0  # below all rows: the whole cache only (Rows.chunk_spans)
+    if rows == self.rows:
+      span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
+    self.state, packed = self._dispatch(alive[:rows], want_top, span)
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk

@@ -44,14 +44,21 @@ class Rows:
     return [*out, self.rows]
 
   def admit_counts(self, width: int) -> list[int]:
-    """The prompt counts one admission call of this width is compiled for: 1, 4, 16, ... (x4) and
-    the most that fit the per-iteration prefill budget (and the slots)."""
-    cap = max(1, min(self.slots, self.prefill_tokens // width))
-    return [p for p in (4**i for i in range(8)) if p < cap] + [cap]
+    """The prompt counts one admission call of this width is compiled for: 1 and the most that fit
+    the per-iteration prefill budget (and the slots). Two or more prompts are padded to the most
+    (padding entries write nowhere): a call prefills at most `prefill_tokens` padded tokens, and
+    start-up builds two programs per width instead of one per count 1, 4, 16, ..."""
+    return sorted({1, max(1, min(self.slots, self.prefill_tokens // width))})
+
+  def chunk_spans(self, rows: int) -> list[int]:
+    """The cache spans a decode chunk over `rows` rows is compiled for: every span at all rows;
+    below all rows only the whole cache (0), whose take and write-back copy rows x max_seq_len cache
+    entries, little at 2 or 8 rows, and each span would be one more program to build."""
+    return self.spans() if rows == self.rows else [0]
 
   def program_keys(self) -> list[tuple]:
     """Every program the engine runs (programs.Programs keys), in the order they are built."""
-    keys = [("decode", r, s) for r in self.row_buckets() for s in self.spans()]
+    keys = [("decode", r, s) for r in self.row_buckets() for s in self.chunk_spans(r)]
     keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
     return [*keys, ("move",)]
 
