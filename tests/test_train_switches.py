@@ -133,11 +133,10 @@ def test_fp8_is_not_used_when_decoding():
 @pytest.mark.parametrize(
   "dtype,tie,tol",
   [
+    # both dtypes and both head kinds, two cases (CI time: each case compiles two steps)
     ("float32", "True", 1e-5),
-    ("float32", "False", 1e-5),
     # bfloat16 logits: each slice rounds exactly as the whole batch does; the head gradient is summed
     # over slices in float32 instead of coming out of one bfloat16 GEMM (measured <= 0.4% apart)
-    ("bfloat16", "True", 1e-2),
     ("bfloat16", "False", 1e-2),
   ],
 )
