@@ -3,6 +3,8 @@ M-th, the best), corruption, shape checks."""
 
 import os
 import shutil
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -235,3 +237,23 @@ def test_keep_best_outlives_retention_and_best_step_names_it(tmp_path):
   again.wait()
   assert again.steps() == [4, 10, 11] and again.best_step() == 4
   again.close()
+
+
+def test_a_metadata_read_is_guarded_like_a_restore(tmp_path, monkeypatch):
+  """A broken checkpoint can fail at its metadata (before any restore): the storage library's reads
+  left behind must already meet the hooks that drop their 'Event loop is closed' tracebacks."""
+  monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+  monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+  monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path / "run"), async_save=False)
+  seen = {}
+
+  def broken_metadata(step):
+    seen["quiet"] = getattr(sys.excepthook, "_llm_jax_quiet", False)
+    raise ValueError("DATA_LOSS: the node is corrupt")
+
+  monkeypatch.setattr(ckpts.manager, "item_metadata", broken_metadata)
+  with pytest.raises(ckpt_lib.CheckpointError, match="step 3 .* is unreadable"):
+    ckpts.saved_shapes(3)
+  assert seen["quiet"]
+  ckpts.close()

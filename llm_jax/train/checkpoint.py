@@ -68,7 +68,8 @@ def _ignore_reads_left_behind() -> None:
   """When one read of a checkpoint fails, the storage library's other reads of it still finish and post
   their results to an event loop the failed restore already closed; Python would print a traceback
   ("Event loop is closed") for each. Those reads are abandoned on purpose: drop exactly that error
-  (installed before a restore starts, since the stragglers can arrive before it returns)."""
+  (installed before every read, metadata or restore, since the stragglers can arrive before it
+  returns)."""
   previous = sys.excepthook
   if getattr(previous, "_llm_jax_quiet", False):
     return
@@ -206,6 +207,7 @@ class Checkpoints:
 
   def saved_shapes(self, step: int):
     """The tree of array metadata (shape, dtype) of the state saved at `step`."""
+    _ignore_reads_left_behind()  # a broken checkpoint can fail here, before any restore
     try:
       meta = self.manager.item_metadata(step)["state"]
     except Exception as e:  # any read failure is a broken checkpoint
