@@ -254,6 +254,18 @@ def _step(
   )
 
 
+def _empty_outputs(b: int, steps: int, top_n: int) -> dict:
+  """The [B, steps] output buffers the decode loops fill one column per step."""
+  return dict(
+    token=jnp.zeros((b, steps), jnp.int32),
+    logprob=jnp.zeros((b, steps), jnp.float32),
+    emitted=jnp.zeros((b, steps), bool),
+    eos=jnp.zeros((b, steps), bool),
+    top_logprobs=jnp.zeros((b, steps, top_n), jnp.float32),
+    top_ids=jnp.zeros((b, steps, top_n), jnp.int32),
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def start(
   params,
@@ -302,14 +314,7 @@ def decode_chunk(
   params = _float_params(params, cfg)
   state = state.replace(active_B=state.active_B & alive_B)
   b = alive_B.shape[0]
-  outs = dict(
-    token=jnp.zeros((b, steps), jnp.int32),
-    logprob=jnp.zeros((b, steps), jnp.float32),
-    emitted=jnp.zeros((b, steps), bool),
-    eos=jnp.zeros((b, steps), bool),
-    top_logprobs=jnp.zeros((b, steps, top_n), jnp.float32),
-    top_ids=jnp.zeros((b, steps, top_n), jnp.int32),
-  )
+  outs = _empty_outputs(b, steps, top_n)
 
   def body(i, carry):
     st, acc = carry
@@ -342,14 +347,7 @@ def decode_loop(
   """
   params = _float_params(params, cfg)
   b = state.positions_B.shape[0]
-  outs = dict(
-    token=jnp.zeros((b, max_steps), jnp.int32),
-    logprob=jnp.zeros((b, max_steps), jnp.float32),
-    emitted=jnp.zeros((b, max_steps), bool),
-    eos=jnp.zeros((b, max_steps), bool),
-    top_logprobs=jnp.zeros((b, max_steps, top_n), jnp.float32),
-    top_ids=jnp.zeros((b, max_steps, top_n), jnp.int32),
-  )
+  outs = _empty_outputs(b, max_steps, top_n)
 
   def cond(carry):
     i, st, _ = carry
