@@ -8,6 +8,7 @@ installs both); the tokenizer tests need only the `tokenizers` library.
 import json
 import os
 import random
+import shutil
 
 import flax.linen as nn
 import jax
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_tokenizers import byte_level_bpe, llama2_sentencepiece
+from safetensors.numpy import load_file, save_file
 
 from llm_jax.artifacts import hf
 from llm_jax.data import hf_tokenizer
@@ -425,3 +427,27 @@ def test_rope_scaling_from_config_and_checked():
   config_lib.set_key(c, "model.rope_scaling", "yarn")
   with pytest.raises(config_lib.ConfigError, match="model.rope_scaling"):
     config_lib.validate(c)
+
+
+def test_a_sharded_index_reads_like_the_single_file_without_torch(tmp_path):
+  """The fixture's weights split over two safetensors shards with a weight_map index (the layout
+  `save_pretrained(max_shard_size=...)` writes) read back equal; a shard the index names but the
+  directory lacks is an error naming it."""
+  for name in ("gpt2", "llama"):
+    src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", name)
+    dst = tmp_path / name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(hf.WEIGHTS, "expected*"))
+    tensors = load_file(os.path.join(src, hf.WEIGHTS))
+    keys = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, part in halves.items():
+      save_file({k: tensors[k] for k in part}, str(dst / file))
+    weight_map = {k: file for file, part in halves.items() for k in part}
+    (dst / hf.INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert len(hf.weight_files(str(dst))) == 2
+    one = hf.read_hf(src, require_tokenizer=False)[0]
+    shards = hf.read_hf(str(dst), require_tokenizer=False)[0]
+    jax.tree.map(np.testing.assert_array_equal, one, shards)
+    os.remove(dst / "model-00002-of-00002.safetensors")
+    with pytest.raises(hf.HFError, match="model-00002-of-00002.safetensors"):
+      hf.read_hf(str(dst), require_tokenizer=False)
