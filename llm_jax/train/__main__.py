@@ -42,18 +42,6 @@ def _quiet_libraries() -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
-def _exit_with_one_line(code: int, line: str) -> None:
-  """Writes `line` to stderr as one write with everything else sent there silenced, then exits."""
-  sys.stdout.flush()
-  sys.stderr.flush()
-  saved = os.dup(2)
-  null = os.open(os.devnull, os.O_WRONLY)
-  os.dup2(null, 2)  # other threads' writes to stderr (Python's or the libraries' own) now go nowhere
-  os.write(saved, line.encode())
-  logging.shutdown()
-  os._exit(code)
-
-
 def main(argv) -> int:
   """Trains (or resumes) one run; prints its summary line."""
   del argv
@@ -71,11 +59,12 @@ def main(argv) -> int:
       print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
       return distributed.fail_fast(1, f"{type(e).__name__}: {e}")
     if isinstance(e, CheckpointError) and not cli.verbose():
-      # A failed restore leaves the storage library's other reads behind; they post to an event loop
-      # that is gone and a traceback is printed for each, also while this line is being written. The
-      # one line says all there is: stderr goes to /dev/null first, the line to the saved stderr, and
-      # the process exits at once, past the interpreter's shutdown.
-      _exit_with_one_line(1, f"error ({type(e).__name__}): {e}\n")
+      # A failed read leaves the storage library's other reads behind (their tracebacks are dropped by
+      # the hooks train.checkpoint installs before every read); at interpreter shutdown they would post
+      # again. The one line says all there is: exit now, past that shutdown.
+      print(f"error ({type(e).__name__}): {e}", file=sys.stderr, flush=True)
+      logging.shutdown()
+      os._exit(1)
     raise  # cli prints the one line (and the traceback with --verbose)
   val = summary.get("val_loss")
   best = (
