@@ -302,3 +302,19 @@ def test_cli_usage_errors_exit_2(tmp_path):
   assert both.returncode == 2 and "package" in both.stderr and "workdir" in both.stderr
   bad = _cli(f"--package={tmp_path}", "--prompt=x", "--top_p=0")
   assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr
+
+
+def test_sampling_branch_counts_only_live_rows():
+  """A server's idle slots hold zeros (top_p 0): they must not send a sampled batch to the filtered
+  branch (a sort over the vocabulary every step). Seen failing before the fix: the branch was 2."""
+  state = G.empty_state(CFG, 4)
+  temp = state.temperature_B.at[0].set(0.8)  # row 0 is a live request at temperature 0.8
+  top_p = state.top_p_B.at[0].set(1.0)
+  live = jnp.array([True, False, False, False])
+  assert int(G.sampling_branch(temp, state.top_k_B, top_p, live)) == 1
+  assert int(G.sampling_branch(temp, state.top_k_B, top_p.at[0].set(0.9), live)) == 2
+  assert int(G.sampling_branch(temp.at[0].set(0.0), state.top_k_B, top_p, live)) == 0
+  # a finished row that sampled with a filter no longer counts either
+  temp2, top_k2 = temp.at[1].set(0.7), state.top_k_B.at[1].set(40)
+  assert int(G.sampling_branch(temp2, top_k2, top_p.at[1].set(1.0), live)) == 1
+  assert int(G.sampling_branch(temp2, top_k2, top_p.at[1].set(1.0), live.at[1].set(True))) == 2

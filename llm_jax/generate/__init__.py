@@ -47,6 +47,7 @@ from llm_jax.generate.sampling import (
   chosen_logprob,
   sample,
   sampling_arrays,
+  sampling_branch,
   top_k_top_p_mask,
 )
 from llm_jax.generate.stream import Generation, TextStream, generate, stream
@@ -78,6 +79,7 @@ __all__ = [
   "prompt_logits",
   "sample",
   "sampling_arrays",
+  "sampling_branch",
   "shard_params",
   "start",
   "stream",

@@ -214,6 +214,7 @@ def _step(
       state.top_p_B,
       state.penalty_B,
       state.seen_BV,
+      state.active_B,
     )
   if top_n:
     logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)

@@ -68,11 +68,21 @@ def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
   return jnp.where(seen_BV, penalized, logits_BV)
 
 
-def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_BV):
+def sampling_branch(temperature_B, top_k_B, top_p_B, active_B=None):
+  """The batch's sampling branch: 0 argmax (no row samples), 1 plain draw (no row filters), 2 filtered
+  draw (a sort over the vocabulary). Only live rows count (`active_B`, default all): an idle or
+  finished row's settings (a server's empty slots hold top_p 0) must not make the others sort."""
+  live_B = jnp.ones(temperature_B.shape, bool) if active_B is None else active_B
+  needs_filter = jnp.any(live_B & (temperature_B > 0) & ((top_k_B > 0) | (top_p_B < 1.0)))
+  return jnp.where(jnp.any(live_B & (temperature_B > 0)), jnp.where(needs_filter, 2, 1), 0)
+
+
+def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_BV, active_B=None):
   """Next token per row: argmax at temperature 0, else a draw from the filtered, tempered softmax.
 
-  One batch-level branch: argmax only when no row samples (no random draw over the vocabulary);
-  a plain draw when no row sets top-k/top-p (no sort); the filtered draw otherwise.
+  One batch-level branch (`sampling_branch`, from the live rows): argmax only when no row samples
+  (no random draw over the vocabulary); a plain draw when no row sets top-k/top-p (no sort); the
+  filtered draw otherwise.
   """
   logits_BV = apply_repetition_penalty(logits_BV, seen_BV, penalty_B)
 
@@ -86,10 +96,8 @@ def sample(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, penalty_B, seen_B
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
     return jnp.where(temperature_B > 0, drawn_B, greedy(x_BV)).astype(jnp.int32)
 
-  needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
-  branch = jnp.where(jnp.any(temperature_B > 0), jnp.where(needs_filter, 2, 1), 0)
   return jax.lax.switch(
-    branch,
+    sampling_branch(temperature_B, top_k_B, top_p_B, active_B),
     [greedy, functools.partial(draw, filtered=False), functools.partial(draw, filtered=True)],
     logits_BV,
   )
