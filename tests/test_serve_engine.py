@@ -161,6 +161,22 @@ def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   assert engine.busy_slots == 0 and engine.in_flight == 0
 
 
+def test_rows_move_only_when_the_bucket_shrinks(engine, params):
+  """Five rows busy (bucket 8): as the first ones end nothing moves while four or three remain (still
+  bucket 8; a move would be a device call for nothing); when two remain, the one above row 1 moves
+  down, once, and they finish in the 2-row program. Tokens equal full recomputation."""
+  requests = [(PROMPTS[0], 14), (PROMPTS[1], 2), (PROMPTS[2], 12), (PROMPTS[3], 10), (PROMPTS[0], 8)]
+  lengths = [len(_recompute(params, p, n)) for p, n in requests]
+  assert lengths == [14, 2, 12, 10, 8]  # no early EOS: the order rows end in is the one above
+  before = engine.programs.calls.copy()
+  out = _run(engine, requests)
+  used = engine.programs.calls - before
+  assert used["move",] == 1
+  assert ("decode", 2, 0) in used
+  for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
+    assert tokens == _recompute(params, prompt, n)
+
+
 def test_exported_programs_are_read_back(params, tok, tmp_path):
   """A second engine on the same export directory reads every program instead of tracing it, and
   decodes the same tokens."""

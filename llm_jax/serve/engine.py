@@ -1,8 +1,8 @@
 """The batching engine: a fixed set of batch rows fed from a queue, stepped together on one thread.
 
-Continuous batching: each iteration (1) frees the rows of cancelled and timed-out requests, (2) keeps
-the busy rows compacted at the bottom of the state (the highest busy row is copied onto the lowest
-free one by a one-row device move), (3) admits waiting requests into free rows: at most
+Continuous batching: each iteration (1) frees the rows of cancelled and timed-out requests, (2) moves
+busy rows down where that lets a smaller row bucket cover them (one-row device copies; none while
+most slots are busy), (3) admits waiting requests into free rows: at most
 `prefill_tokens` padded prompt tokens per iteration (always at least one prompt), the prompts of one
 width prefilled together in one call (one prompt alone, two or more padded to the most the budget
 allows), so the decode chunk behind it waits for a bounded prefill and a new request's first token

@@ -126,14 +126,16 @@ class Rows:
         self._slot[row] = (handle, choice)
 
   def _compact(self) -> None:
-    """Keeps the busy rows at the bottom of the state: the highest busy row moves into the lowest
-    free one (a device copy of one row; the chunk in flight keeps its own owners), so a decode
-    chunk covers the busy rows with the smallest row bucket."""
-    while True:
-      busy = [i for i, s in enumerate(self._slot) if s is not None]
-      if not busy or busy[-1] < len(busy):
-        return
-      src, dst = busy[-1], next(i for i, s in enumerate(self._slot) if s is None)
+    """Moves busy rows down only where that shrinks the row bucket: with n busy rows, every busy row
+    at or past the smallest bucket covering n moves into the lowest free row (a device copy of one
+    row; the chunk in flight keeps its own owners). When the bucket would not change (e.g. most
+    slots busy), nothing moves: a move is a device call the next chunk would wait for."""
+    busy = [i for i, s in enumerate(self._slot) if s is not None]
+    if not busy:
+      return
+    need = next(r for r in self.row_buckets() if r >= len(busy))
+    for src in [i for i in busy if i >= need]:
+      dst = next(i for i, s in enumerate(self._slot) if s is None)  # below `need`: enough are free
       self.state = self.programs.move(self.state, np.int32(src), np.int32(dst))
       with self._cond:
         entry, self._slot[src], self._slot[dst] = self._slot[src], None, self._slot[src]
