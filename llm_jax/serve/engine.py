@@ -34,6 +34,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -81,7 +82,7 @@ class Engine(Rows):
     metrics=None,
     prefill_tokens: int = PREFILL_TOKENS,
     export_dir: str | None = None,
-    compile_threads: int = 4,
+    compile_threads: int | None = None,
     levers: str | None = None,
   ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies), laid
@@ -100,7 +101,9 @@ class Engine(Rows):
     # does on an accelerator, and start-up compiles two programs fewer
     self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
     self.prefill_tokens = int(prefill_tokens)
-    self.export_dir, self.compile_threads = export_dir, int(compile_threads)
+    # programs build in parallel (XLA compiles without the GIL): up to 16 threads, one per core
+    self.export_dir = export_dir
+    self.compile_threads = int(compile_threads or min(16, os.cpu_count() or 2))
     self.programs: Programs | None = None
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
