@@ -234,8 +234,13 @@ def _step(
   finished_B = (tok_B == eos_id) | (state.remaining_B <= 1) | (state.positions_B + 1 >= cfg.max_seq_len)
   cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg, span)
   still_B = active_B & ~finished_B
-  b = tok_B.shape[0]
-  seen_BV = state.seen_BV if greedy else state.seen_BV.at[jnp.arange(b), tok_B].max(active_B)
+  # the chosen token marked seen: an elementwise compare over [B, V] (fuses into one pass), not a
+  # scatter (on an H200 a 32-row scatter into [32, 50304] took ~30 us a step)
+  if greedy:
+    seen_BV = state.seen_BV
+  else:
+    hit_BV = jnp.arange(cfg.vocab_size, dtype=jnp.int32)[None, :] == tok_B[:, None]
+    seen_BV = state.seen_BV | (hit_BV & active_B[:, None])
   state = state.replace(
     cache=cache,
     logits_BV=logits_BV,
