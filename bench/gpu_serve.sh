@@ -24,6 +24,7 @@ REQ1=${REQ1:-16}               # requests at concurrency 1
 REQ32=${REQ32:-500}            # requests at concurrency 32
 PORT=${PORT:-8765}
 SERVE_ARGS=${SERVE_ARGS:-}     # more server flags, e.g. "--decode_chunk 8" (one word each)
+PYSPY=${PYSPY:-}               # a py-spy binary: record who holds the GIL during the 32-client test
 W=${WORK:-/tmp/gpu_serve}
 mkdir -p "$W" "$OUT"
 rm -rf "$W/pkg" "$W"/*.json "$W"/*.log "$W/xla"
@@ -111,11 +112,20 @@ if [ $UP = 1 ]; then
   for c in 1 32; do
     n=$REQ1; [ $c = 32 ] && n=$REQ32
     echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS"
+    if [ -n "$PYSPY" ] && [ $c = 32 ]; then  # 8 s from 1 s in, while the load is steady
+      (sleep 1; "$PYSPY" record -p $SPID --gil --threads -r 200 -d 8 --format raw -o "$W/pyspy_gil.txt" \
+        > "$W/pyspy.log" 2>&1) &
+      PSPID=$!
+    fi
     timeout 120 $PY -m llm_jax.serve.loadtest --url "http://127.0.0.1:$PORT" --concurrency $c \
       --requests $n --max_tokens "$MAX_TOKENS" --json > "$W/load$c.json"
     echo "exit $?"
     $PY -c "import json,sys; from llm_jax.serve.loadtest import format_summary as f; print(f(json.load(open(sys.argv[1]))))" "$W/load$c.json"
   done
+  if [ -n "$PYSPY" ]; then
+    wait $PSPID; tail -2 "$W/pyspy.log"
+    [ -f "$W/pyspy_gil.txt" ] && $PY bench/pyspy_summary.py "$W/pyspy_gil.txt" --rate 200 --seconds 8 --top 30
+  fi
   curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^llm_(requests_total|sequences_finished_total|generated_tokens_total)' > "$W/metrics.txt"
   cat "$W/metrics.txt"
 else

@@ -147,6 +147,7 @@ def main():
   p.add_argument("--reference_tokens", type=int, default=256)
   p.add_argument("--profile_dir", default="")
   p.add_argument("--json", default="")
+  p.add_argument("--xla_option", action="append", default=[], help="KEY=VALUE for the engine's compiles")
   args = p.parse_args()
 
   loaded = open_model(args.package, dtype="bfloat16")
@@ -158,7 +159,19 @@ def main():
     flush=True,
   )
   t0 = time.perf_counter()
-  engine = Engine(loaded.params, cfg, loaded.tokenizer, slots=args.slots, max_concurrent=64, chunk=args.chunk)
+  options = {}
+  for kv in args.xla_option:
+    k, v = kv.split("=", 1)
+    options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+  engine = Engine(
+    loaded.params,
+    cfg,
+    loaded.tokenizer,
+    slots=args.slots,
+    max_concurrent=64,
+    chunk=args.chunk,
+    compiler_options=options,
+  )
   print(
     f"engine built in {engine.warmup():.1f} s ({len(engine.programs.compiled)} programs; "
     f"{time.perf_counter() - t0:.1f} s with the layout)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import socket
 import threading
@@ -122,6 +123,10 @@ class ServerState:
       t_compile = engine.warmup()
       engine.start()
       self.engine = engine
+      # what start-up made stays alive: keep it out of the cyclic collector, whose full passes over
+      # it would pause the event loop and the engine thread while serving
+      gc.collect()
+      gc.freeze()
       log.info(
         "ready: %s; loaded in %.1fs, compiled in %.1fs (%d programs, %d read from %s), start-up %.1fs",
         loaded.describe(),

@@ -84,6 +84,7 @@ class Engine(Rows):
     export_dir: str | None = None,
     compile_threads: int | None = None,
     levers: str | None = None,
+    compiler_options: dict | None = None,
   ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies), laid
     # out for the decode levers; every program and prompt scoring read this one tree.
@@ -104,6 +105,7 @@ class Engine(Rows):
     # programs build in parallel (XLA compiles without the GIL): up to 16 threads, one per core
     self.export_dir = export_dir
     self.compile_threads = int(compile_threads or min(16, os.cpu_count() or 2))
+    self.compiler_options = compiler_options  # XLA options for the engine's programs
     self.programs: Programs | None = None
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
@@ -139,6 +141,7 @@ class Engine(Rows):
       top_n=TOP_LOGPROBS,
       vocab_limit=self.vocab_limit,
       export_dir=self.export_dir,
+      compiler_options=self.compiler_options,
     )
     self.programs.build(self.program_keys(), threads=self.compile_threads)
     jax.block_until_ready(self.state)

@@ -75,8 +75,10 @@ class Programs:
     top_n: int,
     vocab_limit: int | None,
     export_dir: str | None = None,
+    compiler_options: dict | None = None,
   ):
     self.cfg, self.steps, self.top_n, self.vocab_limit = cfg, steps, top_n, vocab_limit
+    self.compiler_options = dict(compiler_options or {})  # XLA options for every compile
     self.param_leaves, self._param_tree = jax.tree.flatten(params)
     self._state_tree = jax.tree.structure(state)
     self._param_avals = _abstract(self.param_leaves)
@@ -188,7 +190,7 @@ class Programs:
   def _build_one(self, key: tuple):
     fn, avals, donate = self._spec(key)
     if self.export_dir is None:
-      return jax.jit(fn, donate_argnums=donate).lower(*avals).compile(), None
+      return self._compile(jax.jit(fn, donate_argnums=donate), avals), None
     path = self._export_path(key, avals)
     how = "loaded"
     try:
@@ -202,7 +204,10 @@ class Programs:
         f.write(exp.serialize())
       os.replace(f.name, path)  # atomic: servers sharing the directory never read half a file
       how = "exported"
-    return jax.jit(exp.call, donate_argnums=donate).lower(*avals).compile(), how
+    return self._compile(jax.jit(exp.call, donate_argnums=donate), avals), how
+
+  def _compile(self, jitted, avals):
+    return jitted.lower(*avals).compile(compiler_options=self.compiler_options or None)
 
   def build(self, keys: list[tuple], threads: int = 4) -> float:
     """Builds every program in `keys` not built yet; returns the seconds it took."""
