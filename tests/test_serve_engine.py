@@ -155,7 +155,9 @@ def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   decode_keys = {k for k in used if k[0] == "decode"}
   assert {k[1] for k in decode_keys} == {2, 8}
   assert {k[2] for k in decode_keys if k[1] == 2} == {0}
-  assert ("decode", 8, 8) in decode_keys  # the all-rows program reads the span its rows reach
+  # the all-rows program reads the span its rows reach: positions up to 6 + 1 + 2 (prompt, the first
+  # token drawn at admission, a chunk of two) are within 16 of the 32 cached positions
+  assert ("decode", 8, 16) in decode_keys
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
   assert engine.busy_slots == 0 and engine.in_flight == 0
@@ -234,3 +236,42 @@ def test_int8_engine_levers(params, tok):
   finally:
     eng.stop()
   assert tokens == _recompute(quantize.dequantize(q), PROMPTS[3], 8)
+
+
+def test_first_token_comes_from_the_admission_call(engine, params):
+  """Admission draws each prompt's first token: a one-token request is answered without any decode
+  chunk, and longer ones continue from it with the same tokens as full recomputation."""
+  before = engine.programs.calls.copy()
+  out = _run(engine, [(PROMPTS[0], 1), (PROMPTS[3], 1)])
+  used = engine.programs.calls - before
+  assert not any(k[0] == "decode" for k in used)
+  assert [tokens for tokens, _ in out] == [_recompute(params, p, 1) for p in (PROMPTS[0], PROMPTS[3])]
+  assert [reason for _, reason in out] == ["length", "length"]
+
+
+class _OtherEos:
+  """The test tokenizer with another end-of-sequence id (a Hugging Face tokenizer's, e.g. GPT-2's)."""
+
+  def __init__(self, tok, eos_id):
+    self._tok, self.eos_id = tok, eos_id
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+
+def test_rows_stop_at_the_tokenizers_eos(params, tok):
+  """A row stops at the tokenizer's own EOS id, not at 2 (seen failing before: the engine decoded with
+  generate's default EOS 2, so a GPT-2-tokenizer model ran past <|endoftext|>)."""
+  greedy = _recompute(params, PROMPTS[1], 10)
+  assert len(greedy) == 10
+  eos = greedy[3]
+  cut = greedy.index(eos)  # its first occurrence
+  eng = Engine(params, CFG, _OtherEos(tok, eos), slots=2, chunk=2)
+  eng.warmup()
+  eng.start()
+  try:
+    [(tokens, reason)] = _run(eng, [(PROMPTS[1], 10)], paused=False)
+  finally:
+    eng.stop()
+  assert reason == "stop"
+  assert tokens == greedy[: cut + 1]  # the EOS is listed (with its log-prob, no text), as vLLM lists it

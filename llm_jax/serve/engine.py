@@ -2,11 +2,12 @@
 
 Continuous batching: each iteration (1) frees the rows of cancelled and timed-out requests, (2) moves
 busy rows down where that lets a smaller row bucket cover them (one-row device copies; none while
-most slots are busy), (3) admits waiting requests into free rows: at most
-`prefill_tokens` padded prompt tokens per iteration (always at least one prompt), the prompts of one
-width prefilled together in one call (one prompt alone, two or more padded to the most the budget
-allows), so the decode chunk behind it waits for a bounded prefill and a new request's first token
-comes with the next chunk, and (4) dispatches one decode chunk of a few steps over the first R rows,
+most slots are busy), (3) admits waiting requests into free rows: at most `prefill_tokens` padded
+prompt tokens per iteration (always at least one prompt), the prompts of one width prefilled
+together in one call (one prompt alone, two or more padded to the most the budget allows), so the
+decode chunk behind it waits for a bounded prefill; the call also draws each prompt's first token,
+sent as soon as the call ends (no decode chunk needed), and (4) dispatches one decode chunk of a few
+steps over the first R rows,
 R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one busy
 client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
 needed). The chunk's outputs come back in one device-to-host copy. Every program (the all-rows
@@ -114,6 +115,8 @@ class Engine(Rows):
     self._last_pos = [0] * self.slots  # per slot: an upper bound of the next position it writes
     self._steps_left = [0] * self.slots  # per slot: decode steps it may still need (its budget)
     self._in_flight_chunk = None  # (packed outputs, slot owners) of the chunk the device runs
+    self._admitted: list[tuple] = []  # (packed first tokens, owners) of admission calls not handled yet
+    self.eos_id = int(getattr(tokenizer, "eos_id", G.EOS_ID))  # a row that draws it stops
     self._outbox: list[tuple[Handle, tuple]] = []  # events of this iteration, posted together
     self._paused = False
     self._stop = False
@@ -142,6 +145,7 @@ class Engine(Rows):
       vocab_limit=self.vocab_limit,
       export_dir=self.export_dir,
       compiler_options=self.compiler_options,
+      eos_id=self.eos_id,
     )
     self.programs.build(self.program_keys(), threads=self.compile_threads)
     jax.block_until_ready(self.state)
@@ -253,7 +257,7 @@ class Engine(Rows):
           self._collect()
       except Exception as e:  # the shared decode step failed: fail every request, keep serving
         log.exception("engine step failed")
-        self._in_flight_chunk = None
+        self._in_flight_chunk, self._admitted = None, []
         self._fail_all(f"engine error: {type(e).__name__}")
         self.state = self._empty_state()
       finally:
@@ -303,9 +307,10 @@ class Engine(Rows):
       s is not None and left > 0 for s, left in zip(self._slot, self._steps_left, strict=True)
     ]
     if not alive.any():
-      had_chunk = self._in_flight_chunk is not None
+      had_outputs = self._in_flight_chunk is not None or bool(self._admitted)
       self._collect()
-      if not had_chunk:  # no chunk can end these slots any more: never spin on them
+      self._handle_admitted()
+      if not had_outputs:  # no outputs can end these slots any more: never spin on them
         for entry in [e for e in self._slot if e is not None]:
           log.error("slot of %s has no steps left but did not finish", entry[0].id)
           self._finish(entry[0], entry[1], "error")
@@ -327,6 +332,14 @@ class Engine(Rows):
     previous, self._in_flight_chunk = self._in_flight_chunk, (packed, self._slot[:rows])
     if previous is not None:
       self._handle_outputs(*previous)
+    self._handle_admitted()  # first tokens: after the chunk that continues them is on its way
+
+  def _handle_admitted(self) -> None:
+    """Handles the first tokens drawn by this iteration's admission calls (each its own call's
+    outputs, a chunk of one step; they come before any chunk's tokens for those rows)."""
+    admitted, self._admitted = self._admitted, []
+    for packed, owners in admitted:
+      self._handle_outputs(packed, owners, steps=1)
 
   def _collect(self) -> None:
     """Handles the chunk still in flight, if any (nothing else to dispatch)."""
@@ -334,9 +347,10 @@ class Engine(Rows):
     if previous is not None:
       self._handle_outputs(*previous)
 
-  def _handle_outputs(self, packed, owners) -> None:
+  def _handle_outputs(self, packed, owners, steps: int | None = None) -> None:
+    steps = steps or self.chunk
     want_top = any(e is not None and e[1].top_n for e in owners)
-    lists = chunk_lists(packed, self.chunk, TOP_LOGPROBS, want_top)
+    lists = chunk_lists(packed, steps, TOP_LOGPROBS, want_top)
     for slot, entry in enumerate(owners):
       if entry is None:
         continue
@@ -344,14 +358,14 @@ class Engine(Rows):
       if choice.finish_reason is not None:  # finished (stop, filter, cancel) after dispatch
         continue
       try:
-        self._handle_slot(handle, choice, slot, lists)
+        self._handle_slot(handle, choice, slot, lists, steps)
       except Exception:  # this sequence's host work failed: it alone ends
         log.exception("request %s: handling the outputs of slot %d failed", handle.id, slot)
         self._fail(handle, choice)
 
-  def _handle_slot(self, handle: Handle, choice: Choice, slot: int, o: dict) -> None:
+  def _handle_slot(self, handle: Handle, choice: Choice, slot: int, o: dict, steps: int) -> None:
     """Text, tokens and log-probs of one slot's chunk: a delta event, and "done" when it ended."""
-    text, new_tokens, new_lps, new_top, reason = slot_update(choice, slot, o, self.chunk)
+    text, new_tokens, new_lps, new_top, reason = slot_update(choice, slot, o, steps)
     if new_tokens or text:
       choice.tokens += new_tokens
       choice.logprobs += new_lps

@@ -33,21 +33,32 @@ def admit_rows(
   top_k_P,
   top_p_P,
   penalty_P,
+  want_top,
   *,
   cfg: ModelConfig,
-) -> G.DecodeState:
-  """Prefills P prompts (one batched call) and writes prompt p into row rows_P[p] of the batch
-  state (its cache row replaced); a row index past the state's rows (padding) is dropped."""
+  top_n: int,
+  vocab_limit: int | None,
+  eos_id: int = G.EOS_ID,
+):
+  """Prefills P prompts (one batched call), draws each one's first token (the decode step the first
+  chunk would otherwise take, so the same tokens for a seed) and writes prompt p into row rows_P[p]
+  of the batch state (its cache row replaced); a row index past the state's rows (padding) is
+  dropped. Returns the state and the first tokens' outputs packed as `decode_rows` packs a chunk
+  of one step: a request's first token needs no decode chunk."""
+  params = G._float_params(params, cfg)
   new = G._start(
     params, tokens_PW, lengths_P, seeds_P, max_new_P, temperature_P, top_k_P, top_p_P, penalty_P, cfg
   )
+  span = G.decode_span(tokens_PW.shape[1], cfg)  # the first token goes at position len(prompt)
+  new, out = G._step(params, new, cfg, eos_id, top_n, vocab_limit, want_top, span=span)
 
   def put(big, one):
     axis = _row_axis(big)
     index = (slice(None),) * axis + (rows_P,)
     return big.at[index].set(one.astype(big.dtype), mode="drop")
 
-  return jax.tree.map(put, state, new)
+  outs = {k: v[:, None] for k, v in out.items()}  # [P, 1, ...]: a chunk of one step
+  return jax.tree.map(put, state, new), pack_outputs(outs, new.active_B)
 
 
 def move_row(state: G.DecodeState, src, dst) -> G.DecodeState:
@@ -72,6 +83,7 @@ def decode_rows(
   top_n: int,
   vocab_limit: int | None,
   span: int,
+  eos_id: int = G.EOS_ID,
 ):
   """`generate.decode_chunk` over the first R = len(alive_R) rows of the state (the busy rows are
   kept there): a call costs what a batch of R rows does, whatever the state's size. Returns the
@@ -94,7 +106,16 @@ def decode_rows(
 
     sub = jax.tree.map(take, state)
   sub, outs = G.decode_chunk(
-    params, sub, alive_R, want_top, cfg=cfg, steps=steps, top_n=top_n, vocab_limit=vocab_limit, span=span
+    params,
+    sub,
+    alive_R,
+    want_top,
+    cfg=cfg,
+    steps=steps,
+    eos_id=eos_id,
+    top_n=top_n,
+    vocab_limit=vocab_limit,
+    span=span,
   )
   if r == b:
     state = sub
@@ -102,19 +123,25 @@ def decode_rows(
     state = jax.tree.map(
       lambda big, part: jax.lax.dynamic_update_slice(big, part, (0,) * big.ndim), state, sub
     )
+  return state, pack_outputs(outs, sub.active_B)
+
+
+def pack_outputs(outs: dict, active_B):
+  """A chunk's outputs ([B, steps] and [B, steps, top_n]) and each row's `active` after it, packed
+  into one int32 array [B, 3 * steps + 1 + 2 * steps * top_n] (`unpack_chunk` reads it)."""
+  b = active_B.shape[0]
   flags = outs["emitted"].astype(jnp.int32) | (outs["eos"].astype(jnp.int32) << 1)
-  packed = jnp.concatenate(
+  return jnp.concatenate(
     [
       outs["token"],
       jax.lax.bitcast_convert_type(outs["logprob"], jnp.int32),
       flags,
-      sub.active_B[:, None].astype(jnp.int32),
-      jax.lax.bitcast_convert_type(outs["top_logprobs"], jnp.int32).reshape(r, -1),
-      outs["top_ids"].reshape(r, -1),
+      active_B[:, None].astype(jnp.int32),
+      jax.lax.bitcast_convert_type(outs["top_logprobs"], jnp.int32).reshape(b, -1),
+      outs["top_ids"].reshape(b, -1),
     ],
     axis=1,
   )
-  return state, packed
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_n", "vocab_limit"))

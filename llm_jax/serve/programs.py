@@ -3,7 +3,8 @@
 Programs (serve/prefill.py's functions over the engine's parameters and batch state):
 
     ("decode", R, span)  a decode chunk over the first R rows, attending to `span` cache positions
-    ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows
+    ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows, each
+                         one's first token drawn (outputs packed as a chunk of one step)
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
 
 Each program is a flat function of leaf lists (parameters, state, then arrays), so that it can be
@@ -76,8 +77,10 @@ class Programs:
     vocab_limit: int | None,
     export_dir: str | None = None,
     compiler_options: dict | None = None,
+    eos_id: int = 2,
   ):
     self.cfg, self.steps, self.top_n, self.vocab_limit = cfg, steps, top_n, vocab_limit
+    self.eos_id = int(eos_id)  # the tokenizer's end of sequence: a row that draws it stops
     self.compiler_options = dict(compiler_options or {})  # XLA options for every compile
     self.param_leaves, self._param_tree = jax.tree.flatten(params)
     self._state_tree = jax.tree.structure(state)
@@ -108,13 +111,14 @@ class Programs:
     )
     return self.state_of(leaves), packed
 
-  def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict):
-    """The state with `count` prompts (padded to `width`) prefilled into rows `rows_P`."""
+  def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, want_top):
+    """(the state with `count` prompts (padded to `width`) prefilled into rows `rows_P`, their first
+    tokens' outputs packed [count, X] as a chunk of one step)."""
     self.calls["admit", width, count] += 1
-    leaves = self.compiled[("admit", width, count)](
-      self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, *arrays.values()
+    leaves, packed = self.compiled[("admit", width, count)](
+      self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, want_top, *arrays.values()
     )
-    return self.state_of(leaves)
+    return self.state_of(leaves), packed
 
   def move(self, state, src: int, dst: int):
     """The state with row `src` copied onto row `dst`."""
@@ -142,6 +146,7 @@ class Programs:
           top_n=self.top_n,
           vocab_limit=self.vocab_limit,
           span=span,
+          eos_id=self.eos_id,
         )
         return jax.tree.leaves(state), packed
 
@@ -150,23 +155,28 @@ class Programs:
     if kind == "admit":
       _, width, count = key
 
-      def admit(pl, sl, rows_P, tokens_PW, lengths_P, *sampling):
-        state = admit_rows(
+      def admit(pl, sl, rows_P, tokens_PW, lengths_P, want_top, *sampling):
+        state, packed = admit_rows(
           jax.tree.unflatten(ptree, pl),
           jax.tree.unflatten(stree, sl),
           rows_P,
           tokens_PW,
           lengths_P,
           *sampling,
+          want_top,
           cfg=cfg,
+          top_n=self.top_n,
+          vocab_limit=self.vocab_limit,
+          eos_id=self.eos_id,
         )
-        return jax.tree.leaves(state)
+        return jax.tree.leaves(state), packed
 
       def vec(dt):
         return jax.ShapeDtypeStruct((count,), dt)
 
       sampling = [vec(jax.numpy.uint32), vec(i32), vec(f32), vec(i32), vec(f32), vec(f32)]
-      args = [vec(i32), jax.ShapeDtypeStruct((count, width), i32), vec(i32), *sampling]
+      flag = jax.ShapeDtypeStruct((), bool)
+      args = [vec(i32), jax.ShapeDtypeStruct((count, width), i32), vec(i32), flag, *sampling]
       return admit, [self._param_avals, self._state_avals, *args], (1,)
     if kind == "move":
 
@@ -182,7 +192,7 @@ class Programs:
     dev = jax.devices()[0]
     for part in (FORMAT, code_digest(), jax.__version__, dev.platform, dev.device_kind, repr(self.cfg)):
       h.update(repr(part).encode())
-    h.update(repr((key, self.steps, self.top_n, self.vocab_limit)).encode())
+    h.update(repr((key, self.steps, self.top_n, self.vocab_limit, self.eos_id)).encode())
     h.update(repr(jax.tree.map(lambda a: (a.shape, str(a.dtype)), avals)).encode())
     name = "-".join(str(k) for k in key)
     return pathlib.Path(self.export_dir) / f"{name}-{h.hexdigest()[:24]}.jaxexport"

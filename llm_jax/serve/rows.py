@@ -107,8 +107,11 @@ class Rows:
       lengths[i], rows[i] = len(choice.prompt_ids), row
       for k, v in one.items():
         arrays[k][i] = v[0]
+    want_top = np.bool_(any(choice.top_n for _, choice, *_ in part))
     try:
-      self.state = self.programs.admit(width, count, self.state, rows, tokens, lengths, arrays)
+      self.state, packed = self.programs.admit(
+        width, count, self.state, rows, tokens, lengths, arrays, want_top
+      )
     except Exception:  # these requests' prefill: they alone fail
       log.exception("requests %s: admission failed", [h.id for h, *_ in part])
       for handle, choice, *_ in part:
@@ -116,11 +119,14 @@ class Rows:
       if any(x.is_deleted() for x in jax.tree.leaves(self.state)):
         raise  # the batch state was donated to the failed call: nothing left to decode from
       return
+    # the call drew each prompt's first token: its outputs are handled once the decode chunk behind
+    # it is dispatched (Engine._handle_admitted), so a first token never waits for a chunk
+    self._admitted.append((packed, [(h, c) for h, c, *_ in part] + [None] * (count - len(part))))
     for handle, choice, row, _ in part:
       choice.slot = row
-      self._last_pos[row] = len(choice.prompt_ids)
-      self._steps_left[row] = min(
-        choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)
+      self._last_pos[row] = len(choice.prompt_ids) + 1
+      self._steps_left[row] = (
+        min(choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)) - 1
       )
       with self._cond:
         self._slot[row] = (handle, choice)
