@@ -177,6 +177,10 @@ def main():
     f"{time.perf_counter() - t0:.1f} s with the layout)",
     flush=True,
   )
+  slow = sorted(engine.programs.build_s.items(), key=lambda kv: -kv[1])
+  print(
+    "build seconds per program (threads overlap): " + ", ".join(f"{k} {v:.1f}" for k, v in slow), flush=True
+  )
   acc = instrument(engine)
   engine.start()
   prompt_ids = list(loaded.prompt_prefix) + loaded.tokenizer.encode(args.prompt)

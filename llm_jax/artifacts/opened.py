@@ -30,7 +30,7 @@ from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.model import lora as lora_lib
 from llm_jax.model import quantize as quantize_lib
-from llm_jax.model.params import abstract_params, count
+from llm_jax.model.params import abstract_params, cast_params, count
 
 DTYPES = ("float32", "bfloat16")
 # A RoPE model's max_seq_len only sizes buffers (the KV cache); checkpoints declare their longest context
@@ -173,12 +173,7 @@ def open_model(
     )
   if dtype is not None:
     opened.model_config = inference_config(opened.model_config, dtype)
-    dt = jnp.dtype(opened.model_config.dtype)
-    opened.params = jax.tree.map(
-      lambda x: x if quantize_lib.is_qtensor(x) else x.astype(dt),
-      opened.params,
-      is_leaf=quantize_lib.is_qtensor,
-    )
+    opened.params = cast_params(opened.params, opened.model_config.dtype)
   if mesh is not None:
     opened.params = _place(opened.params, opened.model_config, mesh, opened.config)
     opened.mesh = mesh

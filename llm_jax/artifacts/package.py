@@ -41,7 +41,7 @@ from llm_jax.data.shards import file_sha256
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import quantize as quantize_lib
-from llm_jax.model.params import abstract_params, flatten, unflatten
+from llm_jax.model.params import abstract_params, cast_params, flatten, unflatten
 
 FORMAT_VERSION = 1  # written when the tokenizer is llm_jax's own SentencePiece model
 HF_TOKENIZER_FORMAT_VERSION = 2  # written for any other tokenizer (tokenizer.json, foreign special ids)
@@ -356,12 +356,10 @@ def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, 
       continue
     scale_key = key + quantize_lib.SCALE_SUFFIX
     if scale_key in flat:
-      leaves[key] = quantize_lib.QTensor(q=jnp.asarray(arr), scale=jnp.asarray(flat[scale_key]))
-    elif np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
-      leaves[key] = jnp.asarray(arr).astype(dt)
-    else:
-      leaves[key] = jnp.asarray(arr)
-  params = unflatten(leaves)
+      leaves[key] = quantize_lib.QTensor(q=jax.device_put(arr), scale=jax.device_put(flat[scale_key]))
+    else:  # a transfer (jnp.asarray compiles a copy per shape); float leaves are cast below in one call
+      leaves[key] = jax.device_put(arr)
+  params = cast_params(unflatten(leaves), dt)
   if not keep_int8:
     params = quantize_lib.dequantize(params, dt)
   _check_shapes(params, cfg, path)

@@ -100,6 +100,21 @@ def unstack_layers(params, cfg: ModelConfig, *, levers: str = ""):
   `levers` (e.g. "qkv,norm,kv"): also rearranges the weights for those decode levers
   (model/levers.py) and sets cfg.decode_levers; such parameters are for decoding only.
   """
+  if not cfg.scan_layers and not levers:
+    return params, cfg
+  # One jitted program for the whole rearrangement: op by op, every slice and concatenate of a new
+  # shape would compile on its own (~100 programs for a 12-layer model, seconds of a server's start-up).
+  out_cfg = []
+
+  def rearrange(p):
+    p, c = _unstack(p, cfg, levers)
+    out_cfg.append(c)
+    return p
+
+  return jax.jit(rearrange)(params), out_cfg[0]
+
+
+def _unstack(params, cfg: ModelConfig, levers: str):
   if cfg.scan_layers:
     params = dict(params)
     blocks = params.pop("blocks")
@@ -109,6 +124,19 @@ def unstack_layers(params, cfg: ModelConfig, *, levers: str = ""):
   if levers:
     params, cfg = levers_lib.prepare(params, cfg, levers)
   return params, cfg
+
+
+def cast_params(params, dtype):
+  """Float leaves cast to `dtype` in one jitted call (int8 QTensors and integer leaves unchanged):
+  casting leaf by leaf compiles a program for every distinct shape."""
+  dt = jnp.dtype(dtype)
+
+  def one(x):
+    if is_qtensor(x) or not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dt:
+      return x
+    return x.astype(dt)
+
+  return jax.jit(lambda p: jax.tree.map(one, p, is_leaf=is_qtensor))(params)
 
 
 def stack_layers(params, cfg: ModelConfig):

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 
+import jax
 import uvicorn
 from fastapi import FastAPI
 
@@ -106,6 +107,7 @@ class ServerState:
         "tokenizer_sha256": loaded.tokenizer_sha256,
         "manifest_sha256": loaded.manifest_sha256,
       }
+      t1 = time.monotonic()
       engine = Engine(
         loaded.params,
         loaded.model_config,
@@ -120,6 +122,8 @@ class ServerState:
       )
       # one copy of the weights: the engine's (laid out for its decode levers) serves everything
       loaded.params, loaded.model_config = engine.params, engine.cfg
+      jax.block_until_ready(engine.params)
+      t_layout = time.monotonic() - t1
       t_compile = engine.warmup()
       engine.start()
       self.engine = engine
@@ -128,9 +132,11 @@ class ServerState:
       gc.collect()
       gc.freeze()
       log.info(
-        "ready: %s; loaded in %.1fs, compiled in %.1fs (%d programs, %d read from %s), start-up %.1fs",
+        "ready: %s; loaded in %.1fs, laid out in %.1fs, compiled in %.1fs (%d programs, %d read from %s), "
+        "start-up %.1fs",
         loaded.describe(),
         t_load,
+        t_layout,
         t_compile,
         len(engine.programs.compiled),
         engine.programs.loaded,

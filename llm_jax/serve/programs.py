@@ -94,6 +94,7 @@ class Programs:
     self.compiled: dict[tuple, object] = {}
     self.loaded = self.exported = 0  # programs read from / written to export_dir
     self.calls: collections.Counter[tuple] = collections.Counter()  # runs of each program
+    self.build_s: dict[tuple, float] = {}  # seconds each program took to trace (or load) and compile
 
   # ---------------------------------------------------------------- calls
 
@@ -198,6 +199,13 @@ class Programs:
     return pathlib.Path(self.export_dir) / f"{name}-{h.hexdigest()[:24]}.jaxexport"
 
   def _build_one(self, key: tuple):
+    t0 = time.monotonic()
+    try:
+      return self._build(key)
+    finally:
+      self.build_s[key] = time.monotonic() - t0
+
+  def _build(self, key: tuple):
     fn, avals, donate = self._spec(key)
     if self.export_dir is None:
       return self._compile(jax.jit(fn, donate_argnums=donate), avals), None
