@@ -101,7 +101,7 @@ def server(tmp_path_factory):
 def test_cli_starts_warm_and_answers(server):
   url, d, saw_503 = server
   text = (d / "server.log").read_text()
-  assert "ready:" in text and "compiled in" in text and "start-up" in text
+  assert "ready:" in text and "programs were built in" in text and "start-up" in text
   auth = {"Authorization": "Bearer " + "s" * 32}
   assert httpx.post(f"{url}/v1/completions", json={"prompt": "the"}).status_code == 401
   r = httpx.post(

@@ -13,6 +13,7 @@ from tiny_package import write_tiny_package
 from llm_jax import generate as G
 from llm_jax.model import Decoder, ModelConfig, quantize
 from llm_jax.model.params import init_params
+from llm_jax.serve import app as app_lib
 from llm_jax.serve.engine import Choice, Engine
 from llm_jax.serve.prefill import prompt_scores
 
@@ -41,8 +42,13 @@ def short_spans():
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-  return write_tiny_package(tmp_path_factory.mktemp("engine"), CFG)[1]
+def tiny_pkg(tmp_path_factory):
+  return write_tiny_package(tmp_path_factory.mktemp("engine"), CFG)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_pkg):
+  return tiny_pkg[1]
 
 
 @pytest.fixture(scope="module")
@@ -275,3 +281,25 @@ def test_rows_stop_at_the_tokenizers_eos(params, tok):
     eng.stop()
   assert reason == "stop"
   assert tokens == greedy[: cut + 1]  # the EOS is listed (with its log-prob, no text), as vLLM lists it
+
+
+def test_programs_built_from_the_described_shapes(tiny_pkg, tok):
+  """Start-up builds the programs from the shapes the package describes while the weights load: the
+  loaded, laid-out weights have exactly those shapes (attach accepts them, and the engine decodes
+  with them); weights of other shapes are refused, so the server builds from the weights instead."""
+  settings = app_lib.ServerSettings(package=str(tiny_pkg[0]))
+  params, cfg, shape_tok = app_lib.served_shapes(settings)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+  loaded, _, _ = app_lib._load_and_lay_out(settings)
+  eng = Engine(params, cfg, shape_tok, slots=2, chunk=2)
+  eng.warmup()
+  eng.attach(loaded.params, loaded.model_config)
+  eng.start()
+  try:
+    [(tokens, _)] = _run(eng, [(PROMPTS[2], 6)], paused=False)
+  finally:
+    eng.stop()
+  assert tokens == _recompute(init_params(CFG), PROMPTS[2], 6)
+  other = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), loaded.params)
+  with pytest.raises(ValueError, match="shapes or dtypes differ"):
+    eng.attach(other, loaded.model_config)

@@ -7,6 +7,7 @@ files or runs code named by a request.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -19,11 +20,12 @@ import jax
 import uvicorn
 from fastapi import FastAPI
 
-from llm_jax.artifacts import OpenedModel, open_model
+from llm_jax.artifacts import OpenedModel, inference_config, open_model
 from llm_jax.model import unstack_layers
+from llm_jax.model.params import abstract_params, cast_params
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.chat import templates_of
-from llm_jax.serve.engine import Engine
+from llm_jax.serve.engine import Engine, default_levers, lay_out
 from llm_jax.serve.filters import Filters
 from llm_jax.serve.gate import Gate, add_error_handlers
 from llm_jax.serve.metrics import Metrics
@@ -71,6 +73,39 @@ def open_served_model(settings: ServerSettings) -> OpenedModel:
   return loaded
 
 
+def _load_and_lay_out(settings: ServerSettings):
+  """(the served model with its weights laid out for the engine, seconds loading, seconds laying out)."""
+  t0 = time.monotonic()
+  loaded = open_served_model(settings)
+  jax.block_until_ready(loaded.params)
+  t1 = time.monotonic()
+  levers = default_levers(loaded.params)
+  loaded.params, loaded.model_config = lay_out(loaded.params, loaded.model_config, levers)
+  jax.block_until_ready(loaded.params)
+  return loaded, t1 - t0, time.monotonic() - t1
+
+
+def served_shapes(settings: ServerSettings):
+  """(abstract parameters, ModelConfig, tokenizer) of the served model as `_load_and_lay_out` will lay
+  it out, from its description alone (no weights read), or None where the weights alone say (int8
+  kept in memory). `Engine.attach` checks the loaded weights against them."""
+  if settings.int8_in_memory:
+    return None
+  desc = open_model(settings.package, settings.step, weights=False)
+  cfg = inference_config(desc.model_config, settings.compute_dtype or "auto")
+  abstract = jax.eval_shape(lambda: cast_params(abstract_params(cfg)[0], cfg.dtype))
+  box = []
+
+  def unstacked(p):
+    p, c = unstack_layers(p, cfg)
+    box.append(c)
+    return p
+
+  abstract = jax.eval_shape(unstacked, abstract)
+  params, cfg = lay_out(abstract, box[0], default_levers(abstract))
+  return params, cfg, desc.tokenizer
+
+
 class ServerState:
   """What the routes share: settings, metrics, auditor, and the engine once it is ready."""
 
@@ -92,12 +127,33 @@ class ServerState:
     self.name = settings.model_name
 
   def load(self) -> None:
-    """Opens the model, compiles the decode functions, starts the engine (the warm start)."""
+    """Opens the model, compiles the decode functions, starts the engine (the warm start).
+
+    The programs need only the weights' shapes: they are built from the shapes the package describes
+    while the weights load and are laid out on another thread (start-up is the longer of the two,
+    not their sum). Should the loaded weights not have those shapes, the engine is built again from
+    them (correct, only slower)."""
     s = self.settings
     try:
       t0 = time.monotonic()
-      loaded = open_served_model(s)
-      t_load = time.monotonic() - t0
+      shapes = served_shapes(s)
+      with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-weights") as pool:
+        weights = pool.submit(_load_and_lay_out, s)
+        if shapes is not None:
+          engine = self._engine(*shapes)
+          t_compile = engine.warmup()
+        loaded, t_load, t_layout = weights.result()
+      if shapes is not None:
+        try:
+          engine.attach(loaded.params, loaded.model_config)
+        except ValueError as e:
+          log.warning("%s: building the engine from the loaded weights", e)
+          shapes = None
+      if shapes is None:
+        engine = self._engine(loaded.params, loaded.model_config, loaded.tokenizer)
+        t_compile = engine.warmup()
+      # one copy of the weights: the engine's (laid out for its decode levers) serves everything
+      loaded.params, loaded.model_config = engine.params, engine.cfg
       self.loaded = loaded
       self.token_bytes = loaded.tokenizer.token_bytes()
       self.templates = templates_of(loaded)
@@ -107,24 +163,6 @@ class ServerState:
         "tokenizer_sha256": loaded.tokenizer_sha256,
         "manifest_sha256": loaded.manifest_sha256,
       }
-      t1 = time.monotonic()
-      engine = Engine(
-        loaded.params,
-        loaded.model_config,
-        loaded.tokenizer,
-        slots=s.slots,
-        max_concurrent=s.max_concurrent,
-        chunk=s.decode_chunk,
-        hold_chars=s.filters.hold_chars if s.filters.output else 0,
-        output_check=s.filters.check_output if s.filters.output else None,
-        metrics=self.metrics,
-        export_dir=s.export_dir,
-      )
-      # one copy of the weights: the engine's (laid out for its decode levers) serves everything
-      loaded.params, loaded.model_config = engine.params, engine.cfg
-      jax.block_until_ready(engine.params)
-      t_layout = time.monotonic() - t1
-      t_compile = engine.warmup()
       engine.start()
       self.engine = engine
       # what start-up made stays alive: keep it out of the cyclic collector, whose full passes over
@@ -132,21 +170,38 @@ class ServerState:
       gc.collect()
       gc.freeze()
       log.info(
-        "ready: %s; loaded in %.1fs, laid out in %.1fs, compiled in %.1fs (%d programs, %d read from %s), "
-        "start-up %.1fs",
+        "ready: %s; loaded in %.1fs and laid out in %.1fs while %s in %.1fs (%d programs, %d read from "
+        "%s); load and build %.1fs, start-up %.1fs",
         loaded.describe(),
         t_load,
         t_layout,
+        "the programs were built" if shapes is not None else "then built the programs",
         t_compile,
         len(engine.programs.compiled),
         engine.programs.loaded,
         s.export_dir or "nowhere: traced",
+        time.monotonic() - t0,
         time.monotonic() - self.started,
       )
     except Exception as e:  # reported by /health and the log
       self.error = f"{type(e).__name__}: {e}"
       log.error("could not load %s: %s", s.package, self.error)
       raise
+
+  def _engine(self, params, cfg, tokenizer) -> Engine:
+    s = self.settings
+    return Engine(
+      params,
+      cfg,
+      tokenizer,
+      slots=s.slots,
+      max_concurrent=s.max_concurrent,
+      chunk=s.decode_chunk,
+      hold_chars=s.filters.hold_chars if s.filters.output else 0,
+      output_check=s.filters.check_output if s.filters.output else None,
+      metrics=self.metrics,
+      export_dir=s.export_dir,
+    )
 
   def limits(self) -> tuple[int, int]:
     """(largest prompt, largest prompt + max_tokens) in tokens."""
