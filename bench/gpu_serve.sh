@@ -113,7 +113,7 @@ if [ $UP = 1 ]; then
     n=$REQ1; [ $c = 32 ] && n=$REQ32
     echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS"
     if [ -n "$PYSPY" ] && [ $c = 32 ]; then  # 8 s from 1 s in, while the load is steady
-      (sleep 1; "$PYSPY" record -p $SPID --gil --threads -r 200 -d 8 --format raw -o "$W/pyspy_gil.txt" \
+      (sleep 1; "$PYSPY" record -p $SPID --nonblocking --gil --threads -r 200 -d 8 --format raw -o "$W/pyspy_gil.txt" \
         > "$W/pyspy.log" 2>&1) &
       PSPID=$!
     fi

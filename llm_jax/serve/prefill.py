@@ -51,10 +51,15 @@ def admit_rows(
   )
   span = G.decode_span(tokens_PW.shape[1], cfg)  # the first token goes at position len(prompt)
   new, out = G._step(params, new, cfg, eos_id, top_n, vocab_limit, want_top, span=span)
+  reach = span or cfg.max_seq_len  # cache positions the prompt and its first token wrote
 
   def put(big, one):
     axis = _row_axis(big)
-    index = (slice(None),) * axis + (rows_P,)
+    if big.ndim >= 4:  # a cache [.., B, K, S, H]: only the written positions (attention masks the rest)
+      one = jax.lax.slice_in_dim(one, 0, reach, axis=one.ndim - 2)
+      index = (slice(None),) * axis + (rows_P, slice(None), slice(0, reach))
+    else:
+      index = (slice(None),) * axis + (rows_P,)
     return big.at[index].set(one.astype(big.dtype), mode="drop")
 
   outs = {k: v[:, None] for k, v in out.items()}  # [P, 1, ...]: a chunk of one step
