@@ -145,7 +145,7 @@ fi
 echo "=== $(el) engine host time per chunk (bench/serve_host.py, 32 slots, chunk 4)"
 timeout 300 $PY bench/serve_host.py --slots 32 --chunk 4 --tokens "$MAX_TOKENS" --tokenizer "$W/tok.model" \
   --repeat 3 2>&1 | grep -v -E '^[IW][0-9]{4} '
-cp "$W/server.log" "$W/server_warm.log" "$W"/*.json "$OUT/" 2>/dev/null
+cp "$W/server.log" "$W/server_warm.log" "$W"/*.json "$W"/pyspy_gil.txt "$OUT/" 2>/dev/null
 
 echo "=== $(el) summary"
 $PY - "$W" <<'PY'

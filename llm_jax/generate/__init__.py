@@ -36,11 +36,11 @@ from llm_jax.generate.decode import (
   start,
 )
 
-# The unjitted prefill, decode step and parameter dequantization, for callers that fuse them into their
-# own jitted functions (llm_jax.serve admits prompts into a running batch and draws their first token).
+# The unjitted prefill, draw and parameter dequantization, for callers that fuse them into their own
+# jitted functions (llm_jax.serve admits prompts into a running batch and draws their first token).
 from llm_jax.generate.decode import _float_params as _float_params
 from llm_jax.generate.decode import _start as _start
-from llm_jax.generate.decode import _step as _step
+from llm_jax.generate.decode import draw as draw
 from llm_jax.generate.sampling import (
   SamplingParams,
   all_greedy,

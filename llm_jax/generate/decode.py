@@ -47,6 +47,10 @@ class DecodeState:
   top_k_B: jax.Array
   top_p_B: jax.Array
   penalty_B: jax.Array
+  # A token already drawn but not yet fed (a server draws each prompt's first token when it admits
+  # the prompt): the next step feeds next_B instead of drawing, and emits nothing for the row.
+  pending_B: jax.Array  # bool
+  next_B: jax.Array  # int32
 
 
 def _model(cfg: ModelConfig, span: int = 0) -> Decoder:
@@ -178,6 +182,8 @@ def _start(
     top_k_B=top_k_B.astype(jnp.int32),
     top_p_B=top_p_B.astype(jnp.float32),
     penalty_B=penalty_B.astype(jnp.float32),
+    pending_B=jnp.zeros((b,), bool),
+    next_B=jnp.zeros((b,), jnp.int32),
   )
 
 
@@ -192,20 +198,47 @@ def _step(
   greedy: bool = False,
   span: int = 0,
 ):
-  """Samples one token per row from the carried logits, then feeds it to get the next logits.
+  """Samples one token per row from the carried logits (a pending row's token is the one drawn
+  before), then feeds it to get the next logits.
 
   `greedy` (static) is the argmax-only step for batches whose every row is greedy without a
   repetition penalty: no random keys, no branch, no record of seen tokens.
   """
+  state, tok_B, outs = draw(state, cfg, eos_id, top_n, vocab_limit, want_top, greedy)
+  cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg, span)
+  still_B = state.active_B
+  state = state.replace(
+    cache=cache,
+    logits_BV=logits_BV,
+    positions_B=jnp.where(still_B, state.positions_B + 1, state.positions_B),
+    pending_B=jnp.zeros_like(state.pending_B),
+  )
+  return state, outs
+
+
+def draw(
+  state: DecodeState,
+  cfg: ModelConfig,
+  eos_id: int,
+  top_n: int,
+  vocab_limit: int | None,
+  want_top=True,
+  greedy: bool = False,
+):
+  """Each live row's next token from the carried logits, not fed yet: (the state with the keys
+  advanced, the token marked seen, the budget counted and rows that ended inactive; the token per
+  row to feed; the step's outputs). A pending row (`pending_B`) keeps its drawn token (`next_B`):
+  nothing is drawn, counted or emitted for it."""
   if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
     real_V = jnp.arange(cfg.vocab_size) < vocab_limit
     state = state.replace(logits_BV=jnp.where(real_V[None, :], state.logits_BV, -jnp.inf))
+  pending_B = state.pending_B
+  live_B = state.active_B & ~pending_B
   if greedy:
     tok_B = jnp.argmax(state.logits_BV, axis=-1).astype(jnp.int32)
     keys_B = state.keys_B
   else:
     keys_B2 = jax.vmap(lambda k: jax.random.split(k, 2))(state.keys_B)
-    keys_B = keys_B2[:, 1]
     tok_B = sample(
       state.logits_BV,
       keys_B2[:, 0],
@@ -214,8 +247,13 @@ def _step(
       state.top_p_B,
       state.penalty_B,
       state.seen_BV,
-      state.active_B,
+      live_B,
     )
+    data = jnp.where(  # a pending row's key already advanced when its token was drawn
+      pending_B[:, None], jax.random.key_data(state.keys_B), jax.random.key_data(keys_B2[:, 1])
+    )
+    keys_B = jax.random.wrap_key_data(data, impl=jax.random.key_impl(state.keys_B))
+  tok_B = jnp.where(pending_B, state.next_B, tok_B)
   if top_n:
     logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
     lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
@@ -229,35 +267,30 @@ def _step(
     lp_B = chosen_logprob(state.logits_BV, tok_B)
     top_lp_BT = jnp.zeros((tok_B.shape[0], 0), jnp.float32)
     top_ids_BT = jnp.zeros((tok_B.shape[0], 0), jnp.int32)
-  active_B = state.active_B
-  emitted_B = active_B & (tok_B != eos_id)
-  finished_B = (tok_B == eos_id) | (state.remaining_B <= 1) | (state.positions_B + 1 >= cfg.max_seq_len)
-  cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg, span)
-  still_B = active_B & ~finished_B
+  ended_B = (tok_B == eos_id) | (state.remaining_B <= 1) | (state.positions_B + 1 >= cfg.max_seq_len)
+  finished_B = live_B & ended_B
   # the chosen token marked seen: an elementwise compare over [B, V] (fuses into one pass), not a
   # scatter (on an H200 a 32-row scatter into [32, 50304] took ~30 us a step)
   if greedy:
     seen_BV = state.seen_BV
   else:
     hit_BV = jnp.arange(cfg.vocab_size, dtype=jnp.int32)[None, :] == tok_B[:, None]
-    seen_BV = state.seen_BV | (hit_BV & active_B[:, None])
+    seen_BV = state.seen_BV | (hit_BV & live_B[:, None])
   state = state.replace(
-    cache=cache,
-    logits_BV=logits_BV,
-    active_B=still_B,
+    active_B=state.active_B & ~finished_B,
     keys_B=keys_B,
     seen_BV=seen_BV,
-    positions_B=jnp.where(still_B, state.positions_B + 1, state.positions_B),
-    remaining_B=state.remaining_B - active_B.astype(jnp.int32),
+    remaining_B=state.remaining_B - live_B.astype(jnp.int32),
   )
-  return state, dict(
+  outs = dict(
     token=tok_B,
     logprob=lp_B,
-    emitted=emitted_B,
-    eos=active_B & (tok_B == eos_id),
+    emitted=live_B & (tok_B != eos_id),
+    eos=live_B & (tok_B == eos_id),
     top_logprobs=top_lp_BT,
     top_ids=top_ids_BT,
   )
+  return state, tok_B, outs
 
 
 def _empty_outputs(b: int, steps: int, top_n: int) -> dict:

@@ -40,18 +40,18 @@ def admit_rows(
   vocab_limit: int | None,
   eos_id: int = G.EOS_ID,
 ):
-  """Prefills P prompts (one batched call), draws each one's first token (the decode step the first
-  chunk would otherwise take, so the same tokens for a seed) and writes prompt p into row rows_P[p]
-  of the batch state (its cache row replaced); a row index past the state's rows (padding) is
-  dropped. Returns the state and the first tokens' outputs packed as `decode_rows` packs a chunk
-  of one step: a request's first token needs no decode chunk."""
-  params = G._float_params(params, cfg)
+  """Prefills P prompts (one batched call), draws each one's first token from the prefill's logits
+  (as the first decode step would, so the same tokens for a seed; the row's next step feeds it:
+  `pending_B`) and writes prompt p into row rows_P[p] of the batch state (its cache row replaced);
+  a row index past the state's rows (padding) is dropped. Returns the state and the first tokens'
+  outputs packed as `decode_rows` packs a chunk of one step: a request's first token needs no
+  decode chunk, and the call runs no extra forward pass (nor compiles one)."""
   new = G._start(
     params, tokens_PW, lengths_P, seeds_P, max_new_P, temperature_P, top_k_P, top_p_P, penalty_P, cfg
   )
-  span = G.decode_span(tokens_PW.shape[1], cfg)  # the first token goes at position len(prompt)
-  new, out = G._step(params, new, cfg, eos_id, top_n, vocab_limit, want_top, span=span)
-  reach = span or cfg.max_seq_len  # cache positions the prompt and its first token wrote
+  new, token_P, out = G.draw(new, cfg, eos_id, top_n, vocab_limit, want_top)
+  new = new.replace(pending_B=new.active_B, next_B=token_P)
+  reach = tokens_PW.shape[1]  # the cache positions the prompts wrote
 
   def put(big, one):
     axis = _row_axis(big)

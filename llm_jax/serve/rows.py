@@ -124,10 +124,11 @@ class Rows:
     self._admitted.append((packed, [(h, c) for h, c, *_ in part] + [None] * (count - len(part))))
     for handle, choice, row, _ in part:
       choice.slot = row
-      self._last_pos[row] = len(choice.prompt_ids) + 1
-      self._steps_left[row] = (
-        min(choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids)) - 1
-      )
+      # the first step feeds the drawn token (writing position len(prompt)), each later one draws
+      # and feeds the next: n tokens take n steps after admission, one token none
+      budget = min(choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids))
+      self._last_pos[row] = len(choice.prompt_ids)
+      self._steps_left[row] = budget if budget > 1 else 0
       with self._cond:
         self._slot[row] = (handle, choice)
 
