@@ -14,7 +14,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import sys
 import time
 
 import uvicorn
@@ -99,13 +98,6 @@ _COMPILE_CACHE = flags.DEFINE_string(
   "$JAX_COMPILATION_CACHE_DIR, else $LLM_JAX_CACHE/jax_compile, else ~/.cache/llm_jax/jax_compile; "
   "shared with training and safe to share between servers); 'off': compile every start.",
 )
-_GIL_SWITCH_MS = flags.DEFINE_float(
-  "gil_switch_ms",
-  0.5,
-  "Python's thread switch interval in ms (sys.setswitchinterval; Python's default is 5): how long the "
-  "engine thread can wait for the GIL while the HTTP event loop runs Python (docs/serving.md).",
-  lower_bound=0.01,
-)
 _LOG_LEVEL = flags.DEFINE_enum(
   "log_level", "info", ["debug", "info", "warning", "error"], "Level of the server's log."
 )
@@ -175,7 +167,6 @@ def main(argv: list[str]) -> int:
   for noisy in ("absl", "jax._src.xla_bridge"):
     logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
   settings = settings_from_flags()
-  sys.setswitchinterval(_GIL_SWITCH_MS.value / 1000)
   cache = cli.compile_cache_dir(_COMPILE_CACHE.value)
   # traced programs (jax.export) next to the compiled ones: a warm start neither traces nor compiles
   export_dir = os.path.join(cache, "llm_jax_export") if cache else None

@@ -35,7 +35,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -120,9 +119,11 @@ class Engine(Rows):
     # does on an accelerator, and start-up compiles two programs fewer
     self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
     self.prefill_tokens = int(prefill_tokens)
-    # programs build in parallel (XLA compiles without the GIL): up to 16 threads, one per core
+    # programs build on 4 threads (XLA compiles without the GIL); 16 on the H200 host made the cold
+    # build 89 s instead of ~30 s (concurrent GEMM autotuning on one GPU) and the warm one 4.3 s
+    # instead of 1.7 s (docs/serving.md)
     self.export_dir = export_dir
-    self.compile_threads = int(compile_threads or min(16, os.cpu_count() or 2))
+    self.compile_threads = int(compile_threads or 4)
     self.compiler_options = compiler_options  # XLA options for the engine's programs
     self.programs: Programs | None = None
     self._cond = threading.Condition()
