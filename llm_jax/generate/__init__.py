@@ -4,9 +4,10 @@ Greedy, temperature, top-k, top-p, repetition penalty, stop sequences, max new t
 and log-probabilities of the chosen tokens. Prompts of different lengths share a batch: they are
 right-padded, and each row's decode continues at its own position.
 
-    sampling.py  SamplingParams, top-k/top-p masks, the repetition penalty, the draw, log-probs
-    decode.py    DecodeState, prefill, the decode step, start / decode_chunk / decode_loop, buckets,
-                 mesh helpers for tensor-parallel decoding
+    sampling.py  SamplingParams, top-k/top-p masks, the repetition penalty, the sampled token
+    draw.py      DecodeState (per row, on device) and the draw of each row's next token from it
+    decode.py    prefill, the decode step, start / decode_chunk / decode_loop, buckets
+    mesh.py      parameters on a mesh for tensor-parallel decoding (shard_params, mesh_context)
     batching.py  prompts padded to bucketed shapes (make_batch, Batch)
     stream.py    TextStream (incremental detokenization, stops), stream() and generate()
     __main__.py  python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8]
@@ -23,16 +24,13 @@ from llm_jax.generate.decode import (
   MIN_ROWS,
   MIN_SPAN,
   PAD_ID,
-  DecodeState,
   bucket,
   decode_chunk,
   decode_loop,
   decode_span,
   empty_cache,
   empty_state,
-  mesh_context,
   prompt_logits,
-  shard_params,
   start,
 )
 
@@ -40,7 +38,9 @@ from llm_jax.generate.decode import (
 # jitted functions (llm_jax.serve admits prompts into a running batch and draws their first token).
 from llm_jax.generate.decode import _float_params as _float_params
 from llm_jax.generate.decode import _start as _start
-from llm_jax.generate.decode import draw as draw
+from llm_jax.generate.draw import DecodeState
+from llm_jax.generate.draw import draw as draw
+from llm_jax.generate.mesh import mesh_context, shard_params
 from llm_jax.generate.sampling import (
   SamplingParams,
   all_greedy,

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from llm_jax.generate.decode import EOS_ID, MIN_ROWS, PAD_ID, DecodeState, bucket, decode_span, start
+from llm_jax.generate.decode import EOS_ID, MIN_ROWS, PAD_ID, bucket, decode_span, start
+from llm_jax.generate.draw import DecodeState
 from llm_jax.generate.sampling import SamplingParams, all_greedy, sampling_arrays
 from llm_jax.model import ModelConfig
 
