@@ -18,13 +18,37 @@ from llm_jax.serve.schema import ApiError, error_body
 from llm_jax.serve.sequences import Choice, Handle
 
 
-async def _watch_disconnect(request: Request, handle) -> None:
+async def _watch_disconnect(request: Request, handle, record: dict) -> None:
   """Cancels the request when the client goes away (its receive channel reports a disconnect)."""
   while True:
     message = await request.receive()
     if message["type"] == "http.disconnect":
+      record["disconnected"] = True
       handle.cancel()
       return
+
+
+class EventStreamResponse(Response):
+  """Server-sent events from an async iterator of strings: one send per item, no task group.
+
+  Starlette's StreamingResponse (under uvicorn's ASGI 2.3) runs each stream in an anyio task group
+  with a second task listening for the disconnect: two tasks, cancel scopes and events per request on
+  the event loop that also feeds the engine. The responder already watches for the disconnect (it
+  cancels the request, whose stream then ends), so the stream needs only to be sent."""
+
+  media_type = "text/event-stream"
+
+  def __init__(self, chunks, headers: dict[str, str] | None = None):
+    self.chunks = chunks
+    self.status_code = 200
+    self.background = None
+    self.init_headers(headers)
+
+  async def __call__(self, scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+    async for chunk in self.chunks:
+      await send({"type": "http.response.body", "body": chunk.encode("utf-8"), "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def sse_error(message: str, code: str) -> str:
@@ -123,7 +147,7 @@ class Responder:
     if self.handle is None:
       self._finalize_record()
       return self.body()
-    watcher = asyncio.create_task(_watch_disconnect(request, self.handle))
+    watcher = asyncio.create_task(_watch_disconnect(request, self.handle, self.record))
     try:
       while True:
         event = await self._next()
@@ -161,7 +185,9 @@ class Responder:
   async def sse(self, request: Request):
     """The reply as server-sent events, ending with `data: [DONE]`."""
     watcher = (
-      asyncio.create_task(_watch_disconnect(request, self.handle)) if self.handle is not None else None
+      asyncio.create_task(_watch_disconnect(request, self.handle, self.record))
+      if self.handle is not None
+      else None
     )
     try:
       for chunk in self.preamble():
@@ -170,27 +196,34 @@ class Responder:
         for c in self.choices:
           for chunk in self.finish(c, "length"):
             yield self._data(chunk)
-      while self.handle is not None:
-        event = await self._next()
-        if event[0] == "timeout":
-          yield sse_error("request timed out", "timeout")
-          break
-        self._observe(event)
-        if event[0] == "delta":
-          _, index, text, tokens, lps, top = event
-          chunk = self.delta(index, text, tokens, lps, top)
-          if chunk is not None:
-            yield self._data(chunk)
-        elif event[0] == "done":
-          _, index, reason = event
-          if reason in ("timeout", "error"):
-            code = "timeout" if reason == "timeout" else "engine_error"
-            yield sse_error(f"generation ended: {reason}", code)
-            continue
-          for chunk in self.finish(self.choices[index], reason):
-            yield self._data(chunk)
-        elif event[0] == "end":
-          break
+      ended = self.handle is None
+      while not ended:
+        # every event already queued goes out in one write (the engine posts a chunk's at once)
+        events, out = [await self._next()], []
+        while events[-1][0] not in ("timeout", "end") and not self.handle.queue.empty():
+          events.append(self.handle.queue.get_nowait())
+        for event in events:
+          if event[0] == "timeout":
+            out.append(sse_error("request timed out", "timeout"))
+            ended = True
+            break
+          self._observe(event)
+          if event[0] == "delta":
+            _, index, text, tokens, lps, top = event
+            chunk = self.delta(index, text, tokens, lps, top)
+            if chunk is not None:
+              out.append(self._data(chunk))
+          elif event[0] == "done":
+            _, index, reason = event
+            if reason in ("timeout", "error"):
+              code = "timeout" if reason == "timeout" else "engine_error"
+              out.append(sse_error(f"generation ended: {reason}", code))
+              continue
+            out.extend(self._data(chunk) for chunk in self.finish(self.choices[index], reason))
+          elif event[0] == "end":
+            ended = True
+        if out:
+          yield "".join(out)
       if (self.req.stream_options or {}).get("include_usage"):
         yield self._data({**self.envelope([]), "usage": self.usage()})
       yield "data: [DONE]\n\n"

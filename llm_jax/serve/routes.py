@@ -13,7 +13,7 @@ import secrets
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from llm_jax import generate as G
@@ -22,6 +22,7 @@ from llm_jax.serve.chat import ChatRequest
 from llm_jax.serve.completion import CompletionResponse
 from llm_jax.serve.engine import EngineBusy
 from llm_jax.serve.prompts import Prompt, check_lengths, make_prompts, score
+from llm_jax.serve.responder import EventStreamResponse
 from llm_jax.serve.schema import ApiError, CompletionRequest
 from llm_jax.serve.sequences import Choice
 from llm_jax.serve.tokenization import DetokenizeRequest, TokenizeRequest
@@ -171,9 +172,7 @@ def submit(
 async def respond(ctx, req, request: Request):
   """The responder's SSE stream or its JSON body."""
   if req.stream:
-    return StreamingResponse(
-      ctx.sse(request), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+    return EventStreamResponse(ctx.sse(request), headers={"Cache-Control": "no-cache"})
   return await ctx.collect(request)
 
 
