@@ -104,6 +104,7 @@ def unstack_layers(params, cfg: ModelConfig, *, levers: str = ""):
     return params, cfg
   # One jitted program for the whole rearrangement: op by op, every slice and concatenate of a new
   # shape would compile on its own (~100 programs for a 12-layer model, seconds of a server's start-up).
+  # Abstract parameters (jax.ShapeDtypeStruct leaves) give the abstract layout.
   out_cfg = []
 
   def rearrange(p):
@@ -111,7 +112,9 @@ def unstack_layers(params, cfg: ModelConfig, *, levers: str = ""):
     out_cfg.append(c)
     return p
 
-  return jax.jit(rearrange)(params), out_cfg[0]
+  abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+  out = jax.eval_shape(rearrange, params) if abstract else jax.jit(rearrange)(params)
+  return out, out_cfg[0]
 
 
 def _unstack(params, cfg: ModelConfig, levers: str):

@@ -25,7 +25,7 @@ from llm_jax.model import unstack_layers
 from llm_jax.model.params import abstract_params, cast_params
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.chat import templates_of
-from llm_jax.serve.engine import Engine, default_levers, lay_out
+from llm_jax.serve.engine import Engine, default_levers
 from llm_jax.serve.filters import Filters
 from llm_jax.serve.gate import Gate, add_error_handlers
 from llm_jax.serve.metrics import Metrics
@@ -80,7 +80,7 @@ def _load_and_lay_out(settings: ServerSettings):
   jax.block_until_ready(loaded.params)
   t1 = time.monotonic()
   levers = default_levers(loaded.params)
-  loaded.params, loaded.model_config = lay_out(loaded.params, loaded.model_config, levers)
+  loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config, levers=levers)
   jax.block_until_ready(loaded.params)
   return loaded, t1 - t0, time.monotonic() - t1
 
@@ -94,15 +94,7 @@ def served_shapes(settings: ServerSettings):
   desc = open_model(settings.package, settings.step, weights=False)
   cfg = inference_config(desc.model_config, settings.compute_dtype or "auto")
   abstract = jax.eval_shape(lambda: cast_params(abstract_params(cfg)[0], cfg.dtype))
-  box = []
-
-  def unstacked(p):
-    p, c = unstack_layers(p, cfg)
-    box.append(c)
-    return p
-
-  abstract = jax.eval_shape(unstacked, abstract)
-  params, cfg = lay_out(abstract, box[0], default_levers(abstract))
+  params, cfg = unstack_layers(abstract, cfg, levers=default_levers(abstract))  # layers and levers at once
   return params, cfg, desc.tokenizer
 
 

@@ -64,21 +64,6 @@ def default_levers(params) -> str:
   return "qkv,kv" if quantize.has_qtensors(params) else "qkv,norm,kv"
 
 
-def lay_out(params, cfg: ModelConfig, levers: str):
-  """(params, cfg) laid out for decoding with `levers` (model.unstack_layers); abstract parameters
-  (jax.ShapeDtypeStruct leaves) give the abstract layout."""
-  if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
-    return unstack_layers(params, cfg, levers=levers)
-  out_cfg = []
-
-  def f(p):
-    p, c = unstack_layers(p, cfg, levers=levers)
-    out_cfg.append(c)
-    return p
-
-  return jax.eval_shape(f, params), out_cfg[0]
-
-
 class Engine(Rows, Outputs):
   """Slots, queue and the decode thread over one loaded model."""
 
@@ -108,7 +93,7 @@ class Engine(Rows, Outputs):
       levers = ""
     elif levers is None:
       levers = default_levers(params)
-    self.params, self.cfg = lay_out(params, cfg, levers)
+    self.params, self.cfg = unstack_layers(params, cfg, levers=levers)
     self.tokenizer = tokenizer
     self.slots, self.max_concurrent, self.chunk = int(slots), int(max_concurrent), int(chunk)
     self.rows = max(self.slots, G.MIN_ROWS)  # decode rows; those past `slots` stay idle
@@ -147,8 +132,9 @@ class Engine(Rows, Outputs):
 
   def attach(self, params, cfg: ModelConfig) -> None:
     """The weights of an engine built from their shapes: already laid out for this engine
-    (`lay_out(params, cfg, default_levers(params))`), with exactly the shapes and dtypes its programs
-    were built for (else ValueError: the caller builds an engine from the weights instead)."""
+    (`unstack_layers(params, cfg, levers=default_levers(params))`), with exactly the shapes and
+    dtypes its programs were built for (else ValueError: the caller builds an engine from the
+    weights instead)."""
     if cfg != self.cfg or jax.tree.structure(params) != jax.tree.structure(self.params):
       raise ValueError("the loaded weights' layout differs from the one the programs were built for")
     got = [(x.shape, x.dtype) for x in jax.tree.leaves(params)]

@@ -34,6 +34,7 @@ import time
 
 import jax
 
+from llm_jax.generate import EOS_ID
 from llm_jax.serve.prefill import admit_rows, decode_rows, move_row
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Programs:
     vocab_limit: int | None,
     export_dir: str | None = None,
     compiler_options: dict | None = None,
-    eos_id: int = 2,
+    eos_id: int = EOS_ID,
   ):
     self.cfg, self.steps, self.top_n, self.vocab_limit = cfg, steps, top_n, vocab_limit
     self.eos_id = int(eos_id)  # the tokenizer's end of sequence: a row that draws it stops
