@@ -17,3 +17,14 @@ def devices():
 
   assert jax.device_count() == 8, jax.devices()
   return jax.devices()
+
+
+@pytest.fixture(scope="module")
+def short_spans():
+  """Decode cache spans from 8 positions (not 128): with a 32-position test model the server's all-rows
+  program is built for spans 8, 16 and the whole cache, so requests cross span buckets as they decode."""
+  from llm_jax.generate import decode  # after the device flags above are set
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(decode, "MIN_SPAN", 8)  # decode_span reads the decode module's own name
+    yield

@@ -55,14 +55,7 @@ def _settings(pkg, **kw):
   return app_lib.ServerSettings(**base)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def short_spans():
-  """Cache spans of 8 and 16 positions (of 32): requests cross span buckets while they decode."""
-  from llm_jax.generate import decode
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(decode, "MIN_SPAN", 8)  # decode_span reads the decode module's own name
-    yield
+pytestmark = pytest.mark.usefixtures("short_spans")  # spans of 8 and 16 of 32 positions (conftest)
 
 
 @pytest.fixture(scope="module")

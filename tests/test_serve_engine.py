@@ -31,14 +31,7 @@ CFG = ModelConfig(
 PROMPTS = [[2, 11, 12], [2, 30, 31, 32, 33, 34], [2, 50], [2, 7, 8, 9]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def short_spans():
-  """Cache spans of 8 and 16 positions (of 32): the all-rows program is built for 8, 16 and 0."""
-  from llm_jax.generate import decode
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(decode, "MIN_SPAN", 8)  # decode_span reads the decode module's own name
-    yield
+pytestmark = pytest.mark.usefixtures("short_spans")  # spans of 8 and 16 of 32 positions (conftest)
 
 
 @pytest.fixture(scope="module")
