@@ -161,6 +161,8 @@ def main():
   t0 = time.perf_counter()
   options = {}
   for kv in args.xla_option:
+    if "=" not in kv:
+      p.error(f"--xla_option {kv!r}: expected KEY=VALUE, e.g. xla_gpu_autotune_level=0")
     k, v = kv.split("=", 1)
     options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
   engine = Engine(
