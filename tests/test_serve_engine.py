@@ -98,6 +98,15 @@ def _run(engine, requests, paused=True):
     engine.resume()
 
 
+def _run_once(engine, requests):
+  """Starts a warmed-up engine, runs `requests` (as `_run`, unpaused) and stops it."""
+  engine.start()
+  try:
+    return _run(engine, requests, paused=False)
+  finally:
+    engine.stop()
+
+
 @jax.jit
 def _forward(params, tokens):
   return Decoder(CFG).apply({"params": params}, tokens)
@@ -189,11 +198,7 @@ def test_exported_programs_are_read_back(params, tok, tmp_path):
   second = _engine(params, tok, export_dir=str(tmp_path))
   assert (second.programs.exported, second.programs.loaded) == (0, n)
   assert time.monotonic() - t0 < 60
-  second.start()
-  try:
-    [(tokens, _)] = _run(second, [(PROMPTS[0], 8)], paused=False)
-  finally:
-    second.stop()
+  [(tokens, _)] = _run_once(second, [(PROMPTS[0], 8)])
   assert tokens == _recompute(params, PROMPTS[0], 8)
 
 
@@ -229,11 +234,7 @@ def test_int8_engine_levers(params, tok):
   assert eng.cfg.decode_levers == "qkv,kv"
   assert quantize.is_qtensor(eng.params["block_0"]["attn"]["qkv_kernel"])
   eng.warmup()
-  eng.start()
-  try:
-    [(tokens, _)] = _run(eng, [(PROMPTS[3], 8)], paused=False)
-  finally:
-    eng.stop()
+  [(tokens, _)] = _run_once(eng, [(PROMPTS[3], 8)])
   assert tokens == _recompute(quantize.dequantize(q), PROMPTS[3], 8)
 
 
@@ -267,11 +268,7 @@ def test_rows_stop_at_the_tokenizers_eos(params, tok):
   cut = greedy.index(eos)  # its first occurrence
   eng = Engine(params, CFG, _OtherEos(tok, eos), slots=2, chunk=2)
   eng.warmup()
-  eng.start()
-  try:
-    [(tokens, reason)] = _run(eng, [(PROMPTS[1], 10)], paused=False)
-  finally:
-    eng.stop()
+  [(tokens, reason)] = _run_once(eng, [(PROMPTS[1], 10)])
   assert reason == "stop"
   assert tokens == greedy[: cut + 1]  # the EOS is listed (with its log-prob, no text), as vLLM lists it
 
@@ -287,11 +284,7 @@ def test_programs_built_from_the_described_shapes(tiny_pkg, tok):
   eng = Engine(params, cfg, shape_tok, slots=2, chunk=2)
   eng.warmup()
   eng.attach(loaded.params, loaded.model_config)
-  eng.start()
-  try:
-    [(tokens, _)] = _run(eng, [(PROMPTS[2], 6)], paused=False)
-  finally:
-    eng.stop()
+  [(tokens, _)] = _run_once(eng, [(PROMPTS[2], 6)])
   assert tokens == _recompute(init_params(CFG), PROMPTS[2], 6)
   other = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), loaded.params)
   with pytest.raises(ValueError, match="shapes or dtypes differ"):
