@@ -4,6 +4,7 @@ levers' parameter layout serving decoding, admission and prompt scoring."""
 
 import asyncio
 import time
+import types
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from llm_jax.model.params import init_params
 from llm_jax.serve import app as app_lib
 from llm_jax.serve.engine import Choice, Engine
 from llm_jax.serve.prefill import prompt_scores
+from llm_jax.serve.programs import Programs
 
 CFG = ModelConfig(
   vocab_size=320,
@@ -289,3 +291,61 @@ def test_programs_built_from_the_described_shapes(tiny_pkg, tok):
   other = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), loaded.params)
   with pytest.raises(ValueError, match="shapes or dtypes differ"):
     eng.attach(other, loaded.model_config)
+
+
+def test_covering_program_choice():
+  """While programs build, a call runs in the cheapest built program that covers it: more rows, a
+  longer span (0, the whole cache, covers any), a wider prompt; the exact program once built."""
+  built = types.SimpleNamespace(
+    cfg=CFG, compiled=dict.fromkeys([("decode", 8, 0), ("admit", 32, 1), ("move",)])
+  )
+  assert Programs.decode_key(built, 2, 0) == ("decode", 8, 0)
+  assert Programs.decode_key(built, 8, 16) == ("decode", 8, 0)
+  assert Programs.admit_key(built, 16, 4) == ("admit", 32, 1)  # the caller admits one per call
+  built.compiled.update(
+    dict.fromkeys([("decode", 8, 16), ("decode", 2, 0), ("admit", 16, 4), ("admit", 32, 8)])
+  )
+  assert Programs.decode_key(built, 8, 8) == ("decode", 8, 16)
+  assert Programs.decode_key(built, 8, 0) == ("decode", 8, 0)
+  assert Programs.decode_key(built, 2, 0) == ("decode", 2, 0)
+  assert Programs.admit_key(built, 16, 4) == ("admit", 16, 4)
+  assert Programs.admit_key(built, 16, 2) == ("admit", 16, 4)
+  assert Programs.admit_key(built, 16, 8) == ("admit", 32, 8)
+  with pytest.raises(KeyError, match="prompts of 64 tokens"):
+    Programs.admit_key(built, 64, 1)
+
+
+def test_serves_while_the_programs_build(params, tok, monkeypatch):
+  """`serve_while_building`: warmup builds only the programs that cover every call (all rows over the
+  whole cache, one prompt of the widest width, the move), quick, and the engine answers with them
+  (four waiting prompts in four one-prompt calls, every chunk in the all-rows program) with the tokens
+  of full recomputation; once every program is built tuned in the background (those three again),
+  calls use the exact programs."""
+  held = []
+  monkeypatch.setattr(Programs, "build_in_background", lambda self, keys, threads=4: held.append(keys))
+  eng = Engine(params, CFG, tok, slots=8, chunk=2, serve_while_building=True)
+  eng.warmup()
+  core = [("decode", 8, 0), ("admit", 32, 1), ("move",)]
+  assert eng.core_keys() == core and set(eng.programs.compiled) == set(core)
+  assert eng.programs.quick == set(core)  # built without GEMM autotuning, to be built again tuned
+  assert eng.programs_built() == (0, 7) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
+  requests = [(PROMPTS[0], 2), (PROMPTS[1], 14), (PROMPTS[2], 4), (PROMPTS[3], 12)]
+  eng.start()
+  try:
+    out = _run(eng, requests)
+    assert dict(eng.programs.calls)[("admit", 32, 1)] == 4
+    assert {k for k in eng.programs.calls if k[0] == "decode"} == {("decode", 8, 0)}
+    for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
+      assert tokens == _recompute(params, prompt, n)
+    monkeypatch.undo()
+    eng.programs.build_in_background(held[0], threads=2)
+    eng.programs.background.join(timeout=300)
+    assert eng.programs_built() == (7, 7) and not eng.programs.quick
+    before = eng.programs.calls.copy()
+    out = _run(eng, requests)
+    used = eng.programs.calls - before
+    assert used["admit", 32, 8] == 1 and ("decode", 2, 0) in used and ("decode", 8, 16) in used
+    for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
+      assert tokens == _recompute(params, prompt, n)
+  finally:
+    eng.stop()

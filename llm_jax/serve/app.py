@@ -61,6 +61,7 @@ class ServerSettings:
   int8_in_memory: bool = False
   model_name: str = ""
   export_dir: str | None = None  # exported (traced) programs kept across starts; None: trace each start
+  build_in_background: bool = True  # ready once the covering programs are built; the rest follow
 
 
 def open_served_model(settings: ServerSettings) -> OpenedModel:
@@ -140,6 +141,7 @@ class ServerState:
           engine.attach(loaded.params, loaded.model_config)
         except ValueError as e:
           log.warning("%s: building the engine from the loaded weights", e)
+          engine.stop()  # its background builds, if any
           shapes = None
       if shapes is None:
         engine = self._engine(loaded.params, loaded.model_config, loaded.tokenizer)
@@ -162,14 +164,20 @@ class ServerState:
       gc.collect()
       gc.freeze()
       log.info(
-        "ready: %s; loaded in %.1fs and laid out in %.1fs while %s in %.1fs (%d programs, %d read from "
-        "%s); load and build %.1fs, start-up %.1fs",
+        "ready: %s; loaded in %.1fs and laid out in %.1fs while %s in %.1fs (empty state %.1fs; %d of %d "
+        "programs%s; slowest %s; %d read from %s); load and build %.1fs, start-up %.1fs",
         loaded.describe(),
         t_load,
         t_layout,
         "the programs were built" if shapes is not None else "then built the programs",
         t_compile,
+        engine.warmup_s.get("state", 0.0),
         len(engine.programs.compiled),
+        engine.programs_built()[1],
+        " (the covering ones quick), every program building tuned in the background"
+        if engine.serve_while_building
+        else "",
+        engine.programs.slowest(),
         engine.programs.loaded,
         s.export_dir or "nowhere: traced",
         time.monotonic() - t0,
@@ -193,6 +201,7 @@ class ServerState:
       output_check=s.filters.check_output if s.filters.output else None,
       metrics=self.metrics,
       export_dir=s.export_dir,
+      serve_while_building=s.build_in_background,
     )
 
   def limits(self) -> tuple[int, int]:

@@ -12,8 +12,10 @@ R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy
 client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
 needed). The chunk's outputs come back in one device-to-host copy. Every program (the all-rows
 bucket x each cache span, the smaller buckets over the whole cache, each prompt width x 2 counts, the
-move) is built at start-up by `serve.programs`, which keeps the traced programs across restarts with
-jax.export: nothing compiles at run time. The parameters are laid out for the decode levers
+move) is built by `serve.programs`, which keeps the traced programs across restarts with jax.export:
+all at start-up, or (`serve_while_building`) the three that cover every call first and the rest on a
+background thread, a call running in the cheapest built program that covers it meanwhile. Nothing
+compiles on the engine's path. The parameters are laid out for the decode levers
 (`default_levers`); decoding, admission and prompt scoring all read that one tree.
 
 The engine thread does the host work too (detokenization, stop sequences, output filters: bounded
@@ -84,6 +86,7 @@ class Engine(Rows, Outputs):
     compile_threads: int | None = None,
     levers: str | None = None,
     compiler_options: dict | None = None,
+    serve_while_building: bool = False,
   ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies), laid
     # out for the decode levers; every program and prompt scoring read this one tree. `params` may be
@@ -109,6 +112,8 @@ class Engine(Rows, Outputs):
     self.export_dir = export_dir
     self.compile_threads = int(compile_threads or 4)
     self.compiler_options = compiler_options  # XLA options for the engine's programs
+    # ready once the covering programs are built (Rows.core_keys), the rest built in the background
+    self.serve_while_building = bool(serve_while_building)
     self.programs: Programs | None = None
     self._cond = threading.Condition()
     self._queue: collections.deque[tuple[Handle, Choice]] = collections.deque()
@@ -125,6 +130,7 @@ class Engine(Rows, Outputs):
     self._thread: threading.Thread | None = None
     self.ready = False
     self.state = None
+    self.warmup_s: dict[str, float] = {}  # seconds of warmup: the empty state, building programs
     self.steps = 0
     self._ids = itertools.count()
 
@@ -144,14 +150,24 @@ class Engine(Rows, Outputs):
     if self.programs is not None:
       self.programs.param_leaves = jax.tree.leaves(params)
 
+  def programs_built(self) -> tuple[int, int]:
+    """(programs built tuned, programs the engine runs): equal once the background builds are done."""
+    if self.programs is None:
+      return 0, len(self.program_keys())
+    return len(self.programs.compiled) - len(self.programs.quick), self.programs.planned
+
   def _empty_state(self) -> G.DecodeState:
     return G.empty_state(self.cfg, self.rows)
 
   def warmup(self) -> float:
     """Builds (traces or loads, and compiles) every program the engine runs; returns the seconds.
-    Nothing is compiled after this: each call uses one of these programs."""
+    Nothing is compiled on the engine's path after this: each call uses a built program. With
+    `serve_while_building` only the few that cover every call (Rows.core_keys) are built here, quick
+    (without GEMM autotuning), and the rest on a background thread, tuned, then those few again
+    tuned, each used as soon as it is built."""
     t0 = time.monotonic()
-    self.state = self._empty_state()
+    self.state = self._empty_state()  # the device's first use (its client starts) may be here
+    self.warmup_s = {"state": time.monotonic() - t0}
     self.programs = Programs(
       self.params,
       self.state,
@@ -163,9 +179,19 @@ class Engine(Rows, Outputs):
       compiler_options=self.compiler_options,
       eos_id=self.eos_id,
     )
-    self.programs.build(self.program_keys(), threads=self.compile_threads)
+    keys = self.program_keys()
+    self.programs.planned = len(keys)
+    if self.serve_while_building:  # the covering few quick, then every program tuned (those again)
+      core = self.core_keys()
+      self.programs.build(core, threads=self.compile_threads, quick=True)
+      self.programs.build_in_background(
+        [k for k in keys if k not in core] + core, threads=self.compile_threads
+      )
+    else:
+      self.programs.build(keys, threads=self.compile_threads)
     jax.block_until_ready(self.state)
     self.ready = True
+    self.warmup_s["build"] = time.monotonic() - t0 - self.warmup_s["state"]
     return time.monotonic() - t0
 
   def start(self) -> None:
@@ -174,6 +200,8 @@ class Engine(Rows, Outputs):
     self._thread.start()
 
   def stop(self) -> None:
+    if self.programs is not None:
+      self.programs.cancel()
     with self._cond:
       self._stop = True
       self._cond.notify_all()
@@ -314,13 +342,13 @@ class Engine(Rows, Outputs):
           self._finish(entry[0], entry[1], "error")
       return
     rows = next(r for r in self.row_buckets() if r > np.flatnonzero(alive).max())
-    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
     # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
-    # early stay below it), so the span covers them all.
+    # early stay below it), so the span covers them all. Below all rows the programs read the whole
+    # cache (Rows.chunk_spans); a program not built yet is covered by a larger built one.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
-    span = 0  # below all rows: the whole cache only (Rows.chunk_spans)
-    if rows == self.rows:
-      span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
+    span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg) if rows == self.rows else 0
+    _, rows, span = self.programs.decode_key(rows, span)
+    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
     self.state, packed = self._dispatch(alive[:rows], want_top, span)
     for i in range(self.slots):
       if alive[i]:

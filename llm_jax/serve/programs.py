@@ -16,7 +16,13 @@ compile of the exported module then hits the persistent compilation cache. PRNG 
 donated state pass through export (donation is the caller's jit's). Without `export_dir` (or without
 the `flatbuffers` package that serialization needs) programs are traced every start.
 
-Building runs on a few threads: XLA compiles in parallel (it releases the GIL); tracing does not.
+Building runs on a few threads: XLA compiles in parallel (it releases the GIL); tracing does not. A
+server may start answering once a covering few are built (`Engine(serve_while_building=True)`) and
+build the rest in the background: until a program is built, `decode_key` and `admit_key` name the
+cheapest built one that covers the call (more rows, a longer span, a wider prompt), so a call never
+waits for a compile and never compiles. Those first few may be built `quick` (XLA's GEMM autotuning
+off: a GPU compile several times faster, kernels slower) and are then built again, tuned, in the
+background, each replacing its quick version once built.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import os
 import pathlib
 import tempfile
+import threading
 import time
 
 import jax
@@ -41,6 +48,9 @@ log = logging.getLogger(__name__)
 _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
 _CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
 FORMAT = 1  # bump when the exported functions' signatures change
+# a quick build: no GEMM autotuning (one H200, the engine's programs: a cold build ~4x faster, decoding
+# about half as fast; docs/serving.md); XLA's CPU compiler ignores it
+QUICK_OPTIONS = {"xla_gpu_autotune_level": 0}
 
 
 @functools.cache
@@ -93,9 +103,41 @@ class Programs:
       export_dir = None
     self.export_dir = export_dir
     self.compiled: dict[tuple, object] = {}
+    self.quick: set[tuple] = set()  # programs built quick (QUICK_OPTIONS), to be built again tuned
+    self.planned = 0  # programs the engine will run (its program_keys), built or not
     self.loaded = self.exported = 0  # programs read from / written to export_dir
     self.calls: collections.Counter[tuple] = collections.Counter()  # runs of each program
     self.build_s: dict[tuple, float] = {}  # seconds each program took to trace (or load) and compile
+    self._cancelled = threading.Event()  # set: builds not started yet are skipped
+    self.background: threading.Thread | None = None
+
+  # ---------------------------------------------------------------- choosing a built program
+
+  def decode_key(self, rows: int, span: int) -> tuple:
+    """The cheapest built decode program over at least `rows` rows whose cache span covers `span`
+    (a span of 0, the whole cache, covers any): ("decode", rows, span) itself once it is built."""
+    full = self.cfg.max_seq_len
+    fits = [
+      k
+      for k in tuple(self.compiled)  # a snapshot: background builds add programs
+      if k[0] == "decode" and k[1] >= rows and (k[2] == 0 or (span and k[2] >= span))
+    ]
+    if not fits:
+      raise KeyError(f"no built decode program covers {rows} rows and span {span}")
+    return min(fits, key=lambda k: (k[1] * (k[2] or full), k[1]))
+
+  def admit_key(self, width: int, count: int) -> tuple:
+    """The built admission program to prefill `count` prompts of (padded) `width` tokens with:
+    ("admit", width, count) itself once it is built, else the cheapest built one as wide or wider
+    taking as many prompts, else the one of those taking the most (the caller admits the rest in
+    further calls)."""
+    wide = [k for k in tuple(self.compiled) if k[0] == "admit" and k[1] >= width]
+    if not wide:
+      raise KeyError(f"no built admission program takes prompts of {width} tokens")
+    enough = [k for k in wide if k[2] >= count]
+    if enough:
+      return min(enough, key=lambda k: (k[1] * k[2], k[1]))
+    return max(wide, key=lambda k: (k[2], -k[1]))
 
   # ---------------------------------------------------------------- calls
 
@@ -199,17 +241,20 @@ class Programs:
     name = "-".join(str(k) for k in key)
     return pathlib.Path(self.export_dir) / f"{name}-{h.hexdigest()[:24]}.jaxexport"
 
-  def _build_one(self, key: tuple):
+  def _build_one(self, key: tuple, quick: bool = False):
+    if self._cancelled.is_set():
+      return None, None
     t0 = time.monotonic()
     try:
-      return self._build(key)
+      return self._build(key, quick)
     finally:
       self.build_s[key] = time.monotonic() - t0
 
-  def _build(self, key: tuple):
+  def _build(self, key: tuple, quick: bool):
     fn, avals, donate = self._spec(key)
+    options = {**self.compiler_options, **QUICK_OPTIONS} if quick else self.compiler_options
     if self.export_dir is None:
-      return self._compile(jax.jit(fn, donate_argnums=donate), avals), None
+      return self._compile(jax.jit(fn, donate_argnums=donate), avals, options), None
     path = self._export_path(key, avals)
     how = "loaded"
     try:
@@ -223,18 +268,58 @@ class Programs:
         f.write(exp.serialize())
       os.replace(f.name, path)  # atomic: servers sharing the directory never read half a file
       how = "exported"
-    return self._compile(jax.jit(exp.call, donate_argnums=donate), avals), how
+    return self._compile(jax.jit(exp.call, donate_argnums=donate), avals, options), how
 
-  def _compile(self, jitted, avals):
-    return jitted.lower(*avals).compile(compiler_options=self.compiler_options or None)
+  def _compile(self, jitted, avals, options: dict):
+    return jitted.lower(*avals).compile(compiler_options=options or None)
 
-  def build(self, keys: list[tuple], threads: int = 4) -> float:
-    """Builds every program in `keys` not built yet; returns the seconds it took."""
+  def build(self, keys: list[tuple], threads: int = 4, quick: bool = False) -> float:
+    """Builds every program in `keys` not built yet (or built only quick), each usable as soon as it
+    is built; `quick`: without GEMM autotuning (QUICK_OPTIONS). Returns the seconds it took."""
     t0 = time.monotonic()
-    todo = [k for k in dict.fromkeys(keys) if k not in self.compiled]
+    todo = [k for k in dict.fromkeys(keys) if k not in self.compiled or (k in self.quick and not quick)]
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-      for key, (compiled, how) in zip(todo, pool.map(self._build_one, todo), strict=True):
-        self.compiled[key] = compiled
-        self.loaded += how == "loaded"
-        self.exported += how == "exported"
+      futures = {pool.submit(self._build_one, k, quick): k for k in todo}
+      for done in concurrent.futures.as_completed(futures):
+        compiled, how = done.result()
+        if compiled is not None:
+          key = futures[done]
+          self.compiled[key] = compiled  # replaces a quick build: the next call takes the new one
+          (self.quick.add if quick else self.quick.discard)(key)
+          self.loaded += how == "loaded"
+          self.exported += how == "exported"
     return time.monotonic() - t0
+
+  def build_in_background(self, keys: list[tuple], threads: int = 4) -> None:
+    """Builds `keys` (tuned; programs built quick among them again) on a background thread
+    (`self.background`), each used from the moment it is built. A failed build is logged: the built
+    programs keep serving its calls."""
+
+    def run():
+      t = self.build(keys, threads)
+      if not self._cancelled.is_set():
+        log.info(
+          "all %d programs built (%d in the background, %.1fs): %s",
+          len(self.compiled),
+          len(keys),
+          t,
+          self.slowest(),
+        )
+
+    def guarded():
+      try:
+        run()
+      except Exception:
+        log.exception("building programs in the background failed; the built ones keep serving")
+
+    self.background = threading.Thread(target=guarded, name="llm-programs", daemon=True)
+    self.background.start()
+
+  def slowest(self, n: int = 4) -> str:
+    """The `n` programs that took longest to build (their last build), for the start-up log."""
+    top = sorted(self.build_s.items(), key=lambda kv: -kv[1])[:n]
+    return ", ".join(f"{'-'.join(map(str, k))} {s:.1f}s" for k, s in top)
+
+  def cancel(self) -> None:
+    """Skips the background builds not started yet (the one compiling finishes)."""
+    self._cancelled.set()

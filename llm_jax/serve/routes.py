@@ -34,11 +34,15 @@ def add_routes(app: FastAPI, st) -> None:
   @app.get("/health")
   async def health():
     if st.engine is not None and st.engine.ready:
+      built, total = st.engine.programs_built()
       return {
         "status": "ok",
         "model": st.name,
         "build_id": st.loaded.build_id,
         "uptime_s": round(time.monotonic() - st.started, 3),
+        # below the total: the rest of the programs are still building (requests are served meanwhile)
+        "programs_built": built,
+        "programs_total": total,
       }
     return JSONResponse({"status": "failed" if st.error else "loading", "error": st.error}, status_code=503)
 

@@ -62,6 +62,11 @@ class Rows:
     keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
     return [*keys, ("move",)]
 
+  def core_keys(self) -> list[tuple]:
+    """The programs that cover every call (all rows over the whole cache, one prompt of the widest
+    width, the move): what a server built in the background serves with until the rest are built."""
+    return [("decode", self.rows, 0), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
+
   def _admit_waiting(self) -> None:
     """Admits waiting requests into free rows (the lowest first): at most `prefill_tokens` padded
     prompt tokens per iteration (and always one prompt), prompts of one width prefilled together in
@@ -91,9 +96,11 @@ class Rows:
       groups.setdefault(width, []).append((handle, choice, free.pop(0), arrays))
     for width, items in groups.items():
       counts = self.admit_counts(width)
-      while items:
-        part, items = items[: counts[-1]], items[counts[-1] :]
-        self._admit_group(width, next(c for c in counts if c >= len(part)), part)
+      while items:  # the built program for these prompts (Programs.admit_key), wider while building
+        want = next(c for c in counts if c >= min(len(items), counts[-1]))
+        _, built_width, count = self.programs.admit_key(width, want)
+        part, items = items[:count], items[count:]
+        self._admit_group(built_width, count, part)
     self._gauges()
 
   def _admit_group(self, width: int, count: int, part: list) -> None:
