@@ -229,6 +229,13 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
 
   with pytest.raises(package.PackageError, match="does not match weights_sha256"):
     package.read_package(variant("damaged", damage))
+
+  def truncate(p):  # damaged where the tensors cannot even be read: still reported as damaged
+    raw = (p / "weights.safetensors").read_bytes()
+    (p / "weights.safetensors").write_bytes(raw[: len(raw) // 2])
+
+  with pytest.raises(package.PackageError, match="does not match weights_sha256"):
+    package.read_package(variant("truncated", truncate))
   with pytest.raises(package.PackageError, match="does not fit model.json's architecture"):
     package.read_package(variant("shape", set_json("architecture", {**arch_wo(arch), "d_model": 64})))
 

@@ -19,6 +19,7 @@ meaning. The table of format versions and the llm_jax versions that read them is
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -316,21 +317,8 @@ def model_config_from(meta_arch: dict, where: str = MODEL_JSON) -> ModelConfig:
     raise PackageError(f"{where}: architecture is incomplete: {e}") from e
 
 
-def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, verify: bool = True):
-  """(params, ModelConfig as trained, Tokenizer, model.json) of a package; the one package reader.
-
-  Float leaves come back in `dtype` on the default device; int8 leaves are dequantized to `dtype`
-  unless `keep_int8` (QTensor leaves, dequantized inside each jitted step).
-  """
-  meta = read_model_json(path)
-  cfg = model_config_from(meta["architecture"], os.path.join(path, MODEL_JSON))
-  wpath = os.path.join(path, WEIGHTS)
-  if not os.path.exists(wpath):
-    raise PackageError(f"{wpath} is missing")
-  if verify and meta.get("weights_sha256") and file_sha256(wpath) != meta["weights_sha256"]:
-    raise PackageError(
-      f"{wpath} does not match weights_sha256 in model.json: the file is damaged or was replaced"
-    )
+def _read_tensors(wpath: str, meta: dict) -> dict:
+  """{name: numpy array} of a package's weights file, each checked against model.json's list."""
   flat = {}
   with safe_open(wpath, framework="np") as f:
     have = set(f.keys())
@@ -349,6 +337,31 @@ def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, 
           f"{spec['dtype']}{spec['shape']}"
         )
       flat[key] = arr
+  return flat
+
+
+def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, verify: bool = True):
+  """(params, ModelConfig as trained, Tokenizer, model.json) of a package; the one package reader.
+
+  Float leaves come back in `dtype` on the default device; int8 leaves are dequantized to `dtype`
+  unless `keep_int8` (QTensor leaves, dequantized inside each jitted step).
+  """
+  meta = read_model_json(path)
+  cfg = model_config_from(meta["architecture"], os.path.join(path, MODEL_JSON))
+  wpath = os.path.join(path, WEIGHTS)
+  if not os.path.exists(wpath):
+    raise PackageError(f"{wpath} is missing")
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-sha256") as pool:
+    # the file's hash while its tensors are read (hashlib releases the GIL): checked before any
+    # tensor leaves this function
+    digest = pool.submit(file_sha256, wpath) if verify and meta.get("weights_sha256") else None
+    try:
+      flat = _read_tensors(wpath, meta)
+    finally:  # a damaged file is reported as damaged, whatever reading it raised
+      if digest is not None and digest.result() != meta["weights_sha256"]:
+        raise PackageError(
+          f"{wpath} does not match weights_sha256 in model.json: the file is damaged or was replaced"
+        )
   dt = jnp.dtype(dtype)
   leaves = {}
   for key, arr in flat.items():
