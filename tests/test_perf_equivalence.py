@@ -116,19 +116,28 @@ def test_attention_dropout_path_is_the_same_attention():
   tokens = jnp.asarray(_learnable_batches(1)[0, :2, :16])
   segments = jnp.asarray(np.repeat([[1] * 8 + [2] * 8], 2, axis=0))
 
-  def apply(rate, deterministic, segment_ids=None):
+  def model_with(rate):
     cfg = c.copy_and_resolve_references()
     config_lib.set_key(cfg, "model.attention_dropout", rate)
-    model = Decoder(ModelConfig.from_config(cfg, tokenizer_size=VOCAB, platform="cpu"))
-    params = model.init(jax.random.key(0), tokens)["params"]
-    return model.apply(
-      {"params": params},
-      tokens,
-      None,
-      segment_ids,
-      deterministic=deterministic,
-      rngs={"dropout": jax.random.key(1)},
-    )
+    return Decoder(ModelConfig.from_config(cfg, tokenizer_size=VOCAB, platform="cpu"))
+
+  params = jax.jit(model_with(0.0).init)(jax.random.key(0), tokens)["params"]  # dropout adds none
+
+  def apply(rate, deterministic, segment_ids=None):
+    model = model_with(rate)
+
+    @jax.jit  # one compile per variant (op by op the test took ~40 s on 2 cores)
+    def run(params, tokens, segment_ids):
+      return model.apply(
+        {"params": params},
+        tokens,
+        None,
+        segment_ids,
+        deterministic=deterministic,
+        rngs={"dropout": jax.random.key(1)},
+      )
+
+    return run(params, tokens, segment_ids)
 
   for seg in (None, segments):
     np.testing.assert_allclose(apply(1e-9, False, seg), apply(0.0, True, seg), atol=1e-5)
