@@ -163,8 +163,8 @@ class Engine(Rows, Outputs):
     """Builds (traces or loads, and compiles) every program the engine runs; returns the seconds.
     Nothing is compiled on the engine's path after this: each call uses a built program. With
     `serve_while_building` only the few that cover every call (Rows.core_keys) are built here, quick
-    (without GEMM autotuning), and the rest on a background thread, tuned, then those few again
-    tuned, each used as soon as it is built."""
+    (Programs.QUICK_OPTIONS: on a GPU without GEMM autotuning), and the rest on a background thread,
+    tuned, then those few again tuned, each used as soon as it is built."""
     t0 = time.monotonic()
     self.state = self._empty_state()  # the device's first use (its client starts) may be here
     self.warmup_s = {"state": time.monotonic() - t0}

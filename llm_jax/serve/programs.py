@@ -20,9 +20,9 @@ Building runs on a few threads: XLA compiles in parallel (it releases the GIL); 
 server may start answering once a covering few are built (`Engine(serve_while_building=True)`) and
 build the rest in the background: until a program is built, `decode_key` and `admit_key` name the
 cheapest built one that covers the call (more rows, a longer span, a wider prompt), so a call never
-waits for a compile and never compiles. Those first few may be built `quick` (XLA's GEMM autotuning
-off: a GPU compile several times faster, kernels slower) and are then built again, tuned, in the
-background, each replacing its quick version once built.
+waits for a compile and never compiles. Those first few may be built `quick` (on a GPU without XLA's
+GEMM autotuning, on a CPU without LLVM's optimizations: a compile several times faster, code slower)
+and are then built again, tuned, in the background, each replacing its quick version once built.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ log = logging.getLogger(__name__)
 _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
 _CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
 FORMAT = 1  # bump when the exported functions' signatures change
-# a quick build: no GEMM autotuning (one H200, the engine's programs: a cold build ~4x faster, decoding
-# about half as fast; docs/serving.md); XLA's CPU compiler ignores it
-QUICK_OPTIONS = {"xla_gpu_autotune_level": 0}
+# A quick build, by platform: on a GPU no GEMM autotuning (one H200, the engine's programs: a cold build
+# ~4x faster, decoding about half as fast; docs/serving.md), on a CPU no LLVM optimization. Elsewhere
+# (TPU) nothing is built quick: the programs are built once, tuned.
+QUICK_OPTIONS = {"gpu": {"xla_gpu_autotune_level": 0}, "cpu": {"xla_backend_optimization_level": 0}}
 
 
 @functools.cache
@@ -104,6 +105,7 @@ class Programs:
     self.export_dir = export_dir
     self.compiled: dict[tuple, object] = {}
     self.quick: set[tuple] = set()  # programs built quick (QUICK_OPTIONS), to be built again tuned
+    self.quick_options = QUICK_OPTIONS.get(jax.default_backend(), {})
     self.planned = 0  # programs the engine will run (its program_keys), built or not
     self.loaded = self.exported = 0  # programs read from / written to export_dir
     self.calls: collections.Counter[tuple] = collections.Counter()  # runs of each program
@@ -252,7 +254,7 @@ class Programs:
 
   def _build(self, key: tuple, quick: bool):
     fn, avals, donate = self._spec(key)
-    options = {**self.compiler_options, **QUICK_OPTIONS} if quick else self.compiler_options
+    options = {**self.compiler_options, **self.quick_options} if quick else self.compiler_options
     if self.export_dir is None:
       return self._compile(jax.jit(fn, donate_argnums=donate), avals, options), None
     path = self._export_path(key, avals)
@@ -275,8 +277,10 @@ class Programs:
 
   def build(self, keys: list[tuple], threads: int = 4, quick: bool = False) -> float:
     """Builds every program in `keys` not built yet (or built only quick), each usable as soon as it
-    is built; `quick`: without GEMM autotuning (QUICK_OPTIONS). Returns the seconds it took."""
+    is built; `quick`: with the platform's QUICK_OPTIONS (none: built as usual, once). Returns the
+    seconds it took."""
     t0 = time.monotonic()
+    quick = quick and bool(self.quick_options)
     todo = [k for k in dict.fromkeys(keys) if k not in self.compiled or (k in self.quick and not quick)]
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
       futures = {pool.submit(self._build_one, k, quick): k for k in todo}
