@@ -158,7 +158,6 @@ class ServerState:
         "manifest_sha256": loaded.manifest_sha256,
       }
       engine.start()
-      self.engine = engine
       # what start-up made stays alive: keep it out of the cyclic collector, whose full passes over
       # it would pause the event loop and the engine thread while serving
       gc.collect()
@@ -183,6 +182,8 @@ class ServerState:
         time.monotonic() - t0,
         time.monotonic() - self.started,
       )
+      # published last: /health says 200 (and routes serve) only once the ready line is written
+      self.engine = engine
     except Exception as e:  # reported by /health and the log
       self.error = f"{type(e).__name__}: {e}"
       log.error("could not load %s: %s", s.package, self.error)
