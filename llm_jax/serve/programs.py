@@ -21,7 +21,7 @@ server may start answering once a covering few are built (`Engine(serve_while_bu
 build the rest in the background: until a program is built, `decode_key` and `admit_key` name the
 cheapest built one that covers the call (more rows, a longer span, a wider prompt), so a call never
 waits for a compile and never compiles. Those first few may be built `quick` (on a GPU without XLA's
-GEMM autotuning, on a CPU without LLVM's optimizations: a compile several times faster, code slower)
+GEMM autotuning, on a CPU with less LLVM optimization: a faster compile, slower code)
 and are then built again, tuned, in the background, each replacing its quick version once built.
 """
 
@@ -49,9 +49,10 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
 _CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
 FORMAT = 1  # bump when the exported functions' signatures change
 # A quick build, by platform: on a GPU no GEMM autotuning (one H200, the engine's programs: a cold build
-# ~4x faster, decoding about half as fast; docs/serving.md), on a CPU no LLVM optimization. Elsewhere
-# (TPU) nothing is built quick: the programs are built once, tuned.
-QUICK_OPTIONS = {"gpu": {"xla_gpu_autotune_level": 0}, "cpu": {"xla_backend_optimization_level": 0}}
+# ~4x faster, decoding about half as fast; docs/serving.md), on a CPU LLVM's optimization level 1 (level
+# 0 made XLA's CPU runtime abort now and then: tests/conftest.py). Elsewhere (TPU) nothing is built
+# quick: the programs are built once, tuned.
+QUICK_OPTIONS = {"gpu": {"xla_gpu_autotune_level": 0}, "cpu": {"xla_backend_optimization_level": 1}}
 
 
 @functools.cache
