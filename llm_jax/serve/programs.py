@@ -119,6 +119,8 @@ class Programs:
   def decode_key(self, rows: int, span: int) -> tuple:
     """The cheapest built decode program over at least `rows` rows whose cache span covers `span`
     (a span of 0, the whole cache, covers any): ("decode", rows, span) itself once it is built."""
+    if ("decode", rows, span) in self.compiled:  # every chunk once all are built: no search
+      return ("decode", rows, span)
     full = self.cfg.max_seq_len
     fits = [
       k
@@ -134,6 +136,8 @@ class Programs:
     ("admit", width, count) itself once it is built, else the cheapest built one as wide or wider
     taking as many prompts, else the one of those taking the most (the caller admits the rest in
     further calls)."""
+    if ("admit", width, count) in self.compiled:
+      return ("admit", width, count)
     wide = [k for k in tuple(self.compiled) if k[0] == "admit" and k[1] >= width]
     if not wide:
       raise KeyError(f"no built admission program takes prompts of {width} tokens")
