@@ -304,17 +304,43 @@ def test_cli_usage_errors_exit_2(tmp_path):
   assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr
 
 
-def test_sampling_branch_counts_only_live_rows():
+def test_needs_filter_counts_only_live_rows():
   """A server's idle slots hold zeros (top_p 0): they must not send a sampled batch to the filtered
-  branch (a sort over the vocabulary every step). Seen failing before the fix: the branch was 2."""
+  draw (a sort over the vocabulary every step). Seen failing before the fix (as the switch's branch)."""
   state = G.empty_state(CFG, 4)
   temp = state.temperature_B.at[0].set(0.8)  # row 0 is a live request at temperature 0.8
   top_p = state.top_p_B.at[0].set(1.0)
   live = jnp.array([True, False, False, False])
-  assert int(G.sampling_branch(temp, state.top_k_B, top_p, live)) == 1
-  assert int(G.sampling_branch(temp, state.top_k_B, top_p.at[0].set(0.9), live)) == 2
-  assert int(G.sampling_branch(temp.at[0].set(0.0), state.top_k_B, top_p, live)) == 0
+  assert not bool(G.needs_filter(temp, state.top_k_B, top_p, live))
+  assert bool(G.needs_filter(temp, state.top_k_B, top_p.at[0].set(0.9), live))
+  assert not bool(G.needs_filter(temp.at[0].set(0.0), state.top_k_B, top_p.at[0].set(0.9), live))
   # a finished row that sampled with a filter no longer counts either
   temp2, top_k2 = temp.at[1].set(0.7), state.top_k_B.at[1].set(40)
-  assert int(G.sampling_branch(temp2, top_k2, top_p.at[1].set(1.0), live)) == 1
-  assert int(G.sampling_branch(temp2, top_k2, top_p.at[1].set(1.0), live.at[1].set(True))) == 2
+  assert not bool(G.needs_filter(temp2, top_k2, top_p.at[1].set(1.0), live))
+  assert bool(G.needs_filter(temp2, top_k2, top_p.at[1].set(1.0), live.at[1].set(True)))
+  sp = G.SamplingParams
+  assert not G.any_filtered([sp(temperature=0.8), sp(temperature=0.0, top_p=0.5)])
+  assert G.any_filtered([sp(temperature=0.8), sp(temperature=0.5, top_k=40)])
+
+
+def test_filtered_draw_keeps_unfiltered_rows_exact():
+  """The draw that filters (static `filtered=True`) draws, for rows without top-k/top-p, exactly the
+  tokens of the plain draw (a step's program may filter because another row does), and the choice
+  made on the device (`filtered=None`) equals the static one either way. Seen failing before the fix:
+  top-p 1 kept only the tokens whose cumulative mass, rounded in float32, stayed below 1."""
+  v, b = 4096, 64
+  # peaked, as a model's: the float32 cumulative mass reaches 1 before the tail (the old mask dropped
+  # 1,962 tokens of these rows at top_p 1)
+  logits = jax.random.normal(jax.random.key(1), (b, v)) * 3.0
+  keys = jax.vmap(jax.random.key)(jnp.arange(b, dtype=jnp.uint32))
+  temp, top_k, top_p = jnp.full((b,), 1.0), jnp.zeros((b,), jnp.int32), jnp.ones((b,))
+  pen, seen = jnp.ones((b,)), jnp.zeros((b, v), bool)
+  assert bool(G.top_k_top_p_mask(logits, top_k, top_p).all())
+  draw = jax.jit(G.sample, static_argnames="filtered")
+  plain = draw(logits, keys, temp, top_k, top_p, pen, seen, filtered=False)
+  assert (draw(logits, keys, temp, top_k, top_p, pen, seen, filtered=True) == plain).all()
+  assert (draw(logits, keys, temp, top_k, top_p, pen, seen, filtered=None) == plain).all()
+  nucleus = top_p.at[0].set(0.05)
+  both = draw(logits, keys, temp, top_k, nucleus, pen, seen, filtered=True)
+  assert (both[1:] == plain[1:]).all()
+  assert (draw(logits, keys, temp, top_k, nucleus, pen, seen, filtered=None) == both).all()

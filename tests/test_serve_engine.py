@@ -72,9 +72,9 @@ def _run(engine, requests, paused=True):
   async def go():
     loop = asyncio.get_running_loop()
     queues = []
-    for prompt, n in requests:
+    for prompt, n, *sampling in requests:
       q = asyncio.Queue()
-      sp = G.SamplingParams(temperature=0.0, max_new_tokens=n)
+      sp = sampling[0] if sampling else G.SamplingParams(temperature=0.0, max_new_tokens=n)
       engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
       queues.append(q)
     engine.resume()
@@ -135,7 +135,8 @@ def test_program_set(engine):
   assert engine.admit_counts(32) == [1, 8]
   assert engine.admit_counts(512) == [1, 2]
   assert engine.admit_counts(1024) == [1]
-  keys = [("decode", 2, 0), ("decode", 8, 8), ("decode", 8, 16), ("decode", 8, 0)]
+  keys = [("decode", 2, 0, False), ("decode", 8, 8, False), ("decode", 8, 16, False)]
+  keys += [("decode", 8, 0, False), ("decode", 2, 0, True), ("decode", 8, 0, True)]
   keys += [("admit", 32, 1), ("admit", 32, 8), ("move",)]
   assert engine.program_keys() == keys
   assert sorted(engine.programs.compiled, key=str) == sorted(keys, key=str)
@@ -165,12 +166,30 @@ def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   decode_keys = {k for k in used if k[0] == "decode"}
   assert {k[1] for k in decode_keys} == {2, 8}
   assert {k[2] for k in decode_keys if k[1] == 2} == {0}
+  assert not any(k[3] for k in decode_keys)  # greedy: no program that sorts
   # the all-rows program reads the span its rows reach: positions up to 6 + 1 + 2 (prompt, the first
   # token drawn at admission, a chunk of two) are within 16 of the 32 cached positions
-  assert ("decode", 8, 16) in decode_keys
+  assert ("decode", 8, 16, False) in decode_keys
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
   assert engine.busy_slots == 0 and engine.in_flight == 0
+
+
+def test_top_p_rows_decode_in_a_filtering_program(engine):
+  """A chunk sorts the vocabulary (a program that filters) only while a live row sets top-k/top-p,
+  and a row without filters draws the same tokens in either kind of program (same seed, alone or
+  beside a top-p row): the choice of program never changes a request's output."""
+  plain = G.SamplingParams(temperature=0.9, max_new_tokens=12, seed=5)
+  nucleus = G.SamplingParams(temperature=0.9, top_p=0.5, max_new_tokens=12, seed=6)
+  before = engine.programs.calls.copy()
+  [(alone, _)] = _run(engine, [(PROMPTS[1], 12, plain)])
+  used = engine.programs.calls - before
+  assert {k[3] for k in used if k[0] == "decode"} == {False}
+  before = engine.programs.calls.copy()
+  [(beside, _), (filtered, _)] = _run(engine, [(PROMPTS[1], 12, plain), (PROMPTS[2], 12, nucleus)])
+  used = engine.programs.calls - before
+  assert ("decode", 2, 0, True) in used
+  assert beside == alone and len(alone) > 0 and len(filtered) > 0
 
 
 def test_rows_move_only_when_the_bucket_shrinks(engine, params):
@@ -184,7 +203,7 @@ def test_rows_move_only_when_the_bucket_shrinks(engine, params):
   out = _run(engine, requests)
   used = engine.programs.calls - before
   assert used["move",] == 1
-  assert ("decode", 2, 0) in used
+  assert ("decode", 2, 0, False) in used
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
 
@@ -297,17 +316,20 @@ def test_covering_program_choice():
   """While programs build, a call runs in the cheapest built program that covers it: more rows, a
   longer span (0, the whole cache, covers any), a wider prompt; the exact program once built."""
   built = types.SimpleNamespace(
-    cfg=CFG, compiled=dict.fromkeys([("decode", 8, 0), ("admit", 32, 1), ("move",)])
+    cfg=CFG, compiled=dict.fromkeys([("decode", 8, 0, True), ("admit", 32, 1), ("move",)])
   )
-  assert Programs.decode_key(built, 2, 0) == ("decode", 8, 0)
-  assert Programs.decode_key(built, 8, 16) == ("decode", 8, 0)
+  assert Programs.decode_key(built, 2, 0, False) == ("decode", 8, 0, True)
+  assert Programs.decode_key(built, 8, 16, True) == ("decode", 8, 0, True)
   assert Programs.admit_key(built, 16, 4) == ("admit", 32, 1)  # the caller admits one per call
   built.compiled.update(
-    dict.fromkeys([("decode", 8, 16), ("decode", 2, 0), ("admit", 16, 4), ("admit", 32, 8)])
+    dict.fromkeys([("decode", 8, 16, False), ("decode", 2, 0, False), ("admit", 16, 4), ("admit", 32, 8)])
   )
-  assert Programs.decode_key(built, 8, 8) == ("decode", 8, 16)
-  assert Programs.decode_key(built, 8, 0) == ("decode", 8, 0)
-  assert Programs.decode_key(built, 2, 0) == ("decode", 2, 0)
+  assert Programs.decode_key(built, 8, 8, False) == ("decode", 8, 16, False)
+  assert Programs.decode_key(built, 8, 8, True) == ("decode", 8, 0, True)  # only a filtering one
+  assert Programs.decode_key(built, 8, 0, False) == ("decode", 8, 0, True)
+  assert Programs.decode_key(built, 2, 0, False) == ("decode", 2, 0, False)
+  built.compiled[("decode", 8, 0, False)] = None
+  assert Programs.decode_key(built, 8, 0, False) == ("decode", 8, 0, False)  # the cheaper of two
   assert Programs.admit_key(built, 16, 4) == ("admit", 16, 4)
   assert Programs.admit_key(built, 16, 2) == ("admit", 16, 4)
   assert Programs.admit_key(built, 16, 8) == ("admit", 32, 8)
@@ -325,26 +347,27 @@ def test_serves_while_the_programs_build(params, tok, monkeypatch):
   monkeypatch.setattr(Programs, "build_in_background", lambda self, keys, threads=4: held.append(keys))
   eng = Engine(params, CFG, tok, slots=8, chunk=2, serve_while_building=True)
   eng.warmup()
-  core = [("decode", 8, 0), ("admit", 32, 1), ("move",)]
+  core = [("decode", 8, 0, True), ("admit", 32, 1), ("move",)]
   assert eng.core_keys() == core and set(eng.programs.compiled) == set(core)
   assert eng.programs.quick == set(core)  # built without GEMM autotuning, to be built again tuned
-  assert eng.programs_built() == (0, 7) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
+  assert eng.programs_built() == (0, 9) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
   requests = [(PROMPTS[0], 2), (PROMPTS[1], 14), (PROMPTS[2], 4), (PROMPTS[3], 12)]
   eng.start()
   try:
     out = _run(eng, requests)
     assert dict(eng.programs.calls)[("admit", 32, 1)] == 4
-    assert {k for k in eng.programs.calls if k[0] == "decode"} == {("decode", 8, 0)}
+    assert {k for k in eng.programs.calls if k[0] == "decode"} == {("decode", 8, 0, True)}
     for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
       assert tokens == _recompute(params, prompt, n)
     monkeypatch.undo()
     eng.programs.build_in_background(held[0], threads=2)
     eng.programs.background.join(timeout=300)
-    assert eng.programs_built() == (7, 7) and not eng.programs.quick
+    assert eng.programs_built() == (9, 9) and not eng.programs.quick
     before = eng.programs.calls.copy()
     out = _run(eng, requests)
     used = eng.programs.calls - before
-    assert used["admit", 32, 8] == 1 and ("decode", 2, 0) in used and ("decode", 8, 16) in used
+    assert used["admit", 32, 8] == 1 and ("decode", 2, 0, False) in used
+    assert ("decode", 8, 16, False) in used
     for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
       assert tokens == _recompute(params, prompt, n)
   finally:

@@ -80,7 +80,14 @@ def step_ops(params, cfg, batch: int, new_tokens: int = 32) -> collections.Count
   b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
   state = jax.eval_shape(lambda p: b.start(p, cfg), params)
   lowered = G.decode_loop.lower(
-    params, state, cfg=cfg, max_steps=b.max_steps, eos_id=-1, greedy=b.greedy, span=b.span
+    params,
+    state,
+    cfg=cfg,
+    max_steps=b.max_steps,
+    eos_id=-1,
+    greedy=b.greedy,
+    span=b.span,
+    filtered=b.filtered,
   )
   return while_body_ops(lowered.compile().as_text())
 

@@ -56,7 +56,16 @@ def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3, *, 
   b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
   state = b.start(params, cfg)
   run = lambda: jax.block_until_ready(
-    G.decode_loop(params, state, cfg=cfg, max_steps=b.max_steps, eos_id=-1, greedy=b.greedy, span=b.span)
+    G.decode_loop(
+      params,
+      state,
+      cfg=cfg,
+      max_steps=b.max_steps,
+      eos_id=-1,
+      greedy=b.greedy,
+      span=b.span,
+      filtered=b.filtered,
+    )
   )
   run()
   best = float("inf")

@@ -10,7 +10,7 @@ import numpy as np
 
 from llm_jax.generate.decode import EOS_ID, MIN_ROWS, PAD_ID, bucket, decode_span, start
 from llm_jax.generate.draw import DecodeState
-from llm_jax.generate.sampling import SamplingParams, all_greedy, sampling_arrays
+from llm_jax.generate.sampling import SamplingParams, all_greedy, any_filtered, sampling_arrays
 from llm_jax.model import ModelConfig
 
 
@@ -45,6 +45,7 @@ class Batch:
   max_steps: int  # decode steps (a bucket of the largest max_new_tokens)
   span: int  # decode_span covering every position the rows can reach
   greedy: bool  # all_greedy(sampling)
+  filtered: bool  # any_filtered(sampling)
 
   def start(self, params, cfg: ModelConfig) -> DecodeState:
     return start(params, self.tokens_BL, self.lengths_B, **self.arrays, cfg=cfg)
@@ -73,4 +74,13 @@ def make_batch(
     fill = {"top_p_B": 1, "penalty_B": 1, "temperature_B": 0}
     arrays = {k: np.concatenate([v, np.full((extra,), fill.get(k, 0), v.dtype)]) for k, v in arrays.items()}
   steps = bucket(min(int(max_new.max()), cfg.max_seq_len), cfg.max_seq_len, minimum=16)
-  return Batch(tokens_BL, lengths_B, arrays, rows, steps, decode_span(last, cfg), all_greedy(sampling))
+  return Batch(
+    tokens_BL,
+    lengths_B,
+    arrays,
+    rows,
+    steps,
+    decode_span(last, cfg),
+    all_greedy(sampling),
+    any_filtered(sampling),
+  )

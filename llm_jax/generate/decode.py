@@ -173,14 +173,16 @@ def _step(
   want_top=True,
   greedy: bool = False,
   span: int = 0,
+  filtered: bool | None = None,
 ):
   """Samples one token per row from the carried logits (a pending row's token is the one drawn
   before), then feeds it to get the next logits.
 
   `greedy` (static) is the argmax-only step for batches whose every row is greedy without a
-  repetition penalty: no random keys, no branch, no record of seen tokens.
+  repetition penalty: no random keys, no branch, no record of seen tokens. `filtered` (static): some
+  row samples with top-k/top-p (`any_filtered`; sampling.sample).
   """
-  state, tok_B, outs = draw(state, cfg, eos_id, top_n, vocab_limit, want_top, greedy)
+  state, tok_B, outs = draw(state, cfg, eos_id, top_n, vocab_limit, want_top, greedy, filtered)
   cache, logits_BV = _forward_one(params, state.cache, tok_B, state.positions_B, cfg, span)
   still_B = state.active_B
   state = state.replace(
@@ -226,7 +228,7 @@ def start(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit", "greedy", "span"),
+  static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit", "greedy", "span", "filtered"),
   donate_argnums=1,
 )
 def decode_chunk(
@@ -242,12 +244,14 @@ def decode_chunk(
   vocab_limit: int | None = None,
   greedy: bool = False,
   span: int = 0,
+  filtered: bool = True,
 ):
   """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps].
 
   With top_n > 0, the top_n log-probs per step are computed only while `want_top` (traced) is true.
   `greedy=True` only when every live row is greedy without a repetition penalty (`all_greedy`).
   `span` (0 = whole cache): every live row's positions in these steps are below it (`decode_span`).
+  `filtered=False` only when no live row samples with top-k/top-p (`any_filtered`): no sort.
   """
   params = _float_params(params, cfg)
   state = state.replace(active_B=state.active_B & alive_B)
@@ -256,7 +260,7 @@ def decode_chunk(
 
   def body(i, carry):
     st, acc = carry
-    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, want_top, greedy, span)
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, want_top, greedy, span, filtered)
     acc = {k: acc[k].at[:, i].set(out[k]) for k in acc}
     return st, acc
 
@@ -264,7 +268,8 @@ def decode_chunk(
 
 
 @functools.partial(
-  jax.jit, static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit", "greedy", "span")
+  jax.jit,
+  static_argnames=("cfg", "max_steps", "eos_id", "top_n", "vocab_limit", "greedy", "span", "filtered"),
 )
 def decode_loop(
   params,
@@ -277,11 +282,13 @@ def decode_loop(
   vocab_limit: int | None = None,
   greedy: bool = False,
   span: int = 0,
+  filtered: bool = True,
 ):
   """Decodes until every row is done or `max_steps` (lax.while_loop); outputs are [B, max_steps].
 
   `greedy=True` only when every row is greedy without a repetition penalty (`all_greedy`).
   `span` (0 = whole cache): every row's positions stay below it (`decode_span`).
+  `filtered=False` only when no row samples with top-k/top-p (`any_filtered`): no sort.
   """
   params = _float_params(params, cfg)
   b = state.positions_B.shape[0]
@@ -293,7 +300,7 @@ def decode_loop(
 
   def body(carry):
     i, st, acc = carry
-    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, greedy=greedy, span=span)
+    st, out = _step(params, st, cfg, eos_id, top_n, vocab_limit, greedy=greedy, span=span, filtered=filtered)
     return i + 1, st, {k: acc[k].at[:, i].set(out[k]) for k in acc}
 
   _, state, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, outs))

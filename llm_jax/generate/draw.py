@@ -42,11 +42,13 @@ def draw(
   vocab_limit: int | None,
   want_top=True,
   greedy: bool = False,
+  filtered: bool | None = None,
 ):
   """Each live row's next token from the carried logits, not fed yet: (the state with the keys
   advanced, the token marked seen, the budget counted and rows that ended inactive; the token per
   row to feed; the step's outputs). A pending row (`pending_B`) keeps its drawn token (`next_B`):
-  nothing is drawn, counted or emitted for it."""
+  nothing is drawn, counted or emitted for it. `filtered`: sampling.sample's (static, or None: on
+  the device)."""
   if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
     real_V = jnp.arange(cfg.vocab_size) < vocab_limit
     state = state.replace(logits_BV=jnp.where(real_V[None, :], state.logits_BV, -jnp.inf))
@@ -66,6 +68,7 @@ def draw(
       state.penalty_B,
       state.seen_BV,
       live_B,
+      filtered,
     )
     data = jnp.where(  # a pending row's key already advanced when its token was drawn
       pending_B[:, None], jax.random.key_data(state.keys_B), jax.random.key_data(keys_B2[:, 1])

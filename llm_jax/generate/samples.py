@@ -55,7 +55,14 @@ class Sampler:
     def run(params, tokens_BL, lengths_B, arrays):
       state = start(params, tokens_BL, lengths_B, **arrays, cfg=model_cfg)
       _, outs = decode_loop(
-        params, state, cfg=model_cfg, max_steps=steps, eos_id=eos_id, vocab_limit=vocab_limit, span=batch.span
+        params,
+        state,
+        cfg=model_cfg,
+        max_steps=steps,
+        eos_id=eos_id,
+        vocab_limit=vocab_limit,
+        span=batch.span,
+        filtered=batch.filtered,
       )
       return outs["token"], outs["emitted"]
 

@@ -57,6 +57,7 @@ def generate(
     top_n=top_n,
     greedy=batch.greedy,
     span=batch.span,
+    filtered=batch.filtered,
   )
   outs = jax.device_get(outs)
   results = []
@@ -108,6 +109,7 @@ def stream(
       vocab_limit=tokenizer.vocab_size,
       greedy=batch.greedy,
       span=batch.span,
+      filtered=batch.filtered,
     )
     outs = jax.device_get(outs)
     for j in range(chunk):

@@ -10,12 +10,14 @@ sent as soon as the call ends (no decode chunk needed), and (4) dispatches one d
 steps over the first R rows,
 R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one busy
 client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
-needed). The chunk's outputs come back in one device-to-host copy. Every program (the all-rows
-bucket x each cache span, the smaller buckets over the whole cache, each prompt width x 2 counts, the
-move) is built by `serve.programs`, which keeps the traced programs across restarts with jax.export:
-all at start-up, or (`serve_while_building`) the three that cover every call first and the rest on a
-background thread, a call running in the cheapest built program that covers it meanwhile. Nothing
-compiles on the engine's path. The parameters are laid out for the decode levers
+needed). A chunk sorts the vocabulary (top-k/top-p) only while a live row asks for it: a program of
+its own, not a branch on the device. The chunk's outputs come back in one device-to-host copy. Every
+program (the all-rows bucket x each cache span, the smaller buckets over the whole cache, each
+bucket filtering over the whole cache, each prompt width x 2 counts, the move) is built by
+`serve.programs`, which keeps the traced programs across restarts with jax.export: all at start-up,
+or (`serve_while_building`) the three that cover every call first and the rest on a background
+thread, a call running in the cheapest built program that covers it meanwhile. Nothing compiles on
+the engine's path. The parameters are laid out for the decode levers
 (`default_levers`); decoding, admission and prompt scoring all read that one tree.
 
 The engine thread does the host work too (detokenization, stop sequences, output filters: bounded
@@ -307,8 +309,8 @@ class Engine(Rows, Outputs):
       finally:
         self._flush()
 
-  def _dispatch(self, alive_R, want_top, span: int):
-    return self.programs.decode(len(alive_R), span, self.state, alive_R, want_top)
+  def _dispatch(self, key: tuple, alive_R, want_top):
+    return self.programs.decode(key, self.state, alive_R, want_top)
 
   def _reap(self) -> None:
     """Frees the slots of cancelled and timed-out requests."""
@@ -347,9 +349,12 @@ class Engine(Rows, Outputs):
     # cache (Rows.chunk_spans); a program not built yet is covered by a larger built one.
     last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
     span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg) if rows == self.rows else 0
-    _, rows, span = self.programs.decode_key(rows, span)
+    # the sort of top-k/top-p only when a live row asks for it (generate.sample)
+    filtered = G.any_filtered([s[1].sampling for s, a in zip(self._slot, alive, strict=False) if a])
+    key = self.programs.decode_key(rows, span, filtered)
+    rows = key[1]
     want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
-    self.state, packed = self._dispatch(alive[:rows], want_top, span)
+    self.state, packed = self._dispatch(key, alive[:rows], want_top)
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk

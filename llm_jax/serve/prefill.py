@@ -89,6 +89,7 @@ def decode_rows(
   vocab_limit: int | None,
   span: int,
   eos_id: int = G.EOS_ID,
+  filtered: bool = True,
 ):
   """`generate.decode_chunk` over the first R = len(alive_R) rows of the state (the busy rows are
   kept there): a call costs what a batch of R rows does, whatever the state's size. Returns the
@@ -97,7 +98,8 @@ def decode_rows(
 
   With R below the state's rows, rows [0, R) and cache positions [0, span) are taken out, decoded
   and written back in place (the model then attends to the whole taken part); with R = all rows the
-  state is decoded as it is (the model reads the first `span` positions of each layer's cache)."""
+  state is decoded as it is (the model reads the first `span` positions of each layer's cache).
+  `filtered=False` when no live row samples with top-k/top-p (no sort: generate.sample)."""
   r, b = alive_R.shape[0], state.positions_B.shape[0]
   if r == b:
     sub = state
@@ -121,6 +123,7 @@ def decode_rows(
     top_n=top_n,
     vocab_limit=vocab_limit,
     span=span,
+    filtered=filtered,
   )
   if r == b:
     state = sub

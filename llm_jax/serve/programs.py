@@ -2,7 +2,9 @@
 
 Programs (serve/prefill.py's functions over the engine's parameters and batch state):
 
-    ("decode", R, span)  a decode chunk over the first R rows, attending to `span` cache positions
+    ("decode", R, span, filtered)  a decode chunk over the first R rows, attending to `span` cache
+                         positions; `filtered` when some row samples with top-k/top-p (a sort
+                         over the vocabulary every step; without it no row may set them)
     ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows, each
                          one's first token drawn (outputs packed as a chunk of one step)
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
@@ -19,7 +21,8 @@ the `flatbuffers` package that serialization needs) programs are traced every st
 Building runs on a few threads: XLA compiles in parallel (it releases the GIL); tracing does not. A
 server may start answering once a covering few are built (`Engine(serve_while_building=True)`) and
 build the rest in the background: until a program is built, `decode_key` and `admit_key` name the
-cheapest built one that covers the call (more rows, a longer span, a wider prompt), so a call never
+cheapest built one that covers the call (more rows, a longer span, filtered sampling, a wider
+prompt), so a call never
 waits for a compile and never compiles. Those first few may be built `quick` (on a GPU without XLA's
 GEMM autotuning, on a CPU with less LLVM optimization: a faster compile, slower code)
 and are then built again, tuned, in the background, each replacing its quick version once built.
@@ -77,7 +80,8 @@ def _abstract(leaves):
 
 
 class Programs:
-  """Traced (or loaded), compiled programs keyed by ("decode", R, span), ("admit", W, P), ("move",)."""
+  """Traced (or loaded), compiled programs keyed by ("decode", R, span, filtered), ("admit", W, P),
+  ("move",)."""
 
   def __init__(
     self,
@@ -116,20 +120,26 @@ class Programs:
 
   # ---------------------------------------------------------------- choosing a built program
 
-  def decode_key(self, rows: int, span: int) -> tuple:
+  def decode_key(self, rows: int, span: int, filtered: bool) -> tuple:
     """The cheapest built decode program over at least `rows` rows whose cache span covers `span`
-    (a span of 0, the whole cache, covers any): ("decode", rows, span) itself once it is built."""
-    if ("decode", rows, span) in self.compiled:  # every chunk once all are built: no search
-      return ("decode", rows, span)
+    (a span of 0, the whole cache, covers any) and, for a `filtered` chunk, that filters (one that
+    filters draws exactly the same tokens for rows that do not, only slower): ("decode", rows, span,
+    filtered) itself once it is built."""
+    key = ("decode", rows, span, bool(filtered))
+    if key in self.compiled:  # every chunk once all are built: no search
+      return key
     full = self.cfg.max_seq_len
     fits = [
       k
       for k in tuple(self.compiled)  # a snapshot: background builds add programs
-      if k[0] == "decode" and k[1] >= rows and (k[2] == 0 or (span and k[2] >= span))
+      if k[0] == "decode"
+      and k[1] >= rows
+      and (k[2] == 0 or (span and k[2] >= span))
+      and k[3] >= bool(filtered)
     ]
     if not fits:
-      raise KeyError(f"no built decode program covers {rows} rows and span {span}")
-    return min(fits, key=lambda k: (k[1] * (k[2] or full), k[1]))
+      raise KeyError(f"no built decode program covers {rows} rows, span {span}, filtered {filtered}")
+    return min(fits, key=lambda k: (k[1] * (k[2] or full), k[3], k[1]))
 
   def admit_key(self, width: int, count: int) -> tuple:
     """The built admission program to prefill `count` prompts of (padded) `width` tokens with:
@@ -154,12 +164,11 @@ class Programs:
   def state_of(self, leaves):
     return jax.tree.unflatten(self._state_tree, leaves)
 
-  def decode(self, rows: int, span: int, state, alive_R, want_top):
-    """(state, packed outputs [R, X]) of one chunk over the first `rows` rows."""
-    self.calls["decode", rows, span] += 1
-    leaves, packed = self.compiled[("decode", rows, span)](
-      self.param_leaves, jax.tree.leaves(state), alive_R, want_top
-    )
+  def decode(self, key: tuple, state, alive_R, want_top):
+    """(state, packed outputs [R, X]) of one chunk of program `key` (`decode_key`) over the first
+    R rows."""
+    self.calls[key] += 1
+    leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R, want_top)
     return self.state_of(leaves), packed
 
   def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, want_top):
@@ -184,7 +193,7 @@ class Programs:
     ptree, stree, cfg = self._param_tree, self._state_tree, self.cfg
     kind = key[0]
     if kind == "decode":
-      _, rows, span = key
+      _, rows, span, filtered = key
 
       def decode(pl, sl, alive_R, want_top):
         state, packed = decode_rows(
@@ -198,6 +207,7 @@ class Programs:
           vocab_limit=self.vocab_limit,
           span=span,
           eos_id=self.eos_id,
+          filtered=filtered,
         )
         return jax.tree.leaves(state), packed
 

@@ -57,15 +57,19 @@ class Rows:
     return self.spans() if rows == self.rows else [0]
 
   def program_keys(self) -> list[tuple]:
-    """Every program the engine runs (programs.Programs keys), in the order they are built."""
-    keys = [("decode", r, s) for r in self.row_buckets() for s in self.chunk_spans(r)]
+    """Every program the engine runs (programs.Programs keys), in the order they are built: decode
+    chunks without top-k/top-p filtering at every row bucket and span, with it over the whole cache
+    (a sort over the vocabulary dominates such a step; each span would be one more program)."""
+    keys = [("decode", r, s, False) for r in self.row_buckets() for s in self.chunk_spans(r)]
+    keys += [("decode", r, 0, True) for r in self.row_buckets()]
     keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
     return [*keys, ("move",)]
 
   def core_keys(self) -> list[tuple]:
-    """The programs that cover every call (all rows over the whole cache, one prompt of the widest
-    width, the move): what a server built in the background serves with until the rest are built."""
-    return [("decode", self.rows, 0), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
+    """The programs that cover every call (all rows over the whole cache with filtering, one prompt
+    of the widest width, the move): what a server built in the background serves with until the
+    rest are built."""
+    return [("decode", self.rows, 0, True), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
 
   def _admit_waiting(self) -> None:
     """Admits waiting requests into free rows (the lowest first): at most `prefill_tokens` padded
