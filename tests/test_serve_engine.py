@@ -175,6 +175,21 @@ def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   assert engine.busy_slots == 0 and engine.in_flight == 0
 
 
+def test_an_idle_engine_runs_each_program_once(engine, params):
+  """While idle the engine runs every built program once (a first run on a GPU loads it: no request
+  waits for that), uncounted in `calls`, and requests decode exactly as before."""
+  calls = engine.programs.calls.copy()
+  deadline = time.monotonic() + 120
+  while engine.programs.unwarmed() is not None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert engine.programs.unwarmed() is None and engine.programs.calls == calls
+  assert all(engine.programs.warmed[k] is c for k, c in engine.programs.compiled.items())
+  requests = [(PROMPTS[0], 6), (PROMPTS[2], 9)]
+  out = _run(engine, requests)
+  for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
+    assert tokens == _recompute(params, prompt, n)
+
+
 def test_top_p_rows_decode_in_a_filtering_program(engine):
   """A chunk sorts the vocabulary (a program that filters) only while a live row sets top-k/top-p,
   and a row without filters draws the same tokens in either kind of program (same seed, alone or

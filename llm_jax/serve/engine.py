@@ -277,6 +277,7 @@ class Engine(Rows, Outputs):
 
   def _run(self) -> None:
     while True:
+      warm = None
       with self._cond:
         while not self._stop:
           free = self.busy_slots < self.slots
@@ -289,10 +290,16 @@ class Engine(Rows, Outputs):
           if self.busy_slots:  # paused with requests in slots: wake up to free cancelled ones
             self._cond.wait(timeout=0.05)
             break
+          warm = None if self._admitted else self.programs.unwarmed()
+          if warm is not None:  # idle: a program's first run, so that no request waits for it
+            break
           self._cond.wait(timeout=0.5)
         if self._stop:
           return
         paused = self._paused
+      if warm is not None:
+        self._warm(warm)
+        continue
       try:
         self._reap()
         self._compact()
@@ -308,6 +315,16 @@ class Engine(Rows, Outputs):
         self.state = self._empty_state()
       finally:
         self._flush()
+
+  def _warm(self, key: tuple) -> None:
+    """Runs program `key` once while no row is busy (Programs.warm); a failure is logged and the
+    state made afresh (no request holds a row)."""
+    try:
+      self.state = self.programs.warm(key, self.state)
+    except Exception:
+      log.exception("the first run of program %s failed", key)
+      self.programs.warmed[key] = self.programs.compiled.get(key)  # not again
+      self.state = self._empty_state()
 
   def _dispatch(self, key: tuple, alive_R, want_top):
     return self.programs.decode(key, self.state, alive_R, want_top)

@@ -43,8 +43,9 @@ import threading
 import time
 
 import jax
+import numpy as np
 
-from llm_jax.generate import EOS_ID
+from llm_jax import generate as G
 from llm_jax.serve.prefill import admit_rows, decode_rows, move_row
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class Programs:
     vocab_limit: int | None,
     export_dir: str | None = None,
     compiler_options: dict | None = None,
-    eos_id: int = EOS_ID,
+    eos_id: int = G.EOS_ID,
   ):
     self.cfg, self.steps, self.top_n, self.vocab_limit = cfg, steps, top_n, vocab_limit
     self.eos_id = int(eos_id)  # the tokenizer's end of sequence: a row that draws it stops
@@ -114,6 +115,7 @@ class Programs:
     self.planned = 0  # programs the engine will run (its program_keys), built or not
     self.loaded = self.exported = 0  # programs read from / written to export_dir
     self.calls: collections.Counter[tuple] = collections.Counter()  # runs of each program
+    self.warmed: dict[tuple, object] = {}  # the build of each program that has run once (`warm`)
     self.build_s: dict[tuple, float] = {}  # seconds each program took to trace (or load) and compile
     self._cancelled = threading.Event()  # set: builds not started yet are skipped
     self.background: threading.Thread | None = None
@@ -184,6 +186,40 @@ class Programs:
     """The state with row `src` copied onto row `dst`."""
     self.calls["move",] += 1
     return self.state_of(self.compiled[("move",)](jax.tree.leaves(state), src, dst))
+
+  def unwarmed(self) -> tuple | None:
+    """A built program not run yet in its current build (None: every one has run)."""
+    for key, compiled in tuple(self.compiled.items()):  # a snapshot: background builds add programs
+      if self.warmed.get(key) is not compiled:
+        return key
+    return None
+
+  def warm(self, key: tuple, state):
+    """Runs program `key` once on arguments that change nothing a request owns, and returns the
+    state: a first run on a GPU loads the program and grows the memory pool (~0.1 s), which a
+    request must not wait for. Meant for an idle engine (no busy rows): a decode chunk with no live
+    row (free rows' cache past their length is never read), an admission whose prompts all write
+    nowhere (padding rows), a row moved onto itself. Not counted in `calls`."""
+    compiled = self.compiled[key]
+    if key[0] == "decode":
+      out = compiled(self.param_leaves, jax.tree.leaves(state), np.zeros((key[1],), bool), np.bool_(False))
+    elif key[0] == "admit":
+      _, width, count = key
+      arrays = G.sampling_arrays([G.SamplingParams()] * count)
+      rows, tokens = np.full((count,), self.rows, np.int32), np.zeros((count, width), np.int32)
+      out = compiled(
+        self.param_leaves,
+        jax.tree.leaves(state),
+        rows,
+        tokens,
+        np.ones((count,), np.int32),
+        np.bool_(False),
+        *arrays.values(),
+      )
+    else:
+      out = (compiled(jax.tree.leaves(state), np.int32(0), np.int32(0)),)
+    self.warmed[key] = compiled
+    return self.state_of(out[0])
 
   # ---------------------------------------------------------------- building
 
