@@ -101,6 +101,22 @@ async def load(engine, prompt_ids, args, clients: int, requests: int):
   return results, time.perf_counter() - t0
 
 
+def call_times(engine: Engine, reps: int = 10) -> str:
+  """Each built program run alone on the idle engine (Programs.warm's arguments), synchronously:
+  the device time of one call plus its dispatch, without the engine loop or HTTP around it."""
+  out = []
+  for key in sorted(engine.programs.compiled, key=str):
+    times = []
+    for i in range(reps + 1):
+      t0 = time.perf_counter()
+      engine.state = engine.programs.warm(key, engine.state)
+      jax.block_until_ready(engine.state)
+      if i:  # the first run loads the program
+        times.append(time.perf_counter() - t0)
+    out.append(f"{'-'.join(map(str, key))} {1e3 * statistics.median(times):.2f}")
+  return ", ".join(out)
+
+
 def summarise_trace(path: str, chunks: int) -> str:
   files = sorted(glob.glob(os.path.join(path, "**", "*.trace.json.gz"), recursive=True))
   if not files:
@@ -183,6 +199,7 @@ def main():
   print(
     "build seconds per program (threads overlap): " + ", ".join(f"{k} {v:.1f}" for k, v in slow), flush=True
   )
+  print("program call times (ms, dispatch to ready, idle engine, median of 10): " + call_times(engine))
   acc = instrument(engine)
   engine.start()
   prompt_ids = list(loaded.prompt_prefix) + loaded.tokenizer.encode(args.prompt)

@@ -130,13 +130,15 @@ def _recompute(params, prompt, n):
 
 
 def test_program_set(engine):
-  """Spans for the all-rows bucket only, two prompt counts per width (1 and the budget's most)."""
+  """Spans for the all-rows and the fewest-rows buckets only, filtering over the whole cache only,
+  two prompt counts per width (1 and the budget's most)."""
   assert engine.row_buckets() == [2, 8]
   assert engine.admit_counts(32) == [1, 8]
   assert engine.admit_counts(512) == [1, 2]
   assert engine.admit_counts(1024) == [1]
-  keys = [("decode", 2, 0, False), ("decode", 8, 8, False), ("decode", 8, 16, False)]
-  keys += [("decode", 8, 0, False), ("decode", 2, 0, True), ("decode", 8, 0, True)]
+  keys = [("decode", 2, 8, False), ("decode", 2, 16, False), ("decode", 2, 0, False)]
+  keys += [("decode", 8, 8, False), ("decode", 8, 16, False), ("decode", 8, 0, False)]
+  keys += [("decode", 2, 0, True), ("decode", 8, 0, True)]
   keys += [("admit", 32, 1), ("admit", 32, 8), ("move",)]
   assert engine.program_keys() == keys
   assert sorted(engine.programs.compiled, key=str) == sorted(keys, key=str)
@@ -155,8 +157,8 @@ def test_one_request_runs_the_two_row_program(engine, params):
 
 def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   """Four waiting prompts are prefilled in one call (padded to the budget's most, eight); when the
-  short ones end, the others move down to the lowest rows and decode in the 2-row program (over the
-  whole cache); every request's tokens equal its own full recomputation."""
+  short ones end, the others move down to the lowest rows and decode in the 2-row programs (over the
+  cache span they reach); every request's tokens equal its own full recomputation."""
   requests = [(PROMPTS[0], 2), (PROMPTS[1], 14), (PROMPTS[2], 4), (PROMPTS[3], 12)]
   before = engine.programs.calls.copy()
   out = _run(engine, requests)
@@ -165,7 +167,7 @@ def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   assert used["move",] >= 1
   decode_keys = {k for k in used if k[0] == "decode"}
   assert {k[1] for k in decode_keys} == {2, 8}
-  assert {k[2] for k in decode_keys if k[1] == 2} == {0}
+  assert ("decode", 2, 16, False) in decode_keys  # the 2-row chunks read the span their rows reach
   assert not any(k[3] for k in decode_keys)  # greedy: no program that sorts
   # the all-rows program reads the span its rows reach: positions up to 6 + 1 + 2 (prompt, the first
   # token drawn at admission, a chunk of two) are within 16 of the 32 cached positions
@@ -365,7 +367,7 @@ def test_serves_while_the_programs_build(params, tok, monkeypatch):
   core = [("decode", 8, 0, True), ("admit", 32, 1), ("move",)]
   assert eng.core_keys() == core and set(eng.programs.compiled) == set(core)
   assert eng.programs.quick == set(core)  # built without GEMM autotuning, to be built again tuned
-  assert eng.programs_built() == (0, 9) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
+  assert eng.programs_built() == (0, 11) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
   requests = [(PROMPTS[0], 2), (PROMPTS[1], 14), (PROMPTS[2], 4), (PROMPTS[3], 12)]
   eng.start()
   try:
@@ -377,7 +379,7 @@ def test_serves_while_the_programs_build(params, tok, monkeypatch):
     monkeypatch.undo()
     eng.programs.build_in_background(held[0], threads=2)
     eng.programs.background.join(timeout=300)
-    assert eng.programs_built() == (9, 9) and not eng.programs.quick
+    assert eng.programs_built() == (11, 11) and not eng.programs.quick
     before = eng.programs.calls.copy()
     out = _run(eng, requests)
     used = eng.programs.calls - before

@@ -107,6 +107,7 @@ class Engine(Rows, Outputs):
     # prompts are padded to 64, 128, 256, ... tokens: a prefill of 64 tokens costs what one of 16
     # does on an accelerator, and start-up compiles two programs fewer
     self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
+    self._spanned = {r for r in self.row_buckets() if self.chunk_spans(r) != [0]}  # spans built
     self.prefill_tokens = int(prefill_tokens)
     # programs build on 4 threads (XLA compiles without the GIL); 16 on the H200 host made the cold
     # build 89 s instead of ~30 s (concurrent GEMM autotuning on one GPU) and the warm one 4.3 s
@@ -361,13 +362,16 @@ class Engine(Rows, Outputs):
           self._finish(entry[0], entry[1], "error")
       return
     rows = next(r for r in self.row_buckets() if r > np.flatnonzero(alive).max())
-    # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
-    # early stay below it), so the span covers them all. Below all rows the programs read the whole
-    # cache (Rows.chunk_spans); a program not built yet is covered by a larger built one.
-    last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
-    span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg) if rows == self.rows else 0
     # the sort of top-k/top-p only when a live row asks for it (generate.sample)
     filtered = G.any_filtered([s[1].sampling for s, a in zip(self._slot, alive, strict=False) if a])
+    # Positions this chunk writes: at most `chunk` past each live slot's bound (rows that stopped
+    # early stay below it), so the span covers them all. Other row buckets, and chunks that filter,
+    # read the whole cache (Rows.chunk_spans, program_keys); a program not built yet is covered by a
+    # larger built one.
+    span = 0
+    if rows in self._spanned and not filtered:
+      last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
+      span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
     key = self.programs.decode_key(rows, span, filtered)
     rows = key[1]
     want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
