@@ -144,6 +144,9 @@ def test_loadtest_against_cli_server(server):
   assert summary["ok"] == 24 and summary["errors"] == {}
   assert summary["output_tokens"] == 24 * 8
   assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p99"] >= summary["tpot_s"]["p50"]
+  slow = summary["slowest_ttft"]  # the three slowest first tokens, by request number
+  assert len(slow) == 3 and {i for i, _ in slow} <= set(range(24))
+  assert slow[0][1] == summary["ttft_s"]["p99"] and slow[0][1] >= slow[1][1] >= slow[2][1]
   lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]
   assert sum(a["path"] == "/v1/completions" and a["status"] == 200 for a in lines) >= 24
   assert stat.S_IMODE((d / "audit.jsonl").stat().st_mode) == 0o600

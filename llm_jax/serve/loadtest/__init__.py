@@ -122,7 +122,7 @@ async def run_load(
         "stream": True,
         "stream_options": {"include_usage": True},
       }
-      results.append(await _one(client, url, body, headers))
+      results.append({**await _one(client, url, body, headers), "index": i})
 
   limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
   t0 = time.perf_counter()
@@ -149,6 +149,8 @@ async def run_load(
     "latency_s": percentiles([r["latency"] for r in ok]),
     "ttft_s": percentiles([r["ttft"] for r in ok if "ttft" in r]),
     "tpot_s": percentiles([r["tpot"] for r in ok if "tpot" in r]),
+    # [request number in sending order, seconds]: are the slow first tokens the first requests?
+    "slowest_ttft": sorted(([r["index"], r["ttft"]] for r in ok if "ttft" in r), key=lambda x: -x[1])[:3],
   }
 
 
@@ -170,5 +172,7 @@ def format_summary(s: dict) -> str:
       row("latency", s["latency_s"]),
       row("TTFT", s["ttft_s"]),
       row("TPOT", s["tpot_s"]),
+      "slowest TTFT: "
+      + (", ".join(f"request {i} {t * 1000:.1f} ms" for i, t in s.get("slowest_ttft", [])) or "n/a"),
     ]
   )
