@@ -30,6 +30,8 @@ import jax
 from llm_jax import generate as G
 from llm_jax.artifacts import open_model
 from llm_jax.eval import precision
+from llm_jax.serve import engine as engine_lib
+from llm_jax.serve import outputs as outputs_lib
 from llm_jax.serve.engine import Engine
 from llm_jax.serve.sequences import Choice
 
@@ -163,9 +165,14 @@ def main():
   p.add_argument("--reference_tokens", type=int, default=256)
   p.add_argument("--profile_dir", default="")
   p.add_argument("--json", default="")
+  p.add_argument(
+    "--top_n", type=int, default=None, help="top log-probs the programs compute (the server's: 5); 0: none"
+  )
   p.add_argument("--xla_option", action="append", default=[], help="KEY=VALUE for the engine's compiles")
   args = p.parse_args()
 
+  if args.top_n is not None:  # what the engine builds and unpacks (the server's constant)
+    engine_lib.TOP_LOGPROBS = outputs_lib.TOP_LOGPROBS = args.top_n
   loaded = open_model(args.package, dtype="bfloat16")
   cfg = loaded.model_config
   ref = {b: precision.decode_speed(loaded.params, cfg, b, args.reference_tokens) for b in (1, 32)}
