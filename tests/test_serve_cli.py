@@ -115,9 +115,19 @@ def test_cli_starts_warm_and_answers(server):
   assert f"compilation cache: {d / 'xla'}" in text and len(os.listdir(d / "xla")) >= 3
 
 
+def _health_200s(url: str) -> float:
+  """The server's count of GET /health answered 200 (/metrics)."""
+  text = httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer " + "s" * 32}, timeout=10).text
+  line = next(
+    x for x in text.splitlines() if x.startswith('llm_requests_total{route="/health",status="200"}')
+  )
+  return float(line.split()[-1])
+
+
 def test_loadtest_against_cli_server(server):
   url, d, _ = server
   (d / "loadkey").write_text("s" * 32)
+  health_before = _health_200s(url)
   out = subprocess.run(
     [
       sys.executable,
@@ -149,6 +159,8 @@ def test_loadtest_against_cli_server(server):
   assert slow[0][1] == summary["ttft_s"]["p99"] and slow[0][1] >= slow[1][1] >= slow[2][1]
   lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]
   assert sum(a["path"] == "/v1/completions" and a["status"] == 200 for a in lines) >= 24
+  # the client's 8 connections opened before the clock started: one GET /health each
+  assert _health_200s(url) - health_before == 8
   assert stat.S_IMODE((d / "audit.jsonl").stat().st_mode) == 0o600
 
 
