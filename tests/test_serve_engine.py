@@ -3,6 +3,7 @@ waiting prompts prefilled together, programs kept across starts with jax.export,
 levers' parameter layout serving decoding, admission and prompt scoring."""
 
 import asyncio
+import re
 import time
 import types
 
@@ -12,10 +13,11 @@ import pytest
 from tiny_package import write_tiny_package
 
 from llm_jax import generate as G
-from llm_jax.model import Decoder, ModelConfig, quantize
+from llm_jax.eval.decode_kernels import _computations, _opcode
+from llm_jax.model import Decoder, ModelConfig, quantize, unstack_layers
 from llm_jax.model.params import init_params
 from llm_jax.serve import app as app_lib
-from llm_jax.serve.engine import Choice, Engine
+from llm_jax.serve.engine import Choice, Engine, default_levers
 from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.programs import Programs
 
@@ -190,6 +192,26 @@ def test_an_idle_engine_runs_each_program_once(engine, params):
   out = _run(engine, requests)
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
+
+
+def test_the_cpu_decode_step_keeps_the_cache_in_place(params):
+  """On a CPU the engine's layout (default_levers) leaves XLA nothing to copy per decode step: with
+  the "kv" lever's one-array cache, XLA's CPU compiler copied the whole cache every step (2-layer
+  gpt_small shapes, batch 8: 202 against 371 tokens/s). Seen failing before the fix."""
+  assert default_levers(params, "gpu") == "qkv,norm,kv" and default_levers(params, "cpu") == "qkv,norm"
+  p, cfg = unstack_layers(params, CFG, levers=default_levers(params))
+  state = G.empty_state(cfg, 8)
+  cache_shapes = {tuple(x.shape) for x in jax.tree.leaves(state.cache)}
+  hlo = (
+    G.decode_chunk.lower(p, state, np.ones(8, bool), np.bool_(False), cfg=cfg, steps=2, top_n=5)
+    .compile()
+    .as_text()
+  )
+  comps = _computations(hlo)
+  body = max((comps[b] for b in re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", hlo)), key=len)
+  copies = [line for line in body.splitlines() if _opcode(line) == "copy"]
+  shapes = [tuple(int(d) for d in line.split("[", 1)[1].split("]")[0].split(",") if d) for line in copies]
+  assert not [s for s in shapes if s in cache_shapes], copies
 
 
 def test_top_p_rows_decode_in_a_filtering_program(engine):
