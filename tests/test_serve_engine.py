@@ -54,6 +54,9 @@ def params():
 
 
 def _engine(params, tok, **kw):
+  """A built engine in the layout GPUs serve with (default_levers(params, "gpu"): the one-array
+  cache of "kv" too); the CPU's own default is what the server tests run."""
+  kw.setdefault("levers", default_levers(params, "gpu"))
   eng = Engine(params, CFG, tok, slots=8, chunk=2, **kw)
   eng.warmup()
   return eng
@@ -290,7 +293,8 @@ def test_int8_engine_levers(params, tok):
   """int8 weights kept in memory decode with "qkv,kv" ("norm" needs float kernels): the int8 values
   and scales are concatenated, and the tokens equal the dequantized model's recomputation."""
   q = quantize.quantize_params(params)
-  eng = Engine(q, CFG, tok, slots=2, chunk=2)
+  assert default_levers(q, "cpu") == "qkv"  # and without "kv" on a CPU (the cache copy, above)
+  eng = Engine(q, CFG, tok, slots=2, chunk=2, levers=default_levers(q, "gpu"))
   assert eng.cfg.decode_levers == "qkv,kv"
   assert quantize.is_qtensor(eng.params["block_0"]["attn"]["qkv_kernel"])
   eng.warmup()

@@ -73,22 +73,19 @@ def _count(comps: dict[str, str], name: str, depth: int = 0) -> collections.Coun
   return ops
 
 
-def step_ops(params, cfg, batch: int, new_tokens: int = 32) -> collections.Counter:
-  """Opcode counts of one greedy decode step (compiled as `decode_speed` runs it, not executed)."""
+def speed_batch(cfg, batch: int, new_tokens: int) -> G.Batch:
+  """The batch `eval.precision.decode_speed` times and `step_ops` compiles: `batch` prompts of 8
+  tokens, greedy, `new_tokens` each (at most max_seq_len - 8)."""
   new_tokens = min(new_tokens, cfg.max_seq_len - 8)
   prompts = [[1, 5 + i % 50, 6, 7, 8, 9, 10, 11] for i in range(batch)]
-  b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
+  return G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
+
+
+def step_ops(params, cfg, batch: int, new_tokens: int = 32) -> collections.Counter:
+  """Opcode counts of one greedy decode step (compiled as `decode_speed` runs it, not executed)."""
+  b = speed_batch(cfg, batch, new_tokens)
   state = jax.eval_shape(lambda p: b.start(p, cfg), params)
-  lowered = G.decode_loop.lower(
-    params,
-    state,
-    cfg=cfg,
-    max_steps=b.max_steps,
-    eos_id=-1,
-    greedy=b.greedy,
-    span=b.span,
-    filtered=b.filtered,
-  )
+  lowered = G.decode_loop.lower(params, state, cfg=cfg, eos_id=-1, **b.loop_args())
   return while_body_ops(lowered.compile().as_text())
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from llm_jax import generate as G
 from llm_jax.artifacts import open_model
+from llm_jax.eval.decode_kernels import speed_batch
 from llm_jax.model import Decoder, unstack_layers
 from llm_jax.model.quantize import dequantize, nbytes, quantize_params
 
@@ -50,23 +51,11 @@ def windows(ids, length: int, max_windows: int) -> np.ndarray:
 def decode_speed(params, cfg, batch: int, new_tokens: int, repeats: int = 3, *, levers: str = "") -> float:
   """Generated tokens per second of greedy decoding at a batch size (compile excluded); `levers`:
   the decode levers to prepare the parameters for (ModelConfig.decode_levers)."""
-  new_tokens = min(new_tokens, cfg.max_seq_len - 8)
   params, cfg = unstack_layers(params, cfg, levers=levers)  # as the server and the generate CLI decode
-  prompts = [[1, 5 + i % 50, 6, 7, 8, 9, 10, 11] for i in range(batch)]
-  b = G.make_batch(prompts, [G.SamplingParams(max_new_tokens=new_tokens)] * batch, cfg)
+  b = speed_batch(cfg, batch, new_tokens)
+  new_tokens = int(b.arrays["max_new_B"][0])
   state = b.start(params, cfg)
-  run = lambda: jax.block_until_ready(
-    G.decode_loop(
-      params,
-      state,
-      cfg=cfg,
-      max_steps=b.max_steps,
-      eos_id=-1,
-      greedy=b.greedy,
-      span=b.span,
-      filtered=b.filtered,
-    )
-  )
+  run = lambda: jax.block_until_ready(G.decode_loop(params, state, cfg=cfg, eos_id=-1, **b.loop_args()))
   run()
   best = float("inf")
   for _ in range(repeats):

@@ -50,6 +50,10 @@ class Batch:
   def start(self, params, cfg: ModelConfig) -> DecodeState:
     return start(params, self.tokens_BL, self.lengths_B, **self.arrays, cfg=cfg)
 
+  def loop_args(self) -> dict:
+    """The static settings `decode_loop` is compiled for with this batch."""
+    return dict(max_steps=self.max_steps, greedy=self.greedy, span=self.span, filtered=self.filtered)
+
 
 def make_batch(
   prompts: Sequence[Sequence[int]],

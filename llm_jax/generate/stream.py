@@ -51,13 +51,10 @@ def generate(
     params,
     batch.start(params, cfg),
     cfg=cfg,
-    max_steps=batch.max_steps,
     eos_id=eos_id,
     vocab_limit=vocab_limit,
     top_n=top_n,
-    greedy=batch.greedy,
-    span=batch.span,
-    filtered=batch.filtered,
+    **batch.loop_args(),
   )
   outs = jax.device_get(outs)
   results = []
