@@ -166,25 +166,30 @@ class Programs:
   def state_of(self, leaves):
     return jax.tree.unflatten(self._state_tree, leaves)
 
-  def decode(self, key: tuple, state, alive_R, want_top):
+  def decode(self, key: tuple, state, alive_R, want_top, counted: bool = True):
     """(state, packed outputs [R, X]) of one chunk of program `key` (`decode_key`) over the first
-    R rows."""
-    self.calls[key] += 1
+    R rows. `counted`: in `calls` (not a warm-up's)."""
+    if counted:
+      self.calls[key] += 1
     leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R, want_top)
     return self.state_of(leaves), packed
 
-  def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, want_top):
+  def admit(
+    self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, want_top, counted=True
+  ):
     """(the state with `count` prompts (padded to `width`) prefilled into rows `rows_P`, their first
     tokens' outputs packed [count, X] as a chunk of one step)."""
-    self.calls["admit", width, count] += 1
+    if counted:
+      self.calls["admit", width, count] += 1
     leaves, packed = self.compiled[("admit", width, count)](
       self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, want_top, *arrays.values()
     )
     return self.state_of(leaves), packed
 
-  def move(self, state, src: int, dst: int):
+  def move(self, state, src: int, dst: int, counted: bool = True):
     """The state with row `src` copied onto row `dst`."""
-    self.calls["move",] += 1
+    if counted:
+      self.calls["move",] += 1
     return self.state_of(self.compiled[("move",)](jax.tree.leaves(state), src, dst))
 
   def unwarmed(self) -> tuple | None:
@@ -200,26 +205,20 @@ class Programs:
     request must not wait for. Meant for an idle engine (no busy rows): a decode chunk with no live
     row (free rows' cache past their length is never read), an admission whose prompts all write
     nowhere (padding rows), a row moved onto itself. Not counted in `calls`."""
-    compiled = self.compiled[key]
+    compiled = self.compiled[key]  # this build is warm after the call (a newer one gets its own)
+    off = np.bool_(False)
     if key[0] == "decode":
-      out = compiled(self.param_leaves, jax.tree.leaves(state), np.zeros((key[1],), bool), np.bool_(False))
+      state, _ = self.decode(key, state, np.zeros((key[1],), bool), off, counted=False)
     elif key[0] == "admit":
       _, width, count = key
-      arrays = G.sampling_arrays([G.SamplingParams()] * count)
       rows, tokens = np.full((count,), self.rows, np.int32), np.zeros((count, width), np.int32)
-      out = compiled(
-        self.param_leaves,
-        jax.tree.leaves(state),
-        rows,
-        tokens,
-        np.ones((count,), np.int32),
-        np.bool_(False),
-        *arrays.values(),
-      )
+      arrays = G.sampling_arrays([G.SamplingParams()] * count)
+      lengths = np.ones((count,), np.int32)
+      state, _ = self.admit(width, count, state, rows, tokens, lengths, arrays, off, counted=False)
     else:
-      out = (compiled(jax.tree.leaves(state), np.int32(0), np.int32(0)),)
+      state = self.move(state, np.int32(0), np.int32(0), counted=False)
     self.warmed[key] = compiled
-    return self.state_of(out[0])
+    return state
 
   # ---------------------------------------------------------------- building
 
