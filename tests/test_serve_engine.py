@@ -16,10 +16,11 @@ from llm_jax import generate as G
 from llm_jax.eval.decode_kernels import _computations, _opcode
 from llm_jax.model import Decoder, ModelConfig, quantize, unstack_layers
 from llm_jax.model.params import init_params
-from llm_jax.serve import app as app_lib
+from llm_jax.serve import loading
 from llm_jax.serve.engine import Choice, Engine, default_levers
 from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.programs import Programs
+from llm_jax.serve.settings import ServerSettings
 
 CFG = ModelConfig(
   vocab_size=320,
@@ -341,10 +342,10 @@ def test_programs_built_from_the_described_shapes(tiny_pkg, tok):
   """Start-up builds the programs from the shapes the package describes while the weights load: the
   loaded, laid-out weights have exactly those shapes (attach accepts them, and the engine decodes
   with them); weights of other shapes are refused, so the server builds from the weights instead."""
-  settings = app_lib.ServerSettings(package=str(tiny_pkg[0]))
-  params, cfg, shape_tok = app_lib.served_shapes(settings)
+  settings = ServerSettings(package=str(tiny_pkg[0]))
+  params, cfg, shape_tok = loading.served_shapes(settings)
   assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
-  loaded, _, _ = app_lib._load_and_lay_out(settings)
+  loaded, _, _ = loading.load_and_lay_out(settings)
   eng = Engine(params, cfg, shape_tok, slots=2, chunk=2)
   eng.warmup()
   eng.attach(loaded.params, loaded.model_config)

@@ -97,6 +97,13 @@ _BUILD_IN_BACKGROUND = flags.DEFINE_bool(
   "buckets, cache spans, prompt widths) in the background, each used once built; "
   "--nobuild_in_background: /health waits for all of them.",
 )
+_ENGINE_PROCESS = flags.DEFINE_bool(
+  "engine_process",
+  True,
+  "Run the engine (decoding and each token's host work) in a process of its own, so that it never "
+  "waits for the HTTP event loop's interpreter lock (docs/serving.md); --noengine_process: a thread "
+  "of the server's process.",
+)
 _MODEL_NAME = flags.DEFINE_string("model_name", "", "Name in /v1/models (default: the package's).")
 _COMPILE_CACHE = flags.DEFINE_string(
   "compile_cache",
@@ -163,6 +170,7 @@ def settings_from_flags() -> app_lib.ServerSettings:
     int8_in_memory=_INT8_IN_MEMORY.value,
     model_name=_MODEL_NAME.value,
     build_in_background=_BUILD_IN_BACKGROUND.value,
+    engine_process=_ENGINE_PROCESS.value,
   )
 
 
@@ -194,11 +202,11 @@ def main(argv: list[str]) -> int:
   server: list[uvicorn.Server] = []
 
   def on_failure():
-    log.error("exiting: the model could not be loaded")
+    log.error("exiting: %s", app.state.llm.error or "the model could not be loaded")
     if server:
       server[0].should_exit = True
 
-  app = app_lib.create_app(settings, on_load_failure=on_failure)
+  app = app_lib.create_app(settings, on_failure=on_failure)
   app.state.llm.started = t0
   config = uvicorn.Config(
     app,

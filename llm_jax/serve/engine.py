@@ -50,6 +50,7 @@ import numpy as np
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, quantize, unstack_layers
 from llm_jax.serve.outputs import TOP_LOGPROBS, Outputs
+from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.programs import Programs
 from llm_jax.serve.rows import PREFILL_TOKENS, Rows
 from llm_jax.serve.sequences import Choice, EngineBusy, Handle
@@ -259,6 +260,18 @@ class Engine(Rows, Outputs):
       self._gauges()
       self._cond.notify_all()
     return handle
+
+  def score(self, ids: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt scoring (echo with log-probs), one forward pass over `ids` padded to a prompt width:
+    [L - 1] log-probs of each token after those before it, [L - 1, TOP_LOGPROBS] the top log-probs
+    and their ids (row t scores token t + 1). Any thread; decoding goes on meanwhile."""
+    width = G.bucket(len(ids), self.cfg.max_seq_len)
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, : len(ids)] = ids
+    scores = prompt_scores(
+      self.params, tokens, cfg=self.cfg, top_n=TOP_LOGPROBS, vocab_limit=self.vocab_limit
+    )
+    return tuple(np.asarray(x) for x in scores)
 
   def _checker(self, choice: Choice):
     if self.output_check is None:

@@ -15,9 +15,6 @@ import re
 
 import numpy as np
 
-from llm_jax import generate as G
-from llm_jax.serve.engine import TOP_LOGPROBS
-from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.schema import ApiError
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -170,19 +167,9 @@ def check_lengths(st, prompts: list[Prompt], max_tokens: int, param: str = "prom
 
 def score(st, p: Prompt) -> None:
   """Fills `p.logprobs` and `p.top` for its shown tokens (one forward pass; runs off the event loop)."""
-  cfg = st.engine.cfg  # the engine's parameter layout (decode levers)
-  ids = p.ids
-  width = G.bucket(len(ids), cfg.max_seq_len)
-  tokens = np.zeros((1, width), np.int32)
-  tokens[0, : len(ids)] = ids
-  lps, top_lp, top_ids = (
-    np.asarray(x)
-    for x in prompt_scores(
-      st.engine.params, tokens, cfg=cfg, top_n=TOP_LOGPROBS, vocab_limit=st.engine.vocab_limit
-    )
-  )
+  lps, top_lp, top_ids = st.engine.score(p.ids)
   # position t (t >= 1) is row t - 1; the first shown token gets None whatever precedes it
-  rows = range(p.shown + 1, len(ids))
+  rows = range(p.shown + 1, len(p.ids))
   p.logprobs = [None] + [float(lps[t - 1]) for t in rows]
   p.top = [None] + [
     [(int(i), float(v)) for i, v in zip(top_ids[t - 1], top_lp[t - 1], strict=True)] for t in rows

@@ -100,7 +100,7 @@ def _require_ready(st) -> None:
   if st.engine is None or not st.engine.ready:
     raise ApiError(
       503,
-      "the model is still loading; poll /health" if not st.error else f"the model failed to load: {st.error}",
+      "the model is still loading; poll /health" if not st.error else f"the model is not served: {st.error}",
       type_="server_error",
       code="not_ready",
     )
