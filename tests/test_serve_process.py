@@ -57,6 +57,7 @@ def servers(pkg):
   failures = []
   apart = _server(pkg, failures, engine_process=True)
   apart.failures = failures
+  apart.first_health = httpx.get(f"{apart.url}/health", timeout=10).json()  # as soon as ready
   yield here, apart
   here.stop()
   apart.stop()
@@ -100,8 +101,11 @@ def test_same_answers_as_the_engine_in_process(servers):
   # the tokens counted in this process from the engine's events: 2 x (the answer + the stream)
   total = 2 * sum(_answer(here.url, b)[1]["completion_tokens"] for b in REQUESTS)
   assert _metric(apart.url, "llm_generated_tokens_total") - tokens0 == total
+  # the program counts come with "ready": a client waiting for every program never sees 0 of 0
+  total = here.app.state.llm.engine.programs_built()[1]
+  assert apart.first_health["status"] == "ok" and apart.first_health["programs_total"] == total > 0
   health = httpx.get(f"{apart.url}/health", timeout=10).json()
-  assert health["status"] == "ok"
+  assert health["programs_total"] == total
 
 
 def test_disconnect_frees_the_slot_in_the_engine_process(servers):

@@ -12,7 +12,7 @@ Messages, pickled over one pipe:
 
     to the engine    ("submit", id, choices, timeout_s)  ("cancel", id)  ("score", call, ids)
                      ("pause",)  ("resume",)  ("stop",)
-    from the engine  ("ready",)  ("failed", error)  ("events", [(id, event, blocked_by)], status)
+    from the engine  ("ready", status)  ("failed", error)  ("events", [(id, event, blocked_by)], status)
                      ("status", status)  ("scored", call, arrays, error)
 
 where status is (sequences queued, busy slots, programs built, programs planned) and events are those
@@ -182,6 +182,7 @@ class EngineProcess:
           else:
             future.set_exception(RuntimeError(f"prompt scoring failed in the engine: {error}"))
         elif kind == "ready":
+          self._set_status(message[1])
           self.ready = True
           self._answered.set()
         elif kind == "failed":
@@ -328,7 +329,7 @@ def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
     link.send(("failed", f"{type(e).__name__}: {e}"))
     return
   link.engine = engine
-  link.send(("ready",))
+  link.send(("ready", link.status()))
   log.info("engine process %d serving", os.getpid())
   try:
     while True:
