@@ -50,13 +50,14 @@ start_server() {
   done
   local ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   UP_S=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
-  # ALL_S: seconds until every program is built (the server answers from UP_S on with the covering
-  # ones; the load tests start after ALL_S, so background compiles do not share their GPU)
+  # ALL_S: seconds until every program is built and has run once (the server answers from UP_S on
+  # with the covering ones; the load tests start after ALL_S, so background compiles and first runs
+  # do not share their GPU; code before /health's programs_warm: built only)
   ALL_S=$UP_S
   [ $UP = 1 ] || return
   for i in $(seq 1 3000); do
     curl -s "http://127.0.0.1:$PORT/health" 2>/dev/null | $PY -c \
-      "import json,sys; d=json.load(sys.stdin); sys.exit(d.get('programs_built', 0) < d.get('programs_total', 0))" \
+      "import json,sys; d=json.load(sys.stdin); sys.exit(d.get('programs_warm', d.get('programs_built', 0)) < d.get('programs_total', 0))" \
       2>/dev/null && break
     kill -0 $SPID 2>/dev/null || break
     sleep 0.1

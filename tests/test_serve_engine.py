@@ -192,6 +192,7 @@ def test_an_idle_engine_runs_each_program_once(engine, params):
     time.sleep(0.05)
   assert engine.programs.unwarmed() is None and engine.programs.calls == calls
   assert all(engine.programs.warmed[k] is c for k, c in engine.programs.compiled.items())
+  assert engine.programs_warm() == engine.programs_built()[1] == len(engine.programs.compiled)
   requests = [(PROMPTS[0], 6), (PROMPTS[2], 9)]
   out = _run(engine, requests)
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):

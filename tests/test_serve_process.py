@@ -106,6 +106,11 @@ def test_same_answers_as_the_engine_in_process(servers):
   assert apart.first_health["status"] == "ok" and apart.first_health["programs_total"] == total > 0
   health = httpx.get(f"{apart.url}/health", timeout=10).json()
   assert health["programs_total"] == total
+  deadline = time.time() + 120  # the idle engine runs each program once: reported across the pipe
+  while health["programs_warm"] < total and time.time() < deadline:
+    time.sleep(0.2)
+    health = httpx.get(f"{apart.url}/health", timeout=10).json()
+  assert health["programs_warm"] == total
 
 
 def test_disconnect_frees_the_slot_in_the_engine_process(servers):

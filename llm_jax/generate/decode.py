@@ -228,7 +228,7 @@ def start(
 
 @functools.partial(
   jax.jit,
-  static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit", "greedy", "span", "filtered"),
+  static_argnames=("cfg", "steps", "eos_id", "top_n", "vocab_limit", "greedy", "span", "filtered", "unroll"),
   donate_argnums=1,
 )
 def decode_chunk(
@@ -245,6 +245,7 @@ def decode_chunk(
   greedy: bool = False,
   span: int = 0,
   filtered: bool = True,
+  unroll: int = 1,
 ):
   """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps].
 
@@ -252,6 +253,8 @@ def decode_chunk(
   `greedy=True` only when every live row is greedy without a repetition penalty (`all_greedy`).
   `span` (0 = whole cache): every live row's positions in these steps are below it (`decode_span`).
   `filtered=False` only when no live row samples with top-k/top-p (`any_filtered`): no sort.
+  `unroll`: the loop's unroll factor (bench/chunk_probe.py; on an H200, 4 was slower at 2 rows and
+  compiled 3x longer, 16 compiled 10x longer: the server keeps 1).
   """
   params = _float_params(params, cfg)
   state = state.replace(active_B=state.active_B & alive_B)
@@ -264,7 +267,7 @@ def decode_chunk(
     acc = {k: acc[k].at[:, i].set(out[k]) for k in acc}
     return st, acc
 
-  return jax.lax.fori_loop(0, steps, body, (state, outs))
+  return jax.lax.fori_loop(0, steps, body, (state, outs), unroll=unroll)
 
 
 @functools.partial(

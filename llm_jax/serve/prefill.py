@@ -90,6 +90,7 @@ def decode_rows(
   span: int,
   eos_id: int = G.EOS_ID,
   filtered: bool = True,
+  unroll: int = 1,
 ):
   """`generate.decode_chunk` over the first R = len(alive_R) rows of the state (the busy rows are
   kept there): a call costs what a batch of R rows does, whatever the state's size. Returns the
@@ -124,6 +125,7 @@ def decode_rows(
     vocab_limit=vocab_limit,
     span=span,
     filtered=filtered,
+    unroll=unroll,
   )
   if r == b:
     state = sub

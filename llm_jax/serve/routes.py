@@ -43,6 +43,8 @@ def add_routes(app: FastAPI, st) -> None:
         # below the total: the rest of the programs are still building (requests are served meanwhile)
         "programs_built": built,
         "programs_total": total,
+        # below the total: some programs have not run yet (an idle engine runs each once)
+        "programs_warm": st.engine.programs_warm(),
       }
     return JSONResponse({"status": "failed" if st.error else "loading", "error": st.error}, status_code=503)
 

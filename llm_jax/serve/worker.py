@@ -15,7 +15,8 @@ Messages, pickled over one pipe:
     from the engine  ("ready", status)  ("failed", error)  ("events", [(id, event, blocked_by)], status)
                      ("status", status)  ("scored", call, arrays, error)
 
-where status is (sequences queued, busy slots, programs built, programs planned) and events are those
+where status is (sequences queued, busy slots, programs built, programs planned, programs warm: run
+once) and events are those
 of `sequences.Handle`. The HTTP process applies each event to its copy of the request's choices
 (tokens, log-probs, finish reason, the output rule that cut it) and the metrics, then puts it on the
 request's queue, as the engine does in one process.
@@ -76,7 +77,7 @@ class EngineProcess:
     self.max_concurrent = settings.max_concurrent
     self.ready = False
     self.error: str | None = None
-    self._status = (0, 0, 0, 0)
+    self._status = (0, 0, 0, 0, 0)
     self._handles: dict[str, _RemoteHandle] = {}
     self._calls: dict[int, concurrent.futures.Future] = {}
     self._ids = itertools.count()
@@ -114,6 +115,9 @@ class EngineProcess:
 
   def programs_built(self) -> tuple[int, int]:
     return self._status[2], self._status[3]
+
+  def programs_warm(self) -> int:
+    return self._status[4]
 
   def pause(self) -> None:
     """Engine.pause in the engine's process (maintenance, tests)."""
@@ -287,7 +291,7 @@ class _Link:
 
   def status(self) -> tuple:
     e = self.engine
-    return (e.queue_depth, e.busy_slots, *e.programs_built())
+    return (e.queue_depth, e.busy_slots, *e.programs_built(), e.programs_warm())
 
   def call_soon_threadsafe(self, _deliver, items) -> None:
     """Called by the engine thread (Outputs._flush) with this iteration's (handle, event) pairs."""
