@@ -58,7 +58,8 @@ def _engine(params, tok, **kw):
   """A built engine in the layout GPUs serve with (default_levers(params, "gpu"): the one-array
   cache of "kv" too); the CPU's own default is what the server tests run."""
   kw.setdefault("levers", default_levers(params, "gpu"))
-  eng = Engine(params, CFG, tok, slots=8, chunk=2, **kw)
+  kw.setdefault("slots", 8)
+  eng = Engine(params, CFG, tok, chunk=2, **kw)
   eng.warmup()
   return eng
 
@@ -254,13 +255,13 @@ def test_rows_move_only_when_the_bucket_shrinks(engine, params):
 
 def test_exported_programs_are_read_back(params, tok, tmp_path):
   """A second engine on the same export directory reads every program instead of tracing it, and
-  decodes the same tokens."""
-  first = _engine(params, tok, export_dir=str(tmp_path))
+  decodes the same tokens (2 slots: fewer programs to build twice)."""
+  first = _engine(params, tok, export_dir=str(tmp_path), slots=2)
   n = len(first.program_keys())
   assert (first.programs.exported, first.programs.loaded) == (n, 0)
   assert len(list(tmp_path.glob("*.jaxexport"))) == n
   t0 = time.monotonic()
-  second = _engine(params, tok, export_dir=str(tmp_path))
+  second = _engine(params, tok, export_dir=str(tmp_path), slots=2)
   assert (second.programs.exported, second.programs.loaded) == (0, n)
   assert time.monotonic() - t0 < 60
   [(tokens, _)] = _run_once(second, [(PROMPTS[0], 8)])
