@@ -333,6 +333,7 @@ def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
     link.send(("failed", f"{type(e).__name__}: {e}"))
     return
   link.engine = engine
+  scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-score")
   link.send(("ready", link.status()))
   log.info("engine process %d serving", os.getpid())
   try:
@@ -353,13 +354,8 @@ def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
         handle = link.handles.get(message[1])
         if handle is not None:
           handle.cancel()
-      elif kind == "score":
-        _, call, ids = message
-        try:
-          link.send(("scored", call, engine.score(ids), None))
-        except Exception as e:
-          log.exception("prompt scoring failed")
-          link.send(("scored", call, None, f"{type(e).__name__}: {e}"))
+      elif kind == "score":  # on a thread of its own: submits and cancels are read meanwhile
+        scorer.submit(_score, engine, link, *message[1:])
       elif kind == "pause":
         engine.pause()
       elif kind == "resume":
@@ -370,3 +366,12 @@ def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
     pass
   finally:
     engine.stop()
+    scorer.shutdown(wait=False, cancel_futures=True)
+
+
+def _score(engine, link: _Link, call: int, ids: list[int]) -> None:
+  try:
+    link.send(("scored", call, engine.score(ids), None))
+  except Exception as e:
+    log.exception("prompt scoring failed")
+    link.send(("scored", call, None, f"{type(e).__name__}: {e}"))
