@@ -11,25 +11,14 @@ import time
 
 import httpx
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax.artifacts import open_model, package
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve.filters import FilterConfigError, load_filters
 
-CFG = ModelConfig(
-  vocab_size=384,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=32,
-  init_std=0.3,
-)
+CFG = SERVER_CFG
 KEY = "k" * 24
 PROMPT = "the cat"
 

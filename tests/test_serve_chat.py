@@ -1,27 +1,18 @@
 """/v1/chat/completions through the openai client (streamed and not), over a package whose model.json
 records the SFT chat template it was fine-tuned with."""
 
+import dataclasses
+
 import httpx
 import ml_collections
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax.artifacts import opened as opened_lib
 from llm_jax.data.tokenizer import Tokenizer
-from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 
-CFG = ModelConfig(
-  vocab_size=384,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=64,
-  init_std=0.3,
-)
+CFG = dataclasses.replace(SERVER_CFG, max_seq_len=64)
 TURN = "[{role}] {content}\n"
 KEY = "c" * 24
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat"}]

@@ -10,22 +10,11 @@ import time
 
 import httpx
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
-from llm_jax.model import ModelConfig
 from llm_jax.serve import loadtest
 
-CFG = ModelConfig(
-  vocab_size=384,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=32,
-  init_std=0.3,
-)
+CFG = SERVER_CFG
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -3,6 +3,7 @@ waiting prompts prefilled together, programs kept across starts with jax.export,
 levers' parameter layout serving decoding, admission and prompt scoring."""
 
 import asyncio
+import dataclasses
 import re
 import time
 import types
@@ -10,11 +11,11 @@ import types
 import jax
 import numpy as np
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax import generate as G
 from llm_jax.eval.decode_kernels import _computations, _opcode
-from llm_jax.model import Decoder, ModelConfig, quantize, unstack_layers
+from llm_jax.model import Decoder, quantize, unstack_layers
 from llm_jax.model.params import init_params
 from llm_jax.serve import loading
 from llm_jax.serve.engine import Choice, Engine, default_levers
@@ -22,17 +23,7 @@ from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.programs import Programs
 from llm_jax.serve.settings import ServerSettings
 
-CFG = ModelConfig(
-  vocab_size=320,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=32,
-  init_std=0.3,
-)
+CFG = dataclasses.replace(SERVER_CFG, vocab_size=320)
 PROMPTS = [[2, 11, 12], [2, 30, 31, 32, 33, 34], [2, 50], [2, 7, 8, 9]]
 
 

@@ -12,23 +12,13 @@ from operator import itemgetter
 import httpx
 import numpy as np
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax.artifacts import open_model
-from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model import Decoder
 from llm_jax.serve import app as app_lib
 
-CFG = ModelConfig(
-  vocab_size=384,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=32,
-  init_std=0.3,
-)
+CFG = SERVER_CFG
 MODEL = "pkg"
 
 

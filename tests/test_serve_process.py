@@ -10,23 +10,12 @@ import time
 
 import httpx
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
-from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve.worker import EngineProcess
 
-CFG = ModelConfig(
-  vocab_size=384,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=32,
-  init_std=0.3,
-)
+CFG = SERVER_CFG
 # greedy with log-probs and echo (prompt scoring), seeded sampling with n=2, a stop sequence
 REQUESTS = [
   {"prompt": "the cat", "max_tokens": 12, "temperature": 0, "logprobs": 2, "echo": True},

@@ -15,26 +15,15 @@ import time
 
 import httpx
 import pytest
-from tiny_package import write_tiny_package
+from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax import generate as G
-from llm_jax.model import ModelConfig
 from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
 from llm_jax.serve.engine import Choice
 from llm_jax.serve.filters import Filters, Rule, load_filters
 
-CFG = ModelConfig(
-  vocab_size=384,
-  num_layers=1,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=32,
-  init_std=0.3,
-)
+CFG = SERVER_CFG
 TOKENIZER_VOCAB = 300
 PROMPTS = ["the cat", "def return import class", "a", "sat on a mat"]
 

@@ -4,8 +4,21 @@ import random
 
 from llm_jax.artifacts import package
 from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.model import ModelConfig
 from llm_jax.model.params import init_params
 
+# the server tests' model: one layer, 32 positions, large enough weights to vary the tokens it draws
+SERVER_CFG = ModelConfig(
+  vocab_size=384,
+  num_layers=1,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=32,
+  init_std=0.3,
+)
 WORDS = "the cat sat on a mat and def return import class self print data model".split()
 
 
