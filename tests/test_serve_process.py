@@ -3,6 +3,7 @@ process, cancels and prompt scoring across the pipe, and a dead engine process f
 in flight. (The command line's default, forked, runs in test_serve_cli.py; here it is spawned, since
 this process has started JAX.)"""
 
+import asyncio
 import json
 import os
 import signal
@@ -12,7 +13,9 @@ import httpx
 import pytest
 from tiny_package import SERVER_CFG, write_tiny_package
 
+from llm_jax import generate as G
 from llm_jax.serve import app as app_lib
+from llm_jax.serve.sequences import Choice
 from llm_jax.serve.worker import EngineProcess
 
 CFG = SERVER_CFG
@@ -124,6 +127,30 @@ def test_disconnect_frees_the_slot_in_the_engine_process(servers):
     engine.resume()
   assert _metric(apart.url, 'llm_sequences_finished_total{reason="cancelled"}') == cancelled0 + 1
   assert _answer(apart.url, REQUESTS[0])[1]["completion_tokens"] == 12  # still serving
+
+
+def test_requests_sharing_an_id_stay_apart(servers):
+  """An embedding caller may reuse a request id: each request still gets its own events (they are
+  addressed by the id and a number)."""
+  _, apart = servers
+  engine = apart.app.state.llm.engine
+
+  async def both():
+    loop, queues = asyncio.get_running_loop(), [asyncio.Queue(), asyncio.Queue()]
+    prompts = [[1, 5, 6, 7], [1, 9]]
+    for prompt, queue in zip(prompts, queues, strict=True):
+      choice = Choice(0, prompt, G.SamplingParams(temperature=0, max_new_tokens=3 + len(prompt)))
+      engine.submit([choice], loop, queue, 30.0, request_id="same")
+    got = []
+    for queue in queues:
+      events = [await asyncio.wait_for(queue.get(), 30)]
+      while events[-1][0] != "end":
+        events.append(await asyncio.wait_for(queue.get(), 30))
+      got.append(sum(len(e[3]) for e in events if e[0] == "delta"))
+    return got
+
+  assert asyncio.run(both()) == [7, 5]
+  assert engine.in_flight == 0
 
 
 def test_a_dead_engine_process_fails_what_was_in_flight(servers):

@@ -10,14 +10,14 @@ message. The HTTP process never touches the device.
 
 Messages, pickled over one pipe:
 
-    to the engine    ("submit", id, choices, timeout_s)  ("cancel", id)  ("score", call, ids)
+    to the engine    ("submit", key, choices, timeout_s)  ("cancel", key)  ("score", call, ids)
                      ("pause",)  ("resume",)  ("stop",)
-    from the engine  ("ready", status)  ("failed", error)  ("events", [(id, event, blocked_by)], status)
+    from the engine  ("ready", status)  ("failed", error)  ("events", [(key, event, blocked_by)], status)
                      ("status", status)  ("scored", call, arrays, error)
 
-where status is (sequences queued, busy slots, programs built, programs planned, programs warm: run
-once) and events are those
-of `sequences.Handle`. The HTTP process applies each event to its copy of the request's choices
+where a key is the request's id and a number (unique even where a caller reuses an id), status is
+(sequences queued, busy slots, programs built, programs planned, programs warm: run once) and events
+are those of `sequences.Handle`. The HTTP process applies each event to its copy of the request's choices
 (tokens, log-probs, finish reason, the output rule that cut it) and the metrics, then puts it on the
 request's queue, as the engine does in one process.
 
@@ -59,14 +59,14 @@ _JAX_OPTIONS = (
 class _RemoteHandle(Handle):
   """A request's handle in the HTTP process: cancelling it tells the engine's process too."""
 
-  def __init__(self, link: EngineProcess, *args):
+  def __init__(self, link: EngineProcess, key: str, *args):
     super().__init__(*args)
-    self._link = link
+    self._link, self.key = link, key
 
   def cancel(self) -> None:
     if not self.cancelled.is_set():
       self.cancelled.set()
-      self._link.send(("cancel", self.id))
+      self._link.send(("cancel", self.key))
 
 
 class EngineProcess:
@@ -128,15 +128,17 @@ class EngineProcess:
 
   def submit(self, choices, loop, queue, timeout_s: float, request_id: str | None = None) -> Handle:
     """Queues a request's choices on the engine; EngineBusy when max_concurrent are in flight."""
-    rid = request_id or f"req-{next(self._ids)}"
-    handle = _RemoteHandle(self, rid, choices, loop, queue, time.monotonic() + timeout_s)
+    n = next(self._ids)
+    rid = request_id or f"req-{n}"
+    key = f"{rid}/{n}"  # unique even where a caller reuses a request id: the events' address
+    handle = _RemoteHandle(self, key, rid, choices, loop, queue, time.monotonic() + timeout_s)
     with self._lock:
       if self.error is not None:
         raise RuntimeError(self.error)
       if len(self._handles) >= self.max_concurrent:
         raise EngineBusy(f"{len(self._handles)} requests in flight (limit {self.max_concurrent})")
-      self._handles[rid] = handle
-    self.send(("submit", rid, choices, timeout_s))
+      self._handles[key] = handle
+    self.send(("submit", key, choices, timeout_s))
     return handle
 
   def score(self, ids: list[int]):
@@ -206,8 +208,8 @@ class EngineProcess:
   def _post(self, items) -> None:
     """Hands a batch of events to the event loops of their requests (one call per loop)."""
     by_loop: dict = {}
-    for rid, event, extra in items:
-      handle = self._handles.get(rid)
+    for key, event, extra in items:
+      handle = self._handles.get(key)
       if handle is not None:
         by_loop.setdefault(handle.loop, []).append((handle, event, extra))
     for loop, batch in by_loop.items():
@@ -237,7 +239,7 @@ class EngineProcess:
         if self.metrics is not None:
           self.metrics.finished.labels(event[2]).inc()
       elif kind == "end":
-        self._handles.pop(handle.id, None)
+        self._handles.pop(handle.key, None)
       handle.queue.put_nowait(event)
 
   def _died(self, reason: str) -> None:
@@ -261,9 +263,9 @@ class EngineProcess:
       if self.on_exit is not None:
         self.on_exit(self.error)
 
-  def _fail(self, handle: Handle) -> None:
+  def _fail(self, handle: _RemoteHandle) -> None:
     """On the event loop: `handle`'s unfinished choices end with "error", then the request."""
-    if self._handles.pop(handle.id, None) is None:
+    if self._handles.pop(handle.key, None) is None:
       return  # already ended
     for choice in handle.choices:
       if choice.finish_reason is None:
@@ -313,10 +315,10 @@ class _Link:
       self._sent_status = status
       self.send(("status", status))
 
-  def refuse(self, rid: str, choices) -> None:
+  def refuse(self, key: str, choices) -> None:
     """A request the engine would not queue ends at once with an error."""
-    events = [(rid, ("done", c.index, "error"), None) for c in choices]
-    self.send(("events", [*events, (rid, ("end",), None)], self.status()))
+    events = [(key, ("done", c.index, "error"), None) for c in choices]
+    self.send(("events", [*events, (key, ("end",), None)], self.status()))
 
 
 def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
@@ -344,12 +346,12 @@ def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
       message = conn.recv()
       kind = message[0]
       if kind == "submit":
-        _, rid, choices, timeout_s = message
+        _, key, choices, timeout_s = message
         try:
-          link.handles[rid] = engine.submit(choices, link, None, timeout_s, request_id=rid)
+          link.handles[key] = engine.submit(choices, link, None, timeout_s, request_id=key)
         except Exception:  # EngineBusy too (the HTTP process counts first)
-          log.exception("request %s could not be queued", rid)
-          link.refuse(rid, choices)
+          log.exception("request %s could not be queued", key)
+          link.refuse(key, choices)
       elif kind == "cancel":
         handle = link.handles.get(message[1])
         if handle is not None:
