@@ -5,7 +5,8 @@
 The port opens at once; /health answers 503 until the model is loaded and compiled, then 200.
 Compiled programs are kept in JAX's persistent compilation cache (--compile_cache), so a second
 start with the same model and flags loads them instead of compiling.
-Exit 2 for a bad flag, an unreadable package, filter file or key file; 1 when the model fails to load.
+Exit 2 for a bad flag, an unreadable package, filter file or key file; 1 when the model fails to load
+or the engine's process dies.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def settings_from_flags() -> app_lib.ServerSettings:
 
 
 def main(argv: list[str]) -> int:
-  """Serves until interrupted; 1 when the model could not be loaded."""
+  """Serves until interrupted; 1 when the model could not be loaded or the engine's process died."""
   del argv
   t0 = time.monotonic()
   # The engine allocates its batch state (the KV cache) once at start-up, so JAX's GPU allocator need
@@ -225,7 +226,7 @@ def main(argv: list[str]) -> int:
   )
   server[0].run()
   if app.state.llm.error:
-    raise RuntimeError(f"could not load --package {settings.package}: {app.state.llm.error}")
+    raise RuntimeError(f"serving --package {settings.package} failed: {app.state.llm.error}")
   return 0
 
 
