@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import stat
 import subprocess
@@ -24,11 +26,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-  d = tmp_path_factory.mktemp("cli")
-  write_tiny_package(d, CFG)
-  (d / "key").write_text("s" * 32 + "\n")
+def _start(d, log_name: str, *flags: str):
+  """(process, url, saw_503): `python -m llm_jax.serve` over d/pkg on a free port, once /health is 200."""
   port = _free_port()
   env = dict(
     os.environ,
@@ -36,55 +35,63 @@ def server(tmp_path_factory):
     XLA_FLAGS="",
     JAX_PLATFORMS="cpu",
   )
-  log = open(d / "server.log", "w")
-  proc = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "llm_jax.serve",
-      f"--package={d / 'pkg'}",
-      "--port",
-      str(port),
-      "--slots=4",
-      "--max_concurrent=16",
-      "--decode_chunk",
-      "2",
-      "--api_key_file",
-      str(d / "key"),
-      f"--audit_log={d / 'audit.jsonl'}",
-      "--audit_max_bytes=1000000",
-      "--audit_backups=2",
-      f"--compile_cache={d / 'xla'}",
-    ],
-    stdout=log,
-    stderr=subprocess.STDOUT,
-    env=env,
-    cwd=ROOT,
-  )
+  with open(d / log_name, "w") as log:
+    command = [sys.executable, "-m", "llm_jax.serve", f"--package={d / 'pkg'}", "--port", str(port)]
+    proc = subprocess.Popen(
+      [*command, *flags, f"--compile_cache={d / 'xla'}"],
+      stdout=log,
+      stderr=subprocess.STDOUT,
+      env=env,
+      cwd=ROOT,
+    )
   url = f"http://127.0.0.1:{port}"
   saw_503 = False
   deadline = time.time() + 180
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      pytest.fail((d / log_name).read_text())
+    try:
+      code = httpx.get(f"{url}/health", timeout=2).status_code
+    except httpx.TransportError:
+      code = None
+    saw_503 |= code == 503
+    if code == 200:
+      return proc, url, saw_503
+    time.sleep(0.1)
+  proc.kill()
+  pytest.fail("server not healthy in 180 s:\n" + (d / log_name).read_text())
+
+
+def _stop(proc) -> None:
+  proc.terminate()
   try:
-    while time.time() < deadline:
-      assert proc.poll() is None, (d / "server.log").read_text()
-      try:
-        code = httpx.get(f"{url}/health", timeout=2).status_code
-      except httpx.TransportError:
-        code = None
-      saw_503 |= code == 503
-      if code == 200:
-        break
-      time.sleep(0.1)
-    else:
-      pytest.fail("server not healthy in 180 s:\n" + (d / "server.log").read_text())
+    proc.wait(timeout=15)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli")
+  write_tiny_package(d, CFG)
+  (d / "key").write_text("s" * 32 + "\n")
+  proc, url, saw_503 = _start(
+    d,
+    "server.log",
+    "--slots=4",
+    "--max_concurrent=16",
+    "--decode_chunk",
+    "2",
+    "--api_key_file",
+    str(d / "key"),
+    f"--audit_log={d / 'audit.jsonl'}",
+    "--audit_max_bytes=1000000",
+    "--audit_backups=2",
+  )
+  try:
     yield url, d, saw_503
   finally:
-    proc.terminate()
-    try:
-      proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-    log.close()
+    _stop(proc)
 
 
 def test_cli_starts_warm_and_answers(server):
@@ -183,3 +190,22 @@ def test_usage_errors_exit_2_with_one_line(tmp_path):
   assert out.returncode == 2 and "slots" in out.stderr
   out = _run("llm_jax.serve", "--help")  # (absl exits 1 after --help)
   assert "--audit_max_bytes" in out.stdout and "--max_concurrent" in out.stdout
+
+
+def test_the_server_exits_when_its_engine_process_dies(server):
+  """The command line's default: the engine forked into its own process. Killed, the server exits with
+  status 1 and names the exit in its last line."""
+  _, d, _ = server
+  proc, url, _ = _start(
+    d, "dying.log", "--slots=2", "--decode_chunk=2", "--audit_log", str(d / "dying.jsonl")
+  )
+  try:
+    found = re.search(r"engine process started \(pid (\d+), fork\)", (d / "dying.log").read_text())
+    assert found, (d / "dying.log").read_text()
+    os.kill(int(found.group(1)), signal.SIGKILL)
+    assert proc.wait(timeout=60) == 1
+    text = (d / "dying.log").read_text()
+    assert "the engine process exited (exit code -9)" in text.splitlines()[-1], text[-2000:]
+  finally:
+    if proc.poll() is None:
+      _stop(proc)
