@@ -5,7 +5,6 @@ clients' event loops in one call each (the engine thread never waits on a client
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from llm_jax.serve.chunk import chunk_lists, slot_update
@@ -63,13 +62,7 @@ class Outputs:
     """Text, tokens and log-probs of one slot's chunk: a delta event, and "done" when it ended."""
     text, new_tokens, new_lps, new_top, reason = slot_update(choice, slot, o, steps)
     if new_tokens or text:
-      choice.tokens += new_tokens
-      choice.logprobs += new_lps
-      choice.top += new_top
-      if handle.first_token_at is None:
-        handle.first_token_at = time.monotonic()
-      if self.metrics is not None:
-        self.metrics.generated_tokens.inc(len(new_tokens))
+      handle.record(choice, new_tokens, new_lps, new_top, self.metrics)
       self._emit(handle, ("delta", choice.index, text, new_tokens, new_lps, new_top))
     if reason is not None:
       self._finish(handle, choice, reason)

@@ -53,6 +53,18 @@ class Handle:
     """The client went away: stop decoding this request and free its slots."""
     self.cancelled.set()
 
+  def record(self, choice: Choice, tokens: list, logprobs: list, top: list, metrics=None) -> None:
+    """New tokens of `choice` (with their log-probs and top log-probs) added to it, the request's
+    first token timed, the tokens counted in `metrics` (the engine's copy of a request, or the HTTP
+    process's copy of one decoded in the engine's process: serve.worker)."""
+    choice.tokens += tokens
+    choice.logprobs += logprobs
+    choice.top += top
+    if self.first_token_at is None:
+      self.first_token_at = time.monotonic()
+    if metrics is not None:
+      metrics.generated_tokens.inc(len(tokens))
+
 
 def deliver(items: list[tuple[Handle, tuple]]) -> None:
   """Puts engine events on their requests' queues (runs on the event loop, posted by the engine)."""

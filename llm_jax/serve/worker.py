@@ -225,14 +225,7 @@ class EngineProcess:
       kind = event[0]
       if kind == "delta":
         _, index, _, tokens, logprobs, top = event
-        choice = handle.choices[index]
-        choice.tokens += tokens
-        choice.logprobs += logprobs
-        choice.top += top
-        if handle.first_token_at is None:
-          handle.first_token_at = time.monotonic()
-        if self.metrics is not None:
-          self.metrics.generated_tokens.inc(len(tokens))
+        handle.record(handle.choices[index], tokens, logprobs, top, self.metrics)
       elif kind == "done":
         choice = handle.choices[event[1]]
         choice.finish_reason, choice.blocked_by = event[2], extra
