@@ -2,11 +2,12 @@
 
 In one process the HTTP event loop and the engine thread take turns at one interpreter lock: on one
 H200 the engine alone kept 80% of the in-process decode rate at 32 clients and the server 56-60%
-(docs/serving.md, round five). Here the HTTP process keeps the routes and an `EngineProcess`, which
-has the surface the routes use (`ready`, `submit`, `score`, `programs_built`, `stop`); the child loads
-the model (serve.loading), runs the `Engine` with its decode thread, does each token's host work
-(detokenizing, stop sequences, output filters) and sends each engine iteration's events back in one
-message. The HTTP process never touches the device.
+(docs/serving.md, round five; 59-64% with this module, round six). Here the HTTP process keeps the
+routes and an `EngineProcess`, which has the surface the routes use (`ready`, `submit`, `score`,
+`programs_built`, `programs_warm`, `pause`, `stop`); the child loads the model (serve.loading), runs
+the `Engine` with its decode thread, does each token's host work (detokenizing, stop sequences,
+output filters) and sends each engine iteration's events back in one message. The HTTP process never
+touches the device.
 
 Messages, pickled over one pipe:
 
