@@ -71,7 +71,7 @@ class ServerState:
         self.remote.wait_ready()
         engine = self.remote
       else:
-        engine, loaded = loading.start_engine(s, self.metrics, started=self.started)
+        engine, loaded = loading.start_engine(s, self.metrics)
       self.loaded = loaded
       self.token_bytes = loaded.tokenizer.token_bytes()
       self.templates = templates_of(loaded)

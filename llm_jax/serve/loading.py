@@ -10,7 +10,6 @@ their sum). Should the loaded weights not have those shapes, the engine is built
 from __future__ import annotations
 
 import concurrent.futures
-import gc
 import logging
 import time
 
@@ -77,7 +76,7 @@ def make_engine(settings: ServerSettings, params, cfg, tokenizer, metrics=None) 
   )
 
 
-def start_engine(settings: ServerSettings, metrics=None, started: float | None = None):
+def start_engine(settings: ServerSettings, metrics=None):
   """(the engine, started, and the opened model whose weights are the engine's): loads the weights
   while the programs build, then starts the decode thread and logs the ready line."""
   s = settings
@@ -102,13 +101,9 @@ def start_engine(settings: ServerSettings, metrics=None, started: float | None =
   # one copy of the weights: the engine's (laid out for its decode levers) serves everything
   loaded.params, loaded.model_config = engine.params, engine.cfg
   engine.start()
-  # what start-up made stays alive: keep it out of the cyclic collector, whose full passes over it
-  # would pause the engine thread (and an event loop in this process) while serving
-  gc.collect()
-  gc.freeze()
   log.info(
     "engine ready: %s; loaded in %.1fs and laid out in %.1fs while %s in %.1fs (empty state %.1fs; %d "
-    "of %d programs%s; slowest %s; %d read from %s); load and build %.1fs%s",
+    "of %d programs%s; slowest %s; %d read from %s); load and build %.1fs",
     loaded.describe(),
     t_load,
     t_layout,
@@ -124,6 +119,5 @@ def start_engine(settings: ServerSettings, metrics=None, started: float | None =
     engine.programs.loaded,
     s.export_dir or "nowhere: traced",
     time.monotonic() - t0,
-    "" if started is None else f", start-up {time.monotonic() - started:.1f}s",
   )
   return engine, loaded

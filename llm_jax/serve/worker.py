@@ -32,6 +32,7 @@ reports the exit and `on_exit` runs (the command line then exits).
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import itertools
 import logging
 import multiprocessing
@@ -329,6 +330,8 @@ def _child(settings: ServerSettings, conn, jax_options: dict) -> None:
     link.send(("failed", f"{type(e).__name__}: {e}"))
     return
   link.engine = engine
+  gc.collect()
+  gc.freeze()  # what start-up made stays alive: no full collector passes over it while decoding
   scorer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-score")
   link.send(("ready", link.status()))
   log.info("engine process %d serving", os.getpid())
