@@ -27,19 +27,24 @@ SERVE_ARGS=${SERVE_ARGS:-}     # more server flags, e.g. "--decode_chunk 8" (one
 PYSPY=${PYSPY:-}               # a py-spy binary: record who holds the GIL during the 32-client test
 WARM_ENVS=${WARM_ENVS:-}       # more warm starts, one per word, each under its own environment
                                # setting(s), e.g. "XLA_PYTHON_CLIENT_PREALLOCATE=false" (commas: several)
+MORE_LOADS=${MORE_LOADS:-}     # more servers under the same load tests, one per word: its extra flags and
+                               # VAR=VALUE environment settings (commas: several; "-": none), e.g.
+                               # "--nopace_decode - --nopace_decode" (settings that change the compiled
+                               # programs, e.g. XLA_FLAGS, start cold: the cache is keyed by them)
+HOST_TIME=${HOST_TIME:-1}      # 0: skip bench/serve_host.py
 W=${WORK:-/tmp/gpu_serve}
 mkdir -p "$W" "$OUT"
-rm -rf "$W/pkg" "$W"/*.json "$W"/*.log "$W/xla"
+rm -rf "$W/pkg" "$W"/*.json "$W"/*.log "$W"/flags_*.txt "$W/xla"
 el() { echo "[$(( $(date +%s) - T0 ))s]"; }
 
 # start_server LOG [VAR=VALUE ...]: the server in the background (SPID), on the script's own
 # compilation cache, under those environment settings; UP=1 and UP_S (seconds to /health 200, by the
 # millisecond clock) once it is healthy
 start_server() {
-  local t0 log=$1; shift
+  local t0 i log=$1; shift
   t0=$(date +%s%N)
   env "$@" $PY -m llm_jax.serve --package="$W/pkg" --port "$PORT" --slots 32 --max_concurrent 64 \
-    --compile_cache "$W/xla" --audit_log "$W/audit.jsonl" $SERVE_ARGS > "$log" 2>&1 &
+    --compile_cache "$W/xla" --audit_log "$W/audit.jsonl" $SERVE_ARGS ${EXTRA:-} > "$log" 2>&1 &
   SPID=$!
   UP=0
   for i in $(seq 1 1800); do
@@ -64,6 +69,36 @@ start_server() {
   done
   ms=$(( ($(date +%s%N) - t0) / 1000000 ))
   ALL_S=$(printf '%d.%03d' $((ms / 1000)) $((ms % 1000)))
+}
+
+# cpu_s PID...: CPU seconds (user + system, every thread) the processes used so far
+cpu_s() {
+  local p t=0
+  for p in "$@"; do
+    [ -r /proc/$p/stat ] && t=$(( t + $(awk '{print $14 + $15}' /proc/$p/stat) ))
+  done
+  awk -v t=$t -v hz=$(getconf CLK_TCK) 'BEGIN {printf "%.2f", t / hz}'
+}
+
+# load_tests TAG: the load tests at concurrency 1 and 32 against the running server (load$c$TAG.json)
+load_tests() {
+  local tag=$1 c n
+  for c in 1 32; do
+    n=$REQ1; [ $c = 32 ] && n=$REQ32
+    echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS ${tag:+(server $tag)}"
+    if [ -n "$PYSPY" ] && [ $c = 32 ] && [ -z "$tag" ]; then  # 8 s from 1 s in, while the load is steady
+      (sleep 1; "$PYSPY" record -p $SPID --nonblocking --gil --threads -r 200 -d 8 --format raw -o "$W/pyspy_gil.txt" \
+        > "$W/pyspy.log" 2>&1) &
+      PSPID=$!
+    fi
+    local kids p0 k0
+    kids=$(pgrep -P $SPID | tr '\n' ' ')
+    p0=$(cpu_s $SPID) k0=$(cpu_s $kids)
+    timeout 120 $PY -m llm_jax.serve.loadtest --url "http://127.0.0.1:$PORT" --concurrency $c \
+      --requests $n --max_tokens "$MAX_TOKENS" --json > "$W/load$c$tag.json"
+    echo "exit $?; CPU seconds during it: the HTTP process $(awk -v a=$p0 -v b=$(cpu_s $SPID) 'BEGIN {printf "%.2f", b - a}'), the engine process(es) $(awk -v a=$k0 -v b=$(cpu_s $kids) 'BEGIN {printf "%.2f", b - a}')"
+    $PY -c "import json,sys; from llm_jax.serve.loadtest import format_summary as f; print(f(json.load(open(sys.argv[1]))))" "$W/load$c$tag.json"
+  done
 }
 
 echo "=== $(el) device"
@@ -127,19 +162,7 @@ grep -E "ready:|ERROR|Error|error" "$W/server.log" | grep -v -E '^[IW][0-9]{4} '
 if [ $UP = 1 ]; then
   echo "health 200 after $UP_S s (cold), every program built after $ALL_S s"
   echo "{\"cold_s\": $UP_S, \"cold_all_s\": $ALL_S}" > "$W/startup.json"
-  for c in 1 32; do
-    n=$REQ1; [ $c = 32 ] && n=$REQ32
-    echo "=== $(el) load test: concurrency $c, $n requests, max_tokens $MAX_TOKENS"
-    if [ -n "$PYSPY" ] && [ $c = 32 ]; then  # 8 s from 1 s in, while the load is steady
-      (sleep 1; "$PYSPY" record -p $SPID --nonblocking --gil --threads -r 200 -d 8 --format raw -o "$W/pyspy_gil.txt" \
-        > "$W/pyspy.log" 2>&1) &
-      PSPID=$!
-    fi
-    timeout 120 $PY -m llm_jax.serve.loadtest --url "http://127.0.0.1:$PORT" --concurrency $c \
-      --requests $n --max_tokens "$MAX_TOKENS" --json > "$W/load$c.json"
-    echo "exit $?"
-    $PY -c "import json,sys; from llm_jax.serve.loadtest import format_summary as f; print(f(json.load(open(sys.argv[1]))))" "$W/load$c.json"
-  done
+  load_tests ""
   if [ -n "$PYSPY" ]; then
     wait $PSPID; tail -2 "$W/pyspy.log"
     [ -f "$W/pyspy_gil.txt" ] && $PY bench/pyspy_summary.py "$W/pyspy_gil.txt" --rate 200 --seconds 8 --top 30
@@ -168,8 +191,27 @@ for envs in $WARM_ENVS; do
   echo "health 200 after $UP_S s (warm, ${envs//,/ }), every program built after $ALL_S s"
 done
 
-echo "=== $(el) engine host time per chunk (bench/serve_host.py, 32 slots, chunk 4)"
-timeout 300 $PY bench/serve_host.py --slots 32 --chunk 4 --tokens "$MAX_TOKENS" --tokenizer "$W/tok.model" \
+nth=0
+for extra in $MORE_LOADS; do
+  nth=$((nth + 1))
+  [ "$extra" = "-" ] && extra=""
+  flags=() envs=()
+  for x in ${extra//,/ }; do
+    case $x in --*) flags+=("$x") ;; *) envs+=("$x") ;; esac
+  done
+  echo "=== $(el) server $nth with '${extra//,/ }' under the same loads"
+  EXTRA="${flags[*]}" start_server "$W/server_$nth.log" "${envs[@]}"
+  echo "health 200 after $UP_S s, every program built after $ALL_S s"
+  if [ $UP = 1 ]; then
+    echo "${extra//,/ }" > "$W/flags_$nth.txt"
+    load_tests "_$nth"
+  else
+    tail -20 "$W/server_$nth.log"
+  fi
+  kill $SPID 2>/dev/null; wait $SPID 2>/dev/null
+done
+
+[ "$HOST_TIME" = 1 ] && echo "=== $(el) engine host time per chunk (bench/serve_host.py, 32 slots, chunk 4)" && timeout 300 $PY bench/serve_host.py --slots 32 --chunk 4 --tokens "$MAX_TOKENS" --tokenizer "$W/tok.model" \
   --repeat 3 2>&1 | grep -v -E '^[IW][0-9]{4} '
 cp "$W/server.log" "$W/server_warm.log" "$W"/*.json "$W"/pyspy_gil.txt "$OUT/" 2>/dev/null
 
@@ -189,12 +231,16 @@ for v in dict.fromkeys(r["variant"] for r in rows):
   if bs and bs[0] in got:
     print(f"|   scaling vs batch {bs[0]} | " + " | ".join(
         f"{got[b] / got[bs[0]]:.1f}x" if b in got else "-" for b in bs) + " |")
-for c in (1, 32):
-  s = load(f"load{c}.json")
+servers = [("", "")] + sorted(
+  (f"_{f[6:-4]}", open(os.path.join(w, f)).read().strip() or "-")
+  for f in os.listdir(w) if f.startswith("flags_") and f.endswith(".txt"))
+for (tag, flags), c in ((s, c) for s in servers for c in (1, 32)):
+  s = load(f"load{c}{tag}.json")
+  name = f"server{tag} ({flags})" if tag else "server"
   if not s:
-    print(f"load test concurrency {c}: no result"); continue
+    print(f"{name} load test concurrency {c}: no result"); continue
   ms = lambda d: " / ".join("n/a" if v is None else f"{1000 * v:.1f}" for v in d.values())
-  print(f"| server, concurrency {c}: {s['requests']} requests x {s['max_tokens']} tokens | "
+  print(f"| {name}, concurrency {c}: {s['requests']} requests x {s['max_tokens']} tokens | "
         f"{s['output_tokens_per_s']:.0f} tok/s, {s['requests_per_s']:.1f} req/s, ok {s['ok']}, "
         f"errors {s['errors'] or 'none'}, TTFT p50/p90/p99 {ms(s['ttft_s'])} ms, "
         f"TPOT {ms(s['tpot_s'])} ms, latency {ms(s['latency_s'])} ms |")

@@ -120,7 +120,9 @@ def _health_200s(url: str) -> float:
   return float(line.split()[-1])
 
 
-def test_loadtest_against_cli_server(server):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_loadtest_against_cli_server(server, processes):
+  """The load test's summary, its 8 clients in one process or shared by two (one clock)."""
   url, d, _ = server
   (d / "loadkey").write_text("s" * 32)
   health_before = _health_200s(url)
@@ -139,6 +141,7 @@ def test_loadtest_against_cli_server(server):
       "--json",
       "--api_key_file",
       str(d / "loadkey"),
+      f"--processes={processes}",
     ],
     capture_output=True,
     text=True,
@@ -149,10 +152,15 @@ def test_loadtest_against_cli_server(server):
   summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])
   assert summary["ok"] == 24 and summary["errors"] == {}
   assert summary["output_tokens"] == 24 * 8
+  assert summary["client_processes"] == processes and summary["client_cpu_s"] > 0
   assert summary["ttft_s"]["p50"] > 0 and summary["tpot_s"]["p99"] >= summary["tpot_s"]["p50"]
   slow = summary["slowest_ttft"]  # the three slowest first tokens, by request number
   assert len(slow) == 3 and {i for i, _ in slow} <= set(range(24))
   assert slow[0][1] == summary["ttft_s"]["p99"] and slow[0][1] >= slow[1][1] >= slow[2][1]
+  # the slowest with the time to their first chunk (text or not), which never comes after the first text
+  assert [r["index"] for r in summary["slowest"][:3]] == [i for i, _ in slow]
+  assert all(0 < r["first_chunk"] <= r["ttft"] <= r["latency"] for r in summary["slowest"])
+  assert summary["first_chunk_s"]["p50"] <= summary["ttft_s"]["p50"]
   lines = [json.loads(x) for x in (d / "audit.jsonl").read_text().splitlines()]
   assert sum(a["path"] == "/v1/completions" and a["status"] == 200 for a in lines) >= 24
   # the client's 8 connections opened before the clock started: one GET /health each

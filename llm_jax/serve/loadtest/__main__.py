@@ -25,6 +25,13 @@ _PROMPT = flags.DEFINE_string("prompt", "def ", "The prompt of every request.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "Sampling temperature.")
 _API_KEY_FILE = flags.DEFINE_string("api_key_file", "", "File holding the server's API key.")
 _TIMEOUT = flags.DEFINE_float("timeout", 120.0, "Seconds per request.")
+_PROCESSES = flags.DEFINE_integer(
+  "processes",
+  0,
+  "Client processes sharing the load (0: one per 8 clients, at most half the cores), so that the "
+  "client's own parsing does not limit the figures.",
+  lower_bound=0,
+)
 _JSON = flags.DEFINE_bool("json", False, "Print the summary as JSON.")
 
 
@@ -49,6 +56,7 @@ def main(argv: list[str]) -> int:
         temperature=_TEMPERATURE.value,
         api_key=key,
         timeout_s=_TIMEOUT.value,
+        processes=_PROCESSES.value,
       )
     )
   except loadtest.LoadTestError as e:
