@@ -8,7 +8,7 @@ per-token percentiles, and the engine thread's time per iteration split by metho
 the window the GPU was busy, kernels and busy time per decode chunk.
 
     python bench/serve_engine.py --package /tmp/gpu_serve/pkg [--clients 1,32] [--requests 16,320] \
-        [--max_tokens 128] [--temperature 0.8] [--chunk 16] [--nopace] [--profile_dir /tmp/prof]
+        [--max_tokens 128] [--temperature 0.8] [--chunk 16] [--profile_dir /tmp/prof]
 
 Not a test: GPU figures go to docs/serving.md with the command and the run.
 """
@@ -35,7 +35,7 @@ from llm_jax.serve import outputs as outputs_lib
 from llm_jax.serve.engine import Engine
 from llm_jax.serve.sequences import Choice
 
-_TIMED = ("_reap", "_compact", "_admit_waiting", "_dispatch", "_await", "_handle_outputs", "_flush", "_pace")
+_TIMED = ("_reap", "_compact", "_admit_waiting", "_dispatch", "_handle_outputs", "_flush")
 
 
 def instrument(engine: Engine) -> dict:
@@ -169,7 +169,6 @@ def main():
     "--top_n", type=int, default=None, help="top log-probs the programs compute (the server's: 5); 0: none"
   )
   p.add_argument("--xla_option", action="append", default=[], help="KEY=VALUE for the engine's compiles")
-  p.add_argument("--nopace", action="store_true", help="each chunk dispatched at once (Engine(pace=False))")
   args = p.parse_args()
 
   if args.top_n is not None:  # what the engine builds and unpacks (the server's constant)
@@ -197,7 +196,6 @@ def main():
     max_concurrent=64,
     chunk=args.chunk,
     compiler_options=options,
-    pace=not args.nopace,
   )
   print(
     f"engine built in {engine.warmup():.1f} s ({len(engine.programs.compiled)} programs; "

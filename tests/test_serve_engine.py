@@ -153,27 +153,6 @@ def test_one_request_runs_the_two_row_program(engine, params):
   assert reason == "length" or len(tokens) < 10
 
 
-def test_the_engine_paces_its_chunks_by_their_measured_time(engine, params):
-  """The engine times its chunks on the device (serve.pacing) and, with a row free for a request to
-  join, dispatches the next chunk at the pacer's deadline; the tokens are unchanged."""
-  seen, deadline = [], engine.pacer.deadline
-
-  def spy():
-    seen.append(deadline())
-    return seen[-1]
-
-  engine.pacer.deadline = spy
-  try:
-    [(tokens, _)] = _run(engine, [(PROMPTS[1], 24)], paused=False)
-  finally:
-    del engine.pacer.deadline
-  assert tokens == _recompute(params, PROMPTS[1], 24)[: len(tokens)] and len(tokens) >= 8
-  timed = {k: list(v) for k, v in engine.pacer._durations.items()}
-  assert any(k[1] == 2 for k in timed), timed  # the lone request's 2-row programs
-  assert all(0 < d < 10 for v in timed.values() for d in v)
-  assert any(d is not None for d in seen)  # at least one chunk dispatched at a deadline
-
-
 def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   """Four waiting prompts are prefilled in one call (padded to the budget's most, eight); when the
   short ones end, the others move down to the lowest rows and decode in the 2-row programs (over the

@@ -67,12 +67,6 @@ _DECODE_CHUNK = flags.DEFINE_integer(
   "Decode steps per engine iteration (docs/serving.md: 16 gave 1.7x the tokens/s of 4).",
   lower_bound=1,
 )
-_PACE_DECODE = flags.DEFINE_bool(
-  "pace_decode",
-  True,
-  "Dispatch each decode chunk just before the device ends the one in flight, so that requests "
-  "arriving meanwhile join it (serve/pacing.py); --nopace_decode: as soon as the previous is queued.",
-)
 _MAX_PROMPT_TOKENS = flags.DEFINE_integer("max_prompt_tokens", 0, "0: max_seq_len - 1.", lower_bound=0)
 _MAX_TOTAL_TOKENS = flags.DEFINE_integer(
   "max_total_tokens", 0, "Prompt + max_tokens; 0: max_seq_len.", lower_bound=0
@@ -167,7 +161,6 @@ def settings_from_flags() -> app_lib.ServerSettings:
     slots=_SLOTS.value,
     max_concurrent=_MAX_CONCURRENT.value,
     decode_chunk=_DECODE_CHUNK.value,
-    pace_decode=_PACE_DECODE.value,
     max_prompt_tokens=_MAX_PROMPT_TOKENS.value,
     max_total_tokens=_MAX_TOTAL_TOKENS.value,
     max_body_bytes=_MAX_BODY_BYTES.value,

@@ -50,7 +50,6 @@ import numpy as np
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, quantize, unstack_layers
 from llm_jax.serve.outputs import TOP_LOGPROBS, Outputs
-from llm_jax.serve.pacing import Pacer
 from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.programs import Programs
 from llm_jax.serve.rows import PREFILL_TOKENS, Rows
@@ -95,7 +94,6 @@ class Engine(Rows, Outputs):
     levers: str | None = None,
     compiler_options: dict | None = None,
     serve_while_building: bool = False,
-    pace: bool = True,
   ):
     # Decoding reads each layer's weights as buffers of their own (no per-step slice copies), laid
     # out for the decode levers; every program and prompt scoring read this one tree. `params` may be
@@ -132,10 +130,6 @@ class Engine(Rows, Outputs):
     self._last_pos = [0] * self.slots  # per slot: an upper bound of the next position it writes
     self._steps_left = [0] * self.slots  # per slot: decode steps it may still need (its budget)
     self._in_flight_chunk = None  # (packed outputs, slot owners) of the chunk the device runs
-    # the next chunk dispatched just before the one in flight ends, so that requests arriving
-    # meanwhile join it (serve.pacing); None: at once
-    self.pacer = Pacer() if pace else None
-    self.paced = [0, 0.0]  # chunks whose dispatch waited for the pacer's deadline, seconds waited
     self._admitted: list[tuple] = []  # (packed first tokens, owners) of admission calls not handled yet
     self.eos_id = int(getattr(tokenizer, "eos_id", G.EOS_ID))  # a row that draws it stops
     self._outbox: list[tuple[Handle, tuple]] = []  # events of this iteration, posted together
@@ -222,13 +216,6 @@ class Engine(Rows, Outputs):
     self._thread.start()
 
   def stop(self) -> None:
-    if self.pacer is not None and self._thread is not None:
-      log.info(
-        "pacing: %d chunks dispatched at a deadline, %.2f s waited; chunk estimates %s",
-        self.paced[0],
-        self.paced[1],
-        self.pacer.describe(),
-      )
     if self.programs is not None:
       self.programs.cancel()
     with self._cond:
@@ -339,52 +326,21 @@ class Engine(Rows, Outputs):
       if warm is not None:
         self._warm(warm)
         continue
-      t0 = time.monotonic()
       try:
         self._reap()
         self._compact()
         self._admit_waiting()
         if self.busy_slots and not paused:
-          self._decode(t0)
+          self._decode()
         else:
           self._collect()
       except Exception as e:  # the shared decode step failed: fail every request, keep serving
         log.exception("engine step failed")
         self._in_flight_chunk, self._admitted = None, []
-        if self.pacer is not None:
-          self.pacer.reset()
         self._fail_all(f"engine error: {type(e).__name__}")
         self.state = self._empty_state()
       finally:
         self._flush()
-      self._pace()
-
-  def _pace(self) -> None:
-    """Waits, while a chunk is in flight and a row is free for a request to join the next one,
-    until the pacer's deadline for dispatching it (or the engine stops)."""
-    if self.pacer is None or self._in_flight_chunk is None:
-      return
-    t0 = time.monotonic()
-    with self._cond:
-      while not self._stop and self.busy_slots < self.slots:
-        deadline = self.pacer.deadline()
-        left = 0.0 if deadline is None else deadline - time.monotonic()
-        if left <= 0:
-          break
-        self._cond.wait(left)  # a request's arrival wakes it: it still joins at the deadline
-    waited = time.monotonic() - t0
-    if waited > 1e-4:
-      self.paced[0] += 1
-      self.paced[1] += waited
-
-  def _await(self, packed, last: bool = False) -> None:
-    """Waits until the device computed `packed` (a chunk's or an admission's outputs) and tells the
-    pacer when, and whether the host waited for it. `last`: no chunk follows it."""
-    waited = not packed.is_ready()
-    if waited:
-      jax.block_until_ready(packed)
-    if self.pacer is not None:
-      (self.pacer.collected if last else self.pacer.ended)(time.monotonic(), waited)
 
   def _warm(self, key: tuple) -> None:
     """Runs program `key` once while no row is busy (Programs.warm); a failure is logged and the
@@ -411,7 +367,7 @@ class Engine(Rows, Outputs):
       elif now > handle.deadline:
         self._finish(handle, choice, "timeout")
 
-  def _decode(self, t0: float) -> None:
+  def _decode(self) -> None:
     """Dispatches a chunk for the busy slots, then handles the previous chunk's outputs while the
     device runs this one. The outputs belong to the slots' owners at dispatch: a slot freed and
     refilled since then ignores them (its new request's tokens start with the next chunk)."""
@@ -445,9 +401,6 @@ class Engine(Rows, Outputs):
     rows = key[1]
     want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
     self.state, packed = self._dispatch(key, alive[:rows], want_top)
-    if self.pacer is not None:
-      now = time.monotonic()
-      self.pacer.dispatched(key, now, now - t0)
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
@@ -455,7 +408,6 @@ class Engine(Rows, Outputs):
     self.steps += self.chunk
     previous, self._in_flight_chunk = self._in_flight_chunk, (packed, self._slot[:rows])
     if previous is not None:
-      self._await(previous[0])
       self._handle_outputs(*previous)
     self._handle_admitted()  # first tokens: after the chunk that continues them is on its way
 
@@ -463,5 +415,4 @@ class Engine(Rows, Outputs):
     """Handles the chunk still in flight, if any (nothing else to dispatch)."""
     previous, self._in_flight_chunk = self._in_flight_chunk, None
     if previous is not None:
-      self._await(previous[0], last=True)
       self._handle_outputs(*previous)

@@ -73,7 +73,6 @@ def make_engine(settings: ServerSettings, params, cfg, tokenizer, metrics=None) 
     metrics=metrics,
     export_dir=s.export_dir,
     serve_while_building=s.build_in_background,
-    pace=s.pace_decode,
   )
 
 

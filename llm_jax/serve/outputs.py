@@ -40,7 +40,6 @@ class Outputs:
     outputs, a chunk of one step; they come before any chunk's tokens for those rows)."""
     admitted, self._admitted = self._admitted, []
     for packed, owners in admitted:
-      self._await(packed)
       self._handle_outputs(packed, owners, steps=1)
 
   def _handle_outputs(self, packed, owners, steps: int | None = None) -> None:

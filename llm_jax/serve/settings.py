@@ -26,7 +26,6 @@ class ServerSettings:
   slots: int = 8
   max_concurrent: int = 32
   decode_chunk: int = 16
-  pace_decode: bool = True  # the next chunk dispatched just before the one in flight ends (serve.pacing)
   max_prompt_tokens: int = 0  # 0: max_seq_len - 1
   max_total_tokens: int = 0  # prompt + new tokens; 0: max_seq_len
   max_body_bytes: int = 1 << 20
