@@ -29,7 +29,7 @@ WARM_ENVS=${WARM_ENVS:-}       # more warm starts, one per word, each under its 
                                # setting(s), e.g. "XLA_PYTHON_CLIENT_PREALLOCATE=false" (commas: several)
 MORE_LOADS=${MORE_LOADS:-}     # more servers under the same load tests, one per word: its extra flags and
                                # VAR=VALUE environment settings (commas: several; "-": none), e.g.
-                               # "--nopace_decode - --nopace_decode" (settings that change the compiled
+                               # "--decode_chunk=8 - --decode_chunk=8" (settings that change the compiled
                                # programs, e.g. XLA_FLAGS, start cold: the cache is keyed by them)
 HOST_TIME=${HOST_TIME:-1}      # 0: skip bench/serve_host.py
 W=${WORK:-/tmp/gpu_serve}
