@@ -1,5 +1,6 @@
 """`python -m llm_jax.serve` as users start it (a subprocess), and the load test against it."""
 
+import asyncio
 import json
 import os
 import re
@@ -175,6 +176,20 @@ def test_loadtest_refuses_other_hosts():
   assert loadtest.check_loopback("http://localhost:8000/") == "http://localhost:8000"
   assert loadtest.check_loopback("http://[::1]:8000") == "http://[::1]:8000"
   assert loadtest.percentiles([3.0, 1.0, 2.0, 4.0]) == {"p50": 2.0, "p90": 4.0, "p99": 4.0}
+
+
+def test_loadtest_processes_count_every_failure():
+  """Several client processes against a port nobody listens on: every request is counted once, as
+  the error it met, and the auto count never exceeds the clients."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]  # closed again: nothing listens there
+  out = asyncio.run(
+    loadtest.run_load(f"http://127.0.0.1:{port}", concurrency=3, requests=7, processes=2, timeout_s=5)
+  )
+  assert out["client_processes"] == 2 and out["ok"] == 0
+  assert out["errors"] == {"ConnectError": 7}
+  assert loadtest.auto_processes(1) == 1 and 1 <= loadtest.auto_processes(32) <= 4
 
 
 def _run(*args):

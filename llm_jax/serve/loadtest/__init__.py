@@ -17,6 +17,7 @@ import ipaddress
 import json
 import multiprocessing
 import os
+import queue
 import time
 import urllib.parse
 
@@ -171,8 +172,19 @@ def _in_processes(url: str, requests: int, workers: int, processes: int, templat
   ]
   for proc in procs:
     proc.start()
+  shares: list[dict] = []
   try:
-    shares = [out.get(timeout=timeout_s * max(1, requests) / max(1, workers) + 120) for _ in procs]
+    while len(shares) < len(procs):  # each request is bounded by timeout_s; a process may die
+      try:
+        shares.append(out.get(timeout=1.0))
+        if "error" in shares[-1]:
+          start.abort()  # the others stop waiting for it at the barrier
+      except queue.Empty:
+        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+          raise RuntimeError(
+            f"a load generator process exited (code {dead[0]}) without its results"
+          ) from None
   finally:
     for proc in procs:
       proc.join(timeout=10)
