@@ -232,8 +232,9 @@ for v in dict.fromkeys(r["variant"] for r in rows):
     print(f"|   scaling vs batch {bs[0]} | " + " | ".join(
         f"{got[b] / got[bs[0]]:.1f}x" if b in got else "-" for b in bs) + " |")
 servers = [("", "")] + sorted(
-  (f"_{f[6:-4]}", open(os.path.join(w, f)).read().strip() or "-")
-  for f in os.listdir(w) if f.startswith("flags_") and f.endswith(".txt"))
+  ((f"_{f[6:-4]}", open(os.path.join(w, f)).read().strip() or "-")
+   for f in os.listdir(w) if f.startswith("flags_") and f.endswith(".txt")),
+  key=lambda t: int(t[0][1:]))
 for (tag, flags), c in ((s, c) for s in servers for c in (1, 32)):
   s = load(f"load{c}{tag}.json")
   name = f"server{tag} ({flags})" if tag else "server"
