@@ -243,6 +243,7 @@ async def run_load(
     if r["status"] != 200:
       errors[str(r["status"])] = errors.get(str(r["status"]), 0) + 1
   tokens = sum(r["tokens"] for r in ok)
+  slowest = sorted((r for r in ok if "ttft" in r), key=lambda r: -r["ttft"])[:5]
   return {
     "url": url,
     "requests": requests,
@@ -262,13 +263,12 @@ async def run_load(
     "ttft_s": percentiles([r["ttft"] for r in ok if "ttft" in r]),
     "tpot_s": percentiles([r["tpot"] for r in ok if "tpot" in r]),
     # [request number in sending order, seconds]: are the slow first tokens the first requests?
-    "slowest_ttft": sorted(([r["index"], r["ttft"]] for r in ok if "ttft" in r), key=lambda x: -x[1])[:3],
+    "slowest_ttft": [[r["index"], r["ttft"]] for r in slowest[:3]],
     # the time to the first chunk of the choice, text or not: a TTFT far above it is a first token
     # without text of its own (its text came with a later one), not a request that waited
     "first_chunk_s": percentiles([r["first_chunk"] for r in ok if "first_chunk" in r]),
     "slowest": [
-      {k: r.get(k) for k in ("index", "ttft", "first_chunk", "latency", "tokens")}
-      for r in sorted((r for r in ok if "ttft" in r), key=lambda r: -r["ttft"])[:5]
+      {k: r.get(k) for k in ("index", "ttft", "first_chunk", "latency", "tokens")} for r in slowest
     ],
   }
 
@@ -281,28 +281,21 @@ def format_summary(s: dict) -> str:
     return f"{name:<8}{cells}"
 
   errors = ", ".join(f"{k}: {v}" for k, v in sorted(s["errors"].items())) or "none"
-  if "slowest" in s:
-    slow = ", ".join(
-      f"request {r['index']} {r['ttft'] * 1000:.1f} ms (its first chunk {r['first_chunk'] * 1000:.1f} ms)"
-      for r in s["slowest"][:3]
-    )
-  else:  # a summary written before "slowest"
-    slow = ", ".join(f"request {i} {t * 1000:.1f} ms" for i, t in s.get("slowest_ttft", []))
+  slow = ", ".join(
+    f"request {r['index']} {r['ttft'] * 1000:.1f} ms (its first chunk {r['first_chunk'] * 1000:.1f} ms)"
+    for r in s["slowest"][:3]
+  )
   return "\n".join(
     [
       f"{s['url']}: {s['requests']} requests, concurrency {s['concurrency']}, "
-      f"max_tokens {s['max_tokens']}, {s['wall_s']:.2f} s"
-      + (
-        f" ({s['client_processes']} client processes, {s['client_cpu_s']:.2f} CPU s)"
-        if "client_cpu_s" in s
-        else ""
-      ),
+      f"max_tokens {s['max_tokens']}, {s['wall_s']:.2f} s ({s['client_processes']} client processes, "
+      f"{s['client_cpu_s']:.2f} CPU s)",
       f"ok {s['ok']}  errors by status: {errors}",
       f"throughput: {s['requests_per_s']:.2f} requests/s, {s['output_tokens_per_s']:.1f} output "
       f"tokens/s ({s['output_tokens']} tokens)",
       row("latency", s["latency_s"]),
       row("TTFT", s["ttft_s"]),
-      *([row("chunk 1", s["first_chunk_s"])] if "first_chunk_s" in s else []),
+      row("chunk 1", s["first_chunk_s"]),
       row("TPOT", s["tpot_s"]),
       "slowest TTFT: " + (slow or "n/a"),
     ]
