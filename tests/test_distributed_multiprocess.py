@@ -86,6 +86,8 @@ def _env(devices: int | None = None) -> dict[str, str]:
     TF_CPP_MIN_LOG_LEVEL="0",
     PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
   )
+  if "LLM_JAX_CACHE" in os.environ:  # the test run's compilation cache (conftest.py), not ~/.cache
+    env["LLM_JAX_CACHE"] = os.environ["LLM_JAX_CACHE"]
   if devices:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
