@@ -227,17 +227,69 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
     raw[-1] ^= 0xFF
     (p / "weights.safetensors").write_bytes(bytes(raw))
 
-  with pytest.raises(package.PackageError, match="does not match weights_sha256"):
+  with pytest.raises(package.PackageError, match="does not match model.json's weights_block_sha256"):
     package.read_package(variant("damaged", damage))
 
   def truncate(p):  # damaged where the tensors cannot even be read: still reported as damaged
     raw = (p / "weights.safetensors").read_bytes()
     (p / "weights.safetensors").write_bytes(raw[: len(raw) // 2])
 
-  with pytest.raises(package.PackageError, match="does not match weights_sha256"):
+  with pytest.raises(package.PackageError, match="does not match model.json's weights_bytes"):
     package.read_package(variant("truncated", truncate))
   with pytest.raises(package.PackageError, match="does not fit model.json's architecture"):
     package.read_package(variant("shape", set_json("architecture", {**arch_wo(arch), "d_model": 64})))
+
+
+def test_weights_are_checked_block_by_block(workdir, tmp_path, monkeypatch):
+  """Packages hash their weights in blocks that readers check on several threads (a warm server
+  start-up waited ~2.4 s for one thread's sha256 of 500 MB); a changed byte anywhere, a file of
+  another length, a malformed block list, and (for a package written before the blocks) the whole
+  file's hash are all caught before any tensor is returned."""
+  d, params, cfg, tok = workdir
+  monkeypatch.setattr(package, "WEIGHT_BLOCK_BYTES", 4096)
+  src = tmp_path / "good"
+  package.write_package(str(src), params, cfg, str(d / "tokenizer.model"), step=7)
+  meta = json.loads((src / "model.json").read_text())
+  blocks = meta["weights_block_sha256"]
+  assert blocks["block_bytes"] == 4096 and len(blocks["sha256"]) == -(-meta["weights_bytes"] // 4096) > 3
+  want = package.read_package(str(src))[0]
+
+  def variant(name, raw_edit=None, meta_edit=None):
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    if raw_edit:
+      raw = bytearray((dst / "weights.safetensors").read_bytes())
+      (dst / "weights.safetensors").write_bytes(bytes(raw_edit(raw)))
+    if meta_edit:
+      m = json.loads((dst / "model.json").read_text())
+      meta_edit(m)
+      (dst / "model.json").write_text(json.dumps(m))
+    return str(dst)
+
+  def flip(at):
+    def edit(raw):
+      raw[at] ^= 0x01
+      return raw
+
+    return edit
+
+  at = 2 * 4096 + 17  # a byte inside a tensor of the third block
+  with pytest.raises(package.PackageError, match="weights_block_sha256 \\(the block at byte 8192\\)"):
+    package.read_package(variant("third", flip(at)))
+  with pytest.raises(package.PackageError, match="weights_bytes"):
+    package.read_package(variant("longer", lambda raw: raw + b"\0"))
+  with pytest.raises(package.PackageError, match="weights_block_sha256 .*positive integer"):
+    package.read_package(variant("bad", meta_edit=lambda m: m["weights_block_sha256"].pop("block_bytes")))
+
+  def older(m):  # as written before the blocks: the whole file's hash
+    del m["weights_block_sha256"]
+
+  with pytest.raises(package.PackageError, match="does not match model.json's weights_sha256"):
+    package.read_package(variant("older_damaged", flip(at), older))
+  got = package.read_package(variant("older", meta_edit=older))[0]
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert package.read_package(variant("unchecked", flip(at)), verify=False) is not None
 
 
 def arch_wo(arch):

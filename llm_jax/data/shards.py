@@ -5,6 +5,7 @@ uint32."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -28,6 +29,22 @@ def file_sha256(path: str) -> str:
     for block in iter(lambda: f.read(1 << 22), b""):
       h.update(block)
   return h.hexdigest()
+
+
+def block_sha256s(path: str, block_bytes: int, threads: int = 0) -> list[str]:
+  """sha256 hex of each `block_bytes` block of a file (the last one shorter), hashed on `threads`
+  threads at once (0: up to 8, one per core): hashlib releases the GIL, so a file checks in about
+  1/threads of file_sha256's time (docs/serving.md: 500 MB at ~300 MB/s on an H200 host's core)."""
+  size = os.path.getsize(path)
+  starts = range(0, max(size, 1), block_bytes)
+
+  def one(start: int) -> str:
+    with open(path, "rb") as f:
+      return hashlib.sha256(os.pread(f.fileno(), block_bytes, start)).hexdigest()
+
+  threads = threads or min(8, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="llm-sha256") as pool:
+    return list(pool.map(one, starts))
 
 
 def _save(path: str, save_fn) -> None:
