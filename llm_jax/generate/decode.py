@@ -44,12 +44,14 @@ def _float_params(params, cfg: ModelConfig):
   return quantize.dequantize(params, jnp.dtype(cfg.dtype))
 
 
-def empty_state(cfg: ModelConfig, batch: int) -> DecodeState:
-  """A DecodeState of `batch` idle rows, made without compiling the model (for serving slots)."""
+def empty_state(cfg: ModelConfig, batch: int, params=None) -> DecodeState:
+  """A DecodeState of `batch` idle rows, made without compiling the model (for serving slots).
+  `params`: the model's parameters or their shapes (jax.ShapeDtypeStruct leaves), laid out for `cfg`;
+  None: traced from `cfg` (one more trace of the model's init)."""
   ints = np.zeros((batch,), np.int32)
   shapes = jax.eval_shape(
     functools.partial(_start, cfg=cfg),
-    _abstract_params(cfg),
+    _abstract_params(cfg) if params is None else params,
     np.zeros((batch, MIN_PREFILL), np.int32),
     np.ones((batch,), np.int32),
     ints.astype(np.uint32),

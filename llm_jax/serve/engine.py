@@ -173,7 +173,7 @@ class Engine(Rows, Outputs):
     return sum(k not in p.quick and p.warmed.get(k) is c for k, c in tuple(p.compiled.items()))
 
   def _empty_state(self) -> G.DecodeState:
-    return G.empty_state(self.cfg, self.rows)
+    return G.empty_state(self.cfg, self.rows, self.params)  # the params' shapes: no init traced
 
   def warmup(self) -> float:
     """Builds (traces or loads, and compiles) every program the engine runs; returns the seconds.

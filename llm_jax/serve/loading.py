@@ -81,9 +81,11 @@ def start_engine(settings: ServerSettings, metrics=None):
   while the programs build, then starts the decode thread and logs the ready line."""
   s = settings
   t0 = time.monotonic()
-  shapes = served_shapes(s)
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-weights") as pool:
+    # the weights' file is read and hashed (no device needed) while served_shapes starts the device's
+    # client (jax.default_backend(): ~0.6 s of an H200 host's warm start, docs/serving.md)
     weights = pool.submit(load_and_lay_out, s)
+    shapes = served_shapes(s)
     if shapes is not None:
       engine = make_engine(s, *shapes, metrics=metrics)
       t_compile = engine.warmup()
