@@ -38,9 +38,14 @@ def block_sha256s(path: str, block_bytes: int, threads: int = 0) -> list[str]:
   size = os.path.getsize(path)
   starts = range(0, max(size, 1), block_bytes)
 
-  def one(start: int) -> str:
+  def one(start: int) -> str:  # read in 4 MiB pieces: a few MiB in memory per thread, not a block
+    h, end = hashlib.sha256(), min(start + block_bytes, size)
     with open(path, "rb") as f:
-      return hashlib.sha256(os.pread(f.fileno(), block_bytes, start)).hexdigest()
+      f.seek(start)
+      while start < end and (piece := f.read(min(end - start, 1 << 22))):
+        h.update(piece)
+        start += len(piece)
+    return h.hexdigest()
 
   threads = threads or min(8, os.cpu_count() or 1)
   with concurrent.futures.ThreadPoolExecutor(max(1, threads), thread_name_prefix="llm-sha256") as pool:
