@@ -12,7 +12,7 @@ from run_cmd import run_command
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import export as export_lib
-from llm_jax.artifacts import open_model, package
+from llm_jax.artifacts import open_model, package, weights_file
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.eval import precision as precision_report
 from llm_jax.model import Decoder, ModelConfig, quantize
@@ -246,7 +246,7 @@ def test_weights_are_checked_block_by_block(workdir, tmp_path, monkeypatch):
   another length, a malformed block list, and (for a package written before the blocks) the whole
   file's hash are all caught before any tensor is returned."""
   d, params, cfg, tok = workdir
-  monkeypatch.setattr(package, "WEIGHT_BLOCK_BYTES", 4096)
+  monkeypatch.setattr(weights_file, "WEIGHT_BLOCK_BYTES", 4096)
   src = tmp_path / "good"
   package.write_package(str(src), params, cfg, str(d / "tokenizer.model"), step=7)
   meta = json.loads((src / "model.json").read_text())

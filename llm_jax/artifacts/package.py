@@ -19,7 +19,6 @@ meaning. The table of format versions and the llm_jax versions that read them is
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -33,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tomllib
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llm_jax.artifacts.errors import ArtifactError
+from llm_jax.artifacts import weights_file
+from llm_jax.artifacts.errors import PackageError
 from llm_jax.data import hf_tokenizer
-from llm_jax.data.shards import block_sha256s, file_sha256
+from llm_jax.data.shards import file_sha256
 from llm_jax.data.tokenizer import Tokenizer
 from llm_jax.model import ModelConfig
 from llm_jax.model import quantize as quantize_lib
@@ -48,14 +47,6 @@ FORMAT_VERSION = 1  # written when the tokenizer is llm_jax's own SentencePiece 
 HF_TOKENIZER_FORMAT_VERSION = 2  # written for any other tokenizer (tokenizer.json, foreign special ids)
 READS_FORMAT_VERSIONS = (1, 2)
 MODEL_JSON, WEIGHTS, TOKENIZER, README = ("model.json", "weights.safetensors", "tokenizer.model", "README.md")
-# model.json's weights_block_sha256 hashes the weights file in blocks of this size, which readers
-# check on several threads at once; weights_sha256 (the whole file) stays for provenance and tools
-# such as sha256sum, and is what packages written before the blocks are checked against.
-WEIGHT_BLOCK_BYTES = 64 << 20
-
-
-class PackageError(ArtifactError):
-  """A package is missing, damaged, or from a format this version cannot read; names the file."""
 
 
 def project_version() -> str:
@@ -138,8 +129,8 @@ def write_package(
     save_file(
       tensors, os.path.join(tmp, WEIGHTS), metadata={"format": "llm_jax", "format_version": str(version)}
     )
-    weights_sha = file_sha256(os.path.join(tmp, WEIGHTS))
-    blocks = block_sha256s(os.path.join(tmp, WEIGHTS), WEIGHT_BLOCK_BYTES)
+    hashes = weights_file.hashes(os.path.join(tmp, WEIGHTS))
+    weights_sha = hashes["weights_sha256"]
     if own:
       shutil.copyfile(tok_path, os.path.join(tmp, TOKENIZER))
     else:
@@ -177,8 +168,7 @@ def write_package(
         "manifest_sha256": manifest_sha256 or "unknown",
         "source": source,
       },
-      "weights_sha256": weights_sha,
-      "weights_block_sha256": {"block_bytes": WEIGHT_BLOCK_BYTES, "sha256": blocks},
+      **hashes,
       "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
       "tensors": table,
     }
@@ -323,55 +313,6 @@ def model_config_from(meta_arch: dict, where: str = MODEL_JSON) -> ModelConfig:
     raise PackageError(f"{where}: architecture is incomplete: {e}") from e
 
 
-def _read_tensors(wpath: str, meta: dict) -> dict:
-  """{name: numpy array} of a package's weights file, each checked against model.json's list."""
-  flat = {}
-  with safe_open(wpath, framework="np") as f:
-    have = set(f.keys())
-    want = set(meta["tensors"])
-    if have != want:
-      raise PackageError(
-        f"{wpath}: tensors differ from model.json; missing {sorted(want - have)[:5]}, "
-        f"unexpected {sorted(have - want)[:5]}"
-      )
-    for key in sorted(have):
-      arr = f.get_tensor(key)
-      spec = meta["tensors"][key]
-      if list(arr.shape) != spec["shape"] or str(arr.dtype) != spec["dtype"]:
-        raise PackageError(
-          f"{wpath}: tensor {key!r} is {arr.dtype}{list(arr.shape)}, model.json says "
-          f"{spec['dtype']}{spec['shape']}"
-        )
-      flat[key] = arr
-  return flat
-
-
-def _weights_damage(wpath: str, meta: dict) -> str | None:
-  """Where the weights file differs from model.json's hashes (None: it matches, or there are none):
-  by blocks, hashed on several threads, where the package has them; else the whole file."""
-  blocks = meta.get("weights_block_sha256")
-  if blocks:
-    if not (
-      isinstance(blocks, dict)
-      and isinstance(blocks.get("block_bytes"), int)
-      and blocks["block_bytes"] > 0
-      and isinstance(blocks.get("sha256"), list)
-    ):
-      return "weights_block_sha256 (not {block_bytes: a positive integer, sha256: a list})"
-    size, want = os.path.getsize(wpath), meta.get("weights_bytes")
-    if want is not None and size != want:
-      return f"weights_bytes ({size} bytes, not {want})"
-    step = blocks["block_bytes"]
-    for i, (have, expect) in enumerate(zip(block_sha256s(wpath, step), blocks["sha256"], strict=False)):
-      if have != expect:
-        return f"weights_block_sha256 (the block at byte {i * step})"
-    n = len(blocks["sha256"])
-    return None if len(range(0, max(size, 1), step)) == n else f"weights_block_sha256 ({n} blocks)"
-  if meta.get("weights_sha256") and file_sha256(wpath) != meta["weights_sha256"]:
-    return "weights_sha256"
-  return None
-
-
 def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, verify: bool = True):
   """(params, ModelConfig as trained, Tokenizer, model.json) of a package; the one package reader.
 
@@ -383,18 +324,7 @@ def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, 
   wpath = os.path.join(path, WEIGHTS)
   if not os.path.exists(wpath):
     raise PackageError(f"{wpath} is missing")
-  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="llm-verify") as pool:
-    # the file's hashes while its tensors are read (hashlib releases the GIL): checked before any
-    # tensor leaves this function
-    damage = pool.submit(_weights_damage, wpath, meta) if verify else None
-    try:
-      flat = _read_tensors(wpath, meta)
-    finally:  # a damaged file is reported as damaged, whatever reading it raised
-      where = damage.result() if damage is not None else None
-      if where is not None:
-        raise PackageError(
-          f"{wpath} does not match model.json's {where}: the file is damaged or was replaced"
-        )
+  flat = weights_file.read_checked(wpath, meta, verify)
   dt = jnp.dtype(dtype)
   leaves = {}
   for key, arr in flat.items():
