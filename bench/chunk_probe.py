@@ -15,6 +15,9 @@ a CPU), a state prefilled with prompts of 61-64 tokens (positions ~64). Variants
   chunk_t0.8_top5_off      the same with top_n=5, want_top False (the log-softmax, the lax.cond)
   chunk_t0.8_top5_on       the same with top_n=5, want_top True (top_k in the taken branch)
   chunk_t0.8_span128       chunk_t0.8 with span=128
+  chunk_as_server_top0     chunk_as_server with top_n=0 (no log-softmax, no conditional)
+  chunk_as_server_top5_static  chunk_as_server computing the top 5 every step, want_top a Python
+                           bool (no conditional)
   chunk_as_server          (added) chunk_t0.8_top5_off with span=128 and the server's vocab_limit
                            (--vocab_limit: bench/gpu_serve.sh's tokenizer has 2,000 pieces against
                            50,304 embedding rows, so every step masks the padded rows): decode_rows'
@@ -96,6 +99,7 @@ class Variant:
   want_top: bool = False
   span: int = 0
   server_limit: bool = False  # vocab_limit = --vocab_limit (else None: every embedding row is real)
+  static_top: bool = False  # want_top a Python bool of the program (no conditional in the step)
 
 
 VARIANTS = [
@@ -107,6 +111,16 @@ VARIANTS = [
   Variant("chunk_t0.8_top5_on", "chunk", top_n=5, want_top=True),
   Variant("chunk_t0.8_span128", "chunk", span=128),
   Variant("chunk_as_server", "chunk", top_n=5, span=128, server_limit=True),
+  Variant("chunk_as_server_top0", "chunk", top_n=0, span=128, server_limit=True),
+  Variant(
+    "chunk_as_server_top5_static",
+    "chunk",
+    top_n=5,
+    want_top=True,
+    span=128,
+    server_limit=True,
+    static_top=True,
+  ),
   Variant("rows", "rows", top_n=5, span=128, server_limit=True),
   Variant("rows_span0", "rows", top_n=5, span=0, server_limit=True),
 ]
@@ -170,7 +184,8 @@ def loop_counts(hlo: str, steps: int) -> dict:
 
 
 def run_variant(v: Variant, b: int, params, cfg: ModelConfig, args) -> dict:
-  """(ms per call, the compiled HLO text) of one variant at b rows."""
+  """(a function timing one round of calls: ms per call, median; the compiled HLO text) of one
+  variant at b rows."""
   limit = args.vocab_limit if v.server_limit and 0 < args.vocab_limit < cfg.vocab_size else None
   common = dict(cfg=cfg, eos_id=-1, top_n=v.top_n, vocab_limit=limit, span=v.span)
   alive, want = np.ones((b,), bool), np.bool_(v.want_top)
@@ -182,6 +197,9 @@ def run_variant(v: Variant, b: int, params, cfg: ModelConfig, args) -> dict:
     state = prefilled(params, cfg, b, v.temperature, args.prompt_len)
     jitted, dyn = G.decode_chunk, (params, state, alive, want)
     static = dict(common, steps=args.steps, greedy=v.greedy, filtered=False, unroll=args.unroll)
+    if v.static_top:
+      top, kw, static = bool(v.want_top), static, {}
+      jitted = jax.jit(lambda p, s, a, w: G.decode_chunk.__wrapped__(p, s, a, top, **kw), donate_argnums=1)
   else:
     state = prefilled(params, cfg, args.state_rows, v.temperature, args.prompt_len)
     jitted, dyn = _DECODE_ROWS, (params, state, alive, want)
@@ -207,13 +225,15 @@ def run_variant(v: Variant, b: int, params, cfg: ModelConfig, args) -> dict:
 
   for _ in range(args.warmup):
     once()
-  trace = contextlib.nullcontext()
-  if args.trace:  # a profile of the timed calls: bench/analyze_trace.py DIR/<variant>_b<B>
-    trace = jax.profiler.trace(os.path.join(args.trace, f"{v.name}_b{b}"), create_perfetto_trace=True)
-  with trace:
-    ms = 1e3 * statistics.median(once() for _ in range(args.iters))
-  del state
-  return dict(ms=ms, hlo=hlo)
+
+  def timed(round_: int) -> float:
+    trace = contextlib.nullcontext()
+    if args.trace and round_ == 0:  # a profile of the timed calls: bench/analyze_trace.py DIR/<variant>_b<B>
+      trace = jax.profiler.trace(os.path.join(args.trace, f"{v.name}_b{b}"), create_perfetto_trace=True)
+    with trace:
+      return 1e3 * statistics.median(once() for _ in range(args.iters))
+
+  return dict(timed=timed, hlo=hlo)
 
 
 def _n(x: float) -> str:
@@ -239,6 +259,7 @@ def main():
   p.add_argument("--dump", default="", help="write each variant's optimized HLO to DIR/<variant>_b<B>.txt")
   p.add_argument("--unroll", type=int, default=1, help="decode_chunk's fori_loop unroll (chunk, rows)")
   p.add_argument("--trace", default="", help="profile each variant's timed calls into DIR/<variant>_b<B>")
+  p.add_argument("--rounds", type=int, default=1, help="timing rounds over the variants (round-robin)")
   p.add_argument("--small", action="store_true", help="CPU smoke test: tiny shapes, 2 timed calls")
   args = p.parse_args()
   if args.small:
@@ -258,6 +279,7 @@ def main():
     os.makedirs(args.dump, exist_ok=True)
   table = []
   for b in [int(x) for x in args.rows.split(",")]:
+    built = []  # (name, the variant's run_variant result, its loop counts)
     for v in VARIANTS:
       if wanted and v.name not in wanted:
         continue
@@ -268,11 +290,17 @@ def main():
       name = v.name.replace("rows", f"rows_{b}_of_{args.state_rows}", 1) if v.kind == "rows" else v.name
       try:
         r = run_variant(v, b, params, cfg, args)
-        c = loop_counts(r["hlo"], args.steps)
+        built.append((name, r, loop_counts(r["hlo"], args.steps)))
       except Exception as e:  # noqa: BLE001 - report and go on to the next variant
         print(f"{name} B={b}: {type(e).__name__}: {str(e).strip()[:300]}", flush=True)
         table.append(f"| {name} | {b} | error | | | | | | | | |")
-        continue
+    # round-robin: each round times every variant once, so a drift of the machine's speed shows in
+    # every variant's spread instead of in the difference between two of them
+    times = {name: [] for name, _, _ in built}
+    for round_ in range(args.rounds):
+      for name, r, _ in built:
+        times[name].append(r["timed"](round_))
+    for name, r, c in built:
       if args.dump:
         with open(os.path.join(args.dump, f"{name}_b{b}.txt"), "w") as f:
           f.write(r["hlo"])
@@ -280,20 +308,24 @@ def main():
       copies = body["copy"] + body["copy-start"]
       others = sum(body.values()) - body["fusion"] - body["custom-call"] - copies
       branches = "; ".join("/".join(map(str, br)) for br in c["branches"]) or "-"
+      ms = statistics.median(times[name])
+      spread = "/".join(f"{1e3 * t / args.steps:.0f}" for t in times[name])
       print(
-        f"{name} B={b}: {r['ms']:.3f} ms/call; body (trip {c['trip']}): {format_ops(body)}; "
-        f"cond branches {branches}; outside the loop: {format_ops(c['outside'])}",
+        f"{name} B={b}: {ms:.3f} ms/call (us/step by round: {spread}); body (trip {c['trip']}): "
+        f"{format_ops(body)}; cond branches {branches}; outside the loop: {format_ops(c['outside'])}",
         flush=True,
       )
       table.append(
-        f"| {name} | {b} | {r['ms']:.3f} | {1e3 * r['ms'] / args.steps:.1f} | "
+        f"| {name} | {b} | {ms:.3f} | {1e3 * ms / args.steps:.1f} ({spread}) | "
         f"{_n(k * sum(body.values()))} | {_n(k * body['fusion'])} | {_n(k * body['custom-call'])} | "
         f"{_n(k * copies)} | {_n(k * others)} | {branches} | {sum(c['outside'].values())} |"
       )
+    del built
   print()
   print(
-    "| variant | rows | ms/call | us/step | launching ops per step (body) | fusions | custom-calls | "
-    "copies | other ops | cond branch ops (0/1: want_top off/on) | ops outside the loop per call |"
+    "| variant | rows | ms/call | us/step (each round) | launching ops per step (body) | fusions | "
+    "custom-calls | copies | other ops | "
+    "cond branch ops (0/1: want_top off/on) | ops outside the loop per call |"
   )
   print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
   print("\n".join(table))

@@ -63,31 +63,32 @@ def engine(params, tok):
   eng.stop()
 
 
-def _run(engine, requests, paused=True):
-  """Submits (prompt, max_new_tokens) requests (all before decoding starts when `paused`); returns
-  each one's tokens and finish reason."""
+def _run(engine, requests, paused=True, logprobs=False):
+  """Submits (prompt, max_new_tokens[, SamplingParams[, top log-probs wanted]]) requests (all before
+  decoding starts when `paused`); returns each one's tokens and finish reason (and with `logprobs`
+  its tokens' log-probs and top log-probs)."""
 
   async def go():
     loop = asyncio.get_running_loop()
     queues = []
-    for prompt, n, *sampling in requests:
+    for prompt, n, *more in requests:
       q = asyncio.Queue()
-      sp = sampling[0] if sampling else G.SamplingParams(temperature=0.0, max_new_tokens=n)
-      engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
+      sp = more[0] if more else G.SamplingParams(temperature=0.0, max_new_tokens=n)
+      engine.submit([Choice(0, list(prompt), sp, top_n=more[1] if len(more) > 1 else 0)], loop, q, 30.0)
       queues.append(q)
     engine.resume()
     out = []
     for q in queues:
-      tokens, reason = [], None
+      tokens, reason, lps, top = [], None, [], []
       while True:
         ev = await asyncio.wait_for(q.get(), timeout=30)
         if ev[0] == "delta":
-          tokens += ev[3]
+          tokens, lps, top = tokens + ev[3], lps + ev[4], top + ev[5]
         elif ev[0] == "done":
           reason = ev[2]
         elif ev[0] == "end":
           break
-      out.append((tokens, reason))
+      out.append((tokens, reason, lps, top) if logprobs else (tokens, reason))
     return out
 
   if paused:
@@ -128,15 +129,16 @@ def _recompute(params, prompt, n):
 
 
 def test_program_set(engine):
-  """Spans for the all-rows and the fewest-rows buckets only, filtering over the whole cache only,
-  two prompt counts per width (1 and the budget's most)."""
+  """Spans for the all-rows and the fewest-rows buckets only; filtering or top log-probs over the
+  whole cache only, both at all rows only; two prompt counts per width (1 and the budget's most)."""
   assert engine.row_buckets() == [2, 8]
   assert engine.admit_counts(32) == [1, 8]
   assert engine.admit_counts(512) == [1, 2]
   assert engine.admit_counts(1024) == [1]
-  keys = [("decode", 2, 8, False), ("decode", 2, 16, False), ("decode", 2, 0, False)]
-  keys += [("decode", 8, 8, False), ("decode", 8, 16, False), ("decode", 8, 0, False)]
-  keys += [("decode", 2, 0, True), ("decode", 8, 0, True)]
+  keys = [("decode", 2, s, False, False) for s in (8, 16, 0)]
+  keys += [("decode", 8, s, False, False) for s in (8, 16, 0)]
+  keys += [("decode", 2, 0, True, False), ("decode", 2, 0, False, True)]
+  keys += [("decode", 8, 0, True, False), ("decode", 8, 0, False, True), ("decode", 8, 0, True, True)]
   keys += [("admit", 32, 1), ("admit", 32, 8), ("move",)]
   assert engine.program_keys() == keys
   assert sorted(engine.programs.compiled, key=str) == sorted(keys, key=str)
@@ -165,11 +167,11 @@ def test_busy_rows_compacted_and_prompts_admitted_together(engine, params):
   assert used["move",] >= 1
   decode_keys = {k for k in used if k[0] == "decode"}
   assert {k[1] for k in decode_keys} == {2, 8}
-  assert ("decode", 2, 16, False) in decode_keys  # the 2-row chunks read the span their rows reach
-  assert not any(k[3] for k in decode_keys)  # greedy: no program that sorts
+  assert ("decode", 2, 16, False, False) in decode_keys  # the 2-row chunks read the span their rows reach
+  assert not any(k[3] or k[4] for k in decode_keys)  # greedy, no log-probs wanted: no sort, no top-k
   # the all-rows program reads the span its rows reach: positions up to 6 + 1 + 2 (prompt, the first
   # token drawn at admission, a chunk of two) are within 16 of the 32 cached positions
-  assert ("decode", 8, 16, False) in decode_keys
+  assert ("decode", 8, 16, False, False) in decode_keys
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
   assert engine.busy_slots == 0 and engine.in_flight == 0
@@ -224,8 +226,32 @@ def test_top_p_rows_decode_in_a_filtering_program(engine):
   before = engine.programs.calls.copy()
   [(beside, _), (filtered, _)] = _run(engine, [(PROMPTS[1], 12, plain), (PROMPTS[2], 12, nucleus)])
   used = engine.programs.calls - before
-  assert ("decode", 2, 0, True) in used
+  assert ("decode", 2, 0, True, False) in used
   assert beside == alone and len(alone) > 0 and len(filtered) > 0
+
+
+def test_top_logprob_rows_decode_in_a_top_program(engine):
+  """A chunk computes top log-probs (a program with them) only while a live row asks for them; a row
+  that does not draws the same tokens with the same log-probs in either kind of program, and the
+  asking row's top log-probs are in order, its greedy token's log-prob the first of them."""
+  plain = G.SamplingParams(temperature=0.9, max_new_tokens=12, seed=5)
+  greedy = G.SamplingParams(temperature=0.0, max_new_tokens=12)
+  before = engine.programs.calls.copy()
+  [(alone, _, alone_lps, _)] = _run(engine, [(PROMPTS[1], 12, plain)], logprobs=True)
+  used = engine.programs.calls - before
+  assert {k[4] for k in used if k[0] == "decode"} == {False}
+  before = engine.programs.calls.copy()
+  [(beside, _, beside_lps, _), (tokens, _, lps, top)] = _run(
+    engine, [(PROMPTS[1], 12, plain), (PROMPTS[2], 12, greedy, 3)], logprobs=True
+  )
+  used = engine.programs.calls - before
+  assert ("decode", 2, 0, False, True) in used
+  assert beside == alone and len(alone) > 1
+  np.testing.assert_allclose(beside_lps, alone_lps, rtol=0, atol=1e-5)
+  assert len(tokens) > 1 and len(top) == len(tokens) == len(lps)
+  for t, lp, best in zip(tokens, lps, top, strict=True):
+    assert len(best) == 3 and best[0][0] == t and abs(best[0][1] - lp) < 1e-5
+    assert best[0][1] >= best[1][1] >= best[2][1]
 
 
 def test_rows_move_only_when_the_bucket_shrinks(engine, params):
@@ -239,7 +265,7 @@ def test_rows_move_only_when_the_bucket_shrinks(engine, params):
   out = _run(engine, requests)
   used = engine.programs.calls - before
   assert used["move",] == 1
-  assert ("decode", 2, 0, False) in used
+  assert ("decode", 2, 0, False, False) in used
   for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
     assert tokens == _recompute(params, prompt, n)
 
@@ -352,21 +378,22 @@ def test_programs_built_from_the_described_shapes(tiny_pkg, tok):
 def test_covering_program_choice():
   """While programs build, a call runs in the cheapest built program that covers it: more rows, a
   longer span (0, the whole cache, covers any), a wider prompt; the exact program once built."""
-  built = types.SimpleNamespace(
-    cfg=CFG, compiled=dict.fromkeys([("decode", 8, 0, True), ("admit", 32, 1), ("move",)])
-  )
-  assert Programs.decode_key(built, 2, 0, False) == ("decode", 8, 0, True)
-  assert Programs.decode_key(built, 8, 16, True) == ("decode", 8, 0, True)
+  full = ("decode", 8, 0, True, True)
+  built = types.SimpleNamespace(cfg=CFG, compiled=dict.fromkeys([full, ("admit", 32, 1), ("move",)]))
+  assert Programs.decode_key(built, 2, 0, False) == full
+  assert Programs.decode_key(built, 8, 16, True) == full
+  assert Programs.decode_key(built, 2, 16, False, True) == full
   assert Programs.admit_key(built, 16, 4) == ("admit", 32, 1)  # the caller admits one per call
-  built.compiled.update(
-    dict.fromkeys([("decode", 8, 16, False), ("decode", 2, 0, False), ("admit", 16, 4), ("admit", 32, 8)])
-  )
-  assert Programs.decode_key(built, 8, 8, False) == ("decode", 8, 16, False)
-  assert Programs.decode_key(built, 8, 8, True) == ("decode", 8, 0, True)  # only a filtering one
-  assert Programs.decode_key(built, 8, 0, False) == ("decode", 8, 0, True)
-  assert Programs.decode_key(built, 2, 0, False) == ("decode", 2, 0, False)
-  built.compiled[("decode", 8, 0, False)] = None
-  assert Programs.decode_key(built, 8, 0, False) == ("decode", 8, 0, False)  # the cheaper of two
+  more = [("decode", 8, 16, False, False), ("decode", 2, 0, False, False), ("decode", 2, 0, False, True)]
+  built.compiled.update(dict.fromkeys([*more, ("admit", 16, 4), ("admit", 32, 8)]))
+  assert Programs.decode_key(built, 8, 8, False) == ("decode", 8, 16, False, False)
+  assert Programs.decode_key(built, 8, 8, True) == full  # only a filtering one
+  assert Programs.decode_key(built, 8, 0, False) == full
+  assert Programs.decode_key(built, 2, 0, False) == ("decode", 2, 0, False, False)
+  assert Programs.decode_key(built, 2, 8, False, True) == ("decode", 2, 0, False, True)  # top: no span
+  assert Programs.decode_key(built, 2, 8, True, False) == full
+  built.compiled[("decode", 8, 0, False, False)] = None
+  assert Programs.decode_key(built, 8, 0, False) == ("decode", 8, 0, False, False)  # the cheaper of two
   assert Programs.admit_key(built, 16, 4) == ("admit", 16, 4)
   assert Programs.admit_key(built, 16, 2) == ("admit", 16, 4)
   assert Programs.admit_key(built, 16, 8) == ("admit", 32, 8)
@@ -384,27 +411,27 @@ def test_serves_while_the_programs_build(params, tok, monkeypatch):
   monkeypatch.setattr(Programs, "build_in_background", lambda self, keys, threads=4: held.append(keys))
   eng = Engine(params, CFG, tok, slots=8, chunk=2, serve_while_building=True)
   eng.warmup()
-  core = [("decode", 8, 0, True), ("admit", 32, 1), ("move",)]
+  core = [("decode", 8, 0, True, True), ("admit", 32, 1), ("move",)]
   assert eng.core_keys() == core and set(eng.programs.compiled) == set(core)
   assert eng.programs.quick == set(core)  # built without GEMM autotuning, to be built again tuned
-  assert eng.programs_built() == (0, 11) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
+  assert eng.programs_built() == (0, 14) and sorted(held[0], key=str) == sorted(eng.program_keys(), key=str)
   requests = [(PROMPTS[0], 2), (PROMPTS[1], 14), (PROMPTS[2], 4), (PROMPTS[3], 12)]
   eng.start()
   try:
     out = _run(eng, requests)
     assert dict(eng.programs.calls)[("admit", 32, 1)] == 4
-    assert {k for k in eng.programs.calls if k[0] == "decode"} == {("decode", 8, 0, True)}
+    assert {k for k in eng.programs.calls if k[0] == "decode"} == {core[0]}
     for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
       assert tokens == _recompute(params, prompt, n)
     monkeypatch.undo()
     eng.programs.build_in_background(held[0], threads=2)
     eng.programs.background.join(timeout=300)
-    assert eng.programs_built() == (11, 11) and not eng.programs.quick
+    assert eng.programs_built() == (14, 14) and not eng.programs.quick
     before = eng.programs.calls.copy()
     out = _run(eng, requests)
     used = eng.programs.calls - before
-    assert used["admit", 32, 8] == 1 and ("decode", 2, 0, False) in used
-    assert ("decode", 8, 16, False) in used
+    assert used["admit", 32, 8] == 1 and ("decode", 2, 0, False, False) in used
+    assert ("decode", 8, 16, False, False) in used
     for (prompt, n), (tokens, _) in zip(requests, out, strict=True):
       assert tokens == _recompute(params, prompt, n)
   finally:

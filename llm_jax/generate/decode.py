@@ -251,7 +251,8 @@ def decode_chunk(
 ):
   """`steps` decode steps (fori_loop); rows with alive_B False stop first. Outputs are [B, steps].
 
-  With top_n > 0, the top_n log-probs per step are computed only while `want_top` (traced) is true.
+  With top_n > 0, the top_n log-probs per step are computed only while `want_top` is true (traced: a
+  conditional in every step; a Python bool: none, `generate.draw`).
   `greedy=True` only when every live row is greedy without a repetition penalty (`all_greedy`).
   `span` (0 = whole cache): every live row's positions in these steps are below it (`decode_span`).
   `filtered=False` only when no live row samples with top-k/top-p (`any_filtered`): no sort.

@@ -10,9 +10,9 @@ from llm_jax.serve.prefill import unpack_chunk
 from llm_jax.serve.sequences import Choice
 
 
-def chunk_lists(packed, chunk: int, top_logprobs: int, want_top: bool) -> dict[str, list]:
+def chunk_lists(packed, chunk: int, want_top: bool) -> dict[str, list]:
   """The chunk's outputs as Python lists [slot][step] (top-k lists only when a sequence asked)."""
-  outs = unpack_chunk(np.asarray(jax.device_get(packed)), chunk, top_logprobs)
+  outs = unpack_chunk(np.asarray(jax.device_get(packed)), chunk)
   lists = {k: outs[k].tolist() for k in ("token", "logprob", "emitted", "eos", "active")}
   if want_top:
     lists.update(top_ids=outs["top_ids"].tolist(), top_logprobs=outs["top_logprobs"].tolist())

@@ -352,8 +352,8 @@ class Engine(Rows, Outputs):
       self.programs.warmed[key] = self.programs.compiled.get(key)  # not again
       self.state = self._empty_state()
 
-  def _dispatch(self, key: tuple, alive_R, want_top):
-    return self.programs.decode(key, self.state, alive_R, want_top)
+  def _dispatch(self, key: tuple, alive_R):
+    return self.programs.decode(key, self.state, alive_R)
 
   def _reap(self) -> None:
     """Frees the slots of cancelled and timed-out requests."""
@@ -397,10 +397,12 @@ class Engine(Rows, Outputs):
     if rows in self._spanned and not filtered:
       last = max(self._last_pos[i] for i in range(self.slots) if alive[i]) + self.chunk - 1
       span = G.decode_span(min(last, self.cfg.max_seq_len - 1), self.cfg)
-    key = self.programs.decode_key(rows, span, filtered)
+    # top log-probs (a log-softmax and a top-k over the vocabulary every step) only when a live row
+    # asks for them: the other programs have no conditional in their step
+    top = any(s[1].top_n for s, a in zip(self._slot, alive, strict=False) if a)
+    key = self.programs.decode_key(rows, span, filtered, top)
     rows = key[1]
-    want_top = np.bool_(any(s is not None and s[1].top_n for s in self._slot[:rows]))
-    self.state, packed = self._dispatch(key, alive[:rows], want_top)
+    self.state, packed = self._dispatch(key, alive[:rows])
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk

@@ -45,7 +45,7 @@ class Outputs:
   def _handle_outputs(self, packed, owners, steps: int | None = None) -> None:
     steps = steps or self.chunk
     want_top = any(e is not None and e[1].top_n for e in owners)
-    lists = chunk_lists(packed, steps, TOP_LOGPROBS, want_top)
+    lists = chunk_lists(packed, steps, want_top)
     for slot, entry in enumerate(owners):
       if entry is None:
         continue

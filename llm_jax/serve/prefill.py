@@ -172,9 +172,14 @@ def prompt_scores(params, tokens_1L, *, cfg: ModelConfig, top_n: int, vocab_limi
   return chosen, top_lp, top_ids
 
 
-def unpack_chunk(packed_BX: np.ndarray, steps: int, top_n: int) -> dict[str, np.ndarray]:
-  """The host copy of `decode_rows`'s packed array as decode_chunk's outputs plus `active` [R]."""
-  b, s, t = packed_BX.shape[0], steps, steps * top_n
+def unpack_chunk(packed_BX: np.ndarray, steps: int) -> dict[str, np.ndarray]:
+  """The host copy of `decode_rows`'s packed array as decode_chunk's outputs plus `active` [R]
+  (top_n, the top log-probs per step, read from the array's width: 0 for a program without them)."""
+  b, s = packed_BX.shape[0], steps
+  top_n, rest = divmod(packed_BX.shape[1] - 3 * s - 1, 2 * s)
+  if rest or top_n < 0:
+    raise ValueError(f"a packed chunk of {packed_BX.shape[1]} columns is not one of {steps} steps")
+  t = steps * top_n
   return {
     "token": packed_BX[:, :s],
     "logprob": packed_BX[:, s : 2 * s].view(np.float32),

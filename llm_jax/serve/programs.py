@@ -2,9 +2,12 @@
 
 Programs (serve/prefill.py's functions over the engine's parameters and batch state):
 
-    ("decode", R, span, filtered)  a decode chunk over the first R rows, attending to `span` cache
-                         positions; `filtered` when some row samples with top-k/top-p (a sort
-                         over the vocabulary every step; without it no row may set them)
+    ("decode", R, span, filtered, top)  a decode chunk over the first R rows, attending to `span`
+                         cache positions; `filtered` when some row samples with top-k/top-p (a sort
+                         over the vocabulary every step; without it no row may set them); `top`
+                         when some row wants top log-probs (the top TOP_LOGPROBS of every row,
+                         every step; without it only each drawn token's log-prob, no log-softmax
+                         over the vocabulary and no conditional in the step)
     ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows, each
                          one's first token drawn (outputs packed as a chunk of one step)
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
@@ -21,8 +24,8 @@ the `flatbuffers` package that serialization needs) programs are traced every st
 Building runs on a few threads: XLA compiles in parallel (it releases the GIL); tracing does not. A
 server may start answering once a covering few are built (`Engine(serve_while_building=True)`) and
 build the rest in the background: until a program is built, `decode_key` and `admit_key` name the
-cheapest built one that covers the call (more rows, a longer span, filtered sampling, a wider
-prompt), so a call never
+cheapest built one that covers the call (more rows, a longer span, filtered sampling, top log-probs,
+a wider prompt), so a call never
 waits for a compile and never compiles. Those first few may be built `quick` (on a GPU without XLA's
 GEMM autotuning, on a CPU with less LLVM optimization: a faster compile, slower code)
 and are then built again, tuned, in the background, each replacing its quick version once built.
@@ -51,7 +54,7 @@ from llm_jax.serve.prefill import admit_rows, decode_rows, move_row
 log = logging.getLogger(__name__)
 _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
 _CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
-FORMAT = 1  # bump when the exported functions' signatures change
+FORMAT = 2  # bump when the exported functions' signatures change
 # A quick build, by platform: on a GPU no GEMM autotuning (one H200, the engine's programs: a cold build
 # ~4x faster, decoding about half as fast; docs/serving.md), on a CPU LLVM's optimization level 1 (level
 # 0 made XLA's CPU runtime abort now and then: tests/conftest.py). Elsewhere (TPU) nothing is built
@@ -81,8 +84,8 @@ def _abstract(leaves):
 
 
 class Programs:
-  """Traced (or loaded), compiled programs keyed by ("decode", R, span, filtered), ("admit", W, P),
-  ("move",)."""
+  """Traced (or loaded), compiled programs keyed by ("decode", R, span, filtered, top),
+  ("admit", W, P), ("move",)."""
 
   def __init__(
     self,
@@ -122,12 +125,12 @@ class Programs:
 
   # ---------------------------------------------------------------- choosing a built program
 
-  def decode_key(self, rows: int, span: int, filtered: bool) -> tuple:
+  def decode_key(self, rows: int, span: int, filtered: bool, top: bool = False) -> tuple:
     """The cheapest built decode program over at least `rows` rows whose cache span covers `span`
-    (a span of 0, the whole cache, covers any) and, for a `filtered` chunk, that filters (one that
-    filters draws exactly the same tokens for rows that do not, only slower): ("decode", rows, span,
-    filtered) itself once it is built."""
-    key = ("decode", rows, span, bool(filtered))
+    (a span of 0, the whole cache, covers any), for a `filtered` chunk one that filters (one that
+    filters draws exactly the same tokens for rows that do not, only slower) and for a `top` chunk
+    one with top log-probs: ("decode", rows, span, filtered, top) itself once it is built."""
+    key = ("decode", rows, span, bool(filtered), bool(top))
     if key in self.compiled:  # every chunk once all are built: no search
       return key
     full = self.cfg.max_seq_len
@@ -138,10 +141,11 @@ class Programs:
       and k[1] >= rows
       and (k[2] == 0 or (span and k[2] >= span))
       and k[3] >= bool(filtered)
+      and k[4] >= bool(top)
     ]
     if not fits:
-      raise KeyError(f"no built decode program covers {rows} rows, span {span}, filtered {filtered}")
-    return min(fits, key=lambda k: (k[1] * (k[2] or full), k[3], k[1]))
+      raise KeyError(f"no built decode program covers {key[1:]} (rows, span, filtered, top)")
+    return min(fits, key=lambda k: (k[1] * (k[2] or full), k[3], k[4], k[1]))
 
   def admit_key(self, width: int, count: int) -> tuple:
     """The built admission program to prefill `count` prompts of (padded) `width` tokens with:
@@ -166,12 +170,13 @@ class Programs:
   def state_of(self, leaves):
     return jax.tree.unflatten(self._state_tree, leaves)
 
-  def decode(self, key: tuple, state, alive_R, want_top, counted: bool = True):
+  def decode(self, key: tuple, state, alive_R, counted: bool = True):
     """(state, packed outputs [R, X]) of one chunk of program `key` (`decode_key`) over the first
-    R rows. `counted`: in `calls` (not a warm-up's)."""
+    R rows (with the top log-probs' columns only when key[4]). `counted`: in `calls` (not a
+    warm-up's)."""
     if counted:
       self.calls[key] += 1
-    leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R, want_top)
+    leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R)
     return self.state_of(leaves), packed
 
   def admit(
@@ -208,7 +213,7 @@ class Programs:
     compiled = self.compiled[key]  # this build is warm after the call (a newer one gets its own)
     off = np.bool_(False)
     if key[0] == "decode":
-      state, _ = self.decode(key, state, np.zeros((key[1],), bool), off, counted=False)
+      state, _ = self.decode(key, state, np.zeros((key[1],), bool), counted=False)
     elif key[0] == "admit":
       _, width, count = key
       rows, tokens = np.full((count,), self.rows, np.int32), np.zeros((count, width), np.int32)
@@ -228,17 +233,17 @@ class Programs:
     ptree, stree, cfg = self._param_tree, self._state_tree, self.cfg
     kind = key[0]
     if kind == "decode":
-      _, rows, span, filtered = key
+      _, rows, span, filtered, top = key
 
-      def decode(pl, sl, alive_R, want_top):
+      def decode(pl, sl, alive_R):
         state, packed = decode_rows(
           jax.tree.unflatten(ptree, pl),
           jax.tree.unflatten(stree, sl),
           alive_R,
-          want_top,
+          True,  # static: a `top` program computes the top log-probs in every step, no conditional
           cfg=cfg,
           steps=self.steps,
-          top_n=self.top_n,
+          top_n=self.top_n if top else 0,
           vocab_limit=self.vocab_limit,
           span=span,
           eos_id=self.eos_id,
@@ -246,7 +251,7 @@ class Programs:
         )
         return jax.tree.leaves(state), packed
 
-      args = [jax.ShapeDtypeStruct((rows,), bool), jax.ShapeDtypeStruct((), bool)]
+      args = [jax.ShapeDtypeStruct((rows,), bool)]
       return decode, [self._param_avals, self._state_avals, *args], (1,)
     if kind == "admit":
       _, width, count = key

@@ -59,18 +59,21 @@ class Rows:
 
   def program_keys(self) -> list[tuple]:
     """Every program the engine runs (programs.Programs keys), in the order they are built: decode
-    chunks without top-k/top-p filtering at every row bucket and span, with it over the whole cache
-    (a sort over the vocabulary dominates such a step; each span would be one more program)."""
-    keys = [("decode", r, s, False) for r in self.row_buckets() for s in self.chunk_spans(r)]
-    keys += [("decode", r, 0, True) for r in self.row_buckets()]
+    chunks without top-k/top-p filtering or top log-probs at every row bucket and span; with either
+    over the whole cache at every row bucket (a sort or a top-k over the vocabulary weighs on such
+    a step; each span would be one more program); with both at all rows only (rare: a chunk with
+    rows of each kind)."""
+    keys = [("decode", r, s, False, False) for r in self.row_buckets() for s in self.chunk_spans(r)]
+    keys += [("decode", r, 0, f, not f) for r in self.row_buckets() for f in (True, False)]
+    keys += [("decode", self.rows, 0, True, True)]
     keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
     return [*keys, ("move",)]
 
   def core_keys(self) -> list[tuple]:
-    """The programs that cover every call (all rows over the whole cache with filtering, one prompt
-    of the widest width, the move): what a server built in the background serves with until the
-    rest are built."""
-    return [("decode", self.rows, 0, True), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
+    """The programs that cover every call (all rows over the whole cache with filtering and top
+    log-probs, one prompt of the widest width, the move): what a server built in the background
+    serves with until the rest are built."""
+    return [("decode", self.rows, 0, True, True), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
 
   def _admit_waiting(self) -> None:
     """Admits waiting requests into free rows (the lowest first): at most `prefill_tokens` padded
