@@ -8,7 +8,7 @@ per-token percentiles, and the engine thread's time per iteration split by metho
 the window the GPU was busy, kernels and busy time per decode chunk.
 
     python bench/serve_engine.py --package /tmp/gpu_serve/pkg [--clients 1,32] [--requests 16,320] \
-        [--max_tokens 128] [--temperature 0.8] [--chunk 16] [--profile_dir /tmp/prof]
+        [--max_tokens 128] [--temperature 0.8] [--chunk 16] [--profile_dir /tmp/prof] [--timeline]
 
 Not a test: GPU figures go to docs/serving.md with the command and the run.
 """
@@ -35,11 +35,14 @@ from llm_jax.serve import outputs as outputs_lib
 from llm_jax.serve.engine import Engine
 from llm_jax.serve.sequences import Choice
 
-_TIMED = ("_reap", "_compact", "_admit_waiting", "_dispatch", "_handle_outputs", "_flush")
+_TIMED = ("_reap", "_compact", "_admit_waiting", "_dispatch", "_handle_outputs", "_flush", "_handle_admitted")
+# the first token's path, in order (--timeline): each method's first call after a request's submit
+_FIRST_TOKEN = ("_admit_waiting", "_dispatch", "_handle_admitted", "_flush")
 
 
-def instrument(engine: Engine) -> dict:
-  """Wraps the engine thread's methods with timers: {name: [seconds, calls]}."""
+def instrument(engine: Engine, events: list | None = None) -> dict:
+  """Wraps the engine thread's methods with timers: {name: [seconds, calls]}; with `events`, each
+  call's (name, start, end) is appended to it too."""
   acc = collections.defaultdict(lambda: [0.0, 0])
   for name in _TIMED:
     fn = getattr(engine, name)
@@ -49,11 +52,41 @@ def instrument(engine: Engine) -> dict:
       try:
         return _fn(*a, **k)
       finally:
-        acc[_name][0] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        acc[_name][0] += t1 - t0
         acc[_name][1] += 1
+        if events is not None:
+          events.append((_name, t0, t1))
 
     setattr(engine, name, timed)
   return acc
+
+
+def timeline(results: list, events: list) -> str:
+  """One client's first token, step by step: for each method of _FIRST_TOKEN its first call after
+  the request's submit (and after the step before it), its start and end in ms after the submit
+  (medians over the requests), then the client's first token, and the gap from a request's end to
+  the next one's submit."""
+  spans = collections.defaultdict(list)
+  for r in results:
+    t = r["t_submit"]
+    for name in _FIRST_TOKEN:
+      e = next((e for e in events if e[0] == name and e[1] >= t), None)
+      if e is None:
+        break
+      spans[name].append((1e3 * (e[1] - r["t_submit"]), 1e3 * (e[2] - r["t_submit"])))
+      t = e[2]
+  ends = sorted((r["t_submit"], r["t_end"]) for r in results)
+  gaps = [1e3 * (b[0] - a[1]) for a, b in zip(ends, ends[1:], strict=False)]
+  parts = [
+    f"{n} {statistics.median(s for s, _ in v):.2f}-{statistics.median(e for _, e in v):.2f}"
+    for n, v in spans.items()
+  ]
+  first = statistics.median(1e3 * (r["t_first"] - r["t_submit"]) for r in results if r["t_first"])
+  return (
+    f"ms after submit (median): {', '.join(parts)}; client's first token {first:.2f}; "
+    f"next submit {statistics.median(gaps) if gaps else float('nan'):.2f} ms after an end"
+  )
 
 
 def pct(xs, q):
@@ -86,6 +119,9 @@ async def client(engine, prompt_ids, args, seed, results):
       "latency": end - t0,
       "tokens": n,
       "tpot": (end - first) / max(1, n - 1) if first else float("nan"),
+      "t_submit": t0,
+      "t_first": first,
+      "t_end": end,
     }
   )
 
@@ -164,6 +200,7 @@ def main():
   p.add_argument("--prompt", default="def ")
   p.add_argument("--reference_tokens", type=int, default=256)
   p.add_argument("--profile_dir", default="")
+  p.add_argument("--timeline", action="store_true", help="one client's first token, step by step")
   p.add_argument("--json", default="")
   p.add_argument(
     "--top_n", type=int, default=None, help="top log-probs the programs compute (the server's: 5); 0: none"
@@ -207,7 +244,8 @@ def main():
     "build seconds per program (threads overlap): " + ", ".join(f"{k} {v:.1f}" for k, v in slow), flush=True
   )
   print("program call times (ms, dispatch to ready, idle engine, median of 10): " + call_times(engine))
-  acc = instrument(engine)
+  events = [] if args.timeline else None
+  acc = instrument(engine, events)
   engine.start()
   prompt_ids = list(loaded.prompt_prefix) + loaded.tokenizer.encode(args.prompt)
   out = {"reference": ref, "loads": []}
@@ -219,6 +257,8 @@ def main():
     args.temp = temp
     asyncio.run(load(engine, prompt_ids, args, clients, min(requests, 2 * clients)))  # settle
     acc.clear()
+    if events is not None:
+      events.clear()
     steps0, calls0 = engine.steps, sum(v for k, v in engine.programs.calls.items() if k[0] == "decode")
     res, wall = asyncio.run(load(engine, prompt_ids, args, clients, requests))
     chunks = sum(v for k, v in engine.programs.calls.items() if k[0] == "decode") - calls0
@@ -254,6 +294,9 @@ def main():
         f"{k} {v:.3f} ms" for k, v in sorted(row["engine_ms_per_chunk"].items(), key=lambda kv: -kv[1])
       )
     )
+    if events is not None and clients == 1:
+      row["timeline"] = timeline(res, events)
+      print("  first token: " + row["timeline"], flush=True)
     if args.profile_dir:
       d = os.path.join(args.profile_dir, f"c{clients}_t{temp}")
       calls0 = sum(v for k, v in engine.programs.calls.items() if k[0] == "decode")
