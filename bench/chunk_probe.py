@@ -26,6 +26,8 @@ a CPU), a state prefilled with prompts of 61-64 tokens (positions ~64). Variants
                            state: top_n=5, want_top False, filtered=False, temperature 0.8, span 128,
                            --vocab_limit: the server's program ("decode", B, 128, False). Only B < 32.
   rows_B_of_32_span0       the same over the whole cache (span 0: the state's cache is not sliced)
+  rows_B_of_32_top0        rows_B_of_32 without top log-probs: the server's program since the decode
+                           programs compute them only when a row asks ("decode", B, 128, False, False)
 
 Deviations from the brief, and how the code differs from what one might assume:
   * eos_id=-1 everywhere (as decode_speed): random weights may draw the tokenizer's EOS, which would
@@ -123,6 +125,7 @@ VARIANTS = [
   ),
   Variant("rows", "rows", top_n=5, span=128, server_limit=True),
   Variant("rows_span0", "rows", top_n=5, span=0, server_limit=True),
+  Variant("rows_top0", "rows", top_n=0, span=128, server_limit=True),
 ]
 
 
@@ -209,6 +212,7 @@ def run_variant(v: Variant, b: int, params, cfg: ModelConfig, args) -> dict:
   print(f"{v.name} B={b}: compiled in {time.perf_counter() - t_compile:.1f} s", flush=True)
   hlo = compiled.as_text()
   start = {k: np.asarray(getattr(state, k)) for k in _REWOUND}
+  dispatch = []  # host ms until the call returned (the device still running it)
 
   def once() -> float:
     nonlocal state
@@ -217,6 +221,7 @@ def run_variant(v: Variant, b: int, params, cfg: ModelConfig, args) -> dict:
       jax.block_until_ready(state)
     t0 = time.perf_counter()
     out = compiled(params, state) if v.kind == "loop" else compiled(params, state, alive, want)
+    dispatch.append(1e3 * (time.perf_counter() - t0))
     jax.block_until_ready(out)
     dt = time.perf_counter() - t0
     if v.kind != "loop":
@@ -233,7 +238,25 @@ def run_variant(v: Variant, b: int, params, cfg: ModelConfig, args) -> dict:
     with trace:
       return 1e3 * statistics.median(once() for _ in range(args.iters))
 
-  return dict(timed=timed, hlo=hlo)
+  return dict(timed=timed, hlo=hlo, dispatch=dispatch)
+
+
+def dispatch_floor(params, reps: int = 50) -> str:
+  """Host ms to dispatch a program that reads one element of one leaf, given every parameter leaf
+  (as the engine's programs are) against given that leaf alone: the cost of the arguments."""
+  leaves = jax.tree.leaves(params)
+  many = jax.jit(lambda pl: pl[0].ravel()[0]).lower(leaves).compile()
+  one = jax.jit(lambda x: x.ravel()[0]).lower(leaves[0]).compile()
+  out = []
+  for name, call, arg in (("all leaves", many, leaves), ("one leaf", one, leaves[0])):
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      r = call(arg)
+      times.append(1e3 * (time.perf_counter() - t0))
+      jax.block_until_ready(r)
+    out.append(f"{name} {statistics.median(times[5:]):.3f} ms")
+  return f"dispatch of a trivial program over {len(leaves)} parameter leaves: " + ", ".join(out)
 
 
 def _n(x: float) -> str:
@@ -274,6 +297,7 @@ def main():
     f"iters {args.iters}, server vocab_limit {args.vocab_limit}",
     flush=True,
   )
+  print(dispatch_floor(params), flush=True)
   wanted = set(filter(None, args.variants.split(",")))
   if args.dump:
     os.makedirs(args.dump, exist_ok=True)
@@ -309,10 +333,12 @@ def main():
       others = sum(body.values()) - body["fusion"] - body["custom-call"] - copies
       branches = "; ".join("/".join(map(str, br)) for br in c["branches"]) or "-"
       ms = statistics.median(times[name])
+      disp = statistics.median(r["dispatch"][args.warmup :] or r["dispatch"])
       spread = "/".join(f"{1e3 * t / args.steps:.0f}" for t in times[name])
       print(
-        f"{name} B={b}: {ms:.3f} ms/call (us/step by round: {spread}); body (trip {c['trip']}): "
-        f"{format_ops(body)}; cond branches {branches}; outside the loop: {format_ops(c['outside'])}",
+        f"{name} B={b}: {ms:.3f} ms/call, dispatch {disp:.3f} ms (us/step by round: {spread}); "
+        f"body (trip {c['trip']}): {format_ops(body)}; cond branches {branches}; "
+        f"outside the loop: {format_ops(c['outside'])}",
         flush=True,
       )
       table.append(

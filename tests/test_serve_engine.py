@@ -213,6 +213,17 @@ def test_the_cpu_decode_step_keeps_the_cache_in_place(params):
   assert not [s for s in shapes if s in cache_shapes], copies
 
 
+def test_no_program_waits_for_the_device_to_choose(engine):
+  """No engine program has a conditional: XLA runs one by copying its predicate to the host and
+  waiting for it, so the call returns only when the work before it is done (on an H200 an admission
+  call took 2 ms of host time, the prefill's, before the decode chunk behind it could be dispatched:
+  2 of the 5 ms to a lone request's first token). Admission draws with filters and top log-probs for
+  every prompt; which decode program filters or computes top log-probs the host chooses. Seen failing
+  before the change (the admission programs had two conditionals, the decode chunks one a step)."""
+  for key, compiled in engine.programs.compiled.items():
+    assert not re.search(r"\bconditional\(", compiled.as_text()), key
+
+
 def test_top_p_rows_decode_in_a_filtering_program(engine):
   """A chunk sorts the vocabulary (a program that filters) only while a live row sets top-k/top-p,
   and a row without filters draws the same tokens in either kind of program (same seed, alone or

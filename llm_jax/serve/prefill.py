@@ -33,7 +33,6 @@ def admit_rows(
   top_k_P,
   top_p_P,
   penalty_P,
-  want_top,
   *,
   cfg: ModelConfig,
   top_n: int,
@@ -45,11 +44,17 @@ def admit_rows(
   `pending_B`) and writes prompt p into row rows_P[p] of the batch state (its cache row replaced);
   a row index past the state's rows (padding) is dropped. Returns the state and the first tokens'
   outputs packed as `decode_rows` packs a chunk of one step: a request's first token needs no
-  decode chunk, and the call runs no extra forward pass (nor compiles one)."""
+  decode chunk, and the call runs no extra forward pass (nor compiles one).
+
+  The draw filters (top-k/top-p: a row without them keeps every token, so it draws what the plain
+  draw would) and computes the top log-probs for every prompt, whatever the rows ask: a conditional
+  would make the host wait for the prefill to choose a branch (on a GPU the call then returns only
+  when the prefill is done, and the decode chunk behind it is dispatched that much later), while a
+  sort and a top-k of P rows cost once per request what a conditional costs."""
   new = G._start(
     params, tokens_PW, lengths_P, seeds_P, max_new_P, temperature_P, top_k_P, top_p_P, penalty_P, cfg
   )
-  new, token_P, out = G.draw(new, cfg, eos_id, top_n, vocab_limit, want_top)
+  new, token_P, out = G.draw(new, cfg, eos_id, top_n, vocab_limit, want_top=True, filtered=True)
   new = new.replace(pending_B=new.active_B, next_B=token_P)
   reach = tokens_PW.shape[1]  # the cache positions the prompts wrote
 

@@ -179,15 +179,13 @@ class Programs:
     leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R)
     return self.state_of(leaves), packed
 
-  def admit(
-    self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, want_top, counted=True
-  ):
+  def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, counted=True):
     """(the state with `count` prompts (padded to `width`) prefilled into rows `rows_P`, their first
     tokens' outputs packed [count, X] as a chunk of one step)."""
     if counted:
       self.calls["admit", width, count] += 1
     leaves, packed = self.compiled[("admit", width, count)](
-      self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, want_top, *arrays.values()
+      self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, *arrays.values()
     )
     return self.state_of(leaves), packed
 
@@ -211,7 +209,6 @@ class Programs:
     row (free rows' cache past their length is never read), an admission whose prompts all write
     nowhere (padding rows), a row moved onto itself. Not counted in `calls`."""
     compiled = self.compiled[key]  # this build is warm after the call (a newer one gets its own)
-    off = np.bool_(False)
     if key[0] == "decode":
       state, _ = self.decode(key, state, np.zeros((key[1],), bool), counted=False)
     elif key[0] == "admit":
@@ -219,7 +216,7 @@ class Programs:
       rows, tokens = np.full((count,), self.rows, np.int32), np.zeros((count, width), np.int32)
       arrays = G.sampling_arrays([G.SamplingParams()] * count)
       lengths = np.ones((count,), np.int32)
-      state, _ = self.admit(width, count, state, rows, tokens, lengths, arrays, off, counted=False)
+      state, _ = self.admit(width, count, state, rows, tokens, lengths, arrays, counted=False)
     else:
       state = self.move(state, np.int32(0), np.int32(0), counted=False)
     self.warmed[key] = compiled
@@ -256,7 +253,7 @@ class Programs:
     if kind == "admit":
       _, width, count = key
 
-      def admit(pl, sl, rows_P, tokens_PW, lengths_P, want_top, *sampling):
+      def admit(pl, sl, rows_P, tokens_PW, lengths_P, *sampling):
         state, packed = admit_rows(
           jax.tree.unflatten(ptree, pl),
           jax.tree.unflatten(stree, sl),
@@ -264,7 +261,6 @@ class Programs:
           tokens_PW,
           lengths_P,
           *sampling,
-          want_top,
           cfg=cfg,
           top_n=self.top_n,
           vocab_limit=self.vocab_limit,
@@ -276,8 +272,7 @@ class Programs:
         return jax.ShapeDtypeStruct((count,), dt)
 
       sampling = [vec(jax.numpy.uint32), vec(i32), vec(f32), vec(i32), vec(f32), vec(f32)]
-      flag = jax.ShapeDtypeStruct((), bool)
-      args = [vec(i32), jax.ShapeDtypeStruct((count, width), i32), vec(i32), flag, *sampling]
+      args = [vec(i32), jax.ShapeDtypeStruct((count, width), i32), vec(i32), *sampling]
       return admit, [self._param_avals, self._state_avals, *args], (1,)
     if kind == "move":
 

@@ -122,11 +122,8 @@ class Rows:
       lengths[i], rows[i] = len(choice.prompt_ids), row
       for k, v in one.items():
         arrays[k][i] = v[0]
-    want_top = np.bool_(any(choice.top_n for _, choice, *_ in part))
     try:
-      self.state, packed = self.programs.admit(
-        width, count, self.state, rows, tokens, lengths, arrays, want_top
-      )
+      self.state, packed = self.programs.admit(width, count, self.state, rows, tokens, lengths, arrays)
     except Exception:  # these requests' prefill: they alone fail
       log.exception("requests %s: admission failed", [h.id for h, *_ in part])
       for handle, choice, *_ in part:
