@@ -105,7 +105,9 @@ def decode_rows(
   With R below the state's rows, rows [0, R) and cache positions [0, span) are taken out, decoded
   and written back in place (the model then attends to the whole taken part); with R = all rows the
   state is decoded as it is (the model reads the first `span` positions of each layer's cache).
-  `filtered=False` when no live row samples with top-k/top-p (no sort: generate.sample)."""
+  `filtered=False` when no live row samples with top-k/top-p (no sort: generate.sample);
+  `want_top` as in generate.draw (the engine's programs pass a Python True with top_n > 0, or top_n
+  0: no conditional in the step either way)."""
   r, b = alive_R.shape[0], state.positions_B.shape[0]
   if r == b:
     sub = state
