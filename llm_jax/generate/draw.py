@@ -49,7 +49,7 @@ def draw(
   row to feed; the step's outputs). A pending row (`pending_B`) keeps its drawn token (`next_B`):
   nothing is drawn, counted or emitted for it. `filtered`: sampling.sample's (static, or None: on
   the device). With top_n > 0 the top_n log-probs are computed while `want_top` is true: a traced
-  flag (a conditional in the step) or a Python True (always, no conditional)."""
+  flag (a conditional in the step) or a Python bool (chosen when traced, no conditional)."""
   if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
     real_V = jnp.arange(cfg.vocab_size) < vocab_limit
     state = state.replace(logits_BV=jnp.where(real_V[None, :], state.logits_BV, -jnp.inf))
@@ -79,15 +79,17 @@ def draw(
   if top_n:
     logp_BV = jax.nn.log_softmax(state.logits_BV, axis=-1)
     lp_B = jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
-    if isinstance(want_top, bool) and want_top:  # static: no conditional in the step
-      top_lp_BT, top_ids_BT = jax.lax.top_k(logp_BV, top_n)
+
+    def top(x):
+      return tuple(jax.lax.top_k(x, top_n))
+
+    def none(x):
+      return jnp.zeros((x.shape[0], top_n), x.dtype), jnp.zeros((x.shape[0], top_n), jnp.int32)
+
+    if isinstance(want_top, bool):  # static: the branch chosen here, no conditional in the step
+      top_lp_BT, top_ids_BT = (top if want_top else none)(logp_BV)
     else:  # traced: a conditional (on an H200 ~15 us a step, whichever branch it takes)
-      top_lp_BT, top_ids_BT = jax.lax.cond(
-        want_top,
-        lambda x: tuple(jax.lax.top_k(x, top_n)),
-        lambda x: (jnp.zeros((x.shape[0], top_n), x.dtype), jnp.zeros((x.shape[0], top_n), jnp.int32)),
-        logp_BV,
-      )
+      top_lp_BT, top_ids_BT = jax.lax.cond(want_top, top, none, logp_BV)
   else:
     lp_B = chosen_logprob(state.logits_BV, tok_B)
     top_lp_BT = jnp.zeros((tok_B.shape[0], 0), jnp.float32)
