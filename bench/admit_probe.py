@@ -1,9 +1,10 @@
 """Where a lone request's first token waits on the host (docs/serving.md, issue 19 round nine): the
 engine's admission program for one 64-token prompt and then the 2-row decode chunk, called as the
 engine calls them (serve.programs.Programs over random weights of configs/gpt_small.py's shapes in
-the engine's layout, a 32-row state), with the admission's host arrays given as numpy (as the engine
-gives them) or already on the device. Medians of 15 calls after 3, ms after the admission call:
-when it returned, when the chunk's dispatch returned, when the admission and the chunk were done.
+the engine's layout, a 32-row state), with the admission's one packed array (prefill.pack_admission;
+until round ten nine arrays) given as numpy (as the engine gives it) or already on the device.
+Medians of 15 calls after 3, ms after the admission call: when it returned, when the chunk's
+dispatch returned, when the admission and the chunk were done.
 
     python bench/admit_probe.py            # on the GPU
     python bench/admit_probe.py --small    # CPU smoke test (tiny shapes)
@@ -26,6 +27,7 @@ from llm_jax.artifacts import inference_config
 from llm_jax.model import ModelConfig, unstack_layers
 from llm_jax.model.params import init_params
 from llm_jax.serve.engine import default_levers
+from llm_jax.serve.prefill import pack_admission
 from llm_jax.serve.programs import Programs
 
 _SMALL = [
@@ -55,18 +57,14 @@ def main():
   arrays = G.sampling_arrays([G.SamplingParams(temperature=0.8, max_new_tokens=128)])
   tokens = np.zeros((1, 64), np.int32)
   tokens[0, :5] = [1, 5, 6, 7, 8]
-  host = [np.zeros((1,), np.int32), tokens, np.full((1,), 5, np.int32), arrays]
+  host = pack_admission(np.zeros((1,), np.int32), tokens, np.full((1,), 5, np.int32), arrays)
   alive = np.array([True, False])
 
   def once(on_device: bool) -> list[float]:
     nonlocal state
-    a = host
-    if on_device:
-      # the sampling dict key by key: a dict through device_put comes back in sorted key order
-      a = [jax.device_put(x) for x in host[:3]] + [{k: jax.device_put(v) for k, v in arrays.items()}]
-      jax.block_until_ready(a)
+    a = jax.block_until_ready(jax.device_put(host)) if on_device else host
     t0 = time.perf_counter()
-    state, first = programs.admit(64, 1, state, *a)
+    state, first = programs.admit(64, 1, state, a)
     t1 = time.perf_counter()
     state, out = programs.decode(chunk, state, alive)
     t2 = time.perf_counter()
@@ -82,7 +80,8 @@ def main():
     runs = [once(on_device) for _ in range(15)]
     med = [statistics.median(r[i] for r in runs) for i in range(4)]
     print(
-      f"arrays {'on the device' if on_device else 'as numpy'}: admission call returned {med[0]:.2f} ms, "
+      f"packed array {'on the device' if on_device else 'as numpy'}: "
+      f"admission call returned {med[0]:.2f} ms, "
       f"chunk dispatched {med[1]:.2f}, admission done {med[2]:.2f}, chunk done {med[3]:.2f}",
       flush=True,
     )

@@ -21,18 +21,44 @@ def _row_axis(x) -> int:
   return x.ndim - 4 if x.ndim >= 4 else 0
 
 
+# The columns before the prompt's tokens in an admission's one int32 array (`pack_admission`) and
+# their types: the row each prompt goes to, its length, then generate.sampling_arrays' values in
+# their order (uint32 and float32 values bit for bit).
+ADMIT_COLUMNS = {
+  "row": jnp.int32,
+  "length": jnp.int32,
+  "seeds_B": jnp.uint32,
+  "max_new_B": jnp.int32,
+  "temperature_B": jnp.float32,
+  "top_k_B": jnp.int32,
+  "top_p_B": jnp.float32,
+  "penalty_B": jnp.float32,
+}
+
+
+def pack_admission(rows_P, tokens_PW, lengths_P, arrays: dict) -> np.ndarray:
+  """An admission's host arrays as the one int32 array [P, len(ADMIT_COLUMNS) + W] `admit_rows`
+  takes: one host-to-device copy per call instead of nine (on an H200 nine small copies were ~0.4 ms
+  of a lone request's first token; docs/serving.md, round nine)."""
+  columns = [np.asarray(rows_P, np.int32), np.asarray(lengths_P, np.int32)]
+  for name, dtype in list(ADMIT_COLUMNS.items())[2:]:
+    columns.append(np.ascontiguousarray(arrays[name], dtype).view(np.int32))
+  return np.concatenate([np.stack(columns, axis=1), np.asarray(tokens_PW, np.int32)], axis=1)
+
+
+def unpack_admission(packed_PX) -> list:
+  """`pack_admission`'s array (traced) as its columns in ADMIT_COLUMNS' order and types, then the
+  tokens [P, W]."""
+  columns = [
+    jax.lax.bitcast_convert_type(packed_PX[:, i], dtype) for i, dtype in enumerate(ADMIT_COLUMNS.values())
+  ]
+  return [*columns, packed_PX[:, len(ADMIT_COLUMNS) :]]
+
+
 def admit_rows(
   params,
   state: G.DecodeState,
-  rows_P,
-  tokens_PW,
-  lengths_P,
-  seeds_P,
-  max_new_P,
-  temperature_P,
-  top_k_P,
-  top_p_P,
-  penalty_P,
+  packed_PX,
   *,
   cfg: ModelConfig,
   top_n: int,
@@ -42,18 +68,18 @@ def admit_rows(
   """Prefills P prompts (one batched call), draws each one's first token from the prefill's logits
   (as the first decode step would, so the same tokens for a seed; the row's next step feeds it:
   `pending_B`) and writes prompt p into row rows_P[p] of the batch state (its cache row replaced);
-  a row index past the state's rows (padding) is dropped. Returns the state and the first tokens'
-  outputs packed as `decode_rows` packs a chunk of one step: a request's first token needs no
-  decode chunk, and the call runs no extra forward pass (nor compiles one).
+  a row index past the state's rows (padding) is dropped. `packed_PX` holds each prompt's row,
+  length and sampling values, then its tokens padded to W (`pack_admission`). Returns the state and
+  the first tokens' outputs packed as `decode_rows` packs a chunk of one step: a request's first
+  token needs no decode chunk, and the call runs no extra forward pass (nor compiles one).
 
   The draw filters (top-k/top-p: a row without them keeps every token, so it draws what the plain
   draw would) and computes the top log-probs for every prompt, whatever the rows ask: a conditional
   would make the host wait for the prefill to choose a branch (on a GPU the call then returns only
   when the prefill is done, and the decode chunk behind it is dispatched that much later), while a
   sort and a top-k of P rows cost once per request what a conditional costs."""
-  new = G._start(
-    params, tokens_PW, lengths_P, seeds_P, max_new_P, temperature_P, top_k_P, top_p_P, penalty_P, cfg
-  )
+  rows_P, lengths_P, *sampling, tokens_PW = unpack_admission(packed_PX)
+  new = G._start(params, tokens_PW, lengths_P, *sampling, cfg)
   new, token_P, out = G.draw(new, cfg, eos_id, top_n, vocab_limit, want_top=True, filtered=True)
   new = new.replace(pending_B=new.active_B, next_B=token_P)
   reach = tokens_PW.shape[1]  # the cache positions the prompts wrote

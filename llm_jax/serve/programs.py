@@ -9,7 +9,8 @@ Programs (serve/prefill.py's functions over the engine's parameters and batch st
                          every step; without it only each drawn token's log-prob, no log-softmax
                          over the vocabulary and no conditional in the step)
     ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows, each
-                         one's first token drawn (outputs packed as a chunk of one step)
+                         one's first token drawn (its arguments one int32 array: pack_admission;
+                         outputs packed as a chunk of one step)
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
 
 Each program is a flat function of leaf lists (parameters, state, then arrays), so that it can be
@@ -49,12 +50,12 @@ import jax
 import numpy as np
 
 from llm_jax import generate as G
-from llm_jax.serve.prefill import admit_rows, decode_rows, move_row
+from llm_jax.serve.prefill import ADMIT_COLUMNS, admit_rows, decode_rows, move_row, pack_admission
 
 log = logging.getLogger(__name__)
 _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
 _CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
-FORMAT = 2  # bump when the exported functions' signatures change
+FORMAT = 3  # bump when the exported functions' signatures change
 # A quick build, by platform: on a GPU no GEMM autotuning (one H200, the engine's programs: a cold build
 # ~4x faster, decoding about half as fast; docs/serving.md), on a CPU LLVM's optimization level 1 (level
 # 0 made XLA's CPU runtime abort now and then: tests/conftest.py). Elsewhere (TPU) nothing is built
@@ -179,13 +180,13 @@ class Programs:
     leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R)
     return self.state_of(leaves), packed
 
-  def admit(self, width: int, count: int, state, rows_P, tokens_PW, lengths_P, arrays: dict, counted=True):
-    """(the state with `count` prompts (padded to `width`) prefilled into rows `rows_P`, their first
-    tokens' outputs packed [count, X] as a chunk of one step)."""
+  def admit(self, width: int, count: int, state, packed_PX, counted=True):
+    """(the state with `count` prompts (padded to `width`) prefilled into the rows `packed_PX` names
+    (prefill.pack_admission), their first tokens' outputs packed [count, X] as a chunk of one step)."""
     if counted:
       self.calls["admit", width, count] += 1
     leaves, packed = self.compiled[("admit", width, count)](
-      self.param_leaves, jax.tree.leaves(state), rows_P, tokens_PW, lengths_P, *arrays.values()
+      self.param_leaves, jax.tree.leaves(state), packed_PX
     )
     return self.state_of(leaves), packed
 
@@ -213,10 +214,13 @@ class Programs:
       state, _ = self.decode(key, state, np.zeros((key[1],), bool), counted=False)
     elif key[0] == "admit":
       _, width, count = key
-      rows, tokens = np.full((count,), self.rows, np.int32), np.zeros((count, width), np.int32)
-      arrays = G.sampling_arrays([G.SamplingParams()] * count)
-      lengths = np.ones((count,), np.int32)
-      state, _ = self.admit(width, count, state, rows, tokens, lengths, arrays, counted=False)
+      packed = pack_admission(
+        np.full((count,), self.rows, np.int32),
+        np.zeros((count, width), np.int32),
+        np.ones((count,), np.int32),
+        G.sampling_arrays([G.SamplingParams()] * count),
+      )
+      state, _ = self.admit(width, count, state, packed, counted=False)
     else:
       state = self.move(state, np.int32(0), np.int32(0), counted=False)
     self.warmed[key] = compiled
@@ -226,7 +230,7 @@ class Programs:
 
   def _spec(self, key: tuple):
     """(flat function, its abstract arguments, donated argument numbers) of program `key`."""
-    i32, f32 = jax.numpy.int32, jax.numpy.float32
+    i32 = jax.numpy.int32
     ptree, stree, cfg = self._param_tree, self._state_tree, self.cfg
     kind = key[0]
     if kind == "decode":
@@ -253,14 +257,11 @@ class Programs:
     if kind == "admit":
       _, width, count = key
 
-      def admit(pl, sl, rows_P, tokens_PW, lengths_P, *sampling):
+      def admit(pl, sl, packed_PX):
         state, packed = admit_rows(
           jax.tree.unflatten(ptree, pl),
           jax.tree.unflatten(stree, sl),
-          rows_P,
-          tokens_PW,
-          lengths_P,
-          *sampling,
+          packed_PX,
           cfg=cfg,
           top_n=self.top_n,
           vocab_limit=self.vocab_limit,
@@ -268,11 +269,7 @@ class Programs:
         )
         return jax.tree.leaves(state), packed
 
-      def vec(dt):
-        return jax.ShapeDtypeStruct((count,), dt)
-
-      sampling = [vec(jax.numpy.uint32), vec(i32), vec(f32), vec(i32), vec(f32), vec(f32)]
-      args = [vec(i32), jax.ShapeDtypeStruct((count, width), i32), vec(i32), *sampling]
+      args = [jax.ShapeDtypeStruct((count, len(ADMIT_COLUMNS) + width), i32)]
       return admit, [self._param_avals, self._state_avals, *args], (1,)
     if kind == "move":
 

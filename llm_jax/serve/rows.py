@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from llm_jax import generate as G
+from llm_jax.serve.prefill import pack_admission
 
 log = logging.getLogger("llm_jax.serve.engine")
 PREFILL_TOKENS = 1024  # prompt tokens (padded) prefilled per iteration, at least one prompt
@@ -123,7 +124,8 @@ class Rows:
       for k, v in one.items():
         arrays[k][i] = v[0]
     try:
-      self.state, packed = self.programs.admit(width, count, self.state, rows, tokens, lengths, arrays)
+      packed_PX = pack_admission(rows, tokens, lengths, arrays)  # one host-to-device copy
+      self.state, packed = self.programs.admit(width, count, self.state, packed_PX)
     except Exception:  # these requests' prefill: they alone fail
       log.exception("requests %s: admission failed", [h.id for h, *_ in part])
       for handle, choice, *_ in part:
