@@ -40,9 +40,8 @@ def pack_admission(rows_P, tokens_PW, lengths_P, arrays: dict) -> np.ndarray:
   """An admission's host arrays as the one int32 array [P, len(ADMIT_COLUMNS) + W] `admit_rows`
   takes: one host-to-device copy per call instead of nine (on an H200 nine small copies were ~0.4 ms
   of a lone request's first token; docs/serving.md, round nine)."""
-  columns = [np.asarray(rows_P, np.int32), np.asarray(lengths_P, np.int32)]
-  for name, dtype in list(ADMIT_COLUMNS.items())[2:]:
-    columns.append(np.ascontiguousarray(arrays[name], dtype).view(np.int32))
+  values = {"row": rows_P, "length": lengths_P, **arrays}
+  columns = [np.ascontiguousarray(values[k], dtype).view(np.int32) for k, dtype in ADMIT_COLUMNS.items()]
   return np.concatenate([np.stack(columns, axis=1), np.asarray(tokens_PW, np.int32)], axis=1)
 
 
