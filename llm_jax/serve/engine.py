@@ -137,7 +137,7 @@ class Engine(Rows, Outputs):
     self._stop = False
     self._thread: threading.Thread | None = None
     self.ready = False
-    self.state = None
+    self.state: list | None = None  # the batch state: the decode state's leaves (Programs.empty_state)
     self.warmup_s: dict[str, float] = {}  # seconds of warmup: the empty state, building programs
     self.steps = 0
     self._ids = itertools.count()
@@ -172,9 +172,6 @@ class Engine(Rows, Outputs):
     p = self.programs
     return sum(k not in p.quick and p.warmed.get(k) is c for k, c in tuple(p.compiled.items()))
 
-  def _empty_state(self) -> G.DecodeState:
-    return G.empty_state(self.cfg, self.rows, self.params)  # the params' shapes: no init traced
-
   def warmup(self) -> float:
     """Builds (traces or loads, and compiles) every program the engine runs; returns the seconds.
     Nothing is compiled on the engine's path after this: each call uses a built program. With
@@ -182,12 +179,10 @@ class Engine(Rows, Outputs):
     (Programs.QUICK_OPTIONS: on a GPU without GEMM autotuning), and the rest on a background thread,
     tuned, then those few again tuned, each used as soon as it is built."""
     t0 = time.monotonic()
-    self.state = self._empty_state()  # the device's first use (its client starts) may be here
-    self.warmup_s = {"state": time.monotonic() - t0}
     self.programs = Programs(
       self.params,
-      self.state,
       self.cfg,
+      rows=self.rows,
       steps=self.chunk,
       top_n=TOP_LOGPROBS,
       vocab_limit=self.vocab_limit,
@@ -195,6 +190,8 @@ class Engine(Rows, Outputs):
       compiler_options=self.compiler_options,
       eos_id=self.eos_id,
     )
+    self.state = self.programs.empty_state()  # the device's first use (its client starts) may be here
+    self.warmup_s = {"state": time.monotonic() - t0}
     keys = self.program_keys()
     self.programs.planned = len(keys)
     if self.serve_while_building:  # the covering few quick, then every program tuned (those again)
@@ -338,7 +335,7 @@ class Engine(Rows, Outputs):
         log.exception("engine step failed")
         self._in_flight_chunk, self._admitted = None, []
         self._fail_all(f"engine error: {type(e).__name__}")
-        self.state = self._empty_state()
+        self.state = self.programs.empty_state()
       finally:
         self._flush()
 
@@ -350,7 +347,7 @@ class Engine(Rows, Outputs):
     except Exception:
       log.exception("the first run of program %s failed", key)
       self.programs.warmed[key] = self.programs.compiled.get(key)  # not again
-      self.state = self._empty_state()
+      self.state = self.programs.empty_state()
 
   def _dispatch(self, key: tuple, alive_R):
     return self.programs.decode(key, self.state, alive_R)

@@ -12,6 +12,12 @@ Programs (serve/prefill.py's functions over the engine's parameters and batch st
                          one's first token drawn (its arguments one int32 array: pack_admission;
                          outputs packed as a chunk of one step)
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
+    ("state",)           the batch state of idle rows (zeros): the programs' state argument, made
+                         by a program too, so that a start whose programs are all loaded traces no
+                         model (the state's shapes come with the loaded program)
+
+The batch state is the flat list of the decode state's leaves (generate.DecodeState), as the programs
+take and return it; `state_tree` unflattens it (traced from the model on first use).
 
 Each program is a flat function of leaf lists (parameters, state, then arrays), so that it can be
 exported: with an `export_dir` (the server puts it next to JAX's compilation cache), a program is
@@ -55,7 +61,7 @@ from llm_jax.serve.prefill import ADMIT_COLUMNS, admit_rows, decode_rows, move_r
 log = logging.getLogger(__name__)
 _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
 _CODE = ("model", "generate", "serve/prefill.py", "serve/programs.py")
-FORMAT = 3  # bump when the exported functions' signatures change
+FORMAT = 4  # bump when the exported functions' signatures change
 # A quick build, by platform: on a GPU no GEMM autotuning (one H200, the engine's programs: a cold build
 # ~4x faster, decoding about half as fast; docs/serving.md), on a CPU LLVM's optimization level 1 (level
 # 0 made XLA's CPU runtime abort now and then: tests/conftest.py). Elsewhere (TPU) nothing is built
@@ -86,14 +92,14 @@ def _abstract(leaves):
 
 class Programs:
   """Traced (or loaded), compiled programs keyed by ("decode", R, span, filtered, top),
-  ("admit", W, P), ("move",)."""
+  ("admit", W, P), ("move",), over a batch state of `rows` rows (`empty_state`)."""
 
   def __init__(
     self,
     params,
-    state,
     cfg,
     *,
+    rows: int,
     steps: int,
     top_n: int,
     vocab_limit: int | None,
@@ -105,10 +111,10 @@ class Programs:
     self.eos_id = int(eos_id)  # the tokenizer's end of sequence: a row that draws it stops
     self.compiler_options = dict(compiler_options or {})  # XLA options for every compile
     self.param_leaves, self._param_tree = jax.tree.flatten(params)
-    self._state_tree = jax.tree.structure(state)
     self._param_avals = _abstract(self.param_leaves)
-    self._state_avals = _abstract(jax.tree.leaves(state))
-    self.rows = state.positions_B.shape[0]
+    self.rows = int(rows)
+    self._state_avals: list | None = None  # the state's leaves' shapes: known once `empty_state` ran
+    self._state_program = None
     if export_dir and not _can_serialize():
       log.warning("the flatbuffers package is missing: programs are traced every start")
       export_dir = None
@@ -163,38 +169,48 @@ class Programs:
       return min(enough, key=lambda k: (k[1] * k[2], k[1]))
     return max(wide, key=lambda k: (k[2], -k[1]))
 
+  # ---------------------------------------------------------------- the batch state
+
+  def empty_state(self) -> list:
+    """The batch state of `rows` idle rows (the decode state's leaves, zeros) on the device, made by
+    the ("state",) program: loaded from `export_dir` it needs no trace of the model (on this repo's
+    2-core CPU, gpt_small shapes: ~0.6-1.0 s of interpreter time at each start otherwise)."""
+    if self._state_program is None:
+      self._state_program, how = self._build(("state",), quick=False)
+      self._count(how)
+    leaves = self._state_program()
+    self._state_avals = _abstract(leaves)
+    return leaves
+
+  @functools.cached_property
+  def state_tree(self):
+    """The decode state's tree structure (generate.DecodeState): traced from the model the first
+    time a program is traced (or a caller asks); a start whose programs are all loaded never needs it."""
+    params = jax.tree.unflatten(self._param_tree, self._param_avals)
+    return jax.tree.structure(jax.eval_shape(lambda: G.empty_state(self.cfg, self.rows, params)))
+
   # ---------------------------------------------------------------- calls
 
-  def state_leaves(self, state) -> list:
-    return jax.tree.leaves(state)
-
-  def state_of(self, leaves):
-    return jax.tree.unflatten(self._state_tree, leaves)
-
-  def decode(self, key: tuple, state, alive_R, counted: bool = True):
+  def decode(self, key: tuple, state: list, alive_R, counted: bool = True):
     """(state, packed outputs [R, X]) of one chunk of program `key` (`decode_key`) over the first
     R rows (with the top log-probs' columns only when key[4]). `counted`: in `calls` (not a
     warm-up's)."""
     if counted:
       self.calls[key] += 1
-    leaves, packed = self.compiled[key](self.param_leaves, jax.tree.leaves(state), alive_R)
-    return self.state_of(leaves), packed
+    return self.compiled[key](self.param_leaves, state, alive_R)
 
   def admit(self, width: int, count: int, state, packed_PX, counted=True):
     """(the state with `count` prompts (padded to `width`) prefilled into the rows `packed_PX` names
     (prefill.pack_admission), their first tokens' outputs packed [count, X] as a chunk of one step)."""
     if counted:
       self.calls["admit", width, count] += 1
-    leaves, packed = self.compiled[("admit", width, count)](
-      self.param_leaves, jax.tree.leaves(state), packed_PX
-    )
-    return self.state_of(leaves), packed
+    return self.compiled[("admit", width, count)](self.param_leaves, state, packed_PX)
 
   def move(self, state, src: int, dst: int, counted: bool = True):
     """The state with row `src` copied onto row `dst`."""
     if counted:
       self.calls["move",] += 1
-    return self.state_of(self.compiled[("move",)](jax.tree.leaves(state), src, dst))
+    return self.compiled[("move",)](state, src, dst)
 
   def unwarmed(self) -> tuple | None:
     """A built program not run yet in its current build (None: every one has run)."""
@@ -229,17 +245,27 @@ class Programs:
   # ---------------------------------------------------------------- building
 
   def _spec(self, key: tuple):
-    """(flat function, its abstract arguments, donated argument numbers) of program `key`."""
+    """(flat function, its abstract arguments, donated argument numbers) of program `key`. The
+    functions unflatten the state only when traced (`state_tree`)."""
     i32 = jax.numpy.int32
-    ptree, stree, cfg = self._param_tree, self._state_tree, self.cfg
+    ptree, cfg = self._param_tree, self.cfg
     kind = key[0]
+    if kind == "state":
+      params = jax.tree.unflatten(ptree, self._param_avals)  # only their shapes are read
+
+      def state():
+        return jax.tree.leaves(G.empty_state(cfg, self.rows, params))
+
+      return state, [], ()
+    if self._state_avals is None:
+      raise RuntimeError("Programs.empty_state() makes the state the programs are built for: call it first")
     if kind == "decode":
       _, rows, span, filtered, top = key
 
       def decode(pl, sl, alive_R):
         state, packed = decode_rows(
           jax.tree.unflatten(ptree, pl),
-          jax.tree.unflatten(stree, sl),
+          jax.tree.unflatten(self.state_tree, sl),
           alive_R,
           True,  # static: a `top` program computes the top log-probs in every step, no conditional
           cfg=cfg,
@@ -260,7 +286,7 @@ class Programs:
       def admit(pl, sl, packed_PX):
         state, packed = admit_rows(
           jax.tree.unflatten(ptree, pl),
-          jax.tree.unflatten(stree, sl),
+          jax.tree.unflatten(self.state_tree, sl),
           packed_PX,
           cfg=cfg,
           top_n=self.top_n,
@@ -274,19 +300,22 @@ class Programs:
     if kind == "move":
 
       def move(sl, src, dst):
-        return jax.tree.leaves(move_row(jax.tree.unflatten(stree, sl), src, dst))
+        return jax.tree.leaves(move_row(jax.tree.unflatten(self.state_tree, sl), src, dst))
 
       scalar = jax.ShapeDtypeStruct((), i32)
       return move, [self._state_avals, scalar, scalar], (0,)
     raise ValueError(f"unknown program {key!r}")
 
-  def _export_path(self, key: tuple, avals) -> pathlib.Path:
+  def _export_path(self, key: tuple) -> pathlib.Path:
+    """The file of program `key`, named by everything that shapes it: the code, jax, the device,
+    the model, the engine's settings, the rows and the parameters' shapes (the state's shapes follow
+    from those, so a start need not know them to find its programs)."""
     h = hashlib.sha256()
     dev = jax.devices()[0]
     for part in (FORMAT, code_digest(), jax.__version__, dev.platform, dev.device_kind, repr(self.cfg)):
       h.update(repr(part).encode())
-    h.update(repr((key, self.steps, self.top_n, self.vocab_limit, self.eos_id)).encode())
-    h.update(repr(jax.tree.map(lambda a: (a.shape, str(a.dtype)), avals)).encode())
+    h.update(repr((key, self.rows, self.steps, self.top_n, self.vocab_limit, self.eos_id)).encode())
+    h.update(repr([(a.shape, str(a.dtype)) for a in self._param_avals]).encode())
     name = "-".join(str(k) for k in key)
     return pathlib.Path(self.export_dir) / f"{name}-{h.hexdigest()[:24]}.jaxexport"
 
@@ -304,7 +333,7 @@ class Programs:
     options = {**self.compiler_options, **self.quick_options} if quick else self.compiler_options
     if self.export_dir is None:
       return self._compile(jax.jit(fn, donate_argnums=donate), avals, options), None
-    path = self._export_path(key, avals)
+    path = self._export_path(key)
     how = "loaded"
     try:
       exp = jax.export.deserialize(bytearray(path.read_bytes()))
@@ -337,9 +366,12 @@ class Programs:
           key = futures[done]
           self.compiled[key] = compiled  # replaces a quick build: the next call takes the new one
           (self.quick.add if quick else self.quick.discard)(key)
-          self.loaded += how == "loaded"
-          self.exported += how == "exported"
+          self._count(how)
     return time.monotonic() - t0
+
+  def _count(self, how: str | None) -> None:
+    self.loaded += how == "loaded"
+    self.exported += how == "exported"
 
   def build_in_background(self, keys: list[tuple], threads: int = 4) -> None:
     """Builds `keys` (tuned; programs built quick among them again) on a background thread
