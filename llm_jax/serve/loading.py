@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from llm_jax.artifacts import OpenedModel, inference_config, open_model
+from llm_jax.artifacts import inference_config, open_model
 from llm_jax.model import unstack_layers
 from llm_jax.model.params import abstract_params, cast_params
 from llm_jax.serve.engine import Engine, default_levers
@@ -24,22 +24,16 @@ from llm_jax.serve.settings import ServerSettings
 log = logging.getLogger("llm_jax.serve.app")
 
 
-def open_served_model(settings: ServerSettings) -> OpenedModel:
-  """The model the server answers with, its layers unstacked for decoding."""
-  loaded = open_model(
-    settings.package, settings.step, dtype=settings.compute_dtype or "auto", keep_int8=settings.int8_in_memory
-  )
-  # one buffer per layer for decoding (replaces the stacked copy rather than doubling it)
-  loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config)
-  return loaded
-
-
 def load_and_lay_out(settings: ServerSettings):
   """(the served model with its weights laid out for the engine, seconds loading, seconds laying out)."""
   t0 = time.monotonic()
-  loaded = open_served_model(settings)
+  loaded = open_model(
+    settings.package, settings.step, dtype=settings.compute_dtype or "auto", keep_int8=settings.int8_in_memory
+  )
   jax.block_until_ready(loaded.params)
   t1 = time.monotonic()
+  # one buffer per layer, laid out for the decode levers: one program (replaces the stacked copy
+  # rather than doubling it)
   levers = default_levers(loaded.params)
   loaded.params, loaded.model_config = unstack_layers(loaded.params, loaded.model_config, levers=levers)
   jax.block_until_ready(loaded.params)
@@ -54,7 +48,8 @@ def served_shapes(settings: ServerSettings):
     return None
   desc = open_model(settings.package, settings.step, weights=False)
   cfg = inference_config(desc.model_config, settings.compute_dtype or "auto")
-  abstract = jax.eval_shape(lambda: cast_params(abstract_params(cfg)[0], cfg.dtype))
+  # the trained config's shapes, as the weights' reader checks them (abstract_params: one trace for both)
+  abstract = jax.eval_shape(lambda: cast_params(abstract_params(desc.model_config)[0], cfg.dtype))
   params, cfg = unstack_layers(abstract, cfg, levers=default_levers(abstract))  # layers and levers at once
   return params, cfg, desc.tokenizer
 
