@@ -17,14 +17,14 @@ import logging
 import os
 import time
 
-import uvicorn
 from absl import flags
 
 from llm_jax import cli
 from llm_jax.artifacts import ArtifactError, open_model
-from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
+from llm_jax.serve import worker
 from llm_jax.serve.filters import FilterConfigError, Filters, load_filters
+from llm_jax.serve.settings import ServerSettings
 
 _PACKAGE = flags.DEFINE_string(
   "package",
@@ -140,14 +140,14 @@ def _read_key(path: str) -> str:
   return key
 
 
-def settings_from_flags() -> app_lib.ServerSettings:
+def settings_from_flags() -> ServerSettings:
   """ServerSettings from the flags; a usage error names the flag or file that is wrong."""
   try:
     open_model(_PACKAGE.value, cli.parse_step(_STEP.value), weights=False)  # fail fast: unreadable
     filters = load_filters(_FILTERS.value) if _FILTERS.value else Filters()
   except (ArtifactError, FilterConfigError) as e:
     raise cli.UsageError(str(e)) from e
-  return app_lib.ServerSettings(
+  return ServerSettings(
     package=_PACKAGE.value,
     step=cli.parse_step(_STEP.value),
     host=_HOST.value,
@@ -200,6 +200,14 @@ def main(argv: list[str]) -> int:
       settings.host,
       "" if settings.api_key else " WITHOUT an API key (use --api_key_file)",
     )
+  # The engine's process is forked before the web stack (fastapi, uvicorn, the routes) is imported: it
+  # loads the model while this process imports them (on an H200 host ~0.45 s of a ~4.5 s warm
+  # start; docs/serving.md, issue 19 round eleven). Hence the two imports below, not at the top.
+  engine = worker.EngineProcess(settings) if settings.engine_process else None
+  import uvicorn
+
+  from llm_jax.serve import app as app_lib
+
   server: list[uvicorn.Server] = []
 
   def on_failure():
@@ -207,7 +215,7 @@ def main(argv: list[str]) -> int:
     if server:
       server[0].should_exit = True
 
-  app = app_lib.create_app(settings, on_failure=on_failure)
+  app = app_lib.create_app(settings, on_failure=on_failure, engine_process=engine)
   app.state.llm.started = t0
   config = uvicorn.Config(
     app,

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class ServerState:
   """What the routes share: settings, metrics, auditor, and the engine once it is ready."""
 
-  def __init__(self, settings: ServerSettings, on_failure=None):
+  def __init__(self, settings: ServerSettings, on_failure=None, remote: EngineProcess | None = None):
     self.settings = settings
     self.on_failure = on_failure
     self.metrics = Metrics(settings.slots)
@@ -51,9 +51,12 @@ class ServerState:
     self.error: str | None = None
     self.started = time.monotonic()
     self.name = settings.model_name
-    # the engine's own process starts at once (forked before the server's threads, where it can be)
-    self.remote = None
-    if settings.engine_process:
+    # the engine's own process starts at once (forked before the server's threads, where it can be),
+    # unless the caller started it already
+    self.remote = remote
+    if remote is not None:
+      remote.metrics, remote.on_exit = self.metrics, self._engine_exited
+    elif settings.engine_process:
       self.remote = EngineProcess(settings, self.metrics, on_exit=self._engine_exited)
 
   def _engine_exited(self, error: str) -> None:
@@ -67,22 +70,12 @@ class ServerState:
     s = self.settings
     try:
       if self.remote is not None:  # the engine's process loads the weights; here only the description
-        loaded = open_model(s.package, s.step, weights=False)
-        self.remote.wait_ready()
+        self._describe(open_model(s.package, s.step, weights=False))
+        self.remote.wait_ready()  # what needs only the description is done meanwhile
         engine = self.remote
       else:
         engine, loaded = loading.start_engine(s, self.metrics)
-      self.loaded = loaded
-      self.token_bytes = loaded.tokenizer.token_bytes()
-      self.templates = templates_of(loaded)
-      self.name = s.model_name or loaded.name
-      self.auditor.identity = {
-        "build_id": loaded.build_id,
-        "tokenizer_sha256": loaded.tokenizer_sha256,
-        "manifest_sha256": loaded.manifest_sha256,
-      }
-      gc.collect()
-      gc.freeze()  # what start-up made stays alive: no full collector passes over it while serving
+        self._describe(loaded)
       log.info("ready: %s; start-up %.1fs", self.name, time.monotonic() - self.started)
       # published last: /health says 200 (and routes serve) only once the ready line is written
       self.engine = engine
@@ -90,6 +83,20 @@ class ServerState:
       self.error = f"{type(e).__name__}: {e}"
       log.error("could not load %s: %s", s.package, self.error)
       raise
+
+  def _describe(self, loaded) -> None:
+    """What the routes read of the served model besides its engine (its description suffices)."""
+    self.loaded = loaded
+    self.token_bytes = loaded.tokenizer.token_bytes()
+    self.templates = templates_of(loaded)
+    self.name = self.settings.model_name or loaded.name
+    self.auditor.identity = {
+      "build_id": loaded.build_id,
+      "tokenizer_sha256": loaded.tokenizer_sha256,
+      "manifest_sha256": loaded.manifest_sha256,
+    }
+    gc.collect()
+    gc.freeze()  # what start-up made stays alive: no full collector passes over it while serving
 
   def limits(self) -> tuple[int, int]:
     """(largest prompt, largest prompt + max_tokens) in tokens."""
@@ -106,10 +113,14 @@ class ServerState:
     self.auditor.close()
 
 
-def create_app(settings: ServerSettings, *, load: bool = True, on_failure=None) -> FastAPI:
+def create_app(
+  settings: ServerSettings, *, load: bool = True, on_failure=None, engine_process: EngineProcess | None = None
+) -> FastAPI:
   """The app; with `load`, a background thread loads and compiles the model at start-up.
-  `on_failure` runs when the model could not be loaded or the engine's process died."""
-  st = ServerState(settings, on_failure=on_failure)
+  `on_failure` runs when the model could not be loaded or the engine's process died.
+  `engine_process`: the engine's process, already started (the command line starts it before it
+  imports this module); else the app starts one when settings.engine_process asks for it."""
+  st = ServerState(settings, on_failure=on_failure, remote=engine_process)
 
   def lifespan_load():
     try:
