@@ -108,6 +108,7 @@ def test_cli_starts_warm_and_answers(server):
     json={"prompt": "the cat", "max_tokens": 5, "temperature": 0},
   )
   assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+  assert text.index("engine process started") < text.index("listening on")
   del saw_503  # usually seen, but a fast machine may compile before the first poll
   assert f"compilation cache: {d / 'xla'}" in text and len(os.listdir(d / "xla")) >= 3
 
@@ -202,6 +203,19 @@ def _run(*args):
   return subprocess.run(
     [sys.executable, "-m", *args], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
   )
+
+
+def test_the_command_line_leaves_the_web_stack_for_after_the_fork():
+  """`python -m llm_jax.serve` forks the engine's process before it imports fastapi, uvicorn and the
+  routes (the child loads the model meanwhile): importing the command line's module imports none of
+  them. Its log shows the fork before the listening line (test_cli_starts_warm_and_answers's server)."""
+  code = (
+    "import sys, llm_jax.serve.__main__\n"
+    "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'llm_jax.serve.app') if m in sys.modules))"
+  )
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path):
