@@ -85,7 +85,8 @@ class ServerState:
       raise
 
   def _describe(self, loaded) -> None:
-    """What the routes read of the served model besides its engine (its description suffices)."""
+    """What the routes read of the served model besides its engine (its description suffices), then
+    this process's collector pass: with the engine in its own process, both happen while it loads."""
     self.loaded = loaded
     self.token_bytes = loaded.tokenizer.token_bytes()
     self.templates = templates_of(loaded)

@@ -2,9 +2,9 @@
 engine (the server's own, or serve.worker's).
 
 The programs need only the weights' shapes: they are built from the shapes the package describes
-while the weights load and are laid out on another thread (start-up is the longer of the two, not
-their sum). Should the loaded weights not have those shapes, the engine is built again from them
-(correct, only slower).
+while the weights load and are laid out on another thread (start-up is about the longer of the two,
+not their sum, though the Python parts of each wait for the other's interpreter lock). Should the
+loaded weights not have those shapes, the engine is built again from them (correct, only slower).
 """
 
 from __future__ import annotations
