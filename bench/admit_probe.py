@@ -64,9 +64,9 @@ def main():
     nonlocal state
     a = jax.block_until_ready(jax.device_put(host)) if on_device else host
     t0 = time.perf_counter()
-    state, first = programs.admit(64, 1, state, a)
+    state, first = programs.run(("admit", 64, 1), state, a)
     t1 = time.perf_counter()
-    state, out = programs.decode(chunk, state, alive)
+    state, out = programs.run(chunk, state, alive)
     t2 = time.perf_counter()
     jax.block_until_ready(first)
     t3 = time.perf_counter()

@@ -139,11 +139,11 @@ async def load(engine, prompt_ids, args, clients: int, requests: int):
   return results, time.perf_counter() - t0
 
 
-def call_times(engine: Engine, reps: int = 10) -> str:
-  """Each built program run alone on the idle engine (Programs.warm's arguments), synchronously:
-  the device time of one call plus its dispatch, without the engine loop or HTTP around it."""
+def call_times(engine: Engine, which=None, reps: int = 10) -> str:
+  """Each built program (`which(key)` true) run alone on the idle engine (Programs.warm's arguments),
+  synchronously: the device time of one call plus its dispatch, without the engine loop or HTTP."""
   out = []
-  for key in sorted(engine.programs.compiled, key=str):
+  for key in sorted(filter(which, engine.programs.compiled), key=str):
     times = []
     for i in range(reps + 1):
       t0 = time.perf_counter()

@@ -352,8 +352,8 @@ def test_first_token_comes_from_the_admission_call(engine, params):
 
 
 def test_admission_values_travel_in_one_array_bit_for_bit():
-  """An admission's rows, lengths, sampling values and tokens go to the device as one int32 array
-  (one copy) and come back out of it unchanged: seeds past 2**31 and float values bit for bit."""
+  """An admission's rows, offsets, lengths, sampling values and tokens go to the device as one int32
+  array (one copy) and come back out of it unchanged: seeds past 2**31 and float values bit for bit."""
   sampling = [
     G.SamplingParams(seed=2**32 - 5, temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=9),
     G.SamplingParams(seed=3, temperature=1e-3, repetition_penalty=1.3),
@@ -361,11 +361,12 @@ def test_admission_values_travel_in_one_array_bit_for_bit():
   arrays = G.sampling_arrays(sampling)
   rows, lengths = np.array([4, 32], np.int32), np.array([3, 1], np.int32)
   tokens = np.array([[2, 11, 12, 0], [2, 0, 0, 0]], np.int32)
-  packed = pack_admission(rows, tokens, lengths, arrays)
+  offsets = np.array([0, 24], np.int32)
+  packed = pack_admission(rows, tokens, lengths, arrays, offsets)
   assert packed.shape == (2, len(ADMIT_COLUMNS) + 4) and packed.dtype == np.int32
   got = jax.jit(unpack_admission)(packed)
-  want = [rows, lengths, *arrays.values(), tokens]
-  assert list(ADMIT_COLUMNS)[2:] == list(arrays)  # the order generate._start takes them in
+  want = [rows, offsets, lengths, *arrays.values(), tokens]
+  assert list(ADMIT_COLUMNS)[3:] == list(arrays)  # the order generate._start takes them in
   for g, w in zip(got, want, strict=True):
     assert g.dtype == w.dtype and np.array_equal(np.asarray(g), w)
 

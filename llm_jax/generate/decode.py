@@ -87,13 +87,18 @@ def empty_cache(cfg: ModelConfig, batch: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _prompt_hidden(params, tokens_BL, cfg: ModelConfig):
-  """(a fresh cache with the prompts written, final hidden states [B, L, D]) by the decode model."""
+def _prompt_hidden(params, tokens_BL, cfg: ModelConfig, cache=None, offsets_B=None):
+  """(the cache with the prompts written, final hidden states [B, L, D]) by the decode model: into a
+  fresh cache from position 0, or into `cache` from each row's position offsets_B[b], attending to
+  the row's cache positions before it (a long prompt prefilled in pieces)."""
   b, width = tokens_BL.shape
-  model = _model(cfg, span=width)  # prompt positions are below the padded width
   positions_BL = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
+  if cache is None:
+    model, cache = _model(cfg, span=width), empty_cache(cfg, b)  # positions below the padded width
+  else:
+    model, positions_BL = _model(cfg), positions_BL + offsets_B[:, None]
   h_BLD, variables = model.apply(
-    {"params": params, "cache": empty_cache(cfg, b)},
+    {"params": params, "cache": cache},
     tokens_BL,
     positions_BL,
     method="hidden",
@@ -102,9 +107,10 @@ def _prompt_hidden(params, tokens_BL, cfg: ModelConfig):
   return variables["cache"], h_BLD
 
 
-def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig):
-  """Writes the prompts into a fresh cache; returns (cache, float32 logits after each prompt)."""
-  cache, h_BLD = _prompt_hidden(params, tokens_BL, cfg)
+def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig, cache=None, offsets_B=None):
+  """Writes the prompts into a fresh cache (or `cache` from offsets_B: _prompt_hidden); returns
+  (cache, float32 logits after each prompt's last token)."""
+  cache, h_BLD = _prompt_hidden(params, tokens_BL, cfg, cache, offsets_B)
   last_B11 = (lengths_B - 1)[:, None, None]
   h_B1D = jnp.take_along_axis(h_BLD, last_B11, axis=1)
   logits_BV = _model(cfg).apply({"params": params}, h_B1D, method="logits")[:, 0]
@@ -140,18 +146,26 @@ def _start(
   top_p_B,
   penalty_B,
   cfg: ModelConfig,
+  *,
+  cache=None,
+  offsets_B=None,
+  seen_BV=None,
 ) -> DecodeState:
-  """Prefill plus the per-row decode state."""
+  """Prefill plus the per-row decode state. With `cache`, the tokens are a piece of each row's
+  prompt written from position offsets_B onto the cache's earlier positions, and `seen_BV` the
+  tokens of the pieces before it (the repetition penalty's record)."""
   params = _float_params(params, cfg)
-  cache, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg)
+  cache, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg, cache, offsets_B)
   b, width = tokens_BL.shape
   in_prompt_BL = jnp.arange(width)[None, :] < lengths_B[:, None]
-  seen_BV = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], tokens_BL].max(in_prompt_BL)
-  room_B = cfg.max_seq_len - lengths_B
+  seen = jnp.zeros((b, cfg.vocab_size), bool) if seen_BV is None else seen_BV
+  seen_BV = seen.at[jnp.arange(b)[:, None], tokens_BL].max(in_prompt_BL)
+  end_B = lengths_B if offsets_B is None else offsets_B + lengths_B
+  room_B = cfg.max_seq_len - end_B
   return DecodeState(
     cache=cache,
     logits_BV=logits_BV,
-    positions_B=lengths_B.astype(jnp.int32),
+    positions_B=end_B.astype(jnp.int32),
     active_B=(max_new_B > 0) & (room_B > 0),
     remaining_B=jnp.minimum(max_new_B, room_B),
     seen_BV=seen_BV,

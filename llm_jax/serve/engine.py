@@ -6,8 +6,9 @@ most slots are busy), (3) admits waiting requests into free rows: at most `prefi
 prompt tokens per iteration (always at least one prompt), the prompts of one width prefilled
 together in one call (one prompt alone, two or more padded to the most the budget allows), so the
 decode chunk behind it waits for a bounded prefill; the call also draws each prompt's first token,
-sent as soon as the call ends (no decode chunk needed), and (4) dispatches one decode chunk of a few
-steps over the first R rows,
+sent as soon as the call ends (no decode chunk needed); a prompt longer than that budget is written a
+piece per iteration instead, in the decode chunk's own call (chunked prefill: serve/pieces.py), and
+(4) dispatches one decode chunk of a few steps over the first R rows,
 R the smallest row bucket (2, 8, 32, ...: x4, and all rows) that covers the busy rows: one busy
 client costs a batch-2 step, not a batch-of-all-slots one (no separate single-user profile is
 needed). A chunk sorts the vocabulary (top-k/top-p) only while a live row asks for it: a program of
@@ -50,6 +51,7 @@ import numpy as np
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig, quantize, unstack_layers
 from llm_jax.serve.outputs import TOP_LOGPROBS, Outputs
+from llm_jax.serve.pieces import Pieces
 from llm_jax.serve.prefill import prompt_scores
 from llm_jax.serve.programs import Programs
 from llm_jax.serve.rows import PREFILL_TOKENS, Rows
@@ -73,7 +75,7 @@ def default_levers(params, platform: str | None = None) -> str:
   return levers if (platform or jax.default_backend()) == "cpu" else levers + ",kv"
 
 
-class Engine(Rows, Outputs):
+class Engine(Rows, Pieces, Outputs):
   """Slots, queue and the decode thread over one loaded model."""
 
   def __init__(
@@ -111,9 +113,10 @@ class Engine(Rows, Outputs):
     self.vocab_limit = min(tokenizer.vocab_size, cfg.vocab_size)
     # prompts are padded to 64, 128, 256, ... tokens: a prefill of 64 tokens costs what one of 16
     # does on an accelerator, and start-up compiles two programs fewer
-    self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len)
-    self._spanned = {r for r in self.row_buckets() if self.chunk_spans(r) != [0]}  # spans built
     self.prefill_tokens = int(prefill_tokens)
+    self.piece = self.piece_tokens()  # a longer prompt is prefilled in pieces of this many tokens
+    self.min_prefill = min(MIN_PREFILL, cfg.max_seq_len, self.piece or MIN_PREFILL)
+    self._spanned = {r for r in self.row_buckets() if self.chunk_spans(r) != [0]}  # spans built
     # programs build on 4 threads (XLA compiles without the GIL); 16 on the H200 host made the cold
     # build 89 s instead of ~30 s (concurrent GEMM autotuning on one GPU) and the warm one 4.3 s
     # instead of 1.7 s (docs/serving.md)
@@ -130,6 +133,7 @@ class Engine(Rows, Outputs):
     self._last_pos = [0] * self.slots  # per slot: an upper bound of the next position it writes
     self._steps_left = [0] * self.slots  # per slot: decode steps it may still need (its budget)
     self._in_flight_chunk = None  # (packed outputs, slot owners) of the chunk the device runs
+    self._piece = None  # (packed arguments, row, last) of this iteration's piece (Pieces)
     self._admitted: list[tuple] = []  # (packed first tokens, owners) of admission calls not handled yet
     self.eos_id = int(getattr(tokenizer, "eos_id", G.EOS_ID))  # a row that draws it stops
     self._outbox: list[tuple[Handle, tuple]] = []  # events of this iteration, posted together
@@ -333,7 +337,7 @@ class Engine(Rows, Outputs):
           self._collect()
       except Exception as e:  # the shared decode step failed: fail every request, keep serving
         log.exception("engine step failed")
-        self._in_flight_chunk, self._admitted = None, []
+        self._in_flight_chunk, self._admitted, self._piece = None, [], None
         self._fail_all(f"engine error: {type(e).__name__}")
         self.state = self.programs.empty_state()
       finally:
@@ -348,9 +352,6 @@ class Engine(Rows, Outputs):
       log.exception("the first run of program %s failed", key)
       self.programs.warmed[key] = self.programs.compiled.get(key)  # not again
       self.state = self.programs.empty_state()
-
-  def _dispatch(self, key: tuple, alive_R):
-    return self.programs.decode(key, self.state, alive_R)
 
   def _reap(self) -> None:
     """Frees the slots of cancelled and timed-out requests."""
@@ -375,11 +376,11 @@ class Engine(Rows, Outputs):
       s is not None and left > 0 for s, left in zip(self._slot, self._steps_left, strict=True)
     ]
     if not alive.any():
-      had_outputs = self._in_flight_chunk is not None or bool(self._admitted)
+      had_outputs = self._in_flight_chunk is not None or bool(self._admitted) or bool(self._piece)
       self._collect()
       self._handle_admitted()
       if not had_outputs:  # no outputs can end these slots any more: never spin on them
-        for entry in [e for e in self._slot if e is not None]:
+        for entry in [e for e in self._slot if e is not None and e[1].prefill_at is None]:
           log.error("slot of %s has no steps left but did not finish", entry[0].id)
           self._finish(entry[0], entry[1], "error")
       return
@@ -398,20 +399,25 @@ class Engine(Rows, Outputs):
     # asks for them: the other programs have no conditional in their step
     top = any(s[1].top_n for s, a in zip(self._slot, alive, strict=False) if a)
     key = self.programs.decode_key(rows, span, filtered, top)
-    rows = key[1]
-    self.state, packed = self._dispatch(key, alive[:rows])
+    # a row whose prompt is in pieces owns none of this chunk's outputs (not even after its last one,
+    # which runs after the chunk in one call: Pieces._dispatch)
+    owners = [None if e is None or e[1].prefill_at is not None else e for e in self._slot]
+    self.state, packed = self._dispatch(key, alive)
+    rows = packed.shape[0]
     for i in range(self.slots):
       if alive[i]:
         self._last_pos[i] += self.chunk
         self._steps_left[i] -= self.chunk
     self.steps += self.chunk
-    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, self._slot[:rows])
+    previous, self._in_flight_chunk = self._in_flight_chunk, (packed, owners[:rows])
     if previous is not None:
       self._handle_outputs(*previous)
     self._handle_admitted()  # first tokens: after the chunk that continues them is on its way
 
   def _collect(self) -> None:
-    """Handles the chunk still in flight, if any (nothing else to dispatch)."""
+    """Runs this iteration's piece of a long prompt alone and handles the chunk still in flight, if
+    any (no chunk to dispatch)."""
+    self._extend_alone()
     previous, self._in_flight_chunk = self._in_flight_chunk, None
     if previous is not None:
       self._handle_outputs(*previous)

@@ -63,6 +63,7 @@ def make_engine(settings: ServerSettings, params, cfg, tokenizer, metrics=None) 
     slots=s.slots,
     max_concurrent=s.max_concurrent,
     chunk=s.decode_chunk,
+    prefill_tokens=s.prefill_tokens,
     hold_chars=s.filters.hold_chars if s.filters.output else 0,
     output_check=s.filters.check_output if s.filters.output else None,
     metrics=metrics,

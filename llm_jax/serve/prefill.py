@@ -22,10 +22,12 @@ def _row_axis(x) -> int:
 
 
 # The columns before the prompt's tokens in an admission's one int32 array (`pack_admission`) and
-# their types: the row each prompt goes to, its length, then generate.sampling_arrays' values in
-# their order (uint32 and float32 values bit for bit).
+# their types: the row each prompt goes to, the position its tokens start at (0 but for a piece of a
+# long prompt: admit_rows' `extend`), their count, then generate.sampling_arrays' values in their
+# order (uint32 and float32 values bit for bit).
 ADMIT_COLUMNS = {
   "row": jnp.int32,
+  "offset": jnp.int32,
   "length": jnp.int32,
   "seeds_B": jnp.uint32,
   "max_new_B": jnp.int32,
@@ -36,11 +38,12 @@ ADMIT_COLUMNS = {
 }
 
 
-def pack_admission(rows_P, tokens_PW, lengths_P, arrays: dict) -> np.ndarray:
+def pack_admission(rows_P, tokens_PW, lengths_P, arrays: dict, offsets_P=None) -> np.ndarray:
   """An admission's host arrays as the one int32 array [P, len(ADMIT_COLUMNS) + W] `admit_rows`
-  takes: one host-to-device copy per call instead of nine (on an H200 nine small copies were ~0.4 ms
-  of a lone request's first token; docs/serving.md, round nine)."""
-  values = {"row": rows_P, "length": lengths_P, **arrays}
+  takes: one host-to-device copy per call instead of ten (on an H200 nine small copies were ~0.4 ms
+  of a lone request's first token; docs/serving.md, round nine). `offsets_P`: 0 when not given."""
+  offsets_P = np.zeros(len(rows_P), np.int32) if offsets_P is None else offsets_P
+  values = {"row": rows_P, "offset": offsets_P, "length": lengths_P, **arrays}
   columns = [np.ascontiguousarray(values[k], dtype).view(np.int32) for k, dtype in ADMIT_COLUMNS.items()]
   return np.concatenate([np.stack(columns, axis=1), np.asarray(tokens_PW, np.int32)], axis=1)
 
@@ -63,6 +66,7 @@ def admit_rows(
   top_n: int,
   vocab_limit: int | None,
   eos_id: int = G.EOS_ID,
+  extend: bool = False,
 ):
   """Prefills P prompts (one batched call), draws each one's first token from the prefill's logits
   (as the first decode step would, so the same tokens for a seed; the row's next step feeds it:
@@ -76,20 +80,34 @@ def admit_rows(
   draw would) and computes the top log-probs for every prompt, whatever the rows ask: a conditional
   would make the host wait for the prefill to choose a branch (on a GPU the call then returns only
   when the prefill is done, and the decode chunk behind it is dispatched that much later), while a
-  sort and a top-k of P rows cost once per request what a conditional costs."""
-  rows_P, lengths_P, *sampling, tokens_PW = unpack_admission(packed_PX)
-  new = G._start(params, tokens_PW, lengths_P, *sampling, cfg)
+  sort and a top-k of P rows cost once per request what a conditional costs.
+
+  `extend` (static): each prompt is a piece of a long one, written from its row's "offset" column
+  onto the row's cache (the earlier pieces: whole rows are read and written back), its repetition
+  record joined to theirs when the offset is past 0. A piece before the last is sent with
+  max_new_B 0: its row stays inactive and its draw is not used."""
+  rows_P, offsets_P, lengths_P, *sampling, tokens_PW = unpack_admission(packed_PX)
+  if extend:
+
+    def take(x):
+      return jnp.take(x, rows_P, axis=_row_axis(x), mode="clip")  # padding rows write nowhere
+
+    cache, seen_PV = jax.tree.map(take, state.cache), take(state.seen_BV) & (offsets_P > 0)[:, None]
+    new = G._start(
+      params, tokens_PW, lengths_P, *sampling, cfg, cache=cache, offsets_B=offsets_P, seen_BV=seen_PV
+    )
+  else:
+    new = G._start(params, tokens_PW, lengths_P, *sampling, cfg)
   new, token_P, out = G.draw(new, cfg, eos_id, top_n, vocab_limit, want_top=True, filtered=True)
   new = new.replace(pending_B=new.active_B, next_B=token_P)
   reach = tokens_PW.shape[1]  # the cache positions the prompts wrote
 
   def put(big, one):
     axis = _row_axis(big)
-    if big.ndim >= 4:  # a cache [.., B, K, S, H]: only the written positions (attention masks the rest)
-      one = jax.lax.slice_in_dim(one, 0, reach, axis=one.ndim - 2)
-      index = (slice(None),) * axis + (rows_P, slice(None), slice(0, reach))
-    else:
-      index = (slice(None),) * axis + (rows_P,)
+    index = (slice(None),) * axis + (rows_P,)
+    if big.ndim >= 4 and not extend:  # a fresh cache [.., P, K, S, H]: only the written positions
+      one = jax.lax.slice_in_dim(one, 0, reach, axis=one.ndim - 2)  # (attention masks the rest)
+      index += (slice(None), slice(0, reach))
     return big.at[index].set(one.astype(big.dtype), mode="drop")
 
   outs = {k: v[:, None] for k, v in out.items()}  # [P, 1, ...]: a chunk of one step
@@ -166,6 +184,17 @@ def decode_rows(
       lambda big, part: jax.lax.dynamic_update_slice(big, part, (0,) * big.ndim), state, sub
     )
   return state, pack_outputs(outs, sub.active_B)
+
+
+def decode_then_extend(params, state: G.DecodeState, alive_R, packed_1X, *, admit: dict, **decode):
+  """A decode chunk over the first R rows (`decode_rows(**decode)`, whole cache), then one piece of
+  a long prompt (`admit_rows(extend=True, **admit)`) in the same call: a long prompt's prefill
+  shares its calls with the rows decoding. The piece's row is not alive in the chunk (its garbage
+  step writes at the row's position, where the next piece begins and writes over it). Returns the
+  state, the chunk's packed outputs and the piece's (its first token when it is the last)."""
+  state, chunk = decode_rows(params, state, alive_R, True, span=0, **decode)
+  state, first = admit_rows(params, state, packed_1X, extend=True, **admit)
+  return state, chunk, first
 
 
 def pack_outputs(outs: dict, active_B):

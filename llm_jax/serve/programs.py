@@ -11,6 +11,11 @@ Programs (serve/prefill.py's functions over the engine's parameters and batch st
     ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows, each
                          one's first token drawn (its arguments one int32 array: pack_admission;
                          outputs packed as a chunk of one step)
+    ("extend", W)        one piece of W tokens of a long prompt written from its offset into its
+                         row (the row's cache read and written whole), the first token drawn
+                         after the last piece (chunked prefill: Pieces in serve/pieces.py)
+    ("piece", R, filtered, top, W)  a decode chunk over the first R rows (whole cache), then one
+                         piece as "extend": a long prompt's prefill sharing a call with decoding
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
     ("state",)           the batch state of idle rows (zeros): the programs' state argument, made
                          by a program too, so that a start whose programs are all loaded traces no
@@ -56,7 +61,14 @@ import jax
 import numpy as np
 
 from llm_jax import generate as G
-from llm_jax.serve.prefill import ADMIT_COLUMNS, admit_rows, decode_rows, move_row, pack_admission
+from llm_jax.serve.prefill import (
+  ADMIT_COLUMNS,
+  admit_rows,
+  decode_rows,
+  decode_then_extend,
+  move_row,
+  pack_admission,
+)
 
 log = logging.getLogger(__name__)
 _ROOT = pathlib.Path(__file__).resolve().parents[1]  # the llm_jax package
@@ -92,7 +104,8 @@ def _abstract(leaves):
 
 class Programs:
   """Traced (or loaded), compiled programs keyed by ("decode", R, span, filtered, top),
-  ("admit", W, P), ("move",), over a batch state of `rows` rows (`empty_state`)."""
+  ("admit", W, P), ("extend", W), ("piece", R, filtered, top, W), ("move",), over a batch state of
+  `rows` rows (`empty_state`)."""
 
   def __init__(
     self,
@@ -169,6 +182,17 @@ class Programs:
       return min(enough, key=lambda k: (k[1] * k[2], k[1]))
     return max(wide, key=lambda k: (k[2], -k[1]))
 
+  def piece_key(self, rows: int, filtered: bool, top: bool) -> tuple | None:
+    """The cheapest built ("piece", R, filtered, top, W) program whose chunk covers a decode chunk
+    over `rows` rows (as `decode_key`, over the whole cache); None while none is built (the engine
+    then runs the piece in a call of its own, ("extend", W), before the chunk)."""
+    fits = [
+      k
+      for k in tuple(self.compiled)
+      if k[0] == "piece" and k[1] >= rows and k[2] >= bool(filtered) and k[3] >= bool(top)
+    ]
+    return min(fits, key=lambda k: (k[1], k[2], k[3]), default=None)
+
   # ---------------------------------------------------------------- the batch state
 
   def empty_state(self) -> list:
@@ -191,26 +215,15 @@ class Programs:
 
   # ---------------------------------------------------------------- calls
 
-  def decode(self, key: tuple, state: list, alive_R, counted: bool = True):
-    """(state, packed outputs [R, X]) of one chunk of program `key` (`decode_key`) over the first
-    R rows (with the top log-probs' columns only when key[4]). `counted`: in `calls` (not a
-    warm-up's)."""
+  def run(self, key: tuple, *args, counted: bool = True):
+    """Program `key` on `args` (the state, then its arrays: `_spec`). Returns the state and the
+    packed outputs [R or P, X] (prefill.pack_outputs) for "decode", "admit" and "extend", the state,
+    the chunk's and the piece's outputs for "piece", the state for "move". `counted`: in `calls`
+    (not a warm-up's)."""
     if counted:
       self.calls[key] += 1
-    return self.compiled[key](self.param_leaves, state, alive_R)
-
-  def admit(self, width: int, count: int, state, packed_PX, counted=True):
-    """(the state with `count` prompts (padded to `width`) prefilled into the rows `packed_PX` names
-    (prefill.pack_admission), their first tokens' outputs packed [count, X] as a chunk of one step)."""
-    if counted:
-      self.calls["admit", width, count] += 1
-    return self.compiled[("admit", width, count)](self.param_leaves, state, packed_PX)
-
-  def move(self, state, src: int, dst: int, counted: bool = True):
-    """The state with row `src` copied onto row `dst`."""
-    if counted:
-      self.calls["move",] += 1
-    return self.compiled[("move",)](state, src, dst)
+    fn = self.compiled[key]
+    return fn(*args) if key[0] == "move" else fn(self.param_leaves, *args)
 
   def unwarmed(self) -> tuple | None:
     """A built program not run yet in its current build (None: every one has run)."""
@@ -224,21 +237,20 @@ class Programs:
     state: a first run on a GPU loads the program and grows the memory pool (~0.1 s), which a
     request must not wait for. Meant for an idle engine (no busy rows): a decode chunk with no live
     row (free rows' cache past their length is never read), an admission whose prompts all write
-    nowhere (padding rows), a row moved onto itself. Not counted in `calls`."""
+    nowhere (padding rows; a piece too), a row moved onto itself. Not counted in `calls`."""
     compiled = self.compiled[key]  # this build is warm after the call (a newer one gets its own)
-    if key[0] == "decode":
-      state, _ = self.decode(key, state, np.zeros((key[1],), bool), counted=False)
-    elif key[0] == "admit":
-      _, width, count = key
-      packed = pack_admission(
-        np.full((count,), self.rows, np.int32),
-        np.zeros((count, width), np.int32),
-        np.ones((count,), np.int32),
-        G.sampling_arrays([G.SamplingParams()] * count),
-      )
-      state, _ = self.admit(width, count, state, packed, counted=False)
+    kind = key[0]
+    if kind == "move":
+      state = self.run(key, state, np.int32(0), np.int32(0), counted=False)
     else:
-      state = self.move(state, np.int32(0), np.int32(0), counted=False)
+      alive = [np.zeros((key[1],), bool)] if kind in ("decode", "piece") else []
+      width, count = {"admit": key[1:], "extend": (key[1], 1), "piece": (key[-1], 1)}.get(kind, (0, 0))
+      packed = []
+      if count:  # prompts whose rows are past the state's: written nowhere
+        sampling = G.sampling_arrays([G.SamplingParams()] * count)
+        rows, lengths = np.full((count,), self.rows, np.int32), np.ones((count,), np.int32)
+        packed = [pack_admission(rows, np.zeros((count, width), np.int32), lengths, sampling)]
+      state = self.run(key, state, *alive, *packed, counted=False)[0]
     self.warmed[key] = compiled
     return state
 
@@ -247,8 +259,7 @@ class Programs:
   def _spec(self, key: tuple):
     """(flat function, its abstract arguments, donated argument numbers) of program `key`. The
     functions unflatten the state only when traced (`state_tree`)."""
-    i32 = jax.numpy.int32
-    ptree, cfg = self._param_tree, self.cfg
+    ptree, cfg, i32 = self._param_tree, self.cfg, jax.numpy.int32
     kind = key[0]
     if kind == "state":
       params = jax.tree.unflatten(ptree, self._param_avals)  # only their shapes are read
@@ -259,44 +270,6 @@ class Programs:
       return state, [], ()
     if self._state_avals is None:
       raise RuntimeError("Programs.empty_state() makes the state the programs are built for: call it first")
-    if kind == "decode":
-      _, rows, span, filtered, top = key
-
-      def decode(pl, sl, alive_R):
-        state, packed = decode_rows(
-          jax.tree.unflatten(ptree, pl),
-          jax.tree.unflatten(self.state_tree, sl),
-          alive_R,
-          True,  # static: a `top` program computes the top log-probs in every step, no conditional
-          cfg=cfg,
-          steps=self.steps,
-          top_n=self.top_n if top else 0,
-          vocab_limit=self.vocab_limit,
-          span=span,
-          eos_id=self.eos_id,
-          filtered=filtered,
-        )
-        return jax.tree.leaves(state), packed
-
-      args = [jax.ShapeDtypeStruct((rows,), bool)]
-      return decode, [self._param_avals, self._state_avals, *args], (1,)
-    if kind == "admit":
-      _, width, count = key
-
-      def admit(pl, sl, packed_PX):
-        state, packed = admit_rows(
-          jax.tree.unflatten(ptree, pl),
-          jax.tree.unflatten(self.state_tree, sl),
-          packed_PX,
-          cfg=cfg,
-          top_n=self.top_n,
-          vocab_limit=self.vocab_limit,
-          eos_id=self.eos_id,
-        )
-        return jax.tree.leaves(state), packed
-
-      args = [jax.ShapeDtypeStruct((count, len(ADMIT_COLUMNS) + width), i32)]
-      return admit, [self._param_avals, self._state_avals, *args], (1,)
     if kind == "move":
 
       def move(sl, src, dst):
@@ -304,7 +277,48 @@ class Programs:
 
       scalar = jax.ShapeDtypeStruct((), i32)
       return move, [self._state_avals, scalar, scalar], (0,)
-    raise ValueError(f"unknown program {key!r}")
+    admit = dict(cfg=cfg, top_n=self.top_n, vocab_limit=self.vocab_limit, eos_id=self.eos_id)
+
+    def alive(rows):
+      return jax.ShapeDtypeStruct((rows,), bool)
+
+    def packed(count, width):  # pack_admission's array
+      return jax.ShapeDtypeStruct((count, len(ADMIT_COLUMNS) + width), i32)
+
+    def decode(filtered, top):  # a `top` program computes the top log-probs every step: no conditional
+      top_n = self.top_n if top else 0
+      return dict(
+        cfg=cfg,
+        steps=self.steps,
+        top_n=top_n,
+        vocab_limit=self.vocab_limit,
+        eos_id=self.eos_id,
+        filtered=filtered,
+      )
+
+    if kind == "decode":
+      _, rows, span, filtered, top = key
+      fn, args = (
+        functools.partial(decode_rows, want_top=True, span=span, **decode(filtered, top)),
+        [alive(rows)],
+      )
+    elif kind == "admit":
+      fn, args = functools.partial(admit_rows, **admit), [packed(key[2], key[1])]
+    elif kind == "extend":
+      fn, args = functools.partial(admit_rows, extend=True, **admit), [packed(1, key[1])]
+    elif kind == "piece":
+      _, rows, filtered, top, width = key
+      fn = functools.partial(decode_then_extend, admit=admit, **decode(filtered, top))
+      args = [alive(rows), packed(1, width)]
+    else:
+      raise ValueError(f"unknown program {key!r}")
+
+    def flat(pl, sl, *arrays):
+      params, state = jax.tree.unflatten(ptree, pl), jax.tree.unflatten(self.state_tree, sl)
+      state, *outs = fn(params, state, *arrays)
+      return (jax.tree.leaves(state), *outs)
+
+    return flat, [self._param_avals, self._state_avals, *args], (1,)
 
   def _export_path(self, key: tuple) -> pathlib.Path:
     """The file of program `key`, named by everything that shapes it: the code, jax, the device,

@@ -28,11 +28,12 @@ class Rows:
     )
 
   def prefill_buckets(self) -> list[int]:
-    """The padded prompt widths: 64, 128, 256, ... up to max_seq_len."""
-    out, b = [], self.min_prefill
+    """The padded prompt widths: 64, 128, 256, ... up to max_seq_len, or up to a piece's width when
+    longer prompts are prefilled in pieces (Pieces)."""
+    out, b, top = [], self.min_prefill, self.piece or self.cfg.max_seq_len
     while True:
-      out.append(min(b, self.cfg.max_seq_len))
-      if b >= self.cfg.max_seq_len:
+      out.append(min(b, top))
+      if b >= top:
         return out
       b *= 2
 
@@ -68,19 +69,25 @@ class Rows:
     keys += [("decode", r, 0, f, not f) for r in self.row_buckets() for f in (True, False)]
     keys += [("decode", self.rows, 0, True, True)]
     keys += [("admit", w, p) for w in self.prefill_buckets() for p in self.admit_counts(w)]
+    if self.piece:  # a long prompt's piece alone, and after a chunk as decode_key chooses them
+      keys += [("extend", self.piece)] + [("piece", r, False, False, self.piece) for r in self.row_buckets()]
+      keys += [("piece", self.rows, True, True, self.piece)]
     return [*keys, ("move",)]
 
   def core_keys(self) -> list[tuple]:
     """The programs that cover every call (all rows over the whole cache with filtering and top
-    log-probs, one prompt of the widest width, the move): what a server built in the background
+    log-probs, one prompt of the widest width, the move, a piece alone): what a server built in the background
     serves with until the rest are built."""
-    return [("decode", self.rows, 0, True, True), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
+    core = [("decode", self.rows, 0, True, True), ("admit", self.prefill_buckets()[-1], 1), ("move",)]
+    return core + [("extend", self.piece)] * bool(self.piece)
 
   def _admit_waiting(self) -> None:
     """Admits waiting requests into free rows (the lowest first): at most `prefill_tokens` padded
-    prompt tokens per iteration (and always one prompt), prompts of one width prefilled together in
-    one call, so the decode chunk that follows waits for a bounded prefill."""
-    budget, groups = self.prefill_tokens, {}
+    prompt tokens per iteration (and always one prompt or piece), prompts of one width prefilled
+    together in one call, so the decode chunk that follows waits for a bounded prefill. A prompt
+    longer than a piece takes a row and is prefilled a piece per iteration (Pieces), first of all."""
+    pieced = self._plan_piece()  # the next piece of a prompt in pieces comes first
+    budget, groups = self.prefill_tokens - pieced, {}
     with self._cond:
       free = [i for i, s in enumerate(self._slot) if s is None]
     while free:
@@ -88,9 +95,11 @@ class Rows:
         if not self._queue:
           break
         handle, choice = self._queue[0]
-        width = G.bucket(len(choice.prompt_ids), self.cfg.max_seq_len, self.min_prefill)
-        if groups and width > budget:
-          break
+        n = len(choice.prompt_ids)
+        long = bool(self.piece) and n > self.piece  # prefilled in pieces
+        width = self.piece if long else G.bucket(n, self.cfg.max_seq_len, self.min_prefill)
+        if ((groups or pieced) and width > budget) or (long and self._in_pieces() is not None):
+          break  # (one prompt in pieces at a time; the queue keeps its order)
         self._queue.popleft()
       if handle.cancelled.is_set() or time.monotonic() > handle.deadline:
         self._finish(handle, choice, "cancelled" if handle.cancelled.is_set() else "timeout")
@@ -102,6 +111,10 @@ class Rows:
         self._fail(handle, choice)
         continue
       budget -= width
+      if long:
+        self._begin_pieces(handle, choice, free.pop(0), arrays)
+        pieced = self._plan_piece()
+        continue
       groups.setdefault(width, []).append((handle, choice, free.pop(0), arrays))
     for width, items in groups.items():
       counts = self.admit_counts(width)
@@ -125,7 +138,7 @@ class Rows:
         arrays[k][i] = v[0]
     try:
       packed_PX = pack_admission(rows, tokens, lengths, arrays)  # one host-to-device copy
-      self.state, packed = self.programs.admit(width, count, self.state, packed_PX)
+      self.state, packed = self.programs.run(("admit", width, count), self.state, packed_PX)
     except Exception:  # these requests' prefill: they alone fail
       log.exception("requests %s: admission failed", [h.id for h, *_ in part])
       for handle, choice, *_ in part:
@@ -137,14 +150,18 @@ class Rows:
     # it is dispatched (Engine._handle_admitted), so a first token never waits for a chunk
     self._admitted.append((packed, [(h, c) for h, c, *_ in part] + [None] * (count - len(part))))
     for handle, choice, row, _ in part:
-      choice.slot = row
-      # the first step feeds the drawn token (writing position len(prompt)), each later one draws
-      # and feeds the next: n tokens take n steps after admission, one token none
-      budget = min(choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids))
-      self._last_pos[row] = len(choice.prompt_ids)
-      self._steps_left[row] = budget if budget > 1 else 0
-      with self._cond:
-        self._slot[row] = (handle, choice)
+      self._occupy(row, handle, choice)
+
+  def _occupy(self, row: int, handle, choice) -> None:
+    """Row `row` decodes `choice` from its prompt's end (the prompt written, its first token drawn)."""
+    choice.slot = row
+    # the first step feeds the drawn token (writing position len(prompt)), each later one draws and
+    # feeds the next: n tokens take n steps after admission, one token none
+    budget = min(choice.sampling.max_new_tokens, self.cfg.max_seq_len - len(choice.prompt_ids))
+    self._last_pos[row] = len(choice.prompt_ids)
+    self._steps_left[row] = budget if budget > 1 else 0
+    with self._cond:
+      self._slot[row] = (handle, choice)
 
   def _compact(self) -> None:
     """Moves busy rows down only where that shrinks the row bucket: with n busy rows, every busy row
@@ -157,7 +174,7 @@ class Rows:
     need = next(r for r in self.row_buckets() if r >= len(busy))
     for src in [i for i in busy if i >= need]:
       dst = next(i for i, s in enumerate(self._slot) if s is None)  # below `need`: enough are free
-      self.state = self.programs.move(self.state, np.int32(src), np.int32(dst))
+      self.state = self.programs.run(("move",), self.state, np.int32(src), np.int32(dst))
       with self._cond:
         entry, self._slot[src], self._slot[dst] = self._slot[src], None, self._slot[src]
       entry[1].slot = dst

@@ -29,6 +29,8 @@ class Choice:
   finish_reason: str | None = None
   slot: int | None = None
   blocked_by: Any = None  # the output filter rule that cut this choice
+  prefill_at: int | None = None  # a prompt prefilled in pieces: the position its next piece starts at
+  arrays: dict | None = None  # its sampling arrays (generate.sampling_arrays) until its last piece
 
 
 class Handle:

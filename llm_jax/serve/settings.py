@@ -26,6 +26,8 @@ class ServerSettings:
   slots: int = 8
   max_concurrent: int = 32
   decode_chunk: int = 16
+  # padded prompt tokens prefilled per engine iteration; a longer prompt is prefilled in pieces
+  prefill_tokens: int = 1024
   max_prompt_tokens: int = 0  # 0: max_seq_len - 1
   max_total_tokens: int = 0  # prompt + new tokens; 0: max_seq_len
   max_body_bytes: int = 1 << 20
