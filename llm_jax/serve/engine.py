@@ -135,6 +135,7 @@ class Engine(Rows, Pieces, Outputs):
     self._in_flight_chunk = None  # (packed outputs, slot owners) of the chunk the device runs
     self._piece = None  # (packed arguments, row, last) of this iteration's piece (Pieces)
     self._admitted: list[tuple] = []  # (packed first tokens, owners) of admission calls not handled yet
+    self._held: list[tuple] = []  # the same of last pieces sharing a chunk's call (Pieces._pieced)
     self.eos_id = int(getattr(tokenizer, "eos_id", G.EOS_ID))  # a row that draws it stops
     self._outbox: list[tuple[Handle, tuple]] = []  # events of this iteration, posted together
     self._paused = False
@@ -337,7 +338,7 @@ class Engine(Rows, Pieces, Outputs):
           self._collect()
       except Exception as e:  # the shared decode step failed: fail every request, keep serving
         log.exception("engine step failed")
-        self._in_flight_chunk, self._admitted, self._piece = None, [], None
+        self._in_flight_chunk, self._admitted, self._held, self._piece = None, [], [], None
         self._fail_all(f"engine error: {type(e).__name__}")
         self.state = self.programs.empty_state()
       finally:
@@ -369,6 +370,7 @@ class Engine(Rows, Pieces, Outputs):
     """Dispatches a chunk for the busy slots, then handles the previous chunk's outputs while the
     device runs this one. The outputs belong to the slots' owners at dispatch: a slot freed and
     refilled since then ignores them (its new request's tokens start with the next chunk)."""
+    self._admitted, self._held = self._admitted + self._held, []  # read after this dispatch
     alive = np.zeros((self.rows,), bool)
     # Rows whose dispatched steps already cover their whole budget are done on the device: the chunk
     # in flight ends them ("length"), so they get no further chunk.

@@ -72,9 +72,12 @@ class Pieces:
     )
     return self.piece
 
-  def _pieced(self, piece: tuple, first) -> None:
+  def _pieced(self, piece: tuple, first, shared: bool = False) -> None:
     """After `piece` was dispatched (`first`: its packed outputs): the next piece's position, or
-    after the last one the row decodes from the token it drew, as an admitted prompt's row does."""
+    after the last one the row decodes from the token it drew, as an admitted prompt's row does.
+    The drawn token of a piece `shared` with a chunk is read in the next iteration, after the next
+    call is dispatched (as the chunk's outputs are): read now, it would hold the engine thread until
+    the whole call ends, with nothing queued on the device behind it."""
     _, row, last = piece
     handle, choice = self._slot[row]
     if not last:
@@ -82,7 +85,7 @@ class Pieces:
       return
     choice.prefill_at = choice.arrays = None
     self._occupy(row, handle, choice)
-    self._admitted.append((first, [(handle, choice)]))
+    (self._held if shared else self._admitted).append((first, [(handle, choice)]))
 
   def _extend_alone(self) -> None:
     """Runs this iteration's piece, if one is planned, in a call of its own (no row decodes, the
@@ -111,5 +114,5 @@ class Pieces:
       return self.programs.run(key, self.state, alive[: key[1]])
     piece, self._piece = self._piece, None
     self.state, packed, first = self.programs.run(pkey, self.state, alive[: pkey[1]], piece[0])
-    self._pieced(piece, first)
+    self._pieced(piece, first, shared=True)
     return self.state, packed
