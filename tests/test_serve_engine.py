@@ -11,7 +11,7 @@ import types
 import jax
 import numpy as np
 import pytest
-from tiny_package import SERVER_CFG, write_tiny_package
+from tiny_package import SERVER_CFG, forward, recompute, write_tiny_package
 
 from llm_jax import generate as G
 from llm_jax.eval.decode_kernels import _computations, _opcode
@@ -108,24 +108,9 @@ def _run_once(engine, requests):
     engine.stop()
 
 
-@jax.jit
-def _forward(params, tokens):
-  return Decoder(CFG).apply({"params": params}, tokens)
-
-
 def _recompute(params, prompt, n):
   """Greedy tokens by full forward passes of the plain model (no cache)."""
-  fwd = _forward
-  seq, new = list(prompt), []
-  for _ in range(n):
-    padded = np.zeros((1, CFG.max_seq_len), np.int32)
-    padded[0, : len(seq)] = seq
-    t = int(np.argmax(np.asarray(fwd(params, padded))[0, len(seq) - 1, :300]))
-    if t == G.EOS_ID:
-      break
-    new.append(t)
-    seq.append(t)
-  return new
+  return recompute(params, CFG, prompt, n)
 
 
 def test_program_set(engine):
@@ -318,7 +303,7 @@ def test_engine_decodes_with_the_levers(engine, params):
   lps, top_lp, top_ids = (
     np.asarray(x) for x in prompt_scores(engine.params, tokens, cfg=engine.cfg, top_n=5, vocab_limit=300)
   )
-  logits = np.array(_forward(params, tokens))[0, :-1]
+  logits = np.array(forward(params, tokens, CFG))[0, :-1]
   logits[:, 300:] = -np.inf
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
   want = logp[np.arange(15), tokens[0, 1:]]

@@ -10,10 +10,10 @@ import functools
 import jax
 import numpy as np
 import pytest
-from tiny_package import SERVER_CFG, write_tiny_package
+from tiny_package import SERVER_CFG, recompute, write_tiny_package
 
 from llm_jax import generate as G
-from llm_jax.model import Decoder, unstack_layers
+from llm_jax.model import unstack_layers
 from llm_jax.model.params import init_params
 from llm_jax.serve.engine import Choice, Engine, default_levers
 from llm_jax.serve.prefill import admit_rows, pack_admission, unpack_chunk
@@ -45,23 +45,9 @@ def engine(params, tok):
   eng.stop()
 
 
-@jax.jit
-def _forward(params, tokens):
-  return Decoder(CFG).apply({"params": params}, tokens)
-
-
 def _recompute(params, prompt, n):
   """Greedy tokens by full forward passes of the plain model (no cache)."""
-  seq, new = list(prompt), []
-  for _ in range(n):
-    padded = np.zeros((1, CFG.max_seq_len), np.int32)
-    padded[0, : len(seq)] = seq
-    t = int(np.argmax(np.asarray(_forward(params, padded))[0, len(seq) - 1, :300]))
-    if t == G.EOS_ID:
-      break
-    new.append(t)
-    seq.append(t)
-  return new
+  return recompute(params, CFG, prompt, n)
 
 
 async def _collect(queue, ev=None):
