@@ -401,9 +401,11 @@ class Engine(Rows, Pieces, Outputs):
     # asks for them: the other programs have no conditional in their step
     top = any(s[1].top_n for s, a in zip(self._slot, alive, strict=False) if a)
     key = self.programs.decode_key(rows, span, filtered, top)
-    # a row whose prompt is in pieces owns none of this chunk's outputs (not even after its last one,
-    # which runs after the chunk in one call: Pieces._dispatch)
-    owners = [None if e is None or e[1].prefill_at is not None else e for e in self._slot]
+    # the chunk's owners (copied by the slice below); a row whose prompt is in pieces owns none of its
+    # outputs, not even after its last piece, which runs after the chunk in the same call
+    owners = self._slot
+    if self.piece:
+      owners = [None if e is None or e[1].prefill_at is not None else e for e in self._slot]
     self.state, packed = self._dispatch(key, alive)
     rows = packed.shape[0]
     for i in range(self.slots):

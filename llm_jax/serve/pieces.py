@@ -53,7 +53,7 @@ class Pieces:
     """This iteration's piece of the prompt in pieces (`self._piece`: its packed arguments, its row,
     whether it is the last); returns its tokens, 0 when no prompt is in pieces. A piece before the
     last asks for no new tokens: its row stays inactive on the device."""
-    row = self._in_pieces()
+    row = self._in_pieces() if self.piece else None
     if row is None:
       return 0
     choice = self._slot[row][1]
