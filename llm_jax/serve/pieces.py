@@ -7,8 +7,10 @@ cache. The piece runs in the same device call as the iteration's decode chunk (a
 program: the chunk, then the piece), so the rows decoding wait for one piece per iteration, never for
 a whole long prompt. Every piece is exactly `piece` tokens: the last one ends at the prompt's end
 (overlapping the one before, whose positions it writes again with the same values) and draws the
-first token as an admission does. One prompt is in pieces at a time, and the queue behind it keeps
-its order; a cancelled one frees its row between pieces.
+first token as an admission does; that token is read after the next call is dispatched, as a chunk's
+outputs are (read at once, the engine thread would wait for the whole call). One prompt is in
+pieces at a time, and the queue behind it keeps its order; a cancelled one frees its row between
+pieces.
 """
 
 from __future__ import annotations

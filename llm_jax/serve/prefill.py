@@ -189,8 +189,10 @@ def decode_rows(
 def decode_then_extend(params, state: G.DecodeState, alive_R, packed_1X, *, admit: dict, **decode):
   """A decode chunk over the first R rows (`decode_rows(**decode)`, whole cache), then one piece of
   a long prompt (`admit_rows(extend=True, **admit)`) in the same call: a long prompt's prefill
-  shares its calls with the rows decoding. The piece's row is not alive in the chunk (its garbage
-  step writes at the row's position, where the next piece begins and writes over it). Returns the
+  shares its calls with the rows decoding. The piece's row is not alive in the chunk; its idle steps
+  write at the row's position: after a piece, where the next piece begins (and writes again); before
+  the first, at the previous occupant's position, which a piece or a decode step writes before
+  anything reads it. Returns the
   state, the chunk's packed outputs and the piece's (its first token when it is the last)."""
   state, chunk = decode_rows(params, state, alive_R, True, span=0, **decode)
   state, first = admit_rows(params, state, packed_1X, extend=True, **admit)
