@@ -370,7 +370,8 @@ class Engine(Rows, Pieces, Outputs):
     """Dispatches a chunk for the busy slots, then handles the previous chunk's outputs while the
     device runs this one. The outputs belong to the slots' owners at dispatch: a slot freed and
     refilled since then ignores them (its new request's tokens start with the next chunk)."""
-    self._admitted, self._held = self._admitted + self._held, []  # read after this dispatch
+    if self._held:  # last pieces' first tokens of the previous iteration: read after this dispatch
+      self._admitted, self._held = self._admitted + self._held, []
     alive = np.zeros((self.rows,), bool)
     # Rows whose dispatched steps already cover their whole budget are done on the device: the chunk
     # in flight ends them ("length"), so they get no further chunk.

@@ -286,15 +286,7 @@ class Programs:
       return jax.ShapeDtypeStruct((count, len(ADMIT_COLUMNS) + width), i32)
 
     def decode(filtered, top):  # a `top` program computes the top log-probs every step: no conditional
-      top_n = self.top_n if top else 0
-      return dict(
-        cfg=cfg,
-        steps=self.steps,
-        top_n=top_n,
-        vocab_limit=self.vocab_limit,
-        eos_id=self.eos_id,
-        filtered=filtered,
-      )
+      return {**admit, "steps": self.steps, "top_n": self.top_n if top else 0, "filtered": filtered}
 
     if kind == "decode":
       _, rows, span, filtered, top = key
