@@ -72,7 +72,8 @@ async def _load(engine: Engine, short_ids, long_prompts, args, calls=None) -> di
   ms = [1e3 * gaps[int(q * (len(gaps) - 1))][0] for q in (0.5, 0.99, 1.0)]
   if calls is not None:  # the calls dispatched during the longest gap (ms after its start)
     gap, start = gaps[-1]
-    seen = [f"{k[0]}-{k[1]}@{1e3 * (t - start):.1f}" for k, t in calls if start - 0.1 <= t <= start + gap]
+    near = [(k, t) for k, t in calls if start - 0.1 <= t <= start + gap]
+    seen = [f"{'-'.join(map(str, k[:2]))}@{1e3 * (t - start):.1f}" for k, t in near]  # ("state",): one part
     print(f"longest gap {1e3 * gap:.1f} ms: {' '.join(seen)}", flush=True)
   return {
     "tok_s": tokens[0] / wall,
