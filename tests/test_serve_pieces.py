@@ -16,7 +16,7 @@ from llm_jax import generate as G
 from llm_jax.model import unstack_layers
 from llm_jax.model.params import init_params
 from llm_jax.serve.engine import Choice, Engine, default_levers
-from llm_jax.serve.prefill import admit_rows, pack_admission, unpack_chunk
+from llm_jax.serve.prefill import admit_rows, extend_rows, pack_admission, unpack_chunk
 
 CFG = dataclasses.replace(SERVER_CFG, vocab_size=320)
 LONG = [2] + [40 + (7 * i) % 37 for i in range(19)]  # 20 tokens: pieces at 0, 8 and 12 (the last overlaps)
@@ -101,6 +101,16 @@ def test_program_set(engine):
   assert whole.piece_tokens() == 0
 
 
+def test_a_piece_copies_no_batch_cache(engine):
+  """The piece program reads and writes one row, not the batch: its compiled code holds no copy of
+  the whole batch cache (the one-array layout; with the row read from the donated batch cache XLA
+  copied all of it twice per piece)."""
+  shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in engine.state if x.ndim >= 4}
+  text = engine.programs.compiled[("extend", 8)].as_text()
+  copies = [line for line in text.splitlines() if " copy(" in line and any(s in line for s in shapes)]
+  assert shapes and not copies, copies
+
+
 def test_long_prompt_decodes_as_full_recomputation_beside_a_decoding_row(engine, params):
   """A row decodes while a 20-token prompt is prefilled in three pieces (each in the decode chunk's
   call); both then decode the tokens full recomputation gives."""
@@ -180,7 +190,8 @@ def test_pieces_write_what_one_prefill_writes(params, levers):
   same cache over the prompt, next logits, position, first token and repetition record (the earlier
   pieces' tokens, not the row's previous prompt's). Each cache layout the engine serves with."""
   p, cfg = unstack_layers(params, CFG, levers=levers)
-  admit = jax.jit(functools.partial(admit_rows, cfg=cfg, top_n=5, vocab_limit=300), static_argnames="extend")
+  admit = jax.jit(functools.partial(admit_rows, cfg=cfg, top_n=5, vocab_limit=300))
+  extend = jax.jit(functools.partial(extend_rows, cfg=cfg, top_n=5, vocab_limit=300))
   sp = G.SamplingParams(temperature=0.9, repetition_penalty=1.5, max_new_tokens=5, seed=3)
   arrays, row = G.sampling_arrays([sp]), np.array([1], np.int32)
 
@@ -193,8 +204,11 @@ def test_pieces_write_what_one_prefill_writes(params, levers):
   state, _ = admit(p, state, pack([2, 200, 201, 202, 203], 8, arrays))  # the row's previous prompt
   whole, first_whole = admit(p, state, pack(LONG, 32, arrays))
   none = {**arrays, "max_new_B": np.zeros_like(arrays["max_new_B"])}
+  cache = jax.tree.map(
+    lambda x: np.take(np.asarray(x), [1], x.ndim - 4), state.cache
+  )  # the previous prompt's
   for offset, a in ((0, none), (8, none), (12, arrays)):
-    state, first = admit(p, state, pack(LONG[offset : offset + 8], 8, a, offset), extend=True)
+    state, cache, first = extend(p, state, cache, pack(LONG[offset : offset + 8], 8, a, offset))
   got, want = unpack_chunk(np.asarray(first), 1), unpack_chunk(np.asarray(first_whole), 1)
   for name in ("token", "emitted", "eos", "active", "top_ids"):
     assert np.array_equal(got[name], want[name]), name

@@ -134,6 +134,7 @@ class Engine(Rows, Pieces, Outputs):
     self._steps_left = [0] * self.slots  # per slot: decode steps it may still need (its budget)
     self._in_flight_chunk = None  # (packed outputs, slot owners) of the chunk the device runs
     self._piece = None  # (packed arguments, row, last) of this iteration's piece (Pieces)
+    self._row: list | None = None  # the row in pieces' cache, between its pieces (Pieces._row_cache)
     self._admitted: list[tuple] = []  # (packed first tokens, owners) of admission calls not handled yet
     self._held: list[tuple] = []  # the same of last pieces sharing a chunk's call (Pieces._pieced)
     self.eos_id = int(getattr(tokenizer, "eos_id", G.EOS_ID))  # a row that draws it stops

@@ -10,7 +10,9 @@ a whole long prompt. Every piece is exactly `piece` tokens: the last one ends at
 first token as an admission does; that token is read after the next call is dispatched, as a chunk's
 outputs are (read at once, the engine thread would wait for the whole call). One prompt is in
 pieces at a time, and the queue behind it keeps its order; a cancelled one frees its row between
-pieces.
+pieces. Between pieces the row's cache is also kept in a buffer of its own (`_row`, one row of the
+batch cache), which each piece reads and returns: read from the batch cache, whose buffer the call
+updates in place, it cost XLA two copies of the whole batch cache per piece.
 """
 
 from __future__ import annotations
@@ -96,7 +98,9 @@ class Pieces:
     if piece is None:
       return
     try:
-      self.state, first = self.programs.run(("extend", self.piece), self.state, piece[0])
+      self.state, self._row, first = self.programs.run(
+        ("extend", self.piece), self.state, self._row_cache(), piece[0]
+      )
     except Exception:
       handle, choice = self._slot[piece[1]]
       log.exception("request %s: prefilling a piece of its prompt failed", handle.id)
@@ -105,6 +109,14 @@ class Pieces:
         raise  # the batch state was donated to the failed call: nothing left to decode from
       return
     self._pieced(piece, first)
+
+  def _row_cache(self) -> list:
+    """The row in pieces' cache buffer (donated to each piece's call, which returns the new one):
+    made once, again only after a failed call consumed it. Its contents past the piece's offset
+    are never read (a first piece reads none)."""
+    if self._row is None or any(x.is_deleted() for x in self._row):
+      self._row = self.programs.empty_row()
+    return self._row
 
   def _dispatch(self, key: tuple, alive):
     """(state, packed outputs) of decode program `key` over alive[:R]. A planned piece runs in the
@@ -115,6 +127,8 @@ class Pieces:
       self._extend_alone()
       return self.programs.run(key, self.state, alive[: key[1]])
     piece, self._piece = self._piece, None
-    self.state, packed, first = self.programs.run(pkey, self.state, alive[: pkey[1]], piece[0])
+    self.state, self._row, packed, first = self.programs.run(
+      pkey, self.state, self._row_cache(), alive[: pkey[1]], piece[0]
+    )
     self._pieced(piece, first, shared=True)
     return self.state, packed

@@ -66,7 +66,6 @@ def admit_rows(
   top_n: int,
   vocab_limit: int | None,
   eos_id: int = G.EOS_ID,
-  extend: bool = False,
 ):
   """Prefills P prompts (one batched call), draws each one's first token from the prefill's logits
   (as the first decode step would, so the same tokens for a seed; the row's next step feeds it:
@@ -80,33 +79,52 @@ def admit_rows(
   draw would) and computes the top log-probs for every prompt, whatever the rows ask: a conditional
   would make the host wait for the prefill to choose a branch (on a GPU the call then returns only
   when the prefill is done, and the decode chunk behind it is dispatched that much later), while a
-  sort and a top-k of P rows cost once per request what a conditional costs.
+  sort and a top-k of P rows cost once per request what a conditional costs."""
+  rows_P, _, lengths_P, *sampling, tokens_PW = unpack_admission(packed_PX)
+  new = G._start(params, tokens_PW, lengths_P, *sampling, cfg)
+  return _place(state, new, rows_P, tokens_PW.shape[1], cfg, eos_id, top_n, vocab_limit)
 
-  `extend` (static): each prompt is a piece of a long one, written from its row's "offset" column
-  onto the row's cache (the earlier pieces: whole rows are read and written back), its repetition
-  record joined to theirs when the offset is past 0. A piece before the last is sent with
-  max_new_B 0: its row stays inactive and its draw is not used."""
+
+def extend_rows(
+  params,
+  state: G.DecodeState,
+  cache,
+  packed_PX,
+  *,
+  cfg: ModelConfig,
+  top_n: int,
+  vocab_limit: int | None,
+  eos_id: int = G.EOS_ID,
+):
+  """`admit_rows` for pieces of long prompts: piece p is written from its "offset" column onto
+  `cache` (row p: the rows' caches so far, [.., P, K, S, H] per leaf), its repetition record joined
+  to the row's when the offset is past 0, and the rows' whole caches replace rows_P's in the state.
+  A piece before the last is sent with max_new_B 0: its row stays inactive and its draw is not used.
+  Returns the state, the new `cache` and the first tokens' outputs. The caller keeps the rows'
+  caches between pieces (the engine, one row's): read from the donated batch cache, XLA copied all
+  of it twice per piece (the one-array layout; docs/serving.md, round thirteen)."""
   rows_P, offsets_P, lengths_P, *sampling, tokens_PW = unpack_admission(packed_PX)
-  if extend:
+  seen_PV = jnp.take(state.seen_BV, rows_P, axis=0, mode="clip") & (offsets_P > 0)[:, None]
+  new = G._start(
+    params, tokens_PW, lengths_P, *sampling, cfg, cache=cache, offsets_B=offsets_P, seen_BV=seen_PV
+  )
+  state, first = _place(state, new, rows_P, 0, cfg, eos_id, top_n, vocab_limit)
+  return state, new.cache, first
 
-    def take(x):
-      return jnp.take(x, rows_P, axis=_row_axis(x), mode="clip")  # padding rows write nowhere
 
-    cache, seen_PV = jax.tree.map(take, state.cache), take(state.seen_BV) & (offsets_P > 0)[:, None]
-    new = G._start(
-      params, tokens_PW, lengths_P, *sampling, cfg, cache=cache, offsets_B=offsets_P, seen_BV=seen_PV
-    )
-  else:
-    new = G._start(params, tokens_PW, lengths_P, *sampling, cfg)
-  new, token_P, out = G.draw(new, cfg, eos_id, top_n, vocab_limit, want_top=True, filtered=True)
+def _place(state: G.DecodeState, new: G.DecodeState, rows_P, reach: int, cfg, *draw):
+  """`new`'s rows (prefilled) with their first tokens drawn, written into rows rows_P of `state`
+  (past its rows: nowhere). `reach`: the cache positions a fresh prefill wrote (only those are
+  written: attention masks the rest); 0: the whole cache rows. Returns the state and the packed
+  outputs of the draw (a chunk of one step). `draw`: eos_id, top_n, vocab_limit (`generate.draw`)."""
+  new, token_P, out = G.draw(new, cfg, *draw, want_top=True, filtered=True)
   new = new.replace(pending_B=new.active_B, next_B=token_P)
-  reach = tokens_PW.shape[1]  # the cache positions the prompts wrote
 
   def put(big, one):
     axis = _row_axis(big)
     index = (slice(None),) * axis + (rows_P,)
-    if big.ndim >= 4 and not extend:  # a fresh cache [.., P, K, S, H]: only the written positions
-      one = jax.lax.slice_in_dim(one, 0, reach, axis=one.ndim - 2)  # (attention masks the rest)
+    if big.ndim >= 4 and reach:  # a fresh cache [.., P, K, S, H]: only the written positions
+      one = jax.lax.slice_in_dim(one, 0, reach, axis=one.ndim - 2)
       index += (slice(None), slice(0, reach))
     return big.at[index].set(one.astype(big.dtype), mode="drop")
 
@@ -186,17 +204,15 @@ def decode_rows(
   return state, pack_outputs(outs, sub.active_B)
 
 
-def decode_then_extend(params, state: G.DecodeState, alive_R, packed_1X, *, admit: dict, **decode):
+def decode_then_extend(params, state: G.DecodeState, cache, alive_R, packed_1X, *, admit: dict, **decode):
   """A decode chunk over the first R rows (`decode_rows(**decode)`, whole cache), then one piece of
-  a long prompt (`admit_rows(extend=True, **admit)`) in the same call: a long prompt's prefill
-  shares its calls with the rows decoding. The piece's row is not alive in the chunk; its idle steps
-  write at the row's position: after a piece, where the next piece begins (and writes again); before
-  the first, at the previous occupant's position, which a piece or a decode step writes before
-  anything reads it. Returns the
-  state, the chunk's packed outputs and the piece's (its first token when it is the last)."""
+  a long prompt (`extend_rows(**admit)` onto `cache`, the row's cache so far) in the same call: a
+  long prompt's prefill shares its calls with the rows decoding. The piece's row is not alive in the
+  chunk; what its idle steps write there the piece's whole row replaces. Returns the state, the row's
+  new cache, the chunk's packed outputs and the piece's (its first token when it is the last)."""
   state, chunk = decode_rows(params, state, alive_R, True, span=0, **decode)
-  state, first = admit_rows(params, state, packed_1X, extend=True, **admit)
-  return state, chunk, first
+  state, cache, first = extend_rows(params, state, cache, packed_1X, **admit)
+  return state, cache, chunk, first
 
 
 def pack_outputs(outs: dict, active_B):

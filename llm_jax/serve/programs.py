@@ -11,9 +11,10 @@ Programs (serve/prefill.py's functions over the engine's parameters and batch st
     ("admit", W, P)      P prompts padded to W tokens prefilled in one call into chosen rows, each
                          one's first token drawn (its arguments one int32 array: pack_admission;
                          outputs packed as a chunk of one step)
-    ("extend", W)        one piece of W tokens of a long prompt written from its offset into its
-                         row (the row's cache read and written whole), the first token drawn
-                         after the last piece (chunked prefill: Pieces in serve/pieces.py)
+    ("extend", W)        one piece of W tokens of a long prompt written from its offset onto its
+                         row's cache so far (an argument of its own, returned: `empty_row`),
+                         which then replaces the row's in the state; the first token drawn after
+                         the last piece (chunked prefill: Pieces in serve/pieces.py)
     ("piece", R, filtered, top, W)  a decode chunk over the first R rows (whole cache), then one
                          piece as "extend": a long prompt's prefill sharing a call with decoding
     ("move",)            one row of the state copied onto another (keeps the busy rows compacted)
@@ -66,6 +67,7 @@ from llm_jax.serve.prefill import (
   admit_rows,
   decode_rows,
   decode_then_extend,
+  extend_rows,
   move_row,
   pack_admission,
 )
@@ -206,6 +208,14 @@ class Programs:
     self._state_avals = _abstract(leaves)
     return leaves
 
+  def empty_row(self) -> list:
+    """One row's cache (zeros): the row in pieces' cache, as "extend" and "piece" take it."""
+    return [jax.numpy.zeros(a.shape, a.dtype) for a in self._row_avals()]
+
+  def _row_avals(self) -> list:  # the state's cache leaves ([.., B, K, S, H]: prefill._row_axis), one row
+    rows = [a for a in self._state_avals if a.ndim >= 4]
+    return [jax.ShapeDtypeStruct(a.shape[:-4] + (1,) + a.shape[-3:], a.dtype) for a in rows]
+
   @functools.cached_property
   def state_tree(self):
     """The decode state's tree structure (generate.DecodeState): traced from the model the first
@@ -216,10 +226,10 @@ class Programs:
   # ---------------------------------------------------------------- calls
 
   def run(self, key: tuple, *args, counted: bool = True):
-    """Program `key` on `args` (the state, then its arrays: `_spec`). Returns the state and the
-    packed outputs [R or P, X] (prefill.pack_outputs) for "decode", "admit" and "extend", the state,
-    the chunk's and the piece's outputs for "piece", the state for "move". `counted`: in `calls`
-    (not a warm-up's)."""
+    """Program `key` on `args` (the state, for "extend" and "piece" the row's cache, then arrays:
+    `_spec`). Returns the state and the packed outputs [R or P, X] (prefill.pack_outputs) for "decode"
+    and "admit", the state, the row's cache and the piece's outputs for "extend" (for "piece" the
+    chunk's before the piece's), the state for "move". `counted`: in `calls` (not a warm-up's)."""
     if counted:
       self.calls[key] += 1
     fn = self.compiled[key]
@@ -244,13 +254,14 @@ class Programs:
       state = self.run(key, state, np.int32(0), np.int32(0), counted=False)
     else:
       alive = [np.zeros((key[1],), bool)] if kind in ("decode", "piece") else []
+      row = [self.empty_row()] if kind in ("extend", "piece") else []
       width, count = {"admit": key[1:], "extend": (key[1], 1), "piece": (key[-1], 1)}.get(kind, (0, 0))
       packed = []
       if count:  # prompts whose rows are past the state's: written nowhere
         sampling = G.sampling_arrays([G.SamplingParams()] * count)
         rows, lengths = np.full((count,), self.rows, np.int32), np.ones((count,), np.int32)
         packed = [pack_admission(rows, np.zeros((count, width), np.int32), lengths, sampling)]
-      state = self.run(key, state, *alive, *packed, counted=False)[0]
+      state = self.run(key, state, *row, *alive, *packed, counted=False)[0]
     self.warmed[key] = compiled
     return state
 
@@ -297,20 +308,25 @@ class Programs:
     elif kind == "admit":
       fn, args = functools.partial(admit_rows, **admit), [packed(key[2], key[1])]
     elif kind == "extend":
-      fn, args = functools.partial(admit_rows, extend=True, **admit), [packed(1, key[1])]
+      fn, args = functools.partial(extend_rows, **admit), [self._row_avals(), packed(1, key[1])]
     elif kind == "piece":
       _, rows, filtered, top, width = key
       fn = functools.partial(decode_then_extend, admit=admit, **decode(filtered, top))
-      args = [alive(rows), packed(1, width)]
+      args = [self._row_avals(), alive(rows), packed(1, width)]
     else:
       raise ValueError(f"unknown program {key!r}")
+    row = kind in ("extend", "piece")  # the row's cache: the argument after the state, and returned
 
     def flat(pl, sl, *arrays):
       params, state = jax.tree.unflatten(ptree, pl), jax.tree.unflatten(self.state_tree, sl)
+      if row:
+        arrays = (jax.tree.unflatten(jax.tree.structure(state.cache), arrays[0]), *arrays[1:])
       state, *outs = fn(params, state, *arrays)
+      if row:
+        outs[0] = jax.tree.leaves(outs[0])
       return (jax.tree.leaves(state), *outs)
 
-    return flat, [self._param_avals, self._state_avals, *args], (1,)
+    return flat, [self._param_avals, self._state_avals, *args], (1, 2) if row else (1,)
 
   def _export_path(self, key: tuple) -> pathlib.Path:
     """The file of program `key`, named by everything that shapes it: the code, jax, the device,
