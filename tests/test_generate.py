@@ -295,6 +295,19 @@ def test_cli_streams_from_package(tmp_path, params, tok):
   )[0].text
   assert proc.stdout == "the cat" + want + "\n"
   assert "loaded" in proc.stderr
+  # speculative decoding (the model as its own draft): the same text, every proposal accepted
+  spec = _cli(
+    "--package",
+    str(tmp_path / "pkg"),
+    "--draft",
+    str(tmp_path / "pkg"),
+    "--prompt",
+    "the cat",
+    "--max_new_tokens",
+    "8",
+  )
+  assert spec.returncode == 0, spec.stderr[-2000:]
+  assert spec.stdout == proc.stdout and "100% of draft tokens accepted" in spec.stderr
 
 
 def test_cli_usage_errors_exit_2(tmp_path):
@@ -302,6 +315,8 @@ def test_cli_usage_errors_exit_2(tmp_path):
   assert both.returncode == 2 and "package" in both.stderr and "workdir" in both.stderr
   bad = _cli(f"--package={tmp_path}", "--prompt=x", "--top_p=0")
   assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr
+  sampled = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--prompt=x", "--temperature=0.8")
+  assert sampled.returncode == 2 and "--draft decodes greedily" in sampled.stderr
 
 
 def test_needs_filter_counts_only_live_rows():

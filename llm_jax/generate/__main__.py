@@ -2,9 +2,14 @@
 
     python -m llm_jax.generate --package=PKG --prompt="def main(" [--temperature=0.8 --top_p=0.9]
     python -m llm_jax.generate --workdir=runs/tiny [--step=600] --prompt="The " --prompt="A "
+    python -m llm_jax.generate --package=PKG --draft=SMALL_PKG [--draft_tokens=4] --prompt="def main("
 
 The document separator the model saw before every training document (EOS) is put before each
 prompt unless --no_prefix. Status lines (model loaded, seconds per prompt) go to stderr.
+
+`--draft`: greedy speculative decoding with a smaller model of the same tokenizer (a package or run
+directory; generate/speculative.py): the same text as greedy decoding without it, printed when the
+prompt's tokens are all decoded, with the share of draft tokens accepted on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from absl import flags
 from llm_jax import cli
 from llm_jax.artifacts import open_model
 from llm_jax.generate.sampling import SamplingParams
-from llm_jax.generate.stream import stream
+from llm_jax.generate.speculative import speculative_generate
+from llm_jax.generate.stream import TextStream, stream
 from llm_jax.model import unstack_layers
 
 _PACKAGE = flags.DEFINE_string("package", None, "An exported model package directory.")
@@ -40,12 +46,44 @@ _NO_PREFIX = flags.DEFINE_bool(
 _DTYPE = flags.DEFINE_enum(
   "dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32 on CPU, else bfloat16)."
 )
+_DRAFT = flags.DEFINE_string(
+  "draft",
+  None,
+  "A smaller model (package or run directory, same tokenizer): speculative decoding, greedy only.",
+)
+_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.", lower_bound=1)
 flags.mark_flags_as_mutual_exclusive(["package", "workdir"], required=True)
 flags.mark_flag_as_required("prompt")
 
 
 def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
   return tuple(v.encode("utf-8").decode("unicode_escape") for v in values if v)
+
+
+def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams) -> tuple[list[str], str]:
+  """The text pieces of one prompt's greedy completion by speculative decoding (stops honoured as
+  `stream` honours them), and a note of the draft tokens accepted."""
+  try:
+    [tokens], stats = speculative_generate(
+      params,
+      cfg,
+      *draft,
+      [ids],
+      max_new_tokens=sp.max_new_tokens,
+      k=_DRAFT_TOKENS.value,
+      eos_id=tokenizer.eos_id,
+      vocab_limit=tokenizer.vocab_size,
+    )
+  except ValueError as e:
+    raise cli.UsageError(f"--draft={_DRAFT.value}: {e}") from e
+  text, pieces = TextStream(tokenizer, sp.stop), []
+  for t in tokens:
+    pieces.append(text.push(t))
+    if text.finished:
+      break
+  pieces.append(text.close())
+  share = stats["accepted"] / max(stats["proposed"], 1)
+  return pieces, f", {share:.0%} of draft tokens accepted, {stats['rounds']} target calls"
 
 
 def main(argv: list[str]) -> int:
@@ -63,12 +101,19 @@ def main(argv: list[str]) -> int:
     )
   except ValueError as e:
     raise cli.UsageError(str(e)) from e
+  if _DRAFT.value and (sp.temperature > 0 or sp.repetition_penalty != 1.0):
+    raise cli.UsageError("--draft decodes greedily: it takes --temperature=0 and --repetition_penalty=1")
   t0 = time.time()
   loaded = open_model(
     _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
   )
   params, cfg = unstack_layers(loaded.params, loaded.model_config)  # one buffer per layer: faster
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
+  draft = None
+  if _DRAFT.value:
+    small = open_model(_DRAFT.value, dtype=_DTYPE.value or "auto")
+    draft = unstack_layers(small.params, small.model_config)
+    print(f"[draft {small.describe()}]", file=sys.stderr)
   for prompt in _PROMPT.value:
     ids = loaded.tokenizer.encode(prompt)
     if not _NO_PREFIX.value:
@@ -76,11 +121,15 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t1 = time.time()
-    for piece in stream(params, cfg, loaded.tokenizer, ids, sp, eos_id=loaded.tokenizer.eos_id):
+    if draft is None:
+      pieces, note = stream(params, cfg, loaded.tokenizer, ids, sp, eos_id=loaded.tokenizer.eos_id), ""
+    else:
+      pieces, note = _speculate(params, cfg, draft, loaded.tokenizer, ids, sp)
+    for piece in pieces:
       sys.stdout.write(piece)
       sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"[{time.time() - t1:.2f}s]", file=sys.stderr)
+    print(f"[{time.time() - t1:.2f}s{note}]", file=sys.stderr)
   return 0
 
 

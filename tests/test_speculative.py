@@ -1,0 +1,108 @@
+"""Greedy speculative decoding: the tokens are the target's greedy ones whatever the draft proposes,
+and a draft that always agrees has every proposal accepted."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax import generate as G
+from llm_jax.generate.speculative import speculative_generate
+from llm_jax.model import ModelConfig
+from llm_jax.model.params import init_params
+
+CFG = ModelConfig(
+  vocab_size=320,
+  num_layers=2,
+  d_model=32,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  mlp_dim=64,
+  max_seq_len=64,
+  init_std=0.3,
+)
+DRAFT = dataclasses.replace(CFG, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40], [1, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+LIMIT = 300  # ids at or past it are never chosen (padded embedding rows)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, 0)
+
+
+def _greedy(params, prompts, n, eos_id=G.EOS_ID):
+  gens = G.generate(
+    params, CFG, prompts, G.SamplingParams(max_new_tokens=n), eos_id=eos_id, vocab_limit=LIMIT
+  )
+  return [g.tokens for g in gens]
+
+
+def _near(params, scale=0.2, seed=1):
+  """The target's weights with noise: a draft that agrees often but not always (~30% accepted)."""
+  leaves, tree = jax.tree.flatten(params)
+  rng = np.random.default_rng(seed)
+  noisy = [x + scale * np.std(x) * rng.standard_normal(x.shape).astype(x.dtype) for x in leaves]
+  return jax.tree.unflatten(tree, noisy)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("near", [False, True])
+def test_tokens_are_the_targets_greedy_ones(params, k, near):
+  """Drafts of other weights and shapes (most proposals rejected) and of the target's weights with
+  noise (some accepted, some rejected after accepted ones): the tokens equal plain greedy decoding's
+  for prompts of different lengths in one batch, and for one prompt alone."""
+  draft, draft_cfg = (_near(params), CFG) if near else (init_params(DRAFT, 7), DRAFT)
+  got, stats = speculative_generate(
+    params, CFG, draft, draft_cfg, PROMPTS, max_new_tokens=20, k=k, vocab_limit=LIMIT
+  )
+  assert got == _greedy(params, PROMPTS, 20)
+  assert stats["tokens"] == sum(map(len, got))
+  assert 0 <= stats["accepted"] < stats["proposed"] <= k * 3 * stats["rounds"]
+  [one], _ = speculative_generate(
+    params, CFG, draft, draft_cfg, PROMPTS[1:2], max_new_tokens=7, k=k, vocab_limit=LIMIT
+  )
+  assert one == _greedy(params, PROMPTS[1:2], 7)[0]
+
+
+def test_a_draft_that_agrees_has_every_proposal_accepted(params):
+  """With the target as its own draft every proposal is accepted: k + 1 tokens per round, so 1 +
+  4 * 5 = 21 tokens take 5 rounds after the prefill's first token."""
+  got, stats = speculative_generate(
+    params, CFG, params, CFG, PROMPTS, max_new_tokens=21, k=4, vocab_limit=LIMIT
+  )
+  assert got == _greedy(params, PROMPTS, 21)
+  assert stats["rounds"] == 4 and stats["accepted"] == stats["proposed"] == 3 * 4 * 4
+
+
+def test_rows_stop_at_eos(params):
+  """A row stops before the end-of-sequence id, as greedy decoding does (here the first id that a
+  prompt's greedy continuation reaches only at its third token or later); the other rows go on."""
+  plain = _greedy(params, PROMPTS, 12)
+  row, at = next(
+    (r, i) for r, toks in enumerate(plain) for i, t in enumerate(toks) if i >= 2 and t not in toks[:i]
+  )
+  want = _greedy(params, PROMPTS, 12, eos_id=plain[row][at])
+  assert len(want[row]) == at and want != plain
+  got, _ = speculative_generate(
+    params,
+    CFG,
+    init_params(DRAFT, 7),
+    DRAFT,
+    PROMPTS,
+    max_new_tokens=12,
+    k=3,
+    eos_id=plain[row][at],
+    vocab_limit=LIMIT,
+  )
+  assert got == want
+
+
+def test_bad_pairs_are_refused(params):
+  other = dataclasses.replace(DRAFT, vocab_size=256)
+  with pytest.raises(ValueError, match="vocabulary"):
+    speculative_generate(params, CFG, init_params(other, 0), other, PROMPTS, max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"context \(64\) has no room"):
+    speculative_generate(params, CFG, params, CFG, PROMPTS, max_new_tokens=50, k=4)
