@@ -1,0 +1,102 @@
+"""Greedy decoding with and without a draft model (generate/speculative.py), one prompt at a time:
+tokens/s of each, the share of draft tokens accepted and the tokens per target call, for several
+draft lengths; the tokens must be the same (the script exits 1 otherwise).
+
+    python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG \
+        --text val.txt [--prompts 8] [--prompt_tokens 64] [--new_tokens 256] [--k 2,4,6]
+
+`bash bench/gpu_speculative.sh` trains a pair on tiny Shakespeare and runs this on one GPU. Not a
+test: figures go to docs/serving.md with the command and the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+
+from llm_jax import generate as G
+from llm_jax.artifacts import open_model
+from llm_jax.model import unstack_layers
+
+
+def _timed(fn, repeats: int):
+  """(result, best seconds) of fn() after one untimed call (the compile)."""
+  result, best = fn(), float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return result, best
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--model", required=True)
+  ap.add_argument("--draft", required=True)
+  ap.add_argument("--text", required=True, help="a text file the prompts are cut from")
+  ap.add_argument("--prompts", type=int, default=8)
+  ap.add_argument("--prompt_tokens", type=int, default=64)
+  ap.add_argument("--new_tokens", type=int, default=256)
+  ap.add_argument("--k", default="2,4,6")
+  ap.add_argument("--repeats", type=int, default=3)
+  args = ap.parse_args()
+  target, small = open_model(args.model), open_model(args.draft)
+  params, cfg = unstack_layers(target.params, target.model_config)
+  draft = unstack_layers(small.params, small.model_config)
+  tok, eos = target.tokenizer, -1  # no end of sequence: every prompt decodes new_tokens
+  ids = tok.encode(open(args.text, encoding="utf-8").read())
+  step = max(1, (len(ids) - args.prompt_tokens) // args.prompts)
+  prompts = [ids[i * step : i * step + args.prompt_tokens] for i in range(args.prompts)]
+  sp = G.SamplingParams(max_new_tokens=args.new_tokens)
+  print(f"{jax.devices()[0].device_kind}: model {target.describe()}; draft {small.describe()}", flush=True)
+  rows, base_s, want = [], 0.0, []
+  for p in prompts:
+    gen, s = _timed(
+      lambda p=p: G.generate(params, cfg, [p], sp, eos_id=eos, vocab_limit=tok.vocab_size), args.repeats
+    )
+    want.append(gen[0].tokens)
+    base_s += s
+  total = sum(map(len, want))
+  rows.append(("greedy", total / base_s, "", "", 1.0))
+  for k in [int(x) for x in args.k.split(",")]:
+    spec_s, acc, prop, calls = 0.0, 0, 0, 0
+    for p, w in zip(prompts, want, strict=True):
+
+      def run(p=p, k=k):
+        return G.speculative_generate(
+          params,
+          cfg,
+          *draft,
+          [p],
+          max_new_tokens=args.new_tokens,
+          k=k,
+          eos_id=eos,
+          vocab_limit=tok.vocab_size,
+        )
+
+      (got, stats), s = _timed(run, args.repeats)
+      if got[0] != w:
+        print(f"k={k}: tokens differ from greedy decoding", file=sys.stderr)
+        return 1
+      spec_s, acc, prop, calls = (
+        spec_s + s,
+        acc + stats["accepted"],
+        prop + stats["proposed"],
+        calls + stats["rounds"],
+      )
+    rows.append(
+      (f"draft, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s)
+    )
+  head = "decoding, one prompt at a time | tokens/s | draft tokens accepted | tokens per target call"
+  print(f"\n| {head} | speed-up |")
+  print("| --- | --- | --- | --- | --- |")
+  for name, tps, a, per, up in rows:
+    print(f"| {name} | {tps:,.0f} | {a} | {per} | {up:.2f}x |")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
