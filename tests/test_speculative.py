@@ -20,7 +20,7 @@ CFG = ModelConfig(
   num_kv_heads=2,
   head_dim=8,
   mlp_dim=64,
-  max_seq_len=64,
+  max_seq_len=256,  # rounds attend to a 128-position span of it (decode_span)
   init_std=0.3,
 )
 DRAFT = dataclasses.replace(CFG, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
@@ -104,5 +104,7 @@ def test_bad_pairs_are_refused(params):
   other = dataclasses.replace(DRAFT, vocab_size=256)
   with pytest.raises(ValueError, match="vocabulary"):
     speculative_generate(params, CFG, init_params(other, 0), other, PROMPTS, max_new_tokens=4)
-  with pytest.raises(ValueError, match=r"context \(64\) has no room"):
-    speculative_generate(params, CFG, params, CFG, PROMPTS, max_new_tokens=50, k=4)
+  with pytest.raises(ValueError, match=r"context \(256\) has no room"):
+    speculative_generate(params, CFG, params, CFG, PROMPTS, max_new_tokens=242, k=4)
+  with pytest.raises(ValueError, match="at least one token"):
+    speculative_generate(params, CFG, params, CFG, [[1, 2], []], max_new_tokens=4)

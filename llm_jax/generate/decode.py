@@ -87,16 +87,17 @@ def empty_cache(cfg: ModelConfig, batch: int):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-def _prompt_hidden(params, tokens_BL, cfg: ModelConfig, cache=None, offsets_B=None):
+def _prompt_hidden(params, tokens_BL, cfg: ModelConfig, cache=None, offsets_B=None, span: int = 0):
   """(the cache with the prompts written, final hidden states [B, L, D]) by the decode model: into a
   fresh cache from position 0, or into `cache` from each row's position offsets_B[b], attending to
-  the row's cache positions before it (a long prompt prefilled in pieces)."""
+  the row's cache positions before it (a long prompt prefilled in pieces; `span`: to the first
+  `span` positions only, as decode steps do: `decode_span`)."""
   b, width = tokens_BL.shape
   positions_BL = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), (b, width))
   if cache is None:
     model, cache = _model(cfg, span=width), empty_cache(cfg, b)  # positions below the padded width
   else:
-    model, positions_BL = _model(cfg), positions_BL + offsets_B[:, None]
+    model, positions_BL = _model(cfg, span), positions_BL + offsets_B[:, None]
   h_BLD, variables = model.apply(
     {"params": params, "cache": cache},
     tokens_BL,

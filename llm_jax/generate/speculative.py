@@ -34,6 +34,7 @@ from llm_jax.generate.decode import (
   _prefill,
   _prompt_hidden,
   bucket,
+  decode_span,
 )
 from llm_jax.model import ModelConfig
 
@@ -45,7 +46,9 @@ def _greedy(logits_xV, vocab_limit: int | None):
   return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "draft_cfg", "k", "max_new", "eos_id", "vocab_limit"))
+@functools.partial(
+  jax.jit, static_argnames=("cfg", "draft_cfg", "k", "max_new", "eos_id", "vocab_limit", "spans")
+)
 def speculate(
   params,
   draft_params,
@@ -58,10 +61,13 @@ def speculate(
   max_new: int,
   eos_id: int = EOS_ID,
   vocab_limit: int | None = None,
+  spans: tuple[int, int] = (0, 0),
 ):
   """Greedy tokens of right-padded prompts: ([B, max_new] tokens, [B] how many are valid: up to and
   excluding the first EOS, at most max_new; the rounds run, and the draft tokens the live rows
-  proposed and had accepted). Host callers: `speculative_generate`."""
+  proposed and had accepted). `spans`: the cache positions the target's and the draft's rounds attend
+  to (`decode_span` of the last position a round can write; 0: the whole cache). Host callers:
+  `speculative_generate`."""
   params, draft_params = _float_params(params, cfg), _float_params(draft_params, draft_cfg)
   b = tokens_BL.shape[0]
   cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg)
@@ -76,7 +82,7 @@ def speculate(
 
     def step(j, carry):
       cache, x_B, props_BK1 = carry
-      cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, draft_cfg)
+      cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, draft_cfg, spans[1])
       x_B = _greedy(logits_BV, vocab_limit)
       return cache, x_B, props_BK1.at[:, j].set(x_B)
 
@@ -88,7 +94,7 @@ def speculate(
     cache_t, cache_d, last_B, pos_B, count_B, done_B, out_BN, rounds, accepted, proposed = carry
     cache_d, props_BK = draft(cache_d, last_B, pos_B)
     block_BK1 = jnp.concatenate([last_B[:, None], props_BK], axis=1)
-    cache_t, h_BKD = _prompt_hidden(params, block_BK1, cfg, cache_t, pos_B)
+    cache_t, h_BKD = _prompt_hidden(params, block_BK1, cfg, cache_t, pos_B, spans[0])
     logits = _model(cfg).apply({"params": params}, h_BKD, method="logits")
     choice_BK1 = _greedy(logits, vocab_limit)  # the target's token after each block position
     n_B = jnp.sum(jnp.cumprod(props_BK == choice_BK1[:, :k], axis=1), axis=1)  # proposals accepted
@@ -144,6 +150,8 @@ def speculative_generate(
       f"the draft model's vocabulary ({draft_cfg.vocab_size} ids) is not the target's ({cfg.vocab_size}):"
       " speculative decoding needs one tokenizer"
     )
+  if not prompts or not all(len(p) for p in prompts):
+    raise ValueError("speculative decoding needs at least one prompt, each of at least one token")
   if k < 1 or max_new_tokens < 1:
     raise ValueError(f"draft tokens ({k}) and max_new_tokens ({max_new_tokens}) must be at least 1")
   longest = max(len(p) for p in prompts)
@@ -173,6 +181,7 @@ def speculative_generate(
       max_new=max_new_tokens,
       eos_id=eos_id,
       vocab_limit=vocab_limit,
+      spans=(decode_span(need - 2, cfg), decode_span(need - 2, draft_cfg)),  # a round's last position
     )
   )
   result = [[int(t) for t in out[i, : valid[i]]] for i in range(len(prompts))]
