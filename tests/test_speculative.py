@@ -6,23 +6,14 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+from tiny_package import SERVER_CFG
 
 from llm_jax import generate as G
 from llm_jax.generate.speculative import speculative_generate
-from llm_jax.model import ModelConfig
 from llm_jax.model.params import init_params
 
-CFG = ModelConfig(
-  vocab_size=320,
-  num_layers=2,
-  d_model=32,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=8,
-  mlp_dim=64,
-  max_seq_len=256,  # rounds attend to a 128-position span of it (decode_span)
-  init_std=0.3,
-)
+# a context of 256: rounds attend to a 128-position span of it (decode_span)
+CFG = dataclasses.replace(SERVER_CFG, vocab_size=320, num_layers=2, max_seq_len=256)
 DRAFT = dataclasses.replace(CFG, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1, mlp_dim=32)
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 40], [1, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 LIMIT = 300  # ids at or past it are never chosen (padded embedding rows)
