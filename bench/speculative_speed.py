@@ -1,6 +1,8 @@
 """Greedy decoding with and without a draft model (generate/speculative.py), one prompt at a time:
 tokens/s of each, the share of draft tokens accepted and the tokens per target call, for several
-draft lengths; the tokens must be the same (the script exits 1 otherwise).
+draft lengths, and how many prompts' tokens equal greedy decoding's: all of them in float32 (the
+script exits 1 otherwise); in bfloat16 the target's check of a round (one pass over k + 1 positions)
+rounds differently from its one-token steps and may break a near-tie the other way.
 
     python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG \
         --text val.txt [--prompts 8] [--prompt_tokens 64] [--new_tokens 256] [--k 2,4,6]
@@ -62,7 +64,7 @@ def main() -> int:
   total = sum(map(len, want))
   rows.append(("greedy", total / base_s, "", "", 1.0))
   for k in [int(x) for x in args.k.split(",")]:
-    spec_s, acc, prop, calls = 0.0, 0, 0, 0
+    spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
     for p, w in zip(prompts, want, strict=True):
 
       def run(p=p, k=k):
@@ -78,9 +80,14 @@ def main() -> int:
         )
 
       (got, stats), s = _timed(run, args.repeats)
+      same += got[0] == w
       if got[0] != w:
-        print(f"k={k}: tokens differ from greedy decoding", file=sys.stderr)
-        return 1
+        at = next(
+          (i for i, (a, b) in enumerate(zip(got[0], w, strict=False)) if a != b), min(len(w), len(got[0]))
+        )
+        print(f"k={k}: tokens differ from greedy decoding from new token {at}", file=sys.stderr)
+        if cfg.dtype == "float32":
+          return 1
       spec_s, acc, prop, calls = (
         spec_s + s,
         acc + stats["accepted"],
@@ -88,13 +95,13 @@ def main() -> int:
         calls + stats["rounds"],
       )
     rows.append(
-      (f"draft, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s)
+      (f"draft, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s, same)
     )
   head = "decoding, one prompt at a time | tokens/s | draft tokens accepted | tokens per target call"
-  print(f"\n| {head} | speed-up |")
-  print("| --- | --- | --- | --- | --- |")
-  for name, tps, a, per, up in rows:
-    print(f"| {name} | {tps:,.0f} | {a} | {per} | {up:.2f}x |")
+  print(f"\n| {head} | speed-up | prompts equal to greedy |")
+  print("| --- | --- | --- | --- | --- | --- |")
+  for name, tps, a, per, up, *eq in rows:
+    print(f"| {name} | {tps:,.0f} | {a} | {per} | {up:.2f}x | {f'{eq[0]} of {len(prompts)}' if eq else ''} |")
   return 0
 
 

@@ -2,8 +2,9 @@
 target model checks them all in one forward pass over the k + 1 positions (the last accepted token
 and the proposals, written onto its cache as a prompt's piece is) and keeps the proposals up to the
 first it would not have chosen, then its own token there: every round emits 1 to k + 1 tokens for
-one target call, and the tokens are exactly the target's greedy ones (the draft only decides how
-many come per call).
+one target call, and the tokens are the target's greedy ones (the draft only decides how many
+come per call; in bfloat16 the check of k + 1 positions in one pass rounds differently from one-token
+steps, so a near-tie can go the other way, as between a prefill and token-by-token decoding).
 
     tokens, stats = speculative_generate(params, cfg, draft_params, draft_cfg, prompts, max_new_tokens=64)
 
