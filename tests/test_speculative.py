@@ -9,7 +9,7 @@ import pytest
 from tiny_package import SERVER_CFG
 
 from llm_jax import generate as G
-from llm_jax.generate.speculative import speculative_generate
+from llm_jax.generate.speculative import speculative_generate, speculative_stream
 from llm_jax.model.params import init_params
 
 # a context of 256: rounds attend to a 128-position span of it (decode_span)
@@ -66,6 +66,24 @@ def test_a_draft_that_agrees_has_every_proposal_accepted(params):
   )
   assert got == _greedy(params, PROMPTS, 21)
   assert stats["rounds"] == 4 and stats["accepted"] == stats["proposed"] == 3 * 4 * 4
+
+
+def test_the_stream_yields_the_same_tokens_as_they_come(params):
+  """The stream sends the prefill's first token alone, then each round's tokens (one round per
+  call here): together the tokens of greedy decoding; its last statistics are the whole run's."""
+  draft = _near(params)
+  parts = list(
+    speculative_stream(
+      params, CFG, draft, CFG, PROMPTS[2], max_new_tokens=20, k=3, vocab_limit=LIMIT, rounds=1
+    )
+  )
+  assert len(parts[0][0]) == 1 and all(1 <= len(new) <= 4 for new, _ in parts[1:])
+  assert [t for new, _ in parts for t in new] == _greedy(params, PROMPTS[2:], 20)[0]
+  _, stats = speculative_generate(
+    params, CFG, draft, CFG, PROMPTS[2:], max_new_tokens=20, k=3, vocab_limit=LIMIT
+  )
+  assert parts[-1][1] == {name: stats[name] for name in ("rounds", "accepted", "proposed")}
+  assert len(parts) == stats["rounds"] + 1
 
 
 def test_rows_stop_at_eos(params):

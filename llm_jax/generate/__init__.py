@@ -10,7 +10,7 @@ right-padded, and each row's decode continues at its own position.
     mesh.py      parameters on a mesh for tensor-parallel decoding (shard_params, mesh_context)
     batching.py  prompts padded to bucketed shapes (make_batch, Batch)
     stream.py    TextStream (incremental detokenization, stops), stream() and generate()
-    speculative.py  greedy speculative decoding with a smaller draft model (speculative_generate)
+    speculative.py  greedy speculative decoding with a smaller draft model (speculative_generate, _stream)
     __main__.py  python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8]
 
 Conventions: the token sampled at step i of a row sits at position len(prompt) + i; a row stops at
@@ -53,7 +53,7 @@ from llm_jax.generate.sampling import (
   sampling_arrays,
   top_k_top_p_mask,
 )
-from llm_jax.generate.speculative import speculative_generate
+from llm_jax.generate.speculative import speculative_generate, speculative_stream
 from llm_jax.generate.stream import Generation, TextStream, generate, stream
 
 __all__ = [
@@ -87,6 +87,7 @@ __all__ = [
   "sampling_arrays",
   "shard_params",
   "speculative_generate",
+  "speculative_stream",
   "start",
   "stream",
   "top_k_top_p_mask",

@@ -8,22 +8,22 @@ The document separator the model saw before every training document (EOS) is put
 prompt unless --no_prefix. Status lines (model loaded, seconds per prompt) go to stderr.
 
 `--draft`: greedy speculative decoding with a smaller model of the same tokenizer (a package or run
-directory; generate/speculative.py): the same text as greedy decoding without it, printed when the
-prompt's tokens are all decoded, with the share of draft tokens accepted on stderr.
+directory; generate/speculative.py): the same text as greedy decoding without it, streamed a few
+rounds at a time, with the share of draft tokens accepted on stderr.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from absl import flags
 
 from llm_jax import cli
 from llm_jax.artifacts import open_model
 from llm_jax.generate.sampling import SamplingParams
-from llm_jax.generate.speculative import speculative_generate
+from llm_jax.generate.speculative import speculative_stream
 from llm_jax.generate.stream import TextStream, stream
 from llm_jax.model import unstack_layers
 
@@ -60,30 +60,38 @@ def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
   return tuple(v.encode("utf-8").decode("unicode_escape") for v in values if v)
 
 
-def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams) -> tuple[list[str], str]:
-  """The text pieces of one prompt's greedy completion by speculative decoding (stops honoured as
-  `stream` honours them), and a note of the draft tokens accepted."""
+def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams, note: list) -> Iterator[str]:
+  """The text pieces of one prompt's greedy completion by speculative decoding, as they are decoded
+  (stops honoured as `stream` honours them); appends a note of the draft tokens accepted to `note`."""
+  text, stats = TextStream(tokenizer, sp.stop), {}
   try:
-    [tokens], stats = speculative_generate(
+    rounds = speculative_stream(
       params,
       cfg,
       *draft,
-      [ids],
+      ids,
       max_new_tokens=sp.max_new_tokens,
       k=_DRAFT_TOKENS.value,
       eos_id=tokenizer.eos_id,
       vocab_limit=tokenizer.vocab_size,
     )
+    for new, so_far in rounds:
+      stats = so_far  # the last one is the whole prompt's
+      for t in new:
+        piece = text.push(t)
+        if piece:
+          yield piece
+        if text.finished:
+          break
+      if text.finished:
+        break
   except ValueError as e:
     raise cli.UsageError(f"--draft={_DRAFT.value}: {e}") from e
-  text, pieces = TextStream(tokenizer, sp.stop), []
-  for t in tokens:
-    pieces.append(text.push(t))
-    if text.finished:
-      break
-  pieces.append(text.close())
+  rest = text.close()
+  if rest:
+    yield rest
   share = stats["accepted"] / max(stats["proposed"], 1)
-  return pieces, f", {share:.0%} of draft tokens accepted, {stats['rounds']} target calls"
+  note.append(f", {share:.0%} of draft tokens accepted, {stats['rounds']} target calls")
 
 
 def main(argv: list[str]) -> int:
@@ -121,15 +129,16 @@ def main(argv: list[str]) -> int:
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t1 = time.time()
+    note = []
     if draft is None:
-      pieces, note = stream(params, cfg, loaded.tokenizer, ids, sp, eos_id=loaded.tokenizer.eos_id), ""
+      pieces = stream(params, cfg, loaded.tokenizer, ids, sp, eos_id=loaded.tokenizer.eos_id)
     else:
-      pieces, note = _speculate(params, cfg, draft, loaded.tokenizer, ids, sp)
+      pieces = _speculate(params, cfg, draft, loaded.tokenizer, ids, sp, note)
     for piece in pieces:
       sys.stdout.write(piece)
       sys.stdout.flush()
     sys.stdout.write("\n")
-    print(f"[{time.time() - t1:.2f}s{note}]", file=sys.stderr)
+    print(f"[{time.time() - t1:.2f}s{''.join(note)}]", file=sys.stderr)
   return 0
 
 

@@ -7,6 +7,8 @@ come per call; in bfloat16 the check of k + 1 positions in one pass rounds diffe
 steps, so a near-tie can go the other way, as between a prefill and token-by-token decoding).
 
     tokens, stats = speculative_generate(params, cfg, draft_params, draft_cfg, prompts, max_new_tokens=64)
+    for new, stats in speculative_stream(params, cfg, draft_params, draft_cfg, ids, max_new_tokens=64):
+        ...  # the prefill's first token, then the tokens of each few rounds (a terminal's stream)
 
 Both models must share the tokenizer (the same vocabulary size) and have room for every prompt, its
 new tokens and one round past them (`k` + 1 positions) in their context. Greedy only: sampled
@@ -19,8 +21,9 @@ is rolled back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,86 +50,138 @@ def _greedy(logits_xV, vocab_limit: int | None):
   return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(
-  jax.jit, static_argnames=("cfg", "draft_cfg", "k", "max_new", "eos_id", "vocab_limit", "spans")
-)
-def speculate(
-  params,
-  draft_params,
-  tokens_BL,
-  lengths_B,
-  *,
-  cfg: ModelConfig,
-  draft_cfg: ModelConfig,
-  k: int,
-  max_new: int,
-  eos_id: int = EOS_ID,
-  vocab_limit: int | None = None,
-  spans: tuple[int, int] = (0, 0),
-):
-  """Greedy tokens of right-padded prompts: ([B, max_new] tokens, [B] how many are valid: up to and
-  excluding the first EOS, at most max_new; the rounds run, and the draft tokens the live rows
-  proposed and had accepted). `spans`: the cache positions the target's and the draft's rounds attend
-  to (`decode_span` of the last position a round can write; 0: the whole cache). Host callers:
-  `speculative_generate`."""
-  params, draft_params = _float_params(params, cfg), _float_params(draft_params, draft_cfg)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What shapes the compiled rounds (static): the two models, k draft tokens a round, the new
+  tokens at most, the end-of-sequence id, the ids below `vocab_limit` (None: all), and the cache
+  positions the target's and the draft's rounds attend to (`decode_span` of the last position a
+  round can write; 0: the whole cache)."""
+
+  cfg: ModelConfig
+  draft_cfg: ModelConfig
+  k: int
+  max_new: int
+  eos_id: int = EOS_ID
+  vocab_limit: int | None = None
+  spans: tuple[int, int] = (0, 0)
+
+
+@functools.partial(jax.jit, static_argnames="plan")
+def begin(params, draft_params, tokens_BL, lengths_B, *, plan: Plan) -> dict:
+  """Both models' prefill of right-padded prompts and the target's first token: the state `advance`
+  takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics)."""
+  params, draft_params = _float_params(params, plan.cfg), _float_params(draft_params, plan.draft_cfg)
   b = tokens_BL.shape[0]
-  cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, cfg)
-  cache_d, _ = _prefill(draft_params, tokens_BL, lengths_B, draft_cfg)
-  first_B = _greedy(logits_BV, vocab_limit)
-  out_BN = jnp.zeros((b, max_new + k + 1), jnp.int32).at[:, 0].set(first_B)
-  done_B = (first_B == eos_id) | (max_new <= 1)
-  rows_B = jnp.arange(b)
+  cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, plan.cfg)
+  cache_d, _ = _prefill(draft_params, tokens_BL, lengths_B, plan.draft_cfg)
+  first_B = _greedy(logits_BV, plan.vocab_limit)
+  zero = jnp.int32(0)
+  return dict(
+    cache_t=cache_t,
+    cache_d=cache_d,
+    last_B=first_B,
+    pos_B=lengths_B.astype(jnp.int32),
+    count_B=jnp.ones((b,), jnp.int32),
+    done_B=(first_B == plan.eos_id) | (plan.max_new <= 1),
+    out_BN=jnp.zeros((b, plan.max_new + plan.k + 1), jnp.int32).at[:, 0].set(first_B),
+    rounds=zero,
+    accepted=zero,
+    proposed=zero,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "rounds"), donate_argnums=2)
+def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> dict:
+  """Rounds until every row is done, or at most `rounds` more (0: no limit). A row's tokens are
+  out_BN[:count_B], ending at its first end-of-sequence id (`_tokens`)."""
+  params, draft_params = _float_params(params, plan.cfg), _float_params(draft_params, plan.draft_cfg)
+  k, b = plan.k, st["last_B"].shape[0]
+  rows_B, j_K1, start = jnp.arange(b), jnp.arange(k + 1), st["rounds"]
 
   def draft(cache_d, last_B, pos_B):
     """k proposals, and the last one fed too (its keys are in the cache if it is accepted)."""
 
     def step(j, carry):
       cache, x_B, props_BK1 = carry
-      cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, draft_cfg, spans[1])
-      x_B = _greedy(logits_BV, vocab_limit)
+      cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, plan.draft_cfg, plan.spans[1])
+      x_B = _greedy(logits_BV, plan.vocab_limit)
       return cache, x_B, props_BK1.at[:, j].set(x_B)
 
     props_BK1 = jnp.zeros((b, k + 1), jnp.int32)
     cache_d, _, props_BK1 = jax.lax.fori_loop(0, k + 1, step, (cache_d, last_B, props_BK1))
     return cache_d, props_BK1[:, :k]
 
-  def body(carry):
-    cache_t, cache_d, last_B, pos_B, count_B, done_B, out_BN, rounds, accepted, proposed = carry
-    cache_d, props_BK = draft(cache_d, last_B, pos_B)
-    block_BK1 = jnp.concatenate([last_B[:, None], props_BK], axis=1)
-    cache_t, h_BKD = _prompt_hidden(params, block_BK1, cfg, cache_t, pos_B, spans[0])
-    logits = _model(cfg).apply({"params": params}, h_BKD, method="logits")
-    choice_BK1 = _greedy(logits, vocab_limit)  # the target's token after each block position
+  def body(st):
+    live_B, pos_B, count_B = ~st["done_B"], st["pos_B"], st["count_B"]
+    cache_d, props_BK = draft(st["cache_d"], st["last_B"], pos_B)
+    block_BK1 = jnp.concatenate([st["last_B"][:, None], props_BK], axis=1)
+    cache_t, h_BKD = _prompt_hidden(params, block_BK1, plan.cfg, st["cache_t"], pos_B, plan.spans[0])
+    logits = _model(plan.cfg).apply({"params": params}, h_BKD, method="logits")
+    choice_BK1 = _greedy(logits, plan.vocab_limit)  # the target's token after each block position
     n_B = jnp.sum(jnp.cumprod(props_BK == choice_BK1[:, :k], axis=1), axis=1)  # proposals accepted
-    j_K1 = jnp.arange(k + 1)
-    emit_BK1 = (j_K1[None] <= n_B[:, None]) & ~done_B[:, None]
+    emit_BK1 = (j_K1[None] <= n_B[:, None]) & live_B[:, None]
+    out_BN = st["out_BN"]
     cols_BK1 = jnp.where(emit_BK1, count_B[:, None] + j_K1[None], out_BN.shape[1])  # past the end: dropped
-    out_BN = out_BN.at[rows_B[:, None], cols_BK1].set(choice_BK1, mode="drop")
-    eos_B = jnp.any(emit_BK1 & (choice_BK1 == eos_id), axis=1)
-    live_B = ~done_B
     count_B = jnp.where(live_B, count_B + n_B + 1, count_B)
-    last_B = jnp.where(live_B, choice_BK1[rows_B, n_B], last_B)
-    pos_B = jnp.where(live_B, pos_B + n_B + 1, pos_B)
-    accepted = accepted + jnp.sum(jnp.where(live_B, n_B, 0))
-    proposed = proposed + k * jnp.sum(live_B)
-    done_B = done_B | eos_B | (count_B >= max_new)
-    return cache_t, cache_d, last_B, pos_B, count_B, done_B, out_BN, rounds + 1, accepted, proposed
+    eos_B = jnp.any(emit_BK1 & (choice_BK1 == plan.eos_id), axis=1)
+    return dict(
+      cache_t=cache_t,
+      cache_d=cache_d,
+      last_B=jnp.where(live_B, choice_BK1[rows_B, n_B], st["last_B"]),
+      pos_B=jnp.where(live_B, pos_B + n_B + 1, pos_B),
+      count_B=count_B,
+      done_B=st["done_B"] | eos_B | (count_B >= plan.max_new),
+      out_BN=out_BN.at[rows_B[:, None], cols_BK1].set(choice_BK1, mode="drop"),
+      rounds=st["rounds"] + 1,
+      accepted=st["accepted"] + jnp.sum(jnp.where(live_B, n_B, 0)),
+      proposed=st["proposed"] + k * jnp.sum(live_B),
+    )
 
-  def cond(carry):
-    return ~jnp.all(carry[5])
+  def cond(st):
+    more = ~jnp.all(st["done_B"])
+    return more if rounds == 0 else more & (st["rounds"] - start < rounds)
 
-  zero = jnp.int32(0)
-  start = (cache_t, cache_d, first_B, lengths_B, jnp.ones((b,), jnp.int32), done_B, out_BN, zero, zero, zero)
-  *_, count_B, _, out_BN, rounds, accepted, proposed = jax.lax.while_loop(cond, body, start)
-  out_BN = out_BN[:, :max_new]
-  is_eos_BN = out_BN == eos_id
-  first_eos_B = jnp.where(jnp.any(is_eos_BN, axis=1), jnp.argmax(is_eos_BN, axis=1), max_new)
-  return (
-    out_BN,
-    jnp.minimum(first_eos_B, count_B),
-    {"rounds": rounds, "accepted": accepted, "proposed": proposed},
-  )
+  return jax.lax.while_loop(cond, body, st)
+
+
+def _tokens(out_N, count: int, plan: Plan) -> list[int]:
+  """A row's tokens (host values): up to its count and max_new, ending before its first EOS."""
+  tokens = [int(t) for t in out_N[: min(int(count), plan.max_new)]]
+  return tokens[: tokens.index(plan.eos_id)] if plan.eos_id in tokens else tokens
+
+
+def _stats(st: dict) -> dict:
+  return {name: int(st[name]) for name in ("rounds", "accepted", "proposed")}
+
+
+def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit):
+  """(plan, tokens [B, W], lengths [B]) of the prompts, after checking the pair and the room."""
+  if draft_cfg.vocab_size != cfg.vocab_size:
+    raise ValueError(
+      f"the draft model's vocabulary ({draft_cfg.vocab_size} ids) is not the target's ({cfg.vocab_size}):"
+      " speculative decoding needs one tokenizer"
+    )
+  if not prompts or not all(len(p) for p in prompts):
+    raise ValueError("speculative decoding needs at least one prompt, each of at least one token")
+  if k < 1 or max_new_tokens < 1:
+    raise ValueError(f"draft tokens ({k}) and max_new_tokens ({max_new_tokens}) must be at least 1")
+  longest = max(len(p) for p in prompts)
+  need = longest + max_new_tokens + k + 1
+  for name, c in (("target", cfg), ("draft", draft_cfg)):
+    if need > c.max_seq_len:
+      raise ValueError(
+        f"the {name} model's context ({c.max_seq_len}) has no room for a prompt of {longest} tokens,"
+        f" {max_new_tokens} new ones and a round of {k} draft tokens ({need} positions)"
+      )
+  spans = (decode_span(need - 2, cfg), decode_span(need - 2, draft_cfg))  # a round's last position
+  plan = Plan(cfg, draft_cfg, k, max_new_tokens, eos_id, vocab_limit, spans)
+  rows = max(len(prompts), MIN_ROWS)  # one sequence decodes as two rows (generate.MIN_ROWS)
+  tokens = np.zeros((rows, bucket(longest, cfg.max_seq_len)), np.int32)
+  lengths = np.ones((rows,), np.int32)
+  for i in range(rows):
+    p = prompts[min(i, len(prompts) - 1)]
+    tokens[i, : len(p)], lengths[i] = p, len(p)
+  return plan, tokens, lengths
 
 
 def speculative_generate(
@@ -146,44 +201,36 @@ def speculative_generate(
   "proposed" and "accepted" (draft tokens, over every row decoded: a single prompt runs as
   generate.MIN_ROWS copies), "tokens" (returned)}. Raises ValueError when the models do not share a
   vocabulary or a context has no room for the prompt, its tokens and one round."""
-  if draft_cfg.vocab_size != cfg.vocab_size:
-    raise ValueError(
-      f"the draft model's vocabulary ({draft_cfg.vocab_size} ids) is not the target's ({cfg.vocab_size}):"
-      " speculative decoding needs one tokenizer"
-    )
-  if not prompts or not all(len(p) for p in prompts):
-    raise ValueError("speculative decoding needs at least one prompt, each of at least one token")
-  if k < 1 or max_new_tokens < 1:
-    raise ValueError(f"draft tokens ({k}) and max_new_tokens ({max_new_tokens}) must be at least 1")
-  longest = max(len(p) for p in prompts)
-  need = longest + max_new_tokens + k + 1
-  for name, c in (("target", cfg), ("draft", draft_cfg)):
-    if need > c.max_seq_len:
-      raise ValueError(
-        f"the {name} model's context ({c.max_seq_len}) has no room for a prompt of {longest} tokens,"
-        f" {max_new_tokens} new ones and a round of {k} draft tokens ({need} positions)"
-      )
-  rows = max(len(prompts), MIN_ROWS)  # one sequence decodes as two rows (generate.MIN_ROWS)
-  width = bucket(longest, cfg.max_seq_len)
-  tokens = np.zeros((rows, width), np.int32)
-  lengths = np.ones((rows,), np.int32)
-  for i in range(rows):
-    p = prompts[min(i, len(prompts) - 1)]
-    tokens[i, : len(p)], lengths[i] = p, len(p)
-  out, valid, stats = jax.device_get(
-    speculate(
-      params,
-      draft_params,
-      tokens,
-      lengths,
-      cfg=cfg,
-      draft_cfg=draft_cfg,
-      k=k,
-      max_new=max_new_tokens,
-      eos_id=eos_id,
-      vocab_limit=vocab_limit,
-      spans=(decode_span(need - 2, cfg), decode_span(need - 2, draft_cfg)),  # a round's last position
-    )
-  )
-  result = [[int(t) for t in out[i, : valid[i]]] for i in range(len(prompts))]
-  return result, {**{name: int(v) for name, v in stats.items()}, "tokens": sum(len(r) for r in result)}
+  plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit)
+  st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, plan=plan), plan=plan)
+  st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
+  result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
+  return result, {**_stats(st), "tokens": sum(len(r) for r in result)}
+
+
+def speculative_stream(
+  params,
+  cfg: ModelConfig,
+  draft_params,
+  draft_cfg: ModelConfig,
+  prompt: Sequence[int],
+  *,
+  max_new_tokens: int,
+  k: int = 4,
+  eos_id: int = EOS_ID,
+  vocab_limit: int | None = None,
+  rounds: int = 4,
+) -> Iterator[tuple[list[int], dict]]:
+  """One prompt's greedy tokens as they are decoded: (new tokens, statistics so far) after the
+  prefill (the first token), then after every `rounds` rounds; together the tokens
+  `speculative_generate` returns."""
+  plan, tokens, lengths = _prepare(cfg, draft_cfg, [prompt], max_new_tokens, k, eos_id, vocab_limit)
+  st, sent = begin(params, draft_params, tokens, lengths, plan=plan), 0
+  while True:
+    host = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
+    got = _tokens(host["out_BN"][0], host["count_B"][0], plan)
+    yield got[sent:], _stats(host)
+    sent = len(got)
+    if host["done_B"][0]:
+      return
+    st = advance(params, draft_params, st, plan=plan, rounds=rounds)
