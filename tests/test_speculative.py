@@ -10,6 +10,7 @@ from tiny_package import SERVER_CFG
 
 from llm_jax import generate as G
 from llm_jax.generate.speculative import speculative_generate, speculative_stream
+from llm_jax.model import unstack_layers
 from llm_jax.model.params import init_params
 
 # a context of 256: rounds attend to a 128-position span of it (decode_span)
@@ -84,6 +85,17 @@ def test_the_stream_yields_the_same_tokens_as_they_come(params):
   )
   assert parts[-1][1] == {name: stats[name] for name in ("rounds", "accepted", "proposed")}
   assert len(parts) == stats["rounds"] + 1
+
+
+def test_the_decode_levers_layout_decodes_the_same(params):
+  """Both models in the layout the server decodes with (fused q/k/v, folded norms, one cache array
+  for every layer): the same greedy tokens."""
+  target, cfg = unstack_layers(params, CFG, levers="qkv,norm,kv")
+  draft, draft_cfg = unstack_layers(_near(params), CFG, levers="qkv,norm,kv")
+  got, stats = speculative_generate(
+    target, cfg, draft, draft_cfg, PROMPTS, max_new_tokens=12, k=3, vocab_limit=LIMIT
+  )
+  assert got == _greedy(params, PROMPTS, 12) and 0 < stats["accepted"] < stats["proposed"]
 
 
 def test_rows_stop_at_eos(params):
