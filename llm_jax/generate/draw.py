@@ -34,6 +34,13 @@ class DecodeState:
   next_B: jax.Array  # int32
 
 
+def real_ids(logits_xV, vocab_limit: int | None):
+  """The logits with the ids at or past `vocab_limit` (padded embedding rows) at -inf: never chosen."""
+  if vocab_limit is None or vocab_limit >= logits_xV.shape[-1]:
+    return logits_xV
+  return jnp.where(jnp.arange(logits_xV.shape[-1]) < vocab_limit, logits_xV, -jnp.inf)
+
+
 def draw(
   state: DecodeState,
   cfg: ModelConfig,
@@ -50,9 +57,7 @@ def draw(
   nothing is drawn, counted or emitted for it. `filtered`: sampling.sample's (static, or None: on
   the device). With top_n > 0 the top_n log-probs are computed while `want_top` is true: a traced
   flag (a conditional in the step) or a Python bool (chosen when traced, no conditional)."""
-  if vocab_limit is not None and vocab_limit < cfg.vocab_size:  # padded embedding rows: never
-    real_V = jnp.arange(cfg.vocab_size) < vocab_limit
-    state = state.replace(logits_BV=jnp.where(real_V[None, :], state.logits_BV, -jnp.inf))
+  state = state.replace(logits_BV=real_ids(state.logits_BV, vocab_limit))
   pending_B = state.pending_B
   live_B = state.active_B & ~pending_B
   if greedy:

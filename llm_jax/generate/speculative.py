@@ -40,14 +40,13 @@ from llm_jax.generate.decode import (
   bucket,
   decode_span,
 )
+from llm_jax.generate.draw import real_ids
 from llm_jax.model import ModelConfig
 
 
 def _greedy(logits_xV, vocab_limit: int | None):
   """The argmax over ids below `vocab_limit` (padded embedding rows are never chosen)."""
-  if vocab_limit is not None and vocab_limit < logits_xV.shape[-1]:
-    logits_xV = jnp.where(jnp.arange(logits_xV.shape[-1]) < vocab_limit, logits_xV, -jnp.inf)
-  return jnp.argmax(logits_xV, axis=-1).astype(jnp.int32)
+  return jnp.argmax(real_ids(logits_xV, vocab_limit), axis=-1).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
