@@ -15,10 +15,10 @@ from tiny_package import SERVER_CFG, forward, recompute, write_tiny_package
 
 from llm_jax import generate as G
 from llm_jax.eval.decode_kernels import _computations, _opcode
-from llm_jax.model import Decoder, quantize, unstack_layers
+from llm_jax.model import Decoder, default_levers, quantize, unstack_layers
 from llm_jax.model.params import init_params
 from llm_jax.serve import loading
-from llm_jax.serve.engine import Choice, Engine, default_levers
+from llm_jax.serve.engine import Choice, Engine
 from llm_jax.serve.prefill import ADMIT_COLUMNS, pack_admission, prompt_scores, unpack_admission
 from llm_jax.serve.programs import Programs
 from llm_jax.serve.settings import ServerSettings

@@ -13,9 +13,9 @@ import pytest
 from tiny_package import SERVER_CFG, recompute, write_tiny_package
 
 from llm_jax import generate as G
-from llm_jax.model import unstack_layers
+from llm_jax.model import default_levers, unstack_layers
 from llm_jax.model.params import init_params
-from llm_jax.serve.engine import Choice, Engine, default_levers
+from llm_jax.serve.engine import Choice, Engine
 from llm_jax.serve.prefill import admit_rows, extend_rows, pack_admission, unpack_chunk
 
 CFG = dataclasses.replace(SERVER_CFG, vocab_size=320)

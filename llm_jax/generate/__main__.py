@@ -25,7 +25,7 @@ from llm_jax.artifacts import open_model
 from llm_jax.generate.sampling import SamplingParams
 from llm_jax.generate.speculative import speculative_stream
 from llm_jax.generate.stream import TextStream, stream
-from llm_jax.model import unstack_layers
+from llm_jax.model import default_levers, unstack_layers
 
 _PACKAGE = flags.DEFINE_string("package", None, "An exported model package directory.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run directory (latest checkpoint unless --step).")
@@ -115,12 +115,13 @@ def main(argv: list[str]) -> int:
   loaded = open_model(
     _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
   )
-  params, cfg = unstack_layers(loaded.params, loaded.model_config)  # one buffer per layer: faster
+  # One buffer per layer, in the layout of the server's decode levers: fewer kernels per step.
+  params, cfg = unstack_layers(loaded.params, loaded.model_config, levers=default_levers(loaded.params))
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
   draft = None
   if _DRAFT.value:
     small = open_model(_DRAFT.value, dtype=_DTYPE.value or "auto")
-    draft = unstack_layers(small.params, small.model_config)
+    draft = unstack_layers(small.params, small.model_config, levers=default_levers(small.params))
     print(f"[draft {small.describe()}]", file=sys.stderr)
   for prompt in _PROMPT.value:
     ids = loaded.tokenizer.encode(prompt)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from llm_jax.model.config import ModelConfig
-from llm_jax.model.quantize import QTensor, is_qtensor
+from llm_jax.model.quantize import QTensor, has_qtensors, is_qtensor
 
 _QKV = ("query", "key", "value")
 
@@ -97,3 +98,17 @@ def prepare(params, cfg: ModelConfig, levers: str):
   for i in range(cfg.num_layers):
     params[f"block_{i}"] = _block(params[f"block_{i}"], cfg, wanted, f"block_{i}")
   return params, cfg
+
+
+def default_levers(params, platform: str | None = None) -> str:
+  """The decode levers that decoding prepares `params` for (ModelConfig.decode_levers) on `platform`
+  (default: JAX's default backend): the server's engine, the generate CLI and the benchmarks.
+
+  "qkv,norm,kv" for float weights (one H200, gpt_small shapes, in process: +8.6% tokens/s at batch
+  32, +7.6% at batch 8, batch 1 unchanged; docs/serving.md); "qkv,kv" for int8 weights kept in
+  memory: "norm" folds the norm scales into float kernels and refuses int8 ones, while "qkv"
+  concatenates int8 values and scales alike and "kv" changes only the cache. On a CPU without "kv":
+  XLA's CPU compiler copies that one-array cache every decode step (2-layer gpt_small shapes, batch
+  8: 202 against 371 tokens/s; docs/serving.md)."""
+  levers = "qkv" if has_qtensors(params) else "qkv,norm"
+  return levers if (platform or jax.default_backend()) == "cpu" else levers + ",kv"

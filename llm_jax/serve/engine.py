@@ -49,7 +49,7 @@ import jax
 import numpy as np
 
 from llm_jax import generate as G
-from llm_jax.model import ModelConfig, quantize, unstack_layers
+from llm_jax.model import ModelConfig, default_levers, unstack_layers
 from llm_jax.serve.outputs import TOP_LOGPROBS, Outputs
 from llm_jax.serve.pieces import Pieces
 from llm_jax.serve.prefill import prompt_scores
@@ -59,20 +59,6 @@ from llm_jax.serve.sequences import Choice, EngineBusy, Handle
 
 log = logging.getLogger(__name__)
 MIN_PREFILL = 64  # the narrowest prompt bucket
-
-
-def default_levers(params, platform: str | None = None) -> str:
-  """The decode levers the engine prepares its parameters for (ModelConfig.decode_levers) on
-  `platform` (default: JAX's default backend).
-
-  "qkv,norm,kv" for float weights (one H200, gpt_small shapes, in process: +8.6% tokens/s at batch
-  32, +7.6% at batch 8, batch 1 unchanged; docs/serving.md); "qkv,kv" for int8 weights kept in
-  memory: "norm" folds the norm scales into float kernels and refuses int8 ones, while "qkv"
-  concatenates int8 values and scales alike and "kv" changes only the cache. On a CPU without "kv":
-  XLA's CPU compiler copies that one-array cache every decode step (2-layer gpt_small shapes, batch
-  8: 202 against 371 tokens/s; docs/serving.md)."""
-  levers = "qkv" if quantize.has_qtensors(params) else "qkv,norm"
-  return levers if (platform or jax.default_backend()) == "cpu" else levers + ",kv"
 
 
 class Engine(Rows, Pieces, Outputs):

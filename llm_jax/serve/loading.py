@@ -16,9 +16,9 @@ import time
 import jax
 
 from llm_jax.artifacts import inference_config, open_model
-from llm_jax.model import unstack_layers
+from llm_jax.model import default_levers, unstack_layers
 from llm_jax.model.params import abstract_params, cast_params
-from llm_jax.serve.engine import Engine, default_levers
+from llm_jax.serve.engine import Engine
 from llm_jax.serve.settings import ServerSettings
 
 log = logging.getLogger("llm_jax.serve.app")
