@@ -1,20 +1,24 @@
 """Packages: export from a real workdir, load with nothing else, same logits; int8 bound; bad packages."""
 
+import dataclasses
 import json
 import os
 import random
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from run_cmd import run_command
+from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import export as export_lib
 from llm_jax.artifacts import open_model, package, weights_file
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.eval import precision as precision_report
+from llm_jax.generate import prompt_logits
 from llm_jax.model import Decoder, ModelConfig, quantize
 
 OVERRIDES = {
@@ -328,3 +332,18 @@ def test_generate_cli_from_workdir(workdir, capsys):
     tokenizer=tok,
   )[0].text
   assert out == "the cat" + want + "\n"
+
+
+def test_inference_writes_float32_logits_whatever_training_wrote(tmp_path):
+  """A run trained on an accelerator keeps logits_dtype='bfloat16' (model.logits_dtype='auto'). Opened
+  for inference, the head writes float32 logits: decoding from bf16-rounded logits turned near-ties
+  into exact ties that rounding broke either way (on an H200, speculative decoding in float32 chose
+  another token than greedy decoding at logits equal in bfloat16)."""
+  cfg = dataclasses.replace(SERVER_CFG, logits_dtype="bfloat16")
+  pkg, _ = write_tiny_package(tmp_path, cfg)
+  for dtype in ("float32", "bfloat16"):
+    loaded = open_model(str(pkg), dtype=dtype)
+    assert loaded.model_config.logits_dtype == "float32", dtype
+  logits = np.asarray(prompt_logits(loaded.params, jnp.asarray([[1, 5, 6, 7]]), loaded.model_config))
+  rounded = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
+  assert (logits != rounded).mean() > 0.5  # not bfloat16 values widened

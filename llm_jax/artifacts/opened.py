@@ -126,7 +126,12 @@ def kind_of(path: str) -> str:
 
 def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None = None) -> ModelConfig:
   """`cfg` set up for inference: compute dtype ('auto': float32 on CPU, bfloat16 on accelerators),
-  attention kernel for the platform, no remat, no dropout."""
+  attention kernel for the platform, no remat, no dropout, float32 logits.
+
+  Training may write the head's output in bfloat16 (model.logits_dtype='auto'), which the loss
+  upcasts; decoding draws from the logits, and bfloat16 ones (8 bits of mantissa) tie often enough
+  that greedy tokens and log-probabilities would hang on rounding. The float32 output costs one
+  [rows, vocab] write a step."""
   platform = platform or jax.default_backend()
   if dtype == "auto":
     dtype = "float32" if platform == "cpu" else "bfloat16"
@@ -134,7 +139,13 @@ def inference_config(cfg: ModelConfig, dtype: str = "auto", platform: str | None
     raise ArtifactError(f"compute dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
   attention = "cudnn" if (platform == "gpu" and dtype == "bfloat16") else "xla"
   return dataclasses.replace(
-    cfg, dtype=dtype, attention=attention, remat="none", dropout=0.0, attention_dropout=0.0
+    cfg,
+    dtype=dtype,
+    attention=attention,
+    remat="none",
+    dropout=0.0,
+    attention_dropout=0.0,
+    logits_dtype="float32",
   )
 
 
