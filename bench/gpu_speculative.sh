@@ -3,7 +3,8 @@
 # gpt_small's depth and width (12 x 768, 1,250 steps: its best validation loss) and a 1 x 384 draft,
 # both trained on tiny Shakespeare with one character tokenizer (configs/shakespeare_char.py), then
 # bench/speculative_speed.py: greedy tokens/s one prompt at a time with and without the draft, prompts
-# of 32 tokens cut from the validation split, 200 new tokens (the context is 256).
+# of 32 tokens cut from the validation split, 200 new tokens (the context is 256); with the first
+# draft also prompt lookup (--ngram 3: no draft model).
 #
 #   bash bench/gpu_speculative.sh      # repository root; $OUT (default runs/bench/device) gets the logs
 #   env: SHAKESPEARE_DIR (bench/gpu_common.sh), TARGET_ARGS / DRAFT_ARGS (more --config overrides of
@@ -37,6 +38,6 @@ for i in "${!drafts[@]}"; do
   # shellcheck disable=SC2086  # each draft's overrides are words
   train "draft$i" ${drafts[$i]} ${DRAFT_ARGS:-}
   $PY bench/speculative_speed.py --model /tmp/spec_target --draft "/tmp/spec_draft$i" --text "$SHK_VAL" \
-    --prompt_tokens 32 --new_tokens 200 --k 2,4,6 ${SPEC_ARGS:-} \
+    --prompt_tokens 32 --new_tokens 200 --k 2,4,6 $([ "$i" = 0 ] && echo --ngram 3) ${SPEC_ARGS:-} \
     2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative$i.txt"
 done

@@ -4,8 +4,10 @@ draft lengths, and how many prompts' tokens equal greedy decoding's: all of them
 script exits 1 otherwise); in bfloat16 the target's check of a round (one pass over k + 1 positions)
 rounds differently from its one-token steps and may break a near-tie the other way.
 
-    python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG \
+    python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG [--ngram 3] \
         --text val.txt [--prompts 8] [--prompt_tokens 64] [--new_tokens 256] [--k 2,4,6]
+
+`--ngram N` adds rows of prompt lookup (no draft model; `--draft` may then be left out).
 
 `bash bench/gpu_speculative.sh` trains a pair on tiny Shakespeare and runs this on one GPU. Not a
 test: figures go to docs/serving.md with the command and the run.
@@ -14,6 +16,7 @@ test: figures go to docs/serving.md with the command and the run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -49,7 +52,8 @@ def _gap(params, cfg, prompt, want, got, at: int) -> str:
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--model", required=True)
-  ap.add_argument("--draft", required=True)
+  ap.add_argument("--draft", help="a draft model (run or package); without it only --ngram rows")
+  ap.add_argument("--ngram", type=int, default=0, help="also prompt lookup of up to N tokens (0: off)")
   ap.add_argument("--text", required=True, help="a text file the prompts are cut from")
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--prompt_tokens", type=int, default=64)
@@ -61,19 +65,27 @@ def main() -> int:
     "--dtype", default="auto", help="compute dtype (auto: bfloat16 on GPUs; float32: full precision)"
   )
   args = ap.parse_args()
+  if not args.draft and not args.ngram:
+    ap.error("give --draft, --ngram or both")
   if args.dtype == "float32":  # not TF32: the check against greedy decoding must be exact
     jax.config.update("jax_default_matmul_precision", "highest")
-  target, small = open_model(args.model, dtype=args.dtype), open_model(args.draft, dtype=args.dtype)
+  target = open_model(args.model, dtype=args.dtype)
   if args.levers is None:
     args.levers = default_levers(target.params)
   params, cfg = unstack_layers(target.params, target.model_config, levers=args.levers)
-  draft = unstack_layers(small.params, small.model_config, levers=args.levers)
+  proposers, named = [], f"model {target.describe()}"  # (row name, draft params, draft cfg)
+  if args.draft:
+    small = open_model(args.draft, dtype=args.dtype)
+    proposers.append(("draft", *unstack_layers(small.params, small.model_config, levers=args.levers)))
+    named += f"; draft {small.describe()}"
+  if args.ngram:
+    proposers.append((f"lookup of {args.ngram}", None, None))
   tok, eos = target.tokenizer, -1  # no end of sequence: every prompt decodes new_tokens
   ids = tok.encode(open(args.text, encoding="utf-8").read())
   step = max(1, (len(ids) - args.prompt_tokens) // args.prompts)
   prompts = [ids[i * step : i * step + args.prompt_tokens] for i in range(args.prompts)]
   sp = G.SamplingParams(max_new_tokens=args.new_tokens)
-  print(f"{jax.devices()[0].device_kind}: model {target.describe()}; draft {small.describe()}", flush=True)
+  print(f"{jax.devices()[0].device_kind}: {named}", flush=True)
   print(f"decode levers {args.levers!r}", flush=True)
   rows, base_s, want, differ = [], 0.0, [], 0
   for p in prompts:
@@ -84,20 +96,22 @@ def main() -> int:
     base_s += s
   total = sum(map(len, want))
   rows.append(("greedy", total / base_s, "", "", 1.0))
-  for k in [int(x) for x in args.k.split(",")]:
+  for (name, draft, draft_cfg), k in itertools.product(proposers, [int(x) for x in args.k.split(",")]):
     spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
     for p, w in zip(prompts, want, strict=True):
 
-      def run(p=p, k=k):
+      def run(p=p, k=k, draft=draft, draft_cfg=draft_cfg):
         return G.speculative_generate(
           params,
           cfg,
-          *draft,
+          draft,
+          draft_cfg,
           [p],
           max_new_tokens=args.new_tokens,
           k=k,
           eos_id=eos,
           vocab_limit=tok.vocab_size,
+          ngram=args.ngram or 3,
         )
 
       (got, stats), s = _timed(run, args.repeats)
@@ -107,7 +121,7 @@ def main() -> int:
           (i for i, (a, b) in enumerate(zip(got[0], w, strict=False)) if a != b), min(len(w), len(got[0]))
         )
         gap = _gap(params, cfg, p, w, got[0], at)
-        print(f"k={k}: tokens differ from greedy decoding from new token {at}{gap}", file=sys.stderr)
+        print(f"{name}, k={k}: tokens differ from greedy decoding from new token {at}{gap}", file=sys.stderr)
         differ += 1
       spec_s, acc, prop, calls = (
         spec_s + s,
@@ -116,9 +130,9 @@ def main() -> int:
         calls + stats["rounds"],
       )
     rows.append(
-      (f"draft, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s, same)
+      (f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s, same)
     )
-  head = "decoding, one prompt at a time | tokens/s | draft tokens accepted | tokens per target call"
+  head = "decoding, one prompt at a time | tokens/s | proposals accepted | tokens per target call"
   print(f"\n| {head} | speed-up | prompts equal to greedy |")
   print("| --- | --- | --- | --- | --- | --- |")
   for name, tps, a, per, up, *eq in rows:

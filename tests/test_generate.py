@@ -308,6 +308,10 @@ def test_cli_streams_from_package(tmp_path, params, tok):
   )
   assert spec.returncode == 0, spec.stderr[-2000:]
   assert spec.stdout == proc.stdout and "100% of draft tokens accepted" in spec.stderr
+  # prompt lookup (no draft model): the same text
+  look = _cli("--package", str(tmp_path / "pkg"), "--ngram=2", "--prompt", "the cat", "--max_new_tokens", "8")
+  assert look.returncode == 0, look.stderr[-2000:]
+  assert look.stdout == proc.stdout and "of looked-up tokens accepted" in look.stderr
 
 
 def test_cli_usage_errors_exit_2(tmp_path):
@@ -317,6 +321,10 @@ def test_cli_usage_errors_exit_2(tmp_path):
   assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr
   sampled = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--prompt=x", "--temperature=0.8")
   assert sampled.returncode == 2 and "--draft decodes greedily" in sampled.stderr
+  sampled = _cli(f"--package={tmp_path}", "--ngram=3", "--prompt=x", "--temperature=0.8")
+  assert sampled.returncode == 2 and "--ngram decodes greedily" in sampled.stderr
+  two = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--ngram=3", "--prompt=x")
+  assert two.returncode == 2 and "draft" in two.stderr and "ngram" in two.stderr
 
 
 def test_needs_filter_counts_only_live_rows():

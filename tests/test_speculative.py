@@ -4,12 +4,13 @@ and a draft that always agrees has every proposal accepted."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tiny_package import SERVER_CFG
 
 from llm_jax import generate as G
-from llm_jax.generate.speculative import speculative_generate, speculative_stream
+from llm_jax.generate.speculative import _lookup, speculative_generate, speculative_stream
 from llm_jax.model import unstack_layers
 from llm_jax.model.params import init_params
 
@@ -129,3 +130,70 @@ def test_bad_pairs_are_refused(params):
     speculative_generate(params, CFG, params, CFG, PROMPTS, max_new_tokens=242, k=4)
   with pytest.raises(ValueError, match="at least one token"):
     speculative_generate(params, CFG, params, CFG, [[1, 2], []], max_new_tokens=4)
+
+
+def test_lookup_proposes_what_followed_the_last_tokens():
+  """Prompt lookup's proposals (k = 4 and 6): what followed the latest earlier occurrence of the row's
+  last tokens, the longest that occurs, continued with the occurrence's period; the last token when
+  nothing occurs again."""
+  rows = [  # (tokens up to the row's position, proposals for k = 6)
+    ([5, 6, 7, 8, 5, 6], [7, 8, 5, 6, 7, 8]),  # [5, 6] occurred 4 back: period 4
+    ([1, 2, 3, 4], [4, 4, 4, 4, 4, 4]),  # no token occurs twice
+    ([9, 9, 9], [9, 9, 9, 9, 9, 9]),  # period 1
+    ([1, 2, 3, 1, 2, 4, 1, 2], [4, 1, 2, 4, 1, 2]),  # the latest [1, 2], not the first
+    ([7, 1, 2, 3, 9, 1, 2, 5, 7, 1, 2], [3, 9, 1, 2, 5, 7]),  # [7, 1, 2] beats the later [1, 2]
+  ]
+  hist = np.zeros((len(rows), 16), np.int32)
+  for i, (toks, _) in enumerate(rows):
+    hist[i, : len(toks)] = toks
+  pos = jnp.asarray([len(t) - 1 for t, _ in rows])
+  for k in (4, 6):
+    got = np.asarray(_lookup(jnp.asarray(hist), pos, 3, k)).tolist()
+    assert got == [want[:k] for _, want in rows]
+  assert np.asarray(_lookup(jnp.asarray(hist), pos, 1, 4)).tolist()[4] == [5, 7, 1, 2]  # [2] only
+
+
+def _lookup_rounds(prompt, greedy, max_new, k, ngram=3):
+  """(rounds, accepted) of prompt lookup over a row's greedy tokens, by a plain Python search."""
+  hist, count, rounds, accepted = list(prompt) + greedy[:1], 1, 0, 0
+  while count < max_new:
+    props = [hist[-1]] * k
+    for n in range(ngram, 0, -1):
+      q = next((q for q in range(len(hist) - n - 1, -1, -1) if hist[q : q + n] == hist[-n:]), None)
+      if q is not None:
+        after = hist[q + n :]
+        props = [after[j % len(after)] for j in range(k)]
+        break
+    n_ok = next((j for j in range(k) if props[j] != greedy[count + j]), k)
+    hist += greedy[count : count + n_ok + 1]
+    count, rounds, accepted = count + n_ok + 1, rounds + 1, accepted + n_ok
+  return rounds, accepted
+
+
+def test_prompt_lookup_decodes_the_targets_greedy_tokens(params):
+  """Without a draft model, proposals from each row's own tokens: the target's greedy tokens, and as
+  many rounds and accepted proposals as the same search over those tokens in plain Python gives
+  (random weights repeat themselves, so some proposals are accepted)."""
+  prompts = PROMPTS + [[1, 5, 6, 7, 5, 6, 7, 5, 6, 7]]
+  k, n = 3, 30
+  longer = [
+    g.tokens
+    for g in G.generate(
+      params, CFG, prompts, G.SamplingParams(max_new_tokens=n + k + 1), eos_id=-1, vocab_limit=LIMIT
+    )
+  ]
+  got, stats = speculative_generate(
+    params, CFG, None, None, prompts, max_new_tokens=n, k=k, eos_id=-1, vocab_limit=LIMIT
+  )
+  assert got == [g[:n] for g in longer]
+  sims = [_lookup_rounds(p, g, n, k) for p, g in zip(prompts, longer, strict=True)]
+  assert stats["rounds"] == max(r for r, _ in sims) and stats["accepted"] == sum(a for _, a in sims)
+  assert 0 < stats["accepted"] < stats["proposed"]
+  parts = list(
+    speculative_stream(
+      params, CFG, None, None, prompts[3], max_new_tokens=n, k=k, eos_id=-1, vocab_limit=LIMIT, rounds=2
+    )
+  )
+  assert [t for new, _ in parts for t in new] == got[3]
+  with pytest.raises(ValueError, match="ngram >= 1"):
+    speculative_generate(params, CFG, None, None, prompts, max_new_tokens=4, ngram=0)

@@ -3,13 +3,16 @@
     python -m llm_jax.generate --package=PKG --prompt="def main(" [--temperature=0.8 --top_p=0.9]
     python -m llm_jax.generate --workdir=runs/tiny [--step=600] --prompt="The " --prompt="A "
     python -m llm_jax.generate --package=PKG --draft=SMALL_PKG [--draft_tokens=4] --prompt="def main("
+    python -m llm_jax.generate --package=PKG --ngram=3 --prompt="$(cat file.py) # the same, renamed:"
 
 The document separator the model saw before every training document (EOS) is put before each
 prompt unless --no_prefix. Status lines (model loaded, seconds per prompt) go to stderr.
 
 `--draft`: greedy speculative decoding with a smaller model of the same tokenizer (a package or run
 directory; generate/speculative.py): the same text as greedy decoding without it, streamed a few
-rounds at a time, with the share of draft tokens accepted on stderr.
+rounds at a time, with the share of draft tokens accepted on stderr. `--ngram=N`: the same without a
+draft model, the proposals looked up in the prompt and the tokens so far (the tokens that followed
+the latest earlier occurrence of the last N or fewer): for outputs that repeat their input.
 """
 
 from __future__ import annotations
@@ -51,8 +54,17 @@ _DRAFT = flags.DEFINE_string(
   None,
   "A smaller model (package or run directory, same tokenizer): speculative decoding, greedy only.",
 )
-_DRAFT_TOKENS = flags.DEFINE_integer("draft_tokens", 4, "Tokens the draft proposes per round.", lower_bound=1)
+_DRAFT_TOKENS = flags.DEFINE_integer(
+  "draft_tokens", 4, "Tokens proposed per round (--draft, --ngram).", lower_bound=1
+)
+_NGRAM = flags.DEFINE_integer(
+  "ngram",
+  None,
+  "Speculative decoding by prompt lookup (no draft model): propose what followed the last N tokens.",
+  lower_bound=1,
+)
 flags.mark_flags_as_mutual_exclusive(["package", "workdir"], required=True)
+flags.mark_flags_as_mutual_exclusive(["draft", "ngram"])
 flags.mark_flag_as_required("prompt")
 
 
@@ -74,6 +86,7 @@ def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams, note: lis
       k=_DRAFT_TOKENS.value,
       eos_id=tokenizer.eos_id,
       vocab_limit=tokenizer.vocab_size,
+      ngram=_NGRAM.value or 3,
     )
     for new, so_far in rounds:
       stats = so_far  # the last one is the whole prompt's
@@ -86,12 +99,13 @@ def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams, note: lis
       if text.finished:
         break
   except ValueError as e:
-    raise cli.UsageError(f"--draft={_DRAFT.value}: {e}") from e
+    raise cli.UsageError(f"--draft={_DRAFT.value}: {e}" if _DRAFT.value else f"--ngram: {e}") from e
   rest = text.close()
   if rest:
     yield rest
   share = stats["accepted"] / max(stats["proposed"], 1)
-  note.append(f", {share:.0%} of draft tokens accepted, {stats['rounds']} target calls")
+  what = "draft" if _DRAFT.value else "looked-up"
+  note.append(f", {share:.0%} of {what} tokens accepted, {stats['rounds']} target calls")
 
 
 def main(argv: list[str]) -> int:
@@ -109,8 +123,10 @@ def main(argv: list[str]) -> int:
     )
   except ValueError as e:
     raise cli.UsageError(str(e)) from e
-  if _DRAFT.value and (sp.temperature > 0 or sp.repetition_penalty != 1.0):
-    raise cli.UsageError("--draft decodes greedily: it takes --temperature=0 and --repetition_penalty=1")
+  speculate = _DRAFT.value or _NGRAM.value
+  if speculate and (sp.temperature > 0 or sp.repetition_penalty != 1.0):
+    name = "--draft" if _DRAFT.value else "--ngram"
+    raise cli.UsageError(f"{name} decodes greedily: it takes --temperature=0 and --repetition_penalty=1")
   t0 = time.time()
   loaded = open_model(
     _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
@@ -118,7 +134,7 @@ def main(argv: list[str]) -> int:
   # One buffer per layer, in the layout of the server's decode levers: fewer kernels per step.
   params, cfg = unstack_layers(loaded.params, loaded.model_config, levers=default_levers(loaded.params))
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
-  draft = None
+  draft = (None, None)  # --ngram: no draft model
   if _DRAFT.value:
     small = open_model(_DRAFT.value, dtype=_DTYPE.value or "auto")
     draft = unstack_layers(small.params, small.model_config, levers=default_levers(small.params))
@@ -131,7 +147,7 @@ def main(argv: list[str]) -> int:
     sys.stdout.flush()
     t1 = time.time()
     note = []
-    if draft is None:
+    if not speculate:
       pieces = stream(params, cfg, loaded.tokenizer, ids, sp, eos_id=loaded.tokenizer.eos_id)
     else:
       pieces = _speculate(params, cfg, draft, loaded.tokenizer, ids, sp, note)

@@ -14,6 +14,12 @@ Both models must share the tokenizer (the same vocabulary size) and have room fo
 new tokens and one round past them (`k` + 1 positions) in their context. Greedy only: sampled
 speculative decoding (rejection sampling against the draft's distribution) is not built.
 
+Without a draft model (draft_params and draft_cfg None) the proposals come from the row's own tokens
+(prompt lookup, vLLM's "ngram" method): the tokens that followed the latest earlier occurrence of its
+last `ngram` tokens (or fewer, the longest that occurs), a few elementwise operations a round instead
+of k + 1 draft steps. It pays where the output repeats its prompt or itself (code edits, quotes,
+extraction); elsewhere a round is one target call for one token, about a decode step.
+
 A rejected proposal's keys and values stay in both caches past the row's position; the next round
 writes those positions before any query reads them (attention is causal in position), so nothing
 is rolled back.
@@ -63,21 +69,50 @@ class Plan:
   eos_id: int = EOS_ID
   vocab_limit: int | None = None
   spans: tuple[int, int] = (0, 0)
+  ngram: int = 3  # without a draft model: the longest suffix prompt lookup matches
+
+
+def _lookup(hist_BS, pos_B, ngram: int, k: int):
+  """k proposals a row by prompt lookup over its tokens hist_BS[:, :pos_B + 1]: the tokens after the
+  latest earlier occurrence of its last n tokens (n = ngram down to 1, the longest that occurs),
+  repeated with the occurrence's period where they would run past the row's position (a match d
+  tokens back predicts the tokens d back); no occurrence: the last token k times."""
+  b, s = hist_BS.shape
+  rows_B, q_S, j_K = jnp.arange(b), jnp.arange(s), jnp.arange(k)
+  props_BK = jnp.broadcast_to(hist_BS[rows_B, pos_B][:, None], (b, k))
+  for n in range(1, ngram + 1):  # a longer match overrides a shorter one
+    start_B = pos_B - n + 1  # where the row's last n tokens begin
+    match_BS = q_S[None] < start_B[:, None]  # occurrences that begin before them
+    for j in range(n):  # hist[q + j] == hist[start + j]; q + j stays below pos, so no wrap-around
+      match_BS &= jnp.roll(hist_BS, -j, axis=1) == hist_BS[rows_B, jnp.maximum(start_B + j, 0)][:, None]
+    q_B = jnp.max(jnp.where(match_BS, q_S[None], -1), axis=1)
+    period_B = jnp.maximum(start_B - q_B, 1)
+    idx_BK = q_B[:, None] + n + j_K[None] % period_B[:, None]  # at most pos
+    found_BK = jnp.take_along_axis(hist_BS, jnp.clip(idx_BK, 0, s - 1), axis=1)
+    props_BK = jnp.where((q_B >= 0)[:, None], found_BK, props_BK)
+  return props_BK
 
 
 @functools.partial(jax.jit, static_argnames="plan")
 def begin(params, draft_params, tokens_BL, lengths_B, *, plan: Plan) -> dict:
   """Both models' prefill of right-padded prompts and the target's first token: the state `advance`
-  takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics)."""
-  params, draft_params = _float_params(params, plan.cfg), _float_params(draft_params, plan.draft_cfg)
-  b = tokens_BL.shape[0]
+  takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics; with
+  prompt lookup, each row's tokens by position in `hist_BS` instead of the draft's cache)."""
+  params = _float_params(params, plan.cfg)
+  b, w = tokens_BL.shape
   cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, plan.cfg)
-  cache_d, _ = _prefill(draft_params, tokens_BL, lengths_B, plan.draft_cfg)
   first_B = _greedy(logits_BV, plan.vocab_limit)
+  if plan.draft_cfg is None:
+    hist_BS = jnp.zeros((b, plan.cfg.max_seq_len), jnp.int32).at[:, :w].set(tokens_BL)
+    proposer = dict(hist_BS=hist_BS.at[jnp.arange(b), lengths_B].set(first_B))
+  else:
+    proposer = dict(
+      cache_d=_prefill(_float_params(draft_params, plan.draft_cfg), tokens_BL, lengths_B, plan.draft_cfg)[0]
+    )
   zero = jnp.int32(0)
   return dict(
     cache_t=cache_t,
-    cache_d=cache_d,
+    **proposer,
     last_B=first_B,
     pos_B=lengths_B.astype(jnp.int32),
     count_B=jnp.ones((b,), jnp.int32),
@@ -93,7 +128,9 @@ def begin(params, draft_params, tokens_BL, lengths_B, *, plan: Plan) -> dict:
 def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> dict:
   """Rounds until every row is done, or at most `rounds` more (0: no limit). A row's tokens are
   out_BN[:count_B], ending at its first end-of-sequence id (`_tokens`)."""
-  params, draft_params = _float_params(params, plan.cfg), _float_params(draft_params, plan.draft_cfg)
+  params = _float_params(params, plan.cfg)
+  if plan.draft_cfg is not None:
+    draft_params = _float_params(draft_params, plan.draft_cfg)
   k, b = plan.k, st["last_B"].shape[0]
   rows_B, j_K1, start = jnp.arange(b), jnp.arange(k + 1), st["rounds"]
 
@@ -112,7 +149,11 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
 
   def body(st):
     live_B, pos_B, count_B = ~st["done_B"], st["pos_B"], st["count_B"]
-    cache_d, props_BK = draft(st["cache_d"], st["last_B"], pos_B)
+    if plan.draft_cfg is None:
+      proposer, props_BK = {}, _lookup(st["hist_BS"], pos_B, plan.ngram, k)
+    else:
+      cache_d, props_BK = draft(st["cache_d"], st["last_B"], pos_B)
+      proposer = dict(cache_d=cache_d)
     block_BK1 = jnp.concatenate([st["last_B"][:, None], props_BK], axis=1)
     cache_t, h_BKD = _prompt_hidden(params, block_BK1, plan.cfg, st["cache_t"], pos_B, plan.spans[0])
     logits = _model(plan.cfg).apply({"params": params}, h_BKD, method="logits")
@@ -123,9 +164,12 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
     cols_BK1 = jnp.where(emit_BK1, count_B[:, None] + j_K1[None], out_BN.shape[1])  # past the end: dropped
     count_B = jnp.where(live_B, count_B + n_B + 1, count_B)
     eos_B = jnp.any(emit_BK1 & (choice_BK1 == plan.eos_id), axis=1)
+    if plan.draft_cfg is None:  # the emitted tokens at their positions, after the row's last one
+      at_BK1 = jnp.where(emit_BK1, pos_B[:, None] + 1 + j_K1[None], st["hist_BS"].shape[1])
+      proposer = dict(hist_BS=st["hist_BS"].at[rows_B[:, None], at_BK1].set(choice_BK1, mode="drop"))
     return dict(
       cache_t=cache_t,
-      cache_d=cache_d,
+      **proposer,
       last_B=jnp.where(live_B, choice_BK1[rows_B, n_B], st["last_B"]),
       pos_B=jnp.where(live_B, pos_B + n_B + 1, pos_B),
       count_B=count_B,
@@ -153,9 +197,11 @@ def _stats(st: dict) -> dict:
   return {name: int(st[name]) for name in ("rounds", "accepted", "proposed")}
 
 
-def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit):
+def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit, ngram: int):
   """(plan, tokens [B, W], lengths [B]) of the prompts, after checking the pair and the room."""
-  if draft_cfg.vocab_size != cfg.vocab_size:
+  if draft_cfg is None and ngram < 1:
+    raise ValueError(f"prompt lookup needs ngram >= 1 (got {ngram})")
+  if draft_cfg is not None and draft_cfg.vocab_size != cfg.vocab_size:
     raise ValueError(
       f"the draft model's vocabulary ({draft_cfg.vocab_size} ids) is not the target's ({cfg.vocab_size}):"
       " speculative decoding needs one tokenizer"
@@ -167,13 +213,13 @@ def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, 
   longest = max(len(p) for p in prompts)
   need = longest + max_new_tokens + k + 1
   for name, c in (("target", cfg), ("draft", draft_cfg)):
-    if need > c.max_seq_len:
+    if c is not None and need > c.max_seq_len:
       raise ValueError(
         f"the {name} model's context ({c.max_seq_len}) has no room for a prompt of {longest} tokens,"
         f" {max_new_tokens} new ones and a round of {k} draft tokens ({need} positions)"
       )
-  spans = (decode_span(need - 2, cfg), decode_span(need - 2, draft_cfg))  # a round's last position
-  plan = Plan(cfg, draft_cfg, k, max_new_tokens, eos_id, vocab_limit, spans)
+  spans = tuple(0 if c is None else decode_span(need - 2, c) for c in (cfg, draft_cfg))  # a round's end
+  plan = Plan(cfg, draft_cfg, k, max_new_tokens, eos_id, vocab_limit, spans, ngram)
   rows = max(len(prompts), MIN_ROWS)  # one sequence decodes as two rows (generate.MIN_ROWS)
   tokens = np.zeros((rows, bucket(longest, cfg.max_seq_len)), np.int32)
   lengths = np.ones((rows,), np.int32)
@@ -187,20 +233,22 @@ def speculative_generate(
   params,
   cfg: ModelConfig,
   draft_params,
-  draft_cfg: ModelConfig,
+  draft_cfg: ModelConfig | None,
   prompts: Sequence[Sequence[int]],
   *,
   max_new_tokens: int,
   k: int = 4,
   eos_id: int = EOS_ID,
   vocab_limit: int | None = None,
+  ngram: int = 3,
 ) -> tuple[list[list[int]], dict]:
   """Each prompt's greedy new tokens (ending before EOS, at most max_new_tokens), as `generate`
   with temperature 0 gives them, and statistics: {"rounds" (target calls after the prefill),
   "proposed" and "accepted" (draft tokens, over every row decoded: a single prompt runs as
-  generate.MIN_ROWS copies), "tokens" (returned)}. Raises ValueError when the models do not share a
-  vocabulary or a context has no room for the prompt, its tokens and one round."""
-  plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit)
+  generate.MIN_ROWS copies), "tokens" (returned)}. draft_params and draft_cfg None: prompt lookup
+  of up to `ngram` tokens proposes instead of a draft model. Raises ValueError when the models do not
+  share a vocabulary or a context has no room for the prompt, its tokens and one round."""
+  plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram)
   st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, plan=plan), plan=plan)
   st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
   result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
@@ -211,7 +259,7 @@ def speculative_stream(
   params,
   cfg: ModelConfig,
   draft_params,
-  draft_cfg: ModelConfig,
+  draft_cfg: ModelConfig | None,
   prompt: Sequence[int],
   *,
   max_new_tokens: int,
@@ -219,11 +267,12 @@ def speculative_stream(
   eos_id: int = EOS_ID,
   vocab_limit: int | None = None,
   rounds: int = 4,
+  ngram: int = 3,
 ) -> Iterator[tuple[list[int], dict]]:
   """One prompt's greedy tokens as they are decoded: (new tokens, statistics so far) after the
   prefill (the first token), then after every `rounds` rounds; together the tokens
   `speculative_generate` returns."""
-  plan, tokens, lengths = _prepare(cfg, draft_cfg, [prompt], max_new_tokens, k, eos_id, vocab_limit)
+  plan, tokens, lengths = _prepare(cfg, draft_cfg, [prompt], max_new_tokens, k, eos_id, vocab_limit, ngram)
   st, sent = begin(params, draft_params, tokens, lengths, plan=plan), 0
   while True:
     host = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
