@@ -312,6 +312,11 @@ def test_cli_streams_from_package(tmp_path, params, tok):
   look = _cli("--package", str(tmp_path / "pkg"), "--ngram=2", "--prompt", "the cat", "--max_new_tokens", "8")
   assert look.returncode == 0, look.stderr[-2000:]
   assert look.stdout == proc.stdout and "of looked-up tokens accepted" in look.stderr
+  # sampled: the model as its own draft keeps every proposal (p = q); a seed gives its text again
+  args = ("--package", str(tmp_path / "pkg"), "--draft", str(tmp_path / "pkg"), "--prompt", "the cat")
+  hot = [_cli(*args, "--max_new_tokens=8", "--temperature=1.5", f"--seed={s}") for s in (5, 5)]
+  assert hot[0].returncode == 0, hot[0].stderr[-2000:]
+  assert hot[0].stdout == hot[1].stdout != proc.stdout and "100% of draft tokens accepted" in hot[0].stderr
 
 
 def test_cli_usage_errors_exit_2(tmp_path):
@@ -319,10 +324,10 @@ def test_cli_usage_errors_exit_2(tmp_path):
   assert both.returncode == 2 and "package" in both.stderr and "workdir" in both.stderr
   bad = _cli(f"--package={tmp_path}", "--prompt=x", "--top_p=0")
   assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr
-  sampled = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--prompt=x", "--temperature=0.8")
-  assert sampled.returncode == 2 and "--draft decodes greedily" in sampled.stderr
-  sampled = _cli(f"--package={tmp_path}", "--ngram=3", "--prompt=x", "--temperature=0.8")
-  assert sampled.returncode == 2 and "--ngram decodes greedily" in sampled.stderr
+  penalty = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--prompt=x", "--repetition_penalty=1.2")
+  assert penalty.returncode == 2 and "--draft takes no repetition penalty" in penalty.stderr
+  penalty = _cli(f"--package={tmp_path}", "--ngram=3", "--prompt=x", "--repetition_penalty=1.2")
+  assert penalty.returncode == 2 and "--ngram takes no repetition penalty" in penalty.stderr
   two = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--ngram=3", "--prompt=x")
   assert two.returncode == 2 and "draft" in two.stderr and "ngram" in two.stderr
 

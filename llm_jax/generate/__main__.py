@@ -8,11 +8,12 @@
 The document separator the model saw before every training document (EOS) is put before each
 prompt unless --no_prefix. Status lines (model loaded, seconds per prompt) go to stderr.
 
-`--draft`: greedy speculative decoding with a smaller model of the same tokenizer (a package or run
-directory; generate/speculative.py): the same text as greedy decoding without it, streamed a few
-rounds at a time, with the share of draft tokens accepted on stderr. `--ngram=N`: the same without a
-draft model, the proposals looked up in the prompt and the tokens so far (the tokens that followed
-the latest earlier occurrence of the last N or fewer): for outputs that repeat their input.
+`--draft`: speculative decoding with a smaller model of the same tokenizer (a package or run
+directory; generate/speculative.py): greedy, the same text as greedy decoding without it; sampled
+(--temperature, --top_k, --top_p, --seed), text distributed as the model's own samples. It streams a
+few rounds at a time, with the share of draft tokens accepted on stderr. `--ngram=N`: the same
+without a draft model, the proposals looked up in the prompt and the tokens so far (the tokens that
+followed the latest earlier occurrence of the last N or fewer): for outputs that repeat their input.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ _DTYPE = flags.DEFINE_enum(
 _DRAFT = flags.DEFINE_string(
   "draft",
   None,
-  "A smaller model (package or run directory, same tokenizer): speculative decoding, greedy only.",
+  "A smaller model (package or run directory, same tokenizer): speculative decoding.",
 )
 _DRAFT_TOKENS = flags.DEFINE_integer(
   "draft_tokens", 4, "Tokens proposed per round (--draft, --ngram).", lower_bound=1
@@ -87,6 +88,10 @@ def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams, note: lis
       eos_id=tokenizer.eos_id,
       vocab_limit=tokenizer.vocab_size,
       ngram=_NGRAM.value or 3,
+      temperature=sp.temperature,
+      top_k=sp.top_k,
+      top_p=sp.top_p,
+      seed=sp.seed,
     )
     for new, so_far in rounds:
       stats = so_far  # the last one is the whole prompt's
@@ -124,9 +129,9 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     raise cli.UsageError(str(e)) from e
   speculate = _DRAFT.value or _NGRAM.value
-  if speculate and (sp.temperature > 0 or sp.repetition_penalty != 1.0):
+  if speculate and sp.repetition_penalty != 1.0:
     name = "--draft" if _DRAFT.value else "--ngram"
-    raise cli.UsageError(f"{name} decodes greedily: it takes --temperature=0 and --repetition_penalty=1")
+    raise cli.UsageError(f"{name} takes no repetition penalty (--repetition_penalty=1)")
   t0 = time.time()
   loaded = open_model(
     _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"

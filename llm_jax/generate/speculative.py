@@ -1,24 +1,31 @@
-"""Greedy speculative decoding: a small draft model proposes `k` tokens a round, one by one; the
-target model checks them all in one forward pass over the k + 1 positions (the last accepted token
-and the proposals, written onto its cache as a prompt's piece is) and keeps the proposals up to the
-first it would not have chosen, then its own token there: every round emits 1 to k + 1 tokens for
-one target call, and the tokens are the target's greedy ones (the draft only decides how many
-come per call; in bfloat16 the check of k + 1 positions in one pass rounds differently from one-token
-steps, so a near-tie can go the other way, as between a prefill and token-by-token decoding).
+"""Speculative decoding: a small draft model proposes `k` tokens a round, one by one; the target
+model checks them all in one forward pass over the k + 1 positions (the last accepted token and the
+proposals, written onto its cache as a prompt's piece is) and keeps the proposals up to the first it
+refuses, then draws its own token there: every round emits 1 to k + 1 tokens for one target call.
+
+Greedy (temperature 0): a proposal is kept when it is the target's argmax, so the tokens are the
+target's greedy ones (the draft only decides how many come per call; in bfloat16 the check of k + 1
+positions in one pass rounds differently from one-token steps, so a near-tie can go the other way, as
+between a prefill and token-by-token decoding). Sampled (temperature > 0, top-k, top-p; speculative
+sampling, Leviathan et al. 2023): the draft draws its proposals from its own tempered, filtered
+distribution q, proposal j is kept with probability min(1, p_j(x) / q_j(x)) under the target's p,
+and the token after the kept ones is drawn from max(p - q, 0) renormalized (from p after k kept
+ones), so the tokens are distributed exactly as the target's own samples. Each row has its own key
+(from `seed` and its index); a repetition penalty is not supported.
 
     tokens, stats = speculative_generate(params, cfg, draft_params, draft_cfg, prompts, max_new_tokens=64)
     for new, stats in speculative_stream(params, cfg, draft_params, draft_cfg, ids, max_new_tokens=64):
         ...  # the prefill's first token, then the tokens of each few rounds (a terminal's stream)
 
 Both models must share the tokenizer (the same vocabulary size) and have room for every prompt, its
-new tokens and one round past them (`k` + 1 positions) in their context. Greedy only: sampled
-speculative decoding (rejection sampling against the draft's distribution) is not built.
+new tokens and one round past them (`k` + 1 positions) in their context.
 
 Without a draft model (draft_params and draft_cfg None) the proposals come from the row's own tokens
 (prompt lookup, vLLM's "ngram" method): the tokens that followed the latest earlier occurrence of its
 last `ngram` tokens (or fewer, the longest that occurs), a few elementwise operations a round instead
-of k + 1 draft steps. It pays where the output repeats its prompt or itself (code edits, quotes,
-extraction); elsewhere a round is one target call for one token, about a decode step.
+of k + 1 draft steps (sampled, as a draft certain of its proposal). It pays where the output repeats
+its prompt or itself (code edits, quotes, extraction); elsewhere a round is one target call for one
+token, about a decode step.
 
 A rejected proposal's keys and values stay in both caches past the row's position; the next round
 writes those positions before any query reads them (attention is causal in position), so nothing
@@ -47,6 +54,7 @@ from llm_jax.generate.decode import (
   decode_span,
 )
 from llm_jax.generate.draw import real_ids
+from llm_jax.generate.sampling import SamplingParams, top_k_top_p_mask
 from llm_jax.model import ModelConfig
 
 
@@ -70,6 +78,44 @@ class Plan:
   vocab_limit: int | None = None
   spans: tuple[int, int] = (0, 0)
   ngram: int = 3  # without a draft model: the longest suffix prompt lookup matches
+  sampling: tuple[float, int, float] | None = None  # (temperature, top_k, top_p); None: greedy
+
+
+def _probs(logits_xV, plan: Plan):
+  """The distribution a sampled round draws from (float32): real ids, tempered, top-k/top-p kept."""
+  temperature, top_k, top_p = plan.sampling
+  x_xV = real_ids(logits_xV.astype(jnp.float32), plan.vocab_limit) / temperature
+  if top_k > 0 or top_p < 1:
+    flat_NV = x_xV.reshape(-1, x_xV.shape[-1])
+    n = flat_NV.shape[0]
+    keep_NV = top_k_top_p_mask(flat_NV, jnp.full((n,), top_k), jnp.full((n,), top_p))
+    x_xV = jnp.where(keep_NV, flat_NV, -jnp.inf).reshape(x_xV.shape)
+  return jax.nn.softmax(x_xV, axis=-1)
+
+
+def _draw(keys_B, probs_BV):
+  return jax.vmap(jax.random.categorical)(keys_B, jnp.log(probs_BV)).astype(jnp.int32)
+
+
+def _keys(keys_B, salt):
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, salt)
+
+
+def _check(p_BK1V, q_BKV, props_BK, keys_B, k: int):
+  """Sampled verification (speculative sampling): proposal j is kept with probability
+  min(1, p_j(x_j) / q_j(x_j)) while all before it were; at the first one refused the token is drawn
+  from max(p - q, 0) renormalized, after k kept ones from p_k. The tokens are then distributed as
+  draws from the target's p alone. Returns (proposals kept [B], the token after them [B])."""
+  b = props_BK.shape[0]
+  px_BK = jnp.take_along_axis(p_BK1V[:, :k], props_BK[..., None], axis=-1)[..., 0]
+  qx_BK = jnp.take_along_axis(q_BKV, props_BK[..., None], axis=-1)[..., 0]
+  u_BK = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(_keys(keys_B, 1))
+  n_B = jnp.sum(jnp.cumprod(u_BK * qx_BK < px_BK, axis=1), axis=1)
+  p_BV = p_BK1V[jnp.arange(b), n_B]
+  q_BV = jnp.where((n_B < k)[:, None], q_BKV[jnp.arange(b), jnp.minimum(n_B, k - 1)], 0.0)
+  rest_BV = jnp.maximum(p_BV - q_BV, 0.0)
+  rest_BV = jnp.where(jnp.sum(rest_BV, axis=-1, keepdims=True) > 0, rest_BV, p_BV)
+  return n_B, _draw(_keys(keys_B, 2), rest_BV / jnp.sum(rest_BV, axis=-1, keepdims=True))
 
 
 def _lookup(hist_BS, pos_B, ngram: int, k: int):
@@ -94,14 +140,18 @@ def _lookup(hist_BS, pos_B, ngram: int, k: int):
 
 
 @functools.partial(jax.jit, static_argnames="plan")
-def begin(params, draft_params, tokens_BL, lengths_B, *, plan: Plan) -> dict:
+def begin(params, draft_params, tokens_BL, lengths_B, keys_B, *, plan: Plan) -> dict:
   """Both models' prefill of right-padded prompts and the target's first token: the state `advance`
-  takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics; with
-  prompt lookup, each row's tokens by position in `hist_BS` instead of the draft's cache)."""
+  takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics, each
+  row's PRNG key; with prompt lookup, each row's tokens by position in `hist_BS` instead of the
+  draft's cache)."""
   params = _float_params(params, plan.cfg)
   b, w = tokens_BL.shape
   cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, plan.cfg)
-  first_B = _greedy(logits_BV, plan.vocab_limit)
+  if plan.sampling is None:
+    first_B = _greedy(logits_BV, plan.vocab_limit)
+  else:
+    first_B = _draw(_keys(keys_B, 0), _probs(logits_BV, plan))
   if plan.draft_cfg is None:
     hist_BS = jnp.zeros((b, plan.cfg.max_seq_len), jnp.int32).at[:, :w].set(tokens_BL)
     proposer = dict(hist_BS=hist_BS.at[jnp.arange(b), lengths_B].set(first_B))
@@ -118,6 +168,7 @@ def begin(params, draft_params, tokens_BL, lengths_B, *, plan: Plan) -> dict:
     count_B=jnp.ones((b,), jnp.int32),
     done_B=(first_B == plan.eos_id) | (plan.max_new <= 1),
     out_BN=jnp.zeros((b, plan.max_new + plan.k + 1), jnp.int32).at[:, 0].set(first_B),
+    keys_B=keys_B,
     rounds=zero,
     accepted=zero,
     proposed=zero,
@@ -131,34 +182,48 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
   params = _float_params(params, plan.cfg)
   if plan.draft_cfg is not None:
     draft_params = _float_params(draft_params, plan.draft_cfg)
-  k, b = plan.k, st["last_B"].shape[0]
+  k, b, v = plan.k, st["last_B"].shape[0], plan.cfg.vocab_size
   rows_B, j_K1, start = jnp.arange(b), jnp.arange(k + 1), st["rounds"]
 
-  def draft(cache_d, last_B, pos_B):
-    """k proposals, and the last one fed too (its keys are in the cache if it is accepted)."""
+  def draft(cache_d, last_B, pos_B, keys_B):
+    """k proposals, and the last one fed too (its keys are in the cache if it is accepted); sampled:
+    also the draft's distributions they were drawn from [B, k + 1, V]."""
 
     def step(j, carry):
-      cache, x_B, props_BK1 = carry
+      cache, x_B, props_BK1, q_BK1V = carry
       cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, plan.draft_cfg, plan.spans[1])
-      x_B = _greedy(logits_BV, plan.vocab_limit)
-      return cache, x_B, props_BK1.at[:, j].set(x_B)
+      if plan.sampling is None:
+        x_B = _greedy(logits_BV, plan.vocab_limit)
+      else:
+        q_BV = _probs(logits_BV, plan)
+        x_B, q_BK1V = _draw(_keys(keys_B, 10 + j), q_BV), q_BK1V.at[:, j].set(q_BV)
+      return cache, x_B, props_BK1.at[:, j].set(x_B), q_BK1V
 
     props_BK1 = jnp.zeros((b, k + 1), jnp.int32)
-    cache_d, _, props_BK1 = jax.lax.fori_loop(0, k + 1, step, (cache_d, last_B, props_BK1))
-    return cache_d, props_BK1[:, :k]
+    q_BK1V = jnp.zeros((b, k + 1, v) if plan.sampling else (b, k + 1, 0), jnp.float32)
+    cache_d, _, props_BK1, q_BK1V = jax.lax.fori_loop(0, k + 1, step, (cache_d, last_B, props_BK1, q_BK1V))
+    return cache_d, props_BK1[:, :k], q_BK1V[:, :k]
 
   def body(st):
     live_B, pos_B, count_B = ~st["done_B"], st["pos_B"], st["count_B"]
-    if plan.draft_cfg is None:
+    keys_B = _keys(st["keys_B"], st["rounds"] + 1)  # this round's
+    if plan.draft_cfg is None:  # a looked-up proposal is certain: q is one-hot
       proposer, props_BK = {}, _lookup(st["hist_BS"], pos_B, plan.ngram, k)
+      q_BKV = jax.nn.one_hot(props_BK, v, dtype=jnp.float32) if plan.sampling else None
     else:
-      cache_d, props_BK = draft(st["cache_d"], st["last_B"], pos_B)
+      cache_d, props_BK, q_BKV = draft(st["cache_d"], st["last_B"], pos_B, keys_B)
       proposer = dict(cache_d=cache_d)
     block_BK1 = jnp.concatenate([st["last_B"][:, None], props_BK], axis=1)
     cache_t, h_BKD = _prompt_hidden(params, block_BK1, plan.cfg, st["cache_t"], pos_B, plan.spans[0])
     logits = _model(plan.cfg).apply({"params": params}, h_BKD, method="logits")
-    choice_BK1 = _greedy(logits, plan.vocab_limit)  # the target's token after each block position
-    n_B = jnp.sum(jnp.cumprod(props_BK == choice_BK1[:, :k], axis=1), axis=1)  # proposals accepted
+    if plan.sampling is None:
+      choice_BK1 = _greedy(logits, plan.vocab_limit)  # the target's token after each block position
+      n_B = jnp.sum(jnp.cumprod(props_BK == choice_BK1[:, :k], axis=1), axis=1)  # proposals accepted
+      next_B = choice_BK1[rows_B, n_B]
+    else:
+      n_B, next_B = _check(_probs(logits, plan), q_BKV, props_BK, keys_B, k)
+    # the tokens a row emits: its accepted proposals, then the target's own
+    choice_BK1 = jnp.where(j_K1[None] < n_B[:, None], jnp.pad(props_BK, ((0, 0), (0, 1))), next_B[:, None])
     emit_BK1 = (j_K1[None] <= n_B[:, None]) & live_B[:, None]
     out_BN = st["out_BN"]
     cols_BK1 = jnp.where(emit_BK1, count_B[:, None] + j_K1[None], out_BN.shape[1])  # past the end: dropped
@@ -170,11 +235,12 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
     return dict(
       cache_t=cache_t,
       **proposer,
-      last_B=jnp.where(live_B, choice_BK1[rows_B, n_B], st["last_B"]),
+      last_B=jnp.where(live_B, next_B, st["last_B"]),
       pos_B=jnp.where(live_B, pos_B + n_B + 1, pos_B),
       count_B=count_B,
       done_B=st["done_B"] | eos_B | (count_B >= plan.max_new),
       out_BN=out_BN.at[rows_B[:, None], cols_BK1].set(choice_BK1, mode="drop"),
+      keys_B=st["keys_B"],
       rounds=st["rounds"] + 1,
       accepted=st["accepted"] + jnp.sum(jnp.where(live_B, n_B, 0)),
       proposed=st["proposed"] + k * jnp.sum(live_B),
@@ -197,8 +263,9 @@ def _stats(st: dict) -> dict:
   return {name: int(st[name]) for name in ("rounds", "accepted", "proposed")}
 
 
-def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit, ngram: int):
-  """(plan, tokens [B, W], lengths [B]) of the prompts, after checking the pair and the room."""
+def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit, ngram: int, sp):
+  """(plan, tokens [B, W], lengths [B], keys [B]) of the prompts, after checking the pair, the room
+  and the sampling settings `sp` (a SamplingParams of temperature, top_k, top_p and seed)."""
   if draft_cfg is None and ngram < 1:
     raise ValueError(f"prompt lookup needs ngram >= 1 (got {ngram})")
   if draft_cfg is not None and draft_cfg.vocab_size != cfg.vocab_size:
@@ -219,14 +286,16 @@ def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, 
         f" {max_new_tokens} new ones and a round of {k} draft tokens ({need} positions)"
       )
   spans = tuple(0 if c is None else decode_span(need - 2, c) for c in (cfg, draft_cfg))  # a round's end
-  plan = Plan(cfg, draft_cfg, k, max_new_tokens, eos_id, vocab_limit, spans, ngram)
+  sampling = None if sp.temperature == 0 else (sp.temperature, sp.top_k, sp.top_p)
+  plan = Plan(cfg, draft_cfg, k, max_new_tokens, eos_id, vocab_limit, spans, ngram, sampling)
   rows = max(len(prompts), MIN_ROWS)  # one sequence decodes as two rows (generate.MIN_ROWS)
   tokens = np.zeros((rows, bucket(longest, cfg.max_seq_len)), np.int32)
   lengths = np.ones((rows,), np.int32)
   for i in range(rows):
     p = prompts[min(i, len(prompts) - 1)]
     tokens[i, : len(p)], lengths[i] = p, len(p)
-  return plan, tokens, lengths
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(sp.seed), jnp.arange(rows))
+  return plan, tokens, lengths, keys
 
 
 def speculative_generate(
@@ -241,15 +310,24 @@ def speculative_generate(
   eos_id: int = EOS_ID,
   vocab_limit: int | None = None,
   ngram: int = 3,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
 ) -> tuple[list[list[int]], dict]:
-  """Each prompt's greedy new tokens (ending before EOS, at most max_new_tokens), as `generate`
-  with temperature 0 gives them, and statistics: {"rounds" (target calls after the prefill),
+  """Each prompt's new tokens (ending before EOS, at most max_new_tokens): greedy ones as `generate`
+  with temperature 0 gives them, or at `temperature` > 0 (with `top_k`, `top_p`, `seed`) draws
+  distributed as the target's own; and statistics: {"rounds" (target calls after the prefill),
   "proposed" and "accepted" (draft tokens, over every row decoded: a single prompt runs as
   generate.MIN_ROWS copies), "tokens" (returned)}. draft_params and draft_cfg None: prompt lookup
   of up to `ngram` tokens proposes instead of a draft model. Raises ValueError when the models do not
-  share a vocabulary or a context has no room for the prompt, its tokens and one round."""
-  plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram)
-  st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, plan=plan), plan=plan)
+  share a vocabulary, a context has no room for the prompt, its tokens and one round, or a sampling
+  setting is out of range."""
+  sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  plan, tokens, lengths, keys = _prepare(
+    cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram, sp
+  )
+  st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, keys, plan=plan), plan=plan)
   st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
   result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
   return result, {**_stats(st), "tokens": sum(len(r) for r in result)}
@@ -268,12 +346,19 @@ def speculative_stream(
   vocab_limit: int | None = None,
   rounds: int = 4,
   ngram: int = 3,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  seed: int = 0,
 ) -> Iterator[tuple[list[int], dict]]:
   """One prompt's greedy tokens as they are decoded: (new tokens, statistics so far) after the
   prefill (the first token), then after every `rounds` rounds; together the tokens
   `speculative_generate` returns."""
-  plan, tokens, lengths = _prepare(cfg, draft_cfg, [prompt], max_new_tokens, k, eos_id, vocab_limit, ngram)
-  st, sent = begin(params, draft_params, tokens, lengths, plan=plan), 0
+  sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+  plan, tokens, lengths, keys = _prepare(
+    cfg, draft_cfg, [prompt], max_new_tokens, k, eos_id, vocab_limit, ngram, sp
+  )
+  st, sent = begin(params, draft_params, tokens, lengths, keys, plan=plan), 0
   while True:
     host = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
     got = _tokens(host["out_BN"][0], host["count_B"][0], plan)
