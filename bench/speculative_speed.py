@@ -7,7 +7,8 @@ rounds differently from its one-token steps and may break a near-tie the other w
     python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG [--ngram 3] \
         --text val.txt [--prompts 8] [--prompt_tokens 64] [--new_tokens 256] [--k 2,4,6]
 
-`--ngram N` adds rows of prompt lookup (no draft model; `--draft` may then be left out).
+`--ngram N` adds rows of prompt lookup (no draft model; `--draft` may then be left out);
+`--temperature T` times sampled decoding instead of greedy (no equality check then).
 
 `bash bench/gpu_speculative.sh` trains a pair on tiny Shakespeare and runs this on one GPU. Not a
 test: figures go to docs/serving.md with the command and the run.
@@ -60,6 +61,7 @@ def main() -> int:
   ap.add_argument("--new_tokens", type=int, default=256)
   ap.add_argument("--k", default="2,4,6")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled decoding (no equality check)")
   ap.add_argument("--levers", default=None, help="both models' decode levers (default: model.default_levers)")
   ap.add_argument(
     "--dtype", default="auto", help="compute dtype (auto: bfloat16 on GPUs; float32: full precision)"
@@ -84,7 +86,7 @@ def main() -> int:
   ids = tok.encode(open(args.text, encoding="utf-8").read())
   step = max(1, (len(ids) - args.prompt_tokens) // args.prompts)
   prompts = [ids[i * step : i * step + args.prompt_tokens] for i in range(args.prompts)]
-  sp = G.SamplingParams(max_new_tokens=args.new_tokens)
+  sp = G.SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
   print(f"{jax.devices()[0].device_kind}: {named}", flush=True)
   print(f"decode levers {args.levers!r}", flush=True)
   rows, base_s, want, differ = [], 0.0, [], 0
@@ -95,7 +97,9 @@ def main() -> int:
     want.append(gen[0].tokens)
     base_s += s
   total = sum(map(len, want))
-  rows.append(("greedy", total / base_s, "", "", 1.0))
+  rows.append(
+    ("greedy" if not args.temperature else f"sampled at {args.temperature}", total / base_s, "", "", 1.0)
+  )
   for (name, draft, draft_cfg), k in itertools.product(proposers, [int(x) for x in args.k.split(",")]):
     spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
     for p, w in zip(prompts, want, strict=True):
@@ -112,11 +116,12 @@ def main() -> int:
           eos_id=eos,
           vocab_limit=tok.vocab_size,
           ngram=args.ngram or 3,
+          temperature=args.temperature,
         )
 
       (got, stats), s = _timed(run, args.repeats)
       same += got[0] == w
-      if got[0] != w:
+      if got[0] != w and not args.temperature:
         at = next(
           (i for i, (a, b) in enumerate(zip(got[0], w, strict=False)) if a != b), min(len(w), len(got[0]))
         )
@@ -130,7 +135,8 @@ def main() -> int:
         calls + stats["rounds"],
       )
     rows.append(
-      (f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s, same)
+      (f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s)
+      + (() if args.temperature else (same,))
     )
   head = "decoding, one prompt at a time | tokens/s | proposals accepted | tokens per target call"
   print(f"\n| {head} | speed-up | prompts equal to greedy |")
