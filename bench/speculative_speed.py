@@ -89,17 +89,22 @@ def main() -> int:
   sp = G.SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
   print(f"{jax.devices()[0].device_kind}: {named}", flush=True)
   print(f"decode levers {args.levers!r}", flush=True)
-  rows, base_s, want, differ = [], 0.0, [], 0
-  for p in prompts:
-    gen, s = _timed(
-      lambda p=p: G.generate(params, cfg, [p], sp, eos_id=eos, vocab_limit=tok.vocab_size), args.repeats
-    )
-    want.append(gen[0].tokens)
-    base_s += s
-  total = sum(map(len, want))
-  rows.append(
-    ("greedy" if not args.temperature else f"sampled at {args.temperature}", total / base_s, "", "", 1.0)
-  )
+
+  def plain(params, cfg):  # (each prompt's tokens, seconds over all prompts) without speculation
+    def one(p):
+      return G.generate(params, cfg, [p], sp, eos_id=eos, vocab_limit=tok.vocab_size)
+
+    runs = [_timed(lambda p=p: one(p), args.repeats) for p in prompts]
+    return [gen[0].tokens for gen, _ in runs], sum(s for _, s in runs)
+
+  want, base_s = plain(params, cfg)
+  total, differ = sum(map(len, want)), 0
+  mode = f"sampled at temperature {args.temperature}" if args.temperature else "greedy"
+  rows = [(mode, total / base_s, "", "", 1000 * base_s / total, 1.0)]
+  for name, draft, draft_cfg in proposers:
+    if draft is not None:  # a draft step's time, for the round's parts
+      _, s = plain(draft, draft_cfg)
+      rows.append((f"{name} alone, {mode}", total / s, "", "", 1000 * s / total, base_s / s))
   for (name, draft, draft_cfg), k in itertools.product(proposers, [int(x) for x in args.k.split(",")]):
     spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
     for p, w in zip(prompts, want, strict=True):
@@ -135,14 +140,16 @@ def main() -> int:
         calls + stats["rounds"],
       )
     rows.append(
-      (f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", base_s / spec_s)
+      (f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", 1000 * spec_s / calls)
+      + (base_s / spec_s,)
       + (() if args.temperature else (same,))
     )
   head = "decoding, one prompt at a time | tokens/s | proposals accepted | tokens per target call"
-  print(f"\n| {head} | speed-up | prompts equal to greedy |")
-  print("| --- | --- | --- | --- | --- | --- |")
-  for name, tps, a, per, up, *eq in rows:
-    print(f"| {name} | {tps:,.0f} | {a} | {per} | {up:.2f}x | {f'{eq[0]} of {len(prompts)}' if eq else ''} |")
+  print(f"\n| {head} | ms per step or round | speed-up | prompts equal to greedy |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
+  for name, tps, a, per, ms, up, *eq in rows:
+    same = f"{eq[0]} of {len(prompts)}" if eq else ""
+    print(f"| {name} | {tps:,.0f} | {a} | {per} | {ms:.3f} | {up:.2f}x | {same} |")
   return 1 if differ and cfg.dtype == "float32" else 0
 
 
