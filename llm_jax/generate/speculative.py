@@ -65,13 +65,14 @@ def _greedy(logits_xV, vocab_limit: int | None):
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """What shapes the compiled rounds (static): the two models, k draft tokens a round, the new
-  tokens at most, the end-of-sequence id, the ids below `vocab_limit` (None: all), and the cache
-  positions the target's and the draft's rounds attend to (`decode_span` of the last position a
-  round can write; 0: the whole cache)."""
+  """What shapes the compiled rounds (static): the two models (draft_cfg None: prompt lookup), k
+  draft tokens a round, the new tokens at most, the end-of-sequence id, the ids below `vocab_limit`
+  (None: all), the cache positions the target's and the draft's rounds attend to (`decode_span` of
+  the last position a round can write; 0: the whole cache), the lookup's longest match and the
+  sampling settings."""
 
   cfg: ModelConfig
-  draft_cfg: ModelConfig
+  draft_cfg: ModelConfig | None
   k: int
   max_new: int
   eos_id: int = EOS_ID
