@@ -10,7 +10,8 @@
 #   env: SHAKESPEARE_DIR (bench/gpu_common.sh), TARGET_ARGS / DRAFT_ARGS (more --config overrides of
 #        each run), DRAFTS (drafts' shapes, ";" between drafts), SPEC_ARGS (more
 #        bench/speculative_speed.py flags, e.g. "--k 2,4,8" or "--dtype float32"), REUSE=1 (keep
-#        /tmp/spec_* runs already trained on this machine)
+#        /tmp/spec_* runs already trained on this machine), QUICK=1 (skip the last two runs: sampled
+#        decoding at temperature 0.8, and float32 compute, whose tokens must all equal greedy decoding's)
 #
 # CPU smoke test of the same logic (tiny runs, few tokens):
 #   PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
@@ -41,3 +42,15 @@ for i in "${!drafts[@]}"; do
     --prompt_tokens 32 --new_tokens 200 --k 2,4,6 $([ "$i" = 0 ] && echo --ngram 3) ${SPEC_ARGS:-} \
     2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative$i.txt"
 done
+[ -n "${QUICK:-}" ] && exit 0
+spec() {  # spec NAME FLAGS...: the first draft again, k = 4 only; returns the benchmark's status
+  local name=$1; shift
+  # shellcheck disable=SC2086  # SPEC_ARGS are words
+  $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_draft0 --text "$SHK_VAL" \
+    --prompt_tokens 32 --new_tokens 200 --k 4 "$@" ${SPEC_ARGS:-} 2>&1 \
+    | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_$name.txt"
+  return "${PIPESTATUS[0]}"
+}
+spec sampled --temperature 0.8 --ngram 3 --repeats 2  # speculative sampling against plain sampling
+spec float32 --dtype float32 --repeats 1  # exact equality with greedy decoding (exits 1 otherwise)
+echo "float32 check: exit status $?"
