@@ -319,6 +319,24 @@ def test_cli_streams_from_package(tmp_path, params, tok):
   assert hot[0].stdout == hot[1].stdout != proc.stdout and "100% of draft tokens accepted" in hot[0].stderr
 
 
+def test_cli_warns_of_a_draft_with_another_tokenizer(tmp_path, params, tok):
+  """A draft whose tokenizer has the same size but other pieces: the text is still the model's
+  greedy one, and stderr says why proposals are refused."""
+  from llm_jax.artifacts import package
+
+  rng = random.Random(1)
+  words = "alpha beta gamma delta epsilon zeta theta lambda sigma omega".split()
+  texts = [" ".join(rng.choice(words) for _ in range(150)) + "\n" for _ in range(40)]
+  other = train_tokenizer(texts, str(tmp_path / "other.model"), vocab_size=tok.vocab_size)
+  package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
+  package.write_package(str(tmp_path / "draft"), params, CFG, other.path, step=3)
+  args = ("--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "6")
+  plain, spec = _cli(*args), _cli(*args, "--draft", str(tmp_path / "draft"))
+  assert spec.returncode == 0, spec.stderr[-2000:]
+  assert spec.stdout == plain.stdout and "warning: the draft's tokenizer differs" in spec.stderr
+  assert "warning" not in _cli(*args, "--draft", str(tmp_path / "pkg")).stderr
+
+
 def test_cli_usage_errors_exit_2(tmp_path):
   both = _cli("--package=p", "--workdir=w", "--prompt=x")
   assert both.returncode == 2 and "package" in both.stderr and "workdir" in both.stderr

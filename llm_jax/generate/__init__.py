@@ -10,7 +10,7 @@ right-padded, and each row's decode continues at its own position.
     mesh.py      parameters on a mesh for tensor-parallel decoding (shard_params, mesh_context)
     batching.py  prompts padded to bucketed shapes (make_batch, Batch)
     stream.py    TextStream (incremental detokenization, stops), stream() and generate()
-    speculative.py  greedy speculative decoding: a smaller draft model or prompt lookup proposes
+    speculative.py  speculative decoding, greedy or sampled: a small draft model or prompt lookup proposes
     __main__.py  python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8]
 
 Conventions: the token sampled at step i of a row sits at position len(prompt) + i; a row stops at

@@ -73,6 +73,13 @@ def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
   return tuple(v.encode("utf-8").decode("unicode_escape") for v in values if v)
 
 
+def _pieces_differ(tokenizer, other) -> int:
+  """How many ids two tokenizers map to different pieces (ids only one of them has count too)."""
+  n = min(tokenizer.vocab_size, other.vocab_size)
+  same = sum(tokenizer.id_to_piece(i) == other.id_to_piece(i) for i in range(n))
+  return max(tokenizer.vocab_size, other.vocab_size) - same
+
+
 def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams, note: list) -> Iterator[str]:
   """The text pieces of one prompt's greedy completion by speculative decoding, as they are decoded
   (stops honoured as `stream` honours them); appends a note of the draft tokens accepted to `note`."""
@@ -144,6 +151,13 @@ def main(argv: list[str]) -> int:
     small = open_model(_DRAFT.value, dtype=_DTYPE.value or "auto")
     draft = unstack_layers(small.params, small.model_config, levers=default_levers(small.params))
     print(f"[draft {small.describe()}]", file=sys.stderr)
+    differ = _pieces_differ(loaded.tokenizer, small.tokenizer)
+    if differ:  # correct text still (the model checks every token), but few proposals will match
+      print(
+        f"[warning: the draft's tokenizer differs from the model's at {differ} ids of"
+        f" {loaded.tokenizer.vocab_size}: its proposals will seldom be accepted]",
+        file=sys.stderr,
+      )
   for prompt in _PROMPT.value:
     ids = loaded.tokenizer.encode(prompt)
     if not _NO_PREFIX.value:
