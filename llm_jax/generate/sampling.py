@@ -62,6 +62,15 @@ def top_k_top_p_mask(logits_BV, top_k_B, top_p_B):
   return logits_BV >= threshold_B
 
 
+def tempered(logits_BV, temperature_B, top_k_B, top_p_B, filtered: bool):
+  """The logits a sampled row draws from: divided by its temperature and, when `filtered`, with the
+  tokens its top-k/top-p drop at -inf."""
+  scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+  if filtered:
+    scaled_BV = jnp.where(top_k_top_p_mask(scaled_BV, top_k_B, top_p_B), scaled_BV, -jnp.inf)
+  return scaled_BV
+
+
 def apply_repetition_penalty(logits_BV, seen_BV, penalty_B):
   """CTRL-style: logits of seen tokens are divided by the penalty when positive, multiplied if not."""
   p = penalty_B[:, None]
@@ -96,9 +105,7 @@ def sample(
   logits_BV = apply_repetition_penalty(logits_BV, seen_BV, penalty_B)
 
   def draw(x_BV, filtered: bool):
-    scaled_BV = x_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    if filtered:
-      scaled_BV = jnp.where(top_k_top_p_mask(scaled_BV, top_k_B, top_p_B), scaled_BV, -jnp.inf)
+    scaled_BV = tempered(x_BV, temperature_B, top_k_B, top_p_B, filtered)
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
     return jnp.where(temperature_B > 0, drawn_B, jnp.argmax(x_BV, axis=-1)).astype(jnp.int32)
 

@@ -54,7 +54,7 @@ from llm_jax.generate.decode import (
   decode_span,
 )
 from llm_jax.generate.draw import real_ids
-from llm_jax.generate.sampling import SamplingParams, top_k_top_p_mask
+from llm_jax.generate.sampling import SamplingParams, tempered
 from llm_jax.model import ModelConfig
 
 
@@ -85,13 +85,11 @@ class Plan:
 def _probs(logits_xV, plan: Plan):
   """The distribution a sampled round draws from (float32): real ids, tempered, top-k/top-p kept."""
   temperature, top_k, top_p = plan.sampling
-  x_xV = real_ids(logits_xV.astype(jnp.float32), plan.vocab_limit) / temperature
-  if top_k > 0 or top_p < 1:
-    flat_NV = x_xV.reshape(-1, x_xV.shape[-1])
-    n = flat_NV.shape[0]
-    keep_NV = top_k_top_p_mask(flat_NV, jnp.full((n,), top_k), jnp.full((n,), top_p))
-    x_xV = jnp.where(keep_NV, flat_NV, -jnp.inf).reshape(x_xV.shape)
-  return jax.nn.softmax(x_xV, axis=-1)
+  flat_NV = real_ids(logits_xV.astype(jnp.float32), plan.vocab_limit).reshape(-1, logits_xV.shape[-1])
+  n = flat_NV.shape[0]
+  settings = (jnp.full((n,), temperature), jnp.full((n,), top_k), jnp.full((n,), top_p))
+  x_NV = tempered(flat_NV, *settings, filtered=top_k > 0 or top_p < 1)
+  return jax.nn.softmax(x_NV, axis=-1).reshape(logits_xV.shape)
 
 
 def _draw(keys_B, probs_BV):
