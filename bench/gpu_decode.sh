@@ -10,6 +10,11 @@
 #
 #   bash bench/gpu_decode.sh          # repository root; results under $OUT (default runs/bench/device)
 #   VARIANTS="none qkv,norm,kv" BATCHES=1,32 bash bench/gpu_decode.sh
+#   XLA_SETS="default;--xla_gpu_enable_dot_strength_reduction=false" VARIANTS=qkv,norm,kv bash bench/gpu_decode.sh
+#
+# XLA_SETS (";" between sets, "default" = no flags): one process per set of XLA flags, named xla0, xla1,
+# ... in the table (the legend follows it). MIN_ROWS=N decodes a batch of fewer rows as N rows
+# (generate.MIN_ROWS, 2 by default) in every process.
 #
 # CPU smoke test:
 #   PY=.venv/bin/python CONFIG=configs/tiny.py VOCAB=0 BATCHES=1,4 NEW_TOKENS=32 \
@@ -51,12 +56,15 @@ measure() {  # name, PYTHONPATH for llm_jax
   echo "=== $(el) decode tokens/s: $1 (batches $BATCHES, $NEW_TOKENS new tokens, best of 3)"
   # run from that code's directory: `python -` puts the working directory first on sys.path
   local nv; nv=$(wc -w <<< "$VARIANTS")
-  (cd "$2" && PYTHONPATH="${PYTHONPATH//$PWD/$2}" timeout $(( ${STAGE_TIMEOUT:-90} * nv )) $PY - "$W/pkg" \
+  (cd "$2" && XLA_FLAGS="${3:-}" PYTHONPATH="${PYTHONPATH//$PWD/$2}" timeout $(( ${STAGE_TIMEOUT:-90} * nv )) $PY - "$W/pkg" \
     "$BATCHES" "$NEW_TOKENS" "$W/decode_$1.json" "$1" "$VARIANTS") <<'PY' 2>&1 | grep -v -E '^[IW][0-9]{4} '
-import dataclasses, json, sys, time
+import dataclasses, json, os, sys, time
 import jax, jax.numpy as jnp
 import llm_jax
 pkg, batches, new, out, name = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], int(sys.argv[3]), sys.argv[4], sys.argv[5]
+if os.environ.get("MIN_ROWS"):  # the rows a small batch decodes as (generate.MIN_ROWS)
+  import llm_jax.generate.batching as GB
+  GB.make_batch.__defaults__ = (int(os.environ["MIN_ROWS"]),)
 variants = ["" if v == "none" else v for v in sys.argv[6].split()]
 try:  # code with decode levers and the per-step operation count
   from llm_jax.eval import decode_kernels as K
@@ -95,7 +103,15 @@ for lev in variants:
       json.dump(rows, f)
 PY
 }
-measure after "$PWD"
+if [ -n "${XLA_SETS:-}" ]; then
+  IFS=';' read -ra xla_sets <<< "$XLA_SETS"
+  for i in "${!xla_sets[@]}"; do
+    f=${xla_sets[$i]}; [ "$f" = default ] && f=""
+    measure "xla$i" "$PWD" "$f"
+  done
+else
+  measure after "$PWD"
+fi
 [ -n "${BEFORE:-}" ] && measure before "$BEFORE"
 cp "$W"/decode_*.json "$OUT/" 2>/dev/null
 
@@ -113,4 +129,5 @@ for code in dict.fromkeys(r["code"] for r in rows):
   got = {r["batch"]: r for r in rows if r["code"] == code}
   print(f"| {code} | " + " | ".join(cell(got[b]) if b in got else "-" for b in bs) + " |")
 PY
+[ -n "${XLA_SETS:-}" ] && for i in "${!xla_sets[@]}"; do echo "xla$i: XLA_FLAGS=${xla_sets[$i]}"; done
 echo "total $(( $(date +%s) - T0 )) s"

@@ -8,7 +8,8 @@ rounds differently from its one-token steps and may break a near-tie the other w
         --text val.txt [--prompts 8] [--prompt_tokens 64] [--new_tokens 256] [--k 2,4,6]
 
 `--ngram N` adds rows of prompt lookup (no draft model; `--draft` may then be left out);
-`--temperature T` times sampled decoding instead of greedy (no equality check then).
+`--temperature T` times sampled decoding instead of greedy (no equality check then); `--trace DIR`
+writes jax.profiler traces of one plain and one speculative call (bench/analyze_trace.py reads them).
 
 `bash bench/gpu_speculative.sh` trains a pair on tiny Shakespeare and runs this on one GPU. Not a
 test: figures go to docs/serving.md with the command and the run.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 
@@ -66,6 +68,7 @@ def main() -> int:
   ap.add_argument(
     "--dtype", default="auto", help="compute dtype (auto: bfloat16 on GPUs; float32: full precision)"
   )
+  ap.add_argument("--trace", help="profiler traces of one plain and one speculative call (largest k) here")
   args = ap.parse_args()
   if not args.draft and not args.ngram:
     ap.error("give --draft, --ngram or both")
@@ -105,26 +108,26 @@ def main() -> int:
     if draft is not None:  # a draft step's time, for the round's parts
       _, s = plain(draft, draft_cfg)
       rows.append((f"{name} alone, {mode}", total / s, "", "", 1000 * s / total, base_s / s))
+
+  def spec(p, k, draft, draft_cfg):
+    return G.speculative_generate(
+      params,
+      cfg,
+      draft,
+      draft_cfg,
+      [p],
+      max_new_tokens=args.new_tokens,
+      k=k,
+      eos_id=eos,
+      vocab_limit=tok.vocab_size,
+      ngram=args.ngram or 3,
+      temperature=args.temperature,
+    )
+
   for (name, draft, draft_cfg), k in itertools.product(proposers, [int(x) for x in args.k.split(",")]):
     spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
     for p, w in zip(prompts, want, strict=True):
-
-      def run(p=p, k=k, draft=draft, draft_cfg=draft_cfg):
-        return G.speculative_generate(
-          params,
-          cfg,
-          draft,
-          draft_cfg,
-          [p],
-          max_new_tokens=args.new_tokens,
-          k=k,
-          eos_id=eos,
-          vocab_limit=tok.vocab_size,
-          ngram=args.ngram or 3,
-          temperature=args.temperature,
-        )
-
-      (got, stats), s = _timed(run, args.repeats)
+      (got, stats), s = _timed(lambda p=p, k=k, d=draft, dc=draft_cfg: spec(p, k, d, dc), args.repeats)
       same += got[0] == w
       if got[0] != w and not args.temperature:
         at = next(
@@ -150,6 +153,17 @@ def main() -> int:
   for name, tps, a, per, ms, up, *eq in rows:
     same = f"{eq[0]} of {len(prompts)}" if eq else ""
     print(f"| {name} | {tps:,.0f} | {a} | {per} | {ms:.3f} | {up:.2f}x | {same} |")
+  if args.trace:  # one call of each under the profiler, already compiled: the first prompt
+    k = max(int(x) for x in args.k.split(","))
+    calls = {
+      "plain": lambda: G.generate(params, cfg, [prompts[0]], sp, eos_id=eos, vocab_limit=tok.vocab_size),
+      f"speculative_k{k}": lambda: spec(prompts[0], k, *proposers[0][1:]),
+    }
+    for label, fn in calls.items():
+      fn()
+      with jax.profiler.trace(os.path.join(args.trace, label)):
+        fn()
+      print(f"traced {label} ({proposers[0][0]} for speculative) under {args.trace}/{label}")
   return 1 if differ and cfg.dtype == "float32" else 0
 
 

@@ -139,13 +139,14 @@ def _lookup(hist_BS, pos_B, ngram: int, k: int):
 
 
 @functools.partial(jax.jit, static_argnames="plan")
-def begin(params, draft_params, tokens_BL, lengths_B, keys_B, *, plan: Plan) -> dict:
+def begin(params, draft_params, tokens_BL, lengths_B, seed, *, plan: Plan) -> dict:
   """Both models' prefill of right-padded prompts and the target's first token: the state `advance`
   takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics, each
-  row's PRNG key; with prompt lookup, each row's tokens by position in `hist_BS` instead of the
-  draft's cache)."""
+  row's PRNG key, from `seed` and the row's index; with prompt lookup, each row's tokens by position
+  in `hist_BS` instead of the draft's cache)."""
   params = _float_params(params, plan.cfg)
   b, w = tokens_BL.shape
+  keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(b))
   cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, plan.cfg)
   if plan.sampling is None:
     first_B = _greedy(logits_BV, plan.vocab_limit)
@@ -263,7 +264,7 @@ def _stats(st: dict) -> dict:
 
 
 def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit, ngram: int, sp):
-  """(plan, tokens [B, W], lengths [B], keys [B]) of the prompts, after checking the pair, the room
+  """(plan, tokens [B, W], lengths [B]) of the prompts, after checking the pair, the room
   and the sampling settings `sp` (a SamplingParams of temperature, top_k, top_p and seed)."""
   if draft_cfg is None and ngram < 1:
     raise ValueError(f"prompt lookup needs ngram >= 1 (got {ngram})")
@@ -293,8 +294,7 @@ def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, 
   for i in range(rows):
     p = prompts[min(i, len(prompts) - 1)]
     tokens[i, : len(p)], lengths[i] = p, len(p)
-  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(sp.seed), jnp.arange(rows))
-  return plan, tokens, lengths, keys
+  return plan, tokens, lengths
 
 
 def speculative_generate(
@@ -323,10 +323,8 @@ def speculative_generate(
   share a vocabulary, a context has no room for the prompt, its tokens and one round, or a sampling
   setting is out of range."""
   sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  plan, tokens, lengths, keys = _prepare(
-    cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram, sp
-  )
-  st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, keys, plan=plan), plan=plan)
+  plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram, sp)
+  st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, seed, plan=plan), plan=plan)
   st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
   result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
   return result, {**_stats(st), "tokens": sum(len(r) for r in result)}
@@ -354,10 +352,10 @@ def speculative_stream(
   prefill (the first token), then after every `rounds` rounds; together the tokens
   `speculative_generate` returns."""
   sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-  plan, tokens, lengths, keys = _prepare(
+  plan, tokens, lengths = _prepare(
     cfg, draft_cfg, [prompt], max_new_tokens, k, eos_id, vocab_limit, ngram, sp
   )
-  st, sent = begin(params, draft_params, tokens, lengths, keys, plan=plan), 0
+  st, sent = begin(params, draft_params, tokens, lengths, seed, plan=plan), 0
   while True:
     host = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
     got = _tokens(host["out_BN"][0], host["count_B"][0], plan)
