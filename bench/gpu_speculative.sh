@@ -10,11 +10,14 @@
 #   env: SHAKESPEARE_DIR (bench/gpu_common.sh), TARGET_ARGS / DRAFT_ARGS (more --config overrides of
 #        each run), DRAFTS (drafts' shapes, ";" between drafts), SPEC_ARGS (more
 #        bench/speculative_speed.py flags, e.g. "--k 2,4,8" or "--dtype float32"), REUSE=1 (keep
-#        /tmp/spec_* runs already trained on this machine), QUICK=1 (skip the last two runs: sampled
-#        decoding at temperature 0.8, and float32 compute, whose tokens must all equal greedy decoding's)
+#        /tmp/spec_* runs already trained on this machine), DISTILL=STEPS (default 1000; 0: skip):
+#        the first draft also fine-tuned that many steps on the target's greedy continuations of
+#        DISTILL_PROMPTS (8192) prompts from the training split (bench/distill_corpus.py) and timed
+#        at k = 4, 6, 8; QUICK=1 (skip the last two runs: sampled decoding at temperature 0.8, and
+#        float32 compute, whose tokens must all equal greedy decoding's). ~9 minutes on an H200.
 #
 # CPU smoke test of the same logic (tiny runs, few tokens):
-#   PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
+#   DISTILL=4 DISTILL_PROMPTS=16 PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
 #     --config.model.d_model=128 --config.model.num_heads=4" \
 #     DRAFT_ARGS="--config.train.steps=4 --config.train.warmup_steps=2" SPEC_ARGS="--prompts 1 --new_tokens 16 --k 2 --repeats 1" \
 #     OUT=/tmp/spec_out bash bench/gpu_speculative.sh
@@ -42,6 +45,18 @@ for i in "${!drafts[@]}"; do
     --prompt_tokens 32 --new_tokens 200 --k 2,4,6 $([ "$i" = 0 ] && echo --ngram 3) ${SPEC_ARGS:-} \
     2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative$i.txt"
 done
+DISTILL=${DISTILL-1000}
+if [ "$DISTILL" != 0 ]; then  # the first draft fine-tuned on the target's greedy continuations
+  $PY bench/distill_corpus.py --model /tmp/spec_target --text "$SHK_TRAIN" --out /tmp/spec_distill.jsonl \
+    --prompts "${DISTILL_PROMPTS:-8192}" --prompt_tokens 32 --new_tokens 200 2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)'
+  # shellcheck disable=SC2086  # the overrides are words
+  train distilled ${drafts[0]} ${DRAFT_ARGS:-} --config.init_from=/tmp/spec_draft0 --config.reuse_source_tokenizer=True \
+    --config.data.corpus=/tmp/spec_distill.jsonl --config.train.steps="$DISTILL" --config.train.warmup_steps=$(( DISTILL / 20 + 1 ))
+  # shellcheck disable=SC2086  # SPEC_ARGS are words
+  $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_distilled --text "$SHK_VAL" \
+    --prompt_tokens 32 --new_tokens 200 --k 4,6,8 ${SPEC_ARGS:-} \
+    2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_distilled.txt"
+fi
 [ -n "${QUICK:-}" ] && exit 0
 spec() {  # spec NAME FLAGS...: the first draft again, k = 4 only; returns the benchmark's status
   local name=$1; shift

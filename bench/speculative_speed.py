@@ -18,8 +18,10 @@ test: figures go to docs/serving.md with the command and the run.
 from __future__ import annotations
 
 import argparse
+import glob
 import itertools
 import os
+import shutil
 import sys
 import time
 
@@ -163,7 +165,9 @@ def main() -> int:
       fn()
       with jax.profiler.trace(os.path.join(args.trace, label)):
         fn()
-      print(f"traced {label} ({proposers[0][0]} for speculative) under {args.trace}/{label}")
+      for path in glob.glob(os.path.join(args.trace, label, "**", "*.trace.json.gz"), recursive=True):
+        shutil.copy(path, os.path.join(args.trace, f"{label}.trace.json.gz"))  # a flat copy to fetch
+      print(f"traced {label} ({proposers[0][0]} for speculative): {args.trace}/{label}.trace.json.gz")
   return 1 if differ and cfg.dtype == "float32" else 0
 
 
