@@ -12,7 +12,7 @@
 #        bench/speculative_speed.py flags, e.g. "--k 2,4,8" or "--dtype float32"), REUSE=1 (keep
 #        /tmp/spec_* runs already trained on this machine), DISTILL=STEPS (default 1000; 0: skip):
 #        the first draft also fine-tuned that many steps on the target's greedy continuations of
-#        DISTILL_PROMPTS (8192) prompts from the training split (bench/distill_corpus.py) and timed
+#        DISTILL_PROMPTS (8192) prompts from the training split (python -m llm_jax.finetune.distill) and timed
 #        at k = 4, 6, 8; QUICK=1 (skip the last two runs: sampled decoding at temperature 0.8, and
 #        float32 compute, whose tokens must all equal greedy decoding's). ~9 minutes on an H200.
 #
@@ -47,8 +47,9 @@ for i in "${!drafts[@]}"; do
 done
 DISTILL=${DISTILL-1000}
 if [ "$DISTILL" != 0 ]; then  # the first draft fine-tuned on the target's greedy continuations
-  $PY bench/distill_corpus.py --model /tmp/spec_target --text "$SHK_TRAIN" --out /tmp/spec_distill.jsonl \
-    --prompts "${DISTILL_PROMPTS:-8192}" --prompt_tokens 32 --new_tokens 200 2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)'
+  $PY -m llm_jax.finetune.distill --workdir=/tmp/spec_target --text="$SHK_TRAIN" --out=/tmp/spec_distill.jsonl \
+    --overwrite --prompts="${DISTILL_PROMPTS:-8192}" --prompt_tokens=32 --new_tokens=200 2>&1 \
+    | grep -v -E '^([IW][0-9]{4} |WARNING:absl)'
   # shellcheck disable=SC2086  # the overrides are words
   train distilled ${drafts[0]} ${DRAFT_ARGS:-} --config.init_from=/tmp/spec_draft0 --config.reuse_source_tokenizer=True \
     --config.data.corpus=/tmp/spec_distill.jsonl --config.train.steps="$DISTILL" --config.train.warmup_steps=$(( DISTILL / 20 + 1 ))

@@ -1,0 +1,155 @@
+"""A corpus to fine-tune a speculative-decoding draft on: the model's own continuations of prompts cut
+at random places from a text (sequence-level distillation), one JSONL document per prompt,
+`{"text": prompt + continuation, "prompt": prompt}`, which `python -m llm_jax.train` reads as a corpus.
+
+    python -m llm_jax.finetune.distill --package=PKG --text=data/train.txt --out=distill.jsonl \\
+        [--prompts=8192 --prompt_tokens=32 --new_tokens=200 --batch=256 --temperature=0]
+    python -m llm_jax.train --config=DRAFT_CONFIG --workdir=runs/draft_distilled \\
+        --config.init_from=runs/draft --config.reuse_source_tokenizer=True \\
+        --config.data.corpus=distill.jsonl --config.train.steps=1000
+    python -m llm_jax.generate --package=PKG --draft=runs/draft_distilled --prompt="..."
+
+Greedy continuations by default: greedy speculative decoding keeps a proposal only when it is the
+model's argmax, so a draft trained on what the model says (not on what the text says) agrees with it
+more: on one H200 a 1 x 384 character draft went from 42-52% to 63-77% of proposals accepted and
+from 4,300-4,800 to 5,900-7,100 tokens/s (docs/serving.md, "a distilled draft"). `--temperature`
+samples instead (for sampled speculative decoding). Prompts come from --text only: give training text,
+not the text the draft will be measured on. The file is written under a temporary name and renamed
+when complete; an existing --out is kept unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from absl import flags
+
+from llm_jax import cli
+from llm_jax.artifacts import open_model
+from llm_jax.generate import SamplingParams, generate
+from llm_jax.model import default_levers, unstack_layers
+
+
+def prompt_windows(ids_per_text: Sequence[Sequence[int]], n: int, length: int, seed: int) -> list[list[int]]:
+  """`n` windows of `length` token ids, each inside one text, their starts drawn uniformly (seeded)
+  over every text's possible starts; texts shorter than `length` + 1 give none."""
+  room = np.array([max(len(ids) - length, 0) for ids in ids_per_text], np.int64)
+  at = np.random.default_rng(seed).integers(0, room.sum(), n) if room.sum() else np.zeros(0, np.int64)
+  text = np.searchsorted(np.cumsum(room), at, side="right")
+  start = at - (np.cumsum(room) - room)[text]
+  return [list(ids_per_text[t][s : s + length]) for t, s in zip(text, start, strict=True)]
+
+
+def write_corpus(
+  model,
+  texts: Sequence[str],
+  out: str,
+  *,
+  prompts: int = 8192,
+  prompt_tokens: int = 32,
+  new_tokens: int = 200,
+  batch: int = 256,
+  temperature: float = 0.0,
+  seed: int = 0,
+  overwrite: bool = False,
+) -> dict:
+  """Writes `prompts` documents of `model`'s (an artifacts.OpenedModel) continuations to `out`;
+  returns {"documents", "generated_tokens", "seconds"}. Raises ValueError naming the text or the
+  setting at fault, FileExistsError for an existing `out` without `overwrite`."""
+  cfg = model.model_config
+  if min(prompts, prompt_tokens, new_tokens, batch) < 1:
+    raise ValueError(
+      f"prompts ({prompts}), prompt_tokens ({prompt_tokens}), new_tokens ({new_tokens}) and batch ({batch})"
+      " must be at least 1"
+    )
+  if prompt_tokens + new_tokens > cfg.max_seq_len:
+    raise ValueError(
+      f"prompt_tokens ({prompt_tokens}) + new_tokens ({new_tokens}) exceed the model's context"
+      f" ({cfg.max_seq_len})"
+    )
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} exists (--overwrite replaces it)")
+  tok = model.tokenizer
+  ids = []
+  for path in texts:
+    with open(path, encoding="utf-8") as f:
+      ids.append(tok.encode(f.read()))
+  windows = prompt_windows(ids, prompts, prompt_tokens, seed)
+  if not windows:
+    raise ValueError(
+      f"no text holds more than --prompt_tokens={prompt_tokens} tokens: "
+      + ", ".join(f"{p} ({len(i)} tokens)" for p, i in zip(texts, ids, strict=True))
+    )
+  params, dcfg = unstack_layers(model.params, cfg, levers=default_levers(model.params))
+  t0, tokens, tmp = time.perf_counter(), 0, f"{out}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      for b in range(0, len(windows), batch):
+        chunk = windows[b : b + batch]
+        sampling = [
+          SamplingParams(max_new_tokens=new_tokens, temperature=temperature, seed=seed + b + i)
+          for i in range(len(chunk))
+        ]
+        gens = generate(params, dcfg, chunk, sampling, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
+        for p, gen in zip(chunk, gens, strict=True):
+          f.write(json.dumps({"text": tok.decode(p + gen.tokens), "prompt": tok.decode(p)}) + "\n")
+          tokens += len(gen.tokens)
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return {"documents": len(windows), "generated_tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+_PACKAGE = flags.DEFINE_string("package", None, "The model the draft will propose for: a package directory.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "... or a training run directory (latest checkpoint unless --step)."
+)
+_STEP = flags.DEFINE_string("step", None, "Checkpoint step of --workdir, or 'best' (default: latest).")
+_TEXT = flags.DEFINE_multi_string("text", None, "A UTF-8 text file the prompts are cut from (repeatable).")
+_OUT = flags.DEFINE_string("out", None, "The JSONL file to write.")
+_PROMPTS = flags.DEFINE_integer("prompts", 8192, "Documents to write (one prompt each).")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 32, "Tokens per prompt.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 200, "New tokens per prompt at most (fewer at EOS).")
+_BATCH = flags.DEFINE_integer("batch", 256, "Prompts decoded together.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0: greedy continuations.")
+_SEED = flags.DEFINE_integer("seed", 0, "Chooses the prompts (and the samples at a temperature).")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: bfloat16 on accelerators).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+
+
+def main(argv: list[str]) -> int:
+  """Opens the model, writes the corpus and prints one summary line."""
+  del argv
+  if bool(_PACKAGE.value) == bool(_WORKDIR.value):
+    raise cli.UsageError("give exactly one of --package=PKG and --workdir=RUN")
+  if not _TEXT.value or not _OUT.value:
+    raise cli.UsageError("--text=FILE and --out=FILE.jsonl are required")
+  model = open_model(
+    _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
+  )
+  done = write_corpus(
+    model,
+    _TEXT.value,
+    _OUT.value,
+    prompts=_PROMPTS.value,
+    prompt_tokens=_PROMPT_TOKENS.value,
+    new_tokens=_NEW_TOKENS.value,
+    batch=_BATCH.value,
+    temperature=_TEMPERATURE.value,
+    seed=_SEED.value,
+    overwrite=_OVERWRITE.value,
+  )
+  print(
+    f"{_OUT.value}: {done['documents']:,} documents, {done['generated_tokens']:,} generated tokens"
+    f" by {model.describe()} in {done['seconds']:.1f} s"
+  )
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)
