@@ -12,12 +12,14 @@
 #        bench/speculative_speed.py flags, e.g. "--k 2,4,8" or "--dtype float32"), REUSE=1 (keep
 #        /tmp/spec_* runs already trained on this machine), DISTILL=STEPS (default 1000; 0: skip):
 #        the first draft also fine-tuned that many steps on the target's greedy continuations of
-#        DISTILL_PROMPTS (8192) prompts from the training split (python -m llm_jax.finetune.distill) and timed
-#        at k = 4, 6, 8; QUICK=1 (skip the last two runs: sampled decoding at temperature 0.8, and
-#        float32 compute, whose tokens must all equal greedy decoding's). ~9 minutes on an H200.
+#        DISTILL_PROMPTS (8192) prompts from the training split (python -m llm_jax.finetune.distill),
+#        timed at k = 4, 6, 8 and with ROWS (32) prompts a call at k = 2, 4, 6; QUICK=1 (skip the
+#        last two runs: sampled decoding at temperature 0.8, and float32 compute, whose tokens must
+#        all equal greedy decoding's). ~10 minutes on an H200 (more than one device call allows:
+#        QUICK=1, or REUSE=1 in a second call on the same machine).
 #
 # CPU smoke test of the same logic (tiny runs, few tokens):
-#   DISTILL=4 DISTILL_PROMPTS=16 PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
+#   DISTILL=4 DISTILL_PROMPTS=16 ROWS=2 PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
 #     --config.model.d_model=128 --config.model.num_heads=4" \
 #     DRAFT_ARGS="--config.train.steps=4 --config.train.warmup_steps=2" SPEC_ARGS="--prompts 1 --new_tokens 16 --k 2 --repeats 1" \
 #     OUT=/tmp/spec_out bash bench/gpu_speculative.sh
@@ -57,6 +59,11 @@ if [ "$DISTILL" != 0 ]; then  # the first draft fine-tuned on the target's greed
   $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_distilled --text "$SHK_VAL" \
     --prompt_tokens 32 --new_tokens 200 --k 4,6,8 ${SPEC_ARGS:-} \
     2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_distilled.txt"
+  # the same draft with ROWS prompts a call (issue 16's batch-32 figure)
+  # shellcheck disable=SC2086  # SPEC_ARGS are words
+  $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_distilled --text "$SHK_VAL" \
+    --prompt_tokens 32 --new_tokens 200 --k 2,4,6 --prompts $(( 2 * ${ROWS:-32} )) --batch "${ROWS:-32}" \
+    --repeats 2 ${SPEC_ARGS:-} 2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_rows.txt"
 fi
 [ -n "${QUICK:-}" ] && exit 0
 spec() {  # spec NAME FLAGS...: the first draft again, k = 4 only; returns the benchmark's status

@@ -1,5 +1,5 @@
-"""Greedy decoding with and without a draft model (generate/speculative.py), one prompt at a time:
-tokens/s of each, the share of draft tokens accepted and the tokens per target call, for several
+"""Greedy decoding with and without a draft model (generate/speculative.py), one prompt at a time
+(`--batch N`: N prompts a call, the speculative rounds running until every row is done): tokens/s of each, the share of draft tokens accepted and the tokens per target call, for several
 draft lengths, and how many prompts' tokens equal greedy decoding's: all of them in float32 (the
 script exits 1 otherwise); in bfloat16 the target's check of a round (one pass over k + 1 positions)
 rounds differently from its one-token steps and may break a near-tie the other way.
@@ -65,6 +65,7 @@ def main() -> int:
   ap.add_argument("--new_tokens", type=int, default=256)
   ap.add_argument("--k", default="2,4,6")
   ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (rows of one call)")
   ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled decoding (no equality check)")
   ap.add_argument("--levers", default=None, help="both models' decode levers (default: model.default_levers)")
   ap.add_argument(
@@ -91,33 +92,35 @@ def main() -> int:
   ids = tok.encode(open(args.text, encoding="utf-8").read())
   step = max(1, (len(ids) - args.prompt_tokens) // args.prompts)
   prompts = [ids[i * step : i * step + args.prompt_tokens] for i in range(args.prompts)]
+  groups = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]  # decoded together
   sp = G.SamplingParams(max_new_tokens=args.new_tokens, temperature=args.temperature)
   print(f"{jax.devices()[0].device_kind}: {named}", flush=True)
   print(f"decode levers {args.levers!r}", flush=True)
 
-  def plain(params, cfg):  # (each prompt's tokens, seconds over all prompts) without speculation
-    def one(p):
-      return G.generate(params, cfg, [p], sp, eos_id=eos, vocab_limit=tok.vocab_size)
+  def plain(params, cfg):  # (each prompt's tokens, seconds over all groups) without speculation
+    def one(g):
+      return G.generate(params, cfg, g, sp, eos_id=eos, vocab_limit=tok.vocab_size)
 
-    runs = [_timed(lambda p=p: one(p), args.repeats) for p in prompts]
-    return [gen[0].tokens for gen, _ in runs], sum(s for _, s in runs)
+    runs = [_timed(lambda g=g: one(g), args.repeats) for g in groups]
+    return [gen.tokens for gens, _ in runs for gen in gens], sum(s for _, s in runs)
 
   want, base_s = plain(params, cfg)
   total, differ = sum(map(len, want)), 0
+  steps = total / len(prompts) * len(groups)  # decode steps of all groups
   mode = f"sampled at temperature {args.temperature}" if args.temperature else "greedy"
-  rows = [(mode, total / base_s, "", "", 1000 * base_s / total, 1.0)]
+  rows = [(mode, total / base_s, "", "", 1000 * base_s / steps, 1.0)]
   for name, draft, draft_cfg in proposers:
     if draft is not None:  # a draft step's time, for the round's parts
       _, s = plain(draft, draft_cfg)
-      rows.append((f"{name} alone, {mode}", total / s, "", "", 1000 * s / total, base_s / s))
+      rows.append((f"{name} alone, {mode}", total / s, "", "", 1000 * s / steps, base_s / s))
 
-  def spec(p, k, draft, draft_cfg):
+  def spec(g, k, draft, draft_cfg):
     return G.speculative_generate(
       params,
       cfg,
       draft,
       draft_cfg,
-      [p],
+      g,
       max_new_tokens=args.new_tokens,
       k=k,
       eos_id=eos,
@@ -128,16 +131,17 @@ def main() -> int:
 
   for (name, draft, draft_cfg), k in itertools.product(proposers, [int(x) for x in args.k.split(",")]):
     spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
-    for p, w in zip(prompts, want, strict=True):
-      (got, stats), s = _timed(lambda p=p, k=k, d=draft, dc=draft_cfg: spec(p, k, d, dc), args.repeats)
-      same += got[0] == w
-      if got[0] != w and not args.temperature:
-        at = next(
-          (i for i, (a, b) in enumerate(zip(got[0], w, strict=False)) if a != b), min(len(w), len(got[0]))
-        )
-        gap = _gap(params, cfg, p, w, got[0], at)
-        print(f"{name}, k={k}: tokens differ from greedy decoding from new token {at}{gap}", file=sys.stderr)
-        differ += 1
+    for i, g in enumerate(groups):
+      (got, stats), s = _timed(lambda g=g, k=k, d=draft, dc=draft_cfg: spec(g, k, d, dc), args.repeats)
+      for p, w, t in zip(g, want[i * args.batch :], got, strict=False):
+        same += t == w
+        if t != w and not args.temperature:
+          at = next((j for j, (a, b) in enumerate(zip(t, w, strict=False)) if a != b), min(len(w), len(t)))
+          gap = _gap(params, cfg, p, w, t, at)
+          print(
+            f"{name}, k={k}: tokens differ from greedy decoding from new token {at}{gap}", file=sys.stderr
+          )
+          differ += 1
       spec_s, acc, prop, calls = (
         spec_s + s,
         acc + stats["accepted"],
@@ -149,17 +153,18 @@ def main() -> int:
       + (base_s / spec_s,)
       + (() if args.temperature else (same,))
     )
-  head = "decoding, one prompt at a time | tokens/s | proposals accepted | tokens per target call"
+  one = "one prompt at a time" if args.batch == 1 else f"{args.batch} prompts at a time"
+  head = f"decoding, {one} | tokens/s | proposals accepted | tokens per target call (all rows)"
   print(f"\n| {head} | ms per step or round | speed-up | prompts equal to greedy |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for name, tps, a, per, ms, up, *eq in rows:
     same = f"{eq[0]} of {len(prompts)}" if eq else ""
     print(f"| {name} | {tps:,.0f} | {a} | {per} | {ms:.3f} | {up:.2f}x | {same} |")
-  if args.trace:  # one call of each under the profiler, already compiled: the first prompt
+  if args.trace:  # one call of each under the profiler, already compiled: the first group
     k = max(int(x) for x in args.k.split(","))
     calls = {
-      "plain": lambda: G.generate(params, cfg, [prompts[0]], sp, eos_id=eos, vocab_limit=tok.vocab_size),
-      f"speculative_k{k}": lambda: spec(prompts[0], k, *proposers[0][1:]),
+      "plain": lambda: G.generate(params, cfg, groups[0], sp, eos_id=eos, vocab_limit=tok.vocab_size),
+      f"speculative_k{k}": lambda: spec(groups[0], k, *proposers[0][1:]),
     }
     for label, fn in calls.items():
       fn()
