@@ -86,3 +86,11 @@ def test_cli(model, texts, tmp_path):
   assert "3 documents" in run.stdout and len(out.read_text().splitlines()) == 3
   usage = subprocess.run(cmd[:4] + args, capture_output=True, text=True, env=env, timeout=300)
   assert usage.returncode == 2 and "--out" in usage.stderr
+
+
+def test_the_library_defines_no_flags():
+  """Importing the library next to a command that defines the same flag names must work (a pytest
+  worker imports both): the command's flags live in distill/__main__.py only."""
+  code = "import llm_jax.finetune.distill, llm_jax.train.__main__"
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
