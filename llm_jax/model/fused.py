@@ -63,6 +63,9 @@ def fused_params(module: nn.Module, prefix: str, out_shape: tuple[int, ...], cfg
   return kernel, bias, colsum
 
 
+_FEW_QUERIES = 16  # at most this many queries a call: the new keys' part without gemms
+
+
 def one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv_2BKSH, cfg: ModelConfig, span: int):
   """Attention over the one cache's first `span` positions before this call plus this call's own keys
   (decode lever "kv"): nothing is written here; Decoder.hidden writes every layer's keys and values.
@@ -80,10 +83,16 @@ def one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv_2BKSH, cfg: Mod
   k_BKSH = k_BKSH.astype(q_BLNH.dtype)
   dot = functools.partial(jnp.einsum, precision=precision, preferred_element_type=f32)
   old_BKGLS = dot("bkglh,bksh->bkgls", q_BKGLH, k_BKSH)
-  k_BMK1H, v_BMK1H = k_BLKH[:, :, :, None], v_BLKH[:, :, :, None].astype(k_BKSH.dtype)
-  if length == 1:  # one query: elementwise products that fuse with the softmax, not a batched gemm
-    k_BK11H = k_BMK1H[:, 0, :, :, None].astype(f32)
+  # A few queries (a decode step, a speculative round's check): the new keys' scores and values as
+  # elementwise products that fuse with the softmax, not batched gemms that need transposed copies
+  # of the new keys and values (two gemms and two copies a layer); a prompt's piece: gemms.
+  few = length <= _FEW_QUERIES
+  if length == 1:  # a decode step
+    k_BK11H = k_BLKH[:, 0, :, None, None].astype(f32)
     new_BKGLM = (q_BKGLH.astype(f32) * k_BK11H).sum(-1, keepdims=True)
+  elif few:
+    k_BK1MH = k_BLKH.transpose(0, 2, 1, 3)[:, :, None].astype(f32)
+    new_BKGLM = (q_BKGLH.astype(f32)[:, :, :, :, None] * k_BK1MH[:, :, :, None]).sum(-1)
   else:
     new_BKGLM = dot("bkglh,bmkh->bkglm", q_BKGLH, k_BLKH)
   floor = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -99,7 +108,10 @@ def one_cache_attention(q_BLNH, k_BLKH, v_BLKH, positions_BL, kv_2BKSH, cfg: Mod
   p_new_BKGLM = (new_BKGLM / sum_BKGL1).astype(k_BKSH.dtype)
   out_BKGLH = jnp.einsum("bkgls,bksh->bkglh", p_old_BKGLS, v_BKSH, preferred_element_type=f32)
   if length == 1:
-    out_BKGLH += p_new_BKGLM.astype(f32) * v_BMK1H[:, 0, :, :, None].astype(f32)
+    out_BKGLH += p_new_BKGLM.astype(f32) * v_BLKH.astype(k_BKSH.dtype)[:, 0, :, None, None].astype(f32)
+  elif few:
+    v_BK1MH = v_BLKH.astype(k_BKSH.dtype).transpose(0, 2, 1, 3)[:, :, None].astype(f32)
+    out_BKGLH += (p_new_BKGLM.astype(f32)[..., None] * v_BK1MH[:, :, :, None]).sum(-2)
   else:
     out_BKGLH += jnp.einsum(
       "bkglm,bmkh->bkglh", p_new_BKGLM, v_BLKH.astype(k_BKSH.dtype), preferred_element_type=f32
