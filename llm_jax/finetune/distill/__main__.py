@@ -1,5 +1,22 @@
-"""python -m llm_jax.finetune.distill: the distillation corpus of llm_jax.finetune.distill (its docstring
-has the commands)."""
+"""A corpus to fine-tune a speculative-decoding draft on: the model's own continuations of prompts cut
+at random places from a text (sequence-level distillation), one JSONL document per prompt,
+`{"text": prompt + continuation, "prompt": prompt}`, which `python -m llm_jax.train` reads as a corpus.
+
+    python -m llm_jax.finetune.distill --package=PKG --text=data/train.txt --out=distill.jsonl \\
+        [--prompts=8192 --prompt_tokens=32 --new_tokens=200 --batch=256 --temperature=0]
+    python -m llm_jax.train --config=DRAFT_CONFIG --workdir=runs/draft_distilled \\
+        --config.init_from=runs/draft --config.reuse_source_tokenizer=True \\
+        --config.data.corpus=distill.jsonl --config.train.steps=1000
+    python -m llm_jax.generate --package=PKG --draft=runs/draft_distilled --prompt="..."
+
+Greedy continuations by default: greedy speculative decoding keeps a proposal only when it is the
+model's argmax, so a draft trained on what the model says (not on what the text says) agrees with it
+more: on one H200 a 1 x 384 character draft went from 42-52% to 63-77% of proposals accepted and
+from 4,300-4,800 to 5,900-7,100 tokens/s (docs/serving.md, "a distilled draft"; docs/finetune.md).
+`--temperature` samples instead (for sampled speculative decoding). Prompts come from --text only:
+give training text, not the text the draft will be measured on. The file is written under a temporary
+name and renamed when complete; an existing --out is kept unless --overwrite.
+"""
 
 from __future__ import annotations
 
