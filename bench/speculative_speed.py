@@ -1,7 +1,8 @@
 """Greedy decoding with and without a draft model (generate/speculative.py), one prompt at a time
-(`--batch N`: N prompts a call, the speculative rounds running until every row is done): tokens/s of each, the share of draft tokens accepted and the tokens per target call, for several
-draft lengths, and how many prompts' tokens equal greedy decoding's: all of them in float32 (the
-script exits 1 otherwise); in bfloat16 the target's check of a round (one pass over k + 1 positions)
+(`--batch N`: N prompts a call, the speculative rounds running until every row is done): tokens/s
+of each, the share of draft tokens accepted and the tokens per target call, for several draft
+lengths, and how many prompts' tokens equal greedy decoding's: all of them in float32 (the script
+exits 1 otherwise); in bfloat16 the target's check of a round (one pass over k + 1 positions)
 rounds differently from its one-token steps and may break a near-tie the other way.
 
     python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG [--ngram 3] \
