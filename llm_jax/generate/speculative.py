@@ -23,7 +23,7 @@ new tokens and one round past them (`k` + 1 positions) in their context.
 Without a draft model (draft_params and draft_cfg None) the proposals come from the row's own tokens
 (prompt lookup, vLLM's "ngram" method): the tokens that followed the latest earlier occurrence of its
 last `ngram` tokens (or fewer, the longest that occurs), a few elementwise operations a round instead
-of k + 1 draft steps (sampled, as a draft certain of its proposal). It pays where the output repeats
+of k draft steps (sampled, as a draft certain of its proposal). It pays where the output repeats
 its prompt or itself (code edits, quotes, extraction); elsewhere a round is one target call for one
 token, about a decode step.
 
@@ -157,7 +157,8 @@ def begin(params, draft_params, tokens_BL, lengths_B, seed, *, plan: Plan) -> di
     proposer = dict(hist_BS=hist_BS.at[jnp.arange(b), lengths_B].set(first_B))
   else:
     proposer = dict(
-      cache_d=_prefill(_float_params(draft_params, plan.draft_cfg), tokens_BL, lengths_B, plan.draft_cfg)[0]
+      cache_d=_prefill(_float_params(draft_params, plan.draft_cfg), tokens_BL, lengths_B, plan.draft_cfg)[0],
+      prev_B=tokens_BL[jnp.arange(b), lengths_B - 1],  # the token before last_B
     )
   zero = jnp.int32(0)
   return dict(
@@ -185,24 +186,34 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
   k, b, v = plan.k, st["last_B"].shape[0], plan.cfg.vocab_size
   rows_B, j_K1, start = jnp.arange(b), jnp.arange(k + 1), st["rounds"]
 
-  def draft(cache_d, last_B, pos_B, keys_B):
-    """k proposals, and the last one fed too (its keys are in the cache if it is accepted); sampled:
-    also the draft's distributions they were drawn from [B, k + 1, V]."""
+  def draft(cache_d, prev_B, last_B, pos_B, keys_B):
+    """k proposals in k draft calls; sampled: also the distributions they were drawn from [B, k, V].
+    The first call feeds the token before last_B again with it (two positions): its keys are not in
+    the draft's cache when the last round accepted every proposal (the last proposal is never fed),
+    and writing them again otherwise changes nothing."""
+    dcfg, span = plan.draft_cfg, plan.spans[1]
 
-    def step(j, carry):
-      cache, x_B, props_BK1, q_BK1V = carry
-      cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, plan.draft_cfg, plan.spans[1])
+    def propose(j, logits_BV, props_BK, q_BKV):
       if plan.sampling is None:
         x_B = _greedy(logits_BV, plan.vocab_limit)
       else:
         q_BV = _probs(logits_BV, plan)
-        x_B, q_BK1V = _draw(_keys(keys_B, 10 + j), q_BV), q_BK1V.at[:, j].set(q_BV)
-      return cache, x_B, props_BK1.at[:, j].set(x_B), q_BK1V
+        x_B, q_BKV = _draw(_keys(keys_B, 10 + j), q_BV), q_BKV.at[:, j].set(q_BV)
+      return x_B, props_BK.at[:, j].set(x_B), q_BKV
 
-    props_BK1 = jnp.zeros((b, k + 1), jnp.int32)
-    q_BK1V = jnp.zeros((b, k + 1, v) if plan.sampling else (b, k + 1, 0), jnp.float32)
-    cache_d, _, props_BK1, q_BK1V = jax.lax.fori_loop(0, k + 1, step, (cache_d, last_B, props_BK1, q_BK1V))
-    return cache_d, props_BK1[:, :k], q_BK1V[:, :k]
+    def step(j, carry):
+      cache, x_B, props_BK, q_BKV = carry
+      cache, logits_BV = _forward_one(draft_params, cache, x_B, pos_B + j, dcfg, span)
+      return cache, *propose(j, logits_BV, props_BK, q_BKV)
+
+    pair_B2 = jnp.stack([prev_B, last_B], axis=1)
+    cache_d, h_B2D = _prompt_hidden(draft_params, pair_B2, dcfg, cache_d, pos_B - 1, span)
+    logits_BV = _model(dcfg).apply({"params": draft_params}, h_B2D[:, 1:], method="logits")[:, 0]
+    props_BK = jnp.zeros((b, k), jnp.int32)
+    q_BKV = jnp.zeros((b, k, v) if plan.sampling else (b, k, 0), jnp.float32)
+    carry = (cache_d, *propose(0, logits_BV, props_BK, q_BKV))
+    cache_d, _, props_BK, q_BKV = jax.lax.fori_loop(1, k, step, carry)
+    return cache_d, props_BK, q_BKV
 
   def body(st):
     live_B, pos_B, count_B = ~st["done_B"], st["pos_B"], st["count_B"]
@@ -211,7 +222,7 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
       proposer, props_BK = {}, _lookup(st["hist_BS"], pos_B, plan.ngram, k)
       q_BKV = jax.nn.one_hot(props_BK, v, dtype=jnp.float32) if plan.sampling else None
     else:
-      cache_d, props_BK, q_BKV = draft(st["cache_d"], st["last_B"], pos_B, keys_B)
+      cache_d, props_BK, q_BKV = draft(st["cache_d"], st["prev_B"], st["last_B"], pos_B, keys_B)
       proposer = dict(cache_d=cache_d)
     block_BK1 = jnp.concatenate([st["last_B"][:, None], props_BK], axis=1)
     cache_t, h_BKD = _prompt_hidden(params, block_BK1, plan.cfg, st["cache_t"], pos_B, plan.spans[0])
@@ -229,6 +240,9 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
     cols_BK1 = jnp.where(emit_BK1, count_B[:, None] + j_K1[None], out_BN.shape[1])  # past the end: dropped
     count_B = jnp.where(live_B, count_B + n_B + 1, count_B)
     eos_B = jnp.any(emit_BK1 & (choice_BK1 == plan.eos_id), axis=1)
+    if plan.draft_cfg is not None:  # the token before the row's new last one
+      before_B = jnp.where(n_B > 0, props_BK[rows_B, jnp.maximum(n_B - 1, 0)], st["last_B"])
+      proposer["prev_B"] = jnp.where(live_B, before_B, st["prev_B"])
     if plan.draft_cfg is None:  # the emitted tokens at their positions, after the row's last one
       at_BK1 = jnp.where(emit_BK1, pos_B[:, None] + 1 + j_K1[None], st["hist_BS"].shape[1])
       proposer = dict(hist_BS=st["hist_BS"].at[rows_B[:, None], at_BK1].set(choice_BK1, mode="drop"))
