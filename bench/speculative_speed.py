@@ -44,13 +44,19 @@ def _timed(fn, repeats: int):
   return result, best
 
 
+_prompt_logits = jax.jit(G.prompt_logits, static_argnums=2)
+
+
 def _gap(params, cfg, prompt, want, got, at: int) -> str:
   """Where speculative decoding chose another token than greedy decoding: both tokens' logits by the
-  target in one forward pass over the prompt and greedy's tokens before it. A gap of the order of the
+  target in one forward pass over the prompt and greedy's tokens before it (right-padded to prompt +
+  all of greedy's tokens: one compiled program for every prompt of a length). A gap of the order of the
   compute dtype's rounding is a near-tie that either way of decoding may break either way."""
   if at >= min(len(want), len(got)):
     return " (one stopped earlier)"
-  logits_V = G.prompt_logits(params, jnp.asarray([prompt + want[:at]], jnp.int32), cfg)[0, -1]
+  seen = prompt + want[:at]
+  tokens_1L = jnp.asarray([seen + [0] * (len(prompt) + len(want) - len(seen))], jnp.int32)
+  logits_V = _prompt_logits(params, tokens_1L, cfg)[0, len(seen) - 1]
   a, b = float(logits_V[want[at]]), float(logits_V[got[at]])
   return f": the target's logits of greedy's token {a:.5f} and of this one {b:.5f} (gap {abs(a - b):.2g})"
 
@@ -109,11 +115,20 @@ def main() -> int:
   total, differ = sum(map(len, want)), 0
   steps = total / len(prompts) * len(groups)  # decode steps of all groups
   mode = f"sampled at temperature {args.temperature}" if args.temperature else "greedy"
-  rows = [(mode, total / base_s, "", "", 1000 * base_s / steps, 1.0)]
+  one = "one prompt at a time" if args.batch == 1 else f"{args.batch} prompts at a time"
+  head = f"decoding, {one} | tokens/s | proposals accepted | tokens per target call (all rows)"
+  print(f"\n| {head} | ms per step or round | speed-up | prompts equal to greedy |")
+  print("| --- | --- | --- | --- | --- | --- | --- |", flush=True)
+
+  def row(name, tps, a, per, ms, up, *eq):  # printed as soon as measured: a timeout keeps the rows so far
+    same = f"{eq[0]} of {len(prompts)}" if eq else ""
+    print(f"| {name} | {tps:,.0f} | {a} | {per} | {ms:.3f} | {up:.2f}x | {same} |", flush=True)
+
+  row(mode, total / base_s, "", "", 1000 * base_s / steps, 1.0)
   for name, draft, draft_cfg in proposers:
     if draft is not None:  # a draft step's time, for the round's parts
       _, s = plain(draft, draft_cfg)
-      rows.append((f"{name} alone, {mode}", total / s, "", "", 1000 * s / steps, base_s / s))
+      row(f"{name} alone, {mode}", total / s, "", "", 1000 * s / steps, base_s / s)
 
   def spec(g, k, draft, draft_cfg):
     return G.speculative_generate(
@@ -149,18 +164,9 @@ def main() -> int:
         prop + stats["proposed"],
         calls + stats["rounds"],
       )
-    rows.append(
-      (f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", f"{total / calls:.2f}", 1000 * spec_s / calls)
-      + (base_s / spec_s,)
-      + (() if args.temperature else (same,))
-    )
-  one = "one prompt at a time" if args.batch == 1 else f"{args.batch} prompts at a time"
-  head = f"decoding, {one} | tokens/s | proposals accepted | tokens per target call (all rows)"
-  print(f"\n| {head} | ms per step or round | speed-up | prompts equal to greedy |")
-  print("| --- | --- | --- | --- | --- | --- | --- |")
-  for name, tps, a, per, ms, up, *eq in rows:
-    same = f"{eq[0]} of {len(prompts)}" if eq else ""
-    print(f"| {name} | {tps:,.0f} | {a} | {per} | {ms:.3f} | {up:.2f}x | {same} |")
+    eq = () if args.temperature else (same,)
+    per_call, ms = f"{total / calls:.2f}", 1000 * spec_s / calls
+    row(f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", per_call, ms, base_s / spec_s, *eq)
   if args.trace:  # one call of each under the profiler, already compiled: the first group
     k = max(int(x) for x in args.k.split(","))
     calls = {
