@@ -3,6 +3,7 @@ waiting prompts prefilled together, programs kept across starts with jax.export,
 levers' parameter layout serving decoding, admission and prompt scoring."""
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import time
@@ -64,18 +65,22 @@ def engine(params, tok):
 
 
 def _run(engine, requests, paused=True, logprobs=False):
-  """Submits (prompt, max_new_tokens[, SamplingParams[, top log-probs wanted]]) requests (all before
-  decoding starts when `paused`); returns each one's tokens and finish reason (and with `logprobs`
-  its tokens' log-probs and top log-probs)."""
+  """Submits (prompt, max_new_tokens[, SamplingParams[, top log-probs wanted]]) requests (when
+  `paused`, all queued before the engine admits any, and decoding held until then); returns each
+  one's tokens and finish reason (and with `logprobs` its tokens' log-probs and top log-probs)."""
 
   async def go():
     loop = asyncio.get_running_loop()
     queues = []
-    for prompt, n, *more in requests:
-      q = asyncio.Queue()
-      sp = more[0] if more else G.SamplingParams(temperature=0.0, max_new_tokens=n)
-      engine.submit([Choice(0, list(prompt), sp, top_n=more[1] if len(more) > 1 else 0)], loop, q, 30.0)
-      queues.append(q)
+    # A paused engine still admits waiting prompts, as soon as one is queued: holding its lock (the
+    # decode thread's) while submitting queues them all before it looks, however busy the machine.
+    with engine._cond if paused else contextlib.nullcontext():
+      for prompt, n, *more in requests:
+        q = asyncio.Queue()
+        sp = more[0] if more else G.SamplingParams(temperature=0.0, max_new_tokens=n)
+        choice = Choice(0, list(prompt), sp, top_n=more[1] if len(more) > 1 else 0)
+        engine.submit([choice], loop, q, 30.0)
+        queues.append(q)
     engine.resume()
     out = []
     for q in queues:
