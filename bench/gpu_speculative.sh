@@ -15,8 +15,10 @@
 #        DISTILL_PROMPTS (8192) prompts from the training split (python -m llm_jax.finetune.distill),
 #        timed at k = 4, 6, 8 and with ROWS (32) prompts a call at k = 2, 4, 6; QUICK=1 (skip the
 #        last two runs: sampled decoding at temperature 0.8, and float32 compute, whose tokens must
-#        all equal greedy decoding's). ~10 minutes on an H200 (more than one device call allows:
-#        QUICK=1, or REUSE=1 in a second call on the same machine).
+#        all equal greedy decoding's). On an H200 (2026-12-02): training ~245 s (target 135-160,
+#        draft ~50, distillation ~50), each one-prompt benchmark ~80-150 s, the 32-rows run ~50 s;
+#        QUICK=1 reached its 32-rows run at 580 s, over one 600 s device call with it: REUSE=1 in a
+#        second call on the same machine.
 #
 # CPU smoke test of the same logic (tiny runs, few tokens):
 #   DISTILL=4 DISTILL_PROMPTS=16 ROWS=2 PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
