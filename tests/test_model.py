@@ -69,13 +69,14 @@ def test_kv_cache_matches_full_recompute(built):
   dec = Decoder(cfg, decode=True)
   tokens = np.random.default_rng(2).integers(0, 100, (2, 12)).astype(np.int32)
   cache = dec.init(jax.random.key(0), jnp.zeros((2, 1), jnp.int32))["cache"]
-  pos = np.broadcast_to(np.arange(8), (2, 8))
-  out, mut = dec.apply({"params": params, "cache": cache}, tokens[:, :8], pos, mutable=["cache"])
+  # jitted: two programs (the prompt of 8, then one token), not every op compiled alone
+  step = jax.jit(
+    lambda cache, t, pos: dec.apply({"params": params, "cache": cache}, t, pos, mutable=["cache"])
+  )
+  out, mut = step(cache, tokens[:, :8], np.broadcast_to(np.arange(8), (2, 8)))
   outs = [out]
   for i in range(8, 12):
-    out, mut = dec.apply(
-      {"params": params, "cache": mut["cache"]}, tokens[:, i : i + 1], np.full((2, 1), i), mutable=["cache"]
-    )
+    out, mut = step(mut["cache"], tokens[:, i : i + 1], np.full((2, 1), i))
     outs.append(out)
   np.testing.assert_allclose(np.concatenate(outs, 1), fwd(params, tokens), atol=2e-5)
 
