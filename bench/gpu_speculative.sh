@@ -17,7 +17,7 @@
 #        last two runs: sampled decoding at temperature 0.8, and float32 compute, whose tokens must
 #        all equal greedy decoding's). On an H200 (2026-12-02): training ~245 s (target 135-160,
 #        draft ~50, distillation ~50), each one-prompt benchmark ~80-150 s, the 32-rows run ~50 s;
-#        QUICK=1 reached its 32-rows run at 580 s, over one 600 s device call with it: REUSE=1 in a
+#        QUICK=1 was still in its 32-rows run at 580 s, over one 600 s device call with it: REUSE=1 in a
 #        second call on the same machine.
 #
 # CPU smoke test of the same logic (tiny runs, few tokens):
