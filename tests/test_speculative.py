@@ -200,15 +200,24 @@ def test_prompt_lookup_decodes_the_targets_greedy_tokens(params):
     speculative_generate(params, CFG, None, None, prompts, max_new_tokens=4, ngram=0)
 
 
+_logits_at = jax.jit(lambda params, row_1L, at: G.prompt_logits(params, row_1L, CFG)[0, at])
+
+
+def _last_logits(params, row: list, width: int):
+  """The target's logits after `row`, by one program for every row of a width (right-padded: the
+  pass is causal), not an op-by-op pass at each length."""
+  return _logits_at(params, jnp.asarray([row + [0] * (width - len(row))], jnp.int32), len(row) - 1)
+
+
 def _sampled_joint(params, prompt, n: int, temperature: float, top_k: int) -> dict:
   """The target's exact distribution of its first n sampled tokens (top-k kept, tempered): token
   tuples -> probability, from its logits after every prefix (float64 on the host)."""
-  joint = {(): 1.0}
+  joint, width = {(): 1.0}, len(prompt) + n
   for _ in range(n):
     nxt = {}
     for seq, pr in joint.items():
-      row = jnp.asarray([list(prompt) + list(seq)])
-      x = np.asarray(G.prompt_logits(params, row, CFG)[0, -1], np.float64)[:LIMIT] / temperature
+      row = list(prompt) + list(seq)
+      x = np.asarray(_last_logits(params, row, width), np.float64)[:LIMIT] / temperature
       keep = np.argsort(-x)[:top_k]
       e = np.exp(x[keep] - x[keep].max())
       nxt.update({seq + (int(t),): pr * q for t, q in zip(keep, e / e.sum(), strict=True)})
