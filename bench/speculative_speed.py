@@ -44,9 +44,6 @@ def _timed(fn, repeats: int):
   return result, best
 
 
-_prompt_logits = jax.jit(G.prompt_logits, static_argnums=2)
-
-
 def _gap(params, cfg, prompt, want, got, at: int) -> str:
   """Where speculative decoding chose another token than greedy decoding: both tokens' logits by the
   target in one forward pass over the prompt and greedy's tokens before it (right-padded to prompt +
@@ -56,7 +53,7 @@ def _gap(params, cfg, prompt, want, got, at: int) -> str:
     return " (one stopped earlier)"
   seen = prompt + want[:at]
   tokens_1L = jnp.asarray([seen + [0] * (len(prompt) + len(want) - len(seen))], jnp.int32)
-  logits_V = _prompt_logits(params, tokens_1L, cfg)[0, len(seen) - 1]
+  logits_V = G.prompt_logits(params, tokens_1L, cfg)[0, len(seen) - 1]
   a, b = float(logits_V[want[at]]), float(logits_V[got[at]])
   return f": the target's logits of greedy's token {a:.5f} and of this one {b:.5f} (gap {abs(a - b):.2g})"
 

@@ -200,13 +200,11 @@ def test_prompt_lookup_decodes_the_targets_greedy_tokens(params):
     speculative_generate(params, CFG, None, None, prompts, max_new_tokens=4, ngram=0)
 
 
-_logits_at = jax.jit(lambda params, row_1L, at: G.prompt_logits(params, row_1L, CFG)[0, at])
-
-
 def _last_logits(params, row: list, width: int):
-  """The target's logits after `row`, by one program for every row of a width (right-padded: the
-  pass is causal), not an op-by-op pass at each length."""
-  return _logits_at(params, jnp.asarray([row + [0] * (width - len(row))], jnp.int32), len(row) - 1)
+  """The target's logits after `row`, right-padded to `width` (the pass is causal): one compiled
+  program for every row, not one per length."""
+  tokens_1L = jnp.asarray([row + [0] * (width - len(row))], jnp.int32)
+  return G.prompt_logits(params, tokens_1L, CFG)[0, len(row) - 1]
 
 
 def _sampled_joint(params, prompt, n: int, temperature: float, top_k: int) -> dict:

@@ -118,8 +118,10 @@ def _prefill(params, tokens_BL, lengths_B, cfg: ModelConfig, cache=None, offsets
   return cache, logits_BV
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
 def prompt_logits(params, tokens_BL, cfg: ModelConfig):
-  """Float32 logits [B, L, V] at every position of right-padded prompts, by the decode model (unjitted).
+  """Float32 logits [B, L, V] at every position of right-padded prompts, by the decode model (one
+  compiled program per config and shape: pad prompts to a few widths when calling it for many).
 
   The same parameters decoding reads (per-layer, decode levers included: `cfg.decode_levers`), so a
   server scores prompts without a second copy of the weights in the full-sequence layout; equal to
