@@ -64,12 +64,19 @@ async def _collect(queue, ev=None):
     ev = None
 
 
-def _run(engine, requests):
+def _run(engine, requests, together=False):
   """Submits (prompt, SamplingParams) requests one after the other, each once the one before has its
-  first token; returns each one's tokens and finish reason."""
+  first token (`together`: all at once, under the engine's lock, so that its thread sees them in one
+  iteration however busy the machine); returns each one's tokens and finish reason."""
 
   async def go():
     loop, tasks = asyncio.get_running_loop(), []
+    if together:
+      queues = [asyncio.Queue() for _ in requests]
+      with engine._cond:
+        for (prompt, sp), q in zip(requests, queues, strict=True):
+          engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
+      return [await _collect(q) for q in queues]
     for prompt, sp in requests:
       q = asyncio.Queue()
       engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
@@ -142,7 +149,9 @@ def test_a_pieces_first_token_is_read_after_the_next_dispatch(engine, monkeypatc
 
   monkeypatch.setattr(engine.programs, "run", logged)
   monkeypatch.setattr(Engine, "_handle_outputs", handled)
-  _run(engine, [(SHORT, _greedy(24)), (LONG, _greedy(4))])
+  # together: the short row decodes from the first call on, whatever the machine's speed (submitted
+  # after its first token, a busy machine could finish it before the long prompt's pieces)
+  _run(engine, [(SHORT, _greedy(24)), (LONG, _greedy(4))], together=True)
   first = log.index("first token")
   last_piece = max(i for i, kind in enumerate(log[:first]) if kind in ("piece", "extend"))
   assert log[last_piece] == "piece"  # shared with the decoding row's chunk
