@@ -5,11 +5,13 @@ import os
 import random
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from run_cmd import run_command
 
 from llm_jax import generate as G
 from llm_jax.data.tokenizer import train_tokenizer
@@ -273,6 +275,7 @@ def test_sharded_decoding_matches(params, devices):
 
 
 def _cli(*args):
+  """`python -m llm_jax.generate args` as users start it: a process of its own."""
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run(
     [sys.executable, "-m", "llm_jax.generate", *args],
@@ -284,7 +287,16 @@ def _cli(*args):
   )
 
 
-def test_cli_streams_from_package(tmp_path, params, tok):
+def _in_process(capsys, *args):
+  """The same command run in this process (run_cmd): its compiled programs are kept for the next
+  call, where a process each would import jax and build them again. (returncode, stdout, stderr)."""
+  capsys.readouterr()
+  code = run_command("llm_jax.generate", *args)
+  out = capsys.readouterr()
+  return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+
+def test_cli_streams_from_package(tmp_path, params, tok, capsys):
   from llm_jax.artifacts import package
 
   package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
@@ -296,7 +308,8 @@ def test_cli_streams_from_package(tmp_path, params, tok):
   assert proc.stdout == "the cat" + want + "\n"
   assert "loaded" in proc.stderr
   # speculative decoding (the model as its own draft): the same text, every proposal accepted
-  spec = _cli(
+  spec = _in_process(
+    capsys,
     "--package",
     str(tmp_path / "pkg"),
     "--draft",
@@ -309,17 +322,19 @@ def test_cli_streams_from_package(tmp_path, params, tok):
   assert spec.returncode == 0, spec.stderr[-2000:]
   assert spec.stdout == proc.stdout and "100% of draft tokens accepted" in spec.stderr
   # prompt lookup (no draft model): the same text
-  look = _cli("--package", str(tmp_path / "pkg"), "--ngram=2", "--prompt", "the cat", "--max_new_tokens", "8")
+  look = _in_process(
+    capsys, "--package", str(tmp_path / "pkg"), "--ngram=2", "--prompt", "the cat", "--max_new_tokens", "8"
+  )
   assert look.returncode == 0, look.stderr[-2000:]
   assert look.stdout == proc.stdout and "of looked-up tokens accepted" in look.stderr
   # sampled: the model as its own draft keeps every proposal (p = q); a seed gives its text again
   args = ("--package", str(tmp_path / "pkg"), "--draft", str(tmp_path / "pkg"), "--prompt", "the cat")
-  hot = [_cli(*args, "--max_new_tokens=8", "--temperature=1.5", f"--seed={s}") for s in (5, 5)]
+  hot = [_in_process(capsys, *args, "--max_new_tokens=8", "--temperature=1.5", f"--seed={s}") for s in (5, 5)]
   assert hot[0].returncode == 0, hot[0].stderr[-2000:]
   assert hot[0].stdout == hot[1].stdout != proc.stdout and "100% of draft tokens accepted" in hot[0].stderr
 
 
-def test_cli_warns_of_a_draft_with_another_tokenizer(tmp_path, params, tok):
+def test_cli_warns_of_a_draft_with_another_tokenizer(tmp_path, params, tok, capsys):
   """A draft whose tokenizer has the same size but other pieces: the text is still the model's
   greedy one, and stderr says why proposals are refused."""
   from llm_jax.artifacts import package
@@ -331,22 +346,26 @@ def test_cli_warns_of_a_draft_with_another_tokenizer(tmp_path, params, tok):
   package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
   package.write_package(str(tmp_path / "draft"), params, CFG, other.path, step=3)
   args = ("--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "6")
-  plain, spec = _cli(*args), _cli(*args, "--draft", str(tmp_path / "draft"))
+  plain, spec = _in_process(capsys, *args), _in_process(capsys, *args, "--draft", str(tmp_path / "draft"))
   assert spec.returncode == 0, spec.stderr[-2000:]
   assert spec.stdout == plain.stdout and "warning: the draft's tokenizer differs" in spec.stderr
-  assert "warning" not in _cli(*args, "--draft", str(tmp_path / "pkg")).stderr
+  assert "warning" not in _in_process(capsys, *args, "--draft", str(tmp_path / "pkg")).stderr
 
 
-def test_cli_usage_errors_exit_2(tmp_path):
+def test_cli_usage_errors_exit_2(tmp_path, capsys):
   both = _cli("--package=p", "--workdir=w", "--prompt=x")
   assert both.returncode == 2 and "package" in both.stderr and "workdir" in both.stderr
-  bad = _cli(f"--package={tmp_path}", "--prompt=x", "--top_p=0")
+  bad = _in_process(capsys, f"--package={tmp_path}", "--prompt=x", "--top_p=0")
   assert bad.returncode == 2 and "top_p=0.0 must be in (0, 1]" in bad.stderr
-  penalty = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--prompt=x", "--repetition_penalty=1.2")
+  penalty = _in_process(
+    capsys, f"--package={tmp_path}", f"--draft={tmp_path}", "--prompt=x", "--repetition_penalty=1.2"
+  )
   assert penalty.returncode == 2 and "--draft takes no repetition penalty" in penalty.stderr
-  penalty = _cli(f"--package={tmp_path}", "--ngram=3", "--prompt=x", "--repetition_penalty=1.2")
+  penalty = _in_process(
+    capsys, f"--package={tmp_path}", "--ngram=3", "--prompt=x", "--repetition_penalty=1.2"
+  )
   assert penalty.returncode == 2 and "--ngram takes no repetition penalty" in penalty.stderr
-  two = _cli(f"--package={tmp_path}", f"--draft={tmp_path}", "--ngram=3", "--prompt=x")
+  two = _in_process(capsys, f"--package={tmp_path}", f"--draft={tmp_path}", "--ngram=3", "--prompt=x")
   assert two.returncode == 2 and "draft" in two.stderr and "ngram" in two.stderr
 
 
