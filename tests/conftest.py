@@ -5,11 +5,14 @@ import os
 # Tests compile many small programs and run each briefly: LLVM's optimization of the CPU code is much
 # of a compile and buys nothing here. Level 1, not 0: at level 0 XLA's CPU runtime aborted the process
 # in 2 of 9 runs of tests/test_encoder.py::test_classifier_learns_a_separable_set (0 of 6 at the
-# default level, 0 of 10 at level 1). test_step.py: 79 s at level 1, 132 s at the default. The
-# commands tests start inherit both flags.
+# default level, 0 of 10 at level 1). test_step.py: 79 s at level 1, 132 s at the default. Fusion
+# emitters off: XLA:CPU emits its fusions straight to LLVM IR, not through its MLIR emitters
+# (test_speculative.py + test_model.py: 151 s against 179 s, one VM, back to back). The commands
+# tests start inherit the flags.
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=1"
+  + " --xla_cpu_use_fusion_emitters=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
