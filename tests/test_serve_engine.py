@@ -437,8 +437,9 @@ def test_serves_while_the_programs_build(params, tok, monkeypatch):
   calls use the exact programs."""
   held = []
   monkeypatch.setattr(Programs, "build_in_background", lambda self, keys, threads=4: held.append(keys))
-  eng = Engine(params, CFG, tok, slots=8, chunk=2, serve_while_building=True)
-  eng.warmup()
+  # the module engine's layout: its tuned programs are the ones built here again (the compilation
+  # cache's, not a second compile of each)
+  eng = _engine(params, tok, serve_while_building=True)
   core = [("decode", 8, 0, True, True), ("admit", 32, 1), ("move",)]
   assert eng.core_keys() == core and set(eng.programs.compiled) == set(core)
   assert eng.programs.quick == set(core)  # built without GEMM autotuning, to be built again tuned
