@@ -50,39 +50,32 @@ def _recompute(params, prompt, n):
   return recompute(params, CFG, prompt, n)
 
 
-async def _collect(queue, ev=None):
-  """(tokens, finish reason) of a request's events (`ev`: its first, already read)."""
+async def _collect(queue):
+  """(tokens, finish reason) of a request's events."""
   tokens, reason = [], None
   while True:
-    ev = ev or await asyncio.wait_for(queue.get(), timeout=30)
+    ev = await asyncio.wait_for(queue.get(), timeout=30)
     if ev[0] == "delta":
       tokens += ev[3]
     elif ev[0] == "done":
       reason = ev[2]
     elif ev[0] == "end":
       return tokens, reason
-    ev = None
 
 
-def _run(engine, requests, together=False):
-  """Submits (prompt, SamplingParams) requests one after the other, each once the one before has its
-  first token (`together`: all at once, under the engine's lock, so that its thread sees them in one
-  iteration however busy the machine); returns each one's tokens and finish reason."""
+def _run(engine, requests):
+  """Submits (prompt, SamplingParams) requests together, under the engine's lock, so that its thread
+  sees them in one iteration however busy the machine (submitted one after another's first token, a
+  busy machine could finish the first before the next one's pieces ran: seen, two tests); returns
+  each one's tokens and finish reason."""
 
   async def go():
-    loop, tasks = asyncio.get_running_loop(), []
-    if together:
-      queues = [asyncio.Queue() for _ in requests]
-      with engine._cond:
-        for (prompt, sp), q in zip(requests, queues, strict=True):
-          engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
-      return [await _collect(q) for q in queues]
-    for prompt, sp in requests:
-      q = asyncio.Queue()
-      engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
-      first = await asyncio.wait_for(q.get(), timeout=30)  # decoding when the next one comes
-      tasks.append(asyncio.ensure_future(_collect(q, first)))
-    return [await t for t in tasks]
+    loop = asyncio.get_running_loop()
+    queues = [asyncio.Queue() for _ in requests]
+    with engine._cond:
+      for (prompt, sp), q in zip(requests, queues, strict=True):
+        engine.submit([Choice(0, list(prompt), sp)], loop, q, 30.0)
+    return [await _collect(q) for q in queues]
 
   return asyncio.run(go())
 
@@ -149,9 +142,7 @@ def test_a_pieces_first_token_is_read_after_the_next_dispatch(engine, monkeypatc
 
   monkeypatch.setattr(engine.programs, "run", logged)
   monkeypatch.setattr(Engine, "_handle_outputs", handled)
-  # together: the short row decodes from the first call on, whatever the machine's speed (submitted
-  # after its first token, a busy machine could finish it before the long prompt's pieces)
-  _run(engine, [(SHORT, _greedy(24)), (LONG, _greedy(4))], together=True)
+  _run(engine, [(SHORT, _greedy(24)), (LONG, _greedy(4))])
   first = log.index("first token")
   last_piece = max(i for i, kind in enumerate(log[:first]) if kind in ("piece", "extend"))
   assert log[last_piece] == "piece"  # shared with the decoding row's chunk
