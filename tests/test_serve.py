@@ -100,9 +100,16 @@ def _metric(url, name, headers=None):
   return float(m.group(1)) if m else 0.0
 
 
-def _audit(pkg, name, settle_s=0.3):
-  time.sleep(settle_s)  # the line is written just after the response's last byte
-  return [json.loads(line) for line in (pkg / name).read_text().splitlines() if line.strip()]
+def _audit(pkg, name, *ids):
+  """The audit file's lines, once it holds the lines of requests `ids` (their x-request-id or
+  completion id): a request's line is written just after its response's last byte, so it is waited
+  for (up to 20 s), not assumed after a fixed pause (0.3 s: failed when the write came later)."""
+  deadline = time.time() + 20
+  while True:
+    lines = [json.loads(line) for line in (pkg / name).read_text().splitlines() if line.strip()]
+    if set(ids) <= {a["id"] for a in lines} or time.time() > deadline:
+      return lines
+    time.sleep(0.02)
 
 
 # ------------------------------------------------------------------ endpoints
@@ -381,6 +388,7 @@ def test_disconnect_frees_the_slot(plain, pkg):
       timeout=30,
       json={"prompt": PROMPT, "max_tokens": 20, "stream": True, "echo": True},
     ) as r:
+      rid = r.headers["x-request-id"]
       lines = r.iter_lines()  # keep the iterator: a discarded one closes the stream (a disconnect)
       first = next(lines)
       assert first.startswith("data: ") and PROMPT in first
@@ -395,8 +403,8 @@ def test_disconnect_frees_the_slot(plain, pkg):
   finally:
     engine.resume()
   assert _metric(plain.url, 'llm_sequences_finished_total{reason="cancelled"}') == cancelled0 + 1
-  last = [a for a in _audit(pkg, "plain.jsonl") if a.get("stream")][-1]
-  assert last["disconnected"] is True and last["completion_tokens"] == 0
+  [last] = [a for a in _audit(pkg, "plain.jsonl", rid) if a["id"] == rid]
+  assert last.get("stream") and last["disconnected"] is True and last["completion_tokens"] == 0
 
 
 def test_non_streaming_disconnect_frees_the_slot(plain):
@@ -451,9 +459,13 @@ def test_metrics_counters_move(plain):
 
 
 def test_audit_lines(plain, pkg):
-  _greedy(plain.url, max_tokens=3)
-  lines = _audit(pkg, "plain.jsonl")
-  last = [a for a in lines if a["path"] == "/v1/completions" and a["status"] == 200][-1]
+  rid = _greedy(plain.url, max_tokens=3)["id"]
+  bad = _post(plain.url, {"prompt": PROMPT, "max_tokens": -1})
+  assert bad.status_code == 422
+  bad_id = bad.headers["x-request-id"]
+  lines = _audit(pkg, "plain.jsonl", rid, bad_id)
+  [last] = [a for a in lines if a["id"] == rid]
+  assert last["path"] == "/v1/completions" and last["status"] == 200
   meta = package.read_model_json(str(pkg / "pkg"))
   assert last["build_id"] == meta["build_id"]
   assert last["tokenizer_sha256"] == meta["provenance"]["tokenizer_sha256"]
@@ -462,7 +474,8 @@ def test_audit_lines(plain, pkg):
     assert key in last, key
   assert last["completion_tokens"] == 3
   assert all("prompt" not in a and "completion" not in a for a in lines)  # no --log_prompts
-  assert any(a["status"] == 422 and "error" in a for a in lines)
+  [refused] = [a for a in lines if a["id"] == bad_id]
+  assert refused["status"] == 422 and "max_tokens" in refused["error"]
 
 
 def test_openai_client(plain, greedy_text):
@@ -502,7 +515,8 @@ def test_filters_block_input_and_cut_output(guarded, greedy_text, pkg):
   assert r.status_code == 400
   assert r.json()["error"]["code"] == "input_blocked" and "no secrets" in r.json()["error"]["message"]
   want = greedy_text[: greedy_text.find(blocked)]
-  c = _greedy(srv.url, headers=auth)["choices"][0]
+  cut = _greedy(srv.url, headers=auth)
+  c = cut["choices"][0]
   assert c["text"] == want and c["finish_reason"] == "content_filter"
   assert c["content_filter"]["name"] == "snippet"
   events = _sse(srv.url, {"prompt": PROMPT, "max_tokens": 16, "temperature": 0}, headers=auth)
@@ -510,10 +524,12 @@ def test_filters_block_input_and_cut_output(guarded, greedy_text, pkg):
   assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == [
     "content_filter"
   ]
-  lines = _audit(pkg, "guarded.jsonl")
-  assert any(a.get("blocked_by") == "no-secrets" and a["status"] == 400 for a in lines)
-  logged = [a for a in lines if a.get("output_blocked_by") == ["snippet"]]
-  assert logged and logged[-1]["prompt"] == PROMPT and logged[-1]["completion"] == [want]
+  ids = (r.headers["x-request-id"], cut["id"], events[0]["id"])
+  lines = {a["id"]: a for a in _audit(pkg, "guarded.jsonl", *ids)}
+  assert lines[ids[0]].get("blocked_by") == "no-secrets" and lines[ids[0]]["status"] == 400
+  for rid in ids[1:]:  # the non-streaming and the streamed response, each cut by the output filter
+    assert lines[rid]["output_blocked_by"] == ["snippet"]
+    assert lines[rid]["prompt"] == PROMPT and lines[rid]["completion"] == [want]
 
 
 def test_filter_file_errors(tmp_path):

@@ -60,10 +60,18 @@ def _metric(url, name):
   return float(m.group(1)) if m else 0.0
 
 
-def _last_audit(pkg, path):
-  time.sleep(0.3)  # the line is written just after the response's last byte
-  lines = [json.loads(x) for x in (pkg / "audit.jsonl").read_text().splitlines() if x.strip()]
-  return [a for a in lines if a["path"] == path][-1]
+def _audit_of(pkg, response) -> dict:
+  """The audit line of `response` (by its x-request-id): written just after the response's last
+  byte, so it is waited for (up to 20 s), not assumed after a fixed pause (0.3 s: failed when the
+  write came later)."""
+  rid, deadline = response.headers["x-request-id"], time.time() + 20
+  while True:
+    text = (pkg / "audit.jsonl").read_text()
+    mine = [a for a in map(json.loads, filter(str.strip, text.splitlines())) if a["id"] == rid]
+    if mine or time.time() > deadline:
+      assert len(mine) == 1, (rid, mine)
+      return mine[0]
+    time.sleep(0.02)
 
 
 def _alone(url):
@@ -214,7 +222,8 @@ def test_lone_surrogate_is_422_and_recorded_as_such(server, pkg):
   assert r.status_code == 422, r.text
   err = _error_shape(r)
   assert err["param"] == "prompt" and "surrogate" in err["message"]
-  assert _last_audit(pkg, "/v1/completions")["status"] == 422
+  line = _audit_of(pkg, r)
+  assert line["path"] == "/v1/completions" and line["status"] == 422
   after = {s: _metric(server.url, name % s) for s in before}
   assert after == {"422": before["422"] + 1, "499": before["499"], "500": before["500"]}
 
@@ -222,7 +231,8 @@ def test_lone_surrogate_is_422_and_recorded_as_such(server, pkg):
 def test_unknown_routes_and_methods_in_the_error_shape(server, pkg):
   r = httpx.get(f"{server.url}/v1/nothing-here")
   assert r.status_code == 404 and _error_shape(r)["code"] == "not_found"
-  assert _last_audit(pkg, "/v1/nothing-here")["status"] == 404
+  line = _audit_of(pkg, r)
+  assert line["path"] == "/v1/nothing-here" and line["status"] == 404
   r = httpx.get(f"{server.url}/v1/completions")
   assert r.status_code == 405 and _error_shape(r)["code"] == "method_not_allowed"
 
@@ -243,7 +253,8 @@ def test_unexpected_failure_is_500_in_the_error_shape_and_audited_as_500(server,
     st.settings.filters = saved
   assert r.status_code == 500
   assert _error_shape(r)["type"] == "server_error"
-  assert _last_audit(pkg, "/v1/completions")["status"] == 500
+  line = _audit_of(pkg, r)
+  assert line["path"] == "/v1/completions" and line["status"] == 500
   assert _metric(server.url, name) == before + 1
 
 
