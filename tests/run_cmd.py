@@ -7,6 +7,7 @@ removed afterwards, so the next command can define flags of the same names.
 
 import runpy
 import sys
+import types
 
 from absl import app, flags
 
@@ -30,3 +31,12 @@ def run_command(module: str, *args: str) -> int:
     for name in set(flags.FLAGS) - before:
       delattr(flags.FLAGS, name)
   return code
+
+
+def run_captured(capsys, module: str, *args: str):
+  """`run_command` with its output read from pytest's `capsys`: an object with returncode, stdout and
+  stderr, as subprocess.run gives (the command's compiled programs stay for the next call)."""
+  capsys.readouterr()
+  code = run_command(module, *args)
+  out = capsys.readouterr()
+  return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)

@@ -5,13 +5,12 @@ import os
 import random
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from run_cmd import run_command
+from run_cmd import run_captured
 
 from llm_jax import generate as G
 from llm_jax.data.tokenizer import train_tokenizer
@@ -289,11 +288,8 @@ def _cli(*args):
 
 def _in_process(capsys, *args):
   """The same command run in this process (run_cmd): its compiled programs are kept for the next
-  call, where a process each would import jax and build them again. (returncode, stdout, stderr)."""
-  capsys.readouterr()
-  code = run_command("llm_jax.generate", *args)
-  out = capsys.readouterr()
-  return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+  call, where a process each would import jax and build them again."""
+  return run_captured(capsys, "llm_jax.generate", *args)
 
 
 def test_cli_streams_from_package(tmp_path, params, tok, capsys):

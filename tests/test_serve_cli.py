@@ -10,11 +10,10 @@ import stat
 import subprocess
 import sys
 import time
-import types
 
 import httpx
 import pytest
-from run_cmd import run_command
+from run_cmd import run_captured
 from tiny_package import SERVER_CFG, write_tiny_package
 
 from llm_jax.serve import loadtest
@@ -220,21 +219,12 @@ def test_the_command_line_leaves_the_web_stack_for_after_the_fork():
   assert out.stdout.strip() == "[]"
 
 
-def _in_process(capsys, *args):
-  """(returncode, stdout, stderr) of `python -m args` run in this process (run_cmd): no jax import of
-  its own (a process each was ~4 s of these checks)."""
-  capsys.readouterr()
-  code = run_command(*args)
-  out = capsys.readouterr()
-  return types.SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
 def test_usage_errors_exit_2_with_one_line(tmp_path, capsys):
   out = _run("llm_jax.serve.loadtest", "--url=http://192.168.1.1:80", "--requests=1")
   assert out.returncode == 2 and "loopback" in out.stderr and "Traceback" not in out.stderr
-  out = _in_process(capsys, "llm_jax.serve", f"--package={tmp_path / 'missing'}")
+  out = run_captured(capsys, "llm_jax.serve", f"--package={tmp_path / 'missing'}")
   assert out.returncode == 2 and "missing" in out.stderr and "Traceback" not in out.stderr
-  out = _in_process(capsys, "llm_jax.serve", f"--package={tmp_path}", "--slots=0")
+  out = run_captured(capsys, "llm_jax.serve", f"--package={tmp_path}", "--slots=0")
   assert out.returncode == 2 and "slots" in out.stderr
   out = _run("llm_jax.serve", "--help")  # (absl exits 1 after --help; in-process, --help is gone)
   assert "--audit_max_bytes" in out.stdout and "--max_concurrent" in out.stdout
