@@ -11,6 +11,8 @@ import numpy as np
 
 def main(paths: list[str]) -> None:
   rows = [r for p in paths for r in json.load(open(p))["rows"] if r.get("status") == "ok"]
+  if not rows:
+    raise SystemExit(f"no row of {', '.join(paths)} finished (status ok): nothing to compare")
   ref = np.asarray(rows[0]["losses"])
   print(f"reference: {rows[0]['label']}  ({len(ref)} steps, loss {ref[0]:.4f} -> {ref[-1]:.4f})")
   for r in rows[1:]:

@@ -11,7 +11,12 @@
 #                 (seeds 0 and 1: the seed-to-seed spread), model.fp8, train.loss_chunks; val-loss curves
 #                 and best/final val losses (~4 min)
 #     parity_bpe  the same on tiny Shakespeare with a 2048-piece BPE tokenizer
-#     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm against what the model uses
+#     parity_seeds  off / model.fp8 / train.loss_chunks=4 with SEEDS seeds each (default 4; PARALLEL
+#                 trainings at a time, default 4), the curves and each switch against the seeds' spread
+#                 (bench/parity_summary.py); then per-step training losses of the three in float32 and
+#                 in bfloat16 compute from one start (CHECK_STEPS, default 200; bench/compare_losses.py)
+#     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm (and Tokamax's kernels where it
+#                 is installed) against what the model uses
 #   env: NANOGPT_DIR  nanoGPT's bench.py, model.py and configurator.py (default .nanogpt/, git-ignored;
 #                     when missing the script prints how to fetch them and runs the llm_jax rows only)
 #        NANOGPT_ARGS (extra bench.py --key=value overrides) and NANOGPT_TOKENS (its tokens per iteration,
@@ -123,55 +128,63 @@ print("(c: nanoGPT with torch.compile; eager: torch.compile failed, --compile=Fa
 PY
 }
 
+parity_run() {  # parity_run NAME RUN EXTRA_OVERRIDES...: one 2000-step training; RUN is off|fp8|chunks
+  local name=$1 run=$2 ovr=(); shift 2
+  case $run in  # a _seedN suffix sets every seed (init, data order, dropout) to N
+    off*) ;;
+    fp8*) ovr=(--config.model.fp8=True) ;;
+    chunks*) ovr=(--config.train.loss_chunks=4) ;;
+  esac
+  if [[ $run == *_seed* ]]; then
+    local seed=${run##*_seed}
+    ovr+=(--config.train.seed="$seed" --config.data.seed="$seed" --config.train.dropout_seed="$seed")
+  fi
+  rm -rf "/tmp/parity_${name}_$run"
+  stage "${name}_$run" 300 -- $PY -m llm_jax.train --config="$PARITY_CONFIG" \
+    --workdir="/tmp/parity_${name}_$run" --config.data.corpus="$SHK_TRAIN" \
+    --config.data.val_corpus="$SHK_VAL" --config.data.cache_dir="/tmp/parity_cache_${name}_$run" \
+    --config.train.steps="$PARITY_STEPS" --config.train.sample_every=0 \
+    --config.train.checkpoint_every="$PARITY_STEPS" $PARITY_ARGS "$@" "${ovr[@]}"
+  cp "/tmp/parity_${name}_$run/metrics.jsonl" "$OUT/${name}_$run.metrics.jsonl" 2>/dev/null
+}
+
 parity() {  # parity NAME EXTRA_OVERRIDES...: four 2000-step runs and their val-loss curves
   local name=$1; shift
-  local runs=("off_seed0" "off_seed1" "fp8" "chunks") run ovr
+  local runs=("off_seed0" "off_seed1" "fp8" "chunks") run
   shakespeare_data
   for run in "${runs[@]}"; do
-    case $run in
-      off_seed0) ovr=() ;;
-      off_seed1) ovr=(--config.train.seed=1 --config.data.seed=1 --config.train.dropout_seed=1) ;;
-      fp8) ovr=(--config.model.fp8=True) ;;
-      chunks) ovr=(--config.train.loss_chunks=4) ;;
-    esac
-    rm -rf "/tmp/parity_${name}_$run"
-    stage "${name}_$run" 180 -- $PY -m llm_jax.train --config="$PARITY_CONFIG" \
-      --workdir="/tmp/parity_${name}_$run" --config.data.corpus="$SHK_TRAIN" \
-      --config.data.val_corpus="$SHK_VAL" --config.data.cache_dir="/tmp/parity_cache_$name" \
-      --config.train.steps="$PARITY_STEPS" --config.train.sample_every=0 \
-      --config.train.checkpoint_every="$PARITY_STEPS" $PARITY_ARGS "$@" "${ovr[@]}"
-    cp "/tmp/parity_${name}_$run/metrics.jsonl" "$OUT/${name}_$run.metrics.jsonl" 2>/dev/null
+    parity_run "$name" "$run" "$@"
   done
-  $PY - "$OUT" "$name" "${runs[@]}" <<'PY' | tee -a "$OUT/all.log"
-import json, os, sys
-out, name, runs = sys.argv[1], sys.argv[2], sys.argv[3:]
-curves = {}
-for run in runs:
-  path = os.path.join(out, f"{name}_{run}.metrics.jsonl")
-  if os.path.exists(path):
-    rows = [json.loads(line) for line in open(path)]
-    curves[run] = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
-steps = sorted({s for c in curves.values() for s in c})
-print(f"\n{name}: validation loss by step")
-print(f"{'step':>6s}" + "".join(f" {run:>10s}" for run in runs))
-for s in steps:
-  print(f"{s:6d}" + "".join(f" {curves.get(run, {}).get(s, float('nan')):10.4f}" for run in runs))
-for run in runs:
-  c = curves.get(run)
-  if not c:
-    print(f"{run}: no metrics (failed: see all.log)")
-    continue
-  best = min(c, key=c.get)
-  print(f"{run}: best val {c[best]:.4f} @ {best}, final {c[max(c)]:.4f} @ {max(c)}")
-if "off_seed0" in curves and "off_seed1" in curves:
-  a, b = curves["off_seed0"], curves["off_seed1"]
-  spread = max(abs(a[s] - b[s]) for s in a if s in b)
-  print(f"seed-to-seed spread (max |off_seed0 - off_seed1| over evaluations): {spread:.4f}")
-  for run in runs[2:]:
-    if run in curves:
-      d = max(abs(curves[run][s] - a[s]) for s in curves[run] if s in a)
-      print(f"{run}: max |{run} - off_seed0| = {d:.4f} ({'within' if d <= spread else 'OUTSIDE'} the spread)")
-PY
+  $PY bench/parity_summary.py "$OUT" "$name" "${runs[@]}" | tee -a "$OUT/all.log"
+}
+
+parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings at a time on the one GPU,
+  # then a per-step check of the same switches from one start, float32 and bfloat16 compute (XLA
+  # attention: cuDNN has no float32; the training step's attention dropout takes the XLA path anyway;
+  # deterministic XLA ops, and the switches-off row twice: the second shows the run-to-run difference)
+  local name=parity_seeds runs=() run s n=0
+  shakespeare_data
+  for s in $(seq 0 $(( ${SEEDS:-4} - 1 ))); do runs+=("off_seed$s" "fp8_seed$s" "chunks_seed$s"); done
+  local frac
+  frac=$(awk -v p="${PARALLEL:-4}" 'BEGIN { printf "%.2f", 0.9 / p }')
+  for run in "${runs[@]}"; do
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$frac parity_run "$name" "$run" &
+    n=$(( n + 1 ))
+    [ $(( n % ${PARALLEL:-4} )) -eq 0 ] && wait
+  done
+  wait
+  $PY bench/parity_summary.py "$OUT" "$name" "${runs[@]}" | tee -a "$OUT/all.log"
+  local dt
+  for dt in float32 bfloat16; do
+    stage "parity_steps_$dt" 300 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" -- \
+      $PY -m llm_jax.bench --config="$PARITY_CONFIG" \
+      --config.data.corpus="$SHK_TRAIN" --config.data.val_corpus="$SHK_VAL" \
+      --config.data.cache_dir=/tmp/parity_cache_steps \
+      --config.model.dtype=$dt --config.model.attention=xla --warmup=0 --steps="${CHECK_STEPS:-200}" --json="/tmp/bench/parity_steps_$dt.json" \
+      $PARITY_ARGS --variant='' --variant='' --variant='train.loss_chunks=4' --variant='model.fp8=True'
+    echo "per-step training losses, $dt compute (first row the reference):" | tee -a "$OUT/all.log"
+    $PY bench/compare_losses.py "/tmp/bench/parity_steps_$dt.json" 2>&1 | tee -a "$OUT/all.log"
+  done
 }
 
 stages=("$@")
@@ -190,10 +203,11 @@ for s in "${stages[@]}"; do
       side_by_side_table ;;
     parity) parity parity ;;
     parity_bpe) parity parity_bpe --config.data.tokenizer.type=bpe --config.data.tokenizer.vocab_size=2048 ;;
+    parity_seeds) parity_seeds ;;
     kernels)
       stage kernels 120 -- $PY bench/kernel_probe.py
       grep '^{' /tmp/bench/kernels.log | tee -a "$OUT/all.log" ;;
-    *) echo "unknown stage $s (speed parity parity_bpe kernels)" >&2 ;;
+    *) echo "unknown stage $s (speed parity parity_bpe parity_seeds kernels)" >&2 ;;
   esac
 done
 echo "total $(( $(date +%s) - T0 )) s" | tee -a "$OUT/all.log"
