@@ -85,6 +85,26 @@ def test_fp8_dot_general_is_close_to_the_exact_product_forward_and_backward():
   assert "f8_e4m3fn" in jaxpr and "f8_e5m2" in jaxpr
 
 
+def test_fp8_matmuls_take_the_fp8_values_themselves():
+  """XLA's GPU compiler collapses chains of float converts when excess precision is allowed (its
+  default): f32 -> f8 -> bf16 becomes f32 -> bf16. A quantize -> dequantize -> dot emulation therefore
+  rounds nothing on a GPU (and gives the GEMM rewriter no FP8 to match). Each matmul of the forward and
+  backward pass must take FP8 operands: those converts feed the dot and are kept."""
+  x = jax.random.normal(jax.random.key(0), (4, 32, 64), jnp.bfloat16)
+  w = (0.05 * jax.random.normal(jax.random.key(1), (64, 96))).astype(jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+
+  def loss(a, b):
+    return jnp.sum(fp8_dot_general(a, b, dims).astype(jnp.float32))
+
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, w).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) == 3, dots  # forward, d(lhs), d(rhs)
+  for line in dots:
+    operands = line.rsplit(":", 1)[1].split("->")[0]
+    assert operands.count("f8E") == 2, line
+
+
 def test_fp8_step_is_close_to_the_float32_step_and_finite():
   loss, grads = _loss_grads("model.dtype=float32")
   loss8, grads8 = _loss_grads("model.dtype=float32", "model.fp8=True")

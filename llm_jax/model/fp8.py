@@ -1,11 +1,17 @@
 """FP8 matmuls with current (just-in-time) per-tensor scaling: `model.fp8` (docs/performance.md).
 
 Forward: both operands are quantized to float8_e4m3fn with a scale from their own amax (|x| max maps to
-448), dequantized to their dtype, and multiplied with the ordinary dot_general. Backward: the incoming
-gradient is quantized the same way to float8_e5m2 (wider range, max 57344) and the two transposed
-matmuls take the dequantized FP8 operands. The quantize -> dequantize -> dot pattern is the one XLA's
-GPU GEMM rewriter turns into cuBLASLt FP8 GEMMs with the scales folded in (Hopper and newer); elsewhere
-(CPU, older GPUs, shapes cuBLASLt refuses) the same program runs as an emulation in the compute dtype.
+448) and the FP8 values themselves are multiplied (dot_general on float8 operands, accumulating in the
+output dtype), the product then scaled by both scales. Backward: the incoming gradient is quantized the
+same way to float8_e5m2 (wider range, max 57344) and the two transposed matmuls take it with the
+forward's FP8 operands (e5m2 x e4m3). On Hopper and newer XLA's GEMM rewriter runs these as cuBLASLt
+FP8 GEMMs (`bench/fp8_probe.py` counts them); elsewhere (CPU, older GPUs) XLA upcasts the FP8 values
+inside the dot, so the rounding is the same everywhere.
+
+Why not quantize -> dequantize -> dot (this module's first form): XLA's GPU compiler collapses chains of
+float converts when excess precision is allowed, its default (`xla_allow_excess_precision`;
+SimplifyFPConversions turns f32 -> f8 -> bf16 into f32 -> bf16), so that form rounded nothing to FP8 on
+GPUs, and gave the GEMM rewriter no FP8 to match. A convert that feeds the dot directly is kept.
 
 Why current scaling and not flax's delayed scaling (flax.linen.fp8_ops.Fp8DotGeneralOp): delayed scaling
 keeps amax histories in an extra variable collection (`_overwrite_with_gradient`) that the train state,
@@ -37,60 +43,57 @@ def quantize(x, fp8_dtype):
   return q, scale
 
 
-def dequantize(q, scale, dtype):
-  """FP8 values back to `dtype`: q * scale (the pattern XLA folds into an FP8 GEMM)."""
-  return q.astype(dtype) * scale.astype(dtype)
+def _fp8_dims(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> int:
+  """The number of contracting axes; model.fp8's matmuls are x[..., K...] @ w[K..., N...] (flax Dense and
+  the head): x's last axes against w's first, no batch axes."""
+  (lc, rc), (lb, rb) = dimension_numbers
+  n = len(lc)
+  if lb or rb or tuple(lc) != tuple(range(lhs_ndim - n, lhs_ndim)) or tuple(rc) != tuple(range(n)):
+    raise ValueError(
+      "model.fp8 multiplies x[..., K] by w[K, ...] (x's last axes against w's first, no batch axes); "
+      f"got dimension_numbers={dimension_numbers}"
+    )
+  return n
 
 
-def _dot(lhs, rhs, dimension_numbers, precision, preferred_element_type):
-  return jax.lax.dot_general(
-    lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=preferred_element_type
-  )
+def _scaled_dot(q_a, q_b, dims, precision, out_dtype, scale):
+  """dot_general of FP8 operands in out_dtype, times the product of their scales."""
+  out = jax.lax.dot_general(q_a, q_b, dims, precision=precision, preferred_element_type=out_dtype)
+  return out * scale.astype(out_dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
-def _fp8_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype):
-  out, _ = _fp8_dot_fwd(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype)
+def _fp8_dot(lhs, rhs, dimension_numbers, precision, out_dtype, lhs_dtype, rhs_dtype):
+  out, _ = _fp8_dot_fwd(lhs, rhs, dimension_numbers, precision, out_dtype, lhs_dtype, rhs_dtype)
   return out
 
 
-def _fp8_dot_fwd(lhs, rhs, dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype):
+def _fp8_dot_fwd(lhs, rhs, dimension_numbers, precision, out_dtype, lhs_dtype, rhs_dtype):
   q_l, s_l = quantize(lhs, E4M3)
   q_r, s_r = quantize(rhs, E4M3)
-  out = _dot(
-    dequantize(q_l, s_l, lhs_dtype),
-    dequantize(q_r, s_r, rhs_dtype),
-    dimension_numbers,
-    precision,
-    preferred_element_type,
-  )
+  out = _scaled_dot(q_l, q_r, dimension_numbers, precision, out_dtype, s_l * s_r)
   return out, (q_l, s_l, q_r, s_r)
 
 
-def _fp8_dot_bwd(dimension_numbers, precision, preferred_element_type, lhs_dtype, rhs_dtype, res, g):
+def _fp8_dot_bwd(dimension_numbers, precision, out_dtype, lhs_dtype, rhs_dtype, res, g):
   q_l, s_l, q_r, s_r = res
   q_g, s_g = quantize(g, E5M2)
-  dot = functools.partial(
-    _dot,
-    dimension_numbers=dimension_numbers,
-    precision=precision,
-    preferred_element_type=preferred_element_type,
-  )
-  _, vjp = jax.vjp(dot, dequantize(q_l, s_l, lhs_dtype), dequantize(q_r, s_r, rhs_dtype))
-  return vjp(dequantize(q_g, s_g, g.dtype))
+  n = len(dimension_numbers[0][0])
+  free_l = q_l.ndim - n  # g is [x's free axes..., w's free axes...]
+  g_r, w_r = tuple(range(free_l, g.ndim)), tuple(range(n, q_r.ndim))
+  d_lhs = _scaled_dot(q_g, q_r, ((g_r, w_r), ((), ())), precision, lhs_dtype, s_g * s_r)
+  x_l = tuple(range(free_l))
+  d_rhs = _scaled_dot(q_l, q_g, ((x_l, x_l), ((), ())), precision, rhs_dtype, s_l * s_g)
+  return d_lhs, d_rhs
 
 
 _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 
 
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """jax.lax.dot_general with FP8 operands (e4m3 forward, e5m2 gradients), current scaling."""
-  return _fp8_dot(
-    lhs,
-    rhs,
-    dimension_numbers,
-    precision,
-    preferred_element_type,
-    jnp.dtype(lhs.dtype),
-    jnp.dtype(rhs.dtype),
-  )
+  """jax.lax.dot_general(x[..., K], w[K, ...]) with FP8 operands (e4m3 forward, e5m2 gradients), current
+  scaling; the result in preferred_element_type (default: the operands' promoted dtype)."""
+  _fp8_dims(jnp.ndim(lhs), jnp.ndim(rhs), dimension_numbers)
+  lhs_dtype, rhs_dtype = jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype)
+  out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs_dtype, rhs_dtype))
+  return _fp8_dot(lhs, rhs, dimension_numbers, precision, out_dtype, lhs_dtype, rhs_dtype)
