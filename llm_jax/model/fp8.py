@@ -5,8 +5,9 @@ Forward: both operands are quantized to float8_e4m3fn with a scale from their ow
 output dtype), the product then scaled by both scales. Backward: the incoming gradient is quantized the
 same way to float8_e5m2 (wider range, max 57344) and the two transposed matmuls take it with the
 forward's FP8 operands (e5m2 x e4m3). On Hopper and newer XLA's GEMM rewriter runs these as cuBLASLt
-FP8 GEMMs (`bench/fp8_probe.py` counts them); elsewhere (CPU, older GPUs) XLA upcasts the FP8 values
-inside the dot, so the rounding is the same everywhere.
+FP8 GEMMs (`bench/fp8_probe.py` counts them); on CPU XLA upcasts the FP8 values inside the dot (the
+same rounding). On a GPU without FP8 GEMMs, or for a shape cuBLASLt refuses, XLA falls back to a wider
+dot whose inserted converts the simplification below may fold: check there with the probe.
 
 Why not quantize -> dequantize -> dot (this module's first form): XLA's GPU compiler collapses chains of
 float converts when excess precision is allowed, its default (`xla_allow_excess_precision`;
