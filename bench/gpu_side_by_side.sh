@@ -12,7 +12,8 @@
 #                 and best/final val losses (~4 min)
 #     parity_bpe  the same on tiny Shakespeare with a 2048-piece BPE tokenizer
 #     parity_seeds  off / model.fp8 / train.loss_chunks=4 with SEEDS seeds each (default 4; PARALLEL
-#                 trainings at a time, default 4), the curves and each switch against the seeds' spread
+#                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks"; PARITY_LIMIT s a
+#                 training, default 300), the curves and each switch against the seeds' spread
 #                 (bench/parity_summary.py); then per-step training losses of the three in float32 and
 #                 in bfloat16 compute from one start (CHECK_STEPS, default 200; bench/compare_losses.py)
 #     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm (and Tokamax's kernels where it
@@ -140,7 +141,7 @@ parity_run() {  # parity_run NAME RUN EXTRA_OVERRIDES...: one 2000-step training
     ovr+=(--config.train.seed="$seed" --config.data.seed="$seed" --config.train.dropout_seed="$seed")
   fi
   rm -rf "/tmp/parity_${name}_$run"
-  stage "${name}_$run" 300 -- $PY -m llm_jax.train --config="$PARITY_CONFIG" \
+  stage "${name}_$run" "${PARITY_LIMIT:-300}" -- $PY -m llm_jax.train --config="$PARITY_CONFIG" \
     --workdir="/tmp/parity_${name}_$run" --config.data.corpus="$SHK_TRAIN" \
     --config.data.val_corpus="$SHK_VAL" --config.data.cache_dir="/tmp/parity_cache_${name}_$run" \
     --config.train.steps="$PARITY_STEPS" --config.train.sample_every=0 \
@@ -164,7 +165,10 @@ parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings a
   # deterministic XLA ops, and the switches-off row twice: the second shows the run-to-run difference)
   local name=parity_seeds runs=() run s n=0
   shakespeare_data
-  for s in $(seq 0 $(( ${SEEDS:-4} - 1 ))); do runs+=("off_seed$s" "fp8_seed$s" "chunks_seed$s"); done
+  local g
+  for s in $(seq 0 $(( ${SEEDS:-4} - 1 ))); do
+    for g in ${PARITY_GROUPS:-off fp8 chunks}; do runs+=("${g}_seed$s"); done
+  done
   local frac
   frac=$(awk -v p="${PARALLEL:-4}" 'BEGIN { printf "%.2f", 0.9 / p }')
   for run in "${runs[@]}"; do
