@@ -15,12 +15,21 @@ T0=$(date +%s)
 
 python_env() {
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-  if $PY -c 'import llm_jax.bench, ml_collections, grain, orbax.checkpoint' 2>/dev/null; then
+  # what the bench and training commands import (a missing wheel fails here, not mid-stage)
+  local check='import llm_jax.bench, llm_jax.train.loop, ml_collections, grain, orbax.checkpoint'
+  if $PY -c "$check" 2>/dev/null; then
     return 0
   fi
   if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-      .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH && return 0
+      .whl/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
+    local missing
+    if missing=$($PY -c "$check" 2>&1); then
+      return 0
+    fi
+    echo "llm_jax's dependencies are still missing after installing .whl/: $(echo "$missing" | tail -1)" >&2
+    echo "fetch that package's wheel too: ../shared/gpu/fetch_wheels.sh NAME (pyproject.toml lists them)" >&2
+    exit 1
   fi
   echo "llm_jax's dependencies are missing: run 'pip install -e .' (or put wheels in .whl/)" >&2
   exit 1
