@@ -1,7 +1,9 @@
 # Sourced by bench/gpu_*.sh from the repository root. Functions:
 #   python_env         makes llm_jax and its dependencies importable: nothing to do after
 #                      `pip install -e .`; on an offline machine, wheels in .whl/ (pip download them
-#                      elsewhere) are installed into /tmp/site; otherwise it stops with the command to run
+#                      elsewhere: ../shared/gpu/fetch_wheels.sh phonenumberslite python-stdnum tokenizers
+#                      tqdm, its default list lacks these four) are installed into /tmp/site; otherwise,
+#                      or when an import still fails, it stops naming what is missing
 #   shakespeare_data   sets SHK_TRAIN / SHK_VAL: tiny Shakespeare in $SHAKESPEARE_DIR (default
 #                      runs/data/tinyshakespeare), written by bench/shakespeare_data.py when missing
 #   stage NAME TIMEOUT_S [ENV=VAL ...] -- COMMAND...   runs one step, logs to $OUT/all.log, keeps going;
