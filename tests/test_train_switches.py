@@ -105,6 +105,12 @@ def test_fp8_matmuls_take_the_fp8_values_themselves():
     assert operands.count("f8E") == 2, line
 
 
+def test_fp8_rejects_a_matmul_layout_it_does_not_transpose():
+  x, w = jnp.ones((4, 8)), jnp.ones((6, 8))
+  with pytest.raises(ValueError, match="x's last axes against w's first"):
+    fp8_dot_general(x, w, (((1,), (1,)), ((), ())))  # x @ w.T
+
+
 def test_fp8_step_is_close_to_the_float32_step_and_finite():
   loss, grads = _loss_grads("model.dtype=float32")
   loss8, grads8 = _loss_grads("model.dtype=float32", "model.fp8=True")

@@ -44,9 +44,9 @@ def quantize(x, fp8_dtype):
   return q, scale
 
 
-def _fp8_dims(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> int:
-  """The number of contracting axes; model.fp8's matmuls are x[..., K...] @ w[K..., N...] (flax Dense and
-  the head): x's last axes against w's first, no batch axes."""
+def _check_dims(lhs_ndim: int, dimension_numbers) -> None:
+  """model.fp8's matmuls are x[..., K...] @ w[K..., N...] (flax Dense and the head): x's last axes
+  against w's first, no batch axes; the backward pass's transposes assume that layout."""
   (lc, rc), (lb, rb) = dimension_numbers
   n = len(lc)
   if lb or rb or tuple(lc) != tuple(range(lhs_ndim - n, lhs_ndim)) or tuple(rc) != tuple(range(n)):
@@ -54,7 +54,6 @@ def _fp8_dims(lhs_ndim: int, rhs_ndim: int, dimension_numbers) -> int:
       "model.fp8 multiplies x[..., K] by w[K, ...] (x's last axes against w's first, no batch axes); "
       f"got dimension_numbers={dimension_numbers}"
     )
-  return n
 
 
 def _scaled_dot(q_a, q_b, dims, precision, out_dtype, scale):
@@ -94,7 +93,7 @@ _fp8_dot.defvjp(_fp8_dot_fwd, _fp8_dot_bwd)
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
   """jax.lax.dot_general(x[..., K], w[K, ...]) with FP8 operands (e4m3 forward, e5m2 gradients), current
   scaling; the result in preferred_element_type (default: the operands' promoted dtype)."""
-  _fp8_dims(jnp.ndim(lhs), jnp.ndim(rhs), dimension_numbers)
+  _check_dims(jnp.ndim(lhs), dimension_numbers)
   lhs_dtype, rhs_dtype = jnp.dtype(lhs.dtype), jnp.dtype(rhs.dtype)
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs_dtype, rhs_dtype))
   return _fp8_dot(lhs, rhs, dimension_numbers, precision, out_dtype, lhs_dtype, rhs_dtype)
