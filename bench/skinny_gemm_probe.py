@@ -11,7 +11,8 @@ Two chains of gpt_small's decode GEMMs, 12 layers each, one jitted call, 32 rows
   mlp:  x + down(gelu(up(x)))          up 768 -> 3072, down 3072 -> 768
   attn: x + out(qkv(x)[:, :768])       qkv 768 -> 2304, out 768 -> 768 (no attention between: its GEMMs only)
 The mlp chain also as one fused kernel per layer (fused_mlp: up, GELU and down in one launch; its
-partial outputs added by the residual add, or atomically in place). One JSON line per (chain,
+partial outputs added by the residual add, or atomically in place); on one H200 (2026-12-03) it is
+1.7x slower than XLA's two GEMMs (docs/serving.md). One JSON line per (chain,
 variant): ms per chain, the weights' bytes over that time, max relative
 difference from XLA's result.
 
