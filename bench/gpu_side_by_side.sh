@@ -6,7 +6,8 @@
 # the ratio llm_jax / nanoGPT of the same round.
 #
 #   bash bench/gpu_side_by_side.sh [speed] [parity] [parity_bpe] [kernels]    (default: speed kernels)
-#     speed       the side-by-side above (~5 min on an H200)
+#     speed       the side-by-side above (~10 min on an H200 with the four rows and two rounds, over a
+#                 600 s device call: ROUNDS=1 (~5 min) or fewer SPEED_VARIANTS fit one call)
 #     parity      2000 steps of configs/shakespeare_char.py through `python -m llm_jax.train`: switches off
 #                 (seeds 0 and 1: the seed-to-seed spread), model.fp8, train.loss_chunks; val-loss curves
 #                 and best/final val losses (~4 min)
@@ -15,14 +16,18 @@
 #                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks"; PARITY_LIMIT s a
 #                 training, default 300), the curves and each switch against the seeds' spread
 #                 (bench/parity_summary.py); then per-step training losses of the three in float32 and
-#                 in bfloat16 compute from one start (CHECK_STEPS, default 200; bench/compare_losses.py)
+#                 in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
+#                 "float32 bfloat16"; bench/compare_losses.py); ~10 min with both dtypes, ~8 with one
 #     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm (and Tokamax's kernels where it
 #                 is installed) against what the model uses
 #   env: NANOGPT_DIR  nanoGPT's bench.py, model.py and configurator.py (default .nanogpt/, git-ignored;
 #                     when missing the script prints how to fetch them and runs the llm_jax rows only)
 #        NANOGPT_ARGS (extra bench.py --key=value overrides) and NANOGPT_TOKENS (its tokens per iteration,
-#        default 12 x 1024 = 12288), STEPS, WARMUP (llm_jax.bench timed / untimed steps, default 6 / 2), CHUNKS (train.loss_chunks
-#        of the chunked rows, default 8), PARITY_STEPS (2000), SHAKESPEARE_DIR, OUT (runs/bench/device)
+#        default 12 x 1024 = 12288), ROUNDS (speed's nanoGPT / llm_jax rounds, default 2),
+#        SPEED_VARIANTS (its llm_jax rows, ';'-separated override sets, '' the defaults; default
+#        ";model.fp8=True;train.loss_chunks=$CHUNKS;model.fp8=True train.loss_chunks=$CHUNKS"), STEPS,
+#        WARMUP (llm_jax.bench timed / untimed steps, default 6 / 2), CHUNKS (train.loss_chunks of the
+#        chunked rows, default 8), PARITY_STEPS (2000), SHAKESPEARE_DIR, OUT (runs/bench/device)
 #
 # CPU smoke test of the shell logic (tiny model; no nanoGPT unless NANOGPT_DIR has it and torch runs):
 #   PY=$PWD/.venv/bin/python CONFIG=configs/tiny.py STEPS=2 WARMUP=0 NANOGPT_DIR=/tmp/fake_nanogpt \
@@ -45,7 +50,9 @@ CHUNKS=${CHUNKS:-8}
 PARITY_STEPS=${PARITY_STEPS:-2000}
 PARITY_CONFIG=${PARITY_CONFIG:-configs/shakespeare_char.py}
 PARITY_ARGS=${PARITY_ARGS:-}  # extra --config.x=y overrides of every parity run (smoke tests)
-VARIANTS=("" "model.fp8=True" "train.loss_chunks=$CHUNKS" "model.fp8=True train.loss_chunks=$CHUNKS")
+IFS=';' read -r -a VARIANTS <<< \
+  "${SPEED_VARIANTS-;model.fp8=True;train.loss_chunks=$CHUNKS;model.fp8=True train.loss_chunks=$CHUNKS}"
+[ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=("")  # SPEED_VARIANTS='' : the defaults' row only
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/all.log"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)" \
   2>&1 | tail -1 | tee -a "$OUT/all.log"
@@ -179,7 +186,7 @@ parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings a
   wait
   $PY bench/parity_summary.py "$OUT" "$name" "${runs[@]}" | tee -a "$OUT/all.log"
   local dt
-  for dt in float32 bfloat16; do
+  for dt in ${CHECK_DTYPES:-float32 bfloat16}; do
     stage "parity_steps_$dt" 300 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" -- \
       $PY -m llm_jax.bench --config="$PARITY_CONFIG" \
       --config.data.corpus="$SHK_TRAIN" --config.data.val_corpus="$SHK_VAL" \
@@ -199,7 +206,7 @@ for s in "${stages[@]}"; do
       rm -f "$OUT/nanogpt.jsonl" "$OUT/results.jsonl"
       nano=0
       have_nanogpt && nano=1
-      for r in 1 2; do
+      for r in $(seq 1 "${ROUNDS:-2}"); do
         [ $nano = 1 ] && nanogpt_round $r
         llm_jax_round $r
       done
