@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The PyTorch reference and llm_jax on the same GPU in one run (issue 16, docs/performance.md "Training
 # switches"): nanoGPT's bench.py (12 x 1024, torch.compile, random data) and
-# `python -m llm_jax.bench --config=configs/gpt_small.py --synthetic` with the defaults and each training
-# switch as a --variant, alternating nanoGPT / llm_jax twice; the last lines are a table of tokens/s and
-# the ratio llm_jax / nanoGPT of the same round.
+# `python -m llm_jax.bench --config=configs/gpt_small.py --synthetic` with the preset and other rows as
+# --variants (SPEED_VARIANTS), alternating nanoGPT / llm_jax twice; the last lines are a table of tokens/s and
+# the ratio llm_jax / nanoGPT of the same round. bench.py's model has no biases (its bias = False), the
+# gpt_small preset has them: the row `model.use_bias=False` is the same model as the reference's
+# (or NANOGPT_ARGS=--bias=True gives the reference the preset's biases).
 #
-#   bash bench/gpu_side_by_side.sh [speed] [parity] [parity_bpe] [kernels]    (default: speed kernels)
-#     speed       the side-by-side above (~10 min on an H200 with the four rows and two rounds, over a
-#                 600 s device call: ROUNDS=1 (~5 min) or fewer SPEED_VARIANTS fit one call)
+#   bash bench/gpu_side_by_side.sh [speed] [parity] [parity_bpe] [parity_seeds] [kernels]   (default: speed kernels)
+#     speed       the side-by-side above: the preset and `model.use_bias=False`, two rounds (~5 min on
+#                 an H200; the switches' four rows take ~10 min, over a 600 s device call: ROUNDS=1)
 #     parity      2000 steps of configs/shakespeare_char.py through `python -m llm_jax.train`: switches off
 #                 (seeds 0 and 1: the seed-to-seed spread), model.fp8, train.loss_chunks; val-loss curves
 #                 and best/final val losses (~4 min)
@@ -24,10 +26,10 @@
 #                     when missing the script prints how to fetch them and runs the llm_jax rows only)
 #        NANOGPT_ARGS (extra bench.py --key=value overrides) and NANOGPT_TOKENS (its tokens per iteration,
 #        default 12 x 1024 = 12288), ROUNDS (speed's nanoGPT / llm_jax rounds, default 2),
-#        SPEED_VARIANTS (its llm_jax rows, ';'-separated override sets, '' the defaults; default
-#        ";model.fp8=True;train.loss_chunks=$CHUNKS;model.fp8=True train.loss_chunks=$CHUNKS"), STEPS,
-#        WARMUP (llm_jax.bench timed / untimed steps, default 6 / 2), CHUNKS (train.loss_chunks of the
-#        chunked rows, default 8), PARITY_STEPS (2000), SHAKESPEARE_DIR, OUT (runs/bench/device)
+#        SPEED_VARIANTS (its llm_jax rows, ';'-separated override sets, '' the preset; default
+#        ";model.use_bias=False"; the switches: ";model.fp8=True;train.loss_chunks=8"), STEPS, WARMUP
+#        (llm_jax.bench timed / untimed steps, default 6 / 2), PARITY_STEPS (2000), SHAKESPEARE_DIR, OUT
+#        (runs/bench/device)
 #
 # CPU smoke test of the shell logic (tiny model; no nanoGPT unless NANOGPT_DIR has it and torch runs):
 #   PY=$PWD/.venv/bin/python CONFIG=configs/tiny.py STEPS=2 WARMUP=0 NANOGPT_DIR=/tmp/fake_nanogpt \
@@ -46,13 +48,12 @@ NANOGPT_TOKENS=${NANOGPT_TOKENS:-12288}  # tokens per bench.py iteration: its 12
 CONFIG=${CONFIG:-configs/gpt_small.py}
 STEPS=${STEPS:-6}
 WARMUP=${WARMUP:-2}
-CHUNKS=${CHUNKS:-8}
 PARITY_STEPS=${PARITY_STEPS:-2000}
 PARITY_CONFIG=${PARITY_CONFIG:-configs/shakespeare_char.py}
 PARITY_ARGS=${PARITY_ARGS:-}  # extra --config.x=y overrides of every parity run (smoke tests)
 IFS=';' read -r -a VARIANTS <<< \
-  "${SPEED_VARIANTS-;model.fp8=True;train.loss_chunks=$CHUNKS;model.fp8=True train.loss_chunks=$CHUNKS}"
-[ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=("")  # SPEED_VARIANTS='' : the defaults' row only
+  "${SPEED_VARIANTS-;model.use_bias=False}"
+[ ${#VARIANTS[@]} -eq 0 ] && VARIANTS=("")  # SPEED_VARIANTS='' : the preset's row only
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee -a "$OUT/all.log"
 $PY -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__)" \
   2>&1 | tail -1 | tee -a "$OUT/all.log"
