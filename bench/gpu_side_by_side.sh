@@ -15,7 +15,8 @@
 #                 and best/final val losses (~4 min)
 #     parity_bpe  the same on tiny Shakespeare with a 2048-piece BPE tokenizer
 #     parity_seeds  off / model.fp8 / train.loss_chunks=4 with SEEDS seeds each (default 4; PARALLEL
-#                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks"; PARITY_LIMIT s a
+#                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks", also
+#                 fp8head: model.fp8 with model.fp8_head; PARITY_LIMIT s a
 #                 training, default 300), the curves and each switch against the seeds' spread
 #                 (bench/parity_summary.py); then per-step training losses of the three in float32 and
 #                 in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
@@ -137,10 +138,12 @@ print("(c: nanoGPT with torch.compile; eager: torch.compile failed, --compile=Fa
 PY
 }
 
-parity_run() {  # parity_run NAME RUN EXTRA_OVERRIDES...: one 2000-step training; RUN is off|fp8|chunks
+parity_run() {  # parity_run NAME RUN EXTRA_OVERRIDES...: one 2000-step training; RUN is
+  # off|fp8|fp8head|chunks (fp8: the MLP in FP8; fp8head: the head too)
   local name=$1 run=$2 ovr=(); shift 2
   case $run in  # a _seedN suffix sets every seed (init, data order, dropout) to N
     off*) ;;
+    fp8head*) ovr=(--config.model.fp8=True --config.model.fp8_head=True) ;;
     fp8*) ovr=(--config.model.fp8=True) ;;
     chunks*) ovr=(--config.train.loss_chunks=4) ;;
   esac

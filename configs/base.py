@@ -109,11 +109,14 @@ def get_config() -> ml_collections.ConfigDict:
   m.logits_dtype = "auto"
   # False: bidirectional attention, a BERT-style encoder trained by llm_jax.encoder (encoder.* below)
   m.causal = True
-  # True: the MLP and output-head matmuls in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from
-  # the current amax; attention, norms and softmax stay in `dtype`); FP8 GEMMs need a Hopper-class GPU,
-  # elsewhere it is emulated. KV-cache decoding ignores it. docs/performance.md, "Training switches":
+  # True: the MLP matmuls in FP8 (e4m3 forward, e5m2 gradients, per-tensor scales from the current
+  # amax; attention, norms and softmax stay in `dtype`); FP8 GEMMs need a Hopper-class GPU, elsewhere
+  # it is emulated. KV-cache decoding ignores it. docs/performance.md, "Training switches":
   #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='model.fp8=True'
   m.fp8 = False
+  # With fp8: the output head's matmul in FP8 too. Off by default: in FP8 the head moves the gradient
+  # several times more than the MLP does (docs/performance.md, "Which FP8 matmuls cost the loss").
+  m.fp8_head = False
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()

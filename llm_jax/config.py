@@ -106,6 +106,7 @@ ADDED_KEYS = {
   "model.rope_high_freq_factor": 4.0,
   "model.rope_original_max_len": 8192,
   "model.fp8": False,
+  "model.fp8_head": True,  # model.fp8 covered the head until model.fp8_head existed
   "train.keep_best": True,
   "train.early_stop_patience": 0,
   "train.loss_chunks": 0,

@@ -135,12 +135,34 @@ def _assert_close_grads(grads_a, grads_b, overall=0.1, per_tensor=0.2):
     assert err < per_tensor * np.linalg.norm(g) + 1e-6, (k, err, np.linalg.norm(g))
 
 
-def test_fp8_off_has_no_fp8_and_on_quantizes_the_mlp_and_head():
-  off = _dtypes_in_grad_program("model.dtype=float32")
-  on = _dtypes_in_grad_program("model.dtype=float32", "model.fp8=True")
-  assert "f8_" not in off
-  # up + down per layer (one scanned block) and the head: 3 forward GEMMs quantize their 2 operands
-  assert on.count("f8_e4m3fn") >= 6 and "f8_e5m2" in on
+def _fp8_dots(*overrides):
+  """How many dot_generals of the loss-and-gradient program take two FP8 operands."""
+  fn, params, batch = _setup(overrides)
+  text = jax.jit(fn).lower(params, batch, jax.random.key(2)).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  return sum(line.rsplit(":", 1)[1].split("->")[0].count("f8E") == 2 for line in dots)
+
+
+@pytest.mark.parametrize("chunks", ["train.loss_chunks=0", "train.loss_chunks=2"])
+def test_fp8_quantizes_the_mlp_and_the_head_only_with_fp8_head(chunks):
+  """model.fp8: up and down (one scanned block), each forward, d(input) and d(kernel): 6 FP8 dots;
+  model.fp8_head adds the head's 3 (in the chunked loss too, whose scan body has them once)."""
+  assert _fp8_dots("model.dtype=float32", chunks) == 0
+  assert _fp8_dots("model.dtype=float32", chunks, "model.fp8=True") == 6
+  assert _fp8_dots("model.dtype=float32", chunks, "model.fp8=True", "model.fp8_head=True") == 9
+
+
+def test_a_config_json_from_before_fp8_head_keeps_its_head_in_fp8(tmp_path):
+  """model.fp8 covered the output head until model.fp8_head existed: an older run resumes unchanged."""
+  import json
+
+  c = config_lib.load("configs/tiny.py", ["model.fp8=True"])
+  raw = json.loads(c.to_json_best_effort())
+  del raw["model"]["fp8_head"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(raw))
+  assert config_lib.from_json(str(path)).model.fp8_head is True
+  assert c.model.fp8_head is False  # a new config: the MLP only
 
 
 def test_fp8_is_not_used_when_decoding():

@@ -49,7 +49,8 @@ class ModelConfig:
   scan_unroll: int = 1  # layers per scan iteration (num_layers: straight-line code, same parameters)
   logits_dtype: str = "float32"  # the head matmul's output dtype (the loss upcasts inside fusions)
   causal: bool = True  # False: bidirectional attention (an encoder; no KV-cache decoding)
-  fp8: bool = False  # MLP and output-head matmuls in FP8 (current scaling; not in KV-cache decoding)
+  fp8: bool = False  # MLP matmuls in FP8 (current scaling; not in KV-cache decoding)
+  fp8_head: bool = False  # with fp8: the output head's matmul in FP8 too
   # Decode-only rewrites, comma-separated, set together with the parameters they need by
   # `model.unstack_layers(params, cfg, levers=...)` (never in training; docs/serving.md):
   # "qkv" one [D, N+2K, H] query/key/value matmul (SwiGLU: one [D, 2, F] gate/up matmul);
@@ -121,6 +122,7 @@ class ModelConfig:
       init_std=float(m.init_std),
       causal=bool(m.get("causal", True)),
       fp8=bool(m.get("fp8", False)),
+      fp8_head=bool(m.get("fp8_head", False)),
     )
 
   def param_count(self, include_embedding: bool = True) -> int:

@@ -1,4 +1,5 @@
-"""FP8 matmuls with current (just-in-time) per-tensor scaling: `model.fp8` (docs/performance.md).
+"""FP8 matmuls with current (just-in-time) per-tensor scaling: `model.fp8` (the MLP) and
+`model.fp8_head` (the output head too; docs/performance.md).
 
 Forward: both operands are quantized to float8_e4m3fn with a scale from their own amax (|x| max maps to
 448) and the FP8 values themselves are multiplied (dot_general on float8 operands, accumulating in the

@@ -399,7 +399,8 @@ class Decoder(nn.Module):
 
     The matmul runs in the compute dtype with float32 accumulation and writes cfg.logits_dtype.
     """
-    logits_BLV = head_logits(h_BLD, self.head_matrix(), self.cfg, fp8=self.cfg.fp8 and not self.decode)
+    fp8 = self.cfg.fp8 and self.cfg.fp8_head and not self.decode
+    logits_BLV = head_logits(h_BLD, self.head_matrix(), self.cfg, fp8=fp8)
     return logits_BLV if keep_dtype else logits_BLV.astype(jnp.float32)
 
   def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None, deterministic: bool = True):

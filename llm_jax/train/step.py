@@ -48,7 +48,8 @@ def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, determin
       method=_hidden_and_head,
       rngs=None if deterministic else {"dropout": rng},
     )
-    head_fn = functools.partial(head_logits, cfg=model.cfg, fp8=model.cfg.fp8)
+    fp8 = model.cfg.fp8 and model.cfg.fp8_head
+    head_fn = functools.partial(head_logits, cfg=model.cfg, fp8=fp8)
     total, nll, _ = loss_lib.chunked_sums(
       h_BLD, w_DV, batch["targets"], weights_BL, head_fn=head_fn, z_loss=z_loss, chunks=chunks
     )
