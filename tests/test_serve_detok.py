@@ -207,3 +207,27 @@ def test_stop_prefix_before_an_incomplete_character_is_held():
   s = G.TextStream(_CharTok(), stop=["aé"])
   out = s.push(ord("a")) + s.push(300) + s.push(ord("b")) + s.close()
   assert not s.finished and out == "a\ufffdb"
+
+
+def test_tokenizer_without_unk_serves_text_and_tokenizer_routes():
+  """A Hugging Face tokenizer with no unk token (the LLaMA-3 style fixture: unk_id -1): text prompts,
+  /tokenize and /tokenizer_info work (id_to_piece(-1) raised OverflowError in every one of them)."""
+  from types import SimpleNamespace
+
+  from llm_jax.serve import prompts, tokenization
+
+  tok = load_tokenizer("tests/fixtures/hf/llama")
+  assert tok.unk_id == -1
+  eos = tok.id_to_piece(tok.eos_id)
+  assert prompts.encode_text(tok, "the cat" + eos) == tok.encode("the cat") + [tok.eos_id]
+  st = SimpleNamespace(
+    loaded=SimpleNamespace(
+      tokenizer=tok, prompt_prefix=tok.prompt_prefix, model_config=SimpleNamespace(max_seq_len=64)
+    ),
+    templates=SimpleNamespace(turn="<|{role}|>\n{content}\n"),
+  )
+  req = tokenization.TokenizeRequest(prompt="the cat", return_token_strs=True)
+  assert tokenization.tokenize(st, req)["tokens"] == tok.prompt_prefix + tok.encode("the cat")
+  info = tokenization.tokenizer_info(st)
+  assert info["unk_token"] is None and info["eos_token"] == eos
+  assert info["bos_token"] == tok.id_to_piece(tok.prompt_prefix[0])

@@ -36,8 +36,9 @@ class Prompt:
 
 
 def special_pieces(tok) -> dict[str, int]:
-  """The text of each special id (pad, bos, eos, unk) -> the id."""
-  return {tok.id_to_piece(i): i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id)}
+  """The text of each special id (pad, bos, eos, unk) -> the id; a tokenizer without one (id -1, as a
+  Hugging Face tokenizer without an unk token) has no piece for it."""
+  return {tok.id_to_piece(i): i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) if i >= 0}
 
 
 def encode_text(tok, text: str) -> list[int]:

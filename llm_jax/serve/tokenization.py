@@ -123,7 +123,7 @@ def tokenizer_info(st) -> dict:
     "bos_token": tok.id_to_piece(prefix[0]) if prefix else tok.id_to_piece(tok.bos_id),
     "eos_token": tok.id_to_piece(tok.eos_id),
     "pad_token": tok.id_to_piece(tok.pad_id),
-    "unk_token": tok.id_to_piece(tok.unk_id),
+    "unk_token": tok.id_to_piece(tok.unk_id) if tok.unk_id >= 0 else None,  # None: it has none
     "model_max_length": loaded.model_config.max_seq_len,
     "vocab_size": tok.vocab_size,
     "prompt_prefix": list(prefix),
