@@ -320,6 +320,9 @@ def test_sse_stream_parsed_to_the_end(plain, greedy_text):
     ({"prompt": "x", "stream": 1}, "stream"),
     ({"prompt": "x", "presence_penalty": 1.0}, "presence_penalty"),
     ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": True, "x": 1}}, "stream_options"),
+    ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),  # without stream
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": ["a", ""]}, "prompt"),
     ({"prompt": [[5, 6], []]}, "prompt"),

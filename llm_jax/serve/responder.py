@@ -224,7 +224,7 @@ class Responder:
             ended = True
         if out:
           yield "".join(out)
-      if (self.req.stream_options or {}).get("include_usage"):
+      if self.req.stream_options is not None and self.req.stream_options.include_usage:
         yield self._data({**self.envelope([]), "usage": self.usage()})
       yield "data: [DONE]\n\n"
     finally:

@@ -11,9 +11,7 @@ the model (top_k within the vocabulary, prompt length, token ids) are checked by
 
 from __future__ import annotations
 
-from typing import Any
-
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 INT32_MAX = 2**31 - 1
 
@@ -34,6 +32,14 @@ def _check_unicode(v):
   return v
 
 
+class StreamOptions(BaseModel):
+  """`stream_options` of a streamed request: `include_usage` adds a last chunk with `usage`."""
+
+  model_config = ConfigDict(extra="forbid")
+
+  include_usage: StrictBool = False
+
+
 class SamplingRequest(BaseModel):
   """The fields completions and chat completions share; unknown fields are rejected (422)."""
 
@@ -48,7 +54,7 @@ class SamplingRequest(BaseModel):
   seed: int | None = Field(None, ge=0, le=2**32 - 1)
   n: int = Field(1, ge=1)
   stream: StrictBool = False
-  stream_options: dict[str, Any] | None = None
+  stream_options: StreamOptions | None = None
   user: str | None = Field(None, max_length=256)
   # Accepted for client compatibility; only their neutral values.
   presence_penalty: float | None = None
@@ -66,6 +72,13 @@ class SamplingRequest(BaseModel):
     if any(not s or len(s) > 64 for s in v):
       raise ValueError("stop sequences must be 1 to 64 characters")
     return _check_unicode(v)
+
+  @field_validator("stream_options")
+  @classmethod
+  def _stream_options(cls, v, info: ValidationInfo):
+    if v is not None and info.data.get("stream") is False:  # as vLLM: only with a stream
+      raise ValueError("allowed only with stream: true")
+    return v
 
   @field_validator("model", "user")
   @classmethod
