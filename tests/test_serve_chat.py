@@ -123,6 +123,20 @@ def test_chat_logprobs_limits_and_key(server):
     bad.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=2)
 
 
+@pytest.mark.parametrize("logprobs", [None, False])
+def test_top_logprobs_needs_logprobs(server, logprobs):
+  """top_logprobs without logprobs: true is 422 naming top_logprobs (OpenAI and vLLM reject it)."""
+  body = {"messages": MESSAGES, "max_tokens": 2, "top_logprobs": 2}
+  if logprobs is not None:
+    body["logprobs"] = logprobs
+  r = httpx.post(
+    f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+  )
+  assert r.status_code == 422, r.text
+  err = r.json()["error"]
+  assert err["param"] == "top_logprobs" and "logprobs" in err["message"]
+
+
 def test_run_template_comes_from_sft_config():
   sft = ml_collections.ConfigDict(
     {"train_file": "x.jsonl", "prompt_template": "P {prompt}", "turn_template": TURN}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from llm_jax.finetune import sft
 from llm_jax.serve.prompts import Prompt, token_str
@@ -58,6 +58,14 @@ class ChatRequest(SamplingRequest):
   max_completion_tokens: int | None = Field(None, ge=1)
   logprobs: StrictBool | None = None
   top_logprobs: int | None = Field(None, ge=0, le=5)
+
+  @field_validator("top_logprobs")
+  @classmethod
+  def _top_needs_logprobs(cls, v, info: ValidationInfo):
+    # (logprobs missing from info.data: it was invalid itself, and that error is reported)
+    if v is not None and "logprobs" in info.data and not info.data["logprobs"]:
+      raise ValueError("needs logprobs: true (as in OpenAI's API)")
+    return v
 
 
 def templates_of(loaded) -> sft.Templates:
