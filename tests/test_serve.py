@@ -273,6 +273,20 @@ def test_logprobs_and_echo(plain):
   )
 
 
+def test_logprobs_zero_lists_the_chosen_token(plain):
+  """logprobs: 0 gives each chosen token's log-prob, and top_logprobs entries holding only the chosen
+  token (as vLLM; they were null)."""
+  for echo in (False, True):
+    lp = _greedy(plain.url, max_tokens=4, logprobs=0, echo=echo)["choices"][0]["logprobs"]
+    first = 1 if echo else 0
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"])
+    assert lp["top_logprobs"][:first] == [None] * first
+    assert all(x <= 0 for x in lp["token_logprobs"][first:])
+    assert lp["top_logprobs"][first:] == [
+      {t: x} for t, x in zip(lp["tokens"][first:], lp["token_logprobs"][first:], strict=True)
+    ]
+
+
 def _sse(url, body, headers=None):
   events, done = [], False
   with httpx.stream(

@@ -4,8 +4,9 @@ Choice `i * n + j` is the j-th choice of prompt i. With `echo` a choice's text s
 (the prompt's own text, without the hidden prefix, see `serve.prompts`), and with `logprobs` its
 listing starts with the prompt's tokens: the first one's log-prob and top log-probs are null, the
 others are the model's (one forward pass over the prompt). `top_logprobs` entries hold the `logprobs`
-most likely tokens and always the chosen one. A generated EOS is listed with its log-prob (its text
-is empty). `text_offset` counts characters of the returned text (in a stream: of the text sent so far).
+most likely tokens and always the chosen one (with `logprobs: 0`, the chosen one alone). A generated
+EOS is listed with its log-prob (its text is empty). `text_offset` counts characters of the returned
+text (in a stream: of the text sent so far).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class CompletionResponse(Responder):
     """tokens, token_logprobs, top_logprobs and text_offset of `ids`, sent as `text` at `base`."""
     tok, k = self.st.loaded.tokenizer, self.req.logprobs
     top = None
-    if k:
+    if k is not None:  # logprobs 0: each entry holds the chosen token alone (as vLLM)
       top = [
         None if row is None else top_dict(tok, row[:k], t, lp)
         for t, lp, row in zip(ids, lps, tops, strict=True)
