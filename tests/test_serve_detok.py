@@ -231,3 +231,19 @@ def test_tokenizer_without_unk_serves_text_and_tokenizer_routes():
   info = tokenization.tokenizer_info(st)
   assert info["unk_token"] is None and info["eos_token"] == eos
   assert info["bos_token"] == tok.id_to_piece(tok.prompt_prefix[0])
+
+
+def test_top_logprobs_keep_the_best_of_tokens_with_one_text():
+  """Ids whose text is the same (byte-level pieces of partial characters all read U+FFFD) share one
+  top_logprobs key: it keeps the highest log-prob, not the last written (rows come best first)."""
+  from llm_jax.serve.prompts import token_str, top_dict
+
+  tok = load_tokenizer("tests/fixtures/hf/gpt2")
+  same = [i for i in range(tok.vocab_size) if token_str(tok, i) == "\ufffd"][:3]
+  other = tok.encode(" the")[0]
+  assert len(same) == 3
+  row = [(same[0], -0.5), (other, -1.0), (same[1], -2.0)]
+  assert top_dict(tok, row, same[1], -2.0) == {"\ufffd": -0.5, token_str(tok, other): -1.0}
+  # the chosen token outside the row, sharing a key with a better one: the best is kept too
+  assert top_dict(tok, row[:2], same[2], -3.0) == {"\ufffd": -0.5, token_str(tok, other): -1.0}
+  assert top_dict(tok, row[1:], same[0], -0.5)["\ufffd"] == -0.5

@@ -66,9 +66,12 @@ def token_str(tok, i: int) -> str:
 
 
 def top_dict(tok, row: list[tuple[int, float]], chosen: int, chosen_lp: float) -> dict[str, float]:
-  """OpenAI's top_logprobs entry: the top tokens and always the chosen one (up to logprobs + 1)."""
-  out = {token_str(tok, i): float(v) for i, v in row}
-  out.setdefault(token_str(tok, chosen), float(chosen_lp))
+  """OpenAI's top_logprobs entry: the top tokens and always the chosen one (up to logprobs + 1).
+  Ids with the same text share a key, which keeps the best of their log-probs."""
+  out: dict[str, float] = {}
+  for i, v in [*row, (chosen, chosen_lp)]:
+    key = token_str(tok, i)
+    out[key] = max(out.get(key, -np.inf), float(v))
   return out
 
 
