@@ -123,6 +123,26 @@ def test_chat_logprobs_limits_and_key(server):
     bad.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=2)
 
 
+def test_chat_logprob_bytes_are_the_text_bytes(server):
+  """Each logprobs entry's `bytes` (and each top_logprobs entry's) are the UTF-8 bytes the token adds
+  to the text: joined, they are the content (they were the UTF-8 of strings like 'bytes:\\x13')."""
+  client = _client(server)
+  r = client.chat.completions.create(
+    model="pkg", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+  )
+  c = r.choices[0]
+  content = c.logprobs.content  # the content is cut before a stop sequence or the template's tail
+  text = b"".join(bytes(e.bytes) for e in content).decode("utf-8", errors="replace")
+  assert text.startswith(c.message.content) and len(c.message.content) > 0
+  assert all(len(e.bytes) == 1 for e in content if e.token.startswith("bytes:"))
+  for e in content:
+    assert any(t.token == e.token and t.bytes == e.bytes for t in e.top_logprobs)  # greedy
+    for t in e.top_logprobs:
+      assert t.bytes == (
+        [int(t.token[len("bytes:\\x") :], 16)] if t.token.startswith("bytes:") else list(t.token.encode())
+      )
+
+
 @pytest.mark.parametrize("logprobs", [None, False])
 def test_top_logprobs_needs_logprobs(server, logprobs):
   """top_logprobs without logprobs: true is 422 naming top_logprobs (OpenAI and vLLM reject it)."""

@@ -247,3 +247,17 @@ def test_top_logprobs_keep_the_best_of_tokens_with_one_text():
   # the chosen token outside the row, sharing a key with a better one: the best is kept too
   assert top_dict(tok, row[:2], same[2], -3.0) == {"\ufffd": -0.5, token_str(tok, other): -1.0}
   assert top_dict(tok, row[1:], same[0], -0.5)["\ufffd"] == -0.5
+
+
+@pytest.mark.parametrize("path", ["tests/fixtures/hf/gpt2", "tests/fixtures/hf/llama"])
+def test_token_utf8_of_byte_level_pieces_joins_to_the_text(path):
+  """The bytes of each token of a byte-level BPE (pieces of multi-byte characters included, which
+  decode alone to U+FFFD) join to the text's UTF-8 (chat logprobs' `bytes`)."""
+  from llm_jax.serve.prompts import token_utf8
+
+  tok = load_tokenizer(path)
+  text = " ".join(WORDS)
+  ids = tok.encode(text)
+  assert any(tok.decode([i]) == "\ufffd" for i in ids)  # some ids are parts of characters
+  assert b"".join(bytes(token_utf8(tok, i)) for i in ids) == text.encode("utf-8")
+  assert token_utf8(tok, tok.eos_id) == []  # a special id adds no text

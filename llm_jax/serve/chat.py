@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 from llm_jax.finetune import sft
-from llm_jax.serve.prompts import Prompt, token_str
+from llm_jax.serve.prompts import Prompt, token_str, token_utf8
 from llm_jax.serve.responder import Responder
 from llm_jax.serve.schema import ApiError, SamplingRequest, _check_unicode
 from llm_jax.serve.sequences import Choice
@@ -158,8 +158,7 @@ class ChatResponse(Responder):
     tok, k = self.st.loaded.tokenizer, self.req.top_logprobs or 0
 
     def entry(i, lp):
-      s = token_str(tok, i)
-      return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+      return {"token": token_str(tok, i), "logprob": float(lp), "bytes": token_utf8(tok, i)}
 
     rows = top or [[] for _ in tokens]
     return {

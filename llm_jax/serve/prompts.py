@@ -11,6 +11,7 @@ as sent (nothing is prepended). In text, the tokenizer's special pieces (`<s>`, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -63,6 +64,30 @@ def token_str(tok, i: int) -> str:
     return f"bytes:\\x{m.group(1).lower()}"
   text = tok.decode([i])
   return text if text else piece
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level BPE alphabet: the character that stands for each byte -> the byte."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  rest = [b for b in range(256) if b not in printable]
+  return {chr(b): b for b in printable} | {chr(256 + k): b for k, b in enumerate(rest)}
+
+
+def token_utf8(tok, i: int) -> list[int]:
+  """The bytes token `i` adds to the text (OpenAI's logprobs `bytes`): a byte piece's byte, the
+  bytes of a byte-level BPE piece (a part of a character included), none for a special id, else the
+  UTF-8 of its text."""
+  piece = tok.id_to_piece(i)
+  m = _BYTE_PIECE.match(piece)
+  if m:
+    return [int(m.group(1), 16)]
+  text = tok.decode([i])
+  if "\ufffd" in text and piece:  # not valid UTF-8 alone: a byte-level piece holds its raw bytes
+    alphabet = _byte_level_alphabet()
+    if all(ch in alphabet for ch in piece):
+      return [alphabet[ch] for ch in piece]
+  return list(text.encode("utf-8"))
 
 
 def top_dict(tok, row: list[tuple[int, float]], chosen: int, chosen_lp: float) -> dict[str, float]:
