@@ -318,6 +318,21 @@ def test_sse_stream_parsed_to_the_end(plain, greedy_text):
   assert events[-1]["usage"]["completion_tokens"] == 16
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_equal_the_whole_response(plain, echo):
+  """A stream's listings, joined, equal the whole response's: text_offset counts characters of the
+  whole text (prompt included with echo), across chunks, also while a chunk's text is held back (a
+  part of a character) or comes out with a later chunk's."""
+  body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 2, "echo": echo}
+  whole = _post(plain.url, body).json()["choices"][0]
+  events = _sse(plain.url, body)
+  chunks = [c for e in events for c in e["choices"] if c["logprobs"] is not None]
+  assert len(chunks) > 2
+  assert "".join(c["text"] for e in events for c in e["choices"]) == whole["text"]
+  for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+    assert [x for c in chunks for x in c["logprobs"][key]] == whole["logprobs"][key], key
+
+
 @pytest.mark.parametrize(
   "body,param",
   [

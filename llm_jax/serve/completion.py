@@ -6,7 +6,7 @@ listing starts with the prompt's tokens: the first one's log-prob and top log-pr
 others are the model's (one forward pass over the prompt). `top_logprobs` entries hold the `logprobs`
 most likely tokens and always the chosen one (with `logprobs: 0`, the chosen one alone). A generated
 EOS is listed with its log-prob (its text is empty). `text_offset` counts characters of the returned
-text (in a stream: of the text sent so far).
+text, the same in a stream (counted over the whole text, across chunks).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class CompletionResponse(Responder):
   ):
     super().__init__(st, req, handle, choices, sum(len(p.ids) for p in prompts), record, request_id)
     self.prompts = prompts
-    self.pos = [len(self._prompt(c).text) if req.echo else 0 for c in choices]  # chars sent so far
+    self.streamed: list[list[int]] = [[] for _ in choices]  # ids sent so far, per choice
 
   def _prompt(self, c: Choice) -> Prompt:
     return self.prompts[c.index // self.req.n]
@@ -115,9 +115,20 @@ class CompletionResponse(Responder):
   def delta(self, index: int, text: str, tokens: list[int], lps: list[float], top) -> dict:
     logprobs = None
     if self.req.logprobs is not None:
-      logprobs = self._listing(tokens, lps, top or [[] for _ in tokens], text, self.pos[index])
-    self.pos[index] += len(text)
+      logprobs = self._listing(tokens, lps, top or [[] for _ in tokens], text, 0)
+      logprobs["text_offset"] = self._stream_offsets(index, tokens)
     return self._chunk(index, text, logprobs=logprobs)
+
+  def _stream_offsets(self, index: int, tokens: list[int]) -> list[int]:
+    """text_offset of a chunk's `tokens` in the whole text, as the whole response has them: from
+    the ids sent so far (a chunk's text can lag its ids: a part of a character is held back)."""
+    ids = self.streamed[index]
+    ids += tokens
+    if not tokens:
+      return []
+    tok = self.st.loaded.tokenizer
+    base = len(self.prompts[index // self.req.n].text) if self.req.echo else 0
+    return text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base)[len(ids) - len(tokens) :]
 
   def finish(self, c: Choice, reason: str) -> list[dict]:
     extra = (
