@@ -273,6 +273,28 @@ def test_logprobs_and_echo(plain):
   )
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_offsets_of_special_pieces(plain, stream):
+  """A text prompt with special pieces written in it (read as their ids, which decode to no text):
+  with echo and logprobs, each token's text_offset is where its piece starts in the returned text."""
+  parts = ["<s>", "the", "</s>", " cat", "<unk>"]
+  prompt = "".join(parts)
+  starts = [sum(len(p) for p in parts[:k]) for k in range(len(parts) + 1)]
+  body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "logprobs": 1, "echo": True}
+  if stream:
+    chunks = [c for e in _sse(plain.url, body) for c in e["choices"]]
+    text = "".join(c["text"] for c in chunks)
+    lp = {
+      k: [x for c in chunks if c["logprobs"] for x in c["logprobs"][k]] for k in ("tokens", "text_offset")
+    }
+  else:
+    c = _greedy(plain.url, **body)["choices"][0]
+    text, lp = c["text"], c["logprobs"]
+  assert text.startswith(prompt)
+  assert lp["tokens"][: len(parts)] == ["<s>", "the", "</s>", " cat", " \u2047 "]
+  assert lp["text_offset"][: len(parts) + 1] == starts
+
+
 def test_logprobs_zero_lists_the_chosen_token(plain):
   """logprobs: 0 gives each chosen token's log-prob, and top_logprobs entries holding only the chosen
   token (as vLLM; they were null)."""

@@ -32,7 +32,14 @@ class CompletionResponse(Responder):
     return self.prompts[c.index // self.req.n]
 
   def _listing(
-    self, ids: list[int], lps: list, tops: list, text: str, base: int, decoded: str | None = None
+    self,
+    ids: list[int],
+    lps: list,
+    tops: list,
+    text: str,
+    base: int,
+    decoded: str | None = None,
+    offsets: list[int] | None = None,
   ) -> dict:
     """tokens, token_logprobs, top_logprobs and text_offset of `ids`, sent as `text` at `base`."""
     tok, k = self.st.loaded.tokenizer, self.req.logprobs
@@ -42,12 +49,11 @@ class CompletionResponse(Responder):
         None if row is None else top_dict(tok, row[:k], t, lp)
         for t, lp, row in zip(ids, lps, tops, strict=True)
       ]
-    offsets = [
-      min(o, base + len(text))
-      for o in text_offsets(
+    if offsets is None:
+      offsets = text_offsets(
         tok, self.st.token_bytes, ids, tok.decode(ids) if decoded is None else decoded, base
       )
-    ]
+    offsets = [min(o, base + len(text)) for o in offsets]
     return {
       "tokens": [token_str(tok, t) for t in ids],
       "token_logprobs": list(lps),
@@ -58,7 +64,13 @@ class CompletionResponse(Responder):
   def _prompt_listing(self, p: Prompt) -> dict:
     ids = p.shown_ids
     return self._listing(
-      ids, p.logprobs or [None] * len(ids), p.top or [None] * len(ids), p.text, 0, decoded=p.text
+      ids,
+      p.logprobs or [None] * len(ids),
+      p.top or [None] * len(ids),
+      p.text,
+      0,
+      decoded=p.text,
+      offsets=p.offsets,
     )
 
   def _logprobs(self, c: Choice) -> dict | None:

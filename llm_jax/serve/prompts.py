@@ -29,6 +29,7 @@ class Prompt:
   shown: int  # ids[shown:] are the prompt's own tokens (echoed); ids[:shown] the hidden prefix
   text: str
   logprobs: list[float | None] | None = None  # per shown token (first: None)
+  offsets: list[int] | None = None  # per shown token, where it starts in `text` (None: from decoding)
   top: list[list[tuple[int, float]] | None] | None = None  # per shown token (first: None)
 
   @property
@@ -44,15 +45,28 @@ def special_pieces(tok) -> dict[str, int]:
 
 def encode_text(tok, text: str) -> list[int]:
   """Ids of `text`, reading the tokenizer's special pieces in it as their ids."""
+  return [i for part in _parts(tok, text) for i in part[0]]
+
+
+def _parts(tok, text: str) -> list[tuple[list[int], str, int]]:
+  """(ids, text, start) of each part of `text`: a special piece written in it, or the text between."""
   specials = special_pieces(tok)
-  parts = re.split("(" + "|".join(re.escape(p) for p in specials) + ")", text)
-  ids: list[int] = []
-  for part in parts:
+  out, at = [], 0
+  for part in re.split("(" + "|".join(re.escape(p) for p in specials) + ")", text):
     if part in specials:
-      ids.append(specials[part])
+      out.append(([specials[part]], part, at))
     elif part:
-      ids += tok.encode(part)
-  return ids
+      out.append((tok.encode(part), part, at))
+    at += len(part)
+  return out
+
+
+def encode_with_offsets(tok, token_bytes: np.ndarray, text: str) -> tuple[list[int], list[int]]:
+  """`encode_text(tok, text)` and where each id starts in `text`: a special piece where its name is
+  written (its id decodes to no text, so offsets from decoding the ids would not point there)."""
+  parts = _parts(tok, text)
+  ids = [i for part in parts for i in part[0]]
+  return ids, [o for p_ids, part, at in parts for o in text_offsets(tok, token_bytes, p_ids, part, at)]
 
 
 def token_str(tok, i: int) -> str:
@@ -127,8 +141,9 @@ def _common_prefix(a: str, b: str) -> int:
   return i
 
 
-def make_prompts(st, prompt, record: dict) -> list[Prompt]:
-  """The request's prompts (a text, ids, or a batch of either) after the id and filter checks."""
+def make_prompts(st, prompt, record: dict, offsets: bool = False) -> list[Prompt]:
+  """The request's prompts (a text, ids, or a batch of either) after the id and filter checks;
+  `offsets`: with each text prompt's token offsets (for echo with logprobs)."""
   tok = st.loaded.tokenizer
   if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
     prompt = [prompt]
@@ -144,7 +159,11 @@ def make_prompts(st, prompt, record: dict) -> list[Prompt]:
     where = f"prompt[{k}]" if len(prompt) > 1 else "prompt"
     if isinstance(p, str):
       prefix = list(st.loaded.prompt_prefix)
-      out.append(Prompt(prefix + encode_text(tok, p), len(prefix), p))
+      if offsets:
+        ids, where = encode_with_offsets(tok, st.token_bytes, p)
+        out.append(Prompt(prefix + ids, len(prefix), p, offsets=where))
+      else:
+        out.append(Prompt(prefix + encode_text(tok, p), len(prefix), p))
     else:
       bad = [i for i in p if not 0 <= i < tok.vocab_size]
       if bad:

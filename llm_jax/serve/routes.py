@@ -193,7 +193,7 @@ async def _completions(st, req: CompletionRequest, request: Request):
       param="max_tokens",
       code="invalid_value",
     )
-  prompts = make_prompts(st, req.prompt, record)
+  prompts = make_prompts(st, req.prompt, record, offsets=req.echo and req.logprobs is not None)
   check_lengths(st, prompts, req.max_tokens)
   if req.echo and req.logprobs is not None:
     for p in prompts:
