@@ -254,6 +254,14 @@ def test_stop_sequences_trimmed(plain, greedy_text):
   assert c["text"] == greedy_text[: greedy_text.find(stop)] and c["finish_reason"] == "stop"
 
 
+def test_sixteen_stop_sequences(plain, greedy_text):
+  """lm-evaluation-harness sends more than 4 stop strings (its `until`): up to 16 are honoured."""
+  stop = greedy_text[5:7]
+  others = [f"\x00{k}" for k in range(15)]
+  c = _greedy(plain.url, stop=[*others[:8], stop, *others[8:]])["choices"][0]
+  assert c["text"] == greedy_text[: greedy_text.find(stop)] and c["finish_reason"] == "stop"
+
+
 def test_logprobs_and_echo(plain):
   r = _greedy(plain.url, max_tokens=5, logprobs=2, echo=True)
   c = r["choices"][0]
@@ -365,7 +373,7 @@ def test_streamed_logprobs_equal_the_whole_response(plain, echo):
     ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
     ({"prompt": "x", "n": 9}, "n"),
     ({"prompt": "x", "logprobs": 9}, "logprobs"),
-    ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"prompt": "x", "stop": [f"s{k}" for k in range(17)]}, "stop"),
     ({"prompt": "x", "seed": -1}, "seed"),
     ({"prompt": "x", "echo": "yes"}, "echo"),
     ({"prompt": "x", "stream": 1}, "stream"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 INT32_MAX = 2**31 - 1
+MAX_STOPS = 16  # OpenAI takes 4; lm-evaluation-harness sends more (its `until`), vLLM any number
 
 
 def _check_unicode(v):
@@ -67,8 +68,8 @@ class SamplingRequest(BaseModel):
     if v is None:
       return []
     v = [v] if isinstance(v, str) else v
-    if len(v) > 4:
-      raise ValueError("at most 4 stop sequences")
+    if len(v) > MAX_STOPS:
+      raise ValueError(f"at most {MAX_STOPS} stop sequences, got {len(v)}")
     if any(not s or len(s) > 64 for s in v):
       raise ValueError("stop sequences must be 1 to 64 characters")
     return _check_unicode(v)
