@@ -363,6 +363,25 @@ def test_streamed_logprobs_equal_the_whole_response(plain, echo):
     assert [x for c in chunks for x in c["logprobs"][key]] == whole["logprobs"][key], key
 
 
+def test_streamed_logprobs_equal_the_whole_response_at_a_stop(plain, greedy_text):
+  """Cut by a stop sequence anywhere in the text, a stream's listings still equal the whole
+  response's (a token kept before the one completing the stop gets an offset within the cut text)."""
+  for k in range(len(greedy_text) - 1):
+    body = {
+      "prompt": PROMPT,
+      "max_tokens": 16,
+      "temperature": 0,
+      "logprobs": 1,
+      "stop": [greedy_text[k : k + 2]],
+    }
+    whole = _post(plain.url, body).json()["choices"][0]
+    chunks = [c for e in _sse(plain.url, body) for c in e["choices"]]
+    assert "".join(c["text"] for c in chunks) == whole["text"] and whole["finish_reason"] == "stop"
+    for key in ("tokens", "text_offset"):
+      got = [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]]
+      assert got == whole["logprobs"][key], (k, key)
+
+
 @pytest.mark.parametrize(
   "body,param",
   [

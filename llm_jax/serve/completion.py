@@ -140,7 +140,10 @@ class CompletionResponse(Responder):
       return []
     tok = self.st.loaded.tokenizer
     base = len(self.prompts[index // self.req.n].text) if self.req.echo else 0
-    return text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base)[len(ids) - len(tokens) :]
+    offsets = text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base)[len(ids) - len(tokens) :]
+    if index in self.ending:  # the text is whole (cut at a stop): offsets within it, as in the body
+      offsets = [min(o, base + len(self.texts[index])) for o in offsets]
+    return offsets
 
   def finish(self, c: Choice, reason: str) -> list[dict]:
     extra = (
