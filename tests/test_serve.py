@@ -254,6 +254,33 @@ def test_stop_sequences_trimmed(plain, greedy_text):
   assert c["text"] == greedy_text[: greedy_text.find(stop)] and c["finish_reason"] == "stop"
 
 
+def test_the_token_completing_a_stop_is_listed_and_counted(plain):
+  """A stop sequence that starts inside a token: the text keeps that token's characters before the
+  stop, so the token is listed and counted in usage (as EOS is, and as vLLM does); it was dropped."""
+  for prompt in ["sat on", "the cat", "def return", "import class self"]:
+    whole = _greedy(plain.url, prompt, logprobs=0)["choices"][0]
+    lp = whole["logprobs"]
+    m = next(
+      (
+        k
+        for k, t in enumerate(lp["tokens"])
+        if len(t) > 1
+        and not t.startswith(("bytes:", "<"))
+        and t[1:] not in whole["text"][: lp["text_offset"][k] + 1]
+      ),
+      None,
+    )
+    if m is not None:
+      break
+  assert m is not None, "no prompt drew a token of several characters"
+  at = lp["text_offset"][m]
+  r = _greedy(plain.url, prompt, logprobs=0, stop=[lp["tokens"][m][1:]])
+  c = r["choices"][0]
+  assert c["text"] == whole["text"][: at + 1] and c["finish_reason"] == "stop"
+  assert c["logprobs"]["tokens"] == lp["tokens"][: m + 1]
+  assert r["usage"]["completion_tokens"] == m + 1
+
+
 def test_sixteen_stop_sequences(plain, greedy_text):
   """lm-evaluation-harness sends more than 4 stop strings (its `until`): up to 16 are honoured."""
   stop = greedy_text[5:7]

@@ -32,9 +32,11 @@ def slot_update(choice: Choice, slot: int, o: dict, chunk: int):
       steps.append(j)
   tokens = o["token"][slot]
   text, kept = choice.text.extend([tokens[j] for j in steps])
-  if choice.text.finished:  # a stop sequence or a filter: the id that completed it is dropped
+  if choice.text.finished:
+    # A stop sequence: the id that completed it is kept (listed and counted, as EOS is and as vLLM
+    # does: its characters before the stop are in the text). A blocked match: the id is dropped.
     reason = "content_filter" if choice.text.reason == "blocked" else "stop"
-    steps, eos_step = steps[:kept], None
+    steps, eos_step = steps[: kept + (reason == "stop")], None
   elif eos_step is not None:
     reason = "stop"
     steps.append(eos_step)
