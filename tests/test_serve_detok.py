@@ -261,3 +261,102 @@ def test_token_utf8_of_byte_level_pieces_joins_to_the_text(path):
   assert any(tok.decode([i]) == "\ufffd" for i in ids)  # some ids are parts of characters
   assert b"".join(bytes(token_utf8(tok, i)) for i in ids) == text.encode("utf-8")
   assert token_utf8(tok, tok.eos_id) == []  # a special id adds no text
+
+
+def _completion_events(tok, ids, stop, chunk=3):
+  """The engine's events for `ids` decoded in chunks of `chunk` (serve.chunk.slot_update), and the
+  choice they fill."""
+
+  from llm_jax.serve.chunk import slot_update
+  from llm_jax.serve.sequences import Choice, Handle
+
+  choice = Choice(0, [tok.eos_id], G.SamplingParams(stop=stop), top_n=1)
+  choice.text = G.TextStream(tok, stop=list(stop))
+  handle = Handle("r", [choice], None, None, 0.0)
+  events, reason = [], None
+  for at in range(0, len(ids), chunk):
+    steps = ids[at : at + chunk]
+    lps = [-0.5 - 0.1 * (at + j) for j in range(len(steps))]
+    o = {
+      "token": [steps],
+      "logprob": [lps],
+      "emitted": [[1] * len(steps)],
+      "eos": [[0] * len(steps)],
+      "active": [at + chunk < len(ids)],
+      "top_ids": [[[t] for t in steps]],
+      "top_logprobs": [[[v] for v in lps]],
+    }
+    text, new, new_lps, new_top, reason = slot_update(choice, 0, o, len(steps))
+    handle.record(choice, new, new_lps, new_top)
+    events.append(("delta", 0, text, new, new_lps, new_top))
+    if reason is not None:
+      break
+  choice.finish_reason = reason
+  return choice, events + [("done", 0, reason), ("end",)]
+
+
+@pytest.mark.parametrize("echo", [False, True])
+@pytest.mark.parametrize("stop", [(), ("t ü",), ("\u00e9 na",)])
+@pytest.mark.parametrize("one_write", [False, True])
+def test_streamed_listing_equals_the_body(echo, stop, one_write):
+  """A completion stream's logprobs (text_offset above all) joined equal the whole body's, with parts
+  of characters held back, a stop cutting the text, and the events arriving one at a time or all in
+  one write (the request ended before the stream began to send: offsets were clipped to the text
+  seen so far)."""
+  import asyncio
+  import time
+  from types import SimpleNamespace
+
+  from llm_jax.serve.completion import CompletionResponse
+  from llm_jax.serve.prompts import Prompt
+  from llm_jax.serve.schema import CompletionRequest
+
+  tok = load_tokenizer("tests/fixtures/hf/gpt2")
+  ids = tok.encode(" " + " ".join(WORDS))
+  st = SimpleNamespace(
+    loaded=SimpleNamespace(tokenizer=tok),
+    token_bytes=tok.token_bytes(),
+    metrics=SimpleNamespace(ttft=SimpleNamespace(observe=lambda s: None)),
+    name="m",
+  )
+  req = CompletionRequest(prompt="a", logprobs=1, echo=echo, stream=True, max_tokens=len(ids))
+
+  class Request:
+    async def receive(self):
+      await asyncio.Event().wait()
+
+  async def reply(stream: bool):
+    choice, events = _completion_events(tok, ids, stop)
+    handle = SimpleNamespace(queue=asyncio.Queue(), deadline=time.monotonic() + 60, submitted=0.0)
+    handle.cancel = lambda: None
+    prompt = Prompt([tok.eos_id] + tok.encode("a"), 1, "a")
+    resp = CompletionResponse(st, req, handle, [choice], [prompt], {}, "cmpl-x")
+    if not stream or one_write:
+      for e in events:
+        handle.queue.put_nowait(e)
+      if not stream:
+        return await resp.collect(Request())
+    else:
+
+      async def feed():
+        for e in events:
+          await asyncio.sleep(0.001)
+          handle.queue.put_nowait(e)
+
+      asyncio.get_running_loop().create_task(feed())
+    return [
+      json.loads(x[6:])
+      for out in [s async for s in resp.sse(Request())]
+      for x in out.split("\n\n")
+      if x.startswith("data: {")
+    ]
+
+  import json
+
+  whole = asyncio.run(reply(False))["choices"][0]
+  chunks = [c for e in asyncio.run(reply(True)) for c in e["choices"]]
+  if stop:
+    assert whole["finish_reason"] == "stop" and whole["text"].endswith(" ".join(WORDS).split(stop[0])[0])
+  assert "".join(c["text"] for c in chunks) == whole["text"]
+  for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+    assert [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] == whole["logprobs"][key], key

@@ -6,7 +6,8 @@ listing starts with the prompt's tokens: the first one's log-prob and top log-pr
 others are the model's (one forward pass over the prompt). `top_logprobs` entries hold the `logprobs`
 most likely tokens and always the chosen one (with `logprobs: 0`, the chosen one alone). A generated
 EOS is listed with its log-prob (its text is empty). `text_offset` counts characters of the returned
-text, the same in a stream (counted over the whole text, across chunks).
+text; a stream lists each token with the chunk whose text it starts in (or with the finishing chunk),
+so its listings joined equal the whole response's.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class CompletionResponse(Responder):
   ):
     super().__init__(st, req, handle, choices, sum(len(p.ids) for p in prompts), record, request_id)
     self.prompts = prompts
-    self.streamed: list[list[int]] = [[] for _ in choices]  # ids sent so far, per choice
+    self.streamed: list[list[int]] = [[] for _ in choices]  # streamed ids, per choice
+    self.unlisted: list[list[tuple]] = [[] for _ in choices]  # (id, logprob, top row) not yet listed
 
   def _prompt(self, c: Choice) -> Prompt:
     return self.prompts[c.index // self.req.n]
@@ -124,26 +126,35 @@ class CompletionResponse(Responder):
       for c in self.choices
     ]
 
-  def delta(self, index: int, text: str, tokens: list[int], lps: list[float], top) -> dict:
+  def delta(self, index: int, text: str, tokens: list[int], lps: list[float], top) -> dict | None:
     logprobs = None
     if self.req.logprobs is not None:
-      logprobs = self._listing(tokens, lps, top or [[] for _ in tokens], text, 0)
-      logprobs["text_offset"] = self._stream_offsets(index, tokens)
+      self.streamed[index] += tokens
+      self.unlisted[index] += zip(tokens, lps, top or [[] for _ in tokens], strict=True)
+      logprobs = self._stream_listing(index, final=False)
+      if not text and not logprobs["tokens"]:
+        return None
     return self._chunk(index, text, logprobs=logprobs)
 
-  def _stream_offsets(self, index: int, tokens: list[int]) -> list[int]:
-    """text_offset of a chunk's `tokens` in the whole text, as the whole response has them: from
-    the ids sent so far (a chunk's text can lag its ids: a part of a character is held back)."""
-    ids = self.streamed[index]
-    ids += tokens
-    if not tokens:
-      return []
-    tok = self.st.loaded.tokenizer
+  def _stream_listing(self, index: int, final: bool) -> dict:
+    """The listing of the tokens not yet listed whose place in the whole text is known: those that
+    start in the text sent so far (a token that starts in text held back, a part of a character or
+    a possible stop, waits for a later chunk), or all of them at the end, within the whole text.
+    Offsets count the whole text across chunks, as the whole response's do."""
+    tok, ids, rows = self.st.loaded.tokenizer, self.streamed[index], self.unlisted[index]
     base = len(self.prompts[index // self.req.n].text) if self.req.echo else 0
-    offsets = text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base)[len(ids) - len(tokens) :]
-    if index in self.ending:  # the text is whole (cut at a stop): offsets within it, as in the body
-      offsets = [min(o, base + len(self.texts[index])) for o in offsets]
-    return offsets
+    sent = base + len(self.texts[index])
+    offsets = text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base)[len(ids) - len(rows) :]
+    n = len(rows) if final else next((k for k, o in enumerate(offsets) if o >= sent), len(rows))
+    listed, self.unlisted[index] = rows[:n], rows[n:]
+    return self._listing(
+      [t for t, _, _ in listed],
+      [lp for _, lp, _ in listed],
+      [row for _, _, row in listed],
+      "",
+      sent,  # offsets within the text sent (the whole text, at the end)
+      offsets=offsets[:n],
+    )
 
   def finish(self, c: Choice, reason: str) -> list[dict]:
     extra = (
@@ -151,4 +162,7 @@ class CompletionResponse(Responder):
       if c.blocked_by is not None
       else None
     )
-    return [self._chunk(c.index, "", finish=reason, extra=extra)]
+    logprobs = None
+    if self.req.logprobs is not None and self.unlisted[c.index]:
+      logprobs = self._stream_listing(c.index, final=True)
+    return [self._chunk(c.index, "", finish=reason, logprobs=logprobs, extra=extra)]

@@ -78,7 +78,6 @@ class Responder:
     # without a handle (max_tokens 0) nothing is generated: every choice has ended by length
     self.reasons: list[str | None] = [None if handle else "length"] * len(choices)
     self.ttft_observed = False
-    self.ending: set[int] = set()  # streamed choices whose "done" is in the events being sent
 
   # ------------------------------------------------------------ for subclasses
 
@@ -203,9 +202,6 @@ class Responder:
         events, out = [await self._next()], []
         while events[-1][0] not in ("timeout", "end") and not self.handle.queue.empty():
           events.append(self.handle.queue.get_nowait())
-        # choices whose last text comes in this write (the engine posts a choice's last delta
-        # and its "done" together): their text is whole once the delta is taken
-        self.ending = {e[1] for e in events if e[0] == "done"}
         for event in events:
           if event[0] == "timeout":
             out.append(sse_error("request timed out", "timeout"))
