@@ -330,6 +330,11 @@ def test_echo_offsets_of_special_pieces(plain, stream):
   assert lp["text_offset"][: len(parts) + 1] == starts
 
 
+def test_empty_prompt_named_with_echo_and_logprobs(plain):
+  r = _post(plain.url, {"prompt": ["a", ""], "echo": True, "logprobs": 1})
+  assert r.status_code == 422 and r.json()["error"]["message"] == "prompt[1]: empty", r.text
+
+
 def test_logprobs_zero_lists_the_chosen_token(plain):
   """logprobs: 0 gives each chosen token's log-prob, and top_logprobs entries holding only the chosen
   token (as vLLM; they were null)."""

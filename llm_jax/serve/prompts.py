@@ -160,8 +160,8 @@ def make_prompts(st, prompt, record: dict, offsets: bool = False) -> list[Prompt
     if isinstance(p, str):
       prefix = list(st.loaded.prompt_prefix)
       if offsets:
-        ids, where = encode_with_offsets(tok, st.token_bytes, p)
-        out.append(Prompt(prefix + ids, len(prefix), p, offsets=where))
+        ids, starts = encode_with_offsets(tok, st.token_bytes, p)
+        out.append(Prompt(prefix + ids, len(prefix), p, offsets=starts))
       else:
         out.append(Prompt(prefix + encode_text(tok, p), len(prefix), p))
     else:
