@@ -283,6 +283,28 @@ def test_keep_best_and_early_stop(env):
   assert open_model(workdir, step="best").step == best
 
 
+def test_val_fraction_zero_trains_without_evaluation(env):
+  """data.val_fraction=0 prepares no val split: the run trains to the end with evaluation switched on,
+  logs no validation figures and keeps no best checkpoint."""
+  workdir = str(env["root"] / "no_val")
+  out = loop.train(
+    cfg(
+      env,
+      data__val_fraction=0.0,
+      train__steps=4,
+      train__decay_steps=4,
+      train__eval_every=2,
+      train__checkpoint_every=2,
+    ),
+    workdir,
+  )
+  assert out["status"] == "complete" and out["step"] == 4, out
+  assert out.get("best_step") is None and not out.get("val_loss")
+  assert not [r for r in rows(workdir) if any(k.startswith("val_") for k in r)]
+  assert ckpt_lib.Checkpoints(workdir).steps() == [2, 4]
+  assert ckpt_lib.Checkpoints(workdir).best_step() is None
+
+
 def _tb_tags(tb_dir):
   """{tag: number of events} from tensorboardX event files (TFRecord framing, Event protos)."""
   from tensorboardX.proto import event_pb2
