@@ -262,6 +262,32 @@ def test_bad_inputs_name_the_file(tmp_path):
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
 
 
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("shard_tokens", 0),
+    ("shard_tokens", -1),
+    ("max_doc_chars", -1),
+    ("min_doc_chars", -1),
+    ("minhash_num_perm", 0),
+    ("stdlib_max_bytes", -1),
+    ("num_workers", -2),
+    ("max_nontext_fraction", 1.5),
+    ("max_nontext_fraction", -0.5),
+    ("tokenizer.character_coverage", 0.5),
+    ("tokenizer.character_coverage", 1.5),
+    ("tokenizer.max_sentence_length", 0),
+    ("tokenizer.input_sentence_size", -1),
+  ],
+)
+def test_bad_numeric_data_settings_name_the_key_before_any_work(tmp_path, key, value):
+  """A data.* number that cannot work fails at once naming its key, before the corpus is read (the corpus
+  here does not exist: reading it would fail naming the glob instead)."""
+  msg = _err(tmp_path, corpus=f"{tmp_path}/absent/*.txt", **{key: value})
+  assert f"data.{key}={value}" in msg, msg
+  assert not os.path.exists(tmp_path / "cache")
+
+
 def test_cli_writes_workdir_and_summary(corpus, tmp_path):
   root, _ = corpus
   cmd = [

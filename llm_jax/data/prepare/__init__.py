@@ -87,9 +87,27 @@ def _check(config) -> None:
     ("near_dup_threshold", d.near_dup_threshold, True),
     ("removal_near_threshold", d.removal_near_threshold, True),
     ("max_control_fraction", d.max_control_fraction, True),
+    ("max_nontext_fraction", d.max_nontext_fraction, True),
   ):
     if not (0 <= value <= 1 if closed else 0 <= value < 1):
       raise DataError(f"data.{key}={value} must be in [0, 1{']' if closed else ')'}")
+  for key, value, least, meaning in (
+    ("shard_tokens", d.shard_tokens, 1, ""),
+    ("minhash_num_perm", d.minhash_num_perm, 1, ""),
+    ("max_doc_chars", d.max_doc_chars, 0, " (0: documents are never cut)"),
+    ("min_doc_chars", d.min_doc_chars, 0, ""),
+    ("stdlib_max_bytes", d.stdlib_max_bytes, 0, ""),
+    ("num_workers", d.num_workers, 0, " (0: one per core)"),
+    ("tokenizer.max_sentence_length", d.tokenizer.max_sentence_length, 10, " (SentencePiece's least)"),
+    ("tokenizer.input_sentence_size", d.tokenizer.input_sentence_size, 0, " (0: every sentence)"),
+  ):
+    if not value >= least:
+      raise DataError(f"data.{key}={value} must be >= {least}{meaning}")
+  if not 0.98 <= d.tokenizer.character_coverage <= 1:
+    raise DataError(
+      f"data.tokenizer.character_coverage={d.tokenizer.character_coverage} must be in [0.98, 1] "
+      "(SentencePiece's range; the characters left out use byte fallback)"
+    )
   if not d.corpus.strip():
     raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
 
