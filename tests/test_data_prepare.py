@@ -262,6 +262,31 @@ def test_bad_inputs_name_the_file(tmp_path):
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
 
 
+def test_export_never_replaces_the_tokenizer_of_a_trained_run(prepared, tmp_path):
+  """prepare --workdir into a run directory trained on another tokenizer refuses and changes nothing; the
+  same tokenizer (a resume's data) is copied again."""
+  from llm_jax.data.prepare import export_to
+
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "tokenizer.model").write_bytes(b"the run's own tokenizer")
+  (run / "manifest.json").write_text('{"the run": "manifest"}')
+  (run / "run.json").write_text(json.dumps({"tokenizer_sha256": "ab" * 32, "manifest_sha256": "cd" * 32}))
+  before = {f.name: f.read_bytes() for f in run.iterdir()}
+  with pytest.raises(DataError) as e:
+    export_to(prepared, str(run))
+  assert "run.json" in str(e.value) and "tokenizer" in str(e.value) and "abababab" in str(e.value)
+  assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+  (run / "run.json").write_text(
+    json.dumps({"tokenizer_sha256": prepared.tokenizer_sha256, "manifest_sha256": prepared.manifest_sha256})
+  )
+  export_to(prepared, str(run))
+  assert (run / "tokenizer.model").read_bytes() == open(prepared.tokenizer_path, "rb").read()
+  fresh = tmp_path / "fresh"
+  export_to(prepared, str(fresh))  # no run there: the files are copies of the cache's
+  assert (fresh / "manifest.json").exists() and not (fresh / "run.json").exists()
+
+
 @pytest.mark.parametrize(
   "key, value",
   [

@@ -11,6 +11,7 @@ select (stage "dedup": filters, removals, split, dedup, paragraphs), write (toke
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -167,8 +168,32 @@ def prepare(
   return _after(config, Prepared.open(final))
 
 
+RUN_RECORD = "run.json"  # a trained run's record (llm_jax.train.run_dir.RUN_FILE)
+
+
+def _check_workdir(p: Prepared, workdir: str) -> None:
+  """Refuses a workdir whose trained run depends on another tokenizer (its checkpoints would no longer
+  match the tokenizer.model beside them)."""
+  path = os.path.join(workdir, RUN_RECORD)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f).get("tokenizer_sha256")
+  except (OSError, ValueError, AttributeError) as e:
+    raise DataError(f"cannot read {path} ({e}): not replacing the tokenizer of the run in {workdir}") from e
+  if recorded and recorded != p.tokenizer_sha256:
+    raise DataError(
+      f"{workdir} holds a run trained with tokenizer sha256 {recorded[:12]}... ({path}), but this data's "
+      f"tokenizer is {p.tokenizer_sha256[:12]}...: not replacing that run's tokenizer and manifest; "
+      "give another --workdir (or none)"
+    )
+
+
 def export_to(p: Prepared, workdir: str) -> None:
-  """Copies manifest.json, DATA_CARD.md and the tokenizer's files into a run directory."""
+  """Copies manifest.json, DATA_CARD.md and the tokenizer's files into a run directory; refuses one whose
+  run (run.json) was trained with another tokenizer."""
+  _check_workdir(p, workdir)
   os.makedirs(workdir, exist_ok=True)
   names = (manifest_lib.MANIFEST, manifest_lib.DATA_CARD)
   for src in [os.path.join(p.dir, n) for n in names] + p.tokenizer_files():
