@@ -210,6 +210,37 @@ def test_cache_hit_and_changed_input_rebuilds(tmp_path):
   assert any("zebra quokka" in t for t in split_texts(p3, "train") + split_texts(p3, "val"))
 
 
+def test_stale_build_folders_are_removed_and_live_ones_kept(tmp_path):
+  """An interrupted build leaves a .tmp-* folder (here one that even holds a manifest): the next prepare
+  deletes it, and the cache lookup never takes it for prepared data; a build still running (its lock
+  held) is left alone, and so is a recent folder without a lock."""
+  import fcntl
+
+  from llm_jax.data.prepare import cache_key
+
+  make_corpus(tmp_path / "c", seed=4, n=20)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  root = tmp_path / "cache"
+  key = cache_key(cfg)
+  dead, live, old, young = (root / f".tmp-{key}-{n}" for n in ("dead", "live", "old", "young"))
+  for d in (dead, live, old, young):
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text("{}")
+  (root / f".tmp-{key}-dead.lock").write_text("")  # its builder was killed: nobody holds the lock
+  (root / f".tmp-{key}-orphan.lock").write_text("")  # a lock without its folder
+  lock = open(root / f".tmp-{key}-live.lock", "w")
+  fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a build in progress
+  hours_ago = time.time() - 3 * 3600
+  os.utime(old, (hours_ago, hours_ago))  # left by a build without a lock file, hours ago
+  try:
+    p = prepare(cfg)
+  finally:
+    lock.close()
+  assert p.dir == str(root / key) and p.manifest["summary"]["documents_kept"] > 0
+  left = sorted(n for n in os.listdir(root) if n.startswith(".tmp"))
+  assert left == sorted([live.name, live.name + ".lock", young.name]), left
+
+
 def test_long_documents_split_at_paragraphs(tmp_path):
   rng = random.Random(5)
   (tmp_path / "d").mkdir()

@@ -5,7 +5,8 @@ hash of (inputs, config.data).
 
 Modules: key (cache location and key), pipeline (the stages in order), clean (stage "clean", per document),
 select (stage "dedup": filters, removals, split, dedup, paragraphs), write (tokenizer, shards), summary
-(manifest and CLI summary), __main__ (the command).
+(manifest and CLI summary), staging (the locked build folder; removing interrupted ones), __main__ (the
+command).
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ import logging
 import os
 import shutil
 import sys
-import uuid
 
 from llm_jax.data import hf_tokenizer, removals
 from llm_jax.data import manifest as manifest_lib
 from llm_jax.data import shards as shards_lib
 from llm_jax.data.errors import DataError
-from llm_jax.data.prepare import pipeline
+from llm_jax.data.prepare import pipeline, staging
 from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
 from llm_jax.data.prepare.summary import summary_text
 
@@ -143,13 +143,12 @@ def prepare(
   key = cache_key(config, tokenizer)
   root = cache_root(config)
   final = os.path.join(root, key)
+  staging.remove_stale(root)  # folders of interrupted builds (never taken for prepared data)
   if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
     logging.info("prepared data found in cache: %s", final)
     return _after(config, Prepared.open(final))
   os.makedirs(root, exist_ok=True)
-  tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  try:
+  with staging.build_folder(root, key) as tmp:
     pipeline.build(
       config,
       key,
@@ -163,8 +162,6 @@ def prepare(
       if not os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
         raise
       logging.info("another process prepared %s first; using it", final)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return _after(config, Prepared.open(final))
 
 
