@@ -293,6 +293,22 @@ def test_bad_inputs_name_the_file(tmp_path):
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
 
 
+def test_jsonl_lone_surrogate_names_the_line(tmp_path):
+  """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: the record fails naming its
+  file and line (skip: counted as a bad record), instead of a UnicodeEncodeError without a place."""
+  make_corpus(tmp_path / "c", n=20)
+  jl = tmp_path / "c" / "forum" / "posts.jsonl"
+  lines = jl.read_text().splitlines()
+  bad = json.dumps({"text": "a lone surrogate \ud800 in a document long enough to be kept"})
+  assert "\\ud800" in bad
+  jl.write_text("\n".join(lines[:2] + [bad] + lines[2:]) + "\n")
+  msg = _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl")
+  assert "posts.jsonl:3" in msg and "surrogate" in msg, msg
+  p = prepare(data_config(f"{tmp_path}/c/forum/*.jsonl", tmp_path / "cache", on_bad_record="skip"))
+  assert len(p.manifest["bad_records"]) == 1 and "posts.jsonl:3" in p.manifest["bad_records"][0]
+  assert p.manifest["summary"]["documents_kept"] == len(lines)
+
+
 def test_export_never_replaces_the_tokenizer_of_a_trained_run(prepared, tmp_path):
   """prepare --workdir into a run directory trained on another tokenizer refuses and changes nothing; the
   same tokenizer (a resume's data) is copied again."""
