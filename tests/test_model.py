@@ -106,6 +106,22 @@ def test_unknown_key_and_cross_field_checks_name_the_key():
   assert config_lib.mesh_shape(tiny_config({"sharding.tensor": 2}), 8) == (4, 1, 2)
 
 
+def test_a_misspelled_key_in_a_config_file_fails_naming_it(tmp_path):
+  """A preset that sets a key configs/base.py does not have (a typo) fails when loaded, like the same
+  typo as a --config override, instead of adding a key nothing reads."""
+  from llm_jax import cli
+
+  path = tmp_path / "typo.py"
+  path.write_text(
+    "from configs import tiny\n\n\ndef get_config():\n"
+    "  c = tiny.get_config()\n  c.train.stpes = 5\n  return c\n"
+  )
+  with pytest.raises(AttributeError, match=r"stpes[\s\S]*Did you mean \"steps\""):
+    config_lib.load(str(path))
+  problem = cli.config_override_error([f"--config={path}"])
+  assert problem and "stpes" in problem and str(path) in problem
+
+
 @pytest.mark.parametrize(
   "extra, key",
   [
