@@ -244,6 +244,15 @@ def test_failed_resume_changes_nothing_in_the_run_directory(env, reference):
     assert sorted(os.listdir(os.path.join(workdir, "tb"))) == tb_before
 
 
+def test_an_unreadable_config_json_is_named_on_resume(tmp_path):
+  """A run directory whose config.json is cut short (or not a JSON object) stops the resume with a
+  message naming that file, not a bare JSON error with a line and column of no file."""
+  for text in ('{"model": {"d_model": 3', "[1, 2]"):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(run_dir.RunDirError, match="config.json"):
+      run_dir.saved_config(str(tmp_path))
+
+
 class Scramble:
   """Random targets from step `after` on: the model unlearns, so the validation loss rises."""
 

@@ -99,7 +99,15 @@ def _copy(src: str, dst: str) -> None:
 def saved_config(workdir: str):
   """The config.json of an existing run, or None for a fresh workdir."""
   path = os.path.join(workdir, CONFIG_FILE)
-  return config_lib.from_json(path) if os.path.exists(path) else None
+  if not os.path.exists(path):
+    return None
+  try:
+    return config_lib.from_json(path)
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise RunDirError(
+      f"cannot read {path} ({type(e).__name__}: {e}): the run's resolved config; restore it, or use a "
+      "new --workdir"
+    ) from e
 
 
 def shape_differences(saved_model_cfg, model_cfg) -> list[str]:
