@@ -293,6 +293,14 @@ def test_bad_inputs_name_the_file(tmp_path):
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
 
 
+def test_stdlib_combined_with_globs_says_so(tmp_path):
+  """'stdlib' is a corpus of its own: beside globs it fails saying that, not that a glob 'stdlib'
+  matches no files."""
+  make_corpus(tmp_path / "c", n=10)
+  msg = _err(tmp_path, corpus=f"stdlib,{tmp_path}/c/books/*.txt")
+  assert "'stdlib'" in msg and "alone" in msg and "matches no files" not in msg, msg
+
+
 def test_jsonl_lone_surrogate_names_the_line(tmp_path):
   """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: the record fails naming its
   file and line (skip: counted as a bad record), instead of a UnicodeEncodeError without a place."""

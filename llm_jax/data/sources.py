@@ -76,6 +76,11 @@ def expand(spec: str) -> list[str]:
     else:
       found = glob.glob(pattern, recursive=True)
     found = sorted(p for p in found if os.path.isfile(p))
+    if not found and pattern == "stdlib":
+      raise DataError(
+        f"corpus {spec!r}: 'stdlib' (the built-in corpus) must be given alone, not beside globs "
+        "(data.corpus / data.val_corpus)"
+      )
     if not found:
       raise DataError(
         f"corpus glob {pattern!r} matches no files (data.corpus / data.val_corpus; "
