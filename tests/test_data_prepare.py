@@ -301,6 +301,13 @@ def test_stdlib_combined_with_globs_says_so(tmp_path):
   assert "'stdlib'" in msg and "alone" in msg and "matches no files" not in msg, msg
 
 
+def test_cache_dir_that_is_a_file_names_the_key(tmp_path):
+  make_corpus(tmp_path / "c", n=10)
+  (tmp_path / "not_a_dir").write_text("x")
+  with pytest.raises(DataError, match="data.cache_dir.*not_a_dir.*not a directory"):
+    prepare(data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "not_a_dir"))
+
+
 def test_jsonl_lone_surrogate_names_the_line(tmp_path):
   """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: the record fails naming its
   file and line (skip: counted as a bad record), instead of a UnicodeEncodeError without a place."""

@@ -142,6 +142,10 @@ def prepare(
     tokenizer = hf_tokenizer.load_tokenizer(tokenizer_path)
   key = cache_key(config, tokenizer)
   root = cache_root(config)
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise DataError(
+      f"data.cache_dir (else $LLM_JAX_CACHE/prepared): the prepared-data cache {root!r} is not a directory"
+    )
   final = os.path.join(root, key)
   staging.remove_stale(root)  # folders of interrupted builds (never taken for prepared data)
   if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
