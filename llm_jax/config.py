@@ -298,6 +298,11 @@ def _check_training(tr, total: int) -> None:
       f"train.decay_steps={tr.decay_steps} must exceed train.warmup_steps="
       f"{tr.warmup_steps} (or be 0: decay over the whole run)"
     )
+  if tr.sample_every > 0 and not tr.sample_tokens > 0:
+    raise ConfigError(
+      f"train.sample_tokens={tr.sample_tokens!r} must be > 0 with train.sample_every={tr.sample_every} "
+      "(0 turns samples off)"
+    )
   if tr.throughput_alert >= 1.0:
     raise ConfigError(
       f"train.throughput_alert={tr.throughput_alert} must be < 1 (a share of the running median; 0 disables)"

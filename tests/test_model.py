@@ -153,6 +153,14 @@ def test_impossible_model_shapes_fail_at_config_time_naming_the_key(extra, key):
     config_lib.validate(tiny_config(extra))
 
 
+def test_sample_tokens_must_be_positive_when_sampling():
+  """train.sample_tokens <= 0 with samples on failed at the first sample step, deep in the sampler."""
+  for n in (0, -3):
+    with pytest.raises(config_lib.ConfigError, match="train.sample_tokens"):
+      config_lib.validate(tiny_config({"train.sample_every": 100, "train.sample_tokens": n}))
+  config_lib.validate(tiny_config({"train.sample_every": 0, "train.sample_tokens": 0}))  # no samples
+
+
 def test_valid_model_shapes_still_pass_validation():
   config_lib.validate(tiny_config(LLAMA))
   config_lib.validate(tiny_config({"model.head_dim": 16}))  # heads * head_dim != d_model is allowed
