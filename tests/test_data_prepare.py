@@ -241,6 +241,21 @@ def test_stale_build_folders_are_removed_and_live_ones_kept(tmp_path):
   assert left == sorted([live.name, live.name + ".lock", young.name]), left
 
 
+def test_a_cached_folder_without_its_manifest_is_rebuilt(tmp_path):
+  """A cache folder that lost its manifest.json (damaged, a copy cut short) is never taken for prepared
+  data, and does not block the build that replaces it."""
+  make_corpus(tmp_path / "c", seed=6, n=20)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  first = prepare(cfg)
+  os.remove(first.manifest_path)
+  again = prepare(cfg)
+  assert again.dir == first.dir and os.path.exists(again.manifest_path)
+  for k in ("documents_kept", "documents_by_split", "tokens_by_split"):
+    assert again.manifest["summary"][k] == first.manifest["summary"][k], k
+  assert again.tokenizer_sha256 == first.tokenizer_sha256
+  assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first.dir)]
+
+
 def test_long_documents_split_at_paragraphs(tmp_path):
   rng = random.Random(5)
   (tmp_path / "d").mkdir()

@@ -163,9 +163,16 @@ def prepare(
     try:
       os.rename(tmp, final)
     except OSError:
-      if not os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
+      if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
+        logging.info("another process prepared %s first; using it", final)
+      elif os.path.isdir(final):  # a complete build is renamed into place with its manifest: damaged
+        logging.warning(
+          "replacing %s: it has no %s (damaged or copied in part)", final, manifest_lib.MANIFEST
+        )
+        staging.discard(final, root, key)
+        os.rename(tmp, final)
+      else:
         raise
-      logging.info("another process prepared %s first; using it", final)
   return _after(config, Prepared.open(final))
 
 

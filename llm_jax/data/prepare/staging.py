@@ -72,6 +72,14 @@ def remove_stale(root: str) -> list[str]:
   return removed
 
 
+def discard(path: str, root: str, key: str) -> None:
+  """Moves a folder out of the way under a build-folder name (so a crash midway leaves it to
+  remove_stale) and deletes it."""
+  aside = os.path.join(root, f"{PREFIX}{key}-discarded-{uuid.uuid4().hex[:8]}")
+  os.rename(path, aside)
+  shutil.rmtree(aside, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def build_folder(root: str, key: str):
   """Yields a new, empty build folder under root, locked for as long as the block runs; it is deleted
