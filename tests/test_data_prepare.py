@@ -256,6 +256,33 @@ def test_a_cached_folder_without_its_manifest_is_rebuilt(tmp_path):
   assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first.dir)]
 
 
+def test_a_cached_folder_with_missing_or_cut_files_is_rebuilt(tmp_path):
+  """A cache hit whose shards are missing or cut short is rebuilt by the next prepare (the loader's error
+  says "prepare the data again"; before, prepare returned the same damaged folder every time)."""
+  make_corpus(tmp_path / "c", seed=7, n=20)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  first = prepare(cfg)
+  shard = os.path.join(first.dir, first.manifest["shards"][0]["path"])
+  whole = open(shard, "rb").read()
+  for damage in ("missing", "cut", "tokenizer", "manifest"):
+    if damage == "missing":
+      os.remove(shard)
+    elif damage == "cut":
+      with open(shard, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    elif damage == "tokenizer":
+      os.remove(first.tokenizer_path)
+    else:
+      with open(first.manifest_path, "w") as f:
+        f.write('{"shards": [')
+    again = prepare(cfg)
+    assert again.dir == first.dir, damage
+    assert open(shard, "rb").read() == whole, damage
+    assert again.tokenizer_sha256 == first.tokenizer_sha256 and os.path.exists(again.tokenizer_path)
+    open_split(again.dir, "train", again.manifest)
+  assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first.dir)]
+
+
 def test_long_documents_split_at_paragraphs(tmp_path):
   rng = random.Random(5)
   (tmp_path / "d").mkdir()

@@ -149,8 +149,12 @@ def prepare(
   final = os.path.join(root, key)
   staging.remove_stale(root)  # folders of interrupted builds (never taken for prepared data)
   if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
-    logging.info("prepared data found in cache: %s", final)
-    return _after(config, Prepared.open(final))
+    problems = manifest_lib.damage(final)
+    if not problems:
+      logging.info("prepared data found in cache: %s", final)
+      return _after(config, Prepared.open(final))
+    logging.warning("rebuilding the damaged prepared data %s: %s", final, "; ".join(problems[:3]))
+    staging.discard(final, root, key)
   os.makedirs(root, exist_ok=True)
   with staging.build_folder(root, key) as tmp:
     pipeline.build(

@@ -33,7 +33,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv) -> int:
   del argv
   config = _CONFIG.value
-  cached = os.path.exists(os.path.join(cache_root(config), cache_key(config), manifest_lib.MANIFEST))
+  found = os.path.join(cache_root(config), cache_key(config))
+  cached = os.path.exists(os.path.join(found, manifest_lib.MANIFEST)) and not manifest_lib.damage(found)
   p = prepare(config)
   if _WORKDIR.value:
     export_to(p, _WORKDIR.value)
