@@ -350,6 +350,16 @@ def test_cache_dir_that_is_a_file_names_the_key(tmp_path):
     prepare(data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "not_a_dir"))
 
 
+def test_exclusion_file_with_invalid_utf8_names_the_line(tmp_path):
+  """A removal file that is not UTF-8 fails naming its line, instead of entries decoded with replacement
+  characters that silently match nothing (a removal request that removes nothing)."""
+  make_corpus(tmp_path / "c", n=10)
+  ex = tmp_path / "remove.txt"
+  ex.write_bytes(b"# requests\n" + f"{tmp_path}/c/books/b001.txt\n".encode() + b"caf\xe9.txt\n")
+  msg = _err(tmp_path, corpus=f"{tmp_path}/c/books/*.txt", exclude=str(ex))
+  assert "data.exclude" in msg and "remove.txt:3" in msg and "UTF-8" in msg, msg
+
+
 def test_jsonl_lone_surrogate_names_the_line(tmp_path):
   """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: the record fails naming its
   file and line (skip: counted as a bad record), instead of a UnicodeEncodeError without a place."""
