@@ -244,6 +244,22 @@ def test_failed_resume_changes_nothing_in_the_run_directory(env, reference):
     assert sorted(os.listdir(os.path.join(workdir, "tb"))) == tb_before
 
 
+def test_resume_after_the_corpus_changed_names_the_files(env):
+  """Same config, but a corpus file edited since the run started: the data (and its tokenizer) differ,
+  and the refusal names the changed file instead of saying that no data.* key changed."""
+  corpus = env["root"] / "corpus_edited"
+  shutil.copytree(env["root"] / "corpus", corpus)
+  workdir = str(env["root"] / "edited")
+  c = dict(data__corpus=f"{corpus}/*/*.txt", train__eval_every=0, train__steps=4, train__decay_steps=4)
+  assert loop.train(cfg(env, **c), workdir)["status"] == "complete"
+  with open(corpus / "prose" / "p3.txt", "a") as f:
+    f.write("zebra quokka " * 40 + "\n")
+  c.update(train__steps=8, train__decay_steps=8)
+  with pytest.raises(run_dir.RunDirError) as e:
+    loop.train(cfg(env, **c), workdir)
+  assert "p3.txt" in str(e.value) and "changed" in str(e.value), str(e.value)
+
+
 def test_an_unreadable_config_json_is_named_on_resume(tmp_path):
   """A run directory whose config.json is cut short (or not a JSON object) stops the resume with a
   message naming that file, not a bare JSON error with a line and column of no file."""

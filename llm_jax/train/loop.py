@@ -204,7 +204,9 @@ def train(
   total = config_lib.total_steps(c)
 
   # Every process checks (it only reads), so all stop together on a mismatch.
-  run_dir.check_resume(workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256)
+  run_dir.check_resume(
+    workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256, getattr(setup.prepared, "manifest", None)
+  )
   ckpts = ckpt_lib.Checkpoints.for_training(workdir, c)
   try:
     index, count = setup.process_slice()
