@@ -260,6 +260,14 @@ def test_resume_after_the_corpus_changed_names_the_files(env):
   assert "p3.txt" in str(e.value) and "changed" in str(e.value), str(e.value)
 
 
+def test_a_workdir_that_is_a_file_fails_first(env, tmp_path):
+  path = tmp_path / "not_a_dir"
+  path.write_text("x")
+  with pytest.raises(run_dir.RunDirError, match="not_a_dir.*not a directory"):
+    loop.train(cfg(env), str(path))
+  assert path.read_text() == "x"
+
+
 def test_an_unreadable_config_json_is_named_on_resume(tmp_path):
   """A run directory whose config.json is cut short (or not a JSON object) stops the resume with a
   message naming that file, not a bare JSON error with a line and column of no file."""

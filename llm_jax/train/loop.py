@@ -198,6 +198,8 @@ def train(
   """
   t_start = time.time()
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise run_dir.RunDirError(f"--workdir {workdir} is not a directory (give a new or existing run dir)")
   is_main = jax.process_index() == 0
   setup = build(config, extension)
   c = setup.config
