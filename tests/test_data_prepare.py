@@ -283,6 +283,28 @@ def test_a_cached_folder_with_missing_or_cut_files_is_rebuilt(tmp_path):
   assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first.dir)]
 
 
+def test_prepare_works_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+  """flock failing (a Lustre mount without it: ENOSYS) neither stops a build nor lets a cleaner delete a
+  build folder it cannot prove dead."""
+  import errno
+
+  from llm_jax.data.prepare import staging
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+
+  monkeypatch.setattr(staging.fcntl, "flock", no_locks)
+  make_corpus(tmp_path / "c", seed=8, n=20)
+  other = tmp_path / "cache" / ".tmp-abc-other"
+  other.mkdir(parents=True)
+  (tmp_path / "cache" / ".tmp-abc-other.lock").write_text("")
+  p = prepare(data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache"))
+  assert p.manifest["summary"]["documents_kept"] > 0
+  assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+    [".tmp-abc-other", ".tmp-abc-other.lock", p.dir.split("/")[-1]]
+  )
+
+
 def test_long_documents_split_at_paragraphs(tmp_path):
   rng = random.Random(5)
   (tmp_path / "d").mkdir()

@@ -5,7 +5,7 @@ A build holds an exclusive `flock` on `.tmp-KEY-ID.lock` (made before the folder
 folder is renamed or deleted. A folder whose lock nobody holds belongs to a build that was killed: it is
 deleted, so that stale partial output never piles up in the cache, and no copy of text a removal request
 deleted survives in one. A folder without a lock file (an older llm_jax) is deleted once it is
-STALE_SECONDS old.
+STALE_SECONDS old. On a file system without locks (flock fails) nothing with a lock file is deleted.
 """
 
 from __future__ import annotations
@@ -87,7 +87,10 @@ def build_folder(root: str, key: str):
   while True:
     base = os.path.join(root, f"{PREFIX}{key}-{uuid.uuid4().hex[:8]}")
     fd = os.open(base + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:  # a file system without locks: no cleaner can lock it either, so the folder stays
+      break
     try:  # a cleaner may have taken the fresh lock file for an orphan before flock: then take another
       if os.stat(base + ".lock").st_ino == os.fstat(fd).st_ino:
         break
