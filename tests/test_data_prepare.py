@@ -421,6 +421,9 @@ def test_export_never_replaces_the_tokenizer_of_a_trained_run(prepared, tmp_path
   fresh = tmp_path / "fresh"
   export_to(prepared, str(fresh))  # no run there: the files are copies of the cache's
   assert (fresh / "manifest.json").exists() and not (fresh / "run.json").exists()
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(DataError, match="a_file.*not a directory"):
+    export_to(prepared, str(tmp_path / "a_file"))
 
 
 @pytest.mark.parametrize(

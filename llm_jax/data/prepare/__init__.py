@@ -186,6 +186,8 @@ RUN_RECORD = "run.json"  # a trained run's record (llm_jax.train.run_dir.RUN_FIL
 def _check_workdir(p: Prepared, workdir: str) -> None:
   """Refuses a workdir whose trained run depends on another tokenizer (its checkpoints would no longer
   match the tokenizer.model beside them)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise DataError(f"--workdir {workdir} is not a directory")
   path = os.path.join(workdir, RUN_RECORD)
   if not os.path.exists(path):
     return
