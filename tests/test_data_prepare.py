@@ -357,6 +357,15 @@ def test_bad_inputs_name_the_file(tmp_path):
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
 
 
+def test_a_directory_without_corpus_files_says_which_suffixes_count(tmp_path):
+  d = tmp_path / "texts"
+  d.mkdir()
+  (d / "notes.TXT").write_text("upper-case suffix " * 10)
+  (d / "table.csv").write_text("a,b\n1,2\n")
+  msg = _err(tmp_path, corpus=str(d))
+  assert str(d) in msg and ".txt" in msg and ".jsonl" in msg and "directory" in msg, msg
+
+
 def test_stdlib_combined_with_globs_says_so(tmp_path):
   """'stdlib' is a corpus of its own: beside globs it fails saying that, not that a glob 'stdlib'
   matches no files."""

@@ -81,6 +81,11 @@ def expand(spec: str) -> list[str]:
         f"corpus {spec!r}: 'stdlib' (the built-in corpus) must be given alone, not beside globs "
         "(data.corpus / data.val_corpus)"
       )
+    if not found and os.path.isdir(pattern):
+      raise DataError(
+        f"corpus directory {pattern!r} holds no {', '.join(_TEXT_SUFFIXES + ('.jsonl',))} files (searched "
+        "recursively; the suffix is case-sensitive) (data.corpus / data.val_corpus); give a glob for others"
+      )
     if not found:
       raise DataError(
         f"corpus glob {pattern!r} matches no files (data.corpus / data.val_corpus; "
