@@ -208,4 +208,7 @@ def get_config() -> ml_collections.ConfigDict:
   di.num_processes = 0
   di.process_id = -1
   di.heartbeat_timeout_s = 100  # a dead peer is noticed within about this long
+  # Locked: a preset may change any field, but a misspelt one (c.train.stpes = 5) fails naming the closest
+  # real key instead of adding a key nothing reads (code that adds keys uses `with c.unlocked():`).
+  c.lock()
   return c

@@ -180,6 +180,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice("train.nan_policy", tr.nan_policy, ("abort", "skip"))
   _choice("data.tokenizer.type", config.data.tokenizer.type, ("bpe", "unigram", "char"))
   _choice("data.on_bad_record", config.data.on_bad_record, ("fail", "skip"))
+  _check_model(m)
   if m.d_model % m.num_heads and not m.head_dim:
     raise ConfigError(
       f"model.d_model={m.d_model} is not divisible by model.num_heads={m.num_heads}; "
@@ -216,6 +217,32 @@ def validate(config, num_devices: int | None = None) -> None:
         f"{data}*{fsdp} = {data * fsdp}"
       )
   del s
+
+
+def _check_model(m) -> None:
+  """Model shapes and settings that cannot build a model, each named by its key (before JAX sees them)."""
+  _choice("model.param_dtype", m.param_dtype, ("float32", "bfloat16", "float16"))
+  for key in ("num_layers", "d_model", "num_heads", "max_seq_len", "vocab_multiple", "norm_eps"):
+    if not m[key] > 0:
+      hint = " (1: no padding)" if key == "vocab_multiple" else ""
+      raise ConfigError(f"model.{key}={m[key]!r} must be > 0{hint}")
+  for key in ("num_kv_heads", "head_dim", "mlp_dim", "vocab_size"):
+    if m[key] < 0:
+      raise ConfigError(f"model.{key}={m[key]!r} must be >= 0 (0: derived from the other sizes)")
+  for key in ("dropout", "attention_dropout"):
+    if key in m and not 0.0 <= m[key] < 1.0:
+      raise ConfigError(f"model.{key}={m[key]!r} must be in [0, 1)")
+  head_dim = m.head_dim or m.d_model // m.num_heads
+  if m.positions == "rope":
+    if head_dim % 2:
+      raise ConfigError(
+        f"model.head_dim={head_dim} (model.d_model={m.d_model} / model.num_heads={m.num_heads} when "
+        "model.head_dim=0) must be even with model.positions='rope' (rotary pairs)"
+      )
+    if not m.rope_theta > 0:
+      raise ConfigError(f"model.rope_theta={m.rope_theta!r} must be > 0")
+  if m.get("rope_scaling", "none") != "none" and not m.get("rope_scaling_factor", 1.0) > 0:
+    raise ConfigError(f"model.rope_scaling_factor={m.rope_scaling_factor!r} must be > 0")
 
 
 def _check_training(tr, total: int) -> None:
@@ -270,6 +297,11 @@ def _check_training(tr, total: int) -> None:
     raise ConfigError(
       f"train.decay_steps={tr.decay_steps} must exceed train.warmup_steps="
       f"{tr.warmup_steps} (or be 0: decay over the whole run)"
+    )
+  if tr.sample_every > 0 and not tr.sample_tokens > 0:
+    raise ConfigError(
+      f"train.sample_tokens={tr.sample_tokens!r} must be > 0 with train.sample_every={tr.sample_every} "
+      "(0 turns samples off)"
     )
   if tr.throughput_alert >= 1.0:
     raise ConfigError(

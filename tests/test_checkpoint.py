@@ -190,6 +190,31 @@ def test_retention_keeps_last_and_every_mth(tmp_path):
   ckpts.close()
 
 
+def test_an_empty_step_directory_is_not_a_checkpoint(tmp_path):
+  """checkpoints/6 left empty (a copy or a sync cut short, a mkdir by hand) is no checkpoint: training and
+  every reader agree the latest is 4, and training saves step 6 when it comes."""
+  from llm_jax.artifacts import run as run_artifacts
+
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=5, async_save=False)
+  x = {"w": np.zeros(3, np.float32)}
+  for s in (2, 4):
+    ckpts.save(s, x, {"step": s})
+  ckpts.close()
+  empty = os.path.join(str(tmp_path), "checkpoints", "6")
+  os.makedirs(empty)
+  readers = ckpt_lib.Checkpoints(str(tmp_path), read_only=True)
+  assert readers.steps() == [2, 4] and readers.latest_step() == 4
+  readers.close()
+  assert run_artifacts.resolve_step(str(tmp_path), None) == 4
+  assert os.path.isdir(empty)  # readers change nothing
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path), keep=5, async_save=False)
+  assert ckpts.steps() == [2, 4] and ckpts.latest_step() == 4
+  assert ckpts.save(6, x, {"step": 6})
+  ckpts.wait()
+  assert ckpts.steps() == [2, 4, 6]
+  ckpts.close()
+
+
 def _corrupt(step_dir):
   for root, _, files in os.walk(os.path.join(step_dir, "state")):
     for f in files:

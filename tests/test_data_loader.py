@@ -226,8 +226,10 @@ def test_restore_in_fresh_process_continues_exactly(pdir, tmp_path):
   got = np.load(out)
   for k in want[0]:
     np.testing.assert_array_equal(got[k], np.stack([b[k] for b in want]))
-  with pytest.raises(DataError, match="'seed'"):
+  with pytest.raises(DataError, match="'seed'.*data.seed=3"):
     TrainLoader(pdir, "train", L, G, seed=9).set_state(state)
+  with pytest.raises(DataError, match="'global_batch_size'.*train.global_batch_size=8"):
+    TrainLoader(pdir, "train", L, 2 * G, seed=3).set_state(state)
 
 
 def test_eval_batches_cover_each_target_once(pdir):

@@ -210,6 +210,101 @@ def test_cache_hit_and_changed_input_rebuilds(tmp_path):
   assert any("zebra quokka" in t for t in split_texts(p3, "train") + split_texts(p3, "val"))
 
 
+def test_stale_build_folders_are_removed_and_live_ones_kept(tmp_path):
+  """An interrupted build leaves a .tmp-* folder (here one that even holds a manifest): the next prepare
+  deletes it, and the cache lookup never takes it for prepared data; a build still running (its lock
+  held) is left alone, and so is a recent folder without a lock."""
+  import fcntl
+
+  from llm_jax.data.prepare import cache_key
+
+  make_corpus(tmp_path / "c", seed=4, n=20)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  root = tmp_path / "cache"
+  key = cache_key(cfg)
+  dead, live, old, young = (root / f".tmp-{key}-{n}" for n in ("dead", "live", "old", "young"))
+  for d in (dead, live, old, young):
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text("{}")
+  (root / f".tmp-{key}-dead.lock").write_text("")  # its builder was killed: nobody holds the lock
+  (root / f".tmp-{key}-orphan.lock").write_text("")  # a lock without its folder
+  lock = open(root / f".tmp-{key}-live.lock", "w")
+  fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a build in progress
+  hours_ago = time.time() - 3 * 3600
+  os.utime(old, (hours_ago, hours_ago))  # left by a build without a lock file, hours ago
+  try:
+    p = prepare(cfg)
+  finally:
+    lock.close()
+  assert p.dir == str(root / key) and p.manifest["summary"]["documents_kept"] > 0
+  left = sorted(n for n in os.listdir(root) if n.startswith(".tmp"))
+  assert left == sorted([live.name, live.name + ".lock", young.name]), left
+
+
+def test_a_cached_folder_without_its_manifest_is_rebuilt(tmp_path):
+  """A cache folder that lost its manifest.json (damaged, a copy cut short) is never taken for prepared
+  data, and does not block the build that replaces it."""
+  make_corpus(tmp_path / "c", seed=6, n=20)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  first = prepare(cfg)
+  os.remove(first.manifest_path)
+  again = prepare(cfg)
+  assert again.dir == first.dir and os.path.exists(again.manifest_path)
+  for k in ("documents_kept", "documents_by_split", "tokens_by_split"):
+    assert again.manifest["summary"][k] == first.manifest["summary"][k], k
+  assert again.tokenizer_sha256 == first.tokenizer_sha256
+  assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first.dir)]
+
+
+def test_a_cached_folder_with_missing_or_cut_files_is_rebuilt(tmp_path):
+  """A cache hit whose shards are missing or cut short is rebuilt by the next prepare (the loader's error
+  says "prepare the data again"; before, prepare returned the same damaged folder every time)."""
+  make_corpus(tmp_path / "c", seed=7, n=20)
+  cfg = data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache")
+  first = prepare(cfg)
+  shard = os.path.join(first.dir, first.manifest["shards"][0]["path"])
+  whole = open(shard, "rb").read()
+  for damage in ("missing", "cut", "tokenizer", "manifest"):
+    if damage == "missing":
+      os.remove(shard)
+    elif damage == "cut":
+      with open(shard, "wb") as f:
+        f.write(whole[: len(whole) // 2])
+    elif damage == "tokenizer":
+      os.remove(first.tokenizer_path)
+    else:
+      with open(first.manifest_path, "w") as f:
+        f.write('{"shards": [')
+    again = prepare(cfg)
+    assert again.dir == first.dir, damage
+    assert open(shard, "rb").read() == whole, damage
+    assert again.tokenizer_sha256 == first.tokenizer_sha256 and os.path.exists(again.tokenizer_path)
+    open_split(again.dir, "train", again.manifest)
+  assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(first.dir)]
+
+
+def test_prepare_works_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+  """flock failing (a Lustre mount without it: ENOSYS) neither stops a build nor lets a cleaner delete a
+  build folder it cannot prove dead."""
+  import errno
+
+  from llm_jax.data.prepare import staging
+
+  def no_locks(fd, op):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+
+  monkeypatch.setattr(staging.fcntl, "flock", no_locks)
+  make_corpus(tmp_path / "c", seed=8, n=20)
+  other = tmp_path / "cache" / ".tmp-abc-other"
+  other.mkdir(parents=True)
+  (tmp_path / "cache" / ".tmp-abc-other.lock").write_text("")
+  p = prepare(data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "cache"))
+  assert p.manifest["summary"]["documents_kept"] > 0
+  assert sorted(os.listdir(tmp_path / "cache")) == sorted(
+    [".tmp-abc-other", ".tmp-abc-other.lock", p.dir.split("/")[-1]]
+  )
+
+
 def test_long_documents_split_at_paragraphs(tmp_path):
   rng = random.Random(5)
   (tmp_path / "d").mkdir()
@@ -260,6 +355,110 @@ def test_bad_inputs_name_the_file(tmp_path):
     tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="skip", **{"tokenizer.vocab_size": 20000}
   )
   assert "data.on_bad_record" in _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl", on_bad_record="maybe")
+
+
+def test_a_directory_without_corpus_files_says_which_suffixes_count(tmp_path):
+  d = tmp_path / "texts"
+  d.mkdir()
+  (d / "notes.TXT").write_text("upper-case suffix " * 10)
+  (d / "table.csv").write_text("a,b\n1,2\n")
+  msg = _err(tmp_path, corpus=str(d))
+  assert str(d) in msg and ".txt" in msg and ".jsonl" in msg and "directory" in msg, msg
+
+
+def test_stdlib_combined_with_globs_says_so(tmp_path):
+  """'stdlib' is a corpus of its own: beside globs it fails saying that, not that a glob 'stdlib'
+  matches no files."""
+  make_corpus(tmp_path / "c", n=10)
+  msg = _err(tmp_path, corpus=f"stdlib,{tmp_path}/c/books/*.txt")
+  assert "'stdlib'" in msg and "alone" in msg and "matches no files" not in msg, msg
+
+
+def test_cache_dir_that_is_a_file_names_the_key(tmp_path):
+  make_corpus(tmp_path / "c", n=10)
+  (tmp_path / "not_a_dir").write_text("x")
+  with pytest.raises(DataError, match="data.cache_dir.*not_a_dir.*not a directory"):
+    prepare(data_config(f"{tmp_path}/c/books/*.txt", tmp_path / "not_a_dir"))
+
+
+def test_exclusion_file_with_invalid_utf8_names_the_line(tmp_path):
+  """A removal file that is not UTF-8 fails naming its line, instead of entries decoded with replacement
+  characters that silently match nothing (a removal request that removes nothing)."""
+  make_corpus(tmp_path / "c", n=10)
+  ex = tmp_path / "remove.txt"
+  ex.write_bytes(b"# requests\n" + f"{tmp_path}/c/books/b001.txt\n".encode() + b"caf\xe9.txt\n")
+  msg = _err(tmp_path, corpus=f"{tmp_path}/c/books/*.txt", exclude=str(ex))
+  assert "data.exclude" in msg and "remove.txt:3" in msg and "UTF-8" in msg, msg
+
+
+def test_jsonl_lone_surrogate_names_the_line(tmp_path):
+  """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: the record fails naming its
+  file and line (skip: counted as a bad record), instead of a UnicodeEncodeError without a place."""
+  make_corpus(tmp_path / "c", n=20)
+  jl = tmp_path / "c" / "forum" / "posts.jsonl"
+  lines = jl.read_text().splitlines()
+  bad = json.dumps({"text": "a lone surrogate \ud800 in a document long enough to be kept"})
+  assert "\\ud800" in bad
+  jl.write_text("\n".join(lines[:2] + [bad] + lines[2:]) + "\n")
+  msg = _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl")
+  assert "posts.jsonl:3" in msg and "surrogate" in msg, msg
+  p = prepare(data_config(f"{tmp_path}/c/forum/*.jsonl", tmp_path / "cache", on_bad_record="skip"))
+  assert len(p.manifest["bad_records"]) == 1 and "posts.jsonl:3" in p.manifest["bad_records"][0]
+  assert p.manifest["summary"]["documents_kept"] == len(lines)
+
+
+def test_export_never_replaces_the_tokenizer_of_a_trained_run(prepared, tmp_path):
+  """prepare --workdir into a run directory trained on another tokenizer refuses and changes nothing; the
+  same tokenizer (a resume's data) is copied again."""
+  from llm_jax.data.prepare import export_to
+
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "tokenizer.model").write_bytes(b"the run's own tokenizer")
+  (run / "manifest.json").write_text('{"the run": "manifest"}')
+  (run / "run.json").write_text(json.dumps({"tokenizer_sha256": "ab" * 32, "manifest_sha256": "cd" * 32}))
+  before = {f.name: f.read_bytes() for f in run.iterdir()}
+  with pytest.raises(DataError) as e:
+    export_to(prepared, str(run))
+  assert "run.json" in str(e.value) and "tokenizer" in str(e.value) and "abababab" in str(e.value)
+  assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+  (run / "run.json").write_text(
+    json.dumps({"tokenizer_sha256": prepared.tokenizer_sha256, "manifest_sha256": prepared.manifest_sha256})
+  )
+  export_to(prepared, str(run))
+  assert (run / "tokenizer.model").read_bytes() == open(prepared.tokenizer_path, "rb").read()
+  fresh = tmp_path / "fresh"
+  export_to(prepared, str(fresh))  # no run there: the files are copies of the cache's
+  assert (fresh / "manifest.json").exists() and not (fresh / "run.json").exists()
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(DataError, match="a_file.*not a directory"):
+    export_to(prepared, str(tmp_path / "a_file"))
+
+
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("shard_tokens", 0),
+    ("shard_tokens", -1),
+    ("max_doc_chars", -1),
+    ("min_doc_chars", -1),
+    ("minhash_num_perm", 0),
+    ("stdlib_max_bytes", -1),
+    ("num_workers", -2),
+    ("max_nontext_fraction", 1.5),
+    ("max_nontext_fraction", -0.5),
+    ("tokenizer.character_coverage", 0.5),
+    ("tokenizer.character_coverage", 1.5),
+    ("tokenizer.max_sentence_length", 0),
+    ("tokenizer.input_sentence_size", -1),
+  ],
+)
+def test_bad_numeric_data_settings_name_the_key_before_any_work(tmp_path, key, value):
+  """A data.* number that cannot work fails at once naming its key, before the corpus is read (the corpus
+  here does not exist: reading it would fail naming the glob instead)."""
+  msg = _err(tmp_path, corpus=f"{tmp_path}/absent/*.txt", **{key: value})
+  assert f"data.{key}={value}" in msg, msg
+  assert not os.path.exists(tmp_path / "cache")
 
 
 def test_cli_writes_workdir_and_summary(corpus, tmp_path):

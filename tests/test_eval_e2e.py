@@ -140,6 +140,10 @@ def test_bad_inputs_have_clear_messages(run, tmp_path, capsys):
   assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--corpus={other.dir}", "--suite=none") == 1
   err = capsys.readouterr().err
   assert "manifest.json: tokenizer.sha256" in err and "another tokenizer" in err
+  # A split the data does not have (data.val_fraction=0 holds out no 'val'): says what to pass instead.
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", "--split=test", "--suite=none") == 1
+  err = capsys.readouterr().err
+  assert "'test'" in err and "['train', 'val']" in err and "--corpus" in err and "--split" in err, err
   # A malformed eval line.
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"id": "x", "type": "choice", "prompt": "p", "choices": ["a", "b"], "answer": "a"}\n')

@@ -244,6 +244,39 @@ def test_failed_resume_changes_nothing_in_the_run_directory(env, reference):
     assert sorted(os.listdir(os.path.join(workdir, "tb"))) == tb_before
 
 
+def test_resume_after_the_corpus_changed_names_the_files(env):
+  """Same config, but a corpus file edited since the run started: the data (and its tokenizer) differ,
+  and the refusal names the changed file instead of saying that no data.* key changed."""
+  corpus = env["root"] / "corpus_edited"
+  shutil.copytree(env["root"] / "corpus", corpus)
+  workdir = str(env["root"] / "edited")
+  c = dict(data__corpus=f"{corpus}/*/*.txt", train__eval_every=0, train__steps=4, train__decay_steps=4)
+  assert loop.train(cfg(env, **c), workdir)["status"] == "complete"
+  with open(corpus / "prose" / "p3.txt", "a") as f:
+    f.write("zebra quokka " * 40 + "\n")
+  c.update(train__steps=8, train__decay_steps=8)
+  with pytest.raises(run_dir.RunDirError) as e:
+    loop.train(cfg(env, **c), workdir)
+  assert "p3.txt" in str(e.value) and "changed" in str(e.value), str(e.value)
+
+
+def test_a_workdir_that_is_a_file_fails_first(env, tmp_path):
+  path = tmp_path / "not_a_dir"
+  path.write_text("x")
+  with pytest.raises(run_dir.RunDirError, match="not_a_dir.*not a directory"):
+    loop.train(cfg(env), str(path))
+  assert path.read_text() == "x"
+
+
+def test_an_unreadable_config_json_is_named_on_resume(tmp_path):
+  """A run directory whose config.json is cut short (or not a JSON object) stops the resume with a
+  message naming that file, not a bare JSON error with a line and column of no file."""
+  for text in ('{"model": {"d_model": 3', "[1, 2]"):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(run_dir.RunDirError, match="config.json"):
+      run_dir.saved_config(str(tmp_path))
+
+
 class Scramble:
   """Random targets from step `after` on: the model unlearns, so the validation loss rises."""
 
@@ -281,6 +314,28 @@ def test_keep_best_and_early_stop(env):
   assert ckpt_lib.Checkpoints(workdir).best_step() == best
   assert json.load(open(os.path.join(workdir, "run.json")))["best"]["step"] == best
   assert open_model(workdir, step="best").step == best
+
+
+def test_val_fraction_zero_trains_without_evaluation(env):
+  """data.val_fraction=0 prepares no val split: the run trains to the end with evaluation switched on,
+  logs no validation figures and keeps no best checkpoint."""
+  workdir = str(env["root"] / "no_val")
+  out = loop.train(
+    cfg(
+      env,
+      data__val_fraction=0.0,
+      train__steps=4,
+      train__decay_steps=4,
+      train__eval_every=2,
+      train__checkpoint_every=2,
+    ),
+    workdir,
+  )
+  assert out["status"] == "complete" and out["step"] == 4, out
+  assert out.get("best_step") is None and not out.get("val_loss")
+  assert not [r for r in rows(workdir) if any(k.startswith("val_") for k in r)]
+  assert ckpt_lib.Checkpoints(workdir).steps() == [2, 4]
+  assert ckpt_lib.Checkpoints(workdir).best_step() is None
 
 
 def _tb_tags(tb_dir):

@@ -104,3 +104,64 @@ def test_unknown_key_and_cross_field_checks_name_the_key():
   with pytest.raises(config_lib.ConfigError, match="model.norm"):
     config_lib.validate(tiny_config({"model.norm": "batchnorm"}))
   assert config_lib.mesh_shape(tiny_config({"sharding.tensor": 2}), 8) == (4, 1, 2)
+
+
+def test_a_misspelled_key_in_a_config_file_fails_naming_it(tmp_path):
+  """A preset that sets a key configs/base.py does not have (a typo) fails when loaded, like the same
+  typo as a --config override, instead of adding a key nothing reads."""
+  from llm_jax import cli
+
+  path = tmp_path / "typo.py"
+  path.write_text(
+    "from configs import tiny\n\n\ndef get_config():\n"
+    "  c = tiny.get_config()\n  c.train.stpes = 5\n  return c\n"
+  )
+  with pytest.raises(AttributeError, match=r"stpes[\s\S]*Did you mean \"steps\""):
+    config_lib.load(str(path))
+  problem = cli.config_override_error([f"--config={path}"])
+  assert problem and "stpes" in problem and str(path) in problem
+
+
+@pytest.mark.parametrize(
+  "extra, key",
+  [
+    ({"model.num_heads": 0}, "model.num_heads"),
+    ({"model.num_layers": 0}, "model.num_layers"),
+    ({"model.num_layers": -1}, "model.num_layers"),
+    ({"model.d_model": 0}, "model.d_model"),
+    ({"model.d_model": -32}, "model.d_model"),
+    ({"model.head_dim": -8}, "model.head_dim"),
+    ({"model.num_kv_heads": -1}, "model.num_kv_heads"),
+    ({"model.mlp_dim": -5}, "model.mlp_dim"),
+    ({"model.vocab_size": -5}, "model.vocab_size"),
+    ({"model.vocab_multiple": 0}, "model.vocab_multiple"),
+    ({"model.vocab_multiple": -64}, "model.vocab_multiple"),
+    ({"model.dropout": 1.5}, "model.dropout"),
+    ({"model.attention_dropout": -0.1}, "model.attention_dropout"),
+    ({"model.norm_eps": -1.0}, "model.norm_eps"),
+    ({"model.param_dtype": "int8"}, "model.param_dtype"),
+    ({"model.positions": "rope", "model.d_model": 36}, "model.head_dim"),  # 36 / 4 heads: odd 9
+    ({"model.positions": "rope", "model.head_dim": 7}, "model.head_dim"),
+    ({"model.positions": "rope", "model.rope_theta": 0.0}, "model.rope_theta"),
+    ({"model.rope_scaling": "linear", "model.rope_scaling_factor": 0.0}, "model.rope_scaling_factor"),
+  ],
+)
+def test_impossible_model_shapes_fail_at_config_time_naming_the_key(extra, key):
+  """A model that cannot be built fails in validate with its key named, not inside JAX or with a
+  ZeroDivisionError."""
+  with pytest.raises(config_lib.ConfigError, match=key.replace(".", r"\.")):
+    config_lib.validate(tiny_config(extra))
+
+
+def test_sample_tokens_must_be_positive_when_sampling():
+  """train.sample_tokens <= 0 with samples on failed at the first sample step, deep in the sampler."""
+  for n in (0, -3):
+    with pytest.raises(config_lib.ConfigError, match="train.sample_tokens"):
+      config_lib.validate(tiny_config({"train.sample_every": 100, "train.sample_tokens": n}))
+  config_lib.validate(tiny_config({"train.sample_every": 0, "train.sample_tokens": 0}))  # no samples
+
+
+def test_valid_model_shapes_still_pass_validation():
+  config_lib.validate(tiny_config(LLAMA))
+  config_lib.validate(tiny_config({"model.head_dim": 16}))  # heads * head_dim != d_model is allowed
+  config_lib.validate(tiny_config({"model.vocab_multiple": 1, "model.vocab_size": 0}))

@@ -31,6 +31,16 @@ _STATE_KEYS = (
   "data_key",
 )
 
+# The config key behind each state field (the resume error names it).
+_CONFIG_KEYS = {
+  "seq_len": "train.seq_len",
+  "global_batch_size": "train.global_batch_size",
+  "seed": "data.seed",
+  "segment_windows": "data.segment_windows",
+  "mixture": "data.mixture",
+  "window_offsets": "data.window_offsets",
+}
+
 
 class StepLoader:
   """The iterator protocol of step-indexed loaders: `batch_at(step)`, `next()`, get/set_state.
@@ -71,9 +81,11 @@ class StepLoader:
     return state
 
   def _mismatch(self, key: str, saved) -> Exception:
+    setting = _CONFIG_KEYS.get(key)
+    hint = f"; resume with {setting}={saved!r}, or use a new --workdir" if setting else ""
     return DataError(
       f"loader state field {key!r} is {saved!r} but this loader has "
-      f"{getattr(self, key)!r}; the checkpoint was made with different data or settings"
+      f"{getattr(self, key)!r}; the checkpoint was made with different data or settings{hint}"
     )
 
 
@@ -161,13 +173,6 @@ class TrainLoader(StepLoader):
 
   def _upgrade_state(self, state: dict) -> dict:
     return {"window_offsets": False, **state}  # states saved before window offsets used the fixed grid
-
-  def _mismatch(self, key: str, saved) -> Exception:
-    hint = f"; set data.window_offsets={saved} to continue that stream" if key == "window_offsets" else ""
-    return DataError(
-      f"loader state field {key!r} is {saved!r} but this loader has "
-      f"{getattr(self, key)!r}; the checkpoint was made with different data or settings{hint}"
-    )
 
   @property
   def epoch(self) -> float:

@@ -36,7 +36,14 @@ def read(path: str) -> Requests:
       raw = f.read()
   except OSError as e:
     raise DataError(f"data.exclude={path!r}: cannot read the exclusion file: {e}") from e
-  entries = {line.strip() for line in raw.decode("utf-8", "replace").splitlines()}
+  try:
+    text = raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw[: e.start].count(b"\n") + 1
+    raise DataError(
+      f"data.exclude: {path}:{line}: invalid UTF-8 at byte {e.start} ({e.reason}); convert the file to UTF-8"
+    ) from e
+  entries = {line.strip() for line in text.splitlines()}
   entries = frozenset(e for e in entries if e and not e.startswith("#"))
   return Requests(path, hashlib.sha256(raw).hexdigest(), entries)
 

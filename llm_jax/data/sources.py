@@ -76,6 +76,16 @@ def expand(spec: str) -> list[str]:
     else:
       found = glob.glob(pattern, recursive=True)
     found = sorted(p for p in found if os.path.isfile(p))
+    if not found and pattern == "stdlib":
+      raise DataError(
+        f"corpus {spec!r}: 'stdlib' (the built-in corpus) must be given alone, not beside globs "
+        "(data.corpus / data.val_corpus)"
+      )
+    if not found and os.path.isdir(pattern):
+      raise DataError(
+        f"corpus directory {pattern!r} holds no {', '.join(_TEXT_SUFFIXES + ('.jsonl',))} files (searched "
+        "recursively; the suffix is case-sensitive) (data.corpus / data.val_corpus); give a glob for others"
+      )
     if not found:
       raise DataError(
         f"corpus glob {pattern!r} matches no files (data.corpus / data.val_corpus; "
@@ -206,6 +216,11 @@ def _jsonl_docs(
       src.skipped_records += 1
       bad.report(f"{path}:{lineno}: a JSONL record must be an object with a string 'text' field")
       continue
+    surrogate = _lone_surrogate(rec)
+    if surrogate:
+      src.skipped_records += 1
+      bad.report(f"{path}:{lineno}: {surrogate}")
+      continue
     yield Document(
       text=rec["text"],
       domain=str(rec.get("domain") or domain),
@@ -213,6 +228,22 @@ def _jsonl_docs(
       license=str(rec.get("license") or license),
       id=str(rec["id"]) if rec.get("id") is not None else f"{path}:{lineno}",
     )
+
+
+def _lone_surrogate(rec: dict) -> str | None:
+  """Where a record's fields hold a lone surrogate (JSON can escape one, "\\ud800"; it is no Unicode text
+  and cannot be written as UTF-8), or None."""
+  for key in ("text", "domain", "source", "license", "id"):
+    value = rec.get(key)
+    if isinstance(value, str):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        return (
+          f"field {key!r} holds a lone surrogate (U+{ord(value[e.start]):04X} at character {e.start}), "
+          "which is not valid Unicode text"
+        )
+  return None
 
 
 def _read_stdlib(max_bytes: int) -> tuple[list[Document], list[Source]]:

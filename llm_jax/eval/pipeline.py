@@ -57,6 +57,13 @@ def heldout_batches(
       "with another tokenizer. Pass --corpus=GLOB to encode the raw text with the "
       "model's own tokenizer."
     )
+  splits = sorted({r["split"] for r in m.get("shards", [])})
+  if split not in splits:
+    why = " (data.val_fraction=0 without data.val_corpus holds none out)" if split == "val" else ""
+    raise EvalError(
+      f"{prepared}: the data has no {split!r} split{why}; splits: {splits}. Pass --split=NAME, or "
+      "--corpus=GLOB to score other text"
+    )
   max_batches = None if max_windows is None else -(-max_windows // batch_size)
   docs = m.get("summary", {}).get("documents_by_split", {}).get(split, 0)
   return (

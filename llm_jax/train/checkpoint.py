@@ -104,6 +104,24 @@ def _thread_hook(previous):
   return hook
 
 
+def _empty_steps(directory: str) -> list[int]:
+  """Steps whose directory under checkpoints/ is empty: no checkpoint (Orbax only renames a complete
+  save into place), but Orbax would count them and refuse to save there."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return []
+  out = []
+  for name in names:
+    path = os.path.join(directory, name)
+    try:
+      if name.isdigit() and os.path.isdir(path) and not os.listdir(path):
+        out.append(int(name))
+    except OSError:
+      continue
+  return sorted(out)
+
+
 class Checkpoints:
   """The run's checkpoints: save every N steps (async), keep the last K plus every M-th, restore."""
 
@@ -120,6 +138,15 @@ class Checkpoints:
     self.directory = checkpoint_dir(workdir)
     if read_only and not os.path.isdir(self.directory):
       raise CheckpointError(f"{workdir!r} has no checkpoints/ directory; is it a training run directory?")
+    if not read_only:
+      for step in _empty_steps(self.directory):
+        try:
+          os.rmdir(os.path.join(self.directory, str(step)))  # only ever removes an empty directory
+          log.warning(
+            "removed the empty directory of step %d in %s: it held no checkpoint", step, self.directory
+          )
+        except OSError:
+          pass  # another process removed it, or something appeared in it
     policies = [ocm.LatestN(max(1, int(keep)))]
     if keep_every and keep_every > 0:
       policies.append(ocm.EveryNSteps(int(keep_every)))
@@ -153,7 +180,8 @@ class Checkpoints:
   def steps(self) -> list[int]:
     """Complete checkpoint steps, ascending."""
     self.manager.reload()
-    return sorted(self.manager.all_steps())
+    empty = _empty_steps(self.directory)
+    return sorted(s for s in self.manager.all_steps() if s not in empty)
 
   def latest_step(self) -> int | None:
     steps = self.steps()

@@ -121,8 +121,11 @@ class TrainExtension:
     )
 
   def eval_batches(self, setup, process_index: int, process_count: int) -> list:
-    """This process's rows of the held-out batches behind val_loss (train.eval_batches of the val split)."""
+    """This process's rows of the held-out batches behind val_loss (train.eval_batches of the val split);
+    none when the data has no val split (data.val_fraction=0 without data.val_corpus)."""
     c = setup.config
+    if not any(r["split"] == "val" for r in setup.prepared.manifest["shards"]):
+      return []
     return list(
       loader_lib.eval_batches(
         setup.prepared.dir,

@@ -198,13 +198,17 @@ def train(
   """
   t_start = time.time()
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise run_dir.RunDirError(f"--workdir {workdir} is not a directory (give a new or existing run dir)")
   is_main = jax.process_index() == 0
   setup = build(config, extension)
   c = setup.config
   total = config_lib.total_steps(c)
 
   # Every process checks (it only reads), so all stop together on a mismatch.
-  run_dir.check_resume(workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256)
+  run_dir.check_resume(
+    workdir, c, setup.model_cfg, setup.prepared.tokenizer_sha256, getattr(setup.prepared, "manifest", None)
+  )
   ckpts = ckpt_lib.Checkpoints.for_training(workdir, c)
   try:
     index, count = setup.process_slice()

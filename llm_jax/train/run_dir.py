@@ -99,7 +99,15 @@ def _copy(src: str, dst: str) -> None:
 def saved_config(workdir: str):
   """The config.json of an existing run, or None for a fresh workdir."""
   path = os.path.join(workdir, CONFIG_FILE)
-  return config_lib.from_json(path) if os.path.exists(path) else None
+  if not os.path.exists(path):
+    return None
+  try:
+    return config_lib.from_json(path)
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise RunDirError(
+      f"cannot read {path} ({type(e).__name__}: {e}): the run's resolved config; restore it, or use a "
+      "new --workdir"
+    ) from e
 
 
 def shape_differences(saved_model_cfg, model_cfg) -> list[str]:
@@ -129,8 +137,25 @@ def changed_keys(saved, config) -> list[str]:
   return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def check_resume(workdir: str, config, model_cfg, tokenizer_sha256: str) -> None:
-  """Raises RunDirError listing every differing key if this workdir's run cannot continue with `config`."""
+def changed_sources(old: dict, new: dict, limit: int = 5) -> str:
+  """'input files changed: a.txt (content), b.txt (added)' between two data manifests, or ''."""
+  before = {s["path"]: s.get("sha256") for s in old.get("sources", []) if "path" in s}
+  after = {s["path"]: s.get("sha256") for s in new.get("sources", []) if "path" in s}
+  diffs = [f"{p} (content)" for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
+  diffs += [f"{p} (added)" for p in sorted(after.keys() - before.keys())]
+  diffs += [f"{p} (gone)" for p in sorted(before.keys() - after.keys())]
+  if not diffs:
+    return ""
+  more = f" and {len(diffs) - limit} more" if len(diffs) > limit else ""
+  return f"input files changed since the run started: {', '.join(diffs[:limit])}{more}"
+
+
+def check_resume(
+  workdir: str, config, model_cfg, tokenizer_sha256: str, manifest: dict | None = None
+) -> None:
+  """Raises RunDirError listing every differing key if this workdir's run cannot continue with `config`.
+
+  `manifest` (the prepared data's) lets a tokenizer mismatch name the input files that changed."""
   saved = saved_config(workdir)
   if saved is None:
     return
@@ -146,11 +171,19 @@ def check_resume(workdir: str, config, model_cfg, tokenizer_sha256: str) -> None
   if os.path.exists(run):
     old = _read_json(run).get("tokenizer_sha256")
     if old and old != tokenizer_sha256:
+      files = ""
+      saved_manifest = os.path.join(workdir, MANIFEST_FILE)
+      if manifest is not None and os.path.exists(saved_manifest):
+        try:
+          files = changed_sources(_read_json(saved_manifest), manifest)
+        except RunDirError as e:
+          files = str(e)
       raise RunDirError(
         f"{workdir} was trained with tokenizer sha256 {old[:12]}..., but the data settings now give "
         f"{tokenizer_sha256[:12]}...; changed data.* keys: "
-        f"{', '.join(k for k in changed_keys(saved, config) if k.startswith('data.')) or 'none'}. "
-        "Resume with the original data settings, or use a new --workdir."
+        f"{', '.join(k for k in changed_keys(saved, config) if k.startswith('data.')) or 'none'}"
+        + (f"; {files}" if files else "")
+        + ". Resume with the original data, or use a new --workdir."
       )
   changed = [k for k in changed_keys(saved, config) if k != "model.vocab_size"]
   if changed:

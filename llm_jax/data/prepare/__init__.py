@@ -5,23 +5,24 @@ hash of (inputs, config.data).
 
 Modules: key (cache location and key), pipeline (the stages in order), clean (stage "clean", per document),
 select (stage "dedup": filters, removals, split, dedup, paragraphs), write (tokenizer, shards), summary
-(manifest and CLI summary), __main__ (the command).
+(manifest and CLI summary), staging (the locked build folder; removing interrupted ones), __main__ (the
+command).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
 import sys
-import uuid
 
 from llm_jax.data import hf_tokenizer, removals
 from llm_jax.data import manifest as manifest_lib
 from llm_jax.data import shards as shards_lib
 from llm_jax.data.errors import DataError
-from llm_jax.data.prepare import pipeline
+from llm_jax.data.prepare import pipeline, staging
 from llm_jax.data.prepare.key import VERSION, cache_key, cache_root, data_config
 from llm_jax.data.prepare.summary import summary_text
 
@@ -87,9 +88,27 @@ def _check(config) -> None:
     ("near_dup_threshold", d.near_dup_threshold, True),
     ("removal_near_threshold", d.removal_near_threshold, True),
     ("max_control_fraction", d.max_control_fraction, True),
+    ("max_nontext_fraction", d.max_nontext_fraction, True),
   ):
     if not (0 <= value <= 1 if closed else 0 <= value < 1):
       raise DataError(f"data.{key}={value} must be in [0, 1{']' if closed else ')'}")
+  for key, value, least, meaning in (
+    ("shard_tokens", d.shard_tokens, 1, ""),
+    ("minhash_num_perm", d.minhash_num_perm, 1, ""),
+    ("max_doc_chars", d.max_doc_chars, 0, " (0: documents are never cut)"),
+    ("min_doc_chars", d.min_doc_chars, 0, ""),
+    ("stdlib_max_bytes", d.stdlib_max_bytes, 0, ""),
+    ("num_workers", d.num_workers, 0, " (0: one per core)"),
+    ("tokenizer.max_sentence_length", d.tokenizer.max_sentence_length, 10, " (SentencePiece's least)"),
+    ("tokenizer.input_sentence_size", d.tokenizer.input_sentence_size, 0, " (0: every sentence)"),
+  ):
+    if not value >= least:
+      raise DataError(f"data.{key}={value} must be >= {least}{meaning}")
+  if not 0.98 <= d.tokenizer.character_coverage <= 1:
+    raise DataError(
+      f"data.tokenizer.character_coverage={d.tokenizer.character_coverage} must be in [0.98, 1] "
+      "(SentencePiece's range; the characters left out use byte fallback)"
+    )
   if not d.corpus.strip():
     raise DataError("data.corpus is empty: give comma-separated globs or 'stdlib'")
 
@@ -123,14 +142,21 @@ def prepare(
     tokenizer = hf_tokenizer.load_tokenizer(tokenizer_path)
   key = cache_key(config, tokenizer)
   root = cache_root(config)
+  if os.path.exists(root) and not os.path.isdir(root):
+    raise DataError(
+      f"data.cache_dir (else $LLM_JAX_CACHE/prepared): the prepared-data cache {root!r} is not a directory"
+    )
   final = os.path.join(root, key)
+  staging.remove_stale(root)  # folders of interrupted builds (never taken for prepared data)
   if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
-    logging.info("prepared data found in cache: %s", final)
-    return _after(config, Prepared.open(final))
+    problems = manifest_lib.damage(final)
+    if not problems:
+      logging.info("prepared data found in cache: %s", final)
+      return _after(config, Prepared.open(final))
+    logging.warning("rebuilding the damaged prepared data %s: %s", final, "; ".join(problems[:3]))
+    staging.discard(final, root, key)
   os.makedirs(root, exist_ok=True)
-  tmp = os.path.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}")
-  os.makedirs(tmp)
-  try:
+  with staging.build_folder(root, key) as tmp:
     pipeline.build(
       config,
       key,
@@ -141,16 +167,47 @@ def prepare(
     try:
       os.rename(tmp, final)
     except OSError:
-      if not os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
+      if os.path.exists(os.path.join(final, manifest_lib.MANIFEST)):
+        logging.info("another process prepared %s first; using it", final)
+      elif os.path.isdir(final):  # a complete build is renamed into place with its manifest: damaged
+        logging.warning(
+          "replacing %s: it has no %s (damaged or copied in part)", final, manifest_lib.MANIFEST
+        )
+        staging.discard(final, root, key)
+        os.rename(tmp, final)
+      else:
         raise
-      logging.info("another process prepared %s first; using it", final)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
   return _after(config, Prepared.open(final))
 
 
+RUN_RECORD = "run.json"  # a trained run's record (llm_jax.train.run_dir.RUN_FILE)
+
+
+def _check_workdir(p: Prepared, workdir: str) -> None:
+  """Refuses a workdir whose trained run depends on another tokenizer (its checkpoints would no longer
+  match the tokenizer.model beside them)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise DataError(f"--workdir {workdir} is not a directory")
+  path = os.path.join(workdir, RUN_RECORD)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f).get("tokenizer_sha256")
+  except (OSError, ValueError, AttributeError) as e:
+    raise DataError(f"cannot read {path} ({e}): not replacing the tokenizer of the run in {workdir}") from e
+  if recorded and recorded != p.tokenizer_sha256:
+    raise DataError(
+      f"{workdir} holds a run trained with tokenizer sha256 {recorded[:12]}... ({path}), but this data's "
+      f"tokenizer is {p.tokenizer_sha256[:12]}...: not replacing that run's tokenizer and manifest; "
+      "give another --workdir (or none)"
+    )
+
+
 def export_to(p: Prepared, workdir: str) -> None:
-  """Copies manifest.json, DATA_CARD.md and the tokenizer's files into a run directory."""
+  """Copies manifest.json, DATA_CARD.md and the tokenizer's files into a run directory; refuses one whose
+  run (run.json) was trained with another tokenizer."""
+  _check_workdir(p, workdir)
   os.makedirs(workdir, exist_ok=True)
   names = (manifest_lib.MANIFEST, manifest_lib.DATA_CARD)
   for src in [os.path.join(p.dir, n) for n in names] + p.tokenizer_files():

@@ -2,7 +2,8 @@
 
     python -m llm_jax.data.prepare --config=configs/tiny.py --workdir=/tmp/d [--config.data.corpus='a/*.txt']
 
-With --workdir, manifest.json, DATA_CARD.md and tokenizer.model are copied there. Exit codes: 0 done,
+With --workdir, manifest.json, DATA_CARD.md and tokenizer.model are copied there (never over a trained
+run's tokenizer: a workdir whose run.json records another one is refused). Exit codes: 0 done,
 1 bad data or a data.* value (the message names the file, line or key), 2 a usage error.
 """
 
@@ -32,7 +33,8 @@ flags.mark_flags_as_required(["config"])
 def main(argv) -> int:
   del argv
   config = _CONFIG.value
-  cached = os.path.exists(os.path.join(cache_root(config), cache_key(config), manifest_lib.MANIFEST))
+  found = os.path.join(cache_root(config), cache_key(config))
+  cached = os.path.exists(os.path.join(found, manifest_lib.MANIFEST)) and not manifest_lib.damage(found)
   p = prepare(config)
   if _WORKDIR.value:
     export_to(p, _WORKDIR.value)
