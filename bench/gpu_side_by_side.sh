@@ -14,7 +14,8 @@
 #                 (seeds 0 and 1: the seed-to-seed spread), model.fp8, train.loss_chunks; val-loss curves
 #                 and best/final val losses (~4 min)
 #     parity_bpe  the same on tiny Shakespeare with a 2048-piece BPE tokenizer
-#     parity_seeds  off / model.fp8 / train.loss_chunks=4 with SEEDS seeds each (default 4; PARALLEL
+#     parity_seeds  off / model.fp8 / train.loss_chunks=4 with SEEDS seeds each (default 4, from SEED0,
+#                 default 0; PARALLEL
 #                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks", also
 #                 fp8head: model.fp8 with model.fp8_head; PARITY_LIMIT s a
 #                 training, default 300), the curves and each switch against the seeds' spread
@@ -177,7 +178,8 @@ parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings a
   local name=parity_seeds runs=() run s n=0
   shakespeare_data
   local g
-  for s in $(seq 0 $(( ${SEEDS:-4} - 1 ))); do
+  local s0=${SEED0:-0}
+  for s in $(seq "$s0" $(( s0 + ${SEEDS:-4} - 1 ))); do
     for g in ${PARITY_GROUPS:-off fp8 chunks}; do runs+=("${g}_seed$s"); done
   done
   local frac
