@@ -179,6 +179,10 @@ def test_classifier_learns_a_separable_set():
   with sharding.activate(mesh, c):
     for i in range(100):
       state, m = fn(state, sharding.global_batch(toy_rows(16, i), mesh))
+      # One step in flight at a time: with many queued, XLA:CPU's 8 fake devices can pick up the next
+      # step's all-reduce before every device joined this one, and under CPU contention the rendezvous
+      # then aborts the process ("Termination timeout ... only 4 of them arrived").
+      jax.block_until_ready(m)
     test = toy_rows(256, 10_000)
     pred = np.asarray(predict(state.params, test["inputs"], test["segment_ids"]))
   got = labelled.metrics(test["targets"][:, 0], pred, ["no", "yes"])
