@@ -30,6 +30,11 @@ def constraint_mesh(mesh):
     _MESH.reset(token)
 
 
+def current_mesh():
+  """The mesh constraint_mesh bound, or None (one device, tests without a mesh)."""
+  return _MESH.get()
+
+
 def constrain(x, axes):
   """nn.with_logical_constraint under the current logical rules, on the mesh of constraint_mesh."""
   mesh = _MESH.get()

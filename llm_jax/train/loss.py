@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from llm_jax.train.xent_kernel import fused_nll_lse_grad
+
 
 def _target_mask(logits_BLV, targets_BL):
   """[B, L, V] bool: True at each row's target id (an iota compare that XLA fuses, no gather)."""
@@ -84,8 +86,19 @@ def _from_chunks(x_nBC, length: int):
   return x_BnC.reshape(x_BnC.shape[0], -1, *x_BnC.shape[3:])[:, :length]
 
 
-def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, with_grads):
-  """(nll sum, z-loss sum, d(total)/dw, d(total)/dh per slice [n, B, C, D] or None), one slice at a time."""
+def _kernel_sums(h_BCD, w_DV, targets_BC, weights_BC, head_fn, z_loss):
+  """One slice through the fused kernel: ((d/dh, d/dw), (nll sum, z-loss sum)), d(logits) from the kernel."""
+  logits_BCV, head_vjp = jax.vjp(head_fn, h_BCD, w_DV)
+  nll_BC, lse_BC, d_BCV = fused_nll_lse_grad(logits_BCV, targets_BC, weights_BC, z_loss)
+  w_BC = weights_BC.astype(jnp.float32)
+  nll = jnp.sum(nll_BC * w_BC)
+  z = jnp.sum(z_loss * jnp.square(lse_BC) * w_BC) if z_loss else jnp.zeros((), jnp.float32)
+  return head_vjp(d_BCV), (nll, z)
+
+
+def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, with_grads, kernel=False):
+  """(nll sum, z-loss sum, d(total)/dw, d(total)/dh per slice [n, B, C, D] or None), one slice at a time;
+  `kernel`: the gradients from the fused cross-entropy kernel (xent_kernel) instead of autodiff."""
   xs = tuple(_to_chunks(x, chunks) for x in (h_BLD, targets_BL, weights_BL))
 
   def body(carry, x):
@@ -102,8 +115,11 @@ def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, 
     if not with_grads:
       _, (nll, z) = sums(h_BCD, w_DV)
       return (nll_acc + nll, z_acc + z, dw_acc), None
-    total, vjp, (nll, z) = jax.vjp(sums, h_BCD, w_DV, has_aux=True)
-    dh_BCD, dw_DV = vjp(jnp.ones_like(total))
+    if kernel:
+      (dh_BCD, dw_DV), (nll, z) = _kernel_sums(h_BCD, w_DV, targets_BC, weights_BC, head_fn, z_loss)
+    else:
+      total, vjp, (nll, z) = jax.vjp(sums, h_BCD, w_DV, has_aux=True)
+      dh_BCD, dw_DV = vjp(jnp.ones_like(total))
     return (nll_acc + nll, z_acc + z, dw_acc + dw_DV), dh_BCD
 
   zero = jnp.zeros((), jnp.float32)
@@ -112,22 +128,25 @@ def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, 
   return nll, z, dw_DV, dh_nBCD
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, kernel):
+  del kernel  # without gradients both paths are the same XLA loss
   nll, z, _, _ = _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, False)
   return nll + z, (nll, z)
 
 
-def _chunked_fwd(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks):
+def _chunked_fwd(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, kernel):
   # The loss is a sum, so its gradient is computed here, slice by slice, and only scaled in the
   # backward pass: no slice's logits are kept or recomputed (3 head matmuls, as without slices).
-  nll, z, dw_DV, dh_nBCD = _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, True)
+  nll, z, dw_DV, dh_nBCD = _chunked_scan(
+    h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, True, kernel
+  )
   dh_BLD = _from_chunks(dh_nBCD, h_BLD.shape[1])
   return (nll + z, (nll, z)), (dh_BLD, dw_DV, targets_BL, weights_BL)
 
 
-def _chunked_bwd(head_fn, z_loss, chunks, res, cotangents):
-  del head_fn, z_loss, chunks
+def _chunked_bwd(head_fn, z_loss, chunks, kernel, res, cotangents):
+  del head_fn, z_loss, chunks, kernel
   dh_BLD, dw_DV, targets_BL, weights_BL = res
   g_total, _ = cotangents  # the (nll, z) parts are reported under stop_gradient: no gradient flows
   g = g_total.astype(jnp.float32)
@@ -142,13 +161,18 @@ def _chunked_bwd(head_fn, z_loss, chunks, res, cotangents):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-def chunked_sums(h_BLD, w_DV, targets_BL, weights_BL, *, head_fn, z_loss: float = 0.0, chunks: int):
+def chunked_sums(
+  h_BLD, w_DV, targets_BL, weights_BL, *, head_fn, z_loss: float = 0.0, chunks: int, kernel: bool = False
+):
   """(nll + z-loss sum, nll sum, z-loss sum): weighted_sums of `head_fn(h, w)`'s logits, computed in
-  `chunks` slices of the sequence so the [B, L, V] logits never exist at once (train.loss_chunks).
+  `chunks` slices of the sequence so the [B, L, V] logits never exist at once (train.loss_chunks; 1: one
+  slice). `kernel`: each slice's loss and d(logits) from the fused Pallas kernel (train.loss_kernel).
 
   head_fn(h [B, C, D], w [D, V]) -> logits [B, C, V] (llm_jax.model.layers.head_logits). Only the
   first output is differentiable (the others are metrics, under stop_gradient); its gradients with
   respect to h and w equal those of the unchunked loss.
   """
-  total, (nll, z) = _chunked(h_BLD, w_DV, targets_BL, weights_BL, head_fn, float(z_loss), int(chunks))
+  total, (nll, z) = _chunked(
+    h_BLD, w_DV, targets_BL, weights_BL, head_fn, float(z_loss), int(chunks), bool(kernel)
+  )
   return total, jax.lax.stop_gradient(nll), jax.lax.stop_gradient(z)

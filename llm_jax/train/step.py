@@ -35,10 +35,13 @@ def _hidden_and_head(module: Decoder, tokens_BL, segment_ids_BL, deterministic: 
   return h_BLD, module.head_matrix()
 
 
-def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool, chunks: int):
-  """(nll + z-loss sum, nll sum, sum of weights); chunks > 0: the head and loss in sequence slices."""
+def _forward_sums(
+  params, batch, rng, *, model: Decoder, z_loss: float, deterministic: bool, chunks: int, kernel: bool
+):
+  """(nll + z-loss sum, nll sum, sum of weights); chunks > 0: the head and loss in sequence slices;
+  kernel: the loss and d(logits) from the fused Pallas kernel (in one slice unless chunks > 1)."""
   weights_BL = batch.get("weights", jnp.ones(batch["targets"].shape, jnp.float32))
-  if chunks > 0:
+  if chunks > 0 or kernel:
     h_BLD, w_DV = model.apply(
       {"params": params},
       batch["inputs"],
@@ -51,7 +54,14 @@ def _forward_sums(params, batch, rng, *, model: Decoder, z_loss: float, determin
     fp8 = model.cfg.fp8 and model.cfg.fp8_head
     head_fn = functools.partial(head_logits, cfg=model.cfg, fp8=fp8)
     total, nll, _ = loss_lib.chunked_sums(
-      h_BLD, w_DV, batch["targets"], weights_BL, head_fn=head_fn, z_loss=z_loss, chunks=chunks
+      h_BLD,
+      w_DV,
+      batch["targets"],
+      weights_BL,
+      head_fn=head_fn,
+      z_loss=z_loss,
+      chunks=max(1, chunks),
+      kernel=kernel,
     )
     return total, nll, jnp.sum(weights_BL.astype(jnp.float32))
   logits_BLV = model.apply(
@@ -77,12 +87,13 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None
   deterministic = model.cfg.dropout == 0.0 and model.cfg.attention_dropout == 0.0
   n = max(1, int(tr.microbatches))
   chunks = int(tr.get("loss_chunks", 0))
+  kernel = tr.get("loss_kernel", "xla") == "pallas"
 
   def sums_fn(p, mb, r):
     if params_fn is not None:
       p = params_fn(p, jax.random.fold_in(r, 1))
     total, nll, w = _forward_sums(
-      p, mb, r, model=model, z_loss=tr.z_loss, deterministic=deterministic, chunks=chunks
+      p, mb, r, model=model, z_loss=tr.z_loss, deterministic=deterministic, chunks=chunks, kernel=kernel
     )
     return total, (nll, w)
 
