@@ -34,7 +34,7 @@ def _pallas(name: str):
   return importlib.import_module(f"jax.experimental.pallas.ops.gpu.{name}")
 
 
-def _time(fn, args, reps):
+def median_ms(fn, args, reps):
   """Median ms of a jitted fn (first call compiles, untimed)."""
   jax.block_until_ready(fn(*args))
   times = []
@@ -73,12 +73,12 @@ def attention_rows(b, length, h, d, reps):
 
   rows["attention pallas triton mha (jax.experimental.pallas.ops.gpu.attention)"] = pallas_triton
   for name, f in rows.items():
-    yield name, lambda f=f: _time(_fwd_bwd(f), (q, k, v, ct), reps), flops
+    yield name, lambda f=f: median_ms(_fwd_bwd(f), (q, k, v, ct), reps), flops
 
   def mgpu_forward():
     mgpu = _pallas("attention_mgpu")
     cfg = mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True)
-    return _time(jax.jit(lambda q, k, v: mgpu.attention(q, k, v, cfg)), (q, k, v), reps)
+    return median_ms(jax.jit(lambda q, k, v: mgpu.attention(q, k, v, cfg)), (q, k, v), reps)
 
   yield "attention pallas mosaic-gpu (attention_mgpu), forward only", mgpu_forward, flops / 3.5
 
@@ -98,7 +98,7 @@ def layer_norm_rows(b, length, dm, reps):
     return _pallas("layer_norm").layer_norm(x[None], w.astype(x.dtype), bias.astype(x.dtype))[0]
 
   for name, f in {"layer norm xla (today)": xla_ln, "layer norm pallas triton": pallas_ln}.items():
-    yield name, lambda f=f: _time(_fwd_bwd(f), (x, w, bias, ct), reps), None
+    yield name, lambda f=f: median_ms(_fwd_bwd(f), (x, w, bias, ct), reps), None
 
 
 def _tokamax():
@@ -131,7 +131,7 @@ def tokamax_rows(b, length, h, d, vocab, reps):
     def run(f=attn):
       ref = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
       diff = float(jnp.max(jnp.abs(jax.jit(f)(q, k, v).astype(jnp.float32) - ref.astype(jnp.float32))))
-      return _time(_fwd_bwd(f), (q, k, v, ct), reps), f"max |out - xla attention| {diff:.4f}"
+      return median_ms(_fwd_bwd(f), (q, k, v, ct), reps), f"max |out - xla attention| {diff:.4f}"
 
     yield f"attention tokamax {impl}", run, flops
 
@@ -143,7 +143,7 @@ def tokamax_rows(b, length, h, d, vocab, reps):
   def ln(x, w, bias):
     return _tokamax().layer_norm(x, w, bias, epsilon=1e-5, implementation="triton")
 
-  yield "layer norm tokamax triton", lambda: _time(_fwd_bwd(ln), (x, w, bias, xct), reps), None
+  yield "layer norm tokamax triton", lambda: median_ms(_fwd_bwd(ln), (x, w, bias, xct), reps), None
 
   # The head + loss: hidden [rows, D] @ [D, V], cross-entropy summed; gradients for hidden and head.
   head = (0.02 * jax.random.normal(jax.random.key(6), (dm, vocab))).astype(jnp.bfloat16)
@@ -166,7 +166,7 @@ def tokamax_rows(b, length, h, d, vocab, reps):
     def run(f=f):
       loss, ref = float(jax.jit(f)(x, head)), float(jax.jit(today)(x, head))
       fn = jax.jit(jax.grad(f, argnums=(0, 1)))
-      return _time(fn, (x, head), reps), f"loss {loss:.2f} (today's {ref:.2f})"
+      return median_ms(fn, (x, head), reps), f"loss {loss:.2f} (today's {ref:.2f})"
 
     yield name, run, head_flops
 
@@ -187,7 +187,7 @@ def fp8_rows(rows, dm, reps):
       fn = _fwd_bwd(lambda a, b, _: dot(a, b, dims))
       text = fn.lower(x, w, w, ct).compile().as_text()
       gemms = text.count("__cublas$lt$matmul$f8")
-      return _time(fn, (x, w, w, ct), reps), f"{gemms} cuBLASLt FP8 GEMM calls in the compiled fwd+bwd"
+      return median_ms(fn, (x, w, w, ct), reps), f"{gemms} cuBLASLt FP8 GEMM calls in the compiled fwd+bwd"
 
     yield name, run, flops
 

@@ -14,24 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
+from kernel_probe import median_ms  # bench/ is on sys.path when this script runs
 
 from llm_jax.train import xent_kernel
 from llm_jax.train.loss import weighted_sums
-
-
-def _time(fn, args, reps):
-  """Median ms of a jitted fn (the first call compiles, untimed)."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return sorted(times)[len(times) // 2]
 
 
 def main():
@@ -76,7 +65,7 @@ def main():
   rows = []
   ref_total, (ref_dh, ref_dw) = xla(h, w, t, wt)
   for name, fn in [("head matmuls only", matmuls_only), ("xla loss (default)", xla)]:
-    ms = _time(fn, (h, w, t, wt), args.reps)
+    ms = median_ms(fn, (h, w, t, wt), args.reps)
     rows.append({"row": name, "ms": round(ms, 3)})
     print(json.dumps(rows[-1]), flush=True)
   for cfg in args.configs.split(","):
@@ -90,7 +79,7 @@ def main():
         "dh_max_abs": float(jnp.max(jnp.abs(dh.astype(jnp.float32) - ref_dh.astype(jnp.float32)))),
         "dh_ref_max": float(jnp.max(jnp.abs(ref_dh.astype(jnp.float32)))),
       }
-      ms = _time(fn, (h, w, t, wt), args.reps)
+      ms = median_ms(fn, (h, w, t, wt), args.reps)
       rows.append({"row": name, "ms": round(ms, 3), **err})
     except Exception as e:  # noqa: BLE001 -- a configuration Triton refuses is a row, not the end
       rows.append({"row": name, "error": f"{type(e).__name__}: {e}"[:300]})
