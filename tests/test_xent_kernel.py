@@ -39,6 +39,13 @@ def test_kernel_equals_the_xla_loss_and_its_gradient(z_loss):
   assert not np.any(d[2])  # a weight of 0: no gradient
 
 
+def test_the_interpreter_on_a_cpu_says_it_is_slow(caplog):
+  x = jnp.zeros((2, 8), jnp.float32)
+  with caplog.at_level("WARNING"):
+    nll_lse_grad(x, jnp.zeros((2,), jnp.int32), jnp.ones((2,)))
+  assert "interpreter on CPUs" in caplog.text and "train.loss_kernel=xla" in caplog.text
+
+
 def test_bfloat16_logits_give_a_bfloat16_gradient_as_close_as_its_rounding():
   logits = (4.0 * jax.random.normal(jax.random.key(1), (N, V))).astype(jnp.bfloat16)
   targets = jax.random.randint(jax.random.key(2), (N,), 0, V)

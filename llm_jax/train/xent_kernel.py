@@ -13,6 +13,7 @@ Shapes: N rows (tokens), V vocabulary. On CPUs the kernel runs in Pallas's inter
 from __future__ import annotations
 
 import functools
+import logging
 
 import flax.linen as nn
 import jax
@@ -28,6 +29,7 @@ from llm_jax.model.partitioning import current_mesh
 BLOCK_V = 2048
 NUM_WARPS = 4
 _LOG2E = 1.4426950408889634
+log = logging.getLogger(__name__)
 
 
 def _row_kernel(x_ref, t_ref, w_ref, nll_ref, lse_ref, d_ref, *, block: int, z_loss: float):
@@ -79,6 +81,11 @@ def nll_lse_grad(logits_NV, targets_N, weights_N, *, z_loss=0.0, block=BLOCK_V, 
   platform = jax.default_backend()
   if platform not in ("gpu", "cpu"):
     raise ValueError(f"train.loss_kernel='pallas' is a Triton kernel for GPUs; this is a {platform} machine")
+  if platform == "cpu":  # at trace time: once per compiled step
+    log.warning(
+      "train.loss_kernel='pallas' runs in Pallas's interpreter on CPUs, far slower than the XLA loss "
+      "(meant for tests); use train.loss_kernel=xla here"
+    )
   v = logits_NV.shape[-1]
   kernel = functools.partial(_row_kernel, block=min(block, pl.next_power_of_2(v)), z_loss=float(z_loss))
   row_call = pl.pallas_call(
