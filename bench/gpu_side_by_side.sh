@@ -19,7 +19,7 @@
 #                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks", also
 #                 fp8head: model.fp8 with model.fp8_head, kernel: train.loss_kernel=pallas; PARITY_LIMIT s a
 #                 training, default 300), the curves and each switch against the seeds' spread
-#                 (bench/parity_summary.py); then per-step training losses of the three in float32 and
+#                 (bench/parity_summary.py); then per-step training losses of the switches in float32 and
 #                 in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
 #                 "float32 bfloat16"; bench/compare_losses.py); ~10 min with both dtypes, ~8 with one
 #     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm (and Tokamax's kernels where it

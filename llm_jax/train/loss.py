@@ -58,12 +58,17 @@ def _token_nll_bwd(residuals, cotangents):
 token_nll.defvjp(_token_nll_fwd, _token_nll_bwd)
 
 
-def weighted_sums(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
-  """(sum of weighted nll, sum of weighted z-loss term, sum of weights) over the batch."""
-  nll_BL, lse_BL = token_nll(logits_BLV, targets_BL)
+def _weighted(nll_BL, lse_BL, weights_BL, z_loss: float):
+  """(sum of weighted nll, sum of weighted z-loss term), float32."""
   w_BL = weights_BL.astype(jnp.float32)
   z_sum = jnp.sum(z_loss * jnp.square(lse_BL) * w_BL) if z_loss else jnp.zeros((), jnp.float32)
-  return jnp.sum(nll_BL * w_BL), z_sum, jnp.sum(w_BL)
+  return jnp.sum(nll_BL * w_BL), z_sum
+
+
+def weighted_sums(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
+  """(sum of weighted nll, sum of weighted z-loss term, sum of weights) over the batch."""
+  nll_sum, z_sum = _weighted(*token_nll(logits_BLV, targets_BL), weights_BL, z_loss)
+  return nll_sum, z_sum, jnp.sum(weights_BL.astype(jnp.float32))
 
 
 # ------------------------------------------------------------------ chunked head + loss (train.loss_chunks)
@@ -90,10 +95,7 @@ def _kernel_sums(h_BCD, w_DV, targets_BC, weights_BC, head_fn, z_loss):
   """One slice through the fused kernel: ((d/dh, d/dw), (nll sum, z-loss sum)), d(logits) from the kernel."""
   logits_BCV, head_vjp = jax.vjp(head_fn, h_BCD, w_DV)
   nll_BC, lse_BC, d_BCV = fused_nll_lse_grad(logits_BCV, targets_BC, weights_BC, z_loss)
-  w_BC = weights_BC.astype(jnp.float32)
-  nll = jnp.sum(nll_BC * w_BC)
-  z = jnp.sum(z_loss * jnp.square(lse_BC) * w_BC) if z_loss else jnp.zeros((), jnp.float32)
-  return head_vjp(d_BCV), (nll, z)
+  return head_vjp(d_BCV), _weighted(nll_BC, lse_BC, weights_BC, z_loss)
 
 
 def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, with_grads, kernel=False):
@@ -106,10 +108,7 @@ def _chunked_scan(h_BLD, w_DV, targets_BL, weights_BL, head_fn, z_loss, chunks, 
     h_BCD, targets_BC, weights_BC = x
 
     def sums(h, w):  # this slice's logits exist only here
-      nll_BC, lse_BC = token_nll(head_fn(h, w), targets_BC)
-      w_BC = weights_BC.astype(jnp.float32)
-      nll = jnp.sum(nll_BC * w_BC)
-      z = jnp.sum(z_loss * jnp.square(lse_BC) * w_BC) if z_loss else jnp.zeros((), jnp.float32)
+      nll, z = _weighted(*token_nll(head_fn(h, w), targets_BC), weights_BC, z_loss)
       return nll + z, (nll, z)
 
     if not with_grads:

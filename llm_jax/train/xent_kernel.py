@@ -111,7 +111,7 @@ def fused_nll_lse_grad(logits_BLV, targets_BL, weights_BL, z_loss: float = 0.0):
   and `length` logical axes are, the vocabulary whole on each device (a vocabulary sharded over `tensor`
   is gathered first).
   """
-  b, length, v = logits_BLV.shape
+  v = logits_BLV.shape[-1]
 
   def local(x_BLV, t_BL, w_BL):
     nll_N, lse_N, d_NV = nll_lse_grad(x_BLV.reshape(-1, v), t_BL.reshape(-1), w_BL.reshape(-1), z_loss=z_loss)
