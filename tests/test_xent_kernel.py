@@ -46,6 +46,12 @@ def test_the_interpreter_on_a_cpu_says_it_is_slow(caplog):
   assert "interpreter on CPUs" in caplog.text and "train.loss_kernel=xla" in caplog.text
 
 
+def test_a_platform_without_triton_is_refused_naming_the_key(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  with pytest.raises(ValueError, match="train.loss_kernel='pallas' is a Triton kernel for GPUs.*tpu"):
+    nll_lse_grad(jnp.zeros((2, 8)), jnp.zeros((2,), jnp.int32), jnp.ones((2,)))
+
+
 def test_bfloat16_logits_give_a_bfloat16_gradient_as_close_as_its_rounding():
   logits = (4.0 * jax.random.normal(jax.random.key(1), (N, V))).astype(jnp.bfloat16)
   targets = jax.random.randint(jax.random.key(2), (N,), 0, V)
