@@ -10,6 +10,8 @@
 #   bash bench/gpu_side_by_side.sh [speed] [parity] [parity_bpe] [parity_seeds] [kernels]   (default: speed kernels)
 #     speed       the side-by-side above: the preset and `model.use_bias=False`, two rounds (~5 min on
 #                 an H200; the switches' four rows take ~10 min, over a 600 s device call: ROUNDS=1)
+#     (the llm_jax rows use train.loss_kernel's default, auto: the fused loss kernel on a GPU; the parity
+#     stages below pin XLA's loss except in their `kernel` runs)
 #     parity      2000 steps of configs/shakespeare_char.py through `python -m llm_jax.train`: switches off
 #                 (seeds 0 and 1: the seed-to-seed spread), model.fp8, train.loss_chunks; val-loss curves
 #                 and best/final val losses (~4 min)
@@ -142,12 +144,12 @@ PY
 parity_run() {  # parity_run NAME RUN EXTRA_OVERRIDES...: one 2000-step training; RUN is
   # off|fp8|fp8head|chunks|kernel (fp8: the MLP in FP8; fp8head: the head too; kernel: the fused
   # cross-entropy kernel, train.loss_kernel=pallas)
-  local name=$1 run=$2 ovr=(); shift 2
+  local name=$1 run=$2 ovr=(--config.train.loss_kernel=xla); shift 2  # off: XLA's loss, not auto's kernel
   case $run in  # a _seedN suffix sets every seed (init, data order, dropout) to N
     off*) ;;
-    fp8head*) ovr=(--config.model.fp8=True --config.model.fp8_head=True) ;;
-    fp8*) ovr=(--config.model.fp8=True) ;;
-    chunks*) ovr=(--config.train.loss_chunks=4) ;;
+    fp8head*) ovr+=(--config.model.fp8=True --config.model.fp8_head=True) ;;
+    fp8*) ovr+=(--config.model.fp8=True) ;;
+    chunks*) ovr+=(--config.train.loss_chunks=4) ;;
     kernel*) ovr=(--config.train.loss_kernel=pallas) ;;
   esac
   if [[ $run == *_seed* ]]; then
@@ -199,7 +201,7 @@ parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings a
       $PY -m llm_jax.bench --config="$PARITY_CONFIG" \
       --config.data.corpus="$SHK_TRAIN" --config.data.val_corpus="$SHK_VAL" \
       --config.data.cache_dir=/tmp/parity_cache_steps \
-      --config.model.dtype=$dt --config.model.attention=xla --warmup=0 --steps="${CHECK_STEPS:-200}" --json="/tmp/bench/parity_steps_$dt.json" \
+      --config.model.dtype=$dt --config.model.attention=xla --config.train.loss_kernel=xla --warmup=0 --steps="${CHECK_STEPS:-200}" --json="/tmp/bench/parity_steps_$dt.json" \
       $PARITY_ARGS --variant='' --variant='' --variant='train.loss_chunks=4' --variant='model.fp8=True' \
       --variant='train.loss_kernel=pallas'
     echo "per-step training losses, $dt compute (first row the reference):" | tee -a "$OUT/all.log"

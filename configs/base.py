@@ -144,11 +144,12 @@ def get_config() -> ml_collections.ConfigDict:
   # matmul over the whole batch (docs/performance.md, "Training switches"):
   #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='train.loss_chunks=8'
   tr.loss_chunks = 0
-  # xla | pallas: the training loss's softmax, nll and d(logits) as XLA's fusions (three passes over the
-  # logits) or one fused Pallas kernel (Triton on GPUs, Pallas's interpreter on CPUs; combines with
-  # loss_chunks; docs/performance.md, "A fused cross-entropy kernel"):
-  #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='train.loss_kernel=pallas'
-  tr.loss_kernel = "xla"
+  # auto | xla | pallas: the training loss's softmax, nll and d(logits) as XLA's fusions (three passes over
+  # the logits) or one fused Pallas kernel (Triton on GPUs, Pallas's interpreter on CPUs, for tests;
+  # combines with loss_chunks); auto: the kernel on GPUs unless sharding splits the vocabulary, XLA
+  # elsewhere (docs/performance.md, "Round four"):
+  #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='train.loss_kernel=xla'
+  tr.loss_kernel = "auto"
   tr.nan_policy = "abort"  # abort | skip
   tr.max_consecutive_skips = 5  # skip policy: abort after this many non-finite steps in a row
   tr.log_every = 10  # metrics to TensorBoard / metrics.jsonl

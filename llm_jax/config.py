@@ -110,7 +110,7 @@ ADDED_KEYS = {
   "train.keep_best": True,
   "train.early_stop_patience": 0,
   "train.loss_chunks": 0,
-  "train.loss_kernel": "xla",
+  "train.loss_kernel": "xla",  # runs from before `auto` keep XLA's loss when they resume
 }
 
 
@@ -179,7 +179,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice("model.remat", m.remat, ("none", "full", "dots", "dots_no_batch"))
   _choice("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
   _choice("train.nan_policy", tr.nan_policy, ("abort", "skip"))
-  _choice("train.loss_kernel", tr.get("loss_kernel", "xla"), ("xla", "pallas"))
+  _choice("train.loss_kernel", tr.get("loss_kernel", "xla"), ("auto", "xla", "pallas"))
   _choice("data.tokenizer.type", config.data.tokenizer.type, ("bpe", "unigram", "char"))
   _choice("data.on_bad_record", config.data.on_bad_record, ("fail", "skip"))
   _check_model(m)

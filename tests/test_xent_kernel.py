@@ -10,7 +10,9 @@ from test_step import BASE, run_steps
 from test_train_switches import _assert_close_grads, _loss_grads
 
 from llm_jax import config as config_lib
+from llm_jax import sharding
 from llm_jax.train import loss as loss_lib
+from llm_jax.train.step import uses_loss_kernel
 from llm_jax.train.xent_kernel import nll_lse_grad
 
 N, V = 12, 300  # 300 columns in blocks of 64: five loads, the last one masked
@@ -86,5 +88,29 @@ def test_training_on_a_mesh_with_the_kernel_matches_one_device_of_xla():
 
 def test_an_unknown_loss_kernel_is_a_config_error():
   c = config_lib.load("configs/tiny.py", [*BASE, "train.loss_kernel=triton"])
-  with pytest.raises(config_lib.ConfigError, match="train.loss_kernel='triton' is not one of xla, pallas"):
+  message = "train.loss_kernel='triton' is not one of auto, xla, pallas"
+  with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.validate(c, 1)
+
+
+def test_auto_picks_the_kernel_on_gpus_unless_the_vocabulary_is_split():
+  """train.loss_kernel=auto (the default): XLA's loss on CPUs and TPUs (no interpreter), the kernel on GPUs,
+  XLA's again on a GPU mesh whose rules shard `act_vocab` (tensor > 1)."""
+  c = config_lib.load("configs/tiny.py", BASE)
+  assert c.train.loss_kernel == "auto"
+  assert not uses_loss_kernel(c, "cpu") and not uses_loss_kernel(c, "tpu")
+  assert uses_loss_kernel(c, "gpu")  # one device: no mesh bound
+  for sizes, want in ((["sharding.data=8"], True), (["sharding.data=4", "sharding.tensor=2"], False)):
+    cm = config_lib.load("configs/tiny.py", [*BASE, *sizes])
+    with sharding.activate(sharding.make_mesh(cm), cm):
+      assert uses_loss_kernel(cm, "gpu") is want, sizes
+  for choice, want in (("xla", False), ("pallas", True)):
+    cc = config_lib.load("configs/tiny.py", [*BASE, f"train.loss_kernel={choice}"])
+    assert uses_loss_kernel(cc, "gpu") is want and uses_loss_kernel(cc, "cpu") is want
+
+
+def test_a_run_from_before_auto_resumes_with_the_xla_loss():
+  """A config.json written before train.loss_kernel existed reads as `xla`, not the new default `auto`."""
+  raw = config_lib.load("configs/tiny.py", BASE).to_dict()
+  del raw["train"]["loss_kernel"]
+  assert config_lib.migrate(raw)["train"]["loss_kernel"] == "xla"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from llm_jax.model import Decoder
 from llm_jax.model.layers import head_logits
+from llm_jax.model.partitioning import current_mesh
 from llm_jax.train import loss as loss_lib
 from llm_jax.train.state import TrainState
 
@@ -77,6 +79,23 @@ def _forward_sums(
   return nll + z, nll, w
 
 
+def uses_loss_kernel(config, platform: str | None = None) -> bool:
+  """Whether train.loss_kernel picks the fused Pallas loss: `pallas` always; `auto` on GPUs unless the current
+  mesh splits the logits' vocabulary (`act_vocab`, e.g. over `tensor`): the kernel would gather it and
+  repeat each row's work on every shard of it."""
+  choice = config.train.get("loss_kernel", "xla")
+  if choice != "auto":
+    return choice == "pallas"
+  if (platform or jax.default_backend()) != "gpu":
+    return False
+  mesh = current_mesh()
+  if mesh is None:
+    return True
+  axes = nn.logical_to_mesh_axes(("act_vocab",))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return all(mesh.shape[a] == 1 for a in axes)
+
+
 def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None):
   """Mean loss over the global batch and its gradients, accumulated over config.train.microbatches.
 
@@ -87,7 +106,7 @@ def loss_and_grads(params, batch, rng, *, model: Decoder, config, params_fn=None
   deterministic = model.cfg.dropout == 0.0 and model.cfg.attention_dropout == 0.0
   n = max(1, int(tr.microbatches))
   chunks = int(tr.get("loss_chunks", 0))
-  kernel = tr.get("loss_kernel", "xla") == "pallas"
+  kernel = uses_loss_kernel(config)
 
   def sums_fn(p, mb, r):
     if params_fn is not None:
