@@ -47,6 +47,7 @@ def test_synthetic_row_has_every_figure(row):
   tokens = row["global_batch"] * row["seq_len"]
   assert row["tokens_per_s"] <= tokens / (row["step_ms_min"] / 1e3) * 1.01
   assert row["mfu"] is None  # no known peak for a CPU
+  assert row["loss"] == "xla"  # train.loss_kernel=auto: XLA's loss on a CPU
   assert row["program_memory_gib"] is not None and row["data_wait_ms_median"] >= 0
   assert row["flops_per_token"] > 6 * row["params"] * 0.5
   summary = bench.format_summary({**row, "status": "ok"})

@@ -102,7 +102,9 @@ def test_auto_picks_the_kernel_on_gpus_unless_the_vocabulary_is_split():
   assert uses_loss_kernel(c, "gpu")  # one device: no mesh bound
   for sizes, want in ((["sharding.data=8"], True), (["sharding.data=4", "sharding.tensor=2"], False)):
     cm = config_lib.load("configs/tiny.py", [*BASE, *sizes])
-    with sharding.activate(sharding.make_mesh(cm), cm):
+    mesh = sharding.make_mesh(cm)
+    assert uses_loss_kernel(cm, "gpu", mesh=mesh) is want, sizes
+    with sharding.activate(mesh, cm):  # the training step's call: the current mesh
       assert uses_loss_kernel(cm, "gpu") is want, sizes
   for choice, want in (("xla", False), ("pallas", True)):
     cc = config_lib.load("configs/tiny.py", [*BASE, f"train.loss_kernel={choice}"])

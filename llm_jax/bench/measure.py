@@ -30,7 +30,7 @@ from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import profiling
 from llm_jax.train.prefetch import Prefetcher
 from llm_jax.train.state import create_state
-from llm_jax.train.step import train_step
+from llm_jax.train.step import train_step, uses_loss_kernel
 
 _STEP_KEYS = ("inputs", "targets", "segment_ids", "weights")
 
@@ -193,6 +193,7 @@ def measure(
     "compute_dtype": model_cfg.dtype,
     "logits_dtype": getattr(model_cfg, "logits_dtype", "float32"),
     "attention": model_cfg.attention,
+    "loss": "pallas" if uses_loss_kernel(config, mesh=mesh) else "xla",
     "params": model_cfg.param_count(),
     "init_s": round(init_s, 3),
     "compile_s": round(compile_s, 3),

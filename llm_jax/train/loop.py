@@ -30,6 +30,7 @@ from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import preflight as preflight_lib
 from llm_jax.train import run_dir
 from llm_jax.train import setup as setup_lib
+from llm_jax.train import step as step_lib
 from llm_jax.train.extension import TrainExtension
 from llm_jax.train.prefetch import Prefetcher
 from llm_jax.train.setup import Setup, build
@@ -246,6 +247,12 @@ def _log_model(setup: Setup) -> None:
     jax.device_count(),
     jax.devices()[0].device_kind,
     sharding_lib.spec_table(setup.abstract_state.params, setup.state_shardings.params),
+  )
+  fused = step_lib.uses_loss_kernel(setup.config, mesh=setup.mesh)
+  log.info(
+    "training loss: %s (train.loss_kernel=%s)",
+    "the fused Pallas kernel" if fused else "XLA's fusions",
+    setup.config.train.get("loss_kernel", "xla"),
   )
 
 

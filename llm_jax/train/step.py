@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llm_jax import sharding as sharding_lib
 from llm_jax.model import Decoder
 from llm_jax.model.layers import head_logits
 from llm_jax.model.partitioning import current_mesh
@@ -79,19 +80,19 @@ def _forward_sums(
   return nll + z, nll, w
 
 
-def uses_loss_kernel(config, platform: str | None = None) -> bool:
-  """Whether train.loss_kernel picks the fused Pallas loss: `pallas` always; `auto` on GPUs unless the current
-  mesh splits the logits' vocabulary (`act_vocab`, e.g. over `tensor`): the kernel would gather it and
-  repeat each row's work on every shard of it."""
+def uses_loss_kernel(config, platform: str | None = None, mesh=None) -> bool:
+  """Whether train.loss_kernel picks the fused Pallas loss: `pallas` always; `auto` on GPUs unless the mesh
+  (default: the current one) splits the logits' vocabulary (`act_vocab` under the config's rules, e.g. over
+  `tensor`): the kernel would gather it and repeat each row's work on every shard of it."""
   choice = config.train.get("loss_kernel", "xla")
   if choice != "auto":
     return choice == "pallas"
   if (platform or jax.default_backend()) != "gpu":
     return False
-  mesh = current_mesh()
+  mesh = current_mesh() if mesh is None else mesh
   if mesh is None:
     return True
-  axes = nn.logical_to_mesh_axes(("act_vocab",))[0]
+  axes = nn.logical_to_mesh_axes(("act_vocab",), sharding_lib.rules(config))[0]
   axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
   return all(mesh.shape[a] == 1 for a in axes)
 
