@@ -1,0 +1,142 @@
+"""The GELU backward of gpt_small's MLP as a GEMM epilogue: does it pay on a GPU? (docs/performance.md,
+"Round three": the GELU backward is 12 x 0.46 ms of a 116 ms pass, a fusion reading two [M, F] tensors.)
+
+In the backward pass of `down(gelu(h))`, XLA runs the gradient GEMM `g = dY @ W_down^T` (cuBLAS, g written
+in bf16) and then a fusion `dh = g * gelu'(h)` (reads g and h, writes dh). Here one Pallas (Triton) kernel
+computes the GEMM tile in float32 and multiplies it by gelu'(h) before writing: g never goes to memory.
+Rows, each over LAYERS layers in one jitted call (one dY, a W_down and an h per layer, like a step's
+backward pass):
+
+  xla_gemm      dY @ W^T alone (XLA, cuBLAS)
+  xla_dgelu     dY @ W^T, then the model's GELU gradient (llm_jax.model.activations): what a step runs
+  pallas_gemm   the Pallas GEMM alone (no epilogue), per tile config: how close to cuBLAS it gets
+  pallas_dgelu  the Pallas GEMM with gelu'(h) in its epilogue, per tile config
+
+One JSON line per row (ms per LAYERS layers, TFLOP/s of the GEMM, max relative difference of dh from
+xla_dgelu's), a table last. Only a win of pallas_dgelu over xla_dgelu is worth a model switch.
+
+    python bench/dgelu_probe.py                                      # gpt_small: M=65536, D=768, F=3072
+    python bench/dgelu_probe.py --tokens=128 --dim=64 --mlp=128 --layers=2 --reps=1 \\
+        --configs=32x32x32x4x1 --interpret                           # CPU check of the kernel's numbers
+
+--configs: BMxBNxBKxWARPSxSTAGES, comma-separated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+from kernel_probe import median_ms  # bench/ is on sys.path when this script runs
+
+from llm_jax.model.activations import gelu_tanh
+
+_C = 0.7978845608028654  # sqrt(2 / pi), as activations.py
+
+
+def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True, interpret=False):
+  """dY @ W^T [M, F] in bf16, times gelu'(h) (float32 in the kernel) when `epilogue`."""
+  m, d = dy_MD.shape
+  f = w_FD.shape[0]
+  if m % bm or f % bn or d % bk:
+    raise ValueError(f"M={m}, F={f}, D={d} must be multiples of the tile {bm} x {bn} x {bk}")
+
+  def kernel(dy_ref, w_ref, h_ref, o_ref):
+    def body(i, acc_MN):
+      x = dy_ref[:, pl.ds(i * bk, bk)]
+      w = w_ref[:, pl.ds(i * bk, bk)]
+      return acc_MN + jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, d // bk, body, jnp.zeros((bm, bn), jnp.float32))
+    if epilogue:
+      x = h_ref[...].astype(jnp.float32)
+      t = jnp.tanh(_C * (x + 0.044715 * x * x * x))
+      acc = acc * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _C * (1.0 + 3 * 0.044715 * x * x))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((m, f), dy_MD.dtype),
+    grid=(m // bm, f // bn),
+    in_specs=[
+      pl.BlockSpec((bm, d), lambda i, j: (i, 0)),
+      pl.BlockSpec((bn, d), lambda i, j: (j, 0)),
+      pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+    ],
+    out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+    compiler_params=None if interpret else plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+    interpret=interpret,
+  )(dy_MD, w_FD, h_MF)
+
+
+def xla_dgelu(dy_MD, w_FD, h_MF):
+  g_MF = dy_MD @ w_FD.T
+  return jax.vjp(gelu_tanh, h_MF)[1](g_MF)[0]
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--tokens", type=int, default=64 * 1024)
+  ap.add_argument("--dim", type=int, default=768)
+  ap.add_argument("--mlp", type=int, default=3072)
+  ap.add_argument("--layers", type=int, default=12)
+  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--interpret", action="store_true", help="Pallas's interpreter (CPU checks)")
+  ap.add_argument(
+    "--configs",
+    default="128x128x64x4x3,128x256x64x8x3,256x128x64x8x3,128x128x64x4x4,64x256x64x4x3,128x256x32x8x4",
+  )
+  args = ap.parse_args()
+  m, d, f, n = args.tokens, args.dim, args.mlp, args.layers
+  k = jax.random.split(jax.random.key(0), 3)
+  dy = jax.random.normal(k[0], (m, d), jnp.bfloat16)
+  w = (0.02 * jax.random.normal(k[1], (n, f, d), jnp.float32)).astype(jnp.bfloat16)
+  h = jax.random.normal(k[2], (n, m, f), jnp.bfloat16)
+  flop = 2.0 * m * d * f * n
+
+  def per_layer(op):
+    return jax.jit(lambda dy, w, h: [op(dy, w[i], h[i]) for i in range(n)])
+
+  rows = [("xla_gemm", per_layer(lambda dy, w, h: dy @ w.T)), ("xla_dgelu", per_layer(xla_dgelu))]
+  for cfg in [c for c in args.configs.split(",") if c]:
+    bm, bn, bk, warps, stages = (int(v) for v in cfg.split("x"))
+    tile = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, interpret=args.interpret)
+    for name, epi in (("pallas_gemm", False), ("pallas_dgelu", True)):
+      fn = per_layer(lambda dy, w, h, epi=epi, tile=tile: dgelu_matmul(dy, w, h, epilogue=epi, **tile))
+      rows.append((f"{name} {cfg}", fn))
+
+  ref = per_layer(xla_dgelu)(dy, w, h)
+  gemm = per_layer(lambda dy, w, h: dy @ w.T)(dy, w, h)
+  out = []
+  for name, fn in rows:
+    try:
+      ms = median_ms(fn, (dy, w, h), args.reps)
+      got = fn(dy, w, h)
+      want = ref if "dgelu" in name else gemm
+      diff = max(
+        float(
+          jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+          / jnp.max(jnp.abs(b.astype(jnp.float32)))
+        )
+        for a, b in zip(got, want, strict=True)
+      )
+      row = {"row": name, "ms": round(ms, 3), "gemm_tflops": round(flop / ms / 1e9, 1), "max_rel_diff": diff}
+    except Exception as e:  # noqa: BLE001 -- a tile Triton refuses (shared memory) is a row, not the end
+      row = {"row": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    out.append(row)
+    print(json.dumps(row), flush=True)
+  print(f"\n{n} layers of dY [{m}, {d}] @ W^T [{d}, {f}] (+ gelu'(h) [{m}, {f}])")
+  print(f"{'row':<36} {'ms':>9} {'TFLOP/s':>9} {'max rel diff':>13}")
+  for r in out:
+    if "error" in r:
+      print(f"{r['row']:<36} {r['error'][:60]}")
+    else:
+      print(f"{r['row']:<36} {r['ms']:>9.3f} {r['gemm_tflops']:>9.1f} {r['max_rel_diff']:>13.2e}")
+
+
+if __name__ == "__main__":
+  main()
