@@ -13,7 +13,9 @@ backward pass):
   pallas_dgelu  the Pallas GEMM with gelu'(h) in its epilogue, per tile config
 
 One JSON line per row (ms per LAYERS layers, TFLOP/s of the GEMM, max relative difference of dh from
-xla_dgelu's), a table last. Only a win of pallas_dgelu over xla_dgelu is worth a model switch.
+xla_dgelu's), a table last. Only a win of pallas_dgelu over xla_dgelu is worth a model switch. Measured
+on one H200 (2026-12-04): it loses, 22.6-25.8 ms against 11.15, the Triton GEMM alone at half of
+cuBLAS's rate (docs/performance.md, "Round five").
 
     python bench/dgelu_probe.py                                      # gpt_small: M=65536, D=768, F=3072
     python bench/dgelu_probe.py --tokens=128 --dim=64 --mlp=128 --layers=2 --reps=1 \\
