@@ -11,6 +11,10 @@ backward pass):
   xla_dgelu     dY @ W^T, then the model's GELU gradient (llm_jax.model.activations): what a step runs
   pallas_gemm   the Pallas GEMM alone (no epilogue), per tile config: how close to cuBLAS it gets
   pallas_dgelu  the Pallas GEMM with gelu'(h) in its epilogue, per tile config
+  mgpu_gemm     (--mgpu) jax's own Hopper GEMM written for Pallas's Mosaic GPU backend (wgmma, TMA,
+                warp specialisation: jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu) alone, per
+                TILE_MxTILE_NxTILE_KxSTEPS: whether that backend reaches cuBLAS here, the precondition
+                for an epilogue kernel written on it
 
 One JSON line per row (ms per LAYERS layers, TFLOP/s of the GEMM, max relative difference of dh from
 xla_dgelu's), a table last. Only a win of pallas_dgelu over xla_dgelu is worth a model switch. Measured
@@ -75,6 +79,15 @@ def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True,
   )(dy_MD, w_FD, h_MF)
 
 
+def mgpu_gemm(a_MK, b_KN, cfg: str):
+  """a @ b by jax's Mosaic GPU Hopper matmul (an example op shipped in jax), tiles from TMxTNxTKxSTEPS."""
+  from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm  # noqa: PLC0415 -- an example op jax may move; only --mgpu needs it
+
+  tm, tn, tk, steps = (int(v) for v in cfg.split("x"))
+  config = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=steps)
+  return hm.matmul(a_MK, b_KN, None, config)
+
+
 def xla_dgelu(dy_MD, w_FD, h_MF):
   g_MF = dy_MD @ w_FD.T
   return jax.vjp(gelu_tanh, h_MF)[1](g_MF)[0]
@@ -92,6 +105,7 @@ def main():
     "--configs",
     default="128x128x64x4x3,128x256x64x8x3,256x128x64x8x3,128x128x64x4x4,64x256x64x4x3,128x256x32x8x4",
   )
+  ap.add_argument("--mgpu", default="", help="TILE_MxTILE_NxTILE_KxSTEPS,... for the Mosaic GPU GEMM rows")
   args = ap.parse_args()
   m, d, f, n = args.tokens, args.dim, args.mlp, args.layers
   k = jax.random.split(jax.random.key(0), 3)
@@ -110,6 +124,9 @@ def main():
     for name, epi in (("pallas_gemm", False), ("pallas_dgelu", True)):
       fn = per_layer(lambda dy, w, h, epi=epi, tile=tile: dgelu_matmul(dy, w, h, epilogue=epi, **tile))
       rows.append((f"{name} {cfg}", fn))
+
+  for cfg in [c for c in args.mgpu.split(",") if c]:
+    rows.append((f"mgpu_gemm {cfg}", per_layer(lambda dy, w, h, cfg=cfg: mgpu_gemm(dy, w.T, cfg))))
 
   ref = per_layer(xla_dgelu)(dy, w, h)
   gemm = per_layer(lambda dy, w, h: dy @ w.T)(dy, w, h)
