@@ -110,7 +110,7 @@ ADDED_KEYS = {
   "train.keep_best": True,
   "train.early_stop_patience": 0,
   "train.loss_chunks": 0,
-  "train.loss_kernel": "xla",  # runs from before `auto` keep XLA's loss when they resume
+  "train.loss_kernel": "xla",  # what runs from before `auto` trained with
 }
 
 

@@ -2,6 +2,8 @@
 interpreter on CPU: the same nll, log-partition and d(logits) as the XLA loss, alone, in the training
 step's loss and gradients, and on a (data, fsdp, tensor) mesh."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from test_train_switches import _assert_close_grads, _loss_grads
 from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.train import loss as loss_lib
+from llm_jax.train import run_dir
 from llm_jax.train.step import uses_loss_kernel
 from llm_jax.train.xent_kernel import nll_lse_grad
 
@@ -111,8 +114,13 @@ def test_auto_picks_the_kernel_on_gpus_unless_the_vocabulary_is_split():
     assert uses_loss_kernel(cc, "gpu") is want and uses_loss_kernel(cc, "cpu") is want
 
 
-def test_a_run_from_before_auto_resumes_with_the_xla_loss():
-  """A config.json written before train.loss_kernel existed reads as `xla`, not the new default `auto`."""
-  raw = config_lib.load("configs/tiny.py", BASE).to_dict()
+def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
+  """A config.json written before train.loss_kernel existed reads as `xla` (what that run trained with),
+  not as the new default `auto`; resuming it with today's defaults lists the key as changed."""
+  c = config_lib.load("configs/tiny.py", BASE)
+  raw = config_lib.to_dict(c)
   del raw["train"]["loss_kernel"]
-  assert config_lib.migrate(raw)["train"]["loss_kernel"] == "xla"
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  saved = config_lib.from_json(str(tmp_path / "config.json"))
+  assert saved.train.loss_kernel == "xla"
+  assert run_dir.changed_keys(saved, c) == ["train.loss_kernel"]
