@@ -31,13 +31,13 @@ cuBLAS's rate (docs/performance.md, "Round five").
 from __future__ import annotations
 
 import argparse
-import json
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from kernel_probe import median_ms  # bench/ is on sys.path when this script runs
+from kernel_probe import median_ms, probe_row  # bench/ is on sys.path when this script runs
 
 from llm_jax.model.activations import gelu_tanh
 
@@ -128,26 +128,21 @@ def main():
   for cfg in [c for c in args.mgpu.split(",") if c]:
     rows.append((f"mgpu_gemm {cfg}", per_layer(lambda dy, w, h, cfg=cfg: mgpu_gemm(dy, w.T, cfg))))
 
-  ref = per_layer(xla_dgelu)(dy, w, h)
-  gemm = per_layer(lambda dy, w, h: dy @ w.T)(dy, w, h)
-  out = []
-  for name, fn in rows:
-    try:
-      ms = median_ms(fn, (dy, w, h), args.reps)
-      got = fn(dy, w, h)
-      want = ref if "dgelu" in name else gemm
-      diff = max(
-        float(
-          jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-          / jnp.max(jnp.abs(b.astype(jnp.float32)))
-        )
-        for a, b in zip(got, want, strict=True)
+  gemm, ref = (fn(dy, w, h) for _, fn in rows[:2])  # the XLA rows' results: what the others must equal
+
+  def measure(name, fn):
+    ms = median_ms(fn, (dy, w, h), args.reps)
+    want = ref if "dgelu" in name else gemm
+    diff = max(
+      float(
+        jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+        / jnp.max(jnp.abs(b.astype(jnp.float32)))
       )
-      row = {"row": name, "ms": round(ms, 3), "gemm_tflops": round(flop / ms / 1e9, 1), "max_rel_diff": diff}
-    except Exception as e:  # noqa: BLE001 -- a tile Triton refuses (shared memory) is a row, not the end
-      row = {"row": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-    out.append(row)
-    print(json.dumps(row), flush=True)
+      for a, b in zip(fn(dy, w, h), want, strict=True)
+    )
+    return {"ms": round(ms, 3), "gemm_tflops": round(flop / ms / 1e9, 1), "max_rel_diff": diff}
+
+  out = [probe_row(name, functools.partial(measure, name, fn)) for name, fn in rows]
   print(f"\n{n} layers of dY [{m}, {d}] @ W^T [{d}, {f}] (+ gelu'(h) [{m}, {f}])")
   print(f"{'row':<36} {'ms':>9} {'TFLOP/s':>9} {'max rel diff':>13}")
   for r in out:

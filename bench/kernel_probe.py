@@ -45,6 +45,17 @@ def median_ms(fn, args, reps):
   return sorted(times)[len(times) // 2]
 
 
+def probe_row(name: str, measure) -> dict:
+  """{"row": name, **measure()}, or the error a configuration raised (a configuration that cannot run
+  here, e.g. a tile Triton refuses, is a row, not the end), printed as one JSON line."""
+  try:
+    row = {"row": name, **measure()}
+  except Exception as e:  # noqa: BLE001 -- see the docstring
+    row = {"row": name, "error": f"{type(e).__name__}: {e}"[:300]}
+  print(json.dumps(row), flush=True)
+  return row
+
+
 def _fwd_bwd(f):
   """jit(grad of sum(f(*args) * ct)) with respect to every argument: one forward and one backward."""
 

@@ -17,7 +17,7 @@ import json
 
 import jax
 import jax.numpy as jnp
-from kernel_probe import median_ms  # bench/ is on sys.path when this script runs
+from kernel_probe import median_ms, probe_row  # bench/ is on sys.path when this script runs
 
 from llm_jax.train import xent_kernel
 from llm_jax.train.loss import weighted_sums
@@ -70,8 +70,8 @@ def main():
     print(json.dumps(rows[-1]), flush=True)
   for cfg in args.configs.split(","):
     block, warps = (int(x) for x in cfg.split("x"))
-    name = f"pallas block={block} warps={warps}"
-    try:
+
+    def measure(block=block, warps=warps):
       fn = fused(block, warps)
       total, (dh, dw) = fn(h, w, t, wt)
       err = {
@@ -79,11 +79,9 @@ def main():
         "dh_max_abs": float(jnp.max(jnp.abs(dh.astype(jnp.float32) - ref_dh.astype(jnp.float32)))),
         "dh_ref_max": float(jnp.max(jnp.abs(ref_dh.astype(jnp.float32)))),
       }
-      ms = median_ms(fn, (h, w, t, wt), args.reps)
-      rows.append({"row": name, "ms": round(ms, 3), **err})
-    except Exception as e:  # noqa: BLE001 -- a configuration Triton refuses is a row, not the end
-      rows.append({"row": name, "error": f"{type(e).__name__}: {e}"[:300]})
-    print(json.dumps(rows[-1]), flush=True)
+      return {"ms": round(median_ms(fn, (h, w, t, wt), args.reps), 3), **err}
+
+    rows.append(probe_row(f"pallas block={block} warps={warps}", measure))
   base = rows[0]["ms"]
   print(f"\n{jax.devices()[0].device_kind}, {args.tokens} x {args.vocab}, D={args.dim}")
   print("| row | ms | loss alone (ms) |")
