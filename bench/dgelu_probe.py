@@ -39,9 +39,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from kernel_probe import median_ms, probe_row  # bench/ is on sys.path when this script runs
 
-from llm_jax.model.activations import gelu_tanh
-
-_C = 0.7978845608028654  # sqrt(2 / pi), as activations.py
+from llm_jax.model.activations import gelu_tanh, gelu_tanh_slope
+from llm_jax.model.gelu_kernel import Tiles, mosaic_dgelu_matmul
 
 
 def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True, interpret=False):
@@ -59,9 +58,7 @@ def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True,
 
     acc = jax.lax.fori_loop(0, d // bk, body, jnp.zeros((bm, bn), jnp.float32))
     if epilogue:
-      x = h_ref[...].astype(jnp.float32)
-      t = jnp.tanh(_C * (x + 0.044715 * x * x * x))
-      acc = acc * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _C * (1.0 + 3 * 0.044715 * x * x))
+      acc = acc * gelu_tanh_slope(h_ref[...].astype(jnp.float32))
     o_ref[...] = acc.astype(o_ref.dtype)
 
   return pl.pallas_call(
@@ -79,13 +76,25 @@ def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True,
   )(dy_MD, w_FD, h_MF)
 
 
-def mgpu_gemm(a_MK, b_KN, cfg: str):
-  """a @ b by jax's Mosaic GPU Hopper matmul (an example op shipped in jax), tiles from TMxTNxTKxSTEPS."""
+def _mgpu_tuning(cfg: str):
+  """TMxTNxTKxSTEPS[xWIDTH[xMINOR]] (MINOR m or n: the grid's fast dimension) as tile settings."""
+  parts = cfg.split("x")
+  tm, tn, tk, steps = (int(v) for v in parts[:4])
+  width = int(parts[4]) if len(parts) > 4 else 1
+  minor = parts[5] if len(parts) > 5 else "n"
+  return tm, tn, tk, steps, width, minor
+
+
+def mgpu_gemm(a_MK, b_KN, cfg: str, c_MN=None):
+  """a @ b (+ c) by jax's Mosaic GPU Hopper matmul (an example op shipped in jax); tiles from cfg."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm  # noqa: PLC0415 -- an example op jax may move; only --mgpu needs it
 
-  tm, tn, tk, steps = (int(v) for v in cfg.split("x"))
-  config = hm.TuningConfig(tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=steps)
-  return hm.matmul(a_MK, b_KN, None, config)
+  tm, tn, tk, steps, width, minor = _mgpu_tuning(cfg)
+  dim = hm.MatmulDimension.M if minor == "m" else hm.MatmulDimension.N
+  config = hm.TuningConfig(
+    tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=steps, grid_tile_width=width, grid_minor_dim=dim
+  )
+  return hm.matmul(a_MK, b_KN, c_MN, config)
 
 
 def xla_dgelu(dy_MD, w_FD, h_MF):
@@ -105,7 +114,9 @@ def main():
     "--configs",
     default="128x128x64x4x3,128x256x64x8x3,256x128x64x8x3,128x128x64x4x4,64x256x64x4x3,128x256x32x8x4",
   )
-  ap.add_argument("--mgpu", default="", help="TILE_MxTILE_NxTILE_KxSTEPS,... for the Mosaic GPU GEMM rows")
+  ap.add_argument("--mgpu", default="", help="TMxTNxTKxSTEPS[xWIDTH[xMINOR]],... jax's Mosaic GPU GEMM rows")
+  ap.add_argument("--mgpu_c", default="", help="the same tiles, jax's GEMM + h (its C epilogue) rows")
+  ap.add_argument("--mgpu_dgelu", default="", help="the same tiles, this file's Mosaic GPU DGELU kernel rows")
   args = ap.parse_args()
   m, d, f, n = args.tokens, args.dim, args.mlp, args.layers
   k = jax.random.split(jax.random.key(0), 3)
@@ -127,12 +138,19 @@ def main():
 
   for cfg in [c for c in args.mgpu.split(",") if c]:
     rows.append((f"mgpu_gemm {cfg}", per_layer(lambda dy, w, h, cfg=cfg: mgpu_gemm(dy, w.T, cfg))))
+  for cfg in [c for c in args.mgpu_c.split(",") if c]:  # jax's "+ c" epilogue: h's load, no GELU
+    rows.append((f"mgpu_gemm+h {cfg}", per_layer(lambda dy, w, h, cfg=cfg: mgpu_gemm(dy, w.T, cfg, h))))
+  for cfg in [c for c in args.mgpu_dgelu.split(",") if c]:
+    fn = per_layer(lambda dy, w, h, t=Tiles.parse(cfg): mosaic_dgelu_matmul(dy, w, h, t))
+    rows.append((f"mgpu_dgelu {cfg}", fn))
 
   gemm, ref = (fn(dy, w, h) for _, fn in rows[:2])  # the XLA rows' results: what the others must equal
 
   def measure(name, fn):
     ms = median_ms(fn, (dy, w, h), args.reps)
     want = ref if "dgelu" in name else gemm
+    if "+h" in name:  # jax's GEMM with its C epilogue: dY @ W^T + h
+      want = [g + hi for g, hi in zip(gemm, h, strict=True)]
     diff = max(
       float(
         jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))

@@ -19,7 +19,8 @@
 #     parity_seeds  off / model.fp8 / train.loss_chunks=4 with SEEDS seeds each (default 4, from SEED0,
 #                 default 0; PARALLEL
 #                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks", also
-#                 fp8head: model.fp8 with model.fp8_head, kernel: train.loss_kernel=pallas; PARITY_LIMIT s a
+#                 fp8head: model.fp8 with model.fp8_head, kernel: train.loss_kernel=pallas, gelu:
+#                 model.gelu_kernel=mosaic; PARITY_LIMIT s a
 #                 training, default 300), the curves and each switch against the seeds' spread
 #                 (bench/parity_summary.py); then per-step training losses of the switches in float32 and
 #                 in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
@@ -142,15 +143,18 @@ PY
 }
 
 parity_run() {  # parity_run NAME RUN EXTRA_OVERRIDES...: one 2000-step training; RUN is
-  # off|fp8|fp8head|chunks|kernel (fp8: the MLP in FP8; fp8head: the head too; kernel: the fused
-  # cross-entropy kernel, train.loss_kernel=pallas)
-  local name=$1 run=$2 ovr=(--config.train.loss_kernel=xla); shift 2  # off: XLA's loss, not auto's kernel
+  # off|fp8|fp8head|chunks|kernel|gelu (fp8: the MLP in FP8; fp8head: the head too; kernel: the fused
+  # cross-entropy kernel, train.loss_kernel=pallas; gelu: the Mosaic GPU GELU-gradient kernel,
+  # model.gelu_kernel=mosaic)
+  # off: XLA's loss and GELU gradient, not auto's kernels
+  local name=$1 run=$2 ovr=(--config.train.loss_kernel=xla --config.model.gelu_kernel=xla); shift 2
   case $run in  # a _seedN suffix sets every seed (init, data order, dropout) to N
     off*) ;;
     fp8head*) ovr+=(--config.model.fp8=True --config.model.fp8_head=True) ;;
     fp8*) ovr+=(--config.model.fp8=True) ;;
     chunks*) ovr+=(--config.train.loss_chunks=4) ;;
-    kernel*) ovr=(--config.train.loss_kernel=pallas) ;;
+    kernel*) ovr=(--config.train.loss_kernel=pallas --config.model.gelu_kernel=xla) ;;
+    gelu*) ovr=(--config.train.loss_kernel=xla --config.model.gelu_kernel=mosaic) ;;
   esac
   if [[ $run == *_seed* ]]; then
     local seed=${run##*_seed}
@@ -201,9 +205,10 @@ parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings a
       $PY -m llm_jax.bench --config="$PARITY_CONFIG" \
       --config.data.corpus="$SHK_TRAIN" --config.data.val_corpus="$SHK_VAL" \
       --config.data.cache_dir=/tmp/parity_cache_steps \
-      --config.model.dtype=$dt --config.model.attention=xla --config.train.loss_kernel=xla --warmup=0 --steps="${CHECK_STEPS:-200}" --json="/tmp/bench/parity_steps_$dt.json" \
+      --config.model.dtype=$dt --config.model.attention=xla --config.train.loss_kernel=xla \
+      --config.model.gelu_kernel=xla --warmup=0 --steps="${CHECK_STEPS:-200}" --json="/tmp/bench/parity_steps_$dt.json" \
       $PARITY_ARGS --variant='' --variant='' --variant='train.loss_chunks=4' --variant='model.fp8=True' \
-      --variant='train.loss_kernel=pallas'
+      --variant='train.loss_kernel=pallas' --variant='model.gelu_kernel=mosaic'
     echo "per-step training losses, $dt compute (first row the reference):" | tee -a "$OUT/all.log"
     $PY bench/compare_losses.py "/tmp/bench/parity_steps_$dt.json" 2>&1 | tee -a "$OUT/all.log"
   done

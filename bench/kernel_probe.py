@@ -19,6 +19,7 @@ import importlib
 import json
 import sys
 import time
+import traceback
 import types
 
 import jax
@@ -52,6 +53,7 @@ def probe_row(name: str, measure) -> dict:
     row = {"row": name, **measure()}
   except Exception as e:  # noqa: BLE001 -- see the docstring
     row = {"row": name, "error": f"{type(e).__name__}: {e}"[:300]}
+    traceback.print_exc(file=sys.stderr)  # the whole story, for the log
   print(json.dumps(row), flush=True)
   return row
 

@@ -117,6 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
   # With fp8: the output head's matmul in FP8 too. Off by default: in FP8 the head moves the gradient
   # several times more than the MLP does (docs/performance.md, "Which FP8 matmuls cost the loss").
   m.fp8_head = False
+  # The GELU MLP's backward GEMM and GELU gradient in one Mosaic GPU kernel: auto | xla | mosaic (auto:
+  # Hopper GPUs without fp8; llm_jax.model.gelu_kernel, docs/performance.md, "Round six"):
+  #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='model.gelu_kernel=xla'
+  m.gelu_kernel = "xla"
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()

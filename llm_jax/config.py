@@ -111,6 +111,7 @@ ADDED_KEYS = {
   "train.early_stop_patience": 0,
   "train.loss_chunks": 0,
   "train.loss_kernel": "xla",  # what runs from before `auto` trained with
+  "model.gelu_kernel": "xla",
 }
 
 
@@ -180,6 +181,7 @@ def validate(config, num_devices: int | None = None) -> None:
   _choice("train.schedule", tr.schedule, ("cosine", "linear", "constant"))
   _choice("train.nan_policy", tr.nan_policy, ("abort", "skip"))
   _choice("train.loss_kernel", tr.get("loss_kernel", "xla"), ("auto", "xla", "pallas"))
+  _choice("model.gelu_kernel", m.get("gelu_kernel", "xla"), ("auto", "xla", "mosaic"))
   _choice("data.tokenizer.type", config.data.tokenizer.type, ("bpe", "unigram", "char"))
   _choice("data.on_bad_record", config.data.on_bad_record, ("fail", "skip"))
   _check_model(m)

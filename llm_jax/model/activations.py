@@ -21,11 +21,15 @@ def _gelu_tanh_fwd(x):
   return gelu_tanh(x), x
 
 
+def gelu_tanh_slope(x):
+  """d gelu_tanh(x) / dx, elementwise, in x's dtype (float32 here and in the Mosaic GPU kernel's epilogue:
+  llm_jax.model.gelu_kernel)."""
+  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+
+
 def _gelu_tanh_bwd(x, g):
-  xf = x.astype(jnp.float32)
-  t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf * xf * xf))
-  d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
-  return ((g.astype(jnp.float32) * d).astype(x.dtype),)
+  return ((g.astype(jnp.float32) * gelu_tanh_slope(x.astype(jnp.float32))).astype(x.dtype),)
 
 
 gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 
 from llm_jax import config as config_lib
+from llm_jax.model.gelu_kernel import on_hopper
 
 DECODE_LEVERS = ("qkv", "norm", "kv")
 
@@ -51,6 +52,9 @@ class ModelConfig:
   causal: bool = True  # False: bidirectional attention (an encoder; no KV-cache decoding)
   fp8: bool = False  # MLP matmuls in FP8 (current scaling; not in KV-cache decoding)
   fp8_head: bool = False  # with fp8: the output head's matmul in FP8 too
+  # "mosaic": the GELU MLP's backward dh = (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel (Hopper, not
+  # with fp8; llm_jax.model.gelu_kernel); "xla": XLA's GEMM then fusion. from_config resolves "auto".
+  gelu_kernel: str = "xla"
   # Decode-only rewrites, comma-separated, set together with the parameters they need by
   # `model.unstack_layers(params, cfg, levers=...)` (never in training; docs/serving.md):
   # "qkv" one [D, N+2K, H] query/key/value matmul (SwiGLU: one [D, 2, F] gate/up matmul);
@@ -123,6 +127,7 @@ class ModelConfig:
       causal=bool(m.get("causal", True)),
       fp8=bool(m.get("fp8", False)),
       fp8_head=bool(m.get("fp8_head", False)),
+      gelu_kernel=resolve_gelu_kernel(m, platform),
     )
 
   def param_count(self, include_embedding: bool = True) -> int:
@@ -147,3 +152,18 @@ class ModelConfig:
     if self.tie_embeddings:
       n += self.vocab_size * self.d_model  # the tied head still does its matmul
     return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
+
+def resolve_gelu_kernel(m, platform: str) -> str:
+  """model.gelu_kernel as the model runs it: `auto` is "mosaic" on Hopper GPUs for a GELU MLP without
+  FP8, else "xla"; "mosaic" asked for where it cannot run raises ConfigError naming the key."""
+  choice = m.get("gelu_kernel", "xla")
+  usable = on_hopper(platform) and m.activation == "gelu" and not m.get("fp8", False)
+  if choice == "auto":
+    return "mosaic" if usable else "xla"
+  if choice == "mosaic" and not usable:
+    raise config_lib.ConfigError(
+      f"model.gelu_kernel=mosaic needs a Hopper GPU (this is {platform}), model.activation=gelu (got "
+      f"{m.activation}) and model.fp8=False; use model.gelu_kernel=auto or xla"
+    )
+  return choice

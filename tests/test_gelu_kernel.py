@@ -1,0 +1,103 @@
+"""model.gelu_kernel (llm_jax/model/gelu_kernel.py): the down projection fed the pre-activation, whose
+backward pass computes (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel. The kernel itself needs a Hopper GPU
+(bench/dgelu_probe.py checks its numbers there); on CPU these tests check everything around it: the custom
+gradient, the per-device shard_map on a (data, fsdp, tensor) mesh with the kernel's place taken by XLA's
+function, the shape fallback, and how the key resolves."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_step import BASE, run_steps
+
+from llm_jax import config as config_lib
+from llm_jax.model import config as model_config
+from llm_jax.model import gelu_kernel
+from llm_jax.model.config import ModelConfig
+
+
+def _reference(h, w, ct):
+  return jnp.sum((jax.nn.gelu(h, approximate=True) @ w) * ct)
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_gelu_dot_and_its_gradients_equal_autodiff(monkeypatch, kernel):
+  """float32 (the kernel's dtype test fails, so `kernel` takes XLA's path too): value, dh and dW."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  h, w = jax.random.normal(k1, (2, 8, 64)), 0.1 * jax.random.normal(k2, (64, 16))
+  ct = jax.random.normal(k3, (2, 8, 16))
+  got = jax.value_and_grad(lambda h, w: jnp.sum(gelu_kernel.gelu_dot(h, w, kernel) * ct), (0, 1))(h, w)
+  want = jax.value_and_grad(_reference, (0, 1))(h, w, ct)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for g, r in zip(got[1], want[1], strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+
+
+def _xla_in_the_kernels_place(monkeypatch, tiles):
+  """The kernel replaced by XLA's function (recording the shapes it is given), model.gelu_kernel=mosaic
+  allowed on this CPU, `tiles` as the kernel's."""
+  calls = []
+
+  def recorder(dy_MD, w_FD, h_MF, tiles=None):
+    calls.append((dy_MD.shape, w_FD.shape, h_MF.shape))
+    return gelu_kernel.xla_dgelu_matmul(dy_MD, w_FD, h_MF)
+
+  monkeypatch.setattr(gelu_kernel, "mosaic_dgelu_matmul", recorder)
+  monkeypatch.setattr(gelu_kernel, "TILES", tiles)
+  monkeypatch.setattr(model_config, "on_hopper", lambda platform=None: True)
+  return calls
+
+
+def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch):
+  """data x fsdp x tensor = 2 x 2 x 2, bf16: each device's rows (8 sequences of 16 over data x fsdp -> 32)
+  and its half of F (128 -> 64) go to the kernel's place; three steps' losses as model.gelu_kernel=xla."""
+  mesh = ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2", "model.dtype=bfloat16"]
+  ref, _, _ = run_steps([*mesh, "model.gelu_kernel=xla"])
+  calls = _xla_in_the_kernels_place(monkeypatch, gelu_kernel.Tiles(m=8, n=16, k=8))
+  losses, _, _ = run_steps([*mesh, "model.gelu_kernel=mosaic"])
+  assert calls and set(calls) == {((32, 32), (64, 32), (32, 64))}, calls
+  np.testing.assert_allclose(losses, ref, rtol=2e-3)
+
+
+def test_shapes_the_tiles_do_not_divide_take_xlas_path(monkeypatch):
+  calls = _xla_in_the_kernels_place(monkeypatch, gelu_kernel.Tiles(m=256))  # 16 rows a device
+  ref, _, _ = run_steps(["sharding.data=8", "model.dtype=bfloat16", "model.gelu_kernel=xla"])
+  losses, _, _ = run_steps(["sharding.data=8", "model.dtype=bfloat16", "model.gelu_kernel=mosaic"])
+  assert calls == []
+  np.testing.assert_allclose(losses, ref, rtol=2e-3)
+
+
+def _resolved(platform, *overrides):
+  c = config_lib.load("configs/tiny.py", [*BASE, *overrides])
+  config_lib.validate(c, 1)
+  return ModelConfig.from_config(c, tokenizer_size=100, platform=platform).gelu_kernel
+
+
+def test_auto_is_the_kernel_on_hopper_for_a_gelu_mlp_without_fp8(monkeypatch):
+  assert _resolved("cpu", "model.gelu_kernel=auto") == "xla"
+  monkeypatch.setattr(model_config, "on_hopper", lambda platform=None: platform == "gpu")
+  assert _resolved("gpu", "model.gelu_kernel=auto") == "mosaic"
+  assert _resolved("gpu", "model.gelu_kernel=auto", "model.fp8=True") == "xla"
+  assert _resolved("gpu", "model.gelu_kernel=auto", "model.activation=swiglu") == "xla"
+  assert _resolved("gpu", "model.gelu_kernel=xla") == "xla"
+  assert not gelu_kernel.on_hopper("cpu")
+
+
+def test_the_kernel_asked_for_where_it_cannot_run_is_a_config_error_naming_the_key():
+  with pytest.raises(
+    config_lib.ConfigError, match="model.gelu_kernel=mosaic needs a Hopper GPU .this is cpu"
+  ):
+    _resolved("cpu", "model.gelu_kernel=mosaic")
+  with pytest.raises(
+    config_lib.ConfigError, match="model.gelu_kernel='cuda' is not one of auto, xla, mosaic"
+  ):
+    _resolved("cpu", "model.gelu_kernel=cuda")
+
+
+def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
+  raw = config_lib.to_dict(config_lib.load("configs/tiny.py", BASE))
+  del raw["model"]["gelu_kernel"]
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  assert config_lib.from_json(str(tmp_path / "config.json")).model.gelu_kernel == "xla"
