@@ -12,18 +12,24 @@ backward pass):
   pallas_gemm   the Pallas GEMM alone (no epilogue), per tile config: how close to cuBLAS it gets
   pallas_dgelu  the Pallas GEMM with gelu'(h) in its epilogue, per tile config
   mgpu_gemm     (--mgpu) jax's own Hopper GEMM written for Pallas's Mosaic GPU backend (wgmma, TMA,
-                warp specialisation: jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu) alone, per
-                TILE_MxTILE_NxTILE_KxSTEPS: whether that backend reaches cuBLAS here, the precondition
-                for an epilogue kernel written on it
+                warp specialisation: jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu) alone
+  mgpu_gemm+h   (--mgpu_c) the same with its C epilogue, + h: the load of h a DGELU epilogue also needs
+  mgpu_dgelu    (--mgpu_dgelu) the model's kernel, llm_jax.model.gelu_kernel (model.gelu_kernel=mosaic)
+
+The Mosaic rows take TMxTNxTKxSTEPS[xWIDTH[xMINOR[xAPPROX]]] (gelu_kernel.Tiles.parse; jax's GEMM ignores
+APPROX): a compute warpgroup's tile, the K slice, slices in flight, the tile walk's band width and its
+fast dimension (m or n), a or e for the approximate or exact tanh.
 
 One JSON line per row (ms per LAYERS layers, TFLOP/s of the GEMM, max relative difference of dh from
-xla_dgelu's), a table last. Only a win of pallas_dgelu over xla_dgelu is worth a model switch. Measured
-on one H200 (2026-12-04): it loses, 22.6-25.8 ms against 11.15, the Triton GEMM alone at half of
-cuBLAS's rate (docs/performance.md, "Round five").
+xla_dgelu's), a table last. Measured on one H200 (2026-12-04): the Triton kernel loses, 22.6-25.8 ms
+against 11.15, its GEMM alone at half of cuBLAS's rate ("Round five"); the Mosaic GPU kernel wins, 7.8 ms
+against 10.9-11.1 ("Round six").
 
     python bench/dgelu_probe.py                                      # gpt_small: M=65536, D=768, F=3072
     python bench/dgelu_probe.py --tokens=128 --dim=64 --mlp=128 --layers=2 --reps=1 \\
         --configs=32x32x32x4x1 --interpret                           # CPU check of the kernel's numbers
+    python bench/dgelu_probe.py --configs= --mgpu=128x128x64x4x8xm \\
+        --mgpu_dgelu=128x128x64x3x16xmxa,128x128x64x3x16xmxe          # Hopper only ("Round six")
 
 --configs: BMxBNxBKxWARPSxSTAGES, comma-separated.
 """

@@ -101,3 +101,12 @@ def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
   del raw["model"]["gelu_kernel"]
   (tmp_path / "config.json").write_text(json.dumps(raw))
   assert config_lib.from_json(str(tmp_path / "config.json")).model.gelu_kernel == "xla"
+
+
+def test_tile_settings_parse_as_the_probe_writes_them():
+  t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
+  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.approx_math) == (128, 64, 64, 4, 8, 1, False)
+  assert gelu_kernel.Tiles.parse("128x128x64x3") == gelu_kernel.TILES  # the defaults: bands of 16 along M
+  assert gelu_kernel.fits(61_440, 768, 3_072, jnp.bfloat16)  # gpt_small's pass of 60 x 1,024
+  assert not gelu_kernel.fits(61_440, 768, 3_072, jnp.float32)
+  assert not gelu_kernel.fits(100, 768, 3_072, jnp.bfloat16)
