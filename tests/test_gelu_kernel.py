@@ -16,6 +16,8 @@ from llm_jax import config as config_lib
 from llm_jax.model import config as model_config
 from llm_jax.model import gelu_kernel
 from llm_jax.model.config import ModelConfig
+from llm_jax.train import run_dir
+from llm_jax.train import setup as setup_lib
 
 
 def _reference(h, w, ct):
@@ -85,11 +87,7 @@ def test_auto_is_the_kernel_on_hopper_for_a_gelu_mlp_without_fp8(monkeypatch):
   assert not gelu_kernel.on_hopper("cpu")
 
 
-def test_the_kernel_asked_for_where_it_cannot_run_is_a_config_error_naming_the_key():
-  with pytest.raises(
-    config_lib.ConfigError, match="model.gelu_kernel=mosaic needs a Hopper GPU .this is cpu"
-  ):
-    _resolved("cpu", "model.gelu_kernel=mosaic")
+def test_an_unknown_gelu_kernel_is_a_config_error_naming_the_key():
   with pytest.raises(
     config_lib.ConfigError, match="model.gelu_kernel='cuda' is not one of auto, xla, mosaic"
   ):
@@ -110,3 +108,29 @@ def test_tile_settings_parse_as_the_probe_writes_them():
   assert gelu_kernel.fits(61_440, 768, 3_072, jnp.bfloat16)  # gpt_small's pass of 60 x 1,024
   assert not gelu_kernel.fits(61_440, 768, 3_072, jnp.float32)
   assert not gelu_kernel.fits(100, 768, 3_072, jnp.bfloat16)
+
+
+def test_a_run_trained_with_the_kernel_reads_back_anywhere(tmp_path):
+  """model.gelu_kernel only changes training's backward pass: a run directory whose config.json says
+  `mosaic` must resume (check_resume rebuilds the saved model config for platform="cpu") and load for
+  decoding or evaluation on a machine without Hopper, where it resolves to XLA's path."""
+  c = config_lib.load("configs/tiny.py", [*BASE, "model.gelu_kernel=mosaic", "model.vocab_size=128"])
+  config_lib.save_json(c, str(tmp_path / "config.json"))  # as train/setup.build writes it: vocab resolved
+  saved = config_lib.from_json(str(tmp_path / "config.json"))
+  assert ModelConfig.from_config(saved, tokenizer_size=100, platform="cpu").gelu_kernel == "xla"
+  mine = ModelConfig.from_config(c, tokenizer_size=100, platform="cpu")
+  run_dir.check_resume(str(tmp_path), c, mine, "sha")  # raises on any shape difference
+
+
+def test_training_that_asks_for_the_kernel_where_it_cannot_run_is_refused():
+  """train/setup.build runs check_gelu_kernel before anything compiles."""
+  c = config_lib.load("configs/tiny.py", [*BASE, "model.gelu_kernel=mosaic"])
+  with pytest.raises(
+    config_lib.ConfigError, match="model.gelu_kernel=mosaic needs a Hopper GPU .this is cpu"
+  ):
+    model_config.check_gelu_kernel(c.model, "cpu")
+  with pytest.raises(
+    config_lib.ConfigError, match="model.gelu_kernel=mosaic needs a Hopper GPU .this is cpu"
+  ):
+    setup_lib.build(c)
+  model_config.check_gelu_kernel(config_lib.load("configs/tiny.py", BASE).model, "cpu")  # xla: fine

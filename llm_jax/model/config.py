@@ -154,16 +154,23 @@ class ModelConfig:
     return 6.0 * n + 12.0 * self.num_layers * self.num_heads * self.head_dim * seq_len
 
 
+def _gelu_kernel_usable(m, platform: str) -> bool:
+  return on_hopper(platform) and m.activation == "gelu" and not m.get("fp8", False)
+
+
 def resolve_gelu_kernel(m, platform: str) -> str:
-  """model.gelu_kernel as the model runs it: `auto` is "mosaic" on Hopper GPUs for a GELU MLP without
-  FP8, else "xla"; "mosaic" asked for where it cannot run raises ConfigError naming the key."""
-  choice = m.get("gelu_kernel", "xla")
-  usable = on_hopper(platform) and m.activation == "gelu" and not m.get("fp8", False)
-  if choice == "auto":
-    return "mosaic" if usable else "xla"
-  if choice == "mosaic" and not usable:
+  """model.gelu_kernel as the model runs it here: "mosaic" (asked for, or `auto`) on Hopper GPUs for a GELU
+  MLP without FP8, else "xla". Only training's backward pass differs, so a run trained with the kernel
+  still resumes checks, decodes and evaluates anywhere; training itself calls check_gelu_kernel."""
+  usable = _gelu_kernel_usable(m, platform)
+  return "mosaic" if usable and m.get("gelu_kernel", "xla") in ("auto", "mosaic") else "xla"
+
+
+def check_gelu_kernel(m, platform: str | None = None) -> None:
+  """Training's check: model.gelu_kernel=mosaic where it cannot run is a ConfigError naming the key."""
+  platform = platform or jax.default_backend()
+  if m.get("gelu_kernel", "xla") == "mosaic" and not _gelu_kernel_usable(m, platform):
     raise config_lib.ConfigError(
       f"model.gelu_kernel=mosaic needs a Hopper GPU (this is {platform}), model.activation=gelu (got "
       f"{m.activation}) and model.fp8=False; use model.gelu_kernel=auto or xla"
     )
-  return choice

@@ -15,6 +15,7 @@ from jax.experimental import multihost_utils
 from llm_jax import config as config_lib
 from llm_jax import sharding as sharding_lib
 from llm_jax.model import Decoder, ModelConfig
+from llm_jax.model.config import check_gelu_kernel
 from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import profiling
 from llm_jax.train.extension import TrainExtension
@@ -59,6 +60,7 @@ def build(config, extension: TrainExtension | None = None) -> Setup:
   """Data, tokenizer, resolved model config, mesh and state shardings (no parameters allocated)."""
   extension = extension or TrainExtension()
   config_lib.validate(config, jax.device_count())
+  check_gelu_kernel(config.model)
   _check_profile(config.train.profile_steps)
   extension.validate(config)
   config = config.copy_and_resolve_references()
