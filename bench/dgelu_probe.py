@@ -82,23 +82,19 @@ def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True,
   )(dy_MD, w_FD, h_MF)
 
 
-def _mgpu_tuning(cfg: str):
-  """TMxTNxTKxSTEPS[xWIDTH[xMINOR]] (MINOR m or n: the grid's fast dimension) as tile settings."""
-  parts = cfg.split("x")
-  tm, tn, tk, steps = (int(v) for v in parts[:4])
-  width = int(parts[4]) if len(parts) > 4 else 1
-  minor = parts[5] if len(parts) > 5 else "n"
-  return tm, tn, tk, steps, width, minor
-
-
 def mgpu_gemm(a_MK, b_KN, cfg: str, c_MN=None):
-  """a @ b (+ c) by jax's Mosaic GPU Hopper matmul (an example op shipped in jax); tiles from cfg."""
+  """a @ b (+ c) by jax's Mosaic GPU Hopper matmul (an example op shipped in jax); tiles from cfg as
+  gelu_kernel.Tiles.parse reads them (WIDTH and MINOR default to 16 and m: jax's own defaults are 1xn)."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm  # noqa: PLC0415 -- an example op jax may move; only --mgpu needs it
 
-  tm, tn, tk, steps, width, minor = _mgpu_tuning(cfg)
-  dim = hm.MatmulDimension.M if minor == "m" else hm.MatmulDimension.N
+  t = Tiles.parse(cfg)  # its APPROX part means nothing to this GEMM
   config = hm.TuningConfig(
-    tile_m=tm, tile_n=tn, tile_k=tk, max_concurrent_steps=steps, grid_tile_width=width, grid_minor_dim=dim
+    tile_m=t.m,
+    tile_n=t.n,
+    tile_k=t.k,
+    max_concurrent_steps=t.steps,
+    grid_tile_width=t.width,
+    grid_minor_dim=hm.MatmulDimension.M if t.minor == 0 else hm.MatmulDimension.N,
   )
   return hm.matmul(a_MK, b_KN, c_MN, config)
 

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from llm_jax.model.activations import gelu_tanh_slope
-from llm_jax.model.partitioning import constrain, current_mesh, gathered
+from llm_jax.model.partitioning import current_mesh, gathering_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,11 +225,10 @@ gelu_dot.defvjp(_gelu_dot_fwd, _gelu_dot_bwd)
 def gelu_dot_general(kernel_axes, kernel: bool):
   """A dot_general for the down projection's flax Dense, fed the pre-activation h: gelu_dot after the FSDP
   weight gather (llm_jax.model.partitioning.gathering_dot). Same parameters as a Dense fed gelu(h)."""
-  want = gathered(kernel_axes)
 
-  def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+  def product(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or lhs.ndim != 3:
       raise ValueError(f"gelu_dot_general: a [B, L, F] @ [F, D] product, got {dimension_numbers}")
-    return gelu_dot(lhs, constrain(rhs, want), kernel)
+    return gelu_dot(lhs, rhs, kernel)
 
-  return dot_general
+  return gathering_dot(kernel_axes, product=product)

@@ -46,9 +46,10 @@ def gathered(axes):
   return tuple(None if a == "embed" else a for a in axes)
 
 
-def gathering_dot(kernel_axes, fp8: bool = False):
+def gathering_dot(kernel_axes, fp8: bool = False, product=None):
   """A dot_general for flax Dense layers that all-gathers the kernel's `embed` axis first (and with
-  `fp8`, multiplies in FP8: llm_jax.model.fp8).
+  `fp8`, multiplies in FP8: llm_jax.model.fp8; `product`, a dot_general of its own, runs instead: e.g.
+  llm_jax.model.gelu_kernel's).
 
   Under FSDP, activations are sharded over the batch and kernels over `embed`, the same mesh axis;
   left to itself, XLA may instead shard the contraction: it regathers the activations to the whole
@@ -61,6 +62,8 @@ def gathering_dot(kernel_axes, fp8: bool = False):
 
   def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     rhs = constrain(rhs, want)
+    if product is not None:
+      return product(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
     if fp8:
       return fp8_dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kw)
     return jax.lax.dot_general(
