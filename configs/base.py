@@ -118,9 +118,10 @@ def get_config() -> ml_collections.ConfigDict:
   # several times more than the MLP does (docs/performance.md, "Which FP8 matmuls cost the loss").
   m.fp8_head = False
   # The GELU MLP's backward GEMM and GELU gradient in one Mosaic GPU kernel: auto | xla | mosaic (auto:
-  # Hopper GPUs without fp8; llm_jax.model.gelu_kernel, docs/performance.md, "Round six"):
+  # the kernel on Hopper GPUs for a GELU MLP without fp8, XLA elsewhere; llm_jax.model.gelu_kernel,
+  # docs/performance.md, "Round seven"):
   #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='model.gelu_kernel=xla'
-  m.gelu_kernel = "xla"
+  m.gelu_kernel = "auto"
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()

@@ -87,6 +87,14 @@ def test_auto_is_the_kernel_on_hopper_for_a_gelu_mlp_without_fp8(monkeypatch):
   assert not gelu_kernel.on_hopper("cpu")
 
 
+def test_the_presets_train_with_the_kernel_on_hopper_and_xla_elsewhere(monkeypatch):
+  # the default is `auto` since "Round seven" (exact tanh kept the loss inside the seed spread)
+  assert _resolved("cpu") == "xla"
+  monkeypatch.setattr(model_config, "on_hopper", lambda platform=None: platform == "gpu")
+  assert _resolved("gpu") == "mosaic"
+  model_config.check_gelu_kernel(config_lib.load("configs/tiny.py", BASE).model, "cpu")  # no refusal
+
+
 def test_an_unknown_gelu_kernel_is_a_config_error_naming_the_key():
   with pytest.raises(
     config_lib.ConfigError, match="model.gelu_kernel='cuda' is not one of auto, xla, mosaic"
@@ -104,7 +112,9 @@ def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
 def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
   assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.approx_math) == (128, 64, 64, 4, 8, 1, False)
+  assert gelu_kernel.Tiles.parse("128x128x64x3x8xmxa").approx_math
   assert gelu_kernel.Tiles.parse("128x128x64x3") == gelu_kernel.TILES  # the defaults: bands of 16 along M
+  assert not gelu_kernel.TILES.approx_math  # exact tanh: the approximate one moved the loss ("Round seven")
   assert gelu_kernel.fits(61_440, 768, 3_072, jnp.bfloat16)  # gpt_small's pass of 60 x 1,024
   assert not gelu_kernel.fits(61_440, 768, 3_072, jnp.float32)
   assert not gelu_kernel.fits(100, 768, 3_072, jnp.bfloat16)
