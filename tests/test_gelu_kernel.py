@@ -52,10 +52,12 @@ def _xla_in_the_kernels_place(monkeypatch, tiles):
   return calls
 
 
-def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch):
+@pytest.mark.parametrize("remat", ["none", "full"])  # the custom VJP under jax.checkpoint too
+def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch, remat):
   """data x fsdp x tensor = 2 x 2 x 2, bf16: each device's rows (8 sequences of 16 over data x fsdp -> 32)
   and its half of F (128 -> 64) go to the kernel's place; three steps' losses as model.gelu_kernel=xla."""
   mesh = ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2", "model.dtype=bfloat16"]
+  mesh.append(f"model.remat={remat}")
   ref, _, _ = run_steps([*mesh, "model.gelu_kernel=xla"])
   calls = _xla_in_the_kernels_place(monkeypatch, gelu_kernel.Tiles(m=8, n=16, k=8))
   losses, _, _ = run_steps([*mesh, "model.gelu_kernel=mosaic"])
