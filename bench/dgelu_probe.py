@@ -8,7 +8,7 @@ Rows, each over LAYERS layers in one jitted call (one dY, a W_down and an h per 
 backward pass):
 
   xla_gemm      dY @ W^T alone (XLA, cuBLAS)
-  xla_dgelu     dY @ W^T, then the model's GELU gradient (llm_jax.model.activations): what a step runs
+  xla_dgelu     dY @ W^T, then the GELU gradient (gelu_kernel.xla_dgelu_matmul): what a step runs on XLA
   pallas_gemm   the Pallas GEMM alone (no epilogue), per tile config: how close to cuBLAS it gets
   pallas_dgelu  the Pallas GEMM with gelu'(h) in its epilogue, per tile config
   mgpu_gemm     (--mgpu) jax's own Hopper GEMM written for Pallas's Mosaic GPU backend (wgmma, TMA,
@@ -45,8 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from kernel_probe import median_ms, probe_row  # bench/ is on sys.path when this script runs
 
-from llm_jax.model.activations import gelu_tanh, gelu_tanh_slope
-from llm_jax.model.gelu_kernel import Tiles, mosaic_dgelu_matmul
+from llm_jax.model.activations import gelu_tanh_slope
+from llm_jax.model.gelu_kernel import Tiles, mosaic_dgelu_matmul, xla_dgelu_matmul
 
 
 def dgelu_matmul(dy_MD, w_FD, h_MF, *, bm, bn, bk, warps, stages, epilogue=True, interpret=False):
@@ -99,11 +99,6 @@ def mgpu_gemm(a_MK, b_KN, cfg: str, c_MN=None):
   return hm.matmul(a_MK, b_KN, c_MN, config)
 
 
-def xla_dgelu(dy_MD, w_FD, h_MF):
-  g_MF = dy_MD @ w_FD.T
-  return jax.vjp(gelu_tanh, h_MF)[1](g_MF)[0]
-
-
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", type=int, default=64 * 1024)
@@ -130,7 +125,7 @@ def main():
   def per_layer(op):
     return jax.jit(lambda dy, w, h: [op(dy, w[i], h[i]) for i in range(n)])
 
-  rows = [("xla_gemm", per_layer(lambda dy, w, h: dy @ w.T)), ("xla_dgelu", per_layer(xla_dgelu))]
+  rows = [("xla_gemm", per_layer(lambda dy, w, h: dy @ w.T)), ("xla_dgelu", per_layer(xla_dgelu_matmul))]
   for cfg in [c for c in args.configs.split(",") if c]:
     bm, bn, bk, warps, stages = (int(v) for v in cfg.split("x"))
     tile = dict(bm=bm, bn=bn, bk=bk, warps=warps, stages=stages, interpret=args.interpret)

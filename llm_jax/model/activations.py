@@ -28,8 +28,14 @@ def gelu_tanh_slope(x):
   return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
+def gelu_tanh_grad(x, g):
+  """g * gelu_tanh'(x), computed in float32 and rounded to x's dtype: gelu_tanh's backward pass (also XLA's
+  path in llm_jax.model.gelu_kernel)."""
+  return (g.astype(jnp.float32) * gelu_tanh_slope(x.astype(jnp.float32))).astype(x.dtype)
+
+
 def _gelu_tanh_bwd(x, g):
-  return ((g.astype(jnp.float32) * gelu_tanh_slope(x.astype(jnp.float32))).astype(x.dtype),)
+  return (gelu_tanh_grad(x, g),)
 
 
 gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)

@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.activations import gelu_tanh_slope
+from llm_jax.model.activations import gelu_tanh, gelu_tanh_grad, gelu_tanh_slope
 from llm_jax.model.partitioning import current_mesh, gathering_dot
 
 
@@ -170,9 +170,9 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
 
 
 def xla_dgelu_matmul(dy_MD, w_FD, h_MF):
-  """(dY @ W^T) * gelu'(h) as XLA runs it: the GEMM's result in h's dtype, then the slope in float32."""
-  g_MF = (dy_MD @ w_FD.T).astype(jnp.float32)
-  return (g_MF * gelu_tanh_slope(h_MF.astype(jnp.float32))).astype(h_MF.dtype)
+  """(dY @ W^T) * gelu'(h) as XLA runs it: the GEMM's result in its inputs' dtype, then gelu_tanh's own
+  backward pass."""
+  return gelu_tanh_grad(h_MF, dy_MD @ w_FD.T)
 
 
 def _local_dgelu(dy_BLD, w_FD, h_BLF, kernel: bool):
@@ -206,11 +206,11 @@ def dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel: bool):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def gelu_dot(h_BLF, w_FD, kernel: bool):
   """gelu_tanh(h) @ W; its gradient with respect to h from dgelu_matmul (the kernel when `kernel`)."""
-  return nn.gelu(h_BLF, approximate=True) @ w_FD
+  return gelu_tanh(h_BLF) @ w_FD
 
 
 def _gelu_dot_fwd(h_BLF, w_FD, kernel):
-  a_BLF = nn.gelu(h_BLF, approximate=True)
+  a_BLF = gelu_tanh(h_BLF)
   return a_BLF @ w_FD, (h_BLF, a_BLF, w_FD)
 
 
