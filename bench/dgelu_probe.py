@@ -15,10 +15,17 @@ backward pass):
                 warp specialisation: jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu) alone
   mgpu_gemm+h   (--mgpu_c) the same with its C epilogue, + h: the load of h a DGELU epilogue also needs
   mgpu_dgelu    (--mgpu_dgelu) the model's kernel, llm_jax.model.gelu_kernel (model.gelu_kernel=mosaic)
+  slope         xla_dgelu and each mgpu_dgelu tile set on 8,192 rows of an h of its own, g = dY @ W^T = 1
+                exactly (dY and W one-hot): the result is gelu'(h) in bf16, compared with gelu'(h) computed
+                in float64 and rounded to bf16 (the fraction of elements that differ, the largest
+                difference, the mean difference: a systematic error shows there, a rounding one cancels):
+                how exact each tanh is, which the rows above cannot tell (their reference rounds g to bf16
+                first); h here is 2 N(0, 1) drawn in float32, so every bf16 value in range occurs (the timed
+                rows' bf16 draw has only 128 distinct values)
 
-The Mosaic rows take TMxTNxTKxSTEPS[xWIDTH[xMINOR[xAPPROX]]] (gelu_kernel.Tiles.parse; jax's GEMM ignores
-APPROX): a compute warpgroup's tile, the K slice, slices in flight, the tile walk's band width and its
-fast dimension (m or n), a or e for the approximate or exact tanh.
+The Mosaic rows take TMxTNxTKxSTEPS[xWIDTH[xMINOR[xTANH]]] (gelu_kernel.Tiles.parse; jax's GEMM ignores
+TANH): a compute warpgroup's tile, the K slice, slices in flight, the tile walk's band width and its
+fast dimension (m or n), and the epilogue's tanh (e exact, a approximate, p, q and r by exp2: Tiles).
 
 One JSON line per row (ms per LAYERS layers, TFLOP/s of the GEMM, max relative difference of dh from
 xla_dgelu's), a table last. Measured on one H200 (2026-12-04): the Triton kernel loses, 22.6-25.8 ms
@@ -41,6 +48,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from kernel_probe import median_ms, probe_row  # bench/ is on sys.path when this script runs
@@ -97,6 +105,25 @@ def mgpu_gemm(a_MK, b_KN, cfg: str, c_MN=None):
     grid_minor_dim=hm.MatmulDimension.M if t.minor == 0 else hm.MatmulDimension.N,
   )
   return hm.matmul(a_MK, b_KN, c_MN, config)
+
+
+def slope_check(fn, h_MF, d: int) -> dict:
+  """fn(dY, W, h) with dY @ W^T = 1 exactly (dY's rows and W's column 0 ones, the rest zeros): the result is
+  gelu'(h) as fn computes it, in bf16. Against gelu'(h) in float64 rounded to bf16."""
+  m, f = h_MF.shape
+  dy = jnp.zeros((m, d), jnp.bfloat16).at[:, 0].set(1)
+  w = jnp.zeros((f, d), jnp.bfloat16).at[:, 0].set(1)
+  got = np.asarray(fn(dy, w, h_MF).astype(jnp.float32), np.float64)
+  x = np.asarray(h_MF.astype(jnp.float32), np.float64)
+  c = np.sqrt(2 / np.pi)
+  t = np.tanh(c * (x + 0.044715 * x**3))
+  slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+  want = np.asarray(jnp.asarray(slope, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  return {
+    "differ": float(np.mean(got != want)),
+    "max_diff": float(np.max(np.abs(got - want))),
+    "mean_diff": float(np.mean(got - want)),
+  }
 
 
 def main():
@@ -158,6 +185,11 @@ def main():
     return {"ms": round(ms, 3), "gemm_tflops": round(flop / ms / 1e9, 1), "max_rel_diff": diff}
 
   out = [probe_row(name, functools.partial(measure, name, fn)) for name, fn in rows]
+  slopes = [("slope xla_dgelu", xla_dgelu_matmul)]
+  for cfg in [c for c in args.mgpu_dgelu.split(",") if c]:
+    slopes.append((f"slope {cfg}", functools.partial(mosaic_dgelu_matmul, tiles=Tiles.parse(cfg))))
+  rows_h = (2 * jax.random.normal(k[2], (min(m, 8192), f), jnp.float32)).astype(jnp.bfloat16)  # every bf16
+  checked = [probe_row(name, functools.partial(slope_check, jax.jit(fn), rows_h, d)) for name, fn in slopes]
   print(f"\n{n} layers of dY [{m}, {d}] @ W^T [{d}, {f}] (+ gelu'(h) [{m}, {f}])")
   print(f"{'row':<36} {'ms':>9} {'TFLOP/s':>9} {'max rel diff':>13}")
   for r in out:
@@ -165,6 +197,13 @@ def main():
       print(f"{r['row']:<36} {r['error'][:60]}")
     else:
       print(f"{r['row']:<36} {r['ms']:>9.3f} {r['gemm_tflops']:>9.1f} {r['max_rel_diff']:>13.2e}")
+  print(f"\ngelu'(h) in bf16 against float64's, {rows_h.shape[0]} x {f} elements")
+  print(f"{'row':<36} {'differ':>9} {'max diff':>9} {'mean diff':>10}")
+  for r in checked:
+    if "error" in r:
+      print(f"{r['row']:<36} {r['error'][:60]}")
+    else:
+      print(f"{r['row']:<36} {r['differ']:>9.2e} {r['max_diff']:>9.2e} {r['mean_diff']:>10.1e}")
 
 
 if __name__ == "__main__":

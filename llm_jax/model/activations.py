@@ -21,10 +21,20 @@ def _gelu_tanh_fwd(x):
   return gelu_tanh(x), x
 
 
-def gelu_tanh_slope(x):
+def tanh_by_exp2(u, rsqrt_squared: bool = False):
+  """tanh(u) = 1 - 2 / (1 + 2^(2 u log2 e)), for a GPU kernel whose exact tanh is a long instruction sequence
+  (llm_jax.model.gelu_kernel). `rsqrt_squared`: the division as rsqrt(y)^2 (y >= 1), so that a kernel with
+  fast math runs two fast instructions (ex2 and rsqrt, each within ~2^-22 relative) and no division. In
+  float32 within ~1e-7 of tanh here (absolute; the cancellation near 0 costs relative accuracy there, not
+  absolute); 2^x overflowing to inf gives 1, underflowing to 0 gives -1."""
+  y = 1.0 + jnp.exp2(u * (2.0 * math.log2(math.e)))
+  return 1.0 - 2.0 * (jnp.square(jax.lax.rsqrt(y)) if rsqrt_squared else 1.0 / y)
+
+
+def gelu_tanh_slope(x, tanh=jnp.tanh):
   """d gelu_tanh(x) / dx, elementwise, in x's dtype (float32 here and in the Mosaic GPU kernel's epilogue:
-  llm_jax.model.gelu_kernel)."""
-  t = jnp.tanh(_GELU_C * (x + 0.044715 * x * x * x))
+  llm_jax.model.gelu_kernel, which may pass its own `tanh`)."""
+  t = tanh(_GELU_C * (x + 0.044715 * x * x * x))
   return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 

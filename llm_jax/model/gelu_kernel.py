@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.activations import gelu_tanh, gelu_tanh_grad, gelu_tanh_slope
+from llm_jax.model.activations import gelu_tanh, gelu_tanh_grad, gelu_tanh_slope, tanh_by_exp2
 from llm_jax.model.partitioning import current_mesh, gathering_dot
 
 
@@ -35,10 +35,17 @@ from llm_jax.model.partitioning import current_mesh, gathering_dot
 class Tiles:
   """The kernel's settings. m, n: a compute warpgroup's output tile (a block's is m x 2n); k: the K slice
   per pipeline step; steps: slices in flight; width, minor: the walk over output tiles (planar_snake:
-  bands `width` tiles wide along dimension `minor`, 0 = M); approx_math: tanh.approx.f32 (relative error
-  ~1e-3; 1.5 ms faster per 12 layers of gpt_small, but its error is systematic: it moved shakespeare_char's
-  best loss by +0.0045 over eight seeds, where the exact tanh stays inside the seed spread;
-  docs/performance.md, "Round seven")."""
+  bands `width` tiles wide along dimension `minor`, 0 = M); tanh: how the epilogue computes gelu'(h)'s tanh.
+  Measured per 12 layers of gpt_small on one H200 with bench/dgelu_probe.py (its slope rows: gelu'(h) in
+  bf16 against float64's; docs/performance.md, "Round eight"):
+    "e"  the compiler's exact float32 tanh: 9.1-9.3 ms; largest difference 1.9e-6.
+    "a"  tanh.approx.f32: 8.1 ms, but off by up to 7.8e-3 with a systematic mean (-9.2e-6), which moved
+         shakespeare_char's best loss by +0.0045 over eight seeds ("Round seven"). Probe only.
+    "p"  activations.tanh_by_exp2 with ex2.approx.ftz.f32 and a division: 8.7 ms; up to 1.2e-4.
+    "q"  the same with the compiler's exp2: 9.1 ms.
+    "r"  ex2.approx and the division as rsqrt.approx.f32 squared, two fast instructions: 8.5-8.7 ms; up to
+         7.6e-6 (only where gelu' is below ~1e-3: float32's cancellation), mean -7e-8. The default.
+  """
 
   m: int = 128
   n: int = 128
@@ -46,22 +53,36 @@ class Tiles:
   steps: int = 3
   width: int = 16
   minor: int = 0
-  approx_math: bool = False
+  tanh: str = "r"
 
   @classmethod
   def parse(cls, text: str) -> Tiles:
-    """MxNxKxSTEPS[xWIDTH[xMINOR[xAPPROX]]] (MINOR m or n, APPROX a or e: approximate or exact tanh)."""
+    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]] (MINOR m or n; TANH e, a, p, q or r as the class says)."""
     p = text.split("x")
-    extra = dict(zip(("width", "minor", "approx_math"), p[4:], strict=False))
+    extra = dict(zip(("width", "minor", "tanh"), p[4:], strict=False))
+    if extra.get("tanh", "r") not in _TANH:
+      raise ValueError(f"Tiles.parse({text!r}): TANH must be one of {', '.join(_TANH)}")
     return cls(
       *(int(v) for v in p[:4]),
       width=int(extra.get("width", 16)),
       minor=0 if extra.get("minor", "m") == "m" else 1,
-      approx_math=extra.get("approx_math", "e") == "a",
+      tanh=extra.get("tanh", "r"),
     )
 
+  @property
+  def approx_math(self) -> bool:
+    """Mosaic GPU's approx_math (its .approx instructions): tanh ("a"), exp2 ("p"), exp2 and rsqrt ("r")."""
+    return self.tanh in ("a", "p", "r")
 
-TILES = Tiles()  # the fastest with exact tanh on one H200 at gpt_small's shapes (bench/dgelu_probe.py)
+  def slope(self, h):
+    """gelu'(h) in float32, its tanh as `tanh` says."""
+    if self.tanh in ("e", "a"):
+      return gelu_tanh_slope(h)
+    return gelu_tanh_slope(h, functools.partial(tanh_by_exp2, rsqrt_squared=self.tanh == "r"))
+
+
+_TANH = ("e", "a", "p", "q", "r")
+TILES = Tiles()  # the fastest float32-accurate settings for gpt_small on one H200 (bench/dgelu_probe.py)
 _PIECE = 64  # epilogue pieces: 64 bf16 = one 128-byte swizzled row
 
 
@@ -140,7 +161,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
             acc = acc_ref[...]
             for p, (i, j) in enumerate(pieces):
               mg.barrier_wait(h_ready.at[wg * len(pieces) + p])
-              slope = gelu_tanh_slope(h_smem[wg, p].astype(jnp.float32))
+              slope = tiles.slope(h_smem[wg, p].astype(jnp.float32))
               g = acc[i * _PIECE : (i + 1) * _PIECE, j * _PIECE : (j + 1) * _PIECE]
               h_smem[wg, p] = (g * slope).astype(jnp.bfloat16)
               mg.commit_smem()
