@@ -5,7 +5,8 @@
 # --variants (SPEED_VARIANTS), alternating nanoGPT / llm_jax twice; the last lines are a table of tokens/s and
 # the ratio llm_jax / nanoGPT of the same round. bench.py's model has no biases (its bias = False), the
 # gpt_small preset has them: the row `model.use_bias=False` is the same model as the reference's
-# (or NANOGPT_ARGS=--bias=True gives the reference the preset's biases).
+# (or NANOGPT_ARGS=--bias=True gives the reference the preset's biases). A ratio whose row's biases
+# differ from the reference's is marked * (SPEED_VARIANTS replaces the default rows, preset included).
 #
 #   bash bench/gpu_side_by_side.sh [speed] [parity] [parity_bpe] [parity_seeds] [kernels]   (default: speed kernels)
 #     speed       the side-by-side above: the preset and `model.use_bias=False`, two rounds (~5 min on
@@ -105,7 +106,7 @@ llm_jax_round() {  # llm_jax_round R: the default row and every switch, one proc
 }
 
 side_by_side_table() {
-  $PY - "$OUT/results.jsonl" "$OUT/nanogpt.jsonl" <<'PY' | tee -a "$OUT/all.log"
+  $PY - "$OUT/results.jsonl" "$OUT/nanogpt.jsonl" "$NANOGPT_ARGS" <<'PY' | tee -a "$OUT/all.log"
 import json, os, sys
 jax_rows, ref = {}, {}
 if os.path.exists(sys.argv[1]):
@@ -115,12 +116,13 @@ if os.path.exists(sys.argv[1]):
       r = int(d["stage"].rsplit("_", 1)[1])
       for row in d["rows"]:
         tps = row.get("tokens_per_s") if row.get("status") == "ok" else None
-        jax_rows.setdefault(row["label"], {})[r] = (tps, row.get("status", "?"))
+        jax_rows.setdefault(row["label"], {})[r] = (tps, row.get("status", "?"), row.get("use_bias"))
 if os.path.exists(sys.argv[2]):
   for line in open(sys.argv[2]):
     d = json.loads(line)
     ref[d["round"]] = (d["tokens"] / d["ms"] * 1000, d["compile"])
 rounds = sorted(set(ref) | {r for v in jax_rows.values() for r in v})
+ref_bias, unlike = "--bias=True" in sys.argv[3].split(), set()  # bench.py's own default: no biases
 print("\nside by side (tokens/s; ratio = llm_jax / nanoGPT of the same round)")
 print(f"{'row':48s}" + "".join(f" {'round ' + str(r):>12s} {'ratio':>6s}" for r in rounds))
 line = f"{'nanoGPT bench.py 12x1024':48s}"
@@ -131,13 +133,18 @@ print(line)
 for label, by_round in jax_rows.items():
   line = f"{'llm_jax ' + label:48s}"[:48]
   for r in rounds:
-    tps, status = by_round.get(r, (None, "-"))
+    tps, status, bias = by_round.get(r, (None, "-", None))
     if tps is None:
       line += f" {status[:12]:>12s} {'':>6s}"
       continue
     ratio = f"{tps / ref[r][0]:.3f}" if r in ref else "-"
+    if r in ref and bias is not None and bias != ref_bias:
+      ratio += "*"
+      unlike.add(label)
     line += f" {tps:12,.0f} {ratio:>6s}"
   print(line)
+if unlike:
+  print(f"(*: not like for like: the row's model.use_bias is not nanoGPT's bias={ref_bias} (NANOGPT_ARGS))")
 print("(c: nanoGPT with torch.compile; eager: torch.compile failed, --compile=False)")
 PY
 }

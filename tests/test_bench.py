@@ -48,6 +48,9 @@ def test_synthetic_row_has_every_figure(row):
   assert row["tokens_per_s"] <= tokens / (row["step_ms_min"] / 1e3) * 1.01
   assert row["mfu"] is None  # no known peak for a CPU
   assert row["loss"] == "xla"  # train.loss_kernel=auto: XLA's loss on a CPU
+  assert (
+    row["gelu_kernel"] == "xla" and row["use_bias"] is True
+  )  # model.gelu_kernel=auto on a CPU; tiny's biases
   assert row["program_memory_gib"] is not None and row["data_wait_ms_median"] >= 0
   assert row["flops_per_token"] > 6 * row["params"] * 0.5
   summary = bench.format_summary({**row, "status": "ok"})

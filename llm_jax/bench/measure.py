@@ -194,6 +194,8 @@ def measure(
     "logits_dtype": getattr(model_cfg, "logits_dtype", "float32"),
     "attention": model_cfg.attention,
     "loss": "pallas" if uses_loss_kernel(config, mesh=mesh) else "xla",
+    "gelu_kernel": model_cfg.gelu_kernel,  # as resolved here: mosaic where model.gelu_kernel ran the kernel
+    "use_bias": bool(model_cfg.use_bias),
     "params": model_cfg.param_count(),
     "init_s": round(init_s, 3),
     "compile_s": round(compile_s, 3),
