@@ -15,6 +15,10 @@ backward pass):
                 warp specialisation: jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu) alone
   mgpu_gemm+h   (--mgpu_c) the same with its C epilogue, + h: the load of h a DGELU epilogue also needs
   mgpu_dgelu    (--mgpu_dgelu) the model's kernel, llm_jax.model.gelu_kernel (model.gelu_kernel=mosaic)
+  +bias rows    (--bias) with the up projection's bias gradient, dh's float32 column sums: xla_dgelu+bias
+                (XLA's pair, the sum in the fusion that writes dh), mgpu_dgelu+xla_bias (the kernel, then
+                XLA reads dh again for the sum: a biased model today), mgpu_dgelu+bias (the kernel's own
+                per-row-tile sums, col_sums=True, summed by XLA: gelu_kernel.KERNEL_BIAS_SUMS)
   slope         xla_dgelu and each mgpu_dgelu tile set on 8,192 rows of an h of its own, g = dY @ W^T = 1
                 exactly (dY and W one-hot): the result is gelu'(h) in bf16, compared with gelu'(h) computed
                 in float64 and rounded to bf16 (the fraction of elements that differ, the largest
@@ -126,6 +130,16 @@ def slope_check(fn, h_MF, d: int) -> dict:
   }
 
 
+def with_bias_sums(dh_MF):
+  """dh and its float32 column sums [F]: the up projection's bias gradient as XLA takes it."""
+  return dh_MF, jnp.sum(dh_MF.astype(jnp.float32), axis=0)
+
+
+def tile_sums(dh_MF, sums_TF):
+  """The kernel's dh and its per-row-tile column sums, summed: the same pair as with_bias_sums."""
+  return dh_MF, jnp.sum(sums_TF, axis=0)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", type=int, default=64 * 1024)
@@ -141,6 +155,7 @@ def main():
   ap.add_argument("--mgpu", default="", help="TMxTNxTKxSTEPS[xWIDTH[xMINOR]],... jax's Mosaic GPU GEMM rows")
   ap.add_argument("--mgpu_c", default="", help="the same tiles, jax's GEMM + h (its C epilogue) rows")
   ap.add_argument("--mgpu_dgelu", default="", help="the same tiles, this file's Mosaic GPU DGELU kernel rows")
+  ap.add_argument("--bias", action="store_true", help="also the up bias's gradient: the +bias rows")
   args = ap.parse_args()
   m, d, f, n = args.tokens, args.dim, args.mlp, args.layers
   k = jax.random.split(jax.random.key(0), 3)
@@ -167,20 +182,32 @@ def main():
   for cfg in [c for c in args.mgpu_dgelu.split(",") if c]:
     fn = per_layer(lambda dy, w, h, t=Tiles.parse(cfg): mosaic_dgelu_matmul(dy, w, h, t))
     rows.append((f"mgpu_dgelu {cfg}", fn))
+  if args.bias:
+    rows.append(("xla_dgelu+bias", per_layer(lambda dy, w, h: with_bias_sums(xla_dgelu_matmul(dy, w, h)))))
+    for cfg in [c for c in args.mgpu_dgelu.split(",") if c]:
+      t = Tiles.parse(cfg)
+      fn = per_layer(lambda dy, w, h, t=t: with_bias_sums(mosaic_dgelu_matmul(dy, w, h, t)))
+      rows.append((f"mgpu_dgelu+xla_bias {cfg}", fn))
+      fn = per_layer(lambda dy, w, h, t=t: tile_sums(*mosaic_dgelu_matmul(dy, w, h, t, col_sums=True)))
+      rows.append((f"mgpu_dgelu+bias {cfg}", fn))
 
   gemm, ref = (fn(dy, w, h) for _, fn in rows[:2])  # the XLA rows' results: what the others must equal
+  ref_bias = [fn for name, fn in rows if name == "xla_dgelu+bias"]
+  ref_bias = ref_bias[0](dy, w, h) if ref_bias else None
 
   def measure(name, fn):
     ms = median_ms(fn, (dy, w, h), args.reps)
     want = ref if "dgelu" in name else gemm
     if "+h" in name:  # jax's GEMM with its C epilogue: dY @ W^T + h
       want = [g + hi for g, hi in zip(gemm, h, strict=True)]
+    if "+bias" in name or "+xla_bias" in name:  # (dh, its column sums) per layer
+      want = ref_bias
     diff = max(
       float(
         jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
         / jnp.max(jnp.abs(b.astype(jnp.float32)))
       )
-      for a, b in zip(fn(dy, w, h), want, strict=True)
+      for a, b in zip(jax.tree.leaves(fn(dy, w, h)), jax.tree.leaves(want), strict=True)
     )
     return {"ms": round(ms, 3), "gemm_tflops": round(flop / ms / 1e9, 1), "max_rel_diff": diff}
 

@@ -4,36 +4,44 @@ backward pass computes (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel. The kerne
 gradient, the per-device shard_map on a (data, fsdp, tensor) mesh with the kernel's place taken by XLA's
 function, the shape fallback, and how the key resolves."""
 
+import functools
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_step import BASE, run_steps
+from test_step import BASE, TOKENS, run_steps
 
 from llm_jax import config as config_lib
-from llm_jax.model import activations, gelu_kernel
+from llm_jax import sharding
+from llm_jax.model import Decoder, activations, gelu_kernel
 from llm_jax.model import config as model_config
 from llm_jax.model.config import ModelConfig
+from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import run_dir
 from llm_jax.train import setup as setup_lib
+from llm_jax.train import state as state_lib
+from llm_jax.train import step as step_lib
 
 
-def _reference(h, w, ct):
-  return jnp.sum((jax.nn.gelu(h, approximate=True) @ w) * ct)
+def _reference(h, b, w, ct):
+  return jnp.sum((jax.nn.gelu(h if b is None else h + b, approximate=True) @ w) * ct)
 
 
 @pytest.mark.parametrize("kernel", [False, True])
-def test_gelu_dot_and_its_gradients_equal_autodiff(monkeypatch, kernel):
-  """float32 (the kernel's dtype test fails, so `kernel` takes XLA's path too): value, dh and dW."""
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gelu_dot_and_its_gradients_equal_autodiff(kernel, bias):
+  """float32 (the kernel's dtype test fails, so `kernel` takes XLA's path too): value, dh, db and dW."""
+  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
   h, w = jax.random.normal(k1, (2, 8, 64)), 0.1 * jax.random.normal(k2, (64, 16))
-  ct = jax.random.normal(k3, (2, 8, 16))
-  got = jax.value_and_grad(lambda h, w: jnp.sum(gelu_kernel.gelu_dot(h, w, kernel) * ct), (0, 1))(h, w)
-  want = jax.value_and_grad(_reference, (0, 1))(h, w, ct)
+  ct, b = jax.random.normal(k3, (2, 8, 16)), (jax.random.normal(k4, (64,)) if bias else None)
+  loss = lambda h, b, w: jnp.sum(gelu_kernel.gelu_dot(h, b, w, kernel) * ct)  # noqa: E731
+  got = jax.value_and_grad(loss, (0, 1, 2))(h, b, w)
+  want = jax.value_and_grad(_reference, (0, 1, 2))(h, b, w, ct)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  for g, r in zip(got[1], want[1], strict=True):
+  assert (got[1][1] is None) == (not bias)
+  for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
@@ -42,9 +50,13 @@ def _xla_in_the_kernels_place(monkeypatch, tiles):
   allowed on this CPU, `tiles` as the kernel's."""
   calls = []
 
-  def recorder(dy_MD, w_FD, h_MF, tiles=None):
+  def recorder(dy_MD, w_FD, h_MF, tiles=None, col_sums=False):
     calls.append((dy_MD.shape, w_FD.shape, h_MF.shape))
-    return gelu_kernel.xla_dgelu_matmul(dy_MD, w_FD, h_MF)
+    dh_MF = gelu_kernel.xla_dgelu_matmul(dy_MD, w_FD, h_MF)
+    if not col_sums:
+      return dh_MF
+    t = gelu_kernel.TILES.m  # the kernel's float32 column sums per row tile, [M / TM, F]
+    return dh_MF, jnp.sum(dh_MF.astype(jnp.float32).reshape(-1, t, dh_MF.shape[1]), axis=1)
 
   monkeypatch.setattr(gelu_kernel, "mosaic_dgelu_matmul", recorder)
   monkeypatch.setattr(gelu_kernel, "TILES", tiles)
@@ -52,17 +64,45 @@ def _xla_in_the_kernels_place(monkeypatch, tiles):
   return calls
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])  # the custom VJP under jax.checkpoint too
-def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch, remat):
-  """data x fsdp x tensor = 2 x 2 x 2, bf16: each device's rows (8 sequences of 16 over data x fsdp -> 32)
-  and its half of F (128 -> 64) go to the kernel's place; three steps' losses as model.gelu_kernel=xla."""
+@pytest.mark.parametrize(
+  ("remat", "bias_sums"),
+  [("none", False), ("full", False), ("none", True)],  # the custom VJP under jax.checkpoint too
+)
+def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch, remat, bias_sums):
+  """data x fsdp x tensor = 2 x 2 x 2, bf16, with biases: each device's rows (8 sequences of 16 over data x
+  fsdp -> 32) and its half of F (128 -> 64) go to the kernel's place, the up bias's gradient summed over
+  the row axes (from the kernel's column sums with `bias_sums`); three steps' losses as
+  model.gelu_kernel=xla."""
   mesh = ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2", "model.dtype=bfloat16"]
-  mesh.append(f"model.remat={remat}")
+  mesh += [f"model.remat={remat}", "model.use_bias=True"]
   ref, _, _ = run_steps([*mesh, "model.gelu_kernel=xla"])
+  ref_grads = _mlp_grads([*mesh, "model.gelu_kernel=xla"])
   calls = _xla_in_the_kernels_place(monkeypatch, gelu_kernel.Tiles(m=8, n=16, k=8))
+  monkeypatch.setattr(gelu_kernel, "KERNEL_BIAS_SUMS", bias_sums)
   losses, _, _ = run_steps([*mesh, "model.gelu_kernel=mosaic"])
   assert calls and set(calls) == {((32, 32), (64, 32), (32, 64))}, calls
   np.testing.assert_allclose(losses, ref, rtol=2e-3)
+  grads = _mlp_grads([*mesh, "model.gelu_kernel=mosaic"])  # Adam's steps hide a gradient's scale
+  assert grads.keys() == ref_grads.keys() and any("up/bias" in k for k in grads), sorted(grads)
+  for k, g in grads.items():
+    scale = np.abs(ref_grads[k]).max()
+    np.testing.assert_allclose(g, ref_grads[k], rtol=0.02, atol=0.02 * scale, err_msg=k)
+
+
+def _mlp_grads(overrides):
+  """The MLP's parameter gradients of one batch on the overrides' mesh, as {path: float32 array}."""
+  c = config_lib.load("configs/tiny.py", [*BASE, *overrides])
+  mesh = sharding.make_mesh(c)
+  config_lib.validate(c, len(jax.devices()))
+  model = Decoder(ModelConfig.from_config(c, tokenizer_size=100, platform="cpu"))
+  state, _ = state_lib.create_state(model, optimizer_lib.make_optimizer(c), mesh, c, seed=0)
+  batch = sharding.global_batch({"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:]}, mesh)
+  fn = jax.jit(functools.partial(step_lib.loss_and_grads, model=model, config=c))
+  with sharding.activate(mesh, c):
+    _, grads = fn(state.params, batch, jax.random.key(0))
+  flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+  named = {"/".join(str(getattr(p, "key", p)) for p in path): leaf for path, leaf in flat}
+  return {k: np.asarray(v, np.float32) for k, v in named.items() if "/mlp/" in k}
 
 
 def test_shapes_the_tiles_do_not_divide_take_xlas_path(monkeypatch):
@@ -169,3 +209,19 @@ def test_the_epilogues_tanh_by_exp2_is_float32_accurate():
   for k in "qr":
     assert err[k].max() < 2 * err["e"].max(), k  # both ~4e-6, where gelu' is tiny
     assert err[k].mean() < 1.5 * err["e"].mean(), k
+
+
+@pytest.mark.parametrize("col_sums", [False, True])
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums):
+  """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
+  layout inference down to NVVM: the tiles, the epilogue's fast instructions and (col_sums) the column
+  sums' cross-lane reduction and their store, each a way the kernel could fail on a GPU after a change."""
+  monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 132)
+  t = gelu_kernel.TILES
+  m, d, f = 2 * t.m, 2 * t.k, 4 * t.n
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
+  fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, col_sums=col_sums)
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text and "wgmma" in text
+  assert ("ex2.approx" in text) and ("rsqrt.approx" in text)  # Tiles.tanh="r"
+  assert ("-> (tensor<256x512xbf16>, tensor<2x512xf32>)" in text) == col_sums  # [M / TM, F] float32
