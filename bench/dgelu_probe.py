@@ -218,19 +218,29 @@ def main():
   rows_h = (2 * jax.random.normal(k[2], (min(m, 8192), f), jnp.float32)).astype(jnp.bfloat16)  # every bf16
   checked = [probe_row(name, functools.partial(slope_check, jax.jit(fn), rows_h, d)) for name, fn in slopes]
   print(f"\n{n} layers of dY [{m}, {d}] @ W^T [{d}, {f}] (+ gelu'(h) [{m}, {f}])")
-  print(f"{'row':<36} {'ms':>9} {'TFLOP/s':>9} {'max rel diff':>13}")
-  for r in out:
-    if "error" in r:
-      print(f"{r['row']:<36} {r['error'][:60]}")
-    else:
-      print(f"{r['row']:<36} {r['ms']:>9.3f} {r['gemm_tflops']:>9.1f} {r['max_rel_diff']:>13.2e}")
+  table(out, TIMED)
   print(f"\ngelu'(h) in bf16 against float64's, {rows_h.shape[0]} x {f} elements")
-  print(f"{'row':<36} {'differ':>9} {'max diff':>9} {'mean diff':>10}")
-  for r in checked:
-    if "error" in r:
-      print(f"{r['row']:<36} {r['error'][:60]}")
-    else:
-      print(f"{r['row']:<36} {r['differ']:>9.2e} {r['max_diff']:>9.2e} {r['mean_diff']:>10.1e}")
+  table(checked, SLOPES)
+
+
+TIMED = [
+  ("ms", "ms", 9, ".3f"),
+  ("gemm_tflops", "TFLOP/s", 9, ".1f"),
+  ("max_rel_diff", "max rel diff", 13, ".2e"),
+]
+SLOPES = [
+  ("differ", "differ", 9, ".2e"),
+  ("max_diff", "max diff", 9, ".2e"),
+  ("mean_diff", "mean diff", 10, ".1e"),
+]
+
+
+def table(rows, columns):
+  """Rows as probe_row returns them: one line each, `columns` (key, heading, width, format) after the name."""
+  print(f"{'row':<36}" + "".join(f" {heading:>{width}}" for _, heading, width, _ in columns))
+  for r in rows:
+    cells = [f" {r[key]:>{width}{fmt}}" for key, _, width, fmt in columns] if "error" not in r else []
+    print(f"{r['row']:<36}" + ("".join(cells) or f" {r['error'][:60]}"))
 
 
 if __name__ == "__main__":
