@@ -120,8 +120,10 @@ def slope_check(fn, h_MF, d: int) -> dict:
   got = np.asarray(fn(dy, w, h_MF).astype(jnp.float32), np.float64)
   x = np.asarray(h_MF.astype(jnp.float32), np.float64)
   c = np.sqrt(2 / np.pi)
-  t = np.tanh(c * (x + 0.044715 * x**3))
-  slope = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+  # gelu' = s (1 + 2x (1 - s) u') with s = sigmoid(2u): the tanh form loses float64 itself below ~1e-14
+  with np.errstate(over="ignore"):
+    s = 1 / (1 + np.exp(-2 * c * (x + 0.044715 * x**3)))
+  slope = s * (1 + 2 * x * (1 - s) * c * (1 + 3 * 0.044715 * x * x))
   want = np.asarray(jnp.asarray(slope, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
   return {
     "differ": float(np.mean(got != want)),

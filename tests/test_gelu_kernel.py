@@ -4,6 +4,7 @@ backward pass computes (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel. The kerne
 gradient, the per-device shard_map on a (data, fsdp, tensor) mesh with the kernel's place taken by XLA's
 function, the shape fallback, and how the key resolves."""
 
+import dataclasses
 import functools
 import json
 
@@ -154,8 +155,15 @@ def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
 def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
   assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh) == (128, 64, 64, 4, 8, 1, "e")
-  assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqr"] == [0, 1, 1, 0, 1]
-  with pytest.raises(ValueError, match="TANH must be one of e, a, p, q, r"):
+  assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqrs"] == [
+    0,
+    1,
+    1,
+    0,
+    1,
+    1,
+  ]
+  with pytest.raises(ValueError, match="TANH must be one of e, a, p, q, r, s"):
     gelu_kernel.Tiles.parse("128x128x64x3x8xmxz")
   assert gelu_kernel.Tiles.parse("128x128x64x3") == gelu_kernel.TILES  # the defaults: bands of 16 along M
   assert gelu_kernel.TILES.tanh != "a"  # not tanh.approx: it moved the loss ("Round seven")
@@ -190,38 +198,43 @@ def test_training_that_asks_for_the_kernel_where_it_cannot_run_is_refused():
   model_config.check_gelu_kernel(config_lib.load("configs/tiny.py", BASE).model, "cpu")  # xla: fine
 
 
-def test_the_epilogues_tanh_by_exp2_is_float32_accurate():
+def test_the_epilogues_fast_slopes_are_float32_accurate():
   """Tiles.tanh "p", "q" and "r" compute gelu'(h) with activations.tanh_by_exp2 instead of tanh: it must
   agree with tanh to float32's rounding everywhere (saturating at both ends, no NaN where 2^x overflows),
   and the slope built on it must be as close to float64's as the one built on the float32 tanh (both lose
-  relative accuracy where gelu' is tiny, for h below about -3: float32 cancellation in the formula, not the
-  tanh)."""
+  relative accuracy where gelu' is tiny, for h below about -3: the formula's cancellation, not the tanh).
+  "s" (activations.gelu_tanh_slope_by_sigmoid) keeps it there as well, and never gives NaN."""
   u = np.concatenate([np.linspace(-40, 40, 400_001), [-1e30, 1e30, 0.0, 1e-8, -1e-8]]).astype(np.float32)
   for rsqrt_squared, bound in ((False, 3e-7), (True, 5e-7)):  # rsqrt, then a square: two more roundings
     got = np.asarray(activations.tanh_by_exp2(jnp.asarray(u), rsqrt_squared), np.float64)
     assert np.max(np.abs(got - np.tanh(u.astype(np.float64)))) < bound
   x = np.random.default_rng(0).normal(0, 3, 200_000).astype(np.float32)
   x64, c = x.astype(np.float64), np.sqrt(2 / np.pi)
-  t = np.tanh(c * (x64 + 0.044715 * x64**3))
-  truth = 0.5 * (1 + t) + 0.5 * x64 * (1 - t * t) * c * (1 + 3 * 0.044715 * x64**2)
-  slope = {k: np.asarray(gelu_kernel.Tiles(tanh=k).slope(jnp.asarray(x)), np.float64) for k in "eqr"}
+  with np.errstate(over="ignore"):  # gelu' = s (1 + 2x (1 - s) u'), s = sigmoid(2u): stable in float64 too
+    sig = 1 / (1 + np.exp(-2 * c * (x64 + 0.044715 * x64**3)))  # (the tanh form loses the tail below 1e-14)
+  truth = sig * (1 + 2 * x64 * (1 - sig) * c * (1 + 3 * 0.044715 * x64**2))
+  slope = {k: np.asarray(gelu_kernel.Tiles(tanh=k).slope(jnp.asarray(x)), np.float64) for k in "eqrs"}
   err = {k: np.abs(v - truth) for k, v in slope.items()}
-  for k in "qr":
-    assert err[k].max() < 2 * err["e"].max(), k  # both ~4e-6, where gelu' is tiny
+  for k in "qrs":
+    assert err[k].max() < 2 * err["e"].max(), k  # all ~4e-6
     assert err[k].mean() < 1.5 * err["e"].mean(), k
+  tiny = (x < -3) & (np.abs(truth) > 1e-30)  # gelu' < 1e-3: the tanh forms cancel there, the sigmoid form not
+  assert (err["s"][tiny] / np.abs(truth[tiny])).max() < 0.01 < (err["e"][tiny] / np.abs(truth[tiny])).max()
+  extremes = gelu_kernel.Tiles(tanh="s").slope(jnp.asarray([-1e4, -100.0, 100.0, 1e4], jnp.float32))
+  np.testing.assert_array_equal(extremes, [0, 0, 1, 1])  # 2^x overflowing or underflowing: no NaN
 
 
-@pytest.mark.parametrize("col_sums", [False, True])
-def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums):
+@pytest.mark.parametrize(("col_sums", "tanh"), [(False, "r"), (True, "r"), (False, "s")])
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
   layout inference down to NVVM: the tiles, the epilogue's fast instructions and (col_sums) the column
   sums' cross-lane reduction and their store, each a way the kernel could fail on a GPU after a change."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 132)
-  t = gelu_kernel.TILES
+  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh)
   m, d, f = 2 * t.m, 2 * t.k, 4 * t.n
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
-  fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, col_sums=col_sums)
+  fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=t, col_sums=col_sums)
   text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text and "wgmma" in text
-  assert ("ex2.approx" in text) and ("rsqrt.approx" in text)  # Tiles.tanh="r"
+  assert ("ex2.approx" in text) and ("rsqrt.approx" in text)  # Tiles.tanh "r" and "s"
   assert ("-> (tensor<256x512xbf16>, tensor<2x512xf32>)" in text) == col_sums  # [M / TM, F] float32

@@ -38,6 +38,20 @@ def gelu_tanh_slope(x, tanh=jnp.tanh):
   return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
 
 
+def gelu_tanh_slope_by_sigmoid(x):
+  """gelu_tanh_slope(x) in fewer operations, for a GPU kernel's epilogue (llm_jax.model.gelu_kernel): with
+  u = c (x + a x^3) and s = sigmoid(2u) = (1 + tanh u) / 2, the slope 0.5 (1 + t) + 0.5 x (1 - t^2) u' is
+  s (1 + 2 x (1 - s) u'); s = rsqrt(1 + 2^(-2 u log2 e))^2, two fast instructions under fast math (ex2,
+  rsqrt; 1 + 2^x >= 1). 2^x overflowing gives s = 0 and the slope 0; underflowing, s = 1 and the slope 1.
+  Where gelu' is tiny (x below about -3) nothing cancels: s is small but exact, 1 + 2x (1 - s) u' ~ 2x u'."""
+  x2 = x * x
+  u = x * (_GELU_C + (_GELU_C * 0.044715) * x2)
+  r = jax.lax.rsqrt(1.0 + jnp.exp2(u * (-2.0 * math.log2(math.e))))
+  s = r * r
+  du = _GELU_C + (3 * _GELU_C * 0.044715) * x2
+  return s + s * (2.0 * x * (1.0 - s) * du)
+
+
 def gelu_tanh_grad(x, g):
   """g * gelu_tanh'(x), computed in float32 and rounded to x's dtype: gelu_tanh's backward pass (also XLA's
   path in llm_jax.model.gelu_kernel)."""

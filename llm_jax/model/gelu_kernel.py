@@ -34,7 +34,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
-from llm_jax.model.activations import gelu_tanh, gelu_tanh_grad, gelu_tanh_slope, tanh_by_exp2
+from llm_jax.model.activations import (
+  gelu_tanh,
+  gelu_tanh_grad,
+  gelu_tanh_slope,
+  gelu_tanh_slope_by_sigmoid,
+  tanh_by_exp2,
+)
 from llm_jax.model.partitioning import current_mesh, gathering_dot
 
 
@@ -52,6 +58,9 @@ class Tiles:
     "q"  the same with the compiler's exp2: 9.1 ms.
     "r"  ex2.approx and the division as rsqrt.approx.f32 squared, two fast instructions: 8.5-8.7 ms; up to
          7.6e-6 (only where gelu' is below ~1e-3: float32's cancellation), mean -7e-8. The default.
+    "s"  no tanh: gelu' written with sigmoid(2u) (activations.gelu_tanh_slope_by_sigmoid), the same two
+         fast instructions and about half the other arithmetic (the epilogue is ALU-bound: ~2 ms of the
+         kernel's time per 12 layers); not yet timed.
   """
 
   m: int = 128
@@ -64,7 +73,7 @@ class Tiles:
 
   @classmethod
   def parse(cls, text: str) -> Tiles:
-    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]] (MINOR m or n; TANH e, a, p, q or r as the class says)."""
+    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]] (MINOR m or n; TANH e, a, p, q, r or s as the class says)."""
     p = text.split("x")
     extra = dict(zip(("width", "minor", "tanh"), p[4:], strict=False))
     if extra.get("tanh", "r") not in _TANH:
@@ -78,17 +87,19 @@ class Tiles:
 
   @property
   def approx_math(self) -> bool:
-    """Mosaic GPU's approx_math (its .approx instructions): tanh ("a"), exp2 ("p"), exp2 and rsqrt ("r")."""
-    return self.tanh in ("a", "p", "r")
+    """Mosaic GPU's approx_math (its .approx instructions): tanh ("a"), exp2 ("p"), exp2, rsqrt ("r", "s")."""
+    return self.tanh in ("a", "p", "r", "s")
 
   def slope(self, h):
     """gelu'(h) in float32, its tanh as `tanh` says."""
     if self.tanh in ("e", "a"):
       return gelu_tanh_slope(h)
+    if self.tanh == "s":
+      return gelu_tanh_slope_by_sigmoid(h)
     return gelu_tanh_slope(h, functools.partial(tanh_by_exp2, rsqrt_squared=self.tanh == "r"))
 
 
-_TANH = ("e", "a", "p", "q", "r")
+_TANH = ("e", "a", "p", "q", "r", "s")
 TILES = Tiles()  # the fastest float32-accurate settings for gpt_small on one H200 (bench/dgelu_probe.py)
 _PIECE = 64  # epilogue pieces: 64 bf16 = one 128-byte swizzled row
 
