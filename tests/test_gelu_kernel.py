@@ -154,7 +154,8 @@ def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
 
 def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
-  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh) == (128, 64, 64, 4, 8, 1, "e")
+  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh, t.delay) == (128, 64, 64, 4, 8, 1, "e", 0)
+  assert gelu_kernel.Tiles.parse("128x128x64x3x16xmxsx1").delay == 1
   assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqrs"] == [
     0,
     1,
@@ -224,13 +225,13 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
   np.testing.assert_array_equal(extremes, [0, 0, 1, 1])  # 2^x overflowing or underflowing: no NaN
 
 
-@pytest.mark.parametrize(("col_sums", "tanh"), [(False, "r"), (True, "r"), (False, "s")])
-def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh):
+@pytest.mark.parametrize(("col_sums", "tanh", "delay"), [(False, "r", 0), (True, "r", 0), (False, "s", 1)])
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh, delay):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
   layout inference down to NVVM: the tiles, the epilogue's fast instructions and (col_sums) the column
   sums' cross-lane reduction and their store, each a way the kernel could fail on a GPU after a change."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 132)
-  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh)
+  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, delay=delay)
   m, d, f = 2 * t.m, 2 * t.k, 4 * t.n
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
   fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=t, col_sums=col_sums)

@@ -61,6 +61,9 @@ class Tiles:
     "s"  no tanh: gelu' written with sigmoid(2u) (activations.gelu_tanh_slope_by_sigmoid), the same two
          fast instructions and about half the other arithmetic (the epilogue is ALU-bound: ~2 ms of the
          kernel's time per 12 layers); not yet timed.
+  delay: wgmma groups left in flight when a K step ends (its slices released one step later): 0 waits for
+  each step's wgmma before the next is issued, as jax's own Hopper GEMM does; 1 keeps the tensor cores fed
+  across steps (CUTLASS's main loop); not yet timed.
   """
 
   m: int = 128
@@ -70,12 +73,14 @@ class Tiles:
   width: int = 16
   minor: int = 0
   tanh: str = "r"
+  delay: int = 0
 
   @classmethod
   def parse(cls, text: str) -> Tiles:
-    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]] (MINOR m or n; TANH e, a, p, q, r or s as the class says)."""
+    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH[xDELAY]]]] (MINOR m or n; TANH e, a, p, q, r or s and DELAY 0 or 1
+    as the class says)."""
     p = text.split("x")
-    extra = dict(zip(("width", "minor", "tanh"), p[4:], strict=False))
+    extra = dict(zip(("width", "minor", "tanh", "delay"), p[4:], strict=False))
     if extra.get("tanh", "r") not in _TANH:
       raise ValueError(f"Tiles.parse({text!r}): TANH must be one of {', '.join(_TANH)}")
     return cls(
@@ -83,6 +88,7 @@ class Tiles:
       width=int(extra.get("width", 16)),
       minor=0 if extra.get("minor", "m") == "m" else 1,
       tanh=extra.get("tanh", "r"),
+      delay=int(extra.get("delay", 0)),
     )
 
   @property
@@ -147,8 +153,12 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
         grid=(k_steps,),
         memory_registers=40,
         in_specs=[
-          mg.BlockSpec((tm, tk), lambda s: (0, s), transforms=layout, memory_space=mg.SMEM),
-          mg.BlockSpec((tk, 2 * tn), lambda s: (s, 0), transforms=layout, memory_space=mg.SMEM),
+          mg.BlockSpec(
+            (tm, tk), lambda s: (0, s), transforms=layout, memory_space=mg.SMEM, delay_release=tiles.delay
+          ),
+          mg.BlockSpec(
+            (tk, 2 * tn), lambda s: (s, 0), transforms=layout, memory_space=mg.SMEM, delay_release=tiles.delay
+          ),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
@@ -186,6 +196,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
             for p, (i, j) in enumerate(pieces):
               mg.copy_gmem_to_smem(piece(h_gmem, i, j), h_smem.at[wg, p], h_ready.at[wg * len(pieces) + p])
             run_pipeline(acc_ref)
+            mg.wgmma_wait(0)  # with `delay`, the last steps' wgmma may still run
             acc = acc_ref[...]
             sums = {}
             for p, (i, j) in enumerate(pieces):
@@ -207,7 +218,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
 
         def step(_, dy_smem, wt_smem, acc_ref):
           mg.wgmma(acc_ref, dy_smem, wt_smem.at[:, pl.ds(wg * tn, tn)])
-          mg.wgmma_wait(0)
+          mg.wgmma_wait(tiles.delay)
           return acc_ref
 
         run = pipeline(step, context)
