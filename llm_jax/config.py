@@ -112,6 +112,7 @@ ADDED_KEYS = {
   "train.loss_chunks": 0,
   "train.loss_kernel": "xla",  # what runs from before `auto` trained with
   "model.gelu_kernel": "xla",  # what runs from before `auto` (2026-12-04) trained with
+  "model.norm_vjp": False,
 }
 
 
