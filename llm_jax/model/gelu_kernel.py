@@ -249,7 +249,7 @@ def xla_dgelu_matmul(dy_MD, w_FD, h_MF):
 
 
 KERNEL_BIAS_SUMS = False  # the up bias's gradient from the kernel's column sums: not yet run on a GPU
-# (bench/dgelu_probe.py --mgpu_dgelu_bias checks it there); until then XLA sums dh for it, reading dh again
+# (bench/dgelu_probe.py --bias checks it there); until then XLA sums dh for it, reading dh again
 
 
 def _local_dgelu(dy_BLD, w_FD, h_BLF, kernel: bool, bias_grad: bool):
