@@ -27,10 +27,10 @@ backward pass):
                 first); h here is 2 N(0, 1) drawn in float32, so every bf16 value in range occurs (the timed
                 rows' bf16 draw has only 128 distinct values)
 
-The Mosaic rows take TMxTNxTKxSTEPS[xWIDTH[xMINOR[xTANH[xDELAY]]]] (gelu_kernel.Tiles.parse; jax's GEMM
-ignores TANH and DELAY): a compute warpgroup's tile, the K slice, slices in flight, the tile walk's band
+The Mosaic rows take TMxTNxTKxSTEPS[xWIDTH[xMINOR[xTANH[xLOOP]]]] (gelu_kernel.Tiles.parse; jax's GEMM
+ignores TANH and LOOP): a compute warpgroup's tile, the K slice, slices in flight, the tile walk's band
 width and its fast dimension (m or n), the epilogue's slope (e exact tanh, a approximate, p, q and r by
-exp2, s the sigmoid form: Tiles) and the wgmma groups left in flight across K steps (0 or 1).
+exp2, s the sigmoid form) and the K loop's form (w, d, c: Tiles says which is which).
 
 One JSON line per row (ms per LAYERS layers, TFLOP/s of the GEMM, max relative difference of dh from
 xla_dgelu's), a table last. Measured on one H200 (2026-12-04): the Triton kernel loses, 22.6-25.8 ms

@@ -154,8 +154,10 @@ def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
 
 def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
-  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh, t.delay) == (128, 64, 64, 4, 8, 1, "e", 0)
-  assert gelu_kernel.Tiles.parse("128x128x64x3x16xmxsx1").delay == 1
+  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh, t.loop) == (128, 64, 64, 4, 8, 1, "e", "w")
+  assert gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxc").loop == "c"
+  with pytest.raises(ValueError, match="LOOP must be one of w, d, c"):
+    gelu_kernel.Tiles.parse("128x128x64x3x8xmxrx1")
   assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqrs"] == [
     0,
     1,
@@ -225,17 +227,26 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
   np.testing.assert_array_equal(extremes, [0, 0, 1, 1])  # 2^x overflowing or underflowing: no NaN
 
 
-@pytest.mark.parametrize(("col_sums", "tanh", "delay"), [(False, "r", 0), (True, "r", 0), (False, "s", 1)])
-def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh, delay):
+@pytest.mark.parametrize(
+  ("col_sums", "tanh", "loop"), [(False, "r", "w"), (True, "r", "w"), (False, "s", "d"), (True, "s", "c")]
+)
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh, loop):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
-  layout inference down to NVVM: the tiles, the epilogue's fast instructions and (col_sums) the column
-  sums' cross-lane reduction and their store, each a way the kernel could fail on a GPU after a change."""
-  monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 132)
-  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, delay=delay)
-  m, d, f = 2 * t.m, 2 * t.k, 4 * t.n
-  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
-  fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=t, col_sums=col_sums)
-  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  layout inference down to NVVM: the tiles, the epilogue's fast instructions, (col_sums) the column sums'
+  cross-lane reduction and their store, and the K loop's three forms, each a way the kernel could fail on a
+  GPU after a change. Two SMs for four tiles: loop "c" chains each block's two tiles' pipelines."""
+  monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 2)
+  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, loop=loop)
+  m, d, f = 2 * t.m, t.steps * t.k, 4 * t.n
+
+  def lowered(tiles):
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
+    fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=tiles, col_sums=col_sums)
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+  text = lowered(t)
   assert "mosaic_gpu" in text and "wgmma" in text
   assert ("ex2.approx" in text) and ("rsqrt.approx" in text)  # Tiles.tanh "r" and "s"
+  if loop != "w":
+    assert text != lowered(dataclasses.replace(t, loop="w"))
   assert ("-> (tensor<256x512xbf16>, tensor<2x512xf32>)" in text) == col_sums  # [M / TM, F] float32

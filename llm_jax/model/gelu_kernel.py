@@ -61,9 +61,12 @@ class Tiles:
     "s"  no tanh: gelu' written with sigmoid(2u) (activations.gelu_tanh_slope_by_sigmoid), the same two
          fast instructions and about half the other arithmetic (the epilogue is ALU-bound: ~2 ms of the
          kernel's time per 12 layers); not yet timed.
-  delay: wgmma groups left in flight when a K step ends (its slices released one step later): 0 waits for
-  each step's wgmma before the next is issued, as jax's own Hopper GEMM does; 1 keeps the tensor cores fed
-  across steps (CUTLASS's main loop); not yet timed.
+  loop: how the K loop meets its neighbours (LOOP). "w" waits for each step's wgmma before the next is
+  issued and starts each output tile's pipeline afresh, as jax's own Hopper GEMM does (6.3 ms alone at
+  these shapes against cuBLAS's 5.3); "d" leaves one wgmma group in flight across steps (the slices
+  released a step later: CUTLASS's main loop); "c" chains the tiles' pipelines (Pallas's pipeline of
+  pipelines), so the memory warpgroup fetches the next tile's first slices during this tile's epilogue
+  instead of after it. "d" and "c" are not yet timed.
   """
 
   m: int = 128
@@ -73,22 +76,24 @@ class Tiles:
   width: int = 16
   minor: int = 0
   tanh: str = "r"
-  delay: int = 0
+  loop: str = "w"
 
   @classmethod
   def parse(cls, text: str) -> Tiles:
-    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH[xDELAY]]]] (MINOR m or n; TANH e, a, p, q, r or s and DELAY 0 or 1
+    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH[xLOOP]]]] (MINOR m or n; TANH e, a, p, q, r or s and LOOP w, d or c
     as the class says)."""
     p = text.split("x")
-    extra = dict(zip(("width", "minor", "tanh", "delay"), p[4:], strict=False))
+    extra = dict(zip(("width", "minor", "tanh", "loop"), p[4:], strict=False))
     if extra.get("tanh", "r") not in _TANH:
       raise ValueError(f"Tiles.parse({text!r}): TANH must be one of {', '.join(_TANH)}")
+    if extra.get("loop", "w") not in ("w", "d", "c"):
+      raise ValueError(f"Tiles.parse({text!r}): LOOP must be one of w, d, c")
     return cls(
       *(int(v) for v in p[:4]),
       width=int(extra.get("width", 16)),
       minor=0 if extra.get("minor", "m") == "m" else 1,
       tanh=extra.get("tanh", "r"),
-      delay=int(extra.get("delay", 0)),
+      loop=extra.get("loop", "w"),
     )
 
   @property
@@ -146,24 +151,30 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
   layout = (mg.TilingTransform((8, _PIECE)), mg.SwizzleTransform(128))
   wt_DF = w_FD.T
 
+  delay = 1 if tiles.loop == "d" else 0
+  # chained pipelines need every block to walk at least two tiles (a first and a last) and whole rounds
+  # of `steps` slices per tile
+  chained = tiles.loop == "c" and m_tiles * f_tiles >= 2 * _num_sms() and k_steps % tiles.steps == 0
+
   def body(dy_gmem, wt_gmem, h_gmem, out_gmem, *sums_gmem):
-    def pipeline(step_body, context):
+    def pipeline(step_body, context, state=None):
       return mg.emit_pipeline_warp_specialized(
         step_body,
         grid=(k_steps,),
         memory_registers=40,
         in_specs=[
           mg.BlockSpec(
-            (tm, tk), lambda s: (0, s), transforms=layout, memory_space=mg.SMEM, delay_release=tiles.delay
+            (tm, tk), lambda s: (0, s), transforms=layout, memory_space=mg.SMEM, delay_release=delay
           ),
           mg.BlockSpec(
-            (tk, 2 * tn), lambda s: (s, 0), transforms=layout, memory_space=mg.SMEM, delay_release=tiles.delay
+            (tk, 2 * tn), lambda s: (s, 0), transforms=layout, memory_space=mg.SMEM, delay_release=delay
           ),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=tiles.steps,
         compute_context=context,
+        pipeline_state=state,
       )
 
     def nothing(*_, **__):
@@ -196,7 +207,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
             for p, (i, j) in enumerate(pieces):
               mg.copy_gmem_to_smem(piece(h_gmem, i, j), h_smem.at[wg, p], h_ready.at[wg * len(pieces) + p])
             run_pipeline(acc_ref)
-            mg.wgmma_wait(0)  # with `delay`, the last steps' wgmma may still run
+            mg.wgmma_wait(0)  # with loop "d", the last step's wgmma may still run
             acc = acc_ref[...]
             sums = {}
             for p, (i, j) in enumerate(pieces):
@@ -218,10 +229,15 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
 
         def step(_, dy_smem, wt_smem, acc_ref):
           mg.wgmma(acc_ref, dy_smem, wt_smem.at[:, pl.ds(wg * tn, tn)])
-          mg.wgmma_wait(tiles.delay)
+          mg.wgmma_wait(delay)
           return acc_ref
 
-        run = pipeline(step, context)
+        state = None
+        if chained:  # this block's first tile starts the chain, its last one drains it
+          first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
+          stage = mg.PipelinePipeline
+          state = jnp.where(first, int(stage.START), jnp.where(last, int(stage.STOP), int(stage.STEADY)))
+        run = pipeline(step, context, state)
         run(dy_gmem.at[rows, :], wt_gmem.at[:, pl.ds(fi * 2 * tn, 2 * tn)], allocations=allocs)
 
     mg.wait_smem_to_gmem(0, wait_read_only=True)
