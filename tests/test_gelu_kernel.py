@@ -232,14 +232,15 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
 )
 def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh, loop):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
-  layout inference down to NVVM: the tiles, the epilogue's fast instructions, (col_sums) the column sums'
-  cross-lane reduction and their store, and the K loop's three forms, each a way the kernel could fail on a
-  GPU after a change. Two SMs for four tiles: loop "c" chains each block's two tiles' pipelines."""
+  layout inference down to NVVM and its shared-memory check (a Hopper's 227 KiB): the tiles, the
+  epilogue's fast instructions, (col_sums) the column sums' cross-lane reduction and their store, and the
+  K loop's three forms, each a way the kernel could fail on a GPU after a change. Two SMs for four tiles:
+  loop "c" chains each block's two tiles' pipelines."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 2)
   t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, loop=loop)
   m, d, f = 2 * t.m, t.steps * t.k, 4 * t.n
 
-  def lowered(tiles):
+  def lowered(tiles, d=d):
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
     fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=tiles, col_sums=col_sums)
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -249,4 +250,6 @@ def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, ta
   assert ("ex2.approx" in text) and ("rsqrt.approx" in text)  # Tiles.tanh "r" and "s"
   if loop != "w":
     assert text != lowered(dataclasses.replace(t, loop="w"))
+  with pytest.raises(ValueError, match="exceeds available shared memory"):
+    lowered(dataclasses.replace(t, steps=t.steps + 1), d=12 * t.k)  # one more slice in flight does not fit
   assert ("-> (tensor<256x512xbf16>, tensor<2x512xf32>)" in text) == col_sums  # [M / TM, F] float32
