@@ -283,14 +283,6 @@ def _local_dgelu(dy_BLD, w_FD, h_BLF, kernel: bool, bias_grad: bool):
   return out_MF.reshape(h_BLF.shape), db_F
 
 
-def _mesh_axes(*logical) -> tuple[str, ...]:
-  """The mesh axes the logical axes map to, flattened."""
-  names = []
-  for a in nn.logical_to_mesh_axes(logical):
-    names += [] if a is None else [a] if isinstance(a, str) else list(a)
-  return tuple(names)
-
-
 def dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel: bool, bias_grad: bool = False):
   """(dY @ W^T) * gelu'(h) on each device's rows of the current mesh (constraint_mesh), and with
   `bias_grad` its float32 column sums [F], else None.
@@ -303,7 +295,7 @@ def dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel: bool, bias_grad: bool = False):
   if mesh is None or mesh.size == 1:
     return _local_dgelu(dy_BLD, w_FD, h_BLF, kernel, bias_grad)
   *rows, mlp = nn.logical_to_mesh_axes(("batch", "length", "act_mlp"))
-  row_axes = _mesh_axes("batch", "length")
+  row_axes = tuple(n for a in rows if a is not None for n in ((a,) if isinstance(a, str) else a))
 
   def local(dy_BLD, w_FD, h_BLF):
     dh_BLF, db_F = _local_dgelu(dy_BLD, w_FD, h_BLF, kernel, bias_grad)
