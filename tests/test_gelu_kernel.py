@@ -12,17 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_step import BASE, TOKENS, run_steps
+from test_step import BASE, build, run_steps
 
 from llm_jax import config as config_lib
 from llm_jax import sharding
-from llm_jax.model import Decoder, activations, gelu_kernel
+from llm_jax.model import activations, gelu_kernel
 from llm_jax.model import config as model_config
 from llm_jax.model.config import ModelConfig
-from llm_jax.train import optimizer as optimizer_lib
 from llm_jax.train import run_dir
 from llm_jax.train import setup as setup_lib
-from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
 
@@ -92,12 +90,7 @@ def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypa
 
 def _mlp_grads(overrides):
   """The MLP's parameter gradients of one batch on the overrides' mesh, as {path: float32 array}."""
-  c = config_lib.load("configs/tiny.py", [*BASE, *overrides])
-  mesh = sharding.make_mesh(c)
-  config_lib.validate(c, len(jax.devices()))
-  model = Decoder(ModelConfig.from_config(c, tokenizer_size=100, platform="cpu"))
-  state, _ = state_lib.create_state(model, optimizer_lib.make_optimizer(c), mesh, c, seed=0)
-  batch = sharding.global_batch({"inputs": TOKENS[:, :-1], "targets": TOKENS[:, 1:]}, mesh)
+  c, mesh, model, _, state, _, batch = build(overrides)
   fn = jax.jit(functools.partial(step_lib.loss_and_grads, model=model, config=c))
   with sharding.activate(mesh, c):
     _, grads = fn(state.params, batch, jax.random.key(0))

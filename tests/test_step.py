@@ -26,7 +26,9 @@ BASE = [
 TOKENS = np.random.default_rng(0).integers(0, 100, (8, 17)).astype(np.int32)
 
 
-def run_steps(overrides, n=3, jit=True, tokens=TOKENS):
+def build(overrides, tokens=TOKENS):
+  """The tiny config with `overrides`, its mesh, model, optimizer, initial state and shardings, and one
+  global batch of `tokens`."""
   c = config_lib.load("configs/tiny.py", BASE + list(overrides))
   mesh = sharding.make_mesh(c)
   config_lib.validate(c, len(jax.devices()))
@@ -34,6 +36,11 @@ def run_steps(overrides, n=3, jit=True, tokens=TOKENS):
   opt = optimizer_lib.make_optimizer(c)
   state, shardings = state_lib.create_state(model, opt, mesh, c, seed=0)
   batch = sharding.global_batch({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}, mesh)
+  return c, mesh, model, opt, state, shardings, batch
+
+
+def run_steps(overrides, n=3, jit=True, tokens=TOKENS):
+  c, mesh, model, opt, state, shardings, batch = build(overrides, tokens)
   fn = functools.partial(step_lib.train_step, model=model, optimizer=opt, config=c)
   if jit:
     fn = jax.jit(
