@@ -24,23 +24,20 @@ from llm_jax.train import setup as setup_lib
 from llm_jax.train import step as step_lib
 
 
-def _reference(h, b, w, ct):
-  return jnp.sum((jax.nn.gelu(h if b is None else h + b, approximate=True) @ w) * ct)
+def _reference(h, w, ct):
+  return jnp.sum((jax.nn.gelu(h, approximate=True) @ w) * ct)
 
 
 @pytest.mark.parametrize("kernel", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gelu_dot_and_its_gradients_equal_autodiff(kernel, bias):
-  """float32 (the kernel's dtype test fails, so `kernel` takes XLA's path too): value, dh, db and dW."""
-  k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+def test_gelu_dot_and_its_gradients_equal_autodiff(kernel):
+  """float32 (the kernel's dtype test fails, so `kernel` takes XLA's path too): value, dh and dW."""
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   h, w = jax.random.normal(k1, (2, 8, 64)), 0.1 * jax.random.normal(k2, (64, 16))
-  ct, b = jax.random.normal(k3, (2, 8, 16)), (jax.random.normal(k4, (64,)) if bias else None)
-  loss = lambda h, b, w: jnp.sum(gelu_kernel.gelu_dot(h, b, w, kernel) * ct)  # noqa: E731
-  got = jax.value_and_grad(loss, (0, 1, 2))(h, b, w)
-  want = jax.value_and_grad(_reference, (0, 1, 2))(h, b, w, ct)
+  ct = jax.random.normal(k3, (2, 8, 16))
+  got = jax.value_and_grad(lambda h, w: jnp.sum(gelu_kernel.gelu_dot(h, w, kernel) * ct), (0, 1))(h, w)
+  want = jax.value_and_grad(_reference, (0, 1))(h, w, ct)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
-  assert (got[1][1] is None) == (not bias)
-  for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+  for g, r in zip(got[1], want[1], strict=True):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
 
 
@@ -49,13 +46,9 @@ def _xla_in_the_kernels_place(monkeypatch, tiles):
   allowed on this CPU, `tiles` as the kernel's."""
   calls = []
 
-  def recorder(dy_MD, w_FD, h_MF, tiles=None, col_sums=False):
+  def recorder(dy_MD, w_FD, h_MF, tiles=None):
     calls.append((dy_MD.shape, w_FD.shape, h_MF.shape))
-    dh_MF = gelu_kernel.xla_dgelu_matmul(dy_MD, w_FD, h_MF)
-    if not col_sums:
-      return dh_MF
-    t = gelu_kernel.TILES.m  # the kernel's float32 column sums per row tile, [M / TM, F]
-    return dh_MF, jnp.sum(dh_MF.astype(jnp.float32).reshape(-1, t, dh_MF.shape[1]), axis=1)
+    return gelu_kernel.xla_dgelu_matmul(dy_MD, w_FD, h_MF)
 
   monkeypatch.setattr(gelu_kernel, "mosaic_dgelu_matmul", recorder)
   monkeypatch.setattr(gelu_kernel, "TILES", tiles)
@@ -63,21 +56,16 @@ def _xla_in_the_kernels_place(monkeypatch, tiles):
   return calls
 
 
-@pytest.mark.parametrize(
-  ("remat", "bias_sums"),
-  [("none", False), ("full", False), ("none", True)],  # the custom VJP under jax.checkpoint too
-)
-def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch, remat, bias_sums):
+@pytest.mark.parametrize("remat", ["none", "full"])  # the custom VJP under jax.checkpoint too
+def test_training_on_a_mesh_takes_the_kernel_per_device_and_matches_xla(monkeypatch, remat):
   """data x fsdp x tensor = 2 x 2 x 2, bf16, with biases: each device's rows (8 sequences of 16 over data x
-  fsdp -> 32) and its half of F (128 -> 64) go to the kernel's place, the up bias's gradient summed over
-  the row axes (from the kernel's column sums with `bias_sums`); three steps' losses as
-  model.gelu_kernel=xla."""
+  fsdp -> 32) and its half of F (128 -> 64) go to the kernel's place; three steps' losses and the MLP's
+  gradients (the up bias's among them) as model.gelu_kernel=xla."""
   mesh = ["sharding.data=2", "sharding.fsdp=2", "sharding.tensor=2", "model.dtype=bfloat16"]
   mesh += [f"model.remat={remat}", "model.use_bias=True"]
   ref, _, _ = run_steps([*mesh, "model.gelu_kernel=xla"])
   ref_grads = _mlp_grads([*mesh, "model.gelu_kernel=xla"])
   calls = _xla_in_the_kernels_place(monkeypatch, gelu_kernel.Tiles(m=8, n=16, k=8))
-  monkeypatch.setattr(gelu_kernel, "KERNEL_BIAS_SUMS", bias_sums)
   losses, _, _ = run_steps([*mesh, "model.gelu_kernel=mosaic"])
   assert calls and set(calls) == {((32, 32), (64, 32), (32, 64))}, calls
   np.testing.assert_allclose(losses, ref, rtol=2e-3)
@@ -147,10 +135,10 @@ def test_a_config_json_from_before_the_key_reads_as_xla(tmp_path):
 
 def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
-  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh, t.loop) == (128, 64, 64, 4, 8, 1, "e", "w")
-  assert gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxc").loop == "c"
-  with pytest.raises(ValueError, match="LOOP must be one of w, d, c"):
-    gelu_kernel.Tiles.parse("128x128x64x3x8xmxrx1")
+  assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh) == (128, 64, 64, 4, 8, 1, "e")
+  assert gelu_kernel.Tiles.parse("128x128x64x3") == gelu_kernel.Tiles()
+  with pytest.raises(ValueError, match=r"expected MxNxKxSTEPS\[xWIDTH"):
+    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxc")
   assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqrs"] == [
     0,
     1,
@@ -220,29 +208,23 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
   np.testing.assert_array_equal(extremes, [0, 0, 1, 1])  # 2^x overflowing or underflowing: no NaN
 
 
-@pytest.mark.parametrize(
-  ("col_sums", "tanh", "loop"), [(False, "r", "w"), (True, "r", "w"), (False, "s", "d"), (True, "s", "c")]
-)
-def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, col_sums, tanh, loop):
+@pytest.mark.parametrize("tanh", ["s", "r", "e"])
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
-  layout inference down to NVVM and its shared-memory check (a Hopper's 227 KiB): the tiles, the
-  epilogue's fast instructions, (col_sums) the column sums' cross-lane reduction and their store, and the
-  K loop's three forms, each a way the kernel could fail on a GPU after a change. Two SMs for four tiles:
-  loop "c" chains each block's two tiles' pipelines."""
+  layout inference down to NVVM and its shared-memory check (a Hopper's 227 KiB): the tiles, the pipeline,
+  the epilogue's fast instructions, each a way the kernel could fail on a GPU after a change. Two SMs for
+  four tiles: each block walks two."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 2)
-  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, loop=loop)
+  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh)
   m, d, f = 2 * t.m, t.steps * t.k, 4 * t.n
 
   def lowered(tiles, d=d):
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((m, d), (f, d), (m, f))]
-    fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=tiles, col_sums=col_sums)
+    fn = functools.partial(gelu_kernel.mosaic_dgelu_matmul, tiles=tiles)
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
   text = lowered(t)
-  assert "mosaic_gpu" in text and "wgmma" in text
-  assert ("ex2.approx" in text) and ("rsqrt.approx" in text)  # Tiles.tanh "r" and "s"
-  if loop != "w":
-    assert text != lowered(dataclasses.replace(t, loop="w"))
+  assert "mosaic_gpu" in text and "wgmma" in text and "-> tensor<256x512xbf16>" in text
+  assert ("ex2.approx" in text) == ("rsqrt.approx" in text) == (tanh != "e")  # "r" and "s": fast math
   with pytest.raises(ValueError, match="exceeds available shared memory"):
     lowered(dataclasses.replace(t, steps=t.steps + 1), d=12 * t.k)  # one more slice in flight does not fit
-  assert ("-> (tensor<256x512xbf16>, tensor<2x512xf32>)" in text) == col_sums  # [M / TM, F] float32

@@ -14,11 +14,8 @@ Shapes: M rows (tokens), D model width (the GEMM's K), F MLP width. The kernel n
 TM, F by 2 TN, D by TK (gpt_small's shapes are); anything else, and every non-Hopper platform, takes XLA's
 path (same function, g rounded to bf16 first). The forward pass is XLA's either way.
 
-With biases, the up projection (UpProjection: nn.Dense's parameters) hands its bias to gelu_dot unadded,
-so the bias gradient, dh's column sums, comes from the same backward pass: the kernel can write them
-per row tile from its float32 epilogue (col_sums) instead of XLA reading all of dh again for them, which
-cost the biased preset most of the kernel's gain ("Round seven"). KERNEL_BIAS_SUMS switches that on once a
-GPU run has checked it; the CPU tests lower the kernel for CUDA in both forms.
+With biases, XLA sums dh for the up bias's gradient (reading dh again). The kernel writing those sums from
+its float32 epilogue was tried and measured slower than that, besides wrong on the H200 ("Round nine").
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
@@ -62,12 +58,10 @@ class Tiles:
          fast instructions and about half the other arithmetic (the epilogue is ALU-bound): 8.1 ms against
          "r"'s 8.5 in one call; nothing cancels, so 4 of 25M slopes differ from float64's in bf16 (XLA's
          own: 2.2%). The default.
-  loop: how the K loop meets its neighbours (LOOP). "w" waits for each step's wgmma before the next is
-  issued and starts each output tile's pipeline afresh, as jax's own Hopper GEMM does (6.3 ms alone at
-  these shapes against cuBLAS's 5.3); "d" leaves one wgmma group in flight across steps (the slices
-  released a step later: CUTLASS's main loop); "c" chains the tiles' pipelines (Pallas's pipeline of
-  pipelines), so the memory warpgroup fetches the next tile's first slices during this tile's epilogue
-  instead of after it. Both measured slower than "w" on one H200 ("s": 8.40 and 8.34 ms against 8.10).
+  The K loop waits for each step's wgmma before the next is issued and starts each output tile's pipeline
+  afresh, as jax's own Hopper GEMM does. Leaving one wgmma group in flight across steps (delay_release 1),
+  and chaining the tiles' pipelines (Pallas's pipeline of pipelines), each measured slower on one H200
+  (8.40 and 8.34 ms against 8.10 with "s"; docs/performance.md "Round nine"), and were taken out.
   """
 
   m: int = 128
@@ -77,24 +71,21 @@ class Tiles:
   width: int = 16
   minor: int = 0
   tanh: str = "s"
-  loop: str = "w"
 
   @classmethod
   def parse(cls, text: str) -> Tiles:
-    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH[xLOOP]]]] (MINOR m or n; TANH e, a, p, q, r or s and LOOP w, d or c
-    as the class says)."""
+    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]] (MINOR m or n; TANH e, a, p, q, r or s as the class says)."""
     p = text.split("x")
-    extra = dict(zip(("width", "minor", "tanh", "loop"), p[4:], strict=False))
+    if not 4 <= len(p) <= 7:
+      raise ValueError(f"Tiles.parse({text!r}): expected MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]]")
+    extra = dict(zip(("width", "minor", "tanh"), p[4:], strict=False))
     if extra.get("tanh", "s") not in _TANH:
       raise ValueError(f"Tiles.parse({text!r}): TANH must be one of {', '.join(_TANH)}")
-    if extra.get("loop", "w") not in ("w", "d", "c"):
-      raise ValueError(f"Tiles.parse({text!r}): LOOP must be one of w, d, c")
     return cls(
       *(int(v) for v in p[:4]),
       width=int(extra.get("width", 16)),
       minor=0 if extra.get("minor", "m") == "m" else 1,
       tanh=extra.get("tanh", "s"),
-      loop=extra.get("loop", "w"),
     )
 
   @property
@@ -134,12 +125,8 @@ def fits(m: int, d: int, f: int, dtype, tiles: Tiles | None = None) -> bool:
   return dtype == jnp.bfloat16 and m % tiles.m == 0 and f % (2 * tiles.n) == 0 and d % tiles.k == 0
 
 
-def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums: bool = False):
-  """(dY @ W^T) * gelu'(h) -> [M, F] bf16, one Mosaic GPU kernel (Hopper; shapes as `fits` says).
-
-  `col_sums`: also the result's column sums per row tile, float32 [M / TM, F] (before the bf16 rounding),
-  returned second: the up projection's bias gradient once summed over the row tiles, without reading dh
-  again (KERNEL_BIAS_SUMS)."""
+def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
+  """(dY @ W^T) * gelu'(h) -> [M, F] bf16, one Mosaic GPU kernel (Hopper; shapes as `fits` says)."""
   import jax.experimental.pallas.mosaic_gpu as mg  # noqa: PLC0415 -- needs a CUDA jaxlib; CPU runs never import it
 
   tiles = tiles or TILES
@@ -152,30 +139,20 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
   layout = (mg.TilingTransform((8, _PIECE)), mg.SwizzleTransform(128))
   wt_DF = w_FD.T
 
-  delay = 1 if tiles.loop == "d" else 0
-  # chained pipelines need every block to walk at least two tiles (a first and a last) and whole rounds
-  # of `steps` slices per tile
-  chained = tiles.loop == "c" and m_tiles * f_tiles >= 2 * _num_sms() and k_steps % tiles.steps == 0
-
-  def body(dy_gmem, wt_gmem, h_gmem, out_gmem, *sums_gmem):
-    def pipeline(step_body, context, state=None):
+  def body(dy_gmem, wt_gmem, h_gmem, out_gmem):
+    def pipeline(step_body, context):
       return mg.emit_pipeline_warp_specialized(
         step_body,
         grid=(k_steps,),
         memory_registers=40,
         in_specs=[
-          mg.BlockSpec(
-            (tm, tk), lambda s: (0, s), transforms=layout, memory_space=mg.SMEM, delay_release=delay
-          ),
-          mg.BlockSpec(
-            (tk, 2 * tn), lambda s: (s, 0), transforms=layout, memory_space=mg.SMEM, delay_release=delay
-          ),
+          mg.BlockSpec((tm, tk), lambda s: (0, s), transforms=layout, memory_space=mg.SMEM),
+          mg.BlockSpec((tk, 2 * tn), lambda s: (s, 0), transforms=layout, memory_space=mg.SMEM),
         ],
         wg_axis="wg",
         num_compute_wgs=2,
         max_concurrent_steps=tiles.steps,
         compute_context=context,
-        pipeline_state=state,
       )
 
     def nothing(*_, **__):
@@ -186,10 +163,9 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
       allocs=pipeline(nothing, nothing).get_allocations(dy_gmem, wt_gmem),
       h_smem=mg.SMEM((2, len(pieces), _PIECE, _PIECE), jnp.bfloat16, transforms=layout),
       h_ready=mg.Barrier(num_barriers=2 * len(pieces)),
-      sums_smem=mg.SMEM((2, 1, tn if col_sums else 1), jnp.float32),
       collective_axes="wg",
     )
-    def scope(allocs, h_smem, h_ready, sums_smem):
+    def scope(allocs, h_smem, h_ready):
       wg = lax.axis_index("wg")
 
       @mg.nd_loop((m_tiles * f_tiles,), collective_axes="sm")
@@ -208,9 +184,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
             for p, (i, j) in enumerate(pieces):
               mg.copy_gmem_to_smem(piece(h_gmem, i, j), h_smem.at[wg, p], h_ready.at[wg * len(pieces) + p])
             run_pipeline(acc_ref)
-            mg.wgmma_wait(0)  # with loop "d", the last step's wgmma may still run
             acc = acc_ref[...]
-            sums = {}
             for p, (i, j) in enumerate(pieces):
               mg.barrier_wait(h_ready.at[wg * len(pieces) + p])
               slope = tiles.slope(h_smem[wg, p].astype(jnp.float32))
@@ -219,36 +193,20 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None, col_sums:
               h_smem[wg, p] = dh.astype(jnp.bfloat16)
               mg.commit_smem()
               mg.copy_smem_to_gmem(h_smem.at[wg, p], piece(out_gmem, i, j))
-              if col_sums:
-                s = jnp.sum(dh, axis=0)
-                sums[j] = sums[j] + s if j in sums else s
-            if col_sums:
-              for j, s in sums.items():
-                sums_smem[wg, 0, pl.ds(j * _PIECE, _PIECE)] = s
-              mg.commit_smem()
-              mg.copy_smem_to_gmem(sums_smem.at[wg], sums_gmem[0].at[pl.ds(mi, 1), cols])
 
         def step(_, dy_smem, wt_smem, acc_ref):
           mg.wgmma(acc_ref, dy_smem, wt_smem.at[:, pl.ds(wg * tn, tn)])
-          mg.wgmma_wait(delay)
+          mg.wgmma_wait(0)
           return acc_ref
 
-        state = None
-        if chained:  # this block's first tile starts the chain, its last one drains it
-          first, last = info.local_index == 0, info.local_index == info.num_local_steps - 1
-          stage = mg.PipelinePipeline
-          state = jnp.where(first, int(stage.START), jnp.where(last, int(stage.STOP), int(stage.STEADY)))
-        run = pipeline(step, context, state)
+        run = pipeline(step, context)
         run(dy_gmem.at[rows, :], wt_gmem.at[:, pl.ds(fi * 2 * tn, 2 * tn)], allocations=allocs)
 
     mg.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = jax.ShapeDtypeStruct((m, f), jnp.bfloat16)
-  if col_sums:
-    out_type = (out_type, jax.ShapeDtypeStruct((m_tiles, f), jnp.float32))
   return mg.kernel(
     body,
-    out_type=out_type,
+    out_type=jax.ShapeDtypeStruct((m, f), jnp.bfloat16),
     grid=(_num_sms(),),
     grid_names=("sm",),
     num_threads=3,
@@ -265,100 +223,62 @@ def xla_dgelu_matmul(dy_MD, w_FD, h_MF):
   return gelu_tanh_grad(h_MF, dy_MD @ w_FD.T)
 
 
-KERNEL_BIAS_SUMS = False  # the up bias's gradient from the kernel's column sums: not yet run on a GPU
-# (bench/dgelu_probe.py --bias checks it there); until then XLA sums dh for it, reading dh again
-
-
-def _local_dgelu(dy_BLD, w_FD, h_BLF, kernel: bool, bias_grad: bool):
-  """One device's rows: the kernel where asked and the local shapes fit, else XLA's path. Returns dh and,
-  with `bias_grad`, its float32 column sums [F] (the up projection's bias gradient), else None."""
+def _local_dgelu(dy_BLD, w_FD, h_BLF, kernel: bool):
+  """One device's rows: the kernel where asked and the local shapes fit, else XLA's path."""
   d, f = w_FD.shape[1], w_FD.shape[0]
   dy_MD, h_MF = dy_BLD.reshape(-1, d), h_BLF.reshape(-1, f)
   use = kernel and fits(h_MF.shape[0], d, f, h_MF.dtype) and dy_MD.dtype == w_FD.dtype == h_MF.dtype
-  if use and bias_grad and KERNEL_BIAS_SUMS:
-    out_MF, sums_TF = mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, col_sums=True)
-    db_F = jnp.sum(sums_TF, axis=0)
-  else:
-    out_MF = (mosaic_dgelu_matmul if use else xla_dgelu_matmul)(dy_MD, w_FD, h_MF)
-    db_F = jnp.sum(out_MF.astype(jnp.float32), axis=0) if bias_grad else None
-  return out_MF.reshape(h_BLF.shape), db_F
+  out_MF = (mosaic_dgelu_matmul if use else xla_dgelu_matmul)(dy_MD, w_FD, h_MF)
+  return out_MF.reshape(h_BLF.shape)
 
 
-def dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel: bool, bias_grad: bool = False):
-  """(dY @ W^T) * gelu'(h) on each device's rows of the current mesh (constraint_mesh), and with
-  `bias_grad` its float32 column sums [F], else None.
+def dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel: bool):
+  """(dY @ W^T) * gelu'(h) on each device's rows of the current mesh (constraint_mesh).
 
   A custom kernel is opaque to XLA's partitioner, so it runs under shard_map: rows split as the `batch` and
-  `length` logical axes are, F as `act_mlp` is (a tensor-parallel W's rows go with it), D whole; the column
-  sums are summed over the row axes there.
+  `length` logical axes are, F as `act_mlp` is (a tensor-parallel W's rows go with it), D whole.
   """
   mesh = current_mesh()
   if mesh is None or mesh.size == 1:
-    return _local_dgelu(dy_BLD, w_FD, h_BLF, kernel, bias_grad)
+    return _local_dgelu(dy_BLD, w_FD, h_BLF, kernel)
   *rows, mlp = nn.logical_to_mesh_axes(("batch", "length", "act_mlp"))
-  row_axes = tuple(n for a in rows if a is not None for n in ((a,) if isinstance(a, str) else a))
-
-  def local(dy_BLD, w_FD, h_BLF):
-    dh_BLF, db_F = _local_dgelu(dy_BLD, w_FD, h_BLF, kernel, bias_grad)
-    if not bias_grad:
-      return dh_BLF
-    return dh_BLF, (lax.psum(db_F, row_axes) if row_axes else db_F)
-
-  out = jax.shard_map(
-    local,
+  return jax.shard_map(
+    functools.partial(_local_dgelu, kernel=kernel),
     mesh=mesh,
     in_specs=(P(*rows, None), P(mlp, None), P(*rows, mlp)),
-    out_specs=(P(*rows, mlp), P(mlp)) if bias_grad else P(*rows, mlp),
+    out_specs=P(*rows, mlp),
     check_vma=False,
   )(dy_BLD, w_FD, h_BLF)
-  return out if bias_grad else (out, None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gelu_dot(h_BLF, b_F, w_FD, kernel: bool):
-  """gelu_tanh(h + b) @ W (b None: no bias); the gradients with respect to h and b from dgelu_matmul (the
-  kernel when `kernel`)."""
-  return gelu_tanh(h_BLF if b_F is None else h_BLF + b_F) @ w_FD
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gelu_dot(h_BLF, w_FD, kernel: bool):
+  """gelu_tanh(h) @ W; its gradient with respect to h from dgelu_matmul (the kernel when `kernel`)."""
+  return gelu_tanh(h_BLF) @ w_FD
 
 
-def _gelu_dot_fwd(h_BLF, b_F, w_FD, kernel):
-  if b_F is not None:
-    h_BLF = h_BLF + b_F
+def _gelu_dot_fwd(h_BLF, w_FD, kernel):
   a_BLF = gelu_tanh(h_BLF)
-  return a_BLF @ w_FD, (h_BLF, a_BLF, w_FD, b_F)
+  return a_BLF @ w_FD, (h_BLF, a_BLF, w_FD)
 
 
 def _gelu_dot_bwd(kernel, residuals, dy_BLD):
-  h_BLF, a_BLF, w_FD, b_F = residuals  # b_F: only its dtype is used
-  dh_BLF, db_F = dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel, bias_grad=b_F is not None)
+  h_BLF, a_BLF, w_FD = residuals
+  dh_BLF = dgelu_matmul(dy_BLD, w_FD, h_BLF, kernel)
   dw_FD = jnp.einsum("blf,bld->fd", a_BLF, dy_BLD.astype(a_BLF.dtype))
-  return dh_BLF, None if b_F is None else db_F.astype(b_F.dtype), dw_FD.astype(w_FD.dtype)
+  return dh_BLF, dw_FD.astype(w_FD.dtype)
 
 
 gelu_dot.defvjp(_gelu_dot_fwd, _gelu_dot_bwd)
 
 
-class UpProjection(nn.Dense):
-  """The up projection as gelu_dot takes it: nn.Dense's parameters (same names, shapes and initialisers),
-  but x @ W and the bias come back unadded, so that the bias goes into gelu_dot and its gradient comes from
-  the same backward pass as dh."""
-
-  @nn.compact
-  def __call__(self, x):
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision), bias
-
-
-def gelu_dot_general(kernel_axes, kernel: bool, bias=None):
-  """A dot_general for the down projection's flax Dense, fed the pre-activation h without the up
-  projection's `bias` (UpProjection's two results): gelu_dot after the FSDP weight gather
-  (llm_jax.model.partitioning.gathering_dot). Same parameters as a Dense fed gelu(h + bias)."""
+def gelu_dot_general(kernel_axes, kernel: bool):
+  """A dot_general for the down projection's flax Dense, fed the pre-activation h: gelu_dot after the FSDP
+  weight gather (llm_jax.model.partitioning.gathering_dot). Same parameters as a Dense fed gelu(h)."""
 
   def product(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
     if dimension_numbers != (((lhs.ndim - 1,), (0,)), ((), ())) or lhs.ndim != 3:
       raise ValueError(f"gelu_dot_general: a [B, L, F] @ [F, D] product, got {dimension_numbers}")
-    return gelu_dot(lhs, bias, rhs, kernel)
+    return gelu_dot(lhs, rhs, kernel)
 
   return gathering_dot(kernel_axes, product=product)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from llm_jax.model.activations import gelu_tanh, swiglu
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.fused import KVCache, fused_dense, fused_params, norm_stats, one_cache_attention
-from llm_jax.model.gelu_kernel import UpProjection, gelu_dot_general
+from llm_jax.model.gelu_kernel import gelu_dot_general
 from llm_jax.model.layers import Norm, head_logits
 from llm_jax.model.partitioning import constrain as _constrain
 from llm_jax.model.partitioning import gathering_dot as _gathering_dot
@@ -215,8 +215,8 @@ class Mlp(nn.Module):
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
     levers = c.levers() if decode else frozenset()
 
-    def dense(name, feat, axes, std, dot=None, cls=nn.Dense):
-      return cls(
+    def dense(name, feat, axes, std, dot=None):
+      return nn.Dense(
         feat,
         use_bias=c.use_bias,
         dtype=dt,
@@ -241,13 +241,14 @@ class Mlp(nn.Module):
         dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD),
       )
     elif c.gelu_kernel == "mosaic" and not decode and not self.fp8:
-      # model.gelu_kernel: the down projection takes the pre-activation and the up projection's bias; its
-      # backward pass computes (dY @ W^T) * gelu'(h) in one kernel (llm_jax.model.gelu_kernel), and the
-      # bias gradient beside it. Same parameters.
-      h_BLF, b_F = dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std, cls=UpProjection)(x_BLD)
-      h_BLF = _constrain(h_BLF, ("batch", "length", "act_mlp"))
-      down_dot = gelu_dot_general(("mlp", "embed"), True, bias=b_F)
-      return dense("down", c.d_model, ("mlp", "embed"), out_std, dot=down_dot)(h_BLF)
+      # model.gelu_kernel: the down projection takes the pre-activation; its backward pass computes
+      # (dY @ W^T) * gelu'(h) in one kernel (llm_jax.model.gelu_kernel). Same parameters.
+      h_BLF = _constrain(
+        dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD), ("batch", "length", "act_mlp")
+      )
+      return dense(
+        "down", c.d_model, ("mlp", "embed"), out_std, dot=gelu_dot_general(("mlp", "embed"), True)
+      )(h_BLF)
     else:
       h_BLF = gelu_tanh(dense("up", c.mlp_dim, ("embed", "mlp"), c.init_std)(x_BLD))
     h_BLF = _constrain(h_BLF, ("batch", "length", "act_mlp"))
