@@ -122,10 +122,6 @@ def get_config() -> ml_collections.ConfigDict:
   # docs/performance.md, "Round seven"):
   #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='model.gelu_kernel=xla'
   m.gelu_kernel = "auto"
-  # True: LayerNorm / RMSNorm with a hand-written gradient keeping only x and two float32 numbers a row
-  # (llm_jax.model.norms; the same parameters and forward pass). Off until a GPU run times it:
-  #   python -m llm_jax.bench --config=configs/gpt_small.py --synthetic --variant='model.norm_vjp=True'
-  m.norm_vjp = False
 
   # ---------------------------------------------------------------- training (llm_jax.train)
   tr = c.train = ml_collections.ConfigDict()

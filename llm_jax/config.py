@@ -112,19 +112,31 @@ ADDED_KEYS = {
   "train.loss_chunks": 0,
   "train.loss_kernel": "xla",  # what runs from before `auto` trained with
   "model.gelu_kernel": "xla",  # what runs from before `auto` (2026-12-04) trained with
-  "model.norm_vjp": False,
 }
+# Keys taken out of configs/base.py that a config.json may still hold; none changed the model's
+# parameters or its forward pass, so migrate drops them.
+REMOVED_KEYS = ("model.norm_vjp",)  # a hand-written norm gradient: slower on the H200 (2026-12-04)
+
+
+def _parent(raw: dict, dotted: str):
+  *parents, leaf = dotted.split(".")
+  node = raw
+  for part in parents:
+    node = node.get(part) if isinstance(node, dict) else None
+  return node if isinstance(node, dict) else None, leaf
 
 
 def migrate(raw: dict) -> dict:
-  """An older config.json's dict with every key of ADDED_KEYS it lacks (sections it has only)."""
+  """An older config.json's dict with every key of ADDED_KEYS it lacks (sections it has only) and none of
+  REMOVED_KEYS."""
   for dotted, value in ADDED_KEYS.items():
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-      node = node.get(part) if isinstance(node, dict) else None
-    if isinstance(node, dict) and leaf not in node:
+    node, leaf = _parent(raw, dotted)
+    if node is not None and leaf not in node:
       node[leaf] = value
+  for dotted in REMOVED_KEYS:
+    node, leaf = _parent(raw, dotted)
+    if node is not None:
+      node.pop(leaf, None)
   return raw
 
 

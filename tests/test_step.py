@@ -10,6 +10,7 @@ from llm_jax import config as config_lib
 from llm_jax import sharding
 from llm_jax.model import Decoder, ModelConfig
 from llm_jax.train import optimizer as optimizer_lib
+from llm_jax.train import run_dir
 from llm_jax.train import state as state_lib
 from llm_jax.train import step as step_lib
 
@@ -187,7 +188,8 @@ def test_settings_that_cannot_work_are_config_errors_naming_the_key(override, ke
 
 def test_an_older_config_json_is_migrated_in_one_place(tmp_path):
   """A config.json written before model.causal, rope scaling and keep_best existed reads with the values
-  that reproduce the older code, and rebuilds the same ModelConfig."""
+  that reproduce the older code, and rebuilds the same ModelConfig; one holding a key taken out since
+  (model.norm_vjp) reads without it, so a resume reports no changed key."""
   import json
 
   from llm_jax.model import ModelConfig
@@ -197,6 +199,7 @@ def test_an_older_config_json_is_migrated_in_one_place(tmp_path):
   for section, key in (("model", "causal"), ("model", "rope_scaling"), ("train", "keep_best")):
     del raw[section][key]
   raw["model"]["vocab_size"] = 2048
+  raw["model"]["norm_vjp"] = True
   path = tmp_path / "config.json"
   path.write_text(json.dumps(raw))
   old = config_lib.from_json(str(path))
@@ -204,3 +207,4 @@ def test_an_older_config_json_is_migrated_in_one_place(tmp_path):
   with new.unlocked():
     new.model.vocab_size = 2048
   assert ModelConfig.from_config(old, platform="cpu") == ModelConfig.from_config(new, platform="cpu")
+  assert "norm_vjp" not in old.model and run_dir.changed_keys(old, new) == []

@@ -55,8 +55,6 @@ class ModelConfig:
   # "mosaic": the GELU MLP's backward dh = (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel (Hopper, not
   # with fp8; llm_jax.model.gelu_kernel); "xla": XLA's GEMM then fusion. from_config resolves "auto".
   gelu_kernel: str = "xla"
-  # True: LayerNorm / RMSNorm with a hand-written gradient that keeps only x (llm_jax.model.norms)
-  norm_vjp: bool = False
   # Decode-only rewrites, comma-separated, set together with the parameters they need by
   # `model.unstack_layers(params, cfg, levers=...)` (never in training; docs/serving.md):
   # "qkv" one [D, N+2K, H] query/key/value matmul (SwiGLU: one [D, 2, F] gate/up matmul);
@@ -130,7 +128,6 @@ class ModelConfig:
       fp8=bool(m.get("fp8", False)),
       fp8_head=bool(m.get("fp8_head", False)),
       gelu_kernel=resolve_gelu_kernel(m, platform),
-      norm_vjp=bool(m.get("norm_vjp", False)),
     )
 
   def param_count(self, include_embedding: bool = True) -> int:

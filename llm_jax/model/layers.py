@@ -7,7 +7,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from llm_jax.model import norms
 from llm_jax.model.config import ModelConfig
 from llm_jax.model.fp8 import fp8_dot_general
 from llm_jax.model.partitioning import constrain as _constrain
@@ -29,12 +28,12 @@ class Norm(nn.Module):
       param_dtype=jnp.dtype(c.param_dtype),
       scale_init=_lp(nn.initializers.ones, ("norm",)),
     )
-    rms = c.norm == "rmsnorm"
-    if not rms:
-      kw.update(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)))
-    if c.norm_vjp:  # model.norm_vjp: the same parameters and forward pass, a leaner gradient
-      return (norms.RMSNorm if rms else norms.LayerNorm)(out_dtype=jnp.dtype(c.dtype), **kw)(x_BLD)
-    y = (nn.RMSNorm if rms else nn.LayerNorm)(**kw)(x_BLD.astype(jnp.float32))
+    if c.norm == "rmsnorm":
+      y = nn.RMSNorm(**kw)(x_BLD.astype(jnp.float32))
+    else:
+      y = nn.LayerNorm(use_bias=c.use_bias, bias_init=_lp(nn.initializers.zeros, ("norm",)), **kw)(
+        x_BLD.astype(jnp.float32)
+      )
     return y.astype(jnp.dtype(c.dtype))
 
 
