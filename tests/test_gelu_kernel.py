@@ -1,8 +1,8 @@
 """model.gelu_kernel (llm_jax/model/gelu_kernel.py): the down projection fed the pre-activation, whose
-backward pass computes (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel. The kernel itself needs a Hopper GPU
-(bench/dgelu_probe.py checks its numbers there); on CPU these tests check everything around it: the custom
-gradient, the per-device shard_map on a (data, fsdp, tensor) mesh with the kernel's place taken by XLA's
-function, the shape fallback, and how the key resolves."""
+backward pass computes (dY @ W^T) * gelu'(h) in one Mosaic GPU kernel. Its speed needs a Hopper GPU
+(bench/dgelu_probe.py); on CPU these tests run the kernel in Pallas's Mosaic GPU interpreter and lower it
+for CUDA, and check everything around it: the custom gradient, the per-device shard_map on a (data, fsdp,
+tensor) mesh with the kernel's place taken by XLA's function, the shape fallback, how the key resolves."""
 
 import dataclasses
 import functools
@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.mosaic_gpu.interpret import params as mgpu_interpret  # not public in jax yet
 from test_step import BASE, build, run_steps
 
 from llm_jax import config as config_lib
@@ -228,3 +229,28 @@ def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh):
   assert ("ex2.approx" in text) == ("rsqrt.approx" in text) == (tanh != "e")  # "r" and "s": fast math
   with pytest.raises(ValueError, match="exceeds available shared memory"):
     lowered(dataclasses.replace(t, steps=t.steps + 1), d=12 * t.k)  # one more slice in flight does not fit
+
+
+@pytest.mark.parametrize(("sms", "minor"), [(2, 0), (1, 1)])
+def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, sms, minor):
+  """The kernel itself, run on this CPU by Pallas's Mosaic GPU interpreter (threads, shared memory, TMA
+  copies, barriers and wgmma simulated): 3 x 2 output blocks walked by `sms` persistent blocks, 5 K steps
+  through a pipeline 3 deep (slots reused, a partial last round), every h piece and tile placement
+  checked against g in float32 times gelu'(h) in float64, rounded to bf16. What the interpreter does not
+  model: layouts and register fragments (the lowering test's part) and asynchronous hazards (its TMA
+  copies complete at once); the GPU's numbers stay bench/dgelu_probe.py's."""
+  monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: sms)
+  t = dataclasses.replace(gelu_kernel.TILES, minor=minor)
+  m, d, f = 3 * t.m, 5 * t.k, 2 * 2 * t.n
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  dy = jax.random.normal(k1, (m, d), jnp.float32).astype(jnp.bfloat16)
+  w = (0.1 * jax.random.normal(k2, (f, d), jnp.float32)).astype(jnp.bfloat16)
+  h = (2 * jax.random.normal(k3, (m, f), jnp.float32)).astype(jnp.bfloat16)
+  with mgpu_interpret.force_gpu_interpret_mode(mgpu_interpret.InterpretGPUParams()):
+    got = np.asarray(gelu_kernel.mosaic_dgelu_matmul(dy, w, h, t).astype(jnp.float32))
+  g = np.asarray(dy, np.float64) @ np.asarray(w, np.float64).T
+  x = np.asarray(h, np.float64)
+  s = 1 / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+  want = g * s * (1 + 2 * x * (1 - s) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x * x))
+  # bf16's rounding (2^-9 relative) and float32 accumulation (near zero crossings of g)
+  np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-5 * np.abs(want).max())
