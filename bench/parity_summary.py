@@ -6,16 +6,24 @@ Runs are named GROUP or GROUP_seedN (no suffix: seed 0); the group "off" (switch
 reference. Printed: every run's validation loss at every evaluation (the curves), each run's best and
 final loss, the seed-to-seed spread of "off" (the largest difference between two of its seeds at one
 evaluation), and for each other group the largest difference from "off" of the same seed, the mean of
-its best losses against the range of "off"'s, and whether each lies within the spread. Used by
+its best losses against the range of "off"'s, whether each lies within the spread, and the per-seed
+differences of best losses from "off"'s with their paired t statistic (a shift smaller than the spread
+can still be systematic: "Round six" in docs/performance.md). Used by
 bench/gpu_side_by_side.sh (stages parity, parity_bpe, parity_seeds).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import sys
 from itertools import combinations
+
+# two-sided 5% critical values of Student's t by degrees of freedom (10 and more: 2.23, which
+# overstates the bar a little)
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
 def group_seed(run: str) -> tuple[str, int]:
@@ -84,7 +92,24 @@ def summary(name: str, runs: list[str], curves: dict[str, dict[int, float]]) -> 
       f"{g}: best losses {min(g_best):.4f}-{max(g_best):.4f}, mean {mean:.4f} "
       f"({'inside' if inside else 'outside'} off's range {min(off_best):.4f}-{max(off_best):.4f})"
     )
+    lines += paired_t(g, [(best[run], best[off[seed]]) for seed, run in sorted(seeds.items()) if seed in off])
   return lines
+
+
+def paired_t(group: str, pairs: list[tuple[float, float]]) -> list[str]:
+  """One line: each seed's best loss minus off's, their mean and paired t (two or more seeds)."""
+  diffs = [a - b for a, b in pairs]
+  if len(diffs) < 2:
+    return []
+  mean, sd, df = statistics.fmean(diffs), statistics.stdev(diffs), len(diffs) - 1
+  each = ", ".join(f"{d:+.4f}" for d in diffs)
+  head = f"{group}: best loss - off's per seed {each}: mean {mean:+.4f}, "
+  if sd == 0:
+    return [head + "paired t undefined (every seed differs by as much)"]
+  t, bar = mean / (sd / math.sqrt(len(diffs))), _T95.get(df, 2.23)
+  verdict = "significant" if abs(t) > bar else "not significant"
+  plural = "s" if df > 1 else ""
+  return [head + f"paired t = {t:+.2f} ({df} degree{plural} of freedom: {verdict} at 5%, bar {bar})"]
 
 
 def main(argv: list[str]) -> None:
