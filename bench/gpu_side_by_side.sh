@@ -22,8 +22,10 @@
 #                 trainings at a time, default 4; PARITY_GROUPS, default "off fp8 chunks", also
 #                 fp8head: model.fp8 with model.fp8_head, kernel: train.loss_kernel=pallas, gelu:
 #                 model.gelu_kernel=mosaic; PARITY_LIMIT s a
-#                 training, default 300), the curves and each switch against the seeds' spread
-#                 (bench/parity_summary.py); then per-step training losses of the switches in float32 and
+#                 training, default 300; PARITY_DEADLINE: no wave of PARALLEL trainings starts unless the
+#                 last one's time fits before this many s from the script's start, so a device call's limit
+#                 cuts no summary), the curves and each switch against the seeds' spread with the paired
+#                 t of best losses (bench/parity_summary.py); then per-step training losses of the switches in float32 and
 #                 in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
 #                 "float32 bfloat16"; bench/compare_losses.py); ~10 min with both dtypes, ~8 with one
 #     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm (and Tokamax's kernels where it
@@ -199,13 +201,23 @@ parity_seeds() {  # SEEDS seeds each of off / fp8 / chunks, PARALLEL trainings a
   done
   local frac
   frac=$(awk -v p="${PARALLEL:-4}" 'BEGIN { printf "%.2f", 0.9 / p }')
+  local wave_start wave_s=0 started=()
   for run in "${runs[@]}"; do
+    if [ $(( n % ${PARALLEL:-4} )) -eq 0 ]; then  # a new wave
+      if [ $n -gt 0 ]; then wait; wave_s=$(( $(date +%s) - wave_start )); fi
+      if [ -n "${PARITY_DEADLINE:-}" ] && [ $(( $(date +%s) - T0 + wave_s )) -gt "$PARITY_DEADLINE" ]; then
+        echo "PARITY_DEADLINE ${PARITY_DEADLINE}s: the next wave (${wave_s}s last time) would end past it;" \
+          "runs from $run on not started" | tee -a "$OUT/all.log"
+        break
+      fi
+      wave_start=$(date +%s)
+    fi
     XLA_PYTHON_CLIENT_MEM_FRACTION=$frac parity_run "$name" "$run" &
+    started+=("$run")
     n=$(( n + 1 ))
-    [ $(( n % ${PARALLEL:-4} )) -eq 0 ] && wait
   done
   wait
-  $PY bench/parity_summary.py "$OUT" "$name" "${runs[@]}" | tee -a "$OUT/all.log"
+  $PY bench/parity_summary.py "$OUT" "$name" "${started[@]}" | tee -a "$OUT/all.log"
   local dt
   for dt in ${CHECK_DTYPES:-float32 bfloat16}; do
     stage "parity_steps_$dt" 300 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true" -- \
