@@ -55,9 +55,9 @@ class Tiles:
     "r"  ex2.approx and the division as rsqrt.approx.f32 squared, two fast instructions: 8.5-8.7 ms; up to
          7.6e-6 (only where gelu' is below ~1e-3: float32's cancellation), mean -7e-8.
     "s"  no tanh: gelu' written with sigmoid(2u) (activations.gelu_tanh_slope_by_sigmoid), the same two
-         fast instructions and about half the other arithmetic (the epilogue is ALU-bound): 8.1 ms against
-         "r"'s 8.5 in one call; nothing cancels, so 4 of 25M slopes differ from float64's in bf16 (XLA's
-         own: 2.2%). The default.
+         fast instructions and about half the other arithmetic: 8.1 ms against "r"'s 8.5 in one call
+         (less than halving an ALU-bound epilogue would give); it loses no precision to cancellation, so
+         4 of 25M slopes differ from float64's in bf16 (XLA's own: 2.2%). The default.
   The K loop waits for each step's wgmma before the next is issued and starts each output tile's pipeline
   afresh, as jax's own Hopper GEMM does. Leaving one wgmma group in flight across steps (delay_release 1),
   and chaining the tiles' pipelines (Pallas's pipeline of pipelines), each measured slower on one H200
