@@ -138,8 +138,11 @@ def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
   assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh) == (128, 64, 64, 4, 8, 1, "e")
   assert gelu_kernel.Tiles.parse("128x128x64x3") == gelu_kernel.Tiles()
+  assert gelu_kernel.Tiles.parse("128x128x64x5x16xmxsxp").schedule == "p"
+  with pytest.raises(ValueError, match="SCHEDULE must be c or p"):
+    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxd")
   with pytest.raises(ValueError, match=r"expected MxNxKxSTEPS\[xWIDTH"):
-    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxc")
+    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxcx1")
   assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqrs"] == [
     0,
     1,
@@ -209,14 +212,14 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
   np.testing.assert_array_equal(extremes, [0, 0, 1, 1])  # 2^x overflowing or underflowing: no NaN
 
 
-@pytest.mark.parametrize("tanh", ["s", "r", "e"])
-def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh):
+@pytest.mark.parametrize(("tanh", "schedule"), [("s", "c"), ("r", "c"), ("e", "c"), ("s", "p")])
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh, schedule):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
   layout inference down to NVVM and its shared-memory check (a Hopper's 227 KiB): the tiles, the pipeline,
   the epilogue's fast instructions, each a way the kernel could fail on a GPU after a change. Two SMs for
   four tiles: each block walks two."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 2)
-  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh)
+  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, schedule=schedule)
   m, d, f = 2 * t.m, t.steps * t.k, 4 * t.n
 
   def lowered(tiles, d=d):
@@ -227,20 +230,25 @@ def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh):
   text = lowered(t)
   assert "mosaic_gpu" in text and "wgmma" in text and "-> tensor<256x512xbf16>" in text
   assert ("ex2.approx" in text) == ("rsqrt.approx" in text) == (tanh != "e")  # "r" and "s": fast math
+  too_deep = t.steps + (1 if schedule == "c" else 3)  # ping-pong's slots hold half the bytes
   with pytest.raises(ValueError, match="exceeds available shared memory"):
-    lowered(dataclasses.replace(t, steps=t.steps + 1), d=12 * t.k)  # one more slice in flight does not fit
+    lowered(dataclasses.replace(t, steps=too_deep), d=12 * t.k)
 
 
-@pytest.mark.parametrize(("sms", "minor"), [(2, 0), (1, 1)])
-def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, sms, minor):
+@pytest.mark.parametrize(
+  ("schedule", "sms", "minor"), [("c", 2, 0), ("c", 1, 1), ("p", 2, 0), ("p", 5, 1), ("p", 13, 0)]
+)
+def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, schedule, sms, minor):
   """The kernel itself, run on this CPU by Pallas's Mosaic GPU interpreter (threads, shared memory, TMA
-  copies, barriers and wgmma simulated): 3 x 2 output blocks walked by `sms` persistent blocks, 5 K steps
-  through a pipeline 3 deep (slots reused, a partial last round), every h piece and tile placement
-  checked against g in float32 times gelu'(h) in float64, rounded to bf16. What the interpreter does not
-  model: layouts and register fragments (the lowering test's part) and asynchronous hazards (its TMA
-  copies complete at once); the GPU's numbers stay bench/dgelu_probe.py's."""
+  copies, barriers and wgmma simulated): 3 x 2 output blocks of m x 2n (3 x 4 ping-pong tiles of m x n)
+  walked by `sms` persistent blocks (13: more blocks than tiles, some walk none; 5: odd and even counts,
+  so a ping-pong warpgroup may get one tile fewer), 5 K steps through 3 slots (reused, a partial last
+  round), every h piece and tile placement checked against g in float32 times gelu'(h) in float64,
+  rounded to bf16. The interpreter also refuses a barrier whose phases a thread left unobserved. What it
+  does not model: layouts and register fragments (the lowering test's part) and asynchronous hazards (its
+  TMA copies complete at once); the GPU's numbers stay bench/dgelu_probe.py's."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: sms)
-  t = dataclasses.replace(gelu_kernel.TILES, minor=minor)
+  t = dataclasses.replace(gelu_kernel.TILES, minor=minor, schedule=schedule)
   m, d, f = 3 * t.m, 5 * t.k, 2 * 2 * t.n
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   dy = jax.random.normal(k1, (m, d), jnp.float32).astype(jnp.bfloat16)
