@@ -7,6 +7,7 @@ tensor) mesh with the kernel's place taken by XLA's function, the shape fallback
 import dataclasses
 import functools
 import json
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -235,6 +236,27 @@ def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh, schedu
     lowered(dataclasses.replace(t, steps=too_deep), d=12 * t.k)
 
 
+def _interpreted(fn, seconds=180):
+  """fn() under the Mosaic GPU interpreter, on a thread of its own: a barrier that is never released
+  (a schedule's mistake) fails the test after `seconds` instead of hanging the suite."""
+  out = {}
+
+  def run():
+    try:
+      with mgpu_interpret.force_gpu_interpret_mode(mgpu_interpret.InterpretGPUParams()):
+        out["value"] = fn()
+    except Exception as e:  # noqa: BLE001 -- re-raised on the test's thread
+      out["error"] = e
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  assert not thread.is_alive(), f"the kernel did not finish in {seconds} s in the interpreter (deadlock?)"
+  if "error" in out:
+    raise out["error"]
+  return out["value"]
+
+
 @pytest.mark.parametrize(
   ("schedule", "sms", "minor"), [("c", 2, 0), ("c", 1, 1), ("p", 2, 0), ("p", 5, 1), ("p", 13, 0)]
 )
@@ -254,8 +276,7 @@ def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, sc
   dy = jax.random.normal(k1, (m, d), jnp.float32).astype(jnp.bfloat16)
   w = (0.1 * jax.random.normal(k2, (f, d), jnp.float32)).astype(jnp.bfloat16)
   h = (2 * jax.random.normal(k3, (m, f), jnp.float32)).astype(jnp.bfloat16)
-  with mgpu_interpret.force_gpu_interpret_mode(mgpu_interpret.InterpretGPUParams()):
-    got = np.asarray(gelu_kernel.mosaic_dgelu_matmul(dy, w, h, t).astype(jnp.float32))
+  got = _interpreted(lambda: np.asarray(gelu_kernel.mosaic_dgelu_matmul(dy, w, h, t).astype(jnp.float32)))
   g = np.asarray(dy, np.float64) @ np.asarray(w, np.float64).T
   x = np.asarray(h, np.float64)
   s = 1 / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
