@@ -23,10 +23,10 @@
 #                 fp8head: model.fp8 with model.fp8_head, kernel: train.loss_kernel=pallas, gelu:
 #                 model.gelu_kernel=mosaic; PARITY_LIMIT s a
 #                 training, default 300; PARITY_DEADLINE: no wave of PARALLEL trainings starts unless the
-#                 last one's time fits before this many s from the script's start, so a device call's limit
-#                 cuts no summary), the curves and each switch against the seeds' spread with the paired
-#                 t of best losses (bench/parity_summary.py); then per-step training losses of the switches in float32 and
-#                 in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
+#                 last one's time fits before this many s from the script's start, so a device call's
+#                 limit cuts no summary), the curves and each switch against the seeds' spread with the
+#                 paired t of best losses (bench/parity_summary.py); then per-step training losses of the
+#                 switches in float32 and in bfloat16 compute from one start (CHECK_STEPS, default 200; CHECK_DTYPES, default
 #                 "float32 bfloat16"; bench/compare_losses.py); ~10 min with both dtypes, ~8 with one
 #     kernels     bench/kernel_probe.py: jax's Pallas GPU attention / layer norm (and Tokamax's kernels where it
 #                 is installed) against what the model uses
