@@ -258,19 +258,27 @@ def _interpreted(fn, seconds=180):
 
 
 @pytest.mark.parametrize(
-  ("schedule", "sms", "minor"), [("c", 2, 0), ("c", 1, 1), ("p", 2, 0), ("p", 5, 1), ("p", 13, 0)]
+  ("spelling", "sms"),
+  [
+    ("128x128x64x3x16xmxsxc", 2),
+    ("128x128x64x3x16xnxsxc", 1),
+    ("128x128x64x3x16xmxsxp", 2),
+    ("128x128x64x3x16xnxsxp", 5),
+    ("128x128x64x3x16xmxsxp", 13),
+    ("64x256x64x4x2xnxsxp", 3),
+  ],
 )
-def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, schedule, sms, minor):
+def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, spelling, sms):
   """The kernel itself, run on this CPU by Pallas's Mosaic GPU interpreter (threads, shared memory, TMA
   copies, barriers and wgmma simulated): 3 x 2 output blocks of m x 2n (3 x 4 ping-pong tiles of m x n)
   walked by `sms` persistent blocks (13: more blocks than tiles, some walk none; 5: odd and even counts,
-  so a ping-pong warpgroup may get one tile fewer), 5 K steps through 3 slots (reused, a partial last
-  round), every h piece and tile placement checked against g in float32 times gelu'(h) in float64,
-  rounded to bf16. The interpreter also refuses a barrier whose phases a thread left unobserved. What it
-  does not model: layouts and register fragments (the lowering test's part) and asynchronous hazards (its
-  TMA copies complete at once); the GPU's numbers stay bench/dgelu_probe.py's."""
+  so a ping-pong warpgroup may get one tile fewer), both tile walks, 5 K steps through 3 or 4 slots
+  (reused, a partial last round), every h piece and tile placement checked against g in float32 times
+  gelu'(h) in float64, rounded to bf16. The interpreter also refuses a barrier whose phases a thread left
+  unobserved. What it does not model: layouts and register fragments (the lowering test's part) and
+  asynchronous hazards (its TMA copies complete at once); the GPU's numbers stay bench/dgelu_probe.py's."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: sms)
-  t = dataclasses.replace(gelu_kernel.TILES, minor=minor, schedule=schedule)
+  t = gelu_kernel.Tiles.parse(spelling)
   m, d, f = 3 * t.m, 5 * t.k, 2 * 2 * t.n
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
   dy = jax.random.normal(k1, (m, d), jnp.float32).astype(jnp.bfloat16)
