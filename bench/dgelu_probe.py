@@ -196,7 +196,7 @@ def main():
     want = ref if "dgelu" in name else gemm
     if "+h" in name:  # jax's GEMM with its C epilogue: dY @ W^T + h
       want = [g + hi for g, hi in zip(gemm, h, strict=True)]
-    if "+bias" in name or "+xla_bias" in name:  # (dh, its column sums) per layer
+    if "bias" in name:  # (dh, its column sums) per layer
       want = ref_bias
     diff = max(
       float(

@@ -187,6 +187,15 @@ def test_training_that_asks_for_the_kernel_where_it_cannot_run_is_refused():
   model_config.check_gelu_kernel(config_lib.load("configs/tiny.py", BASE).model, "cpu")  # xla: fine
 
 
+def _slope_float64(x):
+  """gelu'(x) in float64 as s (1 + 2x (1 - s) u'), s = sigmoid(2u): stable in float64 too (the tanh form
+  loses the tail below 1e-14)."""
+  x, c = np.asarray(x, np.float64), np.sqrt(2 / np.pi)
+  with np.errstate(over="ignore"):
+    s = 1 / (1 + np.exp(-2 * c * (x + 0.044715 * x**3)))
+  return s * (1 + 2 * x * (1 - s) * c * (1 + 3 * 0.044715 * x * x))
+
+
 def test_the_epilogues_fast_slopes_are_float32_accurate():
   """Tiles.tanh "p", "q" and "r" compute gelu'(h) with activations.tanh_by_exp2 instead of tanh: it must
   agree with tanh to float32's rounding everywhere (saturating at both ends, no NaN where 2^x overflows),
@@ -198,10 +207,7 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
     got = np.asarray(activations.tanh_by_exp2(jnp.asarray(u), rsqrt_squared), np.float64)
     assert np.max(np.abs(got - np.tanh(u.astype(np.float64)))) < bound
   x = np.random.default_rng(0).normal(0, 3, 200_000).astype(np.float32)
-  x64, c = x.astype(np.float64), np.sqrt(2 / np.pi)
-  with np.errstate(over="ignore"):  # gelu' = s (1 + 2x (1 - s) u'), s = sigmoid(2u): stable in float64 too
-    sig = 1 / (1 + np.exp(-2 * c * (x64 + 0.044715 * x64**3)))  # (the tanh form loses the tail below 1e-14)
-  truth = sig * (1 + 2 * x64 * (1 - sig) * c * (1 + 3 * 0.044715 * x64**2))
+  truth = _slope_float64(x)
   slope = {k: np.asarray(gelu_kernel.Tiles(tanh=k).slope(jnp.asarray(x)), np.float64) for k in "eqrs"}
   err = {k: np.abs(v - truth) for k, v in slope.items()}
   for k in "qrs":
@@ -285,9 +291,6 @@ def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, sp
   w = (0.1 * jax.random.normal(k2, (f, d), jnp.float32)).astype(jnp.bfloat16)
   h = (2 * jax.random.normal(k3, (m, f), jnp.float32)).astype(jnp.bfloat16)
   got = _interpreted(lambda: np.asarray(gelu_kernel.mosaic_dgelu_matmul(dy, w, h, t).astype(jnp.float32)))
-  g = np.asarray(dy, np.float64) @ np.asarray(w, np.float64).T
-  x = np.asarray(h, np.float64)
-  s = 1 / (1 + np.exp(-2 * np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-  want = g * s * (1 + 2 * x * (1 - s) * np.sqrt(2 / np.pi) * (1 + 3 * 0.044715 * x * x))
+  want = (np.asarray(dy, np.float64) @ np.asarray(w, np.float64).T) * _slope_float64(h.astype(jnp.float32))
   # bf16's rounding (2^-9 relative) and float32 accumulation (near zero crossings of g)
   np.testing.assert_allclose(got, want, rtol=2**-8, atol=1e-5 * np.abs(want).max())
