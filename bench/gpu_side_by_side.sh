@@ -47,6 +47,10 @@
 #   (/tmp/fake_nanogpt: a bench.py that exits 1 with --compile=True and else prints two
 #   "time per iteration: X ms" lines, plus empty model.py and configurator.py: it exercises the fallback)
 set -u
+if [[ -n ${PARITY_DEADLINE:-} && ! $PARITY_DEADLINE =~ ^[0-9]+$ ]]; then
+  echo "PARITY_DEADLINE=$PARITY_DEADLINE: expected whole seconds from the script's start, e.g. 540" >&2
+  exit 2
+fi
 source bench/gpu_common.sh
 python_env
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
