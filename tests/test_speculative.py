@@ -11,8 +11,15 @@ import pytest
 from tiny_package import SERVER_CFG
 
 from llm_jax import generate as G
-from llm_jax.generate.speculative import _lookup, speculative_generate, speculative_stream
-from llm_jax.model import unstack_layers
+from llm_jax.generate.speculative import (
+  _lookup,
+  _prepare,
+  advance,
+  begin,
+  speculative_generate,
+  speculative_stream,
+)
+from llm_jax.model import default_levers, unstack_layers
 from llm_jax.model.params import init_params
 
 # a context of 256: rounds attend to a 128-position span of it (decode_span)
@@ -277,3 +284,18 @@ def test_sampled_runs_follow_the_seed(params):
   assert run(1) == run(1) != run(2)
   with pytest.raises(ValueError, match="top_p"):
     speculative_generate(params, CFG, None, None, PROMPTS, max_new_tokens=4, temperature=1.0, top_p=0)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_round_runs_its_draft_steps_without_a_loop(params, k):
+  """With per-layer parameters (as `generate --draft` decodes) the round is the only while loop of
+  `advance`'s program: the k - 1 draft steps after the first are straight-line code, since XLA waits
+  for the host at every loop iteration (docs/serving.md). (Functions after the main one are left out:
+  on the CPU, jax's PRNG hash is a loop of its own.)"""
+  levers = default_levers(params)
+  target, cfg = unstack_layers(params, CFG, levers=levers)
+  draft, draft_cfg = unstack_layers(init_params(DRAFT, 7), DRAFT, levers=levers)
+  plan, tokens, lengths = _prepare(cfg, draft_cfg, PROMPTS, 8, k, G.EOS_ID, LIMIT, 3, G.SamplingParams())
+  st = jax.eval_shape(lambda: begin(target, draft, tokens, lengths, 0, plan=plan))
+  main = advance.lower(target, draft, st, plan=plan).as_text().split("func.func private")[0]
+  assert main.count("stablehlo.while") == 1
