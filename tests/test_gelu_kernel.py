@@ -139,11 +139,10 @@ def test_tile_settings_parse_as_the_probe_writes_them():
   t = gelu_kernel.Tiles.parse("128x64x64x4x8xnxe")
   assert (t.m, t.n, t.k, t.steps, t.width, t.minor, t.tanh) == (128, 64, 64, 4, 8, 1, "e")
   assert gelu_kernel.Tiles.parse("128x128x64x3") == gelu_kernel.Tiles()
-  assert gelu_kernel.Tiles.parse("128x128x64x5x16xmxsxp").schedule == "p"
-  with pytest.raises(ValueError, match="SCHEDULE must be c or p"):
-    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxd")
+  with pytest.raises(ValueError, match="TANH must be one of"):
+    gelu_kernel.Tiles.parse("128x128x64x3x16xmxd")
   with pytest.raises(ValueError, match=r"expected MxNxKxSTEPS\[xWIDTH"):
-    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxcx1")
+    gelu_kernel.Tiles.parse("128x128x64x3x16xmxsxp")
   assert [gelu_kernel.Tiles.parse(f"128x128x64x3x8xmx{c}").approx_math for c in "eapqrs"] == [
     0,
     1,
@@ -219,14 +218,14 @@ def test_the_epilogues_fast_slopes_are_float32_accurate():
   np.testing.assert_array_equal(extremes, [0, 0, 1, 1])  # 2^x overflowing or underflowing: no NaN
 
 
-@pytest.mark.parametrize(("tanh", "schedule"), [("s", "c"), ("r", "c"), ("e", "c"), ("s", "p")])
-def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh, schedule):
+@pytest.mark.parametrize("tanh", ["s", "r", "e"])
+def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh):
   """The kernel cannot run without a Hopper GPU, but Pallas lowers it for CUDA here, through Mosaic GPU's
   layout inference down to NVVM and its shared-memory check (a Hopper's 227 KiB): the tiles, the pipeline,
   the epilogue's fast instructions, each a way the kernel could fail on a GPU after a change. Two SMs for
   four tiles: each block walks two."""
   monkeypatch.setattr(gelu_kernel, "_num_sms", lambda: 2)
-  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh, schedule=schedule)
+  t = dataclasses.replace(gelu_kernel.TILES, tanh=tanh)
   m, d, f = 2 * t.m, t.steps * t.k, 4 * t.n
 
   def lowered(tiles, d=d):
@@ -237,9 +236,8 @@ def test_the_mosaic_kernel_lowers_for_cuda_on_this_cpu(monkeypatch, tanh, schedu
   text = lowered(t)
   assert "mosaic_gpu" in text and "wgmma" in text and "-> tensor<256x512xbf16>" in text
   assert ("ex2.approx" in text) == ("rsqrt.approx" in text) == (tanh != "e")  # "r" and "s": fast math
-  too_deep = t.steps + (1 if schedule == "c" else 3)  # ping-pong's slots hold half the bytes
   with pytest.raises(ValueError, match="exceeds available shared memory"):
-    lowered(dataclasses.replace(t, steps=too_deep), d=12 * t.k)
+    lowered(dataclasses.replace(t, steps=t.steps + 1), d=12 * t.k)
 
 
 def _interpreted(fn, seconds=180):
@@ -266,19 +264,16 @@ def _interpreted(fn, seconds=180):
 @pytest.mark.parametrize(
   ("spelling", "sms"),
   [
-    ("128x128x64x3x16xmxsxc", 2),
-    ("128x128x64x3x16xnxsxc", 1),
-    ("128x128x64x3x16xmxsxp", 2),
-    ("128x128x64x3x16xnxsxp", 5),
-    ("128x128x64x3x16xmxsxp", 13),
-    ("64x256x64x4x2xnxsxp", 3),
+    ("128x128x64x3x16xmxs", 2),
+    ("128x128x64x3x16xnxs", 1),
+    ("128x128x64x3x16xmxs", 13),
   ],
 )
 def test_the_mosaic_kernel_computes_dh_in_pallas_gpu_interpreter(monkeypatch, spelling, sms):
   """The kernel itself, run on this CPU by Pallas's Mosaic GPU interpreter (threads, shared memory, TMA
-  copies, barriers and wgmma simulated): 3 x 2 output blocks of m x 2n (3 x 4 ping-pong tiles of m x n)
-  walked by `sms` persistent blocks (13: more blocks than tiles, some walk none; 5: odd and even counts,
-  so a ping-pong warpgroup may get one tile fewer), both tile walks, 5 K steps through 3 or 4 slots
+  copies, barriers and wgmma simulated): 3 x 2 output blocks of m x 2n
+  walked by `sms` persistent blocks (13: more blocks than tiles, some walk none), both tile walks, 5 K
+  steps through 3 slots
   (reused, a partial last round), every h piece and tile placement checked against g in float32 times
   gelu'(h) in float64, rounded to bf16. The interpreter also refuses a barrier whose phases a thread left
   unobserved. What it does not model: layouts and register fragments (the lowering test's part) and

@@ -62,11 +62,10 @@ class Tiles:
   afresh, as jax's own Hopper GEMM does. Leaving one wgmma group in flight across steps (delay_release 1),
   and chaining the tiles' pipelines (Pallas's pipeline of pipelines), each measured slower on one H200
   (8.40 and 8.34 ms against 8.10 with "s"; docs/performance.md "Round nine"), and were taken out.
-  schedule: "c" (cooperative, the default): both compute warpgroups work on one m x 2n block, fed the same
-  K slices, and run their epilogues together while the tensor cores wait. "p" (ping-pong, not yet timed):
-  each compute warpgroup takes every other m x n tile of the block's walk, fed in turn through one ring of
-  STEPS slots, so one's epilogue runs during the other's K loop (the epilogue's ~3 us a block looks like
-  latency, not arithmetic: "Round nine").
+  Both compute warpgroups work on one m x 2n block, fed the same K slices, and run their epilogues
+  together while the tensor cores wait. A ping-pong schedule (each warpgroup every other m x n tile, one
+  ring of slices, one's epilogue during the other's K loop) timed the same at 4 slots (8.38 ms) and
+  slower at 3 and 5 ("Round ten") and was taken out.
   """
 
   m: int = 128
@@ -76,26 +75,21 @@ class Tiles:
   width: int = 16
   minor: int = 0
   tanh: str = "s"
-  schedule: str = "c"
 
   @classmethod
   def parse(cls, text: str) -> Tiles:
-    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH[xSCHEDULE]]]] (MINOR m or n; TANH e, a, p, q, r or s and SCHEDULE
-    c or p as the class says)."""
+    """MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]] (MINOR m or n; TANH e, a, p, q, r or s as the class says)."""
     p = text.split("x")
-    if not 4 <= len(p) <= 8:
-      raise ValueError(f"Tiles.parse({text!r}): expected MxNxKxSTEPS[xWIDTH[xMINOR[xTANH[xSCHEDULE]]]]")
-    extra = dict(zip(("width", "minor", "tanh", "schedule"), p[4:], strict=False))
+    if not 4 <= len(p) <= 7:
+      raise ValueError(f"Tiles.parse({text!r}): expected MxNxKxSTEPS[xWIDTH[xMINOR[xTANH]]]")
+    extra = dict(zip(("width", "minor", "tanh"), p[4:], strict=False))
     if extra.get("tanh", "s") not in _TANH:
       raise ValueError(f"Tiles.parse({text!r}): TANH must be one of {', '.join(_TANH)}")
-    if extra.get("schedule", "c") not in ("c", "p"):
-      raise ValueError(f"Tiles.parse({text!r}): SCHEDULE must be c or p")
     return cls(
       *(int(v) for v in p[:4]),
       width=int(extra.get("width", 16)),
       minor=0 if extra.get("minor", "m") == "m" else 1,
       tanh=extra.get("tanh", "s"),
-      schedule=extra.get("schedule", "c"),
     )
 
   @property
@@ -167,82 +161,6 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
       dst = out_gmem.at[rows, cols].at[pl.ds(i * _PIECE, _PIECE), pl.ds(j * _PIECE, _PIECE)]
       mg.copy_smem_to_gmem(h_smem.at[wg, p], dst)
 
-  def ping_pong(dy_gmem, wt_gmem, h_gmem, out_gmem):
-    slots, n_tiles = tiles.steps, 2 * f_tiles
-
-    @functools.partial(
-      pl.run_scoped,
-      a_smem=mg.SMEM((slots, tm, tk), jnp.bfloat16, transforms=layout),
-      b_smem=mg.SMEM((slots, tk, tn), jnp.bfloat16, transforms=layout),
-      h_smem=mg.SMEM((2, len(pieces), _PIECE, _PIECE), jnp.bfloat16, transforms=layout),
-      a_full=mg.Barrier(num_barriers=2 * slots),  # [owner warpgroup, slot]: each waits only its own
-      b_full=mg.Barrier(num_barriers=2 * slots),
-      consumed=mg.Barrier(num_barriers=slots),
-      h_ready=mg.Barrier(num_barriers=2 * len(pieces)),
-      collective_axes="wg",
-    )
-    def scope(a_smem, b_smem, h_smem, a_full, b_full, consumed, h_ready):
-      wg, sm, nsm = lax.axis_index("wg"), lax.axis_index("sm"), _num_sms()
-      n_local = (m_tiles * n_tiles - sm + nsm - 1) // nsm  # the tiles this block walks
-
-      def where(j):
-        mi, ni = mg.planar_snake(sm + j * nsm, (m_tiles, n_tiles), tiles.minor, tiles.width)
-        return pl.ds(mi * tm, tm), pl.ds(ni * tn, tn)
-
-      @pl.when(wg == 2)
-      def _memory():
-        mg.set_max_registers(40, action="decrease")
-
-        @pl.loop(0, n_local * k_steps)
-        def _fetch(q):  # slice s of the block's tile j into slot q % slots, for warpgroup j % 2
-          j, s, slot = q // k_steps, q % k_steps, q % slots
-          owner = j % 2
-
-          @pl.when(q >= slots)
-          def _():
-            mg.barrier_wait(consumed.at[slot])
-
-          rows, cols = where(j)
-          mg.copy_gmem_to_smem(
-            dy_gmem.at[rows, pl.ds(s * tk, tk)], a_smem.at[slot], a_full.at[owner * slots + slot]
-          )
-          mg.copy_gmem_to_smem(
-            wt_gmem.at[pl.ds(s * tk, tk), cols], b_smem.at[slot], b_full.at[owner * slots + slot]
-          )
-
-        for i in range(slots):  # the last slices' release: every phase of a barrier is waited for
-          q = n_local * k_steps - slots + i
-
-          @pl.when(q >= 0)
-          def _(q=q):
-            mg.barrier_wait(consumed.at[q % slots])
-
-      @pl.when(wg < 2)
-      def _compute():
-        mg.set_max_registers(232, action="increase")
-
-        @pl.loop(0, (n_local - wg + 1) // 2)
-        def _tile(t):
-          j = wg + 2 * t
-          rows, cols = where(j)
-
-          @functools.partial(pl.run_scoped, acc_ref=mg.ACC((tm, tn), jnp.float32))
-          def acc_scope(acc_ref):
-            fetch_h(h_gmem, rows, cols, h_smem, h_ready, wg)
-
-            @pl.loop(0, k_steps)
-            def _step(s):
-              slot = (j * k_steps + s) % slots
-              mg.barrier_wait(a_full.at[wg * slots + slot])
-              mg.barrier_wait(b_full.at[wg * slots + slot])
-              mg.wgmma(acc_ref, a_smem.at[slot], b_smem.at[slot])
-              mg.wgmma_wait(0)
-              mg.barrier_arrive(consumed.at[slot])
-
-            epilogue(acc_ref[...], out_gmem, rows, cols, h_smem, h_ready, wg)
-
-        mg.wait_smem_to_gmem(0, wait_read_only=True)
-
   def cooperative(dy_gmem, wt_gmem, h_gmem, out_gmem):
     def pipeline(step_body, context):
       return mg.emit_pipeline_warp_specialized(
@@ -296,7 +214,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
     mg.wait_smem_to_gmem(0, wait_read_only=True)
 
   return mg.kernel(
-    ping_pong if tiles.schedule == "p" else cooperative,
+    cooperative,
     out_type=jax.ShapeDtypeStruct((m, f), jnp.bfloat16),
     grid=(_num_sms(),),
     grid_names=("sm",),
