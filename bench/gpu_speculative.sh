@@ -13,7 +13,8 @@
 #        /tmp/spec_* runs already trained on this machine), DISTILL=STEPS (default 1000; 0: skip):
 #        the first draft also fine-tuned that many steps on the target's greedy continuations of
 #        DISTILL_PROMPTS (8192) prompts from the training split (python -m llm_jax.finetune.distill),
-#        timed at k = 4, 6, 8 and with ROWS (32) prompts a call at k = ROWS_K (default 2,4,6); ROWS_ONLY=1
+#        timed at k = 4, 6, 8 and with ROWS (32) prompts a call at k = ROWS_K (default 2,4,6), ROWS_PROMPTS
+#        prompts (default 2 x ROWS) in groups of ROWS and again with finished rows refilled; ROWS_ONLY=1
 #        (train, distill and the ROWS run only: no one-prompt benchmarks, ~6 min on an H200); QUICK=1 (skip the
 #        last two runs: sampled decoding at temperature 0.8, and float32 compute, whose tokens must
 #        all equal greedy decoding's). On an H200 (2026-12-02): training ~245 s (target 135-160,
@@ -66,8 +67,8 @@ if [ "$DISTILL" != 0 ]; then  # the first draft fine-tuned on the target's greed
   # the same draft with ROWS prompts a call (issue 16's batch-32 figure)
   # shellcheck disable=SC2086  # SPEC_ARGS are words
   $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_distilled --text "$SHK_VAL" \
-    --prompt_tokens 32 --new_tokens 200 --k "${ROWS_K:-2,4,6}" --prompts $(( 2 * ${ROWS:-32} )) --batch "${ROWS:-32}" \
-    --repeats 2 ${SPEC_ARGS:-} 2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_rows.txt"
+    --prompt_tokens 32 --new_tokens 200 --k "${ROWS_K:-2,4,6}" --prompts "${ROWS_PROMPTS:-$(( 2 * ${ROWS:-32} ))}" \
+    --batch "${ROWS:-32}" --refill --repeats 2 ${SPEC_ARGS:-} 2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_rows.txt"
 fi
 [ -n "${QUICK:-}${ROWS_ONLY:-}" ] && exit 0
 spec() {  # spec NAME FLAGS...: the first draft again, k = 4 only; returns the benchmark's status

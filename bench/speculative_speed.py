@@ -8,7 +8,9 @@ rounds differently from its one-token steps and may break a near-tie the other w
     python bench/speculative_speed.py --model RUN_OR_PKG --draft SMALL_RUN_OR_PKG [--ngram 3] \
         --text val.txt [--prompts 8] [--prompt_tokens 64] [--new_tokens 256] [--k 2,4,6]
 
-`--ngram N` adds rows of prompt lookup (no draft model; `--draft` may then be left out);
+`--ngram N` adds rows of prompt lookup (no draft model; `--draft` may then be left out); `--refill`
+(with more prompts than `--batch`) adds rows of all prompts decoded `--batch` rows at a time, a row
+whose prompt finished taking the next one (continuous batching, `speculative_generate(rows=...)`);
 `--temperature T` times sampled decoding instead of greedy (no equality check then); `--trace DIR`
 writes jax.profiler traces of one plain and one speculative call (bench/analyze_trace.py reads them).
 
@@ -19,6 +21,7 @@ test: figures go to docs/serving.md with the command and the run.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import itertools
 import os
@@ -70,6 +73,12 @@ def main() -> int:
   ap.add_argument("--k", default="2,4,6")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (rows of one call)")
+  ap.add_argument(
+    "--refill",
+    action="store_true",
+    help="with more prompts than --batch: also all prompts in one call, --batch rows at a time, a row"
+    " whose prompt finished taking the next (continuous batching; the plain rows wait for a group's slowest)",
+  )
   ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled decoding (no equality check)")
   ap.add_argument("--levers", default=None, help="both models' decode levers (default: model.default_levers)")
   ap.add_argument(
@@ -127,7 +136,7 @@ def main() -> int:
       _, s = plain(draft, draft_cfg)
       row(f"{name} alone, {mode}", total / s, "", "", 1000 * s / steps, base_s / s)
 
-  def spec(g, k, draft, draft_cfg):
+  def spec(g, k, draft, draft_cfg, rows=0):
     return G.speculative_generate(
       params,
       cfg,
@@ -140,21 +149,25 @@ def main() -> int:
       vocab_limit=tok.vocab_size,
       ngram=args.ngram or 3,
       temperature=args.temperature,
+      rows=rows,
     )
+
+  def compare(name, k, g, got, first: int) -> int:  # prompts equal to greedy; the others' gaps printed
+    same = 0
+    for p, w, t in zip(g, want[first:], got, strict=False):
+      same += t == w
+      if t != w and not args.temperature:
+        at = next((j for j, (a, b) in enumerate(zip(t, w, strict=False)) if a != b), min(len(w), len(t)))
+        gap = _gap(params, cfg, p, w, t, at)
+        print(f"{name}, k={k}: tokens differ from greedy decoding from new token {at}{gap}", file=sys.stderr)
+    return same
 
   for (name, draft, draft_cfg), k in itertools.product(proposers, [int(x) for x in args.k.split(",")]):
     spec_s, acc, prop, calls, same = 0.0, 0, 0, 0, 0
     for i, g in enumerate(groups):
       (got, stats), s = _timed(lambda g=g, k=k, d=draft, dc=draft_cfg: spec(g, k, d, dc), args.repeats)
-      for p, w, t in zip(g, want[i * args.batch :], got, strict=False):
-        same += t == w
-        if t != w and not args.temperature:
-          at = next((j for j, (a, b) in enumerate(zip(t, w, strict=False)) if a != b), min(len(w), len(t)))
-          gap = _gap(params, cfg, p, w, t, at)
-          print(
-            f"{name}, k={k}: tokens differ from greedy decoding from new token {at}{gap}", file=sys.stderr
-          )
-          differ += 1
+      equal = compare(name, k, g, got, i * args.batch)
+      same, differ = same + equal, differ + (0 if args.temperature else len(g) - equal)
       spec_s, acc, prop, calls = (
         spec_s + s,
         acc + stats["accepted"],
@@ -164,6 +177,22 @@ def main() -> int:
     eq = () if args.temperature else (same,)
     per_call, ms = f"{total / calls:.2f}", 1000 * spec_s / calls
     row(f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", per_call, ms, base_s / spec_s, *eq)
+    if args.refill and len(groups) > 1:  # all prompts in one call, a finished row taking the next prompt
+      fn = functools.partial(spec, prompts, k, draft, draft_cfg, rows=args.batch)
+      (got, stats), s = _timed(fn, args.repeats)
+      equal = compare(f"{name} refilled", k, prompts, got, 0)
+      differ += 0 if args.temperature else len(prompts) - equal
+      eq = () if args.temperature else (equal,)
+      calls, acc = stats["rounds"], f"{stats['accepted'] / stats['proposed']:.0%}"
+      row(
+        f"{name}, k={k}, rows refilled",
+        total / s,
+        acc,
+        f"{total / calls:.2f}",
+        1000 * s / calls,
+        base_s / s,
+        *eq,
+      )
   if args.trace:  # one call of each under the profiler, already compiled: the first group
     k = max(int(x) for x in args.k.split(","))
     calls = {

@@ -32,6 +32,7 @@ from llm_jax.generate.decode import (
   empty_cache,
   empty_state,
   prompt_logits,
+  row_axis,
   start,
 )
 
@@ -83,6 +84,7 @@ __all__ = [
   "needs_filter",
   "pad_prompts",
   "prompt_logits",
+  "row_axis",
   "sample",
   "sampling_arrays",
   "shard_params",

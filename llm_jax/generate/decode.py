@@ -330,6 +330,11 @@ def decode_loop(
   return state, outs
 
 
+def row_axis(x) -> int:
+  """The batch-row axis of a decode state's leaf: 0, or ndim - 4 for a KV cache [.., B, K, S, H]."""
+  return x.ndim - 4 if x.ndim >= 4 else 0
+
+
 def bucket(n: int, cap: int, minimum: int = MIN_PREFILL) -> int:
   """Next power of two >= n (at least `minimum`, at most `cap`): few shapes, few compiles."""
   b = minimum

@@ -52,6 +52,7 @@ from llm_jax.generate.decode import (
   _prompt_hidden,
   bucket,
   decode_span,
+  row_axis,
 )
 from llm_jax.generate.draw import real_ids
 from llm_jax.generate.sampling import SamplingParams, tempered
@@ -139,14 +140,15 @@ def _lookup(hist_BS, pos_B, ngram: int, k: int):
 
 
 @functools.partial(jax.jit, static_argnames="plan")
-def begin(params, draft_params, tokens_BL, lengths_B, seed, *, plan: Plan) -> dict:
+def begin(params, draft_params, tokens_BL, lengths_B, seed, index_B=None, *, plan: Plan) -> dict:
   """Both models' prefill of right-padded prompts and the target's first token: the state `advance`
   takes (caches, each row's last token, position, tokens so far in `out_BN`, done, statistics, each
-  row's PRNG key, from `seed` and the row's index; with prompt lookup, each row's tokens by position
-  in `hist_BS` instead of the draft's cache)."""
+  row's PRNG key, from `seed` and the row's prompt index `index_B` (None: the row's own); with prompt
+  lookup, each row's tokens by position in `hist_BS` instead of the draft's cache)."""
   params = _float_params(params, plan.cfg)
   b, w = tokens_BL.shape
-  keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), jnp.arange(b))
+  index_B = jnp.arange(b) if index_B is None else index_B
+  keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.PRNGKey(seed), index_B)
   cache_t, logits_BV = _prefill(params, tokens_BL, lengths_B, plan.cfg)
   if plan.sampling is None:
     first_B = _greedy(logits_BV, plan.vocab_limit)
@@ -176,9 +178,10 @@ def begin(params, draft_params, tokens_BL, lengths_B, seed, *, plan: Plan) -> di
   )
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "rounds"), donate_argnums=2)
-def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> dict:
-  """Rounds until every row is done, or at most `rounds` more (0: no limit). A row's tokens are
+@functools.partial(jax.jit, static_argnames=("plan", "rounds", "min_live"), donate_argnums=2)
+def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0, min_live: int = 0) -> dict:
+  """Rounds until every row is done, or at most `rounds` more (0: no limit), or until fewer than
+  `min_live` rows are left (0: no such stop; rows to refill, `refill`). A row's tokens are
   out_BN[:count_B], ending at its first end-of-sequence id (`_tokens`)."""
   params = _float_params(params, plan.cfg)
   if plan.draft_cfg is not None:
@@ -264,9 +267,29 @@ def advance(params, draft_params, st: dict, *, plan: Plan, rounds: int = 0) -> d
 
   def cond(st):
     more = ~jnp.all(st["done_B"])
+    if min_live:
+      more &= jnp.sum(~st["done_B"]) >= min_live
     return more if rounds == 0 else more & (st["rounds"] - start < rounds)
 
   return jax.lax.while_loop(cond, body, st)
+
+
+@functools.partial(jax.jit, static_argnames="plan", donate_argnums=2)
+def refill(
+  params, draft_params, st: dict, tokens_RL, lengths_R, rows_R, index_R, seed, *, plan: Plan
+) -> dict:
+  """`st` with its rows rows_R (a row past the state's: nowhere) started afresh on the prompts
+  tokens_RL of indices index_R, as `begin` starts them (both caches' rows written whole); the
+  statistics carry on."""
+  new = begin(params, draft_params, tokens_RL, lengths_R, seed, index_R, plan=plan)
+
+  def put(big, one):
+    if big.ndim == 0:  # rounds, accepted, proposed
+      return big
+    index = (slice(None),) * row_axis(big) + (rows_R,)
+    return big.at[index].set(one.astype(big.dtype), mode="drop")
+
+  return jax.tree.map(put, st, new)
 
 
 def _tokens(out_N, count: int, plan: Plan) -> list[int]:
@@ -275,8 +298,11 @@ def _tokens(out_N, count: int, plan: Plan) -> list[int]:
   return tokens[: tokens.index(plan.eos_id)] if plan.eos_id in tokens else tokens
 
 
+_STATS = ("rounds", "accepted", "proposed")
+
+
 def _stats(st: dict) -> dict:
-  return {name: int(st[name]) for name in ("rounds", "accepted", "proposed")}
+  return {name: int(st[name]) for name in _STATS}
 
 
 def _prepare(cfg, draft_cfg, prompts, max_new_tokens: int, k: int, eos_id: int, vocab_limit, ngram: int, sp):
@@ -329,21 +355,61 @@ def speculative_generate(
   top_k: int = 0,
   top_p: float = 1.0,
   seed: int = 0,
+  rows: int = 0,
 ) -> tuple[list[list[int]], dict]:
   """Each prompt's new tokens (ending before EOS, at most max_new_tokens): greedy ones as `generate`
   with temperature 0 gives them, or at `temperature` > 0 (with `top_k`, `top_p`, `seed`) draws
   distributed as the target's own; and statistics: {"rounds" (target calls after the prefill),
   "proposed" and "accepted" (draft tokens, over every row decoded: a single prompt runs as
   generate.MIN_ROWS copies), "tokens" (returned)}. draft_params and draft_cfg None: prompt lookup
-  of up to `ngram` tokens proposes instead of a draft model. Raises ValueError when the models do not
-  share a vocabulary, a context has no room for the prompt, its tokens and one round, or a sampling
-  setting is out of range."""
+  of up to `ngram` tokens proposes instead of a draft model. `rows` > 0 (fewer than the prompts):
+  that many prompts decode at a time, and rows a prompt has finished take the next prompts in order
+  (continuous batching: a round's rows do not wait for the slowest of a fixed group); the tokens are
+  the same, greedy. Raises ValueError when the models do not share a vocabulary, a context has no room
+  for the prompt, its tokens and one round, or a sampling setting is out of range."""
   sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram, sp)
-  st = advance(params, draft_params, begin(params, draft_params, tokens, lengths, seed, plan=plan), plan=plan)
-  st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
-  result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
+  if 0 < rows < len(prompts):
+    result, st = _refilled(
+      params, draft_params, tokens[: len(prompts)], lengths, seed, max(rows, MIN_ROWS), plan
+    )
+  else:
+    st = advance(
+      params, draft_params, begin(params, draft_params, tokens, lengths, seed, plan=plan), plan=plan
+    )
+    st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
+    result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
   return result, {**_stats(st), "tokens": sum(len(r) for r in result)}
+
+
+def _refilled(params, draft_params, tokens_NL, lengths_N, seed, b: int, plan: Plan):
+  """(each prompt's tokens, the last state's host values) of N prompts decoded b rows at a time: the
+  rounds run until b // 8 rows (at least one) have finished, those rows' tokens are read and the next
+  prompts start in them (`refill`, a power-of-two bucket of rows), until the prompts run out; then
+  until every row is done. A row's PRNG key comes from its prompt's index, as `begin` gives it."""
+  n, gap = len(tokens_NL), max(1, b // 8)
+  prompt_of: list = list(range(b))  # each row's prompt (None: idle)
+  result: list = [None] * n
+  st, queued = begin(params, draft_params, tokens_NL[:b], lengths_N[:b], seed, plan=plan), b
+  while True:
+    st = advance(params, draft_params, st, plan=plan, min_live=b - gap + 1 if queued < n else 0)
+    host = jax.device_get({name: st[name] for name in ("done_B", "count_B", "out_BN", *_STATS)})
+    for r, i in enumerate(prompt_of):
+      if i is not None and host["done_B"][r]:
+        result[i], prompt_of[r] = _tokens(host["out_BN"][r], host["count_B"][r], plan), None
+    if queued == n:  # the last advance ran every row to its end
+      return result, host
+    free = [r for r, i in enumerate(prompt_of) if i is None][: n - queued]
+    width = bucket(len(free), b, minimum=MIN_ROWS)
+    index_R = np.minimum(np.arange(queued, queued + width), n - 1)  # past the free rows: copies, dropped
+    rows_R = np.full((width,), b, np.int32)  # b: past the state's rows, written nowhere
+    rows_R[: len(free)] = free
+    for r, i in zip(free, index_R, strict=False):
+      prompt_of[r] = int(i)
+    st = refill(
+      params, draft_params, st, tokens_NL[index_R], lengths_N[index_R], rows_R, index_R, seed, plan=plan
+    )
+    queued += len(free)
 
 
 def speculative_stream(

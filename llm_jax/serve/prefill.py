@@ -15,12 +15,6 @@ import numpy as np
 from llm_jax import generate as G
 from llm_jax.model import ModelConfig
 
-
-def _row_axis(x) -> int:
-  """The batch-row axis of a state leaf: 0, or ndim - 4 for a KV cache [.., B, K, S, H]."""
-  return x.ndim - 4 if x.ndim >= 4 else 0
-
-
 # The columns before the prompt's tokens in an admission's one int32 array (`pack_admission`) and
 # their types: the row each prompt goes to, the position its tokens start at (0 but for a piece of a
 # long prompt: admit_rows' `extend`), their count, then generate.sampling_arrays' values in their
@@ -121,7 +115,7 @@ def _place(state: G.DecodeState, new: G.DecodeState, rows_P, reach: int, cfg, *d
   new = new.replace(pending_B=new.active_B, next_B=token_P)
 
   def put(big, one):
-    axis = _row_axis(big)
+    axis = G.row_axis(big)
     index = (slice(None),) * axis + (rows_P,)
     if big.ndim >= 4 and reach:  # a fresh cache [.., P, K, S, H]: only the written positions
       one = jax.lax.slice_in_dim(one, 0, reach, axis=one.ndim - 2)
@@ -136,7 +130,7 @@ def move_row(state: G.DecodeState, src, dst) -> G.DecodeState:
   """The state with row `src` copied onto row `dst` (cache, logits, keys, sampling values)."""
 
   def move(x):
-    axis = _row_axis(x)
+    axis = G.row_axis(x)
     row = jax.lax.dynamic_slice_in_dim(x, src, 1, axis=axis)
     return jax.lax.dynamic_update_slice_in_dim(x, row, dst, axis=axis)
 
@@ -175,7 +169,7 @@ def decode_rows(
   else:
 
     def take(x):
-      x = jax.lax.slice_in_dim(x, 0, r, axis=_row_axis(x))
+      x = jax.lax.slice_in_dim(x, 0, r, axis=G.row_axis(x))
       if x.ndim >= 4 and span:  # cache [.., R, K, S, H]: the positions this chunk can reach
         x = jax.lax.slice_in_dim(x, 0, span, axis=x.ndim - 2)
       return x

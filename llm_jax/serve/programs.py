@@ -212,7 +212,7 @@ class Programs:
     """One row's cache (zeros): the row in pieces' cache, as "extend" and "piece" take it."""
     return [jax.numpy.zeros(a.shape, a.dtype) for a in self._row_avals()]
 
-  def _row_avals(self) -> list:  # the state's cache leaves ([.., B, K, S, H]: prefill._row_axis), one row
+  def _row_avals(self) -> list:  # the state's cache leaves ([.., B, K, S, H]: generate.row_axis), one row
     rows = [a for a in self._state_avals if a.ndim >= 4]
     return [jax.ShapeDtypeStruct(a.shape[:-4] + (1,) + a.shape[-3:], a.dtype) for a in rows]
 
