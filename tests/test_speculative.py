@@ -326,3 +326,5 @@ def test_rows_refilled_from_the_queue_decode_each_prompts_greedy_tokens(params, 
   # each prompt's rounds are its own (its proposals depend on its tokens alone): the same counts
   assert (stats["accepted"], stats["proposed"]) == (alone_stats["accepted"], alone_stats["proposed"])
   assert stats["proposed"] <= 3 * rows * stats["rounds"]  # never more than `rows` rows in a round
+  with pytest.raises(ValueError, match=r"rows \(-1\)"):
+    speculative_generate(params, CFG, draft, DRAFT, prompts, max_new_tokens=4, rows=-1)

@@ -367,6 +367,8 @@ def speculative_generate(
   (continuous batching: a round's rows do not wait for the slowest of a fixed group); the tokens are
   the same, greedy. Raises ValueError when the models do not share a vocabulary, a context has no room
   for the prompt, its tokens and one round, or a sampling setting is out of range."""
+  if rows < 0:
+    raise ValueError(f"rows ({rows}) must be 0 (every prompt at once) or the rows decoded at a time")
   sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram, sp)
   if 0 < rows < len(prompts):
