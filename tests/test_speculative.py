@@ -11,14 +11,8 @@ import pytest
 from tiny_package import SERVER_CFG
 
 from llm_jax import generate as G
-from llm_jax.generate.speculative import (
-  _lookup,
-  _prepare,
-  advance,
-  begin,
-  speculative_generate,
-  speculative_stream,
-)
+from llm_jax.generate.rounds import _lookup, advance, begin
+from llm_jax.generate.speculative import _prepare, speculative_generate, speculative_stream
 from llm_jax.model import default_levers, unstack_layers
 from llm_jax.model.params import init_params
 

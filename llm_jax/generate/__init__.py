@@ -11,6 +11,8 @@ right-padded, and each row's decode continues at its own position.
     batching.py  prompts padded to bucketed shapes (make_batch, Batch)
     stream.py    TextStream (incremental detokenization, stops), stream() and generate()
     speculative.py  speculative decoding, greedy or sampled: a small draft model or prompt lookup proposes
+                 tokens, the target checks them in one pass (rows=N: N prompts at a time, rows refilled)
+    rounds.py    its compiled side: begin (both prefills), advance (the rounds), refill
     __main__.py  python -m llm_jax.generate --package=PKG --prompt "def main(" [--temperature=0.8]
 
 Conventions: the token sampled at step i of a row sits at position len(prompt) + i; a row stops at
