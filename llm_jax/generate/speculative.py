@@ -11,9 +11,10 @@ sampling, Leviathan et al. 2023): the draft draws its proposals from its own tem
 distribution q, proposal j is kept with probability min(1, p_j(x) / q_j(x)) under the target's p,
 and the token after the kept ones is drawn from max(p - q, 0) renormalized (from p after k kept
 ones), so the tokens are distributed exactly as the target's own samples. Each row has its own key
-(from `seed` and its index); a repetition penalty is not supported.
+(from `seed` and its prompt's index); a repetition penalty is not supported.
 
     tokens, stats = speculative_generate(params, cfg, draft_params, draft_cfg, prompts, max_new_tokens=64)
+    tokens, stats = speculative_generate(..., prompts, max_new_tokens=64, rows=32)  # 32 at a time, refilled
     for new, stats in speculative_stream(params, cfg, draft_params, draft_cfg, ids, max_new_tokens=64):
         ...  # the prefill's first token, then the tokens of each few rounds (a terminal's stream)
 
@@ -29,7 +30,7 @@ token, about a decode step.
 
 A rejected proposal's keys and values stay in both caches past the row's position; the next round
 writes those positions before any query reads them (attention is causal in position), so nothing
-is rolled back.
+is rolled back. The rounds themselves are compiled programs (generate/rounds.py).
 """
 
 from __future__ import annotations
