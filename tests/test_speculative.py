@@ -299,26 +299,27 @@ def test_a_round_runs_its_draft_steps_without_a_loop(params, k):
   assert main.count("stablehlo.while") == 1
 
 
-@pytest.mark.parametrize("rows", [2, 3])
-def test_rows_refilled_from_the_queue_decode_each_prompts_greedy_tokens(params, rows):
+@pytest.mark.parametrize(("proposer", "rows"), [("draft", 2), ("draft", 3), ("lookup", 3)])
+def test_rows_refilled_from_the_queue_decode_each_prompts_greedy_tokens(params, proposer, rows):
   """Seven prompts of different lengths, `rows` at a time: a row a prompt finished (at its end of
   sequence or its last token) takes the next prompt while the others decode on, and every prompt's
-  tokens are still its greedy ones, its proposals and acceptances those of all prompts in one batch."""
+  tokens are still its greedy ones, its proposals and acceptances those of all prompts in one batch
+  (prompt lookup: a refilled row's token history is its new prompt's)."""
   prompts = [*PROMPTS, [1, 7], [1, 90, 91, 92], [1, 3, 3, 3, 3, 3], [1, 250, 12]]
   eos = _greedy(params, prompts[3:4], 5)[0][2]  # one prompt's third greedy token: some rows stop early
-  draft = init_params(DRAFT, 7)
+  pair = (init_params(DRAFT, 7), DRAFT) if proposer == "draft" else (None, None)
   got, stats = speculative_generate(
-    params, CFG, draft, DRAFT, prompts, max_new_tokens=16, k=3, vocab_limit=LIMIT, eos_id=eos, rows=rows
+    params, CFG, *pair, prompts, max_new_tokens=16, k=3, vocab_limit=LIMIT, eos_id=eos, rows=rows
   )
   want = _greedy(params, prompts, 16, eos_id=eos)
   assert got == want
   assert any(len(w) < 16 for w in want) and stats["tokens"] == sum(map(len, want))
   alone, alone_stats = speculative_generate(
-    params, CFG, draft, DRAFT, prompts, max_new_tokens=16, k=3, vocab_limit=LIMIT, eos_id=eos
+    params, CFG, *pair, prompts, max_new_tokens=16, k=3, vocab_limit=LIMIT, eos_id=eos
   )
   assert alone == want
   # each prompt's rounds are its own (its proposals depend on its tokens alone): the same counts
   assert (stats["accepted"], stats["proposed"]) == (alone_stats["accepted"], alone_stats["proposed"])
   assert stats["proposed"] <= 3 * rows * stats["rounds"]  # never more than `rows` rows in a round
   with pytest.raises(ValueError, match=r"rows \(-1\)"):
-    speculative_generate(params, CFG, draft, DRAFT, prompts, max_new_tokens=4, rows=-1)
+    speculative_generate(params, CFG, *pair, prompts, max_new_tokens=4, rows=-1)
