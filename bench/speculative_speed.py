@@ -88,6 +88,8 @@ def main() -> int:
   args = ap.parse_args()
   if not args.draft and not args.ngram:
     ap.error("give --draft, --ngram or both")
+  if args.refill and args.prompts <= args.batch:
+    ap.error(f"--refill needs more --prompts ({args.prompts}) than --batch rows ({args.batch})")
   if args.dtype == "float32":  # not TF32: the check against greedy decoding must be exact
     jax.config.update("jax_default_matmul_precision", "highest")
   target = open_model(args.model, dtype=args.dtype)
@@ -177,7 +179,7 @@ def main() -> int:
     eq = () if args.temperature else (same,)
     per_call, ms = f"{total / calls:.2f}", 1000 * spec_s / calls
     row(f"{name}, k={k}", total / spec_s, f"{acc / prop:.0%}", per_call, ms, base_s / spec_s, *eq)
-    if args.refill and len(groups) > 1:  # all prompts in one call, a finished row taking the next prompt
+    if args.refill:  # all prompts in one call, a finished row taking the next prompt
       fn = functools.partial(spec, prompts, k, draft, draft_cfg, rows=args.batch)
       (got, stats), s = _timed(fn, args.repeats)
       equal = compare(f"{name} refilled", k, prompts, got, 0)
