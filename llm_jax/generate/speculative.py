@@ -125,28 +125,21 @@ def speculative_generate(
     raise ValueError(f"rows ({rows}) must be 0 (every prompt at once) or the rows decoded at a time")
   sp = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
   plan, tokens, lengths = _prepare(cfg, draft_cfg, prompts, max_new_tokens, k, eos_id, vocab_limit, ngram, sp)
-  if 0 < rows < len(prompts):
-    result, st = _refilled(
-      params, draft_params, tokens[: len(prompts)], lengths, seed, max(rows, MIN_ROWS), plan
-    )
-  else:
-    st = advance(
-      params, draft_params, begin(params, draft_params, tokens, lengths, seed, plan=plan), plan=plan
-    )
-    st = jax.device_get({name: v for name, v in st.items() if not name.startswith("cache")})
-    result = [_tokens(st["out_BN"][i], st["count_B"][i], plan) for i in range(len(prompts))]
-  return result, {**_stats(st), "tokens": sum(len(r) for r in result)}
+  b = max(rows, MIN_ROWS) if 0 < rows < len(prompts) else len(tokens)
+  result, host = _decode_rows(params, draft_params, tokens, lengths, len(prompts), seed, b, plan)
+  return result, {**_stats(host), "tokens": sum(len(r) for r in result)}
 
 
-def _refilled(params, draft_params, tokens_NL, lengths_N, seed, b: int, plan: Plan):
-  """(each prompt's tokens, the last state's host values) of N prompts decoded b rows at a time: the
-  rounds run until b // 8 rows (at least one) have finished, those rows' tokens are read and the next
-  prompts start in them (`refill`, a power-of-two bucket of rows), until the prompts run out; then
-  until every row is done. A row's PRNG key comes from its prompt's index, as `begin` gives it."""
-  n, gap = len(tokens_NL), max(1, b // 8)
-  prompt_of: list = list(range(b))  # each row's prompt (None: idle)
+def _decode_rows(params, draft_params, tokens_NL, lengths_N, n: int, seed, b: int, plan: Plan):
+  """(the first n prompts' tokens, the last state's host values) decoded b rows at a time (prompts past
+  n: padding rows, decoded and not returned). With more prompts than rows, the rounds run until b // 8
+  rows (at least one) have finished, those rows' tokens are read and the next prompts start in them
+  (`refill`, a power-of-two bucket of rows), until the prompts run out; then, as with every prompt in
+  one batch, until every row is done. A row's PRNG key comes from its prompt's index (`begin`)."""
+  gap = max(1, b // 8)
+  prompt_of: list = [r if r < n else None for r in range(b)]  # each row's prompt (None: idle)
   result: list = [None] * n
-  st, queued = begin(params, draft_params, tokens_NL[:b], lengths_N[:b], seed, plan=plan), b
+  st, queued = begin(params, draft_params, tokens_NL[:b], lengths_N[:b], seed, plan=plan), min(b, n)
   while True:
     st = advance(params, draft_params, st, plan=plan, min_live=b - gap + 1 if queued < n else 0)
     host = jax.device_get({name: st[name] for name in ("done_B", "count_B", "out_BN", *_STATS)})
