@@ -161,7 +161,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
       dst = out_gmem.at[rows, cols].at[pl.ds(i * _PIECE, _PIECE), pl.ds(j * _PIECE, _PIECE)]
       mg.copy_smem_to_gmem(h_smem.at[wg, p], dst)
 
-  def cooperative(dy_gmem, wt_gmem, h_gmem, out_gmem):
+  def body(dy_gmem, wt_gmem, h_gmem, out_gmem):
     def pipeline(step_body, context):
       return mg.emit_pipeline_warp_specialized(
         step_body,
@@ -214,7 +214,7 @@ def mosaic_dgelu_matmul(dy_MD, w_FD, h_MF, tiles: Tiles | None = None):
     mg.wait_smem_to_gmem(0, wait_read_only=True)
 
   return mg.kernel(
-    cooperative,
+    body,
     out_type=jax.ShapeDtypeStruct((m, f), jnp.bfloat16),
     grid=(_num_sms(),),
     grid_names=("sm",),
