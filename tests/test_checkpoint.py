@@ -1,6 +1,9 @@
 """Checkpoints on their own: cross-mesh restore, opening a run's parameters, retention (keep-last-K, every
 M-th, the best), corruption, shape checks."""
 
+import asyncio
+import gc
+import logging
 import os
 import shutil
 import sys
@@ -282,3 +285,27 @@ def test_a_metadata_read_is_guarded_like_a_restore(tmp_path, monkeypatch):
     ckpts.saved_shapes(3)
   assert seen["quiet"]
   ckpts.close()
+
+
+def test_reads_left_behind_that_failed_print_no_asyncio_traceback(caplog):
+  """Other reads of a broken checkpoint fail too, and asyncio logs each ("Task exception was never
+  retrieved", a traceback) when its task is collected: after the hooks, a tensorstore read's failure is
+  dropped and any other task's still logged."""
+  ckpt_lib._ignore_reads_left_behind()
+
+  async def fails(message):
+    raise ValueError(message)
+
+  def abandon(message):
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(fails(message))
+    loop.run_until_complete(asyncio.sleep(0))  # the task runs and fails; nobody reads its result
+    loop.close()
+    del task
+    gc.collect()
+
+  with caplog.at_level(logging.ERROR, logger="asyncio"):
+    abandon("DATA_LOSS: Error reading byte range [tensorstore_spec='{}']")
+    abandon("a bug of our own")
+  logged = [r.getMessage() + str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
+  assert len(logged) == 1 and "a bug of our own" in logged[0], logged

@@ -67,9 +67,9 @@ def _handlers():
 def _ignore_reads_left_behind() -> None:
   """When one read of a checkpoint fails, the storage library's other reads of it still finish and post
   their results to an event loop the failed restore already closed; Python would print a traceback
-  ("Event loop is closed") for each. Those reads are abandoned on purpose: drop exactly that error
-  (installed before every read, metadata or restore, since the stragglers can arrive before it
-  returns)."""
+  ("Event loop is closed") for each, and asyncio one ("Task exception was never retrieved") for each
+  that failed too. Those reads are abandoned on purpose: drop exactly those errors (installed before
+  every read, metadata or restore, since the stragglers can arrive before it returns)."""
   previous = sys.excepthook
   if getattr(previous, "_llm_jax_quiet", False):
     return
@@ -83,6 +83,17 @@ def _ignore_reads_left_behind() -> None:
   sys.excepthook = hook
   threading.excepthook = _thread_hook(threading.excepthook)
   sys.unraisablehook = _unraisable_hook(sys.unraisablehook)
+  logging.getLogger("asyncio").addFilter(_abandoned_read)
+
+
+def _abandoned_read(record: logging.LogRecord) -> bool:
+  """False for asyncio's "Task exception was never retrieved" of a storage-library read (a tensorstore
+  error) that failed beside the one the restore reported: another read left behind, whose traceback
+  asyncio prints when its task is collected. Every other record passes."""
+  value = record.exc_info[1] if record.exc_info else None
+  return not (
+    record.getMessage().startswith("Task exception was never retrieved") and "tensorstore" in str(value)
+  )
 
 
 def _unraisable_hook(previous):
