@@ -80,7 +80,11 @@ def main() -> int:
     " whose prompt finished taking the next (continuous batching; the plain rows wait for a group's slowest)",
   )
   ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled decoding (no equality check)")
-  ap.add_argument("--levers", default=None, help="both models' decode levers (default: model.default_levers)")
+  ap.add_argument(
+    "--levers",
+    default=None,
+    help="both models' decode levers (default: model.default_levers(speculative=True))",
+  )
   ap.add_argument(
     "--dtype", default="auto", help="compute dtype (auto: bfloat16 on GPUs; float32: full precision)"
   )
@@ -94,7 +98,7 @@ def main() -> int:
     jax.config.update("jax_default_matmul_precision", "highest")
   target = open_model(args.model, dtype=args.dtype)
   if args.levers is None:
-    args.levers = default_levers(target.params)
+    args.levers = default_levers(target.params, speculative=True)
   params, cfg = unstack_layers(target.params, target.model_config, levers=args.levers)
   proposers, named = [], f"model {target.describe()}"  # (row name, draft params, draft cfg)
   if args.draft:

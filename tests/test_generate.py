@@ -1,6 +1,7 @@
 """KV-cache decoding: equality with full recomputation, sampling controls, stops, streaming, CLI."""
 
 import dataclasses
+import functools
 import os
 import random
 import subprocess
@@ -346,6 +347,34 @@ def test_cli_warns_of_a_draft_with_another_tokenizer(tmp_path, params, tok, caps
   assert spec.returncode == 0, spec.stderr[-2000:]
   assert spec.stdout == plain.stdout and "warning: the draft's tokenizer differs" in spec.stderr
   assert "warning" not in _in_process(capsys, *args, "--draft", str(tmp_path / "pkg")).stderr
+
+
+def test_cli_speculates_without_the_one_cache_on_a_gpu(tmp_path, params, tok, capsys, monkeypatch):
+  """On a GPU the plain decode layout keeps every layer's keys and values in one cache (lever "kv"),
+  but a speculative round's check reads it through gemms, and XLA copies each layer's slice of that
+  cache first (docs/serving.md "The one cache and the check"): --draft and --ngram prepare both
+  models without "kv". Seen failing before (the target and draft prepared with "qkv,norm,kv")."""
+  import llm_jax.model
+  from llm_jax.artifacts import package
+
+  default_levers = llm_jax.model.default_levers
+  assert default_levers(params, "gpu") == "qkv,norm,kv"
+  assert default_levers(params, "gpu", speculative=True) == "qkv,norm"
+  prepared, real = [], llm_jax.model.unstack_layers
+
+  def unstack(p, cfg, levers):
+    prepared.append(levers)
+    return real(p, cfg, levers=levers)
+
+  # the command imports both names afresh from llm_jax.model each run (run_cmd: runpy)
+  monkeypatch.setattr(llm_jax.model, "unstack_layers", unstack)
+  monkeypatch.setattr(llm_jax.model, "default_levers", functools.partial(default_levers, platform="gpu"))
+  package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3)
+  args = ("--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "4")
+  for extra in (("--draft", str(tmp_path / "pkg")), ("--ngram", "2")):
+    got = _in_process(capsys, *args, *extra)
+    assert got.returncode == 0, got.stderr[-2000:]
+  assert prepared == ["qkv,norm"] * 3  # the target and its draft, then the target of prompt lookup
 
 
 def test_cli_usage_errors_exit_2(tmp_path, capsys):

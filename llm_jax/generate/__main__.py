@@ -143,13 +143,17 @@ def main(argv: list[str]) -> int:
   loaded = open_model(
     _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
   )
-  # One buffer per layer, in the layout of the server's decode levers: fewer kernels per step.
-  params, cfg = unstack_layers(loaded.params, loaded.model_config, levers=default_levers(loaded.params))
+  # One buffer per layer, in the layout of the server's decode levers (speculative decoding's own
+  # without the one cache: model.default_levers): fewer kernels per step.
+  levers = default_levers(loaded.params, speculative=bool(speculate))
+  params, cfg = unstack_layers(loaded.params, loaded.model_config, levers=levers)
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
   draft = (None, None)  # --ngram: no draft model
   if _DRAFT.value:
     small = open_model(_DRAFT.value, dtype=_DTYPE.value or "auto")
-    draft = unstack_layers(small.params, small.model_config, levers=default_levers(small.params))
+    draft = unstack_layers(
+      small.params, small.model_config, levers=default_levers(small.params, speculative=True)
+    )
     print(f"[draft {small.describe()}]", file=sys.stderr)
     differ = _pieces_differ(loaded.tokenizer, small.tokenizer)
     if differ:  # correct text still (the model checks every token), but few proposals will match

@@ -100,7 +100,7 @@ def prepare(params, cfg: ModelConfig, levers: str):
   return params, cfg
 
 
-def default_levers(params, platform: str | None = None) -> str:
+def default_levers(params, platform: str | None = None, speculative: bool = False) -> str:
   """The decode levers that decoding prepares `params` for (ModelConfig.decode_levers) on `platform`
   (default: JAX's default backend): the server's engine, the generate CLI and the benchmarks.
 
@@ -109,6 +109,12 @@ def default_levers(params, platform: str | None = None) -> str:
   memory: "norm" folds the norm scales into float kernels and refuses int8 ones, while "qkv"
   concatenates int8 values and scales alike and "kv" changes only the cache. On a CPU without "kv":
   XLA's CPU compiler copies that one-array cache every decode step (2-layer gpt_small shapes, batch
-  8: 202 against 371 tokens/s; docs/serving.md)."""
+  8: 202 against 371 tokens/s; docs/serving.md).
+
+  `speculative`: the target and the draft of speculative decoding, without "kv" everywhere. A
+  round's check gives each row k + 1 queries, whose attention over the cache runs as gemms, and XLA
+  copies a layer's keys and values out of the one cache before a gemm reads them (two copies per
+  layer and round; one H200, a 12 x 768 target and a 1 x 384 draft, 32 rows, k = 6: 0.93 ms a round
+  without "kv" against 1.13 with it; docs/serving.md "The one cache and the check")."""
   levers = "qkv" if has_qtensors(params) else "qkv,norm"
-  return levers if (platform or jax.default_backend()) == "cpu" else levers + ",kv"
+  return levers if speculative or (platform or jax.default_backend()) == "cpu" else levers + ",kv"
