@@ -12,7 +12,8 @@ rounds differently from its one-token steps and may break a near-tie the other w
 (with more prompts than `--batch`) adds rows of all prompts decoded `--batch` rows at a time, a row
 whose prompt finished taking the next one (continuous batching, `speculative_generate(rows=...)`);
 `--temperature T` times sampled decoding instead of greedy (no equality check then); `--trace DIR`
-writes jax.profiler traces of one plain and one speculative call (bench/analyze_trace.py reads them).
+writes jax.profiler traces of one plain and one speculative call, with `--refill` also of one call
+with rows refilled (bench/analyze_trace.py reads them).
 
 `bash bench/gpu_speculative.sh` trains a pair on tiny Shakespeare and runs this on one GPU. Not a
 test: figures go to docs/serving.md with the command and the run.
@@ -88,7 +89,11 @@ def main() -> int:
   ap.add_argument(
     "--dtype", default="auto", help="compute dtype (auto: bfloat16 on GPUs; float32: full precision)"
   )
-  ap.add_argument("--trace", help="profiler traces of one plain and one speculative call (largest k) here")
+  ap.add_argument(
+    "--trace",
+    help="profiler traces of one plain and one speculative call (largest k) here; with --refill also"
+    " one call of every prompt with rows refilled",
+  )
   args = ap.parse_args()
   if not args.draft and not args.ngram:
     ap.error("give --draft, --ngram or both")
@@ -205,6 +210,8 @@ def main() -> int:
       "plain": lambda: G.generate(params, cfg, groups[0], sp, eos_id=eos, vocab_limit=tok.vocab_size),
       f"speculative_k{k}": lambda: spec(groups[0], k, *proposers[0][1:]),
     }
+    if args.refill:  # every prompt, --batch rows at a time: where a refill's time goes
+      calls[f"refilled_k{k}"] = lambda: spec(prompts, k, *proposers[0][1:], rows=args.batch)
     for label, fn in calls.items():
       fn()
       with jax.profiler.trace(os.path.join(args.trace, label)):
