@@ -143,8 +143,8 @@ def main(argv: list[str]) -> int:
   loaded = open_model(
     _PACKAGE.value or _WORKDIR.value, cli.parse_step(_STEP.value), dtype=_DTYPE.value or "auto"
   )
-  # One buffer per layer, in the layout of the server's decode levers (speculative decoding's own
-  # without the one cache: model.default_levers): fewer kernels per step.
+  # One buffer per layer, laid out for the decode levers (model.default_levers): fewer kernels per
+  # step; speculative decoding's layout has no one KV cache, which its check would copy per layer.
   levers = default_levers(loaded.params, speculative=bool(speculate))
   params, cfg = unstack_layers(loaded.params, loaded.model_config, levers=levers)
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
