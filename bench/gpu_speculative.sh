@@ -20,7 +20,9 @@
 #        all equal greedy decoding's). On an H200 (2026-12-02): training ~245 s (target 135-160,
 #        draft ~50, distillation ~50), each one-prompt benchmark ~80-150 s, the 32-rows run ~50 s;
 #        QUICK=1 was still in its 32-rows run at 580 s, over one 600 s device call with it: REUSE=1 in a
-#        second call on the same machine.
+#        second call on the same machine. SHAPES=gpt_small: both models with gpt_small's vocabulary
+#        rows (50,304; the 384-piece tokenizer's ids below that) and context (1,024, trained on 512-token
+#        windows, 32 a step), 256 new tokens a prompt: issue 16's decode shapes, with trained weights.
 #
 # CPU smoke test of the same logic (tiny runs, few tokens):
 #   DISTILL=4 DISTILL_PROMPTS=16 ROWS=2 PY=.venv/bin/python TARGET_ARGS="--config.train.steps=4 --config.train.warmup_steps=2 --config.model.num_layers=1 \
@@ -32,13 +34,21 @@ source bench/gpu_common.sh
 python_env
 shakespeare_data
 nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null
+NEW=200 SHAPE_ARGS=""
+case "${SHAPES:-}" in
+  "") ;;
+  gpt_small) NEW=256 SHAPE_ARGS="--config.model.vocab_size=50304 --config.model.max_seq_len=1024 \
+    --config.train.seq_len=512 --config.train.global_batch_size=32" ;;
+  *) echo "SHAPES=$SHAPES: unknown (gpt_small, or unset for the character model's own)" >&2; exit 2 ;;
+esac
 train() {  # train NAME OVERRIDES...: a run directory /tmp/spec_NAME
   local name=$1; shift
   if [ -n "${REUSE:-}" ] && [ -f "/tmp/spec_$name/metrics.jsonl" ]; then echo "reusing /tmp/spec_$name"; return; fi
   rm -rf "/tmp/spec_$name"
+  # shellcheck disable=SC2086  # SHAPE_ARGS are words
   $PY -m llm_jax.train --config=configs/shakespeare_char.py --workdir="/tmp/spec_$name" \
     --config.data.corpus="$SHK_TRAIN" --config.data.val_corpus="$SHK_VAL" --config.data.cache_dir=/tmp/spec_cache \
-    --config.train.sample_every=0 "$@" > "$OUT/spec_$name.log" 2>&1 || { tail -20 "$OUT/spec_$name.log"; exit 1; }
+    --config.train.sample_every=0 $SHAPE_ARGS "$@" > "$OUT/spec_$name.log" 2>&1 || { tail -20 "$OUT/spec_$name.log"; exit 1; }
   echo "[$(( $(date +%s) - T0 ))s] trained $name: $(grep -o 'val_loss[^,]*' "/tmp/spec_$name/metrics.jsonl" | tail -1)"
 }
 train target --config.model.num_layers=12 --config.model.d_model=768 --config.model.num_heads=12 \
@@ -49,7 +59,7 @@ for i in "${!drafts[@]}"; do
   train "draft$i" ${drafts[$i]} ${DRAFT_ARGS:-}
   [ -n "${ROWS_ONLY:-}" ] && continue
   $PY bench/speculative_speed.py --model /tmp/spec_target --draft "/tmp/spec_draft$i" --text "$SHK_VAL" \
-    --prompt_tokens 32 --new_tokens 200 --k 2,4,6 $([ "$i" = 0 ] && echo --ngram 3) ${SPEC_ARGS:-} \
+    --prompt_tokens 32 --new_tokens $NEW --k 2,4,6 $([ "$i" = 0 ] && echo --ngram 3) ${SPEC_ARGS:-} \
     2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative$i.txt"
 done
 DISTILL=${DISTILL-1000}
@@ -62,12 +72,12 @@ if [ "$DISTILL" != 0 ]; then  # the first draft fine-tuned on the target's greed
     --config.data.corpus=/tmp/spec_distill.jsonl --config.train.steps="$DISTILL" --config.train.warmup_steps=$(( DISTILL / 20 + 1 ))
   # shellcheck disable=SC2086  # SPEC_ARGS are words
   [ -n "${ROWS_ONLY:-}" ] || $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_distilled \
-    --text "$SHK_VAL" --prompt_tokens 32 --new_tokens 200 --k 4,6,8 ${SPEC_ARGS:-} \
+    --text "$SHK_VAL" --prompt_tokens 32 --new_tokens $NEW --k 4,6,8 ${SPEC_ARGS:-} \
     2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_distilled.txt"
   # the same draft with ROWS prompts a call (issue 16's batch-32 figure)
   # shellcheck disable=SC2086  # SPEC_ARGS are words
   $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_distilled --text "$SHK_VAL" \
-    --prompt_tokens 32 --new_tokens 200 --k "${ROWS_K:-2,4,6}" --prompts "${ROWS_PROMPTS:-$(( 2 * ${ROWS:-32} ))}" \
+    --prompt_tokens 32 --new_tokens $NEW --k "${ROWS_K:-2,4,6}" --prompts "${ROWS_PROMPTS:-$(( 2 * ${ROWS:-32} ))}" \
     --batch "${ROWS:-32}" --refill --repeats 2 ${SPEC_ARGS:-} 2>&1 | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_rows.txt"
 fi
 [ -n "${QUICK:-}${ROWS_ONLY:-}" ] && exit 0
@@ -75,7 +85,7 @@ spec() {  # spec NAME FLAGS...: the first draft again, k = 4 only; returns the b
   local name=$1; shift
   # shellcheck disable=SC2086  # SPEC_ARGS are words
   $PY bench/speculative_speed.py --model /tmp/spec_target --draft /tmp/spec_draft0 --text "$SHK_VAL" \
-    --prompt_tokens 32 --new_tokens 200 --k 4 "$@" ${SPEC_ARGS:-} 2>&1 \
+    --prompt_tokens 32 --new_tokens $NEW --k 4 "$@" ${SPEC_ARGS:-} 2>&1 \
     | grep -v -E '^([IW][0-9]{4} |WARNING:absl)' | tee "$OUT/speculative_$name.txt"
   return "${PIPESTATUS[0]}"
 }

@@ -104,8 +104,9 @@ def default_levers(params, platform: str | None = None, speculative: bool = Fals
   """The decode levers that decoding prepares `params` for (ModelConfig.decode_levers) on `platform`
   (default: JAX's default backend): the server's engine, the generate CLI and the benchmarks.
 
-  "qkv,norm,kv" for float weights (one H200, gpt_small shapes, in process: +8.6% tokens/s at batch
-  32, +7.6% at batch 8, batch 1 unchanged; docs/serving.md); "qkv,kv" for int8 weights kept in
+  "qkv,norm,kv" for float weights (one H200, gpt_small shapes, in process, against "qkv,norm": +5.7%
+  tokens/s at batch 32 on 2026-11-30, +3.0% on 2026-12-04, where batch 1 lost 3.4% and batch 8 1%;
+  docs/serving.md "The trained pair without the one cache"); "qkv,kv" for int8 weights kept in
   memory: "norm" folds the norm scales into float kernels and refuses int8 ones, while "qkv"
   concatenates int8 values and scales alike and "kv" changes only the cache. On a CPU without "kv":
   XLA's CPU compiler copies that one-array cache every decode step (2-layer gpt_small shapes, batch
