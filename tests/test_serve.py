@@ -605,6 +605,32 @@ def test_openai_client(plain, greedy_text):
   assert [m.id for m in client.models.list()] == ["pkg"]
 
 
+def test_seeded_prompt_samples_the_same_at_any_batch_position(plain):
+  """A seeded, sampled prompt gives the same text alone and at index 1 of a batch (choice j of every
+  prompt uses seed + j, as vLLM gives each prompt the request's seed); the n choices of one prompt
+  still differ. Before: index 1 of the batch drew with seed + 1 and matched the prompt sent with
+  seed 6, not its own seed 5."""
+  body = {"seed": 5, "temperature": 1.0, "max_tokens": 8}
+  alone = _post(plain.url, {**body, "prompt": PROMPT, "n": 2}).json()["choices"]
+  batch = _post(plain.url, {**body, "prompt": ["import os", PROMPT], "n": 2}).json()["choices"]
+  assert [c["text"] for c in batch[2:]] == [c["text"] for c in alone]
+  assert alone[0]["text"] != alone[1]["text"]
+
+
+def test_values_openai_and_vllm_clients_send(plain, greedy_text):
+  """`max_tokens: null` (the openai client's None) is the default 16; `top_k: -1` (vLLM's off) is off
+  (both were 422)."""
+  openai = pytest.importorskip("openai")
+  client = openai.OpenAI(base_url=f"{plain.url}/v1", api_key="unused", max_retries=0)
+  r = client.completions.create(model="pkg", prompt=PROMPT, max_tokens=None, temperature=0)
+  assert r.choices[0].text == greedy_text and r.usage.completion_tokens == 16
+  body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "seed": 3}
+  off = _post(plain.url, {**body, "top_k": -1})
+  assert off.status_code == 200, off.text
+  assert off.json()["choices"] == _post(plain.url, {**body, "top_k": 0}).json()["choices"]
+  assert _post(plain.url, {**body, "top_k": -2}).status_code == 422
+
+
 # ------------------------------------------------------------------ key, filters, prompt logging
 
 

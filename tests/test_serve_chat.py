@@ -143,6 +143,23 @@ def test_chat_logprob_bytes_are_the_text_bytes(server):
       )
 
 
+def test_developer_role_is_system(server):
+  """OpenAI's `developer` role (its newer name of `system`) renders and answers as `system` (was 422)."""
+  headers = {"Authorization": f"Bearer {KEY}"}
+  as_dev = [{"role": "developer", "content": "be brief"}, MESSAGES[1]]
+  ids = [
+    httpx.post(f"{server.url}/tokenize", json={"messages": m}, headers=headers).json()["tokens"]
+    for m in (as_dev, MESSAGES)
+  ]
+  assert ids[0] == ids[1]
+  client = _client(server)
+  answers = [
+    client.chat.completions.create(model="pkg", messages=m, max_tokens=4, temperature=0).choices[0]
+    for m in (as_dev, MESSAGES)
+  ]
+  assert answers[0].message.content == answers[1].message.content
+
+
 @pytest.mark.parametrize("logprobs", [None, False])
 def test_top_logprobs_needs_logprobs(server, logprobs):
   """top_logprobs without logprobs: true is 422 naming top_logprobs (OpenAI and vLLM reject it)."""

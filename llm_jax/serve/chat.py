@@ -32,13 +32,18 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
   model_config = ConfigDict(extra="forbid")
-  role: Literal["system", "user", "assistant"]
+  role: Literal["system", "user", "assistant", "developer"]  # developer: OpenAI's newer name of system
   content: str | list[TextPart]
   name: str | None = None
 
   @property
   def text(self) -> str:
     return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+  @field_validator("role")
+  @classmethod
+  def _role(cls, v):
+    return "system" if v == "developer" else v
 
   @field_validator("content")
   @classmethod

@@ -149,7 +149,7 @@ def submit(
         repetition_penalty=req.repetition_penalty,
         max_new_tokens=max(1, max_tokens),
         stop=tuple(req.stop or ()) + stop,
-        seed=(seed + i) % 2**32,
+        seed=(seed + i % req.n) % 2**32,  # choice j of every prompt: seed + j (as if sent alone)
       )
       for i in range(req.n * len(prompts))
     ]

@@ -49,7 +49,7 @@ class SamplingRequest(BaseModel):
   model: str | None = None
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
-  top_k: int = Field(0, ge=0, le=INT32_MAX)
+  top_k: int = Field(0, ge=-1, le=INT32_MAX)  # 0 or -1 (vLLM's "off"): off
   repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
   stop: str | list[str] | None = None
   seed: int | None = Field(None, ge=0, le=2**32 - 1)
@@ -61,6 +61,11 @@ class SamplingRequest(BaseModel):
   presence_penalty: float | None = None
   frequency_penalty: float | None = None
   logit_bias: dict[str, float] | None = None
+
+  @field_validator("top_k")
+  @classmethod
+  def _top_k(cls, v):
+    return max(v, 0)
 
   @field_validator("stop")
   @classmethod
@@ -105,7 +110,8 @@ class CompletionRequest(SamplingRequest):
   """Fields of the OpenAI completions API this server honours."""
 
   prompt: str | list[int] | list[str] | list[list[int]]
-  max_tokens: int = Field(16, ge=0)  # 0 only with echo: the prompt is scored, nothing generated
+  # 0 only with echo: the prompt is scored, nothing generated; null (the openai client's None) is 16
+  max_tokens: int | None = Field(16, ge=0)
   logprobs: int | None = Field(None, ge=0, le=5)
   echo: StrictBool = False
   best_of: int | None = None  # accepted: 1 only
@@ -117,6 +123,11 @@ class CompletionRequest(SamplingRequest):
     if isinstance(v, list) and not v:
       raise ValueError("the prompt is an empty list")
     return _check_unicode(v)
+
+  @field_validator("max_tokens")
+  @classmethod
+  def _max_tokens(cls, v):
+    return 16 if v is None else v
 
   @field_validator("best_of")
   @classmethod
