@@ -7,10 +7,12 @@ One server (a tiny random model on a real uvicorn socket) serves the HTTP tests 
 """
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
 import stat
+import threading
 import time
 
 import httpx
@@ -20,6 +22,7 @@ from tiny_package import SERVER_CFG, write_tiny_package
 from llm_jax import generate as G
 from llm_jax.serve import app as app_lib
 from llm_jax.serve import audit as audit_lib
+from llm_jax.serve import routes, tokenization
 from llm_jax.serve.engine import Choice
 from llm_jax.serve.filters import Filters, Rule, load_filters
 
@@ -203,6 +206,98 @@ def test_a_request_failing_while_decoding_fails_alone(server):
   assert bad_s < 10
   assert engine.in_flight == 0 and engine.busy_slots == 0
   assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+SCORE_ONLY = {"max_tokens": 0, "echo": True, "logprobs": 1}
+
+
+def test_prompt_scoring_is_admitted_like_any_request(server):
+  """With max_concurrent requests in the engine, a scoring request (echo, max_tokens 0) is 429 like
+  any other, before any forward pass (it was scored and answered 200: nothing bounded the scoring
+  work); once they end it is served."""
+  engine = server.app.state.llm.engine
+  limit = server.app.state.llm.settings.max_concurrent
+
+  async def run():
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    sp = G.SamplingParams(temperature=0.0, max_new_tokens=2)
+    for i in range(limit):
+      engine.submit([Choice(0, [1, 5, 6], sp)], loop, queue, 20.0, request_id=f"fill-{i}")
+    async with httpx.AsyncClient(timeout=60) as c:
+      r = await c.post(f"{server.url}/v1/completions", json={"prompt": "the cat", **SCORE_ONLY})
+    engine.resume()
+    ended = 0
+    while ended < limit:
+      ended += await asyncio.wait_for(queue.get(), timeout=30) == ("end",)
+    return r
+
+  engine.pause()
+  try:
+    busy = asyncio.run(run())
+  finally:
+    engine.resume()
+  assert busy.status_code == 429, busy.text
+  assert _error_shape(busy)["code"] == "rate_limited"
+  r = _post(server.url, {"prompt": "the cat", **SCORE_ONLY})
+  assert r.status_code == 200, r.text
+  assert server.app.state.llm.scoring == 0
+
+
+def test_prompt_scoring_within_the_request_timeout(server, monkeypatch):
+  """Scoring a batch of prompts that outlasts the request timeout is 504 at the timeout, and the
+  prompts after it are not scored (it ran to the end and answered 200); the place it held is given
+  back once the pass under way ends."""
+  st = server.app.state.llm
+  real, calls = routes.score, []
+
+  def slow(st_, p):
+    calls.append(p)
+    time.sleep(0.6)
+    real(st_, p)
+
+  monkeypatch.setattr(routes, "score", slow)
+  monkeypatch.setattr(st.settings, "request_timeout_s", 1.0)
+  t0 = time.monotonic()
+  r = _post(server.url, {"prompt": PROMPTS, **SCORE_ONLY})
+  took = time.monotonic() - t0
+  assert r.status_code == 504, r.text
+  assert _error_shape(r)["code"] == "timeout"
+  assert len(calls) == 2 and took < 2.0, (len(calls), took)
+  deadline = time.monotonic() + 10
+  while st.scoring and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert st.scoring == 0
+
+
+@pytest.mark.parametrize("route", ["/tokenize", "/v1/completions"])
+def test_slow_tokenizing_does_not_hold_other_requests(server, monkeypatch, route):
+  """Tokenizing a request's text (up to the 1 MB body: ~0.4 s for /tokenize, more with token strings)
+  runs off the event loop: meanwhile /health answers at once (it waited for the tokenizer, and every
+  stream stalled as long)."""
+  started = threading.Event()
+
+  def slowly(fn):
+    def run(*args, **kw):
+      started.set()
+      time.sleep(3.0)
+      return fn(*args, **kw)
+
+    return run
+
+  if route == "/tokenize":
+    monkeypatch.setattr(tokenization, "tokenize", slowly(tokenization.tokenize))
+    body = {"prompt": "the cat"}
+  else:
+    monkeypatch.setattr(routes, "make_prompts", slowly(routes.make_prompts))
+    body = {"prompt": "the cat", "max_tokens": 2, "temperature": 0}
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    slow = pool.submit(httpx.post, f"{server.url}{route}", json=body, timeout=60)
+    assert started.wait(30)
+    t0 = time.monotonic()
+    health = httpx.get(f"{server.url}/health", timeout=60)
+    took = time.monotonic() - t0
+    assert slow.result().status_code == 200
+  assert health.status_code == 200 and took < 1.5, took
 
 
 # ------------------------------------------------------------------ 2. error shape and status

@@ -49,6 +49,7 @@ class ServerState:
     self.templates = None  # the chat template (finetune.sft.Templates)
     self.engine: Engine | EngineProcess | None = None
     self.error: str | None = None
+    self.scoring = 0  # requests scoring prompts (echo): admitted with the engine's (routes._admit)
     self.started = time.monotonic()
     self.name = settings.model_name
     # the engine's own process starts at once (forked before the server's threads, where it can be),

@@ -84,13 +84,13 @@ def add_routes(app: FastAPI, st) -> None:
   async def tokenize_(req: TokenizeRequest):
     _require_ready(st)
     _check_model(st, req.model)
-    return tokenization.tokenize(st, req)
+    return await asyncio.to_thread(tokenization.tokenize, st, req)  # a long text is not the loop's work
 
   @app.post("/detokenize")
   async def detokenize_(req: DetokenizeRequest):
     _require_ready(st)
     _check_model(st, req.model)
-    return tokenization.detokenize(st, req)
+    return await asyncio.to_thread(tokenization.detokenize, st, req)
 
   @app.get("/tokenizer_info")
   async def tokenizer_info_():
@@ -159,20 +159,63 @@ def submit(
   if max_tokens == 0:
     return None, choices
   loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+  _admit(st)
   try:
     handle = st.engine.submit(
       choices, loop, queue, st.settings.request_timeout_s, request_id=request.state.request_id
     )
   except EngineBusy as e:
-    raise ApiError(
-      429,
-      f"server busy: {e}; retry later",
-      type_="rate_limit_error",
-      code="rate_limited",
-      headers={"Retry-After": "1"},
-    ) from e
+    raise _busy(str(e)) from e
   st.metrics.prompt_tokens.inc(sum(len(p.ids) for p in prompts))
   return handle, choices
+
+
+def _busy(why: str) -> ApiError:
+  return ApiError(
+    429,
+    f"server busy: {why}; retry later",
+    type_="rate_limit_error",
+    code="rate_limited",
+    headers={"Retry-After": "1"},
+  )
+
+
+def _admit(st) -> None:
+  """429 when `max_concurrent` requests are in flight: those the engine holds and those scoring."""
+  held = st.engine.in_flight + st.scoring
+  if held >= st.settings.max_concurrent:
+    raise _busy(f"{held} requests in flight (limit {st.settings.max_concurrent})")
+
+
+async def score_prompts(st, prompts: list[Prompt]) -> None:
+  """Echo's prompt scores (`prompts.score`, off the event loop), admitted as any request is (429)
+  and within the request timeout (504). A request's place is held until its last forward pass has
+  ended, also one left running by a timeout, so the engine never holds more than the limit."""
+  _admit(st)
+  deadline = time.monotonic() + st.settings.request_timeout_s
+  st.scoring += 1
+  held = True
+  try:
+    for p in prompts:
+      task = asyncio.ensure_future(asyncio.to_thread(score, st, p))
+      try:
+        await asyncio.wait_for(asyncio.shield(task), max(deadline - time.monotonic(), 0.0))
+      except asyncio.TimeoutError:  # TimeoutError's alias from 3.11, a class of its own in 3.10
+        held = False  # released when the pass ends
+
+        def release(_):
+          st.scoring -= 1
+
+        task.add_done_callback(release)
+        raise ApiError(
+          504,
+          f"request timed out after {st.settings.request_timeout_s:g}s (scoring the prompt)",
+          type_="server_error",
+          code="timeout",
+        ) from None
+  finally:
+    if held:
+      st.scoring -= 1
 
 
 async def respond(ctx, req, request: Request):
@@ -193,11 +236,12 @@ async def _completions(st, req: CompletionRequest, request: Request):
       param="max_tokens",
       code="invalid_value",
     )
-  prompts = make_prompts(st, req.prompt, record, offsets=req.echo and req.logprobs is not None)
+  prompts = await asyncio.to_thread(  # tokenizing a long text is not the event loop's work
+    make_prompts, st, req.prompt, record, offsets=req.echo and req.logprobs is not None
+  )
   check_lengths(st, prompts, req.max_tokens)
   if req.echo and req.logprobs is not None:
-    for p in prompts:
-      await asyncio.to_thread(score, st, p)
+    await score_prompts(st, prompts)
   handle, choices = submit(st, req, request, prompts, max_tokens=req.max_tokens, top_n=req.logprobs or 0)
   record.update(n=req.n, stream=req.stream, max_tokens=req.max_tokens, prompts=len(prompts))
   ctx = CompletionResponse(st, req, handle, choices, prompts, record, request.state.request_id)
@@ -208,7 +252,7 @@ async def _chat(st, req: ChatRequest, request: Request):
   record = request.state.audit
   _require_ready(st)
   check_common(st, req)
-  prompt, max_tokens = chat.prepare(st, req, record)
+  prompt, max_tokens = await asyncio.to_thread(chat.prepare, st, req, record)
   top_n = (req.top_logprobs or 0) if req.logprobs else 0
   handle, choices = submit(
     st, req, request, [prompt], max_tokens=max_tokens, top_n=top_n, stop=chat.stops_of(st.templates)
