@@ -115,9 +115,9 @@ def test_chat_logprobs_limits_and_key(server):
   assert all(e.logprob == max(t.logprob for t in e.top_logprobs) for e in content)  # greedy
   import openai
 
-  with pytest.raises(openai.UnprocessableEntityError) as e:  # 422: past the context
+  with pytest.raises(openai.BadRequestError) as e:  # 400: past the context (OpenAI and vLLM answer 400)
     client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=64)
-  assert e.value.status_code == 422
+  assert e.value.status_code == 400
   bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong" * 4, max_retries=0)
   with pytest.raises(openai.AuthenticationError):
     bad.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=2)
@@ -162,14 +162,14 @@ def test_developer_role_is_system(server):
 
 @pytest.mark.parametrize("logprobs", [None, False])
 def test_top_logprobs_needs_logprobs(server, logprobs):
-  """top_logprobs without logprobs: true is 422 naming top_logprobs (OpenAI and vLLM reject it)."""
+  """top_logprobs without logprobs: true is 400 naming top_logprobs (OpenAI and vLLM reject it)."""
   body = {"messages": MESSAGES, "max_tokens": 2, "top_logprobs": 2}
   if logprobs is not None:
     body["logprobs"] = logprobs
   r = httpx.post(
     f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
   )
-  assert r.status_code == 422, r.text
+  assert r.status_code == 400, r.text
   err = r.json()["error"]
   assert err["param"] == "top_logprobs" and "logprobs" in err["message"]
 

@@ -108,7 +108,7 @@ def test_tokenizer_endpoints_as_remote_tokenizer_reads_them(server):
   ).json()
   assert full["tokens"] == [2] + ids and full["count"] == len(ids) + 1 and full["max_model_len"] == 32
   assert "".join(full["token_strs"][1:]) == "the cat sat"
-  assert httpx.post(f"{server.url}/detokenize", json={"tokens": [999]}).status_code == 422
+  assert httpx.post(f"{server.url}/detokenize", json={"tokens": [999]}).status_code == 400
 
 
 def test_loglikelihood_replay(server, reference):

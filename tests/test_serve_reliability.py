@@ -102,7 +102,7 @@ def _alone(url):
 def test_sampling_parameters_bounded_by_the_engine(server, body, param):
   t0 = time.monotonic()
   r = _post(server.url, body)
-  assert r.status_code == 422, r.text
+  assert r.status_code == 400, r.text
   assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
   assert time.monotonic() - t0 < 5
   assert server.app.state.llm.engine.in_flight == 0
@@ -118,11 +118,11 @@ def test_sampling_parameters_bounded_by_the_engine(server, body, param):
     ('{"prompt": "x", "presence_penalty": -Infinity}', "presence_penalty"),
   ],
 )
-def test_non_finite_numbers_are_422(server, raw, param):
+def test_non_finite_numbers_are_400(server, raw, param):
   r = httpx.post(
     f"{server.url}/v1/completions", content=raw.encode(), headers={"content-type": "application/json"}
   )
-  assert r.status_code == 422, r.text
+  assert r.status_code == 400, r.text
   assert r.json()["error"]["param"] == param
 
 
@@ -309,18 +309,18 @@ def _error_shape(r):
   return err
 
 
-def test_lone_surrogate_is_422_and_recorded_as_such(server, pkg):
+def test_lone_surrogate_is_400_and_recorded_as_such(server, pkg):
   name = 'llm_requests_total{route="/v1/completions",status="%s"}'
-  before = {s: _metric(server.url, name % s) for s in ("422", "499", "500")}
+  before = {s: _metric(server.url, name % s) for s in ("400", "499", "500")}
   raw = b'{"prompt": "\\ud800abc", "max_tokens": 2}'
   r = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"content-type": "application/json"})
-  assert r.status_code == 422, r.text
+  assert r.status_code == 400, r.text
   err = _error_shape(r)
   assert err["param"] == "prompt" and "surrogate" in err["message"]
   line = _audit_of(pkg, r)
-  assert line["path"] == "/v1/completions" and line["status"] == 422
+  assert line["path"] == "/v1/completions" and line["status"] == 400
   after = {s: _metric(server.url, name % s) for s in before}
-  assert after == {"422": before["422"] + 1, "499": before["499"], "500": before["500"]}
+  assert after == {"400": before["400"] + 1, "499": before["499"], "500": before["500"]}
 
 
 def test_unknown_routes_and_methods_in_the_error_shape(server, pkg):

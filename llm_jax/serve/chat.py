@@ -119,7 +119,7 @@ def prepare(st, req: ChatRequest, record: dict) -> tuple[Prompt, int]:
   max_prompt, max_total = st.limits()
   if len(prompt.ids) > max_prompt:
     raise ApiError(
-      422,
+      400,
       f"messages: {len(prompt.ids)} tokens once rendered, the limit is {max_prompt}",
       param="messages",
       code="context_length_exceeded",
@@ -129,7 +129,7 @@ def prepare(st, req: ChatRequest, record: dict) -> tuple[Prompt, int]:
   if want is not None and want > room:
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     raise ApiError(
-      422,
+      400,
       f"{param}: messages ({len(prompt.ids)} tokens) + {want} exceeds {max_total} "
       f"tokens; lower {param} to {room}",
       param=param,

@@ -169,7 +169,7 @@ def _replay(body: bytes, receive):
 
 
 def add_error_handlers(app: FastAPI) -> None:
-  """ApiError, invalid requests (422 naming the field) and unknown routes/methods in OpenAI's shape."""
+  """ApiError, invalid requests (400 naming the field) and unknown routes/methods in OpenAI's shape."""
 
   @app.exception_handler(ApiError)
   async def _api_error(request: Request, e: ApiError):
@@ -203,4 +203,4 @@ def add_error_handlers(app: FastAPI) -> None:
     request.state.audit["error"] = message
     body = error_body(message, param=param, code="invalid_value")
     body["detail"] = [{"loc": list(map(str, x.get("loc", ()))), "msg": x.get("msg", "")} for x in errors]
-    return ErrorResponse(body, status_code=422)
+    return ErrorResponse(body, status_code=400)

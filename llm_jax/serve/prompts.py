@@ -149,7 +149,7 @@ def make_prompts(st, prompt, record: dict, offsets: bool = False) -> list[Prompt
     prompt = [prompt]
   if len(prompt) > st.settings.max_prompts:
     raise ApiError(
-      422,
+      400,
       f"prompt: {len(prompt)} prompts in one request, at most {st.settings.max_prompts}",
       param="prompt",
       code="invalid_value",
@@ -168,14 +168,14 @@ def make_prompts(st, prompt, record: dict, offsets: bool = False) -> list[Prompt
       bad = [i for i in p if not 0 <= i < tok.vocab_size]
       if bad:
         raise ApiError(
-          422,
+          400,
           f"{where}: token ids {bad[:5]} are outside [0, {tok.vocab_size})",
           param="prompt",
           code="invalid_value",
         )
       out.append(Prompt(list(p), 0, tok.decode(p)))
     if not out[-1].shown_ids:
-      raise ApiError(422, f"{where}: empty", param="prompt", code="invalid_value")
+      raise ApiError(400, f"{where}: empty", param="prompt", code="invalid_value")
   texts = [p.text for p in out]
   record.update(prompt_tokens=sum(len(p.ids) for p in out), prompt=texts[0] if len(texts) == 1 else texts)
   for p in out:
@@ -192,20 +192,20 @@ def make_prompts(st, prompt, record: dict, offsets: bool = False) -> list[Prompt
 
 
 def check_lengths(st, prompts: list[Prompt], max_tokens: int, param: str = "prompt") -> None:
-  """422 when a prompt, or a prompt with `max_tokens` new tokens, does not fit the limits."""
+  """400 when a prompt, or a prompt with `max_tokens` new tokens, does not fit the limits."""
   max_prompt, max_total = st.limits()
   for k, p in enumerate(prompts):
     where = f"{param}[{k}]" if len(prompts) > 1 else param
     if len(p.ids) > max_prompt:
       raise ApiError(
-        422,
+        400,
         f"{where}: {len(p.ids)} tokens, the limit is {max_prompt}",
         param=param,
         code="context_length_exceeded",
       )
     if len(p.ids) + max_tokens > max_total:
       raise ApiError(
-        422,
+        400,
         f"max_tokens: {where} ({len(p.ids)} tokens) + max_tokens ({max_tokens}) "
         f"exceeds {max_total} tokens; lower max_tokens to {max_total - len(p.ids)}",
         param="max_tokens",

@@ -55,22 +55,13 @@ def add_routes(app: FastAPI, st) -> None:
   @app.get("/v1/models")
   async def models():
     _require_ready(st)
-    cfg = st.loaded.model_config
-    return {
-      "object": "list",
-      "data": [
-        {
-          "id": st.name,
-          "object": "model",
-          "created": int(time.time()),
-          "owned_by": "llm_jax",
-          "build_id": st.loaded.build_id,
-          "max_seq_len": cfg.max_seq_len,
-          "parameter_count": st.loaded.meta.get("parameter_count"),
-          "precision": st.loaded.meta.get("precision", {}).get("weights"),
-        }
-      ],
-    }
+    return {"object": "list", "data": [_model_card(st)]}
+
+  @app.get("/v1/models/{model:path}")
+  async def model(model: str):  # the openai client's models.retrieve
+    _require_ready(st)
+    _check_model(st, model)
+    return _model_card(st)
 
   @app.post("/v1/completions")
   async def completions(req: CompletionRequest, request: Request):
@@ -98,6 +89,19 @@ def add_routes(app: FastAPI, st) -> None:
     return tokenization.tokenizer_info(st)
 
 
+def _model_card(st) -> dict:
+  return {
+    "id": st.name,
+    "object": "model",
+    "created": int(time.time()),
+    "owned_by": "llm_jax",
+    "build_id": st.loaded.build_id,
+    "max_seq_len": st.loaded.model_config.max_seq_len,
+    "parameter_count": st.loaded.meta.get("parameter_count"),
+    "precision": st.loaded.meta.get("precision", {}).get("weights"),
+  }
+
+
 def _require_ready(st) -> None:
   if st.engine is None or not st.engine.ready:
     raise ApiError(
@@ -123,12 +127,12 @@ def check_common(st, req) -> None:
   _check_model(st, req.model)
   if req.n > st.settings.max_n:
     raise ApiError(
-      422, f"n: at most {st.settings.max_n} choices per request", param="n", code="invalid_value"
+      400, f"n: at most {st.settings.max_n} choices per request", param="n", code="invalid_value"
     )
   vocab = st.loaded.tokenizer.vocab_size
   if req.top_k > vocab:
     raise ApiError(
-      422,
+      400,
       f"top_k: at most {vocab} (the vocabulary size; 0 turns it off)",
       param="top_k",
       code="invalid_value",
@@ -154,7 +158,7 @@ def submit(
       for i in range(req.n * len(prompts))
     ]
   except ValueError as e:
-    raise ApiError(422, str(e), code="invalid_value") from e
+    raise ApiError(400, str(e), code="invalid_value") from e
   choices = [Choice(i, prompts[i // req.n].ids, sampling[i], top_n=top_n) for i in range(len(sampling))]
   if max_tokens == 0:
     return None, choices
@@ -231,7 +235,7 @@ async def _completions(st, req: CompletionRequest, request: Request):
   check_common(st, req)
   if req.max_tokens == 0 and not req.echo:
     raise ApiError(
-      422,
+      400,
       "max_tokens: 0 is allowed only with echo (scoring the prompt alone)",
       param="max_tokens",
       code="invalid_value",

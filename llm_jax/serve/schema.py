@@ -4,8 +4,8 @@ A prompt is a text, a list of token ids, or a batch of either (a list of texts o
 lm-evaluation-harness sends them); choice `i * n + j` is the j-th choice of prompt i.
 
 Every field is bounded by what the engine can represent: integers that go into int32/uint32 arrays
-stay inside those types, numbers are finite (JSON's NaN/Infinity extensions are 422), and text is
-valid Unicode (a lone surrogate, which cannot be encoded to UTF-8, is 422). Bounds that depend on
+stay inside those types, numbers are finite (JSON's NaN/Infinity extensions are 400), and text is
+valid Unicode (a lone surrogate, which cannot be encoded to UTF-8, is 400). Bounds that depend on
 the model (top_k within the vocabulary, prompt length, token ids) are checked by the route.
 """
 
@@ -42,7 +42,7 @@ class StreamOptions(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-  """The fields completions and chat completions share; unknown fields are rejected (422)."""
+  """The fields completions and chat completions share; unknown fields are rejected (400)."""
 
   model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

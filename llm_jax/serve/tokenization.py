@@ -84,7 +84,7 @@ def detokenize(st, req: DetokenizeRequest) -> dict:
   bad = [i for i in req.tokens if not 0 <= i < tok.vocab_size]
   if bad:
     raise ApiError(
-      422, f"tokens: ids {bad[:5]} are outside [0, {tok.vocab_size})", param="tokens", code="invalid_value"
+      400, f"tokens: ids {bad[:5]} are outside [0, {tok.vocab_size})", param="tokens", code="invalid_value"
     )
   return {"prompt": tok.decode(req.tokens)}
 
