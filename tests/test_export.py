@@ -16,6 +16,7 @@ from tiny_package import SERVER_CFG, write_tiny_package
 from llm_jax import config as config_lib
 from llm_jax.artifacts import export as export_lib
 from llm_jax.artifacts import open_model, package, weights_file
+from llm_jax.artifacts.errors import ArtifactError
 from llm_jax.data.tokenizer import train_tokenizer
 from llm_jax.eval import precision as precision_report
 from llm_jax.generate import prompt_logits
@@ -108,6 +109,35 @@ def test_export_load_same_logits(workdir, tmp_path):
   assert loaded.tokenizer.encode("the cat") == tok.encode("the cat")
   with pytest.raises(package.PackageError, match="exists and is not empty"):
     export_lib.export(str(d), str(tmp_path / "pkg"))
+
+
+def test_overwrite_replaces_only_an_earlier_package(workdir, tmp_path):
+  """--overwrite replaces an earlier package and nothing else: not the run being exported or a folder
+  holding it, not another run directory, not a folder of other files, not a file. Before, each was
+  moved aside and deleted (exporting a run onto itself left a package and no checkpoints)."""
+  d = workdir[0]
+  run, other, run2 = tmp_path / "run", tmp_path / "notes", tmp_path / "run2"
+  shutil.copytree(d, run)
+  shutil.copytree(d, run2)
+  other.mkdir()
+  (other / "a.txt").write_text("keep")
+  (tmp_path / "file").write_text("x")
+  before = sorted(os.listdir(run))
+  for out, match in [
+    (run, "is the model being exported or holds it"),
+    (tmp_path, "is the model being exported or holds it"),
+    (run2, "is a run directory \\(it holds run.json\\)"),
+    (other, "is not a package \\(no model.json\\)"),
+    (tmp_path / "file", "is a file"),
+  ]:
+    with pytest.raises(ArtifactError, match=match):  # PackageError is one
+      export_lib.export(str(run), str(out), overwrite=True)
+  assert sorted(os.listdir(run)) == before and sorted(os.listdir(run2)) == before
+  assert (other / "a.txt").read_text() == "keep"
+  pkg = tmp_path / "pkg"
+  export_lib.export(str(run), str(pkg))
+  export_lib.export(str(run), str(pkg), overwrite=True, weights_dtype="bfloat16")
+  assert json.loads((pkg / "model.json").read_text())["precision"]["weights"] == "bfloat16"
 
 
 def test_int8_within_bound_of_float(workdir, tmp_path):

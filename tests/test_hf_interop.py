@@ -121,6 +121,24 @@ def test_gpt2_checkpoint_reads_with_equal_logits(torch, tmp_path):
   np.testing.assert_allclose(_our_logits(params, cfg), _torch_logits(torch, model), atol=1e-4, rtol=0)
 
 
+def test_hf_overwrite_replaces_only_an_earlier_checkpoint(tmp_path):
+  """write_hf(overwrite=True) replaces an earlier Hugging Face export, not a folder of other files
+  (it was deleted with shutil.rmtree)."""
+  cfg = ModelConfig(**EXPORT_CASES["gpt2"])
+  params = _random_params(cfg)
+  other = tmp_path / "notes"
+  other.mkdir()
+  (other / "a.txt").write_text("keep")
+  with pytest.raises(hf.HFError, match="is not a Hugging Face checkpoint \\(no config.json\\)"):
+    hf.write_hf(str(other), params, cfg, None, overwrite=True)
+  assert os.listdir(other) == ["a.txt"]
+  out = str(tmp_path / "hf")
+  hf.write_hf(out, params, cfg, None)
+  hf.write_hf(out, params, cfg, None, overwrite=True, weights_dtype="bfloat16")
+  assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+  assert sorted(os.listdir(tmp_path)) == ["hf", "notes"]  # nothing left beside it
+
+
 def test_gpt2_state_dict_without_prefix_and_mask_buffers(tmp_path):
   """The layout of the original GPT-2 uploads: bare GPT2Model names, causal-mask buffers beside them."""
   rnd = np.random.default_rng(0)

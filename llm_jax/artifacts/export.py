@@ -7,6 +7,7 @@ import dataclasses
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import hf as hf_lib
+from llm_jax.artifacts import outdir
 from llm_jax.artifacts import package as package_lib
 from llm_jax.artifacts.errors import ArtifactError
 from llm_jax.artifacts.opened import open_model
@@ -35,6 +36,7 @@ def export(
   if format not in FORMATS:
     raise ArtifactError(f"format={format!r} is not one of {', '.join(FORMATS)}")
   opened = open_model(path, step)
+  outdir.check_not_source(out, opened.path, error=ArtifactError)
   if format == "hf":
     return _export_hf(opened, out, quantize, weights_dtype, overwrite)
   prov = opened.provenance

@@ -24,7 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from llm_jax.artifacts import hf_names
+from llm_jax.artifacts import hf_names, outdir
 from llm_jax.data import hf_tokenizer
 from llm_jax.model import ModelConfig, stack_layers
 from llm_jax.model import quantize as quantize_lib
@@ -372,8 +372,9 @@ def write_hf(
   if weights_dtype not in ("float32", "bfloat16"):
     raise HFError(f"weights_dtype={weights_dtype!r} is not one of float32, bfloat16")
   family = family_for(model_config)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise HFError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite")
+  outdir.check_out(
+    out_dir, overwrite=overwrite, markers=(CONFIG, WEIGHTS), what="Hugging Face checkpoint", error=HFError
+  )
   tensors = hf_names.hf_from_params(_host_params(params, model_config), model_config, family)
   if weights_dtype == "bfloat16":
     tensors = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
@@ -392,9 +393,13 @@ def write_hf(
     names = [CONFIG, WEIGHTS]
     if tokenizer is not None:
       names += hf_tokenizer.save_hf_tokenizer(tokenizer, tmp, model_config.max_seq_len)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    if os.path.exists(out_dir):  # aside, then the new one in place: never a moment without either
+      old = out_dir.rstrip("/") + f".old-{os.getpid()}"
+      os.replace(out_dir, old)
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -34,7 +34,7 @@ import numpy as np
 import tomllib
 from safetensors.numpy import save_file
 
-from llm_jax.artifacts import weights_file
+from llm_jax.artifacts import outdir, weights_file
 from llm_jax.artifacts.errors import PackageError
 from llm_jax.data import hf_tokenizer
 from llm_jax.data.shards import file_sha256
@@ -95,8 +95,7 @@ def write_package(
     raise PackageError(f"quantize={quantize!r} is not one of none, int8")
   if weights_dtype not in ("float32", "bfloat16"):
     raise PackageError(f"weights_dtype={weights_dtype!r} is not one of float32, bfloat16")
-  if os.path.exists(out) and os.listdir(out) and not overwrite:
-    raise PackageError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+  outdir.check_out(out, overwrite=overwrite, markers=(MODEL_JSON,), what="package", error=PackageError)
   params = jax.tree.map(_np, params)
   if quantize == "int8":
     params = quantize_lib.quantize_params(params)
