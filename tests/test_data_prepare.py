@@ -436,6 +436,32 @@ def test_export_never_replaces_the_tokenizer_of_a_trained_run(prepared, tmp_path
 
 
 @pytest.mark.parametrize(
+  "files,held",
+  [
+    ({"model.json": "{}"}, "model package"),
+    ({"config.json": "{}", "model.safetensors": "w"}, "Hugging Face"),
+  ],
+)
+def test_a_package_or_hf_checkpoint_is_not_a_run_directory(prepared, tmp_path, devices, files, held):
+  """prepare --workdir and training refuse a model package or a Hugging Face checkpoint, naming it,
+  and change nothing (the package's tokenizer.model was replaced, so it no longer loaded)."""
+  from llm_jax import config as config_lib
+  from llm_jax.data.prepare import export_to
+  from llm_jax.train import run_dir
+
+  pkg = tmp_path / "pkg"
+  pkg.mkdir()
+  for name, text in {**files, "tokenizer.model": "the package's own"}.items():
+    (pkg / name).write_text(text)
+  before = {f.name: f.read_bytes() for f in pkg.iterdir()}
+  with pytest.raises(DataError, match=f"is a {held}.*not a run directory"):
+    export_to(prepared, str(pkg))
+  with pytest.raises(run_dir.RunDirError, match=f"is a {held}.*not a run directory"):
+    run_dir.check_resume(str(pkg), config_lib.load("configs/tiny.py"), None, "sha")
+  assert {f.name: f.read_bytes() for f in pkg.iterdir()} == before
+
+
+@pytest.mark.parametrize(
   "key, value",
   [
     ("shard_tokens", 0),

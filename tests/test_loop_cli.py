@@ -140,6 +140,22 @@ def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path)
   steps = _steps(workdir)
   assert steps == sorted(set(steps)) and steps[-1] == stopped + 3  # no step logged twice
 
+  # A budget the run has passed: nothing trained, the run directory untouched (its config.json was
+  # rewritten with the lower budget, and the line said "loss nan").
+  files = {n: open(os.path.join(workdir, n), "rb").read() for n in ("config.json", "run.json")}
+  again = subprocess.run(
+    _cli(config, workdir, f"--config.train.steps={stopped}"),
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"complete: step {stopped + 3}/{stopped} (nothing to train" in again.stdout, again.stdout
+  assert "nan" not in again.stdout
+  assert files == {n: open(os.path.join(workdir, n), "rb").read() for n in files}
+
   # A broken latest checkpoint: one line naming the step and the flag, nothing from the storage library.
   last = stopped + 3
   for root, _, files in os.walk(os.path.join(workdir, "checkpoints", str(last), "state")):

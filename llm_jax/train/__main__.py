@@ -72,9 +72,10 @@ def main(argv) -> int:
     if summary.get("best_step") is not None
     else ""
   )
+  loss = summary.get("loss")  # none when the run had reached its budget already: nothing trained
   print(
-    f"{summary['status']}: step {summary['step']}/{summary['total_steps']}, loss "
-    f"{summary.get('loss', float('nan')):.4f}"
+    f"{summary['status']}: step {summary['step']}/{summary['total_steps']}"
+    + (f", loss {loss:.4f}" if loss is not None else " (nothing to train: the run was there already)")
     + (f", val loss {val:.4f}" if val else "")
     + best
     + f"; run directory {summary['workdir']}"

@@ -215,17 +215,17 @@ def train(
     index, count = setup.process_slice()
     loader = loader_factory(setup) if loader_factory else setup.extension.make_loader(setup, index, count)
     start, state = _restore_or_init(setup, ckpts, loader, ckpts.latest_step())
-    # Every resume check has passed: only now does the run directory change.
-    if is_main:
-      run_dir.write(workdir, c, setup.prepared, start_step=start)
-      _log_model(setup)
-    if start >= total:
+    if start >= total:  # the run directory stays as it is (its config.json describes its checkpoints)
       log.info(
         "the run is already at step %d of %d: nothing to do (raise train.steps or train.tokens to continue)",
         start,
         total,
       )
       return _summary(None, start, total, "complete", workdir, t_start, ckpts.best())
+    # Every resume check has passed: only now does the run directory change.
+    if is_main:
+      run_dir.write(workdir, c, setup.prepared, start_step=start)
+      _log_model(setup)
     return _session(
       setup, workdir, ckpts, loader, start, state, total, list(hooks), make_sampler, batch_hook, t_start
     )

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 
 from llm_jax import config as config_lib
+from llm_jax.data.prepare import not_a_run
 from llm_jax.model import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,12 @@ def check_resume(
   """Raises RunDirError listing every differing key if this workdir's run cannot continue with `config`.
 
   `manifest` (the prepared data's) lets a tokenizer mismatch name the input files that changed."""
+  held = not_a_run(workdir)
+  if held:
+    raise RunDirError(
+      f"--workdir {workdir} is a {held}, not a run directory: training there would replace its "
+      "tokenizer; give a new --workdir (--config.init_from starts from a package or checkpoint)"
+    )
   saved = saved_config(workdir)
   if saved is None:
     return

@@ -181,6 +181,20 @@ def prepare(
 
 
 RUN_RECORD = "run.json"  # a trained run's record (llm_jax.train.run_dir.RUN_FILE)
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def not_a_run(workdir: str) -> str | None:
+  """What `workdir` holds when it is a model package or a Hugging Face checkpoint (whose tokenizer a
+  run's files would replace), else None."""
+  if not os.path.isdir(workdir) or os.path.exists(os.path.join(workdir, RUN_RECORD)):
+    return None
+  if os.path.exists(os.path.join(workdir, "model.json")):
+    return "model package (model.json)"
+  hf = [n for n in _HF_WEIGHTS if os.path.exists(os.path.join(workdir, n))]
+  if hf and os.path.exists(os.path.join(workdir, "config.json")):
+    return f"Hugging Face checkpoint (config.json, {hf[0]})"
+  return None
 
 
 def _check_workdir(p: Prepared, workdir: str) -> None:
@@ -188,6 +202,9 @@ def _check_workdir(p: Prepared, workdir: str) -> None:
   match the tokenizer.model beside them)."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise DataError(f"--workdir {workdir} is not a directory")
+  held = not_a_run(workdir)
+  if held:
+    raise DataError(f"--workdir {workdir} is a {held}, not a run directory: give another --workdir (or none)")
   path = os.path.join(workdir, RUN_RECORD)
   if not os.path.exists(path):
     return
