@@ -366,6 +366,18 @@ def test_a_directory_without_corpus_files_says_which_suffixes_count(tmp_path):
   assert str(d) in msg and ".txt" in msg and ".jsonl" in msg and "directory" in msg, msg
 
 
+def test_an_upper_case_jsonl_suffix_is_read_as_jsonl(tmp_path):
+  """A file a glob names as DATA.JSONL is JSON lines, one document a record (it was one text document
+  of raw JSON: braces, keys and escapes went into training)."""
+  make_corpus(tmp_path / "c", n=20)
+  src = tmp_path / "c" / "forum" / "posts.jsonl"
+  upper = tmp_path / "c" / "forum" / "POSTS.JSONL"
+  src.rename(upper)
+  p = prepare(data_config(str(upper), tmp_path / "cache"))
+  records = len(upper.read_text().splitlines())
+  assert p.manifest["summary"]["documents_read"] == records, p.manifest["summary"]
+
+
 def test_stdlib_combined_with_globs_says_so(tmp_path):
   """'stdlib' is a corpus of its own: beside globs it fails saying that, not that a glob 'stdlib'
   matches no files."""

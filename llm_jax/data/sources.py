@@ -152,7 +152,7 @@ def read(
       continue
     src = Source(path=path, sha256=hashlib.sha256(raw).hexdigest(), bytes=len(raw), license=license)
     default_domain = domain or os.path.basename(os.path.dirname(os.path.abspath(path))) or "default"
-    if path.endswith(".jsonl"):
+    if path.lower().endswith(".jsonl"):  # a glob's DATA.JSONL too (it was read as one text document)
       new = list(_jsonl_docs(path, raw, default_domain, license, bad, src))
     else:
       text = _decode(path, raw, bad)
