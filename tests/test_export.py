@@ -255,6 +255,28 @@ def test_bad_packages_fail_clearly(workdir, tmp_path):
     package.read_package(variant("arch", set_json("architecture", arch)))
   with pytest.raises(package.PackageError, match="model.json is missing"):
     package.read_package(variant("nometa", lambda p: os.remove(p / "model.json")))
+  # wrong types or ids name model.json and the field (they were a TypeError from jax naming neither,
+  # a ValueError after loading, or, for an id past the vocabulary, no error and empty generations)
+  for i, (key, value, match) in enumerate(
+    [
+      (
+        "architecture",
+        {**arch_wo(arch), "num_layers": "2"},
+        "architecture.num_layers is '2'; it must be a JSON int",
+      ),
+      (
+        "architecture",
+        {**arch_wo(arch), "use_bias": 1},
+        "architecture.use_bias is 1; it must be a JSON bool",
+      ),
+      ("prompt_prefix", "x", "prompt_prefix is 'x', not a list of token ids below"),
+      ("prompt_prefix", [99999], "prompt_prefix is \\[99999\\], not a list of token ids below"),
+    ]
+  ):
+    with pytest.raises(package.PackageError, match=f"model.json: {match}"):
+      package.read_package(variant(f"typed{i}", set_json(key, value)))
+    with pytest.raises(ArtifactError, match=match):
+      open_model(str(tmp_path / f"typed{i}"), weights=False)
 
   def damage(p):
     raw = bytearray((p / "weights.safetensors").read_bytes())

@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import typing
 from importlib import metadata
 
 import jax
@@ -306,10 +307,22 @@ def model_config_from(meta_arch: dict, where: str = MODEL_JSON) -> ModelConfig:
     raise PackageError(
       f"{where}: architecture fields {unknown} are unknown to this llm_jax; the package needs a newer version"
     )
+  hints = typing.get_type_hints(ModelConfig)
+  for name, value in meta_arch.items():
+    want = hints[name]
+    if not _json_is(value, want):
+      raise PackageError(f"{where}: architecture.{name} is {value!r}; it must be a JSON {want.__name__}")
   try:
     return ModelConfig(**meta_arch)
   except TypeError as e:
     raise PackageError(f"{where}: architecture is incomplete: {e}") from e
+
+
+def _json_is(value, want: type) -> bool:
+  """A JSON value is of a ModelConfig field's type (int, float, str, bool; an int is a float too)."""
+  if isinstance(value, bool):
+    return want is bool
+  return isinstance(value, (int, float) if want is float else want)
 
 
 def read_package(path: str, *, dtype: str = "float32", keep_int8: bool = False, verify: bool = True):
@@ -362,9 +375,18 @@ def read_tokenizer(path: str, meta: dict):
   tokenizer_file(path)
   special = {k: int(v) for k, v in (meta.get("special_ids") or {}).items() if isinstance(v, int)}
   try:
-    return hf_tokenizer.load_tokenizer(path, special_ids=special)
+    tokenizer = hf_tokenizer.load_tokenizer(path, special_ids=special)
   except hf_tokenizer.DataError as e:
     raise PackageError(f"{path}: {e}") from e
+  prefix = meta.get("prompt_prefix", [])
+  if not isinstance(prefix, list) or not all(
+    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tokenizer.vocab_size for i in prefix
+  ):
+    raise PackageError(
+      f"{os.path.join(path, MODEL_JSON)}: prompt_prefix is {prefix!r}, not a list of token ids below "
+      f"the tokenizer's {tokenizer.vocab_size}"
+    )
+  return tokenizer
 
 
 def _check_shapes(params, cfg: ModelConfig, path: str) -> None:
