@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import threading
 
@@ -309,3 +310,35 @@ def test_reads_left_behind_that_failed_print_no_asyncio_traceback(caplog):
     abandon("a bug of our own")
   logged = [r.getMessage() + str(r.exc_info[1]) for r in caplog.records if r.name == "asyncio"]
   assert len(logged) == 1 and "a bug of our own" in logged[0], logged
+
+
+_SLOW_CLEANUP = """
+import asyncio, sys
+from orbax.checkpoint._src.path import temporary_paths
+real = temporary_paths.cleanup_temporary_paths
+
+async def slow(*args, **kw):  # the cleanup orbax starts in a thread, slow as on a loaded machine
+  await asyncio.sleep(1.0)
+  return await real(*args, **kw)
+
+temporary_paths.cleanup_temporary_paths = slow
+from llm_jax.train.checkpoint import Checkpoints
+Checkpoints(sys.argv[1], keep=1).close()
+"""
+
+
+def test_closed_right_after_opening_leaves_no_thread_behind(tmp_path):
+  """A run that fails right after opening its checkpoints (e.g. a bad SFT record) exits with its one
+  line: close() waits for the temporary-directory cleanup orbax's manager starts in a thread (left
+  running, it failed at interpreter shutdown with a 40-line 'cannot schedule new futures' traceback)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+  r = subprocess.run(
+    [sys.executable, "-c", _SLOW_CLEANUP, str(tmp_path / "ck")],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env=env,
+    cwd=repo,
+  )
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]

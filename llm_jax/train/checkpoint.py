@@ -242,6 +242,11 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.wait_until_finished()
+    # orbax's close() does not wait for the temporary-directory cleanup its constructor starts in a
+    # thread (saves do); one still running at interpreter exit fails there with a long traceback
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.close()
 
   def saved_shapes(self, step: int):
