@@ -90,6 +90,14 @@ def test_vocab_too_large_names_the_key(tmp_path):
     train_tokenizer(_corpus(), str(tmp_path / "y.model"), vocab_size=100)
 
 
+@pytest.mark.parametrize("model_type", ["bpe", "char"])
+def test_vocab_below_the_byte_pieces_says_use_at_least_300(tmp_path, model_type):
+  """Below 256 byte pieces + 4 special ids every tokenizer type fails saying how large to go (a char
+  tokenizer said 'cannot be supported by this corpus ...; lower data.tokenizer.vocab_size')."""
+  with pytest.raises(DataError, match="vocab_size=100 is too small.*at least 300"):
+    train_tokenizer(["hello world " * 50], str(tmp_path / "t.model"), vocab_size=100, model_type=model_type)
+
+
 def test_load_errors_name_the_file(tmp_path):
   with pytest.raises(DataError, match="nope.model"):
     Tokenizer.load(str(tmp_path / "nope.model"))

@@ -160,7 +160,7 @@ def train_tokenizer(
   """
   if model_type not in ("bpe", "unigram", "char"):
     raise DataError(f"data.tokenizer.type={model_type!r} is not one of bpe, unigram, char")
-  if vocab_size < 260 + 4 and model_type != "char":
+  if vocab_size < 260 + 4:  # char too (it said "cannot be supported ...; lower vocab_size")
     raise DataError(
       f"data.tokenizer.vocab_size={vocab_size} is too small: byte fallback alone needs "
       "256 pieces plus 4 special ids; use at least 300"
