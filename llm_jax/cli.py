@@ -48,6 +48,17 @@ def _error_line(e: BaseException) -> str:
   return f"error ({type(e).__name__}): {e}"
 
 
+def read_text(path: str, flag: str) -> str:
+  """The UTF-8 text of a file a flag names; ValueError naming the flag, the file and the first bad
+  byte when it is not UTF-8 (UnicodeDecodeError named neither)."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{flag}={path}: invalid UTF-8 at byte {e.start}; convert the file to UTF-8") from None
+
+
 def config_override_error(argv: list[str]) -> str | None:
   """The message for a misspelled or mistyped `--config.a.b=v` (named, with a hint), or None.
 

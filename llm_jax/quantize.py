@@ -37,8 +37,7 @@ def main(argv) -> int:
     batches = tuple(int(b) for b in _BATCH.value)
   except ValueError:
     raise cli.UsageError(f"--batch={','.join(_BATCH.value)} must be comma-separated integers") from None
-  with open(_TEXT.value, encoding="utf-8") as f:
-    text = f.read()
+  text = cli.read_text(_TEXT.value, "--text")
   rows = report(
     _PACKAGE.value,
     text,

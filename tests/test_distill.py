@@ -69,6 +69,11 @@ def test_bad_settings_and_texts_are_named_and_nothing_is_written(model, texts, t
     write_corpus(model, texts[1:2], out, prompts=2, prompt_tokens=16, new_tokens=4)
   with pytest.raises(ValueError, match="at least 1"):
     write_corpus(model, texts, out, prompts=0)
+  latin = tmp_path / "latin1.txt"
+  latin.write_bytes("café au lait ".encode("latin-1") * 20)
+  with pytest.raises(ValueError, match=r"--text=.*latin1.txt: invalid UTF-8 at byte 3"):  # was a bare
+    write_corpus(model, [str(latin)], out, prompts=2, prompt_tokens=4, new_tokens=4)  # UnicodeDecodeError
+  latin.unlink()
   assert os.listdir(tmp_path) == []
   open(out, "w").write("keep")
   with pytest.raises(FileExistsError, match="--overwrite"):

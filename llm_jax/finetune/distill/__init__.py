@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llm_jax import cli
 from llm_jax.generate import SamplingParams, generate
 from llm_jax.model import default_levers, unstack_layers
 
@@ -62,8 +63,7 @@ def write_corpus(
   tok = model.tokenizer
   ids = []
   for path in texts:
-    with open(path, encoding="utf-8") as f:
-      ids.append(tok.encode(f.read()))
+    ids.append(tok.encode(cli.read_text(path, "--text")))
   windows = prompt_windows(ids, prompts, prompt_tokens, seed)
   if not windows:
     raise ValueError(
