@@ -384,6 +384,14 @@ def test_generate_cli_from_workdir(workdir, capsys):
     tokenizer=tok,
   )[0].text
   assert out == "the cat" + want + "\n"
+  # a prompt past the context: one line naming it before anything is written, exit 2 (it echoed the
+  # prompt, then failed with exit 1); more new tokens than the context holds: said on stderr
+  long = " ".join(["the cat"] * 40)
+  assert run_command("llm_jax.generate", f"--workdir={d}", "--prompt=a", f"--prompt={long}") == 2
+  got = capsys.readouterr()
+  assert got.out == "" and "--prompt 2 is" in got.err and "context is 32" in got.err, got
+  assert run_command("llm_jax.generate", f"--workdir={d}", "--prompt=the cat", "--max_new_tokens=500") == 0
+  assert "new tokens at most: the context is 32" in capsys.readouterr().err
 
 
 def test_inference_writes_float32_logits_whatever_training_wrote(tmp_path):

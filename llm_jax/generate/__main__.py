@@ -162,10 +162,18 @@ def main(argv: list[str]) -> int:
         f" {loaded.tokenizer.vocab_size}: its proposals will seldom be accepted]",
         file=sys.stderr,
       )
-  for prompt in _PROMPT.value:
-    ids = loaded.tokenizer.encode(prompt)
-    if not _NO_PREFIX.value:
-      ids = loaded.prompt_prefix + ids
+  prompts = [(p, loaded.tokenizer.encode(p)) for p in _PROMPT.value]
+  prompts = [(p, ids if _NO_PREFIX.value else loaded.prompt_prefix + ids) for p, ids in prompts]
+  for i, (_, ids) in enumerate(prompts):  # all checked before anything is written
+    if len(ids) >= cfg.max_seq_len:
+      raise cli.UsageError(
+        f"--prompt {i + 1} is {len(ids)} tokens (with the prompt prefix); the model's context is "
+        f"{cfg.max_seq_len}: shorten it to {cfg.max_seq_len - 1} tokens or fewer"
+      )
+  for prompt, ids in prompts:
+    room = cfg.max_seq_len - len(ids)
+    if sp.max_new_tokens > room:
+      print(f"[{room} new tokens at most: the context is {cfg.max_seq_len}]", file=sys.stderr)
     sys.stdout.write(prompt)
     sys.stdout.flush()
     t1 = time.time()
