@@ -81,6 +81,13 @@ def _steps(workdir):
     return [json.loads(line)["step"] for line in f]
 
 
+def _train(env, config, workdir, *extra):
+  """The training command run to its end: (returncode, stdout, stderr) as subprocess.run gives."""
+  return subprocess.run(
+    _cli(config, workdir, *extra), cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+  )
+
+
 def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path):
   write_corpus(str(tmp_path / "corpus"))
   config = _config_file(tmp_path)
@@ -125,14 +132,7 @@ def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path)
   assert [s["start_step"] for s in record["sessions"]] == [0, 4]
 
   # The command again (a budget a few steps past the stop, to keep the test short): resumes there.
-  done = subprocess.run(
-    _cli(config, workdir, f"--config.train.steps={stopped + 3}"),
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  done = _train(env, config, workdir, f"--config.train.steps={stopped + 3}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"complete: step {stopped + 3}/{stopped + 3}" in done.stdout
   record = json.load(open(os.path.join(workdir, "run.json")))
@@ -143,14 +143,7 @@ def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path)
   # A budget the run has passed: nothing trained, the run directory untouched (its config.json was
   # rewritten with the lower budget, and the line said "loss nan").
   files = {n: open(os.path.join(workdir, n), "rb").read() for n in ("config.json", "run.json")}
-  again = subprocess.run(
-    _cli(config, workdir, f"--config.train.steps={stopped}"),
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  again = _train(env, config, workdir, f"--config.train.steps={stopped}")
   assert again.returncode == 0, again.stderr[-3000:]
   assert f"complete: step {stopped + 3}/{stopped} (nothing to train" in again.stdout, again.stdout
   assert "nan" not in again.stdout
@@ -163,14 +156,7 @@ def test_kill9_during_async_save_then_ctrl_c_then_same_command_resumes(tmp_path)
       if os.path.basename(root) == "d":  # the array data (OCDBT nodes), not the metadata
         with open(os.path.join(root, name), "r+b") as f:
           f.write(b"\x00" * 64)
-  broken = subprocess.run(
-    _cli(config, workdir, f"--config.train.steps={last + 2}"),
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  broken = _train(env, config, workdir, f"--config.train.steps={last + 2}")
   assert broken.returncode == 1, broken.stderr[-3000:]
   errors = [line for line in broken.stderr.splitlines() if line.startswith("error (")]
   assert len(errors) == 1 and f"step {last}" in errors[0] and "train.restore_fallback" in errors[0]

@@ -393,13 +393,7 @@ def write_hf(
     names = [CONFIG, WEIGHTS]
     if tokenizer is not None:
       names += hf_tokenizer.save_hf_tokenizer(tokenizer, tmp, model_config.max_seq_len)
-    if os.path.exists(out_dir):  # aside, then the new one in place: never a moment without either
-      old = out_dir.rstrip("/") + f".old-{os.getpid()}"
-      os.replace(out_dir, old)
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out_dir)
+    outdir.move_into_place(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -5,6 +5,7 @@ else, whose files `--overwrite` would delete."""
 from __future__ import annotations
 
 import os
+import shutil
 
 # what a run directory holds (llm_jax.train): never replaced by an export
 _RUN_MARKERS = ("run.json", "checkpoints", "metrics.jsonl")
@@ -35,3 +36,15 @@ def check_not_source(out: str, source: str, error=ValueError) -> None:
   src, dst = os.path.realpath(source), os.path.realpath(out)
   if src == dst or src.startswith(dst.rstrip(os.sep) + os.sep):
     raise error(f"--out {out} is the model being exported or holds it ({source}); choose another --out")
+
+
+def move_into_place(tmp: str, out: str) -> None:
+  """Renames the finished directory `tmp` to `out`; an existing `out` (checked by `check_out`) is moved
+  aside first and deleted after, so that there is never a moment without either."""
+  if not os.path.exists(out):
+    os.replace(tmp, out)
+    return
+  old = out.rstrip("/") + f".old-{os.getpid()}"
+  os.replace(out, old)
+  os.replace(tmp, out)
+  shutil.rmtree(old, ignore_errors=True)

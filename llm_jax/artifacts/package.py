@@ -176,13 +176,7 @@ def write_package(
       meta["chat_template"] = dict(chat_template)
     _write_text(os.path.join(tmp, MODEL_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
     _write_text(os.path.join(tmp, README), model_card(meta))
-    if os.path.exists(out):
-      old = out.rstrip("/") + f".old-{os.getpid()}"
-      os.replace(out, old)
-      os.replace(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
+    outdir.move_into_place(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
