@@ -378,6 +378,15 @@ def test_an_upper_case_jsonl_suffix_is_read_as_jsonl(tmp_path):
   assert p.manifest["summary"]["documents_read"] == records, p.manifest["summary"]
 
 
+def test_a_truncated_jsonl_line_names_its_column_once(tmp_path):
+  """json's message ends in 'starting at': the column follows it once (it read 'starting at at column')."""
+  make_corpus(tmp_path / "c", n=20)
+  jl = tmp_path / "c" / "forum" / "posts.jsonl"
+  jl.write_text(jl.read_text() + '{"text": "cut sho\n')
+  msg = _err(tmp_path, corpus=f"{tmp_path}/c/forum/*.jsonl")
+  assert "malformed JSON at column 10 (Unterminated string starting at)" in msg, msg
+
+
 def test_stdlib_combined_with_globs_says_so(tmp_path):
   """'stdlib' is a corpus of its own: beside globs it fails saying that, not that a glob 'stdlib'
   matches no files."""

@@ -210,7 +210,7 @@ def _jsonl_docs(
       rec = json.loads(line_text)
     except json.JSONDecodeError as e:
       src.skipped_records += 1
-      bad.report(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})")
+      bad.report(f"{path}:{lineno}: malformed JSON at column {e.colno} ({e.msg})")
       continue
     if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
       src.skipped_records += 1

@@ -10,7 +10,7 @@ def read_object(line: str, where: str, error: type[Exception]) -> dict:
   try:
     rec = json.loads(line)
   except json.JSONDecodeError as e:
-    raise error(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
+    raise error(f"{where}: malformed JSON at column {e.colno} ({e.msg})") from e
   if not isinstance(rec, dict):
     raise error(f"{where}: each line must be a JSON object, got {type(rec).__name__}")
   return rec

@@ -117,7 +117,7 @@ def read_jsonl(path: str) -> list[dict]:
     try:
       rec = json.loads(line)
     except json.JSONDecodeError as e:
-      raise SFTError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+      raise SFTError(f"{where}: not valid JSON at column {e.colno} ({e.msg})") from e
     records.append(_check_record(rec, where))
   if not records:
     raise SFTError(f"{path}: no records")
