@@ -37,6 +37,10 @@ def main(argv) -> int:
     batches = tuple(int(b) for b in _BATCH.value)
   except ValueError:
     raise cli.UsageError(f"--batch={','.join(_BATCH.value)} must be comma-separated integers") from None
+  if not batches or min(batches) < 1:
+    raise cli.UsageError(f"--batch={','.join(_BATCH.value)}: batch sizes are 1 or more")
+  if _NEW_TOKENS.value < 1 or _MAX_WINDOWS.value < 1:
+    raise cli.UsageError("--new_tokens and --max_windows are 1 or more")
   text = cli.read_text(_TEXT.value, "--text")
   rows = report(
     _PACKAGE.value,

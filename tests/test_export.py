@@ -207,6 +207,17 @@ def test_quantize_report_cli(workdir, tmp_path):
   assert all(abs(r["perplexity_change_pct"]) < 1.0 and r["tokens_per_s_batch1"] > 0 for r in int8)
 
 
+def test_quantize_usage_errors_name_the_flag(tmp_path, capsys):
+  """--batch=0 is a usage error naming --batch (it loaded the package and failed 'no prompts given')."""
+  (tmp_path / "held.txt").write_text("x")
+  for bad in (["--batch=0"], ["--batch=1", "--new_tokens=0"]):
+    code = run_command(
+      "llm_jax.quantize", f"--package={tmp_path / 'none'}", f"--text={tmp_path / 'held.txt'}", *bad
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and (bad[-1].split("=")[0] in err), err
+
+
 def test_quantize_per_channel_roundtrip():
   w = np.random.default_rng(0).normal(size=(2, 16, 4, 8)).astype(np.float32)
   w[:, :, 1, :] *= 100  # one head much larger: per-channel scales keep the others precise
