@@ -149,6 +149,12 @@ def test_bad_inputs_have_clear_messages(run, tmp_path, capsys):
   bad.write_text('{"id": "x", "type": "choice", "prompt": "p", "choices": ["a", "b"], "answer": "a"}\n')
   assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--suite={bad}", "--max_windows=1") == 1
   assert f"{bad}:1: key 'answer'" in capsys.readouterr().err
+  # A corpus with a bad record: named, with advice evaluate's user can follow (it advised
+  # data.on_bad_record, a key evaluate does not take).
+  (tmp_path / "held.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+  assert run_command("llm_jax.evaluate", f"--workdir={wd}", f"--corpus={tmp_path / 'held.jsonl'}") == 1
+  err = capsys.readouterr().err
+  assert "held.jsonl:2" in err and "fix or remove that record" in err and "on_bad_record" not in err, err
   # --compare of a run never evaluated.
   assert run_command("llm_jax.evaluate", f"--compare={wd},{empty}") == 1
   assert "has no evaluation results" in capsys.readouterr().err

@@ -48,15 +48,17 @@ class Source:
 class BadRecords:
   """Applies data.on_bad_record: raise at once (fail) or log, count and go on (skip)."""
 
-  def __init__(self, policy: str):
+  def __init__(
+    self, policy: str, hint: str = " (set data.on_bad_record=skip to drop such records and go on)"
+  ):
     if policy not in ("fail", "skip"):
       raise DataError(f"data.on_bad_record={policy!r} is not one of fail, skip")
-    self.policy = policy
+    self.policy, self.hint = policy, hint  # hint: what the reader's user can do about a bad record
     self.messages: list[str] = []
 
   def report(self, message: str) -> None:
     if self.policy == "fail":
-      raise DataError(message + " (set data.on_bad_record=skip to drop such records and go on)")
+      raise DataError(message + self.hint)
     logging.warning("skipped: %s", message)
     self.messages.append(message)
 

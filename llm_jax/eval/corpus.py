@@ -31,7 +31,7 @@ class TokenizedCorpus:
 
 def tokenize(spec: str, tokenizer, *, max_docs: int = 0) -> TokenizedCorpus:
   """Reads, cleans and encodes every document of a corpus spec (in order) with `tokenizer`."""
-  docs, _ = sources.read(spec, bad=sources.BadRecords("fail"))
+  docs, _ = sources.read(spec, bad=sources.BadRecords("fail", hint="; fix or remove that record"))
   if max_docs:
     docs = docs[:max_docs]
   texts = [cleaning.normalize(d.text).strip("\n") for d in docs]
