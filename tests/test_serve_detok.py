@@ -10,6 +10,7 @@ hold-back rule fixed: a stop prefix before an incomplete character is held too).
 import importlib
 import random
 
+import numpy as np
 import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -17,6 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from llm_jax import generate as G
 from llm_jax.data.hf_tokenizer import HFTokenizer, load_tokenizer
 from llm_jax.data.tokenizer import train_tokenizer
+from llm_jax.serve.prompts import text_offsets
 
 stream_lib = importlib.import_module("llm_jax.generate.stream")  # the package exports a function `stream`
 WORDS = (
@@ -360,3 +362,25 @@ def test_streamed_listing_equals_the_body(echo, stop, one_write):
   assert "".join(c["text"] for c in chunks) == whole["text"]
   for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
     assert [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] == whole["logprobs"][key], key
+
+
+def test_offsets_of_a_stream_s_new_tokens_decode_only_those():
+  """Where a tokenizer's decoding drops characters (a tokenizer.json whose decoder strips the first
+  space), offsets come from decoding prefixes; a stream asks for its new tokens' only, one decode each
+  (it decoded every prefix at every chunk: 36 s of the event loop for 2,000 tokens)."""
+
+  class StripsTheFirstSpace:
+    calls = 0
+
+    def decode(self, ids):
+      self.calls += 1
+      return "".join(" " + chr(97 + i % 26) for i in ids)[1:]
+
+  tok, ids = StripsTheFirstSpace(), list(range(40))
+  token_bytes = np.full(64, 2, np.int32)  # each token: a space and a letter
+  text = tok.decode(ids)
+  whole = text_offsets(tok, token_bytes, ids, text, base=5)
+  assert whole[:3] == [5, 6, 8] and whole[-1] == 5 + len(text) - 2  # token k > 0 starts at 2k - 1
+  tok.calls = 0
+  assert text_offsets(tok, token_bytes, ids, text, base=5, start=36) == whole[36:]
+  assert tok.calls == 4

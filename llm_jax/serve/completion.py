@@ -144,7 +144,7 @@ class CompletionResponse(Responder):
     tok, ids, rows = self.st.loaded.tokenizer, self.streamed[index], self.unlisted[index]
     base = len(self.prompts[index // self.req.n].text) if self.req.echo else 0
     sent = base + len(self.texts[index])
-    offsets = text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base)[len(ids) - len(rows) :]
+    offsets = text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base, start=len(ids) - len(rows))
     n = len(rows) if final else next((k for k, o in enumerate(offsets) if o >= sent), len(rows))
     listed, self.unlisted[index] = rows[:n], rows[n:]
     return self._listing(
