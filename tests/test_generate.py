@@ -434,3 +434,12 @@ def test_filtered_draw_keeps_unfiltered_rows_exact():
   both = draw(logits, keys, temp, top_k, nucleus, pen, seen, filtered=True)
   assert (both[1:] == plain[1:]).all()
   assert (draw(logits, keys, temp, top_k, nucleus, pen, seen, filtered=None) == both).all()
+
+
+def test_stop_flag_reads_escapes_and_keeps_other_characters():
+  """`--stop` reads \\n, \\t, \\uXXXX and the like, and takes every other character as written (a
+  literal 日 became 'æ\\x97¥' through unicode_escape's Latin-1 and never matched)."""
+  from llm_jax.generate.__main__ import _parse_stop
+
+  got = _parse_stop(["日", "\\n\\n", "a\\u65e5b", "x\\ty", "c:\\\\d", "é", ""])
+  assert got == ("日", "\n\n", "a日b", "x\ty", "c:\\d", "é")

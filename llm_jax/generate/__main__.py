@@ -18,6 +18,8 @@ followed the latest earlier occurrence of the last N or fewer): for outputs that
 
 from __future__ import annotations
 
+import codecs
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -69,8 +71,13 @@ flags.mark_flags_as_mutual_exclusive(["draft", "ngram"])
 flags.mark_flag_as_required("prompt")
 
 
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|[ntr0\\'\"])")
+
+
 def _parse_stop(values: Sequence[str]) -> tuple[str, ...]:
-  return tuple(v.encode("utf-8").decode("unicode_escape") for v in values if v)
+  """--stop values with their escapes (\\n, \\t, \\u65e5, ...) read; other characters as written
+  (a literal 日 went through unicode_escape's Latin-1 and became 'æ\\x97¥', which never matched)."""
+  return tuple(_ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), v) for v in values if v)
 
 
 def _pieces_differ(tokenizer, other) -> int:
