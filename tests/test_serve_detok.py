@@ -384,3 +384,23 @@ def test_offsets_of_a_stream_s_new_tokens_decode_only_those():
   tok.calls = 0
   assert text_offsets(tok, token_bytes, ids, text, base=5, start=36) == whole[36:]
   assert tok.calls == 4
+
+
+def test_offsets_after_an_added_special_token_in_a_prompt(tmp_path):
+  """A tokenizer.json's special token other than pad/bos/eos/unk (<|user|>) written in a prompt is
+  read as its id and the tokens after it start where they are written (they all got the special
+  token's own offset: its id decodes to no text, so the offsets from decoding prefixes fell short)."""
+  from hf_tokenizers import byte_level_bpe
+
+  from llm_jax.serve.prompts import encode_with_offsets
+
+  raw = byte_level_bpe(tmp_path, ["the cat sat on the mat " * 20, "a dog ran " * 20], vocab_size=300)
+  raw.add_special_tokens(["<|user|>"])
+  raw.save(str(tmp_path / "tokenizer.json"))
+  tok = load_tokenizer(str(tmp_path))
+  text = "the cat <|user|> sat"
+  ids, offsets = encode_with_offsets(tok, tok.token_bytes(), text)
+  user = tok.encode("<|user|>")
+  assert len(user) == 1 and user[0] in ids
+  k = ids.index(user[0])
+  assert offsets[k] == text.index("<|user|>") and offsets[k + 1] == text.index(" sat"), (ids, offsets)

@@ -92,6 +92,7 @@ class HFTokenizer:
     self.hf_config = dict(hf_config or {})
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    self.special_token_ids = sorted(self._special)  # every special added token (<|user|>, ...)
     ids = {name: self._special_id(name, (special_ids or {}).get(name)) for name in _SPECIAL_NAMES}
     if ids["eos"] < 0:
       raise DataError(

@@ -38,9 +38,11 @@ class Prompt:
 
 
 def special_pieces(tok) -> dict[str, int]:
-  """The text of each special id (pad, bos, eos, unk) -> the id; a tokenizer without one (id -1, as a
-  Hugging Face tokenizer without an unk token) has no piece for it."""
-  return {tok.id_to_piece(i): i for i in (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) if i >= 0}
+  """The text of each special id (pad, bos, eos, unk, and a tokenizer.json's other special tokens,
+  such as <|user|>) -> the id; a tokenizer without one (id -1, as a Hugging Face tokenizer without an
+  unk token) has no piece for it."""
+  ids = (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id, *getattr(tok, "special_token_ids", ()))
+  return {tok.id_to_piece(i): i for i in ids if i >= 0}
 
 
 def encode_text(tok, text: str) -> list[int]:
