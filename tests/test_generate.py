@@ -439,7 +439,12 @@ def test_filtered_draw_keeps_unfiltered_rows_exact():
 def test_stop_flag_reads_escapes_and_keeps_other_characters():
   """`--stop` reads \\n, \\t, \\uXXXX and the like, and takes every other character as written (a
   literal 日 became 'æ\\x97¥' through unicode_escape's Latin-1 and never matched)."""
-  from llm_jax.generate.__main__ import _parse_stop
-
-  got = _parse_stop(["日", "\\n\\n", "a\\u65e5b", "x\\ty", "c:\\\\d", "é", ""])
-  assert got == ("日", "\n\n", "a日b", "x\ty", "c:\\d", "é")
+  # a process of its own: importing the command here would leave its flags defined for the next
+  # command a test runs in this worker (absl's DuplicateFlagError)
+  code = (
+    "from llm_jax.generate.__main__ import _parse_stop\n"
+    "print(repr(_parse_stop(['日', '\\\\n\\\\n', 'a\\\\u65e5b', 'x\\\\ty', 'c:\\\\\\\\d', 'é', ''])))"
+  )
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.strip() == repr(("日", "\n\n", "a日b", "x\ty", "c:\\d", "é")), run.stdout
