@@ -169,8 +169,8 @@ def main(argv: list[str]) -> int:
         f" {loaded.tokenizer.vocab_size}: its proposals will seldom be accepted]",
         file=sys.stderr,
       )
-  prompts = [(p, loaded.tokenizer.encode(p)) for p in _PROMPT.value]
-  prompts = [(p, ids if _NO_PREFIX.value else loaded.prompt_prefix + ids) for p, ids in prompts]
+  prefix = [] if _NO_PREFIX.value else loaded.prompt_prefix
+  prompts = [(p, prefix + loaded.tokenizer.encode(p)) for p in _PROMPT.value]
   for i, (_, ids) in enumerate(prompts):  # all checked before anything is written
     if len(ids) >= cfg.max_seq_len:
       raise cli.UsageError(
