@@ -29,15 +29,18 @@ WORDS = (
 class FullDecodeStream:
   """The TextStream before incremental decoding (each id re-decodes the whole list), as reference."""
 
-  def __init__(self, tokenizer, stop=(), hold_chars=0, check=None):
+  def __init__(self, tokenizer, stop=(), hold_chars=0, check=None, context=()):
     self.tokenizer, self.stop, self.hold_chars, self.check = tokenizer, tuple(stop), hold_chars, check
     self.ids, self.text, self.emitted, self.finished, self.reason = [], "", 0, False, None
+    self.context = list(context)  # the whole prompt: the text is what the ids add after it
 
   def push(self, token_id):
     if self.finished:
       return ""
     self.ids.append(int(token_id))
-    self.text = self.tokenizer.decode(self.ids)
+    head = self.tokenizer.decode(self.context)
+    whole = self.tokenizer.decode(self.context + self.ids)
+    self.text = whole[len(head) :] if whole.startswith(head) else self.tokenizer.decode(self.ids)
     if self._cut():
       return self._take(len(self.text))
     return self._take(len(self.text) - stream_lib._held(self.text, self.stop) - self.hold_chars)
@@ -125,6 +128,32 @@ def test_pushes_equal_full_decoding(tok):
     assert new.close() == ref.close()
     assert new.text == tok.decode(ids) == ref.text
     assert new.emitted == len(new.text)
+
+
+def test_a_completion_decodes_after_its_prompt(tok):
+  """With the prompt as context, the text is what the ids add to the prompt's text, piece for piece
+  as the full-decode reference that decodes prompt and ids together (the metaspace tokenizer's decoder
+  drops a text's first space: decoded alone, a completion lost the space before its first word)."""
+  rng = random.Random(5)
+  word_first = 0
+  for trial in range(40):
+    prompt = ([tok.bos_id] if rng.random() < 0.5 else []) + tok.encode(
+      " ".join(rng.choice(WORDS[:6]) for _ in range(rng.randrange(1, 12)))
+    )
+    ids = _random_ids(tok, rng, rng.randrange(1, 60))
+    if rng.random() < 0.5:
+      ids = tok.encode(" " + rng.choice(WORDS[:6])) + ids
+    new, ref = G.TextStream(tok, context=prompt), FullDecodeStream(tok, context=prompt)
+    for i in ids:
+      assert new.push(i) == ref.push(i), (trial, prompt, ids)
+    assert new.close() == ref.close()
+    whole, head = tok.decode(prompt + ids), tok.decode(prompt)
+    assert whole.startswith(head) and new.text == whole[len(head) :] == ref.text, (trial, prompt, ids)
+    word_first += new.text.startswith(" ")
+    chunked = G.TextStream(tok, context=prompt)
+    out = "".join(chunked.extend(ids[k : k + 5])[0] for k in range(0, len(ids), 5)) + chunked.close()
+    assert out == new.text
+  assert word_first > 10
 
 
 def test_chunks_with_stops_equal_one_by_one(tok):
@@ -265,15 +294,15 @@ def test_token_utf8_of_byte_level_pieces_joins_to_the_text(path):
   assert token_utf8(tok, tok.eos_id) == []  # a special id adds no text
 
 
-def _completion_events(tok, ids, stop, chunk=3):
+def _completion_events(tok, prompt_ids, ids, stop, chunk=3):
   """The engine's events for `ids` decoded in chunks of `chunk` (serve.chunk.slot_update), and the
   choice they fill."""
 
   from llm_jax.serve.chunk import slot_update
   from llm_jax.serve.sequences import Choice, Handle
 
-  choice = Choice(0, [tok.eos_id], G.SamplingParams(stop=stop), top_n=1)
-  choice.text = G.TextStream(tok, stop=list(stop))
+  choice = Choice(0, prompt_ids, G.SamplingParams(stop=stop), top_n=1)
+  choice.text = G.TextStream(tok, stop=list(stop), context=prompt_ids)  # as Engine.submit makes it
   handle = Handle("r", [choice], None, None, 0.0)
   events, reason = [], None
   for at in range(0, len(ids), chunk):
@@ -300,11 +329,13 @@ def _completion_events(tok, ids, stop, chunk=3):
 @pytest.mark.parametrize("echo", [False, True])
 @pytest.mark.parametrize("stop", [(), ("t ü",), ("\u00e9 na",)])
 @pytest.mark.parametrize("one_write", [False, True])
-def test_streamed_listing_equals_the_body(echo, stop, one_write):
+@pytest.mark.parametrize("kind", ["gpt2", "metaspace"])
+def test_streamed_listing_equals_the_body(echo, stop, one_write, kind, tmp_path):
   """A completion stream's logprobs (text_offset above all) joined equal the whole body's, with parts
   of characters held back, a stop cutting the text, and the events arriving one at a time or all in
   one write (the request ended before the stream began to send: offsets were clipped to the text
-  seen so far)."""
+  seen so far). With the metaspace tokenizer (its decoder drops a text's first space) the completion
+  keeps its first space and the listing's offsets point into that text."""
   import asyncio
   import time
   from types import SimpleNamespace
@@ -313,8 +344,9 @@ def test_streamed_listing_equals_the_body(echo, stop, one_write):
   from llm_jax.serve.prompts import Prompt
   from llm_jax.serve.schema import CompletionRequest
 
-  tok = load_tokenizer("tests/fixtures/hf/gpt2")
+  tok = load_tokenizer("tests/fixtures/hf/gpt2") if kind == "gpt2" else _metaspace(tmp_path)
   ids = tok.encode(" " + " ".join(WORDS))
+  prompt_ids = [tok.eos_id] + tok.encode("a")
   st = SimpleNamespace(
     loaded=SimpleNamespace(tokenizer=tok),
     token_bytes=tok.token_bytes(),
@@ -328,10 +360,10 @@ def test_streamed_listing_equals_the_body(echo, stop, one_write):
       await asyncio.Event().wait()
 
   async def reply(stream: bool):
-    choice, events = _completion_events(tok, ids, stop)
+    choice, events = _completion_events(tok, prompt_ids, ids, stop)
     handle = SimpleNamespace(queue=asyncio.Queue(), deadline=time.monotonic() + 60, submitted=0.0)
     handle.cancel = lambda: None
-    prompt = Prompt([tok.eos_id] + tok.encode("a"), 1, "a")
+    prompt = Prompt(prompt_ids, 1, "a")
     resp = CompletionResponse(st, req, handle, [choice], [prompt], {}, "cmpl-x")
     if not stream or one_write:
       for e in events:
@@ -357,8 +389,16 @@ def test_streamed_listing_equals_the_body(echo, stop, one_write):
 
   whole = asyncio.run(reply(False))["choices"][0]
   chunks = [c for e in asyncio.run(reply(True)) for c in e["choices"]]
+  shown = whole["text"][1:] if echo else whole["text"]
   if stop:
-    assert whole["finish_reason"] == "stop" and whole["text"].endswith(" ".join(WORDS).split(stop[0])[0])
+    assert whole["finish_reason"] == "stop" and shown == " " + " ".join(WORDS).split(stop[0])[0]
+  else:
+    assert shown == " " + " ".join(WORDS)
+  listing = whole["logprobs"]
+  for k in range(1 if echo else 0, len(listing["tokens"])):  # a new token's text is at its offset
+    t, o = listing["tokens"][k], listing["text_offset"][k]
+    if not t.startswith("bytes:") and "\ufffd" not in t and o < len(whole["text"]):
+      assert whole["text"][o : o + len(t)] == t[: len(whole["text"]) - o], (k, t, o)
   assert "".join(c["text"] for c in chunks) == whole["text"]
   for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
     assert [x for c in chunks if c["logprobs"] for x in c["logprobs"][key]] == whole["logprobs"][key], key
@@ -404,3 +444,20 @@ def test_offsets_after_an_added_special_token_in_a_prompt(tmp_path):
   assert len(user) == 1 and user[0] in ids
   k = ids.index(user[0])
   assert offsets[k] == text.index("<|user|>") and offsets[k + 1] == text.index(" sat"), (ids, offsets)
+
+
+def test_token_bytes_of_word_pieces_join_to_the_completion(tmp_path):
+  """Chat logprobs' `bytes` and `token` of a completion's tokens join to its text with a tokenizer
+  whose decoder drops a text's first space (metaspace): a word piece carries the space it stands for
+  (decoded alone, " sat" lost it, so the bytes did not join to the text)."""
+  from llm_jax.serve.prompts import token_str, token_utf8
+
+  tok = _metaspace(tmp_path)
+  prompt = tok.encode("the cat")
+  whole = tok.encode("the cat sat on a mat über café")
+  assert whole[: len(prompt)] == prompt
+  ids = whole[len(prompt) :]
+  text = G.decode_after(tok, G.context_ids(tok, prompt), ids)
+  assert text == " sat on a mat über café"
+  assert b"".join(bytes(token_utf8(tok, i)) for i in ids) == text.encode("utf-8")
+  assert "".join(token_str(tok, i) for i in ids) == text

@@ -57,7 +57,7 @@ from llm_jax.generate.sampling import (
   top_k_top_p_mask,
 )
 from llm_jax.generate.speculative import speculative_generate, speculative_stream
-from llm_jax.generate.stream import Generation, TextStream, generate, stream
+from llm_jax.generate.stream import Generation, TextStream, context_ids, decode_after, generate, stream
 
 __all__ = [
   "EOS_ID",
@@ -75,6 +75,8 @@ __all__ = [
   "apply_repetition_penalty",
   "bucket",
   "chosen_logprob",
+  "context_ids",
+  "decode_after",
   "decode_chunk",
   "decode_loop",
   "decode_span",

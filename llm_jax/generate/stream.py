@@ -65,7 +65,7 @@ def generate(
     reason = "stop" if outs["eos"][i].any() else "length"
     gen = Generation(toks, lps, reason)
     if tokenizer is not None:
-      stream = TextStream(tokenizer, sp.stop)
+      stream = TextStream(tokenizer, sp.stop, context=prompts[i])
       kept = 0
       for t in toks:
         stream.push(t)
@@ -93,7 +93,7 @@ def stream(
   """Yields text pieces of one completion as they are decoded (for terminals); honours stops."""
   batch = make_batch([prompt_ids], [sampling], cfg)
   state = batch.start(params, cfg)
-  text = TextStream(tokenizer, sampling.stop)
+  text = TextStream(tokenizer, sampling.stop, context=prompt_ids)
   alive = np.arange(batch.tokens_BL.shape[0]) < 1
   while True:
     state, outs = decode_chunk(
@@ -123,12 +123,39 @@ def stream(
     yield rest
 
 
+CONTEXT_IDS = 6  # prompt ids a completion is decoded after (as vLLM's incremental detokenizer)
+
+
+def context_ids(tokenizer, prompt_ids: Sequence[int]) -> list[int]:
+  """The prompt's last ids (up to CONTEXT_IDS) that its completion is decoded after, ending on a
+  whole character (a completion that finishes a character begun in the prompt is decoded alone)."""
+  ctx = [int(i) for i in prompt_ids[len(prompt_ids) - CONTEXT_IDS :]]
+  while ctx and tokenizer.decode(ctx).endswith("\ufffd"):
+    ctx.pop()
+  return ctx
+
+
+def decode_after(tokenizer, context: Sequence[int], ids: Sequence[int]) -> str:
+  """The text `ids` add after `context` (`context_ids`): decode(context + ids) less the context's
+  own text. Tokenizers whose decoder drops the text's first space (SentencePiece models, their
+  tokenizer.json conversions) keep a completion's first space, as decoding prompt and completion
+  together does; without context, or where the joint text does not extend the context's, the text
+  of `ids` alone."""
+  if context:
+    head = tokenizer.decode(context)
+    text = tokenizer.decode([*context, *ids])
+    if text.startswith(head):
+      return text[len(head) :]
+  return tokenizer.decode(ids)
+
+
 class TextStream:
   """Incremental detokenization: push token ids, get the text that is safe to show so far.
 
   Holds back an incomplete UTF-8 byte sequence, any tail that could still become a stop sequence,
   and `hold_chars` more characters (so that an output filter can see text before a client does).
-  `check(text) -> index | None` cuts the text at the returned index (a blocked output).
+  `check(text) -> index | None` cuts the text at the returned index (a blocked output). `context`:
+  the prompt's ids; the text is what the pushed ids add after its last few (`decode_after`).
 
   The work per id is bounded (not the length so far): ids are decoded in a short window that starts
   a few ids back (`decode(ids[p:])` minus the text of its settled context `ids[p:r]`), so tokenizers
@@ -144,8 +171,10 @@ class TextStream:
     stop: Sequence[str] = (),
     hold_chars: int = 0,
     check: Callable[[str], int | None] | None = None,
+    context: Sequence[int] = (),
   ):
     self.tokenizer = tokenizer
+    self._pre = context_ids(tokenizer, context)  # ids decoded before the first pushed one
     self.stop = tuple(s for s in stop if s)
     self.hold_chars = hold_chars
     self.check = check
@@ -159,8 +188,9 @@ class TextStream:
     self._head_len = 0
     self._live = ""  # the text from character `_head_len` on
     self._stable = 0  # characters of `_live` that are the text of ids[:_r] (final)
-    self._p = self._r = 0  # decode window ids[_p:]; ids[_p:_r] is its settled context
-    self._ctx = ""  # decode(ids[_p:_r])
+    # decode window ids[_p:] (a negative _p starts in the context); ids[_p:_r] is its settled part
+    self._p, self._r = -len(self._pre), 0
+    self._ctx = tokenizer.decode(self._pre) if self._pre else ""  # decode(ids[_p:_r])
 
   @property
   def text(self) -> str:
@@ -215,11 +245,15 @@ class TextStream:
 
   def _tail(self) -> str:
     """The text the unsettled ids ids[_r:] add (decoding the window, or everything if needed)."""
-    window = self.tokenizer.decode(self.ids[self._p :])
+    window = self.tokenizer.decode(self._span(self._p, len(self.ids)))
     if window.startswith(self._ctx):
       return window[len(self._ctx) :]
-    full = self.tokenizer.decode(self.ids)  # the window's text depends on ids before it
+    full = decode_after(self.tokenizer, self._pre, self.ids)  # the window's text depends on ids before it
     return full[self._head_len + self._stable :]
+
+  def _span(self, p: int, r: int) -> list[int]:
+    """ids[p:r], where a negative p starts that many ids from the context's end."""
+    return (self._pre[p:] if p < 0 else []) + self.ids[max(p, 0) : r]
 
   def _settle(self) -> None:
     """Moves the window on once the text ends in a whole character; trims `_live`."""
@@ -231,7 +265,7 @@ class TextStream:
     if added:  # the new context starts at the old read position (it has text of its own)
       self._p, self._ctx = self._r, added
     else:
-      self._ctx = self.tokenizer.decode(self.ids[self._p : r])
+      self._ctx = self.tokenizer.decode(self._span(self._p, r))
     self._r, self._stable = r, len(self._live)
     drop = min(self._stable, self.emitted - self._head_len - self._keep)
     if drop > 256:

@@ -12,6 +12,7 @@ so its listings joined equal the whole response's.
 
 from __future__ import annotations
 
+from llm_jax.generate import context_ids, decode_after
 from llm_jax.serve.prompts import Prompt, text_offsets, token_str, top_dict
 from llm_jax.serve.responder import Responder
 from llm_jax.serve.sequences import Choice
@@ -32,6 +33,11 @@ class CompletionResponse(Responder):
 
   def _prompt(self, c: Choice) -> Prompt:
     return self.prompts[c.index // self.req.n]
+
+  def _decoded(self, index: int, ids: list[int]) -> str:
+    """The text of choice `index`'s ids `ids` as its stream decodes it: after its prompt's end."""
+    tok = self.st.loaded.tokenizer
+    return decode_after(tok, context_ids(tok, self.prompts[index // self.req.n].ids), ids)
 
   def _listing(
     self,
@@ -80,7 +86,14 @@ class CompletionResponse(Responder):
       return None
     p = self._prompt(c)
     base = len(p.text) if self.req.echo else 0
-    gen = self._listing(c.tokens, c.logprobs, c.top or [[] for _ in c.tokens], self.texts[c.index], base)
+    gen = self._listing(
+      c.tokens,
+      c.logprobs,
+      c.top or [[] for _ in c.tokens],
+      self.texts[c.index],
+      base,
+      decoded=self._decoded(c.index, c.tokens),
+    )
     if not self.req.echo:
       return gen
     head = self._prompt_listing(p)
@@ -144,7 +157,8 @@ class CompletionResponse(Responder):
     tok, ids, rows = self.st.loaded.tokenizer, self.streamed[index], self.unlisted[index]
     base = len(self.prompts[index // self.req.n].text) if self.req.echo else 0
     sent = base + len(self.texts[index])
-    offsets = text_offsets(tok, self.st.token_bytes, ids, tok.decode(ids), base, start=len(ids) - len(rows))
+    decoded = self._decoded(index, ids)
+    offsets = text_offsets(tok, self.st.token_bytes, ids, decoded, base, start=len(ids) - len(rows))
     n = len(rows) if final else next((k for k, o in enumerate(offsets) if o >= sent), len(rows))
     listed, self.unlisted[index] = rows[:n], rows[n:]
     return self._listing(

@@ -247,7 +247,11 @@ class Engine(Rows, Pieces, Outputs):
     )
     for c in choices:
       c.text = G.TextStream(
-        self.tokenizer, c.sampling.stop, hold_chars=self.hold_chars, check=self._checker(c)
+        self.tokenizer,
+        c.sampling.stop,
+        hold_chars=self.hold_chars,
+        check=self._checker(c),
+        context=c.prompt_ids,
       )
     with self._cond:
       if len(self._in_flight) >= self.max_concurrent:

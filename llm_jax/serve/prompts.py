@@ -16,6 +16,7 @@ import re
 
 import numpy as np
 
+from llm_jax.data.tokenizer import SPACE_MARK
 from llm_jax.serve.schema import ApiError
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -71,6 +72,15 @@ def encode_with_offsets(tok, token_bytes: np.ndarray, text: str) -> tuple[list[i
   return ids, [o for p_ids, part, at in parts for o in text_offsets(tok, token_bytes, p_ids, part, at)]
 
 
+def _token_text(tok, i: int, piece: str) -> str:
+  """The text token `i` adds inside a text: its decoding alone, with the space its SentencePiece
+  word-start mark stands for (decoders of SentencePiece models drop a text's first space)."""
+  text = tok.decode([i])
+  if piece.startswith(SPACE_MARK) and not text.startswith(" "):
+    text = " " + text
+  return text
+
+
 def token_str(tok, i: int) -> str:
   """A token as text for log-prob listings: its text, 'bytes:\\xNN' for a byte piece, or the piece
   name of a special id (so that distinct ids get distinct strings)."""
@@ -78,7 +88,7 @@ def token_str(tok, i: int) -> str:
   m = _BYTE_PIECE.match(piece)
   if m:
     return f"bytes:\\x{m.group(1).lower()}"
-  text = tok.decode([i])
+  text = _token_text(tok, i, piece)
   return text if text else piece
 
 
@@ -98,7 +108,7 @@ def token_utf8(tok, i: int) -> list[int]:
   m = _BYTE_PIECE.match(piece)
   if m:
     return [int(m.group(1), 16)]
-  text = tok.decode([i])
+  text = _token_text(tok, i, piece)
   if "\ufffd" in text and piece:  # not valid UTF-8 alone: a byte-level piece holds its raw bytes
     alphabet = _byte_level_alphabet()
     if all(ch in alphabet for ch in piece):
