@@ -281,6 +281,28 @@ def test_the_token_completing_a_stop_is_listed_and_counted(plain):
   assert r["usage"]["completion_tokens"] == m + 1
 
 
+def test_stop_token_ids_end_the_text_at_the_id(plain, pkg):
+  """vLLM's `stop_token_ids`: the text ends before the id (which adds none of its text), the id is
+  listed and counted, and the finish reason is "stop"; streamed the same."""
+  from llm_jax.serve.prompts import token_str
+
+  tok = Tokenizer.load(str(pkg / "tok.model"))
+  by_str: dict[str, list[int]] = {}
+  for i in range(tok.vocab_size):
+    by_str.setdefault(token_str(tok, i), []).append(i)
+  body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 0}
+  whole = _post(plain.url, body).json()["choices"][0]
+  tokens, offsets = whole["logprobs"]["tokens"], whole["logprobs"]["text_offset"]
+  m = next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k] and len(by_str[tokens[k]]) == 1)
+  stop = {**body, "stop_token_ids": [by_str[tokens[m]][0]]}
+  r = _post(plain.url, stop).json()
+  c = r["choices"][0]
+  assert c["text"] == whole["text"][: offsets[m]] and c["finish_reason"] == "stop"
+  assert c["logprobs"]["tokens"] == tokens[: m + 1] and r["usage"]["completion_tokens"] == m + 1
+  chunks = [ch for e in _sse(plain.url, {**stop, "stream": True}) for ch in e["choices"]]
+  assert "".join(ch["text"] for ch in chunks) == c["text"] and chunks[-1]["finish_reason"] == "stop"
+
+
 def test_sixteen_stop_sequences(plain, greedy_text):
   """lm-evaluation-harness sends more than 4 stop strings (its `until`): up to 16 are honoured."""
   stop = greedy_text[5:7]
@@ -440,6 +462,9 @@ def test_streamed_logprobs_equal_the_whole_response_at_a_stop(plain, greedy_text
     ({"prompt": [1, 99999]}, "prompt"),
     ({"prompt": "the " * 40}, "prompt"),
     ({"prompt": "x", "max_tokens": 31}, "max_tokens"),
+    ({"prompt": "x", "stop_token_ids": [300]}, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "x", "stop_token_ids": "5"}, "stop_token_ids"),
   ],
 )
 def test_400_names_the_field(plain, body, param):

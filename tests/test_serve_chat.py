@@ -182,3 +182,48 @@ def test_run_template_comes_from_sft_config():
   assert opened_lib._chat_template(config) == {"prompt": "P {prompt}", "turn": TURN}
   sft.train_file = ""
   assert opened_lib._chat_template(config) is None
+
+
+def test_chat_stops_at_its_template_stop_ids(server, pkg, monkeypatch):
+  """The ids `chat.stop_ids_of` gives (a special user header or end-of-turn token) end the reply:
+  the content before the id, finish "stop", the id counted (here the fourth token of the greedy
+  reply stands in for such an id: this tokenizer has none)."""
+  from llm_jax.serve import chat
+  from llm_jax.serve.prompts import token_str
+
+  client = _client(server)
+  whole = client.chat.completions.create(
+    model="pkg", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True
+  ).choices[0]
+  tok = Tokenizer.load(str(pkg.parent / "tok.model"))
+  strs = [t.token for t in whole.logprobs.content]
+  by_str: dict[str, list[int]] = {}
+  for i in range(tok.vocab_size):
+    by_str.setdefault(token_str(tok, i), []).append(i)
+  m = next(k for k in range(2, len(strs)) if strs[k] not in strs[:k] and len(by_str[strs[k]]) == 1)
+  monkeypatch.setattr(chat, "stop_ids_of", lambda tok, templates: (by_str[strs[m]][0],))
+  r = client.chat.completions.create(model="pkg", messages=MESSAGES, max_tokens=8, temperature=0)
+  want = tok.decode([by_str[t][0] for t in strs[:m]])  # ids of the same text as those drawn
+  assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+  assert r.usage.completion_tokens == m + 1
+
+
+def test_stop_ids_of_special_turn_tokens(tmp_path, pkg):
+  """A tokenizer.json whose special tokens the template uses: the user header's own special token
+  (<|user|>) and the tail's end-of-turn token are stop ids; a header token every role shares is not,
+  and llm_jax's own SentencePiece tokenizer (templates are text there) has none."""
+  from hf_tokenizers import byte_level_bpe
+
+  from llm_jax.data.hf_tokenizer import load_tokenizer
+  from llm_jax.finetune import sft
+  from llm_jax.serve import chat
+
+  raw = byte_level_bpe(tmp_path, ["the cat sat on the mat " * 20, "user assistant " * 20], vocab_size=300)
+  raw.add_special_tokens(["<|user|>", "<|assistant|>", "<|system|>", "<|start|>", "<|end|>", "<|eot|>"])
+  raw.save(str(tmp_path / "tokenizer.json"))
+  tok = load_tokenizer(str(tmp_path))
+  user, eot = tok.encode("<|user|>")[0], tok.encode("<|eot|>")[0]
+  assert chat.stop_ids_of(tok, sft.Templates()) == (user,)
+  llama3 = sft.Templates(turn="<|start|>{role}<|end|>\n\n{content}<|eot|>")
+  assert chat.stop_ids_of(tok, llama3) == (eot,)
+  assert chat.stop_ids_of(Tokenizer.load(str(pkg.parent / "tok.model")), sft.Templates()) == ()

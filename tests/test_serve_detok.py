@@ -461,3 +461,23 @@ def test_token_bytes_of_word_pieces_join_to_the_completion(tmp_path):
   assert text == " sat on a mat über café"
   assert b"".join(bytes(token_utf8(tok, i)) for i in ids) == text.encode("utf-8")
   assert "".join(token_str(tok, i) for i in ids) == text
+
+
+def test_stop_ids_finish_the_text_before_the_id(tok):
+  """`stop_ids` (vLLM's stop_token_ids, chat's special turn tokens): the text is that of the ids
+  before the first stop id, held-back text included; `extend` keeps the ids before it."""
+  rng = random.Random(7)
+  for trial in range(30):
+    ids = _random_ids(tok, rng, rng.randrange(3, 80))
+    k = rng.randrange(1, len(ids))
+    stop_id = ids[k]
+    k = ids.index(stop_id)
+    one = G.TextStream(tok, stop=["\x00never"], stop_ids=[stop_id], hold_chars=rng.choice([0, 3]))
+    out = "".join(one.push(i) for i in ids)
+    assert one.finished and one.reason == "stop" and out == one.text == tok.decode(ids[:k]), trial
+    chunked = G.TextStream(tok, stop=["\x00never"], stop_ids=[stop_id])
+    got, kept, pos = "", 0, 0
+    while not chunked.finished:
+      piece, n = chunked.extend(ids[pos : pos + 4])
+      got, kept, pos = got + piece, kept + n, pos + 4
+    assert got == out and kept == k, trial

@@ -90,7 +90,7 @@ def _pieces_differ(tokenizer, other) -> int:
 def _speculate(params, cfg, draft, tokenizer, ids, sp: SamplingParams, note: list) -> Iterator[str]:
   """The text pieces of one prompt's greedy completion by speculative decoding, as they are decoded
   (stops honoured as `stream` honours them); appends a note of the draft tokens accepted to `note`."""
-  text, stats = TextStream(tokenizer, sp.stop, context=ids), {}
+  text, stats = TextStream(tokenizer, sp.stop, context=ids, stop_ids=sp.stop_token_ids), {}
   try:
     rounds = speculative_stream(
       params,

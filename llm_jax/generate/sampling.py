@@ -28,6 +28,7 @@ class SamplingParams:
   max_new_tokens: int = 64
   stop: tuple[str, ...] = ()
   seed: int = 0
+  stop_token_ids: tuple[int, ...] = ()  # ids that end the text (vLLM's stop_token_ids), not in it
 
   def __post_init__(self):
     if not (self.temperature >= 0 and math.isfinite(self.temperature)):
@@ -44,6 +45,7 @@ class SamplingParams:
       object.__setattr__(self, "stop", (self.stop,))
     if any(not s for s in self.stop):
       raise ValueError("stop sequences must be non-empty strings")
+    object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
 
 
 def top_k_top_p_mask(logits_BV, top_k_B, top_p_B):

@@ -65,7 +65,7 @@ def generate(
     reason = "stop" if outs["eos"][i].any() else "length"
     gen = Generation(toks, lps, reason)
     if tokenizer is not None:
-      stream = TextStream(tokenizer, sp.stop, context=prompts[i])
+      stream = TextStream(tokenizer, sp.stop, context=prompts[i], stop_ids=sp.stop_token_ids)
       kept = 0
       for t in toks:
         stream.push(t)
@@ -93,7 +93,7 @@ def stream(
   """Yields text pieces of one completion as they are decoded (for terminals); honours stops."""
   batch = make_batch([prompt_ids], [sampling], cfg)
   state = batch.start(params, cfg)
-  text = TextStream(tokenizer, sampling.stop, context=prompt_ids)
+  text = TextStream(tokenizer, sampling.stop, context=prompt_ids, stop_ids=sampling.stop_token_ids)
   alive = np.arange(batch.tokens_BL.shape[0]) < 1
   while True:
     state, outs = decode_chunk(
@@ -156,6 +156,8 @@ class TextStream:
   and `hold_chars` more characters (so that an output filter can see text before a client does).
   `check(text) -> index | None` cuts the text at the returned index (a blocked output). `context`:
   the prompt's ids; the text is what the pushed ids add after its last few (`decode_after`).
+  `stop_ids`: ids that finish the text as a stop sequence does (they add no text): a special token a
+  chat template ends a turn with decodes to no text, so no stop sequence can see it.
 
   The work per id is bounded (not the length so far): ids are decoded in a short window that starts
   a few ids back (`decode(ids[p:])` minus the text of its settled context `ids[p:r]`), so tokenizers
@@ -172,8 +174,10 @@ class TextStream:
     hold_chars: int = 0,
     check: Callable[[str], int | None] | None = None,
     context: Sequence[int] = (),
+    stop_ids: Sequence[int] = (),
   ):
     self.tokenizer = tokenizer
+    self.stop_ids = frozenset(int(i) for i in stop_ids)
     self._pre = context_ids(tokenizer, context)  # ids decoded before the first pushed one
     self.stop = tuple(s for s in stop if s)
     self.hold_chars = hold_chars
@@ -203,6 +207,8 @@ class TextStream:
     """Adds one id; returns newly safe text ('' when nothing is safe yet or after finishing)."""
     if self.finished:
       return ""
+    if int(token_id) in self.stop_ids:
+      return self._stop_at_id()
     self.ids.append(int(token_id))
     self._live = self._live[: self._stable] + self._tail()
     if self._cut():
@@ -216,6 +222,10 @@ class TextStream:
     that completed the stop is not) and the text is the same."""
     if self.finished or not token_ids:
       return "", 0
+    at = next((k for k, t in enumerate(token_ids) if int(t) in self.stop_ids), None)
+    if at is not None:  # the ids before a stop id, then the stop
+      piece, kept = self.extend(token_ids[:at])
+      return (piece, kept) if self.finished else (piece + self._stop_at_id(), at)
     if self.check is not None or any("\ufffd" in s for s in self.stop):  # one by one
       return self._one_by_one(token_ids)
     n = len(self.ids)
@@ -233,6 +243,12 @@ class TextStream:
     """The end of the sequence: run the final checks and return the text still held back."""
     if not self.finished:
       self._cut()
+    return self._take(self._head_len + len(self._live))
+
+  def _stop_at_id(self) -> str:
+    """A stop id arrived: the text so far is whole (final checks run, nothing held back)."""
+    if not self._cut():
+      self.finished, self.reason = True, "stop"
     return self._take(self._head_len + len(self._live))
 
   def _one_by_one(self, token_ids: Sequence[int]) -> tuple[str, int]:

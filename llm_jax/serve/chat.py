@@ -7,6 +7,8 @@ a conversation: BOS, then each message's header, content and tail as separate pi
 assistant's header (the generation prompt). Message text is never read as special tokens. The reply
 ends at EOS or where the model starts another user turn (the user header is a stop sequence); the
 template's tail after the assistant's content (a newline by default) is not part of the content.
+With a tokenizer.json whose special tokens the template uses, the reply also ends at the tail's
+special tokens (an end-of-turn token) and at a user header that is a special token (`stop_ids_of`).
 """
 
 from __future__ import annotations
@@ -101,6 +103,20 @@ def stops_of(templates: sft.Templates) -> tuple[str, ...]:
   """The stop sequences chat adds: the user turn's header (stripped), where one is written."""
   head = _split(templates.turn, "user")[0].strip()
   return (head,) if head else ()
+
+
+def stop_ids_of(tok, templates: sft.Templates) -> tuple[int, ...]:
+  """The ids chat stops at: the special tokens of the template's tail after the assistant's content
+  (an end-of-turn token such as <|eot_id|>), and the user header's first id where it is a special
+  token of the user turn alone (<|user|>, not a header token every role shares). Special tokens
+  decode to no text, so the header as a stop sequence never matched them."""
+  special = set(getattr(tok, "special_token_ids", ()))
+  tail = tok.encode(_split(templates.turn, "assistant")[1])
+  user, assistant = (tok.encode(_split(templates.turn, role)[0]) for role in ("user", "assistant"))
+  ids = [i for i in tail if i in special]
+  if user and user[0] in special and assistant[:1] != user[:1]:
+    ids.append(user[0])
+  return tuple(dict.fromkeys(ids))
 
 
 def prepare(st, req: ChatRequest, record: dict) -> tuple[Prompt, int]:

@@ -252,6 +252,7 @@ class Engine(Rows, Pieces, Outputs):
         hold_chars=self.hold_chars,
         check=self._checker(c),
         context=c.prompt_ids,
+        stop_ids=c.sampling.stop_token_ids,
       )
     with self._cond:
       if len(self._in_flight) >= self.max_concurrent:

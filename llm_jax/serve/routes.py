@@ -130,6 +130,14 @@ def check_common(st, req) -> None:
       400, f"n: at most {st.settings.max_n} choices per request", param="n", code="invalid_value"
     )
   vocab = st.loaded.tokenizer.vocab_size
+  bad = [i for i in req.stop_token_ids or () if i >= vocab]
+  if bad:
+    raise ApiError(
+      400,
+      f"stop_token_ids: ids {bad[:5]} are outside [0, {vocab})",
+      param="stop_token_ids",
+      code="invalid_value",
+    )
   if req.top_k > vocab:
     raise ApiError(
       400,
@@ -140,7 +148,15 @@ def check_common(st, req) -> None:
 
 
 def submit(
-  st, req, request: Request, prompts: list[Prompt], *, max_tokens: int, top_n: int, stop: tuple[str, ...] = ()
+  st,
+  req,
+  request: Request,
+  prompts: list[Prompt],
+  *,
+  max_tokens: int,
+  top_n: int,
+  stop: tuple[str, ...] = (),
+  stop_ids: tuple[int, ...] = (),
 ):
   """The choices of `prompts` (n each) queued on the engine; (handle, choices). 429 when busy."""
   seed = req.seed if req.seed is not None else secrets.randbits(32)
@@ -153,6 +169,7 @@ def submit(
         repetition_penalty=req.repetition_penalty,
         max_new_tokens=max(1, max_tokens),
         stop=tuple(req.stop or ()) + stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()) + stop_ids,
         seed=(seed + i % req.n) % 2**32,  # choice j of every prompt: seed + j (as if sent alone)
       )
       for i in range(req.n * len(prompts))
@@ -259,7 +276,14 @@ async def _chat(st, req: ChatRequest, request: Request):
   prompt, max_tokens = await asyncio.to_thread(chat.prepare, st, req, record)
   top_n = (req.top_logprobs or 0) if req.logprobs else 0
   handle, choices = submit(
-    st, req, request, [prompt], max_tokens=max_tokens, top_n=top_n, stop=chat.stops_of(st.templates)
+    st,
+    req,
+    request,
+    [prompt],
+    max_tokens=max_tokens,
+    top_n=top_n,
+    stop=chat.stops_of(st.templates),
+    stop_ids=chat.stop_ids_of(st.loaded.tokenizer, st.templates),
   )
   record.update(n=req.n, stream=req.stream, max_tokens=max_tokens)
   ctx = chat.ChatResponse(st, req, handle, choices, prompt, record, request.state.request_id)

@@ -11,6 +11,8 @@ the model (top_k within the vocabulary, prompt length, token ids) are checked by
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator
 
 INT32_MAX = 2**31 - 1
@@ -52,6 +54,9 @@ class SamplingRequest(BaseModel):
   top_k: int = Field(0, ge=-1, le=INT32_MAX)  # 0 or -1 (vLLM's "off"): off
   repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
   stop: str | list[str] | None = None
+  stop_token_ids: list[Annotated[int, Field(ge=0, le=INT32_MAX)]] | None = Field(
+    None, max_length=64
+  )  # vLLM's
   seed: int | None = Field(None, ge=0, le=2**32 - 1)
   n: int = Field(1, ge=1)
   stream: StrictBool = False
