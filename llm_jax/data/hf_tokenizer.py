@@ -5,7 +5,8 @@
 - `tokenizer.model` (SentencePiece): `Tokenizer` itself when it has the project's fixed special ids,
   else `SentencePieceTokenizer` (a LLaMA-2 style model: unk 0, bos 1, eos 2, no pad).
 
-Every tokenizer here has encode, encode_batch, decode (special ids decode to nothing), id_to_piece,
+Every tokenizer here has encode, encode_batch, encode_offsets (ids and where each starts in the text),
+decode (special ids decode to nothing), id_to_piece,
 token_bytes (UTF-8 bytes each id adds to the text, for bits per byte), vocab_size, sha256, path, the
 special ids pad/bos/eos/unk (-1 where the tokenizer has none; pad falls back to eos), `prompt_prefix`
 (ids put before a text prompt) and `save_hf(out_dir)`, which writes files `transformers`' AutoTokenizer
@@ -148,6 +149,11 @@ class HFTokenizer:
   def encode(self, text: str) -> list[int]:
     """Token ids of `text` (no BOS/EOS added)."""
     return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+  def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and the character of `text` each starts at (the library's alignment)."""
+    enc = self._tok.encode(text, add_special_tokens=False)
+    return list(enc.ids), [int(a) for a, _ in enc.offsets]
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
     """Token ids of many texts (the library parallelizes by itself)."""

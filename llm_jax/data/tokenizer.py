@@ -82,6 +82,12 @@ class Tokenizer:
     """Text of token ids; special ids decode to nothing."""
     return self._sp.decode([int(i) for i in ids])
 
+  def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `text` and the character of `text` each starts at (SentencePiece's own
+    alignment to the input: a piece of bytes of one character starts at that character)."""
+    pieces = self._sp.encode(text, return_type="proto").pieces
+    return [p.id for p in pieces], [int(c) for c in char_index(text, [p.begin for p in pieces])]
+
   def id_to_piece(self, i: int) -> str:
     """The piece string of one id."""
     return self._sp.id_to_piece(int(i))
@@ -238,3 +244,9 @@ def train_tokenizer(
     "trained %s tokenizer: %d pieces from %d sentences -> %s", model_type, tok.vocab_size, count[0], out_path
   )
   return tok
+
+
+def char_index(text: str, byte_at) -> np.ndarray:
+  """The character of `text` each UTF-8 byte offset in `byte_at` falls in (len(text) past the end)."""
+  char_end = np.cumsum([len(ch.encode("utf-8")) for ch in text])  # byte where each char ends
+  return np.searchsorted(char_end, np.asarray(byte_at, np.int64), side="right")
