@@ -47,14 +47,18 @@ class FullDecodeStream:
 
   def close(self):
     if not self.finished:
-      self._cut()
+      self._cut(final=True)
     return self._take(len(self.text))
 
-  def _cut(self):
+  def _cut(self, final=False):
     cut = None
     start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+    # before the end, not in an incomplete character's trailing U+FFFD (up to 3)
+    end = (
+      len(self.text) if final else len(self.text) - min(3, len(self.text) - len(self.text.rstrip("\ufffd")))
+    )
     for s in self.stop:
-      i = self.text.find(s, start)
+      i = self.text.find(s, start, end)
       if i >= 0 and (cut is None or i < cut):
         cut, self.reason = i, "stop"
     if self.check is not None:
@@ -523,3 +527,17 @@ def test_prompt_offsets_come_from_the_tokenizer_s_own_alignment(kind, tmp_path):
 
 def _byte_offsets_differ(tok, ids, text):
   return int(tok.token_bytes()[ids].sum()) != len(text.encode("utf-8"))
+
+
+def test_a_replacement_character_stop_waits_for_the_character_to_finish():
+  """A stop of U+FFFD matches an invalid byte, not the first byte of a character still arriving
+  (it cut "aé" at "a" when é came in two ids)."""
+  s = G.TextStream(_CharTok(), stop=["\ufffd"])
+  out = s.push(ord("a")) + s.push(300) + s.push(301) + s.close()
+  assert not s.finished and out == "aé" == s.text
+  s = G.TextStream(_CharTok(), stop=["\ufffd"])
+  out = s.push(ord("a")) + s.push(300) + s.push(ord("b"))
+  assert s.finished and s.reason == "stop" and out == "a" == s.text
+  s = G.TextStream(_CharTok(), stop=["\ufffd"])
+  out = s.push(ord("a")) + s.push(300) + s.close()  # the sequence ended on the stray byte
+  assert s.finished and s.reason == "stop" and out == "a" == s.text

@@ -242,12 +242,12 @@ class TextStream:
   def close(self) -> str:
     """The end of the sequence: run the final checks and return the text still held back."""
     if not self.finished:
-      self._cut()
+      self._cut(final=True)
     return self._take(self._head_len + len(self._live))
 
   def _stop_at_id(self) -> str:
     """A stop id arrived: the text so far is whole (final checks run, nothing held back)."""
-    if not self._cut():
+    if not self._cut(final=True):
       self.finished, self.reason = True, "stop"
     return self._take(self._head_len + len(self._live))
 
@@ -294,11 +294,14 @@ class TextStream:
     could still become a stop sequence, nor the last `hold_chars`."""
     return self._head_len + len(self._live) - _held(self._live, self.stop) - self.hold_chars
 
-  def _cut(self) -> bool:
+  def _cut(self, final: bool = False) -> bool:
+    """Finishes at the first stop sequence (or blocked match) in the new text. Before the end, not in
+    an incomplete character's U+FFFD (a stop of U+FFFD would match the first byte of a character)."""
     cut = None
     start = max(0, self.emitted - self._max_stop)
+    end = len(self._live) - (0 if final else _pending_replacement(self._live))
     for s in self.stop:
-      i = self._live.find(s, start - self._head_len)
+      i = self._live.find(s, start - self._head_len, end)
       if i >= 0 and (cut is None or i + self._head_len < cut):
         cut, self.reason = i + self._head_len, "stop"
     if self.check is not None:
