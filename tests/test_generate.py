@@ -475,3 +475,19 @@ def test_a_completion_keeps_its_first_space_with_a_sentencepiece_model(params, t
   assert word_first >= 2  # the case that failed: completions that begin with a word
   k = next(k for k, g in enumerate(gens) if g.text.startswith(" "))
   assert "".join(G.stream(params, CFG, sp_tok, prompts[k], sps[k])) == gens[k].text
+
+
+def test_cli_stops_at_the_package_s_stop_ids(tmp_path, params, tok, capsys):
+  """A package's `stop_ids` (an imported instruct model's end-of-turn ids) end the generate CLI's
+  completion: the text before the id."""
+  from llm_jax.artifacts import package
+
+  prompt = [tok.eos_id] + tok.encode("the cat")
+  toks = G.generate(params, CFG, [prompt], G.SamplingParams(max_new_tokens=8), tokenizer=tok)[0].tokens
+  m = next(k for k in range(1, len(toks)) if toks[k] not in toks[:k])
+  package.write_package(str(tmp_path / "pkg"), params, CFG, tok.path, step=3, stop_ids=[toks[m]])
+  out = _in_process(
+    capsys, "--package", str(tmp_path / "pkg"), "--prompt", "the cat", "--max_new_tokens", "8"
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout == "the cat" + G.decode_after(tok, prompt, toks[:m]) + "\n"

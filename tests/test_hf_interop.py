@@ -469,3 +469,33 @@ def test_a_sharded_index_reads_like_the_single_file_without_torch(tmp_path):
     os.remove(dst / "model-00002-of-00002.safetensors")
     with pytest.raises(hf.HFError, match="model-00002-of-00002.safetensors"):
       hf.read_hf(str(dst), require_tokenizer=False)
+
+
+def test_a_checkpoint_s_other_end_of_text_ids_stop_generation_and_travel(tmp_path):
+  """generation_config.json's eos_token_id list (LLaMA-3 instruct: <|end_of_text|> and <|eot_id|>):
+  the ids besides the tokenizer's EOS are the model's stop ids (they were kept in the provenance
+  only, so a served instruct model ran past its end of turn), kept by a package export (model.json
+  `stop_ids`) and an HF export (config.json's eos_token_id list); bad files are named."""
+  from llm_jax.artifacts import ArtifactError, export, open_model, package
+
+  src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+  ck = tmp_path / "ck"
+  shutil.copytree(src, ck, ignore=shutil.ignore_patterns("expected*"))
+  tok = open_model(str(ck), weights=False).tokenizer
+  other = tok.encode(" the")[0]
+  assert open_model(str(ck), weights=False).stop_ids == []
+  (ck / hf.GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": [tok.eos_id, other]}))
+  assert open_model(str(ck), weights=False).stop_ids == [other]
+  export.export(str(ck), str(tmp_path / "pkg"))
+  meta = json.loads((tmp_path / "pkg" / package.MODEL_JSON).read_text())
+  assert meta["stop_ids"] == [other] and open_model(str(tmp_path / "pkg")).stop_ids == [other]
+  export.export(str(tmp_path / "pkg"), str(tmp_path / "hf"), format="hf")
+  assert json.loads((tmp_path / "hf" / hf.CONFIG).read_text())["eos_token_id"] == [tok.eos_id, other]
+  assert open_model(str(tmp_path / "hf"), weights=False).stop_ids == [other]
+  (ck / hf.GENERATION_CONFIG).write_text("{")
+  with pytest.raises(ArtifactError, match=hf.GENERATION_CONFIG):
+    open_model(str(ck), weights=False)
+  meta["stop_ids"] = ["x"]
+  (tmp_path / "pkg" / package.MODEL_JSON).write_text(json.dumps(meta))
+  with pytest.raises(package.PackageError, match="stop_ids"):
+    open_model(str(tmp_path / "pkg"))

@@ -303,6 +303,25 @@ def test_stop_token_ids_end_the_text_at_the_id(plain, pkg):
   assert "".join(ch["text"] for ch in chunks) == c["text"] and chunks[-1]["finish_reason"] == "stop"
 
 
+def test_the_model_s_stop_ids_end_every_completion(plain, pkg, monkeypatch):
+  """The served model's stop ids (an imported instruct model's end-of-turn ids, `OpenedModel.stop_ids`)
+  end a completion as a request's stop_token_ids do, without the request naming them."""
+  from llm_jax.artifacts import OpenedModel
+  from llm_jax.serve.prompts import token_str
+
+  tok = Tokenizer.load(str(pkg / "tok.model"))
+  body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0, "logprobs": 0}
+  whole = _post(plain.url, body).json()["choices"][0]
+  tokens = whole["logprobs"]["tokens"]
+  by_str: dict[str, list[int]] = {}
+  for i in range(tok.vocab_size):
+    by_str.setdefault(token_str(tok, i), []).append(i)
+  m = next(k for k in range(2, len(tokens)) if tokens[k] not in tokens[:k] and len(by_str[tokens[k]]) == 1)
+  monkeypatch.setattr(OpenedModel, "stop_ids", property(lambda self: by_str[tokens[m]]))
+  c = _post(plain.url, body).json()["choices"][0]
+  assert c["finish_reason"] == "stop" and c["logprobs"]["tokens"] == tokens[: m + 1]
+
+
 def test_sixteen_stop_sequences(plain, greedy_text):
   """lm-evaluation-harness sends more than 4 stop strings (its `until`): up to 16 are honoured."""
   stop = greedy_text[5:7]

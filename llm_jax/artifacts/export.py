@@ -62,6 +62,7 @@ def export(
     tokenizer=opened.tokenizer,
     prompt_prefix=opened.prompt_prefix,
     chat_template=opened.chat_template,
+    stop_ids=opened.stop_ids,
   )
 
 
@@ -78,7 +79,13 @@ def _export_hf(opened, out: str, quantize: str, weights_dtype: str, overwrite: b
     cfg = dataclasses.replace(cfg, max_seq_len=int(declared))  # what the checkpoint declared
   try:
     names = hf_lib.write_hf(
-      out, opened.params, cfg, opened.tokenizer, weights_dtype=weights_dtype, overwrite=overwrite
+      out,
+      opened.params,
+      cfg,
+      opened.tokenizer,
+      weights_dtype=weights_dtype,
+      overwrite=overwrite,
+      stop_ids=opened.stop_ids,
     )
   except hf_lib.HFError as e:
     raise ArtifactError(str(e)) from e

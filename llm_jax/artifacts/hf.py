@@ -30,6 +30,7 @@ from llm_jax.model import ModelConfig, stack_layers
 from llm_jax.model import quantize as quantize_lib
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 GPT2, LLAMA = "gpt2", "llama"
 _ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
@@ -39,8 +40,9 @@ class HFError(ValueError):
   """A Hugging Face checkpoint is missing a file, malformed, or of an architecture we cannot run."""
 
 
-def _read_config(path: str) -> dict:
-  file = os.path.join(path, CONFIG)
+def _read_config(path: str, name: str = CONFIG) -> dict:
+  """A JSON object file of the checkpoint directory (config.json unless `name`)."""
+  file = os.path.join(path, name)
   try:
     with open(file, encoding="utf-8") as f:
       hf = json.load(f)
@@ -247,7 +249,6 @@ def describe_hf(path: str, require_tokenizer: bool = True):
     )
   with open(where, "rb") as f:
     config_sha = hashlib.sha256(f.read()).hexdigest()
-  eos = hf.get("eos_token_id")
   family = family_of(hf, where)
   provenance = {
     "source": os.path.abspath(path),
@@ -260,9 +261,21 @@ def describe_hf(path: str, require_tokenizer: bool = True):
     "weight_files": {os.path.basename(f): os.path.getsize(f) for f in files},
     "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
     "prompt_prefix": hf_tokenizer.prompt_prefix(tokenizer) if tokenizer is not None else [],
-    "eos_token_ids": eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else []),
+    "eos_token_ids": _eos_ids(hf, path),
   }
   return cfg, tokenizer, provenance
+
+
+def _eos_ids(hf: dict, path: str) -> list[int]:
+  """End-of-text ids: config.json's eos_token_id (an id or a list), then generation_config.json's
+  (where LLaMA-3 instruct lists its end-of-turn <|eot_id|>), each once."""
+  gen = _read_config(path, GENERATION_CONFIG) if os.path.exists(os.path.join(path, GENERATION_CONFIG)) else {}
+  out: list[int] = []
+  for value in (hf.get("eos_token_id"), gen.get("eos_token_id")):
+    for v in value if isinstance(value, list) else [value]:
+      if isinstance(v, int) and not isinstance(v, bool) and v not in out:
+        out.append(v)
+  return out
 
 
 def family_for(cfg: ModelConfig) -> str:
@@ -284,14 +297,16 @@ def family_for(cfg: ModelConfig) -> str:
   )
 
 
-def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32") -> dict:
-  """config.json for `cfg` (GPT2LMHeadModel or LlamaForCausalLM)."""
+def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32", stop_ids=()) -> dict:
+  """config.json for `cfg` (GPT2LMHeadModel or LlamaForCausalLM); `stop_ids` (end-of-text ids besides
+  the tokenizer's EOS) make eos_token_id a list, as LLaMA-3 instruct writes it."""
   family = family_for(cfg)
   ids = {}
   if tokenizer is not None:
+    eos = int(tokenizer.eos_id)
     ids = {
       "bos_token_id": int(tokenizer.bos_id),
-      "eos_token_id": int(tokenizer.eos_id),
+      "eos_token_id": [eos, *(int(i) for i in stop_ids if int(i) != eos)] if stop_ids else eos,
       "pad_token_id": int(tokenizer.pad_id) if tokenizer.pad_id >= 0 else None,
     }
   common = {
@@ -364,6 +379,7 @@ def write_hf(
   *,
   weights_dtype: str = "float32",
   overwrite: bool = False,
+  stop_ids=(),
 ) -> list[str]:
   """Writes config.json, model.safetensors and tokenizer files that transformers loads; returns names.
 
@@ -378,7 +394,7 @@ def write_hf(
   tensors = hf_names.hf_from_params(_host_params(params, model_config), model_config, family)
   if weights_dtype == "bfloat16":
     tensors = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
-  config = hf_config_for(model_config, tokenizer, weights_dtype)
+  config = hf_config_for(model_config, tokenizer, weights_dtype, stop_ids)
   parent = os.path.dirname(os.path.abspath(out_dir)) or "."
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".hf-", dir=parent)

@@ -82,6 +82,14 @@ class OpenedModel:
     return [int(i) for i in self.meta.get("prompt_prefix", [self.tokenizer.eos_id])]
 
   @property
+  def stop_ids(self) -> list[int]:
+    """End-of-text ids besides the tokenizer's EOS that end a generation: model.json's `stop_ids`, or
+    a Hugging Face checkpoint's other eos_token_ids (LLaMA-3 instruct's <|eot_id|>)."""
+    ids = self.meta.get("stop_ids", self.provenance.get("eos_token_ids", []))
+    eos, vocab = self.tokenizer.eos_id, self.tokenizer.vocab_size
+    return [int(i) for i in ids if int(i) != eos and 0 <= int(i) < vocab]
+
+  @property
   def chat_template(self) -> dict | None:
     """The SFT templates {"prompt", "turn"} the model was fine-tuned with, or None (not an SFT model)."""
     return self.meta.get("chat_template")

@@ -85,12 +85,14 @@ def write_package(
   chat_template: dict | None = None,
   overwrite: bool = False,
   tokenizer=None,
+  stop_ids=(),
 ) -> dict:
   """Writes a package directory atomically (built next to `out`, then renamed); returns model.json.
 
   `tokenizer` (a loaded tokenizer, e.g. a Hugging Face one) takes the place of `tokenizer_path`'s;
   `prompt_prefix` defaults to the tokenizer's (EOS for llm_jax's own, BOS for most others);
-  `chat_template` (the SFT templates) is recorded for /v1/chat/completions.
+  `chat_template` (the SFT templates) is recorded for /v1/chat/completions; `stop_ids` (end-of-text
+  ids besides EOS, e.g. an imported LLaMA-3 instruct's <|eot_id|>) for every generation.
   """
   if quantize not in ("none", "int8"):
     raise PackageError(f"quantize={quantize!r} is not one of none, int8")
@@ -172,6 +174,8 @@ def write_package(
       "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),
       "tensors": table,
     }
+    if stop_ids:
+      meta["stop_ids"] = [int(i) for i in stop_ids]
     if chat_template:  # the SFT templates the model was fine-tuned with: {"prompt": ..., "turn": ...}
       meta["chat_template"] = dict(chat_template)
     _write_text(os.path.join(tmp, MODEL_JSON), json.dumps(meta, indent=2, sort_keys=True) + "\n")
@@ -372,14 +376,15 @@ def read_tokenizer(path: str, meta: dict):
     tokenizer = hf_tokenizer.load_tokenizer(path, special_ids=special)
   except hf_tokenizer.DataError as e:
     raise PackageError(f"{path}: {e}") from e
-  prefix = meta.get("prompt_prefix", [])
-  if not isinstance(prefix, list) or not all(
-    isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tokenizer.vocab_size for i in prefix
-  ):
-    raise PackageError(
-      f"{os.path.join(path, MODEL_JSON)}: prompt_prefix is {prefix!r}, not a list of token ids below "
-      f"the tokenizer's {tokenizer.vocab_size}"
-    )
+  for key in ("prompt_prefix", "stop_ids"):
+    ids = meta.get(key, [])
+    if not isinstance(ids, list) or not all(
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < tokenizer.vocab_size for i in ids
+    ):
+      raise PackageError(
+        f"{os.path.join(path, MODEL_JSON)}: {key} is {ids!r}, not a list of token ids below "
+        f"the tokenizer's {tokenizer.vocab_size}"
+      )
   return tokenizer
 
 

@@ -19,6 +19,7 @@ followed the latest earlier occurrence of the last N or fewer): for outputs that
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import re
 import sys
 import time
@@ -155,6 +156,7 @@ def main(argv: list[str]) -> int:
   levers = default_levers(loaded.params, speculative=bool(speculate))
   params, cfg = unstack_layers(loaded.params, loaded.model_config, levers=levers)
   print(f"[loaded {loaded.describe()} in {time.time() - t0:.1f}s]", file=sys.stderr)
+  sp = dataclasses.replace(sp, stop_token_ids=tuple(loaded.stop_ids))  # e.g. LLaMA-3's <|eot_id|>
   draft = (None, None)  # --ngram: no draft model
   if _DRAFT.value:
     small = open_model(_DRAFT.value, dtype=_DTYPE.value or "auto")
