@@ -8,6 +8,7 @@ installs both); the tokenizer tests need only the `tokenizers` library.
 import json
 import os
 import random
+import re
 import shutil
 
 import flax.linen as nn
@@ -499,3 +500,28 @@ def test_a_checkpoint_s_other_end_of_text_ids_stop_generation_and_travel(tmp_pat
   (tmp_path / "pkg" / package.MODEL_JSON).write_text(json.dumps(meta))
   with pytest.raises(package.PackageError, match="stop_ids"):
     open_model(str(tmp_path / "pkg"))
+
+
+@pytest.mark.parametrize(
+  "file, value, named",
+  [
+    ("generation_config.json", ["303"], "'303'"),
+    ("generation_config.json", [True], "True"),
+    ("generation_config.json", 303.0, "303.0"),
+    ("generation_config.json", [5000], "5000"),
+    ("config.json", 999, "999"),
+  ],
+)
+def test_end_of_text_ids_that_are_no_ids_are_named(tmp_path, file, value, named):
+  """eos_token_id entries that are no token ids of the tokenizer (a string, a bool, a float, an id
+  past the vocabulary) are errors naming the file and key; they were dropped without a word, or (an
+  out-of-range config.json id) exported as the package's EOS."""
+  from llm_jax.artifacts import ArtifactError, open_model
+
+  src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+  ck = tmp_path / "ck"
+  shutil.copytree(src, ck, ignore=shutil.ignore_patterns("expected*"))
+  config = json.loads((ck / file).read_text()) if (ck / file).exists() else {}
+  (ck / file).write_text(json.dumps({**config, "eos_token_id": value}))
+  with pytest.raises(ArtifactError, match=rf"{file}: eos_token_id .*{re.escape(named)}"):
+    open_model(str(ck), weights=False)

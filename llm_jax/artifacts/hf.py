@@ -196,14 +196,30 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _special_ids(hf: dict) -> dict[str, int]:
+def _special_ids(hf: dict, where: str, vocab: int) -> dict[str, int]:
+  """config.json's bos/eos/pad_token_id (a list's first id); a negative one is none (old LLaMA
+  configs write pad_token_id -1)."""
   out = {}
   for name in ("bos", "eos", "pad"):
-    value = hf.get(f"{name}_token_id")
-    if isinstance(value, list):
-      value = value[0] if value else None
-    if isinstance(value, int):
-      out[name] = value
+    ids = _token_ids(hf.get(f"{name}_token_id"), where, f"{name}_token_id", vocab, negative_is_none=True)
+    if ids:
+      out[name] = ids[0]
+  return out
+
+
+def _token_ids(value, where: str, key: str, vocab: int, negative_is_none: bool = False) -> list[int]:
+  """The token ids of a config key (an id, a list of ids, or null); anything else, or an id outside
+  [0, vocab), is an error naming the file and the key."""
+  values = value if isinstance(value, list) else ([] if value is None else [value])
+  out = []
+  for v in values:
+    if not isinstance(v, int) or isinstance(v, bool):
+      raise HFError(f"{where}: {key} holds {v!r}, not a token id")
+    if v < 0 and negative_is_none:
+      continue
+    if not 0 <= v < vocab:
+      raise HFError(f"{where}: {key} {v} is outside the vocabulary's {vocab} ids")
+    out.append(v)
   return out
 
 
@@ -242,7 +258,7 @@ def describe_hf(path: str, require_tokenizer: bool = True):
   if any(
     os.path.exists(os.path.join(path, f)) for f in (hf_tokenizer.TOKENIZER_JSON, hf_tokenizer.TOKENIZER_MODEL)
   ):
-    tokenizer = hf_tokenizer.load_tokenizer(path, special_ids=_special_ids(hf))
+    tokenizer = hf_tokenizer.load_tokenizer(path, special_ids=_special_ids(hf, where, cfg.vocab_size))
   elif require_tokenizer:
     raise HFError(
       f"{path} has no tokenizer ({hf_tokenizer.TOKENIZER_JSON} or {hf_tokenizer.TOKENIZER_MODEL})"
@@ -261,20 +277,23 @@ def describe_hf(path: str, require_tokenizer: bool = True):
     "weight_files": {os.path.basename(f): os.path.getsize(f) for f in files},
     "tokenizer_sha256": tokenizer.sha256 if tokenizer is not None else "",
     "prompt_prefix": hf_tokenizer.prompt_prefix(tokenizer) if tokenizer is not None else [],
-    "eos_token_ids": _eos_ids(hf, path),
+    "eos_token_ids": _eos_ids(hf, path, tokenizer.vocab_size if tokenizer is not None else cfg.vocab_size),
   }
   return cfg, tokenizer, provenance
 
 
-def _eos_ids(hf: dict, path: str) -> list[int]:
+def _eos_ids(hf: dict, path: str, vocab: int) -> list[int]:
   """End-of-text ids: config.json's eos_token_id (an id or a list), then generation_config.json's
-  (where LLaMA-3 instruct lists its end-of-turn <|eot_id|>), each once."""
-  gen = _read_config(path, GENERATION_CONFIG) if os.path.exists(os.path.join(path, GENERATION_CONFIG)) else {}
+  (where LLaMA-3 instruct lists its end-of-turn <|eot_id|>), each once; ids below the tokenizer's
+  `vocab` (an entry that is no id, or outside it, is an error naming the file)."""
+  gen_file = os.path.join(path, GENERATION_CONFIG)
+  gen = _read_config(path, GENERATION_CONFIG) if os.path.exists(gen_file) else {}
   out: list[int] = []
-  for value in (hf.get("eos_token_id"), gen.get("eos_token_id")):
-    for v in value if isinstance(value, list) else [value]:
-      if isinstance(v, int) and not isinstance(v, bool) and v not in out:
-        out.append(v)
+  for file, value in (
+    (os.path.join(path, CONFIG), hf.get("eos_token_id")),
+    (gen_file, gen.get("eos_token_id")),
+  ):
+    out += [v for v in _token_ids(value, file, "eos_token_id", vocab, negative_is_none=True) if v not in out]
   return out
 
 
