@@ -120,12 +120,42 @@ def test_long_examples_are_cut_and_loader_is_resumable(tok, tmp_path):
     ('{"messages": [{"role": "user", "content": "x"}]}', r"d.jsonl:2: no assistant message"),
     ('{"messages": [{"role": "bot", "content": "x"}]}', r"d.jsonl:2: messages\[0\].role='bot'"),
     ("[1, 2]", r"d.jsonl:2: a line must be a JSON object"),
+    ('{"prompt": "x\\ud800", "response": "y"}', r"d.jsonl:2: 'prompt' holds a lone surrogate \(U\+D800"),
+    (
+      '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\udfff"}]}',
+      r"d.jsonl:2: messages\[1\].content holds a lone surrogate",
+    ),
   ],
 )
 def test_bad_lines_name_file_and_line(tmp_path, line, match):
   path = write(tmp_path, [RECORDS[0], line])
   with pytest.raises(sft.SFTError, match=match):
     sft.read_jsonl(path)
+
+
+def test_json_lines_as_writers_write_them(tmp_path):
+  """Valid JSON lines the reader refused: U+2028 / U+2029 / U+0085 written raw inside a string
+  (json.dumps(ensure_ascii=False) writes them so; splitlines cut the line there), a UTF-8 BOM, CRLF
+  line ends; and chat messages as the server takes them (role developer, content as text parts)."""
+  recs = [
+    {"prompt": "a\u2028b", "response": "c\u2029d\u0085e"},
+    {
+      "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "the "}, {"type": "text", "text": "cat"}]},
+        {"role": "assistant", "content": "sat"},
+      ]
+    },
+  ]
+  path = tmp_path / "w.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs).encode())
+  got = sft.read_jsonl(str(path))
+  assert got[0] == recs[0]
+  assert [(m["role"], m["content"]) for m in got[1]["messages"]] == [
+    ("system", "be brief"),
+    ("user", "the cat"),
+    ("assistant", "sat"),
+  ]
 
 
 def test_bad_templates_name_the_key():

@@ -82,14 +82,10 @@ def _check_record(rec, where: str) -> dict:
     msgs = rec["messages"]
     if not isinstance(msgs, list) or not msgs:
       raise SFTError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(msgs):
-      if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-        raise SFTError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
-      if m["role"] not in ROLES:
-        raise SFTError(f"{where}: messages[{i}].role={m['role']!r} is not one of {', '.join(ROLES)}")
+    msgs = [_message(m, f"{where}: messages[{i}]") for i, m in enumerate(msgs)]
     if not any(m["role"] == "assistant" and m["content"] for m in msgs):
       raise SFTError(f"{where}: no assistant message with content: nothing to train on (no response)")
-    return rec
+    return {**rec, "messages": msgs}
   for key in ("prompt", "response"):
     if key not in rec:
       raise SFTError(f"{where}: missing key {key!r}; a line needs 'prompt' and 'response' (or 'messages')")
@@ -97,14 +93,48 @@ def _check_record(rec, where: str) -> dict:
       raise SFTError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
   if not rec["response"]:
     raise SFTError(f"{where}: 'response' is empty: nothing to train on")
+  for key in ("prompt", "response"):
+    _check_unicode(rec[key], f"{where}: {key!r}")
   return rec
+
+
+def _message(m, where: str) -> dict:
+  """One chat message as the server reads it: role `developer` is `system` (OpenAI's newer name),
+  content a string or a list of {"type": "text", "text": ...} parts (joined)."""
+  if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+    raise SFTError(f"{where} must be an object with string 'role' and 'content'")
+  content = m.get("content")
+  if isinstance(content, list) and all(
+    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+  ):
+    content = "".join(p["text"] for p in content)
+  if not isinstance(content, str):
+    raise SFTError(
+      f"{where} must be an object with string 'role' and 'content' (a string or a list of text parts)"
+    )
+  role = "system" if m["role"] == "developer" else m["role"]
+  if role not in ROLES:
+    raise SFTError(f"{where}.role={m['role']!r} is not one of {', '.join(ROLES)} (or developer)")
+  _check_unicode(content, f"{where}.content")
+  return {**m, "role": role, "content": content}
+
+
+def _check_unicode(text: str, where: str) -> None:
+  """A lone surrogate (JSON can escape one, "\\ud800") is no Unicode text: named, not a TypeError."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise SFTError(
+      f"{where} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+      "which is not valid Unicode text"
+    ) from e
 
 
 def read_jsonl(path: str) -> list[dict]:
   """The records of an SFT file; a malformed line raises naming the file and line."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+  try:  # lines end at \n alone: JSON strings may hold U+2028, U+0085 raw (splitlines split them)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+      lines = [line.removesuffix("\r") for line in f.read().split("\n")]
   except OSError as e:
     raise SFTError(f"cannot read SFT file {path!r}: {e}") from e
   except UnicodeDecodeError as e:
