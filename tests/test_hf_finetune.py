@@ -67,6 +67,9 @@ def env(tmp_path_factory, devices):
   config = json.loads((imported / "config.json").read_text())
   config.update(pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
   (imported / "config.json").write_text(json.dumps(config))
+  # an instruct checkpoint's end-of-turn id beside EOS (LLaMA-3's <|eot_id|>): kept by its fine-tunes
+  stop = tok.encode("item")[0]
+  (imported / hf.GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": [tok.eos_id, stop]}))
   sft = root / "sft.jsonl"
   sft.write_text(
     "\n".join(json.dumps({"prompt": f"item {i}", "response": f"value {i} total"}) for i in range(24)) + "\n"
@@ -96,7 +99,7 @@ def env(tmp_path_factory, devices):
     "finetune.sft.train_file": str(sft),
     "finetune.sft.prompt_template": "Q: {prompt}\nA: ",
   }
-  yield {"root": root, "imported": str(imported), "over": over, "tok": tok}
+  yield {"root": root, "imported": str(imported), "over": over, "tok": tok, "stop": stop}
   jax.config.update("jax_compilation_cache_dir", old)
 
 
@@ -118,6 +121,12 @@ def test_freeze_and_sft_from_an_imported_checkpoint_then_export_to_hf(env):
   assert out["status"] == "complete" and out["step"] == 4 and np.isfinite(out["val_loss"])
   tuned = open_model(workdir)
   assert tuned.tokenizer.sha256 == env["tok"].sha256
+  # SFT examples begin with BOS: so do its prompts (they got EOS, the pretraining separator); the
+  # source's stop ids are kept (the fine-tune ran past them); the description says the same
+  described = open_model(workdir, weights=False)
+  for m in (tuned, described):
+    assert m.prompt_prefix == [env["tok"].bos_id] and m.stop_ids == [env["stop"]]
+    assert m.chat_template["prompt"] == "Q: {prompt}\nA: "
   np.testing.assert_array_equal(np.asarray(tuned.params["embedding"]), np.asarray(base.params["embedding"]))
   up_tuned = np.asarray(tuned.params["blocks"]["mlp"]["up"]["kernel"])
   up_base = np.asarray(base.params["blocks"]["mlp"]["up"]["kernel"])
@@ -127,6 +136,18 @@ def test_freeze_and_sft_from_an_imported_checkpoint_then_export_to_hf(env):
   assert run_command("llm_jax.export", "--format=hf", f"--workdir={workdir}", f"--out={back}") == 0
   params, cfg, tok, _ = hf.read_hf(back)
   assert cfg == base.model_config and tok.sha256 == env["tok"].sha256
+  assert json.loads(open(os.path.join(back, hf.CONFIG)).read())["eos_token_id"] == [tok.eos_id, env["stop"]]
+  # the chat template the model was fine-tuned with, as Jinja (the source's was shipped, or none)
+  template = json.loads(open(os.path.join(back, "tokenizer_config.json")).read())["chat_template"]
+  jinja2 = pytest.importorskip("jinja2")
+  msgs = [{"role": "user", "content": "item 3"}]
+  text = jinja2.Template(template).render(messages=msgs, add_generation_prompt=True)
+  turn = tuned.chat_template["turn"]
+  head = turn.split("{content}")[0]
+  want = (
+    tok.id_to_piece(tok.bos_id) + turn.format(role="user", content="item 3") + head.format(role="assistant")
+  )
+  assert text == want
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), tuned.params, params)
 
 
@@ -140,6 +161,7 @@ def test_lora_from_the_package_converted_from_an_imported_checkpoint(env):
   )
   assert out["status"] == "complete" and np.isfinite(out["val_loss"])
   base, merged = open_model(pkg), open_model(workdir)  # adapters merged into the package's weights
+  assert base.stop_ids == merged.stop_ids == [env["stop"]]
   q_base = np.asarray(base.params["blocks"]["attn"]["query"]["kernel"])
   assert not np.array_equal(np.asarray(merged.params["blocks"]["attn"]["query"]["kernel"]), q_base)
   np.testing.assert_array_equal(

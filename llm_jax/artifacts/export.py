@@ -86,6 +86,7 @@ def _export_hf(opened, out: str, quantize: str, weights_dtype: str, overwrite: b
       weights_dtype=weights_dtype,
       overwrite=overwrite,
       stop_ids=opened.stop_ids,
+      chat_turn=(opened.chat_template or {}).get("turn"),
     )
   except hf_lib.HFError as e:
     raise ArtifactError(str(e)) from e

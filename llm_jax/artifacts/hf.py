@@ -399,6 +399,7 @@ def write_hf(
   weights_dtype: str = "float32",
   overwrite: bool = False,
   stop_ids=(),
+  chat_turn: str | None = None,
 ) -> list[str]:
   """Writes config.json, model.safetensors and tokenizer files that transformers loads; returns names.
 
@@ -427,7 +428,7 @@ def write_hf(
       json.dump(config, f, indent=2, sort_keys=True)
     names = [CONFIG, WEIGHTS]
     if tokenizer is not None:
-      names += hf_tokenizer.save_hf_tokenizer(tokenizer, tmp, model_config.max_seq_len)
+      names += hf_tokenizer.save_hf_tokenizer(tokenizer, tmp, model_config.max_seq_len, chat_turn)
     outdir.move_into_place(tmp, out_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

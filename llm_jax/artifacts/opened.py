@@ -292,12 +292,8 @@ def _open_run(workdir: str, step, mesh) -> OpenedModel:
     "provenance": prov,
     "parameter_count": count(params),
     "precision": {"weights": "float32"},
-    "prompt_prefix": [tokenizer.eos_id],
-    "run": run_lib.record(workdir),
+    **_run_meta(workdir, config, tokenizer),
   }
-  template = _chat_template(config)
-  if template:
-    meta["chat_template"] = template
   return OpenedModel(
     params,
     cfg,
@@ -310,6 +306,21 @@ def _open_run(workdir: str, step, mesh) -> OpenedModel:
     config=config,
     manifest=run_lib.manifest(workdir),
   )
+
+
+def _run_meta(workdir: str, config, tokenizer) -> dict:
+  """What a run directory says of its model besides the weights: run.json, the prompt prefix (what
+  its training examples began with: SFT examples BOS, pretraining documents the EOS before them),
+  the SFT chat template, and the stop ids a fine-tune keeps from its source (run.json stop_ids)."""
+  record = run_lib.record(workdir)
+  template = _chat_template(config)
+  meta = {"run": record, "prompt_prefix": [tokenizer.bos_id if template else tokenizer.eos_id]}
+  if template:
+    meta["chat_template"] = template
+  stop_ids = record.get("stop_ids")
+  if isinstance(stop_ids, list):
+    meta["stop_ids"] = [i for i in stop_ids if isinstance(i, int) and not isinstance(i, bool)]
+  return meta
 
 
 def _chat_template(config) -> dict | None:
@@ -338,7 +349,7 @@ def _describe(path: str, kind: str, step) -> OpenedModel:
     None,
     cfg,
     tokenizer,
-    {"provenance": run_lib.provenance(path)},
+    {"provenance": run_lib.provenance(path), **_run_meta(path, config, tokenizer)},
     path,
     "run",
     resolved,

@@ -354,21 +354,53 @@ def _sp_model_bytes(tokenizer: Tokenizer) -> bytes:
   return _sp_proto(tokenizer.path)
 
 
-def save_hf_tokenizer(tokenizer, out_dir: str, model_max_length: int | None = None) -> list[str]:
-  """Writes the files AutoTokenizer loads offline for any tokenizer here; returns their names."""
+def jinja_chat_template(turn: str, bos: str) -> str:
+  """The chat template as a Jinja template (for clients that render chats themselves): BOS, each
+  message through the turn template, and the assistant's header with add_generation_prompt."""
+  head, tail = turn.split("{content}", 1)
+
+  def fill(part: str, role: str) -> str:  # a literal with {role} filled, as Jinja expressions
+    pieces = part.split("{role}")
+    out = " ~ ".join(json.dumps(p.replace("{{", "{").replace("}}", "}")) for p in pieces[:1])
+    for p in pieces[1:]:
+      out += f" ~ {role} ~ " + json.dumps(p.replace("{{", "{").replace("}}", "}"))
+    return "{{ " + out + " }}"
+
+  return (
+    "{{ "
+    + json.dumps(bos)
+    + " }}{% for message in messages %}"
+    + fill(head, "message['role']")
+    + "{{ message['content'] }}"
+    + fill(tail, "message['role']")
+    + "{% endfor %}{% if add_generation_prompt %}"
+    + fill(head, "'assistant'")
+    + "{% endif %}"
+  )
+
+
+def save_hf_tokenizer(
+  tokenizer, out_dir: str, model_max_length: int | None = None, chat_turn: str | None = None
+) -> list[str]:
+  """Writes the files AutoTokenizer loads offline for any tokenizer here; returns their names.
+
+  `chat_turn`: the SFT turn template the model was fine-tuned with, written as tokenizer_config.json's
+  Jinja `chat_template` (in place of any the source tokenizer had: the model now answers in this one).
+  """
   if isinstance(tokenizer, HFTokenizer):
     names = tokenizer.save_hf(out_dir)
-    if model_max_length:
-      config = _read_json(os.path.join(out_dir, TOKENIZER_CONFIG))
-      config.setdefault("model_max_length", int(model_max_length))
-      with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    return names
-  if not isinstance(tokenizer, Tokenizer):
+    config = _read_json(os.path.join(out_dir, TOKENIZER_CONFIG))
+  elif isinstance(tokenizer, Tokenizer):
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER_MODEL))
+    config = dict(getattr(tokenizer, "hf_config", {}) or {}) or _sp_hf_config(tokenizer, model_max_length)
+    names = [TOKENIZER_MODEL, TOKENIZER_CONFIG]
+  else:
     raise DataError(f"cannot export tokenizer of type {type(tokenizer).__name__} to the Hugging Face format")
-  os.makedirs(out_dir, exist_ok=True)
-  shutil.copyfile(tokenizer.path, os.path.join(out_dir, TOKENIZER_MODEL))
-  config = dict(getattr(tokenizer, "hf_config", {}) or {}) or _sp_hf_config(tokenizer, model_max_length)
+  if model_max_length:
+    config.setdefault("model_max_length", int(model_max_length))
+  if chat_turn:
+    config["chat_template"] = jinja_chat_template(chat_turn, tokenizer.id_to_piece(tokenizer.bos_id))
   with open(os.path.join(out_dir, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2, sort_keys=True)
-  return [TOKENIZER_MODEL, TOKENIZER_CONFIG]
+  return names

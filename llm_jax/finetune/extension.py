@@ -92,6 +92,7 @@ class FinetuneExtension(TrainExtension):
     self.lora = None
     self.base = self.base_shardings = self._merge = None
     self.config = self.mesh = self.tokenizer = None
+    self.stop_ids: list[int] = []  # the source's end-of-text ids besides EOS (run.json stop_ids)
 
   def validate(self, config) -> None:
     validate(config)
@@ -132,6 +133,7 @@ class FinetuneExtension(TrainExtension):
       probe = init_from.describe(setup.config.init_from, self._step())
       init_from.check_tokenizer(setup.config, probe, setup.prepared.tokenizer_sha256)
       init_from.check_model(setup.config, probe, setup.tokenizer.vocab_size)
+      self.stop_ids = list(probe.stop_ids)
     if self.lora is not None:
       shapes, specs = abstract_params(setup.model_cfg)
       self.base_shardings = sharding_lib.logical_to_sharding(specs, setup.mesh, setup.config)
@@ -143,6 +145,10 @@ class FinetuneExtension(TrainExtension):
     source = init_from.load_source(self.config.init_from, self._step(), mesh=self.mesh)
     init_from.check_model(self.config, source, self.tokenizer.vocab_size)
     return source
+
+  def run_record(self) -> dict:
+    """The source's stop ids (an instruct model's end-of-turn ids), which its fine-tune keeps."""
+    return {"stop_ids": self.stop_ids} if self.stop_ids else {}
 
   def state_shardings(self, setup):
     if self.lora is None:

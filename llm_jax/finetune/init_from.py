@@ -54,6 +54,7 @@ class Source:
   tokenizer_sha256: str
   own_tokenizer: bool = True  # llm_jax's SentencePiece model, which data preparation could also train
   tokenizer: Any = None  # the loaded tokenizer (llm_jax.data.hf_tokenizer.load_tokenizer's interface)
+  stop_ids: tuple[int, ...] = ()  # end-of-text ids besides the tokenizer's EOS (OpenedModel.stop_ids)
 
 
 def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
@@ -87,6 +88,7 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
     tokenizer_sha256=opened.tokenizer.sha256,
     own_tokenizer=hf_tokenizer.is_own(opened.tokenizer),
     tokenizer=opened.tokenizer,
+    stop_ids=tuple(opened.stop_ids),
   )
 
 

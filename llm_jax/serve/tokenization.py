@@ -19,10 +19,9 @@ feed the model (BOS, the rendered turns, the assistant's header).
 
 from __future__ import annotations
 
-import json
-
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
+from llm_jax.data.hf_tokenizer import jinja_chat_template
 from llm_jax.serve.chat import ChatMessage, _split, render_chat
 from llm_jax.serve.prompts import encode_text, token_str
 from llm_jax.serve.schema import ApiError, _check_unicode
@@ -87,31 +86,6 @@ def detokenize(st, req: DetokenizeRequest) -> dict:
       400, f"tokens: ids {bad[:5]} are outside [0, {tok.vocab_size})", param="tokens", code="invalid_value"
     )
   return {"prompt": tok.decode(req.tokens)}
-
-
-def jinja_chat_template(turn: str, bos: str) -> str:
-  """The chat template as a Jinja template (for clients that render chats themselves): BOS, each
-  message through the turn template, and the assistant's header with add_generation_prompt."""
-  head, tail = turn.split("{content}", 1)
-
-  def fill(part: str, role: str) -> str:  # a literal with {role} filled, as Jinja expressions
-    pieces = part.split("{role}")
-    out = " ~ ".join(json.dumps(p.replace("{{", "{").replace("}}", "}")) for p in pieces[:1])
-    for p in pieces[1:]:
-      out += f" ~ {role} ~ " + json.dumps(p.replace("{{", "{").replace("}}", "}"))
-    return "{{ " + out + " }}"
-
-  return (
-    "{{ "
-    + json.dumps(bos)
-    + " }}{% for message in messages %}"
-    + fill(head, "message['role']")
-    + "{{ message['content'] }}"
-    + fill(tail, "message['role']")
-    + "{% endfor %}{% if add_generation_prompt %}"
-    + fill(head, "'assistant'")
-    + "{% endif %}"
-  )
 
 
 def tokenizer_info(st) -> dict:

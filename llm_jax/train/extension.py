@@ -172,3 +172,7 @@ class TrainExtension:
     """A log line about the first state (e.g. trainable and frozen counts); empty for none."""
     del state
     return ""
+
+  def run_record(self) -> dict:
+    """Fields this extension adds to run.json (e.g. the stop ids of the weights it started from)."""
+    return {}

@@ -224,7 +224,7 @@ def train(
       return _summary(None, start, total, "complete", workdir, t_start, ckpts.best())
     # Every resume check has passed: only now does the run directory change.
     if is_main:
-      run_dir.write(workdir, c, setup.prepared, start_step=start)
+      run_dir.write(workdir, c, setup.prepared, start_step=start, extra=setup.extension.run_record())
       _log_model(setup)
     return _session(
       setup, workdir, ckpts, loader, start, state, total, list(hooks), make_sampler, batch_hook, t_start

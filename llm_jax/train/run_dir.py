@@ -244,11 +244,19 @@ def _now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write(workdir: str, config, prepared, *, start_step: int, argv: list[str] | None = None) -> dict:
+def write(
+  workdir: str,
+  config,
+  prepared,
+  *,
+  start_step: int,
+  argv: list[str] | None = None,
+  extra: dict | None = None,
+) -> dict:
   """Writes config.json, the tokenizer's files, manifest.json and run.json (call on process 0 only).
 
   `prepared` is the data pipeline's Prepared (tokenizer_path, manifest_path and their sha256; the
-  tokenizer's files from `tokenizer_files()`).
+  tokenizer's files from `tokenizer_files()`). `extra`: fields the trainer's extension adds to run.json.
   Returns the run record. A resumed run keeps its first record and appends a session.
   """
   os.makedirs(workdir, exist_ok=True)
@@ -289,6 +297,7 @@ def write(workdir: str, config, prepared, *, start_step: int, argv: list[str] | 
       "sessions": [],
     }
   record["sessions"].append(session)
+  record.update(extra or {})
   if config.run_tag:
     record["run_tag"] = config.run_tag
   if config.run_note:
