@@ -525,3 +525,18 @@ def test_end_of_text_ids_that_are_no_ids_are_named(tmp_path, file, value, named)
   (ck / file).write_text(json.dumps({**config, "eos_token_id": value}))
   with pytest.raises(ArtifactError, match=rf"{file}: eos_token_id .*{re.escape(named)}"):
     open_model(str(ck), weights=False)
+
+
+def test_an_export_names_no_pad_the_checkpoint_had_none_of(tmp_path):
+  """A checkpoint without a pad token (LLaMA-3: pad_token_id null) exported again says so: the
+  export wrote EOS as pad_token_id and pad_token (this project pads with EOS), and Hugging Face's
+  collators mask the pad id's labels, so a model fine-tuned from the export never learns to stop."""
+  from llm_jax.artifacts import export, open_model
+
+  src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+  assert json.loads(open(os.path.join(src, hf.CONFIG)).read())["pad_token_id"] is None
+  export.export(src, str(tmp_path / "hf"), format="hf")
+  assert json.loads((tmp_path / "hf" / hf.CONFIG).read_text())["pad_token_id"] is None
+  assert "pad_token" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+  back = open_model(str(tmp_path / "hf"), weights=False).tokenizer
+  assert back.pad_id == back.eos_id and not back.has_pad

@@ -326,7 +326,8 @@ def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32", stop
     ids = {
       "bos_token_id": int(tokenizer.bos_id),
       "eos_token_id": [eos, *(int(i) for i in stop_ids if int(i) != eos)] if stop_ids else eos,
-      "pad_token_id": int(tokenizer.pad_id) if tokenizer.pad_id >= 0 else None,
+      # a tokenizer without pad pads with EOS here, but naming EOS as pad makes HF collators mask it
+      "pad_token_id": int(tokenizer.pad_id) if getattr(tokenizer, "has_pad", True) else None,
     }
   common = {
     "architectures": [_ARCHITECTURES[family]],

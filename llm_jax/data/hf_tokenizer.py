@@ -103,6 +103,7 @@ class HFTokenizer:
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = _ordered_ids(
       ids["pad"], ids["bos"], ids["eos"], ids["unk"]
     )
+    self.has_pad = ids["pad"] >= 0  # else pad_id is EOS, which an export must not name as pad
     self._token_bytes = None
 
   def _special_id(self, name: str, fallback: int | None) -> int:
@@ -203,6 +204,8 @@ class HFTokenizer:
     config = dict(self.hf_config)
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     for name in _SPECIAL_NAMES:  # plain strings: what every transformers version reads
+      if name == "pad" and not self.has_pad:
+        continue
       i = getattr(self, f"{name}_id")
       text = _token_text(config.get(f"{name}_token"))
       if text is None and i >= 0:
@@ -233,6 +236,7 @@ class SentencePieceTokenizer(Tokenizer):
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = _ordered_ids(
       int(self._sp.pad_id()), int(self._sp.bos_id()), eos, int(self._sp.unk_id())
     )
+    self.has_pad = int(self._sp.pad_id()) >= 0
 
   @property
   def prompt_prefix(self) -> list[int]:

@@ -34,6 +34,7 @@ class Tokenizer:
   """A loaded SentencePiece model with the project's fixed special ids."""
 
   pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+  has_pad = True  # a pad id of its own (Hugging Face tokenizers without one use EOS: has_pad False)
 
   def __init__(self, model_proto: bytes, path: str = ""):
     self.path = path
