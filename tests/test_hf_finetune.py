@@ -115,7 +115,13 @@ def test_freeze_and_sft_from_an_imported_checkpoint_then_export_to_hf(env):
   assert base.kind == "hf" and type(base.tokenizer) is Tokenizer
   workdir = str(env["root"] / "frozen")
   out = finetune.train(
-    _config(env, init_from=env["imported"], finetune__freeze_embeddings=True, finetune__freeze_blocks=1),
+    _config(
+      env,
+      init_from=env["imported"],
+      finetune__freeze_embeddings=True,
+      finetune__freeze_blocks=1,
+      model__max_seq_len=48,  # a RoPE model's context sizes no weight: any, not only the source's 64
+    ),
     workdir,
   )
   assert out["status"] == "complete" and out["step"] == 4 and np.isfinite(out["val_loss"])
@@ -135,6 +141,7 @@ def test_freeze_and_sft_from_an_imported_checkpoint_then_export_to_hf(env):
   back = str(env["root"] / "frozen_hf")
   assert run_command("llm_jax.export", "--format=hf", f"--workdir={workdir}", f"--out={back}") == 0
   params, cfg, tok, _ = hf.read_hf(back)
+  assert tuned.model_config.max_seq_len == 48 and cfg.max_seq_len == 64  # the source's context declared
   assert cfg == base.model_config and tok.sha256 == env["tok"].sha256
   assert json.loads(open(os.path.join(back, hf.CONFIG)).read())["eos_token_id"] == [tok.eos_id, env["stop"]]
   # the chat template the model was fine-tuned with, as Jinja (the source's was shipped, or none)

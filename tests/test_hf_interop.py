@@ -540,3 +540,22 @@ def test_an_export_names_no_pad_the_checkpoint_had_none_of(tmp_path):
   assert "pad_token" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
   back = open_model(str(tmp_path / "hf"), weights=False).tokenizer
   assert back.pad_id == back.eos_id and not back.has_pad
+
+
+def test_a_declared_long_context_survives_a_package(tmp_path):
+  """A RoPE checkpoint declaring 131072 positions (LLaMA 3.1) is opened at 8192 (the KV cache's
+  size); its package keeps the declared context, and the HF export of that package declares it again
+  (it declared 8192: vLLM would serve a sixteenth of the context)."""
+  from llm_jax.artifacts import export, open_model
+
+  src = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "llama")
+  ck = tmp_path / "ck"
+  shutil.copytree(src, ck, ignore=shutil.ignore_patterns("expected*"))
+  config = json.loads((ck / hf.CONFIG).read_text())
+  (ck / hf.CONFIG).write_text(json.dumps({**config, "max_position_embeddings": 131072}))
+  export.export(str(ck), str(tmp_path / "pkg"))
+  pkg = open_model(str(tmp_path / "pkg"))
+  assert pkg.model_config.max_seq_len == 8192 and pkg.provenance["max_position_embeddings"] == 131072
+  export.export(str(tmp_path / "pkg"), str(tmp_path / "pkg2"))
+  export.export(str(tmp_path / "pkg2"), str(tmp_path / "hf"), format="hf")
+  assert json.loads((tmp_path / "hf" / hf.CONFIG).read_text())["max_position_embeddings"] == 131072

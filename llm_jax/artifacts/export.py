@@ -63,6 +63,7 @@ def export(
     prompt_prefix=opened.prompt_prefix,
     chat_template=opened.chat_template,
     stop_ids=opened.stop_ids,
+    declared_context=prov.get("max_position_embeddings"),
   )
 
 
@@ -75,8 +76,8 @@ def _export_hf(opened, out: str, quantize: str, weights_dtype: str, overwrite: b
     )
   cfg = opened.model_config
   declared = opened.provenance.get("max_position_embeddings")
-  if opened.kind == "hf" and declared and cfg.positions == "rope":
-    cfg = dataclasses.replace(cfg, max_seq_len=int(declared))  # what the checkpoint declared
+  if declared and cfg.positions == "rope":  # what the source declared (opening or fine-tuning cut it)
+    cfg = dataclasses.replace(cfg, max_seq_len=max(int(declared), cfg.max_seq_len))
   try:
     names = hf_lib.write_hf(
       out,

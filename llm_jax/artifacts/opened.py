@@ -216,6 +216,21 @@ def _sharding_fn(mesh, config):
   return lambda specs: sharding_lib.logical_to_sharding(specs, mesh, config)
 
 
+def _capped(cfg: ModelConfig, cap: int, path: str) -> tuple[ModelConfig, int | None]:
+  """(cfg, None), or for a RoPE model declaring a longer context than `cap`: (cfg at `cap`, what it
+  declared: provenance max_position_embeddings, which exports write back; the KV cache is sized by
+  max_seq_len, the weights are not)."""
+  if cfg.positions != "rope" or cfg.max_seq_len <= cap:
+    return cfg, None
+  logging.info(
+    "%s declares a context of %d; using max_seq_len %d (open_model's max_seq_len= sets another)",
+    path,
+    cfg.max_seq_len,
+    cap,
+  )
+  return dataclasses.replace(cfg, max_seq_len=int(cap)), cfg.max_seq_len
+
+
 def _open_package(path: str, step, keep_int8: bool, verify: bool) -> OpenedModel:
   params, cfg, tokenizer, meta = package_lib.read_package(path, keep_int8=keep_int8, verify=verify)
   pstep = int(meta.get("provenance", {}).get("training_step") or 0)
@@ -242,15 +257,9 @@ def _open_hf(path: str, step, weights: bool, max_seq_len: int) -> OpenedModel:
       params = None
   except (hf_lib.HFError, ValueError) as e:
     raise ArtifactError(str(e)) from e
-  if cfg.positions == "rope" and cfg.max_seq_len > max_seq_len:
-    logging.info(
-      "%s declares max_position_embeddings %d; using max_seq_len %d (open_model's max_seq_len= sets another)",
-      path,
-      cfg.max_seq_len,
-      max_seq_len,
-    )
-    prov["max_position_embeddings"] = cfg.max_seq_len
-    cfg = dataclasses.replace(cfg, max_seq_len=int(max_seq_len))
+  cfg, declared = _capped(cfg, max_seq_len, path)
+  if declared:
+    prov["max_position_embeddings"] = declared
   if params is not None:
     params = jax.device_put(params, _default_device())
   prov.update(training_step=0, tokenizer_sha256=tokenizer.sha256)

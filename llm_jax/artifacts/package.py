@@ -86,13 +86,16 @@ def write_package(
   overwrite: bool = False,
   tokenizer=None,
   stop_ids=(),
+  declared_context: int | None = None,
 ) -> dict:
   """Writes a package directory atomically (built next to `out`, then renamed); returns model.json.
 
   `tokenizer` (a loaded tokenizer, e.g. a Hugging Face one) takes the place of `tokenizer_path`'s;
   `prompt_prefix` defaults to the tokenizer's (EOS for llm_jax's own, BOS for most others);
   `chat_template` (the SFT templates) is recorded for /v1/chat/completions; `stop_ids` (end-of-text
-  ids besides EOS, e.g. an imported LLaMA-3 instruct's <|eot_id|>) for every generation.
+  ids besides EOS, e.g. an imported LLaMA-3 instruct's <|eot_id|>) for every generation;
+  `declared_context` (a RoPE checkpoint's max_position_embeddings beyond `model_config.max_seq_len`,
+  which opening it capped) is kept in the provenance for an HF export to write back.
   """
   if quantize not in ("none", "int8"):
     raise PackageError(f"quantize={quantize!r} is not one of none, int8")
@@ -169,6 +172,7 @@ def write_package(
         "tokenizer_sha256": tok_sha,
         "manifest_sha256": manifest_sha256 or "unknown",
         "source": source,
+        **({"max_position_embeddings": int(declared_context)} if declared_context else {}),
       },
       **hashes,
       "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS)),

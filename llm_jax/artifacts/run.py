@@ -96,11 +96,15 @@ def provenance(workdir: str) -> dict:
   mpath = os.path.join(workdir, run_dir.MANIFEST_FILE)
   if not manifest_sha and os.path.exists(mpath):
     manifest_sha = file_sha256(mpath)
-  return {
+  out = {
     "git_commit": commit,
     "tokenizer_sha256": rec.get("tokenizer_sha256") or "",
     "manifest_sha256": manifest_sha,
   }
+  declared = rec.get("max_position_embeddings")  # a fine-tune's source's context (a RoPE model's)
+  if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+    out["max_position_embeddings"] = declared
+  return out
 
 
 def check_tokenizer(workdir: str, tokenizer) -> None:

@@ -93,6 +93,7 @@ class FinetuneExtension(TrainExtension):
     self.base = self.base_shardings = self._merge = None
     self.config = self.mesh = self.tokenizer = None
     self.stop_ids: list[int] = []  # the source's end-of-text ids besides EOS (run.json stop_ids)
+    self.declared_context: int | None = None  # a RoPE source's context (run.json)
 
   def validate(self, config) -> None:
     validate(config)
@@ -134,6 +135,7 @@ class FinetuneExtension(TrainExtension):
       init_from.check_tokenizer(setup.config, probe, setup.prepared.tokenizer_sha256)
       init_from.check_model(setup.config, probe, setup.tokenizer.vocab_size)
       self.stop_ids = list(probe.stop_ids)
+      self.declared_context = probe.declared_context
     if self.lora is not None:
       shapes, specs = abstract_params(setup.model_cfg)
       self.base_shardings = sharding_lib.logical_to_sharding(specs, setup.mesh, setup.config)
@@ -147,8 +149,12 @@ class FinetuneExtension(TrainExtension):
     return source
 
   def run_record(self) -> dict:
-    """The source's stop ids (an instruct model's end-of-turn ids), which its fine-tune keeps."""
-    return {"stop_ids": self.stop_ids} if self.stop_ids else {}
+    """What a fine-tune keeps of its source: stop ids (an instruct model's end-of-turn ids) and a RoPE
+    model's declared context (an export declares it, not the run's shorter training context)."""
+    out = {"stop_ids": self.stop_ids} if self.stop_ids else {}
+    if self.declared_context:
+      out["max_position_embeddings"] = self.declared_context
+    return out
 
   def state_shardings(self, setup):
     if self.lora is None:

@@ -55,6 +55,7 @@ class Source:
   own_tokenizer: bool = True  # llm_jax's SentencePiece model, which data preparation could also train
   tokenizer: Any = None  # the loaded tokenizer (llm_jax.data.hf_tokenizer.load_tokenizer's interface)
   stop_ids: tuple[int, ...] = ()  # end-of-text ids besides the tokenizer's EOS (OpenedModel.stop_ids)
+  declared_context: int | None = None  # a RoPE source's longest context (what its export declares)
 
 
 def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
@@ -89,6 +90,11 @@ def _source(path: str, step: int | str | None, mesh, weights: bool) -> Source:
     own_tokenizer=hf_tokenizer.is_own(opened.tokenizer),
     tokenizer=opened.tokenizer,
     stop_ids=tuple(opened.stop_ids),
+    declared_context=(
+      int(opened.provenance.get("max_position_embeddings") or opened.model_config.max_seq_len)
+      if opened.model_config.positions == "rope"
+      else None
+    ),
   )
 
 
@@ -146,10 +152,11 @@ def check_model(config, source: Source, tokenizer_size: int | None = None) -> No
   """The configured architecture must have the source's shapes; differences raise naming the keys."""
   mine = ModelConfig.from_config(config, tokenizer_size=tokenizer_size or source.model_config.vocab_size)
   theirs = source.model_config
+  rope = theirs.positions == mine.positions == "rope"  # max_seq_len sizes no weight: any context
   diffs = [
     f"model.{f}: source {getattr(theirs, f)!r}, this run {getattr(mine, f)!r}"
     for f in SHAPE_FIELDS
-    if getattr(theirs, f) != getattr(mine, f)
+    if getattr(theirs, f) != getattr(mine, f) and not (rope and f == "max_seq_len")
   ]
   if diffs:
     raise InitFromError(
