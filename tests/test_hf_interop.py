@@ -422,6 +422,42 @@ def test_sentencepiece_model_with_llama2_special_ids(tmp_path):
     Tokenizer.load(f"{path}.model")
 
 
+def test_sentencepiece_special_pieces_named_by_tokenizer_config(tmp_path):
+  """tokenizer_config.json's eos_token for a tokenizer.model: a piece of the model is the EOS (it was
+  ignored: the model's own </s> was used); a name that is no piece, such as an added token of
+  added_tokens_decoder (which only a tokenizer.json holds), is an error naming the file and key (it
+  opened with the wrong EOS, and '<|im_end|>' in text became 13 ordinary pieces)."""
+  import sentencepiece as spm
+
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(_texts()),
+    model_prefix=str(tmp_path / "tokenizer"),
+    vocab_size=300,
+    model_type="bpe",
+    byte_fallback=True,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    user_defined_symbols=["<|im_end|>"],
+    minloglevel=2,
+    num_threads=1,
+  )
+  config = tmp_path / "tokenizer_config.json"
+  config.write_text(json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>"}))
+  tok = hf_tokenizer.load_tokenizer(str(tmp_path))
+  assert tok.id_to_piece(tok.eos_id) == "<|im_end|>" and tok.eos_id != 2 and tok.bos_id == 1
+  added = {"300": {"content": "<|end|>", "special": True}}
+  config.write_text(json.dumps({"eos_token": "<|end|>", "added_tokens_decoder": added}))
+  with pytest.raises(
+    hf_tokenizer.DataError, match=r"tokenizer_config.json: eos_token '<\|end\|>'.*added token"
+  ):
+    hf_tokenizer.load_tokenizer(str(tmp_path))
+  config.write_text(json.dumps({"pad_token": "<nope>"}))
+  with pytest.raises(hf_tokenizer.DataError, match="pad_token '<nope>' is no piece"):
+    hf_tokenizer.load_tokenizer(str(tmp_path))
+
+
 def test_missing_tokenizer_is_named(tmp_path):
   with pytest.raises(hf_tokenizer.DataError, match="neither tokenizer.json nor tokenizer.model"):
     hf_tokenizer.load_tokenizer(str(tmp_path))

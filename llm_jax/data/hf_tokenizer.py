@@ -223,20 +223,22 @@ class HFTokenizer:
 class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model with its own special ids (e.g. LLaMA-2: unk 0, bos 1, eos 2, no pad)."""
 
-  def __init__(self, model_proto: bytes, path: str = "", hf_config: dict | None = None):
+  def __init__(
+    self, model_proto: bytes, path: str = "", hf_config: dict | None = None, named: dict | None = None
+  ):
     self.path = path
     self.sha256 = hashlib.sha256(model_proto).hexdigest()
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = int(self._sp.get_piece_size())
     self._token_bytes = None
     self.hf_config = dict(hf_config or {})
-    eos = int(self._sp.eos_id())
-    if eos < 0:
+    ids = {**_sp_ids(self._sp), **(named or {})}  # tokenizer_config.json's names win
+    if ids["eos"] < 0:
       raise DataError(f"tokenizer {path or '<bytes>'} has no end-of-text piece (eos_id is -1)")
     self.pad_id, self.bos_id, self.eos_id, self.unk_id = _ordered_ids(
-      int(self._sp.pad_id()), int(self._sp.bos_id()), eos, int(self._sp.unk_id())
+      ids["pad"], ids["bos"], ids["eos"], ids["unk"]
     )
-    self.has_pad = int(self._sp.pad_id()) >= 0
+    self.has_pad = ids["pad"] >= 0
 
   @property
   def prompt_prefix(self) -> list[int]:
@@ -255,16 +257,49 @@ def _sp_proto(path: str) -> bytes:
   return proto
 
 
+def _sp_ids(sp) -> dict[str, int]:
+  return {"pad": int(sp.pad_id()), "bos": int(sp.bos_id()), "eos": int(sp.eos_id()), "unk": int(sp.unk_id())}
+
+
+def _named_sp_ids(sp, hf_config: dict, path: str) -> dict[str, int]:
+  """The pieces tokenizer_config.json names as bos/eos/unk/pad_token; a name that is no piece of the
+  model (e.g. an added token of added_tokens_decoder, which a tokenizer.model cannot hold) raises
+  naming it: read silently, its id was the model's own (eos </s> where the config says <|im_end|>)."""
+  out = {}
+  for name in _SPECIAL_NAMES:
+    text = _token_text(hf_config.get(f"{name}_token"))
+    if text is None:
+      continue
+    i = int(sp.piece_to_id(text))
+    if sp.id_to_piece(i) != text:
+      added = text in {_token_text(t) for t in (hf_config.get("added_tokens_decoder") or {}).values()}
+      raise DataError(
+        f"{os.path.join(os.path.dirname(path), TOKENIZER_CONFIG)}: {name}_token {text!r} is no piece of "
+        f"{path}"
+        + (
+          " (an added token: llm_jax reads added tokens from a tokenizer.json only; convert the "
+          "tokenizer with transformers' save_pretrained, which writes one)"
+          if added
+          else ""
+        )
+      )
+    out[name] = i
+  return out
+
+
 def load_sentencepiece(path: str, hf_config: dict | None = None) -> Tokenizer:
-  """A .model file: Tokenizer when it has the project's special ids, else SentencePieceTokenizer."""
+  """A .model file: Tokenizer when it has the project's special ids, else SentencePieceTokenizer
+  (with the special pieces tokenizer_config.json names)."""
   proto = _sp_proto(path)
   try:
     sp = spm.SentencePieceProcessor(model_proto=proto)
   except RuntimeError as e:
     raise DataError(f"{path!r} is not a SentencePiece model: {e}") from e
-  if (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
+  ids = _sp_ids(sp)
+  named = _named_sp_ids(sp, hf_config or {}, path)
+  if {**ids, **named} == {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}:
     return Tokenizer(proto, path=os.path.abspath(path))
-  return SentencePieceTokenizer(proto, path=os.path.abspath(path), hf_config=hf_config)
+  return SentencePieceTokenizer(proto, path=os.path.abspath(path), hf_config=hf_config, named=named)
 
 
 def load_tokenizer(path: str, special_ids: dict[str, int] | None = None):
