@@ -163,3 +163,14 @@ def test_bad_templates_name_the_key():
     sft.Templates(prompt="no field").check()
   with pytest.raises(sft.SFTError, match="finetune.sft templates"):
     sft.Templates(prompt="{prompt} {other}").check()
+
+
+def test_examples_beyond_the_context_name_the_file_and_record(tok, tmp_path, caplog):
+  """Cut or dropped examples (no response token within train.seq_len) are named by file and first
+  record; when none is left the error names the file (it named neither)."""
+  path = write(tmp_path, [RECORDS[2], {"prompt": "x" * 200, "response": "y"}, RECORDS[2]])
+  with caplog.at_level("WARNING"):
+    sft.load(path, tok, seq_len=80, templates=sft.Templates())
+  assert f"{path}: 1 examples had no response token" in caplog.text and "the first: record 2" in caplog.text
+  with pytest.raises(sft.SFTError, match=rf"{path}: no example has a response token within train.seq_len=4"):
+    sft.load(path, tok, seq_len=4, templates=sft.Templates())

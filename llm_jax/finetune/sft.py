@@ -167,23 +167,26 @@ def tokenize(record: dict, tokenizer, templates: Templates) -> tuple[np.ndarray,
   return np.asarray(ids, np.int32), np.asarray(w, np.float32)
 
 
-def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[str, np.ndarray]:
+def pack(
+  examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, source: str = "SFT data"
+) -> dict[str, np.ndarray]:
   """Examples -> rows [R, seq_len] of inputs, targets, weights (of targets), segment_ids, positions.
 
   An example of n tokens gives n-1 (input, target) pairs; longer than seq_len it is cut to seq_len
-  pairs. Examples fill rows first-fit in order; an example never straddles rows.
+  pairs. Examples fill rows first-fit in order; an example never straddles rows. `source` names the
+  examples in warnings and errors (the SFT file).
   """
   L = int(seq_len)
   rows: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
   used: list[int] = []
-  cut = dropped = 0
-  for ids, w in examples:
+  cut, dropped = [], []  # record numbers (1-based)
+  for k, (ids, w) in enumerate(examples, 1):
     inp, tgt, tw = ids[:-1], ids[1:], w[1:]
     if len(inp) > L:
-      cut += 1
+      cut.append(k)
       inp, tgt, tw = inp[:L], tgt[:L], tw[:L]
     if not tw.any():
-      dropped += 1
+      dropped.append(k)
       continue
     for r in range(max(0, len(rows) - 8), len(rows)):  # first fit among the last few open rows
       if used[r] + len(inp) <= L:
@@ -194,13 +197,26 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[st
       rows.append([(inp, tgt, tw)])
       used.append(len(inp))
   if cut:
-    logging.warning("SFT: %d examples longer than train.seq_len=%d were cut", cut, L)
+    logging.warning(
+      "%s: %d examples longer than train.seq_len=%d were cut (the first: record %d)",
+      source,
+      len(cut),
+      L,
+      cut[0],
+    )
   if dropped:
     logging.warning(
-      "SFT: %d examples had no response token within train.seq_len=%d and were dropped", dropped, L
+      "%s: %d examples had no response token within train.seq_len=%d and were dropped (the first: record %d)",
+      source,
+      len(dropped),
+      L,
+      dropped[0],
     )
   if not rows:
-    raise SFTError(f"no SFT example has a response token within train.seq_len={L}")
+    raise SFTError(
+      f"{source}: no example has a response token within train.seq_len={L} (prompts too long: raise "
+      "train.seq_len or shorten them)"
+    )
   R = len(rows)
   out = {k: np.zeros((R, L), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
   out["weights"] = np.zeros((R, L), np.float32)
@@ -221,7 +237,7 @@ def pack(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int) -> dict[st
 def load(path: str, tokenizer, seq_len: int, templates: Templates) -> dict[str, np.ndarray]:
   """An SFT file read, tokenized and packed (see `pack`)."""
   records = read_jsonl(path)
-  rows = pack([tokenize(r, tokenizer, templates) for r in records], seq_len)
+  rows = pack([tokenize(r, tokenizer, templates) for r in records], seq_len, source=path)
   logging.info(
     "SFT %s: %d records -> %d rows of %d tokens, %.0f response tokens",
     path,
