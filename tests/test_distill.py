@@ -99,3 +99,26 @@ def test_the_library_defines_no_flags():
   code = "import llm_jax.finetune.distill, llm_jax.train.__main__"
   run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_continuations_end_at_the_model_s_stop_ids(model, texts, tmp_path):
+  """A teacher with stop ids (an instruct model's end-of-turn id) ends each continuation there, as
+  at EOS (it wrote on past them)."""
+  import dataclasses
+
+  tok = model.tokenizer
+  windows = prompt_windows([tok.encode(open(p).read()) for p in texts], 4, 5, seed=2)
+  params, cfg = unstack_layers(model.params, model.model_config, levers=default_levers(model.params))
+  sp = G.SamplingParams(max_new_tokens=7)
+  news = [
+    G.generate(params, cfg, [w], sp, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)[0].tokens for w in windows
+  ]
+  stop = next(t for new in news for k, t in enumerate(new) if k >= 1 and t not in new[:k])
+  teacher = dataclasses.replace(model, meta={**model.meta, "stop_ids": [stop]})
+  out = tmp_path / "d.jsonl"
+  write_corpus(teacher, texts, str(out), prompts=4, prompt_tokens=5, new_tokens=7, batch=4, seed=2)
+  records = [json.loads(line) for line in out.read_text().splitlines()]
+  for rec, w, new in zip(records, windows, news, strict=True):
+    kept = new[: new.index(stop)] if stop in new else new
+    assert rec["text"] == tok.decode(w + kept)
+  assert any(stop in new for new in news)

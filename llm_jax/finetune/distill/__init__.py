@@ -72,6 +72,7 @@ def write_corpus(
     )
   params, dcfg = unstack_layers(model.params, cfg, levers=default_levers(model.params))
   t0, tokens, tmp = time.perf_counter(), 0, f"{out}.tmp{os.getpid()}"
+  stops = set(model.stop_ids)  # the model's other end-of-text ids end a continuation as EOS does
   try:
     with open(tmp, "w", encoding="utf-8") as f:
       for b in range(0, len(windows), batch):
@@ -82,8 +83,9 @@ def write_corpus(
         ]
         gens = generate(params, dcfg, chunk, sampling, eos_id=tok.eos_id, vocab_limit=tok.vocab_size)
         for p, gen in zip(chunk, gens, strict=True):
-          f.write(json.dumps({"text": tok.decode(p + gen.tokens), "prompt": tok.decode(p)}) + "\n")
-          tokens += len(gen.tokens)
+          new = gen.tokens[: next((k for k, t in enumerate(gen.tokens) if t in stops), len(gen.tokens))]
+          f.write(json.dumps({"text": tok.decode(p + new), "prompt": tok.decode(p)}) + "\n")
+          tokens += len(new)
     os.replace(tmp, out)
   finally:
     if os.path.exists(tmp):
