@@ -19,7 +19,7 @@ import pytest
 from hf_tokenizers import byte_level_bpe, llama2_sentencepiece
 from safetensors.numpy import load_file, save_file
 
-from llm_jax.artifacts import hf
+from llm_jax.artifacts import hf, hf_write
 from llm_jax.data import hf_tokenizer
 from llm_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llm_jax.model import Decoder, ModelConfig
@@ -131,11 +131,11 @@ def test_hf_overwrite_replaces_only_an_earlier_checkpoint(tmp_path):
   other.mkdir()
   (other / "a.txt").write_text("keep")
   with pytest.raises(hf.HFError, match="is not a Hugging Face checkpoint \\(no config.json\\)"):
-    hf.write_hf(str(other), params, cfg, None, overwrite=True)
+    hf_write.write_hf(str(other), params, cfg, None, overwrite=True)
   assert os.listdir(other) == ["a.txt"]
   out = str(tmp_path / "hf")
-  hf.write_hf(out, params, cfg, None)
-  hf.write_hf(out, params, cfg, None, overwrite=True, weights_dtype="bfloat16")
+  hf_write.write_hf(out, params, cfg, None)
+  hf_write.write_hf(out, params, cfg, None, overwrite=True, weights_dtype="bfloat16")
   assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
   assert sorted(os.listdir(tmp_path)) == ["hf", "notes"]  # nothing left beside it
 
@@ -150,7 +150,7 @@ def test_gpt2_state_dict_without_prefix_and_mask_buffers(tmp_path):
       jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
     ),
   )
-  hf.write_hf(str(tmp_path), params, cfg, None)
+  hf_write.write_hf(str(tmp_path), params, cfg, None)
   from safetensors.numpy import load_file, save_file
 
   tensors = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
@@ -313,7 +313,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_reads_back_bitwise(
   cfg = ModelConfig(**EXPORT_CASES[family])
   params = _random_params(cfg)
   out = str(tmp_path / "hf")
-  names = hf.write_hf(out, params, cfg, sp_tokenizer)
+  names = hf_write.write_hf(out, params, cfg, sp_tokenizer)
   assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= set(names)
   model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, attn_implementation="eager")
   assert type(model).__name__ == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[family]
@@ -345,7 +345,7 @@ def test_export_refuses_models_without_a_hf_counterpart(tmp_path):
     activation="gelu",
   )
   with pytest.raises(hf.HFError, match="positions=rope, norm=layernorm, activation=gelu"):
-    hf.write_hf(str(tmp_path / "x"), {}, cfg, None)
+    hf_write.write_hf(str(tmp_path / "x"), {}, cfg, None)
   assert not os.path.exists(tmp_path / "x")
 
 

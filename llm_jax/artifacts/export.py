@@ -7,7 +7,7 @@ import dataclasses
 
 from llm_jax import config as config_lib
 from llm_jax.artifacts import hf as hf_lib
-from llm_jax.artifacts import outdir
+from llm_jax.artifacts import hf_write, outdir
 from llm_jax.artifacts import package as package_lib
 from llm_jax.artifacts.errors import ArtifactError
 from llm_jax.artifacts.opened import open_model
@@ -79,7 +79,7 @@ def _export_hf(opened, out: str, quantize: str, weights_dtype: str, overwrite: b
   if declared and cfg.positions == "rope":  # what the source declared (opening or fine-tuning cut it)
     cfg = dataclasses.replace(cfg, max_seq_len=max(int(declared), cfg.max_seq_len))
   try:
-    names = hf_lib.write_hf(
+    names = hf_write.write_hf(
       out,
       opened.params,
       cfg,

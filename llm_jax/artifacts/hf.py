@@ -1,10 +1,10 @@
-"""Hugging Face checkpoint directories in and out: GPT-2 (GPT2LMHeadModel) and LLaMA (LlamaForCausalLM).
+"""Hugging Face checkpoint directories in: GPT-2 (GPT2LMHeadModel) and LLaMA (LlamaForCausalLM).
 
 A directory holds config.json, model.safetensors (or model.safetensors.index.json with its shards) and
 tokenizer files. `read_hf` turns one into float32 parameters in the Decoder's scanned layout, a
-ModelConfig, a tokenizer (llm_jax.data.hf_tokenizer) and a provenance dict; `write_hf` writes what
-`transformers`' AutoModelForCausalLM and AutoTokenizer load offline. Both directions only move and
-reshape tensors, so float32 weights round-trip bitwise. The tensor names are in hf_names.py.
+ModelConfig, a tokenizer (llm_jax.data.hf_tokenizer) and a provenance dict; `hf_write.write_hf` writes
+what `transformers`' AutoModelForCausalLM and AutoTokenizer load offline. Both directions only move
+and reshape tensors, so float32 weights round-trip bitwise. The tensor names are in hf_names.py.
 """
 
 from __future__ import annotations
@@ -13,26 +13,20 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from llm_jax.artifacts import hf_names, outdir
+from llm_jax.artifacts import hf_names
 from llm_jax.data import hf_tokenizer
-from llm_jax.model import ModelConfig, stack_layers
-from llm_jax.model import quantize as quantize_lib
+from llm_jax.model import ModelConfig
 
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 GPT2, LLAMA = "gpt2", "llama"
-_ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
 _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")
 
 
@@ -70,7 +64,7 @@ def family_of(hf: dict, where: str = CONFIG) -> str:
   """'gpt2' or 'llama' from config.json's model_type / architectures; anything else is refused."""
   model_type = hf.get("model_type")
   archs = hf.get("architectures") or []
-  for family, arch in _ARCHITECTURES.items():
+  for family, arch in ARCHITECTURES.items():
     if model_type == family or arch in archs:
       return family
   raise HFError(
@@ -269,7 +263,7 @@ def describe_hf(path: str, require_tokenizer: bool = True):
   provenance = {
     "source": os.path.abspath(path),
     "format": "huggingface",
-    "architecture": _ARCHITECTURES[family],
+    "architecture": ARCHITECTURES[family],
     "model_type": family,  # the family: gpt2 | llama
     "transformers_version": hf.get("transformers_version", ""),
     "stored_dtype": hf.get("dtype") or hf.get("torch_dtype") or "",
@@ -295,146 +289,3 @@ def _eos_ids(hf: dict, path: str, vocab: int) -> list[int]:
   ):
     out += [v for v in _token_ids(value, file, "eos_token_id", vocab, negative_is_none=True) if v not in out]
   return out
-
-
-def family_for(cfg: ModelConfig) -> str:
-  """The Hugging Face family that runs `cfg`: learned+layernorm+gelu -> gpt2, rope+rmsnorm+swiglu -> llama."""
-  if (cfg.positions, cfg.norm, cfg.activation) == ("learned", "layernorm", "gelu"):
-    if not cfg.use_bias or cfg.num_kv_heads != cfg.num_heads or cfg.head_dim * cfg.num_heads != cfg.d_model:
-      raise HFError(
-        "a GPT-2 export needs use_bias=True, num_kv_heads == num_heads and "
-        f"head_dim * num_heads == d_model (got use_bias={cfg.use_bias}, "
-        f"num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim})"
-      )
-    return GPT2
-  if (cfg.positions, cfg.norm, cfg.activation) == ("rope", "rmsnorm", "swiglu"):
-    return LLAMA
-  raise HFError(
-    f"model with positions={cfg.positions}, norm={cfg.norm}, activation={cfg.activation} "
-    "has no Hugging Face counterpart: only learned+layernorm+gelu (GPT-2) and "
-    "rope+rmsnorm+swiglu (LLaMA) export"
-  )
-
-
-def hf_config_for(cfg: ModelConfig, tokenizer=None, dtype: str = "float32", stop_ids=()) -> dict:
-  """config.json for `cfg` (GPT2LMHeadModel or LlamaForCausalLM); `stop_ids` (end-of-text ids besides
-  the tokenizer's EOS) make eos_token_id a list, as LLaMA-3 instruct writes it."""
-  family = family_for(cfg)
-  ids = {}
-  if tokenizer is not None:
-    eos = int(tokenizer.eos_id)
-    ids = {
-      "bos_token_id": int(tokenizer.bos_id),
-      "eos_token_id": [eos, *(int(i) for i in stop_ids if int(i) != eos)] if stop_ids else eos,
-      # a tokenizer without pad pads with EOS here, but naming EOS as pad makes HF collators mask it
-      "pad_token_id": int(tokenizer.pad_id) if getattr(tokenizer, "has_pad", True) else None,
-    }
-  common = {
-    "architectures": [_ARCHITECTURES[family]],
-    "model_type": family,
-    "torch_dtype": dtype,
-    "vocab_size": cfg.vocab_size,
-    "tie_word_embeddings": cfg.tie_embeddings,
-    **ids,
-  }
-  if family == GPT2:
-    return {
-      **common,
-      "n_embd": cfg.d_model,
-      "n_layer": cfg.num_layers,
-      "n_head": cfg.num_heads,
-      "n_inner": cfg.mlp_dim,
-      "n_positions": cfg.max_seq_len,
-      "n_ctx": cfg.max_seq_len,
-      "activation_function": "gelu_new",
-      "layer_norm_epsilon": cfg.norm_eps,
-      "resid_pdrop": 0.0,
-      "embd_pdrop": 0.0,
-      "attn_pdrop": 0.0,
-    }
-  rope_scaling = None
-  if cfg.rope_scaling == "linear":
-    rope_scaling = {"rope_type": "linear", "factor": cfg.rope_scaling_factor}
-  elif cfg.rope_scaling == "llama3":
-    rope_scaling = {
-      "rope_type": "llama3",
-      "factor": cfg.rope_scaling_factor,
-      "low_freq_factor": cfg.rope_low_freq_factor,
-      "high_freq_factor": cfg.rope_high_freq_factor,
-      "original_max_position_embeddings": cfg.rope_original_max_len,
-    }
-  return {
-    **common,
-    "hidden_size": cfg.d_model,
-    "intermediate_size": cfg.mlp_dim,
-    "num_hidden_layers": cfg.num_layers,
-    "num_attention_heads": cfg.num_heads,
-    "num_key_value_heads": cfg.num_kv_heads,
-    "head_dim": cfg.head_dim,
-    "max_position_embeddings": cfg.max_seq_len,
-    "rms_norm_eps": cfg.norm_eps,
-    "rope_theta": cfg.rope_theta,
-    "rope_scaling": rope_scaling,
-    "hidden_act": "silu",
-    "attention_bias": cfg.use_bias,
-    "mlp_bias": cfg.use_bias,
-    "attention_dropout": 0.0,
-  }
-
-
-def _host_params(params, cfg: ModelConfig):
-  """Unboxed, dequantized, scanned float32 numpy parameters."""
-  params = nn.meta.unbox(params)
-  if quantize_lib.has_qtensors(params):
-    params = quantize_lib.dequantize(params)
-  params, _ = stack_layers(params, cfg)
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(np.float32), params)
-
-
-def write_hf(
-  out_dir: str,
-  params,
-  model_config: ModelConfig,
-  tokenizer,
-  *,
-  weights_dtype: str = "float32",
-  overwrite: bool = False,
-  stop_ids=(),
-  chat_turn: str | None = None,
-) -> list[str]:
-  """Writes config.json, model.safetensors and tokenizer files that transformers loads; returns names.
-
-  The directory is built next to `out_dir` and renamed into place. int8 parameters are dequantized.
-  """
-  if weights_dtype not in ("float32", "bfloat16"):
-    raise HFError(f"weights_dtype={weights_dtype!r} is not one of float32, bfloat16")
-  family = family_for(model_config)
-  outdir.check_out(
-    out_dir, overwrite=overwrite, markers=(CONFIG, WEIGHTS), what="Hugging Face checkpoint", error=HFError
-  )
-  tensors = hf_names.hf_from_params(_host_params(params, model_config), model_config, family)
-  if weights_dtype == "bfloat16":
-    tensors = {k: v.astype(jnp.bfloat16) for k, v in tensors.items()}
-  config = hf_config_for(model_config, tokenizer, weights_dtype, stop_ids)
-  parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".hf-", dir=parent)
-  try:
-    save_file(
-      {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-      os.path.join(tmp, WEIGHTS),
-      metadata={"format": "pt"},
-    )
-    with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    names = [CONFIG, WEIGHTS]
-    if tokenizer is not None:
-      names += hf_tokenizer.save_hf_tokenizer(tokenizer, tmp, model_config.max_seq_len, chat_turn)
-    outdir.move_into_place(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  logging.info(
-    "wrote Hugging Face %s checkpoint %s (%d tensors)", _ARCHITECTURES[family], out_dir, len(tensors)
-  )
-  return names

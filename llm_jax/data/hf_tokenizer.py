@@ -31,6 +31,7 @@ import sentencepiece as spm
 import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
+from llm_jax.data.chat_template import jinja_chat_template
 from llm_jax.data.errors import DataError
 from llm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPACE_MARK, UNK_ID, Tokenizer
 
@@ -391,31 +392,6 @@ def _sp_model_bytes(tokenizer: Tokenizer) -> bytes:
   if not tokenizer.path or not os.path.exists(tokenizer.path):
     raise DataError(f"{tokenizer!r} has no model file on disk to export")
   return _sp_proto(tokenizer.path)
-
-
-def jinja_chat_template(turn: str, bos: str) -> str:
-  """The chat template as a Jinja template (for clients that render chats themselves): BOS, each
-  message through the turn template, and the assistant's header with add_generation_prompt."""
-  head, tail = turn.split("{content}", 1)
-
-  def fill(part: str, role: str) -> str:  # a literal with {role} filled, as Jinja expressions
-    pieces = part.split("{role}")
-    out = " ~ ".join(json.dumps(p.replace("{{", "{").replace("}}", "}")) for p in pieces[:1])
-    for p in pieces[1:]:
-      out += f" ~ {role} ~ " + json.dumps(p.replace("{{", "{").replace("}}", "}"))
-    return "{{ " + out + " }}"
-
-  return (
-    "{{ "
-    + json.dumps(bos)
-    + " }}{% for message in messages %}"
-    + fill(head, "message['role']")
-    + "{{ message['content'] }}"
-    + fill(tail, "message['role']")
-    + "{% endfor %}{% if add_generation_prompt %}"
-    + fill(head, "'assistant'")
-    + "{% endif %}"
-  )
 
 
 def save_hf_tokenizer(

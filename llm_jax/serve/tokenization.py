@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
-from llm_jax.data.hf_tokenizer import jinja_chat_template
+from llm_jax.data.chat_template import jinja_chat_template
 from llm_jax.serve.chat import ChatMessage, _split, render_chat
 from llm_jax.serve.prompts import encode_text, token_str
 from llm_jax.serve.schema import ApiError, _check_unicode
