@@ -62,9 +62,9 @@ def byte_level_bpe(directory, texts, vocab_size=400, llama3=False, specials_last
   return tok
 
 
-def llama2_sentencepiece(model_prefix, texts, vocab_size=300):
+def llama2_sentencepiece(model_prefix, texts, vocab_size=300, **extra):
   """A SentencePiece BPE model with LLaMA-2's special ids (unk 0, bos 1, eos 2, no pad) at
-  `model_prefix`.model; returns that path."""
+  `model_prefix`.model (`extra`: more trainer options); returns that path."""
   spm.SentencePieceTrainer.train(
     sentence_iterator=iter(texts),
     model_prefix=str(model_prefix),
@@ -77,5 +77,6 @@ def llama2_sentencepiece(model_prefix, texts, vocab_size=300):
     pad_id=-1,
     minloglevel=2,
     num_threads=1,
+    **extra,
   )
   return f"{model_prefix}.model"

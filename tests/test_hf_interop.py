@@ -427,22 +427,7 @@ def test_sentencepiece_special_pieces_named_by_tokenizer_config(tmp_path):
   ignored: the model's own </s> was used); a name that is no piece, such as an added token of
   added_tokens_decoder (which only a tokenizer.json holds), is an error naming the file and key (it
   opened with the wrong EOS, and '<|im_end|>' in text became 13 ordinary pieces)."""
-  import sentencepiece as spm
-
-  spm.SentencePieceTrainer.train(
-    sentence_iterator=iter(_texts()),
-    model_prefix=str(tmp_path / "tokenizer"),
-    vocab_size=300,
-    model_type="bpe",
-    byte_fallback=True,
-    unk_id=0,
-    bos_id=1,
-    eos_id=2,
-    pad_id=-1,
-    user_defined_symbols=["<|im_end|>"],
-    minloglevel=2,
-    num_threads=1,
-  )
+  llama2_sentencepiece(tmp_path / "tokenizer", _texts(), user_defined_symbols=["<|im_end|>"])
   config = tmp_path / "tokenizer_config.json"
   config.write_text(json.dumps({"bos_token": "<s>", "eos_token": "<|im_end|>"}))
   tok = hf_tokenizer.load_tokenizer(str(tmp_path))
