@@ -78,7 +78,8 @@ class OpenedModel:
 
   @property
   def prompt_prefix(self) -> list[int]:
-    """Ids put before a text prompt: the document separator (EOS) training put before documents."""
+    """Ids put before a text prompt: what training examples began with (the document separator EOS;
+    BOS for an SFT run; an imported model's own, e.g. its BOS)."""
     return [int(i) for i in self.meta.get("prompt_prefix", [self.tokenizer.eos_id])]
 
   @property
