@@ -541,3 +541,42 @@ def test_a_replacement_character_stop_waits_for_the_character_to_finish():
   s = G.TextStream(_CharTok(), stop=["\ufffd"])
   out = s.push(ord("a")) + s.push(300) + s.close()  # the sequence ended on the stray byte
   assert s.finished and s.reason == "stop" and out == "a" == s.text
+
+
+def test_a_tokenizer_json_reads_special_tokens_in_a_prompt_itself(tmp_path):
+  """A text prompt with special tokens gets the ids the tokenizer's own encode gives (as transformers
+  and vLLM feed them): split at special pieces and encoded apart, each part of a Metaspace tokenizer
+  got a word-start piece of its own ('</s>🙂' became [</s>, ▁, 🙂])."""
+  from llm_jax.serve.prompts import encode_text, encode_with_offsets
+
+  tok = _metaspace(tmp_path)
+  for text in ("</s>🙂", "<s>the cat", "a</s>b", "the cat</s> sat on<s>a mat"):
+    assert encode_text(tok, text) == tok.encode(text), text
+    ids, offsets = encode_with_offsets(tok, tok.token_bytes(), text)
+    assert ids == tok.encode(text) and offsets == tok.encode_offsets(text)[1], text
+  ids, offsets = encode_with_offsets(tok, tok.token_bytes(), "the cat</s> sat")
+  assert offsets[ids.index(tok.eos_id)] == len("the cat")  # where its name is written
+
+
+@pytest.mark.parametrize(
+  "kind, text",
+  [("llama2", "the  cat sat"), ("llama2", "cafe\u0301 cat"), ("nfkc", "é cafe\u0301"), ("nfkc", "e\u0301 a")],
+)
+def test_prompt_offsets_where_normalizing_and_the_first_space_cancel_out(kind, text, tmp_path):
+  """Byte counts that add up only by chance (the first space a SentencePiece model adds, against a
+  collapsed double space or an NFC-composed é) put every token one character off: the tokenizer's
+  own alignment is used for any tokenizer but a byte-level BPE."""
+  from hf_tokenizers import llama2_sentencepiece
+  from tokenizers import normalizers
+
+  from llm_jax.serve.prompts import encode_with_offsets
+
+  if kind == "llama2":
+    tok = load_tokenizer(llama2_sentencepiece(tmp_path / "l2", _texts(), vocab_size=330))
+  else:
+    raw = tokenizers.Tokenizer.from_str(_metaspace(tmp_path)._json)
+    raw.normalizer = normalizers.NFKC()
+    tok = HFTokenizer(raw.to_str(), {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"})
+  ids, offsets = encode_with_offsets(tok, tok.token_bytes(), text)
+  assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))  # the counts add up...
+  assert offsets == tok.encode_offsets(text)[1] and offsets[0] == 0  # ...but mislead

@@ -106,6 +106,12 @@ class HFTokenizer:
     )
     self.has_pad = ids["pad"] >= 0  # else pad_id is EOS, which an export must not name as pad
     self._token_bytes = None
+    # its pieces are the text's bytes exactly (a byte-level BPE without a normalizer): byte counts
+    # place tokens in a text; otherwise the library's offsets do
+    self.exact_bytes = self._byte_level() and not json.loads(tokenizer_json).get("normalizer")
+
+  # `encode` reads the added and special tokens written in a text itself (as transformers does)
+  reads_special_tokens = True
 
   def _special_id(self, name: str, fallback: int | None) -> int:
     """The id of tokenizer_config.json's `<name>_token`, else `fallback` (config.json), else -1."""

@@ -5,7 +5,8 @@ EOS that training put before every document) and then its tokens. The prefix is 
 never echoed: `echo` returns the prompt's own tokens, and with `logprobs` the first of them has a null
 log-prob (and null top log-probs), as in OpenAI's legacy format. A prompt of token ids is fed exactly
 as sent (nothing is prepended). In text, the tokenizer's special pieces (`<s>`, `</s>`, `<pad>`,
-`<unk>`) stand for their ids, as Hugging Face tokenizers read them; `/tokenize` uses the same rule.
+`<unk>`) stand for their ids, as Hugging Face tokenizers read them (a tokenizer.json reads its own
+added and special tokens: its encode of the whole text); `/tokenize` uses the same rule.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ def encode_text(tok, text: str) -> list[int]:
 
 
 def _parts(tok, text: str) -> list[tuple[list[int], str, int]]:
-  """(ids, text, start) of each part of `text`: a special piece written in it, or the text between."""
+  """(ids, text, start) of each part of `text`: a special piece written in it, or the text between.
+  A tokenizer.json reads its special tokens in the text itself: one part (encoded apart, each part
+  of a Metaspace tokenizer got a word-start piece of its own: '</s>🙂' read as [</s>, ▁, 🙂])."""
+  if getattr(tok, "reads_special_tokens", False):
+    return [(tok.encode(text), text, 0)] if text else []
   specials = special_pieces(tok)
   out, at = [], 0
   for part in re.split("(" + "|".join(re.escape(p) for p in specials) + ")", text):
@@ -66,15 +71,17 @@ def _parts(tok, text: str) -> list[tuple[list[int], str, int]]:
 
 def encode_with_offsets(tok, token_bytes: np.ndarray, text: str) -> tuple[list[int], list[int]]:
   """`encode_text(tok, text)` and where each id starts in `text`: a special piece where its name is
-  written (its id decodes to no text, so offsets from decoding the ids would not point there). Where
-  the byte counts do not add up to a part's text (a SentencePiece model or its tokenizer.json adds a
-  first space; a normalizer changes the text), the tokenizer's own offsets (`encode_offsets`): one
-  encode, where decoding every prefix took 2.5 s for a prompt of 3,500 tokens."""
+  written (its id decodes to no text, so offsets from decoding the ids would not point there). The
+  tokenizer's own offsets (`encode_offsets`: one encode; decoding every prefix took 2.5 s for a prompt
+  of 3,500 tokens) unless its pieces are the text's bytes exactly (`exact_bytes`: byte-level BPE),
+  where byte counts place them: byte counts that merely add up can mislead (a SentencePiece model's
+  first space and a collapsed double space cancel out, and every token after sat one character off).
+  Without either, offsets from decoding (`text_offsets`)."""
   parts = _parts(tok, text)
   ids = [i for part in parts for i in part[0]]
   offsets = []
   for p_ids, part, at in parts:
-    got = _byte_offsets(token_bytes, p_ids, part, at)
+    got = _byte_offsets(token_bytes, p_ids, part, at) if getattr(tok, "exact_bytes", False) else None
     if got is None and hasattr(tok, "encode_offsets"):
       own_ids, starts = tok.encode_offsets(part)
       if own_ids == p_ids:
