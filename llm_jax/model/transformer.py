@@ -27,7 +27,6 @@ from llm_jax.model.rope import rope, rope_scaled_frequencies
 
 Array = Any
 _lp = nn.with_logical_partitioning
-_FEW = 16  # queries a decode call at most that read the whole cache past its span (a speculative check)
 
 
 def _dtype(name: str):
@@ -185,16 +184,8 @@ class Attention(nn.Module):
     if layer is not None:
       k_BKSH, v_BKSH = k_BKSH[layer], v_BKSH[layer]
     span = min(self.decode_span or c.max_seq_len, c.max_seq_len)
-    # Positions past the span are not filled yet: leave them unread. A one-token step's reductions read
-    # the slice in place; a few queries (a speculative round's check) attend through gemms, which XLA
-    # feeds a slice only by copying it out (each layer's keys and values: 22% of a 32-row round's
-    # kernel time at context 1,024, span 512): those read the whole cache instead (the mask hides the
-    # rest) while the span is over a third of it (a copy reads and writes the span, the gemm reads it
-    # again). Many queries (a prefill piece) are compute-bound: the slice saves more than it costs.
-    if span < c.max_seq_len and (length == 1 or length > _FEW or 3 * span <= c.max_seq_len):
+    if span < c.max_seq_len:  # positions past the span are not filled yet: leave them unread
       k_BKSH, v_BKSH = k_BKSH[:, :, :span], v_BKSH[:, :, :span]
-    else:
-      span = c.max_seq_len
     q_BKGLH = q_BLNH.reshape(b, length, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
     precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q_BLNH.dtype == jnp.bfloat16 else None
     s_BKGLS = jnp.einsum(
