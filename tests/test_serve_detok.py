@@ -580,3 +580,18 @@ def test_prompt_offsets_where_normalizing_and_the_first_space_cancel_out(kind, t
   ids, offsets = encode_with_offsets(tok, tok.token_bytes(), text)
   assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))  # the counts add up...
   assert offsets == tok.encode_offsets(text)[1] and offsets[0] == 0  # ...but mislead
+
+
+def test_a_short_prompt_is_the_whole_context(tmp_path):
+  """A prompt shorter than CONTEXT_IDS is all context (the slice went negative: a 5-id prompt kept
+  its last id, and with a metaspace tokenizer the completion lost its first space)."""
+  tok = _metaspace(tmp_path)
+  for n in range(1, stream_lib.CONTEXT_IDS + 1):
+    prompt = ([tok.bos_id] + tok.encode("the cat sat on a mat"))[:n]
+    assert G.context_ids(tok, prompt) == prompt, n
+  prompt = [tok.bos_id] + tok.encode("the cat")
+  assert 2 <= len(prompt) < stream_lib.CONTEXT_IDS
+  ids = tok.encode("the cat sat")[len(prompt) - 1 :]
+  s = G.TextStream(tok, context=prompt)
+  out = "".join(s.push(i) for i in ids) + s.close()
+  assert out == tok.decode(prompt + ids)[len(tok.decode(prompt)) :] and out.startswith(" ")

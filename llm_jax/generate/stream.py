@@ -129,7 +129,7 @@ CONTEXT_IDS = 6  # prompt ids a completion is decoded after (as vLLM's increment
 def context_ids(tokenizer, prompt_ids: Sequence[int]) -> list[int]:
   """The prompt's last ids (up to CONTEXT_IDS) that its completion is decoded after, ending on a
   whole character (a completion that finishes a character begun in the prompt is decoded alone)."""
-  ctx = [int(i) for i in prompt_ids[len(prompt_ids) - CONTEXT_IDS :]]
+  ctx = [int(i) for i in prompt_ids[max(0, len(prompt_ids) - CONTEXT_IDS) :]]
   while ctx and tokenizer.decode(ctx).endswith("\ufffd"):
     ctx.pop()
   return ctx
