@@ -91,6 +91,9 @@ class HFTokenizer:
       self._tok = tokenizers.Tokenizer.from_str(tokenizer_json)
     except Exception as e:  # the library raises its own Exception type for every parse error
       raise DataError(f"{path or '<tokenizer.json>'} is not a Hugging Face tokenizer.json: {e}") from e
+    spec = json.loads(tokenizer_json)  # once: LLaMA-3's is 9 MB
+    self._decoder = spec.get("decoder") or {}
+    self._unk_piece = (spec.get("model") or {}).get("unk_token")
     self.hf_config = dict(hf_config or {})
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
     self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
@@ -108,7 +111,7 @@ class HFTokenizer:
     self._token_bytes = None
     # its pieces are the text's bytes exactly (a byte-level BPE without a normalizer): byte counts
     # place tokens in a text; otherwise the library's offsets do
-    self.exact_bytes = self._byte_level() and not json.loads(tokenizer_json).get("normalizer")
+    self.exact_bytes = self._byte_level() and not spec.get("normalizer")
 
   # `encode` reads the added and special tokens written in a text itself (as transformers does)
   reads_special_tokens = True
@@ -125,7 +128,7 @@ class HFTokenizer:
         )
       return int(i)
     if name == "unk":
-      unk = json.loads(self._json).get("model", {}).get("unk_token")
+      unk = self._unk_piece
       if unk is not None and self._tok.token_to_id(unk) is not None:
         return int(self._tok.token_to_id(unk))
     return int(fallback) if fallback is not None and fallback >= 0 else -1
@@ -178,7 +181,7 @@ class HFTokenizer:
 
   def _byte_level(self) -> bool:
     """Whether pieces are written in GPT-2's byte-to-character alphabet (a ByteLevel decoder)."""
-    decoder = json.loads(self._json).get("decoder") or {}
+    decoder = self._decoder
     parts = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
     return any(d.get("type") == "ByteLevel" for d in parts)
 

@@ -28,6 +28,8 @@ class CompletionResponse(Responder):
   ):
     super().__init__(st, req, handle, choices, sum(len(p.ids) for p in prompts), record, request_id)
     self.prompts = prompts
+    tok = st.loaded.tokenizer
+    self.contexts = [context_ids(tok, p.ids) for p in prompts]  # what each completion decodes after
     self.streamed: list[list[int]] = [[] for _ in choices]  # streamed ids, per choice
     self.unlisted: list[list[tuple]] = [[] for _ in choices]  # (id, logprob, top row) not yet listed
 
@@ -36,8 +38,7 @@ class CompletionResponse(Responder):
 
   def _decoded(self, index: int, ids: list[int]) -> str:
     """The text of choice `index`'s ids `ids` as its stream decodes it: after its prompt's end."""
-    tok = self.st.loaded.tokenizer
-    return decode_after(tok, context_ids(tok, self.prompts[index // self.req.n].ids), ids)
+    return decode_after(self.st.loaded.tokenizer, self.contexts[index // self.req.n], ids)
 
   def _listing(
     self,

@@ -160,6 +160,7 @@ def submit(
 ):
   """The choices of `prompts` (n each) queued on the engine; (handle, choices). 429 when busy."""
   seed = req.seed if req.seed is not None else secrets.randbits(32)
+  stop_ids = tuple(req.stop_token_ids or ()) + stop_ids + tuple(st.loaded.stop_ids)
   try:
     sampling = [
       G.SamplingParams(
@@ -169,7 +170,7 @@ def submit(
         repetition_penalty=req.repetition_penalty,
         max_new_tokens=max(1, max_tokens),
         stop=tuple(req.stop or ()) + stop,
-        stop_token_ids=tuple(req.stop_token_ids or ()) + stop_ids + tuple(st.loaded.stop_ids),
+        stop_token_ids=stop_ids,
         seed=(seed + i % req.n) % 2**32,  # choice j of every prompt: seed + j (as if sent alone)
       )
       for i in range(req.n * len(prompts))
